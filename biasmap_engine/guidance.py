@@ -1,0 +1,64 @@
+"""The BiasMap guidance update in ComfyUI's σ-space (BiasMap §5).
+
+The paper adds λ·√(1−ᾱ)·∇_z E to the noise prediction ε. ComfyUI samplers read the model through
+denoised = x − σ·ε on the VE latent x = z·√(1+σ²), with ᾱ = 1/(1+σ²); the same update is
+
+    denoised ← denoised − λ·σ²·∇_x E,
+
+exact for ε- and v-prediction models. The reference skips a step whose ‖∇_z E‖₂ ≥ 1 (``skip``); ``clip``
+rescales the gradient to norm 1 instead. Every image of every evaluation gets a status, so no step is hidden.
+"""
+
+import torch
+
+from .ovam import concept_map
+from .soft_topk import soft_iou, soft_topk
+
+__all__ = ["GATES", "STATUS", "entanglement_energy", "guidance_step", "z_grad_norm"]
+
+GATES = ("skip", "clip")
+# Status per image and evaluation, stored as small ints in traces.
+STATUS = {"not_guided": 0, "applied": 1, "clipped": 2, "skipped_gate": 3, "skipped_nonfinite": 4}
+
+
+def z_grad_norm(grad_x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """‖∇_z E‖₂ per image from ∇_x E, using ∇_z = √(1+σ²)·∇_x."""
+    return grad_x.flatten(1).norm(dim=1) * torch.sqrt(1 + sigma.to(grad_x.dtype) ** 2)
+
+
+def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Tensor, scale: float,
+                  gate: str = "skip", max_norm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Guided denoised, ‖∇_z E‖ and status per image; all on the input's device, no host synchronisation."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    grad = grad_x.float()
+    norm = z_grad_norm(grad, sigma)
+    finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(norm)
+    small = norm < max_norm
+    if gate == "skip":
+        factor = (finite & small).float()
+        status = torch.where(small, STATUS["applied"], STATUS["skipped_gate"])
+    else:
+        factor = torch.where(finite, (max_norm / norm.clamp_min(1e-30)).clamp(max=1.0), torch.zeros_like(norm))
+        status = torch.where(small, STATUS["applied"], STATUS["clipped"])
+    status = torch.where(finite, status, STATUS["skipped_nonfinite"]).to(torch.int8)
+    grad = torch.where(finite.view(-1, 1, 1, 1), grad, torch.zeros_like(grad))  # NaN · 0 is NaN: zero it first
+    sigma2 = sigma.float().view(-1, *([1] * (grad.dim() - 1))) ** 2
+    step = scale * sigma2 * factor.view_as(sigma2) * grad
+    return (denoised.float() - step).to(denoised.dtype), norm, status
+
+
+def entanglement_energy(token_maps: torch.Tensor, pairs: list[tuple[list[int], list[int]]], keep: float = 0.3,
+                        gamma: float = 0.01, mode: str = "paper", iters: int = 20) -> torch.Tensor:
+    """E per image: the mean SoftIoU of soft top-k masks over (demographic, semantic) concept pairs.
+
+    ``token_maps`` is ``[B, N, H, W]`` (one evaluation's aggregated maps); each pair holds two position lists.
+    """
+    if not pairs:
+        raise ValueError("no (demographic, semantic) concept pair to guide; give at least one word of each")
+    energies = []
+    for pos_a, pos_b in pairs:
+        s_a = soft_topk(concept_map(token_maps, pos_a), keep, gamma, mode, iters)
+        s_b = soft_topk(concept_map(token_maps, pos_b), keep, gamma, mode, iters)
+        energies.append(soft_iou(s_a, s_b))
+    return torch.stack(energies).mean(dim=0)

@@ -1,0 +1,45 @@
+"""Sampling entry points: ComfyUI's own KSampler and custom-sampler paths, run on a BiasMap-patched clone."""
+
+from ..settings import BiasMapSettings
+from .attribution import encode_attribution
+from .session import BiasMapSession
+
+__all__ = ["sample_with_sampler", "sample_with_scheduler", "start_session"]
+
+def start_session(model, clip, attribution_prompt: str, demographic: list[str], semantic: list[str],
+                  settings: BiasMapSettings) -> BiasMapSession:
+    """Encode the attribution prompt with ``clip`` and prepare a session (refusals happen here, before sampling)."""
+    embeddings, tokens = encode_attribution(clip, attribution_prompt)
+    return BiasMapSession(model, embeddings, tokens, demographic, semantic, settings)
+
+def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, sampler_name, scheduler, positive,
+                          negative, latent, denoise=1.0):
+    """What the stock KSampler node runs (``nodes.common_ksampler``), on the patched clone; → (LATENT, trace)."""
+    import nodes
+
+    (out,) = nodes.common_ksampler(session.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
+                                   negative, latent, denoise=denoise)
+    return out, session.finish()
+
+def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
+                        latent):
+    """What SamplerCustomAdvanced runs with a CFGGuider and random noise, on the patched clone; → (LATENT, trace)."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    patched = session.patch(model)
+    guider = comfy.samplers.CFGGuider(patched)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    latent = latent.copy()
+    latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
+    latent["samples"] = latent_image
+    noise = comfy.sample.prepare_noise(latent_image, noise_seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(patched, sigmas.shape[-1] - 1, {})
+    samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
+    latent["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return latent, session.finish()

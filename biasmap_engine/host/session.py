@@ -1,0 +1,230 @@
+"""One BiasMap sampling run inside ComfyUI: attn2 capture, per-evaluation bookkeeping and the guidance gradient.
+
+Hooks, all on a clone of the caller's MODEL (the original is never patched):
+- an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
+  through a replace another node registered before, which it chains) and, on the recorded CFG branch, the OVAM
+  token maps against the attribution keys;
+- a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
+  CFG result); it is also the cancellation point;
+- a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, it runs the maps' branch
+  with autograd on (the latent as leaf) and the other branch without, so the backward covers one branch only and
+  no second forward of the guided branch is needed.
+"""
+
+import torch
+
+from ..guidance import entanglement_energy, guidance_step
+from ..ovam import sum_upsampled, token_softmax_maps
+from ..settings import BiasMapSettings
+from ..stages import stage_of
+from ..tokens import find_word_positions
+from ..trace import TraceRecorder
+from .unet import deinference_, model_family, require_guidable, require_unet
+
+__all__ = ["BiasMapSession"]
+
+_KEY = "biasmap"
+_COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and in cond_or_uncond
+
+
+class BiasMapSession:
+    """Records (and optionally guides) one sampling run; :meth:`patch` gives the model to sample with."""
+
+    def __init__(self, model_patcher, attribution_embeddings: torch.Tensor, tokens: list[str],
+                 demographic: list[str], semantic: list[str], settings: BiasMapSettings):
+        self.layers = require_unet(model_patcher)
+        if settings.guiding:
+            require_guidable(model_patcher)
+        self.family = model_family(model_patcher)
+        self.embeddings = attribution_embeddings
+        self.tokens = tokens
+        self.demographic, self.semantic = demographic, semantic
+        self.settings = settings
+        self.recorder = TraceRecorder()
+        self.notes: list[str] = []
+        self.latent_shape: list[int] | None = None
+        self._keys: dict = {}
+        self._capture_branch: int | None = None  # set while the evaluation's main U-Net pass runs
+        self._main_pass_pending = False
+        self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
+        # Resolved now, so a word missing from the attribution prompt fails before any sampling.
+        self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
+                      for a in demographic for b in semantic]
+        if settings.guiding and not self.pairs:
+            raise ValueError("guidance needs at least one demographic and one semantic concept")
+
+    # ---- patching -------------------------------------------------------------------------------------------
+
+    def patch(self, model_patcher):
+        """A clone of ``model_patcher`` carrying this session's hooks."""
+        m = model_patcher.clone()
+        existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        blocks = {(name, number) for name, number, _ in self.layers if name != "middle" or self.settings.include_middle}
+        for name, number in sorted(blocks):
+            m.set_model_attn2_replace(self._replace(existing.get((name, number))), name, number)
+            # A replace keyed with a depth index wins over the two-part key: chain those too.
+            for key, prev in existing.items():
+                if len(key) == 3 and key[:2] == (name, number):
+                    m.set_model_attn2_replace(self._replace(prev), name, number, key[2])
+        import comfy.patcher_extension as ext
+
+        m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
+        m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
+        return m
+
+    def _replace(self, previous):
+        import comfy.ldm.modules.attention as attention
+
+        def attn2_replace(q, k, v, extra_options):
+            if previous is not None:
+                out = previous(q, k, v, extra_options)
+            else:  # the call CrossAttention.forward makes, so the output stays bit-identical
+                out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                                    attn_precision=extra_options["attn_precision"],
+                                                    transformer_options=extra_options)
+            if self._capture_branch is not None:
+                self._observe(q, extra_options)
+            return out
+
+        return attn2_replace
+
+    # ---- capture --------------------------------------------------------------------------------------------
+
+    def _observe(self, q, extra_options):
+        chunks = extra_options["cond_or_uncond"]
+        if self._capture_branch not in chunks:
+            return  # cond and uncond went as separate U-Net calls; this one is the other branch
+        rows = q.shape[0] // len(chunks)
+        start = chunks.index(self._capture_branch) * rows
+        block, depth = extra_options["block"], extra_options["block_index"]
+        grid = tuple(extra_options["activations_shape"][-2:])
+        latent = tuple(extra_options["original_shape"][-2:])
+        keys = self._attribution_keys((block[0], block[1], depth), q)
+        maps = token_softmax_maps(q[start:start + rows], keys, extra_options["n_heads"], grid)
+        self.recorder.add(stage_of(block, latent, grid), maps)
+
+    def _attribution_keys(self, layer_key, q):
+        """K′ = to_k(X′) of a layer, computed once per run in the model's dtype."""
+        keys = self._keys.get(layer_key)
+        if keys is None or keys.device != q.device:
+            emb = self.embeddings.to(device=q.device, dtype=q.dtype)
+            keys = self.layers[layer_key].to_k(emb)
+            self._keys[layer_key] = keys
+        # Keys made under inference mode cannot be saved for backward; a plain copy can (N×d, cheap).
+        return keys.clone() if torch.is_grad_enabled() and keys.is_inference() else keys
+
+    # ---- per-evaluation wrappers ----------------------------------------------------------------------------
+
+    def _predict_noise(self, executor, x, timestep, model_options, seed):
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.latent_shape is None:
+            self.latent_shape = list(x.shape)
+        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
+        sigma = timestep.reshape(-1)[0]
+        step = (schedule > sigma * (1 + 1e-5)).sum() if schedule is not None else torch.zeros((), dtype=torch.long)
+        self.recorder.begin(sigma, step)
+        self._guided = None
+        # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
+        extra_pass = "sampler_calc_cond_batch_function" in model_options
+        self._main_pass_pending = not extra_pass
+        try:
+            denoised = executor(x, timestep, model_options, seed)
+        finally:
+            self._main_pass_pending = False
+        if extra_pass:
+            self._extra_pass(executor.class_obj, x, timestep, model_options)
+        if self._guided is None:
+            self.recorder.end()
+            return denoised
+        grad, energy = self._guided
+        denoised, norm, status = guidance_step(denoised, grad, timestep, self.settings.scale, self.settings.gate)
+        self.recorder.end(energy=energy, grad_norm=norm, status=status)
+        return denoised
+
+    def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
+            return executor(model, conds, x_in, timestep, model_options)
+        self._main_pass_pending = False
+        branch = self._branch(conds)
+        if not self._guide_now(model, timestep):
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
+                                    x_in, timestep, branch, guide=False)
+        # Only the maps' branch runs with autograd: the backward then covers one branch, not the CFG batch.
+        others = [c if i != branch else None for i, c in enumerate(conds)]
+        only = [c if i == branch else None for i, c in enumerate(conds)]
+        out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+               else [torch.zeros_like(x_in) for _ in conds])
+        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, model_options),
+                                  x_in, timestep, branch, guide=True)
+        out[branch] = guided[branch]
+        return out
+
+    def _extra_pass(self, guider, x, timestep, model_options):
+        """Capture (and guide) through one more U-Net pass of the maps' branch, as PAG and SAG run theirs."""
+        import comfy.samplers
+
+        note = ("another node holds ComfyUI's sampler_calc_cond_batch_function slot: BiasMap ran one extra U-Net "
+                "pass per evaluation for its maps (slower, same method)")
+        if note not in self.notes:
+            self.notes.append(note)
+        conds = [guider.conds.get("positive"), guider.conds.get("negative")]
+        if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
+            conds[_UNCOND] = None
+        branch = self._branch(conds)
+        model = guider.inner_model
+        self._run_branch(model, lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, model_options),
+                         x, timestep, _COND, guide=self._guide_now(model, timestep))
+
+    def _run_branch(self, model, run, x, timestep, branch, guide):
+        """``run(x, σ)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass."""
+        self._capture_branch = branch
+        try:
+            if not guide:
+                return run(x, timestep)
+            deinference_(model.diffusion_model)
+            with torch.inference_mode(False), torch.enable_grad():
+                x_leaf = x.detach().clone().requires_grad_(True)
+                out = run(x_leaf, timestep.detach().clone())
+                energy = self._energy()
+                (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
+            self._guided = (grad, energy.detach())
+            return [o.detach() for o in out]
+        finally:
+            self._capture_branch = None
+
+    def _energy(self):
+        maps = self.recorder.current(self.settings.guided_stages)
+        if not maps:
+            raise ValueError(f"none of the guided stages {list(self.settings.guided_stages)} has cross-attention in "
+                             f"this {self.family} model; it records {', '.join(self.recorder.current())}")
+        s = self.settings
+        return entanglement_energy(sum_upsampled(list(maps.values())), self.pairs, s.keep, s.gamma, s.mode, s.iters)
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _branch(self, conds) -> int:
+        wanted = _UNCOND if self.settings.branch == "uncond" else _COND
+        if conds[wanted] is not None:
+            return wanted
+        note = "cfg = 1 skips the unconditional pass: maps come from the conditional branch on those steps"
+        if note not in self.notes:
+            self.notes.append(note)
+        return _COND if wanted == _UNCOND else _UNCOND
+
+    def _guide_now(self, model, timestep) -> bool:
+        if not self.settings.guiding:
+            return False
+        if self.settings.start <= 0.0 and self.settings.end >= 1.0:
+            return True  # the default full window needs no host read of σ
+        sampling = model.model_sampling
+        high = sampling.percent_to_sigma(self.settings.start)
+        low = sampling.percent_to_sigma(self.settings.end)
+        return low <= float(timestep.reshape(-1)[0]) <= high
+
+    def finish(self):
+        """The run's :class:`BiasMapTrace`."""
+        return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
+                                    demographic=self.demographic, semantic=self.semantic, model_family=self.family,
+                                    settings=self.settings.to_dict(), notes=self.notes)

@@ -1,0 +1,79 @@
+"""What the pack needs to know about a ComfyUI model: its family, its cross-attention layers, its weights."""
+
+import torch
+
+__all__ = ["UnsupportedModelError", "cross_attention_layers", "deinference_", "model_family", "require_guidable",
+           "require_unet"]
+
+
+class UnsupportedModelError(ValueError):
+    """A model BiasMap cannot hook (no U-Net cross-attention) or cannot guide (not ε/v-prediction)."""
+
+
+def model_family(model_patcher) -> str:
+    """The model's ComfyUI config name, e.g. ``SD15``, ``SD20``, ``SDXL``, ``Flux``."""
+    config = getattr(model_patcher.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model_patcher.model).__name__
+
+
+def cross_attention_layers(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """Every U-Net ``attn2`` module keyed as ComfyUI's patches see it: (block, block id, depth index)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    groups = [("input", i, b) for i, b in enumerate(getattr(diffusion_model, "input_blocks", []))]
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        groups.append(("middle", 0, diffusion_model.middle_block))
+    groups += [("output", i, b) for i, b in enumerate(getattr(diffusion_model, "output_blocks", []))]
+    layers = {}
+    for name, number, block in groups:
+        for module in block.modules():
+            if isinstance(module, SpatialTransformer):
+                for depth, transformer in enumerate(module.transformer_blocks):
+                    attn2 = getattr(transformer, "attn2", None)
+                    if attn2 is not None and not getattr(transformer, "switch_temporal_ca_to_sa", False):
+                        layers[(name, number, depth)] = attn2
+    return layers
+
+
+def require_unet(model_patcher) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """The cross-attention layers, or a refusal that names the model family."""
+    layers = cross_attention_layers(model_patcher.model.diffusion_model)
+    if not layers:
+        raise UnsupportedModelError(
+            f"BiasMap needs a U-Net with text cross-attention (SD 1.x, SD 2.x, SDXL); this model is "
+            f"{model_family(model_patcher)}, which has none (DiT models such as Flux and SD3 mix text and image "
+            f"tokens in joint attention). Load an SD 1.x/2.x/SDXL checkpoint.")
+    return layers
+
+
+def require_guidable(model_patcher) -> None:
+    """Refuse guidance where denoised = x − σ·ε does not hold (flow matching and other parameterisations)."""
+    import comfy.model_base
+
+    kind = model_patcher.model.model_type
+    if kind not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
+        raise UnsupportedModelError(
+            f"BiasMap guidance is defined for ε- and v-prediction models; this {model_family(model_patcher)} model "
+            f"is {kind.name} (e.g. flow matching), where the σ-space update is not the paper's. Set the guidance "
+            f"scale to 0 to record maps only.")
+
+
+def deinference_(module: torch.nn.Module) -> int:
+    """Swap inference-mode weights for ordinary tensors of the same values, so autograd may save them.
+
+    ComfyUI loads models inside ``torch.inference_mode()``; such tensors cannot be saved for backward. Swapping once
+    (and again only for weights that ComfyUI re-creates, e.g. on LoRA re-patching) avoids copying every weight on
+    every forward, which a weight wrapper would do during ordinary sampling too. Values are unchanged.
+    """
+    swapped = 0
+    with torch.inference_mode(False):
+        for mod in module.modules():
+            for name, param in mod._parameters.items():
+                if param is not None and param.is_inference():
+                    mod._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                    swapped += 1
+            for name, buf in mod._buffers.items():
+                if buf is not None and buf.is_inference():
+                    mod._buffers[name] = buf.clone()
+                    swapped += 1
+    return swapped

@@ -1,0 +1,51 @@
+"""Open-vocabulary attribution maps (OVAM, Marcos-Manchón et al., CVPR 2024) as BiasMap aggregates them (§2).
+
+A layer's map for attribution token j is softmax_j(Q K′ᵀ / √d_head), with queries Q from the layer's attention
+input and keys K′ = to_k(X′) from the attribution prompt's embeddings X′, summed over heads. Maps of a stage are
+summed over its layers; stages are upsampled bilinearly to the largest attention resolution and summed.
+"""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["token_softmax_maps", "sum_upsampled", "concept_map"]
+
+
+def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Head-summed token-softmax maps ``[B, N, H, W]`` of queries ``[B, HW, heads·d]`` against keys ``[B|1, N, heads·d]``.
+
+    Computed in fp32 or wider whatever the model dtype, since the energy downstream is sensitive to rounding.
+    """
+    b, hw, inner = q.shape
+    if hw != grid[0] * grid[1]:
+        raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
+    dim_head = inner // heads
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh = q.to(dtype).view(b, hw, heads, dim_head).transpose(1, 2)  # [B, h, HW, d]
+    kh = k_attr.to(dtype).view(k_attr.shape[0], -1, heads, dim_head).transpose(1, 2)  # [B|1, h, N, d]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5  # [B, h, HW, N]
+    maps = scores.softmax(dim=-1).sum(dim=1)  # [B, HW, N]
+    return maps.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+
+
+def sum_upsampled(maps: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bilinearly upsample ``[..., h, w]`` maps to ``size`` (default: the largest grid) and sum them."""
+    if not maps:
+        raise ValueError("no maps to aggregate: select at least one stage and one step that were recorded")
+    if size is None:
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    total = None
+    for m in maps:
+        lead = m.shape[:-2]
+        if tuple(m.shape[-2:]) != tuple(size):
+            m = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), size=tuple(size), mode="bilinear",
+                              align_corners=False).view(*lead, *size)
+        total = m if total is None else total + m
+    return total
+
+
+def concept_map(maps: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """A concept's map: the mean over its token positions of ``[..., N, H, W]`` maps (DAAM's rule for BPE pieces)."""
+    if not positions:
+        raise ValueError("a concept needs at least one token position")
+    return maps[..., positions, :, :].mean(dim=-3)

@@ -1,0 +1,47 @@
+"""BiasMap recording and guidance settings; defaults are the paper configuration (method.md §2–§5)."""
+
+from dataclasses import asdict, dataclass
+
+from .guidance import GATES
+
+__all__ = ["BiasMapSettings"]
+
+BRANCHES = ("uncond", "cond")
+MODES = ("paper", "exact")
+
+
+@dataclass(frozen=True)
+class BiasMapSettings:
+    """What to record and how to guide. ``scale`` = 0 records only and leaves sampling bit-identical."""
+
+    scale: float = 100.0  # λ
+    branch: str = "uncond"  # CFG branch whose queries build the maps (OVAM stores batch element 0, the uncond half)
+    include_middle: bool = False  # OVAM leaves the middle block out
+    mode: str = "paper"  # soft top-k: the reference's row-wise Sinkhorn, or the converged global solve
+    keep: float = 0.3  # soft top-k keeps this fraction (= 1 − q)
+    gamma: float = 0.01
+    iters: int = 20  # Sinkhorn iterations of ``paper`` mode
+    gate: str = "skip"  # the reference skips a step with ‖∇_z E‖ ≥ 1; ``clip`` rescales to norm 1
+    guided_stages: tuple[str, ...] | None = None  # None = every recorded stage
+    start: float = 0.0  # σ window as fractions of the schedule, as ComfyUI's percent inputs
+    end: float = 1.0
+
+    def __post_init__(self):
+        checks = [(self.branch in BRANCHES, f"branch must be one of {BRANCHES}, got {self.branch!r}"),
+                  (self.mode in MODES, f"soft top-k mode must be one of {MODES}, got {self.mode!r}"),
+                  (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
+                  (0.0 < self.keep < 1.0, f"keep must be in (0, 1), got {self.keep}"),
+                  (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
+                  (self.scale >= 0, f"the guidance scale λ must be ≥ 0, got {self.scale}"),
+                  (0.0 <= self.start <= self.end <= 1.0,
+                   f"the guidance window needs 0 ≤ start ≤ end ≤ 1, got start={self.start}, end={self.end}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def guiding(self) -> bool:
+        return self.scale != 0.0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -1,0 +1,44 @@
+"""U-Net stages: which cross-attention layers belong together for block-wise IoU (BiasMap §2, §3)."""
+
+import math
+
+__all__ = ["STAGE_ORDER", "stage_of", "stage_label", "parse_stages"]
+
+# Stage ids are ASCII (they name tensors in saved traces): direction and resolution divisor relative to the latent.
+STAGE_ORDER = ("down_1", "down_2", "down_4", "down_8", "mid_4", "mid_8", "mid_16", "up_8", "up_4", "up_2", "up_1")
+_DIRECTION = {"input": "down", "middle": "mid", "output": "up"}
+_FRACTION = {1: "1", 2: "½", 4: "¼", 8: "⅛", 16: "1/16"}
+
+
+def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, int]) -> str:
+    """The stage id of a layer, e.g. ``("input", 4)`` at half the latent size → ``"down_2"``.
+
+    The divisor is read from the real grid sizes, so non-square latents and sizes that are not multiples of 64
+    (where ⌈h/2⌉ grids appear) name the same stage as the square case.
+    """
+    direction = _DIRECTION.get(block[0])
+    if direction is None:
+        raise ValueError(f"unknown U-Net block {block!r}; expected input, middle or output")
+    divisor = 2 ** round(math.log2(max(latent_hw[0] / attention_hw[0], 1.0)))
+    return f"{direction}_{divisor}"
+
+
+def stage_label(stage: str) -> str:
+    """Human label of a stage id: ``"down_2"`` → ``"down×½"``."""
+    direction, divisor = stage.split("_")
+    return f"{direction}×{_FRACTION.get(int(divisor), '1/' + divisor)}"
+
+
+def parse_stages(text: str, available: list[str] | None = None) -> list[str] | None:
+    """Comma-separated stage ids (``down_1``) or labels (``down×1``) → ids; ``""`` or ``"all"`` → None (every stage)."""
+    if text.strip().lower() in ("", "all"):
+        return None
+    aliases = {s: s for s in STAGE_ORDER} | {stage_label(s): s for s in STAGE_ORDER}
+    choices = list(available) if available is not None else list(STAGE_ORDER)
+    stages = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        stage = aliases.get(part)
+        if stage is None or stage not in choices:
+            raise ValueError(f"unknown stage {part!r}; choose from {', '.join(choices)} or 'all'")
+        stages.append(stage)
+    return stages

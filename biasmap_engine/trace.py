@@ -1,0 +1,206 @@
+"""BiasMapTrace: attribution maps recorded along a sampling trajectory, as a value object.
+
+A trace keeps, per U-Net stage, the head- and layer-summed token maps of every recorded model evaluation
+(``[evaluations, images, tokens, h, w]``), with the σ and step of each evaluation, the attribution prompt's tokens,
+the concepts, the model family, the settings and the guidance accounting. Any stage/step window can be rendered or
+measured afterwards. Traces save to ``.safetensors`` (tensors) with JSON metadata; no pickle is involved.
+"""
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .guidance import STATUS
+from .masks import hard_mask, iou
+from .ovam import concept_map, sum_upsampled
+from .stages import STAGE_ORDER, stage_label
+from .tokens import find_word_positions
+
+__all__ = ["BiasMapTrace", "TraceRecorder", "TraceFormatError"]
+
+FORMAT = "biasmap_trace"
+VERSION = 1
+
+
+class TraceFormatError(ValueError):
+    """A file that is not a BiasMap trace."""
+
+
+@dataclass
+class BiasMapTrace:
+    """Recorded attribution maps of one sampling run, with everything needed to analyse them later."""
+
+    maps: dict[str, torch.Tensor]  # stage id → [E, B, N, h, w]
+    tokens: list[str]  # attribution prompt tokens, start and end markers included
+    sigmas: torch.Tensor  # [E] σ of each recorded evaluation
+    steps: torch.Tensor  # [E] sampler step index of each evaluation
+    latent_shape: list[int]  # [B, C, H, W]
+    demographic: list[str] = field(default_factory=list)
+    semantic: list[str] = field(default_factory=list)
+    model_family: str = ""
+    settings: dict = field(default_factory=dict)
+    guidance: dict[str, torch.Tensor] = field(default_factory=dict)  # energy, grad_norm [E, B]; status [E, B] int8
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[str]:
+        """Recorded stage ids in U-Net order."""
+        return [s for s in STAGE_ORDER if s in self.maps]
+
+    @property
+    def num_images(self) -> int:
+        return self.latent_shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.steps.max()) + 1 if self.steps.numel() else 0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Pixel size of the decoded image (SD-family VAEs scale the latent by 8)."""
+        return self.latent_shape[2] * 8, self.latent_shape[3] * 8
+
+    def positions(self, word: str) -> list[int]:
+        """Token positions of a word (all its BPE pieces) in the attribution prompt."""
+        return find_word_positions(self.tokens, word)
+
+    def token_maps(self, stages=None, steps=None, size=None) -> torch.Tensor:
+        """``[B, N, H, W]``: maps summed over the chosen evaluations and stages, upsampled to ``size``."""
+        chosen = self._evaluations(steps)
+        stages = self._check_stages(stages)
+        per_stage = [self.maps[s][chosen].sum(dim=0) for s in stages]
+        largest = max((m.shape[-2:] for m in per_stage), key=lambda hw: hw[0] * hw[1])
+        return sum_upsampled(per_stage, size or tuple(largest))
+
+    def concept_map(self, word: str, stages=None, steps=None, size=None) -> torch.Tensor:
+        """``[B, H, W]`` attribution map of a word (mean over its pieces)."""
+        return concept_map(self.token_maps(stages, steps, size), self.positions(word))
+
+    def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
+        """Per-image IoU of the two words' top-(1−q) masks."""
+        maps = self.token_maps(stages, steps, size)
+        mask_a = hard_mask(concept_map(maps, self.positions(word_a)), q)
+        mask_b = hard_mask(concept_map(maps, self.positions(word_b)), q)
+        return iou(mask_a, mask_b)
+
+    def block_ious(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> dict[str, torch.Tensor]:
+        """BIoU: per stage, the per-image IoU of masks built from that stage's layers only."""
+        return {s: self.iou(word_a, word_b, q, [s], steps, size) for s in self.stages}
+
+    def mbiou(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> torch.Tensor:
+        """mBIoU: per image, the mean of BIoU over stages."""
+        return torch.stack(list(self.block_ious(word_a, word_b, q, steps, size).values())).mean(dim=0)
+
+    def guidance_counts(self) -> dict[str, int]:
+        """How many (evaluation, image) pairs were applied, clipped, skipped by the gate, non-finite, not guided."""
+        status = self.guidance.get("status")
+        if status is None:
+            return {}
+        return {name: int((status == code).sum()) for name, code in STATUS.items()}
+
+    def save(self, path: str) -> None:
+        """Write the trace as ``.safetensors``: tensors plus a JSON description in the metadata."""
+        tensors = {f"maps.{s}": m.contiguous() for s, m in self.maps.items()}
+        tensors |= {"sigmas": self.sigmas, "steps": self.steps}
+        tensors |= {f"guidance.{k}": v.contiguous() for k, v in self.guidance.items()}
+        meta = {"format": FORMAT, "version": VERSION, "tokens": self.tokens, "latent_shape": self.latent_shape,
+                "demographic": self.demographic, "semantic": self.semantic, "model_family": self.model_family,
+                "settings": self.settings, "notes": self.notes}
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, path, metadata={FORMAT: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str) -> "BiasMapTrace":
+        """Read a trace written by :meth:`save`; any other file raises TraceFormatError."""
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get(FORMAT)
+            tensors = load_file(path) if raw else {}
+        except (SafetensorError, OSError) as err:
+            raise TraceFormatError(f"{path} is not a BiasMap trace (not a readable .safetensors file: {err}). "
+                                   f"Save traces with BiasMapTrace.save or the BiasMap Save Trace node.") from err
+        if not raw:
+            raise TraceFormatError(f"{path} is a .safetensors file but not a BiasMap trace (no '{FORMAT}' metadata); "
+                                   f"it may be a model checkpoint. Load a file written by BiasMapTrace.save.")
+        meta = json.loads(raw)
+        if meta.get("version", 0) > VERSION:
+            raise TraceFormatError(f"{path} is a version {meta['version']} trace; update BiasMap to read it")
+        return cls(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
+                   tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
+                   latent_shape=meta["latent_shape"], demographic=meta["demographic"], semantic=meta["semantic"],
+                   model_family=meta["model_family"], settings=meta["settings"], notes=meta["notes"],
+                   guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
+
+    def _evaluations(self, steps) -> torch.Tensor:
+        if steps is None:
+            return torch.ones_like(self.steps, dtype=torch.bool)
+        first, last = steps
+        chosen = (self.steps >= first) & (self.steps <= last)
+        if not bool(chosen.any()):
+            raise ValueError(f"no recorded step in the window {first}..{last}; this trace has steps 0..{self.num_steps - 1}")
+        return chosen
+
+    def _check_stages(self, stages) -> list[str]:
+        if stages is None:
+            return self.stages
+        missing = [s for s in stages if s not in self.maps]
+        if missing:
+            raise ValueError(f"stage(s) {', '.join(missing)} were not recorded; this trace has "
+                             f"{', '.join(f'{s} ({stage_label(s)})' for s in self.stages)}")
+        return list(stages)
+
+
+class TraceRecorder:
+    """Accumulates one run's maps on the device, one model evaluation at a time; :meth:`finish` builds the trace.
+
+    Layers of one stage are summed as they arrive; nothing leaves the device until the run ends.
+    """
+
+    def __init__(self):
+        self._stage_maps: dict[str, list[torch.Tensor]] = {}
+        self._current: dict[str, torch.Tensor] = {}
+        self._sigmas, self._steps = [], []
+        self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
+
+    def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
+        """Open a model evaluation at noise level σ of sampler step ``step`` (0-d tensors: no host sync)."""
+        self._current = {}
+        self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
+        self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
+
+    def add(self, stage: str, maps: torch.Tensor) -> None:
+        """Add one layer's ``[B, N, h, w]`` maps to the open evaluation (kept with its graph, if any)."""
+        previous = self._current.get(stage)
+        self._current[stage] = maps if previous is None else previous + maps
+
+    def current(self, stages=None) -> dict[str, torch.Tensor]:
+        """The open evaluation's per-stage maps, still differentiable."""
+        return {s: m for s, m in self._current.items() if stages is None or s in stages}
+
+    def end(self, energy=None, grad_norm=None, status=None) -> None:
+        """Close the evaluation, storing detached maps and the guidance accounting for it."""
+        if not self._current:
+            raise RuntimeError("a model evaluation recorded no cross-attention map; the model has no U-Net "
+                               "cross-attention in the recorded stages (DiT models are not supported)")
+        for stage, maps in self._current.items():
+            self._stage_maps.setdefault(stage, []).append(maps.detach().float())
+        batch = next(iter(self._current.values())).shape[0]
+        device = next(iter(self._current.values())).device
+        nan = torch.full((batch,), float("nan"), device=device)
+        self._guidance["energy"].append(nan if energy is None else energy.detach().float())
+        self._guidance["grad_norm"].append(nan if grad_norm is None else grad_norm.detach().float())
+        self._guidance["status"].append(torch.zeros(batch, dtype=torch.int8, device=device) if status is None
+                                        else status.to(torch.int8))
+        self._current = {}
+
+    def finish(self, **fields) -> BiasMapTrace:
+        """Stack every evaluation and move the trace to the CPU."""
+        if not self._sigmas:
+            raise RuntimeError("the sampler made no model evaluation; nothing was recorded")
+        return BiasMapTrace(maps={s: torch.stack(v).cpu() for s, v in self._stage_maps.items()},
+                            sigmas=torch.stack(self._sigmas).cpu(), steps=torch.stack(self._steps).cpu(),
+                            guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)

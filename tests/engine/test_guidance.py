@@ -1,0 +1,60 @@
+import torch
+
+from biasmap_engine import STATUS, entanglement_energy, guidance_step, soft_iou, soft_topk, z_grad_norm
+
+
+def test_correction_is_lambda_sigma_squared_times_the_x_gradient():
+    denoised = torch.zeros(2, 4, 3, 3)
+    grad = torch.full((2, 4, 3, 3), 1e-3)
+    sigma = torch.tensor([2.0, 0.5])
+    out, norm, status = guidance_step(denoised, grad, sigma, scale=10.0, gate="skip")
+    assert torch.allclose(out[0], torch.full((4, 3, 3), -10 * 4 * 1e-3))
+    assert torch.allclose(out[1], torch.full((4, 3, 3), -10 * 0.25 * 1e-3))
+    assert status.tolist() == [STATUS["applied"]] * 2
+
+
+def test_gate_norm_is_measured_in_z_space():
+    grad = torch.ones(1, 1, 2, 2)  # ‖∇_x‖ = 2
+    sigma = torch.tensor([3.0])
+    assert torch.allclose(z_grad_norm(grad, sigma), torch.tensor([2 * (10 ** 0.5)]))
+
+
+def test_skip_gate_leaves_large_gradients_unapplied_and_says_so():
+    grad = torch.stack([torch.full((1, 2, 2), 0.01), torch.full((1, 2, 2), 5.0)])
+    out, _, status = guidance_step(torch.ones(2, 1, 2, 2), grad, torch.tensor([1.0, 1.0]), 100.0, "skip")
+    assert torch.equal(out[1], torch.ones(1, 2, 2))
+    assert status.tolist() == [STATUS["applied"], STATUS["skipped_gate"]]
+
+
+def test_clip_gate_rescales_to_unit_z_norm():
+    grad = torch.full((1, 1, 2, 2), 5.0)
+    sigma = torch.tensor([1.0])
+    out, norm, status = guidance_step(torch.zeros(1, 1, 2, 2), grad, sigma, 1.0, "clip")
+    applied_grad = -out / sigma ** 2
+    assert torch.allclose(z_grad_norm(applied_grad, sigma), torch.tensor([1.0]))
+    assert status.item() == STATUS["clipped"]
+
+
+def test_non_finite_gradient_is_skipped_and_output_stays_finite():
+    grad = torch.zeros(2, 1, 2, 2)
+    grad[0, 0, 0, 0] = float("nan")
+    out, _, status = guidance_step(torch.ones(2, 1, 2, 2), grad, torch.ones(2), 100.0, "clip")
+    assert torch.isfinite(out).all()
+    assert status.tolist() == [STATUS["skipped_nonfinite"], STATUS["applied"]]
+
+
+def test_energy_is_the_mean_soft_iou_over_concept_pairs():
+    maps = torch.rand(2, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 10
+    energy = entanglement_energy(maps, [([1], [3]), ([2], [3])], mode="exact")
+    s = soft_topk(maps, mode="exact")
+    want = (soft_iou(s[:, 1], s[:, 3]) + soft_iou(s[:, 2], s[:, 3])) / 2
+    assert energy.shape == (2,)
+    assert torch.allclose(energy, want, atol=1e-6)
+
+
+def test_descending_the_energy_gradient_lowers_the_energy():
+    maps = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_(True)
+    energy = entanglement_energy(maps, [([1], [2])], gamma=0.1, mode="exact")
+    (grad,) = torch.autograd.grad(energy.sum(), maps)
+    lowered = entanglement_energy(maps.detach() - 0.5 * grad / grad.norm(), [([1], [2])], gamma=0.1, mode="exact")
+    assert lowered.item() < energy.item()

@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from biasmap_engine import soft_iou, soft_topk
+
+
+def reference_paper_loop(matrix, percentile=0.3, gamma=0.01, max_iter=20):
+    """method.md §4 written out plainly: every row its own log-domain Sinkhorn, g then f, duals from 0."""
+    rows = matrix.reshape(-1, matrix.shape[-1])
+    out = np.empty_like(rows)
+    n = rows.shape[1]
+    k = int(n * percentile)
+    log_mu = np.full(n, math.log(1.0 / n))
+    log_nu = np.log(np.array([n - k, k], dtype=np.float64) / n)
+
+    def lse(a, axis):
+        m = a.max(axis=axis, keepdims=True)
+        return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+    for r, x in enumerate(rows):
+        s = -np.stack([(x - 0.0) ** 2, (x - 1.0) ** 2], axis=1) / gamma  # [n, 2]
+        f, g = np.zeros(n), np.zeros(2)
+        for _ in range(max_iter):
+            g = log_nu - lse(s + f[:, None], axis=0)
+            f = log_mu - lse(s + g[None, :], axis=1)
+        out[r] = np.exp(s[:, 1] + f + g[1]) * n
+    return out.reshape(matrix.shape)
+
+
+def test_paper_mode_equals_the_reference_loop_row_by_row_in_float64():
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    got = soft_topk(maps, 0.3, 0.01, mode="paper")
+    want = reference_paper_loop(maps.numpy())
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10)
+
+
+def test_paper_mode_solves_rows_separately_not_the_whole_map():
+    maps = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    maps[0, 0] += 5.0  # a bright row: a global top-k would put all its mass there
+    s = soft_topk(maps, mode="paper", iters=500)
+    assert torch.allclose(s.sum(-1), torch.full((1, 8), float(int(8 * 0.3)), dtype=torch.float64), rtol=1e-2)
+
+
+def test_exact_mode_equals_converged_pot_sinkhorn():
+    gen = torch.Generator().manual_seed(2)
+    maps = torch.rand(2, 12, 12, generator=gen, dtype=torch.float64) * 40
+    got = soft_topk(maps, 0.3, 0.01, mode="exact")
+    for m, s in zip(maps, got):
+        x = (m / m.max()).flatten().numpy()
+        n = x.size
+        k = int(n * 0.3)
+        cost = (x[:, None] - np.array([0.0, 1.0])[None, :]) ** 2
+        plan = ot.sinkhorn(np.full(n, 1.0 / n), np.array([n - k, k]) / n, cost, 0.01,
+                           method="sinkhorn_log", numItermax=200000, stopThr=1e-13)
+        np.testing.assert_allclose(s.flatten().numpy(), n * plan[:, 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (64, 64), (40, 56)])
+def test_exact_mode_keeps_exactly_k_mass(size):
+    maps = torch.rand(3, *size, generator=torch.Generator().manual_seed(3)) * 30
+    s = soft_topk(maps, 0.3, mode="exact")
+    k = int(size[0] * size[1] * 0.3)
+    assert torch.allclose(s.flatten(-2).sum(-1), torch.full((3,), float(k)), rtol=1e-4)
+
+
+def test_exact_mode_gradient_matches_finite_differences():
+    maps = (torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5)
+    maps.requires_grad_(True)
+    # γ large enough that the sigmoid is not saturated everywhere, so the check is informative.
+    assert torch.autograd.gradcheck(lambda m: soft_topk(m, 0.3, 0.5, mode="exact"), (maps,), eps=1e-6, atol=1e-6)
+
+
+def test_exact_mode_gradient_is_implicit_not_zero():
+    maps = torch.rand(1, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_(True)
+    target = torch.rand(1, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (soft_topk(maps, 0.3, 0.2, mode="exact") * target).sum().backward()
+    assert maps.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_half_precision_maps_up_to_120_give_finite_masks_and_gradients(dtype, mode):
+    maps = (torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(7)) * 120).to(dtype).requires_grad_(True)
+    s = soft_topk(maps, mode=mode)
+    assert s.dtype == dtype
+    assert torch.isfinite(s).all()
+    energy = soft_iou(s[0:1], s[1:2]).sum()
+    energy.backward()
+    assert torch.isfinite(maps.grad).all()
+
+
+def test_float64_stays_float64():
+    maps = torch.rand(1, 8, 8, dtype=torch.float64)
+    assert soft_topk(maps, mode="paper").dtype == torch.float64
+    assert soft_topk(maps, mode="exact").dtype == torch.float64
+
+
+def test_soft_iou_is_one_for_identical_binary_masks_and_zero_for_disjoint():
+    a = torch.zeros(1, 4, 4)
+    a[0, :2] = 1
+    b = torch.zeros(1, 4, 4)
+    b[0, 2:] = 1
+    assert soft_iou(a, a).item() == pytest.approx(1.0)
+    assert soft_iou(a, b).item() == pytest.approx(0.0)
+    assert soft_iou(a, (a + b) / 1).item() == pytest.approx(8 / 16)
+
+
+def test_unknown_mode_and_bad_fractions_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="'paper' or 'exact'"):
+        soft_topk(torch.rand(1, 4, 4), mode="fast")
+    with pytest.raises(ValueError, match="keep"):
+        soft_topk(torch.rand(1, 4, 4), keep=1.5)

@@ -1,0 +1,57 @@
+import pytest
+
+from biasmap_engine import (ConceptNotFoundError, find_word_positions, parse_stages, prompt_words, split_concepts,
+                            stage_label, stage_of)
+
+TOKENS = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "an</w>", "armad", "illo</w>", "and</w>", "gender</w>",
+          "<|endoftext|>"]
+
+
+def test_single_piece_word_is_found_at_its_position():
+    assert find_word_positions(TOKENS, "gender") == [8]
+
+
+def test_multi_piece_word_returns_all_its_pieces():
+    assert find_word_positions(TOKENS, "armadillo") == [5, 6]
+
+
+def test_repeated_word_returns_every_occurrence_and_case_is_ignored():
+    assert find_word_positions(["<|startoftext|>", "a</w>", "cat</w>", "and</w>", "a</w>"], "A") == [1, 4]
+
+
+def test_a_piece_inside_another_word_is_not_a_match():
+    with pytest.raises(ConceptNotFoundError):
+        find_word_positions(TOKENS, "illo")
+
+
+def test_missing_word_error_lists_the_prompt_words_and_the_fix():
+    with pytest.raises(ConceptNotFoundError, match="photo, of, an, armadillo, and, gender") as err:
+        find_word_positions(TOKENS, "doctor")
+    assert "Add it to the attribution prompt" in str(err.value)
+
+
+def test_prompt_words_join_pieces():
+    assert prompt_words(TOKENS) == ["a", "photo", "of", "an", "armadillo", "and", "gender"]
+
+
+def test_split_concepts_drops_blanks():
+    assert split_concepts(" woman, man ,, ") == ["woman", "man"]
+
+
+@pytest.mark.parametrize("block, latent, grid, stage", [
+    (("input", 1), (64, 64), (64, 64), "down_1"),
+    (("input", 4), (40, 56), (20, 28), "down_2"),
+    (("input", 7), (65, 47), (17, 12), "down_4"),
+    (("middle", 0), (64, 64), (8, 8), "mid_8"),
+    (("output", 9), (40, 56), (40, 56), "up_1"),
+])
+def test_stage_is_read_from_the_real_grid(block, latent, grid, stage):
+    assert stage_of(block, latent, grid) == stage
+
+
+def test_stage_labels_and_parsing():
+    assert stage_label("down_2") == "down×½"
+    assert parse_stages("down_1, up×1") == ["down_1", "up_1"]
+    assert parse_stages("all") is None
+    with pytest.raises(ValueError, match="choose from down_1"):
+        parse_stages("down_3", ["down_1", "up_1"])

@@ -1,0 +1,99 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from biasmap_engine import STATUS, BiasMapTrace, TraceFormatError, TraceRecorder, hard_mask, iou, sum_upsampled
+
+TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
+
+
+def recorded_trace(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rec = TraceRecorder()
+    for step, sigma in enumerate([14.6, 7.0, 2.0]):
+        rec.begin(torch.tensor(sigma), torch.tensor(step))
+        for _layer in range(2):
+            rec.add("down_1", torch.rand(2, 6, 8, 12, generator=gen))
+            rec.add("down_2", torch.rand(2, 6, 4, 6, generator=gen))
+        rec.add("up_1", torch.rand(2, 6, 8, 12, generator=gen))
+        guided = step > 0
+        rec.end(energy=torch.rand(2, generator=gen) if guided else None,
+                grad_norm=torch.rand(2, generator=gen) if guided else None,
+                status=torch.tensor([STATUS["applied"], STATUS["skipped_gate"]]) if guided else None)
+    return rec.finish(tokens=TOKENS, latent_shape=[2, 4, 8, 12], demographic=["gender"], semantic=["doctor"],
+                      model_family="SD15", settings={"branch": "uncond"}, notes=["test"])
+
+
+def test_recorder_sums_layers_per_stage_and_keeps_every_evaluation():
+    trace = recorded_trace()
+    assert trace.stages == ["down_1", "down_2", "up_1"]
+    assert trace.maps["down_1"].shape == (3, 2, 6, 8, 12)
+    assert trace.steps.tolist() == [0, 1, 2]
+    assert trace.num_steps == 3
+    assert trace.image_size == (64, 96)
+
+
+def test_concept_map_sums_steps_and_upsamples_stages():
+    trace = recorded_trace()
+    got = trace.concept_map("doctor", stages=["down_1", "down_2"], steps=(1, 2))
+    d1 = trace.maps["down_1"][1:].sum(0)[:, 2]
+    d2 = trace.maps["down_2"][1:].sum(0)[:, 2]
+    assert torch.allclose(got, sum_upsampled([d1, d2], (8, 12)))
+
+
+def test_iou_and_block_ious_follow_the_hard_mask_definition():
+    trace = recorded_trace()
+    maps = trace.token_maps(size=(64, 96))
+    want = iou(hard_mask(maps[:, 2]), hard_mask(maps[:, 4]))
+    assert torch.allclose(trace.iou("doctor", "gender", size=(64, 96)), want)
+    blocks = trace.block_ious("doctor", "gender")
+    assert set(blocks) == {"down_1", "down_2", "up_1"}
+    assert torch.allclose(trace.mbiou("doctor", "gender"), torch.stack(list(blocks.values())).mean(0))
+
+
+def test_guidance_counts_cover_every_image_of_every_evaluation():
+    counts = recorded_trace().guidance_counts()
+    assert counts["not_guided"] == 2 and counts["applied"] == 2 and counts["skipped_gate"] == 2
+    assert sum(counts.values()) == 6
+
+
+def test_save_and_load_round_trip_exactly(tmp_path):
+    trace = recorded_trace()
+    path = str(tmp_path / "t.safetensors")
+    trace.save(path)
+    back = BiasMapTrace.load(path)
+    for stage in trace.stages:
+        assert torch.equal(back.maps[stage], trace.maps[stage])
+    for key in trace.guidance:
+        assert torch.equal(back.guidance[key], trace.guidance[key], ) or torch.allclose(
+            back.guidance[key], trace.guidance[key], equal_nan=True)
+    assert torch.equal(back.sigmas, trace.sigmas) and torch.equal(back.steps, trace.steps)
+    assert (back.tokens, back.latent_shape, back.settings, back.notes) == (
+        trace.tokens, trace.latent_shape, trace.settings, trace.notes)
+    assert torch.equal(back.iou("doctor", "gender"), trace.iou("doctor", "gender"))
+
+
+def test_loading_a_checkpoint_or_junk_says_it_is_not_a_trace(tmp_path):
+    ckpt = str(tmp_path / "model.safetensors")
+    save_file({"w": torch.zeros(2)}, ckpt)
+    with pytest.raises(TraceFormatError, match="not a BiasMap trace"):
+        BiasMapTrace.load(ckpt)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(TraceFormatError, match="not a BiasMap trace"):
+        BiasMapTrace.load(str(junk))
+
+
+def test_unrecorded_stage_or_empty_step_window_errors_name_what_exists():
+    trace = recorded_trace()
+    with pytest.raises(ValueError, match="down_1"):
+        trace.concept_map("doctor", stages=["mid_8"])
+    with pytest.raises(ValueError, match="steps 0..2"):
+        trace.concept_map("doctor", steps=(5, 9))
+
+
+def test_recorder_refuses_an_evaluation_without_maps():
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(1.0), torch.tensor(0))
+    with pytest.raises(RuntimeError, match="DiT"):
+        rec.end()
