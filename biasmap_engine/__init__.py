@@ -7,16 +7,18 @@ hooks ComfyUI's U-Net cross-attention and sampling loop.
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
 from .ovam import concept_map, sum_upsampled, token_softmax_maps
+from .render import COLORMAPS, colorize, entanglement_picture, normalize_maps, overlay, resize_maps, to_pil
+from .report import EntanglementResult, measure_entanglement
 from .settings import BiasMapSettings
-from .render import colorize, entanglement_picture, normalize_maps, overlay, resize_maps
 from .soft_topk import soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
 from .tokens import ConceptNotFoundError, find_word_positions, prompt_words, split_concepts
 from .trace import BiasMapTrace, TraceFormatError, TraceRecorder
 
 __all__ = [
-    "BiasMapSettings", "BiasMapTrace", "ConceptNotFoundError", "GATES", "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder",
-    "colorize", "concept_map", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step",
-    "hard_mask", "iou", "normalize_maps", "overlay", "parse_stages", "prompt_words", "resize_maps", "soft_iou",
-    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "token_softmax_maps", "z_grad_norm",
+    "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
+    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "colorize", "concept_map", "entanglement_energy",
+    "entanglement_picture", "find_word_positions", "guidance_step", "hard_mask", "iou", "measure_entanglement",
+    "normalize_maps", "overlay", "parse_stages", "prompt_words", "resize_maps", "soft_iou", "soft_topk",
+    "split_concepts", "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

@@ -4,7 +4,7 @@ from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
 
-__all__ = ["sample_with_sampler", "sample_with_scheduler", "start_session"]
+__all__ = ["sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names", "start_session"]
 
 def start_session(model, clip, attribution_prompt: str, demographic: list[str], semantic: list[str],
                   settings: BiasMapSettings) -> BiasMapSession:
@@ -43,3 +43,17 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
     return latent, session.finish()
+
+
+def sampler_names() -> list[str]:
+    """ComfyUI's k-sampler names, for the node's sampler input."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    """ComfyUI's scheduler names, for the node's scheduler input."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)

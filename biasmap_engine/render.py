@@ -1,0 +1,223 @@
+"""Turn attribution maps into pictures: colour maps, heat overlays and the entanglement picture.
+
+Images follow ComfyUI: float tensors [B, H, W, 3] in 0..1, channels last; maps and masks are
+[B, H, W]. Everything stays on the input's device; only the small text label goes through Pillow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+__all__ = [
+    "A_COLOR",
+    "BOTH_COLOR",
+    "B_COLOR",
+    "COLORMAPS",
+    "colorize",
+    "entanglement_picture",
+    "normalize_maps",
+    "overlay",
+    "resize_maps",
+    "to_pil",
+]
+
+# 17 evenly spaced samples (index round(k * 255 / 16)) of the published 256-colour tables,
+# as shipped in bokeh.palettes (matplotlib's maps at 8 bits). Linear interpolation between
+# them stays within ~7/255 of the full tables, invisible in a heat map, and keeps this file
+# free of four 256-row literals. jet is MATLAB's piecewise-linear definition, exact at 9 knots.
+_ANCHORS: dict[str, tuple[str, ...]] = {
+    "inferno": (
+        "#000003", "#0a0723", "#200c4a", "#3c0965", "#570f6d", "#70196e", "#892269", "#a32b61", "#bb3754",
+        "#d04544", "#e35832", "#f0701e", "#f98c09", "#fbaa0e", "#f8c931", "#f1e864", "#fcfea4",
+    ),
+    "viridis": (
+        "#440154", "#47186a", "#472c7b", "#424085", "#3a528b", "#32628d", "#2c728e", "#26818e", "#20908c",
+        "#1e9e88", "#27ad80", "#3dbb74", "#5bc862", "#81d34c", "#aadb32", "#d4e11a", "#fde724",
+    ),
+    "magma": (
+        "#000003", "#0a0722", "#1c1046", "#350f6a", "#50127b", "#691c80", "#822581", "#9c2e7f", "#b63679",
+        "#ce4070", "#e55063", "#f4685b", "#fb8660", "#fda470", "#fec286", "#fddfa1", "#fbfcbf",
+    ),
+    "turbo": (
+        "#30123b", "#4040a1", "#466be3", "#4193fe", "#28bbeb", "#17dcc2", "#32f197", "#6dfd62", "#a4fc3b",
+        "#caed33", "#ecd139", "#fcae34", "#fb8022", "#ec520e", "#d23005", "#ac1601", "#7a0402",
+    ),
+    "jet": ("#000080", "#0000ff", "#0080ff", "#00ffff", "#80ff80", "#ffff00", "#ff8000", "#ff0000", "#800000"),
+    "gray": ("#000000", "#ffffff"),
+}
+
+COLORMAPS: tuple[str, ...] = tuple(_ANCHORS)
+
+# Region colours of the entanglement picture: blue / yellow stay apart for the common colour
+# blindnesses, and magenta for the overlap is far from both.
+A_COLOR: tuple[float, float, float] = (0.2, 0.5, 1.0)
+B_COLOR: tuple[float, float, float] = (1.0, 0.85, 0.1)
+BOTH_COLOR: tuple[float, float, float] = (1.0, 0.15, 0.6)
+
+_LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every region colour to read on it
+_LABEL_GAP = "  "
+
+
+def _hex_rgb(code: str) -> tuple[float, float, float]:
+    """Parse '#rrggbb' into an RGB triple in 0..1."""
+    return tuple(int(code[i : i + 2], 16) / 255 for i in (1, 3, 5))
+
+
+def _lut_from_anchors(anchors: tuple[str, ...], size: int = 256) -> Tensor:
+    """Linearly interpolate evenly spaced anchor colours into a [size, 3] float32 lookup table."""
+    knots = torch.tensor([_hex_rgb(code) for code in anchors], dtype=torch.float64)
+    pos = torch.linspace(0, len(anchors) - 1, size, dtype=torch.float64)
+    left = pos.floor().long().clamp(max=len(anchors) - 2)
+    return torch.lerp(knots[left], knots[left + 1], (pos - left).unsqueeze(-1)).float()
+
+
+_LUTS: dict[str, Tensor] = {name: _lut_from_anchors(anchors) for name, anchors in _ANCHORS.items()}
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """Min-max scale each [H, W] map of [..., H, W] to 0..1 on its own (a constant map becomes 0)."""
+    maps = maps.float()
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    # A constant map has nothing to show; dividing its zeros by 1 keeps it 0 instead of NaN.
+    return (maps - low) / torch.where(span > 0, span, 1.0)
+
+
+def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize [..., H, W] maps to [..., h, w], keeping the leading dims and float dtype."""
+    height, width = size
+    # Interpolate in at least float32 so float16/bfloat16 maps keep their small differences, then
+    # hand back the caller's dtype (non-float input, e.g. bool masks, comes back float32).
+    work = maps.reshape(-1, 1, *maps.shape[-2:]).to(torch.promote_types(maps.dtype, torch.float32))
+    out = F.interpolate(work, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return out.reshape(*maps.shape[:-2], height, width).to(maps.dtype if maps.is_floating_point() else out.dtype)
+
+
+def colorize(maps01: Tensor, colormap: str = "inferno") -> Tensor:
+    """Map [B, H, W] values in 0..1 to [B, H, W, 3] float32 RGB through a 256-entry colour table."""
+    if colormap not in _LUTS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose one of: {', '.join(COLORMAPS)}")
+    lut = _LUTS[colormap].to(maps01.device)
+    # NaN would turn into a garbage table index (a device-side assert on CUDA), so it reads as 0.
+    pos = torch.nan_to_num(maps01.float(), nan=0.0).clamp(0, 1) * (len(lut) - 1)
+    left = pos.floor().long().clamp(max=len(lut) - 2)
+    return torch.lerp(lut[left], lut[left + 1], (pos - left).unsqueeze(-1))
+
+
+def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> Tensor:
+    """Alpha-blend [B, H, W, 3] heat colours over [B, H, W, 3] images with scalar or per-pixel opacity."""
+    for name, t in (("image", image), ("heat_rgb", heat_rgb)):
+        if t.ndim != 4 or t.shape[-1] != 3:
+            raise ValueError(f"overlay: {name} must be [B, H, W, 3], got {tuple(t.shape)}")
+    if image.shape[1:3] != heat_rgb.shape[1:3]:
+        raise ValueError(
+            f"overlay: image is {tuple(image.shape[1:3])} (H, W) but heat_rgb is {tuple(heat_rgb.shape[1:3])}; "
+            "resize the maps to the image size (resize_maps) before colorize"
+        )
+    # One image against a batch of maps (one map per word) is the usual ComfyUI wiring, so a
+    # batch of 1 on either side broadcasts.
+    if image.shape[0] != heat_rgb.shape[0] and 1 not in (image.shape[0], heat_rgb.shape[0]):
+        raise ValueError(f"overlay: batch sizes differ ({image.shape[0]} images, {heat_rgb.shape[0]} heat maps)")
+    alpha = torch.as_tensor(opacity, dtype=torch.float32, device=heat_rgb.device).clamp(0, 1)
+    if alpha.ndim:
+        if alpha.shape[-2:] != image.shape[1:3]:
+            raise ValueError(
+                f"overlay: opacity must be a scalar or [B, H, W] matching the image, got {tuple(alpha.shape)}"
+            )
+        alpha = alpha.unsqueeze(-1)  # a channel axis so one opacity covers R, G and B
+    return torch.lerp(image.to(heat_rgb.device, torch.float32), heat_rgb.float(), alpha)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Load Pillow's default font at a pixel size (the fixed bitmap font where it cannot scale)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no size argument, only the small bitmap font
+        return ImageFont.load_default()
+
+
+def _label_patch(segments: list[tuple[str, tuple[float, float, float]]], font_px: int, max_width: int) -> Tensor:
+    """Draw coloured text segments on a dark box, wrapping them to fit max_width; [h, w, 3] float32 on CPU."""
+    font = _font(font_px)
+    pad = max(2, font_px // 4)
+    gap = font.getlength(_LABEL_GAP)
+    line_height = font.getbbox("Ay")[3] + max(1, font_px // 8)
+    # Greedy wrap: one line on large images, a segment per line on tiny ones.
+    lines: list[list[tuple[str, tuple[float, float, float], float]]] = [[]]
+    line_width = 0.0
+    for text, colour in segments:
+        width = font.getlength(text)
+        if lines[-1] and pad * 2 + line_width + gap + width > max_width:
+            lines.append([])
+        line_width = width if not lines[-1] else line_width + gap + width
+        lines[-1].append((text, colour, width))
+    box_width = pad * 2 + max(sum(w for *_, w in line) + gap * (len(line) - 1) for line in lines)
+    box = Image.new("RGB", (math.ceil(box_width), pad * 2 + line_height * len(lines)), _LABEL_BOX)
+    draw = ImageDraw.Draw(box)
+    for row, line in enumerate(lines):
+        x = float(pad)
+        for text, colour, width in line:
+            draw.text((x, pad + row * line_height), text, fill=tuple(round(c * 255) for c in colour), font=font)
+            x += width + gap
+    pixels = torch.frombuffer(bytearray(box.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(box.height, box.width, 3).float() / 255
+
+
+def entanglement_picture(
+    mask_a: Tensor,
+    mask_b: Tensor,
+    ious: Tensor,
+    labels: tuple[str, str],
+    image: Tensor | None = None,
+    opacity: float = 0.6,
+) -> Tensor:
+    """Paint A-only, B-only and overlap pixels of [B, H, W] masks and label each picture with its IoU."""
+    if mask_a.ndim != 3 or mask_a.shape != mask_b.shape:
+        raise ValueError(f"masks must both be [B, H, W], got {tuple(mask_a.shape)} and {tuple(mask_b.shape)}")
+    batch, height, width = mask_a.shape
+    ious = torch.as_tensor(ious).reshape(-1)
+    if ious.numel() != batch:
+        raise ValueError(f"need one IoU per mask pair: {batch} pairs, {ious.numel()} IoUs")
+    label_a, label_b = labels
+    device = mask_a.device
+    # 0 = neither, 1 = A only, 2 = B only, 3 = both: one index into a 4-colour table.
+    region = mask_a.to(device, torch.bool).long() + 2 * mask_b.to(device, torch.bool).long()
+    palette = torch.tensor([(0.0, 0.0, 0.0), A_COLOR, B_COLOR, BOTH_COLOR], device=device)
+    paint = palette[region]
+    if image is None:
+        picture = paint  # nothing to blend under: full-strength colours on black
+    else:
+        if image.ndim != 4 or image.shape[0] not in (1, batch) or image.shape[1:] != (height, width, 3):
+            raise ValueError(f"image must be [1 or {batch}, {height}, {width}, 3], got {tuple(image.shape)}")
+        base = image.to(device, torch.float32).expand(batch, -1, -1, -1)
+        picture = torch.where((region > 0).unsqueeze(-1), torch.lerp(base, paint, opacity), base)
+    # Text grows with the image (about 1/32 of its short side) but never below the 10 px that
+    # the default font needs to stay legible.
+    font_px = max(10, min(height, width) // 32)
+    for index, iou in enumerate(ious.tolist()):
+        segments = [(f"IoU {iou:.2f}", BOTH_COLOR), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
+        patch = _label_patch(segments, font_px, width)
+        rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
+        picture[index, :rows, :cols] = patch[:rows, :cols].to(device)
+    return picture
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """Convert [B, H, W, 3] images in 0..1 to 8-bit RGB PIL images."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"to_pil: expected [B, H, W, 3], got {tuple(images.shape)}")
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    height, width = pixels.shape[1:3]
+    # Copy each image's bytes straight out of the tensor: no numpy round trip, and far faster than
+    # iterating a storage.
+    return [
+        Image.frombytes("RGB", (width, height), ctypes.string_at(img.data_ptr(), img.numel())) for img in pixels
+    ]

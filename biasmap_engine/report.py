@@ -1,0 +1,47 @@
+"""The Entanglement IoU report: per-image IoU, block-wise IoU, the token pieces used and the guidance accounting."""
+
+import torch
+
+from .stages import stage_label
+from .trace import BiasMapTrace
+
+__all__ = ["EntanglementResult", "measure_entanglement"]
+
+
+class EntanglementResult:
+    """IoU, BIoU and mBIoU of two concepts in a trace, with a human-readable report."""
+
+    def __init__(self, trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None, steps=None):
+        self.word_a, self.word_b, self.q = word_a, word_b, q
+        self.ious = trace.iou(word_a, word_b, q, steps=steps, size=size)
+        self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
+        self.mbiou = torch.stack(list(self.block_ious.values())).mean(dim=0)
+        self.pieces = {w: [trace.tokens[p] for p in trace.positions(w)] for w in (word_a, word_b)}
+        self.report = self._report(trace, size)
+
+    def _report(self, trace, size) -> str:
+        h, w = size or trace.image_size
+        lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
+                 f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
+                 f"mIoU {self.ious.mean():.4f} · mBIoU {self.mbiou.mean():.4f} over {len(self.ious)} image(s)"]
+        for i, value in enumerate(self.ious.tolist()):
+            blocks = ", ".join(f"{stage_label(s)} {v[i]:.3f}" for s, v in self.block_ious.items())
+            lines.append(f"image {i}: IoU {value:.4f} · mBIoU {self.mbiou[i]:.4f} · BIoU {blocks}")
+        for word, pieces in self.pieces.items():
+            lines.append(f"tokens of '{word}': {' '.join(pieces)}")
+        counts = trace.guidance_counts()
+        guided = {k: v for k, v in counts.items() if k != "not_guided" and v}
+        if guided:
+            total = sum(counts.values())
+            lines.append("guidance over (evaluation, image) pairs: "
+                         + ", ".join(f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v))
+        elif counts:
+            lines.append(f"no guidance applied (λ = {trace.settings.get('scale', 0)}): recording only")
+        lines += [f"note: {n}" for n in trace.notes]
+        return "\n".join(lines)
+
+
+def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None,
+                         steps=None) -> EntanglementResult:
+    """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace."""
+    return EntanglementResult(trace, word_a, word_b, q, size, steps)

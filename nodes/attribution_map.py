@@ -1,0 +1,56 @@
+"""Attribution Map: a word's BiasMap/OVAM map from a trace, as a heatmap or overlay IMAGE and a MASK."""
+
+from comfy_api.latest import io
+
+from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
+from .common import ADVANCED, CATEGORY, Trace, step_window
+
+
+class BiasMapAttributionMap(io.ComfyNode):
+    """Render one word's attribution map over a chosen stage and step window."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapAttributionMap",
+            display_name="BiasMap Attribution Map",
+            category=CATEGORY,
+            description="Where the model put a word: its cross-attention attribution map from a BiasMap trace "
+                        "(any word of the attribution prompt, also words absent from the generation prompt), "
+                        "upsampled to the image, as a heatmap or an overlay, plus a MASK.",
+            inputs=[
+                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
+                io.String.Input("word", default="gender",
+                                tooltip="A word of the attribution prompt; multi-token words use the mean of their "
+                                        "pieces."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The decoded image to draw the map over (one image or one per latent)."),
+                io.String.Input("stages", default="all", extra_dict=ADVANCED,
+                                tooltip="'all' or stage ids, e.g. 'down_1, up_1' (block-wise maps)."),
+                io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
+                             tooltip="First sampler step whose maps are summed."),
+                io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
+                             tooltip="Last sampler step whose maps are summed (values past the end mean the end)."),
+                io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno", tooltip="Heatmap colours."),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
+                               tooltip="Heatmap opacity over the image."),
+                io.Combo.Input("mask", options=["normalized", "thresholded"], default="normalized",
+                               tooltip="MASK output: the map scaled to 0–1, or its top 1 − q pixels."),
+                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
+                               tooltip="Quantile for the thresholded mask (0.70 keeps the top 30 %, as the paper)."),
+            ],
+            outputs=[io.Image.Output("image", tooltip="Heatmap, or overlay when an image is given; one per image."),
+                     io.Mask.Output("mask", tooltip="The map at image size, normalised or thresholded.")],
+        )
+
+    @classmethod
+    def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
+                image=None) -> io.NodeOutput:
+        size = tuple(image.shape[1:3]) if image is not None else trace.image_size
+        maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),
+                                 size)
+        maps01 = normalize_maps(maps)
+        heat = colorize(maps01, colormap)
+        picture = heat if image is None else overlay(image.to(heat), heat, opacity)
+        out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01
+        return io.NodeOutput(picture, out_mask)

@@ -1,0 +1,107 @@
+"""Inputs and validation shared by the BiasMap nodes."""
+
+import re
+
+from comfy_api.latest import io
+
+from ..biasmap_engine import BiasMapSettings, parse_stages, split_concepts
+
+Trace = io.Custom("BIASMAP_TRACE")
+CATEGORY = "BiasMap"
+ADVANCED = {"advanced": True}  # shown under the node's advanced inputs by frontends that support it
+
+DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
+
+
+def concept_inputs() -> list:
+    """The attribution prompt and the two concept lists."""
+    return [
+        io.String.Input("attribution_prompt", default=DEFAULT_ATTRIBUTION, multiline=True,
+                        tooltip="Text whose words get maps (OVAM): usually the generation prompt plus the demographic "
+                                "word. Words need not be in the generation prompt. Encoded with the CLIP input."),
+        io.String.Input("demographic", default="gender",
+                        tooltip="Demographic concept word(s), comma-separated; each must occur in the attribution "
+                                "prompt (paper: 'gender' or 'race')."),
+        io.String.Input("semantic", default="doctor",
+                        tooltip="Semantic concept word(s), comma-separated; each must occur in the attribution "
+                                "prompt (paper: the profession)."),
+    ]
+
+
+def guidance_inputs() -> list:
+    """λ plus the secondary knobs of method.md §5 (defaults = the paper configuration)."""
+    return [
+        io.Float.Input("guidance_scale", default=100.0, min=0.0, max=10000.0, step=1.0,
+                       tooltip="λ. 0 records maps only and samples exactly like the stock sampler; the paper uses "
+                               "100 (≥ 400 degrades image quality)."),
+        io.Combo.Input("branch", options=["uncond", "cond"], default="uncond", extra_dict=ADVANCED,
+                       tooltip="CFG branch whose queries build the maps (the reference uses the unconditional one; "
+                               "with cfg 1 the conditional one is used and the trace says so)."),
+        io.Boolean.Input("include_middle", default=False, extra_dict=ADVANCED,
+                         tooltip="Also record the middle block (OVAM leaves it out)."),
+        io.Combo.Input("soft_topk", options=["paper", "exact"], default="paper", extra_dict=ADVANCED,
+                       tooltip="paper: the reference's row-wise 20-step Sinkhorn. exact: one converged global "
+                               "soft top-k per map with an implicit gradient."),
+        io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
+                       tooltip="Quantile of the masks: the energy's soft top-k keeps the top 1 − q (paper 0.70)."),
+        io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, extra_dict=ADVANCED,
+                       tooltip="Entropic regulariser γ of the soft top-k (paper 0.01)."),
+        io.Combo.Input("gate", options=["skip", "clip"], default="skip", extra_dict=ADVANCED,
+                       tooltip="skip: like the reference, no correction on a step where ‖∇_z E‖ ≥ 1. clip: "
+                               "rescale the gradient to norm 1 instead. Both are counted in the trace."),
+        io.String.Input("guided_stages", default="all", extra_dict=ADVANCED,
+                        tooltip="Stages whose maps form the energy: 'all', or e.g. 'down_1, up_1' (where the paper "
+                                "finds bias concentrates) or 'down_1' (cheapest backward)."),
+        io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
+                       tooltip="Guide from this fraction of the schedule (0 = first step)."),
+        io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
+                       tooltip="Guide until this fraction of the schedule (1 = last step)."),
+    ]
+
+
+def settings_from(kwargs: dict) -> BiasMapSettings:
+    """Node inputs → engine settings."""
+    return BiasMapSettings(scale=kwargs["guidance_scale"], branch=kwargs["branch"],
+                           include_middle=kwargs["include_middle"], mode=kwargs["soft_topk"], keep=1.0 - kwargs["q"],
+                           gamma=kwargs["gamma"], gate=kwargs["gate"],
+                           guided_stages=_tuple_or_none(parse_stages(kwargs["guided_stages"])),
+                           start=kwargs["start"], end=kwargs["end"])
+
+
+def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
+    """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt."""
+    if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
+        return True
+    words = set(re.findall(r"[\w']+", attribution_prompt.lower()))
+    for label, value in (("demographic", demographic), ("semantic", semantic)):
+        if value is None:
+            continue
+        concepts = split_concepts(value)
+        if not concepts:
+            return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
+                    f"({', '.join(sorted(words))})")
+        missing = [c for c in concepts if not set(re.findall(r"[\w']+", c.lower())) <= words]
+        if missing:
+            return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
+                    f"'{attribution_prompt}'; its words are: {', '.join(sorted(words))}. Add the word to the "
+                    f"attribution prompt or choose one of these.")
+    return True
+
+
+def check_stages(guided_stages) -> bool | str:
+    try:
+        parse_stages(guided_stages or "all")
+    except ValueError as err:
+        return str(err)
+    return True
+
+
+def _tuple_or_none(stages):
+    return tuple(stages) if stages is not None else None
+
+
+def step_window(trace, first_step: int, last_step: int):
+    """Node step inputs → the trace's inclusive window; None when it covers every step (the common case)."""
+    if first_step <= 0 and last_step >= trace.num_steps - 1:
+        return None
+    return first_step, min(last_step, trace.num_steps - 1)

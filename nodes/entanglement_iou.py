@@ -1,0 +1,63 @@
+"""Entanglement IoU: how much a demographic and a semantic concept overlap, as numbers and as a picture."""
+
+from comfy_api.latest import io, ui
+
+from ..biasmap_engine import entanglement_picture, hard_mask, measure_entanglement, resize_maps
+from .common import ADVANCED, CATEGORY, Trace, step_window
+
+
+class BiasMapEntanglementIoU(io.ComfyNode):
+    """IoU at the q-quantile, mBIoU and a three-colour picture of two concepts' masks (BiasMap §3)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapEntanglementIoU",
+            display_name="BiasMap Entanglement IoU",
+            category=CATEGORY,
+            description="Spatial entanglement of two concepts in a BiasMap trace: IoU of their top-30 % masks "
+                        "(mean over the batch), block-wise mBIoU, a per-image report with the guidance accounting, "
+                        "and a picture of A, B and their intersection.",
+            inputs=[
+                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
+                io.String.Input("concept_a", default="",
+                                tooltip="First word (demographic); empty = the trace's first demographic concept."),
+                io.String.Input("concept_b", default="",
+                                tooltip="Second word (semantic); empty = the trace's first semantic concept."),
+                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01,
+                               tooltip="Masks keep pixels above this quantile (paper: 0.70, the top 30 %)."),
+                io.Combo.Input("resolution", options=["image", "latent"], default="image",
+                               tooltip="Threshold at image size (the reference) or at latent size."),
+                io.Image.Input("image", optional=True, tooltip="Decoded image to draw the masks over."),
+                io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
+                             tooltip="First sampler step whose maps are summed."),
+                io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
+                             tooltip="Last sampler step whose maps are summed."),
+            ],
+            outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch."),
+                     io.Float.Output("mbiou", tooltip="Mean block-wise IoU, mean over the batch."),
+                     io.String.Output("report", tooltip="Per image and per stage figures, token pieces, guidance counts."),
+                     io.Image.Output("picture", tooltip="A only, B only and A∧B in three colours, IoU written on it.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
+        word_a = concept_a.strip() or _first(trace.demographic, "demographic")
+        word_b = concept_b.strip() or _first(trace.semantic, "semantic")
+        size = trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
+        steps = step_window(trace, first_step, last_step)
+        result = measure_entanglement(trace, word_a, word_b, q, size, steps)
+        maps = trace.token_maps(steps=steps, size=size)
+        masks = [hard_mask(maps[:, trace.positions(w)].mean(dim=1), q) for w in (word_a, word_b)]
+        if image is not None:
+            masks = [resize_maps(m.float(), tuple(image.shape[1:3])) > 0.5 for m in masks]
+        picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b), image)
+        return io.NodeOutput(float(result.ious.mean()), float(result.mbiou.mean()), result.report, picture,
+                             ui=ui.PreviewText(result.report))
+
+
+def _first(words, label):
+    if not words:
+        raise ValueError(f"the trace has no {label} concept; type the word in this node")
+    return words[0]

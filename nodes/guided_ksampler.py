@@ -1,0 +1,110 @@
+"""BiasMap Guided KSampler: sampling that records attribution maps and, with λ > 0, lowers entanglement.
+
+BiasMap (Chakraborty et al., arXiv 2509.13496, SIGKDD 2026) adds λ·√(1−ᾱ)·∇_z SoftIoU(demographic, semantic)
+to the noise prediction at every step. With λ = 0 these nodes sample exactly as KSampler / SamplerCustomAdvanced.
+"""
+
+from comfy_api.latest import io
+
+from ..biasmap_engine import split_concepts
+from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
+                                   start_session)
+from .common import CATEGORY, Trace, check_concepts, check_stages, concept_inputs, guidance_inputs, settings_from
+
+_OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
+            Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
+                                          "guidance accounting; feed it to Attribution Map or Entanglement IoU.")]
+
+
+def _session(model, clip, kwargs):
+    return start_session(model, clip, kwargs["attribution_prompt"], split_concepts(kwargs["demographic"]),
+                         split_concepts(kwargs["semantic"]), settings_from(kwargs))
+
+
+class BiasMapGuidedKSampler(io.ComfyNode):
+    """KSampler + BiasMap recording and SoftIoU energy guidance."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapGuidedKSampler",
+            display_name="BiasMap Guided KSampler",
+            category=CATEGORY,
+            description="A KSampler that records open-vocabulary attribution maps of the attribution prompt's words "
+                        "at every step and, with guidance scale λ > 0, steers each step toward less spatial overlap "
+                        "of the demographic and semantic concepts (BiasMap, arXiv 2509.13496).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x, SD 2.x or SDXL model (U-Net cross-attention)."),
+                io.Clip.Input("clip", tooltip="The CLIP that encoded the prompts (after LoRA / CLIP Set Last Layer), "
+                                              "used to encode the attribution prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed; the guided and unguided images of a pair share it."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Denoising steps."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (paper: 7.0)."),
+                io.Combo.Input("sampler_name", options=sampler_names(), tooltip="ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=scheduler_names(), tooltip="ComfyUI noise schedule."),
+                io.Conditioning.Input("positive", tooltip="The generation prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Denoising strength."),
+                *concept_inputs(),
+                *guidance_inputs(),
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
+        ok = check_concepts(attribution_prompt, demographic, semantic)
+        return ok if ok is not True else check_stages(guided_stages)
+
+    @classmethod
+    def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise, **kwargs) -> io.NodeOutput:
+        session = _session(model, clip, kwargs)
+        latent, trace = sample_with_scheduler(session, model, seed, steps, cfg, sampler_name, scheduler, positive,
+                                              negative, latent_image, denoise)
+        return io.NodeOutput(latent, trace)
+
+
+class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
+    """SamplerCustomAdvanced-style variant: any SAMPLER and SIGMAS, with BiasMap recording and guidance."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapGuidedKSamplerAdvanced",
+            display_name="BiasMap Guided KSampler (Advanced)",
+            category=CATEGORY,
+            description="BiasMap recording and guidance with any SAMPLER and SIGMAS, as SamplerCustomAdvanced with "
+                        "a CFG guider and random noise.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x, SD 2.x or SDXL model (U-Net cross-attention)."),
+                io.Clip.Input("clip", tooltip="The CLIP that encoded the prompts, used for the attribution prompt."),
+                io.Int.Input("noise_seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Sampler.Input("sampler", tooltip="From KSamplerSelect or any sampler node."),
+                io.Sigmas.Input("sigmas", tooltip="From BasicScheduler or any scheduler node."),
+                io.Conditioning.Input("positive", tooltip="The generation prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                *concept_inputs(),
+                *guidance_inputs(),
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
+        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic, guided_stages)
+
+    @classmethod
+    def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,
+                **kwargs) -> io.NodeOutput:
+        session = _session(model, clip, kwargs)
+        latent, trace = sample_with_sampler(session, model, noise_seed, cfg, sampler, sigmas, positive, negative,
+                                            latent_image)
+        return io.NodeOutput(latent, trace)

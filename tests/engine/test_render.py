@@ -1,0 +1,300 @@
+"""Behaviour of biasmap_engine.render: map scaling, colour maps, overlays and the entanglement picture."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biasmap_engine import render
+from biasmap_engine.render import (
+    A_COLOR,
+    B_COLOR,
+    BOTH_COLOR,
+    COLORMAPS,
+    colorize,
+    entanglement_picture,
+    normalize_maps,
+    overlay,
+    resize_maps,
+    to_pil,
+)
+
+# First and last colours of the published tables (8-bit, as in bokeh.palettes / MATLAB jet).
+COLORMAP_ENDS = {
+    "inferno": ("#000003", "#fcfea4"),
+    "viridis": ("#440154", "#fde724"),
+    "magma": ("#000003", "#fbfcbf"),
+    "turbo": ("#30123b", "#7a0402"),
+    "jet": ("#000080", "#800000"),
+    "gray": ("#000000", "#ffffff"),
+}
+
+
+def rgb(code):
+    return torch.tensor([int(code[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+
+
+def luminance(colours):
+    return colours @ torch.tensor([0.2126, 0.7152, 0.0722])
+
+
+def label_box(picture):
+    """Height and width of the non-black area of a picture that is black apart from its label."""
+    lit = picture.amax(dim=-1) > 0
+    rows = lit.any(dim=1).nonzero()
+    cols = lit.any(dim=0).nonzero()
+    return int(rows.max()) + 1, int(cols.max()) + 1
+
+
+def quadrant_masks(size=128):
+    """Masks over [1, size, size]: A only, B only and both in the bottom half, far from the label."""
+    a = torch.zeros(1, size, size, dtype=torch.bool)
+    b = torch.zeros_like(a)
+    a[:, 80:100, 10:50] = True  # cols 10..29 A only, 30..49 both
+    b[:, 80:100, 30:70] = True  # cols 50..69 B only
+    return a, b
+
+
+# ---------------------------------------------------------------- normalize_maps
+
+
+def test_normalize_maps_scales_each_map_to_zero_one_independently():
+    maps = torch.rand(2, 3, 6, 5) * torch.tensor([1.0, 50.0, 1e-3]).view(1, 3, 1, 1) - 7.0
+    out = normalize_maps(maps)
+    assert out.shape == maps.shape and out.dtype == torch.float32
+    assert torch.allclose(out.amin(dim=(-2, -1)), torch.zeros(2, 3))
+    assert torch.allclose(out.amax(dim=(-2, -1)), torch.ones(2, 3))
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    expected = (maps - low) / (maps.amax(dim=(-2, -1), keepdim=True) - low)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_normalize_maps_turns_a_constant_map_into_zeros_without_touching_its_neighbours():
+    maps = torch.stack([torch.full((4, 4), 3.5), torch.arange(16.0).view(4, 4)])
+    out = normalize_maps(maps)
+    assert torch.equal(out[0], torch.zeros(4, 4))
+    assert out[1].min() == 0 and out[1].max() == 1
+
+
+# ---------------------------------------------------------------- resize_maps
+
+
+def test_resize_maps_keeps_leading_dims_and_dtype():
+    maps = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    out = resize_maps(maps, (16, 12))
+    assert out.shape == (2, 3, 16, 12) and out.dtype == torch.float64
+    assert resize_maps(torch.rand(8, 8), (4, 4)).shape == (4, 4)
+
+
+def test_resize_maps_is_plain_bilinear_without_antialiasing():
+    maps = torch.rand(3, 16, 16)
+    expected = F.interpolate(maps[:, None], size=(5, 7), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(resize_maps(maps, (5, 7)), expected, atol=1e-6)
+
+
+def test_resize_maps_keeps_a_constant_map_constant():
+    maps = torch.full((2, 7, 9), 0.7)
+    out = resize_maps(maps, (64, 48))
+    assert torch.allclose(out, torch.full((2, 64, 48), 0.7), atol=1e-6)
+
+
+# ---------------------------------------------------------------- colorize
+
+
+@pytest.mark.parametrize("name", COLORMAPS)
+def test_colorize_maps_zero_and_one_to_the_colormap_ends(name):
+    out = colorize(torch.tensor([[[0.0, 1.0]]]), name)
+    low, high = COLORMAP_ENDS[name]
+    assert torch.allclose(out[0, 0, 0], rgb(low), atol=1e-6)
+    assert torch.allclose(out[0, 0, 1], rgb(high), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["inferno", "viridis", "magma", "gray"])
+def test_colorize_luminance_rises_monotonically_for_sequential_maps(name):
+    ramp = luminance(colorize(torch.linspace(0, 1, 2001).view(1, 1, -1), name)[0, 0])
+    assert (ramp.diff() >= -1e-6).all()
+    assert ramp[-1] - ramp[0] > 0.5
+
+
+def test_colorize_returns_float32_rgb_channels_last_in_unit_range():
+    out = colorize(torch.rand(2, 5, 7, dtype=torch.float64), "turbo")
+    assert out.shape == (2, 5, 7, 3) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_colorize_interpolates_between_table_entries():
+    # Gray is linear end to end, so interpolating between LUT entries gives back the input exactly;
+    # picking the nearest of 256 entries would be off by up to 1/510.
+    values = torch.rand(1, 50, 50)
+    assert torch.allclose(colorize(values, "gray"), values.unsqueeze(-1).expand(-1, -1, -1, 3), atol=1e-6)
+
+
+def test_colorize_clamps_out_of_range_and_nan_values():
+    out = colorize(torch.tensor([[[-3.0, 7.0, float("nan")]]]), "viridis")[0, 0]
+    low, high = (rgb(code) for code in COLORMAP_ENDS["viridis"])
+    assert torch.allclose(out[0], low, atol=1e-6)
+    assert torch.allclose(out[1], high, atol=1e-6)
+    assert torch.allclose(out[2], low, atol=1e-6)
+
+
+def test_colorize_rejects_an_unknown_colormap_listing_the_choices():
+    with pytest.raises(ValueError) as error:
+        colorize(torch.rand(1, 2, 2), "rainbow-unicorn")
+    assert "rainbow-unicorn" in str(error.value)
+    assert all(name in str(error.value) for name in COLORMAPS)
+
+
+# ---------------------------------------------------------------- overlay
+
+
+def test_overlay_with_opacity_zero_returns_the_image_and_one_returns_the_heat():
+    image, heat = torch.rand(2, 8, 8, 3), torch.rand(2, 8, 8, 3)
+    assert torch.equal(overlay(image, heat, 0.0), image)
+    assert torch.equal(overlay(image, heat, 1.0), heat)
+    assert torch.allclose(overlay(image, heat, 0.5), (image + heat) / 2, atol=1e-6)
+
+
+def test_overlay_takes_a_per_pixel_opacity_mask():
+    image, heat = torch.zeros(2, 4, 4, 3), torch.ones(2, 4, 4, 3)
+    opacity = torch.rand(2, 4, 4)
+    out = overlay(image, heat, opacity)
+    assert torch.allclose(out, opacity.unsqueeze(-1).expand(-1, -1, -1, 3), atol=1e-6)
+
+
+def test_overlay_broadcasts_a_single_image_over_a_batch_of_heat_maps():
+    image, heat = torch.rand(1, 6, 6, 3), torch.rand(3, 6, 6, 3)
+    out = overlay(image, heat, 0.25)
+    assert out.shape == (3, 6, 6, 3)
+    for index in range(3):
+        assert torch.allclose(out[index], overlay(image, heat[index : index + 1], 0.25)[0])
+
+
+def test_overlay_refuses_mismatched_sizes_and_says_to_resize():
+    with pytest.raises(ValueError, match="resize"):
+        overlay(torch.rand(1, 8, 8, 3), torch.rand(1, 4, 4, 3))
+    with pytest.raises(ValueError, match="batch"):
+        overlay(torch.rand(2, 8, 8, 3), torch.rand(3, 8, 8, 3))
+    with pytest.raises(ValueError, match="opacity"):
+        overlay(torch.rand(1, 8, 8, 3), torch.rand(1, 8, 8, 3), torch.rand(1, 4, 4))
+
+
+# ---------------------------------------------------------------- entanglement_picture
+
+
+def test_entanglement_picture_colours_a_only_b_only_both_and_neither():
+    image = torch.full((1, 128, 128, 3), 0.5)
+    a, b = quadrant_masks()
+    out = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), image, opacity=0.6)
+    assert out.shape == (1, 128, 128, 3) and out.dtype == torch.float32
+
+    def blended(colour):
+        return 0.5 + 0.6 * (torch.tensor(colour) - 0.5)
+
+    assert torch.allclose(out[0, 90, 20], blended(A_COLOR), atol=1e-6)
+    assert torch.allclose(out[0, 90, 40], blended(BOTH_COLOR), atol=1e-6)
+    assert torch.allclose(out[0, 90, 60], blended(B_COLOR), atol=1e-6)
+    assert torch.equal(out[0, 110:, :], image[0, 110:, :])  # neither: the image, untouched
+
+
+def test_entanglement_picture_region_colours_are_clearly_distinct():
+    colours = torch.tensor([A_COLOR, B_COLOR, BOTH_COLOR])
+    assert torch.cdist(colours, colours).add(torch.eye(3)).min() > 0.5
+
+
+def test_entanglement_picture_writes_a_label_box_in_the_top_left_corner():
+    image = torch.full((1, 128, 128, 3), 0.5)
+    a, b = quadrant_masks()
+    out = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), image)
+    corner = out[0, :12, :40]
+    assert (corner - 0.5).abs().amax() > 0.3  # dark box and coloured text, not the grey image
+    assert torch.equal(out[0, :12, -8:], image[0, :12, -8:])  # the box stops short of the far edge
+
+
+def test_entanglement_picture_without_image_uses_full_colours_on_black():
+    a, b = quadrant_masks()
+    out = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"))
+    assert torch.allclose(out[0, 90, 20], torch.tensor(A_COLOR))
+    assert torch.allclose(out[0, 90, 40], torch.tensor(BOTH_COLOR))
+    assert torch.allclose(out[0, 90, 60], torch.tensor(B_COLOR))
+    assert torch.equal(out[0, 110:], torch.zeros(18, 128, 3))
+
+
+def test_entanglement_picture_labels_each_image_with_its_own_iou():
+    a, b = (mask.expand(2, -1, -1) for mask in quadrant_masks())
+    image = torch.full((1, 128, 128, 3), 0.5)
+    differ = entanglement_picture(a, b, torch.tensor([0.12, 0.87]), ("woman", "doctor"), image)
+    same = entanglement_picture(a, b, torch.tensor([0.5, 0.5]), ("woman", "doctor"), image)
+    assert not torch.equal(differ[0, :40, :100], differ[1, :40, :100])
+    assert torch.equal(same[0], same[1])
+    assert torch.equal(differ[0, 40:], differ[1, 40:])  # only the label differs
+
+
+def test_entanglement_label_wraps_on_small_images_and_grows_on_large_ones():
+    def box(size):
+        empty = torch.zeros(1, size, size, dtype=torch.bool)
+        return label_box(entanglement_picture(empty, empty, torch.tensor([0.42]), ("woman", "doctor"))[0])
+
+    small_rows, small_cols = box(64)
+    assert small_cols < 64  # wrapped onto several lines instead of running off the picture
+    assert small_rows < 56
+    one_line_rows, _ = box(256)
+    large_rows, large_cols = box(1024)
+    assert small_rows > 1.5 * one_line_rows  # the 64 px label took several lines
+    assert large_rows > 2 * one_line_rows and large_cols < 1024
+
+
+def test_entanglement_picture_rejects_mismatched_inputs():
+    a, b = quadrant_masks()
+    with pytest.raises(ValueError, match="masks"):
+        entanglement_picture(a, b[:, :64], torch.tensor([0.1]), ("a", "b"))
+    with pytest.raises(ValueError, match="IoU"):
+        entanglement_picture(a, b, torch.tensor([0.1, 0.2]), ("a", "b"))
+    with pytest.raises(ValueError, match="image"):
+        entanglement_picture(a, b, torch.tensor([0.1]), ("a", "b"), torch.rand(1, 64, 64, 3))
+
+
+# ---------------------------------------------------------------- to_pil, dtypes, devices
+
+
+def test_to_pil_makes_one_rounded_rgb_image_per_batch_entry():
+    images = torch.zeros(2, 3, 5, 3)
+    images[0, 0, 0] = torch.tensor([0.5, 1.7, -0.2])
+    images[1, 2, 4] = torch.tensor([1.0, 0.25, 0.0])
+    pictures = to_pil(images)
+    assert [p.size for p in pictures] == [(5, 3), (5, 3)] and {p.mode for p in pictures} == {"RGB"}
+    assert pictures[0].getpixel((0, 0)) == (128, 255, 0)
+    assert pictures[1].getpixel((4, 2)) == (255, 64, 0)
+    assert pictures[1].getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_everything_works_on_float16_maps():
+    maps = torch.rand(2, 16, 16, dtype=torch.float16)
+    normalized = normalize_maps(maps)
+    assert normalized.dtype == torch.float32 and normalized.max() == 1
+    resized = resize_maps(maps, (32, 32))
+    assert resized.dtype == torch.float16 and resized.shape == (2, 32, 32)
+    heat = colorize(normalize_maps(resized), "magma")
+    assert heat.dtype == torch.float32 and torch.isfinite(heat).all()
+    image = torch.rand(1, 32, 32, 3, dtype=torch.float16)
+    mixed = overlay(image, heat.half(), resized.clamp(0, 1))
+    assert mixed.shape == (2, 32, 32, 3) and torch.isfinite(mixed).all()
+    picture = entanglement_picture(resized > 0.5, resized > 0.3, torch.tensor([0.2, 0.4], dtype=torch.float16), ("x", "y"), image)
+    assert picture.shape == (2, 32, 32, 3) and picture.dtype == torch.float32
+    assert len(to_pil(picture)) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rendering_on_cuda_matches_cpu():
+    maps = torch.rand(2, 16, 16)
+    a, b = quadrant_masks()
+    image = torch.rand(1, 128, 128, 3)
+    on_cpu = overlay(image, colorize(normalize_maps(resize_maps(maps, (128, 128)))), 0.5)
+    on_gpu = overlay(image.cuda(), colorize(normalize_maps(resize_maps(maps.cuda(), (128, 128)))), 0.5)
+    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-5)
+    picture = entanglement_picture(a.cuda(), b.cuda(), torch.tensor([0.3]).cuda(), ("a", "b"), image)
+    assert picture.is_cuda
+    assert torch.allclose(picture.cpu(), entanglement_picture(a, b, torch.tensor([0.3]), ("a", "b"), image), atol=1e-6)
+
+
+def test_lookup_tables_have_256_entries_for_every_colormap():
+    assert set(render._LUTS) == set(COLORMAPS)
+    assert all(lut.shape == (256, 3) and lut.dtype == torch.float32 for lut in render._LUTS.values())
