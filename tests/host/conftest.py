@@ -1,0 +1,68 @@
+"""Host tests: the real ComfyUI (v0.8.0), found through COMFYUI_PATH, with random-weight models built from its classes."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+SKIP_REASON = ("HOST TESTS SKIPPED: COMFYUI_PATH is not set; point it at a ComfyUI v0.8.0 checkout "
+               "(see README, 'Running the tests') to run them")
+
+sys.path.insert(0, str(REPO / "tests" / "support"))
+import comfy_models  # noqa: E402  (before ComfyUI is on sys.path: its own `tests` package would shadow ours)
+
+
+def pytest_report_header(config):
+    return SKIP_REASON if not COMFYUI_PATH else f"host tests against ComfyUI at {COMFYUI_PATH}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI_PATH:
+        return
+    for item in items:
+        if Path(item.fspath).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI booted in-process (CPU unless CUDA is there)."""
+    comfy_models.boot_comfy(COMFYUI_PATH)
+    import comfy.model_management
+
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack imported the way ComfyUI's loader imports a custom-node folder."""
+    spec = importlib.util.spec_from_file_location("biasmap_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["biasmap_pack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy):
+    """A tiny SD1.5-shaped model and CLIP built inside inference mode, as ComfyUI's loaders make them."""
+    import torch
+
+    with torch.inference_mode():
+        return comfy_models.tiny_sd15(0)
+
+
+@pytest.fixture(scope="session")
+def prompts(sd15):
+    """Positive and negative CONDITIONING of the paper's prompt for the tiny SD1.5 model."""
+    import torch
+
+    _, clip = sd15
+    with torch.inference_mode():
+        return (clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor")),
+                clip.encode_from_tokens_scheduled(clip.tokenize("")))

@@ -1,0 +1,231 @@
+"""Recording attribution maps along the real sampling trajectory (discovery), against the real ComfyUI."""
+
+import copy
+
+import pytest
+import torch
+
+from biasmap_engine import BiasMapSettings, BiasMapTrace, token_softmax_maps
+from biasmap_engine.host import (UnsupportedModelError, encode_attribution, sample_with_sampler,
+                                 sample_with_scheduler, start_session)
+
+ATTRIBUTION = "A photo of the face of a doctor and gender"
+RECORD = BiasMapSettings(scale=0.0)
+
+
+def latent(batch=2, h=40, w=56):  # a 320×448 image: not a multiple of 64, not square
+    return {"samples": torch.zeros(batch, 4, h, w)}
+
+
+def run(model, clip, prompts, settings=RECORD, sampler="euler", cfg=7.0, steps=3, lat=None, attribution=ATTRIBUTION):
+    import nodes
+
+    pos, neg = prompts
+    lat = lat or latent()
+    with torch.inference_mode():
+        (stock,) = nodes.common_ksampler(model, 0, steps, cfg, sampler, "normal", pos, neg, lat)
+        session = start_session(model, clip, attribution, ["gender"], ["doctor"], settings)
+        ours, trace = sample_with_scheduler(session, model, 0, steps, cfg, sampler, "normal", pos, neg, lat)
+    return stock["samples"], ours["samples"], trace
+
+
+@pytest.mark.parametrize("cfg", [1.0, 7.0])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+def test_recording_leaves_the_latent_bit_identical_to_the_stock_ksampler(sd15, prompts, sampler, cfg):
+    model, clip = sd15
+    stock, ours, trace = run(model, clip, prompts, sampler=sampler, cfg=cfg)
+    assert torch.equal(stock, ours)
+    evaluations = 5 if sampler == "heun" else 3  # heun evaluates twice per step but not on the last one
+    assert trace.maps["down_1"].shape == (evaluations, 2, len(trace.tokens), 40, 56)
+    assert trace.maps["down_2"].shape[-2:] == (20, 28)
+    assert torch.isfinite(trace.maps["down_1"]).all()
+    if cfg == 1.0:
+        assert any("cfg = 1" in note for note in trace.notes)
+
+
+def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 4)
+        sampler = comfy.samplers.sampler_object("dpmpp_2m")
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(5.0)
+        lat = latent()
+        noise = comfy.sample.prepare_noise(lat["samples"], 3)
+        stock = guider.sample(noise, lat["samples"], sampler, sigmas, seed=3)
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        ours, trace = sample_with_sampler(session, model, 3, 5.0, sampler, sigmas, pos, neg, lat)
+    assert torch.equal(stock, ours["samples"])
+    assert trace.steps.tolist() == [0, 1, 2, 3]
+    assert torch.allclose(trace.sigmas, sigmas[:-1].float())
+
+
+def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd15, prompts):
+    model, clip = sd15
+    seen = []
+
+    def spy(q, k, v, extra):  # an earlier node's replace on down×1; BiasMap chains it
+        import comfy.ldm.modules.attention as attention
+
+        seen.append((q.clone(), extra["cond_or_uncond"][:]))
+        return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
+
+    spied = model.clone()
+    spied.set_model_attn2_replace(spy, "input", 1)
+    _, _, trace = run(spied, clip, prompts, steps=2)
+    layer = comfy_layer(model, ("input", 1, 0))
+    with torch.inference_mode():
+        emb, _ = encode_attribution(clip, ATTRIBUTION)
+        keys = layer.to_k(emb)
+    q, chunks = seen[-1]  # the last evaluation
+    rows = q.shape[0] // len(chunks)
+    uncond = chunks.index(1) * rows
+    want = token_softmax_maps(q[uncond:uncond + rows], keys, 8, (40, 56))
+    assert torch.allclose(trace.maps["down_1"][-1], want, atol=1e-6)
+
+
+def test_an_ovam_concept_matches_its_ordinary_cross_attention_map_on_the_same_tokens(sd15):
+    model, clip = sd15
+    with torch.inference_mode():
+        emb, tokens = encode_attribution(clip, ATTRIBUTION)
+    positive = [[emb, {}]]  # generation context = exactly the attribution tokens: same keys, same softmax
+    seen = []
+
+    def spy(q, k, v, extra):
+        import comfy.ldm.modules.attention as attention
+
+        seen.append((q.clone(), k.clone(), extra["cond_or_uncond"][:]))
+        return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
+
+    spied = model.clone()
+    spied.set_model_attn2_replace(spy, "input", 1)
+    _, _, trace = run(spied, clip, (positive, positive), BiasMapSettings(scale=0.0, branch="cond"), steps=1)
+    q, k, chunks = seen[-1]
+    rows = q.shape[0] // len(chunks)
+    cond = chunks.index(0) * rows
+    qh = q[cond:cond + rows].float().view(rows, -1, 8, q.shape[-1] // 8).transpose(1, 2)
+    kh = k[cond:cond + rows].float().view(rows, -1, 8, k.shape[-1] // 8).transpose(1, 2)
+    probs = (qh @ kh.transpose(-1, -2) * (q.shape[-1] // 8) ** -0.5).softmax(-1).sum(1)  # ordinary attention
+    doctor = tokens.index("doctor</w>")
+    ordinary = probs[..., doctor].view(rows, 40, 56)
+    assert torch.allclose(trace.concept_map("doctor", stages=["down_1"]), ordinary, atol=1e-5)
+
+
+def test_another_nodes_attn2_replace_still_takes_effect(sd15, prompts):
+    model, clip = sd15
+
+    def halve(q, k, v, extra):
+        import comfy.ldm.modules.attention as attention
+
+        return 0.5 * attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
+
+    patched = model.clone()
+    patched.set_model_attn2_replace(halve, "output", 2)
+    plain, _, _ = run(model, clip, prompts)
+    stock, ours, _ = run(patched, clip, prompts)
+    assert not torch.equal(plain, stock)  # the test patch matters
+    assert torch.equal(stock, ours)  # and still applies under BiasMap
+
+
+def snapshot(model):
+    return copy.deepcopy({k: repr(v) for k, v in model.model_options.items()}), len(model.model_options)
+
+
+def test_no_patch_remains_after_sampling_an_error_or_an_interrupt(sd15, prompts):
+    import comfy.model_management as mm
+
+    model, clip = sd15
+    before = snapshot(model)
+    params_before = {n: p.data_ptr() for n, p in model.model.diffusion_model.named_parameters()}
+    reference, _, _ = run(model, clip, prompts, steps=2)
+    assert snapshot(model) == before
+
+    calls = {"n": 0}
+
+    def fail_or_interrupt(kind):
+        def patch(n, context, value, extra):
+            calls["n"] += 1
+            if calls["n"] == 20:
+                if kind == "error":
+                    raise RuntimeError("boom inside sampling")
+                mm.interrupt_current_processing(True)
+            return n, context, value
+        return patch
+
+    for kind, expected in (("error", RuntimeError), ("interrupt", mm.InterruptProcessingException)):
+        calls["n"] = 0
+        failing = model.clone()
+        failing.set_model_attn2_patch(fail_or_interrupt(kind))
+        with pytest.raises(expected):
+            run(failing, clip, prompts, steps=3)
+        mm.interrupt_current_processing(False)
+        assert snapshot(model) == before
+    after, _, _ = run(model, clip, prompts, steps=2)
+    assert torch.equal(after, reference)
+    assert {n: p.data_ptr() for n, p in model.model.diffusion_model.named_parameters()} == params_before
+
+
+def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_path):
+    model, clip = sd15
+    _, _, trace = run(model, clip, prompts, steps=2)
+    path = str(tmp_path / "trace.safetensors")
+    trace.save(path)
+    back = BiasMapTrace.load(path)
+    assert all(torch.equal(back.maps[s], trace.maps[s]) for s in trace.stages)
+    assert back.model_family == "SD15" and back.tokens == trace.tokens
+    assert torch.equal(back.iou("gender", "doctor"), trace.iou("gender", "doctor"))
+
+
+def test_a_concept_missing_from_the_attribution_prompt_is_refused_before_sampling(sd15):
+    model, clip = sd15
+    with torch.inference_mode(), pytest.raises(ValueError, match="whose words are: a, photo, of, the, face"):
+        start_session(model, clip, ATTRIBUTION, ["race"], ["doctor"], RECORD)
+
+
+def test_long_attribution_prompts_span_several_chunks(sd15, prompts):
+    model, clip = sd15
+    long_prompt = "A photo of the face of a " + "very " * 80 + "kind doctor and gender"
+    _, _, trace = run(model, clip, prompts, steps=1, attribution=long_prompt)
+    assert len(trace.tokens) > 77
+    assert trace.positions("gender") == [len(trace.tokens) - 2]
+    assert torch.isfinite(trace.concept_map("gender")).all()
+
+
+def test_sd2_v_prediction_and_sdxl_models_record_their_own_stages(comfy):
+    import comfy_models
+    import nodes
+
+    for build, stages, grid in ((comfy_models.tiny_sd2v, ["down_1", "down_2", "up_2", "up_1"], (32, 32)),
+                                (comfy_models.tiny_sdxl, ["down_2", "down_4", "up_4", "up_2"], (16, 16))):
+        with torch.inference_mode():
+            model, clip = build(0)
+            pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
+            neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+            lat = {"samples": torch.zeros(1, 4, 32, 32)}
+            (stock,) = nodes.common_ksampler(model, 0, 2, 6.0, "euler", "normal", pos, neg, lat)
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+            ours, trace = sample_with_scheduler(session, model, 0, 2, 6.0, "euler", "normal", pos, neg, lat)
+        assert torch.equal(stock["samples"], ours["samples"])
+        assert trace.stages == stages
+        assert tuple(trace.maps[stages[0]].shape[-2:]) == grid
+        assert trace.model_family in ("SD20", "SDXL")
+
+
+def test_a_dit_model_is_refused_with_its_family_named(comfy, sd15):
+    import comfy_models
+
+    _, clip = sd15
+    with torch.inference_mode():
+        dit = comfy_models.tiny_dit(0)
+        with pytest.raises(UnsupportedModelError, match="Flux"):
+            start_session(dit, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+
+
+def comfy_layer(model, key):
+    from biasmap_engine.host import cross_attention_layers
+
+    return cross_attention_layers(model.model.diffusion_model)[key]
