@@ -52,6 +52,6 @@ if [ -n "$host" ]; then
   fi
 fi
 
-$PIP -c "$CACHE/constraints.txt" -e "$(dirname "$0")/..[test]" >&2
+$PIP -c "$CACHE/constraints.txt" "$(cd "$(dirname "$0")/.." && pwd)[test]" >&2
 echo "PYTHON=$PY"
 echo "COMFYUI_PATH=$host"

@@ -48,4 +48,7 @@ def concept_map(maps: torch.Tensor, positions: list[int]) -> torch.Tensor:
     """A concept's map: the mean over its token positions of ``[..., N, H, W]`` maps (DAAM's rule for BPE pieces)."""
     if not positions:
         raise ValueError("a concept needs at least one token position")
+    first, last = positions[0], positions[-1]
+    if positions == list(range(first, last + 1)):  # one word's pieces: a slice needs no index tensor on the device
+        return maps[..., first:last + 1, :, :].mean(dim=-3)
     return maps[..., positions, :, :].mean(dim=-3)

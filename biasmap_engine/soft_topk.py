@@ -49,10 +49,11 @@ def _sinkhorn_rows(maps: torch.Tensor, keep: float, gamma: float, iters: int) ->
     x = maps.reshape(-1, maps.shape[-1])  # one problem per row
     n = x.shape[-1]
     k = int(n * keep)
-    anchors = torch.tensor([0.0, 1.0], device=x.device, dtype=x.dtype)
-    scores = -((x.unsqueeze(-1) - anchors) ** 2) / gamma  # [rows, n, 2]
+    # Cost to the anchors 0 and 1, built from Python scalars only: no host-to-device copy in the step loop.
+    scores = torch.stack([-(x ** 2), -((x - 1.0) ** 2)], dim=-1) / gamma  # [rows, n, 2]
     log_mu = torch.full((n,), -math.log(n), device=x.device, dtype=x.dtype)
-    log_nu = torch.log(torch.tensor([n - k, k], device=x.device, dtype=x.dtype) / n)
+    log_nu = x.new_full((2,), math.log(k / n))
+    log_nu[0] = math.log((n - k) / n)
     f = torch.zeros_like(x)
     g = torch.zeros(x.shape[0], 2, device=x.device, dtype=x.dtype)
     for _ in range(iters):
@@ -96,7 +97,7 @@ class _SigmoidWithSum(torch.autograd.Function):
 def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
     """The c with Σ σ(a + c) = k, by bisection in float64 on a bracket that provably contains it."""
     n = logits.shape[-1]
-    target = torch.logit(torch.tensor(k / n, dtype=logits.dtype, device=logits.device))
+    target = math.log(k / (n - k))  # logit(k/n)
     # With c = target − max(a) every term is ≤ k/n (sum ≤ k); with c = target − min(a) every term is ≥ k/n.
     lo = target - logits.amax(-1, keepdim=True)
     hi = target - logits.amin(-1, keepdim=True)

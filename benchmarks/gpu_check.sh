@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The lent-GPU check, run in the repo root of the device machine: engine + host tests on CUDA, then the sampling
+# benchmark on a random full-size SD1.5 at 256² and 512². Expects ComfyUI v0.8.0 in .comfyui/ and the wheels that
+# image lacks (av, torchsde, trampoline) in .whl/; writes logs and results under $OUT.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+export COMFYUI_PATH=$PWD/.comfyui PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+python3 -m pytest tests/engine tests/host -q -x -p no:cacheprovider --ignore=tests/host/test_server.py \
+  2>&1 | tail -n 30 | tee "$OUT/tests.log"
+python3 benchmarks/sampling.py --sizes 256 512 --steps 4 --repeats 3 --checkpoint /tmp/random_sd15_full.safetensors \
+  --out "$OUT/sampling.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/sampling.log"
+python3 benchmarks/soft_topk.py --device cuda --repeats 20 --out "$OUT/soft_topk.json" 2>&1 | tee "$OUT/soft_topk.log"

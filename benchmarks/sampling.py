@@ -1,0 +1,162 @@
+"""Plain vs recording vs guided sampling on a random full-size SD1.5 checkpoint: seconds per step and peak memory.
+
+Every size runs the modes side by side, interleaved within each repeat, and reports medians and ratios against the
+stock KSampler (``nodes.common_ksampler``) of the same repeat. Usage:
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/sampling.py [--sizes 256 512] [--steps 4] [--repeats 3]
+        [--checkpoint random_sd15.safetensors] [--out results.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "support"))
+import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
+
+MODES = {  # name → BiasMap settings (None = the stock KSampler)
+    "plain": None,
+    "recording": {"scale": 0.0},
+    "guided_all": {"scale": 100.0},
+    "guided_down_1": {"scale": 100.0, "guided_stages": ("down_1",)},
+}
+
+
+class PeakMemory:
+    """Peak device memory (CUDA allocator) or peak RSS (CPU, sampled every 5 ms) above the level at entry, in MiB."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.proc, self.base, self.peak, self.running = psutil.Process(), None, 0, True
+            self.base = self.proc.memory_info().rss
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        else:
+            self.running = False
+            self.thread.join()
+            self.mib = (max(self.peak, self.proc.memory_info().rss) - self.base) / 2 ** 20
+
+
+def run_mode(name, model, clip, pos, neg, latent, steps, device):
+    """One sampling run; → (seconds per step, peak extra MiB, trace MiB)."""
+    import nodes
+    from biasmap_engine import BiasMapSettings
+    from biasmap_engine.host import sample_with_scheduler, start_session
+
+    trace_mib = 0.0
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        if MODES[name] is None:
+            out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
+        else:
+            session = start_session(model, clip, "A photo of the face of a doctor and gender", ["gender"],
+                                    ["doctor"], BiasMapSettings(**MODES[name]))
+            out, trace = sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
+            trace_mib = sum(m.numel() * m.element_size() for m in trace.maps.values()) / 2 ** 20
+        out["samples"].sum().item()  # wait for the device
+        seconds = time.perf_counter() - start
+    return seconds / steps, mem.mib, trace_mib
+
+
+def energy_share(device, batch=1, grid=64, tokens=12, repeats=5):
+    """Seconds of soft top-k + SoftIoU (forward + backward, paper mode) on one evaluation's maps."""
+    from biasmap_engine import entanglement_energy
+
+    maps = (torch.rand(batch, tokens, grid, grid, device=device) * 40).requires_grad_(True)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        energy = entanglement_energy(maps, [([8], [6])])
+        torch.autograd.grad(energy.sum(), maps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    comfy_models.boot_comfy()
+    import comfy.model_management as mm
+    import comfy.sd
+
+    if not os.path.exists(args.checkpoint):
+        print(f"writing a random full-size SD1.5 checkpoint to {args.checkpoint}", flush=True)
+        comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
+    device = mm.get_torch_device()
+    rows = []
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        for size in args.sizes:
+            latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+            run_mode("plain", model, clip, pos, neg, latent, 1, device)  # warm-up: model load, kernels
+            results = {name: [] for name in MODES}
+            for _ in range(args.repeats):
+                for name in MODES:
+                    results[name].append(run_mode(name, model, clip, pos, neg, latent, args.steps, device))
+            plain = [r[0] for r in results["plain"]]
+            for name, runs in results.items():
+                rows.append({"size": size, "mode": name,
+                             "s_per_step": statistics.median(r[0] for r in runs),
+                             "ratio": statistics.median(r[0] / p for r, p in zip(runs, plain)),
+                             "peak_mib": statistics.median(r[1] for r in runs),
+                             "trace_mib": runs[-1][2]})
+            guided = next(r for r in rows if r["size"] == size and r["mode"] == "guided_all")
+            guided["energy_share"] = energy_share(device, grid=size // 8) / guided["s_per_step"]
+            print(json.dumps(rows[-len(MODES):]), flush=True)
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{name}, torch {torch.__version__}, random full-size SD1.5 ({args.steps} steps, euler, cfg 7, batch 1), "
+          f"median of {args.repeats}\n")
+    print("| size | mode | s/step | × plain | peak extra memory (MiB) | trace (MiB) |")
+    print("|---|---|--:|--:|--:|--:|")
+    plain_peak = {r["size"]: r["peak_mib"] for r in rows if r["mode"] == "plain"}
+    for r in rows:
+        mem = f"{r['peak_mib']:.0f} ({r['peak_mib'] / max(plain_peak[r['size']], 1e-9):.2f}×)"
+        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {mem} | {r['trace_mib']:.1f} |")
+    for r in rows:
+        if "energy_share" in r:
+            print(f"\nsoft top-k + SoftIoU at {r['size']}²: {100 * r['energy_share']:.1f} % of a guided step")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
