@@ -5,7 +5,9 @@ import math
 __all__ = ["STAGE_ORDER", "stage_of", "stage_label", "parse_stages"]
 
 # Stage ids are ASCII (they name tensors in saved traces): direction and resolution divisor relative to the latent.
-STAGE_ORDER = ("down_1", "down_2", "down_4", "down_8", "mid_4", "mid_8", "mid_16", "up_8", "up_4", "up_2", "up_1")
+_DIVISORS = (1, 2, 4, 8, 16)
+STAGE_ORDER = (tuple(f"down_{d}" for d in _DIVISORS) + tuple(f"mid_{d}" for d in _DIVISORS)
+               + tuple(f"up_{d}" for d in reversed(_DIVISORS)))
 _DIRECTION = {"input": "down", "middle": "mid", "output": "up"}
 _FRACTION = {1: "1", 2: "½", 4: "¼", 8: "⅛", 16: "1/16"}
 

@@ -47,8 +47,8 @@ class BiasMapTrace:
 
     @property
     def stages(self) -> list[str]:
-        """Recorded stage ids in U-Net order."""
-        return [s for s in STAGE_ORDER if s in self.maps]
+        """Recorded stage ids in U-Net order (any id this version does not know comes last, never dropped)."""
+        return sorted(self.maps, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
 
     @property
     def num_images(self) -> int:

@@ -55,3 +55,10 @@ def test_stage_labels_and_parsing():
     assert parse_stages("all") is None
     with pytest.raises(ValueError, match="choose from down_1"):
         parse_stages("down_3", ["down_1", "up_1"])
+
+
+def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():
+    from biasmap_engine import STAGE_ORDER
+
+    assert stage_of(("middle", 0), (8, 8), (8, 8)) == "mid_1"
+    assert "mid_1" in STAGE_ORDER and STAGE_ORDER.index("down_16") < STAGE_ORDER.index("mid_1") < STAGE_ORDER.index("up_16")

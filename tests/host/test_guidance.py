@@ -1,0 +1,239 @@
+"""SoftIoU energy guidance (mitigation) against the real ComfyUI, on random-weight models.
+
+The reference point is an independent computation: the raw U-Net called directly, queries taken with plain
+forward hooks on every ``attn2.to_q``, the paper's ε-space update ε̂ = ε_cfg + λ·√(1−ᾱ)·∇_z E written out.
+"""
+
+import pytest
+import torch
+
+from biasmap_engine import BiasMapSettings, entanglement_energy, find_word_positions, sum_upsampled, token_softmax_maps
+from biasmap_engine.host import cross_attention_layers, deinference_, encode_attribution, sample_with_scheduler, start_session
+
+ATTRIBUTION = "A photo of the face of a doctor and gender"
+
+
+def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32, **settings):
+    """One run; returns (latent, trace, first evaluation's (x, σ, guided denoised))."""
+    import comfy.patcher_extension as ext
+
+    seen = []
+
+    def spy(executor, x, timestep, model_options, seed_):
+        out = executor(x, timestep, model_options, seed_)
+        seen.append((x.clone(), timestep.clone(), out.clone()))
+        return out
+
+    spied = model.clone()
+    spied.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-spy", spy)  # outermost: sees BiasMap's result
+    lat = {"samples": torch.zeros(batch, 4, size, size)}
+    with torch.inference_mode():
+        session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
+                                BiasMapSettings(scale=scale, **settings))
+        out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, "normal", pos, neg, lat)
+    return out["samples"], trace, seen[0]
+
+
+def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True):
+    """(ε_cfg, E, ∇_z E) from the bare U-Net with forward hooks: no ComfyUI patch involved."""
+    base = model.model
+    unet = base.diffusion_model
+    layers = {k: m for k, m in cross_attention_layers(unet).items() if k[0] != "middle"}
+    deinference_(unet)
+    with torch.inference_mode(False), torch.enable_grad():
+        emb, tokens = (t.clone() if torch.is_tensor(t) else t for t in encode_attribution(clip, ATTRIBUTION))
+        emb = emb.clone()
+        pairs = [(find_word_positions(tokens, "gender"), find_word_positions(tokens, "doctor"))]
+        x = x.detach().clone()
+        sigma = sigma.detach().clone()
+        scale_in = (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+        z = (x / scale_in).requires_grad_(grad)
+        queries = {}
+        hooks = [layer.to_q.register_forward_hook(lambda _m, _i, out, key=key: queries.__setitem__(key, out))
+                 for key, layer in layers.items()]
+        try:
+            b = x.shape[0]
+            context = torch.cat([neg[0][0].clone().expand(b, -1, -1), pos[0][0].clone().expand(b, -1, -1)])
+            t = base.model_sampling.timestep(sigma).float()
+            out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context)
+        finally:
+            for h in hooks:
+                h.remove()
+        h_lat, w_lat = x.shape[-2:]
+        per_stage = {}
+        for key, q in queries.items():
+            d = round((h_lat * w_lat / q.shape[1]) ** 0.5)
+            keys = layers[key].to_k(emb.to(q.dtype))
+            maps = token_softmax_maps(q[:b], keys, layers[key].heads, (h_lat // d, w_lat // d))
+            per_stage[(key[0], d)] = per_stage.get((key[0], d), 0) + maps
+        energy = entanglement_energy(sum_upsampled(list(per_stage.values())), pairs)
+        g_z = torch.autograd.grad(energy.sum(), z)[0] if grad else None
+    out_u, out_c = out.detach().chunk(2)
+    if base.model_type.name == "V_PREDICTION":  # v → ε through ComfyUI's x-space definitions
+        to_eps = lambda v: (x - (x / (sigma.view(-1, 1, 1, 1) ** 2 + 1) - v * sigma.view(-1, 1, 1, 1) / scale_in)) / sigma.view(-1, 1, 1, 1)
+        out_u, out_c = to_eps(out_u), to_eps(out_c)
+    return out_u + cfg * (out_c - out_u), energy.detach(), g_z
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2v"])
+def test_the_correction_equals_the_papers_eps_space_update(comfy, family):
+    import comfy_models
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0) if family == "sd15" else comfy_models.tiny_sd2v(0)
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    lam = 100.0
+    _, trace, (x, sigma, guided) = sample(model, clip, pos, neg, lam)
+    eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0)
+    alpha_bar = 1 / (1 + sigma ** 2)
+    eps_hat = eps_cfg + lam * (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * g_z
+    want = x - sigma.view(-1, 1, 1, 1) * eps_hat
+    assert torch.allclose(trace.guidance["energy"][0], energy, rtol=1e-4)
+    correction = guided - (x - sigma.view(-1, 1, 1, 1) * eps_cfg)
+    assert correction.norm() > 1e-2 * want.norm()  # the update is far above float noise
+    assert torch.allclose(guided, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    assert trace.guidance_counts()["applied"] == 1
+
+
+def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    _, _, (x, sigma, plain) = sample(model, clip, pos, neg, 0.0)
+    lam = 100.0
+    _, trace, (_, _, guided) = sample(model, clip, pos, neg, lam)
+    grad_x = (plain - guided) / (lam * sigma.view(-1, 1, 1, 1) ** 2)
+    direction = grad_x / grad_x.norm()
+    h = 0.05 * x.std().item()
+    e_plus = independent_eps_and_energy(model, clip, pos, neg, x + h * direction, sigma, 7.0, grad=False)[1]
+    e_minus = independent_eps_and_energy(model, clip, pos, neg, x - h * direction, sigma, 7.0, grad=False)[1]
+    finite_difference = (e_plus - e_minus).sum() / (2 * h)
+    assert finite_difference.item() == pytest.approx(grad_x.norm().item(), rel=1e-3)
+
+
+def final_entanglement(trace):
+    """SoftIoU (exact soft top-k) and hard IoU of gender/doctor on the whole trajectory, mean over images."""
+    from biasmap_engine import soft_iou, soft_topk
+
+    maps = trace.token_maps()
+    a = maps[:, trace.positions("gender")].mean(1)
+    b = maps[:, trace.positions("doctor")].mean(1)
+    return soft_iou(soft_topk(a, mode="exact"), soft_topk(b, mode="exact")), trace.iou("gender", "doctor")
+
+
+def test_guidance_lowers_entanglement_for_most_seeds_and_a_lambda_sweep_is_monotone(sd15, prompts):
+    # Random weights give gradients ~1e-3, so λ is larger than the paper's 100 to move a 4-step trajectory
+    # (measured: λ = 1e4 overshoots on this model; 1e3 lowers SoftIoU on every seed tried).
+    model, clip = sd15
+    pos, neg = prompts
+    lambdas, seeds = (0.0, 100.0, 1000.0), range(4)
+    soft = {lam: [] for lam in lambdas}
+    hard = {lam: [] for lam in lambdas}
+    for lam in lambdas:
+        for seed in seeds:
+            _, trace, _ = sample(model, clip, pos, neg, lam, seed=seed, steps=4)
+            s, h = final_entanglement(trace)
+            soft[lam].append(s.item())
+            hard[lam].append(h.item())
+    lowered = sum(g < o for g, o in zip(soft[1000.0], soft[0.0]))
+    assert lowered >= 3, (soft, hard)
+    mean = lambda xs: sum(xs) / len(xs)
+    assert mean(soft[0.0]) > mean(soft[100.0]) > mean(soft[1000.0]), soft
+    assert mean(hard[1000.0]) < mean(hard[0.0]), hard
+
+
+@pytest.mark.parametrize("cfg", [1.0, 7.0])
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "heun", "ddim", "uni_pc"])
+def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15, prompts, sampler, cfg):
+    model, clip = sd15
+    pos, neg = prompts
+    plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2, sampler=sampler, cfg=cfg, batch=2)
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, sampler=sampler, cfg=cfg, batch=2)
+    assert torch.isfinite(guided).all()
+    assert not torch.equal(plain, guided)
+    counts = trace.guidance_counts()
+    assert sum(counts.values()) == trace.steps.numel() * 2 and counts["not_guided"] == 0
+    assert torch.isfinite(trace.guidance["energy"]).all()
+
+
+def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"
+    weight = model.model.get_parameter(key)
+    results = []
+    for strength in (0.5, 1.0):
+        patched = model.clone()
+        patched.add_patches({key: (torch.ones_like(weight) * 0.01,)}, strength)
+        out, trace, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
+        assert torch.isfinite(out).all() and trace.guidance_counts()["applied"] == 2
+        results.append(out)
+    unpatched, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], unpatched)
+
+
+def test_another_nodes_attn2_replace_takes_effect_under_guidance(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+
+    def halve(q, k, v, extra):
+        import comfy.ldm.modules.attention as attention
+
+        return 0.5 * attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
+
+    patched = model.clone()
+    patched.set_model_attn2_replace(halve, "output", 2)
+    with_patch, _, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
+    without, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert not torch.equal(with_patch, without)
+
+
+def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    occupied = model.clone()
+    occupied.set_model_sampler_calc_cond_batch_function(
+        lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                    args["model_options"]))
+    fallback, trace, _ = sample(occupied, clip, pos, neg, 100.0, steps=2)
+    direct, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert any("extra U-Net pass" in note for note in trace.notes)
+    assert torch.allclose(fallback, direct, rtol=1e-3, atol=1e-3 * direct.abs().max().item())
+
+
+def test_guided_sampling_leaves_nothing_patched_after_an_error(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    before = {k: repr(v) for k, v in model.model_options.items()}
+    failing = model.clone()
+    calls = {"n": 0}
+
+    def boom(n, context, value, extra):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise RuntimeError("boom in a guided step")
+        return n, context, value
+
+    failing.set_model_attn2_patch(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(failing, clip, pos, neg, 100.0, steps=3)
+    assert {k: repr(v) for k, v in model.model_options.items()} == before
+    again, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    first, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert torch.equal(again, first)
+
+
+def test_flow_matching_models_are_refused_for_guidance_with_a_clear_message(comfy, sd15):
+    import comfy.model_base
+
+    model, clip = sd15
+    flow = model.clone()
+    original = flow.model.model_type
+    flow.model.model_type = comfy.model_base.ModelType.FLOW
+    try:
+        with torch.inference_mode(), pytest.raises(ValueError, match="ε- and v-prediction"):
+            start_session(flow, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+    finally:
+        flow.model.model_type = original

@@ -1,0 +1,226 @@
+"""The pack inside a real ComfyUI server: it boots, lists the four nodes, and runs the shipped workflows.
+
+Needs ``COMFYUI_PATH`` (a ComfyUI v0.8.0 checkout whose requirements are installed in this interpreter). The server
+runs as a subprocess (``main.py --cpu`` on a free loopback port) that loads the pack through a symlink in a
+temporary ``custom_nodes`` folder named by an ``--extra-model-paths-config`` YAML, so nothing is copied into
+ComfyUI. This process never imports ComfyUI: the random checkpoint is written by a child process too.
+One server boot serves the whole module (about 1 min on 2 CPU cores, most of it sampling with random weights).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUPPORT = REPO / "tests" / "support"
+sys.path.insert(0, str(SUPPORT))
+import workflow_api  # noqa: E402
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+if not COMFYUI_PATH:
+    pytest.skip("COMFYUI_PATH is not set: the real ComfyUI server tests (boot with the pack, shipped workflows end "
+                "to end) did NOT run; set it to a ComfyUI v0.8.0 checkout to run them", allow_module_level=True)
+
+PACK_NAME = "biasmap"
+NODE_IDS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced", "BiasMapAttributionMap",
+            "BiasMapEntanglementIoU")
+CHECKPOINT = "biasmap_random_tiny_sd15.safetensors"
+BOOT_TIMEOUT_S = 90
+PROMPT_TIMEOUT_S = 180
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+# Loopback only, and never through a proxy from the environment.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get(base: str, path: str, timeout: float = 10):
+    with _HTTP.open(base + path, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _post(base: str, path: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
+    """``(HTTP status, JSON body)``; a 400 from /prompt carries the validation errors."""
+    request = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with _HTTP.open(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        text = err.read().decode(errors="replace")
+        try:
+            return err.code, json.loads(text)
+        except json.JSONDecodeError:
+            return err.code, {"error": text}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+def _write_checkpoint(path: Path, log: Path) -> None:
+    """A random tiny SD15 checkpoint with a VAE, written by a child process (it imports ComfyUI)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import comfy_models; "
+            "comfy_models.write_random_sd15_checkpoint(sys.argv[2], 'tiny', with_vae=True)")
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-c", code, str(SUPPORT), str(path)], cwd=str(SUPPORT),
+                              env={**os.environ, "COMFYUI_PATH": COMFYUI_PATH}, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=300)
+    assert done.returncode == 0 and path.is_file(), f"writing the random checkpoint failed:\n{_tail(log)}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Boot ComfyUI once for the module; yield its base URL, /object_info, log and folders; kill it by PID."""
+    root = Path(COMFYUI_PATH).resolve()
+    if not (root / "main.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH!r} holds no main.py")
+    tmp = tmp_path_factory.mktemp("comfyui")
+    folders = {name: tmp / name for name in ("checkpoints", "custom_nodes", "out", "temp", "input", "user")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["custom_nodes"] / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    _write_checkpoint(folders["checkpoints"] / CHECKPOINT, tmp / "checkpoint.log")
+    config = tmp / "extra_model_paths.yaml"
+    config.write_text(f"biasmap:\n  base_path: {tmp}\n  checkpoints: {folders['checkpoints']}\n"
+                      f"  custom_nodes: {folders['custom_nodes']}\n")
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp / "server.log"
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--extra-model-paths-config", str(config), "--output-directory", str(folders["out"]),
+               "--temp-directory", str(folders["temp"]), "--input-directory", str(folders["input"]),
+               "--user-directory", str(folders["user"]), "--disable-api-nodes"]
+    started = time.monotonic()
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=str(root), stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        object_info = None
+        while object_info is None:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {process.returncode} while booting:\n{_tail(log)}")
+            if time.monotonic() - started > BOOT_TIMEOUT_S:
+                pytest.fail(f"ComfyUI did not answer /object_info within {BOOT_TIMEOUT_S} s:\n{_tail(log)}")
+            try:
+                object_info = _get(base, "/object_info", timeout=30)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                time.sleep(1)
+        print(f"ComfyUI answered /object_info after {time.monotonic() - started:.1f} s")
+        yield {"base": base, "object_info": object_info, "log": log, "out": folders["out"], "pid": process.pid,
+               "pack": folders["custom_nodes"] / PACK_NAME}
+    finally:
+        if process.poll() is None:
+            process.terminate()  # this PID only; main.py starts no children
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=20)
+        (folders["checkpoints"] / CHECKPOINT).unlink(missing_ok=True)  # 465 MB; pytest keeps old temp folders
+
+
+def test_comfyui_boots_with_the_pack_and_lists_its_nodes(server):
+    text = server["log"].read_text(errors="replace")
+    pack_dir = str(server["pack"])  # ComfyUI names a pack by the path it found it at (the symlink, unresolved)
+    failures = [line for line in text.splitlines()
+                if ("Cannot import" in line or "IMPORT FAILED" in line)
+                and (pack_dir in line or f"custom_nodes.{PACK_NAME}" in line)]
+    assert not failures, "the pack failed to import:\n" + "\n".join(failures) + "\n" + _tail(server["log"], 120)
+    assert any(pack_dir in line and "seconds" in line for line in text.splitlines()), \
+        f"no load-time line for the pack in the log:\n{_tail(server['log'])}"
+
+    info = server["object_info"]
+    missing = [node for node in NODE_IDS if node not in info]
+    assert not missing, f"nodes missing from /object_info: {missing}\n{_tail(server['log'])}"
+    for node in NODE_IDS:
+        assert info[node]["category"] == "BiasMap", (node, info[node]["category"])
+        module = info[node]["python_module"]
+        assert module == f"custom_nodes.{PACK_NAME}", (node, module)
+
+
+def _run_prompt(server, api: dict) -> dict:
+    status, answer = _post(server["base"], "/prompt", {"prompt": api, "client_id": "biasmap-tests"})
+    assert status == 200 and not answer.get("node_errors"), (status, json.dumps(answer, indent=1))
+    prompt_id = answer["prompt_id"]
+    deadline = time.monotonic() + PROMPT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        entry = _get(server["base"], f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            return entry
+        time.sleep(1)
+    pytest.fail(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT_S} s:\n{_tail(server['log'])}")
+
+
+def _errors(entry: dict) -> str:
+    parts = []
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            parts.append(f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
+                         f"{data.get('exception_message')}\n" + "".join(data.get("traceback", [])))
+    return "\n".join(parts) or json.dumps(entry.get("status"), indent=1)
+
+
+def test_shipped_workflows_run_end_to_end(server):
+    assert WORKFLOWS, f"no workflows in {REPO / 'workflows'}"
+    for path in WORKFLOWS:
+        api = workflow_api.ui_to_api(json.loads(path.read_text()), server["object_info"])
+        workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+        workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
+        workflow_api.override(api, "BiasMapGuidedKSampler", steps=2)
+        workflow_api.override(api, "BasicScheduler", steps=2)
+
+        started = time.monotonic()
+        entry = _run_prompt(server, api)
+        print(f"{path.name}: {entry['status']['status_str']} in {time.monotonic() - started:.1f} s")
+        assert entry["status"]["status_str"] == "success", f"{path.name} failed:\n{_errors(entry)}"
+        outputs = entry["outputs"]
+
+        ious = [node_id for node_id, node in api.items() if node["class_type"] == "BiasMapEntanglementIoU"]
+        assert ious, f"{path.name} has no Entanglement IoU node"
+        for node_id in ious:
+            text = outputs.get(node_id, {}).get("text")
+            assert text and all(isinstance(t, str) and t.strip() for t in text), (path.name, node_id, outputs)
+            assert "IoU" in text[0], (path.name, node_id, text)
+
+        saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]
+        assert saves, f"{path.name} has no SaveImage node"
+        for node_id in saves:
+            images = outputs.get(node_id, {}).get("images")
+            assert images, (path.name, node_id, outputs)
+            for image in images:
+                assert image["type"] == "output", image
+                file = server["out"] / image["subfolder"] / image["filename"]
+                assert file.is_file() and file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", file
+
+        previews = [node_id for node_id, node in api.items() if node["class_type"] == "PreviewImage"]
+        assert all(outputs.get(node_id, {}).get("images") for node_id in previews), (path.name, outputs)
+
+
+def _convert(server, name: str) -> dict:
+    return workflow_api.ui_to_api(json.loads((REPO / "workflows" / name).read_text()), server["object_info"])
+
+
+def test_a_concept_missing_from_the_attribution_prompt_is_rejected_before_running(server):
+    """The pack's validate_inputs runs in the server's validation: HTTP 400 naming the node and the word."""
+    api = _convert(server, "biasmap_audit_advanced.json")
+    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    workflow_api.override(api, "BiasMapGuidedKSamplerAdvanced", demographic="race")
+    status, answer = _post(server["base"], "/prompt", {"prompt": api, "client_id": "biasmap-tests"})
+    assert status == 400, (status, answer)
+    sampler = next(i for i, node in api.items() if node["class_type"] == "BiasMapGuidedKSamplerAdvanced")
+    assert sampler in answer.get("node_errors", {}), json.dumps(answer, indent=1)
+    assert "race" in json.dumps(answer["node_errors"][sampler]), json.dumps(answer, indent=1)
