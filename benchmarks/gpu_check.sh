@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export COMFYUI_PATH=$PWD/.comfyui PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python3 -m pytest tests/engine tests/host -q -x -p no:cacheprovider --ignore=tests/host/test_server.py \
+python3 -m pytest tests/engine tests/host -q -p no:cacheprovider --ignore=tests/host/test_server.py \
   2>&1 | tail -n 30 | tee "$OUT/tests.log"
 python3 benchmarks/sampling.py --sizes 256 512 --steps 4 --repeats 3 --checkpoint /tmp/random_sd15_full.safetensors \
   --out "$OUT/sampling.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/sampling.log"

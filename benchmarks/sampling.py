@@ -20,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
+sys.path.append(str(REPO))  # after ComfyUI's root, whose `nodes` module must win over this pack's `nodes/`
 import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
 
 MODES = {  # name → BiasMap settings (None = the stock KSampler)
@@ -90,15 +91,16 @@ def energy_share(device, batch=1, grid=64, tokens=12, repeats=5):
     """Seconds of soft top-k + SoftIoU (forward + backward, paper mode) on one evaluation's maps."""
     from biasmap_engine import entanglement_energy
 
-    maps = (torch.rand(batch, tokens, grid, grid, device=device) * 40).requires_grad_(True)
     times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        energy = entanglement_energy(maps, [([8], [6])])
-        torch.autograd.grad(energy.sum(), maps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    with torch.inference_mode(False), torch.enable_grad():
+        maps = (torch.rand(batch, tokens, grid, grid, device=device) * 40).requires_grad_(True)
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            energy = entanglement_energy(maps, [([8], [6])])
+            torch.autograd.grad(energy.sum(), maps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
