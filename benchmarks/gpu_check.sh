@@ -6,9 +6,12 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export COMFYUI_PATH=$PWD/.comfyui PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 python3 -m pytest tests/engine tests/host -q -p no:cacheprovider --ignore=tests/host/test_server.py \
-  2>&1 | tail -n 30 | tee "$OUT/tests.log"
-python3 benchmarks/sampling.py --sizes 256 512 --steps 4 --repeats 3 --checkpoint /tmp/random_sd15_full.safetensors \
-  --out "$OUT/sampling.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/sampling.log"
-python3 benchmarks/soft_topk.py --device cuda --repeats 20 --out "$OUT/soft_topk.json" 2>&1 | tee "$OUT/soft_topk.log"
+  > "$OUT/tests.log" 2>&1; tail -n 25 "$OUT/tests.log"
+ckpt=/tmp/random_sd15_full.safetensors
+python3 benchmarks/sampling.py --sizes 256 512 --steps 4 --repeats 3 --checkpoint $ckpt --out "$OUT/sampling.json" \
+  2>&1 | grep -v "it/s\]" > "$OUT/sampling.log"; grep -v '^\[' "$OUT/sampling.log" | tail -n 16
+python3 benchmarks/sampling.py --sizes 512 --steps 20 --repeats 3 --checkpoint $ckpt --out "$OUT/sampling20.json" \
+  2>&1 | grep -v "it/s\]" > "$OUT/sampling20.log"; grep -v '^\[' "$OUT/sampling20.log" | tail -n 10
+python3 benchmarks/soft_topk.py --device cuda --repeats 20 --out "$OUT/soft_topk.json" > "$OUT/soft_topk.log" 2>&1
+head -n 12 "$OUT/soft_topk.log"

@@ -32,7 +32,7 @@ MODES = {  # name → BiasMap settings (None = the stock KSampler)
 
 
 class PeakMemory:
-    """Peak device memory (CUDA allocator) or peak RSS (CPU, sampled every 5 ms) above the level at entry, in MiB."""
+    """Peak device memory (CUDA allocator) or peak RSS (CPU, sampled every 5 ms), in MiB: in all and above entry."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -59,32 +59,34 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+            self.total = torch.cuda.max_memory_allocated() / 2 ** 20
         else:
             self.running = False
             self.thread.join()
-            self.mib = (max(self.peak, self.proc.memory_info().rss) - self.base) / 2 ** 20
+            self.total = max(self.peak, self.proc.memory_info().rss) / 2 ** 20
+        self.mib = self.total - self.base / 2 ** 20
 
 
 def run_mode(name, model, clip, pos, neg, latent, steps, device):
-    """One sampling run; → (seconds per step, peak extra MiB, trace MiB)."""
+    """One sampling run; → (seconds per step, peak extra MiB, peak total MiB, trace MiB, setup seconds)."""
     import nodes
     from biasmap_engine import BiasMapSettings
     from biasmap_engine.host import sample_with_scheduler, start_session
 
-    trace_mib = 0.0
+    trace_mib = setup = 0.0
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         if MODES[name] is None:
             out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
-        else:
+        else:  # the node's whole work: encoding the attribution prompt (setup), sampling, building the trace
             session = start_session(model, clip, "A photo of the face of a doctor and gender", ["gender"],
                                     ["doctor"], BiasMapSettings(**MODES[name]))
+            setup = time.perf_counter() - start
             out, trace = sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
             trace_mib = sum(m.numel() * m.element_size() for m in trace.maps.values()) / 2 ** 20
         out["samples"].sum().item()  # wait for the device
         seconds = time.perf_counter() - start
-    return seconds / steps, mem.mib, trace_mib
+    return seconds / steps, mem.mib, mem.total, trace_mib, setup
 
 
 def energy_share(device, batch=1, grid=64, tokens=12, repeats=5):
@@ -138,8 +140,9 @@ def main():
                 rows.append({"size": size, "mode": name,
                              "s_per_step": statistics.median(r[0] for r in runs),
                              "ratio": statistics.median(r[0] / p for r, p in zip(runs, plain)),
-                             "peak_mib": statistics.median(r[1] for r in runs),
-                             "trace_mib": runs[-1][2]})
+                             "peak_extra_mib": statistics.median(r[1] for r in runs),
+                             "peak_total_mib": statistics.median(r[2] for r in runs),
+                             "trace_mib": runs[-1][3], "setup_s": statistics.median(r[4] for r in runs)})
             guided = next(r for r in rows if r["size"] == size and r["mode"] == "guided_all")
             guided["energy_share"] = energy_share(device, grid=size // 8) / guided["s_per_step"]
             print(json.dumps(rows[-len(MODES):]), flush=True)
@@ -147,12 +150,14 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{name}, torch {torch.__version__}, random full-size SD1.5 ({args.steps} steps, euler, cfg 7, batch 1), "
           f"median of {args.repeats}\n")
-    print("| size | mode | s/step | × plain | peak extra memory (MiB) | trace (MiB) |")
-    print("|---|---|--:|--:|--:|--:|")
-    plain_peak = {r["size"]: r["peak_mib"] for r in rows if r["mode"] == "plain"}
+    print("| size | mode | s/step | × plain | of which setup (s) | peak memory, MiB (× plain) | above the loaded model, MiB "
+          "| trace (MiB) |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|")
+    plain = {r["size"]: r for r in rows if r["mode"] == "plain"}
     for r in rows:
-        mem = f"{r['peak_mib']:.0f} ({r['peak_mib'] / max(plain_peak[r['size']], 1e-9):.2f}×)"
-        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {mem} | {r['trace_mib']:.1f} |")
+        ratio = r["peak_total_mib"] / plain[r["size"]]["peak_total_mib"]
+        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {r['setup_s']:.3f} "
+              f"| {r['peak_total_mib']:.0f} ({ratio:.2f}×) | {r['peak_extra_mib']:.0f} | {r['trace_mib']:.1f} |")
     for r in rows:
         if "energy_share" in r:
             print(f"\nsoft top-k + SoftIoU at {r['size']}²: {100 * r['energy_share']:.1f} % of a guided step")

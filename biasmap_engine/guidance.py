@@ -56,9 +56,9 @@ def entanglement_energy(token_maps: torch.Tensor, pairs: list[tuple[list[int], l
     """
     if not pairs:
         raise ValueError("no (demographic, semantic) concept pair to guide; give at least one word of each")
-    energies = []
-    for pos_a, pos_b in pairs:
-        s_a = soft_topk(concept_map(token_maps, pos_a), keep, gamma, mode, iters)
-        s_b = soft_topk(concept_map(token_maps, pos_b), keep, gamma, mode, iters)
-        energies.append(soft_iou(s_a, s_b))
+    concepts = sorted({tuple(p) for pair in pairs for p in pair})
+    # Every concept's soft mask in one call: one set of Sinkhorn launches instead of one per concept.
+    soft = soft_topk(torch.stack([concept_map(token_maps, list(c)) for c in concepts], dim=1), keep, gamma, mode, iters)
+    index = {c: i for i, c in enumerate(concepts)}
+    energies = [soft_iou(soft[:, index[tuple(a)]], soft[:, index[tuple(b)]]) for a, b in pairs]
     return torch.stack(energies).mean(dim=0)

@@ -6,9 +6,12 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   token maps against the attribution keys;
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
-- a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, it runs the maps' branch
-  with autograd on (the latent as leaf) and the other branch without, so the backward covers one branch only and
-  no second forward of the guided branch is needed.
+- a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
+  on (the latent as leaf), so no second forward is needed. On a CPU, where time is proportional to the batch, the
+  maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; on a GPU,
+  where a U-Net step at SD sizes is bound by kernel launches, one batched pass is cheaper;
+- when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
+  last guided block, so autograd neither records nor keeps anything of the rest of the U-Net.
 """
 
 import torch
@@ -19,7 +22,7 @@ from ..settings import BiasMapSettings
 from ..stages import stage_of
 from ..tokens import find_word_positions
 from ..trace import TraceRecorder
-from .unet import deinference_, model_family, require_guidable, require_unet
+from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
 
 __all__ = ["BiasMapSession"]
 
@@ -47,6 +50,8 @@ class BiasMapSession:
         self._capture_branch: int | None = None  # set while the evaluation's main U-Net pass runs
         self._main_pass_pending = False
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
+        self._truncating = False
+        self._last_guided_input = self._last_guided_input_block(model_patcher)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
                       for a in demographic for b in semantic]
@@ -68,9 +73,29 @@ class BiasMapSession:
                     m.set_model_attn2_replace(self._replace(prev), name, number, key[2])
         import comfy.patcher_extension as ext
 
+        if self._last_guided_input is not None:
+            m.set_model_input_block_patch(self._truncate_input)
+            m.set_model_output_block_patch(self._truncate_skip)
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
         return m
+
+    def _last_guided_input_block(self, model_patcher):
+        """The last input block whose maps enter the energy, when no middle or up stage does; else None."""
+        guided = self.settings.guided_stages
+        if not self.settings.guiding or guided is None or not all(s.startswith("down_") for s in guided):
+            return None
+        levels = input_block_levels(model_patcher.model.diffusion_model)
+        blocks = [n for name, n, _ in self.layers if name == "input" and f"down_{levels[n]}" in guided]
+        return max(blocks) if blocks else None
+
+    def _truncate_input(self, h, transformer_options):
+        if self._truncating and transformer_options["block"][1] >= self._last_guided_input:
+            return h.detach()  # nothing after this block reaches the energy
+        return h
+
+    def _truncate_skip(self, h, hsp, transformer_options):
+        return (h, hsp.detach()) if self._truncating else (h, hsp)
 
     def _replace(self, previous):
         import comfy.ldm.modules.attention as attention
@@ -151,6 +176,9 @@ class BiasMapSession:
         if not self._guide_now(model, timestep):
             return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
                                     x_in, timestep, branch, guide=False)
+        if x_in.device.type != "cpu":
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
+                                    x_in, timestep, branch, guide=True)
         # Only the maps' branch runs with autograd: the backward then covers one branch, not the CFG batch.
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
@@ -186,6 +214,7 @@ class BiasMapSession:
             deinference_(model.diffusion_model)
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
+                self._truncating = self._last_guided_input is not None
                 out = run(x_leaf, timestep.detach().clone())
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
@@ -193,6 +222,7 @@ class BiasMapSession:
             return [o.detach() for o in out]
         finally:
             self._capture_branch = None
+            self._truncating = False
 
     def _energy(self):
         maps = self.recorder.current(self.settings.guided_stages)

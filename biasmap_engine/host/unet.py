@@ -2,8 +2,8 @@
 
 import torch
 
-__all__ = ["UnsupportedModelError", "cross_attention_layers", "deinference_", "model_family", "require_guidable",
-           "require_unet"]
+__all__ = ["UnsupportedModelError", "cross_attention_layers", "deinference_", "input_block_levels", "model_family",
+           "require_guidable", "require_unet"]
 
 
 class UnsupportedModelError(ValueError):
@@ -33,6 +33,18 @@ def cross_attention_layers(diffusion_model) -> dict[tuple[str, int, int], torch.
                     if attn2 is not None and not getattr(transformer, "switch_temporal_ca_to_sa", False):
                         layers[(name, number, depth)] = attn2
     return layers
+
+
+def input_block_levels(diffusion_model) -> list[int]:
+    """Resolution divisor of each input block (1, 2, 4, …), counted from the downsampling blocks before it."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
+
+    levels, divisor = [], 1
+    for block in diffusion_model.input_blocks:
+        if any(isinstance(m, Downsample) for m in block.modules()):
+            divisor *= 2
+        levels.append(divisor)
+    return levels
 
 
 def require_unet(model_patcher) -> dict[tuple[str, int, int], torch.nn.Module]:

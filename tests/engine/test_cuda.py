@@ -15,8 +15,8 @@ def maps(seed=0, shape=(2, 6, 64, 64)):
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 def test_soft_topk_on_cuda_matches_the_cpu(mode):
-    m = maps()
-    assert torch.allclose(soft_topk(m.cuda(), mode=mode).cpu(), soft_topk(m, mode=mode), atol=1e-4)
+    m = maps().double()  # paper mode's 20 unconverged iterations amplify fp32 rounding differences between devices
+    assert torch.allclose(soft_topk(m.cuda(), mode=mode).cpu(), soft_topk(m, mode=mode), atol=1e-8)
 
 
 def test_masks_and_iou_on_cuda_match_the_cpu():

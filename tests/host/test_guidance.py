@@ -34,15 +34,15 @@ def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7
     return out["samples"], trace, seen[0]
 
 
-def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True):
+def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, stages=None):
     """(ε_cfg, E, ∇_z E) from the bare U-Net with forward hooks: no ComfyUI patch involved."""
     base = model.model
     unet = base.diffusion_model
     layers = {k: m for k, m in cross_attention_layers(unet).items() if k[0] != "middle"}
     deinference_(unet)
     with torch.inference_mode(False), torch.enable_grad():
-        emb, tokens = (t.clone() if torch.is_tensor(t) else t for t in encode_attribution(clip, ATTRIBUTION))
-        emb = emb.clone()
+        emb, tokens = encode_attribution(clip, ATTRIBUTION)
+        emb = emb.clone()  # an ordinary tensor: the inference-mode original cannot be saved for backward
         pairs = [(find_word_positions(tokens, "gender"), find_word_positions(tokens, "doctor"))]
         x = x.detach().clone()
         sigma = sigma.detach().clone()
@@ -53,7 +53,7 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True):
                  for key, layer in layers.items()]
         try:
             b = x.shape[0]
-            context = torch.cat([neg[0][0].clone().expand(b, -1, -1), pos[0][0].clone().expand(b, -1, -1)])
+            context = torch.cat([neg[0][0].clone().expand(b, -1, -1), pos[0][0].clone().expand(b, -1, -1)]).to(x)
             t = base.model_sampling.timestep(sigma).float()
             out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context)
         finally:
@@ -63,9 +63,10 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True):
         per_stage = {}
         for key, q in queries.items():
             d = round((h_lat * w_lat / q.shape[1]) ** 0.5)
-            keys = layers[key].to_k(emb.to(q.dtype))
+            keys = layers[key].to_k(emb.to(q.device, q.dtype))
             maps = token_softmax_maps(q[:b], keys, layers[key].heads, (h_lat // d, w_lat // d))
-            per_stage[(key[0], d)] = per_stage.get((key[0], d), 0) + maps
+            if stages is None or (key[0], d) in stages:
+                per_stage[(key[0], d)] = per_stage.get((key[0], d), 0) + maps
         energy = entanglement_energy(sum_upsampled(list(per_stage.values())), pairs)
         g_z = torch.autograd.grad(energy.sum(), z)[0] if grad else None
     out_u, out_c = out.detach().chunk(2)
@@ -75,8 +76,8 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True):
     return out_u + cfg * (out_c - out_u), energy.detach(), g_z
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2v"])
-def test_the_correction_equals_the_papers_eps_space_update(comfy, family):
+@pytest.mark.parametrize("family, stages", [("sd15", None), ("sd2v", None), ("sd15", ("down_1",))])
+def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages):
     import comfy_models
 
     with torch.inference_mode():
@@ -84,12 +85,14 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family):
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     lam = 100.0
-    _, trace, (x, sigma, guided) = sample(model, clip, pos, neg, lam)
-    eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0)
+    # down_1 alone also exercises the truncated backward (activations detached after the last guided block).
+    _, trace, (x, sigma, guided) = sample(model, clip, pos, neg, lam, guided_stages=stages)
+    eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0,
+                                                      stages=None if stages is None else {("input", 1)})
     alpha_bar = 1 / (1 + sigma ** 2)
     eps_hat = eps_cfg + lam * (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * g_z
     want = x - sigma.view(-1, 1, 1, 1) * eps_hat
-    assert torch.allclose(trace.guidance["energy"][0], energy, rtol=1e-4)
+    assert torch.allclose(trace.guidance["energy"][0], energy.cpu(), rtol=1e-4)
     correction = guided - (x - sigma.view(-1, 1, 1, 1) * eps_cfg)
     assert correction.norm() > 1e-2 * want.norm()  # the update is far above float noise
     assert torch.allclose(guided, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
@@ -222,7 +225,8 @@ def test_guided_sampling_leaves_nothing_patched_after_an_error(sd15, prompts):
     assert {k: repr(v) for k, v in model.model_options.items()} == before
     again, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     first, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
-    assert torch.equal(again, first)
+    # Equal on a CPU; GPU backward kernels may add in another order, hence the tolerance.
+    assert torch.allclose(again, first, rtol=1e-4, atol=1e-5 * first.abs().max().item())
 
 
 def test_flow_matching_models_are_refused_for_guidance_with_a_clear_message(comfy, sd15):

@@ -59,9 +59,9 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
         stock = guider.sample(noise, lat["samples"], sampler, sigmas, seed=3)
         session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
         ours, trace = sample_with_sampler(session, model, 3, 5.0, sampler, sigmas, pos, neg, lat)
-    assert torch.equal(stock, ours["samples"])
+    assert torch.equal(stock.cpu(), ours["samples"].cpu())
     assert trace.steps.tolist() == [0, 1, 2, 3]
-    assert torch.allclose(trace.sigmas, sigmas[:-1].float())
+    assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
 
 
 def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd15, prompts):
@@ -78,13 +78,13 @@ def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd
     spied.set_model_attn2_replace(spy, "input", 1)
     _, _, trace = run(spied, clip, prompts, steps=2)
     layer = comfy_layer(model, ("input", 1, 0))
+    q, chunks = seen[-1]  # the last evaluation
     with torch.inference_mode():
         emb, _ = encode_attribution(clip, ATTRIBUTION)
-        keys = layer.to_k(emb)
-    q, chunks = seen[-1]  # the last evaluation
+        keys = layer.to_k(emb.to(q.device, q.dtype))
     rows = q.shape[0] // len(chunks)
     uncond = chunks.index(1) * rows
-    want = token_softmax_maps(q[uncond:uncond + rows], keys, 8, (40, 56))
+    want = token_softmax_maps(q[uncond:uncond + rows], keys, 8, (40, 56)).cpu()
     assert torch.allclose(trace.maps["down_1"][-1], want, atol=1e-6)
 
 
@@ -111,7 +111,7 @@ def test_an_ovam_concept_matches_its_ordinary_cross_attention_map_on_the_same_to
     kh = k[cond:cond + rows].float().view(rows, -1, 8, k.shape[-1] // 8).transpose(1, 2)
     probs = (qh @ kh.transpose(-1, -2) * (q.shape[-1] // 8) ** -0.5).softmax(-1).sum(1)  # ordinary attention
     doctor = tokens.index("doctor</w>")
-    ordinary = probs[..., doctor].view(rows, 40, 56)
+    ordinary = probs[..., doctor].view(rows, 40, 56).cpu()
     assert torch.allclose(trace.concept_map("doctor", stages=["down_1"]), ordinary, atol=1e-5)
 
 
