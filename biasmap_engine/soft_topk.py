@@ -52,8 +52,7 @@ def _sinkhorn_rows(maps: torch.Tensor, keep: float, gamma: float, iters: int) ->
     # Cost to the anchors 0 and 1, built from Python scalars only: no host-to-device copy in the step loop.
     scores = torch.stack([-(x ** 2), -((x - 1.0) ** 2)], dim=-1) / gamma  # [rows, n, 2]
     log_mu = torch.full((n,), -math.log(n), device=x.device, dtype=x.dtype)
-    log_nu = x.new_full((2,), math.log(k / n))
-    log_nu[0] = math.log((n - k) / n)
+    log_nu = torch.cat([x.new_full((1,), math.log((n - k) / n)), x.new_full((1,), math.log(k / n))])
     f = torch.zeros_like(x)
     g = torch.zeros(x.shape[0], 2, device=x.device, dtype=x.dtype)
     for _ in range(iters):

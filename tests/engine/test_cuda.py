@@ -39,7 +39,7 @@ def test_a_guided_evaluation_never_synchronises_with_the_host():
             recorder.add("down_1", token_softmax_maps(q, keys, 8, (32, 32)))
             energy = entanglement_energy(recorder.current()["down_1"], [([8], [6])], mode=mode)
             (grad_q,) = torch.autograd.grad(energy.sum(), q)
-            grad_x = grad_q[:, :64].reshape(2, 4, 4, 4).repeat(1, 1, 8, 8)
+            grad_x = grad_q[:, :64, 0].reshape(2, 4, 4, 4).repeat(1, 1, 8, 8)
             out, norm, status = guidance_step(denoised, grad_x, sigma, 100.0, "skip")
             recorder.end(energy=energy, grad_norm=norm, status=status)
     finally:

@@ -99,7 +99,16 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages
     assert trace.guidance_counts()["applied"] == 1
 
 
-def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts):
+@pytest.fixture
+def full_fp32():
+    """TF32 off on CUDA (cuDNN enables it by default): finite differences need plain fp32 convolutions."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts, full_fp32):
     model, clip = sd15
     pos, neg = prompts
     _, _, (x, sigma, plain) = sample(model, clip, pos, neg, 0.0)
