@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
-from .common import ADVANCED, CATEGORY, Trace, step_window
+from .common import ADVANCED, CATEGORY, Trace, step_inputs, step_window
 
 
 class BiasMapAttributionMap(io.ComfyNode):
@@ -27,10 +27,7 @@ class BiasMapAttributionMap(io.ComfyNode):
                                tooltip="The decoded image to draw the map over (one image or one per latent)."),
                 io.String.Input("stages", default="all", extra_dict=ADVANCED,
                                 tooltip="'all' or stage ids, e.g. 'down_1, up_1' (block-wise maps)."),
-                io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
-                             tooltip="First sampler step whose maps are summed."),
-                io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
-                             tooltip="Last sampler step whose maps are summed (values past the end mean the end)."),
+                *step_inputs(),
                 io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno", tooltip="Heatmap colours."),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
                                tooltip="Heatmap opacity over the image."),

@@ -100,6 +100,14 @@ def _tuple_or_none(stages):
     return tuple(stages) if stages is not None else None
 
 
+def step_inputs() -> list:
+    """First and last sampler step whose maps are summed (advanced)."""
+    return [io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
+                         tooltip="First sampler step whose maps are summed."),
+            io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
+                         tooltip="Last sampler step whose maps are summed (values past the end mean the end).")]
+
+
 def step_window(trace, first_step: int, last_step: int):
     """Node step inputs → the trace's inclusive window; None when it covers every step (the common case)."""
     if first_step <= 0 and last_step >= trace.num_steps - 1:

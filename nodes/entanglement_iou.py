@@ -3,7 +3,7 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, hard_mask, measure_entanglement, resize_maps
-from .common import ADVANCED, CATEGORY, Trace, step_window
+from .common import CATEGORY, Trace, step_inputs, step_window
 
 
 class BiasMapEntanglementIoU(io.ComfyNode):
@@ -29,10 +29,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 io.Combo.Input("resolution", options=["image", "latent"], default="image",
                                tooltip="Threshold at image size (the reference) or at latent size."),
                 io.Image.Input("image", optional=True, tooltip="Decoded image to draw the masks over."),
-                io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
-                             tooltip="First sampler step whose maps are summed."),
-                io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
-                             tooltip="Last sampler step whose maps are summed."),
+                *step_inputs(),
             ],
             outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch."),
                      io.Float.Output("mbiou", tooltip="Mean block-wise IoU, mean over the batch."),

@@ -97,3 +97,18 @@ def test_recorder_refuses_an_evaluation_without_maps():
     rec.begin(torch.tensor(1.0), torch.tensor(0))
     with pytest.raises(RuntimeError, match="DiT"):
         rec.end()
+
+
+def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guidance_counts():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    result = measure_entanglement(trace, "gender", "doctor", size=(16, 24))
+    assert torch.equal(result.ious, trace.iou("gender", "doctor", size=(16, 24)))
+    assert torch.allclose(result.mbiou, trace.mbiou("gender", "doctor", size=(16, 24)))
+    lines = result.report.splitlines()
+    assert lines[0].startswith("BiasMap entanglement of 'gender' and 'doctor' (top 30 % masks at 16×24, SD15)")
+    assert any(line.startswith("image 1: IoU") and "down×½" in line for line in lines)
+    assert "tokens of 'doctor': doctor</w>" in result.report
+    assert "applied 2/6" in result.report and "skipped gate 2/6" in result.report
+    assert "note: test" in result.report
