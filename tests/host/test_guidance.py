@@ -215,7 +215,10 @@ def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15
     assert torch.allclose(fallback, direct, rtol=1e-3, atol=1e-3 * direct.abs().max().item())
 
 
-def test_guided_sampling_leaves_nothing_patched_after_an_error(sd15, prompts):
+@pytest.mark.parametrize("kind", ["error", "interrupt"])
+def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(sd15, prompts, kind):
+    import comfy.model_management as mm
+
     model, clip = sd15
     pos, neg = prompts
     before = {k: repr(v) for k, v in model.model_options.items()}
@@ -225,12 +228,15 @@ def test_guided_sampling_leaves_nothing_patched_after_an_error(sd15, prompts):
     def boom(n, context, value, extra):
         calls["n"] += 1
         if calls["n"] == 12:
-            raise RuntimeError("boom in a guided step")
+            if kind == "error":
+                raise RuntimeError("boom in a guided step")
+            mm.interrupt_current_processing(True)  # the Cancel button
         return n, context, value
 
     failing.set_model_attn2_patch(boom)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError if kind == "error" else mm.InterruptProcessingException):
         sample(failing, clip, pos, neg, 100.0, steps=3)
+    mm.interrupt_current_processing(False)
     assert {k: repr(v) for k, v in model.model_options.items()} == before
     again, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     first, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)

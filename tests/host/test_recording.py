@@ -229,3 +229,24 @@ def comfy_layer(model, key):
     from biasmap_engine.host import cross_attention_layers
 
     return cross_attention_layers(model.model.diffusion_model)[key]
+
+
+def test_cond_and_uncond_in_separate_unet_calls_record_the_same_maps(sd15, prompts, monkeypatch):
+    model, clip = sd15
+    _, _, batched_trace = run(model, clip, prompts, steps=2)
+    # ComfyUI batches cond and uncond only when memory allows; a model that seems to need infinite memory gets
+    # them as separate U-Net calls.
+    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    chunks = set()
+
+    def spy(n, context, value, extra):
+        chunks.add(tuple(extra["cond_or_uncond"]))
+        return n, context, value
+
+    spied = model.clone()
+    spied.set_model_attn2_patch(spy)
+    stock, ours, trace = run(spied, clip, prompts, steps=2)
+    assert chunks == {(0,), (1,)}  # really one branch per U-Net call
+    assert torch.equal(stock, ours)
+    for stage in batched_trace.stages:
+        assert torch.allclose(trace.maps[stage], batched_trace.maps[stage], atol=1e-5)
