@@ -36,7 +36,7 @@ if [ -z "$host" ]; then
     rm -rf "$target.tmp" && mkdir -p "$target.tmp"
     # Mirrors may lack files of 4 MiB and more; SD-family models do not need that one (a Llama tokenizer).
     git --git-dir="$git_dir" archive "$COMFYUI_COMMIT" -- . \
-      ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' | tar -x -C "$target.tmp" 2>/dev/null || true
+      ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' 2>/dev/null | tar -x -C "$target.tmp" 2>/dev/null || true
     if [ -f "$target.tmp/comfyui_version.py" ]; then mv "$target.tmp" "$target"; host=$target; fi
   fi
 fi
