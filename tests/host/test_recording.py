@@ -250,3 +250,13 @@ def test_cond_and_uncond_in_separate_unet_calls_record_the_same_maps(sd15, promp
     assert torch.equal(stock, ours)
     for stage in batched_trace.stages:
         assert torch.allclose(trace.maps[stage], batched_trace.maps[stage], atol=1e-5)
+
+
+def test_a_clip_of_another_model_family_is_refused_with_the_fix(comfy, sd15):
+    import comfy_models
+
+    model, _ = sd15
+    with torch.inference_mode():
+        _, sdxl_clip = comfy_models.tiny_sdxl(0)
+        with pytest.raises(ValueError, match="2048-wide embeddings but this SD15 model's cross-attention expects 768"):
+            start_session(model, sdxl_clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
