@@ -181,16 +181,15 @@ class BiasMapSession:
         if not self._guide_now(model, timestep):
             return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
                                     x_in, timestep, branch, guide=False)
-        grad_options = _with_differentiable_attention(model_options, x_in.device)
         if x_in.device.type != "cpu":
-            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, grad_options),
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
                                     x_in, timestep, branch, guide=True)
         # Only the maps' branch runs with autograd: the backward then covers one branch, not the CFG batch.
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
         out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
                else [torch.zeros_like(x_in) for _ in conds])
-        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, grad_options),
+        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, model_options),
                                   x_in, timestep, branch, guide=True)
         out[branch] = guided[branch]
         return out
@@ -208,9 +207,8 @@ class BiasMapSession:
             conds[_UNCOND] = None
         branch = self._branch(conds)
         model = guider.inner_model
-        options = _with_differentiable_attention(model_options, x.device)
-        self._run_branch(model, lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options),
-                         x, timestep, _COND, guide=self._guide_now(model, timestep))
+        extra = lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, model_options)  # noqa: E731
+        self._run_branch(model, extra, x, timestep, _COND, guide=self._guide_now(model, timestep))
 
     def _run_branch(self, model, run, x, timestep, branch, guide):
         """``run(x, σ)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass."""
@@ -266,17 +264,3 @@ class BiasMapSession:
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
 
-
-def _with_differentiable_attention(model_options, device):
-    """Model options for a pass with autograd: on a CPU, attention through PyTorch's fused SDPA kernel.
-
-    ComfyUI's CPU default (sub-quadratic attention in plain torch ops) records every chunk for the backward, which
-    then costs several forwards; the fused kernel has its own backward. Another node's override is left alone.
-    """
-    import comfy.ldm.modules.attention as attention
-
-    options = model_options.get("transformer_options", {})
-    if device.type != "cpu" or "optimized_attention_override" in options:
-        return model_options
-    sdpa = lambda _func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)  # noqa: E731
-    return {**model_options, "transformer_options": {**options, "optimized_attention_override": sdpa}}
