@@ -248,8 +248,8 @@ def test_cond_and_uncond_in_separate_unet_calls_record_the_same_maps(sd15, promp
     stock, ours, trace = run(spied, clip, prompts, steps=2)
     assert chunks == {(0,), (1,)}  # really one branch per U-Net call
     assert torch.equal(stock, ours)
-    for stage in batched_trace.stages:
-        assert torch.allclose(trace.maps[stage], batched_trace.maps[stage], atol=1e-5)
+    for stage in batched_trace.stages:  # batch 1 and batch 2 U-Net calls round differently on a GPU (cuDNN, TF32)
+        assert torch.allclose(trace.maps[stage], batched_trace.maps[stage], rtol=1e-3, atol=1e-5)
 
 
 def test_a_clip_of_another_model_family_is_refused_with_the_fix(comfy, sd15):
