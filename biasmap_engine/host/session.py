@@ -178,13 +178,11 @@ class BiasMapSession:
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
         branch = self._branch(conds)
-        if not self._guide_now(model, timestep):
+        guide = self._guide_now(model, timestep)
+        if not guide or x_in.device.type != "cpu":  # a GPU is launch-bound at SD sizes: one batched pass is cheaper
             return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
-                                    x_in, timestep, branch, guide=False)
-        if x_in.device.type != "cpu":
-            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
-                                    x_in, timestep, branch, guide=True)
-        # Only the maps' branch runs with autograd: the backward then covers one branch, not the CFG batch.
+                                    x_in, timestep, branch, guide)
+        # CPU: only the maps' branch runs with autograd, so the backward covers one branch, not the CFG batch.
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
         out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
