@@ -2,6 +2,7 @@
 
 import torch
 
+from .masks import iou
 from .stages import stage_label
 from .trace import BiasMapTrace
 
@@ -9,11 +10,12 @@ __all__ = ["EntanglementResult", "measure_entanglement"]
 
 
 class EntanglementResult:
-    """IoU, BIoU and mBIoU of two concepts in a trace, with a human-readable report."""
+    """IoU (with its masks), BIoU and mBIoU of two concepts in a trace, with a human-readable report."""
 
     def __init__(self, trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None, steps=None):
         self.word_a, self.word_b, self.q = word_a, word_b, q
-        self.ious = trace.iou(word_a, word_b, q, steps=steps, size=size)
+        self.masks = trace.masks(word_a, word_b, q, steps=steps, size=size)  # [B, H, W] each, for pictures
+        self.ious = iou(*self.masks)
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = torch.stack(list(self.block_ious.values())).mean(dim=0)
         self.pieces = {w: [trace.tokens[p] for p in trace.positions(w)] for w in (word_a, word_b)}

@@ -79,12 +79,14 @@ class BiasMapTrace:
         """``[B, H, W]`` attribution map of a word (mean over its pieces)."""
         return concept_map(self.token_maps(stages, steps, size), self.positions(word))
 
+    def masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
+        """The two words' top-(1−q) masks ``[B, H, W]``, from one aggregation of the maps."""
+        maps = self.token_maps(stages, steps, size)
+        return tuple(hard_mask(concept_map(maps, self.positions(w)), q) for w in (word_a, word_b))
+
     def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
         """Per-image IoU of the two words' top-(1−q) masks."""
-        maps = self.token_maps(stages, steps, size)
-        mask_a = hard_mask(concept_map(maps, self.positions(word_a)), q)
-        mask_b = hard_mask(concept_map(maps, self.positions(word_b)), q)
-        return iou(mask_a, mask_b)
+        return iou(*self.masks(word_a, word_b, q, stages, steps, size))
 
     def block_ious(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> dict[str, torch.Tensor]:
         """BIoU: per stage, the per-image IoU of masks built from that stage's layers only."""

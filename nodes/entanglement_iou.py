@@ -2,7 +2,7 @@
 
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import entanglement_picture, hard_mask, measure_entanglement, resize_maps
+from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
 from .common import CATEGORY, Trace, step_inputs, step_window
 
 
@@ -45,8 +45,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         size = trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)
-        maps = trace.token_maps(steps=steps, size=size)
-        masks = [hard_mask(maps[:, trace.positions(w)].mean(dim=1), q) for w in (word_a, word_b)]
+        masks = result.masks
         if image is not None:
             masks = [resize_maps(m.float(), tuple(image.shape[1:3])) > 0.5 for m in masks]
         picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b), image)

@@ -112,3 +112,13 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     assert "tokens of 'doctor': doctor</w>" in result.report
     assert "applied 2/6" in result.report and "skipped gate 2/6" in result.report
     assert "note: test" in result.report
+
+
+def test_report_masks_are_the_masks_its_iou_is_measured_on():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    result = measure_entanglement(trace, "gender", "doctor", size=(16, 24))
+    maps = trace.token_maps(size=(16, 24))
+    assert torch.equal(result.masks[0], hard_mask(maps[:, 4]))
+    assert torch.equal(result.ious, iou(*result.masks))
