@@ -1,7 +1,9 @@
 """Plain vs recording vs guided sampling on a random full-size SD1.5 checkpoint: seconds per step and peak memory.
 
 Every size runs the modes side by side, interleaved within each repeat, and reports medians and ratios against the
-stock KSampler (``nodes.common_ksampler``) of the same repeat. Usage:
+stock KSampler (``nodes.common_ksampler``) of the same repeat. Where ComfyUI's attention is not PyTorch's SDPA (its
+CPU default is sub-quadratic attention), the ``*_sdpa`` modes repeat the comparison with SDPA everywhere: the guided
+pass differentiates through SDPA, so those ratios show what guidance adds, and the others what a user sees. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/sampling.py [--sizes 256 512] [--steps 4] [--repeats 3]
         [--checkpoint random_sd15.safetensors] [--out results.json]
@@ -20,14 +22,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
-sys.path.append(str(REPO))  # after ComfyUI's root, whose `nodes` module must win over this pack's `nodes/`
 import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
 
-MODES = {  # name → BiasMap settings (None = the stock KSampler)
-    "plain": None,
-    "recording": {"scale": 0.0},
-    "guided_all": {"scale": 100.0},
-    "guided_down_1": {"scale": 100.0, "guided_stages": ("down_1",)},
+MODES = {  # name → (BiasMap settings or None for the stock KSampler, attention everywhere: ComfyUI's or SDPA)
+    "plain": (None, "comfy"),
+    "recording": ({"scale": 0.0}, "comfy"),
+    "guided_all": ({"scale": 100.0}, "comfy"),
+    "guided_down_1": ({"scale": 100.0, "guided_stages": ("down_1",)}, "comfy"),
+    # Like for like where ComfyUI's own choice is not SDPA (its CPU default): what guidance itself adds.
+    "plain_sdpa": (None, "sdpa"),
+    "guided_all_sdpa": ({"scale": 100.0}, "sdpa"),
+    "guided_down_1_sdpa": ({"scale": 100.0, "guided_stages": ("down_1",)}, "sdpa"),
 }
 
 
@@ -73,20 +78,38 @@ def run_mode(name, model, clip, pos, neg, latent, steps, device):
     from biasmap_engine import BiasMapSettings
     from biasmap_engine.host import sample_with_scheduler, start_session
 
+    settings, attention = MODES[name]
+    if attention == "sdpa":
+        model = with_sdpa_attention(model)
     trace_mib = setup = 0.0
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        if MODES[name] is None:
+        if settings is None:
             out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
         else:  # the node's whole work: encoding the attribution prompt (setup), sampling, building the trace
             session = start_session(model, clip, "A photo of the face of a doctor and gender", ["gender"],
-                                    ["doctor"], BiasMapSettings(**MODES[name]))
+                                    ["doctor"], BiasMapSettings(**settings))
             setup = time.perf_counter() - start
             out, trace = sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
             trace_mib = sum(m.numel() * m.element_size() for m in trace.maps.values()) / 2 ** 20
         out["samples"].sum().item()  # wait for the device
         seconds = time.perf_counter() - start
     return seconds / steps, mem.mib, mem.total, trace_mib, setup
+
+
+def baseline(mode):
+    """The stock run a mode is compared with: the same attention everywhere."""
+    return "plain_sdpa" if MODES[mode][1] == "sdpa" else "plain"
+
+
+def with_sdpa_attention(model):
+    """A clone whose attention is ComfyUI's PyTorch SDPA path, as with ``--use-pytorch-cross-attention``."""
+    import comfy.ldm.modules.attention as attention
+
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = lambda _f, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)
+    return clone
 
 
 def energy_share(device, batch=1, grid=64, tokens=12, repeats=5):
@@ -115,7 +138,10 @@ def main():
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    comfy_models.boot_comfy()
+    root = comfy_models.boot_comfy()
+    # This checkout, not an installed copy of the pack; after ComfyUI's root, whose `nodes` must win over `nodes/`.
+    sys.path.insert(sys.path.index(root) + 1, str(REPO))
+    import comfy.ldm.modules.attention as attention
     import comfy.model_management as mm
     import comfy.sd
 
@@ -131,13 +157,15 @@ def main():
         for size in args.sizes:
             latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
             run_mode("plain", model, clip, pos, neg, latent, 1, device)  # warm-up: model load, kernels
-            results = {name: [] for name in MODES}
+            comfy_uses_sdpa = attention.optimized_attention is attention.attention_pytorch  # GPUs by default
+            modes = [m for m in MODES if MODES[m][1] == "comfy" or not comfy_uses_sdpa]
+            results = {name: [] for name in modes}
             for _ in range(args.repeats):
-                for name in MODES:
+                for name in modes:
                     results[name].append(run_mode(name, model, clip, pos, neg, latent, args.steps, device))
-            plain = [r[0] for r in results["plain"]]
             for name, runs in results.items():
-                rows.append({"size": size, "mode": name,
+                plain = [r[0] for r in results[baseline(name)]]
+                rows.append({"size": size, "mode": name, "baseline": baseline(name),
                              "s_per_step": statistics.median(r[0] for r in runs),
                              "ratio": statistics.median(r[0] / p for r, p in zip(runs, plain)),
                              "peak_extra_mib": statistics.median(r[1] for r in runs),
@@ -145,18 +173,18 @@ def main():
                              "trace_mib": runs[-1][3], "setup_s": statistics.median(r[4] for r in runs)})
             guided = next(r for r in rows if r["size"] == size and r["mode"] == "guided_all")
             guided["energy_share"] = energy_share(device, grid=size // 8) / guided["s_per_step"]
-            print(json.dumps(rows[-len(MODES):]), flush=True)
+            print(json.dumps(rows[-len(modes):]), flush=True)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{name}, torch {torch.__version__}, random full-size SD1.5 ({args.steps} steps, euler, cfg 7, batch 1), "
           f"median of {args.repeats}\n")
-    print("| size | mode | s/step | × plain | of which setup (s) | peak memory, MiB (× plain) | above the loaded model, MiB "
-          "| trace (MiB) |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|")
-    plain = {r["size"]: r for r in rows if r["mode"] == "plain"}
+    print("| size | mode | s/step | × baseline | baseline | of which setup (s) | peak memory, MiB (× baseline) "
+          "| above the loaded model, MiB | trace (MiB) |")
+    print("|---|---|--:|--:|---|--:|--:|--:|--:|")
+    plain = {(r["size"], r["mode"]): r for r in rows}
     for r in rows:
-        ratio = r["peak_total_mib"] / plain[r["size"]]["peak_total_mib"]
-        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {r['setup_s']:.3f} "
+        ratio = r["peak_total_mib"] / plain[r["size"], r["baseline"]]["peak_total_mib"]
+        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {r['baseline']} | {r['setup_s']:.3f} "
               f"| {r['peak_total_mib']:.0f} ({ratio:.2f}×) | {r['peak_extra_mib']:.0f} | {r['trace_mib']:.1f} |")
     for r in rows:
         if "energy_share" in r:

@@ -7,11 +7,14 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
-  on (the latent as leaf), so no second forward is needed. On a CPU, where time is proportional to the batch, the
-  maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; on a GPU,
-  where a U-Net step at SD sizes is bound by kernel launches, one batched pass is cheaper;
+  on (the latent as leaf), so no second forward is needed. On a CPU with the backward through the whole U-Net, the
+  maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; otherwise
+  one batched pass is cheaper (a GPU at SD sizes is bound by kernel launches; a truncated backward is short);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
-  last guided block, so autograd neither records nor keeps anything of the rest of the U-Net.
+  last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
+- attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``
+  for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, costs about twice
+  SDPA's time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
 """
 
 import torch
@@ -179,15 +182,20 @@ class BiasMapSession:
         self._main_pass_pending = False
         branch = self._branch(conds)
         guide = self._guide_now(model, timestep)
-        if not guide or x_in.device.type != "cpu":  # a GPU is launch-bound at SD sizes: one batched pass is cheaper
+        if not guide:
             return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
-                                    x_in, timestep, branch, guide)
-        # CPU: only the maps' branch runs with autograd, so the backward covers one branch, not the CFG batch.
+                                    x_in, timestep, branch, guide=False)
+        grad_options = _with_differentiable_attention(model_options)
+        if x_in.device.type != "cpu" or self._last_guided_input is not None:
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, grad_options),
+                                    x_in, timestep, branch, guide=True)
+        # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
+        # one branch, not the CFG batch.
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
         out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
                else [torch.zeros_like(x_in) for _ in conds])
-        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, model_options),
+        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, grad_options),
                                   x_in, timestep, branch, guide=True)
         out[branch] = guided[branch]
         return out
@@ -205,8 +213,10 @@ class BiasMapSession:
             conds[_UNCOND] = None
         branch = self._branch(conds)
         model = guider.inner_model
-        extra = lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, model_options)  # noqa: E731
-        self._run_branch(model, extra, x, timestep, _COND, guide=self._guide_now(model, timestep))
+        guide = self._guide_now(model, timestep)
+        options = _with_differentiable_attention(model_options) if guide else model_options
+        extra = lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)  # noqa: E731
+        self._run_branch(model, extra, x, timestep, _COND, guide=guide)
 
     def _run_branch(self, model, run, x, timestep, branch, guide):
         """``run(x, σ)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass."""
@@ -262,3 +272,23 @@ class BiasMapSession:
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
 
+
+
+def _with_differentiable_attention(model_options):
+    """Model options whose attention, where autograd records it, is PyTorch's SDPA (fused, with its own backward).
+
+    Attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps ComfyUI's
+    choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
+    """
+    import comfy.ldm.modules.attention as attention
+
+    options = model_options.get("transformer_options", {})
+    if "optimized_attention_override" in options:
+        return model_options
+
+    def differentiable(func, q, k, v, *args, **kwargs):
+        if torch.is_grad_enabled() and q.requires_grad:
+            return attention.attention_pytorch(q, k, v, *args, **kwargs)
+        return func(q, k, v, *args, **kwargs)
+
+    return {**model_options, "transformer_options": {**options, "optimized_attention_override": differentiable}}

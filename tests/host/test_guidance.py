@@ -200,6 +200,39 @@ def test_another_nodes_attn2_replace_takes_effect_under_guidance(sd15, prompts):
     assert not torch.equal(with_patch, without)
 
 
+def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_has_no_backward(sd15, prompts,
+                                                                                             monkeypatch):
+    import comfy.ldm.modules.attention as attention
+
+    model, clip = sd15
+    pos, neg = prompts
+    usual, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    host_choice = attention.optimized_attention
+    calls = {"n": 0}
+
+    class ForwardOnly(torch.autograd.Function):  # as SageAttention: a fast forward, no backward
+        @staticmethod
+        def forward(ctx, q, k, v, kernel):
+            return kernel(q, k, v)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("this attention kernel has no backward")
+
+    @attention.wrap_attn
+    def forward_only(q, k, v, heads, *args, **kwargs):
+        calls["n"] += 1
+        return ForwardOnly.apply(q, k, v, lambda *qkv: host_choice.__wrapped__(*qkv, heads, *args, **kwargs))
+
+    monkeypatch.setattr(attention, "optimized_attention", forward_only)
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert trace.guidance_counts()["applied"] == 2
+    assert torch.allclose(guided, usual, rtol=1e-5, atol=1e-6 * usual.abs().max().item())
+    calls["n"] = 0
+    sample(model, clip, pos, neg, 0.0, steps=1)
+    assert calls["n"] > 0  # without guidance, the host's kernel is left in charge
+
+
 def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
     import comfy.samplers
 
