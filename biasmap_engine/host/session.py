@@ -7,23 +7,20 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
-  on (the latent as leaf), so no second forward is needed. On a CPU its backward skips the other CFG branch's rows
-  (:class:`RowSparseBackward`), whose gradient is zero, while its forward stays one batch that reads every weight
-  once; a GPU at SD sizes is bound by kernel launches, so there the batch stays whole both ways;
+  on (the latent as leaf), so no second forward is needed. On a CPU with the backward through the whole U-Net, the
+  maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; otherwise
+  one batched pass is cheaper (a GPU at SD sizes is bound by kernel launches; a truncated backward is short);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``
-  for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, takes 2–3× SDPA's
-  time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
+  for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, costs about twice
+  SDPA's time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
 """
-
-import contextlib
 
 import torch
 
 from ..guidance import entanglement_energy, guidance_step
 from ..ovam import sum_upsampled, token_softmax_maps
-from ..row_sparse import RowSparseBackward
 from ..settings import BiasMapSettings
 from ..stages import stage_of
 from ..tokens import find_word_positions
@@ -185,9 +182,23 @@ class BiasMapSession:
         self._main_pass_pending = False
         branch = self._branch(conds)
         guide = self._guide_now(model, timestep)
-        options = self._differentiable(model_options, x_in.device) if guide else model_options
-        return self._run_branch(model, lambda x, t: executor(model, conds, x, t, options), x_in, timestep, branch,
-                                guide)
+        if not guide:
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
+                                    x_in, timestep, branch, guide=False)
+        grad_options = _with_differentiable_attention(model_options)
+        if x_in.device.type != "cpu" or self._last_guided_input is not None:
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, grad_options),
+                                    x_in, timestep, branch, guide=True)
+        # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
+        # one branch, not the CFG batch.
+        others = [c if i != branch else None for i, c in enumerate(conds)]
+        only = [c if i == branch else None for i, c in enumerate(conds)]
+        out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+               else [torch.zeros_like(x_in) for _ in conds])
+        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, grad_options),
+                                  x_in, timestep, branch, guide=True)
+        out[branch] = guided[branch]
+        return out
 
     def _extra_pass(self, guider, x, timestep, model_options):
         """Capture (and guide) through one more U-Net pass of the maps' branch, as PAG and SAG run theirs."""
@@ -203,7 +214,7 @@ class BiasMapSession:
         branch = self._branch(conds)
         model = guider.inner_model
         guide = self._guide_now(model, timestep)
-        options = self._differentiable(model_options, x.device) if guide else model_options
+        options = _with_differentiable_attention(model_options) if guide else model_options
         extra = lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)  # noqa: E731
         self._run_branch(model, extra, x, timestep, _COND, guide=guide)
 
@@ -214,13 +225,10 @@ class BiasMapSession:
             if not guide:
                 return run(x, timestep)
             deinference_(model.diffusion_model)
-            # On a CPU the backward skips the rows of the other CFG branch (their gradient is zero).
-            sparse = RowSparseBackward() if x.device.type == "cpu" else contextlib.nullcontext()
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                with sparse:
-                    out = run(x_leaf, timestep.detach().clone())
+                out = run(x_leaf, timestep.detach().clone())
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
             self._guided = (grad, energy.detach())
@@ -228,39 +236,6 @@ class BiasMapSession:
         finally:
             self._capture_branch = None
             self._truncating = False
-
-    def _differentiable(self, model_options, device):
-        """Options for a guided pass: attention that autograd records runs in PyTorch's SDPA (fused, own backward).
-
-        Rows no gradient flows to (the other CFG branch; everything after a truncation) keep ComfyUI's kernel; on a
-        CPU the other branch's rows are split off for it, on a GPU (launch-bound) the batch stays whole. Another
-        node's ``optimized_attention_override`` is left alone: it owns that slot.
-        """
-        import comfy.ldm.modules.attention as attention
-
-        options = model_options.get("transformer_options", {})
-        if "optimized_attention_override" in options:
-            return model_options
-        split = device.type == "cpu"
-
-        def differentiable(func, q, k, v, heads, mask=None, *args, **kwargs):
-            if not (torch.is_grad_enabled() and q.requires_grad):
-                return func(q, k, v, heads, mask, *args, **kwargs)
-            chunks = kwargs.get("transformer_options", {}).get("cond_or_uncond", [])
-            b = q.shape[0]
-            if not split or mask is not None or len(chunks) < 2 or b % len(chunks) or not b == k.shape[0] == v.shape[0]:
-                return attention.attention_pytorch(q, k, v, heads, mask, *args, **kwargs)
-            if self._capture_branch not in chunks:  # a separate U-Net call of the other branch: no gradient at all
-                with torch.no_grad():
-                    return func(q, k, v, heads, mask, *args, **kwargs)
-            lo = chunks.index(self._capture_branch) * (b // len(chunks))
-            hi = lo + b // len(chunks)
-            with torch.no_grad():
-                rest = func(*(torch.cat([t[:lo], t[hi:]]) for t in (q, k, v)), heads, mask, *args, **kwargs)
-            own = attention.attention_pytorch(q[lo:hi], k[lo:hi], v[lo:hi], heads, mask, *args, **kwargs)
-            return torch.cat([rest[:lo], own, rest[lo:]])
-
-        return {**model_options, "transformer_options": {**options, "optimized_attention_override": differentiable}}
 
     def _energy(self):
         maps = self.recorder.current(self.settings.guided_stages)
@@ -296,3 +271,24 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+
+def _with_differentiable_attention(model_options):
+    """Model options whose attention, where autograd records it, is PyTorch's SDPA (fused, with its own backward).
+
+    Attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps ComfyUI's
+    choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
+    """
+    import comfy.ldm.modules.attention as attention
+
+    options = model_options.get("transformer_options", {})
+    if "optimized_attention_override" in options:
+        return model_options
+
+    def differentiable(func, q, k, v, *args, **kwargs):
+        if torch.is_grad_enabled() and q.requires_grad:
+            return attention.attention_pytorch(q, k, v, *args, **kwargs)
+        return func(q, k, v, *args, **kwargs)
+
+    return {**model_options, "transformer_options": {**options, "optimized_attention_override": differentiable}}
