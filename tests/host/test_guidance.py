@@ -233,6 +233,21 @@ def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_ha
     assert calls["n"] > 0  # without guidance, the host's kernel is left in charge
 
 
+def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch):
+    model, clip = sd15
+    pos, neg = prompts
+    corrections = []
+    for memory in ("ample", "short"):
+        if memory == "short":  # ComfyUI batches cond and uncond only when memory allows
+            monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+        guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+        assert trace.guidance_counts()["applied"] == 2
+        corrections.append(guided - sample(model, clip, pos, neg, 0.0, steps=2)[0])
+    batched, separate = corrections
+    assert batched.norm() > 0
+    assert torch.allclose(separate, batched, rtol=1e-2, atol=1e-2 * batched.abs().max().item())
+
+
 def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
     import comfy.samplers
 
