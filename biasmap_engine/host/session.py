@@ -13,8 +13,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``
-  for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, costs about twice
-  SDPA's time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
+  for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, takes 2–3× SDPA's
+  time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
 """
 
 import torch
@@ -271,7 +271,6 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
-
 
 
 def _with_differentiable_attention(model_options):
