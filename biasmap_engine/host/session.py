@@ -182,20 +182,17 @@ class BiasMapSession:
         self._main_pass_pending = False
         branch = self._branch(conds)
         guide = self._guide_now(model, timestep)
-        if not guide:
-            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, model_options),
-                                    x_in, timestep, branch, guide=False)
-        grad_options = _with_differentiable_attention(model_options)
-        if x_in.device.type != "cpu" or self._last_guided_input is not None:
-            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, grad_options),
-                                    x_in, timestep, branch, guide=True)
+        options = _with_differentiable_attention(model_options) if guide else model_options
+        if not guide or x_in.device.type != "cpu" or self._last_guided_input is not None:
+            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, options),
+                                    x_in, timestep, branch, guide)
         # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
         # one branch, not the CFG batch.
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
         out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
                else [torch.zeros_like(x_in) for _ in conds])
-        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, grad_options),
+        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, options),
                                   x_in, timestep, branch, guide=True)
         out[branch] = guided[branch]
         return out
