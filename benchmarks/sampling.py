@@ -1,15 +1,17 @@
 """Plain vs recording vs guided sampling on a random full-size SD1.5 checkpoint: seconds per step and peak memory.
 
 Every size runs the modes side by side, interleaved within each repeat, and reports medians and ratios against the
-stock KSampler (``nodes.common_ksampler``) of the same repeat. Where ComfyUI's attention is not PyTorch's SDPA (its
-CPU default is sub-quadratic attention), the ``*_sdpa`` modes repeat the comparison with SDPA everywhere: the guided
-pass differentiates through SDPA, so those ratios show what guidance adds, and the others what a user sees. Usage:
+stock KSampler (``nodes.common_ksampler``) of the same repeat. On the CPU the guided pass uses other kernels than
+ComfyUI's defaults: PyTorch's SDPA attention (ComfyUI's CPU default is sub-quadratic attention) and the direct
+convolution on grids of ≤ 8×8. The ``*_matched`` modes repeat the comparison with those kernels everywhere, so their
+ratios show what guidance itself adds, and the others what a user sees. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/sampling.py [--sizes 256 512] [--steps 4] [--repeats 3]
         [--checkpoint random_sd15.safetensors] [--out results.json]
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,15 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
 import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
 
-MODES = {  # name → (BiasMap settings or None for the stock KSampler, attention everywhere: ComfyUI's or SDPA)
+MODES = {  # name → (BiasMap settings or None for the stock KSampler, kernels: ComfyUI's or the guided pass's)
     "plain": (None, "comfy"),
     "recording": ({"scale": 0.0}, "comfy"),
     "guided_all": ({"scale": 100.0}, "comfy"),
     "guided_down_1": ({"scale": 100.0, "guided_stages": ("down_1",)}, "comfy"),
-    # Like for like where ComfyUI's own choice is not SDPA (its CPU default): what guidance itself adds.
-    "plain_sdpa": (None, "sdpa"),
-    "guided_all_sdpa": ({"scale": 100.0}, "sdpa"),
-    "guided_down_1_sdpa": ({"scale": 100.0, "guided_stages": ("down_1",)}, "sdpa"),
+    # Like for like on the CPU, where the guided pass's kernels are not ComfyUI's: what guidance itself adds.
+    "plain_matched": (None, "matched"),
+    "guided_all_matched": ({"scale": 100.0}, "matched"),
+    "guided_down_1_matched": ({"scale": 100.0, "guided_stages": ("down_1",)}, "matched"),
 }
 
 
@@ -78,11 +80,13 @@ def run_mode(name, model, clip, pos, neg, latent, steps, device):
     from biasmap_engine import BiasMapSettings
     from biasmap_engine.host import sample_with_scheduler, start_session
 
-    settings, attention = MODES[name]
-    if attention == "sdpa":
+    from biasmap_engine.host.small_grid_conv import SmallGridConvolution
+
+    settings, kernels = MODES[name]
+    if kernels == "matched":
         model = with_sdpa_attention(model)
     trace_mib = setup = 0.0
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, (SmallGridConvolution() if kernels == "matched" else contextlib.nullcontext()):
         start = time.perf_counter()
         if settings is None:
             out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
@@ -98,8 +102,8 @@ def run_mode(name, model, clip, pos, neg, latent, steps, device):
 
 
 def baseline(mode):
-    """The stock run a mode is compared with: the same attention everywhere."""
-    return "plain_sdpa" if MODES[mode][1] == "sdpa" else "plain"
+    """The stock run a mode is compared with: the same kernels everywhere."""
+    return "plain_matched" if MODES[mode][1] == "matched" else "plain"
 
 
 def with_sdpa_attention(model):
@@ -141,7 +145,6 @@ def main():
     root = comfy_models.boot_comfy()
     # This checkout, not an installed copy of the pack; after ComfyUI's root, whose `nodes` must win over `nodes/`.
     sys.path.insert(sys.path.index(root) + 1, str(REPO))
-    import comfy.ldm.modules.attention as attention
     import comfy.model_management as mm
     import comfy.sd
 
@@ -157,8 +160,7 @@ def main():
         for size in args.sizes:
             latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
             run_mode("plain", model, clip, pos, neg, latent, 1, device)  # warm-up: model load, kernels
-            comfy_uses_sdpa = attention.optimized_attention is attention.attention_pytorch  # GPUs by default
-            modes = [m for m in MODES if MODES[m][1] == "comfy" or not comfy_uses_sdpa]
+            modes = [m for m in MODES if MODES[m][1] == "comfy" or device.type == "cpu"]  # GPU: the same kernels
             results = {name: [] for name in modes}
             for _ in range(args.repeats):
                 for name in modes:

@@ -9,7 +9,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
   on (the latent as leaf), so no second forward is needed. On a CPU with the backward through the whole U-Net, the
   maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; otherwise
-  one batched pass is cheaper (a GPU at SD sizes is bound by kernel launches; a truncated backward is short);
+  one batched pass is cheaper (a GPU at SD sizes is bound by kernel launches; a truncated backward is short).
+  Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``
@@ -25,6 +26,7 @@ from ..settings import BiasMapSettings
 from ..stages import stage_of
 from ..tokens import find_word_positions
 from ..trace import TraceRecorder
+from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
 
 __all__ = ["BiasMapSession"]
@@ -187,13 +189,15 @@ class BiasMapSession:
             return self._run_branch(model, lambda x, t: executor(model, conds, x, t, options),
                                     x_in, timestep, branch, guide)
         # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
-        # one branch, not the CFG batch.
+        # one branch, not the CFG batch. Both branches then run at batch 1, where the direct kernel beats oneDNN on
+        # the smallest grids.
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
-        out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
-               else [torch.zeros_like(x_in) for _ in conds])
-        guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, options),
-                                  x_in, timestep, branch, guide=True)
+        with SmallGridConvolution():
+            out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+                   else [torch.zeros_like(x_in) for _ in conds])
+            guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, options),
+                                      x_in, timestep, branch, guide=True)
         out[branch] = guided[branch]
         return out
 

@@ -233,6 +233,34 @@ def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_ha
     assert calls["n"] > 0  # without guidance, the host's kernel is left in charge
 
 
+def test_guided_cpu_passes_run_convolutions_on_grids_up_to_8x8_with_the_direct_kernel(sd15, prompts, monkeypatch):
+    import comfy.model_management
+
+    import biasmap_engine.host.small_grid_conv as small_grid_conv
+
+    model, clip = sd15
+    pos, neg = prompts
+    grids = []
+
+    def spy(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        grids.append((tuple(x.shape[-2:]), out is not None))
+        return out
+
+    real = small_grid_conv._direct_conv2d
+    monkeypatch.setattr(small_grid_conv, "_direct_conv2d", spy)
+    sample(model, clip, pos, neg, 0.0, size=16)
+    assert grids == []  # λ = 0: ComfyUI's kernels, untouched
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, size=16)
+    assert trace.guidance_counts()["applied"] == 1
+    if comfy.model_management.get_torch_device().type != "cpu":
+        assert grids == []  # one batched pass on a GPU: nothing to reroute
+        return
+    direct = {grid for grid, routed in grids if routed}
+    assert direct == {(8, 8)}  # the 16×16 latent's lower U-Net level
+    assert all(not routed for grid, routed in grids if grid[0] * grid[1] > 64)
+
+
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch):
     model, clip = sd15
     pos, neg = prompts
