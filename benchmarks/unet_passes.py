@@ -1,0 +1,83 @@
+"""The U-Net passes a guided CPU step is made of, timed bare: the floor under ``benchmarks/sampling.py``'s figures.
+
+A guided step with all stages on the CPU runs the other CFG branch forward at batch 1, the maps' branch forward at
+batch 1 with autograd, and one backward to the latent; the stock KSampler runs one batch-2 forward. This times those
+passes on the bare U-Net (no BiasMap hooks, no sampler), with the guided pass's kernels everywhere (PyTorch SDPA,
+the direct convolution on grids of ≤ 8×8), so the ratio is what the arithmetic alone costs. Usage:
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/unet_passes.py [--sizes 256 512] [--repeats 3]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "support"))
+import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
+
+
+def median_s(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    args = parser.parse_args()
+
+    root = comfy_models.boot_comfy()
+    sys.path.insert(sys.path.index(root) + 1, str(REPO))  # this checkout, after ComfyUI's `nodes`
+    import comfy.ldm.modules.attention as attention
+    import comfy.sd
+
+    from biasmap_engine.host import deinference_
+    from biasmap_engine.host.small_grid_conv import SmallGridConvolution
+
+    if not Path(args.checkpoint).exists():
+        comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))[0][0]
+    unet = model.model.diffusion_model
+    deinference_(unet)
+    options = {"optimized_attention_override": lambda _f, *a, **k: attention.attention_pytorch(*a, **k)}
+
+    def forward(batch, size):
+        x = torch.randn(batch, 4, size // 8, size // 8)
+        with torch.no_grad():
+            unet(x, torch.full((batch,), 500.0), context.repeat(batch, 1, 1), transformer_options=dict(options))
+
+    def forward_backward(size):
+        x = torch.randn(1, 4, size // 8, size // 8, requires_grad=True)
+        with torch.enable_grad():
+            out = unet(x, torch.full((1,), 500.0), context.clone(), transformer_options=dict(options))
+            torch.autograd.grad(out, x, torch.ones_like(out))
+
+    print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, random full-size SD1.5 U-Net, "
+          f"median of {args.repeats}\n")
+    print("| size | batch-2 forward (stock) | batch-1 forward | batch-1 forward + backward | guided passes ÷ stock |")
+    print("|---|--:|--:|--:|--:|")
+    with SmallGridConvolution():
+        for size in args.sizes:
+            stock = median_s(lambda: forward(2, size), args.repeats)
+            other = median_s(lambda: forward(1, size), args.repeats)
+            guided = median_s(lambda: forward_backward(size), args.repeats)
+            print(f"| {size}² | {stock:.3f} s | {other:.3f} s | {guided:.3f} s | {(other + guided) / stock:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
