@@ -3,7 +3,7 @@
 On the CPU the guided pass runs each CFG branch at batch 1, so that the backward covers one branch only. At U-Net
 levels of 8×8 and 4×4 with 1280–2560 channels, oneDNN (PyTorch's default CPU convolution) then takes 2–4× the
 time of PyTorch's direct im2col + GEMM kernel, forward and backward (measured in docs/benchmarks.md: a
-2560→1280 3×3 convolution at 4×4 takes 40 ms against 9 ms). Larger grids are left to oneDNN, which wins there.
+2560→1280 3×3 convolution at 4×4 takes 42 ms against 9 ms). Larger grids are left to oneDNN, which wins there.
 Values agree to float rounding; the mode is entered only for guided passes, so λ = 0 keeps ComfyUI's kernels.
 """
 
@@ -28,13 +28,13 @@ class SmallGridConvolution(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _direct_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def _direct_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002 (F.conv2d's names)
     """The direct kernel's result, or None where it does not apply (GPU, large grid, grouped, dilated, …)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or groups != 1
-            or x.shape[-1] * x.shape[-2] > SMALL_GRID_PIXELS or isinstance(padding, str)
+    if (input.device.type != "cpu" or input.dtype != torch.float32 or input.dim() != 4 or groups != 1
+            or input.shape[-1] * input.shape[-2] > SMALL_GRID_PIXELS or isinstance(padding, str)
             or _pair(dilation) != [1, 1]):
         return None
-    return torch.ops.aten.thnn_conv2d(x, weight, list(weight.shape[-2:]), bias, _pair(stride), _pair(padding))
+    return torch.ops.aten.thnn_conv2d(input, weight, list(weight.shape[-2:]), bias, _pair(stride), _pair(padding))
 
 
 def _pair(value) -> list[int]:

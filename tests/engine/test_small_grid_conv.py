@@ -36,3 +36,11 @@ def test_other_convolutions_keep_pytorchs_choice_bit_for_bit(case):
         y = conv(x)
     assert type(y.grad_fn).__name__ == "ConvolutionBackward0"
     assert torch.equal(y, conv(x))
+
+
+def test_keyword_calls_are_routed_too():
+    conv, x = conv_and_input(4, padding=1)
+    with SmallGridConvolution():
+        y = torch.nn.functional.conv2d(input=x, weight=conv.weight, bias=conv.bias, padding=1)
+    assert type(y.grad_fn).__name__ == "SlowConv2DBackward0"
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
