@@ -261,6 +261,24 @@ def test_guided_cpu_passes_run_convolutions_on_grids_up_to_8x8_with_the_direct_k
     assert all(not routed for grid, routed in grids if grid[0] * grid[1] > 64)
 
 
+def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
+    import comfy_models
+
+    energies = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.inference_mode():
+            model, clip = comfy_models.tiny_sd15(0, dtype=dtype)
+            pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
+            neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        out, trace, (x, sigma, guided) = sample(model, clip, pos, neg, 100.0, steps=2)
+        assert torch.isfinite(out).all()
+        assert trace.guidance_counts()["applied"] == 2
+        assert trace.guidance["energy"].dtype == torch.float32
+        energies[dtype] = trace.guidance["energy"][0]
+    # bf16 rounds the U-Net's activations (~3 significant digits), not the energy's own arithmetic.
+    torch.testing.assert_close(energies[torch.bfloat16], energies[torch.float32], rtol=2e-2, atol=0)
+
+
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch):
     model, clip = sd15
     pos, neg = prompts
