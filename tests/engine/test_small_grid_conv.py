@@ -19,10 +19,11 @@ def test_grids_up_to_8x8_run_the_direct_kernel_with_the_same_values_and_input_gr
         y = conv(x)
     assert type(y.grad_fn).__name__ == "SlowConv2DBackward0"
     expected = conv(x)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    # Float rounding only: the two kernels sum in different orders.
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     (got,) = torch.autograd.grad(y.square().sum(), x)
     (want,) = torch.autograd.grad(expected.square().sum(), x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("case", ["9x9 grid", "dilated", "grouped", "float64", "same padding"])
@@ -43,4 +44,5 @@ def test_keyword_calls_are_routed_too():
     with SmallGridConvolution():
         y = torch.nn.functional.conv2d(input=x, weight=conv.weight, bias=conv.bias, padding=1)
     assert type(y.grad_fn).__name__ == "SlowConv2DBackward0"
-    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    expected = conv(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
