@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
@@ -120,17 +121,10 @@ def energy_share(device, batch=1, grid=64, tokens=12, repeats=5):
     """Seconds of soft top-k + SoftIoU (forward + backward, paper mode) on one evaluation's maps."""
     from biasmap_engine import entanglement_energy
 
-    times = []
     with torch.inference_mode(False), torch.enable_grad():
         maps = (torch.rand(batch, tokens, grid, grid, device=device) * 40).requires_grad_(True)
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            energy = entanglement_energy(maps, [([8], [6])])
-            torch.autograd.grad(energy.sum(), maps)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        return median_seconds(lambda: torch.autograd.grad(entanglement_energy(maps, [([8], [6])]).sum(), maps),
+                              repeats, device=device.type)
 
 
 def main():

@@ -6,12 +6,11 @@ batch). Usage: ``python benchmarks/small_grid_conv.py [--repeats 7]``
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biasmap_engine.host.small_grid_conv import SmallGridConvolution  # noqa: E402
@@ -19,16 +18,6 @@ from biasmap_engine.host.small_grid_conv import SmallGridConvolution  # noqa: E4
 # (in channels, out channels, grid): the U-Net's 3×3 convolutions at 256² (grids 32…4) and 512² (64…8).
 SHAPES = [(1280, 1280, 4), (2560, 1280, 4), (1280, 1280, 8), (1920, 1280, 8), (2560, 1280, 8), (1280, 1280, 16),
           (1920, 640, 16), (1280, 640, 16), (640, 640, 16), (320, 320, 32)]
-
-
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def measure(conv, x, direct, repeats):
@@ -40,7 +29,7 @@ def measure(conv, x, direct, repeats):
                  else conv(xi))
             if grad:
                 torch.autograd.grad(y, xi, torch.ones_like(y))
-    return median_ms(lambda: run(False), repeats), median_ms(lambda: run(True), repeats)
+    return 1000 * median_seconds(lambda: run(False), repeats), 1000 * median_seconds(lambda: run(True), repeats)
 
 
 def main():

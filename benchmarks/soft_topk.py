@@ -2,13 +2,12 @@
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: biasmap_engine, not the ComfyUI package
 
@@ -31,21 +30,6 @@ def ovam_like(size: int, peak: float, device: str) -> torch.Tensor:
     return (peak * blobs[:, 0]).to(device)
 
 
-def median_ms(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in milliseconds after ``warmup`` calls, synchronising on CUDA."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def time_mode(size: int, mode: str, device: str, repeats: int) -> dict:
     """Forward (no grad) and forward+backward (∂ SoftIoU(S₀, S₁) / ∂ maps) milliseconds per call."""
     maps = ovam_like(size, TIMING_PEAK, device).requires_grad_()
@@ -58,8 +42,8 @@ def time_mode(size: int, mode: str, device: str, repeats: int) -> dict:
         s = soft_topk(maps, keep=KEEP, mode=mode)
         torch.autograd.grad(soft_iou(s[0], s[1]), maps)
 
-    return {"size": size, "mode": mode, "forward_ms": median_ms(forward, device, repeats),
-            "forward_backward_ms": median_ms(forward_backward, device, repeats)}
+    return {"size": size, "mode": mode, "forward_ms": 1e3 * median_seconds(forward, repeats, 2, device),
+            "forward_backward_ms": 1e3 * median_seconds(forward_backward, repeats, 2, device)}
 
 
 def deviation(size: int, peak: float, device: str) -> dict:

@@ -9,26 +9,15 @@ the direct convolution on grids of ≤ 8×8), so the ratio is what the arithmeti
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
 import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
-
-
-def median_s(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -72,9 +61,9 @@ def main():
     print("|---|--:|--:|--:|--:|")
     with SmallGridConvolution():
         for size in args.sizes:
-            stock = median_s(lambda: forward(2, size), args.repeats)
-            other = median_s(lambda: forward(1, size), args.repeats)
-            guided = median_s(lambda: forward_backward(size), args.repeats)
+            stock = median_seconds(lambda: forward(2, size), args.repeats)
+            other = median_seconds(lambda: forward(1, size), args.repeats)
+            guided = median_seconds(lambda: forward_backward(size), args.repeats)
             print(f"| {size}² | {stock:.3f} s | {other:.3f} s | {guided:.3f} s | {(other + guided) / stock:.2f} |",
                   flush=True)
 
