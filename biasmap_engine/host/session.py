@@ -184,10 +184,9 @@ class BiasMapSession:
         self._main_pass_pending = False
         branch = self._branch(conds)
         guide = self._guide_now(model, timestep)
-        options = _with_differentiable_attention(model_options) if guide else model_options
         if not guide or x_in.device.type != "cpu" or self._last_guided_input is not None:
-            return self._run_branch(model, lambda x, t: executor(model, conds, x, t, options),
-                                    x_in, timestep, branch, guide)
+            return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
+                                    x_in, timestep, model_options, branch, guide)
         # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
         # one branch, not the CFG batch. Both branches then run at batch 1, where the direct kernel beats oneDNN on
         # the smallest grids.
@@ -196,8 +195,8 @@ class BiasMapSession:
         with SmallGridConvolution():
             out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
-            guided = self._run_branch(model, lambda x, t: executor(model, only, x, t, options),
-                                      x_in, timestep, branch, guide=True)
+            guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
+                                      x_in, timestep, model_options, branch, guide=True)
         out[branch] = guided[branch]
         return out
 
@@ -214,22 +213,25 @@ class BiasMapSession:
             conds[_UNCOND] = None
         branch = self._branch(conds)
         model = guider.inner_model
-        guide = self._guide_now(model, timestep)
-        options = _with_differentiable_attention(model_options) if guide else model_options
-        extra = lambda x_, t: comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)  # noqa: E731
-        self._run_branch(model, extra, x, timestep, _COND, guide=guide)
+        def extra(x_, t, options):
+            return comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)
 
-    def _run_branch(self, model, run, x, timestep, branch, guide):
-        """``run(x, σ)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass."""
+        self._run_branch(model, extra, x, timestep, model_options, _COND, guide=self._guide_now(model, timestep))
+
+    def _run_branch(self, model, run, x, timestep, model_options, branch, guide):
+        """``run(x, σ, options)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass.
+
+        The guided pass runs with autograd on and, where autograd records attention, PyTorch's SDPA.
+        """
         self._capture_branch = branch
         try:
             if not guide:
-                return run(x, timestep)
+                return run(x, timestep, model_options)
             deinference_(model.diffusion_model)
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                out = run(x_leaf, timestep.detach().clone())
+                out = run(x_leaf, timestep.detach().clone(), _with_differentiable_attention(model_options))
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
             self._guided = (grad, energy.detach())

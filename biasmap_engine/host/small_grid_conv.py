@@ -28,7 +28,7 @@ class SmallGridConvolution(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _direct_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002 (F.conv2d's names)
+def _direct_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002 (F.conv2d)
     """The direct kernel's result, or None where it does not apply (GPU, large grid, grouped, dilated, …)."""
     if (input.device.type != "cpu" or input.dtype != torch.float32 or input.dim() != 4 or groups != 1
             or input.shape[-1] * input.shape[-2] > SMALL_GRID_PIXELS or isinstance(padding, str)
