@@ -149,8 +149,7 @@ def main():
     rows = []
     with torch.inference_mode():
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
-        pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
-        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        pos, neg = comfy_models.paper_prompts(clip)
         for size in args.sizes:
             latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
             run_mode("plain", model, clip, pos, neg, latent, 1, device)  # warm-up: model load, kernels

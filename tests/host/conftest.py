@@ -64,5 +64,4 @@ def prompts(sd15):
 
     _, clip = sd15
     with torch.inference_mode():
-        return (clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor")),
-                clip.encode_from_tokens_scheduled(clip.tokenize("")))
+        return comfy_models.paper_prompts(clip)

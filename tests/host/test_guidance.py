@@ -82,8 +82,7 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages
 
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sd15(0) if family == "sd15" else comfy_models.tiny_sd2v(0)
-        pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
-        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        pos, neg = comfy_models.paper_prompts(clip)
     lam = 100.0
     # down_1 alone also exercises the truncated backward (activations detached after the last guided block).
     _, trace, (x, sigma, guided) = sample(model, clip, pos, neg, lam, guided_stages=stages)
@@ -268,8 +267,7 @@ def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
     for dtype in (torch.float32, torch.bfloat16):
         with torch.inference_mode():
             model, clip = comfy_models.tiny_sd15(0, dtype=dtype)
-            pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
-            neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+            pos, neg = comfy_models.paper_prompts(clip)
         out, trace, (x, sigma, guided) = sample(model, clip, pos, neg, 100.0, steps=2)
         assert torch.isfinite(out).all()
         assert trace.guidance_counts()["applied"] == 2

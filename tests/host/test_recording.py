@@ -203,8 +203,7 @@ def test_sd2_v_prediction_and_sdxl_models_record_their_own_stages(comfy):
                                 (comfy_models.tiny_sdxl, ["down_2", "down_4", "up_4", "up_2"], (16, 16))):
         with torch.inference_mode():
             model, clip = build(0)
-            pos = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))
-            neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+            pos, neg = comfy_models.paper_prompts(clip)
             lat = {"samples": torch.zeros(1, 4, 32, 32)}
             (stock,) = nodes.common_ksampler(model, 0, 2, 6.0, "euler", "normal", pos, neg, lat)
             session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)

@@ -204,6 +204,12 @@ def tiny_dit(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.de
     return _model_patcher(comfy.supported_models.Flux(_TINY_FLUX), seed, dtype, device)
 
 
+def paper_prompts(clip) -> tuple[list, list]:
+    """Positive and negative CONDITIONING of the paper's prompt ("A photo of the face of a doctor", empty negative)."""
+    return (clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor")),
+            clip.encode_from_tokens_scheduled(clip.tokenize("")))
+
+
 def write_random_sd15_checkpoint(path: str, size: str = "tiny", with_vae: bool = False, seed: int = 0,
                                  dtype: torch.dtype = torch.float16) -> str:
     """Write a random checkpoint that ComfyUI's loaders detect as SD15; return ``path``.
