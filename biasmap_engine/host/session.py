@@ -18,8 +18,6 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
 """
 
-import contextlib
-
 import torch
 
 from ..guidance import entanglement_energy, guidance_step
@@ -28,7 +26,6 @@ from ..settings import BiasMapSettings
 from ..stages import stage_of
 from ..tokens import find_word_positions
 from ..trace import TraceRecorder
-from .row_sparse import RowSparseBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
 
@@ -186,8 +183,22 @@ class BiasMapSession:
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
         branch = self._branch(conds)
-        return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
-                                x_in, timestep, model_options, branch, self._guide_now(model, timestep))
+        guide = self._guide_now(model, timestep)
+        if not guide or x_in.device.type != "cpu" or self._last_guided_input is not None:
+            return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
+                                    x_in, timestep, model_options, branch, guide)
+        # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
+        # one branch, not the CFG batch. Both branches then run at batch 1, where the direct kernel beats oneDNN on
+        # the smallest grids.
+        others = [c if i != branch else None for i, c in enumerate(conds)]
+        only = [c if i == branch else None for i, c in enumerate(conds)]
+        with SmallGridConvolution():
+            out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+                   else [torch.zeros_like(x_in) for _ in conds])
+            guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
+                                      x_in, timestep, model_options, branch, guide=True)
+        out[branch] = guided[branch]
+        return out
 
     def _extra_pass(self, guider, x, timestep, model_options):
         """Capture (and guide) through one more U-Net pass of the maps' branch, as PAG and SAG run theirs."""
@@ -217,12 +228,10 @@ class BiasMapSession:
             if not guide:
                 return run(x, timestep, model_options)
             deinference_(model.diffusion_model)
-            cpu = x.device.type == "cpu"
-            options = _with_differentiable_attention(model_options, branch if cpu else None)
-            with torch.inference_mode(False), torch.enable_grad(), _cpu_kernels(cpu):
+            with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                out = run(x_leaf, timestep.detach().clone(), options)
+                out = run(x_leaf, timestep.detach().clone(), _with_differentiable_attention(model_options))
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
             self._guided = (grad, energy.detach())
@@ -267,23 +276,11 @@ class BiasMapSession:
                                     settings=self.settings.to_dict(), notes=self.notes)
 
 
-@contextlib.contextmanager
-def _cpu_kernels(cpu: bool):
-    """On a CPU: the backward skips rows without gradient, and grids of ≤ 8×8 use the direct convolution."""
-    if not cpu:
-        yield
-        return
-    with SmallGridConvolution(), RowSparseBackward():  # in this order: RowSparseBackward's forward calls the other
-        yield
-
-
-def _with_differentiable_attention(model_options, split_branch: int | None = None):
+def _with_differentiable_attention(model_options):
     """Model options whose attention, where autograd records it, is PyTorch's SDPA (fused, with its own backward).
 
-    Attention that no gradient flows through (layers after a truncation) keeps ComfyUI's choice. With
-    ``split_branch``, so do the rows of the other CFG branches of a batch: only that branch's rows are recorded by
-    autograd, the others are computed without it. Another node's ``optimized_attention_override`` is left alone: it
-    owns that slot.
+    Attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps ComfyUI's
+    choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
     """
     import comfy.ldm.modules.attention as attention
 
@@ -292,22 +289,8 @@ def _with_differentiable_attention(model_options, split_branch: int | None = Non
         return model_options
 
     def differentiable(func, q, k, v, *args, **kwargs):
-        if not (torch.is_grad_enabled() and q.requires_grad):
-            return func(q, k, v, *args, **kwargs)
-        chunks = kwargs.get("transformer_options", {}).get("cond_or_uncond", [])
-        b = q.shape[0]
-        if split_branch not in chunks or len(chunks) < 2 or b % len(chunks) or not b == k.shape[0] == v.shape[0]:
+        if torch.is_grad_enabled() and q.requires_grad:
             return attention.attention_pytorch(q, k, v, *args, **kwargs)
-        lo = chunks.index(split_branch) * (b // len(chunks))
-        hi = lo + b // len(chunks)
-        with torch.no_grad():
-            rest = func(*(_without_rows(t, lo, hi) for t in (q, k, v)), *args, **kwargs)
-        own = attention.attention_pytorch(q[lo:hi], k[lo:hi], v[lo:hi], *args, **kwargs)
-        return torch.cat([rest[:lo], own, rest[lo:]])
+        return func(q, k, v, *args, **kwargs)
 
     return {**model_options, "transformer_options": {**options, "optimized_attention_override": differentiable}}
-
-
-def _without_rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``t`` without rows lo…hi−1; a view when they are at an end (two CFG branches)."""
-    return t[hi:] if lo == 0 else t[:lo] if hi == t.shape[0] else torch.cat([t[:lo], t[hi:]])
