@@ -159,36 +159,45 @@ class BiasMapTrace:
 class TraceRecorder:
     """Accumulates one run's maps on the device, one model evaluation at a time; :meth:`finish` builds the trace.
 
-    Layers of one stage are summed as they arrive; nothing leaves the device until the run ends.
+    Layers of one stage are summed as they arrive; nothing leaves the device until the run ends. When the recorded
+    CFG branch has several conditioning entries (ConditioningCombine), each runs through every layer: the
+    evaluation's maps are their mean, as ComfyUI averages the entries' noise predictions.
     """
 
     def __init__(self):
         self._stage_maps: dict[str, list[torch.Tensor]] = {}
         self._current: dict[str, torch.Tensor] = {}
+        self._entries = 0
         self._sigmas, self._steps = [], []
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
 
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
         """Open a model evaluation at noise level σ of sampler step ``step`` (0-d tensors: no host sync)."""
         self._current = {}
+        self._entries = 0
         self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
         self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
 
     def add(self, stage: str, maps: torch.Tensor) -> None:
-        """Add one layer's ``[B, N, h, w]`` maps to the open evaluation (kept with its graph, if any)."""
+        """Add one layer's ``[B, N, h, w]`` maps (summed over entries) to the open evaluation, graph kept."""
         previous = self._current.get(stage)
         self._current[stage] = maps if previous is None else previous + maps
 
+    def count_entries(self, entries: int) -> None:
+        """Count conditioning entries of the recorded branch that went through the U-Net in this evaluation."""
+        self._entries += entries
+
     def current(self, stages=None) -> dict[str, torch.Tensor]:
-        """The open evaluation's per-stage maps, still differentiable."""
-        return {s: m for s, m in self._current.items() if stages is None or s in stages}
+        """The open evaluation's per-stage maps (mean over entries), still differentiable."""
+        return {s: m if self._entries <= 1 else m / self._entries
+                for s, m in self._current.items() if stages is None or s in stages}
 
     def end(self, energy=None, grad_norm=None, status=None) -> None:
         """Close the evaluation, storing detached maps and the guidance accounting for it."""
         if not self._current:
             raise RuntimeError("a model evaluation recorded no cross-attention map; the model has no U-Net "
                                "cross-attention in the recorded stages (DiT models are not supported)")
-        for stage, maps in self._current.items():
+        for stage, maps in self.current().items():
             self._stage_maps.setdefault(stage, []).append(maps.detach().float())
         batch = next(iter(self._current.values())).shape[0]
         device = next(iter(self._current.values())).device

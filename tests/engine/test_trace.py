@@ -92,6 +92,20 @@ def test_unrecorded_stage_or_empty_step_window_errors_name_what_exists():
         trace.concept_map("doctor", steps=(5, 9))
 
 
+def test_recorder_keeps_the_mean_over_the_recorded_branchs_entries():
+    gen = torch.Generator().manual_seed(3)
+    first, second = torch.rand(2, 1, 6, 4, 4, generator=gen)
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(1.0), torch.tensor(0))
+    for maps in (first, second):  # two conditioning entries, e.g. in two U-Net calls
+        rec.add("down_1", maps)
+        rec.count_entries(1)
+    assert torch.allclose(rec.current()["down_1"], (first + second) / 2)
+    rec.end()
+    trace = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 4, 4])
+    assert torch.allclose(trace.maps["down_1"][0], (first + second) / 2)
+
+
 def test_recorder_refuses_an_evaluation_without_maps():
     rec = TraceRecorder()
     rec.begin(torch.tensor(1.0), torch.tensor(0))
