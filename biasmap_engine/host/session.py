@@ -3,7 +3,9 @@
 Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
   through a replace another node registered before, which it chains) and, on the recorded CFG branch, the OVAM
-  token maps against the attribution keys;
+  token maps against the attribution keys. That branch's whole-image conditioning entries are averaged, batched or
+  not; entries on a crop of the latent (area conditioning) are left out; where a step has no whole-image entry on
+  it (timestep ranges), the other branch is recorded;
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
@@ -13,6 +15,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
+- when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
+  tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``
   for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, takes 2–3× SDPA's
   time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
@@ -33,6 +37,7 @@ __all__ = ["BiasMapSession"]
 
 _KEY = "biasmap"
 _COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and in cond_or_uncond
+_NAMES = {_COND: "positive", _UNCOND: "negative"}
 
 
 class BiasMapSession:
@@ -61,7 +66,10 @@ class BiasMapSession:
         self._main_pass_pending = False
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
         self._truncating = False
+        self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._last_guided_input = self._last_guided_input_block(model_patcher)
+        # Every conditioning entry goes through every layer: entries are counted where they pass this one.
+        self._counting_layer = min(k for k in self.layers if k[0] != "middle" or settings.include_middle)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
                       for a in demographic for b in semantic]
@@ -86,6 +94,8 @@ class BiasMapSession:
         if self._last_guided_input is not None:
             m.set_model_input_block_patch(self._truncate_input)
             m.set_model_output_block_patch(self._truncate_skip)
+        if self.settings.guiding:
+            m.set_model_input_block_patch_after_skip(self._separate_skip)
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
         return m
@@ -107,6 +117,11 @@ class BiasMapSession:
     def _truncate_skip(self, h, hsp, transformer_options):
         return (h, hsp.detach()) if self._truncating else (h, hsp)
 
+    def _separate_skip(self, h, transformer_options):
+        # ComfyUI adds a ControlNet's output residuals to the skip tensors in place (apply_control), after the next
+        # block saved them for its backward; the next block gets a copy, so the saved tensor stays intact.
+        return h.clone() if self._controlled and h.requires_grad else h
+
     def _replace(self, previous):
         import comfy.ldm.modules.attention as attention
 
@@ -127,16 +142,27 @@ class BiasMapSession:
 
     def _observe(self, q, extra_options):
         chunks = extra_options["cond_or_uncond"]
-        if self._capture_branch not in chunks:
+        picked = [i for i, c in enumerate(chunks) if c == self._capture_branch]
+        if not picked:
             return  # cond and uncond went as separate U-Net calls; this one is the other branch
+        latent = tuple(extra_options["original_shape"][-2:])
+        if latent != tuple(self.latent_shape[-2:]):
+            self._note("area conditioning: entries of the recorded branch that cover only part of the image are not "
+                       "recorded; its maps come from its whole-image entries")
+            return
         rows = q.shape[0] // len(chunks)
-        start = chunks.index(self._capture_branch) * rows
         block, depth = extra_options["block"], extra_options["block_index"]
         grid = tuple(extra_options["activations_shape"][-2:])
-        latent = tuple(extra_options["original_shape"][-2:])
-        keys = self._attribution_keys((block[0], block[1], depth), q)
-        maps = token_softmax_maps(q[start:start + rows], keys, extra_options["n_heads"], grid)
-        self.recorder.add(stage_of(block, latent, grid), maps)
+        layer = (block[0], block[1], depth)
+        keys = self._attribution_keys(layer, q)
+        if len(picked) == 1:
+            q_rows = q[picked[0] * rows:(picked[0] + 1) * rows]
+        else:  # several entries of the branch in this batch (ConditioningCombine): their maps are averaged
+            q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
+        maps = token_softmax_maps(q_rows, keys, extra_options["n_heads"], grid)
+        self.recorder.add(stage_of(block, latent, grid), maps.unflatten(0, (len(picked), rows)).sum(0))
+        if layer == self._counting_layer:
+            self.recorder.count_entries(len(picked))
 
     def _attribution_keys(self, layer_key, q):
         """K′ = to_k(X′) of a layer, computed once per run in the model's dtype."""
@@ -182,11 +208,11 @@ class BiasMapSession:
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
-        branch = self._branch(conds)
+        branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
         if not guide or x_in.device.type != "cpu" or self._last_guided_input is not None:
             return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
-                                    x_in, timestep, model_options, branch, guide)
+                                    x_in, timestep, model_options, branch, guide, conds)
         # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
         # one branch, not the CFG batch. Both branches then run at batch 1, where the direct kernel beats oneDNN on
         # the smallest grids.
@@ -196,7 +222,7 @@ class BiasMapSession:
             out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
             guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
-                                      x_in, timestep, model_options, branch, guide=True)
+                                      x_in, timestep, model_options, branch, True, only)
         out[branch] = guided[branch]
         return out
 
@@ -204,30 +230,33 @@ class BiasMapSession:
         """Capture (and guide) through one more U-Net pass of the maps' branch, as PAG and SAG run theirs."""
         import comfy.samplers
 
-        note = ("another node holds ComfyUI's sampler_calc_cond_batch_function slot: BiasMap ran one extra U-Net "
-                "pass per evaluation for its maps (slower, same method)")
-        if note not in self.notes:
-            self.notes.append(note)
+        self._note("another node holds ComfyUI's sampler_calc_cond_batch_function slot: BiasMap ran one extra U-Net "
+                   "pass per evaluation for its maps (slower, same method)")
         conds = [guider.conds.get("positive"), guider.conds.get("negative")]
         if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
             conds[_UNCOND] = None
-        branch = self._branch(conds)
+        branch = self._branch(conds, x, timestep)
         model = guider.inner_model
         def extra(x_, t, options):
             return comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)
 
-        self._run_branch(model, extra, x, timestep, model_options, _COND, guide=self._guide_now(model, timestep))
+        self._run_branch(model, extra, x, timestep, model_options, _COND, self._guide_now(model, timestep),
+                         [conds[branch]])
 
-    def _run_branch(self, model, run, x, timestep, model_options, branch, guide):
+    def _run_branch(self, model, run, x, timestep, model_options, branch, guide, conds):
         """``run(x, σ, options)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass.
 
-        The guided pass runs with autograd on and, where autograd records attention, PyTorch's SDPA.
+        The guided pass runs with autograd on and, where autograd records attention, PyTorch's SDPA. ``conds`` are
+        the entries it runs: their ControlNets run on the latent too, so the gradient goes through them as well.
         """
         self._capture_branch = branch
         try:
             if not guide:
                 return run(x, timestep, model_options)
-            deinference_(model.diffusion_model)
+            controls = _control_models(conds)
+            for module in (model.diffusion_model, *controls):
+                deinference_(module)
+            self._controlled = bool(controls)
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
@@ -238,26 +267,40 @@ class BiasMapSession:
             return [o.detach() for o in out]
         finally:
             self._capture_branch = None
-            self._truncating = False
+            self._truncating = self._controlled = False
 
     def _energy(self):
         maps = self.recorder.current(self.settings.guided_stages)
         if not maps:
-            raise ValueError(f"none of the guided stages {list(self.settings.guided_stages)} has cross-attention in "
-                             f"this {self.family} model; it records {', '.join(self.recorder.current())}")
+            raise ValueError(f"none of the guided stages {', '.join(self.settings.guided_stages or ['all'])} has "
+                             f"cross-attention in this {self.family} model; it records "
+                             f"{', '.join(self.recorder.current()) or 'nothing'}")
         s = self.settings
         return entanglement_energy(sum_upsampled(list(maps.values())), self.pairs, s.keep, s.gamma, s.mode, s.iters)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
-    def _branch(self, conds) -> int:
+    def _branch(self, conds, x, timestep) -> int:
+        """The CFG branch whose maps are recorded: the chosen one, unless no entry of it covers the image now."""
         wanted = _UNCOND if self.settings.branch == "uncond" else _COND
-        if conds[wanted] is not None:
+        other = _COND if wanted == _UNCOND else _UNCOND
+        if _covers_image(conds[wanted], x, timestep):
             return wanted
-        note = "cfg = 1 skips the unconditional pass: maps come from the conditional branch on those steps"
-        if note not in self.notes:
-            self.notes.append(note)
-        return _COND if wanted == _UNCOND else _UNCOND
+        if not _covers_image(conds[other], x, timestep):
+            raise ValueError("BiasMap records one CFG branch's maps over the whole image, but at this step neither the "
+                             "positive nor the negative conditioning has an entry covering the whole image (area "
+                             "conditioning or timestep ranges leave none): add a whole-image entry to one of them "
+                             "with Conditioning (Combine)")
+        if conds[wanted] is None:
+            self._note("cfg = 1 skips the unconditional pass: maps come from the conditional branch on those steps")
+        else:
+            self._note(f"on some steps no {_NAMES[wanted]} conditioning entry covered the whole image (area or "
+                       f"timestep-range conditioning): maps come from the {_NAMES[other]} branch on those steps")
+        return other
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _guide_now(self, model, timestep) -> bool:
         if not self.settings.guiding:
@@ -274,6 +317,45 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+def _covers_image(entries, x, timestep) -> bool:
+    """Whether one of a branch's conditioning entries runs on the whole latent at this step.
+
+    As ComfyUI's ``get_area_and_mult`` decides: an entry outside its timestep range is skipped, and one with an area
+    smaller than the latent runs on a crop. Only entries with a timestep range read σ on the host.
+    """
+    if not entries:
+        return False
+    height, width = x.shape[-2:]
+    for entry in entries:
+        if "default" in entry:
+            continue  # a fallback ComfyUI runs only where no other entry's area reaches
+        if "timestep_start" in entry or "timestep_end" in entry:
+            sigma = float(timestep.reshape(-1)[0])
+            if sigma > entry.get("timestep_start", float("inf")) or sigma < entry.get("timestep_end", -float("inf")):
+                continue
+        area = entry.get("area")  # (sizes…, offsets…) in latent pixels, resolved by ComfyUI before sampling
+        if area is None:
+            return True
+        size, offset = area[:len(area) // 2], area[len(area) // 2:]
+        if not any(offset) and size[-2] >= height and size[-1] >= width:
+            return True
+    return False
+
+
+def _control_models(conds):
+    """The modules of the ControlNets (and their chained predecessors) attached to ``conds``' entries."""
+    seen = []
+    for entries in conds:
+        for entry in entries or []:
+            control = entry.get("control")
+            while control is not None:
+                for module in (getattr(control, "control_model", None), getattr(control, "t2i_model", None)):
+                    if isinstance(module, torch.nn.Module) and all(module is not m for m in seen):
+                        seen.append(module)
+                control = getattr(control, "previous_controlnet", None)
+    return seen
 
 
 def _with_differentiable_attention(model_options):

@@ -1,0 +1,146 @@
+"""Recording and guidance with ComfyUI's conditioning tools: combined, area and timestep-ranged entries, ControlNets.
+
+The recorded CFG branch (the negative by default) may hold several entries, some on a crop of the latent or only on
+some steps; ComfyUI runs them batched or one U-Net call each, depending on free memory. The trace must not depend on
+that, and every evaluation must still be recorded and accounted for.
+"""
+
+import pytest
+import torch
+
+from biasmap_engine import BiasMapSettings
+from biasmap_engine.host import sample_with_scheduler, start_session
+
+ATTRIBUTION = "A photo of the face of a doctor and gender"
+
+
+def sample(model, clip, pos, neg, scale=0.0, steps=2, **settings):
+    lat = {"samples": torch.zeros(1, 4, 32, 32)}
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"],
+                                BiasMapSettings(scale=scale, **settings))
+        out, trace = sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, lat)
+    return out["samples"], trace
+
+
+def encode(clip, text):
+    with torch.inference_mode():
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def combine(a, b):
+    import nodes
+
+    return nodes.ConditioningCombine().combine(a, b)[0]
+
+
+def short_of_memory(model, monkeypatch):
+    """ComfyUI then runs every conditioning entry as a U-Net call of its own."""
+    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+
+
+def assert_same_maps(trace, expected, evaluations=slice(None)):
+    assert trace.maps.keys() == expected.maps.keys()
+    for stage, maps in expected.maps.items():
+        torch.testing.assert_close(trace.maps[stage][evaluations], maps[evaluations], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory", ["ample", "short"])
+def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch):
+    model, clip = sd15
+    pos, neg = prompts
+    _, alone = sample(model, clip, pos, neg)
+    if memory == "short":
+        short_of_memory(model, monkeypatch)
+    _, doubled = sample(model, clip, pos, combine(neg, neg))
+    assert_same_maps(doubled, alone)
+
+
+def test_entries_of_the_recorded_branch_are_averaged_the_same_batched_or_in_separate_calls(sd15, prompts,
+                                                                                            monkeypatch):
+    model, clip = sd15
+    pos, neg = prompts
+    blurry = encode(clip, "blurry, lowres")
+    _, first = sample(model, clip, pos, neg, steps=1)
+    _, second = sample(model, clip, pos, blurry, steps=1)
+    _, batched = sample(model, clip, pos, combine(neg, blurry), steps=1)
+    guided_batched = sample(model, clip, pos, combine(neg, blurry), scale=100.0, steps=1)[1].guidance["energy"]
+    short_of_memory(model, monkeypatch)
+    _, separate = sample(model, clip, pos, combine(neg, blurry), steps=1)
+    guided_separate = sample(model, clip, pos, combine(neg, blurry), scale=100.0, steps=1)[1].guidance["energy"]
+    for stage in first.maps:  # one step: every run sees the same latent
+        torch.testing.assert_close(batched.maps[stage], (first.maps[stage] + second.maps[stage]) / 2,
+                                   rtol=1e-5, atol=1e-6)
+    assert_same_maps(separate, batched)
+    torch.testing.assert_close(guided_separate, guided_batched, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
+def test_area_conditioning_records_the_whole_image_entries_and_says_so(sd15, prompts, scale, branch):
+    import nodes
+
+    model, clip = sd15
+    pos, neg = prompts
+    hat = nodes.ConditioningSetArea().append(encode(clip, "a red hat"), 128, 128, 0, 0, 1.0)[0]  # a quarter
+    _, plain = sample(model, clip, pos, neg, scale=scale, branch=branch)
+    out, trace = sample(model, clip, combine(pos, hat), neg, scale=scale, branch=branch)
+    assert torch.isfinite(out).all()
+    assert any("area conditioning" in note for note in trace.notes)
+    assert_same_maps(trace, plain, evaluations=slice(0, 1))  # the first step sees the same latent
+    if scale:
+        assert trace.guidance_counts()["not_guided"] == 0
+
+
+def test_a_timestep_range_that_empties_the_recorded_branch_moves_the_maps_to_the_other_branch(sd15, prompts):
+    import nodes
+
+    model, clip = sd15
+    pos, neg = prompts
+    early_negative = nodes.ConditioningSetTimestepRange().set_range(neg, 0.0, 0.5)[0]
+    out, trace = sample(model, clip, pos, early_negative, scale=100.0, steps=4)
+    assert torch.isfinite(out).all()
+    assert trace.maps["down_1"].shape[0] == 4
+    assert trace.guidance_counts()["not_guided"] == 0
+    assert any("no negative conditioning entry covered the whole image" in note for note in trace.notes)
+
+
+def test_no_whole_image_entry_on_either_branch_is_refused_with_the_fix(sd15, prompts):
+    import nodes
+
+    model, clip = sd15
+    pos, neg = prompts
+    early = nodes.ConditioningSetTimestepRange()
+    with pytest.raises(ValueError, match=r"add a whole-image entry to one of them with Conditioning \(Combine\)"):
+        sample(model, clip, early.set_range(pos, 0.0, 0.5)[0], early.set_range(neg, 0.0, 0.5)[0], steps=4)
+
+
+def controlnet_conditioning(model, pos, neg):
+    """Both conditionings with a random ControlNet of the model's shape, built in inference mode as ComfyUI loads it."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    import comfy_models
+    import nodes
+
+    config = {k: v for k, v in model.model.model_config.unet_config.items() if k != "out_channels"}
+    with torch.inference_mode():
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
+        comfy_models.init_random_(net, 1)
+        control = comfy.controlnet.ControlNet(net, load_device=model.load_device, manual_cast_dtype=None)
+        hint = torch.rand(1, 256, 256, 3, generator=torch.Generator().manual_seed(0))
+        return nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)[:2]
+
+
+def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_and_can_be_guided(sd15, prompts):
+    import nodes
+
+    model, clip = sd15
+    pos, neg = controlnet_conditioning(model, *prompts)
+    with torch.inference_mode():
+        stock = nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                      {"samples": torch.zeros(1, 4, 32, 32)})[0]["samples"]
+    recorded, _ = sample(model, clip, pos, neg)
+    assert torch.equal(recorded, stock)
+    guided, trace = sample(model, clip, pos, neg, scale=100.0)
+    assert trace.guidance_counts()["applied"] == 2
+    assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
