@@ -155,12 +155,13 @@ class BiasMapSession:
         grid = tuple(extra_options["activations_shape"][-2:])
         layer = (block[0], block[1], depth)
         keys = self._attribution_keys(layer, q)
+        heads = extra_options["n_heads"]
         if len(picked) == 1:
-            q_rows = q[picked[0] * rows:(picked[0] + 1) * rows]
-        else:  # several entries of the branch in this batch (ConditioningCombine): their maps are averaged
+            maps = token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)
+        else:  # several entries of the branch in this batch (ConditioningCombine): summed here, averaged at the end
             q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-        maps = token_softmax_maps(q_rows, keys, extra_options["n_heads"], grid)
-        self.recorder.add(stage_of(block, latent, grid), maps.unflatten(0, (len(picked), rows)).sum(0))
+            maps = token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).sum(0)
+        self.recorder.add(stage_of(block, latent, grid), maps)
         if layer == self._counting_layer:
             self.recorder.count_entries(len(picked))
 
