@@ -329,9 +329,7 @@ def _covers_image(entries, x, timestep) -> bool:
     if not entries:
         return False
     height, width = x.shape[-2:]
-    for entry in entries:
-        if "default" in entry:
-            continue  # a fallback ComfyUI runs only where no other entry's area reaches
+    for entry in entries:  # a "default" entry (hook keyframes) runs on the whole latent wherever no other one does
         if "timestep_start" in entry or "timestep_end" in entry:
             sigma = float(timestep.reshape(-1)[0])
             if sigma > entry.get("timestep_start", float("inf")) or sigma < entry.get("timestep_end", -float("inf")):
