@@ -12,13 +12,14 @@ from .report import EntanglementResult, measure_entanglement
 from .settings import BiasMapSettings
 from .soft_topk import soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
-from .tokens import ConceptNotFoundError, find_word_positions, prompt_words, split_concepts
+from .tokens import ConceptNotFoundError, clip_words, find_word_positions, prompt_words, readable, split_concepts
 from .trace import BiasMapTrace, TraceFormatError, TraceRecorder
 
 __all__ = [
     "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
-    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "colorize", "concept_map", "entanglement_energy",
+    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "clip_words", "colorize", "concept_map",
+    "entanglement_energy",
     "entanglement_picture", "find_word_positions", "guidance_step", "hard_mask", "iou", "measure_entanglement",
-    "normalize_maps", "overlay", "parse_stages", "prompt_words", "resize_maps", "soft_iou", "soft_topk",
+    "normalize_maps", "overlay", "parse_stages", "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk",
     "split_concepts", "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

@@ -4,6 +4,7 @@ import torch
 
 from .masks import iou
 from .stages import stage_label
+from .tokens import readable
 from .trace import BiasMapTrace
 
 __all__ = ["EntanglementResult", "measure_entanglement"]
@@ -18,7 +19,7 @@ class EntanglementResult:
         self.ious = iou(*self.masks)
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = torch.stack(list(self.block_ious.values())).mean(dim=0)
-        self.pieces = {w: [trace.tokens[p] for p in trace.positions(w)] for w in (word_a, word_b)}
+        self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
         self.report = self._report(trace, size)
 
     def _report(self, trace, size) -> str:

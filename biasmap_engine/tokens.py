@@ -1,13 +1,30 @@
 """Finding a concept word's BPE pieces among an attribution prompt's tokens (BiasMap §2.6).
 
-CLIP's BPE splits text into words first and encodes every word on its own, the last piece of a word carrying the
+CLIP's BPE splits lowercased text into words first (letter runs, single digits, runs of other symbols, and the
+contractions 's 't 're 've 'm 'll 'd) and encodes every word on its own, the last piece of a word carrying the
 ``</w>`` end marker. A word's pieces inside a prompt are therefore exactly the pieces of the word alone, and they
-can be found from the token strings, without the tokenizer: a saved trace stays searchable outside ComfyUI.
+can be found from the token strings, without the tokenizer: a saved trace stays searchable outside ComfyUI. Token
+strings spell a word's UTF-8 bytes in GPT-2's byte alphabet ("é" is "Ã©"), so words are compared in that spelling.
 """
 
-__all__ = ["ConceptNotFoundError", "find_word_positions", "prompt_words", "split_concepts"]
+import re
+
+__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "prompt_words", "readable", "split_concepts"]
 
 _END = "</w>"
+# CLIP's pre-tokenizer pattern, with Python's classes for \p{L} (letters) and \p{N} (digits).
+_CLIP_WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character table, which CLIP's vocabulary is written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+_BYTE_CHAR = _byte_alphabet()
+_CHAR_BYTE = {c: b for b, c in _BYTE_CHAR.items()}
 
 
 class ConceptNotFoundError(ValueError):
@@ -19,7 +36,7 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
 
     Raises ConceptNotFoundError listing the prompt's words, so the user can pick one that is there.
     """
-    words = word.lower().split()
+    words = [_spelling(w) for w in clip_words(word)]
     if not words:
         raise ConceptNotFoundError("a concept is empty; type a word that occurs in the attribution prompt")
     positions = []
@@ -35,16 +52,37 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
 
 
 def prompt_words(prompt_tokens: list[str]) -> list[str]:
-    """The words spelled by BPE tokens (pieces joined at ``</w>``), start/end markers left out."""
+    """The words spelled by BPE tokens (pieces joined at ``</w>``, readable), start/end markers left out."""
     words, current = [], ""
     for token in prompt_tokens:
         if token.startswith("<|"):
             continue
         current += token.removesuffix(_END)
         if token.endswith(_END):
-            words.append(current)
+            words.append(readable(current))
             current = ""
-    return words + ([current] if current else [])
+    return words + ([readable(current)] if current else [])
+
+
+def clip_words(text: str) -> list[str]:
+    """``text`` split as CLIP splits it before BPE: ``"A woman's face."`` → ``["a", "woman", "'s", "face", "."]``."""
+    return _CLIP_WORD.findall(text.lower())
+
+
+def readable(token: str) -> str:
+    """A token string (or joined pieces) in plain text: ``"mÃ©decin</w>"`` → ``"médecin</w>"``."""
+    if token.startswith("<|"):
+        return token
+    end = _END if token.endswith(_END) else ""
+    spelled = token.removesuffix(_END)
+    if not all(c in _CHAR_BYTE for c in spelled):
+        return token
+    return bytes(_CHAR_BYTE[c] for c in spelled).decode("utf-8", errors="replace") + end
+
+
+def _spelling(word: str) -> str:
+    """A word in the byte alphabet of CLIP's vocabulary."""
+    return "".join(_BYTE_CHAR[b] for b in word.encode("utf-8"))
 
 
 def split_concepts(text: str) -> list[str]:

@@ -1,10 +1,8 @@
 """Inputs and validation shared by the BiasMap nodes."""
 
-import re
-
 from comfy_api.latest import io
 
-from ..biasmap_engine import BiasMapSettings, parse_stages, split_concepts
+from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -72,18 +70,19 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt."""
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
-    words = set(re.findall(r"[\w']+", attribution_prompt.lower()))
+    words = set(clip_words(attribution_prompt))
+    shown = ", ".join(sorted(w for w in words if any(ch.isalnum() for ch in w)))
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:
             continue
         concepts = split_concepts(value)
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
-                    f"({', '.join(sorted(words))})")
-        missing = [c for c in concepts if not set(re.findall(r"[\w']+", c.lower())) <= words]
+                    f"({shown})")
+        missing = [c for c in concepts if not set(clip_words(c)) <= words]
         if missing:
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
-                    f"'{attribution_prompt}'; its words are: {', '.join(sorted(words))}. Add the word to the "
+                    f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these.")
     return True
 

@@ -5,6 +5,7 @@ import torch
 __all__ = ["encode_attribution"]
 
 _END = "<|endoftext|>"
+_EMBEDDING = "<|embedding|>"  # a textual-inversion vector: no vocabulary entry, and never part of a word
 
 
 def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
@@ -24,7 +25,8 @@ def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     stream = tokens["g"] if "g" in tokens else next(iter(tokens.values()))  # SDXL: CLIP-G's names, same positions
     keep, names = [], []
     for c, chunk in enumerate(stream):
-        for p, (_token, name) in enumerate(clip.tokenizer.untokenize(chunk)):
+        for p, pair in enumerate(chunk):
+            name = clip.tokenizer.untokenize([pair])[0][1] if isinstance(pair[0], int) else _EMBEDDING
             keep.append(c * len(chunk) + p)
             names.append(name)
             if name == _END:

@@ -1,7 +1,7 @@
 import pytest
 
-from biasmap_engine import (ConceptNotFoundError, find_word_positions, parse_stages, prompt_words, split_concepts,
-                            stage_label, stage_of)
+from biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, parse_stages, prompt_words,
+                            readable, split_concepts, stage_label, stage_of)
 
 TOKENS = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "an</w>", "armad", "illo</w>", "and</w>", "gender</w>",
           "<|endoftext|>"]
@@ -62,3 +62,22 @@ def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():
 
     assert stage_of(("middle", 0), (8, 8), (8, 8)) == "mid_1"
     assert "mid_1" in STAGE_ORDER and STAGE_ORDER.index("down_16") < STAGE_ORDER.index("mid_1") < STAGE_ORDER.index("up_16")
+
+
+def test_concepts_are_split_into_words_as_clip_splits_them():
+    tokens = ["<|startoftext|>", "a</w>", "woman</w>", "'s</w>", "face</w>", ",</w>", "a</w>", "fire</w>", "-</w>",
+              "fighter</w>", ".</w>", "<|endoftext|>"]
+    assert clip_words("A woman's face, a fire-fighter.") == ["a", "woman", "'s", "face", ",", "a", "fire", "-",
+                                                             "fighter", "."]
+    assert find_word_positions(tokens, "woman") == [2]
+    assert find_word_positions(tokens, "Woman's") == [2, 3]
+    assert find_word_positions(tokens, "fire-fighter") == [7, 8, 9]
+    assert find_word_positions(tokens, "fighter.") == [9, 10]
+
+
+def test_words_outside_ascii_are_found_and_shown_as_written():
+    doctor_fr = "".join(chr(c) for c in (109, 195, 169, 100, 101, 99, 105, 110))  # "médecin" in the byte alphabet
+    tokens = ["<|startoftext|>", "le</w>", doctor_fr[:3], doctor_fr[3:] + "</w>", "<|endoftext|>"]
+    assert find_word_positions(tokens, "Médecin") == [2, 3]
+    assert prompt_words(tokens) == ["le", "médecin"]
+    assert readable(tokens[3]) == "decin</w>" and readable(tokens[2]) == "mé"

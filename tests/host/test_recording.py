@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from biasmap_engine import BiasMapSettings, BiasMapTrace, token_softmax_maps
+from biasmap_engine import (BiasMapSettings, BiasMapTrace, ConceptNotFoundError, find_word_positions, prompt_words,
+                            token_softmax_maps)
 from biasmap_engine.host import (UnsupportedModelError, encode_attribution, sample_with_sampler,
                                  sample_with_scheduler, start_session)
 
@@ -184,6 +185,37 @@ def test_a_concept_missing_from_the_attribution_prompt_is_refused_before_samplin
     model, clip = sd15
     with torch.inference_mode(), pytest.raises(ValueError, match="whose words are: a, photo, of, the, face"):
         start_session(model, clip, ATTRIBUTION, ["race"], ["doctor"], RECORD)
+
+
+def test_words_are_found_as_clip_splits_them_and_validation_accepts_exactly_those(sd15, pack):
+    from biasmap_pack.nodes.common import check_concepts
+
+    _, clip = sd15
+    prompt = "A photo of a woman's face, a fire-fighter. Un médecin"
+    with torch.inference_mode():
+        _, tokens = encode_attribution(clip, prompt)
+    for word in ("woman", "woman's", "fire-fighter", "Médecin"):
+        assert find_word_positions(tokens, word)
+        assert check_concepts(prompt, word, "face") is True
+    assert "médecin" in prompt_words(tokens)
+    assert check_concepts(prompt, "firefighter", "face") is not True
+    with pytest.raises(ConceptNotFoundError):
+        find_word_positions(tokens, "firefighter")
+
+
+def test_a_textual_inversion_embedding_in_the_attribution_prompt_is_kept_as_a_marker(sd15, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    _, clip = sd15
+    tokenizer = clip.tokenizer.clip_l
+    width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[-1]
+    save_file({"emb_params": torch.randn(2, width)}, str(tmp_path / "style.safetensors"))
+    monkeypatch.setattr(tokenizer, "embedding_directory", str(tmp_path))
+    monkeypatch.setattr(tokenizer, "embedding_size", width)
+    with torch.inference_mode():
+        embeddings, tokens = encode_attribution(clip, "a doctor embedding:style and gender")
+    assert tokens.count("<|embedding|>") == 2 and embeddings.shape[1] == len(tokens)
+    assert find_word_positions(tokens, "gender") == [tokens.index("gender</w>")]
 
 
 def test_long_attribution_prompts_span_several_chunks(sd15, prompts):
