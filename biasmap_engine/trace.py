@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .guidance import STATUS
 from .masks import hard_mask, iou
-from .ovam import concept_map, sum_upsampled
+from .ovam import sum_upsampled
 from .stages import STAGE_ORDER, stage_label
 from .tokens import find_word_positions
 
@@ -67,22 +67,28 @@ class BiasMapTrace:
         """Token positions of a word (all its BPE pieces) in the attribution prompt."""
         return find_word_positions(self.tokens, word)
 
-    def token_maps(self, stages=None, steps=None, size=None) -> torch.Tensor:
-        """``[B, N, H, W]``: maps summed over the chosen evaluations and stages, upsampled to ``size``."""
+    def token_maps(self, stages=None, steps=None, size=None, tokens=None) -> torch.Tensor:
+        """``[B, N, H, W]``: maps summed over the chosen evaluations and stages, upsampled to ``size``.
+
+        ``tokens`` (positions) restricts N to those tokens before anything is upsampled.
+        """
         chosen = self._evaluations(steps)
         stages = self._check_stages(stages)
         per_stage = [self.maps[s][chosen].sum(dim=0) for s in stages]
+        if tokens is not None:
+            per_stage = [m[:, tokens] for m in per_stage]
         largest = max((m.shape[-2:] for m in per_stage), key=lambda hw: hw[0] * hw[1])
         return sum_upsampled(per_stage, size or tuple(largest))
 
     def concept_map(self, word: str, stages=None, steps=None, size=None) -> torch.Tensor:
         """``[B, H, W]`` attribution map of a word (mean over its pieces)."""
-        return concept_map(self.token_maps(stages, steps, size), self.positions(word))
+        return self.token_maps(stages, steps, size, tokens=self.positions(word)).mean(dim=1)
 
     def masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
-        """The two words' top-(1−q) masks ``[B, H, W]``, from one aggregation of the maps."""
-        maps = self.token_maps(stages, steps, size)
-        return tuple(hard_mask(concept_map(maps, self.positions(w)), q) for w in (word_a, word_b))
+        """The two words' top-(1−q) masks ``[B, H, W]``, from one aggregation of the two words' maps."""
+        a, b = self.positions(word_a), self.positions(word_b)
+        maps = self.token_maps(stages, steps, size, tokens=a + b)
+        return hard_mask(maps[:, :len(a)].mean(dim=1), q), hard_mask(maps[:, len(a):].mean(dim=1), q)
 
     def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
         """Per-image IoU of the two words' top-(1−q) masks."""
