@@ -34,7 +34,10 @@ class BiasMapSettings:
                   (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
                   (self.scale >= 0, f"the guidance scale λ must be ≥ 0, got {self.scale}"),
                   (0.0 <= self.start <= self.end <= 1.0,
-                   f"the guidance window needs 0 ≤ start ≤ end ≤ 1, got start={self.start}, end={self.end}")]
+                   f"the guidance window needs 0 ≤ start ≤ end ≤ 1, got start={self.start}, end={self.end}"),
+                  (self.include_middle or not any(s.startswith("mid_") for s in self.guided_stages or ()),
+                   "the middle block's stages are recorded, and so can be guided, only with include_middle on: "
+                   "turn it on or leave them out of guided_stages")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -32,14 +32,14 @@ def stage_label(stage: str) -> str:
 
 
 def parse_stages(text: str, available: list[str] | None = None) -> list[str] | None:
-    """Comma-separated stage ids (``down_1``) or labels (``down×1``) → ids; ``""`` or ``"all"`` → None (every stage)."""
+    """Comma-separated stage ids (``down_1``, any case) or labels (``down×1``) → ids; ``""`` or ``"all"`` → None."""
     if text.strip().lower() in ("", "all"):
         return None
     aliases = {s: s for s in STAGE_ORDER} | {stage_label(s): s for s in STAGE_ORDER}
     choices = list(available) if available is not None else list(STAGE_ORDER)
     stages = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        stage = aliases.get(part)
+        stage = aliases.get(part, aliases.get(part.lower()))
         if stage is None or stage not in choices:
             raise ValueError(f"unknown stage {part!r}; choose from {', '.join(choices)} or 'all'")
         stages.append(stage)

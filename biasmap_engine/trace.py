@@ -130,7 +130,7 @@ class BiasMapTrace:
             tensors = load_file(path) if raw else {}
         except (SafetensorError, OSError) as err:
             raise TraceFormatError(f"{path} is not a BiasMap trace (not a readable .safetensors file: {err}). "
-                                   f"Save traces with BiasMapTrace.save or the BiasMap Save Trace node.") from err
+                                   f"Traces are written by BiasMapTrace.save.") from err
         if not raw:
             raise TraceFormatError(f"{path} is a .safetensors file but not a BiasMap trace (no '{FORMAT}' metadata); "
                                    f"it may be a model checkpoint. Load a file written by BiasMapTrace.save.")

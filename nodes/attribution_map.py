@@ -48,6 +48,6 @@ class BiasMapAttributionMap(io.ComfyNode):
                                  size)
         maps01 = normalize_maps(maps)
         heat = colorize(maps01, colormap)
-        picture = heat if image is None else overlay(image.to(heat), heat, opacity)
+        picture = heat if image is None else overlay(image[..., :3].to(heat), heat, opacity)  # RGBA: alpha dropped
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01
         return io.NodeOutput(picture, out_mask)

@@ -87,9 +87,12 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     return True
 
 
-def check_stages(guided_stages) -> bool | str:
+def check_guidance(guided_stages=None, include_middle=None, start=None, end=None) -> bool | str:
+    """Validation before the graph runs: the guidance settings the widgets give (linked inputs are left to run time)."""
     try:
-        parse_stages(guided_stages or "all")
+        BiasMapSettings(guided_stages=_tuple_or_none(parse_stages(guided_stages or "all")),
+                        include_middle=include_middle is not False, start=0.0 if start is None else start,
+                        end=1.0 if end is None else end)
     except ValueError as err:
         return str(err)
     return True

@@ -48,7 +48,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         masks = result.masks
         if image is not None:
             masks = [resize_maps(m.float(), tuple(image.shape[1:3])) > 0.5 for m in masks]
-        picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b), image)
+        picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b),
+                                       None if image is None else image[..., :3])  # RGBA: alpha dropped
         return io.NodeOutput(float(result.ious.mean()), float(result.mbiou.mean()), result.report, picture,
                              ui=ui.PreviewText(result.report))
 

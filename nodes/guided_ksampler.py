@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import CATEGORY, Trace, check_concepts, check_stages, concept_inputs, guidance_inputs, settings_from
+from .common import CATEGORY, Trace, check_concepts, check_guidance, concept_inputs, guidance_inputs, settings_from
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -55,9 +55,10 @@ class BiasMapGuidedKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None,
+                        include_middle=None, start=None, end=None):
         ok = check_concepts(attribution_prompt, demographic, semantic)
-        return ok if ok is not True else check_stages(guided_stages)
+        return ok if ok is not True else check_guidance(guided_stages, include_middle, start, end)
 
     @classmethod
     def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
@@ -98,8 +99,10 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
-        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic, guided_stages)
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None,
+                        include_middle=None, start=None, end=None):
+        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic, guided_stages,
+                                                     include_middle, start, end)
 
     @classmethod
     def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,

@@ -17,6 +17,10 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
     """What the stock KSampler node runs (``nodes.common_ksampler``), on the patched clone; → (LATENT, trace)."""
     import nodes
 
+    if denoise <= 0:
+        raise ValueError("denoise 0 leaves the latent as it is: the model is never evaluated, so there are no maps to "
+                         "record or guide; set denoise above 0")
+
     (out,) = nodes.common_ksampler(session.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                    negative, latent, denoise=denoise)
     return out, session.finish()
@@ -30,6 +34,9 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     import comfy.utils
     import latent_preview
 
+    if sigmas.shape[-1] < 2:
+        raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
+                         f"guide; connect a schedule with at least one step (two sigmas)")
     patched = session.patch(model)
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative)

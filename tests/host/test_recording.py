@@ -65,6 +65,20 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
 
 
+def test_a_run_without_any_model_evaluation_is_refused_with_the_fix(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        with pytest.raises(ValueError, match="set denoise above 0"):
+            sample_with_scheduler(session, model, 0, 4, 7.0, "euler", "normal", pos, neg, latent(), denoise=0.0)
+        with pytest.raises(ValueError, match="at least one step"):
+            sample_with_sampler(session, model, 0, 7.0, comfy.samplers.sampler_object("euler"), torch.ones(1), pos,
+                                neg, latent())
+
+
 def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd15, prompts):
     model, clip = sd15
     seen = []
