@@ -9,7 +9,8 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import CATEGORY, Trace, check_concepts, check_guidance, concept_inputs, guidance_inputs, settings_from
+from .common import (ADVANCED, CATEGORY, Trace, check_concepts, check_guidance, concept_inputs, guidance_inputs,
+                     settings_from)
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -79,7 +80,7 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
             display_name="BiasMap Guided KSampler (Advanced)",
             category=CATEGORY,
             description="BiasMap recording and guidance with any SAMPLER and SIGMAS, as SamplerCustomAdvanced with "
-                        "a CFG guider and random noise.",
+                        "a CFG guider and random noise (or none, with add_noise off).",
             inputs=[
                 io.Model.Input("model", tooltip="An SD 1.x, SD 2.x or SDXL model (U-Net cross-attention)."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompts, used for the attribution prompt."),
@@ -94,6 +95,10 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The latent to denoise."),
                 *concept_inputs(),
                 *guidance_inputs(),
+                # Last, so that workflows saved before it keep their widget values in place.
+                io.Boolean.Input("add_noise", default=True, extra_dict=ADVANCED,
+                                 tooltip="Off: denoise the latent as it is, like SamplerCustomAdvanced with "
+                                         "DisableNoise (e.g. the second half of split sigmas)."),
             ],
             outputs=_OUTPUTS,
         )
@@ -106,8 +111,8 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,
-                **kwargs) -> io.NodeOutput:
+                add_noise=True, **kwargs) -> io.NodeOutput:
         session = _session(model, clip, kwargs)
         latent, trace = sample_with_sampler(session, model, noise_seed, cfg, sampler, sigmas, positive, negative,
-                                            latent_image)
+                                            latent_image, add_noise)
         return io.NodeOutput(latent, trace)

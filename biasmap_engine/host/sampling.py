@@ -1,5 +1,7 @@
 """Sampling entry points: ComfyUI's own KSampler and custom-sampler paths, run on a BiasMap-patched clone."""
 
+import torch
+
 from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
@@ -26,8 +28,11 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
     return out, session.finish()
 
 def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
-                        latent):
-    """What SamplerCustomAdvanced runs with a CFGGuider and random noise, on the patched clone; → (LATENT, trace)."""
+                        latent, add_noise: bool = True):
+    """What SamplerCustomAdvanced runs with a CFGGuider, on the patched clone; → (LATENT, trace).
+
+    ``add_noise`` off is its DisableNoise: the latent is denoised as it is (the second half of split sigmas).
+    """
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
@@ -44,7 +49,10 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     latent = latent.copy()
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
     latent["samples"] = latent_image
-    noise = comfy.sample.prepare_noise(latent_image, noise_seed, latent.get("batch_index"))
+    if add_noise:
+        noise = comfy.sample.prepare_noise(latent_image, noise_seed, latent.get("batch_index"))
+    else:  # DisableNoise's zeros
+        noise = torch.zeros(latent_image.shape, dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
     callback = latent_preview.prepare_callback(patched, sigmas.shape[-1] - 1, {})
     samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)

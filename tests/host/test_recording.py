@@ -45,6 +45,7 @@ def test_recording_leaves_the_latent_bit_identical_to_the_stock_ksampler(sd15, p
 
 
 def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
+    import comfy.sample
     import comfy.samplers
 
     model, clip = sd15
@@ -63,6 +64,25 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert torch.equal(stock.cpu(), ours["samples"].cpu())
     assert trace.steps.tolist() == [0, 1, 2, 3]
     assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
+
+
+def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6)[3:]
+        sampler = comfy.samplers.sampler_object("euler")
+        noisy = {"samples": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)) * sigmas[0]}
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(5.0)
+        stock = guider.sample(torch.zeros_like(noisy["samples"]), noisy["samples"], sampler, sigmas, seed=None)
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        ours, trace = sample_with_sampler(session, model, 7, 5.0, sampler, sigmas, pos, neg, noisy, add_noise=False)
+    assert torch.equal(stock.cpu(), ours["samples"].cpu())
+    assert trace.steps.tolist() == [0, 1, 2]
 
 
 def test_a_run_without_any_model_evaluation_is_refused_with_the_fix(sd15, prompts):
