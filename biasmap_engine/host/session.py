@@ -185,7 +185,10 @@ class BiasMapSession:
             self.latent_shape = list(x.shape)
         schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
         sigma = timestep.reshape(-1)[0]
-        step = (schedule > sigma * (1 + 1e-5)).sum() if schedule is not None else torch.zeros((), dtype=torch.long)
+        # The step i whose interval (σ_i+1, σ_i] holds σ, so a midpoint evaluation (dpm_2) counts with its step. One
+        # at or below σ_i+1 (Heun's corrector, an ancestral sampler's midpoint) is labelled i+1: σ cannot tell.
+        step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(min=0) if schedule is not None \
+            else torch.zeros((), dtype=torch.long)
         self.recorder.begin(sigma, step)
         self._guided = None
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.

@@ -85,6 +85,16 @@ def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd
     assert trace.steps.tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpmpp_2s_ancestral", "heun", "euler"])
+def test_evaluations_are_labelled_with_steps_of_the_schedule_in_order(sd15, prompts, sampler):
+    model, clip = sd15
+    _, _, trace = run(model, clip, prompts, sampler=sampler, lat=latent(batch=1, h=16, w=16))
+    steps = trace.steps.tolist()
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 2 and trace.num_steps == 3
+    if sampler == "dpm_2":  # its midpoints lie inside their step's σ interval
+        assert steps == [0, 0, 1, 1, 2]
+
+
 def test_a_run_without_any_model_evaluation_is_refused_with_the_fix(sd15, prompts):
     import comfy.samplers
 
