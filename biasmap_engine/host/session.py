@@ -30,6 +30,7 @@ from ..settings import BiasMapSettings
 from ..stages import stage_of
 from ..tokens import find_word_positions
 from ..trace import TraceRecorder
+from .conditioning import control_models, covers_image
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
 
@@ -257,7 +258,7 @@ class BiasMapSession:
         try:
             if not guide:
                 return run(x, timestep, model_options)
-            controls = _control_models(conds)
+            controls = control_models(conds)
             for module in (model.diffusion_model, *controls):
                 deinference_(module)
             self._controlled = bool(controls)
@@ -288,9 +289,9 @@ class BiasMapSession:
         """The CFG branch whose maps are recorded: the chosen one, unless no entry of it covers the image now."""
         wanted = _UNCOND if self.settings.branch == "uncond" else _COND
         other = _COND if wanted == _UNCOND else _UNCOND
-        if _covers_image(conds[wanted], x, timestep):
+        if covers_image(conds[wanted], x, timestep):
             return wanted
-        if not _covers_image(conds[other], x, timestep):
+        if not covers_image(conds[other], x, timestep):
             raise ValueError("BiasMap records one CFG branch's maps over the whole image, but at this step neither the "
                              "positive nor the negative conditioning has an entry covering the whole image (area "
                              "conditioning or timestep ranges leave none): add a whole-image entry to one of them "
@@ -321,43 +322,6 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
-
-
-def _covers_image(entries, x, timestep) -> bool:
-    """Whether one of a branch's conditioning entries runs on the whole latent at this step.
-
-    As ComfyUI's ``get_area_and_mult`` decides: an entry outside its timestep range is skipped, and one with an area
-    smaller than the latent runs on a crop. Only entries with a timestep range read σ on the host.
-    """
-    if not entries:
-        return False
-    height, width = x.shape[-2:]
-    for entry in entries:  # a "default" entry (hook keyframes) runs on the whole latent wherever no other one does
-        if "timestep_start" in entry or "timestep_end" in entry:
-            sigma = float(timestep.reshape(-1)[0])
-            if sigma > entry.get("timestep_start", float("inf")) or sigma < entry.get("timestep_end", -float("inf")):
-                continue
-        area = entry.get("area")  # (sizes…, offsets…) in latent pixels, resolved by ComfyUI before sampling
-        if area is None:
-            return True
-        size, offset = area[:len(area) // 2], area[len(area) // 2:]
-        if not any(offset) and size[-2] >= height and size[-1] >= width:
-            return True
-    return False
-
-
-def _control_models(conds):
-    """The modules of the ControlNets (and their chained predecessors) attached to ``conds``' entries."""
-    seen = []
-    for entries in conds:
-        for entry in entries or []:
-            control = entry.get("control")
-            while control is not None:
-                for module in (getattr(control, "control_model", None), getattr(control, "t2i_model", None)):
-                    if isinstance(module, torch.nn.Module) and all(module is not m for m in seen):
-                        seen.append(module)
-                control = getattr(control, "previous_controlnet", None)
-    return seen
 
 
 def _with_differentiable_attention(model_options):

@@ -1,0 +1,44 @@
+"""What BiasMap needs to know about ComfyUI's conditioning entries: which run on the whole latent, which carry
+a ControlNet. Entries are the dicts of a processed CONDITIONING list, as calc_cond_batch receives them.
+"""
+
+import torch
+
+__all__ = ["control_models", "covers_image"]
+
+
+def covers_image(entries, x, timestep) -> bool:
+    """Whether one of a branch's conditioning entries runs on the whole latent at this step.
+
+    As ComfyUI's ``get_area_and_mult`` decides: an entry outside its timestep range is skipped, and one with an area
+    smaller than the latent runs on a crop. Only entries with a timestep range read σ on the host.
+    """
+    if not entries:
+        return False
+    height, width = x.shape[-2:]
+    for entry in entries:  # a "default" entry (hook keyframes) runs on the whole latent wherever no other one does
+        if "timestep_start" in entry or "timestep_end" in entry:
+            sigma = float(timestep.reshape(-1)[0])
+            if sigma > entry.get("timestep_start", float("inf")) or sigma < entry.get("timestep_end", -float("inf")):
+                continue
+        area = entry.get("area")  # (sizes…, offsets…) in latent pixels, resolved by ComfyUI before sampling
+        if area is None:
+            return True
+        size, offset = area[:len(area) // 2], area[len(area) // 2:]
+        if not any(offset) and size[-2] >= height and size[-1] >= width:
+            return True
+    return False
+
+
+def control_models(conds):
+    """The modules of the ControlNets (and their chained predecessors) attached to ``conds``' entries."""
+    seen = []
+    for entries in conds:
+        for entry in entries or []:
+            control = entry.get("control")
+            while control is not None:
+                for module in (getattr(control, "control_model", None), getattr(control, "t2i_model", None)):
+                    if isinstance(module, torch.nn.Module) and all(module is not m for m in seen):
+                        seen.append(module)
+                control = getattr(control, "previous_controlnet", None)
+    return seen
