@@ -8,12 +8,12 @@ strings spell a word's UTF-8 bytes in GPT-2's byte alphabet ("é" is "Ã©"), so
 """
 
 import re
+import unicodedata
 
 __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "prompt_words", "readable", "split_concepts"]
 
 _END = "</w>"
-# CLIP's pre-tokenizer pattern, with Python's classes for \p{L} (letters) and \p{N} (digits).
-_CLIP_WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
+_CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -65,8 +65,26 @@ def prompt_words(prompt_tokens: list[str]) -> list[str]:
 
 
 def clip_words(text: str) -> list[str]:
-    """``text`` split as CLIP splits it before BPE: ``"A woman's face."`` → ``["a", "woman", "'s", "face", "."]``."""
-    return _CLIP_WORD.findall(text.lower())
+    """``text`` split as CLIP splits it before BPE: ``"A woman's face."`` → ``["a", "woman", "'s", "face", "."]``.
+
+    CLIP's pattern ``'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`` on NFC-normalised lowercase
+    text, scanned by Unicode category (Python's ``re`` has no \\p classes).
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    words, i = [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        contraction = _CONTRACTION.match(text, i)
+        kind = _kind(text[i])
+        end = contraction.end() if contraction else i + 1
+        if not contraction and kind != "N":  # letters and other symbols come in runs; numerals one by one
+            while end < len(text) and not text[end].isspace() and _kind(text[end]) == kind:
+                end += 1
+        words.append(text[i:end])
+        i = end
+    return words
 
 
 def readable(token: str) -> str:
@@ -75,9 +93,16 @@ def readable(token: str) -> str:
         return token
     end = _END if token.endswith(_END) else ""
     spelled = token.removesuffix(_END)
-    if not all(c in _CHAR_BYTE for c in spelled):
+    try:
+        return bytes(_CHAR_BYTE[c] for c in spelled).decode("utf-8") + end
+    except (KeyError, UnicodeDecodeError):  # not in the byte alphabet, or a piece of one character's bytes
         return token
-    return bytes(_CHAR_BYTE[c] for c in spelled).decode("utf-8", errors="replace") + end
+
+
+def _kind(char: str) -> str:
+    """L (letter), N (numeral) or O (anything else), by Unicode category."""
+    category = unicodedata.category(char)[0]
+    return category if category in "LN" else "O"
 
 
 def _spelling(word: str) -> str:

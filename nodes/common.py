@@ -1,5 +1,7 @@
 """Inputs and validation shared by the BiasMap nodes."""
 
+import re
+
 from comfy_api.latest import io
 
 from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
@@ -9,6 +11,8 @@ CATEGORY = "BiasMap"
 ADVANCED = {"advanced": True}  # shown under the node's advanced inputs by frontends that support it
 
 DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
+# Prompt syntax ComfyUI's tokenizer consumes, so it spells no word: embedding names, "(word:1.2)" weights, brackets.
+_COMFY_SYNTAX = re.compile(r"embedding:\S+|:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?=\))|[()]")
 
 
 def concept_inputs() -> list:
@@ -70,7 +74,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt."""
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
-    words = set(clip_words(attribution_prompt))
+    words = set(clip_words(_COMFY_SYNTAX.sub(" ", attribution_prompt)))
     shown = ", ".join(sorted(w for w in words if any(ch.isalnum() for ch in w)))
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:

@@ -16,11 +16,13 @@ def covers_image(entries, x, timestep) -> bool:
     if not entries:
         return False
     height, width = x.shape[-2:]
+    sigma = timestep.reshape(-1)[0]
     for entry in entries:  # a "default" entry (hook keyframes) runs on the whole latent wherever no other one does
-        if "timestep_start" in entry or "timestep_end" in entry:
-            sigma = float(timestep.reshape(-1)[0])
-            if sigma > entry.get("timestep_start", float("inf")) or sigma < entry.get("timestep_end", -float("inf")):
-                continue
+        # Compared as ComfyUI compares them: the σ tensor (its dtype) against the entry's number.
+        if "timestep_start" in entry and bool(sigma > entry["timestep_start"]):
+            continue
+        if "timestep_end" in entry and bool(sigma < entry["timestep_end"]):
+            continue
         area = entry.get("area")  # (sizes…, offsets…) in latent pixels, resolved by ComfyUI before sampling
         if area is None:
             return True

@@ -70,7 +70,8 @@ class BiasMapSession:
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         # Every conditioning entry goes through every layer: entries are counted where they pass this one.
-        self._counting_layer = min(k for k in self.layers if k[0] != "middle" or settings.include_middle)
+        self._counting_layer = min((k for k in self.layers if k[0] != "middle" or settings.include_middle),
+                                   default=None)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
                       for a in demographic for b in semantic]
@@ -188,7 +189,7 @@ class BiasMapSession:
         sigma = timestep.reshape(-1)[0]
         # The step i whose interval (σ_i+1, σ_i] holds σ, so a midpoint evaluation (dpm_2) counts with its step. One
         # at or below σ_i+1 (Heun's corrector, an ancestral sampler's midpoint) is labelled i+1: σ cannot tell.
-        step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(min=0) if schedule is not None \
+        step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2) if schedule is not None \
             else torch.zeros((), dtype=torch.long)
         self.recorder.begin(sigma, step)
         self._guided = None

@@ -81,3 +81,7 @@ def test_words_outside_ascii_are_found_and_shown_as_written():
     assert find_word_positions(tokens, "Médecin") == [2, 3]
     assert prompt_words(tokens) == ["le", "médecin"]
     assert readable(tokens[3]) == "decin</w>" and readable(tokens[2]) == "mé"
+
+
+def test_words_are_normalised_and_numerals_split_as_clip_does():
+    assert clip_words("Cafe\u0301 x² 1990s") == ["café", "x", "²", "1", "9", "9", "0", "s"]

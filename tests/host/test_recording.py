@@ -95,6 +95,20 @@ def test_evaluations_are_labelled_with_steps_of_the_schedule_in_order(sd15, prom
         assert steps == [0, 0, 1, 1, 2]
 
 
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
+def test_step_labels_stay_in_range_on_a_schedule_that_stops_above_zero(sd15, prompts, sampler):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6)[:4]
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        _, trace = sample_with_sampler(session, model, 0, 5.0, comfy.samplers.sampler_object(sampler), sigmas, pos,
+                                       neg, latent(batch=1, h=16, w=16))
+    assert trace.steps.max() == 2 and trace.num_steps == 3
+
+
 def test_a_run_without_any_model_evaluation_is_refused_with_the_fix(sd15, prompts):
     import comfy.samplers
 
@@ -243,6 +257,9 @@ def test_words_are_found_as_clip_splits_them_and_validation_accepts_exactly_thos
         assert check_concepts(prompt, word, "face") is True
     assert "médecin" in prompt_words(tokens)
     assert check_concepts(prompt, "firefighter", "face") is not True
+    weighted = "a (doctor:1.2) and gender, embedding:style"
+    assert check_concepts(weighted, "gender", "doctor") is True
+    assert all(check_concepts(weighted, "gender", word) is not True for word in ("1", "style", "embedding"))
     with pytest.raises(ConceptNotFoundError):
         find_word_positions(tokens, "firefighter")
 
