@@ -144,3 +144,21 @@ def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_an
     guided, trace = sample(model, clip, pos, neg, scale=100.0)
     assert trace.guidance_counts()["applied"] == 2
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
+
+
+def test_hooked_conditioning_is_recorded_with_its_weights_and_can_be_guided(sd15, prompts):
+    import comfy.hooks
+
+    model, clip = sd15
+    pos, neg = prompts
+    gen = torch.Generator().manual_seed(2)
+    with torch.inference_mode():  # a hook that re-weights every attention projection (Create Hook Model as LoRA)
+        weights = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.model.state_dict().items()
+                   if k.startswith("diffusion_model.") and "attn" in k and k.endswith(".weight")}
+        hooked = comfy.hooks.set_hooks_for_conditioning(
+            pos, comfy.hooks.create_hook_model_as_lora(weights, None, 1.0, 0.0))
+    _, plain = sample(model, clip, pos, neg, steps=1, branch="cond")
+    _, with_hook = sample(model, clip, hooked, neg, steps=1, branch="cond")
+    assert all(not torch.allclose(with_hook.maps[s], plain.maps[s]) for s in plain.maps)
+    out, guided = sample(model, clip, hooked, neg, scale=100.0, branch="cond")
+    assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
