@@ -25,6 +25,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 _BYTE_CHAR = _byte_alphabet()
 _CHAR_BYTE = {c: b for b, c in _BYTE_CHAR.items()}
+_FINAL_SIGMA, _SIGMA = ("".join(_BYTE_CHAR[b] for b in c.encode("utf-8")) for c in "ςσ")
 
 
 class ConceptNotFoundError(ValueError):
@@ -106,8 +107,13 @@ def _kind(char: str) -> str:
 
 
 def _spelling(word: str) -> str:
-    """A word in the byte alphabet of CLIP's vocabulary."""
-    return "".join(_BYTE_CHAR[b] for b in word.encode("utf-8"))
+    """A word in the byte alphabet of CLIP's vocabulary, final sigma folded (see :func:`_fold`)."""
+    return _fold("".join(_BYTE_CHAR[b] for b in word.encode("utf-8")))
+
+
+def _fold(spelled: str) -> str:
+    """ς spelled as σ: CLIP's tokenizers lowercase Σ to one or the other depending on their version."""
+    return spelled.replace(_FINAL_SIGMA, _SIGMA)
 
 
 def split_concepts(text: str) -> list[str]:
@@ -127,6 +133,6 @@ def _match_words(tokens: list[str], start: int, words: list[str]) -> int | None:
             i += 1
             if tokens[i - 1].endswith(_END):
                 break
-        if spelled != target or not tokens[i - 1].endswith(_END):
+        if _fold(spelled) != target or not tokens[i - 1].endswith(_END):
             return None
     return i

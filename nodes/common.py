@@ -1,18 +1,15 @@
 """Inputs and validation shared by the BiasMap nodes."""
 
-import re
-
 from comfy_api.latest import io
 
 from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
+from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
 ADVANCED = {"advanced": True}  # shown under the node's advanced inputs by frontends that support it
 
 DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
-# Prompt syntax ComfyUI's tokenizer consumes, so it spells no word: embedding names, "(word:1.2)" weights, brackets.
-_COMFY_SYNTAX = re.compile(r"embedding:\S+|:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?=\))|[()]")
 
 
 def concept_inputs() -> list:
@@ -74,8 +71,8 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt."""
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
-    words = set(clip_words(_COMFY_SYNTAX.sub(" ", attribution_prompt)))
-    shown = ", ".join(sorted(w for w in words if any(ch.isalnum() for ch in w)))
+    words = prompt_text_words(attribution_prompt)
+    shown = ", ".join(sorted({w for w in words if any(ch.isalnum() for ch in w)}))
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:
             continue
@@ -83,12 +80,19 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
                     f"({shown})")
-        missing = [c for c in concepts if not set(clip_words(c)) <= words]
+        missing = [c for c in concepts if not _in_order(clip_words(c), words)]
         if missing:
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these.")
     return True
+
+
+def _in_order(part: list[str], words: list[str]) -> bool:
+    """Whether ``part`` occurs in ``words`` as consecutive words (a multi-word concept is looked up as a phrase)."""
+    fold = [w.replace("ς", "σ") for w in words]  # CLIP's lowercasing keeps no final sigma
+    part = [w.replace("ς", "σ") for w in part]
+    return bool(part) and any(fold[i:i + len(part)] == part for i in range(len(fold) - len(part) + 1))
 
 
 def check_guidance(guided_stages=None, include_middle=None, start=None, end=None) -> bool | str:

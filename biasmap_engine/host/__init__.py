@@ -1,10 +1,10 @@
 """The one adapter between the BiasMap engine and ComfyUI internals; the only code that imports ``comfy``."""
 
-from .attribution import encode_attribution
+from .attribution import encode_attribution, prompt_text_words
 from .sampling import sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names, start_session
 from .session import BiasMapSession
 from .unet import UnsupportedModelError, cross_attention_layers, deinference_, model_family
 
 __all__ = ["BiasMapSession", "UnsupportedModelError", "cross_attention_layers", "deinference_", "encode_attribution",
-           "model_family", "sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names",
+           "model_family", "prompt_text_words", "sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names",
            "start_session"]

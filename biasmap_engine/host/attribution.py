@@ -1,11 +1,16 @@
 """Attribution-prompt embeddings from the same CLIP object the model is conditioned with (BiasMap §2.1)."""
 
+import re
+
 import torch
 
-__all__ = ["encode_attribution"]
+from ..tokens import clip_words
+
+__all__ = ["encode_attribution", "prompt_text_words"]
 
 _END = "<|endoftext|>"
 _EMBEDDING = "<|embedding|>"  # a textual-inversion vector: no vocabulary entry, and never part of a word
+_EMBEDDING_PREFIX = "embedding:"  # ComfyUI's prompt syntax for one
 
 
 def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
@@ -32,3 +37,21 @@ def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
             if name == _END:
                 break
     return embeddings[:, keep], names
+
+
+def prompt_text_words(text: str) -> list[str]:
+    """The words CLIP tokenizes from a ComfyUI prompt, without a CLIP: for checking concepts before a run.
+
+    ComfyUI's tokenizer first takes out "(text:1.2)" weights (its own parser, with "\\(" escapes) and
+    "embedding:name" vectors; the words are CLIP's split of what is left. Embedding names are assumed to exist.
+    """
+    from comfy.sd1_clip import escape_important, token_weights, unescape_important
+
+    words = []
+    for segment, _weight in token_weights(escape_important(text), 1.0):
+        first, *embedded = re.split(" embedding:|\nembedding:", unescape_important(segment))
+        for part in [first, *(_EMBEDDING_PREFIX + e for e in embedded)]:
+            if part.startswith(_EMBEDDING_PREFIX):  # the name runs to the first whitespace; the rest is text again
+                part = (part[len(_EMBEDDING_PREFIX):].split(None, 1) + [""])[1]
+            words += clip_words(part)
+    return words

@@ -85,3 +85,8 @@ def test_words_outside_ascii_are_found_and_shown_as_written():
 
 def test_words_are_normalised_and_numerals_split_as_clip_does():
     assert clip_words("Cafe\u0301 x² 1990s") == ["café", "x", "²", "1", "9", "9", "0", "s"]
+
+
+def test_a_greek_final_sigma_matches_either_lowercasing_of_capital_sigma():
+    tokens = ["<|startoftext|>", "Î¿Î´Î¿Ïĥ</w>", "<|endoftext|>"]  # "οδοσ" in CLIP's byte alphabet
+    assert find_word_positions(tokens, "ΟΔΟΣ") == [1] and find_word_positions(tokens, "οδος") == [1]

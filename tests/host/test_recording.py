@@ -257,9 +257,11 @@ def test_words_are_found_as_clip_splits_them_and_validation_accepts_exactly_thos
         assert check_concepts(prompt, word, "face") is True
     assert "médecin" in prompt_words(tokens)
     assert check_concepts(prompt, "firefighter", "face") is not True
-    weighted = "a (doctor:1.2) and gender, embedding:style"
-    assert check_concepts(weighted, "gender", "doctor") is True
+    weighted = "a (doctor:1.2) and gender, embedding:style \\(hat\\)"
+    assert check_concepts(weighted, "gender", "doctor") is True and check_concepts(weighted, "gender", "(hat") is True
     assert all(check_concepts(weighted, "gender", word) is not True for word in ("1", "style", "embedding"))
+    assert check_concepts(prompt, "face, a woman's", "a fire-fighter") is True  # phrases, in order
+    assert check_concepts(prompt, "face woman", "face") is not True
     with pytest.raises(ConceptNotFoundError):
         find_word_positions(tokens, "firefighter")
 
