@@ -25,7 +25,14 @@ def _byte_alphabet() -> dict[int, str]:
 
 _BYTE_CHAR = _byte_alphabet()
 _CHAR_BYTE = {c: b for b, c in _BYTE_CHAR.items()}
-_FINAL_SIGMA, _SIGMA = ("".join(_BYTE_CHAR[b] for b in c.encode("utf-8")) for c in "ςσ")
+
+
+def _spelling(word: str) -> str:
+    """A word in the byte alphabet of CLIP's vocabulary."""
+    return "".join(_BYTE_CHAR[b] for b in word.encode("utf-8"))
+
+
+_FINAL_SIGMA, _SIGMA = _spelling("ς"), _spelling("σ")
 
 
 class ConceptNotFoundError(ValueError):
@@ -69,9 +76,10 @@ def clip_words(text: str) -> list[str]:
     """``text`` split as CLIP splits it before BPE: ``"A woman's face."`` → ``["a", "woman", "'s", "face", "."]``.
 
     CLIP's pattern ``'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`` on NFC-normalised lowercase
-    text, scanned by Unicode category (Python's ``re`` has no \\p classes).
+    text, scanned by Unicode category (Python's ``re`` has no \\p classes). A final sigma comes out as σ: CLIP's
+    tokenizers lowercase Σ to one or the other depending on their version, so words are compared with ς folded.
     """
-    text = unicodedata.normalize("NFC", text).lower()
+    text = unicodedata.normalize("NFC", text).lower().replace("ς", "σ")
     words, i = [], 0
     while i < len(text):
         if text[i].isspace():
@@ -106,16 +114,6 @@ def _kind(char: str) -> str:
     return category if category in "LN" else "O"
 
 
-def _spelling(word: str) -> str:
-    """A word in the byte alphabet of CLIP's vocabulary, final sigma folded (see :func:`_fold`)."""
-    return _fold("".join(_BYTE_CHAR[b] for b in word.encode("utf-8")))
-
-
-def _fold(spelled: str) -> str:
-    """ς spelled as σ: CLIP's tokenizers lowercase Σ to one or the other depending on their version."""
-    return spelled.replace(_FINAL_SIGMA, _SIGMA)
-
-
 def split_concepts(text: str) -> list[str]:
     """A comma-separated concept list → stripped non-empty words (``"woman, man"`` → ``["woman", "man"]``)."""
     return [w.strip() for w in text.split(",") if w.strip()]
@@ -133,6 +131,6 @@ def _match_words(tokens: list[str], start: int, words: list[str]) -> int | None:
             i += 1
             if tokens[i - 1].endswith(_END):
                 break
-        if _fold(spelled) != target or not tokens[i - 1].endswith(_END):
+        if spelled.replace(_FINAL_SIGMA, _SIGMA) != target or not tokens[i - 1].endswith(_END):  # as clip_words
             return None
     return i

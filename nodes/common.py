@@ -90,9 +90,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
 
 def _in_order(part: list[str], words: list[str]) -> bool:
     """Whether ``part`` occurs in ``words`` as consecutive words (a multi-word concept is looked up as a phrase)."""
-    fold = [w.replace("ς", "σ") for w in words]  # CLIP's lowercasing keeps no final sigma
-    part = [w.replace("ς", "σ") for w in part]
-    return bool(part) and any(fold[i:i + len(part)] == part for i in range(len(fold) - len(part) + 1))
+    return bool(part) and any(words[i:i + len(part)] == part for i in range(len(words) - len(part) + 1))
 
 
 def check_guidance(guided_stages=None, include_middle=None, start=None, end=None) -> bool | str:

@@ -6,5 +6,5 @@ from .session import BiasMapSession
 from .unet import UnsupportedModelError, cross_attention_layers, deinference_, model_family
 
 __all__ = ["BiasMapSession", "UnsupportedModelError", "cross_attention_layers", "deinference_", "encode_attribution",
-           "model_family", "prompt_text_words", "sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names",
-           "start_session"]
+           "model_family", "prompt_text_words", "sample_with_sampler", "sample_with_scheduler", "sampler_names",
+           "scheduler_names", "start_session"]
