@@ -76,16 +76,24 @@ def deinference_(module: torch.nn.Module) -> int:
     ComfyUI loads models inside ``torch.inference_mode()``; such tensors cannot be saved for backward. Swapping once
     (and again only for weights that ComfyUI re-creates, e.g. on LoRA re-patching) avoids copying every weight on
     every forward, which a weight wrapper would do during ordinary sampling too. Values are unchanged.
+
+    Pinned host weights are left alone: ComfyUI pins the weights it offloads when VRAM is short (lowvram), copies
+    them to the GPU on every forward (so autograd saves the copy, never them), and later unpins them by address; a
+    swapped tensor would make that unpinning fail and leave freed memory registered with CUDA.
     """
     swapped = 0
     with torch.inference_mode(False):
         for mod in module.modules():
             for name, param in mod._parameters.items():
-                if param is not None and param.is_inference():
+                if param is not None and param.is_inference() and not _pinned(param):
                     mod._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
                     swapped += 1
             for name, buf in mod._buffers.items():
-                if buf is not None and buf.is_inference():
+                if buf is not None and buf.is_inference() and not _pinned(buf):
                     mod._buffers[name] = buf.clone()
                     swapped += 1
     return swapped
+
+
+def _pinned(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and torch.cuda.is_available() and tensor.is_pinned()

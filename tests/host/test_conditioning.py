@@ -39,25 +39,27 @@ def short_of_memory(model, monkeypatch):
     monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
 
 
-def assert_same_maps(trace, expected, evaluations=slice(None)):
+def assert_same_maps(trace, expected, evaluations=slice(None), slack=1.0):
     assert trace.maps.keys() == expected.maps.keys()
     for stage, maps in expected.maps.items():
-        torch.testing.assert_close(trace.maps[stage][evaluations], maps[evaluations], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(trace.maps[stage][evaluations], maps[evaluations], rtol=1e-5 * slack,
+                                   atol=1e-6 * slack)
 
 
 @pytest.mark.parametrize("memory", ["ample", "short"])
-def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch):
+def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch,
+                                                                                kernel_slack):
     model, clip = sd15
     pos, neg = prompts
     _, alone = sample(model, clip, pos, neg)
     if memory == "short":
         short_of_memory(model, monkeypatch)
     _, doubled = sample(model, clip, pos, combine(neg, neg))
-    assert_same_maps(doubled, alone)
+    assert_same_maps(doubled, alone, slack=kernel_slack)
 
 
 def test_entries_of_the_recorded_branch_are_averaged_the_same_batched_or_in_separate_calls(sd15, prompts,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, kernel_slack):
     model, clip = sd15
     pos, neg = prompts
     blurry = encode(clip, "blurry, lowres")
@@ -70,9 +72,9 @@ def test_entries_of_the_recorded_branch_are_averaged_the_same_batched_or_in_sepa
     guided_separate = sample(model, clip, pos, combine(neg, blurry), scale=100.0, steps=1)[1].guidance["energy"]
     for stage in first.maps:  # one step: every run sees the same latent
         torch.testing.assert_close(batched.maps[stage], (first.maps[stage] + second.maps[stage]) / 2,
-                                   rtol=1e-5, atol=1e-6)
-    assert_same_maps(separate, batched)
-    torch.testing.assert_close(guided_separate, guided_batched, rtol=1e-4, atol=0)
+                                   rtol=1e-5 * kernel_slack, atol=1e-6 * kernel_slack)
+    assert_same_maps(separate, batched, slack=kernel_slack)
+    torch.testing.assert_close(guided_separate, guided_batched, rtol=1e-4 * kernel_slack, atol=0)
 
 
 @pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
@@ -153,7 +155,8 @@ def test_hooked_conditioning_is_recorded_with_its_weights_and_can_be_guided(sd15
     pos, neg = prompts
     gen = torch.Generator().manual_seed(2)
     with torch.inference_mode():  # a hook that re-weights every attention projection (Create Hook Model as LoRA)
-        weights = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.model.state_dict().items()
+        weights = {k: v + 0.01 * torch.randn(v.shape, generator=gen).to(v.device)
+                   for k, v in model.model.state_dict().items()
                    if k.startswith("diffusion_model.") and "attn" in k and k.endswith(".weight")}
         hooked = comfy.hooks.set_hooks_for_conditioning(
             pos, comfy.hooks.create_hook_model_as_lora(weights, None, 1.0, 0.0))

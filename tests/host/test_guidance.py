@@ -200,7 +200,7 @@ def test_another_nodes_attn2_replace_takes_effect_under_guidance(sd15, prompts):
 
 
 def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_has_no_backward(sd15, prompts,
-                                                                                             monkeypatch):
+                                                                                             monkeypatch, kernel_slack):
     import comfy.ldm.modules.attention as attention
 
     model, clip = sd15
@@ -226,7 +226,7 @@ def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_ha
     monkeypatch.setattr(attention, "optimized_attention", forward_only)
     guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert trace.guidance_counts()["applied"] == 2
-    assert torch.allclose(guided, usual, rtol=1e-5, atol=1e-6 * usual.abs().max().item())
+    assert torch.allclose(guided, usual, rtol=1e-5 * kernel_slack, atol=1e-6 * kernel_slack * usual.abs().max().item())
     calls["n"] = 0
     sample(model, clip, pos, neg, 0.0, steps=1)
     assert calls["n"] > 0  # without guidance, the host's kernel is left in charge
@@ -275,6 +275,25 @@ def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
         energies[dtype] = trace.guidance["energy"][0]
     # bf16 rounds the U-Net's activations (~3 significant digits), not the energy's own arithmetic.
     torch.testing.assert_close(energies[torch.bfloat16], energies[torch.float32], rtol=2e-2, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ComfyUI pins offloaded weights only with a GPU")
+def test_guidance_on_a_partially_loaded_model_leaves_comfyuis_pinned_weights_in_place(sd15, prompts, monkeypatch,
+                                                                                      caplog):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip = sd15
+    pos, neg = prompts
+    # Short of VRAM, ComfyUI keeps some weights in pinned host memory and copies them to the GPU on every forward.
+    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert torch.isfinite(guided).all() and trace.guidance_counts()["applied"] == 2
+    if not model.pinned:
+        pytest.skip("ComfyUI loaded the whole model here: no weight was offloaded to pinned memory")
+    assert all(comfy.utils.get_attr(model.model, key).data_ptr() in mm.PINNED_MEMORY for key in model.pinned)
+    mm.unload_all_models()  # ComfyUI unpins by address: every pinned weight must still be the one it registered
+    assert not model.pinned and "not pinned by ComfyUI" not in caplog.text
 
 
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch):
