@@ -25,7 +25,7 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 import torch
 
 from ..guidance import entanglement_energy, guidance_step
-from ..ovam import sum_upsampled, token_softmax_maps
+from ..ovam import block_token_softmax_maps, head_block_keys, sum_upsampled
 from ..settings import BiasMapSettings
 from ..stages import stage_of
 from ..tokens import find_word_positions
@@ -62,7 +62,7 @@ class BiasMapSession:
         self.recorder = TraceRecorder()
         self.notes: list[str] = []
         self.latent_shape: list[int] | None = None
-        self._keys: dict = {}
+        self._layer_cache: dict = {}
         self._capture_branch: int | None = None  # set while the evaluation's main U-Net pass runs
         self._main_pass_pending = False
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
@@ -147,8 +147,7 @@ class BiasMapSession:
         picked = [i for i, c in enumerate(chunks) if c == self._capture_branch]
         if not picked:
             return  # cond and uncond went as separate U-Net calls; this one is the other branch
-        latent = tuple(extra_options["original_shape"][-2:])
-        if latent != tuple(self.latent_shape[-2:]):
+        if list(extra_options["original_shape"][-2:]) != self.latent_shape[-2:]:
             self._note("area conditioning: entries of the recorded branch that cover only part of the image are not "
                        "recorded; its maps come from its whole-image entries")
             return
@@ -156,26 +155,29 @@ class BiasMapSession:
         block, depth = extra_options["block"], extra_options["block_index"]
         grid = tuple(extra_options["activations_shape"][-2:])
         layer = (block[0], block[1], depth)
-        keys = self._attribution_keys(layer, q)
         heads = extra_options["n_heads"]
+        keys, stage = self._layer_constants(layer, q, grid, heads)
         if len(picked) == 1:
-            maps = token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)
+            maps = block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)
         else:  # several entries of the branch in this batch (ConditioningCombine): summed here, averaged at the end
             q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-            maps = token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).sum(0)
-        self.recorder.add(stage_of(block, latent, grid), maps)
+            maps = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).sum(0)
+        self.recorder.add(stage, maps)
         if layer == self._counting_layer:
             self.recorder.count_entries(len(picked))
 
-    def _attribution_keys(self, layer_key, q):
-        """K′ = to_k(X′) of a layer, computed once per run in the model's dtype."""
-        keys = self._keys.get(layer_key)
-        if keys is None or keys.device != q.device:
-            emb = self.embeddings.to(device=q.device, dtype=q.dtype)
-            keys = self.layers[layer_key].to_k(emb)
-            self._keys[layer_key] = keys
-        # Keys made under inference mode cannot be saved for backward; a plain copy can (N×d, cheap).
-        return keys.clone() if torch.is_grad_enabled() and keys.is_inference() else keys
+    def _layer_constants(self, layer, q, grid, heads):
+        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`head_block_keys`, and its stage: made once.
+
+        The keys are made outside inference mode, so a guided pass can save them for its backward as they are.
+        """
+        cached = self._layer_cache.get((layer, grid))
+        if cached is None or cached[0].device != q.device:
+            with torch.inference_mode(False), torch.no_grad():
+                keys = self.layers[layer].to_k(self.embeddings.to(device=q.device, dtype=q.dtype))
+                cached = (head_block_keys(keys, heads), stage_of(layer[:2], self.latent_shape[-2:], grid))
+            self._layer_cache[(layer, grid)] = cached
+        return cached
 
     # ---- per-evaluation wrappers ----------------------------------------------------------------------------
 
