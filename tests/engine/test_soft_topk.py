@@ -37,6 +37,45 @@ def test_paper_mode_equals_the_reference_loop_row_by_row_in_float64():
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10)
 
 
+def unrolled_loop(maps, keep=0.3, gamma=0.01, iters=20):
+    """The reference's loop in torch (g then f, duals from 0), differentiated by autograd through every iteration."""
+    x = maps.reshape(-1, maps.shape[-1])
+    n = x.shape[-1]
+    k = int(n * keep)
+    scores = torch.stack([-(x ** 2), -((x - 1.0) ** 2)], dim=-1) / gamma  # [rows, n, 2]
+    log_nu = torch.tensor([math.log((n - k) / n), math.log(k / n)], dtype=x.dtype)
+    f, g = torch.zeros_like(x), torch.zeros(x.shape[0], 2, dtype=x.dtype)
+    for _ in range(iters):
+        g = log_nu - torch.logsumexp(scores + f.unsqueeze(-1), dim=1)
+        f = -math.log(n) - torch.logsumexp(scores + g.unsqueeze(1), dim=2)
+    return (torch.exp(scores[..., 1] + f + g[:, 1:]) * n).reshape(maps.shape)
+
+
+@pytest.mark.parametrize("gamma, scale, iters", [(0.01, 1.5, 20), (0.2, 1.0, 20), (0.01, 40.0, 20), (0.05, 1.0, 1),
+                                                 (0.05, 1.0, 3)])
+def test_paper_mode_gradient_equals_autograd_through_the_unrolled_loop(gamma, scale, iters):
+    gen = torch.Generator().manual_seed(11)
+    maps = (torch.rand(2, 12, 12, generator=gen, dtype=torch.float64) * scale).requires_grad_(True)
+    weights = torch.rand(2, 12, 12, generator=gen, dtype=torch.float64)
+    got = soft_topk(maps, 0.3, gamma, "paper", iters)
+    want = unrolled_loop(maps, 0.3, gamma, iters)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), maps)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), maps)
+    assert grad_want.abs().max() > 0
+    assert torch.allclose(grad_got, grad_want, rtol=1e-7, atol=1e-9 * grad_want.abs().max().item())
+
+
+def test_paper_mode_gradient_matches_finite_differences():
+    maps = (torch.rand(2, 4, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: soft_topk(m, 0.5, 0.3, mode="paper"), (maps,), eps=1e-6, atol=1e-6)
+
+
+def test_paper_mode_refuses_rows_too_narrow_to_keep_a_pixel():
+    with pytest.raises(ValueError, match="keeps no pixel"):
+        soft_topk(torch.rand(1, 4, 3), keep=0.3, mode="paper")
+
+
 def test_paper_mode_solves_rows_separately_not_the_whole_map():
     maps = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     maps[0, 0] += 5.0  # a bright row: a global top-k would put all its mass there
