@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The lent-GPU check, run in the repo root of the device machine: engine + host tests on CUDA, a profile of one step
-# per mode, then the sampling benchmark on a random full-size SD1.5 at 256² and 512² (4 steps) and 512² (20 steps).
-# Expects ComfyUI v0.8.0 in .comfyui/ and the wheels that image lacks (av, torchsde, trampoline) in .whl/; writes
-# logs and results under $OUT.
+# per mode, the sampling benchmark on a random full-size SD1.5 at 256² and 512² (4 steps) and 512² (20 steps), and
+# the soft top-k benchmark. Expects ComfyUI v0.8.0 in .comfyui/ and the wheels that image lacks (av, torchsde,
+# trampoline) in .whl/; writes logs under $OUT (the sampling logs end with their JSON rows).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export COMFYUI_PATH=$PWD/.comfyui PYTHONUNBUFFERED=1
@@ -11,9 +11,10 @@ ckpt=/tmp/random_sd15_full.safetensors
 quiet() { grep -v -e "it/s\]" -e "^USDT" -e "s/it\]"; }
 timeout 300 python3 -m pytest tests/engine tests/host -q -p no:cacheprovider --ignore=tests/host/test_server.py \
   > "$OUT/tests.log" 2>&1; tail -n 25 "$OUT/tests.log"
-python3 benchmarks/profile_step.py --size 512 --steps 2 --checkpoint $ckpt --out "$OUT/profile512.txt" 2>&1 \
-  | quiet > "$OUT/profile.log"; grep "^## \|^sync" "$OUT/profile512.txt" || tail -n 20 "$OUT/profile.log"
-python3 benchmarks/sampling.py --sizes 256 512 --steps 4 --repeats 3 --checkpoint $ckpt --out "$OUT/sampling.json" \
-  2>&1 | quiet > "$OUT/sampling.log"; grep -v '^\[' "$OUT/sampling.log" | tail -n 16
-python3 benchmarks/sampling.py --sizes 512 --steps 20 --repeats 3 --checkpoint $ckpt --out "$OUT/sampling20.json" \
-  2>&1 | quiet > "$OUT/sampling20.log"; grep -v '^\[' "$OUT/sampling20.log" | tail -n 10
+python3 benchmarks/profile_step.py --size 512 --steps 2 --checkpoint $ckpt --out "$OUT/profile512.txt" \
+  --sources aten::copy_ aten::add aten::mul aten::fill_ 2>&1 | quiet | grep "^## \|^sync\|/step from"
+for run in "256 512:4" "512:20"; do
+  python3 benchmarks/sampling.py --sizes ${run%:*} --steps ${run#*:} --repeats 3 --checkpoint $ckpt \
+    --out /tmp/rows.json 2>&1 | quiet > "$OUT/sampling${run#*:}.log"; grep -v '^\[' "$OUT/sampling${run#*:}.log" | tail -n 16
+done
+python3 benchmarks/soft_topk.py --device cuda --repeats 20 > "$OUT/soft_topk.log" 2>&1; head -n 12 "$OUT/soft_topk.log"
