@@ -1,0 +1,98 @@
+"""Two versions of the pack side by side in one process: seconds per step of each mode, interleaved per repeat.
+
+On a launch-bound GPU, and on shared machines, step times drift between processes by more than the difference
+between two versions of the pack. Here this checkout and another one (e.g. a ``git worktree`` of an older commit)
+run in one process on one loaded model, alternating which goes first, each repeat against its own stock KSampler
+run. Usage:
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/ab_sampling.py OTHER_CHECKOUT [--size 512] [--steps 20]
+        [--repeats 7] [--checkpoint random_sd15.safetensors]
+"""
+
+import argparse
+import importlib
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sampling  # this folder: the modes and the checkpoint writer
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "A photo of the face of a doctor and gender"
+
+
+def load_engine(checkout: Path, name: str):
+    """A checkout's ``biasmap_engine`` imported under ``name``; → (engine, engine.host)."""
+    root = checkout / "biasmap_engine"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module, importlib.import_module(f"{name}.host")
+
+
+def seconds_per_step(engine, settings, model, clip, pos, neg, latent, steps):
+    """One run as the node makes it (attribution encoding and trace included), or the stock KSampler."""
+    import nodes
+
+    start = time.perf_counter()
+    if settings is None:
+        out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
+    else:
+        module, host = engine
+        session = host.start_session(model, clip, PROMPT, ["gender"], ["doctor"], module.BiasMapSettings(**settings))
+        out, _ = host.sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
+    out["samples"].sum().item()  # wait for the device
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("other", type=Path)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    args = parser.parse_args()
+
+    root = sampling.comfy_models.boot_comfy()
+    sys.path.insert(sys.path.index(root) + 1, str(REPO))
+    import comfy.sd
+
+    if not Path(args.checkpoint).exists():
+        sampling.comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
+    engines = {"this": load_engine(REPO, "biasmap_engine"), "other": load_engine(args.other.resolve(), "biasmap_other")}
+    modes = [m for m, (settings, kernels) in sampling.MODES.items() if settings is not None and kernels == "comfy"]
+    plains, ratios = [], {(mode, version): [] for mode in modes for version in engines}
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        pos, neg = sampling.comfy_models.paper_prompts(clip)
+        latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
+        run = lambda version, settings, steps: seconds_per_step(engines[version], settings, model, clip, pos, neg,
+                                                                latent, steps)
+        for version in engines:  # warm-up: model load, kernels, autotuning
+            run(version, sampling.MODES["guided_all"][0], 1)
+        for repeat in range(args.repeats):
+            plains.append(run("this", None, args.steps))
+            order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
+            for mode in modes:
+                for version in order:
+                    ratios[mode, version].append(run(version, sampling.MODES[mode][0], args.steps) / plains[-1])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{device}, torch {torch.__version__}, random full-size SD1.5 at {args.size}² ({args.steps} steps, euler, "
+          f"cfg 7, batch 1); this checkout vs {args.other}; medians of {args.repeats} interleaved repeats\n")
+    print(f"stock KSampler: {statistics.median(plains) * 1e3:.1f} ms/step (median)\n")
+    print("| mode | this × stock | other × stock | this / other |")
+    print("|---|--:|--:|--:|")
+    for mode in modes:
+        this, other = ratios[mode, "this"], ratios[mode, "other"]
+        print(f"| {mode} | {statistics.median(this):.2f} | {statistics.median(other):.2f} "
+              f"| {statistics.median(a / b for a, b in zip(this, other)):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
