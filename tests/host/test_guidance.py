@@ -277,30 +277,6 @@ def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
     torch.testing.assert_close(energies[torch.bfloat16], energies[torch.float32], rtol=2e-2, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="ComfyUI pins offloaded weights only with a GPU")
-def test_guidance_on_a_partially_loaded_model_leaves_comfyuis_pinned_weights_in_place(sd15, prompts, monkeypatch,
-                                                                                      caplog):
-    import comfy.model_management as mm
-    import comfy.utils
-
-    model, clip = sd15
-    pos, neg = prompts
-    mm.unload_all_models()
-    # ComfyUI sees room for about half the U-Net's weights: it loads part of them and keeps the rest in pinned host
-    # memory, copied to the GPU on every forward (lowvram).
-    free = mm.minimum_inference_memory() + model.model_size() // 2
-    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
-                        (free, free) if torch_free_too else free)
-    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
-    assert torch.isfinite(guided).all() and trace.guidance_counts()["applied"] == 2
-    if not model.pinned:
-        pytest.skip("ComfyUI loaded the whole model here: no weight was offloaded to pinned memory")
-    assert all(comfy.utils.get_attr(model.model, key).data_ptr() in mm.PINNED_MEMORY for key in model.pinned)
-    monkeypatch.undo()
-    mm.unload_all_models()  # ComfyUI unpins by address: every pinned weight must still be the one it registered
-    assert not model.pinned and "not pinned by ComfyUI" not in caplog.text
-
-
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch):
     model, clip = sd15
     pos, neg = prompts
