@@ -79,8 +79,9 @@ class _RowSinkhorn(torch.autograd.Function):
             - torch.logsumexp(-((x - 1.0) ** 2) / gamma, -1, keepdim=True)
         ds = [d]
         for _ in range(iters - 1):
-            log_s = F.logsigmoid(a + d)
-            lse = torch.logsumexp(torch.stack([log_s, log_s - (a + d)]), -1, keepdim=True)  # log σ(z), log σ(−z)
+            z = a + d
+            log_s = F.logsigmoid(z)
+            lse = torch.logsumexp(torch.stack([log_s, log_s - z]), -1, keepdim=True)  # of log σ(z) and log σ(−z)
             d = d + (logit - lse[0] + lse[1])
             ds.append(d)
         ctx.gamma = gamma
@@ -88,6 +89,7 @@ class _RowSinkhorn(torch.autograd.Function):
         return torch.sigmoid(a + d)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, ds = ctx.saved_tensors  # ds: [iters, rows, 1]
         gamma = ctx.gamma
