@@ -189,6 +189,11 @@ class TraceRecorder:
         previous = self._current.get(stage)
         self._current[stage] = maps if previous is None else previous + maps
 
+    def restart(self) -> None:
+        """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
+        self._current = {}
+        self._entries = 0
+
     def count_entries(self, entries: int) -> None:
         """Count conditioning entries of the recorded branch that went through the U-Net in this evaluation."""
         self._entries += entries

@@ -12,7 +12,9 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   on (the latent as leaf), so no second forward is needed. On a CPU with the backward through the whole U-Net, the
   maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; otherwise
   one batched pass is cheaper (a GPU at SD sizes is bound by kernel launches; a truncated backward is short).
-  Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py);
+  Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py).
+  A batched pass that runs out of GPU memory (ComfyUI sizes batches for inference, autograd keeps every activation
+  until the backward) is run again that way, and so are the run's later steps, with a note;
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
@@ -21,6 +23,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, takes 2–3× SDPA's
   time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
 """
+
+import contextlib
 
 import torch
 
@@ -68,6 +72,7 @@ class BiasMapSession:
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
+        self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         # Every conditioning entry goes through every layer: entries are counted where they pass this one.
         self._counting_layer = min((k for k in self.layers if k[0] != "middle" or settings.include_middle),
@@ -218,19 +223,44 @@ class BiasMapSession:
         self._main_pass_pending = False
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
-        if not guide or x_in.device.type != "cpu" or self._last_guided_input is not None:
+        if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)):
+            return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
+        try:
             return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
                                     x_in, timestep, model_options, branch, guide, conds)
-        # CPU, backward through the whole U-Net: only the maps' branch runs with autograd, so the backward covers
-        # one branch, not the CFG batch. Both branches then run at batch 1, where the direct kernel beats oneDNN on
-        # the smallest grids.
+        except torch.cuda.OutOfMemoryError:
+            if not guide:
+                raise
+        # Outside the except block, so the failed pass's activations are freed before the retry. ComfyUI sizes its
+        # batches for inference; autograd keeps every activation of the guided pass until the backward.
+        import comfy.model_management
+
+        comfy.model_management.soft_empty_cache()
+        self.recorder.restart()
+        self._branch_alone = True
+        self._note("GPU memory ran short for one batched CFG pass with autograd: from that step on, the maps' branch "
+                   "runs alone with autograd and the other branch without (one more U-Net pass per step)")
+        return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
+
+    def _run_branch_alone(self, executor, model, conds, x_in, timestep, model_options, branch):
+        """The guided evaluation with only the maps' branch under autograd, so the backward covers one branch.
+
+        The default on a CPU when the backward goes through the whole U-Net; both branches then run at batch 1, where
+        the direct kernel beats oneDNN on the smallest grids. On a GPU, the fallback when memory runs short.
+        """
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
-        with SmallGridConvolution():
-            out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
-                   else [torch.zeros_like(x_in) for _ in conds])
-            guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
-                                      x_in, timestep, model_options, branch, True, only)
+        try:
+            with SmallGridConvolution() if x_in.device.type == "cpu" else contextlib.nullcontext():
+                out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+                       else [torch.zeros_like(x_in) for _ in conds])
+                guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
+                                          x_in, timestep, model_options, branch, True, only)
+        except torch.cuda.OutOfMemoryError as err:
+            raise torch.cuda.OutOfMemoryError(
+                "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
+                "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), "
+                "lower the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
         out[branch] = guided[branch]
         return out
 

@@ -106,6 +106,19 @@ def test_recorder_keeps_the_mean_over_the_recorded_branchs_entries():
     assert torch.allclose(trace.maps["down_1"][0], (first + second) / 2)
 
 
+def test_recorder_restart_drops_a_failed_passs_maps_but_keeps_the_evaluation():
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(3.0), torch.tensor(0))
+    rec.add("down_1", torch.full((1, 2, 4, 4), 5.0))  # a pass that then ran out of memory
+    rec.count_entries(1)
+    rec.restart()
+    rec.add("down_1", torch.ones(1, 2, 4, 4))
+    rec.count_entries(1)
+    rec.end()
+    trace = rec.finish(tokens=["a", "b"], latent_shape=[1, 4, 4, 4])
+    assert trace.sigmas.tolist() == [3.0] and torch.equal(trace.maps["down_1"], torch.ones(1, 1, 2, 4, 4))
+
+
 def test_recorder_refuses_an_evaluation_without_maps():
     rec = TraceRecorder()
     rec.begin(torch.tensor(1.0), torch.tensor(0))

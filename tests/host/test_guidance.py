@@ -292,6 +292,45 @@ def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batche
     assert torch.allclose(separate, batched, rtol=1e-2, atol=1e-2 * batched.abs().max().item())
 
 
+def running_out_of_gpu_memory(model, batched_only=True):
+    """A clone whose output blocks raise CUDA's out-of-memory error in guided passes (CFG-batched ones only, or all).
+
+    Raised in an output block, so the failed pass has already recorded the input blocks' maps.
+    """
+    def attn2_patch(n, context, value, extra_options):
+        if (torch.is_grad_enabled() and extra_options["block"][0] == "output"
+                and (len(extra_options["cond_or_uncond"]) > 1 or not batched_only)):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
+        return n, context, value
+
+    patched = model.clone()
+    patched.set_model_attn2_patch(attn2_patch)
+    return patched
+
+
+def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    # Guiding down×1 runs one batched CFG pass with autograd on every device, as a GPU does for every stage choice.
+    usual, expected, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
+    retried, trace, _ = sample(running_out_of_gpu_memory(model), clip, pos, neg, 100.0, steps=2,
+                               guided_stages=("down_1",))
+    assert any("GPU memory ran short" in note for note in trace.notes)
+    assert trace.guidance_counts()["applied"] == 2
+    for stage, maps in expected.maps.items():  # the failed pass's maps are not counted
+        torch.testing.assert_close(trace.maps[stage], maps, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(retried, usual, rtol=1e-3, atol=1e-4 * usual.abs().max().item())
+
+
+def test_guidance_out_of_gpu_memory_with_one_branch_too_says_what_to_change(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="guide fewer stages .* or set the guidance scale to 0"):
+        sample(running_out_of_gpu_memory(model, batched_only=False), clip, pos, neg, 100.0, steps=2,
+               guided_stages=("down_1",))
+    assert torch.isfinite(sample(model, clip, pos, neg, 100.0, steps=1)[0]).all()
+
+
 def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
     import comfy.samplers
 
