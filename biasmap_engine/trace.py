@@ -167,7 +167,7 @@ class TraceRecorder:
 
     Layers of one stage are summed as they arrive; nothing leaves the device until the run ends. When the recorded
     CFG branch has several conditioning entries (ConditioningCombine), each runs through every layer: the
-    evaluation's maps are their mean, as ComfyUI averages the entries' noise predictions.
+    evaluation's maps are their mean weighted by the entries' strengths, as ComfyUI weighs their noise predictions.
     """
 
     def __init__(self):
@@ -185,7 +185,7 @@ class TraceRecorder:
         self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
 
     def add(self, stage: str, maps: torch.Tensor) -> None:
-        """Add one layer's ``[B, N, h, w]`` maps (summed over entries) to the open evaluation, graph kept."""
+        """Add one layer's ``[B, N, h, w]`` maps (summed over entries, weighted) to the open evaluation, graph kept."""
         previous = self._current.get(stage)
         self._current[stage] = maps if previous is None else previous + maps
 
@@ -194,13 +194,13 @@ class TraceRecorder:
         self._current = {}
         self._entries = 0
 
-    def count_entries(self, entries: int) -> None:
-        """Count conditioning entries of the recorded branch that went through the U-Net in this evaluation."""
-        self._entries += entries
+    def count_entries(self, weight: float) -> None:
+        """Count the weight (strength) of recorded-branch entries that went through the U-Net in this evaluation."""
+        self._entries += weight
 
     def current(self, stages=None) -> dict[str, torch.Tensor]:
         """The open evaluation's per-stage maps (mean over entries), still differentiable."""
-        return {s: m if self._entries <= 1 else m / self._entries
+        return {s: m if self._entries in (0, 1) else m / self._entries
                 for s, m in self._current.items() if stages is None or s in stages}
 
     def end(self, energy=None, grad_norm=None, status=None) -> None:

@@ -3,9 +3,9 @@
 Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
   through a replace another node registered before, which it chains) and, on the recorded CFG branch, the OVAM
-  token maps against the attribution keys. That branch's whole-image conditioning entries are averaged, batched or
-  not; entries on a crop of the latent (area conditioning) are left out; where a step has no whole-image entry on
-  it (timestep ranges), the other branch is recorded;
+  token maps against the attribution keys. That branch's whole-image conditioning entries are averaged, weighted by
+  their strengths, batched or not; entries on a crop of the latent (area conditioning) are left out; where a step
+  has no whole-image entry on it (timestep ranges), the other branch is recorded;
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
@@ -73,6 +73,7 @@ class BiasMapSession:
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
+        self._strengths: dict = {}  # conditioning entry uuid → strength, for the open evaluation's U-Net pass
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         # Every conditioning entry goes through every layer: entries are counted where they pass this one.
         self._counting_layer = min((k for k in self.layers if k[0] != "middle" or settings.include_middle),
@@ -156,6 +157,8 @@ class BiasMapSession:
             self._note("area conditioning: entries of the recorded branch that cover only part of the image are not "
                        "recorded; its maps come from its whole-image entries")
             return
+        uuids = extra_options.get("uuids") or [None] * len(chunks)
+        weights = [self._strengths.get(uuids[i], 1.0) for i in picked]
         rows = q.shape[0] // len(chunks)
         block, depth = extra_options["block"], extra_options["block_index"]
         grid = tuple(extra_options["activations_shape"][-2:])
@@ -163,13 +166,18 @@ class BiasMapSession:
         heads = extra_options["n_heads"]
         keys, stage = self._layer_constants(layer, q, grid, heads)
         if len(picked) == 1:
-            maps = block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)
-        else:  # several entries of the branch in this batch (ConditioningCombine): summed here, averaged at the end
+            per_entry = [block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)]
+        else:  # several entries of the branch in this batch (ConditioningCombine)
             q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-            maps = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).sum(0)
+            per_entry = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).unbind(0)
+        # Entries are weighted by strength here and divided by the total weight at the end, as ComfyUI combines the
+        # entries' noise predictions (masks, which weigh them per pixel, are not applied to the maps).
+        maps = per_entry[0] if weights[0] == 1.0 else weights[0] * per_entry[0]
+        for weight, entry_maps in zip(weights[1:], per_entry[1:]):
+            maps = maps + (entry_maps if weight == 1.0 else weight * entry_maps)
         self.recorder.add(stage, maps)
         if layer == self._counting_layer:
-            self.recorder.count_entries(len(picked))
+            self.recorder.count_entries(sum(weights))
 
     def _layer_constants(self, layer, q, grid, heads):
         """A layer's attribution keys K′ = to_k(X′), prepared by :func:`head_block_keys`, and its stage: made once.
@@ -221,6 +229,7 @@ class BiasMapSession:
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
+        self._strengths = _strengths(conds)
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
         if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)):
@@ -273,6 +282,7 @@ class BiasMapSession:
         conds = [guider.conds.get("positive"), guider.conds.get("negative")]
         if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
             conds[_UNCOND] = None
+        self._strengths = _strengths(conds)
         branch = self._branch(conds, x, timestep)
         model = guider.inner_model
         def extra(x_, t, options):
@@ -355,6 +365,12 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+def _strengths(conds) -> dict:
+    """Each conditioning entry's strength (ConditioningSetAreaStrength and the like) by its uuid."""
+    return {entry["uuid"]: float(entry.get("strength", 1.0)) for entries in conds for entry in entries or []
+            if "uuid" in entry}
 
 
 def _with_differentiable_attention(model_options):

@@ -58,11 +58,14 @@ def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(
     assert_same_maps(doubled, alone, slack=kernel_slack)
 
 
-def test_entries_of_the_recorded_branch_are_averaged_the_same_batched_or_in_separate_calls(sd15, prompts,
-                                                                                            monkeypatch, kernel_slack):
+@pytest.mark.parametrize("strength", [1.0, 3.0])
+def test_entries_of_the_recorded_branch_are_averaged_by_strength_the_same_batched_or_in_separate_calls(
+        sd15, prompts, monkeypatch, kernel_slack, strength):
+    import nodes
+
     model, clip = sd15
     pos, neg = prompts
-    blurry = encode(clip, "blurry, lowres")
+    blurry = nodes.ConditioningSetAreaStrength().append(encode(clip, "blurry, lowres"), strength)[0]
     _, first = sample(model, clip, pos, neg, steps=1)
     _, second = sample(model, clip, pos, blurry, steps=1)
     _, batched = sample(model, clip, pos, combine(neg, blurry), steps=1)
@@ -70,9 +73,9 @@ def test_entries_of_the_recorded_branch_are_averaged_the_same_batched_or_in_sepa
     short_of_memory(model, monkeypatch)
     _, separate = sample(model, clip, pos, combine(neg, blurry), steps=1)
     guided_separate = sample(model, clip, pos, combine(neg, blurry), scale=100.0, steps=1)[1].guidance["energy"]
-    for stage in first.maps:  # one step: every run sees the same latent
-        torch.testing.assert_close(batched.maps[stage], (first.maps[stage] + second.maps[stage]) / 2,
-                                   rtol=1e-5 * kernel_slack, atol=1e-6 * kernel_slack)
+    for stage in first.maps:  # one step: every run sees the same latent; ComfyUI weighs the entries by strength
+        torch.testing.assert_close(batched.maps[stage], (first.maps[stage] + strength * second.maps[stage])
+                                   / (1 + strength), rtol=1e-5 * kernel_slack, atol=1e-6 * kernel_slack)
     assert_same_maps(separate, batched, slack=kernel_slack)
     torch.testing.assert_close(guided_separate, guided_batched, rtol=1e-4 * kernel_slack, atol=0)
 
