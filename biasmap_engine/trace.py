@@ -167,20 +167,21 @@ class TraceRecorder:
 
     Layers of one stage are summed as they arrive; nothing leaves the device until the run ends. When the recorded
     CFG branch has several conditioning entries (ConditioningCombine), each runs through every layer: the
-    evaluation's maps are their mean weighted by the entries' strengths, as ComfyUI weighs their noise predictions.
+    evaluation's maps are their mean weighted by the entries' strengths and masks, as ComfyUI weighs their noise
+    predictions.
     """
 
     def __init__(self):
         self._stage_maps: dict[str, list[torch.Tensor]] = {}
         self._current: dict[str, torch.Tensor] = {}
-        self._entries = 0
+        self._weights: dict[str, float | torch.Tensor] = {}  # stage → total weight of the entries summed in it
         self._sigmas, self._steps = [], []
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
 
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
         """Open a model evaluation at noise level σ of sampler step ``step`` (0-d tensors: no host sync)."""
         self._current = {}
-        self._entries = 0
+        self._weights = {}
         self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
         self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
 
@@ -192,15 +193,16 @@ class TraceRecorder:
     def restart(self) -> None:
         """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
         self._current = {}
-        self._entries = 0
+        self._weights = {}
 
-    def count_entries(self, weight: float) -> None:
-        """Count the weight (strength) of recorded-branch entries that went through the U-Net in this evaluation."""
-        self._entries += weight
+    def count_entries(self, stage: str, weight: float | torch.Tensor) -> None:
+        """Count recorded-branch entries whose weighted maps a stage received: their total weight, a number or, for
+        masked entries, per pixel ``[B, 1, h, w]``. Counted once per entry and stage, not per layer."""
+        self._weights[stage] = self._weights.get(stage, 0.0) + weight
 
     def current(self, stages=None) -> dict[str, torch.Tensor]:
-        """The open evaluation's per-stage maps (mean over entries), still differentiable."""
-        return {s: m if self._entries in (0, 1) else m / self._entries
+        """The open evaluation's per-stage maps (weighted mean over entries), still differentiable."""
+        return {s: _weighted_mean(m, self._weights.get(s, 1.0))
                 for s, m in self._current.items() if stages is None or s in stages}
 
     def end(self, energy=None, grad_norm=None, status=None) -> None:
@@ -226,3 +228,10 @@ class TraceRecorder:
         return BiasMapTrace(maps={s: torch.stack(v).cpu() for s, v in self._stage_maps.items()},
                             sigmas=torch.stack(self._sigmas).cpu(), steps=torch.stack(self._steps).cpu(),
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
+
+
+def _weighted_mean(total: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """A weighted sum of maps divided by its weight; pixels that no entry covers (weight 0) stay 0, as in ComfyUI."""
+    if isinstance(weight, torch.Tensor):
+        return total / weight.clamp_min(1e-30)
+    return total if weight in (0.0, 1.0) else total / weight

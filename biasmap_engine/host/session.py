@@ -4,7 +4,7 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
   through a replace another node registered before, which it chains) and, on the recorded CFG branch, the OVAM
   token maps against the attribution keys. That branch's whole-image conditioning entries are averaged, weighted by
-  their strengths, batched or not; entries on a crop of the latent (area conditioning) are left out; where a step
+  their strengths and masks, batched or not; entries on a crop of the latent (area conditioning) are left out; where a step
   has no whole-image entry on it (timestep ranges), the other branch is recorded;
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
@@ -27,6 +27,7 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from ..guidance import entanglement_energy, guidance_step
 from ..ovam import block_token_softmax_maps, head_block_keys, sum_upsampled
@@ -73,11 +74,11 @@ class BiasMapSession:
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
-        self._strengths: dict = {}  # conditioning entry uuid → strength, for the open evaluation's U-Net pass
+        self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
+        self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
+        # Every conditioning entry goes through every layer: entries are counted where they pass a stage's first one.
+        self._stage_first_layer: dict = {}
         self._last_guided_input = self._last_guided_input_block(model_patcher)
-        # Every conditioning entry goes through every layer: entries are counted where they pass this one.
-        self._counting_layer = min((k for k in self.layers if k[0] != "middle" or settings.include_middle),
-                                   default=None)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
                       for a in demographic for b in semantic]
@@ -157,27 +158,28 @@ class BiasMapSession:
             self._note("area conditioning: entries of the recorded branch that cover only part of the image are not "
                        "recorded; its maps come from its whole-image entries")
             return
-        uuids = extra_options.get("uuids") or [None] * len(chunks)
-        weights = [self._strengths.get(uuids[i], 1.0) for i in picked]
         rows = q.shape[0] // len(chunks)
         block, depth = extra_options["block"], extra_options["block_index"]
         grid = tuple(extra_options["activations_shape"][-2:])
         layer = (block[0], block[1], depth)
         heads = extra_options["n_heads"]
         keys, stage = self._layer_constants(layer, q, grid, heads)
+        uuids = extra_options.get("uuids") or [None] * len(chunks)
+        weights = [self._weight_at(uuids[i], rows, grid) for i in picked]
         if len(picked) == 1:
             per_entry = [block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)]
         else:  # several entries of the branch in this batch (ConditioningCombine)
             q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
             per_entry = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).unbind(0)
-        # Entries are weighted by strength here and divided by the total weight at the end, as ComfyUI combines the
-        # entries' noise predictions (masks, which weigh them per pixel, are not applied to the maps).
-        maps = per_entry[0] if weights[0] == 1.0 else weights[0] * per_entry[0]
-        for weight, entry_maps in zip(weights[1:], per_entry[1:]):
-            maps = maps + (entry_maps if weight == 1.0 else weight * entry_maps)
+        # Entries are weighted here (strength, and per pixel their mask) and divided by the total weight at the end,
+        # as ComfyUI combines the entries' noise predictions.
+        maps = None
+        for weight, entry_maps in zip(weights, per_entry):
+            weighted = entry_maps if _is_one(weight) else weight * entry_maps
+            maps = weighted if maps is None else maps + weighted
         self.recorder.add(stage, maps)
-        if layer == self._counting_layer:
-            self.recorder.count_entries(sum(weights))
+        if self._stage_first_layer[stage] == layer:
+            self.recorder.count_entries(stage, sum(weights[1:], weights[0]))
 
     def _layer_constants(self, layer, q, grid, heads):
         """A layer's attribution keys K′ = to_k(X′), prepared by :func:`head_block_keys`, and its stage: made once.
@@ -190,7 +192,23 @@ class BiasMapSession:
                 keys = self.layers[layer].to_k(self.embeddings.to(device=q.device, dtype=q.dtype))
                 cached = (head_block_keys(keys, heads), stage_of(layer[:2], self.latent_shape[-2:], grid))
             self._layer_cache[(layer, grid)] = cached
+            self._stage_first_layer.setdefault(cached[1], layer)  # layers are first seen in U-Net order
         return cached
+
+    def _weight_at(self, uuid, rows: int, grid: tuple[int, int]):
+        """An entry's weight at a layer: its strength, or for a masked entry ``[rows, 1, h, w]``: its mask pooled to
+        the layer's grid times strength and mask strength (made once, outside inference mode, like the keys)."""
+        weight = self._entry_weights.get(uuid, 1.0)
+        if not isinstance(weight, tuple):
+            return weight
+        pooled = self._grid_weights.get((uuid, rows, grid))
+        if pooled is None:
+            mask, factor = weight
+            mask = mask[:rows] if mask.shape[0] >= rows else mask.repeat(-(-rows // mask.shape[0]), 1, 1)[:rows]
+            with torch.inference_mode(False), torch.no_grad():
+                pooled = F.adaptive_avg_pool2d(mask.unsqueeze(1).float(), grid) * factor
+            self._grid_weights[(uuid, rows, grid)] = pooled
+        return pooled
 
     # ---- per-evaluation wrappers ----------------------------------------------------------------------------
 
@@ -229,7 +247,7 @@ class BiasMapSession:
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
-        self._strengths = _strengths(conds)
+        self._entry_weights = _entry_weights(conds)
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
         if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)):
@@ -282,7 +300,7 @@ class BiasMapSession:
         conds = [guider.conds.get("positive"), guider.conds.get("negative")]
         if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
             conds[_UNCOND] = None
-        self._strengths = _strengths(conds)
+        self._entry_weights = _entry_weights(conds)
         branch = self._branch(conds, x, timestep)
         model = guider.inner_model
         def extra(x_, t, options):
@@ -367,10 +385,22 @@ class BiasMapSession:
                                     settings=self.settings.to_dict(), notes=self.notes)
 
 
-def _strengths(conds) -> dict:
-    """Each conditioning entry's strength (ConditioningSetAreaStrength and the like) by its uuid."""
-    return {entry["uuid"]: float(entry.get("strength", 1.0)) for entries in conds for entry in entries or []
-            if "uuid" in entry}
+def _entry_weights(conds) -> dict:
+    """Each conditioning entry's weight by its uuid, as ComfyUI's ``get_area_and_mult`` makes it: the strength, and
+    for a masked entry (Conditioning (Set Mask)) the mask times strength and mask strength, as (mask, factor)."""
+    weights = {}
+    for entries in conds:
+        for entry in entries or []:
+            if "uuid" in entry:
+                strength = float(entry.get("strength", 1.0))
+                mask = entry.get("mask")
+                weights[entry["uuid"]] = strength if mask is None else \
+                    (mask, strength * float(entry.get("mask_strength", 1.0)))
+    return weights
+
+
+def _is_one(weight) -> bool:
+    return not isinstance(weight, torch.Tensor) and weight == 1.0
 
 
 def _with_differentiable_attention(model_options):

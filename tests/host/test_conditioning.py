@@ -80,6 +80,27 @@ def test_entries_of_the_recorded_branch_are_averaged_by_strength_the_same_batche
     torch.testing.assert_close(guided_separate, guided_batched, rtol=1e-4 * kernel_slack, atol=0)
 
 
+def test_masked_entries_of_the_recorded_branch_are_weighed_per_pixel_by_their_masks(sd15, prompts):
+    import nodes
+
+    model, clip = sd15
+    _, neg = prompts
+    woman, doctor = encode(clip, "a photo of a woman"), encode(clip, "a photo of a doctor")
+    left = torch.zeros(1, 32, 32)
+    left[..., :16] = 1.0
+    set_mask = nodes.ConditioningSetMask().append
+    regional = combine(set_mask(woman, left, "default", 1.0)[0], set_mask(doctor, 1 - left, "default", 1.0)[0])
+    _, alone_woman = sample(model, clip, woman, neg, steps=1, branch="cond")
+    _, alone_doctor = sample(model, clip, doctor, neg, steps=1, branch="cond")
+    _, both = sample(model, clip, regional, neg, steps=1, branch="cond")
+    for stage, maps in both.maps.items():  # one step: every run sees the same latent
+        half = maps.shape[-1] // 2  # the mask's edge falls between grid cells at every stage of this model
+        torch.testing.assert_close(maps[..., :half], alone_woman.maps[stage][..., :half], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps[..., half:], alone_doctor.maps[stage][..., half:], rtol=1e-5, atol=1e-6)
+    out, guided = sample(model, clip, regional, neg, scale=100.0, branch="cond")
+    assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
+
+
 @pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
 def test_area_conditioning_records_the_whole_image_entries_and_says_so(sd15, prompts, scale, branch):
     import nodes
