@@ -2,10 +2,9 @@
 
 Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
-  through a replace another node registered before, which it chains) and, on the recorded CFG branch, the OVAM
-  token maps against the attribution keys. That branch's whole-image conditioning entries are averaged, weighted by
-  their strengths and masks, batched or not; entries on a crop of the latent (area conditioning) are left out; where a step
-  has no whole-image entry on it (timestep ranges), the other branch is recorded;
+  through a replace another node registered before, which it chains) and hands the recorded CFG branch's queries to
+  the capture (capture.py), which weighs that branch's entries as ComfyUI does; where a step has no whole-image
+  entry on the chosen branch (timestep ranges), the other branch is recorded;
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
@@ -27,14 +26,13 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ..guidance import entanglement_energy, guidance_step
-from ..ovam import block_token_softmax_maps, head_block_keys, sum_upsampled
+from ..ovam import sum_upsampled
 from ..settings import BiasMapSettings
-from ..stages import stage_of
 from ..tokens import find_word_positions
 from ..trace import TraceRecorder
+from .capture import BranchCapture
 from .conditioning import control_models, covers_image
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
@@ -60,24 +58,17 @@ class BiasMapSession:
             raise ValueError(f"the CLIP gives {attribution_embeddings.shape[-1]}-wide embeddings but this "
                              f"{self.family} model's cross-attention expects {width}: connect the CLIP that was "
                              f"loaded with this checkpoint")
-        self.embeddings = attribution_embeddings
         self.tokens = tokens
         self.demographic, self.semantic = demographic, semantic
         self.settings = settings
         self.recorder = TraceRecorder()
         self.notes: list[str] = []
-        self.latent_shape: list[int] | None = None
-        self._layer_cache: dict = {}
-        self._capture_branch: int | None = None  # set while the evaluation's main U-Net pass runs
+        self.capture = BranchCapture(self.layers, attribution_embeddings, self.recorder, self._note)
         self._main_pass_pending = False
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
-        self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
-        self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
-        # Every conditioning entry goes through every layer: entries are counted where they pass a stage's first one.
-        self._stage_first_layer: dict = {}
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
@@ -141,74 +132,11 @@ class BiasMapSession:
                 out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                                     attn_precision=extra_options["attn_precision"],
                                                     transformer_options=extra_options)
-            if self._capture_branch is not None:
-                self._observe(q, extra_options)
+            if self.capture.branch is not None:
+                self.capture.observe(q, extra_options)
             return out
 
         return attn2_replace
-
-    # ---- capture --------------------------------------------------------------------------------------------
-
-    def _observe(self, q, extra_options):
-        chunks = extra_options["cond_or_uncond"]
-        picked = [i for i, c in enumerate(chunks) if c == self._capture_branch]
-        if not picked:
-            return  # cond and uncond went as separate U-Net calls; this one is the other branch
-        if list(extra_options["original_shape"][-2:]) != self.latent_shape[-2:]:
-            self._note("area conditioning: entries of the recorded branch that cover only part of the image are not "
-                       "recorded; its maps come from its whole-image entries")
-            return
-        rows = q.shape[0] // len(chunks)
-        block, depth = extra_options["block"], extra_options["block_index"]
-        grid = tuple(extra_options["activations_shape"][-2:])
-        layer = (block[0], block[1], depth)
-        heads = extra_options["n_heads"]
-        keys, stage = self._layer_constants(layer, q, grid, heads)
-        uuids = extra_options.get("uuids") or [None] * len(chunks)
-        weights = [self._weight_at(uuids[i], rows, grid) for i in picked]
-        if len(picked) == 1:
-            per_entry = [block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)]
-        else:  # several entries of the branch in this batch (ConditioningCombine)
-            q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-            per_entry = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).unbind(0)
-        # Entries are weighted here (strength, and per pixel their mask) and divided by the total weight at the end,
-        # as ComfyUI combines the entries' noise predictions.
-        maps = None
-        for weight, entry_maps in zip(weights, per_entry):
-            weighted = entry_maps if _is_one(weight) else weight * entry_maps
-            maps = weighted if maps is None else maps + weighted
-        self.recorder.add(stage, maps)
-        if self._stage_first_layer[stage] == layer:
-            self.recorder.count_entries(stage, sum(weights[1:], weights[0]))
-
-    def _layer_constants(self, layer, q, grid, heads):
-        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`head_block_keys`, and its stage: made once.
-
-        The keys are made outside inference mode, so a guided pass can save them for its backward as they are.
-        """
-        cached = self._layer_cache.get((layer, grid))
-        if cached is None or cached[0].device != q.device:
-            with torch.inference_mode(False), torch.no_grad():
-                keys = self.layers[layer].to_k(self.embeddings.to(device=q.device, dtype=q.dtype))
-                cached = (head_block_keys(keys, heads), stage_of(layer[:2], self.latent_shape[-2:], grid))
-            self._layer_cache[(layer, grid)] = cached
-            self._stage_first_layer.setdefault(cached[1], layer)  # layers are first seen in U-Net order
-        return cached
-
-    def _weight_at(self, uuid, rows: int, grid: tuple[int, int]):
-        """An entry's weight at a layer: its strength, or for a masked entry ``[rows, 1, h, w]``: its mask pooled to
-        the layer's grid times strength and mask strength (made once, outside inference mode, like the keys)."""
-        weight = self._entry_weights.get(uuid, 1.0)
-        if not isinstance(weight, tuple):
-            return weight
-        pooled = self._grid_weights.get((uuid, rows, grid))
-        if pooled is None:
-            mask, factor = weight
-            mask = mask[:rows] if mask.shape[0] >= rows else mask.repeat(-(-rows // mask.shape[0]), 1, 1)[:rows]
-            with torch.inference_mode(False), torch.no_grad():
-                pooled = F.adaptive_avg_pool2d(mask.unsqueeze(1).float(), grid) * factor
-            self._grid_weights[(uuid, rows, grid)] = pooled
-        return pooled
 
     # ---- per-evaluation wrappers ----------------------------------------------------------------------------
 
@@ -216,8 +144,8 @@ class BiasMapSession:
         import comfy.model_management
 
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if self.latent_shape is None:
-            self.latent_shape = list(x.shape)
+        if self.capture.latent_shape is None:
+            self.capture.latent_shape = list(x.shape)
         schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
         sigma = timestep.reshape(-1)[0]
         # The step i whose interval (σ_i+1, σ_i] holds σ, so a midpoint evaluation (dpm_2) counts with its step. One
@@ -247,7 +175,7 @@ class BiasMapSession:
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
-        self._entry_weights = _entry_weights(conds)
+        self.capture.set_entries(conds)
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
         if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)):
@@ -300,7 +228,7 @@ class BiasMapSession:
         conds = [guider.conds.get("positive"), guider.conds.get("negative")]
         if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
             conds[_UNCOND] = None
-        self._entry_weights = _entry_weights(conds)
+        self.capture.set_entries(conds)
         branch = self._branch(conds, x, timestep)
         model = guider.inner_model
         def extra(x_, t, options):
@@ -315,7 +243,7 @@ class BiasMapSession:
         The guided pass runs with autograd on and, where autograd records attention, PyTorch's SDPA. ``conds`` are
         the entries it runs: their ControlNets run on the latent too, so the gradient goes through them as well.
         """
-        self._capture_branch = branch
+        self.capture.branch = branch
         try:
             if not guide:
                 return run(x, timestep, model_options)
@@ -332,7 +260,7 @@ class BiasMapSession:
             self._guided = (grad, energy.detach())
             return [o.detach() for o in out]
         finally:
-            self._capture_branch = None
+            self.capture.branch = None
             self._truncating = self._controlled = False
 
     def _energy(self):
@@ -380,27 +308,9 @@ class BiasMapSession:
 
     def finish(self):
         """The run's :class:`BiasMapTrace`."""
-        return self.recorder.finish(tokens=self.tokens, latent_shape=self.latent_shape or [],
+        return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
-
-
-def _entry_weights(conds) -> dict:
-    """Each conditioning entry's weight by its uuid, as ComfyUI's ``get_area_and_mult`` makes it: the strength, and
-    for a masked entry (Conditioning (Set Mask)) the mask times strength and mask strength, as (mask, factor)."""
-    weights = {}
-    for entries in conds:
-        for entry in entries or []:
-            if "uuid" in entry:
-                strength = float(entry.get("strength", 1.0))
-                mask = entry.get("mask")
-                weights[entry["uuid"]] = strength if mask is None else \
-                    (mask, strength * float(entry.get("mask_strength", 1.0)))
-    return weights
-
-
-def _is_one(weight) -> bool:
-    return not isinstance(weight, torch.Tensor) and weight == 1.0
 
 
 def _with_differentiable_attention(model_options):

@@ -1,0 +1,116 @@
+"""The recorded CFG branch's OVAM maps, taken inside ComfyUI's cross-attention as ComfyUI weighs that branch's entries.
+
+Every recorded ``attn2`` layer hands its queries and ComfyUI's ``extra_options`` to :meth:`BranchCapture.observe`.
+The rows of the recorded branch are picked from the CFG batch; each conditioning entry among them is weighted as
+ComfyUI's ``get_area_and_mult`` weighs its noise prediction (strength, and per pixel its mask); entries on a crop of
+the latent (area conditioning) are left out. The weighted maps go to a :class:`TraceRecorder`, which divides by the
+total weight when the evaluation closes.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..ovam import block_token_softmax_maps, head_block_keys
+from ..stages import stage_of
+from ..trace import TraceRecorder
+
+__all__ = ["BranchCapture"]
+
+
+class BranchCapture:
+    """Adds each recorded layer's maps of one CFG branch to ``recorder``; ``branch`` says which, None when idle."""
+
+    def __init__(self, layers: dict, attribution_embeddings: torch.Tensor, recorder: TraceRecorder, note):
+        self.layers = layers
+        self.embeddings = attribution_embeddings
+        self.recorder = recorder
+        self.note = note
+        self.branch: int | None = None  # ComfyUI's cond_or_uncond index, set while a capturing U-Net pass runs
+        self.latent_shape: list[int] | None = None
+        self._layer_cache: dict = {}  # (layer, grid) → (block-diagonal keys, stage)
+        # Every conditioning entry goes through every layer: entries are counted where they pass a stage's first one.
+        self._stage_first_layer: dict = {}
+        self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
+        self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
+
+    def set_entries(self, conds) -> None:
+        """The conditioning entries (calc_cond_batch's ``conds``) of the U-Net pass about to run."""
+        self._entry_weights = _entry_weights(conds)
+
+    def observe(self, q: torch.Tensor, extra_options: dict) -> None:
+        """Record one layer's maps from its queries ``[CFG batch, HW, heads·d]``, if it runs the recorded branch."""
+        chunks = extra_options["cond_or_uncond"]
+        picked = [i for i, c in enumerate(chunks) if c == self.branch]
+        if not picked:
+            return  # cond and uncond went as separate U-Net calls; this one is the other branch
+        if list(extra_options["original_shape"][-2:]) != self.latent_shape[-2:]:
+            self.note("area conditioning: entries of the recorded branch that cover only part of the image are not "
+                      "recorded; its maps come from its whole-image entries")
+            return
+        rows = q.shape[0] // len(chunks)
+        block, depth = extra_options["block"], extra_options["block_index"]
+        grid = tuple(extra_options["activations_shape"][-2:])
+        layer = (block[0], block[1], depth)
+        heads = extra_options["n_heads"]
+        keys, stage = self._layer_constants(layer, q, grid, heads)
+        uuids = extra_options.get("uuids") or [None] * len(chunks)
+        weights = [self._weight_at(uuids[i], rows, grid) for i in picked]
+        if len(picked) == 1:
+            per_entry = [block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)]
+        else:  # several entries of the branch in this batch (ConditioningCombine)
+            q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
+            per_entry = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).unbind(0)
+        maps = None
+        for weight, entry_maps in zip(weights, per_entry):
+            weighted = entry_maps if _is_one(weight) else weight * entry_maps
+            maps = weighted if maps is None else maps + weighted
+        self.recorder.add(stage, maps)
+        if self._stage_first_layer[stage] == layer:
+            self.recorder.count_entries(stage, sum(weights[1:], weights[0]))
+
+    def _layer_constants(self, layer, q, grid, heads):
+        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`head_block_keys`, and its stage: made once.
+
+        The keys are made outside inference mode, so a guided pass can save them for its backward as they are.
+        """
+        cached = self._layer_cache.get((layer, grid))
+        if cached is None or cached[0].device != q.device:
+            with torch.inference_mode(False), torch.no_grad():
+                keys = self.layers[layer].to_k(self.embeddings.to(device=q.device, dtype=q.dtype))
+                cached = (head_block_keys(keys, heads), stage_of(layer[:2], self.latent_shape[-2:], grid))
+            self._layer_cache[(layer, grid)] = cached
+            self._stage_first_layer.setdefault(cached[1], layer)  # layers are first seen in U-Net order
+        return cached
+
+    def _weight_at(self, uuid, rows: int, grid: tuple[int, int]):
+        """An entry's weight at a layer: its strength, or for a masked entry ``[rows, 1, h, w]``: its mask pooled to
+        the layer's grid times strength and mask strength (made once, outside inference mode, like the keys)."""
+        weight = self._entry_weights.get(uuid, 1.0)
+        if not isinstance(weight, tuple):
+            return weight
+        pooled = self._grid_weights.get((uuid, rows, grid))
+        if pooled is None:
+            mask, factor = weight
+            mask = mask[:rows] if mask.shape[0] >= rows else mask.repeat(-(-rows // mask.shape[0]), 1, 1)[:rows]
+            with torch.inference_mode(False), torch.no_grad():
+                pooled = F.adaptive_avg_pool2d(mask.unsqueeze(1).float(), grid) * factor
+            self._grid_weights[(uuid, rows, grid)] = pooled
+        return pooled
+
+
+def _entry_weights(conds) -> dict:
+    """Each conditioning entry's weight by its uuid, as ComfyUI's ``get_area_and_mult`` makes it: the strength, and
+    for a masked entry (Conditioning (Set Mask)) the mask times strength and mask strength, as (mask, factor)."""
+    weights = {}
+    for entries in conds:
+        for entry in entries or []:
+            if "uuid" in entry:
+                strength = float(entry.get("strength", 1.0))
+                mask = entry.get("mask")
+                weights[entry["uuid"]] = strength if mask is None else \
+                    (mask, strength * float(entry.get("mask_strength", 1.0)))
+    return weights
+
+
+def _is_one(weight) -> bool:
+    return not isinstance(weight, torch.Tensor) and weight == 1.0
