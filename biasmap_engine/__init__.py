@@ -6,7 +6,7 @@ hooks ComfyUI's U-Net cross-attention and sampling loop.
 
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
-from .ovam import block_token_softmax_maps, concept_map, head_block_keys, sum_upsampled, token_softmax_maps
+from .ovam import concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, token_softmax_maps
 from .render import COLORMAPS, colorize, entanglement_picture, normalize_maps, overlay, resize_maps, to_pil
 from .report import EntanglementResult, measure_entanglement
 from .settings import BiasMapSettings
@@ -17,9 +17,9 @@ from .trace import BiasMapTrace, TraceFormatError, TraceRecorder
 
 __all__ = [
     "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
-    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "block_token_softmax_maps", "clip_words",
-    "colorize", "concept_map", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step",
-    "hard_mask", "head_block_keys", "iou", "measure_entanglement",
-    "normalize_maps", "overlay", "parse_stages", "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk",
+    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "clip_words", "colorize", "concept_map",
+    "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step", "hard_mask", "iou",
+    "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps",
+    "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk",
     "split_concepts", "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

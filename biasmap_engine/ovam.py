@@ -5,14 +5,14 @@ input and keys K′ = to_k(X′) from the attribution prompt's embeddings X′, 
 summed over its layers; stages are upsampled bilinearly to the largest attention resolution and summed.
 
 Recording runs in every cross-attention layer of every model evaluation, where a GPU at SD sizes is bound by kernel
-launches, not arithmetic: :func:`head_block_keys` prepares a layer's keys once per run so that
-:func:`block_token_softmax_maps` needs one product, one softmax and one sum, with no transposed copies.
+launches, not arithmetic: :func:`prepare_keys` prepares a layer's keys once per run so that
+:func:`prepared_token_softmax_maps` needs one product, one softmax and one sum, with no transposed copies.
 """
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_softmax_maps", "head_block_keys", "block_token_softmax_maps", "sum_upsampled", "concept_map"]
+__all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "sum_upsampled", "concept_map"]
 
 
 def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -32,32 +32,27 @@ def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: 
     return maps.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
 
 
-def head_block_keys(k_attr: torch.Tensor, heads: int) -> torch.Tensor:
-    """Keys ``[1, N, heads·d]`` as the block-diagonal ``[heads·d, heads·N]`` matrix of every head's K′ᵀ/√d (fp32+)."""
+def prepare_keys(k_attr: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys ``[1, N, heads·d]`` as every head's K′ᵀ/√d, ``[heads, d, N]`` in fp32 or wider: made once per run."""
     n, inner = k_attr.shape[-2:]
-    dim_head = inner // heads
     dtype = torch.float64 if k_attr.dtype == torch.float64 else torch.float32
-    blocks = k_attr.new_zeros(heads, dim_head, heads, n, dtype=dtype)
-    # The diagonal blocks [h, d, h, N][i, :, i, :] as one view: a few kernels, not one copy per head.
-    per_head = k_attr.reshape(n, heads, dim_head).permute(2, 0, 1).to(dtype) * dim_head ** -0.5  # [d, N, h]
-    blocks.diagonal(dim1=0, dim2=2).copy_(per_head)
-    return blocks.view(heads * dim_head, heads * n)
+    per_head = k_attr.reshape(n, heads, inner // heads).permute(1, 2, 0).to(dtype)
+    return (per_head * (inner // heads) ** -0.5).contiguous()
 
 
-def block_token_softmax_maps(q: torch.Tensor, block_keys: torch.Tensor, heads: int,
-                             grid: tuple[int, int]) -> torch.Tensor:
-    """:func:`token_softmax_maps` against keys prepared by :func:`head_block_keys`; a ``[B, N, H, W]`` view.
+def prepared_token_softmax_maps(q: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """:func:`token_softmax_maps` against keys made by :func:`prepare_keys`; a ``[B, N, H, W]`` view.
 
-    The product with the block-diagonal keys gives every head's scores as ``[B, HW, heads, N]`` (heads× the
-    multiply-adds of per-head products, which are negligible beside the layer itself); the maps stay in that
-    memory order, so no copy is made.
+    The queries are read per head in place (a strided view of the converted queries) and the maps keep the product's
+    memory order: one conversion, one batched product, one softmax and one sum per layer, no other copy.
     """
     b, hw, _ = q.shape
     if hw != grid[0] * grid[1]:
         raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
-    scores = torch.matmul(q.to(block_keys.dtype), block_keys)  # [B, HW, heads·N]
-    maps = scores.view(b, hw, heads, -1).softmax(dim=-1).sum(dim=2)  # [B, HW, N]
-    return maps.transpose(1, 2).unflatten(2, grid)
+    heads, dim_head, _ = keys.shape
+    per_head = q.to(keys.dtype).view(b * hw, heads, dim_head).transpose(0, 1)  # [heads, B·HW, d]
+    maps = torch.bmm(per_head, keys).softmax(dim=-1).sum(dim=0)  # [B·HW, N]
+    return maps.view(b, hw, -1).transpose(1, 2).unflatten(2, grid)
 
 
 def sum_upsampled(maps: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:

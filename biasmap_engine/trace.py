@@ -174,35 +174,37 @@ class TraceRecorder:
     def __init__(self):
         self._stage_maps: dict[str, list[torch.Tensor]] = {}
         self._current: dict[str, torch.Tensor] = {}
-        self._weights: dict[str, float | torch.Tensor] = {}  # stage → total weight of the entries summed in it
+        self._weights: dict[str, float | torch.Tensor] = {}  # stage → weight of every (layer, entry) added to it
+        self._layers: dict[str, set] = {}  # stage → the layers added to it
         self._sigmas, self._steps = [], []
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
 
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
         """Open a model evaluation at noise level σ of sampler step ``step`` (0-d tensors: no host sync)."""
-        self._current = {}
-        self._weights = {}
+        self._current, self._weights, self._layers = {}, {}, {}
         self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
         self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
 
-    def add(self, stage: str, maps: torch.Tensor) -> None:
-        """Add one layer's ``[B, N, h, w]`` maps (summed over entries, weighted) to the open evaluation, graph kept."""
+    def add(self, stage: str, maps: torch.Tensor, layer=None, weight: float | torch.Tensor = 1.0) -> None:
+        """Add one layer's ``[B, N, h, w]`` maps to the open evaluation, graph kept.
+
+        ``maps`` may hold several conditioning entries' maps, each multiplied by its weight and summed; ``weight`` is
+        then their total weight, a number or per pixel ``[B, 1, h, w]``. A stage's maps are the sum over its layers
+        of the entries' weighted mean. Entries are counted at every layer (``layer`` names it; None: a new one), so
+        entries split over several U-Net calls, and stages whose layers change between steps, are counted right.
+        """
         previous = self._current.get(stage)
         self._current[stage] = maps if previous is None else previous + maps
+        self._weights[stage] = self._weights.get(stage, 0.0) + weight
+        self._layers.setdefault(stage, set()).add(object() if layer is None else layer)
 
     def restart(self) -> None:
         """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
-        self._current = {}
-        self._weights = {}
-
-    def count_entries(self, stage: str, weight: float | torch.Tensor) -> None:
-        """Count recorded-branch entries whose weighted maps a stage received: their total weight, a number or, for
-        masked entries, per pixel ``[B, 1, h, w]``. Counted once per entry and stage, not per layer."""
-        self._weights[stage] = self._weights.get(stage, 0.0) + weight
+        self._current, self._weights, self._layers = {}, {}, {}
 
     def current(self, stages=None) -> dict[str, torch.Tensor]:
         """The open evaluation's per-stage maps (weighted mean over entries), still differentiable."""
-        return {s: _weighted_mean(m, self._weights.get(s, 1.0))
+        return {s: _weighted_mean(m, self._weights[s], len(self._layers[s]))
                 for s, m in self._current.items() if stages is None or s in stages}
 
     def end(self, energy=None, grad_norm=None, status=None) -> None:
@@ -230,8 +232,12 @@ class TraceRecorder:
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
 
 
-def _weighted_mean(total: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
-    """A weighted sum of maps divided by its weight; pixels that no entry covers (weight 0) stay 0, as in ComfyUI."""
+def _weighted_mean(total: torch.Tensor, weight: float | torch.Tensor, layers: int) -> torch.Tensor:
+    """A stage's weighted sum over layers and entries → the sum over its layers of the entries' weighted mean.
+
+    Every layer of a stage sees the same entries with the same weights, so the entries' total weight is
+    ``weight / layers``; pixels that no entry covers (weight 0) stay 0, as in ComfyUI.
+    """
     if isinstance(weight, torch.Tensor):
-        return total / weight.clamp_min(1e-30)
-    return total if weight in (0.0, 1.0) else total / weight
+        return total * layers / weight.clamp_min(1e-30)
+    return total if weight in (0.0, float(layers)) else total * (layers / weight)

@@ -10,7 +10,7 @@ total weight when the evaluation closes.
 import torch
 import torch.nn.functional as F
 
-from ..ovam import block_token_softmax_maps, head_block_keys
+from ..ovam import prepare_keys, prepared_token_softmax_maps
 from ..stages import stage_of
 from ..trace import TraceRecorder
 
@@ -27,15 +27,18 @@ class BranchCapture:
         self.note = note
         self.branch: int | None = None  # ComfyUI's cond_or_uncond index, set while a capturing U-Net pass runs
         self.latent_shape: list[int] | None = None
-        self._layer_cache: dict = {}  # (layer, grid) → (block-diagonal keys, stage)
-        # Every conditioning entry goes through every layer: entries are counted where they pass a stage's first one.
-        self._stage_first_layer: dict = {}
+        self._keys: dict = {}  # layer → its attribution keys, per head
+        self._stages: dict = {}  # (layer, grid) → stage id
         self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
         self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
 
-    def set_entries(self, conds) -> None:
-        """The conditioning entries (calc_cond_batch's ``conds``) of the U-Net pass about to run."""
+    def set_entries(self, conds, x_in: torch.Tensor, timestep: torch.Tensor) -> None:
+        """The conditioning entries (calc_cond_batch's ``conds``) of the U-Net pass about to run on ``x_in``."""
         self._entry_weights = _entry_weights(conds)
+        defaults = _default_entry_weights(conds, x_in, timestep)
+        if defaults:  # they depend on the step (the other entries' timestep ranges): pooled again each time
+            self._entry_weights.update(defaults)
+            self._grid_weights = {k: v for k, v in self._grid_weights.items() if k[0] not in defaults}
 
     def observe(self, q: torch.Tensor, extra_options: dict) -> None:
         """Record one layer's maps from its queries ``[CFG batch, HW, heads·d]``, if it runs the recorded branch."""
@@ -56,31 +59,31 @@ class BranchCapture:
         uuids = extra_options.get("uuids") or [None] * len(chunks)
         weights = [self._weight_at(uuids[i], rows, grid) for i in picked]
         if len(picked) == 1:
-            per_entry = [block_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, heads, grid)]
+            per_entry = [prepared_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, grid)]
         else:  # several entries of the branch in this batch (ConditioningCombine)
             q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-            per_entry = block_token_softmax_maps(q_rows, keys, heads, grid).unflatten(0, (len(picked), rows)).unbind(0)
+            per_entry = prepared_token_softmax_maps(q_rows, keys, grid).unflatten(0, (len(picked), rows)).unbind(0)
         maps = None
         for weight, entry_maps in zip(weights, per_entry):
             weighted = entry_maps if _is_one(weight) else weight * entry_maps
             maps = weighted if maps is None else maps + weighted
-        self.recorder.add(stage, maps)
-        if self._stage_first_layer[stage] == layer:
-            self.recorder.count_entries(stage, sum(weights[1:], weights[0]))
+        self.recorder.add(stage, maps, layer, sum(weights[1:], weights[0]))
 
     def _layer_constants(self, layer, q, grid, heads):
-        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`head_block_keys`, and its stage: made once.
+        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`prepare_keys`, and its stage: made once.
 
-        The keys are made outside inference mode, so a guided pass can save them for its backward as they are.
+        The keys are made outside inference mode, so a guided pass can save them for its backward as they are. The
+        stage is looked up per grid: nodes such as Deep Shrink change a layer's grid between steps.
         """
-        cached = self._layer_cache.get((layer, grid))
-        if cached is None or cached[0].device != q.device:
+        keys = self._keys.get(layer)
+        if keys is None or keys.device != q.device:
             with torch.inference_mode(False), torch.no_grad():
-                keys = self.layers[layer].to_k(self.embeddings.to(device=q.device, dtype=q.dtype))
-                cached = (head_block_keys(keys, heads), stage_of(layer[:2], self.latent_shape[-2:], grid))
-            self._layer_cache[(layer, grid)] = cached
-            self._stage_first_layer.setdefault(cached[1], layer)  # layers are first seen in U-Net order
-        return cached
+                keys = prepare_keys(self.layers[layer].to_k(self.embeddings.to(device=q.device, dtype=q.dtype)), heads)
+            self._keys[layer] = keys
+        stage = self._stages.get((layer, grid))
+        if stage is None:
+            stage = self._stages[(layer, grid)] = stage_of(layer[:2], self.latent_shape[-2:], grid)
+        return keys, stage
 
     def _weight_at(self, uuid, rows: int, grid: tuple[int, int]):
         """An entry's weight at a layer: its strength, or for a masked entry ``[rows, 1, h, w]``: its mask pooled to
@@ -109,6 +112,32 @@ def _entry_weights(conds) -> dict:
                 mask = entry.get("mask")
                 weights[entry["uuid"]] = strength if mask is None else \
                     (mask, strength * float(entry.get("mask_strength", 1.0)))
+    return weights
+
+
+def _default_entry_weights(conds, x_in, timestep) -> dict:
+    """Weights of "default" entries (Cond Set Default Combine) by uuid, as ComfyUI's ``finalize_default_conds`` makes
+    them: what the branch's other entries leave of the latent, relu(1 − Σ their weights), as (mask, 1)."""
+    import comfy.samplers
+
+    weights = {}
+    for entries in conds:
+        defaults = [entry for entry in entries or [] if "default" in entry and "uuid" in entry]
+        if not defaults:
+            continue
+        left = torch.ones_like(x_in)
+        for entry in entries:
+            placed = None if "default" in entry else comfy.samplers.get_area_and_mult(entry, x_in, timestep)
+            if placed is None:
+                continue
+            region = left
+            if placed.area is not None:
+                dims = len(placed.area) // 2
+                for i in range(dims):
+                    region = region.narrow(i + 2, placed.area[i + dims], placed.area[i])
+            region -= placed.mult
+        remaining = torch.relu(left)[:, 0]  # [B, H, W]: every channel of a weight is the same
+        weights.update({entry["uuid"]: (remaining, 1.0) for entry in defaults})
     return weights
 
 

@@ -175,7 +175,7 @@ class BiasMapSession:
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
-        self.capture.set_entries(conds)
+        self.capture.set_entries(conds, x_in, timestep)
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
         if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)):
@@ -228,7 +228,7 @@ class BiasMapSession:
         conds = [guider.conds.get("positive"), guider.conds.get("negative")]
         if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
             conds[_UNCOND] = None
-        self.capture.set_entries(conds)
+        self.capture.set_entries(conds, x, timestep)
         branch = self._branch(conds, x, timestep)
         model = guider.inner_model
         def extra(x_, t, options):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from biasmap_engine import (TraceRecorder, block_token_softmax_maps, entanglement_energy, guidance_step, hard_mask,
-                            head_block_keys, iou, soft_topk)
+from biasmap_engine import (TraceRecorder, entanglement_energy, guidance_step, hard_mask, iou, prepare_keys,
+                            prepared_token_softmax_maps, soft_topk)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,7 +27,7 @@ def test_masks_and_iou_on_cuda_match_the_cpu():
 
 def test_a_guided_evaluation_never_synchronises_with_the_host():
     q = torch.randn(2, 32 * 32, 320, device="cuda", requires_grad=True)
-    keys = head_block_keys(torch.randn(1, 12, 320, device="cuda"), 8)  # once per run, before the steps
+    keys = prepare_keys(torch.randn(1, 12, 320, device="cuda"), 8)  # once per run, before the steps
     denoised = torch.randn(2, 4, 32, 32, device="cuda")
     sigma = torch.full((2,), 3.0, device="cuda")
     recorder = TraceRecorder()
@@ -36,7 +36,7 @@ def test_a_guided_evaluation_never_synchronises_with_the_host():
     try:
         for mode in ("paper", "exact"):
             recorder.begin(sigma[0], torch.zeros((), dtype=torch.long, device="cuda"))
-            recorder.add("down_1", block_token_softmax_maps(q, keys, 8, (32, 32)))
+            recorder.add("down_1", prepared_token_softmax_maps(q, keys, (32, 32)))
             energy = entanglement_energy(recorder.current()["down_1"], [([8], [6])], mode=mode)
             (grad_q,) = torch.autograd.grad(energy.sum(), q)
             grad_x = grad_q[:, :64, 0].reshape(2, 4, 4, 4).repeat(1, 1, 8, 8)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biasmap_engine import block_token_softmax_maps, concept_map, head_block_keys, sum_upsampled, token_softmax_maps
+from biasmap_engine import concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, token_softmax_maps
 
 
 def random_layer(seed, dim=32, ctx=24, heads=4):
@@ -45,11 +45,11 @@ def test_maps_are_computed_in_float32_from_half_precision_queries():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_maps_against_head_block_keys_equal_the_per_head_computation(dtype):
+def test_maps_against_prepared_keys_equal_the_direct_computation(dtype):
     to_q, to_k = random_layer(2)
     q = (torch.randn(3, 6 * 5, 32, dtype=torch.float64) @ to_q).to(dtype)
     k = (torch.randn(1, 9, 24, dtype=torch.float64) @ to_k).to(dtype)
-    maps = block_token_softmax_maps(q, head_block_keys(k, 4), 4, (6, 5))
+    maps = prepared_token_softmax_maps(q, prepare_keys(k, 4), (6, 5))
     assert maps.shape == (3, 9, 6, 5) and maps.dtype == token_softmax_maps(q, k, 4, (6, 5)).dtype
     assert torch.allclose(maps, token_softmax_maps(q, k, 4, (6, 5)), atol=1e-12 if dtype == torch.float64 else 1e-5)
 
@@ -58,7 +58,7 @@ def test_wrong_grid_is_refused():
     with pytest.raises(ValueError, match="grid"):
         token_softmax_maps(torch.randn(1, 15, 8), torch.randn(1, 3, 8), 1, (4, 4))
     with pytest.raises(ValueError, match="grid"):
-        block_token_softmax_maps(torch.randn(1, 15, 8), head_block_keys(torch.randn(1, 3, 8), 1), 1, (4, 4))
+        prepared_token_softmax_maps(torch.randn(1, 15, 8), prepare_keys(torch.randn(1, 3, 8), 1), (4, 4))
 
 
 def test_sum_upsampled_resizes_bilinearly_to_the_largest_grid_and_sums():

@@ -98,8 +98,7 @@ def test_recorder_keeps_the_mean_over_the_recorded_branchs_entries():
     rec = TraceRecorder()
     rec.begin(torch.tensor(1.0), torch.tensor(0))
     for maps in (first, second):  # two conditioning entries, e.g. in two U-Net calls
-        rec.add("down_1", maps)
-        rec.count_entries("down_1", 1)
+        rec.add("down_1", maps, layer="input 1")
     assert torch.allclose(rec.current()["down_1"], (first + second) / 2)
     rec.end()
     trace = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 4, 4])
@@ -113,19 +112,16 @@ def test_recorder_weighs_masked_entries_per_pixel():
     rec = TraceRecorder()
     rec.begin(torch.tensor(1.0), torch.tensor(0))
     for maps, weight in ((first, left), (second, 1 - left)):  # e.g. two Conditioning (Set Mask) entries
-        rec.add("down_1", weight * maps)
-        rec.count_entries("down_1", weight)
+        rec.add("down_1", weight * maps, "input 1", weight)
     assert torch.allclose(rec.current()["down_1"], torch.where(left.bool(), first, second))
 
 
 def test_recorder_restart_drops_a_failed_passs_maps_but_keeps_the_evaluation():
     rec = TraceRecorder()
     rec.begin(torch.tensor(3.0), torch.tensor(0))
-    rec.add("down_1", torch.full((1, 2, 4, 4), 5.0))  # a pass that then ran out of memory
-    rec.count_entries("down_1", 1)
+    rec.add("down_1", torch.full((1, 2, 4, 4), 5.0), "input 1")  # a pass that then ran out of memory
     rec.restart()
-    rec.add("down_1", torch.ones(1, 2, 4, 4))
-    rec.count_entries("down_1", 1)
+    rec.add("down_1", torch.ones(1, 2, 4, 4), "input 1")
     rec.end()
     trace = rec.finish(tokens=["a", "b"], latent_shape=[1, 4, 4, 4])
     assert trace.sigmas.tolist() == [3.0] and torch.equal(trace.maps["down_1"], torch.ones(1, 1, 2, 4, 4))

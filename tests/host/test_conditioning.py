@@ -46,6 +46,21 @@ def assert_same_maps(trace, expected, evaluations=slice(None), slack=1.0):
                                    atol=1e-6 * slack)
 
 
+def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_between_steps(comfy):
+    import comfy_models
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sdxl(0)
+        # Kohya Deep Shrink: from input block 2 on, the U-Net runs at half the size for the first half of the steps,
+        # so a stage's layers differ between steps.
+        shrunk = PatchModelAddDownscale.execute(model, 2, 2.0, 0.0, 0.5, True, "bicubic", "bicubic")[0]
+    pos, neg = encode(clip, "A photo of the face of a doctor"), encode(clip, "blurry")
+    _, alone = sample(shrunk, clip, pos, neg, steps=4)
+    _, doubled = sample(shrunk, clip, pos, combine(neg, neg), steps=4)
+    assert_same_maps(doubled, alone)
+
+
 @pytest.mark.parametrize("memory", ["ample", "short"])
 def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch,
                                                                                 kernel_slack):
@@ -99,6 +114,27 @@ def test_masked_entries_of_the_recorded_branch_are_weighed_per_pixel_by_their_ma
         torch.testing.assert_close(maps[..., half:], alone_doctor.maps[stage][..., half:], rtol=1e-5, atol=1e-6)
     out, guided = sample(model, clip, regional, neg, scale=100.0, branch="cond")
     assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
+
+
+def test_a_default_entry_weighs_only_where_the_other_entries_leave_room(sd15, prompts):
+    import comfy.hooks
+    import nodes
+
+    model, clip = sd15
+    _, neg = prompts
+    woman, doctor = encode(clip, "a photo of a woman"), encode(clip, "a photo of a doctor")
+    left = torch.zeros(1, 32, 32)
+    left[..., :16] = 1.0
+    with torch.inference_mode():  # Cond Set Default Combine: the doctor wherever the masked woman is not
+        positive = comfy.hooks.set_default_conds_and_combine(
+            [nodes.ConditioningSetMask().append(woman, left, "default", 1.0)[0]], [doctor])[0]
+    _, alone_woman = sample(model, clip, woman, neg, steps=1, branch="cond")
+    _, alone_doctor = sample(model, clip, doctor, neg, steps=1, branch="cond")
+    _, both = sample(model, clip, positive, neg, steps=1, branch="cond")
+    for stage, maps in both.maps.items():
+        half = maps.shape[-1] // 2
+        torch.testing.assert_close(maps[..., :half], alone_woman.maps[stage][..., :half], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps[..., half:], alone_doctor.maps[stage][..., half:], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
