@@ -95,23 +95,30 @@ def test_entries_of_the_recorded_branch_are_averaged_by_strength_the_same_batche
     torch.testing.assert_close(guided_separate, guided_batched, rtol=1e-4 * kernel_slack, atol=0)
 
 
+LEFT_HALF = torch.zeros(1, 32, 32)
+LEFT_HALF[..., :16] = 1.0  # its edge falls between grid cells at every stage of the tiny model
+
+
+def assert_woman_left_doctor_right(model, clip, neg, positive):
+    """The conditional branch's maps of ``positive`` are those of "a woman" on the left and "a doctor" on the right."""
+    _, alone_woman = sample(model, clip, encode(clip, "a photo of a woman"), neg, steps=1, branch="cond")
+    _, alone_doctor = sample(model, clip, encode(clip, "a photo of a doctor"), neg, steps=1, branch="cond")
+    _, both = sample(model, clip, positive, neg, steps=1, branch="cond")
+    for stage, maps in both.maps.items():  # one step: every run sees the same latent
+        half = maps.shape[-1] // 2
+        torch.testing.assert_close(maps[..., :half], alone_woman.maps[stage][..., :half], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps[..., half:], alone_doctor.maps[stage][..., half:], rtol=1e-5, atol=1e-6)
+
+
 def test_masked_entries_of_the_recorded_branch_are_weighed_per_pixel_by_their_masks(sd15, prompts):
     import nodes
 
     model, clip = sd15
     _, neg = prompts
-    woman, doctor = encode(clip, "a photo of a woman"), encode(clip, "a photo of a doctor")
-    left = torch.zeros(1, 32, 32)
-    left[..., :16] = 1.0
     set_mask = nodes.ConditioningSetMask().append
-    regional = combine(set_mask(woman, left, "default", 1.0)[0], set_mask(doctor, 1 - left, "default", 1.0)[0])
-    _, alone_woman = sample(model, clip, woman, neg, steps=1, branch="cond")
-    _, alone_doctor = sample(model, clip, doctor, neg, steps=1, branch="cond")
-    _, both = sample(model, clip, regional, neg, steps=1, branch="cond")
-    for stage, maps in both.maps.items():  # one step: every run sees the same latent
-        half = maps.shape[-1] // 2  # the mask's edge falls between grid cells at every stage of this model
-        torch.testing.assert_close(maps[..., :half], alone_woman.maps[stage][..., :half], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(maps[..., half:], alone_doctor.maps[stage][..., half:], rtol=1e-5, atol=1e-6)
+    regional = combine(set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0],
+                       set_mask(encode(clip, "a photo of a doctor"), 1 - LEFT_HALF, "default", 1.0)[0])
+    assert_woman_left_doctor_right(model, clip, neg, regional)
     out, guided = sample(model, clip, regional, neg, scale=100.0, branch="cond")
     assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
 
@@ -122,19 +129,10 @@ def test_a_default_entry_weighs_only_where_the_other_entries_leave_room(sd15, pr
 
     model, clip = sd15
     _, neg = prompts
-    woman, doctor = encode(clip, "a photo of a woman"), encode(clip, "a photo of a doctor")
-    left = torch.zeros(1, 32, 32)
-    left[..., :16] = 1.0
+    masked_woman = nodes.ConditioningSetMask().append(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0]
     with torch.inference_mode():  # Cond Set Default Combine: the doctor wherever the masked woman is not
-        positive = comfy.hooks.set_default_conds_and_combine(
-            [nodes.ConditioningSetMask().append(woman, left, "default", 1.0)[0]], [doctor])[0]
-    _, alone_woman = sample(model, clip, woman, neg, steps=1, branch="cond")
-    _, alone_doctor = sample(model, clip, doctor, neg, steps=1, branch="cond")
-    _, both = sample(model, clip, positive, neg, steps=1, branch="cond")
-    for stage, maps in both.maps.items():
-        half = maps.shape[-1] // 2
-        torch.testing.assert_close(maps[..., :half], alone_woman.maps[stage][..., :half], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(maps[..., half:], alone_doctor.maps[stage][..., half:], rtol=1e-5, atol=1e-6)
+        positive = comfy.hooks.set_default_conds_and_combine([masked_woman], [encode(clip, "a photo of a doctor")])[0]
+    assert_woman_left_doctor_right(model, clip, neg, positive)
 
 
 @pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
