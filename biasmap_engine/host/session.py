@@ -205,17 +205,12 @@ class BiasMapSession:
         """
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
-        try:
-            with SmallGridConvolution() if x_in.device.type == "cpu" else contextlib.nullcontext():
-                out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
-                       else [torch.zeros_like(x_in) for _ in conds])
-                guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
-                                          x_in, timestep, model_options, branch, True, only)
-        except torch.cuda.OutOfMemoryError as err:
-            raise torch.cuda.OutOfMemoryError(
-                "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
-                "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), "
-                "lower the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
+        with _out_of_memory_explained(), \
+                SmallGridConvolution() if x_in.device.type == "cpu" else contextlib.nullcontext():
+            out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+                   else [torch.zeros_like(x_in) for _ in conds])
+            guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
+                                      x_in, timestep, model_options, branch, True, only)
         out[branch] = guided[branch]
         return out
 
@@ -234,8 +229,9 @@ class BiasMapSession:
         def extra(x_, t, options):
             return comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)
 
-        self._run_branch(model, extra, x, timestep, model_options, _COND, self._guide_now(model, timestep),
-                         [conds[branch]])
+        with _out_of_memory_explained():  # this pass runs the maps' branch alone already
+            self._run_branch(model, extra, x, timestep, model_options, _COND, self._guide_now(model, timestep),
+                             [conds[branch]])
 
     def _run_branch(self, model, run, x, timestep, model_options, branch, guide, conds):
         """``run(x, σ, options)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass.
@@ -311,6 +307,18 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+@contextlib.contextmanager
+def _out_of_memory_explained():
+    """Running out of GPU memory in a guided pass of one CFG branch, re-raised with what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        raise torch.cuda.OutOfMemoryError(
+            "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
+            "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), lower "
+            "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
 
 
 def _with_differentiable_attention(model_options):

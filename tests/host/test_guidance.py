@@ -322,12 +322,19 @@ def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and
     assert torch.allclose(retried, usual, rtol=1e-3, atol=1e-4 * usual.abs().max().item())
 
 
-def test_guidance_out_of_gpu_memory_with_one_branch_too_says_what_to_change(sd15, prompts):
+@pytest.mark.parametrize("calc_cond_slot", ["free", "held by another node"])
+def test_guidance_out_of_gpu_memory_with_one_branch_too_says_what_to_change(sd15, prompts, calc_cond_slot):
+    import comfy.samplers
+
     model, clip = sd15
     pos, neg = prompts
+    failing = running_out_of_gpu_memory(model, batched_only=False)
+    if calc_cond_slot != "free":  # BiasMap then guides through an extra pass of the maps' branch
+        failing.set_model_sampler_calc_cond_batch_function(
+            lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                        args["model_options"]))
     with pytest.raises(torch.cuda.OutOfMemoryError, match="guide fewer stages .* or set the guidance scale to 0"):
-        sample(running_out_of_gpu_memory(model, batched_only=False), clip, pos, neg, 100.0, steps=2,
-               guided_stages=("down_1",))
+        sample(failing, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
     assert torch.isfinite(sample(model, clip, pos, neg, 100.0, steps=1)[0]).all()
 
 
