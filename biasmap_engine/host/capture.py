@@ -2,8 +2,9 @@
 
 Every recorded ``attn2`` layer hands its queries and ComfyUI's ``extra_options`` to :meth:`BranchCapture.observe`.
 The rows of the recorded branch are picked from the CFG batch; each conditioning entry among them is weighted as
-ComfyUI's ``get_area_and_mult`` weighs its noise prediction (strength, and per pixel its mask); entries on a crop of
-the latent (area conditioning) are left out. The weighted maps go to a :class:`TraceRecorder`, which divides by the
+ComfyUI weighs its noise prediction (``get_area_and_mult``: strength, and per pixel its mask; a default entry of Cond
+Set Default Combine: what the other entries leave, as ``finalize_default_conds``); entries on a crop of the latent
+(area conditioning) are left out. The weighted maps go to a :class:`TraceRecorder`, which divides by the
 total weight when the evaluation closes.
 """
 
