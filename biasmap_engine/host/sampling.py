@@ -1,7 +1,5 @@
 """Sampling entry points: ComfyUI's own KSampler and custom-sampler paths, run on a BiasMap-patched clone."""
 
-import torch
-
 from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
@@ -38,6 +36,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     import comfy.samplers
     import comfy.utils
     import latent_preview
+    from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, Noise_RandomNoise  # RandomNoise, DisableNoise
 
     if sigmas.shape[-1] < 2:
         raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
@@ -49,10 +48,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     latent = latent.copy()
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
     latent["samples"] = latent_image
-    if add_noise:
-        noise = comfy.sample.prepare_noise(latent_image, noise_seed, latent.get("batch_index"))
-    else:  # DisableNoise's zeros
-        noise = torch.zeros(latent_image.shape, dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+    noise = (Noise_RandomNoise(noise_seed) if add_noise else Noise_EmptyNoise()).generate_noise(latent)
     callback = latent_preview.prepare_callback(patched, sigmas.shape[-1] - 1, {})
     samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
