@@ -53,7 +53,8 @@ def _sinkhorn_rows(maps: torch.Tensor, keep: float, gamma: float, iters: int) ->
     if k < 1:
         raise ValueError(f"keep={keep} keeps no pixel of a map row {n} wide; raise keep")
     if iters < 1:
-        raise ValueError(f"paper mode needs at least one Sinkhorn iteration, got iters={iters}")
+        raise ValueError(f"paper mode needs at least one Sinkhorn iteration, got iters={iters}; set iters to 1 or "
+                         f"more (the reference uses 20)")
     return _RowSinkhorn.apply(x, k, gamma, iters).reshape(maps.shape)
 
 
