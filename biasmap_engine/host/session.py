@@ -149,10 +149,14 @@ class BiasMapSession:
         schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
         sigma = timestep.reshape(-1)[0]
         # The step i whose interval (σ_i+1, σ_i] holds σ, so a midpoint evaluation (dpm_2) counts with its step. One
-        # at or below σ_i+1 (Heun's corrector, an ancestral sampler's midpoint) is labelled i+1: σ cannot tell.
-        step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2) if schedule is not None \
-            else torch.zeros((), dtype=torch.long)
-        self.recorder.begin(sigma, step)
+        # at or below σ_i+1 (Heun's corrector, an ancestral sampler's midpoint) would get i+1 from σ alone; samplers
+        # start step i+1 with an evaluation at exactly σ_i+1 (churn aside), which tells the recorder to move it back.
+        if schedule is None:
+            step, at_step_sigma = torch.zeros((), dtype=torch.long), False
+        else:
+            step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2)
+            at_step_sigma = (schedule[step] - sigma).abs() <= 1e-5 * sigma
+        self.recorder.begin(sigma, step, at_step_sigma)
         self._guided = None
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
         extra_pass = "sampler_calc_cond_batch_function" in model_options

@@ -157,3 +157,19 @@ def test_report_masks_are_the_masks_its_iou_is_measured_on():
     maps = trace.token_maps(size=(16, 24))
     assert torch.equal(result.masks[0], hard_mask(maps[:, 4]))
     assert torch.equal(result.ious, iou(*result.masks))
+
+
+@pytest.mark.parametrize("evaluations, steps", [
+    # (σ's step from its interval, made at that step's own σ) → the sampler step
+    ([(0, True), (1, True), (1, True), (2, True), (2, True)], [0, 0, 1, 1, 2]),  # Heun: corrector at σ_i+1
+    ([(0, True), (1, False), (1, True), (2, True)], [0, 0, 1, 2]),  # an ancestral midpoint below σ_i+1
+    ([(0, True), (1, True), (2, False), (1, True)], [0, 0, 0, 1]),  # Heun++: two evaluations after σ_i
+    ([(0, False), (0, True), (1, False), (2, False)], [0, 0, 1, 2]),  # no later evaluation at a step's σ
+])
+def test_an_evaluation_before_one_at_a_steps_own_sigma_belongs_to_an_earlier_step(evaluations, steps):
+    rec = TraceRecorder()
+    for step, at_step_sigma in evaluations:
+        rec.begin(torch.tensor(1.0), torch.tensor(step), torch.tensor(at_step_sigma))
+        rec.add("down_1", torch.rand(1, 6, 2, 2))
+        rec.end()
+    assert rec.finish(tokens=TOKENS, latent_shape=[1, 4, 2, 2]).steps.tolist() == steps
