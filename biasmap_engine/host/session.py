@@ -187,8 +187,8 @@ class BiasMapSession:
         try:
             return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
                                     x_in, timestep, model_options, branch, guide, conds)
-        except torch.cuda.OutOfMemoryError:
-            if not guide:
+        except RuntimeError as err:
+            if not (guide and _out_of_memory(err)):
                 raise
         # Outside the except block, so the failed pass's activations are freed before the retry. ComfyUI sizes its
         # batches for inference; autograd keeps every activation of the guided pass until the backward.
@@ -313,13 +313,24 @@ class BiasMapSession:
                                     settings=self.settings.to_dict(), notes=self.notes)
 
 
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an accelerator running out of memory: CUDA's own error type, or the plain RuntimeError that
+    other backends (Apple's MPS: "MPS backend out of memory") raise."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+
+
 @contextlib.contextmanager
 def _out_of_memory_explained():
-    """Running out of GPU memory in a guided pass of one CFG branch, re-raised with what to change."""
+    """Running out of GPU memory in a guided pass of one CFG branch, re-raised with what to change.
+
+    Raised as torch's OutOfMemoryError whatever the backend, so ComfyUI shows its out-of-memory tips too.
+    """
     try:
         yield
-    except torch.cuda.OutOfMemoryError as err:
-        raise torch.cuda.OutOfMemoryError(
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        raise torch.OutOfMemoryError(
             "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
             "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), lower "
             "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err

@@ -292,15 +292,24 @@ def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batche
     assert torch.allclose(separate, batched, rtol=1e-2, atol=1e-2 * batched.abs().max().item())
 
 
-def running_out_of_gpu_memory(model, batched_only=True):
-    """A clone whose output blocks raise CUDA's out-of-memory error in guided passes (CFG-batched ones only, or all).
+# What each backend raises when its memory runs out: CUDA its own error type, Apple's MPS a plain RuntimeError.
+OUT_OF_MEMORY = {
+    "CUDA": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)"),
+    "MPS": lambda: RuntimeError("MPS backend out of memory (MPS allocated: 17.53 GB, other allocations: 1.20 GB, max "
+                                "allowed: 18.13 GB). Tried to allocate 20.00 MB on private pool (simulated)"),
+}
+
+
+def running_out_of_gpu_memory(model, batched_only=True, backend="CUDA"):
+    """A clone whose output blocks raise ``backend``'s out-of-memory error in guided passes (CFG-batched ones only,
+    or all).
 
     Raised in an output block, so the failed pass has already recorded the input blocks' maps.
     """
     def attn2_patch(n, context, value, extra_options):
         if (torch.is_grad_enabled() and extra_options["block"][0] == "output"
                 and (len(extra_options["cond_or_uncond"]) > 1 or not batched_only)):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
+            raise OUT_OF_MEMORY[backend]()
         return n, context, value
 
     patched = model.clone()
@@ -308,12 +317,13 @@ def running_out_of_gpu_memory(model, batched_only=True):
     return patched
 
 
-def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts):
+@pytest.mark.parametrize("backend", OUT_OF_MEMORY)
+def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts, backend):
     model, clip = sd15
     pos, neg = prompts
     # Guiding down×1 runs one batched CFG pass with autograd on every device, as a GPU does for every stage choice.
     usual, expected, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
-    retried, trace, _ = sample(running_out_of_gpu_memory(model), clip, pos, neg, 100.0, steps=2,
+    retried, trace, _ = sample(running_out_of_gpu_memory(model, backend=backend), clip, pos, neg, 100.0, steps=2,
                                guided_stages=("down_1",))
     assert any("GPU memory ran short" in note for note in trace.notes)
     assert trace.guidance_counts()["applied"] == 2
@@ -322,18 +332,19 @@ def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and
     assert torch.allclose(retried, usual, rtol=1e-3, atol=1e-4 * usual.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", OUT_OF_MEMORY)
 @pytest.mark.parametrize("calc_cond_slot", ["free", "held by another node"])
-def test_guidance_out_of_gpu_memory_with_one_branch_too_says_what_to_change(sd15, prompts, calc_cond_slot):
+def test_guidance_out_of_gpu_memory_with_one_branch_too_says_what_to_change(sd15, prompts, calc_cond_slot, backend):
     import comfy.samplers
 
     model, clip = sd15
     pos, neg = prompts
-    failing = running_out_of_gpu_memory(model, batched_only=False)
+    failing = running_out_of_gpu_memory(model, batched_only=False, backend=backend)
     if calc_cond_slot != "free":  # BiasMap then guides through an extra pass of the maps' branch
         failing.set_model_sampler_calc_cond_batch_function(
             lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
                                                         args["model_options"]))
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="guide fewer stages .* or set the guidance scale to 0"):
+    with pytest.raises(torch.OutOfMemoryError, match="guide fewer stages .* or set the guidance scale to 0"):
         sample(failing, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
     assert torch.isfinite(sample(model, clip, pos, neg, 100.0, steps=1)[0]).all()
 
