@@ -5,6 +5,13 @@ contractions 's 't 're 've 'm 'll 'd) and encodes every word on its own, the las
 ``</w>`` end marker. A word's pieces inside a prompt are therefore exactly the pieces of the word alone, and they
 can be found from the token strings, without the tokenizer: a saved trace stays searchable outside ComfyUI. Token
 strings spell a word's UTF-8 bytes in GPT-2's byte alphabet ("é" is "Ã©"), so words are compared in that spelling.
+
+Two tokenizer behaviours change where words begin and end. ComfyUI fills 77-token chunks and cuts whatever it
+tokenized in one go (in v0.8.0 a weighted text segment) where the chunk is full if that is 8 tokens or more, so a word
+can straddle chunks as ``… "armad", "<|endoftext|>", "<|startoftext|>", "illo</w>" …``: markers are therefore
+skipped, never taken as word boundaries.
+Transformers 4.x's slow ``CLIPTokenizer`` without ftfy pre-splits text with BERT's ``BasicTokenizer``, which makes
+every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is therefore looked up in both splits.
 """
 
 import re
@@ -42,16 +49,14 @@ class ConceptNotFoundError(ValueError):
 def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
     """Positions of all BPE pieces of every occurrence of ``word`` (one or more words) among ``prompt_tokens``.
 
-    Raises ConceptNotFoundError listing the prompt's words, so the user can pick one that is there.
+    ``word`` is matched as split by CLIP and as split per CJK ideograph, whichever tokenizer made the prompt's
+    tokens. Raises ConceptNotFoundError listing the prompt's words, so the user can pick one that is there.
     """
-    words = [_spelling(w) for w in clip_words(word)]
-    if not words:
+    forms = {tuple(_spelling(w) for w in clip_words(word, split_ideographs=split)) for split in (False, True)}
+    if forms == {()}:
         raise ConceptNotFoundError("a concept is empty; type a word that occurs in the attribution prompt")
-    positions = []
-    for start in range(len(prompt_tokens)):
-        end = _match_words(prompt_tokens, start, words)
-        if end is not None:
-            positions.extend(range(start, end))
+    spans = _word_spans(prompt_tokens)
+    positions = sorted({p for form in forms for p in _phrase_positions(spans, form)})
     if not positions:
         raise ConceptNotFoundError(
             f"the concept {word!r} is not in the attribution prompt, whose words are: {', '.join(prompt_words(prompt_tokens))}. "
@@ -61,25 +66,21 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
 
 def prompt_words(prompt_tokens: list[str]) -> list[str]:
     """The words spelled by BPE tokens (pieces joined at ``</w>``, readable), start/end markers left out."""
-    words, current = [], ""
-    for token in prompt_tokens:
-        if token.startswith("<|"):
-            continue
-        current += token.removesuffix(_END)
-        if token.endswith(_END):
-            words.append(readable(current))
-            current = ""
-    return words + ([readable(current)] if current else [])
+    return [readable(spelled) for spelled, _ in _word_spans(prompt_tokens)]
 
 
-def clip_words(text: str) -> list[str]:
+def clip_words(text: str, split_ideographs: bool = False) -> list[str]:
     """``text`` split as CLIP splits it before BPE: ``"A woman's face."`` → ``["a", "woman", "'s", "face", "."]``.
 
     CLIP's pattern ``'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`` on NFC-normalised lowercase
     text, scanned by Unicode category (Python's ``re`` has no \\p classes). A final sigma comes out as σ: CLIP's
     tokenizers lowercase Σ to one or the other depending on their version, so words are compared with ς folded.
+    ``split_ideographs`` splits as transformers 4.x's slow tokenizer does without ftfy: every CJK ideograph is a
+    word of its own (``"一个医生"`` → ``["一", "个", "医", "生"]``), as its ``BasicTokenizer`` spaces them out first.
     """
     text = unicodedata.normalize("NFC", text).lower().replace("ς", "σ")
+    if split_ideographs:
+        text = "".join(f" {char} " if _is_ideograph(char) else char for char in text)
     words, i = [], 0
     while i < len(text):
         if text[i].isspace():
@@ -108,6 +109,17 @@ def readable(token: str) -> str:
         return token
 
 
+# The code points BERT's BasicTokenizer (``_is_chinese_char``) isolates: the CJK Unified Ideographs, extensions
+# A to E, and the compatibility ideographs. Kana and Hangul are not among them.
+_IDEOGRAPHS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_ideograph(char: str) -> bool:
+    """Whether transformers' slow CLIP tokenizer (without ftfy) makes ``char`` a word of its own."""
+    return any(low <= ord(char) <= high for low, high in _IDEOGRAPHS)
+
+
 def _kind(char: str) -> str:
     """L (letter), N (numeral) or O (anything else), by Unicode category."""
     category = unicodedata.category(char)[0]
@@ -119,18 +131,30 @@ def split_concepts(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-def _match_words(tokens: list[str], start: int, words: list[str]) -> int | None:
-    """End index (exclusive) if the pieces from ``start`` spell ``words`` exactly, each ending at a word end."""
-    if start > 0 and not (tokens[start - 1].endswith(_END) or tokens[start - 1].startswith("<|")):
-        return None  # the middle of another word ("fighter" inside "fire fighter" written as one word)
-    i = start
-    for target in words:
-        spelled = ""
-        while i < len(tokens) and len(spelled) < len(target):
-            spelled += tokens[i].removesuffix(_END)
-            i += 1
-            if tokens[i - 1].endswith(_END):
-                break
-        if spelled.replace(_FINAL_SIGMA, _SIGMA) != target or not tokens[i - 1].endswith(_END):  # as clip_words
-            return None
-    return i
+def _word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    """Each word of the prompt as (spelling without ``</w>``, positions of its pieces), in order.
+
+    Markers (``<|startoftext|>``, ``<|endoftext|>``, ``<|embedding|>``) are skipped rather than ending a word: a
+    word cut by a chunk boundary continues in the next chunk, and a piece after ``<|startoftext|>`` may be the
+    middle of that word.
+    """
+    spans, spelled, positions = [], "", []
+    for i, token in enumerate(tokens):
+        if token.startswith("<|"):
+            continue
+        spelled += token.removesuffix(_END)
+        positions.append(i)
+        if token.endswith(_END):
+            spans.append((spelled, positions))
+            spelled, positions = "", []
+    return spans + ([(spelled, positions)] if positions else [])
+
+
+def _phrase_positions(spans: list[tuple[str, list[int]]], words: tuple[str, ...]) -> list[int]:
+    """Positions of the pieces of every run of consecutive prompt words spelling ``words`` (ς folded as clip_words)."""
+    positions = []
+    for start in range(len(spans) - len(words) + 1):
+        run = spans[start:start + len(words)]
+        if all(spelled.replace(_FINAL_SIGMA, _SIGMA) == word for (spelled, _), word in zip(run, words)):
+            positions += [p for _, piece_positions in run for p in piece_positions]
+    return positions

@@ -68,10 +68,15 @@ def settings_from(kwargs: dict) -> BiasMapSettings:
 
 
 def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
-    """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt."""
+    """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt.
+
+    A concept passes if it is there as CLIP splits words or as the slow tokenizer does (one word per CJK ideograph),
+    since which one ComfyUI uses depends on the installed transformers (and ftfy); the run looks up the real tokens.
+    """
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
     words = prompt_text_words(attribution_prompt)
+    ideograph_words = prompt_text_words(attribution_prompt, split_ideographs=True)
     shown = ", ".join(sorted({w for w in words if any(ch.isalnum() for ch in w)}))
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:
@@ -80,7 +85,8 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
                     f"({shown})")
-        missing = [c for c in concepts if not _in_order(clip_words(c), words)]
+        missing = [c for c in concepts if not (_in_order(clip_words(c), words)
+                                               or _in_order(clip_words(c, split_ideographs=True), ideograph_words))]
         if missing:
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "

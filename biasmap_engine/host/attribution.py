@@ -17,7 +17,9 @@ def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     """Per-token embeddings ``[1, N, D]`` and token strings of ``text``, start/end kept, padding dropped.
 
     Encoding through ``clip`` itself keeps clip-skip and LoRA patches identical to the generation prompt's. Prompts
-    longer than 75 tokens span several 77-token chunks; each chunk's real tokens are kept in order.
+    longer than 75 tokens span several 77-token chunks; each chunk's real tokens are kept in order, so a word that
+    ComfyUI cut at a chunk boundary has ``<|endoftext|>``, ``<|startoftext|>`` between its pieces (the word lookup
+    skips markers).
     """
     if clip is None:
         raise ValueError("the attribution prompt needs the CLIP the model is conditioned with; connect the "
@@ -39,11 +41,12 @@ def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     return embeddings[:, keep], names
 
 
-def prompt_text_words(text: str) -> list[str]:
+def prompt_text_words(text: str, split_ideographs: bool = False) -> list[str]:
     """The words CLIP tokenizes from a ComfyUI prompt, without a CLIP: for checking concepts before a run.
 
     ComfyUI's tokenizer first takes out "(text:1.2)" weights (its own parser, with "\\(" escapes) and
-    "embedding:name" vectors; the words are CLIP's split of what is left. Embedding names are assumed to exist.
+    "embedding:name" vectors; the words are CLIP's split of what is left (``split_ideographs``: the slow
+    tokenizer's split, see clip_words). Embedding names are assumed to exist.
     """
     from comfy.sd1_clip import escape_important, token_weights, unescape_important
 
@@ -53,5 +56,5 @@ def prompt_text_words(text: str) -> list[str]:
         for part in [first, *(_EMBEDDING_PREFIX + e for e in embedded)]:
             if part.startswith(_EMBEDDING_PREFIX):  # the name runs to the first whitespace; the rest is text again
                 part = (part[len(_EMBEDDING_PREFIX):].split(None, 1) + [""])[1]
-            words += clip_words(part)
+            words += clip_words(part, split_ideographs=split_ideographs)
     return words

@@ -90,3 +90,48 @@ def test_words_are_normalised_and_numerals_split_as_clip_does():
 def test_a_greek_final_sigma_matches_either_lowercasing_of_capital_sigma():
     tokens = ["<|startoftext|>", "Î¿Î´Î¿Ïĥ</w>", "<|endoftext|>"]  # "οδοσ" in CLIP's byte alphabet
     assert find_word_positions(tokens, "ΟΔΟΣ") == [1] and find_word_positions(tokens, "οδος") == [1]
+
+
+# ComfyUI (v0.8.0, comfy/sd1_clip.py) cut "armadillo" at a full chunk: the end of chunk 1 and the start of chunk 2 lie
+# between its pieces, as encode_attribution keeps them (padding after the end marker dropped; chunks shortened here).
+SPLIT = ["<|startoftext|>", "a</w>", "big</w>", "armad", "<|endoftext|>", "<|startoftext|>", "illo</w>", "and</w>",
+         "<|endoftext|>", "<|startoftext|>", "gender</w>", "<|endoftext|>"]
+
+
+def test_a_word_cut_at_a_chunk_boundary_is_found_without_the_markers():
+    assert find_word_positions(SPLIT, "armadillo") == [3, 6]
+    assert prompt_words(SPLIT) == ["a", "big", "armadillo", "and", "gender"]
+
+
+def test_the_piece_after_a_chunk_start_may_be_the_middle_of_a_word():
+    with pytest.raises(ConceptNotFoundError):
+        find_word_positions(SPLIT, "illo")
+
+
+def test_a_phrase_across_a_chunk_boundary_is_found():
+    assert find_word_positions(SPLIT, "big armadillo and gender") == [2, 3, 6, 7, 10]
+
+
+# "一个医生" ("a doctor") in CLIP's byte alphabet: 一 = E4 B8 80 → "ä¸Ģ", 个 = E4 B8 AA → "ä¸ª", 医 = E5 8C BB → "åĮ»",
+# 生 = E7 94 9F → "çĶŁ". Cut into pieces as CLIP's BPE merges them, checked with ComfyUI's SD1 tokenizer
+# (tests/host/test_word_lookup.py): as one word (fast tokenizer; only the last piece ends the word), and as four
+# (transformers 4.x's slow tokenizer without ftfy, whose BasicTokenizer spaces out each ideograph: the BPE of
+# "一 个 医 生", each ideograph ending in </w>).
+DOCTOR_ONE_WORD = ["<|startoftext|>", "ä¸", "Ģ", "ä¸", "ª", "å", "Į", "»", "çĶ", "Ł</w>", "<|endoftext|>"]
+DOCTOR_PER_IDEOGRAPH = ["<|startoftext|>", "ä¸", "Ģ</w>", "ä¸", "ª</w>", "å", "Į", "»</w>", "çĶ", "Ł</w>",
+                        "<|endoftext|>"]
+
+
+def test_clip_words_can_split_cjk_ideographs_as_the_slow_tokenizer_does():
+    text = "一个医生 a医b ひらがな 𠀀𠀁"
+    assert clip_words(text) == ["一个医生", "a医b", "ひらがな", "𠀀𠀁"]  # letter runs, as CLIP's pattern
+    assert clip_words(text, split_ideographs=True) == ["一", "个", "医", "生", "a", "医", "b", "ひらがな", "𠀀", "𠀁"]
+
+
+def test_cjk_words_are_found_under_either_tokenizers_split():
+    assert find_word_positions(DOCTOR_ONE_WORD, "一个医生") == list(range(1, 10))
+    assert find_word_positions(DOCTOR_PER_IDEOGRAPH, "一个医生") == list(range(1, 10))
+    assert find_word_positions(DOCTOR_PER_IDEOGRAPH, "医生") == [5, 6, 7, 8, 9]
+    assert prompt_words(DOCTOR_PER_IDEOGRAPH) == ["一", "个", "医", "生"]
+    with pytest.raises(ConceptNotFoundError, match="一个医生"):  # the middle of the one word
+        find_word_positions(DOCTOR_ONE_WORD, "医生")

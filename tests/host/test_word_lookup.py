@@ -1,0 +1,67 @@
+"""Concept lookup in token strings made by ComfyUI's real SD1 tokenizer (its vocabulary ships with ComfyUI)."""
+
+import pytest
+import torch
+
+from biasmap_engine import find_word_positions, prompt_words
+from biasmap_engine.host import encode_attribution
+
+LONG_WORD = "supercalifragilisticexpialidocious"  # 9 BPE pieces, more than ComfyUI's max_word_length of 8
+
+
+class TokenizerOnlyClip:
+    """What encode_attribution uses of a ComfyUI CLIP, on the real tokenizer; the text encoder is left out, and each
+    chunk slot's embedding is its own index."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text):
+        return self.tokenizer.tokenize_with_weights(text)
+
+    def encode_from_tokens(self, tokens):
+        slots = sum(len(chunk) for chunk in tokens["l"])
+        return torch.arange(slots, dtype=torch.float32).reshape(1, slots, 1)
+
+
+@pytest.fixture(scope="module")
+def clip(comfy):
+    from comfy.sd1_clip import SD1Tokenizer
+
+    return TokenizerOnlyClip(SD1Tokenizer())
+
+
+@pytest.mark.parametrize("prompt, word", [
+    ("a " * 70 + f"{LONG_WORD} and gender", LONG_WORD),  # pieces 71-79: 5 in chunk 1, 4 in chunk 2
+    ("a " * 70 + f"({LONG_WORD}:1.1) and gender", LONG_WORD),  # a weighted segment of 9 tokens is cut too
+    ("a " * 74 + "armadillo and gender", "armadillo"),  # so is a short word inside a long segment (all v0.8.0 prompts)
+], ids=["long word", "long weighted word", "short word"])
+def test_a_word_cut_at_the_chunk_boundary_is_found_as_its_own_pieces(clip, prompt, word):
+    embeddings, tokens = encode_attribution(clip, prompt)
+    positions = find_word_positions(tokens, word)
+    between = tokens[positions[0]:positions[-1] + 1]
+    assert ["<|endoftext|>", "<|startoftext|>"] == [t for t in between if t.startswith("<|")]  # really cut
+    assert prompt_words([tokens[p] for p in positions]) == [word] and word in prompt_words(tokens)
+    assert embeddings.shape[1] == len(tokens)
+    assert find_word_positions(tokens, "gender") == [len(tokens) - 2]
+
+
+def test_the_cjk_pieces_written_out_in_the_engine_tests_are_the_real_tokenizers(clip):
+    bpe = clip.tokenizer.clip_l.tokenizer.tokenize
+    assert bpe("一个医生") == ["ä¸", "Ģ", "ä¸", "ª", "å", "Į", "»", "çĶ", "Ł</w>"]
+    assert bpe("一 个 医 生") == ["ä¸", "Ģ</w>", "ä¸", "ª</w>", "å", "Į", "»</w>", "çĶ", "Ł</w>"]
+
+
+def test_cjk_concepts_are_found_and_validated_under_either_tokenizers_split(clip, pack):
+    from biasmap_pack.nodes.common import check_concepts
+
+    prompt = "一个医生 and gender"
+    _, fast = encode_attribution(clip, prompt)  # transformers 5.x: "一个医生" is one letter run, one word
+    # transformers 4.x's slow tokenizer without ftfy first spaces out every ideograph (BasicTokenizer), then BPE
+    # encodes each word as the fast tokenizer does: its tokens are those of the spaced-out text.
+    _, slow = encode_attribution(clip, "一 个 医 生 and gender")
+    assert len(find_word_positions(fast, "一个医生")) == len(find_word_positions(slow, "一个医生")) == 9
+    assert prompt_words([slow[p] for p in find_word_positions(slow, "医生")]) == ["医", "生"]
+    assert check_concepts(prompt, "gender", "一个医生") is True
+    assert check_concepts(prompt, "gender", "医生") is True  # a word of its own for the slow tokenizer
+    assert "护士 not in the attribution prompt" in check_concepts(prompt, "gender", "护士")
