@@ -209,9 +209,12 @@ class BiasMapSession:
         """
         others = [c if i != branch else None for i, c in enumerate(conds)]
         only = [c if i == branch else None for i, c in enumerate(conds)]
-        with _out_of_memory_explained(), \
-                SmallGridConvolution() if x_in.device.type == "cpu" else contextlib.nullcontext():
-            out = (executor(model, others, x_in, timestep, model_options) if any(c is not None for c in others)
+        cpu = x_in.device.type == "cpu"
+        # On a CPU the other branch's attention runs in SDPA too: ComfyUI's CPU default (sub-quadratic attention in
+        # plain torch ops) is the slower kernel, and λ > 0 changes the result anyway. A GPU keeps ComfyUI's choice.
+        other_options = _with_sdpa_attention(model_options, everywhere=True) if cpu else model_options
+        with _out_of_memory_explained(), SmallGridConvolution() if cpu else contextlib.nullcontext():
+            out = (executor(model, others, x_in, timestep, other_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
             guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
                                       x_in, timestep, model_options, branch, True, only)
@@ -254,7 +257,7 @@ class BiasMapSession:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                out = run(x_leaf, timestep.detach().clone(), _with_differentiable_attention(model_options))
+                out = run(x_leaf, timestep.detach().clone(), _with_sdpa_attention(model_options))
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
             self._guided = (grad, energy.detach())
@@ -336,11 +339,12 @@ def _out_of_memory_explained():
             "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
 
 
-def _with_differentiable_attention(model_options):
-    """Model options whose attention, where autograd records it, is PyTorch's SDPA (fused, with its own backward).
+def _with_sdpa_attention(model_options, everywhere=False):
+    """Model options whose attention, where autograd records it (or ``everywhere``), is PyTorch's SDPA (fused, with
+    its own backward).
 
-    Attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps ComfyUI's
-    choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
+    Otherwise attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps
+    ComfyUI's choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
     """
     import comfy.ldm.modules.attention as attention
 
@@ -348,9 +352,9 @@ def _with_differentiable_attention(model_options):
     if "optimized_attention_override" in options:
         return model_options
 
-    def differentiable(func, q, k, v, *args, **kwargs):
-        if torch.is_grad_enabled() and q.requires_grad:
+    def sdpa(func, q, k, v, *args, **kwargs):
+        if everywhere or (torch.is_grad_enabled() and q.requires_grad):
             return attention.attention_pytorch(q, k, v, *args, **kwargs)
         return func(q, k, v, *args, **kwargs)
 
-    return {**model_options, "transformer_options": {**options, "optimized_attention_override": differentiable}}
+    return {**model_options, "transformer_options": {**options, "optimized_attention_override": sdpa}}

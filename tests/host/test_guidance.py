@@ -232,6 +232,27 @@ def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_ha
     assert calls["n"] > 0  # without guidance, the host's kernel is left in charge
 
 
+def test_a_guided_cpu_step_runs_both_cfg_branches_attention_in_sdpa(sd15, prompts, monkeypatch):
+    # ComfyUI's CPU default (sub-quadratic attention in plain torch ops) is the slower kernel for the other branch too.
+    import comfy.ldm.modules.attention as attention
+
+    model, clip = sd15
+    pos, neg = prompts
+    host_choice, calls = attention.optimized_attention, {"host": 0}
+
+    @attention.wrap_attn
+    def counted(q, k, v, heads, *args, **kwargs):
+        calls["host"] += 1
+        return host_choice.__wrapped__(q, k, v, heads, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", counted)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert trace.guidance_counts()["applied"] == 2
+    assert calls["host"] == 0
+    sample(model, clip, pos, neg, 0.0, steps=1)
+    assert calls["host"] > 0  # recording leaves the host's kernel in charge
+
+
 def test_guided_cpu_passes_run_convolutions_on_grids_up_to_8x8_with_the_direct_kernel(sd15, prompts, monkeypatch):
     import comfy.model_management
 
