@@ -1,6 +1,7 @@
 """Attribution-prompt embeddings from the same CLIP object the model is conditioned with (BiasMap §2.1)."""
 
 import re
+import weakref
 
 import torch
 
@@ -11,12 +12,18 @@ __all__ = ["encode_attribution", "prompt_text_words"]
 _END = "<|endoftext|>"
 _EMBEDDING = "<|embedding|>"  # a textual-inversion vector: no vocabulary entry, and never part of a word
 _EMBEDDING_PREFIX = "embedding:"  # ComfyUI's prompt syntax for one
+# CLIP → {(prompt, the CLIP's encoding state): (embeddings, names)}. ComfyUI caches a CLIP Text Encode node's output
+# while its inputs stay the same, but the BiasMap node runs again for every new seed: an audit over many seeds would
+# otherwise encode the same attribution prompt each time. Entries go with their CLIP object.
+_ENCODED = weakref.WeakKeyDictionary()
+_PROMPTS_PER_CLIP = 8
 
 
 def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     """Per-token embeddings ``[1, N, D]`` and token strings of ``text``, start/end kept, padding dropped.
 
-    Encoding through ``clip`` itself keeps clip-skip and LoRA patches identical to the generation prompt's. Prompts
+    Encoding through ``clip`` itself keeps clip-skip and LoRA patches identical to the generation prompt's; the
+    result is kept for the next run with the same CLIP and prompt (callers must not modify it in place). Prompts
     longer than 75 tokens span several 77-token chunks; each chunk's real tokens are kept in order, so a word that
     ComfyUI cut at a chunk boundary has ``<|endoftext|>``, ``<|startoftext|>`` between its pieces (the word lookup
     skips markers).
@@ -27,6 +34,28 @@ def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     if not text.strip():
         raise ValueError("the attribution prompt is empty; write the generation prompt plus the demographic word, "
                          "e.g. 'A photo of the face of a doctor and gender'")
+    cached = _ENCODED.setdefault(clip, {})
+    key = (text, *_encoding_state(clip))
+    if key not in cached:
+        if len(cached) >= _PROMPTS_PER_CLIP:
+            del cached[next(iter(cached))]  # the oldest
+        cached[key] = _encode(clip, text)
+    embeddings, names = cached[key]
+    return embeddings, list(names)
+
+
+def _encoding_state(clip) -> tuple:
+    """What else decides ``clip``'s encoding: clip skip, tokenizer options, weight patches (LoRA) and hooks.
+
+    ComfyUI's nodes change these on a clone, which is another cache entry anyway; this also catches a change made to
+    the same object.
+    """
+    patcher = getattr(clip, "patcher", None)
+    return (getattr(clip, "layer_idx", None), repr(sorted(getattr(clip, "tokenizer_options", {}).items())),
+            getattr(patcher, "patches_uuid", None), id(getattr(patcher, "forced_hooks", None)))
+
+
+def _encode(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     tokens = clip.tokenize(text)
     embeddings = clip.encode_from_tokens(tokens)
     stream = tokens["g"] if "g" in tokens else next(iter(tokens.values()))  # SDXL: CLIP-G's names, same positions

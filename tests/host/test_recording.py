@@ -285,6 +285,37 @@ def test_a_textual_inversion_embedding_in_the_attribution_prompt_is_kept_as_a_ma
     assert find_word_positions(tokens, "gender") == [tokens.index("gender</w>")]
 
 
+def test_the_attribution_prompt_is_encoded_once_per_clip_prompt_clip_skip_and_patches(sd15):
+    # A new seed runs the node again; ComfyUI would not encode an unchanged prompt again either.
+    import gc
+
+    import biasmap_engine.host.attribution as attribution
+
+    _, clip = sd15
+    with torch.inference_mode():
+        c = clip.clone()
+        calls, real = [], c.encode_from_tokens
+        c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+        first, tokens = encode_attribution(c, ATTRIBUTION)
+        tokens.append("changed by a caller")
+        again, again_tokens = encode_attribution(c, ATTRIBUTION)
+        assert len(calls) == 1 and again is first and again_tokens == tokens[:-1]
+        encode_attribution(c, "a doctor and gender")
+        assert len(calls) == 2
+        c.clip_layer(-2)
+        skipped, _ = encode_attribution(c, ATTRIBUTION)
+        assert len(calls) == 3 and not torch.equal(skipped, first)
+        c.clip_layer(None)
+        key = next(k for k in c.get_key_patches() if k.endswith("final_layer_norm.bias"))
+        c.add_patches({key: (torch.full_like(c.patcher.model_state_dict()[key], 0.5),)})  # a LoRA-style weight patch
+        patched, _ = encode_attribution(c, ATTRIBUTION)
+        assert len(calls) == 4 and not torch.equal(patched, first)
+    clips = len(attribution._ENCODED)
+    del c, real
+    gc.collect()
+    assert len(attribution._ENCODED) == clips - 1  # gone with its CLIP
+
+
 def test_long_attribution_prompts_span_several_chunks(sd15, prompts):
     model, clip = sd15
     long_prompt = "A photo of the face of a " + "very " * 80 + "kind doctor and gender"
