@@ -176,21 +176,28 @@ class TraceRecorder:
         self._current: dict[str, torch.Tensor] = {}
         self._weights: dict[str, float | torch.Tensor] = {}  # stage → weight of every (layer, entry) added to it
         self._layers: dict[str, set] = {}  # stage → the layers added to it
-        self._sigmas, self._steps, self._starts = [], [], []
+        self._sigmas, self._steps = [], []
+        self._sampler_steps: list[int] = []  # from step_started, for the evaluations up to the latest report
+        self._reported, self._last_step = 0, None
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
 
-    def begin(self, sigma: torch.Tensor, step: torch.Tensor, at_step_sigma=False) -> None:
-        """Open a model evaluation at noise level σ of sampler step ``step`` (0-d tensors: no host sync).
-
-        ``at_step_sigma`` (a bool or 0-d tensor) says σ is exactly that step's σ in the schedule: every evaluation
-        before this one then belongs to an earlier step, so :meth:`finish` moves back one that was labelled
-        ``step`` or later from its σ alone (Heun's corrector at the next step's σ, an ancestral midpoint below it).
-        """
+    def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
+        """Open a model evaluation at noise level σ, of sampler step ``step`` as far as σ tells (0-d tensors: no host
+        sync); :meth:`step_started` gives the sampler's own count where it reports one."""
         self._current, self._weights, self._layers = {}, {}, {}
         self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
-        step = torch.as_tensor(step).detach().long().reshape(())
-        self._steps.append(step)
-        self._starts.append(torch.as_tensor(at_step_sigma, device=step.device).reshape(()))
+        self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
+
+    def step_started(self, step: int) -> None:
+        """The sampler reports step ``step`` (k-diffusion's per-step callback, made after the step's first evaluation).
+
+        The latest evaluation is that step's first; the others since the previous report belong to the previous step
+        (Heun's corrector, a midpoint, a PECE corrector's evaluation), whatever their σ.
+        """
+        pending = range(self._reported, len(self._sigmas))
+        earlier = self._last_step if self._last_step is not None else max(step - 1, 0)
+        self._sampler_steps += [earlier] * (len(pending) - 1) + [step] * bool(pending)
+        self._reported, self._last_step = len(self._sigmas), step
 
     def add(self, stage: str, maps: torch.Tensor, layer=None, weight: float | torch.Tensor = 1.0) -> None:
         """Add one layer's ``[B, N, h, w]`` maps to the open evaluation, graph kept.
@@ -235,17 +242,15 @@ class TraceRecorder:
         if not self._sigmas:
             raise RuntimeError("the sampler made no model evaluation; nothing was recorded")
         return BiasMapTrace(maps={s: torch.stack(v).cpu() for s, v in self._stage_maps.items()},
-                            sigmas=torch.stack(self._sigmas).cpu(),
-                            steps=_resolved_steps(torch.stack(self._steps).cpu(), torch.stack(self._starts).cpu()),
+                            sigmas=torch.stack(self._sigmas).cpu(), steps=self._step_labels(),
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
 
-
-def _resolved_steps(steps: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Each evaluation's step, at most one less than the step of any later evaluation made at its step's own σ."""
-    bound = torch.where(starts, steps - 1, torch.iinfo(steps.dtype).max)
-    later = bound.flip(0).cummin(0).values.flip(0)  # the smallest bound at or after each evaluation
-    later = torch.cat([later[1:], later.new_tensor([torch.iinfo(steps.dtype).max])])  # strictly after
-    return torch.minimum(steps, later).clamp_min(0)
+    def _step_labels(self) -> torch.Tensor:
+        """Each evaluation's step: the sampler's reports where it made any (later evaluations: its last step), else σ's."""
+        if self._last_step is None:
+            return torch.stack(self._steps).cpu()
+        trailing = [self._last_step] * (len(self._sigmas) - self._reported)
+        return torch.tensor(self._sampler_steps + trailing, dtype=torch.long)
 
 
 def _weighted_mean(total: torch.Tensor, weight: float | torch.Tensor, layers: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   entry on the chosen branch (timestep ranges), the other branch is recorded;
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
+- a ``SAMPLER_SAMPLE`` wrapper passes the sampler a per-step callback that labels the evaluations with its steps;
 - a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
   on (the latent as leaf), so no second forward is needed. On a CPU with the backward through the whole U-Net, the
   maps' branch runs alone with autograd and the other branch without, so the backward covers one branch; otherwise
@@ -18,9 +19,10 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
   tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
-- attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``
-  for the guided pass only): ComfyUI's CPU default, sub-quadratic attention in plain torch ops, takes 2–3× SDPA's
-  time forward and backward, and some GPU kernels it may pick (SageAttention) have no backward at all.
+- attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``,
+  in guided passes only; on a CPU the other branch's pass too): ComfyUI's CPU default, sub-quadratic attention in
+  plain torch ops, is the slower kernel forward and backward, and some GPU kernels it may pick (SageAttention) have
+  no backward at all.
 """
 
 import contextlib
@@ -96,6 +98,7 @@ class BiasMapSession:
             m.set_model_output_block_patch(self._truncate_skip)
         if self.settings.guiding:
             m.set_model_input_block_patch_after_skip(self._separate_skip)
+        m.add_wrapper_with_key(ext.WrappersMP.SAMPLER_SAMPLE, _KEY, self._sampler_sample)
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
         return m
@@ -140,6 +143,21 @@ class BiasMapSession:
 
     # ---- per-evaluation wrappers ----------------------------------------------------------------------------
 
+    def _sampler_sample(self, executor, guider, sigmas, extra_args, callback, *args, **kwargs):
+        """The sampler run, with its per-step callback also labelling evaluations with the sampler's step.
+
+        σ alone cannot tell Heun's corrector (at σ_i+1) from step i+1's first evaluation, nor a PECE corrector's second
+        evaluation at σ_i from a next step; k-diffusion's samplers report each step right after its first evaluation.
+        """
+        last = sigmas.shape[-1] - 2
+
+        def reported(step, *rest):
+            self.recorder.step_started(min(int(step), last))  # dpm_adaptive counts its own, more, steps
+            if callback is not None:
+                callback(step, *rest)
+
+        return executor(guider, sigmas, extra_args, reported, *args, **kwargs)
+
     def _predict_noise(self, executor, x, timestep, model_options, seed):
         import comfy.model_management
 
@@ -148,15 +166,10 @@ class BiasMapSession:
             self.capture.latent_shape = list(x.shape)
         schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
         sigma = timestep.reshape(-1)[0]
-        # The step i whose interval (σ_i+1, σ_i] holds σ, so a midpoint evaluation (dpm_2) counts with its step. One
-        # at or below σ_i+1 (Heun's corrector, an ancestral sampler's midpoint) would get i+1 from σ alone; samplers
-        # start step i+1 with an evaluation at exactly σ_i+1 (churn aside), which tells the recorder to move it back.
-        if schedule is None:
-            step, at_step_sigma = torch.zeros((), dtype=torch.long), False
-        else:
-            step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2)
-            at_step_sigma = (schedule[step] - sigma).abs() <= 1e-5 * sigma
-        self.recorder.begin(sigma, step, at_step_sigma)
+        # The step i whose interval (σ_i+1, σ_i] holds σ: the label where the sampler reports no steps (_sampler_sample).
+        step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2) if schedule is not None \
+            else torch.zeros((), dtype=torch.long)
+        self.recorder.begin(sigma, step)
         self._guided = None
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
         extra_pass = "sampler_calc_cond_batch_function" in model_options
@@ -194,8 +207,8 @@ class BiasMapSession:
         # batches for inference; autograd keeps every activation of the guided pass until the backward.
         import comfy.model_management
 
+        self.recorder.restart()  # drops the failed pass's maps, and with them its graph, before the cache is emptied
         comfy.model_management.soft_empty_cache()
-        self.recorder.restart()
         self._branch_alone = True
         self._note("GPU memory ran short for one batched CFG pass with autograd: from that step on, the maps' branch "
                    "runs alone with autograd and the other branch without (one more U-Net pass per step)")
@@ -316,10 +329,13 @@ class BiasMapSession:
                                     settings=self.settings.to_dict(), notes=self.notes)
 
 
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
+
+
 def _out_of_memory(err: RuntimeError) -> bool:
     """Whether ``err`` is an accelerator running out of memory: CUDA's own error type, or the plain RuntimeError that
     other backends (Apple's MPS: "MPS backend out of memory") raise."""
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+    return isinstance(err, _OUT_OF_MEMORY) or "out of memory" in str(err)
 
 
 @contextlib.contextmanager
@@ -333,7 +349,7 @@ def _out_of_memory_explained():
     except RuntimeError as err:
         if not _out_of_memory(err):
             raise
-        raise torch.OutOfMemoryError(
+        raise _OUT_OF_MEMORY(
             "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
             "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), lower "
             "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err

@@ -159,17 +159,20 @@ def test_report_masks_are_the_masks_its_iou_is_measured_on():
     assert torch.equal(result.ious, iou(*result.masks))
 
 
-@pytest.mark.parametrize("evaluations, steps", [
-    # (σ's step from its interval, made at that step's own σ) → the sampler step
-    ([(0, True), (1, True), (1, True), (2, True), (2, True)], [0, 0, 1, 1, 2]),  # Heun: corrector at σ_i+1
-    ([(0, True), (1, False), (1, True), (2, True)], [0, 0, 1, 2]),  # an ancestral midpoint below σ_i+1
-    ([(0, True), (1, True), (2, False), (1, True)], [0, 0, 0, 1]),  # Heun++: two evaluations after σ_i
-    ([(0, False), (0, True), (1, False), (2, False)], [0, 0, 1, 2]),  # no later evaluation at a step's σ
+@pytest.mark.parametrize("reports, steps", [
+    # evaluations made ("e") and the sampler's step reports (numbers), in order → each evaluation's step
+    (["e", 0, "e", 1, "e", 2], [0, 1, 2]),  # Euler
+    (["e", 0, "e", "e", 1, "e", "e", 2], [0, 0, 1, 1, 2]),  # Heun: a corrector, then the next step's first
+    (["e", 0, "e", 1, "e", "e", 2, "e"], [0, 1, 1, 2, 2]),  # SA-Solver PECE: the corrector after the report
+    (["e", "e", 1, "e", 2], [0, 1, 2]),  # UniPC: its first evaluation before any report
 ])
-def test_an_evaluation_before_one_at_a_steps_own_sigma_belongs_to_an_earlier_step(evaluations, steps):
+def test_evaluations_take_the_step_the_sampler_reports_after_each_steps_first_evaluation(reports, steps):
     rec = TraceRecorder()
-    for step, at_step_sigma in evaluations:
-        rec.begin(torch.tensor(1.0), torch.tensor(step), torch.tensor(at_step_sigma))
-        rec.add("down_1", torch.rand(1, 6, 2, 2))
-        rec.end()
+    for item in reports:
+        if item == "e":
+            rec.begin(torch.tensor(1.0), torch.tensor(5))  # σ's label, overridden by the reports
+            rec.add("down_1", torch.rand(1, 6, 2, 2))
+            rec.end()
+        else:
+            rec.step_started(item)
     assert rec.finish(tokens=TOKENS, latent_shape=[1, 4, 2, 2]).steps.tolist() == steps

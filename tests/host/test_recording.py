@@ -85,18 +85,33 @@ def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd
     assert trace.steps.tolist() == [0, 1, 2]
 
 
-# Evaluations per step of a 3-step run: the last step of these samplers is one Euler step (σ_next = 0).
+# Evaluations per step of a 3-step run: the last step of most of these samplers is one Euler step (σ_next = 0).
 LABELS = {"euler": [0, 1, 2], "dpm_2": [0, 0, 1, 1, 2], "dpm_2_ancestral": [0, 0, 1, 1, 2],
-          "dpmpp_2s_ancestral": [0, 0, 1, 1, 2], "heun": [0, 0, 1, 1, 2], "heunpp2": [0, 0, 0, 1, 1, 2]}
+          "dpmpp_2s_ancestral": [0, 0, 1, 1, 2], "heun": [0, 0, 1, 1, 2], "heunpp2": [0, 0, 0, 1, 1, 2],
+          "sa_solver_pece": [0, 1, 1, 2, 2], "uni_pc": [0, 1, 2]}
 
 
 @pytest.mark.parametrize("sampler", LABELS)
 def test_every_evaluation_is_labelled_with_the_sampler_step_that_makes_it(sd15, prompts, sampler):
-    # Heun's corrector runs at the next step's σ and an ancestral midpoint can lie below it: σ alone would give
-    # them the next step.
+    # σ alone cannot tell: Heun's corrector runs at the next step's σ, an ancestral midpoint can lie below it, and
+    # SA-Solver's PECE evaluates twice at a step's own σ.
     model, clip = sd15
     _, _, trace = run(model, clip, prompts, sampler=sampler, lat=latent(batch=1, h=16, w=16))
     assert trace.steps.tolist() == LABELS[sampler] and trace.num_steps == 3
+
+
+def test_an_evaluation_with_churn_above_its_steps_sigma_keeps_its_step(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+        churned = comfy.samplers.ksampler("euler", {"s_churn": 1.0})
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        _, trace = sample_with_sampler(session, model, 0, 5.0, churned, sigmas, pos, neg, latent(batch=1, h=16, w=16))
+    assert (trace.sigmas[1:] > sigmas[1:-1]).all()  # σ̂ = σ_i (1 + γ) lies in the interval of step i − 1
+    assert trace.steps.tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
