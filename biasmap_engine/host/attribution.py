@@ -34,7 +34,10 @@ def encode_attribution(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     if not text.strip():
         raise ValueError("the attribution prompt is empty; write the generation prompt plus the demographic word, "
                          "e.g. 'A photo of the face of a doctor and gender'")
-    cached = _ENCODED.setdefault(clip, {})
+    try:
+        cached = _ENCODED.setdefault(clip, {})
+    except TypeError:  # an object standing in for a CLIP that cannot be weakly referenced: not kept
+        return _encode(clip, text)
     key = (text, *_encoding_state(clip))
     if key not in cached:
         if len(cached) >= _PROMPTS_PER_CLIP:
@@ -52,7 +55,7 @@ def _encoding_state(clip) -> tuple:
     """
     patcher = getattr(clip, "patcher", None)
     return (getattr(clip, "layer_idx", None), repr(sorted(getattr(clip, "tokenizer_options", {}).items())),
-            getattr(patcher, "patches_uuid", None), id(getattr(patcher, "forced_hooks", None)))
+            getattr(patcher, "patches_uuid", None), getattr(patcher, "forced_hooks", None))  # hooks by identity
 
 
 def _encode(clip, text: str) -> tuple[torch.Tensor, list[str]]:
