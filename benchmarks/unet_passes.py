@@ -3,9 +3,11 @@
 A guided step with all stages on the CPU runs the other CFG branch forward at batch 1, the maps' branch forward at
 batch 1 with autograd, and one backward to the latent; the stock KSampler runs one batch-2 forward. This times those
 passes on the bare U-Net (no BiasMap hooks, no sampler), with the guided pass's kernels everywhere (PyTorch SDPA,
-the direct convolution on grids of ≤ 8×8), so the ratio is what the arithmetic alone costs. Usage:
+the direct convolution on grids of ≤ 8×8), so the ratio is what the arithmetic alone costs; the last column times
+the other branch's forward with ComfyUI's own attention kernel (sub-quadratic on a CPU) against SDPA, the two
+alternating, since their difference at 256² is within the drift between repeats. Usage:
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/unet_passes.py [--sizes 256 512] [--repeats 3]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/unet_passes.py [--sizes 256 512] [--repeats 3] [--pairs 9]
 """
 
 import argparse
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from timing import median_seconds
+from timing import median_ratio, median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
@@ -24,6 +26,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=9, help="alternating pairs for the attention kernels' ratio")
     parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
     args = parser.parse_args()
 
@@ -44,10 +47,11 @@ def main():
     deinference_(unet)
     options = {"optimized_attention_override": lambda _f, *a, **k: attention.attention_pytorch(*a, **k)}
 
-    def forward(batch, size):
+    def forward(batch, size, attention_options=options):
         x = torch.randn(batch, 4, size // 8, size // 8)
         with torch.no_grad():
-            unet(x, torch.full((batch,), 500.0), context.repeat(batch, 1, 1), transformer_options=dict(options))
+            unet(x, torch.full((batch,), 500.0), context.repeat(batch, 1, 1),
+                 transformer_options=dict(attention_options))
 
     def forward_backward(size):
         x = torch.randn(1, 4, size // 8, size // 8, requires_grad=True)
@@ -57,15 +61,17 @@ def main():
 
     print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, random full-size SD1.5 U-Net, "
           f"median of {args.repeats}\n")
-    print("| size | batch-2 forward (stock) | batch-1 forward | batch-1 forward + backward | guided passes ÷ stock |")
-    print("|---|--:|--:|--:|--:|")
+    print("| size | batch-2 forward (stock) | batch-1 forward | batch-1 forward + backward | guided passes ÷ stock "
+          "| batch-1 forward, ComfyUI's attention ÷ SDPA (interleaved) |")
+    print("|---|--:|--:|--:|--:|--:|")
     with SmallGridConvolution():
         for size in args.sizes:
             stock = median_seconds(lambda: forward(2, size), args.repeats)
             other = median_seconds(lambda: forward(1, size), args.repeats)
             guided = median_seconds(lambda: forward_backward(size), args.repeats)
-            print(f"| {size}² | {stock:.3f} s | {other:.3f} s | {guided:.3f} s | {(other + guided) / stock:.2f} |",
-                  flush=True)
+            host = median_ratio(lambda: forward(1, size, {}), lambda: forward(1, size), args.pairs)
+            print(f"| {size}² | {stock:.3f} s | {other:.3f} s | {guided:.3f} s | {(other + guided) / stock:.2f} "
+                  f"| {host:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":
