@@ -163,6 +163,22 @@ def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.d
     return _model_patcher(config, seed, dtype, device), clip
 
 
+def skeleton_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """SD1.5's whole block structure (4 levels, 2 res blocks each, 16 cross-attention layers, 8 heads, 768-d context)
+    at 32 channels, and a 2-layer CLIP-L: every layer, hook and operator of a real SD1.5 step with little arithmetic,
+    so a step's time is its Python and per-operator overhead, what bounds a GPU at SD sizes.
+
+    Returns ``(ModelPatcher, comfy.sd.CLIP)``.
+    """
+    boot_comfy()
+    import comfy.supported_models
+    config = comfy.supported_models.SD15({**_UNET_COMMON, **_SD15_CHECKPOINT_UNETS["full"], "model_channels": 32,
+                                          "context_dim": 768, "use_linear_in_transformer": False,
+                                          "adm_in_channels": None})
+    clip = _clip(config.clip_target(), {"clip_l_model_config": _TINY_TE}, seed, dtype, device)
+    return _model_patcher(config, seed, dtype, device), clip
+
+
 def tiny_sd2v(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
     """SD2.x-768-v-shaped tiny model: V_PREDICTION, linear projections, 64-d heads, 1024-d context.
 
