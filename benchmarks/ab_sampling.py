@@ -14,15 +14,13 @@ import importlib
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import sampling  # this folder: the modes and the checkpoint writer
+import sampling  # this folder: the modes, one timed run and the checkpoint writer
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = "A photo of the face of a doctor and gender"
 
 
 def load_engine(checkout: Path, name: str):
@@ -33,21 +31,6 @@ def load_engine(checkout: Path, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module, importlib.import_module(f"{name}.host")
-
-
-def seconds_per_step(engine, settings, model, clip, pos, neg, latent, steps):
-    """One run as the node makes it (attribution encoding and trace included), or the stock KSampler."""
-    import nodes
-
-    start = time.perf_counter()
-    if settings is None:
-        out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
-    else:
-        module, host = engine
-        session = host.start_session(model, clip, PROMPT, ["gender"], ["doctor"], module.BiasMapSettings(**settings))
-        out, _ = host.sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
-    out["samples"].sum().item()  # wait for the device
-    return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -72,7 +55,7 @@ def main():
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
         pos, neg = sampling.comfy_models.paper_prompts(clip)
         latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
-        run = lambda version, settings, steps: seconds_per_step(engines[version], settings, model, clip, pos, neg,
+        run = lambda version, settings, steps: sampling.seconds_per_step(engines[version], settings, model, clip, pos, neg,
                                                                 latent, steps)
         for version in engines:  # warm-up: model load, kernels, autotuning
             run(version, sampling.MODES["guided_all"][0], 1)

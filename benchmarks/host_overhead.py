@@ -15,63 +15,48 @@ import cProfile
 import pstats
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "support"))
-import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
+import sampling  # this folder: the modes and one timed run (it puts tests/support on the path)
 
-MODES = {"plain": None, "recording": {"scale": 0.0}, "guided_all": {"scale": 100.0},
-         "guided_down_1": {"scale": 100.0, "guided_stages": ("down_1",)}}
-
-
-def run(mode, model, clip, prompts, steps) -> float:
-    """Seconds per step of one run, the node's whole work included (attribution encoding, trace)."""
-    import nodes
-
-    from biasmap_engine import BiasMapSettings
-    from biasmap_engine.host import sample_with_scheduler, start_session
-
-    pos, neg = prompts
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    start = time.perf_counter()
-    if MODES[mode] is None:
-        nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
-    else:
-        session = start_session(model, clip, "A photo of the face of a doctor and gender", ["gender"], ["doctor"],
-                                BiasMapSettings(**MODES[mode]))
-        sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
-    return (time.perf_counter() - start) / steps
+MODES = [mode for mode, (settings, kernels) in sampling.MODES.items() if kernels == "comfy"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--cprofile", choices=list(MODES))
+    parser.add_argument("--cprofile", choices=MODES)
     args = parser.parse_args()
 
-    root = comfy_models.boot_comfy()
-    sys.path.insert(sys.path.index(root) + 1, str(REPO))  # this checkout, after ComfyUI's `nodes`
+    root = sampling.comfy_models.boot_comfy()
+    sys.path.insert(sys.path.index(root) + 1, str(sampling.REPO))  # this checkout, after ComfyUI's `nodes`
     import comfy.utils
 
+    import biasmap_engine
+    import biasmap_engine.host
+
     comfy.utils.PROGRESS_BAR_ENABLED = False
+    engine = (biasmap_engine, biasmap_engine.host)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def run(mode, steps):
+        return sampling.seconds_per_step(engine, sampling.MODES[mode][0], model, clip, *prompts, latent, steps)
+
     times = {mode: [] for mode in MODES}
     with torch.inference_mode():
-        model, clip = comfy_models.skeleton_sd15(0)
-        prompts = comfy_models.paper_prompts(clip)
+        model, clip = sampling.comfy_models.skeleton_sd15(0)
+        prompts = sampling.comfy_models.paper_prompts(clip)
         for mode in MODES:  # warm-up
-            run(mode, model, clip, prompts, 2)
+            run(mode, 2)
         for repeat in range(args.repeats):
             order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
             for mode in order:
-                times[mode].append(run(mode, model, clip, prompts, args.steps))
+                times[mode].append(run(mode, args.steps))
         if args.cprofile:
             profiler = cProfile.Profile()
-            profiler.runcall(run, args.cprofile, model, clip, prompts, args.steps)
+            profiler.runcall(run, args.cprofile, args.steps)
     print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, SD1.5 layer structure at 32 channels, "
           f"64² image, {args.steps} steps, euler, cfg 7; medians of {args.repeats} interleaved repeats\n")
     print("| mode | ms/step | ms/step over stock |")

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
 import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
 
+PROMPT = "A photo of the face of a doctor and gender"
 MODES = {  # name → (BiasMap settings or None for the stock KSampler, kernels: ComfyUI's or the guided pass's)
     "plain": (None, "comfy"),
     "recording": ({"scale": 0.0}, "comfy"),
@@ -92,14 +93,29 @@ def run_mode(name, model, clip, pos, neg, latent, steps, device):
         if settings is None:
             out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
         else:  # the node's whole work: encoding the attribution prompt (setup), sampling, building the trace
-            session = start_session(model, clip, "A photo of the face of a doctor and gender", ["gender"],
-                                    ["doctor"], BiasMapSettings(**settings))
+            session = start_session(model, clip, PROMPT, ["gender"], ["doctor"], BiasMapSettings(**settings))
             setup = time.perf_counter() - start
             out, trace = sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
             trace_mib = sum(m.numel() * m.element_size() for m in trace.maps.values()) / 2 ** 20
         out["samples"].sum().item()  # wait for the device
         seconds = time.perf_counter() - start
     return seconds / steps, mem.mib, mem.total, trace_mib, setup
+
+
+def seconds_per_step(engine, settings, model, clip, pos, neg, latent, steps):
+    """Seconds per step of one run as the node makes it (attribution encoding and trace included), or of the stock
+    KSampler (``settings`` None); ``engine`` is a ``(biasmap_engine, biasmap_engine.host)`` pair, of any checkout."""
+    import nodes
+
+    start = time.perf_counter()
+    if settings is None:
+        out = nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
+    else:
+        module, host = engine
+        session = host.start_session(model, clip, PROMPT, ["gender"], ["doctor"], module.BiasMapSettings(**settings))
+        out, _ = host.sample_with_scheduler(session, model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
+    out["samples"].sum().item()  # wait for the device
+    return (time.perf_counter() - start) / steps
 
 
 def baseline(mode):
