@@ -36,6 +36,7 @@ from ..tokens import find_word_positions
 from ..trace import TraceRecorder
 from .capture import BranchCapture
 from .conditioning import control_models, covers_image
+from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
 
@@ -72,6 +73,8 @@ class BiasMapSession:
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
         self._last_guided_input = self._last_guided_input_block(model_patcher)
+        self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
+                             if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
                       for a in demographic for b in semantic]
@@ -270,7 +273,8 @@ class BiasMapSession:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                out = run(x_leaf, timestep.detach().clone(), _with_sdpa_attention(model_options))
+                with LeanBackward(self._lean_group_norms()):  # a third less kept for the backward
+                    out = run(x_leaf, timestep.detach().clone(), _with_sdpa_attention(model_options))
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
             self._guided = (grad, energy.detach())
@@ -278,6 +282,16 @@ class BiasMapSession:
         finally:
             self.capture.branch = None
             self._truncating = self._controlled = False
+
+    def _lean_group_norms(self):
+        """The group norms whose output the backward may compute again: those running on their own weight and bias.
+
+        Read each pass: ComfyUI switches a module to cast or patched weights on the fly (low VRAM, some LoRA loads)
+        when it loads the model for sampling, and the norm's values then differ from the module's own.
+        """
+        return [m for m in self._group_norms if not (getattr(m, "comfy_cast_weights", False)
+                                                     or getattr(m, "weight_function", None)
+                                                     or getattr(m, "bias_function", None))]
 
     def _energy(self):
         maps = self.recorder.current(self.settings.guided_stages)

@@ -281,6 +281,37 @@ def test_guided_cpu_passes_run_convolutions_on_grids_up_to_8x8_with_the_direct_k
     assert all(not routed for grid, routed in grids if grid[0] * grid[1] > 64)
 
 
+def test_guided_passes_keep_silu_gelu_and_group_norm_outputs_as_recipes_with_the_same_result(sd15, prompts,
+                                                                                              monkeypatch):
+    import biasmap_engine.host.session as session_module
+    from biasmap_engine.host.lean_backward import LeanBackward
+
+    model, clip = sd15
+    pos, neg = prompts
+    recipes = []
+
+    class Counted(LeanBackward):
+        def _pack(self, tensor):
+            packed = super()._pack(tensor)
+            if not isinstance(packed, torch.Tensor):
+                recipes.append(packed[0].__name__)
+            return packed
+
+    class Plain(torch.autograd.graph.saved_tensors_hooks):  # autograd's own choice: every activation kept
+        def __init__(self, group_norms):
+            super().__init__(lambda t: t, lambda t: t)
+
+    runs = {}
+    for name, hooks in (("lean", Counted), ("plain", Plain)):
+        monkeypatch.setattr(session_module, "LeanBackward", hooks)
+        runs[name] = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert set(recipes) == {"SiluBackward0", "GeluBackward0", "NativeGroupNormBackward0"}
+    (lean, lean_trace, _), (plain, plain_trace, _) = runs["lean"], runs["plain"]
+    assert lean_trace.guidance_counts()["applied"] == 2
+    assert torch.equal(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"])
+    assert torch.equal(lean, plain)
+
+
 def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
     import comfy_models
 

@@ -1,0 +1,117 @@
+"""What autograd keeps for a guided U-Net pass, with and without ``LeanBackward``, and what it costs in time.
+
+The latent is the only leaf that takes a gradient, as in the guided pass (PyTorch SDPA attention); the tensors
+autograd keeps until the backward are counted once per storage, weights left out. Batch 2 is one CFG batch (a GPU's
+guided pass), batch 1 one branch (a CPU's). Time: forward + backward with ``LeanBackward`` against without, the two
+alternating (median of the ratios). The last row runs SD1.5's layer structure at 32 channels
+(``comfy_models.skeleton_sd15``), where a pass costs its Python and per-operator dispatch, what bounds a GPU at SD
+sizes: there the difference in milliseconds is the host cost of the hooks and the recomputation. Usage:
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/lean_backward.py [--sizes 256 512] [--pairs 5]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from timing import median_ratio
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "support"))
+import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--pairs", type=int, default=5, help="alternating pairs for the time ratio (batch 1)")
+    parser.add_argument("--skeleton-pairs", type=int, default=41)
+    parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    args = parser.parse_args()
+
+    root = comfy_models.boot_comfy()
+    sys.path.insert(sys.path.index(root) + 1, str(REPO))  # this checkout, after ComfyUI's `nodes`
+    import comfy.ldm.modules.attention as attention
+    import comfy.sd
+
+    from biasmap_engine.host import deinference_
+    from biasmap_engine.host.lean_backward import LeanBackward
+
+    options = {"optimized_attention_override": lambda _f, *a, **k: attention.attention_pytorch(*a, **k)}
+
+    class Pass:
+        """Forward + backward of one U-Net, plain or lean, counting what autograd keeps."""
+
+        def __init__(self, model, clip):
+            with torch.inference_mode():
+                self.context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of a doctor"))[0][0]
+            self.unet = model.model.diffusion_model
+            deinference_(self.unet)
+            self.norms = [m for m in self.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+            self.weights = {p.untyped_storage().data_ptr() for p in self.unet.parameters()}
+
+        def run(self, batch, latent, lean, kept=None):
+            hooks = LeanBackward(self.norms) if lean else torch.autograd.graph.saved_tensors_hooks(lambda t: t,
+                                                                                                  lambda t: t)
+            if kept is not None:  # count what the chosen hooks keep as tensors
+                pack = hooks.pack_hook
+
+                def counted(tensor):
+                    packed = pack(tensor)
+                    if isinstance(packed, torch.Tensor):
+                        kept[packed.untyped_storage().data_ptr()] = packed.untyped_storage().nbytes()
+                    return packed
+                hooks.pack_hook = counted
+            x = torch.randn(batch, 4, latent, latent, requires_grad=True)
+            with torch.enable_grad():
+                with hooks:
+                    out = self.unet(x, torch.full((batch,), 500.0), self.context.repeat(batch, 1, 1),
+                                    transformer_options=dict(options))
+                torch.autograd.grad(out, x, torch.ones_like(out))
+
+        def kept_mib(self, batch, latent, lean):
+            kept = {}
+            self.run(batch, latent, lean, kept)
+            return sum(n for ptr, n in kept.items() if ptr not in self.weights) / 2**20
+
+    print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, random SD1.5 U-Nets, fp32 (half of "
+          f"these MiB in fp16)\n")
+    print("| model, size | batch | kept, plain | kept, lean | lean ÷ plain | fwd + bwd time, lean ÷ plain |")
+    print("|---|--:|--:|--:|--:|--:|")
+    if not Path(args.checkpoint).exists():
+        comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+    full = Pass(model, clip)
+    for size in args.sizes:
+        for batch in (1, 2):
+            plain, lean = full.kept_mib(batch, size // 8, False), full.kept_mib(batch, size // 8, True)
+            ratio = (median_ratio(lambda: full.run(1, size // 8, True), lambda: full.run(1, size // 8, False),
+                                  args.pairs) if batch == 1 else None)
+            print(f"| full, {size}² | {batch} | {plain:.0f} MiB | {lean:.0f} MiB | {lean / plain:.2f} | "
+                  f"{f'{ratio:.2f}×' if ratio else ''} |", flush=True)
+    del model, clip, full
+
+    with torch.inference_mode():
+        skeleton = Pass(*comfy_models.skeleton_sd15(0))
+    for _ in range(3):
+        skeleton.run(2, 8, True), skeleton.run(2, 8, False)
+    extra, plain_times = [], []
+    for i in range(args.skeleton_pairs):
+        times = {}
+        for lean in ((True, False) if i % 2 == 0 else (False, True)):
+            start = time.perf_counter()
+            skeleton.run(2, 8, lean)
+            times[lean] = time.perf_counter() - start
+        extra.append(times[True] - times[False])
+        plain_times.append(times[False])
+    plain = statistics.median(plain_times)
+    print(f"| skeleton (32 channels), 64² | 2 | | | | {(plain + statistics.median(extra)) / plain:.2f}×: "
+          f"{statistics.median(extra) * 1e3:+.2f} ms on {plain * 1e3:.1f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Keep less for a guided pass's backward: SiLU, gelu and group norm outputs as recipes, run again when needed.
+
+Autograd keeps every activation an operator's backward reads until the backward runs. Three kinds of them are cheap
+to compute again from tensors that autograd keeps anyway, and they are a third of what a 512² SD1.5 pass keeps
+(docs/benchmarks.md):
+- SiLU outputs (the ResBlocks' convolution inputs), from the SiLU's input, which its own backward keeps;
+- GEGLU's gelu(gate), kept by the product x·gelu(gate), from gate, which gelu's backward keeps;
+- group norm outputs (the SiLUs' inputs), from the norm's input, which its own backward keeps.
+Inside :class:`LeanBackward` they are kept as recipes (the producing node of the graph) and run again, elementwise,
+when the backward reads them. The kernels and inputs are the same, so the gradient is bit-identical.
+
+A group norm's backward keeps its weight but not its bias and eps, so only the outputs of the modules passed in (whose
+bias and eps are known) are recomputed; any other group norm's output is kept as usual.
+"""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LeanBackward"]
+
+
+def _node_type(op, *args):
+    with torch.inference_mode(False), torch.enable_grad():  # this module may be imported inside either
+        return type(op(torch.zeros(1, 1, 2, requires_grad=True), *args).grad_fn)
+
+
+_SILU, _GELU, _GROUP_NORM = _node_type(F.silu), _node_type(F.gelu), _node_type(F.group_norm, 1)
+
+
+class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, autograd keeps SiLU, gelu and ``group_norms``' outputs as recipes instead of tensors."""
+
+    def __init__(self, group_norms=()):
+        # Read on entry to each pass: ComfyUI may swap a weight tensor (a LoRA patch) between runs.
+        self._norms = {m.weight.data_ptr(): (m.weight, m.bias, m.eps) for m in group_norms if m.weight is not None}
+        super().__init__(self._pack, _unpack)
+
+    def _pack(self, tensor):
+        node = tensor.grad_fn
+        kind = type(node)
+        if tensor.output_nr != 0:  # e.g. a group norm keeping its own mean and rstd (outputs 1 and 2)
+            return tensor
+        if kind is _SILU or kind is _GELU:
+            return _Recipe(kind, node)
+        if kind is _GROUP_NORM:
+            weight = node._saved_weight
+            norm = self._norms.get(weight.data_ptr()) if weight is not None else None
+            if norm is not None and norm[0] is weight:
+                return _Recipe(kind, node, norm[1:])
+        return tensor
+
+
+class _Recipe(tuple):
+    """(node type, node, bias and eps): the output of ``node`` is computed again from what the node itself keeps.
+
+    The node's backward runs after every reader of its output (they come later in the forward), so its saved
+    tensors are still there when a reader's backward asks for the recipe.
+    """
+
+    def __new__(cls, kind, node, norm=None):
+        return super().__new__(cls, (kind, node, norm))
+
+
+def _unpack(packed):
+    if not isinstance(packed, _Recipe):
+        return packed
+    kind, node, norm = packed
+    with torch.no_grad():
+        if kind is _SILU:
+            return F.silu(node._saved_self)
+        if kind is _GELU:
+            return F.gelu(node._saved_self, approximate=node._saved_approximate)
+        return F.group_norm(node._saved_input, node._saved_group, node._saved_weight, *norm)
