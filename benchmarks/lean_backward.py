@@ -11,6 +11,7 @@ sizes: there the difference in milliseconds is the host cost of the hooks and th
 """
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -56,13 +57,15 @@ def main():
         def run(self, batch, latent, lean, kept=None):
             hooks = LeanBackward(self.norms) if lean else torch.autograd.graph.saved_tensors_hooks(lambda t: t,
                                                                                                   lambda t: t)
-            if kept is not None:  # count what the chosen hooks keep as tensors
+            if kept is not None:  # count what the chosen hooks keep as tensors, by the operator that made them
                 pack = hooks.pack_hook
 
                 def counted(tensor):
                     packed = pack(tensor)
                     if isinstance(packed, torch.Tensor):
-                        kept[packed.untyped_storage().data_ptr()] = packed.untyped_storage().nbytes()
+                        node = (packed if packed._base is None else packed._base).grad_fn
+                        kept[packed.untyped_storage().data_ptr()] = (packed.untyped_storage().nbytes(),
+                                                                     type(node).__name__ if node else "leaf")
                     return packed
                 hooks.pack_hook = counted
             x = torch.randn(batch, 4, latent, latent, requires_grad=True)
@@ -73,9 +76,15 @@ def main():
                 torch.autograd.grad(out, x, torch.ones_like(out))
 
         def kept_mib(self, batch, latent, lean):
+            """(MiB kept, {producing operator: share})."""
             kept = {}
             self.run(batch, latent, lean, kept)
-            return sum(n for ptr, n in kept.items() if ptr not in self.weights) / 2**20
+            kept = [value for ptr, value in kept.items() if ptr not in self.weights]
+            total = sum(n for n, _ in kept)
+            shares = collections.Counter()
+            for n, producer in kept:
+                shares[producer] += n / total
+            return total / 2**20, shares
 
     print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, random SD1.5 U-Nets, fp32 (half of "
           f"these MiB in fp16)\n")
@@ -88,7 +97,7 @@ def main():
     full = Pass(model, clip)
     for size in args.sizes:
         for batch in (1, 2):
-            plain, lean = full.kept_mib(batch, size // 8, False), full.kept_mib(batch, size // 8, True)
+            (plain, by_producer), (lean, _) = full.kept_mib(batch, size // 8, False), full.kept_mib(batch, size // 8, True)
             ratio = (median_ratio(lambda: full.run(1, size // 8, True), lambda: full.run(1, size // 8, False),
                                   args.pairs) if batch == 1 else None)
             print(f"| full, {size}² | {batch} | {plain:.0f} MiB | {lean:.0f} MiB | {lean / plain:.2f} | "
@@ -108,9 +117,11 @@ def main():
             times[lean] = time.perf_counter() - start
         extra.append(times[True] - times[False])
         plain_times.append(times[False])
-    plain = statistics.median(plain_times)
-    print(f"| skeleton (32 channels), 64² | 2 | | | | {(plain + statistics.median(extra)) / plain:.2f}×: "
-          f"{statistics.median(extra) * 1e3:+.2f} ms on {plain * 1e3:.1f} ms |")
+    plain_pass, added = statistics.median(plain_times), statistics.median(extra)
+    print(f"| skeleton (32 channels), 64² | 2 | | | | {(plain_pass + added) / plain_pass:.2f}×: "
+          f"{added * 1e3:+.2f} ms on {plain_pass * 1e3:.1f} ms |")
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in by_producer.most_common())
+    print(f"\nKept by plain autograd at {size}², batch 2, by the operator that made it: {shares}")
 
 
 if __name__ == "__main__":
