@@ -2,10 +2,11 @@
 
 The latent is the only leaf that takes a gradient, as in the guided pass (PyTorch SDPA attention); the tensors
 autograd keeps until the backward are counted once per storage, weights left out. Batch 2 is one CFG batch (a GPU's
-guided pass), batch 1 one branch (a CPU's). Time: forward + backward with ``LeanBackward`` against without, the two
-alternating (median of the ratios). The last row runs SD1.5's layer structure at 32 channels
-(``comfy_models.skeleton_sd15``), where a pass costs its Python and per-operator dispatch, what bounds a GPU at SD
-sizes: there the difference in milliseconds is the host cost of the hooks and the recomputation. Usage:
+guided pass), batch 1 one branch (a CPU's). On CUDA also the pass's peak allocated memory above the loaded model.
+Time: forward + backward with ``LeanBackward`` against without, the two alternating (median of the ratios). The last
+row runs SD1.5's layer structure at 32 channels (``comfy_models.skeleton_sd15``), where a pass costs its Python and
+per-operator dispatch, what bounds a GPU at SD sizes: there the difference in milliseconds is the host cost of the
+hooks and the recomputation. Runs on ComfyUI's device, in its dtype for the model there. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/lean_backward.py [--sizes 256 512] [--pairs 5]
 """
@@ -28,7 +29,7 @@ import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` packa
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--pairs", type=int, default=5, help="alternating pairs for the time ratio (batch 1)")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating pairs for the time ratio")
     parser.add_argument("--skeleton-pairs", type=int, default=41)
     parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
     args = parser.parse_args()
@@ -36,21 +37,27 @@ def main():
     root = comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))  # this checkout, after ComfyUI's `nodes`
     import comfy.ldm.modules.attention as attention
+    import comfy.model_management as mm
     import comfy.sd
 
     from biasmap_engine.host import deinference_
     from biasmap_engine.host.lean_backward import LeanBackward
 
+    device = mm.get_torch_device()
+    cuda = device.type == "cuda"
     options = {"optimized_attention_override": lambda _f, *a, **k: attention.attention_pytorch(*a, **k)}
 
     class Pass:
-        """Forward + backward of one U-Net, plain or lean, counting what autograd keeps."""
+        """Forward + backward of one U-Net on ``device``, plain or lean, counting what autograd keeps."""
 
         def __init__(self, model, clip):
             with torch.inference_mode():
-                self.context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of a doctor"))[0][0]
+                context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of a doctor"))[0][0]
+            mm.load_models_gpu([model])
             self.unet = model.model.diffusion_model
             deinference_(self.unet)
+            self.dtype = model.model.get_dtype()
+            self.context = context.to(device, self.dtype)
             self.norms = [m for m in self.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
             self.weights = {p.untyped_storage().data_ptr() for p in self.unet.parameters()}
 
@@ -68,44 +75,58 @@ def main():
                                                                      type(node).__name__ if node else "leaf")
                     return packed
                 hooks.pack_hook = counted
-            x = torch.randn(batch, 4, latent, latent, requires_grad=True)
+            x = torch.randn(batch, 4, latent, latent, device=device, dtype=self.dtype, requires_grad=True)
             with torch.enable_grad():
                 with hooks:
-                    out = self.unet(x, torch.full((batch,), 500.0), self.context.repeat(batch, 1, 1),
+                    out = self.unet(x, torch.full((batch,), 500.0, device=device), self.context.repeat(batch, 1, 1),
                                     transformer_options=dict(options))
                 torch.autograd.grad(out, x, torch.ones_like(out))
+            if cuda:
+                torch.cuda.synchronize()
 
-        def kept_mib(self, batch, latent, lean):
-            """(MiB kept, {producing operator: share})."""
+        def kept(self, batch, latent, lean):
+            """(MiB kept, {producing operator: share}, peak MiB allocated above the model or None off CUDA)."""
             kept = {}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             self.run(batch, latent, lean, kept)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
             kept = [value for ptr, value in kept.items() if ptr not in self.weights]
             total = sum(n for n, _ in kept)
             shares = collections.Counter()
             for n, producer in kept:
                 shares[producer] += n / total
-            return total / 2**20, shares
+            return total / 2**20, shares, peak
 
-    print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, random SD1.5 U-Nets, fp32 (half of "
-          f"these MiB in fp16)\n")
-    print("| model, size | batch | kept, plain | kept, lean | lean ÷ plain | fwd + bwd time, lean ÷ plain |")
-    print("|---|--:|--:|--:|--:|--:|")
+    def mib(value):
+        return f"{value:.0f} MiB" if value is not None else ""
+
     if not Path(args.checkpoint).exists():
         comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
     with torch.inference_mode():
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     full = Pass(model, clip)
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{name}, torch {torch.__version__}, random SD1.5 U-Nets in {full.dtype}\n")
+    print("| model, size | batch | kept, plain | kept, lean | lean ÷ plain | peak above the model, plain / lean "
+          "| fwd + bwd time, lean ÷ plain |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
     for size in args.sizes:
         for batch in (1, 2):
-            (plain, by_producer), (lean, _) = full.kept_mib(batch, size // 8, False), full.kept_mib(batch, size // 8, True)
-            ratio = (median_ratio(lambda: full.run(1, size // 8, True), lambda: full.run(1, size // 8, False),
-                                  args.pairs) if batch == 1 else None)
-            print(f"| full, {size}² | {batch} | {plain:.0f} MiB | {lean:.0f} MiB | {lean / plain:.2f} | "
-                  f"{f'{ratio:.2f}×' if ratio else ''} |", flush=True)
+            plain, by_producer, plain_peak = full.kept(batch, size // 8, False)
+            lean, _, lean_peak = full.kept(batch, size // 8, True)
+            ratio = median_ratio(lambda: full.run(batch, size // 8, True), lambda: full.run(batch, size // 8, False),
+                                 args.pairs)
+            peaks = f"{mib(plain_peak)} / {mib(lean_peak)}" if cuda else ""
+            print(f"| full, {size}² | {batch} | {mib(plain)} | {mib(lean)} | {lean / plain:.2f} | {peaks} "
+                  f"| {ratio:.2f}× |", flush=True)
     del model, clip, full
+    mm.unload_all_models()
 
-    with torch.inference_mode():
-        skeleton = Pass(*comfy_models.skeleton_sd15(0))
+    with torch.inference_mode():  # built as ComfyUI's loaders build models
+        skeleton = comfy_models.skeleton_sd15(0, device=device)
+    skeleton = Pass(*skeleton)
     for _ in range(3):
         skeleton.run(2, 8, True), skeleton.run(2, 8, False)
     extra, plain_times = [], []
@@ -118,7 +139,7 @@ def main():
         extra.append(times[True] - times[False])
         plain_times.append(times[False])
     plain_pass, added = statistics.median(plain_times), statistics.median(extra)
-    print(f"| skeleton (32 channels), 64² | 2 | | | | {(plain_pass + added) / plain_pass:.2f}×: "
+    print(f"| skeleton (32 channels), 64² | 2 | | | | | {(plain_pass + added) / plain_pass:.2f}×: "
           f"{added * 1e3:+.2f} ms on {plain_pass * 1e3:.1f} ms |")
     shares = ", ".join(f"{name} {share:.0%}" for name, share in by_producer.most_common())
     print(f"\nKept by plain autograd at {size}², batch 2, by the operator that made it: {shares}")
