@@ -9,8 +9,9 @@ to compute again from tensors that autograd keeps anyway, and they are a third o
 Inside :class:`LeanBackward` they are kept as recipes (the producing node of the graph) and run again, elementwise,
 when the backward reads them. The kernels and inputs are the same, so the gradient is bit-identical.
 
-A group norm's backward keeps its weight but not its bias and eps, so only the outputs of the modules passed in (whose
-bias and eps are known) are recomputed; any other group norm's output is kept as usual.
+A group norm's backward keeps its weight but not its bias and eps, so only the outputs of the modules passed in are
+recomputed, with the module's bias and eps, and only when the norm ran on the module's own weight and bias: not a
+copy that ComfyUI cast or patched on the fly (low VRAM, some LoRA loads). Any other group norm's output is kept.
 """
 
 import torch
@@ -32,7 +33,7 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, group_norms=()):
         # Read on entry to each pass: ComfyUI may swap a weight tensor (a LoRA patch) between runs.
-        self._norms = {m.weight.data_ptr(): (m.weight, m.bias, m.eps) for m in group_norms if m.weight is not None}
+        self._norms = {m.weight.data_ptr(): m for m in group_norms if m.weight is not None}
         super().__init__(self._pack, _unpack)
 
     def _pack(self, tensor):
@@ -45,9 +46,15 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
         if kind is _GROUP_NORM:
             weight = node._saved_weight
             norm = self._norms.get(weight.data_ptr()) if weight is not None else None
-            if norm is not None and norm[0] is weight:
-                return _Recipe(kind, node, norm[1:])
+            if norm is not None and norm.weight is weight and _own_parameters(norm):
+                return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
         return tensor
+
+
+def _own_parameters(module) -> bool:
+    """Whether ComfyUI runs ``module`` on its own weight and bias (not a cast or on-the-fly patched copy)."""
+    return not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))
 
 
 class _Recipe(tuple):

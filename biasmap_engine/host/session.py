@@ -274,7 +274,7 @@ class BiasMapSession:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                with LeanBackward(self._lean_group_norms()):  # a third less kept for the backward
+                with LeanBackward(self._group_norms):  # a third less kept for the backward
                     out = run(x_leaf, timestep.detach().clone(), _with_sdpa_attention(model_options))
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
@@ -283,16 +283,6 @@ class BiasMapSession:
         finally:
             self.capture.branch = None
             self._truncating = self._controlled = False
-
-    def _lean_group_norms(self):
-        """The group norms whose output the backward may compute again: those running on their own weight and bias.
-
-        Read each pass: ComfyUI switches a module to cast or patched weights on the fly (low VRAM, some LoRA loads)
-        when it loads the model for sampling, and the norm's values then differ from the module's own.
-        """
-        return [m for m in self._group_norms if not (getattr(m, "comfy_cast_weights", False)
-                                                     or getattr(m, "weight_function", None)
-                                                     or getattr(m, "bias_function", None))]
 
     def _energy(self):
         maps = self.recorder.current(self.settings.guided_stages)

@@ -89,3 +89,35 @@ def test_the_recomputed_operators_are_recognised_when_first_imported_inside_infe
         assert lean_backward._node_type(F.silu) is lean_backward._SILU
         assert lean_backward._node_type(F.group_norm, 1) is lean_backward._GROUP_NORM
     assert lean_backward._SILU.__name__ == "SiluBackward0"
+
+
+class BiasPatchedOnTheFly(torch.nn.GroupNorm):
+    """A group norm the way ComfyUI runs one with a bias patch applied per call (``bias_function``)."""
+
+    bias_function = [lambda bias: bias + 1.0]
+
+    def forward(self, x):
+        bias = self.bias
+        for patch in self.bias_function:
+            bias = patch(bias)
+        return F.group_norm(x, self.num_groups, self.weight, bias, self.eps)
+
+
+def test_a_group_norm_run_on_a_bias_patched_on_the_fly_keeps_its_output():
+    norm = BiasPatchedOnTheFly(4, 16).requires_grad_(False)
+    x = torch.randn(2, 16, 8, 8)
+
+    def gradient(hooks):
+        xi = x.clone().requires_grad_(True)
+        with hooks:
+            n = norm(xi)
+            y = F.silu(n).square().mean()
+        ref = weakref.ref(n)
+        del n
+        kept = ref() is not None
+        return torch.autograd.grad(y, xi)[0], kept
+
+    plain, _ = gradient(torch.enable_grad())
+    lean, kept = gradient(LeanBackward([norm]))
+    assert kept
+    assert torch.equal(lean, plain)
