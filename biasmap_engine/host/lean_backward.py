@@ -12,6 +12,11 @@ when the backward reads them. The kernels and inputs are the same, so the gradie
 A group norm's backward keeps its weight but not its bias and eps, so only the outputs of the modules passed in are
 recomputed, with the module's bias and eps, and only when the norm ran on the module's own weight and bias: not a
 copy that ComfyUI cast or patched on the fly (low VRAM, some LoRA loads). Any other group norm's output is kept.
+
+Everything else is kept as autograd keeps it, with the two guarantees that hooks would otherwise drop: a tensor is
+kept detached, so a node keeping its own output (a group norm its mean, SDPA its output) makes no reference cycle
+that would outlive the pass where the backward does not reach; and an in-place change after it was kept raises, as
+autograd's own check does.
 """
 
 import torch
@@ -38,17 +43,21 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor):
         node = tensor.grad_fn
+        if node is None:  # a leaf: the latent or a weight
+            return _Kept(tensor)
         kind = type(node)
-        if tensor.output_nr != 0:  # e.g. a group norm keeping its own mean and rstd (outputs 1 and 2)
-            return tensor
-        if kind is _SILU or kind is _GELU:
-            return _Recipe(kind, node)
-        if kind is _GROUP_NORM:
-            weight = node._saved_weight
-            norm = self._norms.get(weight.data_ptr()) if weight is not None else None
-            if norm is not None and norm.weight is weight and _own_parameters(norm):
-                return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
-        return tensor
+        # Only an output as its node made it: not a group norm's mean or rstd (outputs 1 and 2), nor one changed in
+        # place since (e.g. under no_grad), which the recipe would not reproduce.
+        if tensor.output_nr == 0 and tensor._version == 0:
+            if kind is _SILU or kind is _GELU:
+                return _Recipe(kind, node)
+            if kind is _GROUP_NORM:
+                weight = node._saved_weight
+                norm = self._norms.get(weight.data_ptr()) if weight is not None else None
+                if norm is not None and norm.weight is weight and _own_parameters(norm):
+                    return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
+        # Detached: the node may be keeping its own output, and the tensor's grad_fn would then hold the node.
+        return _Kept(tensor.detach())
 
 
 def _own_parameters(module) -> bool:
@@ -68,9 +77,22 @@ class _Recipe(tuple):
         return super().__new__(cls, (kind, node, norm))
 
 
+class _Kept(tuple):
+    """(tensor, its version when kept): a detached tensor shares the version counter, so later changes show."""
+
+    def __new__(cls, tensor):
+        return super().__new__(cls, (tensor, tensor._version))
+
+
 def _unpack(packed):
-    if not isinstance(packed, _Recipe):
-        return packed
+    if isinstance(packed, _Kept):
+        tensor, version = packed
+        if tensor._version != version:
+            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                               f"operation: a {list(tensor.shape)} tensor is at version {tensor._version}; expected "
+                               f"version {version} instead (BiasMap's guided pass keeps it for the backward; a node "
+                               f"or patch that changes U-Net activations in place should change a copy)")
+        return tensor
     kind, node, norm = packed
     with torch.no_grad():
         if kind is _SILU:

@@ -1,3 +1,4 @@
+import gc
 import weakref
 
 import pytest
@@ -27,15 +28,28 @@ class ResBlockAndGeglu(torch.nn.Module):
         self.approximate = approximate
         self.seen = {}
 
-    def forward(self, x, norm_weight=None):
-        n = F.group_norm(x, 4, self.norm.weight if norm_weight is None else norm_weight, self.norm.bias,
-                         self.norm.eps)
+    def forward(self, x, norm=None):
+        n = (norm or self.norm)(x)
         s = F.silu(n)
         h = self.conv(s)
         a, gate = self.proj(h.flatten(2).transpose(1, 2)).chunk(2, dim=-1)
         g = F.gelu(gate, approximate=self.approximate)
         self.seen = {"group norm": weakref.ref(n), "silu": weakref.ref(s), "gelu": weakref.ref(g)}
         return (a * g).square().mean() + h.square().mean()
+
+
+class Spied(LeanBackward):
+    """LeanBackward listing the operators whose outputs it keeps as recipes."""
+
+    def __init__(self, group_norms=()):
+        super().__init__(group_norms)
+        self.recomputed = set()
+
+    def _pack(self, tensor):
+        packed = super()._pack(tensor)
+        if isinstance(packed, lean_backward._Recipe):
+            self.recomputed.add(type(tensor.grad_fn).__name__)
+        return packed
 
 
 def input_gradient(net, x, hooks=None, **kwargs):
@@ -64,31 +78,12 @@ def test_recomputed_activations_give_the_bit_identical_input_gradient(approximat
     assert not any(kept.values())
 
 
-def test_a_group_norm_not_passed_in_keeps_its_output():
-    net = ResBlockAndGeglu()
-    x = torch.randn(2, 16, 8, 8)
-    plain, _ = input_gradient(net, x)
-    lean, kept = input_gradient(net, x, LeanBackward())
-    assert torch.equal(lean, plain)
-    assert kept == {"group norm": True, "silu": False, "gelu": False}
-
-
-def test_a_group_norm_run_on_another_weight_than_its_modules_keeps_its_output():
-    # ComfyUI may run a norm on a cast or patched copy of the module's weight: the module's bias and eps may not hold.
-    net = ResBlockAndGeglu()
-    x = torch.randn(2, 16, 8, 8)
-    copy = net.norm.weight.clone()
-    plain, _ = input_gradient(net, x, norm_weight=copy)
-    lean, kept = input_gradient(net, x, LeanBackward([net.norm]), norm_weight=copy)
-    assert torch.equal(lean, plain)
-    assert kept["group norm"] and not kept["silu"]
-
-
-def test_the_recomputed_operators_are_recognised_when_first_imported_inside_inference_mode():
-    with torch.inference_mode():
-        assert lean_backward._node_type(F.silu) is lean_backward._SILU
-        assert lean_backward._node_type(F.group_norm, 1) is lean_backward._GROUP_NORM
-    assert lean_backward._SILU.__name__ == "SiluBackward0"
+def group_norm_sharing_the_weight_storage(norm):
+    """A second module on the same weight storage with its own bias, as Control-LoRA builds from the U-Net's."""
+    other = torch.nn.GroupNorm(norm.num_groups, norm.num_channels)
+    other.weight = torch.nn.Parameter(norm.weight.data)
+    other.bias = torch.nn.Parameter(norm.bias.data + 1.0)
+    return other.requires_grad_(False)
 
 
 class BiasPatchedOnTheFly(torch.nn.GroupNorm):
@@ -103,21 +98,88 @@ class BiasPatchedOnTheFly(torch.nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, bias, self.eps)
 
 
-def test_a_group_norm_run_on_a_bias_patched_on_the_fly_keeps_its_output():
-    norm = BiasPatchedOnTheFly(4, 16).requires_grad_(False)
+@pytest.mark.parametrize("case", ["not passed in", "another module on the same weight storage",
+                                  "bias patched on the fly"])
+def test_a_group_norm_whose_bias_is_not_known_keeps_its_output(case):
+    net = ResBlockAndGeglu()
     x = torch.randn(2, 16, 8, 8)
-
-    def gradient(hooks):
-        xi = x.clone().requires_grad_(True)
-        with hooks:
-            n = norm(xi)
-            y = F.silu(n).square().mean()
-        ref = weakref.ref(n)
-        del n
-        kept = ref() is not None
-        return torch.autograd.grad(y, xi)[0], kept
-
-    plain, _ = gradient(torch.enable_grad())
-    lean, kept = gradient(LeanBackward([norm]))
-    assert kept
+    norm = {"not passed in": net.norm,
+            "another module on the same weight storage": group_norm_sharing_the_weight_storage(net.norm),
+            "bias patched on the fly": BiasPatchedOnTheFly(4, 16).requires_grad_(False)}[case]
+    passed_in = [] if case == "not passed in" else [net.norm if case.startswith("another") else norm]
+    plain, _ = input_gradient(net, x, norm=norm)
+    hooks = Spied(passed_in)
+    lean, _ = input_gradient(net, x, hooks, norm=norm)
     assert torch.equal(lean, plain)
+    assert hooks.recomputed == {"SiluBackward0", "GeluBackward0"}
+
+
+def test_a_bias_swapped_between_forward_and_backward_does_not_change_the_gradient():
+    # ComfyUI may re-patch weights between runs; the recipe uses the bias the norm ran with.
+    net = ResBlockAndGeglu()
+    x = torch.randn(2, 16, 8, 8)
+    plain, _ = input_gradient(net, x)
+    xi = x.clone().requires_grad_(True)
+    with LeanBackward([net.norm]):
+        y = net(xi)
+    bias = net.norm.bias
+    net.norm.bias = torch.nn.Parameter(bias + 1.0, requires_grad=False)
+    try:
+        assert torch.equal(torch.autograd.grad(y, xi)[0], plain)
+    finally:
+        net.norm.bias = bias
+
+
+def live_tensors():
+    gc.collect()
+    return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())  # type(): no __class__ lookups
+
+
+def test_nothing_of_a_pass_outlives_it_where_the_backward_does_not_reach():
+    # As a guided pass records the U-Net's tail after the last guided layer, which the energy does not depend on.
+    net = ResBlockAndGeglu()
+
+    def guided_pass():
+        x = torch.randn(2, 16, 8, 8, requires_grad=True)
+        with LeanBackward([net.norm]):
+            head = F.silu(net.norm(x * 2.0))
+            tail = F.group_norm(net.conv(head), 4)  # keeps its own mean and rstd; never differentiated
+            attention = F.scaled_dot_product_attention(*[tail.flatten(2)] * 3)  # keeps its own output
+        torch.autograd.grad(head.square().sum(), x)
+        return attention.sum().item()
+
+    guided_pass()
+    before = live_tensors()
+    for _ in range(3):
+        guided_pass()
+    assert live_tensors() == before
+
+
+def test_an_activation_changed_in_place_after_it_was_kept_raises_as_autograd_does():
+    x = torch.randn(4, requires_grad=True)
+    with LeanBackward():
+        h = x * 2.0
+        y = (h * h).sum()  # keeps h
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, x)
+
+
+def test_an_output_changed_in_place_before_it_was_kept_is_kept_as_changed():
+    def gradient(hooks):
+        x = torch.linspace(-2, 2, 5, requires_grad=True)
+        with hooks:
+            s = F.silu(x * 1.0)
+            with torch.no_grad():
+                s.mul_(3.0)  # the recipe, silu(x), would no longer give s
+            y = (s * s).sum()
+        return torch.autograd.grad(y, x)[0]
+
+    assert torch.equal(gradient(LeanBackward()), gradient(torch.enable_grad()))
+
+
+def test_the_recomputed_operators_are_recognised_when_first_imported_inside_inference_mode():
+    with torch.inference_mode():
+        assert lean_backward._node_type(F.silu) is lean_backward._SILU
+        assert lean_backward._node_type(F.group_norm, 1) is lean_backward._GROUP_NORM
+    assert lean_backward._SILU.__name__ == "SiluBackward0"
