@@ -1,10 +1,11 @@
 """What BiasMap needs to know about ComfyUI's conditioning entries: which run on the whole latent, which carry
-a ControlNet. Entries are the dicts of a processed CONDITIONING list, as calc_cond_batch receives them.
+a ControlNet, under how many hook groups they run. Entries are the dicts of a processed CONDITIONING list, as
+calc_cond_batch receives them.
 """
 
 import torch
 
-__all__ = ["control_models", "covers_image"]
+__all__ = ["control_models", "covers_image", "hook_groups"]
 
 
 def covers_image(entries, x, timestep) -> bool:
@@ -44,3 +45,12 @@ def control_models(conds):
                         seen.append(module)
                 control = getattr(control, "previous_controlnet", None)
     return seen
+
+
+def hook_groups(conds) -> int:
+    """How many hook groups (Create Hook LoRA and the like; no hooks is a group too) ``conds``' entries run under.
+
+    ComfyUI's calc_cond_batch runs each group in turn, patching that group's weights into the model in place, so a
+    backward after the call goes through the weights of the group that ran last.
+    """
+    return len({entry.get("hooks") for entries in conds for entry in entries or []})

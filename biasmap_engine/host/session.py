@@ -14,7 +14,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   one batched pass is cheaper (a GPU at SD sizes is bound by kernel launches; a truncated backward is short).
   Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py).
   A batched pass that runs out of GPU memory (ComfyUI sizes batches for inference, autograd keeps every activation
-  until the backward) is run again that way, and so are the run's later steps, with a note. In every guided pass
+  until the backward) is run again that way, and so are the run's later steps, with a note; so is a pass whose
+  entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in place. In every guided pass
   autograd keeps SiLU, gelu and group norm outputs as recipes, computed again in the backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
@@ -36,7 +37,7 @@ from ..settings import BiasMapSettings
 from ..tokens import find_word_positions
 from ..trace import TraceRecorder
 from .capture import BranchCapture
-from .conditioning import control_models, covers_image
+from .conditioning import control_models, covers_image, hook_groups
 from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
@@ -199,7 +200,9 @@ class BiasMapSession:
         self.capture.set_entries(conds, x_in, timestep)
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)
-        if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)):
+        # The maps' branch alone when the other branch's hook group would leave its weights in the model (hook_groups).
+        if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)
+                      or hook_groups(conds) > 1):
             return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
         try:
             return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
@@ -267,6 +270,11 @@ class BiasMapSession:
         try:
             if not guide:
                 return run(x, timestep, model_options)
+            if hook_groups(conds) > 1:
+                self._note("the maps' CFG branch holds entries with different hooks (Create Hook LoRA and the like): "
+                           "ComfyUI patches each hook group's weights in turn, so the guidance gradient goes through "
+                           "the weights of the group it ran last; give that branch's entries the same hooks for an "
+                           "exact gradient")
             controls = control_models(conds)
             for module in (model.diffusion_model, *controls):
                 deinference_(module)

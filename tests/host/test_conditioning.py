@@ -206,20 +206,63 @@ def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_an
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
 
 
+def hook_weights(model, scale, seed=2):
+    """New weights for every attention projection, for Create Hook Model as LoRA."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()  # the weights as loaded, not as another clone's patches left them
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=gen).to(v.device) for k, v in model.model.state_dict().items()
+            if k.startswith("diffusion_model.") and "attn" in k and k.endswith(".weight")}
+
+
+@pytest.mark.parametrize("stages", [("down_1",), None], ids=["one CFG batch", "all stages"])
+def test_hooked_conditioning_is_guided_through_its_own_weights_when_the_other_branch_has_none(sd15, prompts, stages):
+    import comfy.hooks
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        weights = hook_weights(model, 0.5)
+        hooked = comfy.hooks.set_hooks_for_conditioning(pos, comfy.hooks.create_hook_model_as_lora(weights, None, 1.0,
+                                                                                                   0.0))
+        everywhere = model.clone()  # the same weights as an ordinary patch: the reference for the maps' branch
+        everywhere.add_patches({k: ("set", (w,)) for k, w in weights.items()}, 1.0)
+    _, trace = sample(model, clip, hooked, neg, scale=100.0, steps=1, branch="cond", guided_stages=stages)
+    _, expected = sample(everywhere, clip, pos, neg, scale=100.0, steps=1, branch="cond", guided_stages=stages)
+    assert trace.guidance_counts()["not_guided"] == 0  # applied, or skipped by the gate (all stages: ‖∇‖ > 1)
+    # The energy and its gradient depend on the maps' (positive) branch only; a batch of 2 rounds differently.
+    torch.testing.assert_close(trace.guidance["energy"], expected.guidance["energy"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(trace.guidance["grad_norm"], expected.guidance["grad_norm"], rtol=1e-2, atol=0)
+    assert not trace.notes
+
+
+def test_guiding_a_branch_whose_entries_have_different_hooks_says_the_gradient_uses_the_last_groups_weights(
+        sd15, prompts):
+    import comfy.hooks
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        hooked = comfy.hooks.set_hooks_for_conditioning(
+            pos, comfy.hooks.create_hook_model_as_lora(hook_weights(model, 0.01), None, 1.0, 0.0))
+    _, trace = sample(model, clip, combine(hooked, encode(clip, "a photo of a doctor")), neg, scale=100.0, steps=1,
+                      branch="cond")
+    assert trace.guidance_counts()["applied"] == 1
+    assert any("goes through the weights of the group it ran last" in note for note in trace.notes)
+
+
 def test_hooked_conditioning_is_recorded_with_its_weights_and_can_be_guided(sd15, prompts):
     import comfy.hooks
 
     model, clip = sd15
     pos, neg = prompts
-    gen = torch.Generator().manual_seed(2)
     with torch.inference_mode():  # a hook that re-weights every attention projection (Create Hook Model as LoRA)
-        weights = {k: v + 0.01 * torch.randn(v.shape, generator=gen).to(v.device)
-                   for k, v in model.model.state_dict().items()
-                   if k.startswith("diffusion_model.") and "attn" in k and k.endswith(".weight")}
         hooked = comfy.hooks.set_hooks_for_conditioning(
-            pos, comfy.hooks.create_hook_model_as_lora(weights, None, 1.0, 0.0))
+            pos, comfy.hooks.create_hook_model_as_lora(hook_weights(model, 0.01), None, 1.0, 0.0))
     _, plain = sample(model, clip, pos, neg, steps=1, branch="cond")
     _, with_hook = sample(model, clip, hooked, neg, steps=1, branch="cond")
     assert all(not torch.allclose(with_hook.maps[s], plain.maps[s]) for s in plain.maps)
     out, guided = sample(model, clip, hooked, neg, scale=100.0, branch="cond")
     assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
+
