@@ -41,6 +41,7 @@ def main():
     import comfy.sd
 
     from biasmap_engine.host import deinference_
+    from biasmap_engine.host import lean_backward
     from biasmap_engine.host.lean_backward import LeanBackward
 
     device = mm.get_torch_device()
@@ -69,9 +70,9 @@ def main():
 
                 def counted(tensor):
                     packed = pack(tensor)
-                    if isinstance(packed, torch.Tensor):
-                        node = (packed if packed._base is None else packed._base).grad_fn
-                        kept[packed.untyped_storage().data_ptr()] = (packed.untyped_storage().nbytes(),
+                    if isinstance(packed, torch.Tensor) or isinstance(packed, lean_backward._Kept):
+                        node = (tensor if tensor._base is None else tensor._base).grad_fn
+                        kept[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(),
                                                                      type(node).__name__ if node else "leaf")
                     return packed
                 hooks.pack_hook = counted
