@@ -15,8 +15,9 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py).
   A batched pass that runs out of GPU memory (ComfyUI sizes batches for inference, autograd keeps every activation
   until the backward) is run again that way, and so are the run's later steps, with a note; so is a pass whose
-  entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in place. In every guided pass
-  autograd keeps SiLU, gelu and group norm outputs as recipes, computed again in the backward (lean_backward.py);
+  entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in
+  place. In every guided pass autograd keeps SiLU, gelu and group norm outputs as recipes, computed again in the
+  backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
