@@ -66,15 +66,19 @@ def _own_parameters(module) -> bool:
                 or getattr(module, "bias_function", None))
 
 
-class _Recipe(tuple):
-    """(node type, node, bias and eps): the output of ``node`` is computed again from what the node itself keeps.
+class _Recipe:
+    """The output of ``node`` (of type ``kind``), computed again from what the node itself keeps.
 
     The node's backward runs after every reader of its output (they come later in the forward), so its saved
-    tensors are still there when a reader's backward asks for the recipe.
+    tensors are still there when a reader's backward asks for the recipe. A group norm's output is kept once
+    computed: its reader, a SiLU, is read twice, by its own backward and by the recipe of its output (the
+    convolution's input), one right after the other; the value goes with the SiLU's saved tensors.
     """
 
-    def __new__(cls, kind, node, norm=None):
-        return super().__new__(cls, (kind, node, norm))
+    __slots__ = ("kind", "node", "norm", "value")
+
+    def __init__(self, kind, node, norm=None):
+        self.kind, self.node, self.norm, self.value = kind, node, norm, None
 
 
 class _Kept(tuple):
@@ -93,10 +97,12 @@ def _unpack(packed):
                                f"version {version} instead (BiasMap's guided pass keeps it for the backward; a node "
                                f"or patch that changes U-Net activations in place should change a copy)")
         return tensor
-    kind, node, norm = packed
+    node = packed.node
     with torch.no_grad():
-        if kind is _SILU:
+        if packed.kind is _SILU:
             return F.silu(node._saved_self)
-        if kind is _GELU:
+        if packed.kind is _GELU:
             return F.gelu(node._saved_self, approximate=node._saved_approximate)
-        return F.group_norm(node._saved_input, node._saved_group, node._saved_weight, *norm)
+        if packed.value is None:
+            packed.value = F.group_norm(node._saved_input, node._saved_group, node._saved_weight, *packed.norm)
+        return packed.value
