@@ -44,15 +44,11 @@ def main():
 
     root = sampling.comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))
-    import comfy.sd
-
-    if not Path(args.checkpoint).exists():
-        sampling.comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
     engines = {"this": load_engine(REPO, "biasmap_engine"), "other": load_engine(args.other.resolve(), "biasmap_other")}
     modes = [m for m, (settings, kernels) in sampling.MODES.items() if settings is not None and kernels == "comfy"]
     plains, ratios = [], {(mode, version): [] for mode in modes for version in engines}
+    model, clip = sampling.load_random_sd15(args.checkpoint)
     with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
         pos, neg = sampling.comfy_models.paper_prompts(clip)
         latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
         run = lambda version, settings, steps: sampling.seconds_per_step(engines[version], settings, model, clip, pos, neg,

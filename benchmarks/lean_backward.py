@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from timing import median_ratio
 
+import sampling  # this folder: the checkpoint and the SDPA override (it puts tests/support on the path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "support"))
-import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
 
 
 def main():
@@ -34,11 +34,9 @@ def main():
     parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
     args = parser.parse_args()
 
-    root = comfy_models.boot_comfy()
+    root = sampling.comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))  # this checkout, after ComfyUI's `nodes`
-    import comfy.ldm.modules.attention as attention
     import comfy.model_management as mm
-    import comfy.sd
 
     from biasmap_engine.host import deinference_
     from biasmap_engine.host import lean_backward
@@ -46,7 +44,7 @@ def main():
 
     device = mm.get_torch_device()
     cuda = device.type == "cuda"
-    options = {"optimized_attention_override": lambda _f, *a, **k: attention.attention_pytorch(*a, **k)}
+    options = {"optimized_attention_override": sampling.sdpa_attention}
 
     class Pass:
         """Forward + backward of one U-Net on ``device``, plain or lean, counting what autograd keeps."""
@@ -103,10 +101,7 @@ def main():
     def mib(value):
         return f"{value:.0f} MiB" if value is not None else ""
 
-    if not Path(args.checkpoint).exists():
-        comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
-    with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+    model, clip = sampling.load_random_sd15(args.checkpoint)
     full = Pass(model, clip)
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{name}, torch {torch.__version__}, random SD1.5 U-Nets in {full.dtype}\n")
@@ -126,7 +121,7 @@ def main():
     mm.unload_all_models()
 
     with torch.inference_mode():  # built as ComfyUI's loaders build models
-        skeleton = comfy_models.skeleton_sd15(0, device=device)
+        skeleton = sampling.comfy_models.skeleton_sd15(0, device=device)
     skeleton = Pass(*skeleton)
     for _ in range(3):
         skeleton.run(2, 8, True), skeleton.run(2, 8, False)

@@ -15,7 +15,6 @@ outside PyTorch, or the autograd engine's backward pass when no Python frame is 
 
 import argparse
 import collections
-import os
 import sys
 import time
 import warnings
@@ -73,14 +72,11 @@ def main():
     root = sampling.comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))
     import comfy.model_management as mm
-    import comfy.sd
 
-    if not os.path.exists(args.checkpoint):
-        sampling.comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
     device = mm.get_torch_device()
     lines = []
+    model, clip = sampling.load_random_sd15(args.checkpoint)
     with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
         pos, neg = sampling.comfy_models.paper_prompts(clip)
         latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
 

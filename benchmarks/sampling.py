@@ -123,13 +123,29 @@ def baseline(mode):
     return "plain_matched" if MODES[mode][1] == "matched" else "plain"
 
 
-def with_sdpa_attention(model):
-    """A clone whose attention is ComfyUI's PyTorch SDPA path, as with ``--use-pytorch-cross-attention``."""
+def load_random_sd15(path):
+    """(MODEL, CLIP) of the random full-size SD1.5 checkpoint at ``path``, written first if missing."""
+    import comfy.sd
+
+    if not os.path.exists(path):
+        print(f"writing a random full-size SD1.5 checkpoint to {path}", flush=True)
+        comfy_models.write_random_sd15_checkpoint(path, "full", with_vae=False)
+    with torch.inference_mode():  # as ComfyUI's loader node runs
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=True)
+    return model, clip
+
+
+def sdpa_attention(_func, *args, **kwargs):
+    """An ``optimized_attention_override`` running ComfyUI's PyTorch SDPA path, the guided pass's kernel."""
     import comfy.ldm.modules.attention as attention
 
+    return attention.attention_pytorch(*args, **kwargs)
+
+
+def with_sdpa_attention(model):
+    """A clone whose attention is ComfyUI's PyTorch SDPA path, as with ``--use-pytorch-cross-attention``."""
     clone = model.clone()
-    options = clone.model_options.setdefault("transformer_options", {})
-    options["optimized_attention_override"] = lambda _f, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sdpa_attention
     return clone
 
 
@@ -156,15 +172,11 @@ def main():
     # This checkout, not an installed copy of the pack; after ComfyUI's root, whose `nodes` must win over `nodes/`.
     sys.path.insert(sys.path.index(root) + 1, str(REPO))
     import comfy.model_management as mm
-    import comfy.sd
 
-    if not os.path.exists(args.checkpoint):
-        print(f"writing a random full-size SD1.5 checkpoint to {args.checkpoint}", flush=True)
-        comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
     device = mm.get_torch_device()
     rows = []
+    model, clip = load_random_sd15(args.checkpoint)
     with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
         pos, neg = comfy_models.paper_prompts(clip)
         for size in args.sizes:
             latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from timing import median_ratio, median_seconds
 
+import sampling  # this folder: the checkpoint and the SDPA override (it puts tests/support on the path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "support"))
-import comfy_models  # noqa: E402  (before ComfyUI: its root has a `tests` package of its own)
 
 
 def main():
@@ -30,22 +30,17 @@ def main():
     parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
     args = parser.parse_args()
 
-    root = comfy_models.boot_comfy()
+    root = sampling.comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))  # this checkout, after ComfyUI's `nodes`
-    import comfy.ldm.modules.attention as attention
-    import comfy.sd
-
     from biasmap_engine.host import deinference_
     from biasmap_engine.host.small_grid_conv import SmallGridConvolution
 
-    if not Path(args.checkpoint).exists():
-        comfy_models.write_random_sd15_checkpoint(args.checkpoint, "full", with_vae=False)
+    model, clip = sampling.load_random_sd15(args.checkpoint)
     with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
         context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of the face of a doctor"))[0][0]
     unet = model.model.diffusion_model
     deinference_(unet)
-    options = {"optimized_attention_override": lambda _f, *a, **k: attention.attention_pytorch(*a, **k)}
+    options = {"optimized_attention_override": sampling.sdpa_attention}
 
     def forward(batch, size, attention_options=options):
         x = torch.randn(batch, 4, size // 8, size // 8)
