@@ -43,7 +43,7 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor):
         node = tensor.grad_fn
-        if node is None:  # a leaf: the latent or a weight
+        if node is None:  # the latent, a weight, or a tensor made without autograd: no node to keep
             return _Kept(tensor)
         kind = type(node)
         # Only an output as its node made it: not a group norm's mean or rstd (outputs 1 and 2), nor one changed in
