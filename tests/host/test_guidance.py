@@ -55,7 +55,12 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
             b = x.shape[0]
             context = torch.cat([neg[0][0].clone().expand(b, -1, -1), pos[0][0].clone().expand(b, -1, -1)]).to(x)
             t = base.model_sampling.timestep(sigma).float()
-            out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context)
+            extra = {}
+            if base.adm_channels:  # SDXL: pooled text and image size, as ComfyUI's extra_conds builds them
+                y = [base.encode_adm(pooled_output=c[0][1]["pooled_output"], width=x.shape[-1] * 8,
+                                     height=x.shape[-2] * 8) for c in (neg, pos)]
+                extra["y"] = torch.cat([v.clone().expand(b, -1) for v in y]).to(x)
+            out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context, **extra)
         finally:
             for h in hooks:
                 h.remove()
@@ -76,12 +81,12 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
     return out_u + cfg * (out_c - out_u), energy.detach(), g_z
 
 
-@pytest.mark.parametrize("family, stages", [("sd15", None), ("sd2v", None), ("sd15", ("down_1",))])
+@pytest.mark.parametrize("family, stages", [("sd15", None), ("sd2v", None), ("sdxl", None), ("sd15", ("down_1",))])
 def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages):
     import comfy_models
 
     with torch.inference_mode():
-        model, clip = comfy_models.tiny_sd15(0) if family == "sd15" else comfy_models.tiny_sd2v(0)
+        model, clip = getattr(comfy_models, f"tiny_{family}")(0)
         pos, neg = comfy_models.paper_prompts(clip)
     lam = 100.0
     # down_1 alone also exercises the truncated backward (activations detached after the last guided block).
