@@ -179,6 +179,8 @@ class TraceRecorder:
         self._sigmas, self._steps = [], []
         self._sampler_steps: list[int] = []  # from step_started, for the evaluations up to the latest report
         self._reported, self._last_step = 0, None
+        self.discarded = 0  # evaluations opened and dropped because the U-Net never ran (discard)
+        self.steps_without_evaluation: list[int] = []  # sampler steps reported with no evaluation since the last
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
 
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
@@ -195,6 +197,8 @@ class TraceRecorder:
         (Heun's corrector, a midpoint, a PECE corrector's evaluation), whatever their σ.
         """
         pending = range(self._reported, len(self._sigmas))
+        if not pending:  # the step's evaluations never reached the recorder: another node answered them
+            self.steps_without_evaluation.append(step)
         earlier = self._last_step if self._last_step is not None else max(step - 1, 0)
         self._sampler_steps += [earlier] * (len(pending) - 1) + [step] * bool(pending)
         self._reported, self._last_step = len(self._sigmas), step
@@ -211,6 +215,18 @@ class TraceRecorder:
         self._current[stage] = maps if previous is None else previous + maps
         self._weights[stage] = self._weights.get(stage, 0.0) + weight
         self._layers.setdefault(stage, set()).add(object() if layer is None else layer)
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether the open evaluation has any map (none: no recorded layer ran)."""
+        return bool(self._current)
+
+    def discard(self) -> None:
+        """Drop the open evaluation: one in which the U-Net never ran (a cache answered it), so it has no maps."""
+        self._sigmas.pop()
+        self._steps.pop()
+        self._current, self._weights, self._layers = {}, {}, {}
+        self.discarded += 1
 
     def restart(self) -> None:
         """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""

@@ -22,7 +22,7 @@ autograd's own check does.
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LeanBackward"]
+__all__ = ["CopiedSaves", "LeanBackward"]
 
 
 def _node_type(op, *args):
@@ -60,6 +60,22 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
         return _Kept(tensor.detach())
 
 
+class CopiedSaves(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, autograd keeps a copy of each activation it saves: for code that changes them in place after use.
+
+    ComfyUI's FreeU V2 patch, for one, multiplies half of ``h``'s channels by a map computed from ``h`` and writes the
+    product back into ``h``: the product's backward reads the values from before that write, which only a copy holds.
+    """
+
+    def __init__(self):
+        super().__init__(_pack_copy, _unpack)
+
+
+def _pack_copy(tensor):
+    # The latent, weights and constants are no activation: kept as LeanBackward keeps them, version-checked.
+    return _Kept(tensor) if tensor.grad_fn is None else tensor.detach().clone()
+
+
 def _own_parameters(module) -> bool:
     """Whether ComfyUI runs ``module`` on its own weight and bias (not a cast or on-the-fly patched copy)."""
     return not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
@@ -89,6 +105,8 @@ class _Kept(tuple):
 
 
 def _unpack(packed):
+    if isinstance(packed, torch.Tensor):  # a copy (CopiedSaves)
+        return packed
     if isinstance(packed, _Kept):
         tensor, version = packed
         if tensor._version != version:

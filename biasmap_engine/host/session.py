@@ -20,6 +20,10 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
+- in a guided pass, other nodes' U-Net patches run with autograd keeping copies of what they save
+  (lean_backward.CopiedSaves), since some change in place the activations they computed with (FreeU V2);
+- an evaluation in which the U-Net never ran (a cache node such as EasyCache answered it) is dropped from the trace
+  and, like steps answered before they reach BiasMap (LazyCache), named in a note;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
   tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``,
@@ -39,7 +43,7 @@ from ..tokens import find_word_positions
 from ..trace import TraceRecorder
 from .capture import BranchCapture
 from .conditioning import control_models, covers_image, hook_groups
-from .lean_backward import LeanBackward
+from .lean_backward import CopiedSaves, LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
 
@@ -186,6 +190,9 @@ class BiasMapSession:
             self._main_pass_pending = False
         if extra_pass:
             self._extra_pass(executor.class_obj, x, timestep, model_options)
+        if not self.recorder.has_maps:  # the U-Net never ran: a cache node answered (see finish)
+            self.recorder.discard()
+            return denoised
         if self._guided is None:
             self.recorder.end()
             return denoised
@@ -284,7 +291,10 @@ class BiasMapSession:
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
                 with LeanBackward(self._group_norms):  # a third less kept for the backward
-                    out = run(x_leaf, timestep.detach().clone(), _with_sdpa_attention(model_options))
+                    out = run(x_leaf, timestep.detach().clone(),
+                              _with_sdpa_attention(_with_patches_on_copies(model_options)))
+                if not self.recorder.has_maps:  # the U-Net never ran (a cache answered): nothing to guide by
+                    return [o.detach() for o in out]
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
             self._guided = (grad, energy.detach())
@@ -338,6 +348,14 @@ class BiasMapSession:
 
     def finish(self):
         """The run's :class:`BiasMapTrace`."""
+        steps, skipped = self.recorder.steps_without_evaluation, self.recorder.discarded
+        if steps or skipped:
+            where = f"at sampler step(s) {', '.join(map(str, steps))}" if steps else ""
+            count = f"{skipped} model evaluation(s)" if skipped else ""
+            self._note(f"the U-Net did not run for BiasMap {where}{' (' + count + ')' if where and count else count}: "
+                       f"another node answered without it (a cache such as EasyCache or LazyCache reusing an earlier "
+                       f"output), so those evaluations have no maps and were not guided; bypass that node for maps "
+                       f"and guidance at every step")
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
@@ -388,3 +406,24 @@ def _with_sdpa_attention(model_options, everywhere=False):
         return func(q, k, v, *args, **kwargs)
 
     return {**model_options, "transformer_options": {**options, "optimized_attention_override": sdpa}}
+
+
+def _with_patches_on_copies(model_options):
+    """Model options whose U-Net patches (``transformer_options["patches"]``: FreeU's, HyperTile's, …) run inside
+    :class:`CopiedSaves`, so that a patch changing in place the activations it computed with (FreeU V2) leaves
+    autograd what it needs for the backward.
+    """
+    options = model_options.get("transformer_options", {})
+    patches = options.get("patches")
+    if not patches:
+        return model_options
+    wrapped = {name: [_keeping_copies(p) if callable(p) else p for p in fns] for name, fns in patches.items()}
+    return {**model_options, "transformer_options": {**options, "patches": wrapped}}
+
+
+def _keeping_copies(patch):
+    def run(*args, **kwargs):
+        with CopiedSaves():
+            return patch(*args, **kwargs)
+
+    return run

@@ -127,6 +127,25 @@ def test_recorder_restart_drops_a_failed_passs_maps_but_keeps_the_evaluation():
     assert trace.sigmas.tolist() == [3.0] and torch.equal(trace.maps["down_1"], torch.ones(1, 1, 2, 4, 4))
 
 
+def test_recorder_discards_evaluations_without_a_unet_pass_and_lists_steps_reported_without_any():
+    rec = TraceRecorder()
+    for step, ran in enumerate([True, False, True, True]):  # step 1: a cache answered inside the evaluation
+        rec.begin(torch.tensor(4.0 - step), torch.tensor(step))
+        if ran:
+            rec.add("down_1", torch.full((1, 2, 4, 4), float(step)))
+        assert rec.has_maps == ran
+        if ran:
+            rec.end()
+        else:
+            rec.discard()
+        rec.step_started(step)
+    rec.step_started(4)  # step 4: answered before the evaluation reached the recorder
+    trace = rec.finish(tokens=["a", "b"], latent_shape=[1, 4, 4, 4])
+    assert rec.discarded == 1 and rec.steps_without_evaluation == [1, 4]
+    assert trace.sigmas.tolist() == [4.0, 2.0, 1.0] and trace.steps.tolist() == [0, 2, 3]
+    assert trace.maps["down_1"][:, 0, 0, 0, 0].tolist() == [0.0, 2.0, 3.0]
+
+
 def test_recorder_refuses_an_evaluation_without_maps():
     rec = TraceRecorder()
     rec.begin(torch.tensor(1.0), torch.tensor(0))

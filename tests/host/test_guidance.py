@@ -8,34 +8,12 @@ import pytest
 import torch
 
 from biasmap_engine import BiasMapSettings, entanglement_energy, find_word_positions, sum_upsampled, token_softmax_maps
-from biasmap_engine.host import cross_attention_layers, deinference_, encode_attribution, sample_with_scheduler, start_session
-
-ATTRIBUTION = "A photo of the face of a doctor and gender"
-
-
-def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32, **settings):
-    """One run; returns (latent, trace, first evaluation's (x, σ, guided denoised))."""
-    import comfy.patcher_extension as ext
-
-    seen = []
-
-    def spy(executor, x, timestep, model_options, seed_):
-        out = executor(x, timestep, model_options, seed_)
-        seen.append((x.clone(), timestep.clone(), out.clone()))
-        return out
-
-    spied = model.clone()
-    spied.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-spy", spy)  # outermost: sees BiasMap's result
-    lat = {"samples": torch.zeros(batch, 4, size, size)}
-    with torch.inference_mode():
-        session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
-                                BiasMapSettings(scale=scale, **settings))
-        out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, "normal", pos, neg, lat)
-    return out["samples"], trace, seen[0]
-
+from biasmap_engine.host import cross_attention_layers, deinference_, encode_attribution, start_session
+from guided_runs import ATTRIBUTION, sample
 
 def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, stages=None):
-    """(ε_cfg, E, ∇_z E) from the bare U-Net with forward hooks: no ComfyUI patch involved."""
+    """(ε_cfg, E, ∇_z E) from the bare U-Net with forward hooks: no BiasMap patch involved (other nodes' block
+    patches on ``model`` run, as the U-Net calls them)."""
     base = model.model
     unet = base.diffusion_model
     layers = {k: m for k, m in cross_attention_layers(unet).items() if k[0] != "middle"}
@@ -60,7 +38,9 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
                 y = [base.encode_adm(pooled_output=c[0][1]["pooled_output"], width=x.shape[-1] * 8,
                                      height=x.shape[-2] * 8) for c in (neg, pos)]
                 extra["y"] = torch.cat([v.clone().expand(b, -1) for v in y]).to(x)
-            out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context, **extra)
+            patches = model.model_options.get("transformer_options", {}).get("patches", {})
+            out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context,
+                       transformer_options={"patches": patches}, **extra)
         finally:
             for h in hooks:
                 h.remove()
@@ -112,9 +92,16 @@ def full_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts, full_fp32):
+@pytest.mark.parametrize("patch", [None, "FreeU_V2"])
+def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts, full_fp32, patch):
+    # FreeU V2 writes h[:, :c/2] · s(h) back into h, after autograd saved h[:, :c/2] for the product's backward.
+    from comfy_extras import nodes_freelunch
+
     model, clip = sd15
     pos, neg = prompts
+    if patch:
+        with torch.inference_mode():
+            model = getattr(nodes_freelunch, patch).execute(model, 1.3, 1.4, 0.9, 0.2)[0]
     _, _, (x, sigma, plain) = sample(model, clip, pos, neg, 0.0)
     lam = 100.0
     _, trace, (_, _, guided) = sample(model, clip, pos, neg, lam)
@@ -170,6 +157,27 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
     counts = trace.guidance_counts()
     assert sum(counts.values()) == trace.steps.numel() * 2 and counts["not_guided"] == 0
     assert torch.isfinite(trace.guidance["energy"]).all()
+    assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
+
+
+@pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode"])
+def test_steps_a_cache_node_answers_without_the_unet_are_named_in_a_note_not_recorded(sd15, prompts, cache):
+    # EasyCache skips the U-Net inside BiasMap's evaluation; LazyCache answers the whole evaluation outside it.
+    from comfy_extras import nodes_easycache
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        cached = getattr(nodes_easycache, cache).execute(model, 0.5, 0.0, 1.0, False)[0]
+    for lam in (0.0, 100.0):
+        out, trace, _ = sample(cached, clip, pos, neg, lam, steps=10)
+        assert torch.isfinite(out).all()
+        unrecorded = sorted(set(range(10)) - set(trace.steps.tolist()))
+        assert unrecorded, "the cache answered no step at this threshold: the test needs a lower one"
+        (note,) = [n for n in trace.notes if "did not run" in n]
+        assert f"at sampler step(s) {', '.join(map(str, unrecorded))}" in note and cache[:-4] in note
+        counts = trace.guidance_counts()
+        assert counts["applied" if lam else "not_guided"] == trace.steps.numel() == sum(counts.values())
 
 
 def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(sd15, prompts):

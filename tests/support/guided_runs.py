@@ -1,0 +1,29 @@
+"""One guided (or recording) run through the real ComfyUI, seen from outside BiasMap: the host tests' common driver."""
+
+import torch
+
+from biasmap_engine import BiasMapSettings
+from biasmap_engine.host import sample_with_scheduler, start_session
+
+ATTRIBUTION = "A photo of the face of a doctor and gender"
+
+
+def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32, **settings):
+    """One run; returns (latent, trace, first evaluation's (x, σ, guided denoised))."""
+    import comfy.patcher_extension as ext
+
+    seen = []
+
+    def spy(executor, x, timestep, model_options, seed_):
+        out = executor(x, timestep, model_options, seed_)
+        seen.append((x.clone(), timestep.clone(), out.clone()))
+        return out
+
+    spied = model.clone()
+    spied.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-spy", spy)  # outermost: sees BiasMap's result
+    lat = {"samples": torch.zeros(batch, 4, size, size)}
+    with torch.inference_mode():
+        session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
+                                BiasMapSettings(scale=scale, **settings))
+        out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, "normal", pos, neg, lat)
+    return out["samples"], trace, seen[0]
