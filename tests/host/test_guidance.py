@@ -163,15 +163,19 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
 @pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode"])
 def test_steps_a_cache_node_answers_without_the_unet_are_named_in_a_note_not_recorded(sd15, prompts, cache):
     # EasyCache skips the U-Net inside BiasMap's evaluation; LazyCache answers the whole evaluation outside it.
+    import nodes
     from comfy_extras import nodes_easycache
 
     model, clip = sd15
     pos, neg = prompts
     with torch.inference_mode():
         cached = getattr(nodes_easycache, cache).execute(model, 0.5, 0.0, 1.0, False)[0]
+        (stock,) = nodes.common_ksampler(cached, 0, 10, 7.0, "euler", "normal", pos, neg,
+                                         {"samples": torch.zeros(1, 4, 32, 32)})
     for lam in (0.0, 100.0):
         out, trace, _ = sample(cached, clip, pos, neg, lam, steps=10)
         assert torch.isfinite(out).all()
+        assert torch.equal(out, stock["samples"]) == (lam == 0.0)  # recording leaves the cache's choices alone
         unrecorded = sorted(set(range(10)) - set(trace.steps.tolist()))
         assert unrecorded, "the cache answered no step at this threshold: the test needs a lower one"
         (note,) = [n for n in trace.notes if "did not run" in n]
