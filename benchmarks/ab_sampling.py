@@ -3,10 +3,11 @@
 On a launch-bound GPU, and on shared machines, step times drift between processes by more than the difference
 between two versions of the pack. Here this checkout and another one (e.g. a ``git worktree`` of an older commit)
 run in one process on one loaded model, alternating which goes first, each repeat against its own stock KSampler
-run. Usage:
+run. ``--skeleton`` runs SD1.5's layer structure at 32 channels on a 64² image instead (``comfy_models.skeleton_sd15``,
+as ``host_overhead.py`` does): a step's time is then Python and dispatch, what bounds a GPU at SD sizes. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/ab_sampling.py OTHER_CHECKOUT [--size 512] [--steps 20]
-        [--repeats 7] [--checkpoint random_sd15.safetensors]
+        [--repeats 7] [--checkpoint random_sd15.safetensors] [--skeleton]
 """
 
 import argparse
@@ -40,14 +41,24 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    parser.add_argument("--skeleton", action="store_true", help="SD1.5's layers at 32 channels, 64² (host cost)")
     args = parser.parse_args()
+    if args.skeleton:
+        args.size = 64
 
     root = sampling.comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))
     engines = {"this": load_engine(REPO, "biasmap_engine"), "other": load_engine(args.other.resolve(), "biasmap_other")}
     modes = [m for m, (settings, kernels) in sampling.MODES.items() if settings is not None and kernels == "comfy"]
     plains, ratios = [], {(mode, version): [] for mode in modes for version in engines}
-    model, clip = sampling.load_random_sd15(args.checkpoint)
+    if args.skeleton:
+        import comfy.utils
+
+        comfy.utils.PROGRESS_BAR_ENABLED = False  # a bar's redraw is a visible share of a ~30 ms step
+        with torch.inference_mode():
+            model, clip = sampling.comfy_models.skeleton_sd15(0)
+    else:
+        model, clip = sampling.load_random_sd15(args.checkpoint)
     with torch.inference_mode():
         pos, neg = sampling.comfy_models.paper_prompts(clip)
         latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
@@ -62,7 +73,8 @@ def main():
                 for version in order:
                     ratios[mode, version].append(run(version, sampling.MODES[mode][0], args.steps) / plains[-1])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{device}, torch {torch.__version__}, random full-size SD1.5 at {args.size}² ({args.steps} steps, euler, "
+    what = "SD1.5's layer structure at 32 channels" if args.skeleton else "random full-size SD1.5"
+    print(f"\n{device}, torch {torch.__version__}, {what} at {args.size}² ({args.steps} steps, euler, "
           f"cfg 7, batch 1); this checkout vs {args.other}; medians of {args.repeats} interleaved repeats\n")
     print(f"stock KSampler: {statistics.median(plains) * 1e3:.1f} ms/step (median)\n")
     print("| mode | this × stock | other × stock | this / other |")

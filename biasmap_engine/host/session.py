@@ -45,7 +45,7 @@ from .capture import BranchCapture
 from .conditioning import control_models, covers_image, hook_groups
 from .lean_backward import CopiedSaves, LeanBackward
 from .small_grid_conv import SmallGridConvolution
-from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet
+from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet, weight_slots
 
 __all__ = ["BiasMapSession"]
 
@@ -79,6 +79,7 @@ class BiasMapSession:
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
+        self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
@@ -285,7 +286,9 @@ class BiasMapSession:
                            "exact gradient")
             controls = control_models(conds)
             for module in (model.diffusion_model, *controls):
-                deinference_(module)
+                if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
+                    self._weight_slots[module] = weight_slots(module)
+                deinference_(module, self._weight_slots[module])
             self._controlled = bool(controls)
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)

@@ -3,7 +3,7 @@
 import torch
 
 __all__ = ["UnsupportedModelError", "cross_attention_layers", "deinference_", "input_block_levels", "model_family",
-           "require_guidable", "require_unet"]
+           "require_guidable", "require_unet", "weight_slots"]
 
 
 class UnsupportedModelError(ValueError):
@@ -70,12 +70,21 @@ def require_guidable(model_patcher) -> None:
             f"scale to 0 to record maps only.")
 
 
-def deinference_(module: torch.nn.Module) -> int:
+def weight_slots(module: torch.nn.Module) -> list[tuple[dict, str, bool]]:
+    """Where ``module`` and its submodules hold tensors: (the ``_parameters`` or ``_buffers`` dict, name, is a
+    parameter). Walking the module tree is most of :func:`deinference_`'s cost; the slots stay as long as no module
+    is added or replaced, while the tensors in them may change (ComfyUI re-creates patched weights)."""
+    return [(tensors, name, tensors is mod._parameters) for mod in module.modules()
+            for tensors in (mod._parameters, mod._buffers) for name in tensors]
+
+
+def deinference_(module: torch.nn.Module, slots: list[tuple[dict, str, bool]] | None = None) -> int:
     """Swap inference-mode weights for ordinary tensors of the same values, so autograd may save them.
 
     ComfyUI loads models inside ``torch.inference_mode()``; such tensors cannot be saved for backward. Swapping once
     (and again only for weights that ComfyUI re-creates, e.g. on LoRA re-patching) avoids copying every weight on
-    every forward, which a weight wrapper would do during ordinary sampling too. Values are unchanged.
+    every forward, which a weight wrapper would do during ordinary sampling too. Values are unchanged. ``slots``
+    (:func:`weight_slots` of ``module``, kept by the caller while the module's structure stays) spares the walk.
 
     Pinned host weights are left alone: ComfyUI pins the weights it offloads when VRAM is short (lowvram), copies
     them to the GPU on every forward (so autograd saves the copy, never them), and later unpins them by address; a
@@ -83,15 +92,12 @@ def deinference_(module: torch.nn.Module) -> int:
     """
     swapped = 0
     with torch.inference_mode(False):
-        for mod in module.modules():
-            for name, param in mod._parameters.items():
-                if param is not None and param.is_inference() and not _pinned(param):
-                    mod._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
-                    swapped += 1
-            for name, buf in mod._buffers.items():
-                if buf is not None and buf.is_inference() and not _pinned(buf):
-                    mod._buffers[name] = buf.clone()
-                    swapped += 1
+        for tensors, name, is_parameter in weight_slots(module) if slots is None else slots:
+            tensor = tensors[name]
+            if tensor is not None and tensor.is_inference() and not _pinned(tensor):
+                tensors[name] = (torch.nn.Parameter(tensor.clone(), requires_grad=False) if is_parameter
+                                 else tensor.clone())
+                swapped += 1
     return swapped
 
 
