@@ -16,8 +16,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   A batched pass that runs out of GPU memory (ComfyUI sizes batches for inference, autograd keeps every activation
   until the backward) is run again that way, and so are the run's later steps, with a note; so is a pass whose
   entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in
-  place. In every guided pass autograd keeps SiLU, gelu and group norm outputs as recipes, computed again in the
-  backward (lean_backward.py);
+  place. In every guided pass whose backward goes through the whole U-Net autograd keeps SiLU, gelu and group norm
+  outputs as recipes, computed again in the backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - in a guided pass, other nodes' U-Net patches run with autograd keeping copies of what they save
@@ -293,7 +293,9 @@ class BiasMapSession:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                with LeanBackward(self._group_norms):  # a third less kept for the backward
+                # A third less kept for the backward through the whole U-Net; a truncated one keeps little, and
+                # the recipes' Python would cost a launch-bound GPU more than they save there.
+                with LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext():
                     out = run(x_leaf, timestep.detach().clone(),
                               _with_sdpa_attention(_with_patches_on_copies(model_options)))
                 if not self.recorder.has_maps:  # the U-Net never ran (a cache answered): nothing to guide by

@@ -298,8 +298,8 @@ def test_guided_cpu_passes_run_convolutions_on_grids_up_to_8x8_with_the_direct_k
     assert all(not routed for grid, routed in grids if grid[0] * grid[1] > 64)
 
 
-def test_guided_passes_keep_silu_gelu_and_group_norm_outputs_as_recipes_with_the_same_result(sd15, prompts,
-                                                                                              monkeypatch):
+def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outputs_as_recipes_with_the_same_result(
+        sd15, prompts, monkeypatch):
     import biasmap_engine.host.session as session_module
     from biasmap_engine.host import lean_backward
     from biasmap_engine.host.lean_backward import LeanBackward
@@ -328,6 +328,10 @@ def test_guided_passes_keep_silu_gelu_and_group_norm_outputs_as_recipes_with_the
     assert lean_trace.guidance_counts()["applied"] == 2
     assert torch.equal(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"])
     assert torch.equal(lean, plain)
+    monkeypatch.setattr(session_module, "LeanBackward", Counted)
+    recipes.clear()
+    _, truncated, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
+    assert truncated.guidance_counts()["applied"] == 2 and recipes == []  # a truncated backward keeps little
 
 
 def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
