@@ -179,7 +179,7 @@ class TraceRecorder:
         self._sigmas, self._steps = [], []
         self._sampler_steps: list[int] = []  # from step_started, for the evaluations up to the latest report
         self._reported, self._last_step = 0, None
-        self.discarded = 0  # evaluations opened and dropped because the U-Net never ran (discard)
+        self._skipped: list[bool] = []  # per evaluation: no maps, the U-Net never ran (skip)
         self.steps_without_evaluation: list[int] = []  # sampler steps reported with no evaluation since the last
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
 
@@ -189,6 +189,7 @@ class TraceRecorder:
         self._current, self._weights, self._layers = {}, {}, {}
         self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
         self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
+        self._skipped.append(False)
 
     def step_started(self, step: int) -> None:
         """The sampler reports step ``step`` (k-diffusion's per-step callback, made after the step's first evaluation).
@@ -197,7 +198,7 @@ class TraceRecorder:
         (Heun's corrector, a midpoint, a PECE corrector's evaluation), whatever their σ.
         """
         pending = range(self._reported, len(self._sigmas))
-        if not pending:  # the step's evaluations never reached the recorder: another node answered them
+        if not pending:  # no evaluation of the step reached the recorder, not even to be skipped
             self.steps_without_evaluation.append(step)
         earlier = self._last_step if self._last_step is not None else max(step - 1, 0)
         self._sampler_steps += [earlier] * (len(pending) - 1) + [step] * bool(pending)
@@ -218,15 +219,18 @@ class TraceRecorder:
 
     @property
     def has_maps(self) -> bool:
-        """Whether the open evaluation has any map (none: no recorded layer ran)."""
+        """Whether the open evaluation has any map yet."""
         return bool(self._current)
 
-    def discard(self) -> None:
-        """Drop the open evaluation: one in which the U-Net never ran (a cache answered it), so it has no maps."""
-        self._sigmas.pop()
-        self._steps.pop()
+    def skip(self) -> None:
+        """Close the open evaluation as one in which the U-Net never ran (a cache answered it): it has no maps and is
+        left out of the trace, but keeps its place until then, so the evaluations after it get their steps right."""
+        self._skipped[-1] = True
         self._current, self._weights, self._layers = {}, {}, {}
-        self.discarded += 1
+
+    def skipped_steps(self) -> list[int]:
+        """The steps of the skipped evaluations, in order."""
+        return [s for s, skipped in zip(self._step_labels().tolist(), self._skipped) if skipped]
 
     def restart(self) -> None:
         """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
@@ -255,10 +259,11 @@ class TraceRecorder:
 
     def finish(self, **fields) -> BiasMapTrace:
         """Stack every evaluation and move the trace to the CPU."""
-        if not self._sigmas:
-            raise RuntimeError("the sampler made no model evaluation; nothing was recorded")
+        kept = torch.tensor([not skipped for skipped in self._skipped], dtype=torch.bool)
+        if not bool(kept.any()):
+            raise RuntimeError("no model evaluation of the run reached the U-Net; nothing was recorded")
         return BiasMapTrace(maps={s: torch.stack(v).cpu() for s, v in self._stage_maps.items()},
-                            sigmas=torch.stack(self._sigmas).cpu(), steps=self._step_labels(),
+                            sigmas=torch.stack(self._sigmas).cpu()[kept], steps=self._step_labels()[kept],
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
 
     def _step_labels(self) -> torch.Tensor:

@@ -20,10 +20,14 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   outputs as recipes, computed again in the backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
-- in a guided pass, other nodes' U-Net patches run with autograd keeping copies of what they save
-  (lean_backward.CopiedSaves), since some change in place the activations they computed with (FreeU V2);
-- an evaluation in which the U-Net never ran (a cache node such as EasyCache answered it) is dropped from the trace
-  and, like steps answered before they reach BiasMap (LazyCache), named in a note;
+- in a guided pass, the U-Net patches in the model's options run with autograd keeping copies of what they save
+  (lean_backward.CopiedSaves), since some change in place the activations they computed with (FreeU V2), and a
+  ``DIFFUSION_MODEL`` wrapper detaches the U-Net's output: the gradient comes from the captured queries, so the
+  layers after them keep nothing for the backward, and no node around the U-Net is handed their graph;
+- an evaluation in which the U-Net never ran (a cache node answered it: EasyCache inside BiasMap's wrapper, LazyCache
+  outside it, seen by a second ``PREDICT_NOISE`` wrapper placed outermost) is left out of the trace, keeping its place
+  for the step labels, and its step is named in a note; one whose U-Net passes all ran on parts of the latent
+  (context windows, tiles) is refused;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
   tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``,
@@ -50,6 +54,7 @@ from .unet import deinference_, input_block_levels, model_family, require_guidab
 __all__ = ["BiasMapSession"]
 
 _KEY = "biasmap"
+_OUTER_KEY = "biasmap-outermost"
 _COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and in cond_or_uncond
 _NAMES = {_COND: "positive", _UNCOND: "negative"}
 
@@ -80,6 +85,9 @@ class BiasMapSession:
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
         self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
+        self._evaluations = 0  # evaluations that reached _predict_noise
+        self._unet_ran = False  # a recorded attn2 layer ran in the open evaluation
+        self._guiding = False  # a guided U-Net pass is running
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
@@ -111,7 +119,12 @@ class BiasMapSession:
             m.set_model_input_block_patch_after_skip(self._separate_skip)
         m.add_wrapper_with_key(ext.WrappersMP.SAMPLER_SAMPLE, _KEY, self._sampler_sample)
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
+        # Also first of all (outermost; the clone has its own dict): an evaluation that another node's wrapper
+        # answers without calling further in (LazyCache) still takes its place in the steps' accounting.
+        m.wrappers[ext.WrappersMP.PREDICT_NOISE] = {_OUTER_KEY: [self._keep_place],
+                                                    **m.wrappers[ext.WrappersMP.PREDICT_NOISE]}
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
+        m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
         return m
 
     def _last_guided_input_block(self, model_patcher):
@@ -129,7 +142,8 @@ class BiasMapSession:
         return h
 
     def _truncate_skip(self, h, hsp, transformer_options):
-        return (h, hsp.detach()) if self._truncating else (h, hsp)
+        # h too: a ControlNet's middle residual, added after the input blocks, would make it differentiable again.
+        return (h.detach(), hsp.detach()) if self._truncating else (h, hsp)
 
     def _separate_skip(self, h, transformer_options):
         # ComfyUI adds a ControlNet's output residuals to the skip tensors in place (apply_control), after the next
@@ -146,6 +160,7 @@ class BiasMapSession:
                 out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                                     attn_precision=extra_options["attn_precision"],
                                                     transformer_options=extra_options)
+            self._unet_ran = True
             if self.capture.branch is not None:
                 self.capture.observe(q, extra_options)
             return out
@@ -169,19 +184,26 @@ class BiasMapSession:
 
         return executor(guider, sigmas, extra_args, reported, *args, **kwargs)
 
+    def _keep_place(self, executor, x, timestep, model_options, seed):
+        """Outermost: an evaluation that never reached :meth:`_predict_noise` (a cache answered) is opened and skipped,
+        so that the evaluations around it keep their steps (the sampler's reports count evaluations)."""
+        reached = self._evaluations
+        out = executor(x, timestep, model_options, seed)
+        if self._evaluations == reached:
+            self.recorder.begin(*_sigma_and_step(timestep, model_options))
+            self.recorder.skip()
+        return out
+
     def _predict_noise(self, executor, x, timestep, model_options, seed):
         import comfy.model_management
 
         comfy.model_management.throw_exception_if_processing_interrupted()
+        self._evaluations += 1
         if self.capture.latent_shape is None:
             self.capture.latent_shape = list(x.shape)
-        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
-        sigma = timestep.reshape(-1)[0]
-        # The step i whose interval (σ_i+1, σ_i] holds σ: the label where the sampler reports no steps (_sampler_sample).
-        step = ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2) if schedule is not None \
-            else torch.zeros((), dtype=torch.long)
-        self.recorder.begin(sigma, step)
+        self.recorder.begin(*_sigma_and_step(timestep, model_options))
         self._guided = None
+        self._unet_ran = False
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
         extra_pass = "sampler_calc_cond_batch_function" in model_options
         self._main_pass_pending = not extra_pass
@@ -191,8 +213,13 @@ class BiasMapSession:
             self._main_pass_pending = False
         if extra_pass:
             self._extra_pass(executor.class_obj, x, timestep, model_options)
-        if not self.recorder.has_maps:  # the U-Net never ran: a cache node answered (see finish)
-            self.recorder.discard()
+        if not self.recorder.has_maps:
+            if self._unet_ran:
+                raise ValueError("the U-Net ran only on parts of the latent in this evaluation (area conditioning "
+                                 "alone on the recorded branch, context windows over the image, tiled sampling), so "
+                                 "BiasMap has no whole-image maps of it: it needs one U-Net pass over the whole "
+                                 "latent per evaluation; remove the node that splits the latent")
+            self.recorder.skip()  # the U-Net never ran: another node answered (a cache); see finish
             return denoised
         if self._guided is None:
             self.recorder.end()
@@ -201,6 +228,13 @@ class BiasMapSession:
         denoised, norm, status = guidance_step(denoised, grad, timestep, self.settings.scale, self.settings.gate)
         self.recorder.end(energy=energy, grad_norm=norm, status=status)
         return denoised
+
+    def _diffusion_model(self, executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        # The gradient comes from the captured queries, never from the output: the layers after the last of them
+        # are cut off here, so their activations go now, not after the backward, and no node outside (EasyCache
+        # keeps output − input between steps) holds on to them.
+        return out.detach() if self._guiding else out
 
     def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
@@ -296,9 +330,10 @@ class BiasMapSession:
                 # A third less kept for the backward through the whole U-Net; a truncated one keeps little, and
                 # the recipes' Python would cost a launch-bound GPU more than they save there.
                 with LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext():
+                    self._guiding = True
                     out = run(x_leaf, timestep.detach().clone(),
                               _with_sdpa_attention(_with_patches_on_copies(model_options)))
-                if not self.recorder.has_maps:  # the U-Net never ran (a cache answered): nothing to guide by
+                if not self.recorder.has_maps:  # nothing to guide by (_predict_noise says why)
                     return [o.detach() for o in out]
                 energy = self._energy()
                 (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
@@ -306,7 +341,7 @@ class BiasMapSession:
             return [o.detach() for o in out]
         finally:
             self.capture.branch = None
-            self._truncating = self._controlled = False
+            self._truncating = self._controlled = self._guiding = False
 
     def _energy(self):
         maps = self.recorder.current(self.settings.guided_stages)
@@ -353,17 +388,25 @@ class BiasMapSession:
 
     def finish(self):
         """The run's :class:`BiasMapTrace`."""
-        steps, skipped = self.recorder.steps_without_evaluation, self.recorder.discarded
-        if steps or skipped:
-            where = f"at sampler step(s) {', '.join(map(str, steps))}" if steps else ""
-            count = f"{skipped} model evaluation(s)" if skipped else ""
-            self._note(f"the U-Net did not run for BiasMap {where}{' (' + count + ')' if where and count else count}: "
-                       f"another node answered without it (a cache such as EasyCache or LazyCache reusing an earlier "
-                       f"output), so those evaluations have no maps and were not guided; bypass that node for maps "
-                       f"and guidance at every step")
+        steps = sorted(set(self.recorder.skipped_steps()) | set(self.recorder.steps_without_evaluation))
+        if steps:
+            self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "
+                       f"{', '.join(map(str, steps))}: another node answered them without it (a cache such as "
+                       f"EasyCache or LazyCache reusing an earlier output), so they have no maps and were not guided; "
+                       f"bypass that node for maps and guidance at every step")
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+def _sigma_and_step(timestep, model_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ of an evaluation and the step i whose interval (σ_i+1, σ_i] holds it: the label where the sampler reports no
+    steps (see _sampler_sample). 0-d tensors, no host synchronisation."""
+    schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
+    sigma = timestep.reshape(-1)[0]
+    if schedule is None:
+        return sigma, torch.zeros((), dtype=torch.long)
+    return sigma, ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2)
 
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
@@ -414,7 +457,8 @@ def _with_sdpa_attention(model_options, everywhere=False):
 
 
 def _with_patches_on_copies(model_options):
-    """Model options whose U-Net patches (``transformer_options["patches"]``: FreeU's, HyperTile's, …) run inside
+    """Model options whose U-Net patches (the lists in ``transformer_options["patches"]``: FreeU's, HyperTile's, …;
+    not those ComfyUI adds during sampling, such as GLIGEN's or hooks') run inside
     :class:`CopiedSaves`, so that a patch changing in place the activations it computed with (FreeU V2) leaves
     autograd what it needs for the backward.
     """
@@ -422,7 +466,8 @@ def _with_patches_on_copies(model_options):
     patches = options.get("patches")
     if not patches:
         return model_options
-    wrapped = {name: [_keeping_copies(p) if callable(p) else p for p in fns] for name, fns in patches.items()}
+    wrapped = {name: [_keeping_copies(p) if callable(p) else p for p in fns] if isinstance(fns, list) else fns
+               for name, fns in patches.items()}
     return {**model_options, "transformer_options": {**options, "patches": wrapped}}
 
 

@@ -127,23 +127,41 @@ def test_recorder_restart_drops_a_failed_passs_maps_but_keeps_the_evaluation():
     assert trace.sigmas.tolist() == [3.0] and torch.equal(trace.maps["down_1"], torch.ones(1, 1, 2, 4, 4))
 
 
-def test_recorder_discards_evaluations_without_a_unet_pass_and_lists_steps_reported_without_any():
+@pytest.mark.parametrize("reports, steps, skipped", [
+    # evaluations with maps ("e") or skipped ("s": a cache answered), and the sampler's step reports, in order
+    (["e", 0, "s", 1, "e", 2, "e", 3], [0, 2, 3], [1]),  # Euler, step 1 answered by a cache
+    (["e", 0, "e", "s", 1, "e", "e", 2], [0, 0, 1, 2], [1]),  # Heun: step 1's first evaluation answered
+    (["e", 0, "s", "e", 1, "e", 2], [0, 1, 2], [0]),  # Heun: step 0's corrector answered
+])
+def test_skipped_evaluations_keep_their_place_for_the_step_labels_and_are_left_out_of_the_trace(reports, steps,
+                                                                                               skipped):
     rec = TraceRecorder()
-    for step, ran in enumerate([True, False, True, True]):  # step 1: a cache answered inside the evaluation
-        rec.begin(torch.tensor(4.0 - step), torch.tensor(step))
-        if ran:
-            rec.add("down_1", torch.full((1, 2, 4, 4), float(step)))
-        assert rec.has_maps == ran
-        if ran:
-            rec.end()
+    for item in reports:
+        if item in ("e", "s"):
+            rec.begin(torch.tensor(1.0), torch.tensor(9))  # σ's label, overridden by the reports
+            if item == "e":
+                rec.add("down_1", torch.full((1, 2, 4, 4), float(len(rec._sigmas))))
+                rec.end()
+            else:
+                assert not rec.has_maps
+                rec.skip()
         else:
-            rec.discard()
-        rec.step_started(step)
-    rec.step_started(4)  # step 4: answered before the evaluation reached the recorder
+            rec.step_started(item)
+    assert rec.skipped_steps() == skipped and rec.steps_without_evaluation == []
     trace = rec.finish(tokens=["a", "b"], latent_shape=[1, 4, 4, 4])
-    assert rec.discarded == 1 and rec.steps_without_evaluation == [1, 4]
-    assert trace.sigmas.tolist() == [4.0, 2.0, 1.0] and trace.steps.tolist() == [0, 2, 3]
-    assert trace.maps["down_1"][:, 0, 0, 0, 0].tolist() == [0.0, 2.0, 3.0]
+    assert trace.steps.tolist() == steps and trace.sigmas.numel() == len(steps)
+    recorded = [i + 1 for i, item in enumerate(x for x in reports if x in ("e", "s")) if item == "e"]
+    assert trace.maps["down_1"][:, 0, 0, 0, 0].tolist() == [float(i) for i in recorded]
+
+
+def test_a_step_reported_with_no_evaluation_at_all_is_listed():
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(2.0), torch.tensor(0))
+    rec.add("down_1", torch.ones(1, 2, 4, 4))
+    rec.end()
+    rec.step_started(0)
+    rec.step_started(1)  # answered before anything reached the recorder
+    assert rec.steps_without_evaluation == [1]
 
 
 def test_recorder_refuses_an_evaluation_without_maps():

@@ -206,6 +206,24 @@ def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_an
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
 
 
+def test_down_only_guidance_with_a_controlnet_records_nothing_after_the_last_guided_block(sd15, prompts):
+    # A ControlNet's middle residual is added after the input blocks; it must not make the output blocks differentiable.
+    model, clip = sd15
+    pos, neg = controlnet_conditioning(model, *prompts)
+    unet = model.model.diffusion_model
+    inputs = []
+    # On each output block's first layer: ComfyUI runs a block's layers one by one, not through the block's forward.
+    hooks = [block[0].register_forward_pre_hook(lambda _m, args: inputs.append(args[0].requires_grad))
+             for block in unet.output_blocks]
+    try:
+        _, trace = sample(model, clip, pos, neg, scale=100.0, steps=1, guided_stages=("down_1",))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert trace.guidance_counts()["applied"] == 1
+    assert inputs and not any(inputs)
+
+
 def hook_weights(model, scale, seed=2):
     """New weights for every attention projection, for Create Hook Model as LoRA."""
     import comfy.model_management

@@ -179,7 +179,7 @@ def test_steps_a_cache_node_answers_without_the_unet_are_named_in_a_note_not_rec
         unrecorded = sorted(set(range(10)) - set(trace.steps.tolist()))
         assert unrecorded, "the cache answered no step at this threshold: the test needs a lower one"
         (note,) = [n for n in trace.notes if "did not run" in n]
-        assert f"at sampler step(s) {', '.join(map(str, unrecorded))}" in note and cache[:-4] in note
+        assert f"of sampler step(s) {', '.join(map(str, unrecorded))}:" in note and cache[:-4] in note
         counts = trace.guidance_counts()
         assert counts["applied" if lam else "not_guided"] == trace.steps.numel() == sum(counts.values())
 
@@ -332,6 +332,70 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
     recipes.clear()
     _, truncated, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
     assert truncated.guidance_counts()["applied"] == 2 and recipes == []  # a truncated backward keeps little
+
+
+@pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode"])
+def test_with_a_cache_and_a_two_evaluation_sampler_each_recorded_evaluation_keeps_its_step(sd15, prompts, cache):
+    # Heun evaluates each step twice; a cache answering some of them must not shift the others' steps.
+    import comfy.patcher_extension as ext
+    from comfy_extras import nodes_easycache
+
+    model, clip = sd15
+    pos, neg = prompts
+    ran = []  # per model evaluation, in order: whether the U-Net ran
+
+    def evaluation(executor, *args, **kwargs):
+        ran.append(False)
+        return executor(*args, **kwargs)
+
+    def unet(executor, *args, **kwargs):
+        ran[-1] = True
+        return executor(*args, **kwargs)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-evaluations", evaluation)  # outside the cache
+    with torch.inference_mode():
+        cached = getattr(nodes_easycache, cache).execute(counted, 0.5, 0.0, 1.0, False)[0]
+    cached.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "test-unet", unet)  # inside it
+    _, trace, _ = sample(cached, clip, pos, neg, 100.0, steps=8, sampler="heun")
+    assert len(ran) == 15 and 1 < sum(ran) < 15  # step k's evaluations are the (2k)th and (2k+1)th
+    assert trace.steps.tolist() == [k // 2 for k, unet_ran in enumerate(ran) if unet_ran]
+
+
+def test_an_evaluation_whose_unet_passes_all_ran_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts):
+    import comfy.context_windows as windows
+    from comfy_extras import nodes_context_windows
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():  # windows of 16 of the latent's 32 columns
+        tiled = nodes_context_windows.ContextWindowsManualNode.execute(
+            model, 16, 4, windows.ContextSchedules.STATIC_STANDARD, 1, False, windows.ContextFuseMethods.PYRAMID, 3,
+            False)[0]
+    for lam in (0.0, 100.0):
+        with pytest.raises(ValueError, match="ran only on parts of the latent.*remove the node that splits"):
+            sample(tiled, clip, pos, neg, lam)
+
+
+def test_a_guided_passs_unet_output_carries_no_graph_out_of_the_unet(sd15, prompts):
+    # The gradient comes from the captured queries; a node around the U-Net (EasyCache keeps output − input between
+    # steps) must not be handed the graph of the layers after them.
+    import comfy.patcher_extension as ext
+
+    model, clip = sd15
+    pos, neg = prompts
+    seen = []
+
+    def around(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        seen.append((torch.is_grad_enabled(), out.grad_fn))
+        return out
+
+    outside = model.clone()
+    outside.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "test-around", around)
+    _, trace, _ = sample(outside, clip, pos, neg, 100.0)
+    assert trace.guidance_counts()["applied"] == 1
+    assert any(grad for grad, _ in seen) and all(node is None for _, node in seen)
 
 
 def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
