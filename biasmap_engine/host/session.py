@@ -124,7 +124,8 @@ class BiasMapSession:
         m.wrappers[ext.WrappersMP.PREDICT_NOISE] = {_OUTER_KEY: [self._keep_place],
                                                     **m.wrappers[ext.WrappersMP.PREDICT_NOISE]}
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
-        m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
+        if self.settings.guiding:
+            m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
         return m
 
     def _last_guided_input_block(self, model_patcher):
