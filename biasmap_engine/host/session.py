@@ -86,7 +86,7 @@ class BiasMapSession:
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
         self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
         self._evaluations = 0  # evaluations that reached _predict_noise
-        self._unet_ran = False  # a recorded attn2 layer ran in the open evaluation
+        self._unet_ran = False  # the U-Net ran in the open evaluation
         self._guiding = False  # a guided U-Net pass is running
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
@@ -124,8 +124,7 @@ class BiasMapSession:
         m.wrappers[ext.WrappersMP.PREDICT_NOISE] = {_OUTER_KEY: [self._keep_place],
                                                     **m.wrappers[ext.WrappersMP.PREDICT_NOISE]}
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
-        if self.settings.guiding:
-            m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
+        m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
         return m
 
     def _last_guided_input_block(self, model_patcher):
@@ -161,7 +160,6 @@ class BiasMapSession:
                 out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                                     attn_precision=extra_options["attn_precision"],
                                                     transformer_options=extra_options)
-            self._unet_ran = True
             if self.capture.branch is not None:
                 self.capture.observe(q, extra_options)
             return out
@@ -216,10 +214,11 @@ class BiasMapSession:
             self._extra_pass(executor.class_obj, x, timestep, model_options)
         if not self.recorder.has_maps:
             if self._unet_ran:
-                raise ValueError("the U-Net ran only on parts of the latent in this evaluation (area conditioning "
-                                 "alone on the recorded branch, context windows over the image, tiled sampling), so "
-                                 "BiasMap has no whole-image maps of it: it needs one U-Net pass over the whole "
-                                 "latent per evaluation; remove the node that splits the latent")
+                raise ValueError("the U-Net ran in this evaluation, but no pass of it over the whole latent reached "
+                                 "BiasMap's cross-attention hooks: a node ran it only on parts of the latent (context "
+                                 "windows over the image, tiled sampling) or took its cross-attention layers over; "
+                                 "BiasMap needs one U-Net pass over the whole latent per evaluation, so remove or "
+                                 "bypass that node")
             self.recorder.skip()  # the U-Net never ran: another node answered (a cache); see finish
             return denoised
         if self._guided is None:
@@ -231,6 +230,7 @@ class BiasMapSession:
         return denoised
 
     def _diffusion_model(self, executor, *args, **kwargs):
+        self._unet_ran = True  # inside any cache's wrapper: it only runs when the U-Net does
         out = executor(*args, **kwargs)
         # The gradient comes from the captured queries, never from the output: the layers after the last of them
         # are cut off here, so their activations go now, not after the backward, and no node outside (EasyCache

@@ -362,7 +362,7 @@ def test_with_a_cache_and_a_two_evaluation_sampler_each_recorded_evaluation_keep
     assert trace.steps.tolist() == [k // 2 for k, unet_ran in enumerate(ran) if unet_ran]
 
 
-def test_an_evaluation_whose_unet_passes_all_ran_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts):
+def test_an_evaluation_whose_unet_ran_only_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts):
     import comfy.context_windows as windows
     from comfy_extras import nodes_context_windows
 
@@ -373,7 +373,7 @@ def test_an_evaluation_whose_unet_passes_all_ran_on_parts_of_the_latent_is_refus
             model, 16, 4, windows.ContextSchedules.STATIC_STANDARD, 1, False, windows.ContextFuseMethods.PYRAMID, 3,
             False)[0]
     for lam in (0.0, 100.0):
-        with pytest.raises(ValueError, match="ran only on parts of the latent.*remove the node that splits"):
+        with pytest.raises(ValueError, match="only on parts of the latent.*remove or bypass that node"):
             sample(tiled, clip, pos, neg, lam)
 
 
