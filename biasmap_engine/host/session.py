@@ -26,8 +26,9 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   layers after them keep nothing for the backward, and no node around the U-Net is handed their graph;
 - an evaluation in which the U-Net never ran (a cache node answered it: EasyCache inside BiasMap's wrapper, LazyCache
   outside it, seen by a second ``PREDICT_NOISE`` wrapper placed outermost) is left out of the trace, keeping its place
-  for the step labels, and its step is named in a note; one whose U-Net passes all ran on parts of the latent
-  (context windows, tiles) is refused;
+  for the step labels, and its step is named in a note (a ``DIFFUSION_MODEL`` wrapper, inside any cache's, tells
+  whether the U-Net ran); one in which it ran but none of its passes over the whole latent reached the hooks
+  (context windows, tiles, another node taking the attention layers over) is refused;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
   tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``,
