@@ -24,11 +24,12 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   (lean_backward.CopiedSaves), since some change in place the activations they computed with (FreeU V2), and a
   ``DIFFUSION_MODEL`` wrapper detaches the U-Net's output: the gradient comes from the captured queries, so the
   layers after them keep nothing for the backward, and no node around the U-Net is handed their graph;
-- an evaluation in which the U-Net never ran (a cache node answered it: EasyCache inside BiasMap's wrapper, LazyCache
-  outside it, seen by a second ``PREDICT_NOISE`` wrapper placed outermost) is left out of the trace, keeping its place
-  for the step labels, and its step is named in a note (a ``DIFFUSION_MODEL`` wrapper, inside any cache's, tells
-  whether the U-Net ran); one in which it ran but none of its passes over the whole latent reached the hooks
-  (context windows, tiles, another node taking the attention layers over) is refused;
+- an evaluation in which the U-Net never ran for the maps (a cache node answered it: EasyCache inside BiasMap's
+  wrapper, LazyCache outside it, seen by a second ``PREDICT_NOISE`` wrapper placed first in the model's options) is
+  left out of the trace, keeping its place for the step labels, and its step is named in a note (the innermost
+  ``DIFFUSION_MODEL`` wrapper tells whether the U-Net ran); one in which it ran but none of its passes over the whole
+  latent reached the hooks (context windows, tiles, another node taking the attention layers over) is refused. In a
+  guided pass, an outermost ``DIFFUSION_MODEL`` wrapper gives the wrappers around the U-Net its input detached;
 - when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
   tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
 - attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``,
@@ -89,6 +90,7 @@ class BiasMapSession:
         self._evaluations = 0  # evaluations that reached _predict_noise
         self._unet_ran = False  # the U-Net ran in the open evaluation
         self._guiding = False  # a guided U-Net pass is running
+        self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
         self._last_guided_input = self._last_guided_input_block(model_patcher)
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
@@ -120,12 +122,13 @@ class BiasMapSession:
             m.set_model_input_block_patch_after_skip(self._separate_skip)
         m.add_wrapper_with_key(ext.WrappersMP.SAMPLER_SAMPLE, _KEY, self._sampler_sample)
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
-        # Also first of all (outermost; the clone has its own dict): an evaluation that another node's wrapper
-        # answers without calling further in (LazyCache) still takes its place in the steps' accounting.
-        m.wrappers[ext.WrappersMP.PREDICT_NOISE] = {_OUTER_KEY: [self._keep_place],
-                                                    **m.wrappers[ext.WrappersMP.PREDICT_NOISE]}
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
         m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
+        # Outermost of all too, around what other nodes wrap: evaluations that one of them answers without calling
+        # further in (LazyCache) keep their place in the steps' accounting, and in a guided pass the wrappers around
+        # the U-Net (EasyCache) see its input detached.
+        _add_outermost(m, ext.WrappersMP.PREDICT_NOISE, lambda *args, **kwargs: self._keep_place(*args, **kwargs))
+        _add_outermost(m, ext.WrappersMP.DIFFUSION_MODEL, lambda *args, **kwargs: self._detach_around(*args, **kwargs))
         return m
 
     def _last_guided_input_block(self, model_patcher):
@@ -230,9 +233,25 @@ class BiasMapSession:
         self.recorder.end(energy=energy, grad_norm=norm, status=status)
         return denoised
 
-    def _diffusion_model(self, executor, *args, **kwargs):
-        self._unet_ran = True  # inside any cache's wrapper: it only runs when the U-Net does
-        out = executor(*args, **kwargs)
+    def _detach_around(self, executor, x, *args, **kwargs):
+        """Outermost around the U-Net: in a guided pass, the wrappers in between get its input detached, so their own
+        arithmetic records nothing for autograd (EasyCache mixes it with what it kept from unguided steps, made in
+        inference mode, which autograd cannot save); :meth:`_diffusion_model` hands the U-Net the input back."""
+        if not (self._guiding and x.requires_grad):
+            return executor(x, *args, **kwargs)
+        self._unet_input = (x.detach(), x)
+        try:
+            return executor(self._unet_input[0], *args, **kwargs)
+        finally:
+            self._unet_input = None
+
+    def _diffusion_model(self, executor, x, *args, **kwargs):
+        """Innermost around the U-Net: it only runs when the U-Net does (not when a cache answers instead)."""
+        if self.capture.branch is not None:  # the maps' pass: not PAG's or SAG's, nor the other branch's alone
+            self._unet_ran = True
+        if self._unet_input is not None and x is self._unet_input[0]:
+            x = self._unet_input[1]
+        out = executor(x, *args, **kwargs)
         # The gradient comes from the captured queries, never from the output: the layers after the last of them
         # are cut off here, so their activations go now, not after the backward, and no node outside (EasyCache
         # keeps output − input between steps) holds on to them.
@@ -260,6 +279,7 @@ class BiasMapSession:
         import comfy.model_management
 
         self.recorder.restart()  # drops the failed pass's maps, and with them its graph, before the cache is emptied
+        self._unet_ran = False
         comfy.model_management.soft_empty_cache()
         self._branch_alone = True
         self._note("GPU memory ran short for one batched CFG pass with autograd: from that step on, the maps' branch "
@@ -399,6 +419,13 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+def _add_outermost(model_patcher, wrapper_type: str, wrapper) -> None:
+    """``wrapper`` first among its type in the model's options, whose wrappers ComfyUI puts before the model's own
+    when sampling starts. A plain function, not a bound method: cloning a model deep-copies its options."""
+    wrappers = model_patcher.model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
+    wrappers[wrapper_type] = {_OUTER_KEY: [wrapper], **wrappers.get(wrapper_type, {})}
 
 
 def _sigma_and_step(timestep, model_options) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7
         return out
 
     spied = model.clone()
-    spied.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-spy", spy)  # outermost: sees BiasMap's result
+    spied.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-spy", spy)  # outside BiasMap's main wrapper: sees its result
     lat = {"samples": torch.zeros(batch, 4, size, size)}
     with torch.inference_mode():
         session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
