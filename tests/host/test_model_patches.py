@@ -1,4 +1,5 @@
-"""Guidance under ComfyUI's own model-patching nodes (comfy_extras), as users chain them before the sampler."""
+"""Recording and guidance next to other nodes that patch or wrap the model, as users chain them before the sampler:
+ComfyUI's own model patches and guiders, caches that answer evaluations without the U-Net, context windows."""
 
 import pytest
 import torch
@@ -57,3 +58,151 @@ def test_guidance_applies_at_every_step_under_comfyuis_model_patch_nodes(sd15, p
     assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
     counts = trace.guidance_counts()
     assert counts["applied"] == trace.steps.numel() == sum(counts.values()) and set(trace.steps.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode"])
+def test_steps_a_cache_node_answers_without_the_unet_are_named_in_a_note_not_recorded(sd15, prompts, cache):
+    # EasyCache skips the U-Net inside BiasMap's evaluation; LazyCache answers the whole evaluation outside it.
+    import nodes
+    from comfy_extras import nodes_easycache
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        cached = getattr(nodes_easycache, cache).execute(model, 0.5, 0.0, 1.0, False)[0]
+        (stock,) = nodes.common_ksampler(cached, 0, 10, 7.0, "euler", "normal", pos, neg,
+                                         {"samples": torch.zeros(1, 4, 32, 32)})
+    for lam in (0.0, 100.0):
+        out, trace, _ = sample(cached, clip, pos, neg, lam, steps=10)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, stock["samples"]) == (lam == 0.0)  # recording leaves the cache's choices alone
+        unrecorded = sorted(set(range(10)) - set(trace.steps.tolist()))
+        assert unrecorded, "the cache answered no step at this threshold: the test needs a lower one"
+        (note,) = [n for n in trace.notes if "did not run" in n]
+        assert f"of sampler step(s) {', '.join(map(str, unrecorded))}:" in note and cache[:-4] in note
+        counts = trace.guidance_counts()
+        assert counts["applied" if lam else "not_guided"] == trace.steps.numel() == sum(counts.values())
+
+
+def _answering_every_third(model):
+    """``model`` with a PREDICT_NOISE wrapper in its options (where ComfyUI puts it before the model's own) that answers
+    every third evaluation with the previous output, as a cache registered there would."""
+    import comfy.patcher_extension as ext
+
+    previous = []
+
+    def cache(executor, *args, **kwargs):
+        if previous and len(previous) % 3 == 2:
+            previous.append(previous[-1])
+            return previous[-1]
+        previous.append(executor(*args, **kwargs))
+        return previous[-1]
+
+    answering = model.clone()
+    ext.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-cache", cache, answering.model_options,
+                             is_model_options=True)
+    return answering
+
+
+@pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode", "a wrapper in the model's options"])
+def test_with_a_cache_and_a_two_evaluation_sampler_each_recorded_evaluation_keeps_its_step(sd15, prompts, cache):
+    # Heun evaluates each step twice; a cache answering some of them must not shift the others' steps.
+    import comfy.patcher_extension as ext
+    from comfy_extras import nodes_easycache
+
+    model, clip = sd15
+    pos, neg = prompts
+    ran = []  # per model evaluation, in order: whether the U-Net ran
+
+    def evaluation(executor, *args, **kwargs):
+        ran.append(False)
+        return executor(*args, **kwargs)
+
+    def unet(executor, *args, **kwargs):
+        ran[-1] = True
+        return executor(*args, **kwargs)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-evaluations", evaluation)
+    if cache.endswith("Node"):
+        with torch.inference_mode():
+            cached = getattr(nodes_easycache, cache).execute(counted, 0.5, 0.0, 1.0, False)[0]
+    else:
+        cached = _answering_every_third(counted)
+        wrappers = cached.model_options["transformer_options"]["wrappers"]
+        wrappers[ext.WrappersMP.PREDICT_NOISE] = {"test-evaluations": [evaluation],  # outside the cache
+                                                  **wrappers[ext.WrappersMP.PREDICT_NOISE]}
+        cached.remove_wrappers_with_key(ext.WrappersMP.PREDICT_NOISE, "test-evaluations")
+    cached.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "test-unet", unet)  # inside it
+    _, trace, _ = sample(cached, clip, pos, neg, 100.0, steps=8, sampler="heun")
+    assert len(ran) == 15 and 1 < sum(ran) < 15  # step k's evaluations are the (2k)th and (2k+1)th
+    assert trace.steps.tolist() == [k // 2 for k, unet_ran in enumerate(ran) if unet_ran]
+
+
+@pytest.mark.parametrize("extra", ["PerturbedAttentionGuidance", "SelfAttentionGuidance"])
+def test_a_cache_skipping_the_maps_pass_while_another_nodes_extra_pass_runs_is_still_a_cache(sd15, prompts, extra):
+    from comfy_extras import nodes_easycache, nodes_pag, nodes_sag
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = {"PerturbedAttentionGuidance": (nodes_pag, (3.0,)), "SelfAttentionGuidance": (nodes_sag, (0.5, 2.0))}
+    module, settings = args[extra]
+    with torch.inference_mode():
+        guided = getattr(module, extra).execute(model, *settings)[0]
+        cached = nodes_easycache.EasyCacheNode.execute(guided, 0.5, 0.0, 1.0, False)[0]
+    skipped = []
+    for lam in (0.0, 100.0):
+        out, trace, _ = sample(cached, clip, pos, neg, lam, steps=10)
+        skipped.append(10 - trace.steps.numel())
+        assert torch.isfinite(out).all()
+        assert (skipped[-1] > 0) == any("did not run for BiasMap" in note for note in trace.notes)
+    assert any(skipped), "the cache answered no step at this threshold: the test needs a lower one"
+
+
+def test_a_cache_and_a_guidance_window_work_together(sd15, prompts):
+    # EasyCache keeps tensors made on the unguided (inference-mode) steps and mixes them with the guided pass's input.
+    from comfy_extras import nodes_easycache
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        cached = nodes_easycache.EasyCacheNode.execute(model, 0.5, 0.0, 1.0, False)[0]
+    out, trace, _ = sample(cached, clip, pos, neg, 100.0, steps=10, start=0.3)
+    counts = trace.guidance_counts()
+    assert torch.isfinite(out).all() and counts["not_guided"] > 0 and counts["applied"] > 0
+
+
+def test_an_evaluation_whose_unet_ran_only_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts):
+    import comfy.context_windows as windows
+    from comfy_extras import nodes_context_windows
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():  # windows of 16 of the latent's 32 columns
+        tiled = nodes_context_windows.ContextWindowsManualNode.execute(
+            model, 16, 4, windows.ContextSchedules.STATIC_STANDARD, 1, False, windows.ContextFuseMethods.PYRAMID, 3,
+            False)[0]
+    for lam in (0.0, 100.0):
+        with pytest.raises(ValueError, match="only on parts of the latent.*remove or bypass that node"):
+            sample(tiled, clip, pos, neg, lam)
+
+
+def test_a_guided_passs_unet_output_carries_no_graph_out_of_the_unet(sd15, prompts):
+    # The gradient comes from the captured queries; a node around the U-Net (EasyCache keeps output − input between
+    # steps) must not be handed the graph of the layers after them.
+    import comfy.patcher_extension as ext
+
+    model, clip = sd15
+    pos, neg = prompts
+    seen = []
+
+    def around(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        seen.append((torch.is_grad_enabled(), out.grad_fn))
+        return out
+
+    outside = model.clone()
+    outside.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "test-around", around)
+    _, trace, _ = sample(outside, clip, pos, neg, 100.0)
+    assert trace.guidance_counts()["applied"] == 1
+    assert any(grad for grad, _ in seen) and all(node is None for _, node in seen)
