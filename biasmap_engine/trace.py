@@ -226,7 +226,7 @@ class TraceRecorder:
         """Close the open evaluation as one in which the U-Net never ran (a cache answered it): it has no maps and is
         left out of the trace, but keeps its place until then, so the evaluations after it get their steps right."""
         self._skipped[-1] = True
-        self._current, self._weights, self._layers = {}, {}, {}
+        self.restart()
 
     def skipped_steps(self) -> list[int]:
         """The steps of the skipped evaluations, in order."""
