@@ -62,8 +62,8 @@ def main():
     with torch.inference_mode():
         pos, neg = sampling.comfy_models.paper_prompts(clip)
         latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
-        run = lambda version, settings, steps: sampling.seconds_per_step(engines[version], settings, model, clip, pos, neg,
-                                                                latent, steps)
+        run = lambda version, settings, steps: sampling.seconds_per_step(engines[version], settings, model, clip,
+                                                                         pos, neg, latent, steps)
         for version in engines:  # warm-up: model load, kernels, autotuning
             run(version, sampling.MODES["guided_all"][0], 1)
         for repeat in range(args.repeats):
