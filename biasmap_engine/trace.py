@@ -261,7 +261,9 @@ class TraceRecorder:
         """Stack every evaluation and move the trace to the CPU."""
         kept = torch.tensor([not skipped for skipped in self._skipped], dtype=torch.bool)
         if not bool(kept.any()):
-            raise RuntimeError("no model evaluation of the run reached the U-Net; nothing was recorded")
+            raise RuntimeError("no model evaluation of the run reached the U-Net, so nothing was recorded: sample at "
+                               "least one step, and bypass any node that answers every evaluation without the U-Net "
+                               "(a cache)")
         return BiasMapTrace(maps={s: torch.stack(v).cpu() for s, v in self._stage_maps.items()},
                             sigmas=torch.stack(self._sigmas).cpu()[kept], steps=self._step_labels()[kept],
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
