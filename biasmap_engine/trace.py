@@ -236,10 +236,18 @@ class TraceRecorder:
         """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
         self._current, self._weights, self._layers = {}, {}, {}
 
-    def current(self, stages=None) -> dict[str, torch.Tensor]:
-        """The open evaluation's per-stage maps (weighted mean over entries), still differentiable."""
-        return {s: _weighted_mean(m, self._weights[s], len(self._layers[s]))
-                for s, m in self._current.items() if stages is None or s in stages}
+    def current(self, stages=None, weighting=None) -> dict[str, torch.Tensor]:
+        """The open evaluation's per-stage maps (weighted mean over entries), still differentiable.
+
+        ``weighting`` (another recorder's :meth:`weighting`) divides by that recorder's weights instead: with it, the
+        maps of a part of an evaluation's entries are their share of the other recorder's maps.
+        """
+        weighting = weighting or self.weighting()
+        return {s: _weighted_mean(m, *weighting[s]) for s, m in self._current.items() if stages is None or s in stages}
+
+    def weighting(self) -> dict[str, tuple]:
+        """Per stage of the open evaluation: the total weight of its (layer, entry) maps and its number of layers."""
+        return {s: (self._weights[s], len(self._layers[s])) for s in self._current}
 
     def end(self, energy=None, grad_norm=None, status=None) -> None:
         """Close the evaluation, storing detached maps and the guidance accounting for it."""

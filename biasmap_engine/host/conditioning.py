@@ -1,5 +1,5 @@
 """What BiasMap needs to know about ComfyUI's conditioning entries: which run on the whole latent, which carry
-a ControlNet, under how many hook groups they run. Entries are the dicts of a processed CONDITIONING list, as
+a ControlNet, under which hook groups they run. Entries are the dicts of a processed CONDITIONING list, as
 calc_cond_batch receives them.
 """
 
@@ -47,10 +47,16 @@ def control_models(conds):
     return seen
 
 
-def hook_groups(conds) -> int:
-    """How many hook groups (Create Hook LoRA and the like; no hooks is a group too) ``conds``' entries run under.
+def hook_groups(conds) -> list[list]:
+    """``conds`` split by hook group (Create Hook LoRA and the like; no hooks is a group too), in ComfyUI's order.
 
     ComfyUI's calc_cond_batch runs each group in turn, patching that group's weights into the model in place, so a
-    backward after the call goes through the weights of the group that ran last.
+    backward after the call goes through the weights of the group that ran last. Each part keeps ``conds``' layout
+    (one list per CFG branch, None where ``conds`` has None), with only that group's entries.
     """
-    return len({entry.get("hooks") for entries in conds for entry in entries or []})
+    parts: dict = {}  # keyed as ComfyUI keys them (hooked_to_run)
+    for branch, entries in enumerate(conds):
+        for entry in entries or []:
+            part = parts.setdefault(entry.get("hooks"), [None if other is None else [] for other in conds])
+            part[branch].append(entry)
+    return list(parts.values())

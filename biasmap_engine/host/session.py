@@ -16,7 +16,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   A batched pass that runs out of GPU memory (ComfyUI sizes batches for inference, autograd keeps every activation
   until the backward) is run again that way, and so are the run's later steps, with a note; so is a pass whose
   entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in
-  place. In every guided pass whose backward goes through the whole U-Net autograd keeps SiLU, gelu and group norm
+  place; if the maps' branch itself holds several hook groups, each group runs once more with autograd for its share
+  of the gradient (_run_hook_groups). In every guided pass whose backward goes through the whole U-Net autograd keeps SiLU, gelu and group norm
   outputs as recipes, computed again in the backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
@@ -266,10 +267,10 @@ class BiasMapSession:
         guide = self._guide_now(model, timestep)
         # The maps' branch alone when the other branch's hook group would leave its weights in the model (hook_groups).
         if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)
-                      or hook_groups(conds) > 1):
+                      or len(hook_groups(conds)) > 1):
             return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
         try:
-            return self._run_branch(model, lambda x, t, options: executor(model, conds, x, t, options),
+            return self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
                                     x_in, timestep, model_options, branch, guide, conds)
         except RuntimeError as err:
             if not (guide and _out_of_memory(err)):
@@ -301,7 +302,7 @@ class BiasMapSession:
         with _out_of_memory_explained(), SmallGridConvolution() if cpu else contextlib.nullcontext():
             out = (executor(model, others, x_in, timestep, other_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
-            guided = self._run_branch(model, lambda x, t, options: executor(model, only, x, t, options),
+            guided = self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
                                       x_in, timestep, model_options, branch, True, only)
         out[branch] = guided[branch]
         return out
@@ -318,34 +319,91 @@ class BiasMapSession:
         self.capture.set_entries(conds, x, timestep)
         branch = self._branch(conds, x, timestep)
         model = guider.inner_model
-        def extra(x_, t, options):
-            return comfy.samplers.calc_cond_batch(model, [conds[branch]], x_, t, options)
+        def extra(c, x_, t, options):
+            return comfy.samplers.calc_cond_batch(model, c, x_, t, options)
 
         with _out_of_memory_explained():  # this pass runs the maps' branch alone already
             self._run_branch(model, extra, x, timestep, model_options, _COND, self._guide_now(model, timestep),
                              [conds[branch]])
 
     def _run_branch(self, model, run, x, timestep, model_options, branch, guide, conds):
-        """``run(x, σ, options)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through that pass.
-
-        The guided pass runs with autograd on and, where autograd records attention, PyTorch's SDPA. ``conds`` are
-        the entries it runs: their ControlNets run on the latent too, so the gradient goes through them as well.
+        """``run(conds, x, σ, options)`` with the maps of ``branch`` captured; with ``guide``, also ∇_x E through
+        that pass. ``conds`` are the entries it runs: their ControlNets run on the latent too, so the gradient goes
+        through them as well.
         """
         self.capture.branch = branch
         try:
             if not guide:
-                return run(x, timestep, model_options)
-            if hook_groups(conds) > 1:
-                self._note("the maps' CFG branch holds entries with different hooks (Create Hook LoRA and the like): "
-                           "ComfyUI patches each hook group's weights in turn, so the guidance gradient goes through "
-                           "the weights of the group it ran last; give that branch's entries the same hooks for an "
-                           "exact gradient")
-            controls = control_models(conds)
-            for module in (model.diffusion_model, *controls):
-                if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
-                    self._weight_slots[module] = weight_slots(module)
-                deinference_(module, self._weight_slots[module])
-            self._controlled = bool(controls)
+                return run(conds, x, timestep, model_options)
+            groups = hook_groups(conds)
+            if len(groups) > 1:
+                return self._run_hook_groups(model, run, x, timestep, model_options, conds, groups)
+            out, self._guided = self._with_autograd(model, run, conds, x, timestep, model_options,
+                                                    self._energy_gradient)
+            return out
+        finally:
+            self.capture.branch = None
+
+    def _energy_gradient(self, x_leaf):
+        """(∇_x E, E) from the open evaluation's maps, or None when it has none (_predict_noise says why)."""
+        if not self.recorder.has_maps:
+            return None
+        energy = self._energy(self.recorder.current(self.settings.guided_stages))
+        (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
+        return grad, energy.detach()
+
+    def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):
+        """The guided evaluation of a maps' branch whose entries carry different hooks, with the exact gradient.
+
+        ComfyUI patches each hook group's weights into the model in place, one group after the other, so a backward
+        after one pass would go through the last group's weights for every group's maps (measured: the gradient then
+        points away from lower entanglement). The maps are linear in each group's entries, M = Σ_g M_g, so: one pass
+        without autograd gives M, E and ∂E/∂M; then each group runs again with autograd, and its backward
+        ∂E/∂M · ∂M_g/∂x runs while its weights are in the model. One more U-Net pass of the maps' branch per group.
+        """
+        self._note("the maps' CFG branch holds entries with different hooks (Create Hook LoRA and the like): ComfyUI "
+                   "patches each hook group's weights in turn, so for an exact gradient BiasMap ran each group's "
+                   "entries once more with autograd (one more U-Net pass per group and step)")
+        out = run(conds, x, timestep, model_options)
+        if not self.recorder.has_maps:
+            return out
+        with torch.inference_mode(False), torch.enable_grad():
+            maps = {s: m.clone().requires_grad_(True)
+                    for s, m in self.recorder.current(self.settings.guided_stages).items()}
+            energy = self._energy(maps)
+            slopes = dict(zip(maps, torch.autograd.grad(energy.sum(), list(maps.values()))))
+        weighting = self.recorder.weighting()
+
+        def group_gradient(x_leaf):
+            shares = self.capture.recorder.current(self.settings.guided_stages, weighting)
+            if not shares:  # none of the group's entries ran over the whole latent at this step
+                return torch.zeros_like(x_leaf)
+            slope = sum((slopes[s] * m).sum() for s, m in shares.items())
+            return torch.autograd.grad(slope, x_leaf)[0]
+
+        grad, recorder = torch.zeros_like(x), self.capture.recorder
+        try:
+            for group in groups:
+                self.capture.recorder = TraceRecorder()  # this group's shares of the maps, not traced
+                grad += self._with_autograd(model, run, group, x, timestep, model_options, group_gradient)[1]
+        finally:
+            self.capture.recorder = recorder
+        self._guided = (grad, energy.detach())
+        return out
+
+    def _with_autograd(self, model, run, conds, x, timestep, model_options, gradient):
+        """``run`` as a guided pass: autograd on, the latent a leaf; returns its outputs, detached, and
+        ``gradient(leaf)``, taken before anything of the pass is freed.
+
+        Where autograd records attention the pass runs PyTorch's SDPA; ``conds``' ControlNets join the gradient.
+        """
+        controls = control_models(conds)
+        for module in (model.diffusion_model, *controls):
+            if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
+                self._weight_slots[module] = weight_slots(module)
+            deinference_(module, self._weight_slots[module])
+        self._controlled = bool(controls)
+        try:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
@@ -353,20 +411,13 @@ class BiasMapSession:
                 # the recipes' Python would cost a launch-bound GPU more than they save there.
                 with LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext():
                     self._guiding = True
-                    out = run(x_leaf, timestep.detach().clone(),
+                    out = run(conds, x_leaf, timestep.detach().clone(),
                               _with_sdpa_attention(_with_patches_on_copies(model_options)))
-                if not self.recorder.has_maps:  # nothing to guide by (_predict_noise says why)
-                    return [o.detach() for o in out]
-                energy = self._energy()
-                (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
-            self._guided = (grad, energy.detach())
-            return [o.detach() for o in out]
+                return [o.detach() for o in out], gradient(x_leaf)
         finally:
-            self.capture.branch = None
             self._truncating = self._controlled = self._guiding = False
 
-    def _energy(self):
-        maps = self.recorder.current(self.settings.guided_stages)
+    def _energy(self, maps):
         if not maps:
             raise ValueError(f"none of the guided stages {', '.join(self.settings.guided_stages or ['all'])} has "
                              f"cross-attention in this {self.family} model; it records "

@@ -116,6 +116,24 @@ def test_recorder_weighs_masked_entries_per_pixel():
     assert torch.allclose(rec.current()["down_1"], torch.where(left.bool(), first, second))
 
 
+def test_shares_of_an_evaluations_entries_weighted_like_the_whole_add_up_to_its_maps():
+    # Guidance through several hook groups: each group's entries run again alone; their maps, weighted by the whole
+    # evaluation's weights, are that group's share of its maps.
+    gen = torch.Generator().manual_seed(5)
+    maps = torch.rand(3, 1, 3, 4, 4, generator=gen)
+    weights = (1.0, 3.0, torch.rand(1, 1, 4, 4, generator=gen))
+    whole = TraceRecorder()
+    whole.begin(torch.tensor(1.0), torch.tensor(0))
+    parts = [TraceRecorder() for _ in maps]
+    for recorder, entries in ((whole, range(3)), *((part, [i]) for i, part in enumerate(parts))):
+        for layer in ("input 1", "input 2"):
+            for i in entries:
+                recorder.add("down_1", weights[i] * maps[i], layer, weights[i])
+    shares = [part.current(weighting=whole.weighting())["down_1"] for part in parts]
+    assert torch.allclose(sum(shares), whole.current()["down_1"])
+    assert not torch.allclose(shares[0], parts[0].current()["down_1"])
+
+
 def test_recorder_restart_drops_a_failed_passs_maps_but_keeps_the_evaluation():
     rec = TraceRecorder()
     rec.begin(torch.tensor(3.0), torch.tensor(0))

@@ -10,6 +10,7 @@ import torch
 
 from biasmap_engine import BiasMapSettings
 from biasmap_engine.host import sample_with_scheduler, start_session
+from guided_runs import sample as guided_sample
 
 ATTRIBUTION = "A photo of the face of a doctor and gender"
 
@@ -255,19 +256,38 @@ def test_hooked_conditioning_is_guided_through_its_own_weights_when_the_other_br
     assert not trace.notes
 
 
-def test_guiding_a_branch_whose_entries_have_different_hooks_says_the_gradient_uses_the_last_groups_weights(
-        sd15, prompts):
+def test_the_gradient_for_a_branch_whose_entries_have_different_hooks_matches_finite_differences(sd15, prompts):
+    # ComfyUI patches each hook group's weights in place in turn: one backward after the pass went through the last
+    # group's weights for both groups' maps (4.6 % off with these weights; with larger ones it pointed the other way).
     import comfy.hooks
 
     model, clip = sd15
     pos, neg = prompts
     with torch.inference_mode():
         hooked = comfy.hooks.set_hooks_for_conditioning(
-            pos, comfy.hooks.create_hook_model_as_lora(hook_weights(model, 0.01), None, 1.0, 0.0))
-    _, trace = sample(model, clip, combine(hooked, encode(clip, "a photo of a doctor")), neg, scale=100.0, steps=1,
-                      branch="cond")
+            pos, comfy.hooks.create_hook_model_as_lora(hook_weights(model, 0.02), None, 1.0, 0.0))
+    two_groups = combine(hooked, encode(clip, "a photo of a doctor"))
+    lam = 100.0
+    _, _, (x, sigma, plain) = guided_sample(model, clip, two_groups, neg, 0.0, branch="cond")
+    _, trace, (_, _, guided) = guided_sample(model, clip, two_groups, neg, lam, branch="cond")
     assert trace.guidance_counts()["applied"] == 1
-    assert any("goes through the weights of the group it ran last" in note for note in trace.notes)
+    assert any("each group's entries once more with autograd" in note for note in trace.notes)
+    grad_x = (plain - guided) / (lam * sigma.view(-1, 1, 1, 1) ** 2)
+    h = 0.05 * x.std().item()
+    scale = model.model.latent_format.scale_factor  # the sampler starts from noise + latent · scale
+
+    def energy(offset):
+        with torch.inference_mode():
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"],
+                                    BiasMapSettings(scale=lam, branch="cond"))
+            _, run = sample_with_scheduler(session, model, 0, 1, 7.0, "euler", "normal", two_groups, neg,
+                                           {"samples": offset / scale})
+        return run.guidance["energy"][0].sum()
+
+    assert energy(torch.zeros_like(x)).item() == pytest.approx(trace.guidance["energy"][0].sum().item(), rel=1e-6)
+    step = h * grad_x / grad_x.norm()
+    finite_difference = (energy(step) - energy(-step)) / (2 * h)
+    assert finite_difference.item() == pytest.approx(grad_x.norm().item(), rel=1e-3)
 
 
 def test_hooked_conditioning_is_recorded_with_its_weights_and_can_be_guided(sd15, prompts):
