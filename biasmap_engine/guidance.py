@@ -56,6 +56,8 @@ def entanglement_energy(token_maps: torch.Tensor, pairs: list[tuple[list[int], l
     """
     if not pairs:
         raise ValueError("no (demographic, semantic) concept pair to guide; give at least one word of each")
+    if token_maps.dtype != torch.float64:  # the energy in fp32 at least, whatever the maps' dtype
+        token_maps = token_maps.float()
     concepts = sorted({tuple(p) for pair in pairs for p in pair})
     # Every concept's soft mask in one call: one set of Sinkhorn launches instead of one per concept.
     soft = soft_topk(torch.stack([concept_map(token_maps, list(c)) for c in concepts], dim=1), keep, gamma, mode, iters)

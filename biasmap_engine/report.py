@@ -15,15 +15,16 @@ class EntanglementResult:
 
     def __init__(self, trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None, steps=None):
         self.word_a, self.word_b, self.q = word_a, word_b, q
+        size = tuple(size) if size is not None else trace.image_size  # the reference thresholds at image size
         self.masks = trace.masks(word_a, word_b, q, steps=steps, size=size)  # [B, H, W] each, for pictures
         self.ious = iou(*self.masks)
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = torch.stack(list(self.block_ious.values())).mean(dim=0)
         self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
-        self.report = self._report(trace, size)
+        self.report = self._report(trace)
 
-    def _report(self, trace, size) -> str:
-        h, w = size or trace.image_size
+    def _report(self, trace) -> str:
+        h, w = self.masks[0].shape[-2:]
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
                  f"mIoU {self.ious.mean():.4f} · mBIoU {self.mbiou.mean():.4f} over {len(self.ious)} image(s)"]
@@ -40,11 +41,22 @@ class EntanglementResult:
                          + ", ".join(f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v))
         elif counts:
             lines.append(f"no guidance applied (λ = {trace.settings.get('scale', 0)}): recording only")
+        unreadable = [i for i, finite in enumerate(_finite_maps(trace).tolist()) if not finite]
+        if unreadable:
+            lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values (the model's "
+                         f"output overflowed, e.g. in fp16), so their IoU means nothing; sample them again in fp32 or "
+                         f"bf16")
         lines += [f"note: {n}" for n in trace.notes]
         return "\n".join(lines)
 
 
 def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None,
                          steps=None) -> EntanglementResult:
-    """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace."""
+    """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace, with masks at ``size``
+    (default: the image's, as the reference)."""
     return EntanglementResult(trace, word_a, word_b, q, size, steps)
+
+
+def _finite_maps(trace: BiasMapTrace) -> torch.Tensor:
+    """Per image, whether every recorded map value is finite."""
+    return torch.stack([torch.isfinite(m).transpose(0, 1).flatten(1).all(dim=1) for m in trace.maps.values()]).all(0)

@@ -49,9 +49,7 @@ def _sinkhorn_rows(maps: torch.Tensor, keep: float, gamma: float, iters: int) ->
     """The reference's log-domain Sinkhorn, applied to every row of every map (its ``view(rows, -1)`` quirk)."""
     x = maps.reshape(-1, maps.shape[-1])  # one problem per row
     n = x.shape[-1]
-    k = int(n * keep)
-    if k < 1:
-        raise ValueError(f"keep={keep} keeps no pixel of a map row {n} wide; raise keep")
+    k = _kept(n, keep, f"a map row {n} wide")
     if iters < 1:
         raise ValueError(f"paper mode needs at least one Sinkhorn iteration, got iters={iters}; set iters to 1 or "
                          f"more (the reference uses 20)")
@@ -121,9 +119,7 @@ def _exact_global(maps: torch.Tensor, keep: float, gamma: float) -> torch.Tensor
     """Converged global soft top-k: S = σ((2x − 1)/γ + c) with Σ S = k, on maps divided by their max."""
     flat = maps.flatten(-2)
     n = flat.shape[-1]
-    k = int(n * keep)
-    if k < 1:
-        raise ValueError(f"keep={keep} keeps no pixel of a {maps.shape[-2]}×{maps.shape[-1]} map; raise keep")
+    k = _kept(n, keep, f"a {maps.shape[-2]}×{maps.shape[-1]} map")
     x = flat / flat.amax(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
     logits = (2.0 * x - 1.0) / gamma
     return _SigmoidWithSum.apply(logits, float(k)).view(maps.shape)
@@ -172,3 +168,12 @@ def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
         step = (s.sum(-1, keepdim=True) - k) / (s * (1 - s)).sum(-1, keepdim=True).clamp_min(1e-300)
         shift = (shift - step).clamp(lo, hi)
     return shift
+
+
+def _kept(n: int, keep: float, what: str) -> int:
+    """k = ⌊keep·n⌋, robust to keep's rounding (0.29 · 1600 is 463.99… in floating point)."""
+    k = math.floor(n * keep + 1e-6)
+    if k < 1:
+        raise ValueError(f"keep={keep:g} (q = {1 - keep:g}) keeps no pixel of {what}: lower q to at most "
+                         f"{math.floor((1 - 1 / n) * 100) / 100:g} (raise keep to at least {1 / n:.3g})")
+    return k

@@ -68,17 +68,21 @@ class BiasMapTrace:
         return find_word_positions(self.tokens, word)
 
     def token_maps(self, stages=None, steps=None, size=None, tokens=None) -> torch.Tensor:
-        """``[B, N, H, W]``: maps summed over the chosen evaluations and stages, upsampled to ``size``.
+        """``[B, N, H, W]``: maps summed over the chosen evaluations and stages, at ``size`` (default: the largest
+        attention grid of the trace).
 
-        ``tokens`` (positions) restricts N to those tokens before anything is upsampled.
+        As OVAM aggregates: every stage upsampled bilinearly to the largest attention grid and summed; that sum is
+        upsampled once more to ``size`` (two bilinear steps are not one). ``tokens`` (positions) restricts N to those
+        tokens before anything is upsampled.
         """
         chosen = self._evaluations(steps)
         stages = self._check_stages(stages)
         per_stage = [self.maps[s][chosen].sum(dim=0) for s in stages]
         if tokens is not None:
             per_stage = [m[:, tokens] for m in per_stage]
-        largest = max((m.shape[-2:] for m in per_stage), key=lambda hw: hw[0] * hw[1])
-        return sum_upsampled(per_stage, size or tuple(largest))
+        largest = tuple(max((m.shape[-2:] for m in self.maps.values()), key=lambda hw: hw[0] * hw[1]))
+        total = sum_upsampled(per_stage, largest)
+        return total if size is None or tuple(size) == largest else sum_upsampled([total], tuple(size))
 
     def concept_map(self, word: str, stages=None, steps=None, size=None) -> torch.Tensor:
         """``[B, H, W]`` attribution map of a word (mean over its pieces)."""

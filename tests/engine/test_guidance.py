@@ -52,6 +52,13 @@ def test_energy_is_the_mean_soft_iou_over_concept_pairs():
     assert torch.allclose(energy, want, atol=1e-6)
 
 
+def test_energy_of_half_precision_maps_is_computed_in_float32():
+    maps = torch.rand(2, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 10
+    energy = entanglement_energy(maps.half(), [([1], [3])])
+    assert energy.dtype == torch.float32
+    assert torch.allclose(energy, entanglement_energy(maps.half().float(), [([1], [3])]))
+
+
 def test_descending_the_energy_gradient_lowers_the_energy():
     maps = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_(True)
     energy = entanglement_energy(maps, [([1], [2])], gamma=0.1, mode="exact")

@@ -85,9 +85,15 @@ def test_paper_mode_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda m: soft_topk(m, 0.5, 0.3, mode="paper"), (maps,), eps=1e-6, atol=1e-6)
 
 
-def test_paper_mode_refuses_rows_too_narrow_to_keep_a_pixel():
-    with pytest.raises(ValueError, match="keeps no pixel"):
+def test_paper_mode_refuses_rows_too_narrow_to_keep_a_pixel_and_says_how_far_to_lower_q():
+    with pytest.raises(ValueError, match=r"keeps no pixel of a map row 3 wide: lower q to at most 0\.66"):
         soft_topk(torch.rand(1, 4, 3), keep=0.3, mode="paper")
+
+
+def test_k_is_the_floor_of_keep_times_n_despite_floating_point_rounding():
+    maps = torch.rand(1, 40, 40, generator=torch.Generator().manual_seed(5)) * 30
+    assert 0.29 * 1600 < 464  # the float product falls just short of the integer
+    assert soft_topk(maps, 0.29, mode="exact").sum().item() == pytest.approx(464.0, rel=1e-4)
 
 
 def test_paper_mode_solves_rows_separately_not_the_whole_map():

@@ -41,6 +41,17 @@ def test_concept_map_sums_steps_and_upsamples_stages():
     assert torch.allclose(got, sum_upsampled([d1, d2], (8, 12)))
 
 
+def test_maps_reach_the_requested_size_through_the_largest_attention_grid_as_ovam_aggregates():
+    trace = recorded_trace()
+    at_grid = trace.token_maps()
+    assert at_grid.shape[-2:] == (8, 12)
+    assert torch.allclose(trace.token_maps(size=(64, 96)), sum_upsampled([at_grid], (64, 96)))
+    # A stage alone too: down_2 (4×6) goes to the 8×12 grid first, then to the image.
+    down_2 = trace.token_maps(stages=["down_2"], size=(64, 96))
+    assert torch.allclose(down_2, sum_upsampled([sum_upsampled([trace.maps["down_2"].sum(0)], (8, 12))], (64, 96)))
+    assert not torch.allclose(down_2, sum_upsampled([trace.maps["down_2"].sum(0)], (64, 96)))
+
+
 def test_iou_and_block_ious_follow_the_hard_mask_definition():
     trace = recorded_trace()
     maps = trace.token_maps(size=(64, 96))
@@ -187,6 +198,26 @@ def test_recorder_refuses_an_evaluation_without_maps():
     rec.begin(torch.tensor(1.0), torch.tensor(0))
     with pytest.raises(RuntimeError, match="DiT"):
         rec.end()
+
+
+def test_entanglement_is_measured_at_image_size_unless_told_otherwise_and_the_report_says_where():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    result = measure_entanglement(trace, "gender", "doctor")
+    assert result.masks[0].shape == (2, 64, 96)
+    assert torch.equal(result.ious, trace.iou("gender", "doctor", size=(64, 96)))
+    assert "masks at 64×96" in result.report.splitlines()[0]
+
+
+def test_entanglement_report_names_images_whose_maps_are_not_finite():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    trace.maps["down_2"][1, 1, 0, 0, 0] = float("nan")
+    report = measure_entanglement(trace, "gender", "doctor").report
+    assert "image(s) 1: their maps hold NaN or inf values" in report
+    assert "image(s) 0" not in measure_entanglement(recorded_trace(), "gender", "doctor").report
 
 
 def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guidance_counts():
