@@ -39,8 +39,10 @@ class EntanglementResult:
             total = sum(counts.values())
             lines.append("guidance over (evaluation, image) pairs: "
                          + ", ".join(f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v))
+        elif counts and trace.settings.get("scale", 0):
+            lines.append(f"no evaluation was guided although λ = {trace.settings['scale']:g} (see the notes)")
         elif counts:
-            lines.append(f"no guidance applied (λ = {trace.settings.get('scale', 0)}): recording only")
+            lines.append("no guidance applied (λ = 0): recording only")
         unreadable = [i for i, finite in enumerate(_finite_maps(trace).tolist()) if not finite]
         if unreadable:
             lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values (the model's "

@@ -23,7 +23,7 @@ class BiasMapSettings:
     iters: int = 20  # Sinkhorn iterations of ``paper`` mode
     gate: str = "skip"  # the reference skips a step with ‖∇_z E‖ ≥ 1; ``clip`` rescales to norm 1
     guided_stages: tuple[str, ...] | None = None  # None = every recorded stage
-    start: float = 0.0  # σ window as fractions of the schedule, as ComfyUI's percent inputs
+    start: float = 0.0  # σ window as points of the model's noise range, as ComfyUI's start/end_percent
     end: float = 1.0
 
     def __post_init__(self):
@@ -33,8 +33,9 @@ class BiasMapSettings:
                   (0.0 < self.keep < 1.0, f"keep must be in (0, 1), got {self.keep}"),
                   (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
                   (self.scale >= 0, f"the guidance scale λ must be ≥ 0, got {self.scale}"),
-                  (0.0 <= self.start <= self.end <= 1.0,
-                   f"the guidance window needs 0 ≤ start ≤ end ≤ 1, got start={self.start}, end={self.end}"),
+                  (0.0 <= self.start < self.end <= 1.0,
+                   f"the guidance window needs 0 ≤ start < end ≤ 1 (start = end guides nothing), got "
+                   f"start={self.start}, end={self.end}"),
                   (self.include_middle or not any(s.startswith("mid_") for s in self.guided_stages or ()),
                    "the middle block's stages are recorded, and so can be guided, only with include_middle on: "
                    "turn it on or leave them out of guided_stages")]

@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
-from .common import ADVANCED, CATEGORY, Trace, step_inputs, step_window
+from .common import ADVANCED, CATEGORY, Trace, check_images, step_inputs, step_window
 
 
 class BiasMapAttributionMap(io.ComfyNode):
@@ -43,6 +43,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     @classmethod
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
                 image=None) -> io.NodeOutput:
+        check_images(image, trace)
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),
                                  size)

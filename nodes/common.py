@@ -52,9 +52,12 @@ def guidance_inputs() -> list:
                         tooltip="Stages whose maps form the energy: 'all', or e.g. 'down_1, up_1' (where the paper "
                                 "finds bias concentrates) or 'down_1' (cheapest backward)."),
         io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
-                       tooltip="Guide from this fraction of the schedule (0 = first step)."),
+                       tooltip="Guide from this point of the model's noise range, like ComfyUI's start_percent "
+                               "(0 = pure noise, 1 = clean): not a fraction of the steps run, so with denoise < 1 "
+                               "or split sigmas the run starts partway in. The trace says if no step was guided."),
         io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
-                       tooltip="Guide until this fraction of the schedule (1 = last step)."),
+                       tooltip="Guide until this point of the model's noise range, like ComfyUI's end_percent "
+                               "(1 = clean). Must be above start."),
     ]
 
 
@@ -78,25 +81,50 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     words = prompt_text_words(attribution_prompt)
     ideograph_words = prompt_text_words(attribution_prompt, split_ideographs=True)
     shown = ", ".join(sorted({w for w in words if any(ch.isalnum() for ch in w)}))
+    if not shown:
+        return (f"the attribution prompt {attribution_prompt!r} has no words: type the text whose words get maps, "
+                f"e.g. '{DEFAULT_ATTRIBUTION}'")
+    splits = ((words, False), (ideograph_words, True))
+    lists = {}
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:
             continue
-        concepts = split_concepts(value)
+        concepts = lists[label] = split_concepts(value)
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
                     f"({shown})")
-        missing = [c for c in concepts if not (_in_order(clip_words(c), words)
-                                               or _in_order(clip_words(c, split_ideographs=True), ideograph_words))]
+        missing = [c for c in concepts if not any(_covered(c, split) for split in splits)]
         if missing:
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these.")
+    return _check_distinct(lists, splits)
+
+
+def _covered(concept: str, split) -> set[int]:
+    """Indices of the prompt's ``words`` that the occurrences of ``concept`` (consecutive words: a multi-word concept
+    is looked up as a phrase) cover, the concept split as the prompt was (``split_ideographs`` or not)."""
+    words, split_ideographs = split
+    part = clip_words(concept, split_ideographs=split_ideographs)
+    n = len(part)
+    return {i + j for i in range(len(words) - n + 1) if n and words[i:i + n] == part for j in range(n)}
+
+
+def _check_distinct(lists: dict, splits) -> bool | str:
+    """No concept listed twice, and no demographic and semantic concept on the same words of the prompt (the run
+    checks the tokens again)."""
+    for label, concepts in lists.items():
+        words = [tuple(clip_words(c)) for c in concepts]
+        twice = next((c for i, c in enumerate(concepts) if words[i] in words[:i]), None)
+        if twice is not None:
+            return f"the {label} concept '{twice}' is listed twice: list each concept once"
+    for a in lists.get("demographic", []):
+        for b in lists.get("semantic", []):
+            if any(_covered(a, split) & _covered(b, split) for split in splits):
+                return (f"the demographic concept '{a}' and the semantic concept '{b}' share words of the attribution "
+                        f"prompt, and a concept's overlap with itself is 1 whatever the image: give them words that "
+                        f"do not overlap")
     return True
-
-
-def _in_order(part: list[str], words: list[str]) -> bool:
-    """Whether ``part`` occurs in ``words`` as consecutive words (a multi-word concept is looked up as a phrase)."""
-    return bool(part) and any(words[i:i + len(part)] == part for i in range(len(words) - len(part) + 1))
 
 
 def check_guidance(guided_stages=None, include_middle=None, start=None, end=None) -> bool | str:
@@ -127,3 +155,11 @@ def step_window(trace, first_step: int, last_step: int):
     if first_step <= 0 and last_step >= trace.num_steps - 1:
         return None
     return first_step, min(last_step, trace.num_steps - 1)
+
+
+def check_images(image, trace) -> None:
+    """An IMAGE input to draw on: one picture, or one per latent of the trace."""
+    if image is not None and image.shape[0] not in (1, trace.num_images):
+        raise ValueError(f"the image input holds {image.shape[0]} pictures but the trace comes from "
+                         f"{trace.num_images} latent(s): connect the images decoded from the trace's latents (one "
+                         f"per latent), or a single picture")

@@ -3,7 +3,7 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import CATEGORY, Trace, step_inputs, step_window
+from .common import CATEGORY, Trace, check_images, step_inputs, step_window
 
 
 class BiasMapEntanglementIoU(io.ComfyNode):
@@ -40,6 +40,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
 
     @classmethod
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
+        check_images(image, trace)
         word_a = concept_a.strip() or _first(trace.demographic, "demographic")
         word_b = concept_b.strip() or _first(trace.semantic, "semantic")
         size = trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])

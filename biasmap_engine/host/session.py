@@ -96,8 +96,10 @@ class BiasMapSession:
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
-        self.pairs = [(find_word_positions(tokens, a), find_word_positions(tokens, b))
-                      for a in demographic for b in semantic]
+        positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
+        _require_distinct(demographic, semantic, positions)
+        self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
+        self._window_hits = 0  # evaluations inside the guidance window
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept")
 
@@ -422,6 +424,11 @@ class BiasMapSession:
             raise ValueError(f"none of the guided stages {', '.join(self.settings.guided_stages or ['all'])} has "
                              f"cross-attention in this {self.family} model; it records "
                              f"{', '.join(self.recorder.current()) or 'nothing'}")
+        absent = [s for s in self.settings.guided_stages or () if s not in maps]
+        if absent:
+            self._note(f"guided stage(s) {', '.join(absent)} had no cross-attention maps in this {self.family} model "
+                       f"(at least at some steps): the energy came from {', '.join(maps)} there; this model records "
+                       f"{', '.join(self.recorder.current())}")
         s = self.settings
         return entanglement_energy(sum_upsampled(list(maps.values())), self.pairs, s.keep, s.gamma, s.mode, s.iters)
 
@@ -452,15 +459,23 @@ class BiasMapSession:
     def _guide_now(self, model, timestep) -> bool:
         if not self.settings.guiding:
             return False
-        if self.settings.start <= 0.0 and self.settings.end >= 1.0:
-            return True  # the default full window needs no host read of σ
-        sampling = model.model_sampling
-        high = sampling.percent_to_sigma(self.settings.start)
-        low = sampling.percent_to_sigma(self.settings.end)
-        return low <= float(timestep.reshape(-1)[0]) <= high
+        # The default full window needs no host read of σ.
+        if not (self.settings.start <= 0.0 and self.settings.end >= 1.0):
+            sampling = model.model_sampling
+            high = sampling.percent_to_sigma(self.settings.start)
+            low = sampling.percent_to_sigma(self.settings.end)
+            if not low <= float(timestep.reshape(-1)[0]) <= high:
+                return False
+        self._window_hits += 1
+        return True
 
     def finish(self):
         """The run's :class:`BiasMapTrace`."""
+        if self.settings.guiding and not self._window_hits:
+            self._note(f"no evaluation of this run fell in the guidance window (start {self.settings.start:g}, end "
+                       f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "
+                       f"and end_percent, not of this run's steps; with denoise < 1 or split sigmas a run covers "
+                       f"only part of it), so nothing was guided: widen the window")
         steps = sorted(set(self.recorder.skipped_steps()) | set(self.recorder.steps_without_evaluation))
         if steps:
             self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "
@@ -470,6 +485,23 @@ class BiasMapSession:
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes)
+
+
+def _require_distinct(demographic, semantic, positions) -> None:
+    """Refuse concepts listed twice, and a demographic and a semantic concept sharing tokens: a concept's overlap
+    with itself is 1 whatever the image, and a concept listed twice counts twice in the energy's mean."""
+    for label, concepts in (("demographic", demographic), ("semantic", semantic)):
+        for i, a in enumerate(concepts):
+            for b in concepts[i + 1:]:
+                if positions[a] == positions[b]:
+                    raise ValueError(f"the {label} concepts list '{a}' and '{b}', the same tokens of the attribution "
+                                     f"prompt: list each concept once")
+    for a in demographic:
+        for b in semantic:
+            if set(positions[a]) & set(positions[b]):
+                raise ValueError(f"the demographic concept '{a}' and the semantic concept '{b}' share tokens of the "
+                                 f"attribution prompt, and a concept's overlap with itself is 1 whatever the image: "
+                                 f"give them words that do not overlap")
 
 
 def _add_outermost(model_patcher, wrapper_type: str, wrapper) -> None:

@@ -160,6 +160,41 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
     assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
 
 
+def test_a_guidance_window_that_no_evaluation_of_the_run_reaches_is_reported_not_silent(sd15, prompts):
+    from biasmap_engine import measure_entanglement
+
+    model, clip = sd15
+    pos, neg = prompts
+    plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2)
+    out, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, start=0.98, end=0.99)  # both σ above the window
+    assert torch.equal(out, plain)
+    assert trace.guidance_counts()["not_guided"] == 2
+    assert any("no evaluation of this run fell in the guidance window (start 0.98, end 0.99" in n for n in trace.notes)
+    assert "no evaluation was guided although λ = 100" in measure_entanglement(trace, "gender", "doctor").report
+    _, windowed, _ = sample(model, clip, pos, neg, 100.0, steps=2, end=0.5)  # the first step only
+    assert windowed.guidance_counts()["not_guided"] == 1 and not windowed.notes
+
+
+def test_guided_stages_this_model_does_not_have_are_named_when_others_are_guided(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, guided_stages=("down_1", "down_8"))
+    assert trace.guidance_counts()["not_guided"] == 0
+    assert any(n.startswith("guided stage(s) down_8 had no cross-attention maps in this SD15 model") and
+               "the energy came from down_1 there" in n for n in trace.notes)
+
+
+@pytest.mark.parametrize("demographic, semantic, message", [
+    (["gender"], ["gender"], "share tokens of the attribution prompt"),
+    (["gender"], ["doctor and gender"], "share tokens of the attribution prompt"),
+    (["gender", "Gender"], ["doctor"], "list each concept once"),
+])
+def test_concepts_that_overlap_or_repeat_are_refused_before_sampling(sd15, demographic, semantic, message):
+    model, clip = sd15
+    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        start_session(model, clip, ATTRIBUTION, demographic, semantic, BiasMapSettings())
+
+
 def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(sd15, prompts):
     model, clip = sd15
     pos, neg = prompts

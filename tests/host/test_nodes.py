@@ -38,10 +38,21 @@ def test_the_map_nodes_draw_over_an_rgba_image_as_over_its_rgb(nodes_and_trace):
         assert torch.equal(over_rgba, over_rgb)
 
 
+def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one_per_latent(nodes_and_trace):
+    _, attribution_map, entanglement, trace = nodes_and_trace  # a trace of 2 latents
+    for node in (attribution_map, entanglement):
+        with torch.inference_mode(), pytest.raises(ValueError, match="holds 3 pictures but the trace comes from 2"):
+            node.execute(**defaults(node) | {"trace": trace}, image=torch.rand(3, 64, 64, 3))
+
+
 @pytest.mark.parametrize("inputs, message", [
     ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4"),
     ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on"),
     ({"guided_stages": "down_9"}, "unknown stage 'down_9'"),
+    ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
+    ({"semantic": "gender"}, "share words of the attribution prompt"),
+    ({"semantic": "doctor, Doctor"}, "'Doctor' is listed twice"),
+    ({"attribution_prompt": "   "}, "has no words"),
 ])
 def test_validation_refuses_guidance_settings_that_cannot_run_and_says_why(nodes_and_trace, inputs, message):
     sampler = nodes_and_trace[0]

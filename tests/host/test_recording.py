@@ -280,6 +280,7 @@ def test_words_are_found_as_clip_splits_them_and_validation_accepts_exactly_thos
     assert check_concepts(weighted, "gender", "doctor") is True and check_concepts(weighted, "gender", "(hat") is True
     assert all(check_concepts(weighted, "gender", word) is not True for word in ("1", "style", "embedding"))
     assert check_concepts(prompt, "face, a woman's", "a fire-fighter") is True  # phrases, in order
+    assert "share words" in check_concepts(prompt, "a woman's", "woman's face")  # the same occurrence of woman's
     assert check_concepts(prompt, "face woman", "face") is not True
     with pytest.raises(ConceptNotFoundError):
         find_word_positions(tokens, "firefighter")
