@@ -304,3 +304,35 @@ def test_hooked_conditioning_is_recorded_with_its_weights_and_can_be_guided(sd15
     out, guided = sample(model, clip, hooked, neg, scale=100.0, branch="cond")
     assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
 
+
+def test_an_inpainting_model_is_recorded_and_guided_through_its_latent_channels(comfy):
+    # SD1.5 inpainting: the U-Net reads the latent concatenated with the mask and the masked image
+    # (InpaintModelConditioning); the gradient is taken with respect to the latent's channels only.
+    import comfy_models
+    import nodes
+
+    class PoolingVAE:  # stands in for a VAE: an image to a 4-channel latent 8× smaller
+        def encode(self, pixels):
+            return torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8).repeat(1, 2, 1, 1)[:, :4]
+
+        def spacial_compression_encode(self):
+            return 8
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, in_channels=9)
+        pos, neg = comfy_models.paper_prompts(clip)
+        mask = torch.zeros(1, 256, 256)
+        mask[:, 64:192, 64:192] = 1.0
+        pos, neg, latent = nodes.InpaintModelConditioning().encode(
+            pos, neg, torch.rand(1, 256, 256, 3, generator=torch.Generator().manual_seed(0)), PoolingVAE(), mask, True)
+        stock = nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+        runs = {}
+        for scale in (0.0, 100.0):
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=scale))
+            runs[scale] = sample_with_scheduler(session, model, 0, 2, 7.0, "euler", "normal", pos, neg, latent)
+    (recorded, _), (guided, trace) = runs[0.0], runs[100.0]
+    assert torch.equal(recorded["samples"], stock)
+    assert trace.guidance_counts()["applied"] == 2 and not trace.notes
+    assert torch.isfinite(guided["samples"]).all() and not torch.equal(guided["samples"], stock)
+    keep = mask[:, ::8, ::8].unsqueeze(1) == 0  # the noise mask keeps the latent outside the inpainted square
+    assert torch.equal(guided["samples"].masked_select(keep), stock.masked_select(keep))

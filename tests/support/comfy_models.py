@@ -149,16 +149,18 @@ def _clip(clip_target, te_configs, seed, dtype, device):
     return clip
 
 
-def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+              in_channels: int = 4):
     """SD1.5-shaped (EPS, 8 heads, 768-d context) tiny UNet and a 2-layer CLIP-L with the SD1 tokenizer.
 
     Cross-attention sits at latent scales x1 (input 1, output 2-3), x1/2 (input 3, output 0-1) and in the
-    middle block. ``device`` overrides ComfyUI's load device for both models (default: its own choice).
+    middle block. ``device`` overrides ComfyUI's load device for both models (default: its own choice);
+    ``in_channels=9`` makes an inpainting model (latent, mask and masked image), as ComfyUI detects one.
     Returns ``(ModelPatcher, comfy.sd.CLIP)``.
     """
     boot_comfy()
     import comfy.supported_models
-    config = comfy.supported_models.SD15({**_UNET_COMMON, **_TINY_SD15_UNET})
+    config = comfy.supported_models.SD15({**_UNET_COMMON, **_TINY_SD15_UNET, "in_channels": in_channels})
     clip = _clip(config.clip_target(), {"clip_l_model_config": _TINY_TE}, seed, dtype, device)
     return _model_patcher(config, seed, dtype, device), clip
 
