@@ -172,7 +172,7 @@ def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
 
 def _kept(n: int, keep: float, what: str) -> int:
     """k = ⌊keep·n⌋, robust to keep's rounding (0.29 · 1600 is 463.99… in floating point)."""
-    k = math.floor(n * keep + 1e-6)
+    k = min(math.floor(n * keep + 1e-6), n - 1)
     if k < 1:
         raise ValueError(f"keep={keep:g} (q = {1 - keep:g}) keeps no pixel of {what}: lower q to at most "
                          f"{math.floor((1 - 1 / n) * 100) / 100:g} (raise keep to at least {1 / n:.3g})")

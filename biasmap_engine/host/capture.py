@@ -70,6 +70,10 @@ class BranchCapture:
             maps = weighted if maps is None else maps + weighted
         self.recorder.add(stage, maps, layer, sum(weights[1:], weights[0]))
 
+    def forget_keys(self) -> None:
+        """Make the attribution keys again at their next use: the model's weights changed (a hook group's)."""
+        self._keys.clear()
+
     def _layer_constants(self, layer, q, grid, heads):
         """A layer's attribution keys K′ = to_k(X′), prepared by :func:`prepare_keys`, and its stage: made once.
 

@@ -17,12 +17,8 @@ def covers_image(entries, x, timestep) -> bool:
     if not entries:
         return False
     height, width = x.shape[-2:]
-    sigma = timestep.reshape(-1)[0]
     for entry in entries:  # a "default" entry (hook keyframes) runs on the whole latent wherever no other one does
-        # Compared as ComfyUI compares them: the σ tensor (its dtype) against the entry's number.
-        if "timestep_start" in entry and bool(sigma > entry["timestep_start"]):
-            continue
-        if "timestep_end" in entry and bool(sigma < entry["timestep_end"]):
+        if not _in_range(entry, timestep):
             continue
         area = entry.get("area")  # (sizes…, offsets…) in latent pixels, resolved by ComfyUI before sampling
         if area is None:
@@ -47,8 +43,9 @@ def control_models(conds):
     return seen
 
 
-def hook_groups(conds) -> list[list]:
-    """``conds`` split by hook group (Create Hook LoRA and the like; no hooks is a group too), in ComfyUI's order.
+def hook_groups(conds, timestep) -> list[list]:
+    """``conds`` split by hook group (Create Hook LoRA and the like; no hooks is a group too), in ComfyUI's order,
+    leaving out the entries that do not run at this step (outside their timestep range).
 
     ComfyUI's calc_cond_batch runs each group in turn, patching that group's weights into the model in place, so a
     backward after the call goes through the weights of the group that ran last. Each part keeps ``conds``' layout
@@ -57,6 +54,19 @@ def hook_groups(conds) -> list[list]:
     parts: dict = {}  # keyed as ComfyUI keys them (hooked_to_run)
     for branch, entries in enumerate(conds):
         for entry in entries or []:
-            part = parts.setdefault(entry.get("hooks"), [None if other is None else [] for other in conds])
-            part[branch].append(entry)
+            if _in_range(entry, timestep):
+                part = parts.setdefault(entry.get("hooks"), [None if other is None else [] for other in conds])
+                part[branch].append(entry)
     return list(parts.values())
+
+
+def _in_range(entry, timestep) -> bool:
+    """Whether an entry runs at this step as far as its timestep range goes (ComfyUI's ``get_area_and_mult``).
+
+    Compared as ComfyUI compares them: the σ tensor (its dtype) against the entry's number; only entries with a
+    range read σ on the host.
+    """
+    sigma = timestep.reshape(-1)[0]
+    if "timestep_start" in entry and bool(sigma > entry["timestep_start"]):
+        return False
+    return not ("timestep_end" in entry and bool(sigma < entry["timestep_end"]))

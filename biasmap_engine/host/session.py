@@ -127,6 +127,9 @@ class BiasMapSession:
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
         m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, _KEY, self._diffusion_model)
+        # A hook group's weights (Create Hook LoRA) may change the layers' to_k: keys made under another group's are
+        # stale. ComfyUI calls this after patching a group's weights in, before the U-Net runs under them.
+        m.add_callback_with_key(ext.CallbacksMP.ON_APPLY_HOOKS, _KEY, lambda *_: self.capture.forget_keys())
         # Outermost of all too, around what other nodes wrap: evaluations that one of them answers without calling
         # further in (LazyCache) keep their place in the steps' accounting, and in a guided pass the wrappers around
         # the U-Net (EasyCache) see its input detached.
@@ -269,7 +272,7 @@ class BiasMapSession:
         guide = self._guide_now(model, timestep)
         # The maps' branch alone when the other branch's hook group would leave its weights in the model (hook_groups).
         if guide and (self._branch_alone or (x_in.device.type == "cpu" and self._last_guided_input is None)
-                      or len(hook_groups(conds)) > 1):
+                      or len(hook_groups(conds, timestep)) > 1):
             return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
         try:
             return self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
@@ -337,7 +340,7 @@ class BiasMapSession:
         try:
             if not guide:
                 return run(conds, x, timestep, model_options)
-            groups = hook_groups(conds)
+            groups = hook_groups(conds, timestep)
             if len(groups) > 1:
                 return self._run_hook_groups(model, run, x, timestep, model_options, conds, groups)
             out, self._guided = self._with_autograd(model, run, conds, x, timestep, model_options,

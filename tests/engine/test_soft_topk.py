@@ -90,6 +90,12 @@ def test_paper_mode_refuses_rows_too_narrow_to_keep_a_pixel_and_says_how_far_to_
         soft_topk(torch.rand(1, 4, 3), keep=0.3, mode="paper")
 
 
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_keep_just_below_one_keeps_all_but_one_pixel(mode):
+    s = soft_topk(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(6)), 1 - 1e-9, mode=mode)
+    assert torch.isfinite(s).all()
+
+
 def test_k_is_the_floor_of_keep_times_n_despite_floating_point_rounding():
     maps = torch.rand(1, 40, 40, generator=torch.Generator().manual_seed(5)) * 30
     assert 0.29 * 1600 < 464  # the float product falls just short of the integer

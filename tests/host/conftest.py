@@ -49,6 +49,17 @@ def kernel_slack():
     return 100.0 if torch.cuda.is_available() else 1.0
 
 
+@pytest.fixture
+def full_fp32():
+    """TF32 off on CUDA (cuDNN enables it by default): finite differences need plain fp32 convolutions."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def pack(comfy):
     """The pack imported the way ComfyUI's loader imports a custom-node folder."""

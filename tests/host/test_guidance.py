@@ -83,15 +83,6 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages
     assert trace.guidance_counts()["applied"] == 1
 
 
-@pytest.fixture
-def full_fp32():
-    """TF32 off on CUDA (cuDNN enables it by default): finite differences need plain fp32 convolutions."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("patch", [None, "FreeU_V2"])
 def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts, full_fp32, patch):
     # FreeU V2 writes h[:, :c/2] · s(h) back into h, after autograd saved h[:, :c/2] for the product's backward.
@@ -403,7 +394,8 @@ def running_out_of_gpu_memory(model, batched_only=True, backend="CUDA"):
 
 
 @pytest.mark.parametrize("backend", OUT_OF_MEMORY)
-def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts, backend):
+def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts, backend,
+                                                                                            kernel_slack):
     model, clip = sd15
     pos, neg = prompts
     # Guiding down×1 runs one batched CFG pass with autograd on every device, as a GPU does for every stage choice.
@@ -413,7 +405,7 @@ def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and
     assert any("GPU memory ran short" in note for note in trace.notes)
     assert trace.guidance_counts()["applied"] == 2
     for stage, maps in expected.maps.items():  # the failed pass's maps are not counted
-        torch.testing.assert_close(trace.maps[stage], maps, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trace.maps[stage], maps, rtol=1e-4 * kernel_slack, atol=1e-6 * kernel_slack)
     assert torch.allclose(retried, usual, rtol=1e-3, atol=1e-4 * usual.abs().max().item())
 
 
