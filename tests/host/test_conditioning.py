@@ -47,7 +47,7 @@ def assert_same_maps(trace, expected, evaluations=slice(None), slack=1.0):
                                    atol=1e-6 * slack)
 
 
-def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_between_steps(comfy):
+def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_between_steps(comfy, kernel_slack):
     import comfy_models
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
@@ -59,7 +59,7 @@ def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_betwe
     pos, neg = encode(clip, "A photo of the face of a doctor"), encode(clip, "blurry")
     _, alone = sample(shrunk, clip, pos, neg, steps=4)
     _, doubled = sample(shrunk, clip, pos, combine(neg, neg), steps=4)
-    assert_same_maps(doubled, alone)
+    assert_same_maps(doubled, alone, slack=kernel_slack)
 
 
 @pytest.mark.parametrize("memory", ["ample", "short"])

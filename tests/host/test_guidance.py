@@ -328,8 +328,12 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
     assert set(recipes) == {"SiluBackward0", "GeluBackward0", "NativeGroupNormBackward0"}
     (lean, lean_trace, _), (plain, plain_trace, _) = runs["lean"], runs["plain"]
     assert lean_trace.guidance_counts()["applied"] == 2
-    assert torch.equal(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"])
-    assert torch.equal(lean, plain)
+    # The recipes recompute what autograd would have kept: the same numbers on the CPU; a GPU's kernels for the
+    # recomputation may round differently (an H200 differed in the sixth digit).
+    rounding = 1e-5 if torch.cuda.is_available() else 0.0
+    torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
+                               atol=0.0)
+    torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
     monkeypatch.setattr(session_module, "LeanBackward", Counted)
     recipes.clear()
     _, truncated, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
@@ -406,7 +410,9 @@ def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and
     assert trace.guidance_counts()["applied"] == 2
     for stage, maps in expected.maps.items():  # the failed pass's maps are not counted
         torch.testing.assert_close(trace.maps[stage], maps, rtol=1e-4 * kernel_slack, atol=1e-6 * kernel_slack)
-    assert torch.allclose(retried, usual, rtol=1e-3, atol=1e-4 * usual.abs().max().item())
+    # Two guided steps at λ = 100 amplify the batch layouts' rounding: about 1e-4 of the range with TF32 on a GPU.
+    loose = 10.0 if torch.cuda.is_available() else 1.0
+    assert torch.allclose(retried, usual, rtol=1e-3 * loose, atol=1e-4 * loose * usual.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", OUT_OF_MEMORY)

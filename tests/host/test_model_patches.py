@@ -149,7 +149,8 @@ def test_a_cache_skipping_the_maps_pass_while_another_nodes_extra_pass_runs_is_s
     module, settings = args[extra]
     with torch.inference_mode():
         guided = getattr(module, extra).execute(model, *settings)[0]
-        cached = nodes_easycache.EasyCacheNode.execute(guided, 0.5, 0.0, 1.0, False)[0]
+        # A high reuse threshold: at 0.5 EasyCache answered no step of the SAG run on an H200 (TF32 numbers).
+        cached = nodes_easycache.EasyCacheNode.execute(guided, 2.0, 0.0, 1.0, False)[0]
     skipped = []
     for lam in (0.0, 100.0):
         out, trace, _ = sample(cached, clip, pos, neg, lam, steps=10)
