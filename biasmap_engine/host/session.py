@@ -17,8 +17,8 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
   until the backward) is run again that way, and so are the run's later steps, with a note; so is a pass whose
   entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in
   place; if the maps' branch itself holds several hook groups, each group runs once more with autograd for its share
-  of the gradient (_run_hook_groups). In every guided pass whose backward goes through the whole U-Net autograd keeps SiLU, gelu and group norm
-  outputs as recipes, computed again in the backward (lean_backward.py);
+  of the gradient (_run_hook_groups). In every guided pass whose backward goes through the whole U-Net autograd
+  keeps SiLU, gelu and group norm outputs as recipes, computed again in the backward (lean_backward.py);
 - when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
   last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
 - in a guided pass, the U-Net patches in the model's options run with autograd keeping copies of what they save

@@ -329,7 +329,7 @@ def test_a_hook_group_whose_entries_are_outside_their_timestep_range_costs_no_ex
     batches = []
     counted = model.clone()
     counted.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "count",
-                                 lambda executor, x, *args, **kw: batches.append(x.shape[0]) or executor(x, *args, **kw))
+                                 lambda run, x, *args, **kw: batches.append(x.shape[0]) or run(x, *args, **kw))
     _, trace, _ = guided_sample(counted, clip, combine(late, encode(clip, "a photo of a doctor")), neg, 100.0,
                                 branch="cond", guided_stages=("down_1",))
     assert batches == [2]  # one batched CFG pass, as without the hooked entry
