@@ -14,7 +14,6 @@ Two modes:
 import math
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["soft_topk", "soft_iou"]
 
@@ -61,12 +60,14 @@ class _RowSinkhorn(torch.autograd.Function):
 
     With two anchors every dual pair (f, g) after the first update is fixed by d = g₁ − g₀, the loop is
 
-        d₁ = logit(k/n) + LSE(s₀) − LSE(s₁),   d ← d + logit(k/n) − LSE(log σ(a + d)) + LSE(log σ(−a − d)),
+        d₁ = logit(k/n) + LSE(s₀) − LSE(s₁),   d ← d + logit(k/n) − log Σ σ(a + d) + log Σ σ(−a − d),
 
     with s_j = −(x − j)²/γ and a = s₁ − s₀ = (2x − 1)/γ, and the output n·Γ[:, 1] is σ(a + d). This is the same
     function as the reference's 20 iterations (same numbers to rounding), but its backward is a handful of batched
     kernels over the saved d's instead of autograd through every iteration: a GPU at SD sizes is launch-bound, and
-    nothing per iteration is kept for the backward but one number per row.
+    nothing per iteration is kept for the backward but one number per row. The sums of sigmoids need no log-sum-exp:
+    each term is in (0, 1) and the sums are of the order of k and n − k (a floor keeps the logarithm finite), so an
+    iteration launches eight kernels where the log-sum-exps took about twice as many.
     """
 
     @staticmethod
@@ -77,11 +78,12 @@ class _RowSinkhorn(torch.autograd.Function):
         d = logit + torch.logsumexp(-(x ** 2) / gamma, -1, keepdim=True) \
             - torch.logsumexp(-((x - 1.0) ** 2) / gamma, -1, keepdim=True)
         ds = [d]
+        both, signs = torch.stack([a, -a]), torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(2, 1, 1)
+        tiny = torch.finfo(x.dtype).tiny
         for _ in range(iters - 1):
-            z = a + d
-            log_s = F.logsigmoid(z)
-            lse = torch.logsumexp(torch.stack([log_s, log_s - z]), -1, keepdim=True)  # of log σ(z) and log σ(−z)
-            d = d + (logit - lse[0] + lse[1])
+            # log Σ σ(z) and log Σ σ(−z), z = a + d, in one batch of both signs.
+            log_mass = torch.sigmoid(torch.addcmul(both, d, signs)).sum(-1, keepdim=True).clamp_min_(tiny).log_()
+            d = d + logit - log_mass[0] + log_mass[1]
             ds.append(d)
         ctx.gamma = gamma
         ctx.save_for_backward(x, torch.stack(ds))
@@ -99,10 +101,10 @@ class _RowSinkhorn(torch.autograd.Function):
         grad_d = grad_z.sum(-1, keepdim=True)  # adjoint of the last d
         if ds.shape[0] > 1:
             # Step t maps d_t to d_t+1 with ∂d_t+1/∂z = −w and ∂d_t+1/∂d_t = 1 − Σw, where z = a + d_t and
-            # w = softmax(log σ(z))·σ(−z) + softmax(log σ(−z))·σ(z); all steps at once.
+            # w = σ(z)σ(−z)·(1/Σσ(z) + 1/Σσ(−z)); all steps at once.
             z = a + ds[:-1]
-            log_s = F.logsigmoid(z)
-            w = torch.softmax(log_s, -1) * torch.sigmoid(-z) + torch.softmax(log_s - z, -1) * torch.sigmoid(z)
+            s_pos, s_neg = torch.sigmoid(z), torch.sigmoid(-z)
+            w = s_pos * s_neg * (1 / s_pos.sum(-1, keepdim=True) + 1 / s_neg.sum(-1, keepdim=True))
             factors = 1 - w.sum(-1, keepdim=True)  # [iters − 1, rows, 1]
             # Adjoint of d_t+1 for every step t: the last adjoint times the factors of the steps after t.
             after = torch.cat([factors[1:], torch.ones_like(factors[:1])]).flip(0).cumprod(0).flip(0)
