@@ -75,8 +75,10 @@ class _RowSinkhorn(torch.autograd.Function):
         n = x.shape[-1]
         logit = math.log(k / (n - k))
         a = (2.0 * x - 1.0) / gamma
-        d = logit + torch.logsumexp(-(x ** 2) / gamma, -1, keepdim=True) \
-            - torch.logsumexp(-((x - 1.0) ** 2) / gamma, -1, keepdim=True)
+        # s₀ less its row maximum, −(x² − min x²)/γ as a product: large maps do not cancel squares (s₁ = s₀ + a).
+        low = x.amin(-1, keepdim=True)
+        t = (x - low) * (x + low) / -gamma
+        d = logit + torch.logsumexp(t, -1, keepdim=True) - torch.logsumexp(t + a, -1, keepdim=True)
         ds = [d]
         both, signs = torch.stack([a, -a]), torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(2, 1, 1)
         tiny = torch.finfo(x.dtype).tiny
@@ -104,16 +106,19 @@ class _RowSinkhorn(torch.autograd.Function):
             # w = σ(z)σ(−z)·(1/Σσ(z) + 1/Σσ(−z)); all steps at once.
             z = a + ds[:-1]
             s_pos, s_neg = torch.sigmoid(z), torch.sigmoid(-z)
-            w = s_pos * s_neg * (1 / s_pos.sum(-1, keepdim=True) + 1 / s_neg.sum(-1, keepdim=True))
+            tiny = torch.finfo(x.dtype).tiny
+            w = s_pos * s_neg * (1 / s_pos.sum(-1, keepdim=True).clamp_min(tiny)
+                                 + 1 / s_neg.sum(-1, keepdim=True).clamp_min(tiny))
             factors = 1 - w.sum(-1, keepdim=True)  # [iters − 1, rows, 1]
             # Adjoint of d_t+1 for every step t: the last adjoint times the factors of the steps after t.
             after = torch.cat([factors[1:], torch.ones_like(factors[:1])]).flip(0).cumprod(0).flip(0)
             grad_next = grad_d * after
             grad_a = grad_a - (grad_next * w).sum(0)
             grad_d = grad_next[0] * factors[0]  # adjoint of d₁
-        # d₁ = logit + LSE(−x²/γ) − LSE(−(x − 1)²/γ)
-        grad_d1 = (torch.softmax(-(x ** 2) / gamma, -1) * x
-                   - torch.softmax(-((x - 1.0) ** 2) / gamma, -1) * (x - 1.0)) * (-2.0 / gamma)
+        # d₁ = logit + LSE(s₀) − LSE(s₁); softmaxes are shift-free, so of t and t + a as in the forward.
+        low = x.amin(-1, keepdim=True)
+        t = (x - low) * (x + low) / -gamma
+        grad_d1 = (torch.softmax(t, -1) * x - torch.softmax(t + a, -1) * (x - 1.0)) * (-2.0 / gamma)
         return grad_a * (2.0 / gamma) + grad_d * grad_d1, None, None, None
 
 

@@ -85,6 +85,15 @@ def test_paper_mode_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda m: soft_topk(m, 0.5, 0.3, mode="paper"), (maps,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("peak", [1e-6, 1e3, 1e6])
+@pytest.mark.parametrize("gamma", [0.01, 1e-4])
+def test_paper_mode_gives_finite_masks_and_gradients_for_maps_far_beyond_real_scales(peak, gamma):
+    maps = (torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0)) * peak).requires_grad_(True)
+    s = soft_topk(maps, gamma=gamma, mode="paper")
+    (grad,) = torch.autograd.grad(soft_iou(s[0], s[1]), maps)
+    assert torch.isfinite(s).all() and torch.isfinite(grad).all()
+
+
 def test_paper_mode_refuses_rows_too_narrow_to_keep_a_pixel_and_says_how_far_to_lower_q():
     with pytest.raises(ValueError, match=r"keeps no pixel of a map row 3 wide: lower q to at most 0\.66"):
         soft_topk(torch.rand(1, 4, 3), keep=0.3, mode="paper")
