@@ -66,8 +66,8 @@ class _RowSinkhorn(torch.autograd.Function):
     function as the reference's 20 iterations (same numbers to rounding), but its backward is a handful of batched
     kernels over the saved d's instead of autograd through every iteration: a GPU at SD sizes is launch-bound, and
     nothing per iteration is kept for the backward but one number per row. The sums of sigmoids need no log-sum-exp:
-    each term is in (0, 1) and the sums are of the order of k and n − k (a floor keeps the logarithm finite), so an
-    iteration launches eight kernels where the log-sum-exps took about twice as many.
+    each term is in (0, 1) and each sum in (0, n), out of underflow's reach for finite rows (a floor keeps the
+    logarithm finite anyway), so an iteration launches eight kernels where the log-sum-exps took about eighteen.
     """
 
     @staticmethod
@@ -75,17 +75,15 @@ class _RowSinkhorn(torch.autograd.Function):
         n = x.shape[-1]
         logit = math.log(k / (n - k))
         a = (2.0 * x - 1.0) / gamma
-        # s₀ less its row maximum, −(x² − min x²)/γ as a product: large maps do not cancel squares (s₁ = s₀ + a).
-        low = x.amin(-1, keepdim=True)
-        t = (x - low) * (x + low) / -gamma
-        d = logit + torch.logsumexp(t, -1, keepdim=True) - torch.logsumexp(t + a, -1, keepdim=True)
+        t0, t1, shift = _anchor_scores(x, gamma)
+        d = logit + shift + torch.logsumexp(t0, -1, keepdim=True) - torch.logsumexp(t1, -1, keepdim=True)
         ds = [d]
         both, signs = torch.stack([a, -a]), torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(2, 1, 1)
         tiny = torch.finfo(x.dtype).tiny
         for _ in range(iters - 1):
             # log Σ σ(z) and log Σ σ(−z), z = a + d, in one batch of both signs.
             log_mass = torch.sigmoid(torch.addcmul(both, d, signs)).sum(-1, keepdim=True).clamp_min_(tiny).log_()
-            d = d + logit - log_mass[0] + log_mass[1]
+            d = d + (logit - log_mass[0] + log_mass[1])
             ds.append(d)
         ctx.gamma = gamma
         ctx.save_for_backward(x, torch.stack(ds))
@@ -115,11 +113,26 @@ class _RowSinkhorn(torch.autograd.Function):
             grad_next = grad_d * after
             grad_a = grad_a - (grad_next * w).sum(0)
             grad_d = grad_next[0] * factors[0]  # adjoint of d₁
-        # d₁ = logit + LSE(s₀) − LSE(s₁); softmaxes are shift-free, so of t and t + a as in the forward.
-        low = x.amin(-1, keepdim=True)
-        t = (x - low) * (x + low) / -gamma
-        grad_d1 = (torch.softmax(t, -1) * x - torch.softmax(t + a, -1) * (x - 1.0)) * (-2.0 / gamma)
+        # d₁ = logit + LSE(s₀) − LSE(s₁); softmaxes are shift-free, so of the shifted scores, as in the forward.
+        t0, t1, _ = _anchor_scores(x, gamma)
+        grad_d1 = (torch.softmax(t0, -1) * x - torch.softmax(t1, -1) * (x - 1.0)) * (-2.0 / gamma)
         return grad_a * (2.0 / gamma) + grad_d * grad_d1, None, None, None
+
+
+def _anchor_scores(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The anchors' scores s_j = −(x − j)²/γ, each less its row maximum −m_j²/γ (m_j = min |x − j|), and
+    (m₁² − m₀²)/γ = LSE(s₀) − LSE(s₁) − (LSE(t₀) − LSE(t₁)).
+
+    Written as products (|x − j| − m_j)(|x − j| + m_j), so large or signed maps do not cancel squares in float32.
+    """
+    scores, minima = [], []
+    for anchor in (0.0, 1.0):
+        distance = (x - anchor).abs()
+        nearest = distance.amin(-1, keepdim=True)
+        scores.append((distance - nearest) * (distance + nearest) / -gamma)
+        minima.append(nearest)
+    m0, m1 = minima
+    return scores[0], scores[1], (m1 - m0) * (m1 + m0) / gamma
 
 
 def _exact_global(maps: torch.Tensor, keep: float, gamma: float) -> torch.Tensor:

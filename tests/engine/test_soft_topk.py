@@ -85,6 +85,23 @@ def test_paper_mode_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda m: soft_topk(m, 0.5, 0.3, mode="paper"), (maps,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("outlier", [-1000.0, -100.0, 1000.0])
+def test_paper_mode_in_float32_follows_float64_on_rows_with_an_outlier(outlier):
+    gen = torch.Generator().manual_seed(14)
+    maps = torch.rand(2, 64, 64, generator=gen, dtype=torch.float64) * 40
+    maps[..., 5] = outlier  # one column far off, negative or large: the first iterate must not cancel its square
+    weights = torch.rand(2, 64, 64, generator=gen, dtype=torch.float64)
+
+    def masks_and_grad(m):
+        m = m.clone().requires_grad_(True)
+        s = soft_topk(m, mode="paper")
+        return s.double(), torch.autograd.grad((s * weights.to(m.dtype)).sum(), m)[0].double()
+
+    (want, want_grad), (got, got_grad) = masks_and_grad(maps), masks_and_grad(maps.float())
+    assert (got - want).abs().max() < 1e-4
+    assert (got_grad - want_grad).abs().max() < 1e-4 * want_grad.abs().max()
+
+
 @pytest.mark.parametrize("peak", [1e-6, 1e3, 1e6])
 @pytest.mark.parametrize("gamma", [0.01, 1e-4])
 def test_paper_mode_gives_finite_masks_and_gradients_for_maps_far_beyond_real_scales(peak, gamma):
