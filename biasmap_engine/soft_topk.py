@@ -67,7 +67,7 @@ class _RowSinkhorn(torch.autograd.Function):
     kernels over the saved d's instead of autograd through every iteration: a GPU at SD sizes is launch-bound, and
     nothing per iteration is kept for the backward but one number per row. The sums of sigmoids need no log-sum-exp:
     each term is in (0, 1) and each sum in (0, n), out of underflow's reach for finite rows (a floor keeps the
-    logarithm finite anyway), so an iteration launches eight kernels where the log-sum-exps took about eighteen.
+    logarithm finite anyway), so an iteration launches eight kernels where the log-sum-exps took 16–18.
     """
 
     @staticmethod
