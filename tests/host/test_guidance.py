@@ -329,8 +329,8 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
     (lean, lean_trace, _), (plain, plain_trace, _) = runs["lean"], runs["plain"]
     assert lean_trace.guidance_counts()["applied"] == 2
     # The recipes recompute what autograd would have kept: the same numbers on the CPU; a GPU's kernels for the
-    # recomputation may round differently (an H200 differed in the sixth digit).
-    rounding = 1e-5 if torch.cuda.is_available() else 0.0
+    # recomputation may round differently (an H200's gradient norms agreed to the 4 digits its log shows, not bitwise).
+    rounding = 1e-4 if torch.cuda.is_available() else 0.0
     torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
                                atol=0.0)
     torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
