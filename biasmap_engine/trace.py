@@ -226,6 +226,11 @@ class TraceRecorder:
         """Whether the open evaluation has any map yet."""
         return bool(self._current)
 
+    @property
+    def current_stages(self) -> list[str]:
+        """The stages the open evaluation has maps of, in the order they came."""
+        return list(self._current)
+
     def skip(self) -> None:
         """Close the open evaluation as one in which the U-Net never ran (a cache answered it): it has no maps and is
         left out of the trace, but keeps its place until then, so the evaluations after it get their steps right."""

@@ -175,6 +175,14 @@ def test_guided_stages_this_model_does_not_have_are_named_when_others_are_guided
                "the energy came from down_1 there" in n for n in trace.notes)
 
 
+def test_guiding_only_stages_this_model_does_not_have_stops_with_the_stages_it_records(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    with pytest.raises(ValueError, match=r"none of the guided stages down_8 has cross-attention in this SD15 model; "
+                                         r"it records down_1, down_2, up_2, up_1"):
+        sample(model, clip, pos, neg, 100.0, guided_stages=("down_8",))
+
+
 @pytest.mark.parametrize("demographic, semantic, message", [
     (["gender"], ["gender"], "share tokens of the attribution prompt"),
     (["gender"], ["doctor and gender"], "share tokens of the attribution prompt"),
