@@ -426,12 +426,13 @@ class BiasMapSession:
         if not maps:
             raise ValueError(f"none of the guided stages {', '.join(self.settings.guided_stages or ['all'])} has "
                              f"cross-attention in this {self.family} model; it records "
-                             f"{', '.join(self.recorder.current_stages) or 'nothing'}")
+                             f"{', '.join(self.recorder.current_stages) or 'nothing'}: set guided_stages to some of "
+                             f"these, or to 'all'")
         absent = [s for s in self.settings.guided_stages or () if s not in maps]
         if absent:
             self._note(f"guided stage(s) {', '.join(absent)} had no cross-attention maps in this {self.family} model "
                        f"(at least at some steps): the energy came from {', '.join(maps)} there; this model records "
-                       f"{', '.join(self.recorder.current_stages)}")
+                       f"{', '.join(self.recorder.current_stages)}; leave the others out of guided_stages")
         s = self.settings
         return entanglement_energy(sum_upsampled(list(maps.values())), self.pairs, s.keep, s.gamma, s.mode, s.iters)
 

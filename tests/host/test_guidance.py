@@ -179,7 +179,8 @@ def test_guiding_only_stages_this_model_does_not_have_stops_with_the_stages_it_r
     model, clip = sd15
     pos, neg = prompts
     with pytest.raises(ValueError, match=r"none of the guided stages down_8 has cross-attention in this SD15 model; "
-                                         r"it records down_1, down_2, up_2, up_1"):
+                                         r"it records down_1, down_2, up_2, up_1: set guided_stages to some of "
+                                         r"these, or to 'all'"):
         sample(model, clip, pos, neg, 100.0, guided_stages=("down_8",))
 
 
