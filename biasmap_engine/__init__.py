@@ -4,6 +4,7 @@ Everything here imports nothing from ComfyUI except :mod:`biasmap_engine.host`, 
 hooks ComfyUI's U-Net cross-attention and sampling loop.
 """
 
+from .audit import append_csv, audit_rows, csv_text
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
 from .ovam import concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, token_softmax_maps
@@ -17,9 +18,8 @@ from .trace import BiasMapTrace, TraceFormatError, TraceRecorder
 
 __all__ = [
     "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
-    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "clip_words", "colorize", "concept_map",
-    "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step", "hard_mask", "iou",
-    "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps",
-    "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk",
-    "split_concepts", "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
+    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "clip_words", "colorize",
+    "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step",
+    "hard_mask", "iou", "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys",
+    "prepared_token_softmax_maps", "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

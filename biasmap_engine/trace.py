@@ -44,6 +44,7 @@ class BiasMapTrace:
     settings: dict = field(default_factory=dict)
     guidance: dict[str, torch.Tensor] = field(default_factory=dict)  # energy, grad_norm [E, B]; status [E, B] int8
     notes: list[str] = field(default_factory=list)
+    run: dict = field(default_factory=dict)  # how it was sampled: seed, steps, cfg, sampler, …, attribution prompt
 
     @property
     def stages(self) -> list[str]:
@@ -113,15 +114,17 @@ class BiasMapTrace:
             return {}
         return {name: int((status == code).sum()) for name, code in STATUS.items()}
 
-    def save(self, path: str) -> None:
-        """Write the trace as ``.safetensors``: tensors plus a JSON description in the metadata."""
+    def save(self, path: str, metadata: dict[str, str] | None = None) -> None:
+        """Write the trace as ``.safetensors``: tensors plus a JSON description in the metadata (and ``metadata``'s
+        entries, e.g. the workflow that made it, as ComfyUI's savers add)."""
         tensors = {f"maps.{s}": m.contiguous() for s, m in self.maps.items()}
         tensors |= {"sigmas": self.sigmas, "steps": self.steps}
         tensors |= {f"guidance.{k}": v.contiguous() for k, v in self.guidance.items()}
         meta = {"format": FORMAT, "version": VERSION, "tokens": self.tokens, "latent_shape": self.latent_shape,
                 "demographic": self.demographic, "semantic": self.semantic, "model_family": self.model_family,
-                "settings": self.settings, "notes": self.notes}
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, path, metadata={FORMAT: json.dumps(meta)})
+                "settings": self.settings, "notes": self.notes, "run": self.run}
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, path,
+                  metadata={**(metadata or {}), FORMAT: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":
@@ -145,6 +148,7 @@ class BiasMapTrace:
                    tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
                    latent_shape=meta["latent_shape"], demographic=meta["demographic"], semantic=meta["semantic"],
                    model_family=meta["model_family"], settings=meta["settings"], notes=meta["notes"],
+                   run=meta.get("run", {}),  # absent from traces saved before it was kept
                    guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
 
     def _evaluations(self, steps) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """BiasMap's ComfyUI nodes (V3 schema); thin wrappers over :mod:`biasmap_engine`."""
 
 from .attribution_map import BiasMapAttributionMap
+from .audit_log import BiasMapAuditLog
 from .entanglement_iou import BiasMapEntanglementIoU
 from .guided_ksampler import BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced
+from .trace_files import BiasMapLoadTrace, BiasMapSaveTrace
 
-NODES = [BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced, BiasMapAttributionMap, BiasMapEntanglementIoU]
+NODES = [BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced, BiasMapAttributionMap, BiasMapEntanglementIoU,
+         BiasMapSaveTrace, BiasMapLoadTrace, BiasMapAuditLog]
 
-__all__ = ["NODES", "BiasMapAttributionMap", "BiasMapEntanglementIoU", "BiasMapGuidedKSampler",
-           "BiasMapGuidedKSamplerAdvanced"]
+__all__ = ["NODES", "BiasMapAttributionMap", "BiasMapAuditLog", "BiasMapEntanglementIoU", "BiasMapGuidedKSampler",
+           "BiasMapGuidedKSamplerAdvanced", "BiasMapLoadTrace", "BiasMapSaveTrace"]

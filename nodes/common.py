@@ -43,7 +43,7 @@ def guidance_inputs() -> list:
                                "soft top-k per map with an implicit gradient."),
         io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
                        tooltip="Quantile of the masks: the energy's soft top-k keeps the top 1 − q (paper 0.70)."),
-        io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, extra_dict=ADVANCED,
+        io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, round=0.0001, extra_dict=ADVANCED,
                        tooltip="Entropic regulariser γ of the soft top-k (paper 0.01)."),
         io.Combo.Input("gate", options=["skip", "clip"], default="skip", extra_dict=ADVANCED,
                        tooltip="skip: like the reference, no correction on a step where ‖∇_z E‖ ≥ 1. clip: "
@@ -127,12 +127,10 @@ def _check_distinct(lists: dict, splits) -> bool | str:
     return True
 
 
-def check_guidance(guided_stages=None, include_middle=None, start=None, end=None) -> bool | str:
-    """Validation before the graph runs: the guidance settings the widgets give (linked inputs are left to run time)."""
+def check_guidance(guided_stages=None) -> bool | str:
+    """Validation before the graph runs: the guided stages' names (a linked input is left to run time)."""
     try:
-        BiasMapSettings(guided_stages=_tuple_or_none(parse_stages(guided_stages or "all")),
-                        include_middle=include_middle is not False, start=0.0 if start is None else start,
-                        end=1.0 if end is None else end)
+        parse_stages(guided_stages or "all")
     except ValueError as err:
         return str(err)
     return True
@@ -152,9 +150,22 @@ def step_inputs() -> list:
 
 def step_window(trace, first_step: int, last_step: int):
     """Node step inputs → the trace's inclusive window; None when it covers every step (the common case)."""
-    if first_step <= 0 and last_step >= trace.num_steps - 1:
+    last = trace.num_steps - 1
+    if first_step > min(last_step, last):
+        raise ValueError(f"first_step {first_step} is after last_step {last_step}: set it to at most {last_step}"
+                         if first_step > last_step else
+                         f"first_step {first_step} is past this trace's last step, {last}: set first_step to at most "
+                         f"{last}")
+    if first_step <= 0 and last_step >= last:
         return None
-    return first_step, min(last_step, trace.num_steps - 1)
+    return first_step, min(last_step, last)
+
+
+def check_pair(trace, word_a: str, word_b: str) -> None:
+    """Two distinct concepts to compare: a concept's overlap with itself is 1 whatever the image."""
+    if set(trace.positions(word_a)) & set(trace.positions(word_b)):
+        raise ValueError(f"'{word_a}' and '{word_b}' share tokens of the attribution prompt, and a concept's overlap "
+                         f"with itself is 1 whatever the image: compare two different words")
 
 
 def check_images(image, trace) -> None:

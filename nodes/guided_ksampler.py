@@ -4,6 +4,8 @@ BiasMap (Chakraborty et al., arXiv 2509.13496, SIGKDD 2026) adds λ·√(1−ᾱ
 to the noise prediction at every step. With λ = 0 these nodes sample exactly as KSampler / SamplerCustomAdvanced.
 """
 
+import logging
+
 from comfy_api.latest import io
 
 from ..biasmap_engine import split_concepts
@@ -15,6 +17,14 @@ from .common import (ADVANCED, CATEGORY, Trace, check_concepts, check_guidance, 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
                                           "guidance accounting; feed it to Attribution Map or Entanglement IoU.")]
+
+
+def _logged(latent, trace) -> io.NodeOutput:
+    """The node's outputs, with the trace's notes in ComfyUI's console too: the report that shows them is a STRING
+    output, seen only where a Preview as Text node is connected."""
+    for note in trace.notes:
+        logging.warning("BiasMap: %s", note)
+    return io.NodeOutput(latent, trace)
 
 
 def _session(model, clip, kwargs):
@@ -56,10 +66,11 @@ class BiasMapGuidedKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None,
-                        include_middle=None, start=None, end=None):
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
+        # ComfyUI pins a failure on every input named here (and skips their own range checks), so only the inputs
+        # that need checks of their own are: start < end and the middle block's stages are checked when it runs.
         ok = check_concepts(attribution_prompt, demographic, semantic)
-        return ok if ok is not True else check_guidance(guided_stages, include_middle, start, end)
+        return ok if ok is not True else check_guidance(guided_stages)
 
     @classmethod
     def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
@@ -67,7 +78,7 @@ class BiasMapGuidedKSampler(io.ComfyNode):
         session = _session(model, clip, kwargs)
         latent, trace = sample_with_scheduler(session, model, seed, steps, cfg, sampler_name, scheduler, positive,
                                               negative, latent_image, denoise)
-        return io.NodeOutput(latent, trace)
+        return _logged(latent, trace)
 
 
 class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
@@ -104,10 +115,8 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None,
-                        include_middle=None, start=None, end=None):
-        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic, guided_stages,
-                                                     include_middle, start, end)
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
+        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic, guided_stages)
 
     @classmethod
     def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,
@@ -115,4 +124,4 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
         session = _session(model, clip, kwargs)
         latent, trace = sample_with_sampler(session, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                                             latent_image, add_noise)
-        return io.NodeOutput(latent, trace)
+        return _logged(latent, trace)

@@ -10,7 +10,7 @@ def start_session(model, clip, attribution_prompt: str, demographic: list[str], 
                   settings: BiasMapSettings) -> BiasMapSession:
     """Encode the attribution prompt with ``clip`` and prepare a session (refusals happen here, before sampling)."""
     embeddings, tokens = encode_attribution(clip, attribution_prompt)
-    return BiasMapSession(model, embeddings, tokens, demographic, semantic, settings)
+    return BiasMapSession(model, embeddings, tokens, demographic, semantic, settings, attribution_prompt)
 
 def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, sampler_name, scheduler, positive,
                           negative, latent, denoise=1.0):
@@ -23,7 +23,8 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
 
     (out,) = nodes.common_ksampler(session.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                    negative, latent, denoise=denoise)
-    return out, session.finish()
+    return out, session.finish(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
+                               denoise=denoise)
 
 def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                         latent, add_noise: bool = True):
@@ -53,7 +54,10 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
-    return latent, session.finish()
+    # A SAMPLER carries no name; its function's is the closest (sample_euler; KSamplerSelect's ddim runs euler's).
+    name = getattr(getattr(sampler, "sampler_function", None), "__name__", type(sampler).__name__)
+    return latent, session.finish(seed=noise_seed, steps=sigmas.shape[-1] - 1, cfg=cfg, sampler=name,
+                                  scheduler="custom sigmas", add_noise=add_noise)
 
 
 def sampler_names() -> list[str]:

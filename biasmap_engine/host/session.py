@@ -66,7 +66,7 @@ class BiasMapSession:
     """Records (and optionally guides) one sampling run; :meth:`patch` gives the model to sample with."""
 
     def __init__(self, model_patcher, attribution_embeddings: torch.Tensor, tokens: list[str],
-                 demographic: list[str], semantic: list[str], settings: BiasMapSettings):
+                 demographic: list[str], semantic: list[str], settings: BiasMapSettings, attribution_prompt: str = ""):
         self.layers = require_unet(model_patcher)
         if settings.guiding:
             require_guidable(model_patcher)
@@ -76,7 +76,7 @@ class BiasMapSession:
             raise ValueError(f"the CLIP gives {attribution_embeddings.shape[-1]}-wide embeddings but this "
                              f"{self.family} model's cross-attention expects {width}: connect the CLIP that was "
                              f"loaded with this checkpoint")
-        self.tokens = tokens
+        self.tokens, self.attribution_prompt = tokens, attribution_prompt
         self.demographic, self.semantic = demographic, semantic
         self.settings = settings
         self.recorder = TraceRecorder()
@@ -473,8 +473,8 @@ class BiasMapSession:
         self._window_hits += 1
         return True
 
-    def finish(self):
-        """The run's :class:`BiasMapTrace`."""
+    def finish(self, **run):
+        """The run's :class:`BiasMapTrace`; ``run``: how it was sampled (seed, steps, …), kept in the trace."""
         if self.settings.guiding and not self._window_hits:
             self._note(f"no evaluation of this run fell in the guidance window (start {self.settings.start:g}, end "
                        f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "
@@ -488,7 +488,8 @@ class BiasMapSession:
                        f"bypass that node for maps and guidance at every step")
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
-                                    settings=self.settings.to_dict(), notes=self.notes)
+                                    settings=self.settings.to_dict(), notes=self.notes,
+                                    run={**run, "attribution_prompt": self.attribution_prompt})
 
 
 def _require_distinct(demographic, semantic, positions) -> None:

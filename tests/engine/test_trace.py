@@ -1,5 +1,8 @@
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from biasmap_engine import STATUS, BiasMapTrace, TraceFormatError, TraceRecorder, hard_mask, iou, sum_upsampled
@@ -21,7 +24,8 @@ def recorded_trace(seed=0):
                 grad_norm=torch.rand(2, generator=gen) if guided else None,
                 status=torch.tensor([STATUS["applied"], STATUS["skipped_gate"]]) if guided else None)
     return rec.finish(tokens=TOKENS, latent_shape=[2, 4, 8, 12], demographic=["gender"], semantic=["doctor"],
-                      model_family="SD15", settings={"branch": "uncond"}, notes=["test"])
+                      model_family="SD15", settings={"branch": "uncond", "scale": 100.0}, notes=["test"],
+                      run={"seed": 7, "steps": 3, "sampler": "euler", "attribution_prompt": "a doctor and gender"})
 
 
 def test_recorder_sums_layers_per_stage_and_keeps_every_evaluation():
@@ -71,8 +75,11 @@ def test_guidance_counts_cover_every_image_of_every_evaluation():
 def test_save_and_load_round_trip_exactly(tmp_path):
     trace = recorded_trace()
     path = str(tmp_path / "t.safetensors")
-    trace.save(path)
+    trace.save(path, {"prompt": '{"3": {}}'})
     back = BiasMapTrace.load(path)
+    assert back.run == trace.run and back.run["seed"] == 7
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["prompt"] == '{"3": {}}'  # the workflow, as ComfyUI's savers keep it
     for stage in trace.stages:
         assert torch.equal(back.maps[stage], trace.maps[stage])
     for key in trace.guidance:
@@ -82,6 +89,19 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     assert (back.tokens, back.latent_shape, back.settings, back.notes) == (
         trace.tokens, trace.latent_shape, trace.settings, trace.notes)
     assert torch.equal(back.iou("doctor", "gender"), trace.iou("doctor", "gender"))
+
+
+def test_a_trace_saved_before_runs_were_kept_loads_with_an_empty_run(tmp_path):
+    trace = recorded_trace()
+    path = str(tmp_path / "old.safetensors")
+    trace.save(path)
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["biasmap_trace"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["run"]
+    save_file(tensors, path, metadata={"biasmap_trace": json.dumps(meta)})
+    back = BiasMapTrace.load(path)
+    assert back.run == {} and torch.equal(back.iou("doctor", "gender"), trace.iou("doctor", "gender"))
 
 
 def test_loading_a_checkpoint_or_junk_says_it_is_not_a_trace(tmp_path):

@@ -46,10 +46,7 @@ def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one
 
 
 @pytest.mark.parametrize("inputs, message", [
-    ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4"),
-    ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on"),
     ({"guided_stages": "down_9"}, "unknown stage 'down_9'"),
-    ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
     ({"semantic": "gender"}, "share words of the attribution prompt"),
     ({"semantic": "doctor, Doctor"}, "'Doctor' is listed twice"),
     ({"attribution_prompt": "   "}, "has no words"),
@@ -60,6 +57,57 @@ def test_validation_refuses_guidance_settings_that_cannot_run_and_says_why(nodes
                                                  "semantic": "doctor", **inputs})
 
 
-def test_validation_accepts_stage_names_in_any_case_and_the_middle_block_when_it_is_recorded(nodes_and_trace):
+def test_validation_accepts_stage_names_in_any_case(nodes_and_trace):
     sampler = nodes_and_trace[0]
-    assert sampler.validate_inputs("a doctor and gender", "gender", "doctor", "Down_1, MID_2", True, 0.2, 0.8) is True
+    assert sampler.validate_inputs("a doctor and gender", "gender", "doctor", "Down_1, MID_2") is True
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4"),
+    ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
+    ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on"),
+])
+def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_why(sd15, prompts, pack, inputs,
+                                                                                    message):
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg,
+                                                  sampler_name="euler", scheduler="normal",
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)}) | inputs
+    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        BiasMapGuidedKSampler.execute(**args)
+    assert BiasMapGuidedKSampler.validate_inputs(args["attribution_prompt"], args["demographic"], args["semantic"],
+                                                 args["guided_stages"]) is True  # refused when it runs, once
+
+
+@pytest.mark.parametrize("window, message", [((5, 10000), "past this trace's last step, 1: set first_step to at most 1"),
+                                             ((1, 0), "first_step 1 is after last_step 0: set it to at most 0")])
+def test_the_map_nodes_refuse_an_empty_step_window_naming_the_inputs(nodes_and_trace, window, message):
+    _, attribution_map, entanglement, trace = nodes_and_trace  # a 2-step trace
+    for node in (attribution_map, entanglement):
+        args = defaults(node) | {"trace": trace, "first_step": window[0], "last_step": window[1]}
+        with torch.inference_mode(), pytest.raises(ValueError, match=message):
+            node.execute(**args)
+
+
+def test_entanglement_iou_refuses_a_word_compared_with_itself(nodes_and_trace):
+    entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
+    with torch.inference_mode(), pytest.raises(ValueError, match="compare two different words"):
+        entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": "doctor", "concept_b": "Doctor"})
+
+
+def test_the_sampler_writes_the_traces_notes_to_the_console(sd15, prompts, pack, caplog):
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=1, cfg=1.0,
+                                                  sampler_name="euler", scheduler="normal", guidance_scale=0.0,
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        trace = BiasMapGuidedKSampler.execute(**args).result[1]
+    assert any("cfg = 1" in note for note in trace.notes)
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [f"BiasMap: {note}" for note in trace.notes] == [m for m in logged if m.startswith("BiasMap:")]

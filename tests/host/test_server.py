@@ -1,4 +1,4 @@
-"""The pack inside a real ComfyUI server: it boots, lists the four nodes, and runs the shipped workflows.
+"""The pack inside a real ComfyUI server: it boots, lists its nodes, and runs the shipped workflows.
 
 Needs ``COMFYUI_PATH`` (a ComfyUI v0.8.0 checkout whose requirements are installed in this interpreter). The server
 runs as a subprocess (``main.py --cpu`` on a free loopback port) that loads the pack through a symlink in a
@@ -7,6 +7,7 @@ ComfyUI. This process never imports ComfyUI: the random checkpoint is written by
 One server boot serves the whole module (about 1 min on 2 CPU cores, most of it sampling with random weights).
 """
 
+import csv
 import json
 import os
 import socket
@@ -18,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from biasmap_engine import BiasMapTrace
 
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "tests" / "support"
@@ -31,7 +34,7 @@ if not COMFYUI_PATH:
 
 PACK_NAME = "biasmap"
 NODE_IDS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced", "BiasMapAttributionMap",
-            "BiasMapEntanglementIoU")
+            "BiasMapEntanglementIoU", "BiasMapSaveTrace", "BiasMapLoadTrace", "BiasMapAuditLog")
 CHECKPOINT = "biasmap_random_tiny_sd15.safetensors"
 BOOT_TIMEOUT_S = 90
 PROMPT_TIMEOUT_S = 180
@@ -208,6 +211,17 @@ def test_shipped_workflows_run_end_to_end(server):
 
         previews = [node_id for node_id, node in api.items() if node["class_type"] == "PreviewImage"]
         assert all(outputs.get(node_id, {}).get("images") for node_id in previews), (path.name, outputs)
+        # The report reaches the page through ComfyUI's Preview as Text, the one node its frontend shows text of.
+        reports = [node_id for node_id, node in api.items() if node["class_type"] == "PreviewAny"]
+        assert len(reports) == len(ious), f"{path.name}: an Entanglement IoU report is not previewed"
+        assert all("mBIoU" in outputs[node_id]["text"][0] for node_id in reports), (path.name, outputs)
+
+    audit = server["out"] / "biasmap" / "audit.csv"
+    with open(audit, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["demographic"], r["semantic"]) for r in rows] == [("42", "gender", "doctor")], rows
+    traces = sorted((server["out"] / "biasmap").glob("trace_*_.safetensors"))
+    assert len(traces) == 1 and BiasMapTrace.load(str(traces[0])).run["seed"] == 42, traces
 
 
 def _convert(server, name: str) -> dict:

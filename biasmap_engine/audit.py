@@ -1,0 +1,84 @@
+"""Audit rows: one line per image and concept pair of a trace, gathered into a CSV over many prompts and seeds.
+
+An audit in ComfyUI is a queue of runs (seeds, prompts, λ); each run's trace adds its rows to one CSV, which a
+spreadsheet or pandas reads as it is. Every row carries how the run was made (the trace's ``run``), so the file alone
+says which seed and prompt gave which IoU.
+"""
+
+import csv
+import io
+import os
+
+import torch
+
+from .guidance import STATUS
+from .masks import iou
+from .trace import BiasMapTrace
+
+__all__ = ["append_csv", "audit_rows", "csv_text"]
+
+_RUN = ("seed", "steps", "cfg", "sampler", "scheduler", "denoise", "attribution_prompt")
+
+
+def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "") -> list[dict]:
+    """Per concept pair (default: every demographic × semantic pair of the trace) and image: IoU, mBIoU, BIoU per
+    stage and the image's guidance counts, with the run's settings; masks at ``size`` (default: the image's)."""
+    pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
+    if not pairs:
+        raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit")
+    size = tuple(size) if size is not None else trace.image_size
+    status = trace.guidance.get("status")
+    counts = [{name: int((status[:, i] == code).sum()) if status is not None else "" for name, code in STATUS.items()}
+              for i in range(trace.num_images)]
+    run = {key: trace.run.get(key, "") for key in _RUN}
+    settings = {"model_family": trace.model_family, "guidance_scale": trace.settings.get("scale", ""),
+                "guided_stages": " ".join(trace.settings.get("guided_stages") or ["all"])}
+    rows = []
+    for a, b in pairs:
+        ious = iou(*trace.masks(a, b, q, size=size))
+        blocks = trace.block_ious(a, b, q, size=size)
+        mbiou = torch.stack(list(blocks.values())).mean(dim=0)
+        for i in range(trace.num_images):
+            rows.append({"label": label, **run, **settings, "image": i, "demographic": a, "semantic": b, "q": q,
+                         "iou": round(float(ious[i]), 6), "mbiou": round(float(mbiou[i]), 6),
+                         **{f"biou_{s}": round(float(v[i]), 6) for s, v in blocks.items()}, **counts[i],
+                         "notes": " | ".join(trace.notes)})
+    return rows
+
+
+def append_csv(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new.
+
+    Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
+    rather than written under the wrong headings.
+    """
+    if not rows:
+        return
+    columns = list(rows[0])
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    if exists:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if header != columns:
+            raise ValueError(f"{path} holds rows with other columns than this trace's (its BIoU stages: "
+                             f"{_stages(header)}; this trace's: {_stages(columns)}), as rows of another model family "
+                             f"would: give this audit another file name")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if not exists:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """``rows`` as CSV text, header first (quoted as the file is: prompts hold commas)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _stages(columns) -> str:
+    return ", ".join(c.removeprefix("biou_") for c in columns if c.startswith("biou_")) or "none"

@@ -1,0 +1,73 @@
+"""Audit Log: a trace's entanglement figures appended to a CSV, one row per image and concept pair.
+
+Queue the same graph over many seeds and prompts (e.g. the seed's "increment" control with a batch count) and one
+file gathers the audit, with each run's seed, sampler, λ and attribution prompt on every row.
+"""
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..biasmap_engine import append_csv, audit_rows, csv_text
+from .common import ADVANCED, CATEGORY, Trace, check_pair
+
+
+class BiasMapAuditLog(io.ComfyNode):
+    """Append IoU, mBIoU, BIoU per stage and guidance counts of a trace to a CSV in the output folder."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapAuditLog",
+            display_name="BiasMap Audit Log",
+            category=CATEGORY,
+            description="Appends one CSV row per image and (demographic, semantic) pair of a trace: IoU, mBIoU, BIoU "
+                        "per stage, guidance counts, and the run's seed, steps, cfg, sampler, λ and attribution "
+                        "prompt. Queue many seeds or prompts to audit a model into one file.",
+            inputs=[
+                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
+                io.String.Input("filename", default="biasmap/audit",
+                                tooltip="CSV path inside the output folder (.csv is added); rows are appended, the "
+                                        "header is written once."),
+                io.String.Input("label", default="",
+                                tooltip="Free text for this run's rows, e.g. the generation prompt or a condition "
+                                        "name (link a text node to it)."),
+                io.String.Input("concept_a", default="",
+                                tooltip="Demographic word; empty = every demographic concept of the trace."),
+                io.String.Input("concept_b", default="",
+                                tooltip="Semantic word; empty = every semantic concept of the trace."),
+                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
+                               tooltip="Masks keep pixels above this quantile (paper: 0.70)."),
+                io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
+                               tooltip="Threshold at image size (the reference) or at latent size."),
+            ],
+            outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution) -> io.NodeOutput:
+        demographic = [concept_a.strip()] if concept_a.strip() else trace.demographic
+        semantic = [concept_b.strip()] if concept_b.strip() else trace.semantic
+        size = trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
+        pairs = [(a, b) for a in demographic for b in semantic]
+        for a, b in pairs:
+            check_pair(trace, a, b)
+        rows = audit_rows(trace, q, pairs, size, label)
+        path = _output_path(filename.strip() or "biasmap/audit")
+        append_csv(path, rows)
+        text = csv_text(rows)
+        logging.info("BiasMap: %d audit row(s) appended to %s", len(rows), path)
+        return io.NodeOutput(text, ui=ui.PreviewText(f"{len(rows)} row(s) appended to {path}\n{text}"))
+
+
+def _output_path(filename: str) -> str:
+    """``filename``.csv inside the output folder; paths that leave it are refused, as ComfyUI's savers refuse them."""
+    output_dir = os.path.abspath(folder_paths.get_output_directory())
+    path = os.path.abspath(os.path.join(output_dir, filename if filename.endswith(".csv") else filename + ".csv"))
+    if os.path.commonpath((output_dir, path)) != output_dir:
+        raise ValueError(f"the audit file '{filename}' would be written outside ComfyUI's output folder: give a path "
+                         f"inside it, e.g. biasmap/audit")
+    return path

@@ -1,0 +1,108 @@
+"""Save Trace and Load Trace: BiasMap traces as files, to share a run's maps or analyse them later (in ComfyUI or in
+Python with ``BiasMapTrace.load``), as ComfyUI's Save Latent and Load Latent do for latents."""
+
+import json
+import logging
+import os
+
+import folder_paths
+from comfy.cli_args import args
+from comfy_api.latest import io, ui
+
+from ..biasmap_engine import BiasMapTrace, TraceFormatError
+from .common import CATEGORY, Trace
+
+EXTENSION = ".safetensors"
+SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
+
+
+class BiasMapSaveTrace(io.ComfyNode):
+    """Write a trace to ComfyUI's output folder as .safetensors with JSON metadata (never pickle)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapSaveTrace",
+            display_name="BiasMap Save Trace",
+            category=CATEGORY,
+            description="Saves a BiasMap trace (maps of every step and stage, concepts, σ, settings, seed and the "
+                        "guidance accounting) to the output folder as .safetensors with the workflow in its "
+                        "metadata. Load it with BiasMap Load Trace, or in Python with BiasMapTrace.load.",
+            inputs=[Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
+                    io.String.Input("filename_prefix", default=f"{SAVED}/trace",
+                                    tooltip=f"Path inside the output folder; a counter and .safetensors are added. "
+                                            f"Load Trace lists the traces under output/{SAVED}/.")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, trace, filename_prefix) -> io.NodeOutput:
+        output_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        file = f"{name}_{counter:05}_{EXTENSION}"
+        metadata = {}
+        if not args.disable_metadata:  # as ComfyUI's savers: the workflow that made it, unless turned off
+            if cls.hidden.prompt is not None:
+                metadata["prompt"] = json.dumps(cls.hidden.prompt)
+            for key, value in (cls.hidden.extra_pnginfo or {}).items():
+                metadata[key] = json.dumps(value)
+        trace.save(os.path.join(folder, file), metadata)
+        shown = "/".join(p for p in (subfolder, file) if p)
+        logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {shown} [output]"))
+
+
+class BiasMapLoadTrace(io.ComfyNode):
+    """Read a trace saved by Save Trace (or ``BiasMapTrace.save``) from the input or output folder."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapLoadTrace",
+            display_name="BiasMap Load Trace",
+            category=CATEGORY,
+            description="Loads a BiasMap trace saved by BiasMap Save Trace (output folder) or shared with you (put it "
+                        "in the input folder), to render its maps and measure entanglement again without sampling.",
+            inputs=[io.Combo.Input("trace_file", options=trace_files(),
+                                   tooltip=f".safetensors files in the input folder, and in the output folder's "
+                                           f"{SAVED}/ (marked [output]); refresh the page after saving one.")],
+            outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, trace_file):
+        if not folder_paths.exists_annotated_filepath(trace_file):
+            return (f"no trace file '{trace_file}': save one with BiasMap Save Trace, or put the file in ComfyUI's "
+                    f"input folder, then refresh the page")
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, trace_file):
+        return os.path.getmtime(folder_paths.get_annotated_filepath(trace_file))  # a file saved again is read again
+
+    @classmethod
+    def execute(cls, trace_file) -> io.NodeOutput:
+        try:
+            trace = BiasMapTrace.load(folder_paths.get_annotated_filepath(trace_file))
+        except TraceFormatError as err:
+            raise ValueError(f"{err}. Choose a file saved by BiasMap Save Trace.") from err
+        return io.NodeOutput(trace)
+
+
+def trace_files() -> list[str]:
+    """The .safetensors files under the input folder, then those under the output folder's ``biasmap/``, annotated
+    ``[output]`` (ComfyUI's convention for files that Load nodes read from the output folder).
+
+    ComfyUI builds the schema for every /object_info and every validation, so the walk stays out of the rest of the
+    output folder, which may hold many thousands of images.
+    """
+    output = folder_paths.get_output_directory()
+    found = []
+    for folder, under, note in ((folder_paths.get_input_directory(), "", ""), (output, SAVED, " [output]")):
+        names = []
+        for root, _, files in os.walk(os.path.join(folder, under), followlinks=True):
+            names += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+                      for f in files if f.endswith(EXTENSION)]
+        found += [name + note for name in sorted(names)]
+    return found

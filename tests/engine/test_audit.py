@@ -1,0 +1,87 @@
+import csv
+
+import pytest
+import torch
+
+from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text
+
+TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
+RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
+       "attribution_prompt": "a doctor, nurse and gender"}
+
+
+def halves_trace(stages=("down_1", "up_1")):
+    """Two images on an 8×8 grid: 'gender' on the left half, 'doctor' on the top half (IoU 1/3 at q = 0.5), 'nurse'
+    on the top half in image 0 and on the left half in image 1 (IoU 1/3, then 1)."""
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1
+    top = left.t()
+    maps = torch.zeros(2, len(TOKENS), 8, 8)
+    maps[:, 4], maps[:, 2] = left, top
+    maps[0, 3], maps[1, 3] = top, left
+    rec = TraceRecorder()
+    for step in range(2):
+        rec.begin(torch.tensor(10.0 - step), torch.tensor(step))
+        for stage in stages:
+            rec.add(stage, maps.clone())
+        rec.end(energy=torch.rand(2), grad_norm=torch.rand(2),
+                status=torch.tensor([STATUS["applied"], STATUS["skipped_gate"] if step else STATUS["applied"]]))
+    return rec.finish(tokens=TOKENS, latent_shape=[2, 4, 8, 8], demographic=["gender"], semantic=["doctor", "nurse"],
+                      model_family="SD15", settings={"scale": 100.0, "guided_stages": None}, notes=["a note"], run=RUN)
+
+
+def test_audit_rows_give_each_image_and_pair_its_iou_biou_and_guidance_counts():
+    trace = halves_trace()
+    rows = audit_rows(trace, q=0.5, size=(8, 8), label="run A")
+    assert [(r["semantic"], r["image"]) for r in rows] == [("doctor", 0), ("doctor", 1), ("nurse", 0), ("nurse", 1)]
+    assert [r["iou"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0], abs=1e-6)
+    assert [r["biou_down_1"] for r in rows] == [r["iou"] for r in rows] == [r["mbiou"] for r in rows]
+    assert [(r["applied"], r["skipped_gate"], r["not_guided"]) for r in rows] == [(2, 0, 0), (1, 1, 0)] * 2
+    first = rows[0]
+    assert {k: first[k] for k in RUN} == RUN
+    assert (first["label"], first["demographic"], first["q"], first["guidance_scale"], first["guided_stages"],
+            first["notes"]) == ("run A", "gender", 0.5, 100.0, "all", "a note")
+
+
+def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
+    trace = halves_trace()
+    rows = audit_rows(trace, pairs=[("gender", "nurse")])
+    assert [r["iou"] for r in rows] == pytest.approx(trace.iou("gender", "nurse").tolist(), abs=1e-6)
+    assert [r["mbiou"] for r in rows] == pytest.approx(trace.mbiou("gender", "nurse").tolist(), abs=1e-6)
+
+
+def test_audit_rows_need_a_pair():
+    trace = halves_trace()
+    trace.semantic = []
+    with pytest.raises(ValueError, match="give the two words"):
+        audit_rows(trace)
+
+
+def test_append_csv_writes_the_header_once_and_keeps_every_run(tmp_path):
+    path = str(tmp_path / "audits" / "audit.csv")
+    first, second = audit_rows(halves_trace(), q=0.5, label="1"), audit_rows(halves_trace(), q=0.5, label="2")
+    append_csv(path, first)
+    append_csv(path, second)
+    with open(path, newline="", encoding="utf-8") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(first) + len(second)
+    assert [r["label"] for r in read] == ["1"] * len(first) + ["2"] * len(second)
+    assert read[0]["attribution_prompt"] == "a doctor, nurse and gender"  # quoted: the comma stays inside
+    assert float(read[3]["iou"]) == first[3]["iou"]
+
+
+def test_append_csv_refuses_rows_of_other_stages_and_names_them(tmp_path):
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, audit_rows(halves_trace(), q=0.5))
+    with pytest.raises(ValueError, match="its BIoU stages: down_1, up_1; this trace's: down_2"):
+        append_csv(path, audit_rows(halves_trace(stages=("down_2",)), q=0.5))
+    with open(path, encoding="utf-8") as f:
+        assert len(f.readlines()) == 1 + 4  # nothing appended
+
+
+def test_csv_text_is_what_the_file_holds(tmp_path):
+    rows = audit_rows(halves_trace(), q=0.5)
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, rows)
+    with open(path, newline="", encoding="utf-8") as f:
+        assert f.read().replace("\r\n", "\n") == csv_text(rows)

@@ -1,0 +1,117 @@
+"""Save Trace, Load Trace and Audit Log, run as ComfyUI runs them (class clone with its hidden inputs), on folders of
+the test's own."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+
+def defaults(node) -> dict:
+    return {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
+
+
+@pytest.fixture
+def folders(comfy, tmp_path):
+    import folder_paths
+
+    saved = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    (tmp_path / "in").mkdir(), (tmp_path / "out").mkdir()
+    folder_paths.set_input_directory(str(tmp_path / "in"))
+    folder_paths.set_output_directory(str(tmp_path / "out"))
+    yield tmp_path
+    folder_paths.set_input_directory(saved[0])
+    folder_paths.set_output_directory(saved[1])
+
+
+@pytest.fixture(scope="module")
+def trace(pack, sd15, prompts):
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=2, seed=5,
+                                                  sampler_name="euler", scheduler="karras", guidance_scale=0.0,
+                                                  attribution_prompt="A photo of a doctor, a nurse and gender",
+                                                  semantic="doctor, nurse",
+                                                  latent_image={"samples": torch.zeros(2, 4, 32, 32)})
+    with torch.inference_mode():
+        return BiasMapGuidedKSampler.execute(**args).result[1]
+
+
+def as_comfy_runs(node, prompt=None):
+    """The class clone ComfyUI's executor makes, with the hidden inputs an output node gets."""
+    from comfy_api.latest import io
+
+    return node.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.prompt: prompt, io.Hidden.extra_pnginfo: None}})
+
+
+def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
+    assert trace.run == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
+                         "attribution_prompt": "A photo of a doctor, a nurse and gender"}
+
+
+def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapLoadTrace, BiasMapSaveTrace
+
+    workflow = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"seed": 5}}}
+    for _ in range(2):
+        as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace")
+    as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "elsewhere/trace")  # saved, but not listed
+    saved = folders / "out" / "biasmap" / "audits"
+    assert sorted(p.name for p in saved.iterdir()) == ["trace_00001_.safetensors", "trace_00002_.safetensors"]
+    with safe_open(str(saved / "trace_00001_.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["prompt"]) == workflow
+
+    (folders / "in" / "shared.safetensors").write_bytes((folders / "out" / "elsewhere" / "trace_00001_.safetensors")
+                                                          .read_bytes())
+    options = BiasMapLoadTrace.define_schema().inputs[0].options
+    assert options == ["shared.safetensors", "biasmap/audits/trace_00001_.safetensors [output]",
+                       "biasmap/audits/trace_00002_.safetensors [output]"]
+    for name in (options[0], options[2]):
+        assert BiasMapLoadTrace.validate_inputs(name) is True
+        loaded = BiasMapLoadTrace.execute(name).result[0]
+        assert loaded.run == trace.run and loaded.tokens == trace.tokens
+        assert torch.equal(loaded.iou("gender", "doctor"), trace.iou("gender", "doctor"))
+
+
+def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_trace(pack, folders, trace):
+    from safetensors.torch import save_file
+
+    from biasmap_pack.nodes import BiasMapLoadTrace
+
+    assert "save one with BiasMap Save Trace" in BiasMapLoadTrace.validate_inputs("gone.safetensors")
+    save_file({"w": torch.zeros(1)}, str(folders / "in" / "model.safetensors"))
+    with pytest.raises(ValueError, match="not a BiasMap trace.*Choose a file saved by BiasMap Save Trace"):
+        BiasMapLoadTrace.execute("model.safetensors")
+
+
+def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    node = as_comfy_runs(BiasMapAuditLog)
+    args = defaults(BiasMapAuditLog) | {"trace": trace}
+    first = node.execute(**args | {"label": "first"}).result[0]
+    node.execute(**args | {"concept_b": "nurse", "label": "second"})
+    with open(folders / "out" / "biasmap" / "audit.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    # 2 images × (gender, doctor) and (gender, nurse), then 2 images × (gender, nurse)
+    assert [(r["label"], r["semantic"], r["image"]) for r in rows] == [
+        ("first", "doctor", "0"), ("first", "doctor", "1"), ("first", "nurse", "0"), ("first", "nurse", "1"),
+        ("second", "nurse", "0"), ("second", "nurse", "1")]
+    assert {(r["seed"], r["sampler"], r["scheduler"], r["guidance_scale"]) for r in rows} == {
+        ("5", "euler", "karras", "0.0")}
+    ious = trace.iou("gender", "nurse", size=trace.image_size).tolist()  # the reference thresholds at image size
+    assert [float(r["iou"]) for r in rows[4:]] == pytest.approx(ious, abs=1e-6)
+    assert first.splitlines()[0].startswith("label,seed,steps")
+
+
+def test_audit_log_refuses_a_file_outside_the_output_folder(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    with pytest.raises(ValueError, match="outside ComfyUI's output folder"):
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace,
+                                                                               "filename": "../escape"})
+    assert not (folders / "escape.csv").exists()
