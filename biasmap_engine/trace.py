@@ -180,7 +180,7 @@ class TraceRecorder:
     """
 
     def __init__(self):
-        self._stage_maps: dict[str, list[torch.Tensor]] = {}
+        self._stage_maps: dict[str, list[tuple[int, torch.Tensor]]] = {}  # stage → (row among ended evaluations, maps)
         self._current: dict[str, torch.Tensor] = {}
         self._weights: dict[str, float | torch.Tensor] = {}  # stage → weight of every (layer, entry) added to it
         self._layers: dict[str, set] = {}  # stage → the layers added to it
@@ -267,8 +267,9 @@ class TraceRecorder:
         if not self._current:
             raise RuntimeError("a model evaluation recorded no cross-attention map; the model has no U-Net "
                                "cross-attention in the recorded stages (DiT models are not supported)")
+        row = len(self._guidance["energy"])
         for stage, maps in self.current().items():
-            self._stage_maps.setdefault(stage, []).append(maps.detach().float())
+            self._stage_maps.setdefault(stage, []).append((row, maps.detach().float()))
         batch = next(iter(self._current.values())).shape[0]
         device = next(iter(self._current.values())).device
         nan = torch.full((batch,), float("nan"), device=device)
@@ -285,7 +286,8 @@ class TraceRecorder:
             raise RuntimeError("no model evaluation of the run reached the U-Net, so nothing was recorded: sample at "
                                "least one step, and bypass any node that answers every evaluation without the U-Net "
                                "(a cache)")
-        return BiasMapTrace(maps={s: torch.stack(v).cpu() for s, v in self._stage_maps.items()},
+        rows = len(self._guidance["energy"])
+        return BiasMapTrace(maps={s: _every_row(v, rows) for s, v in self._stage_maps.items()},
                             sigmas=torch.stack(self._sigmas).cpu()[kept], steps=self._step_labels()[kept],
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
 
@@ -295,6 +297,17 @@ class TraceRecorder:
             return torch.stack(self._steps).cpu()
         trailing = [self._last_step] * (len(self._sigmas) - self._reported)
         return torch.tensor(self._sampler_steps + trailing, dtype=torch.long)
+
+
+def _every_row(entries: list[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
+    """A stage's maps with one row per evaluation, on the CPU: zeros where the stage had no layer, as when Kohya Deep
+    Shrink runs some blocks at another grid on its steps (the stage's sum over evaluations is then over the others)."""
+    if len(entries) == rows:
+        return torch.stack([m for _, m in entries]).cpu()
+    stacked = entries[0][1].new_zeros((rows, *entries[0][1].shape))
+    for row, maps in entries:
+        stacked[row] = maps
+    return stacked.cpu()
 
 
 def _weighted_mean(total: torch.Tensor, weight: float | torch.Tensor, layers: int) -> torch.Tensor:

@@ -282,3 +282,23 @@ def test_evaluations_take_the_step_the_sampler_reports_after_each_steps_first_ev
         else:
             rec.step_started(item)
     assert rec.finish(tokens=TOKENS, latent_shape=[1, 4, 2, 2]).steps.tolist() == steps
+
+
+def test_a_stage_missing_from_some_evaluations_gets_zero_rows_there_and_the_trace_stays_measurable():
+    # Kohya Deep Shrink runs some blocks at half size on its early steps: their layers fall in another stage there.
+    rec = TraceRecorder()
+    gen = torch.Generator().manual_seed(0)
+    stages_per_step = [("down_1", "down_4"), ("down_1",), ("down_1", "down_2")]
+    for step, stages in enumerate(stages_per_step):
+        rec.begin(torch.tensor(10.0 - step), torch.tensor(step))
+        for stage in stages:
+            size = {"down_1": 8, "down_2": 4, "down_4": 2}[stage]
+            rec.add(stage, torch.rand(1, 6, size, size, generator=gen))
+        rec.end()
+    trace = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 8, 8])
+    assert {s: m.shape[0] for s, m in trace.maps.items()} == {"down_1": 3, "down_4": 3, "down_2": 3}
+    assert trace.maps["down_4"][1:].abs().sum() == 0 and trace.maps["down_2"][:2].abs().sum() == 0
+    assert trace.maps["down_4"][0].abs().sum() > 0 and trace.maps["down_2"][2].abs().sum() > 0
+    assert torch.equal(trace.concept_map("doctor", stages=["down_2"]),
+                       trace.concept_map("doctor", stages=["down_2"], steps=(2, 2)))
+    assert trace.iou("doctor", "gender").shape == (1,) and len(trace.block_ious("doctor", "gender")) == 3

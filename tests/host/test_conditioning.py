@@ -62,6 +62,23 @@ def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_betwe
     assert_same_maps(doubled, alone, slack=kernel_slack)
 
 
+def test_deep_shrink_moving_layers_to_another_stage_on_some_steps_leaves_a_measurable_trace(sd15, prompts):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        # After input block 1, the U-Net runs at half size for the first 35 % of the steps: input block 3's
+        # cross-attention (down×½) is at a quarter of the latent there, a stage no other step has.
+        shrunk = PatchModelAddDownscale.execute(model, 1, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")[0]
+    _, trace = sample(shrunk, clip, pos, neg, steps=4)
+    rows = {s: (m.flatten(1).abs().sum(1) > 0).tolist() for s, m in trace.maps.items()}
+    assert rows["down_4"] == [True, True, False, False] and rows["down_2"] == [False, False, True, True]
+    assert rows["down_1"] == [True] * 4
+    assert trace.iou("gender", "doctor").shape == (1,)
+    assert set(trace.block_ious("gender", "doctor")) == set(trace.maps)
+
+
 @pytest.mark.parametrize("memory", ["ample", "short"])
 def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch,
                                                                                 kernel_slack):
