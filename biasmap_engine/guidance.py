@@ -31,7 +31,8 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
     """Guided denoised, ‖∇_z E‖ and status per image; all on the input's device, no host synchronisation."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    grad = grad_x.float()
+    wide = torch.promote_types(denoised.dtype, torch.float32)  # fp32 at least; float64 stays float64
+    grad = grad_x.to(wide)
     norm = z_grad_norm(grad, sigma)
     finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(norm)
     small = norm < max_norm
@@ -43,9 +44,9 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
         status = torch.where(small, STATUS["applied"], STATUS["clipped"])
     status = torch.where(finite, status, STATUS["skipped_nonfinite"]).to(torch.int8)
     grad = torch.where(finite.view(-1, 1, 1, 1), grad, torch.zeros_like(grad))  # NaN · 0 is NaN: zero it first
-    sigma2 = sigma.float().view(-1, *([1] * (grad.dim() - 1))) ** 2
-    step = scale * sigma2 * factor.view_as(sigma2) * grad
-    return (denoised.float() - step).to(denoised.dtype), norm, status
+    sigma2 = sigma.to(wide).view(-1, *([1] * (grad.dim() - 1))) ** 2
+    step = scale * sigma2 * factor.to(wide).view_as(sigma2) * grad
+    return (denoised.to(wide) - step).to(denoised.dtype), norm, status
 
 
 def entanglement_energy(token_maps: torch.Tensor, pairs: list[tuple[list[int], list[int]]], keep: float = 0.3,

@@ -235,6 +235,11 @@ class TraceRecorder:
         """The stages the open evaluation has maps of, in the order they came."""
         return list(self._current)
 
+    @property
+    def current_grid(self) -> tuple[int, int]:
+        """The largest attention grid of the open evaluation, where OVAM sums its stages."""
+        return max((tuple(m.shape[-2:]) for m in self._current.values()), key=lambda hw: hw[0] * hw[1])
+
     def skip(self) -> None:
         """Close the open evaluation as one in which the U-Net never ran (a cache answered it): it has no maps and is
         left out of the trace, but keeps its place until then, so the evaluations after it get their steps right."""

@@ -434,7 +434,10 @@ class BiasMapSession:
                        f"(at least at some steps): the energy came from {', '.join(maps)} there; this model records "
                        f"{', '.join(self.recorder.current_stages)}; leave the others out of guided_stages")
         s = self.settings
-        return entanglement_energy(sum_upsampled(list(maps.values())), self.pairs, s.keep, s.gamma, s.mode, s.iters)
+        # At the largest attention grid of all recorded stages, as the reference aggregates, also when the guided
+        # stages are coarser (down×½ alone at 512² is soft top-k over 64² pixels, not 32²).
+        maps = sum_upsampled(list(maps.values()), self.recorder.current_grid)
+        return entanglement_energy(maps, self.pairs, s.keep, s.gamma, s.mode, s.iters)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 

@@ -65,3 +65,15 @@ def test_descending_the_energy_gradient_lowers_the_energy():
     (grad,) = torch.autograd.grad(energy.sum(), maps)
     lowered = entanglement_energy(maps.detach() - 0.5 * grad / grad.norm(), [([1], [2])], gamma=0.1, mode="exact")
     assert lowered.item() < energy.item()
+
+
+def test_a_float64_denoised_keeps_its_precision_and_a_gated_step_leaves_it_exactly():
+    gen = torch.Generator().manual_seed(1)
+    denoised = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) * 3 + 1e-9
+    grad = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    grad[0] *= 1e-3  # ‖∇_z E‖ ≈ 0.02, below the gate; image 1 ≈ 18, above it
+    sigma = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    out, _, status = guidance_step(denoised, grad, sigma, scale=1e-6, gate="skip")
+    assert out.dtype == torch.float64 and status.tolist() == [STATUS["applied"], STATUS["skipped_gate"]]
+    assert torch.equal(out[1], denoised[1])
+    assert torch.equal(out[0], denoised[0] - 1e-6 * 0.25 * grad[0])

@@ -11,6 +11,8 @@ from biasmap_engine import BiasMapSettings, entanglement_energy, find_word_posit
 from biasmap_engine.host import cross_attention_layers, deinference_, encode_attribution, start_session
 from guided_runs import ATTRIBUTION, sample
 
+STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2)}  # stage → (U-Net block, grid divisor)
+
 def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, stages=None):
     """(ε_cfg, E, ∇_z E) from the bare U-Net with forward hooks: no BiasMap patch involved (other nodes' block
     patches on ``model`` run, as the U-Net calls them)."""
@@ -46,13 +48,15 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
                 h.remove()
         h_lat, w_lat = x.shape[-2:]
         per_stage = {}
+        finest = min(round((h_lat * w_lat / q.shape[1]) ** 0.5) for q in queries.values())
         for key, q in queries.items():
             d = round((h_lat * w_lat / q.shape[1]) ** 0.5)
             keys = layers[key].to_k(emb.to(q.device, q.dtype))
             maps = token_softmax_maps(q[:b], keys, layers[key].heads, (h_lat // d, w_lat // d))
             if stages is None or (key[0], d) in stages:
                 per_stage[(key[0], d)] = per_stage.get((key[0], d), 0) + maps
-        energy = entanglement_energy(sum_upsampled(list(per_stage.values())), pairs)
+        # At the finest attention grid of the whole U-Net, whichever stages are guided (the reference's 64² at 512²).
+        energy = entanglement_energy(sum_upsampled(list(per_stage.values()), (h_lat // finest, w_lat // finest)), pairs)
         g_z = torch.autograd.grad(energy.sum(), z)[0] if grad else None
     out_u, out_c = out.detach().chunk(2)
     if base.model_type.name == "V_PREDICTION":  # v → ε through ComfyUI's x-space definitions
@@ -61,7 +65,8 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
     return out_u + cfg * (out_c - out_u), energy.detach(), g_z
 
 
-@pytest.mark.parametrize("family, stages", [("sd15", None), ("sd2v", None), ("sdxl", None), ("sd15", ("down_1",))])
+@pytest.mark.parametrize("family, stages", [("sd15", None), ("sd2v", None), ("sdxl", None), ("sd15", ("down_1",)),
+                                            ("sd15", ("down_2",))])
 def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages):
     import comfy_models
 
@@ -72,7 +77,7 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages
     # down_1 alone also exercises the truncated backward (activations detached after the last guided block).
     _, trace, (x, sigma, guided) = sample(model, clip, pos, neg, lam, guided_stages=stages)
     eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0,
-                                                      stages=None if stages is None else {("input", 1)})
+                                                      stages=None if stages is None else {STAGE_BLOCK[stages[0]]})
     alpha_bar = 1 / (1 + sigma ** 2)
     eps_hat = eps_cfg + lam * (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * g_z
     want = x - sigma.view(-1, 1, 1, 1) * eps_hat
