@@ -10,9 +10,8 @@ import torch
 
 from biasmap_engine import BiasMapSettings
 from biasmap_engine.host import sample_with_scheduler, start_session
+from guided_runs import ATTRIBUTION
 from guided_runs import sample as guided_sample
-
-ATTRIBUTION = "A photo of the face of a doctor and gender"
 
 
 def sample(model, clip, pos, neg, scale=0.0, steps=2, **settings):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from biasmap_engine import BiasMapSettings, entanglement_energy, find_word_positions, sum_upsampled, token_softmax_maps
-from biasmap_engine.host import cross_attention_layers, deinference_, encode_attribution, start_session
-from guided_runs import ATTRIBUTION, sample
+from biasmap_engine.host import (cross_attention_layers, deinference_, encode_attribution, sample_with_scheduler,
+                                 start_session)
+from guided_runs import ATTRIBUTION, evaluations, sample
 
 STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2)}  # stage → (U-Net block, grid divisor)
 
@@ -88,6 +89,29 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages
     assert trace.guidance_counts()["applied"] == 1
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun"])
+def test_every_evaluation_of_a_batch_gets_its_own_eps_space_update(sd15, prompts, sampler):
+    # Each step at its own σ (heun's corrector too), and each image of the batch with its own gradient.
+    model, clip = sd15
+    pos, neg = prompts
+    lam = 1000.0
+    _, trace, seen = evaluations(model, clip, pos, neg, lam, steps=3, sampler=sampler, batch=2)
+    assert len(seen) == trace.steps.numel() >= 3 and trace.guidance_counts()["applied"] == 2 * len(seen)
+    compared = 0
+    for i, (x, sigma, guided) in enumerate(seen):
+        eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0)
+        torch.testing.assert_close(trace.guidance["energy"][i], energy.cpu(), rtol=1e-4, atol=0)
+        assert not torch.allclose(g_z[0], g_z[1], rtol=0.05)  # the two images' gradients differ
+        if sigma[0] < 1:  # the last step's correction (σ ≈ 0.03) is within float noise of x − σε (‖x‖ ≈ 1400)
+            continue
+        s = sigma.view(-1, 1, 1, 1)
+        want = -s * lam * (s / (1 + s ** 2).sqrt()) * g_z  # −σ·λ√(1−ᾱ)·∇_z E: the ε-space update in x-space
+        got = guided - (x - s * eps_cfg)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+        compared += 1
+    assert compared >= 2  # the first step and later ones (heun: its corrector too)
+
+
 @pytest.mark.parametrize("patch", [None, "FreeU_V2"])
 def test_the_gradient_matches_finite_differences_of_the_energy(comfy, sd15, prompts, full_fp32, patch):
     # FreeU V2 writes h[:, :c/2] · s(h) back into h, after autograd saved h[:, :c/2] for the product's backward.
@@ -151,7 +175,7 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
     assert torch.isfinite(guided).all()
     assert not torch.equal(plain, guided)
     counts = trace.guidance_counts()
-    assert sum(counts.values()) == trace.steps.numel() * 2 and counts["not_guided"] == 0
+    assert counts["applied"] == sum(counts.values()) == trace.steps.numel() * 2  # every evaluation, both images
     assert torch.isfinite(trace.guidance["energy"]).all()
     assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
 
@@ -205,6 +229,7 @@ def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(s
     pos, neg = prompts
     key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"
     weight = model.model.get_parameter(key)
+    reference, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     results = []
     for strength in (0.5, 1.0):
         patched = model.clone()
@@ -214,15 +239,19 @@ def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(s
         results.append(out)
     unpatched, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], unpatched)
+    assert torch.equal(unpatched, reference)  # the patches left nothing behind in the weights guided through
 
 
 def test_another_nodes_attn2_replace_takes_effect_under_guidance(sd15, prompts):
     model, clip = sd15
     pos, neg = prompts
 
+    guided_calls = []
+
     def halve(q, k, v, extra):
         import comfy.ldm.modules.attention as attention
 
+        guided_calls.append(q.requires_grad)
         return 0.5 * attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
 
     patched = model.clone()
@@ -230,6 +259,7 @@ def test_another_nodes_attn2_replace_takes_effect_under_guidance(sd15, prompts):
     with_patch, _, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
     without, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert not torch.equal(with_patch, without)
+    assert guided_calls.count(True) == 2  # in the guided pass of each step too, the one the gradient goes through
 
 
 def test_guidance_differentiates_through_sdpa_when_the_hosts_attention_kernel_has_no_backward(sd15, prompts,
@@ -461,33 +491,63 @@ def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15
     assert torch.allclose(fallback, direct, rtol=1e-3, atol=1e-3 * direct.abs().max().item())
 
 
+@pytest.mark.parametrize("stages, cfg", [(None, 7.0), (("down_1",), 7.0), (None, 1.0)])
+def test_a_guided_evaluation_takes_its_gradient_on_its_own_unet_passes(sd15, prompts, stages, cfg):
+    # No second forward of the maps' branch. On a CPU with the whole U-Net in the backward, the two CFG branches run
+    # as one batch-1 pass each, only the maps' under autograd; otherwise (a GPU, or down×1) the one batched pass.
+    import comfy.patcher_extension as ext
+
+    model, clip = sd15
+    pos, neg = prompts
+    batches = []
+    counted = model.clone()
+    counted.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "count",
+                                 lambda run, x, *args, **kw: batches.append(x.shape[0]) or run(x, *args, **kw))
+    _, trace, _ = sample(counted, clip, pos, neg, 100.0, steps=2, cfg=cfg, guided_stages=stages)
+    separate = model.load_device.type == "cpu" and stages is None
+    per_evaluation = [1] if cfg == 1.0 else [1, 1] if separate else [2]
+    assert batches == per_evaluation * 2 and trace.guidance_counts()["applied"] == 2
+
+
 @pytest.mark.parametrize("kind", ["error", "interrupt"])
 def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(sd15, prompts, kind):
     import comfy.model_management as mm
 
     model, clip = sd15
     pos, neg = prompts
-    before = {k: repr(v) for k, v in model.model_options.items()}
-    failing = model.clone()
     calls = {"n": 0}
 
     def boom(n, context, value, extra):
         calls["n"] += 1
-        if calls["n"] == 12:
+        if calls["n"] == 12:  # in the first evaluation's guided pass (its second U-Net pass on a CPU)
             if kind == "error":
                 raise RuntimeError("boom in a guided step")
             mm.interrupt_current_processing(True)  # the Cancel button
         return n, context, value
 
+    def run(m, steps=2):
+        """Straight through BiasMap on ``m`` itself, as the node hands it the caller's MODEL."""
+        with torch.inference_mode():
+            session = start_session(m, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+            return sample_with_scheduler(session, m, 0, steps, 7.0, "euler", "normal", pos, neg,
+                                         {"samples": torch.zeros(1, 4, 32, 32)})[0]["samples"]
+
+    def options(m):
+        return {k: repr(v) for k, v in m.model_options.items()}
+
+    reference = run(model)
+    failing = model.clone()
     failing.set_model_attn2_patch(boom)
+    before = options(failing), options(model)
     with pytest.raises(RuntimeError if kind == "error" else mm.InterruptProcessingException):
-        sample(failing, clip, pos, neg, 100.0, steps=3)
+        run(failing, steps=3)
     mm.interrupt_current_processing(False)
-    assert {k: repr(v) for k, v in model.model_options.items()} == before
-    again, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
-    first, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert calls["n"] == 12
+    assert (options(failing), options(model)) == before  # BiasMap patched a clone of what it was given
+    assert torch._C._len_torch_function_stack() == 0  # no SDPA, recipe or convolution mode left entered
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     # Equal on a CPU; GPU backward kernels may add in another order, hence the tolerance.
-    assert torch.allclose(again, first, rtol=1e-4, atol=1e-5 * first.abs().max().item())
+    torch.testing.assert_close(run(model), reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
 
 def test_flow_matching_models_are_refused_for_guidance_with_a_clear_message(comfy, sd15):

@@ -9,8 +9,8 @@ from biasmap_engine import (BiasMapSettings, BiasMapTrace, ConceptNotFoundError,
                             token_softmax_maps)
 from biasmap_engine.host import (UnsupportedModelError, encode_attribution, sample_with_sampler,
                                  sample_with_scheduler, start_session)
+from guided_runs import ATTRIBUTION
 
-ATTRIBUTION = "A photo of the face of a doctor and gender"
 RECORD = BiasMapSettings(scale=0.0)
 
 

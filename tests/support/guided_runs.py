@@ -10,6 +10,13 @@ ATTRIBUTION = "A photo of the face of a doctor and gender"
 
 def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32, **settings):
     """One run; returns (latent, trace, first evaluation's (x, σ, guided denoised))."""
+    out, trace, seen = evaluations(model, clip, pos, neg, scale, seed, steps, sampler, cfg, batch, size, **settings)
+    return out, trace, seen[0]
+
+
+def evaluations(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32,
+                **settings):
+    """One run; returns (latent, trace, every evaluation's (x, σ, guided denoised), in order)."""
     import comfy.patcher_extension as ext
 
     seen = []
@@ -26,4 +33,4 @@ def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7
         session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
                                 BiasMapSettings(scale=scale, **settings))
         out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, "normal", pos, neg, lat)
-    return out["samples"], trace, seen[0]
+    return out["samples"], trace, seen
