@@ -17,7 +17,8 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "prompt_words", "readable", "split_concepts"]
+__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "prompt_words", "readable",
+           "require_distinct_concepts", "split_concepts"]
 
 _END = "</w>"
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
@@ -158,3 +159,20 @@ def _phrase_positions(spans: list[tuple[str, list[int]]], words: tuple[str, ...]
         if all(spelled.replace(_FINAL_SIGMA, _SIGMA) == word for (spelled, _), word in zip(run, words)):
             positions += [p for _, piece_positions in run for p in piece_positions]
     return positions
+
+
+def require_distinct_concepts(demographic: list[str], semantic: list[str], positions: dict[str, list[int]]) -> None:
+    """Refuse concepts listed twice, and a demographic and a semantic concept sharing tokens: a concept's overlap
+    with itself is 1 whatever the image, and a concept listed twice counts twice in the energy's mean."""
+    for label, concepts in (("demographic", demographic), ("semantic", semantic)):
+        for i, a in enumerate(concepts):
+            for b in concepts[i + 1:]:
+                if positions[a] == positions[b]:
+                    raise ValueError(f"the {label} concepts list '{a}' and '{b}', the same tokens of the attribution "
+                                     f"prompt: list each concept once")
+    for a in demographic:
+        for b in semantic:
+            if set(positions[a]) & set(positions[b]):
+                raise ValueError(f"the demographic concept '{a}' and the semantic concept '{b}' share tokens of the "
+                                 f"attribution prompt, and a concept's overlap with itself is 1 whatever the image: "
+                                 f"give them words that do not overlap")

@@ -46,11 +46,12 @@ import torch
 from ..guidance import entanglement_energy, guidance_step
 from ..ovam import sum_upsampled
 from ..settings import BiasMapSettings
-from ..tokens import find_word_positions
+from ..tokens import find_word_positions, require_distinct_concepts
 from ..trace import TraceRecorder
 from .capture import BranchCapture
 from .conditioning import control_models, covers_image, hook_groups
-from .lean_backward import CopiedSaves, LeanBackward
+from .guided_pass import out_of_memory, out_of_memory_explained, with_patches_on_copies, with_sdpa_attention
+from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet, weight_slots
 
@@ -97,7 +98,7 @@ class BiasMapSession:
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
-        _require_distinct(demographic, semantic, positions)
+        require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window
         if settings.guiding and not self.pairs:
@@ -278,7 +279,7 @@ class BiasMapSession:
             return self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
                                     x_in, timestep, model_options, branch, guide, conds)
         except RuntimeError as err:
-            if not (guide and _out_of_memory(err)):
+            if not (guide and out_of_memory(err)):
                 raise
         # Outside the except block, so the failed pass's activations are freed before the retry. ComfyUI sizes its
         # batches for inference; autograd keeps every activation of the guided pass until the backward.
@@ -303,8 +304,8 @@ class BiasMapSession:
         cpu = x_in.device.type == "cpu"
         # On a CPU the other branch's attention runs in SDPA too: ComfyUI's CPU default (sub-quadratic attention in
         # plain torch ops) is the slower kernel, and λ > 0 changes the result anyway. A GPU keeps ComfyUI's choice.
-        other_options = _with_sdpa_attention(model_options, everywhere=True) if cpu else model_options
-        with _out_of_memory_explained(), SmallGridConvolution() if cpu else contextlib.nullcontext():
+        other_options = with_sdpa_attention(model_options, everywhere=True) if cpu else model_options
+        with out_of_memory_explained(), SmallGridConvolution() if cpu else contextlib.nullcontext():
             out = (executor(model, others, x_in, timestep, other_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
             guided = self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
@@ -327,7 +328,7 @@ class BiasMapSession:
         def extra(c, x_, t, options):
             return comfy.samplers.calc_cond_batch(model, c, x_, t, options)
 
-        with _out_of_memory_explained():  # this pass runs the maps' branch alone already
+        with out_of_memory_explained():  # this pass runs the maps' branch alone already
             self._run_branch(model, extra, x, timestep, model_options, _COND, self._guide_now(model, timestep),
                              [conds[branch]])
 
@@ -417,7 +418,7 @@ class BiasMapSession:
                 with LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext():
                     self._guiding = True
                     out = run(conds, x_leaf, timestep.detach().clone(),
-                              _with_sdpa_attention(_with_patches_on_copies(model_options)))
+                              with_sdpa_attention(with_patches_on_copies(model_options)))
                 return [o.detach() for o in out], gradient(x_leaf)
         finally:
             self._truncating = self._controlled = self._guiding = False
@@ -495,23 +496,6 @@ class BiasMapSession:
                                     run={**run, "attribution_prompt": self.attribution_prompt})
 
 
-def _require_distinct(demographic, semantic, positions) -> None:
-    """Refuse concepts listed twice, and a demographic and a semantic concept sharing tokens: a concept's overlap
-    with itself is 1 whatever the image, and a concept listed twice counts twice in the energy's mean."""
-    for label, concepts in (("demographic", demographic), ("semantic", semantic)):
-        for i, a in enumerate(concepts):
-            for b in concepts[i + 1:]:
-                if positions[a] == positions[b]:
-                    raise ValueError(f"the {label} concepts list '{a}' and '{b}', the same tokens of the attribution "
-                                     f"prompt: list each concept once")
-    for a in demographic:
-        for b in semantic:
-            if set(positions[a]) & set(positions[b]):
-                raise ValueError(f"the demographic concept '{a}' and the semantic concept '{b}' share tokens of the "
-                                 f"attribution prompt, and a concept's overlap with itself is 1 whatever the image: "
-                                 f"give them words that do not overlap")
-
-
 def _add_outermost(model_patcher, wrapper_type: str, wrapper) -> None:
     """``wrapper`` first among its type in the model's options, whose wrappers ComfyUI puts before the model's own
     when sampling starts. A plain function, not a bound method: cloning a model deep-copies its options."""
@@ -527,73 +511,3 @@ def _sigma_and_step(timestep, model_options) -> tuple[torch.Tensor, torch.Tensor
     if schedule is None:
         return sigma, torch.zeros((), dtype=torch.long)
     return sigma, ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2)
-
-
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
-
-
-def _out_of_memory(err: RuntimeError) -> bool:
-    """Whether ``err`` is an accelerator running out of memory: CUDA's own error type, or the plain RuntimeError that
-    other backends (Apple's MPS: "MPS backend out of memory") raise."""
-    return isinstance(err, _OUT_OF_MEMORY) or "out of memory" in str(err)
-
-
-@contextlib.contextmanager
-def _out_of_memory_explained():
-    """Running out of GPU memory in a guided pass of one CFG branch, re-raised with what to change.
-
-    Raised as torch's OutOfMemoryError whatever the backend, so ComfyUI shows its out-of-memory tips too.
-    """
-    try:
-        yield
-    except RuntimeError as err:
-        if not _out_of_memory(err):
-            raise
-        raise _OUT_OF_MEMORY(
-            "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
-            "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), lower "
-            "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
-
-
-def _with_sdpa_attention(model_options, everywhere=False):
-    """Model options whose attention, where autograd records it (or ``everywhere``), is PyTorch's SDPA (fused, with
-    its own backward).
-
-    Otherwise attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps
-    ComfyUI's choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
-    """
-    import comfy.ldm.modules.attention as attention
-
-    options = model_options.get("transformer_options", {})
-    if "optimized_attention_override" in options:
-        return model_options
-
-    def sdpa(func, q, k, v, *args, **kwargs):
-        if everywhere or (torch.is_grad_enabled() and q.requires_grad):
-            return attention.attention_pytorch(q, k, v, *args, **kwargs)
-        return func(q, k, v, *args, **kwargs)
-
-    return {**model_options, "transformer_options": {**options, "optimized_attention_override": sdpa}}
-
-
-def _with_patches_on_copies(model_options):
-    """Model options whose U-Net patches (the lists in ``transformer_options["patches"]``: FreeU's, HyperTile's, …;
-    not those ComfyUI adds during sampling, such as GLIGEN's or hooks') run inside
-    :class:`CopiedSaves`, so that a patch changing in place the activations it computed with (FreeU V2) leaves
-    autograd what it needs for the backward.
-    """
-    options = model_options.get("transformer_options", {})
-    patches = options.get("patches")
-    if not patches:
-        return model_options
-    wrapped = {name: [_keeping_copies(p) if callable(p) else p for p in fns] if isinstance(fns, list) else fns
-               for name, fns in patches.items()}
-    return {**model_options, "transformer_options": {**options, "patches": wrapped}}
-
-
-def _keeping_copies(patch):
-    def run(*args, **kwargs):
-        with CopiedSaves():
-            return patch(*args, **kwargs)
-
-    return run

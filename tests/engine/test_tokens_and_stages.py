@@ -2,6 +2,7 @@ import pytest
 
 from biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, parse_stages, prompt_words,
                             readable, split_concepts, stage_label, stage_of)
+from biasmap_engine.tokens import require_distinct_concepts
 
 TOKENS = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "an</w>", "armad", "illo</w>", "and</w>", "gender</w>",
           "<|endoftext|>"]
@@ -135,3 +136,16 @@ def test_cjk_words_are_found_under_either_tokenizers_split():
     assert prompt_words(DOCTOR_PER_IDEOGRAPH) == ["一", "个", "医", "生"]
     with pytest.raises(ConceptNotFoundError, match="一个医生"):  # the middle of the one word
         find_word_positions(DOCTOR_ONE_WORD, "医生")
+
+
+@pytest.mark.parametrize("demographic, semantic, message", [
+    (["gender"], ["gender"], "share tokens of the attribution prompt"),
+    (["gender"], ["doctor and gender"], "share tokens of the attribution prompt"),
+    (["gender", "Gender"], ["doctor"], "list each concept once"),
+])
+def test_concepts_that_overlap_or_repeat_are_refused(demographic, semantic, message):
+    tokens = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
+    positions = {w: find_word_positions(tokens, w) for w in (*demographic, *semantic)}
+    with pytest.raises(ValueError, match=message):
+        require_distinct_concepts(demographic, semantic, positions)
+    require_distinct_concepts(["gender"], ["doctor"], positions | {"doctor": [2], "gender": [4]})

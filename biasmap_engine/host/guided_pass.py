@@ -1,0 +1,82 @@
+"""How a guided U-Net pass runs inside ComfyUI: its attention kernel, other nodes' patches, running out of memory.
+
+Model options are never changed in place: each helper returns new options for the one pass, so the sampler's own
+passes keep ComfyUI's choices.
+"""
+
+import contextlib
+
+import torch
+
+from .lean_backward import CopiedSaves
+
+__all__ = ["out_of_memory", "out_of_memory_explained", "with_patches_on_copies", "with_sdpa_attention"]
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
+
+
+def out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an accelerator running out of memory: CUDA's own error type, or the plain RuntimeError that
+    other backends (Apple's MPS: "MPS backend out of memory") raise."""
+    return isinstance(err, _OUT_OF_MEMORY) or "out of memory" in str(err)
+
+
+@contextlib.contextmanager
+def out_of_memory_explained():
+    """Running out of GPU memory in a guided pass of one CFG branch, re-raised with what to change.
+
+    Raised as torch's OutOfMemoryError whatever the backend, so ComfyUI shows its out-of-memory tips too.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not out_of_memory(err):
+            raise
+        raise _OUT_OF_MEMORY(
+            "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
+            "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), lower "
+            "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
+
+
+def with_sdpa_attention(model_options, everywhere=False):
+    """Model options whose attention, where autograd records it (or ``everywhere``), is PyTorch's SDPA (fused, with
+    its own backward).
+
+    Otherwise attention that no gradient flows through (the other CFG branch, layers after a truncation) keeps
+    ComfyUI's choice. Another node's ``optimized_attention_override`` is left alone: it owns that slot.
+    """
+    import comfy.ldm.modules.attention as attention
+
+    options = model_options.get("transformer_options", {})
+    if "optimized_attention_override" in options:
+        return model_options
+
+    def sdpa(func, q, k, v, *args, **kwargs):
+        if everywhere or (torch.is_grad_enabled() and q.requires_grad):
+            return attention.attention_pytorch(q, k, v, *args, **kwargs)
+        return func(q, k, v, *args, **kwargs)
+
+    return {**model_options, "transformer_options": {**options, "optimized_attention_override": sdpa}}
+
+
+def with_patches_on_copies(model_options):
+    """Model options whose U-Net patches (the lists in ``transformer_options["patches"]``: FreeU's, HyperTile's, …;
+    not those ComfyUI adds during sampling, such as GLIGEN's or hooks') run inside
+    :class:`CopiedSaves`, so that a patch changing in place the activations it computed with (FreeU V2) leaves
+    autograd what it needs for the backward.
+    """
+    options = model_options.get("transformer_options", {})
+    patches = options.get("patches")
+    if not patches:
+        return model_options
+    wrapped = {name: [_keeping_copies(p) if callable(p) else p for p in fns] if isinstance(fns, list) else fns
+               for name, fns in patches.items()}
+    return {**model_options, "transformer_options": {**options, "patches": wrapped}}
+
+
+def _keeping_copies(patch):
+    def run(*args, **kwargs):
+        with CopiedSaves():
+            return patch(*args, **kwargs)
+
+    return run
