@@ -21,5 +21,6 @@ __all__ = [
     "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "clip_words", "colorize",
     "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step",
     "hard_mask", "iou", "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys",
-    "prepared_token_softmax_maps", "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
+    "prepared_token_softmax_maps", "prompt_words", "readable", "resize_maps", "soft_iou", "soft_topk", "split_concepts",
+    "stage_label", "stage_of", "sum_upsampled", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

@@ -17,7 +17,10 @@ from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text"]
 
-_RUN = ("seed", "steps", "cfg", "sampler", "scheduler", "denoise", "attribution_prompt")
+# The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
+_SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep", "iters": "sinkhorn_iters"}
+_RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise",
+        "attribution_prompt")
 
 
 def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "") -> list[dict]:
@@ -31,8 +34,9 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     counts = [{name: int((status[:, i] == code).sum()) if status is not None else "" for name, code in STATUS.items()}
               for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
-    settings = {"model_family": trace.model_family, "guidance_scale": trace.settings.get("scale", ""),
-                "guided_stages": " ".join(trace.settings.get("guided_stages") or ["all"])}
+    settings = {"model_family": trace.model_family,
+                **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
+                   for k, v in trace.settings.items()}}
     rows = []
     for a, b in pairs:
         ious = iou(*trace.masks(a, b, q, size=size))
@@ -57,12 +61,13 @@ def append_csv(path: str, rows: list[dict]) -> None:
     columns = list(rows[0])
     exists = os.path.exists(path) and os.path.getsize(path) > 0
     if exists:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a file a spreadsheet saved again
             header = next(csv.reader(f), [])
         if header != columns:
-            raise ValueError(f"{path} holds rows with other columns than this trace's (its BIoU stages: "
-                             f"{_stages(header)}; this trace's: {_stages(columns)}), as rows of another model family "
-                             f"would: give this audit another file name")
+            raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
+                             f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
+                             f"BIoU columns follow the recorded stages, which differ between model families and "
+                             f"with include_middle: give this audit another file name")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -80,5 +85,5 @@ def csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _stages(columns) -> str:
-    return ", ".join(c.removeprefix("biou_") for c in columns if c.startswith("biou_")) or "none"
+def _differing(columns, others) -> str:
+    return ", ".join(c for c in columns if c not in others) or "nothing (another order)"

@@ -66,8 +66,13 @@ class BiasMapAuditLog(io.ComfyNode):
 def _output_path(filename: str) -> str:
     """``filename``.csv inside the output folder; paths that leave it are refused, as ComfyUI's savers refuse them."""
     output_dir = os.path.abspath(folder_paths.get_output_directory())
-    path = os.path.abspath(os.path.join(output_dir, filename if filename.endswith(".csv") else filename + ".csv"))
-    if os.path.commonpath((output_dir, path)) != output_dir:
+    name = filename if filename.lower().endswith(".csv") else filename + ".csv"
+    path = os.path.abspath(os.path.join(output_dir, name))
+    try:
+        inside = os.path.commonpath((output_dir, path)) == output_dir
+    except ValueError:  # Windows: another drive
+        inside = False
+    if not inside:
         raise ValueError(f"the audit file '{filename}' would be written outside ComfyUI's output folder: give a path "
                          f"inside it, e.g. biasmap/audit")
     return path

@@ -72,9 +72,10 @@ class BiasMapLoadTrace(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, trace_file):
-        if not folder_paths.exists_annotated_filepath(trace_file):
-            return (f"no trace file '{trace_file}': save one with BiasMap Save Trace, or put the file in ComfyUI's "
-                    f"input folder, then refresh the page")
+        # Taking trace_file here turns off ComfyUI's check that it is one of the listed files: this is that check.
+        if not _readable(trace_file):
+            return (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/: save one with "
+                    f"BiasMap Save Trace, or put the file in ComfyUI's input folder, then refresh the page")
         return True
 
     @classmethod
@@ -86,7 +87,7 @@ class BiasMapLoadTrace(io.ComfyNode):
         try:
             trace = BiasMapTrace.load(folder_paths.get_annotated_filepath(trace_file))
         except TraceFormatError as err:
-            raise ValueError(f"{err}. Choose a file saved by BiasMap Save Trace.") from err
+            raise ValueError(f"{str(err).rstrip('.')}. Choose a file saved by BiasMap Save Trace.") from err
         return io.NodeOutput(trace)
 
 
@@ -101,8 +102,22 @@ def trace_files() -> list[str]:
     found = []
     for folder, under, note in ((folder_paths.get_input_directory(), "", ""), (output, SAVED, " [output]")):
         names = []
-        for root, _, files in os.walk(os.path.join(folder, under), followlinks=True):
+        for root, _, files in os.walk(os.path.join(folder, under)):  # links not followed: a loop would never end
             names += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
                       for f in files if f.endswith(EXTENSION)]
         found += [name + note for name in sorted(names)]
     return found
+
+
+def _readable(trace_file: str) -> bool:
+    """A file (not a folder) in the input folder or under the output folder's ``biasmap/``, as listed."""
+    path = os.path.realpath(folder_paths.get_annotated_filepath(trace_file))
+    roots = [folder_paths.get_input_directory(), os.path.join(folder_paths.get_output_directory(), SAVED)]
+    return os.path.isfile(path) and any(_inside(path, os.path.realpath(root)) for root in roots)
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath((path, root)) == root
+    except ValueError:  # Windows: another drive
+        return False

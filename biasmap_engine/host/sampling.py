@@ -23,8 +23,8 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
 
     (out,) = nodes.common_ksampler(session.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                    negative, latent, denoise=denoise)
-    return out, session.finish(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
-                               denoise=denoise)
+    return out, session.finish(**_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
+                               scheduler=scheduler, denoise=denoise, add_noise=True)
 
 def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                         latent, add_noise: bool = True):
@@ -54,10 +54,23 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
-    # A SAMPLER carries no name; its function's is the closest (sample_euler; KSamplerSelect's ddim runs euler's).
+    # A SAMPLER carries no name; its function's is the closest: sample_euler → euler, as KSampler names it
+    # (KSamplerSelect's ddim runs euler's function, and is named so).
     name = getattr(getattr(sampler, "sampler_function", None), "__name__", type(sampler).__name__)
-    return latent, session.finish(seed=noise_seed, steps=sigmas.shape[-1] - 1, cfg=cfg, sampler=name,
-                                  scheduler="custom sigmas", add_noise=add_noise)
+    return latent, session.finish(**_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1, cfg=cfg,
+                                  sampler=name.removeprefix("sample_"), scheduler="custom sigmas", add_noise=add_noise)
+
+
+def _identity() -> dict:
+    """Which run made a trace: ComfyUI's prompt id (empty outside its executor) and the UTC time it finished, so
+    rows of one run can be told apart from a cached trace logged again."""
+    from datetime import datetime, timezone
+
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return {"prompt_id": context.prompt_id if context is not None else "",
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def sampler_names() -> list[str]:

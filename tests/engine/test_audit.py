@@ -41,6 +41,7 @@ def test_audit_rows_give_each_image_and_pair_its_iou_biou_and_guidance_counts():
     assert {k: first[k] for k in RUN} == RUN
     assert (first["label"], first["demographic"], first["q"], first["guidance_scale"], first["guided_stages"],
             first["notes"]) == ("run A", "gender", 0.5, 100.0, "all", "a note")
+    assert first["prompt_id"] == first["time"] == ""  # not in this trace's run: empty, the columns stay
 
 
 def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
@@ -73,10 +74,20 @@ def test_append_csv_writes_the_header_once_and_keeps_every_run(tmp_path):
 def test_append_csv_refuses_rows_of_other_stages_and_names_them(tmp_path):
     path = str(tmp_path / "audit.csv")
     append_csv(path, audit_rows(halves_trace(), q=0.5))
-    with pytest.raises(ValueError, match="its BIoU stages: down_1, up_1; this trace's: down_2"):
+    with pytest.raises(ValueError, match="only the file has: biou_down_1, biou_up_1; only the trace has: biou_down_2"
+                                         r"\). .*include_middle"):
         append_csv(path, audit_rows(halves_trace(stages=("down_2",)), q=0.5))
     with open(path, encoding="utf-8") as f:
         assert len(f.readlines()) == 1 + 4  # nothing appended
+
+
+def test_append_csv_takes_a_file_a_spreadsheet_saved_again_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert len(list(csv.DictReader(f))) == 8
 
 
 def test_csv_text_is_what_the_file_holds(tmp_path):

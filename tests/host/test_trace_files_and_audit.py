@@ -49,8 +49,13 @@ def as_comfy_runs(node, prompt=None):
 
 
 def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
-    assert trace.run == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
-                         "attribution_prompt": "A photo of a doctor, a nurse and gender"}
+    from datetime import datetime, timezone
+
+    made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")}
+    assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
+                    "add_noise": True, "attribution_prompt": "A photo of a doctor, a nurse and gender"}
+    assert trace.run["prompt_id"] == ""  # run outside ComfyUI's executor; the server test sees a real one
+    assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(trace.run["time"])).total_seconds()) < 600
 
 
 def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders, trace):
@@ -83,8 +88,13 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
     from biasmap_pack.nodes import BiasMapLoadTrace
 
     assert "save one with BiasMap Save Trace" in BiasMapLoadTrace.validate_inputs("gone.safetensors")
+    outside = folders / "outside.safetensors"  # a trace, but outside the listed folders
+    trace.save(str(outside))
+    (folders / "out" / "biasmap" / "folder").mkdir(parents=True)
+    for name in ("../outside.safetensors", str(outside), "", "biasmap/folder [output]", "biasmap [output]"):
+        assert "no trace file" in BiasMapLoadTrace.validate_inputs(name), name
     save_file({"w": torch.zeros(1)}, str(folders / "in" / "model.safetensors"))
-    with pytest.raises(ValueError, match="not a BiasMap trace.*Choose a file saved by BiasMap Save Trace"):
+    with pytest.raises(ValueError, match=r"not a BiasMap trace.*[^.]\. Choose a file saved by BiasMap Save Trace"):
         BiasMapLoadTrace.execute("model.safetensors")
 
 
@@ -101,11 +111,11 @@ def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, f
     assert [(r["label"], r["semantic"], r["image"]) for r in rows] == [
         ("first", "doctor", "0"), ("first", "doctor", "1"), ("first", "nurse", "0"), ("first", "nurse", "1"),
         ("second", "nurse", "0"), ("second", "nurse", "1")]
-    assert {(r["seed"], r["sampler"], r["scheduler"], r["guidance_scale"]) for r in rows} == {
-        ("5", "euler", "karras", "0.0")}
+    assert {(r["seed"], r["sampler"], r["scheduler"], r["guidance_scale"], r["soft_topk"], r["gate"]) for r in rows} == {
+        ("5", "euler", "karras", "0.0", "paper", "skip")}
     ious = trace.iou("gender", "nurse", size=trace.image_size).tolist()  # the reference thresholds at image size
     assert [float(r["iou"]) for r in rows[4:]] == pytest.approx(ious, abs=1e-6)
-    assert first.splitlines()[0].startswith("label,seed,steps")
+    assert first.splitlines()[0].startswith("label,prompt_id,time,seed,steps")
 
 
 def test_audit_log_refuses_a_file_outside_the_output_folder(pack, folders, trace):
