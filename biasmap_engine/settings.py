@@ -32,6 +32,7 @@ class BiasMapSettings:
                   (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
                   (0.0 < self.keep < 1.0, f"keep must be in (0, 1), got {self.keep}"),
                   (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
+                  (self.iters >= 1, f"the Sinkhorn needs at least one iteration, got iters={self.iters}"),
                   (self.scale >= 0, f"the guidance scale λ must be ≥ 0, got {self.scale}"),
                   (0.0 <= self.start < self.end <= 1.0,
                    f"the guidance window needs 0 ≤ start < end ≤ 1 (start = end guides nothing), got "
