@@ -170,20 +170,44 @@ class BiasMapTrace:
         return list(stages)
 
 
+class _Sums:
+    """One evaluation's maps as its layers arrive: per stage, the weighted sum over layers and entries, the total
+    weight of every (layer, entry) added and the layers added."""
+
+    def __init__(self):
+        self.maps: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float | torch.Tensor] = {}
+        self.layers: dict[str, set] = {}
+
+    def add(self, stage: str, maps: torch.Tensor, layer, weight) -> None:
+        previous = self.maps.get(stage)
+        self.maps[stage] = maps if previous is None else previous + maps
+        self.weights[stage] = self.weights.get(stage, 0.0) + weight
+        self.layers.setdefault(stage, set()).add(object() if layer is None else layer)
+
+    def weighting(self) -> dict[str, tuple]:
+        return {s: (self.weights[s], len(self.layers[s])) for s in self.maps}
+
+    def means(self, weighting=None) -> dict[str, torch.Tensor]:
+        weighting = weighting or self.weighting()
+        return {s: _weighted_mean(m, *weighting[s]) for s, m in self.maps.items()}
+
+
 class TraceRecorder:
     """Accumulates one run's maps on the device, one model evaluation at a time; :meth:`finish` builds the trace.
 
     Layers of one stage are summed as they arrive; nothing leaves the device until the run ends. When the recorded
     CFG branch has several conditioning entries (ConditioningCombine), each runs through every layer: the
     evaluation's maps are their mean weighted by the entries' strengths and masks, as ComfyUI weighs their noise
-    predictions.
+    predictions. With ``split_guided``, the layers whose maps enter the energy (a subset of the U-Net's blocks) are
+    also summed apart: the trace's stages follow the grid a layer runs at, which nodes such as Kohya Deep Shrink change
+    between steps, while guidance keeps to the blocks chosen.
     """
 
-    def __init__(self):
+    def __init__(self, split_guided: bool = False):
         self._stage_maps: dict[str, list[tuple[int, torch.Tensor]]] = {}  # stage → (row among ended evaluations, maps)
-        self._current: dict[str, torch.Tensor] = {}
-        self._weights: dict[str, float | torch.Tensor] = {}  # stage → weight of every (layer, entry) added to it
-        self._layers: dict[str, set] = {}  # stage → the layers added to it
+        self._split_guided = split_guided
+        self._current, self._guided = _Sums(), _Sums()
         self._sigmas, self._steps = [], []
         self._sampler_steps: list[int] = []  # from step_started, for the evaluations up to the latest report
         self._reported, self._last_step = 0, None
@@ -194,7 +218,7 @@ class TraceRecorder:
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
         """Open a model evaluation at noise level σ, of sampler step ``step`` as far as σ tells (0-d tensors: no host
         sync); :meth:`step_started` gives the sampler's own count where it reports one."""
-        self._current, self._weights, self._layers = {}, {}, {}
+        self.restart()
         self._sigmas.append(torch.as_tensor(sigma).detach().float().reshape(()))
         self._steps.append(torch.as_tensor(step).detach().long().reshape(()))
         self._skipped.append(False)
@@ -212,33 +236,29 @@ class TraceRecorder:
         self._sampler_steps += [earlier] * (len(pending) - 1) + [step] * bool(pending)
         self._reported, self._last_step = len(self._sigmas), step
 
-    def add(self, stage: str, maps: torch.Tensor, layer=None, weight: float | torch.Tensor = 1.0) -> None:
+    def add(self, stage: str, maps: torch.Tensor, layer=None, weight: float | torch.Tensor = 1.0,
+            guided: bool = True) -> None:
         """Add one layer's ``[B, N, h, w]`` maps to the open evaluation, graph kept.
 
         ``maps`` may hold several conditioning entries' maps, each multiplied by its weight and summed; ``weight`` is
         then their total weight, a number or per pixel ``[B, 1, h, w]``. A stage's maps are the sum over its layers
         of the entries' weighted mean. Entries are counted at every layer (``layer`` names it; None: a new one), so
         entries split over several U-Net calls, and stages whose layers change between steps, are counted right.
+        ``guided``: the layer's maps enter the energy (with ``split_guided``; otherwise every layer's do).
         """
-        previous = self._current.get(stage)
-        self._current[stage] = maps if previous is None else previous + maps
-        self._weights[stage] = self._weights.get(stage, 0.0) + weight
-        self._layers.setdefault(stage, set()).add(object() if layer is None else layer)
+        self._current.add(stage, maps, layer, weight)
+        if self._split_guided and guided:
+            self._guided.add(stage, maps, layer, weight)
 
     @property
     def has_maps(self) -> bool:
         """Whether the open evaluation has any map yet."""
-        return bool(self._current)
-
-    @property
-    def current_stages(self) -> list[str]:
-        """The stages the open evaluation has maps of, in the order they came."""
-        return list(self._current)
+        return bool(self._current.maps)
 
     @property
     def current_grid(self) -> tuple[int, int]:
         """The largest attention grid of the open evaluation, where OVAM sums its stages."""
-        return max((tuple(m.shape[-2:]) for m in self._current.values()), key=lambda hw: hw[0] * hw[1])
+        return max((tuple(m.shape[-2:]) for m in self._current.maps.values()), key=lambda hw: hw[0] * hw[1])
 
     def skip(self) -> None:
         """Close the open evaluation as one in which the U-Net never ran (a cache answered it): it has no maps and is
@@ -252,37 +272,40 @@ class TraceRecorder:
 
     def restart(self) -> None:
         """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
-        self._current, self._weights, self._layers = {}, {}, {}
+        self._current, self._guided = _Sums(), _Sums()
 
-    def current(self, stages=None, weighting=None) -> dict[str, torch.Tensor]:
-        """The open evaluation's per-stage maps (weighted mean over entries), still differentiable.
+    def current(self, guided: bool = False, weighting=None) -> dict[str, torch.Tensor]:
+        """The open evaluation's per-stage maps (weighted mean over entries), still differentiable; ``guided``: those
+        of the layers that enter the energy.
 
         ``weighting`` (another recorder's :meth:`weighting`) divides by that recorder's weights instead: with it, the
         maps of a part of an evaluation's entries are their share of the other recorder's maps.
         """
-        weighting = weighting or self.weighting()
-        return {s: _weighted_mean(m, *weighting[s]) for s, m in self._current.items() if stages is None or s in stages}
+        return self._sums(guided).means(weighting)
 
-    def weighting(self) -> dict[str, tuple]:
+    def weighting(self, guided: bool = False) -> dict[str, tuple]:
         """Per stage of the open evaluation: the total weight of its (layer, entry) maps and its number of layers."""
-        return {s: (self._weights[s], len(self._layers[s])) for s in self._current}
+        return self._sums(guided).weighting()
+
+    def _sums(self, guided: bool) -> _Sums:
+        return self._guided if guided and self._split_guided else self._current
 
     def end(self, energy=None, grad_norm=None, status=None) -> None:
         """Close the evaluation, storing detached maps and the guidance accounting for it."""
-        if not self._current:
+        if not self._current.maps:
             raise RuntimeError("a model evaluation recorded no cross-attention map; the model has no U-Net "
                                "cross-attention in the recorded stages (DiT models are not supported)")
         row = len(self._guidance["energy"])
         for stage, maps in self.current().items():
             self._stage_maps.setdefault(stage, []).append((row, maps.detach().float()))
-        batch = next(iter(self._current.values())).shape[0]
-        device = next(iter(self._current.values())).device
+        first = next(iter(self._current.maps.values()))
+        batch, device = first.shape[0], first.device
         nan = torch.full((batch,), float("nan"), device=device)
         self._guidance["energy"].append(nan if energy is None else energy.detach().float())
         self._guidance["grad_norm"].append(nan if grad_norm is None else grad_norm.detach().float())
         self._guidance["status"].append(torch.zeros(batch, dtype=torch.int8, device=device) if status is None
                                         else status.to(torch.int8))
-        self._current = {}
+        self.restart()
 
     def finish(self, **fields) -> BiasMapTrace:
         """Stack every evaluation and move the trace to the CPU."""

@@ -21,8 +21,10 @@ __all__ = ["BranchCapture"]
 class BranchCapture:
     """Adds each recorded layer's maps of one CFG branch to ``recorder``; ``branch`` says which, None when idle."""
 
-    def __init__(self, layers: dict, attribution_embeddings: torch.Tensor, recorder: TraceRecorder, note):
+    def __init__(self, layers: dict, attribution_embeddings: torch.Tensor, recorder: TraceRecorder, note,
+                 guided_layers: set | None = None):
         self.layers = layers
+        self.guided_layers = guided_layers  # the layers whose maps enter the energy; None: every one
         self.embeddings = attribution_embeddings
         self.recorder = recorder
         self.note = note
@@ -68,7 +70,8 @@ class BranchCapture:
         for weight, entry_maps in zip(weights, per_entry):
             weighted = entry_maps if _is_one(weight) else weight * entry_maps
             maps = weighted if maps is None else maps + weighted
-        self.recorder.add(stage, maps, layer, sum(weights[1:], weights[0]))
+        guided = self.guided_layers is None or layer in self.guided_layers
+        self.recorder.add(stage, maps, layer, sum(weights[1:], weights[0]), guided)
 
     def forget_keys(self) -> None:
         """Make the attribution keys again at their next use: the model's weights changed (a hook group's)."""

@@ -34,7 +34,8 @@ def out_of_memory_explained():
             raise
         raise _OUT_OF_MEMORY(
             "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
-            "backward needs that branch's U-Net activations): guide fewer stages (down×1 keeps the least), lower "
+            "backward needs that branch's U-Net activations): guide fewer stages (the first down stage alone keeps the "
+            "least: down×1, or down×½ on SDXL), lower "
             "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
 
 

@@ -46,6 +46,7 @@ import torch
 from ..guidance import entanglement_energy, guidance_step
 from ..ovam import sum_upsampled
 from ..settings import BiasMapSettings
+from ..stages import STAGE_ORDER
 from ..tokens import find_word_positions, require_distinct_concepts
 from ..trace import TraceRecorder
 from .capture import BranchCapture
@@ -53,7 +54,7 @@ from .conditioning import control_models, covers_image, hook_groups
 from .guided_pass import out_of_memory, out_of_memory_explained, with_patches_on_copies, with_sdpa_attention
 from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
-from .unet import deinference_, input_block_levels, model_family, require_guidable, require_unet, weight_slots
+from .unet import block_stages, deinference_, model_family, require_guidable, require_unet, weight_slots
 
 __all__ = ["BiasMapSession"]
 
@@ -80,9 +81,12 @@ class BiasMapSession:
         self.tokens, self.attribution_prompt = tokens, attribution_prompt
         self.demographic, self.semantic = demographic, semantic
         self.settings = settings
-        self.recorder = TraceRecorder()
         self.notes: list[str] = []
-        self.capture = BranchCapture(self.layers, attribution_embeddings, self.recorder, self._note)
+        recorded = {k: v for k, v in self.layers.items() if k[0] != "middle" or settings.include_middle}
+        self._block_stages = block_stages(model_patcher.model.diffusion_model, recorded)
+        guided_layers = self._guided_layers()
+        self.recorder = TraceRecorder(split_guided=guided_layers is not None)
+        self.capture = BranchCapture(self.layers, attribution_embeddings, self.recorder, self._note, guided_layers)
         self._main_pass_pending = False
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
         self._truncating = False
@@ -93,7 +97,7 @@ class BiasMapSession:
         self._unet_ran = False  # the U-Net ran in the open evaluation
         self._guiding = False  # a guided U-Net pass is running
         self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
-        self._last_guided_input = self._last_guided_input_block(model_patcher)
+        self._last_guided_input = self._last_guided_input_block(guided_layers)
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
@@ -101,6 +105,7 @@ class BiasMapSession:
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window
+        self._window: tuple[float, float] | None = None  # its (lowest, highest) σ
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept")
 
@@ -138,14 +143,32 @@ class BiasMapSession:
         _add_outermost(m, ext.WrappersMP.DIFFUSION_MODEL, lambda *args, **kwargs: self._detach_around(*args, **kwargs))
         return m
 
-    def _last_guided_input_block(self, model_patcher):
-        """The last input block whose maps enter the energy, when no middle or up stage does; else None."""
+    def _guided_layers(self) -> set | None:
+        """The layers whose maps enter the energy, chosen by the stage of their block (None: every recorded layer).
+
+        By block, not by the grid a layer runs at, which nodes such as Kohya Deep Shrink change on some steps: the
+        guided blocks stay the same at every step.
+        """
         guided = self.settings.guided_stages
-        if not self.settings.guiding or guided is None or not all(s.startswith("down_") for s in guided):
+        if not self.settings.guiding or guided is None:
             return None
-        levels = input_block_levels(model_patcher.model.diffusion_model)
-        blocks = [n for name, n, _ in self.layers if name == "input" and f"down_{levels[n]}" in guided]
-        return max(blocks) if blocks else None
+        present = sorted(set(self._block_stages.values()), key=STAGE_ORDER.index)
+        absent = [s for s in guided if s not in present]
+        if len(absent) == len(guided):
+            raise ValueError(f"none of the guided stages {', '.join(guided)} has cross-attention in this {self.family} "
+                             f"model; it records {', '.join(present)}: set guided_stages to some of these, or to "
+                             f"'all'")
+        if absent:
+            self._note(f"guided stage(s) {', '.join(absent)}: this {self.family} model has no cross-attention there, "
+                       f"so the energy comes from {', '.join(s for s in guided if s in present)}; leave the others "
+                       f"out of guided_stages")
+        return {layer for layer, stage in self._block_stages.items() if stage in guided}
+
+    def _last_guided_input_block(self, guided_layers):
+        """The last input block whose maps enter the energy, when no middle or up stage does; else None."""
+        if guided_layers is None or any(name != "input" for name, _, _ in guided_layers):
+            return None
+        return max(number for _, number, _ in guided_layers)
 
     def _truncate_input(self, h, transformer_options):
         if self._truncating and transformer_options["block"][1] >= self._last_guided_input:
@@ -354,7 +377,7 @@ class BiasMapSession:
         """(∇_x E, E) from the open evaluation's maps, or None when it has none (_predict_noise says why)."""
         if not self.recorder.has_maps:
             return None
-        energy = self._energy(self.recorder.current(self.settings.guided_stages))
+        energy = self._energy(self.recorder.current(guided=True))
         (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
         return grad, energy.detach()
 
@@ -374,14 +397,13 @@ class BiasMapSession:
         if not self.recorder.has_maps:
             return out
         with torch.inference_mode(False), torch.enable_grad():
-            maps = {s: m.clone().requires_grad_(True)
-                    for s, m in self.recorder.current(self.settings.guided_stages).items()}
+            maps = {s: m.clone().requires_grad_(True) for s, m in self.recorder.current(guided=True).items()}
             energy = self._energy(maps)
             slopes = dict(zip(maps, torch.autograd.grad(energy.sum(), list(maps.values()))))
-        weighting = self.recorder.weighting()
+        weighting = self.recorder.weighting(guided=True)
 
         def group_gradient(x_leaf):
-            shares = self.capture.recorder.current(self.settings.guided_stages, weighting)
+            shares = self.capture.recorder.current(guided=True, weighting=weighting)
             if not shares:  # none of the group's entries ran over the whole latent at this step
                 return torch.zeros_like(x_leaf)
             slope = sum((slopes[s] * m).sum() for s, m in shares.items())
@@ -390,7 +412,8 @@ class BiasMapSession:
         grad, recorder = torch.zeros_like(x), self.capture.recorder
         try:
             for group in groups:
-                self.capture.recorder = TraceRecorder()  # this group's shares of the maps, not traced
+                # This group's shares of the maps, not traced.
+                self.capture.recorder = TraceRecorder(split_guided=self.capture.guided_layers is not None)
                 grad += self._with_autograd(model, run, group, x, timestep, model_options, group_gradient)[1]
         finally:
             self.capture.recorder = recorder
@@ -424,16 +447,10 @@ class BiasMapSession:
             self._truncating = self._controlled = self._guiding = False
 
     def _energy(self, maps):
-        if not maps:
-            raise ValueError(f"none of the guided stages {', '.join(self.settings.guided_stages or ['all'])} has "
-                             f"cross-attention in this {self.family} model; it records "
-                             f"{', '.join(self.recorder.current_stages) or 'nothing'}: set guided_stages to some of "
-                             f"these, or to 'all'")
-        absent = [s for s in self.settings.guided_stages or () if s not in maps]
-        if absent:
-            self._note(f"guided stage(s) {', '.join(absent)} had no cross-attention maps in this {self.family} model "
-                       f"(at least at some steps): the energy came from {', '.join(maps)} there; this model records "
-                       f"{', '.join(self.recorder.current_stages)}; leave the others out of guided_stages")
+        if not maps:  # the guided blocks ran, but none of them for the recorded branch's whole-image entries
+            raise ValueError(f"no map of the guided stages {', '.join(self.settings.guided_stages or ['all'])} was "
+                             f"recorded at this step, though the model has them: a node skipped or replaced those "
+                             f"blocks' cross-attention; bypass it, or set guided_stages to 'all'")
         s = self.settings
         # At the largest attention grid of all recorded stages, as the reference aggregates, also when the guided
         # stages are coarser (down×½ alone at 512² is soft top-k over 64² pixels, not 32²).
@@ -469,9 +486,10 @@ class BiasMapSession:
             return False
         # The default full window needs no host read of σ.
         if not (self.settings.start <= 0.0 and self.settings.end >= 1.0):
-            sampling = model.model_sampling
-            high = sampling.percent_to_sigma(self.settings.start)
-            low = sampling.percent_to_sigma(self.settings.end)
+            if self._window is None:  # once a run: percent_to_sigma reads the schedule on the host
+                to_sigma = model.model_sampling.percent_to_sigma
+                self._window = to_sigma(self.settings.end), to_sigma(self.settings.start)
+            low, high = self._window
             if not low <= float(timestep.reshape(-1)[0]) <= high:
                 return False
         self._window_hits += 1

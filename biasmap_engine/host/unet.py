@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["UnsupportedModelError", "cross_attention_layers", "deinference_", "input_block_levels", "model_family",
+__all__ = ["UnsupportedModelError", "block_stages", "cross_attention_layers", "deinference_", "model_family",
            "require_guidable", "require_unet", "weight_slots"]
 
 
@@ -35,7 +35,7 @@ def cross_attention_layers(diffusion_model) -> dict[tuple[str, int, int], torch.
     return layers
 
 
-def input_block_levels(diffusion_model) -> list[int]:
+def _input_block_levels(diffusion_model) -> list[int]:
     """Resolution divisor of each input block (1, 2, 4, …), counted from the downsampling blocks before it."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 
@@ -45,6 +45,22 @@ def input_block_levels(diffusion_model) -> list[int]:
             divisor *= 2
         levels.append(divisor)
     return levels
+
+
+def block_stages(diffusion_model, layers) -> dict[tuple[str, int, int], str]:
+    """Each layer's stage as the U-Net is built (``down_2`` for an input block at half the latent's size), whatever
+    grid a node such as Kohya Deep Shrink makes it run at on some steps."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+
+    levels = {("input", n): d for n, d in enumerate(_input_block_levels(diffusion_model))}
+    divisor = levels[("input", len(diffusion_model.input_blocks) - 1)]
+    levels[("middle", 0)] = divisor
+    for n, block in enumerate(diffusion_model.output_blocks):
+        levels[("output", n)] = divisor
+        if any(isinstance(m, Upsample) for m in block.modules()):
+            divisor //= 2
+    direction = {"input": "down", "middle": "mid", "output": "up"}
+    return {layer: f"{direction[layer[0]]}_{levels[layer[:2]]}" for layer in layers}
 
 
 def require_unet(model_patcher) -> dict[tuple[str, int, int], torch.nn.Module]:
@@ -59,15 +75,25 @@ def require_unet(model_patcher) -> dict[tuple[str, int, int], torch.nn.Module]:
 
 
 def require_guidable(model_patcher) -> None:
-    """Refuse guidance where denoised = x − σ·ε does not hold (flow matching and other parameterisations)."""
-    import comfy.model_base
+    """Refuse guidance where the σ-space update is not the paper's ε-space one: sampling whose noise is not
+    ComfyUI's variance-preserving form (x = x₀ + σ·n, the U-Net fed x/√(σ²+1)), as with flow matching.
 
-    kind = model_patcher.model.model_type
-    if kind not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
-        raise UnsupportedModelError(
-            f"BiasMap guidance is defined for ε- and v-prediction models; this {model_family(model_patcher)} model "
-            f"is {kind.name} (e.g. flow matching), where the σ-space update is not the paper's. Set the guidance "
-            f"scale to 0 to record maps only.")
+    The sampling in use is read, not the checkpoint's type: ModelSamplingSD3, AuraFlow or Continuous EDM patch it in.
+    Within that form any prediction (ε, v, x₀, LCM) works, since the update acts on the denoised it implies.
+    """
+    import comfy.model_sampling as ms
+
+    sampling = model_patcher.get_model_object("model_sampling")
+    if (isinstance(sampling, ms.EPS) and type(sampling).calculate_input is ms.EPS.calculate_input
+            and float(getattr(sampling, "sigma_data", 1.0)) == 1.0):
+        return
+    kinds = [k.__name__ for k in type(sampling).__mro__ if k.__module__ == ms.__name__ and k.__name__.isupper()]
+    raise UnsupportedModelError(
+        f"BiasMap guidance is defined for ε- and v-prediction sampling with variance-preserving noise; this "
+        f"{model_family(model_patcher)} model samples as {', '.join(kinds) or type(sampling).__name__} (σ_data "
+        f"{float(getattr(sampling, 'sigma_data', 1.0)):g}), e.g. flow matching from a ModelSamplingSD3, AuraFlow or "
+        f"Flux node or EDM with σ_data 0.5, where the σ-space update is not the paper's. Remove that model-sampling "
+        f"node, or set the guidance scale to 0 to record maps only.")
 
 
 def weight_slots(module: torch.nn.Module) -> list[tuple[dict, str, bool]]:

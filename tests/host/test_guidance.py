@@ -13,10 +13,14 @@ from biasmap_engine.host import (cross_attention_layers, deinference_, encode_at
 from guided_runs import ATTRIBUTION, evaluations, sample
 
 STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2)}  # stage → (U-Net block, grid divisor)
+TINY_SD15_BLOCKS = {"down_1": {("input", 1)}, "down_2": {("input", 3)}, "up_2": {("output", 0), ("output", 1)},
+                    "up_1": {("output", 2), ("output", 3)}}  # stage → the blocks built at its grid
 
-def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, stages=None):
+
+def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, stages=None, blocks=None):
     """(ε_cfg, E, ∇_z E) from the bare U-Net with forward hooks: no BiasMap patch involved (other nodes' block
-    patches on ``model`` run, as the U-Net calls them)."""
+    patches on ``model`` run, as the U-Net calls them). The energy's layers: ``stages`` as (block, grid divisor)
+    pairs, or ``blocks`` as (block, number) pairs; default every layer."""
     base = model.model
     unet = base.diffusion_model
     layers = {k: m for k, m in cross_attention_layers(unet).items() if k[0] != "middle"}
@@ -43,7 +47,7 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
                 extra["y"] = torch.cat([v.clone().expand(b, -1) for v in y]).to(x)
             patches = model.model_options.get("transformer_options", {}).get("patches", {})
             out = unet(torch.cat([z, z]), torch.cat([t, t]), context=context,
-                       transformer_options={"patches": patches}, **extra)
+                       transformer_options={"patches": patches, "sigmas": torch.cat([sigma, sigma])}, **extra)
         finally:
             for h in hooks:
                 h.remove()
@@ -54,7 +58,7 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
             d = round((h_lat * w_lat / q.shape[1]) ** 0.5)
             keys = layers[key].to_k(emb.to(q.device, q.dtype))
             maps = token_softmax_maps(q[:b], keys, layers[key].heads, (h_lat // d, w_lat // d))
-            if stages is None or (key[0], d) in stages:
+            if (stages is None or (key[0], d) in stages) and (blocks is None or key[:2] in blocks):
                 per_stage[(key[0], d)] = per_stage.get((key[0], d), 0) + maps
         # At the finest attention grid of the whole U-Net, whichever stages are guided (the reference's 64² at 512²).
         energy = entanglement_energy(sum_upsampled(list(per_stage.values()), (h_lat // finest, w_lat // finest)), pairs)
@@ -200,8 +204,40 @@ def test_guided_stages_this_model_does_not_have_are_named_when_others_are_guided
     pos, neg = prompts
     _, trace, _ = sample(model, clip, pos, neg, 100.0, guided_stages=("down_1", "down_8"))
     assert trace.guidance_counts()["not_guided"] == 0
-    assert any(n.startswith("guided stage(s) down_8 had no cross-attention maps in this SD15 model") and
-               "the energy came from down_1 there" in n for n in trace.notes)
+    assert "guided stage(s) down_8: this SD15 model has no cross-attention there, so the energy comes from down_1; " \
+           "leave the others out of guided_stages" in trace.notes
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl"])
+def test_each_layers_block_stage_is_the_stage_its_grid_gives_when_no_node_changes_the_grids(comfy, family):
+    import comfy_models
+
+    from biasmap_engine.host.unet import block_stages
+
+    with torch.inference_mode():
+        model, clip = getattr(comfy_models, f"tiny_{family}")(0)
+        pos, neg = comfy_models.paper_prompts(clip)
+    _, trace, _ = sample(model, clip, pos, neg, 0.0, size=40)  # 40: grids of ⌈h/2⌉ on the way down
+    layers = {k: v for k, v in cross_attention_layers(model.model.diffusion_model).items() if k[0] != "middle"}
+    assert set(block_stages(model.model.diffusion_model, layers).values()) == set(trace.maps)
+
+
+@pytest.mark.parametrize("stages", [("down_2",), ("down_1", "up_2")])
+def test_guided_stages_keep_their_blocks_when_deep_shrink_moves_them_to_another_grid(sd15, prompts, stages):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        # After input block 1, the U-Net runs at half size for the first 35 % of the steps: input block 3 (down×½)
+        # and output blocks 0–1 (up×½) run at a quarter of the latent there, where no block is built.
+        shrunk = PatchModelAddDownscale.execute(model, 1, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")[0]
+    _, trace, seen = evaluations(shrunk, clip, pos, neg, 100.0, steps=4, guided_stages=stages)
+    assert "down_4" in trace.maps and trace.guidance_counts()["applied"] == 4 and not trace.notes
+    x, sigma, _ = seen[0]  # a shrunk step
+    blocks = set().union(*(TINY_SD15_BLOCKS[s] for s in stages))
+    _, energy, _ = independent_eps_and_energy(shrunk, clip, pos, neg, x, sigma, 7.0, grad=False, blocks=blocks)
+    torch.testing.assert_close(trace.guidance["energy"][0], energy.cpu(), rtol=1e-4, atol=0)
 
 
 def test_guiding_only_stages_this_model_does_not_have_stops_with_the_stages_it_records(sd15, prompts):
@@ -546,15 +582,22 @@ def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(s
     torch.testing.assert_close(run(model), reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
 
-def test_flow_matching_models_are_refused_for_guidance_with_a_clear_message(comfy, sd15):
-    import comfy.model_base
+@pytest.mark.parametrize("node, args, refused", [
+    ("ModelSamplingSD3", (3.0,), "CONST"),  # flow matching patched onto an SD1.5 model
+    ("ModelSamplingContinuousEDM", ("edm", 80.0, 0.002), "σ_data 0.5"),
+    ("ModelSamplingContinuousEDM", ("v_prediction", 80.0, 0.002), None),  # variance-preserving, σ_data 1
+    ("ModelSamplingDiscrete", ("x0", False), None),
+])
+def test_guidance_is_refused_for_sampling_that_is_not_variance_preserving_whatever_the_checkpoint(comfy, sd15, node,
+                                                                                                   args, refused):
+    from comfy_extras import nodes_model_advanced
 
     model, clip = sd15
-    flow = model.clone()
-    original = flow.model.model_type
-    flow.model.model_type = comfy.model_base.ModelType.FLOW
-    try:
-        with torch.inference_mode(), pytest.raises(ValueError, match="ε- and v-prediction"):
-            start_session(flow, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
-    finally:
-        flow.model.model_type = original
+    with torch.inference_mode():
+        patched = getattr(nodes_model_advanced, node)().patch(model, *args)[0]
+        if refused is None:
+            start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+            return
+        with pytest.raises(ValueError, match=f"ε- and v-prediction sampling.*{refused}.*set the guidance scale to 0"):
+            start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+        start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))  # recording
