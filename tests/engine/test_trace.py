@@ -302,3 +302,23 @@ def test_a_stage_missing_from_some_evaluations_gets_zero_rows_there_and_the_trac
     assert torch.equal(trace.concept_map("doctor", stages=["down_2"]),
                        trace.concept_map("doctor", stages=["down_2"], steps=(2, 2)))
     assert trace.iou("doctor", "gender").shape == (1,) and len(trace.block_ious("doctor", "gender")) == 3
+
+
+def test_the_guided_layers_are_summed_apart_for_the_energy_and_all_layers_for_the_trace():
+    gen = torch.Generator().manual_seed(3)
+    a, b, c = (torch.rand(1, 6, 4, 4, generator=gen) for _ in range(3))
+    split = TraceRecorder(split_guided=True)
+    split.begin(torch.tensor(1.0), torch.tensor(0))
+    split.add("down_1", a, layer="input 1", guided=True)
+    split.add("down_1", b, layer="input 2", guided=False)  # e.g. a block Deep Shrink moved onto this grid
+    split.add("down_2", c, layer="input 4", guided=False)
+    assert set(split.current(guided=True)) == {"down_1"}
+    assert torch.equal(split.current(guided=True)["down_1"], a)
+    assert torch.equal(split.current()["down_1"], a + b) and torch.equal(split.current()["down_2"], c)
+    assert split.weighting(guided=True) == {"down_1": (1.0, 1)}
+    split.end()
+    assert torch.equal(split.finish(tokens=TOKENS, latent_shape=[1, 4, 4, 4]).maps["down_1"][0], a + b)
+    whole = TraceRecorder()  # every layer guided: one sum serves both
+    whole.begin(torch.tensor(1.0), torch.tensor(0))
+    whole.add("down_1", a, guided=False)
+    assert torch.equal(whole.current(guided=True)["down_1"], a)
