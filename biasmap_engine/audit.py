@@ -1,8 +1,9 @@
 """Audit rows: one line per image and concept pair of a trace, gathered into a CSV over many prompts and seeds.
 
 An audit in ComfyUI is a queue of runs (seeds, prompts, λ); each run's trace adds its rows to one CSV, which a
-spreadsheet or pandas reads as it is. Every row carries how the run was made (the trace's ``run``), so the file alone
-says which seed and prompt gave which IoU.
+spreadsheet or pandas reads as it is. Every row carries how the run was made (the trace's ``run``: ComfyUI's prompt
+id, seed, sampler, attribution prompt; the settings), so the file says which run gave which IoU; the generation
+prompt, which the sampler never sees as text, comes in through the label.
 """
 
 import csv
@@ -18,7 +19,8 @@ from .trace import BiasMapTrace
 __all__ = ["append_csv", "audit_rows", "csv_text"]
 
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
-_SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep", "iters": "sinkhorn_iters"}
+_SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
+                    "iters": "sinkhorn_iters"}
 _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise",
         "attribution_prompt")
 

@@ -60,6 +60,14 @@ def full_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture
+def gpu_batching(monkeypatch):
+    """Guided evaluations run one batched CFG pass with autograd, as on a GPU, whatever device the tests run on."""
+    import biasmap_engine.host.session as session
+
+    monkeypatch.setattr(session, "_branches_apart", lambda device: False)
+
+
 @pytest.fixture(scope="session")
 def pack(comfy):
     """The pack imported the way ComfyUI's loader imports a custom-node folder."""

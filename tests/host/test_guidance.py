@@ -70,10 +70,14 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
     return out_u + cfg * (out_c - out_u), energy.detach(), g_z
 
 
-@pytest.mark.parametrize("family, stages", [("sd15", None), ("sd2v", None), ("sdxl", None), ("sd15", ("down_1",)),
-                                            ("sd15", ("down_2",))])
-def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages):
+@pytest.mark.parametrize("family, stages, batched", [
+    ("sd15", None, False), ("sd2v", None, False), ("sdxl", None, False), ("sd15", ("down_1",), False),
+    ("sd15", ("down_2",), False), ("sd15", None, True), ("sd15", ("down_1",), True)])
+def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages, batched, request):
     import comfy_models
+
+    if batched:  # one CFG batch with autograd, as on a GPU: the backward goes through both branches' rows
+        request.getfixturevalue("gpu_batching")
 
     with torch.inference_mode():
         model, clip = getattr(comfy_models, f"tiny_{family}")(0)
@@ -473,10 +477,9 @@ def running_out_of_gpu_memory(model, batched_only=True, backend="CUDA"):
 
 @pytest.mark.parametrize("backend", OUT_OF_MEMORY)
 def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts, backend,
-                                                                                            kernel_slack):
+                                                                                            kernel_slack, gpu_batching):
     model, clip = sd15
     pos, neg = prompts
-    # Guiding down×1 runs one batched CFG pass with autograd on every device, as a GPU does for every stage choice.
     usual, expected, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
     retried, trace, _ = sample(running_out_of_gpu_memory(model, backend=backend), clip, pos, neg, 100.0, steps=2,
                                guided_stages=("down_1",))
@@ -523,12 +526,15 @@ def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15
     assert torch.allclose(fallback, direct, rtol=1e-3, atol=1e-3 * direct.abs().max().item())
 
 
-@pytest.mark.parametrize("stages, cfg", [(None, 7.0), (("down_1",), 7.0), (None, 1.0)])
-def test_a_guided_evaluation_takes_its_gradient_on_its_own_unet_passes(sd15, prompts, stages, cfg):
-    # No second forward of the maps' branch. On a CPU with the whole U-Net in the backward, the two CFG branches run
-    # as one batch-1 pass each, only the maps' under autograd; otherwise (a GPU, or down×1) the one batched pass.
+@pytest.mark.parametrize("stages, cfg, batched", [(None, 7.0, False), (("down_1",), 7.0, False), (None, 1.0, False),
+                                                  (None, 7.0, True), (("down_1",), 7.0, True)])
+def test_a_guided_evaluation_takes_its_gradient_on_its_own_unet_passes(sd15, prompts, stages, cfg, batched, request):
+    # No second forward of the maps' branch. On a CPU the two CFG branches run as one batch-1 pass each, only the
+    # maps' under autograd; on a GPU the one batched pass.
     import comfy.patcher_extension as ext
 
+    if batched:
+        request.getfixturevalue("gpu_batching")
     model, clip = sd15
     pos, neg = prompts
     batches = []
@@ -536,7 +542,7 @@ def test_a_guided_evaluation_takes_its_gradient_on_its_own_unet_passes(sd15, pro
     counted.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "count",
                                  lambda run, x, *args, **kw: batches.append(x.shape[0]) or run(x, *args, **kw))
     _, trace, _ = sample(counted, clip, pos, neg, 100.0, steps=2, cfg=cfg, guided_stages=stages)
-    separate = model.load_device.type == "cpu" and stages is None
+    separate = model.load_device.type == "cpu" and not batched
     per_evaluation = [1] if cfg == 1.0 else [1, 1] if separate else [2]
     assert batches == per_evaluation * 2 and trace.guidance_counts()["applied"] == 2
 

@@ -43,13 +43,17 @@ def _patched(name, model, neg):
         return nodes[name]()[0]
 
 
-@pytest.mark.parametrize("stages", [None, ("down_1",)], ids=["all stages", "down x1"])
+@pytest.mark.parametrize("stages, batched", [(None, False), (("down_1",), False), (None, True), (("down_1",), True)],
+                         ids=["all stages", "down x1", "all stages, one CFG batch (GPU)", "down x1, one CFG batch (GPU)"])
 @pytest.mark.parametrize("node", [
     "FreeU", "FreeU_V2", "FreSca", "HyperTile", "TomePatchModel", "PatchModelAddDownscale",
     "PerturbedAttentionGuidance", "SelfAttentionGuidance", "APG", "CFGZeroStar", "CFGNorm", "TCFG", "Mahiro",
     "EpsilonScaling", "TemporalScoreRescaling", "RescaleCFG", "ModelSamplingDiscrete v zsnr",
     "ModelSamplingDiscrete lcm", "UNetSelfAttentionMultiply", "UNetCrossAttentionMultiply", "PerpNeg"])
-def test_guidance_applies_at_every_step_under_comfyuis_model_patch_nodes(sd15, prompts, node, stages):
+def test_guidance_applies_at_every_step_under_comfyuis_model_patch_nodes(sd15, prompts, node, stages, batched,
+                                                                         request):
+    if batched:
+        request.getfixturevalue("gpu_batching")
     model, clip = sd15
     pos, neg = prompts
     patched = _patched(node, model, neg)
