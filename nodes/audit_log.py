@@ -1,7 +1,7 @@
 """Audit Log: a trace's entanglement figures appended to a CSV, one row per image and concept pair.
 
-Queue the same graph over many seeds and prompts (e.g. the seed's "increment" control with a batch count) and one
-file gathers the audit, with each run's seed, sampler, λ and attribution prompt on every row.
+Queue the same graph over many seeds (the seed's "increment" control with a batch count) or prompts, and one file
+gathers the audit, with each run's prompt id, seed, sampler, settings and attribution prompt on every row.
 """
 
 import logging
@@ -24,8 +24,9 @@ class BiasMapAuditLog(io.ComfyNode):
             display_name="BiasMap Audit Log",
             category=CATEGORY,
             description="Appends one CSV row per image and (demographic, semantic) pair of a trace: IoU, mBIoU, BIoU "
-                        "per stage, guidance counts, and the run's seed, steps, cfg, sampler, λ and attribution "
-                        "prompt. Queue many seeds or prompts to audit a model into one file.",
+                        "per stage, guidance counts, and the run's ComfyUI prompt id, seed, steps, cfg, sampler, "
+                        "attribution prompt and every guidance setting. Queue many seeds (or prompts, with the label "
+                        "linked to the prompt's text) to audit a model into one file.",
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                 io.String.Input("filename", default="biasmap/audit",
