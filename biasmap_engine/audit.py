@@ -71,6 +71,11 @@ def append_csv(path: str, rows: list[dict]) -> None:
                              f"BIoU columns follow the recorded stages, which differ between model families and "
                              f"with include_middle: give this audit another file name")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if exists:
+        with open(path, "rb+") as f:  # a file saved again without its last line break: the rows start on a new line
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) not in (b"\n", b"\r"):
+                f.write(b"\r\n")
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         if not exists:

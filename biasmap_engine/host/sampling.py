@@ -54,11 +54,21 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
-    # A SAMPLER carries no name; its function's is the closest: sample_euler → euler, as KSampler names it
-    # (KSamplerSelect's ddim runs euler's function, and is named so).
-    name = getattr(getattr(sampler, "sampler_function", None), "__name__", type(sampler).__name__)
     return latent, session.finish(**_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1, cfg=cfg,
-                                  sampler=name.removeprefix("sample_"), scheduler="custom sigmas", add_noise=add_noise)
+                                  sampler=_sampler_name(sampler), scheduler="custom sigmas", add_noise=add_noise)
+
+
+def _sampler_name(sampler) -> str:
+    """A SAMPLER's name as KSampler gives it, found through its function (a SAMPLER carries no name): KSamplerSelect's
+    ddim runs euler's function and is named euler; dpm_fast and dpm_adaptive are made anew each time, known by name."""
+    import comfy.samplers
+
+    function = getattr(sampler, "sampler_function", None)
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        if comfy.samplers.sampler_object(name).sampler_function is function:
+            return name
+    name = getattr(function, "__name__", type(sampler).__name__)
+    return name.removeprefix("sample_").removesuffix("_function")
 
 
 def _identity() -> dict:

@@ -157,12 +157,14 @@ class BiasMapSession:
         if len(absent) == len(guided):
             raise ValueError(f"none of the guided stages {', '.join(guided)} has cross-attention in this {self.family} "
                              f"model; it records {', '.join(present)}: set guided_stages to some of these, or to "
-                             f"'all'")
+                             f"'all' (stages name blocks as the U-Net is built; with Deep Shrink a trace may file some "
+                             f"steps' maps under other stages)")
         if absent:
             self._note(f"guided stage(s) {', '.join(absent)}: this {self.family} model has no cross-attention there, "
                        f"so the energy comes from {', '.join(s for s in guided if s in present)}; leave the others "
                        f"out of guided_stages")
-        return {layer for layer, stage in self._block_stages.items() if stage in guided}
+        layers = {layer for layer, stage in self._block_stages.items() if stage in guided}
+        return None if len(layers) == len(self._block_stages) else layers  # every layer: one sum serves both
 
     def _last_guided_input_block(self, guided_layers):
         """The last input block whose maps enter the energy, when no middle or up stage does; else None."""

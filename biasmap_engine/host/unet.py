@@ -84,16 +84,23 @@ def require_guidable(model_patcher) -> None:
     import comfy.model_sampling as ms
 
     sampling = model_patcher.get_model_object("model_sampling")
-    if (isinstance(sampling, ms.EPS) and type(sampling).calculate_input is ms.EPS.calculate_input
-            and float(getattr(sampling, "sigma_data", 1.0)) == 1.0):
+    sigma_data = float(getattr(sampling, "sigma_data", 1.0))
+    if not isinstance(sampling, ms.EPS):
+        cause = "its noise is not added as x₀ + σ·n (flow matching mixes (1 − σ)·x₀ + σ·n)"
+    elif type(sampling).calculate_input is not ms.EPS.calculate_input:
+        cause = "the U-Net gets its input unscaled, not x/√(σ² + 1)"
+    elif sigma_data != 1.0:
+        cause = f"its σ_data is {sigma_data:g} (EDM), not 1"
+    else:
         return
-    kinds = [k.__name__ for k in type(sampling).__mro__ if k.__module__ == ms.__name__ and k.__name__.isupper()]
+    kind = next((k.__name__ for k in type(sampling).__mro__ if k.__module__ == ms.__name__ and k.__name__.isupper()),
+                type(sampling).__name__)
+    fix = ("remove the model-sampling node that sets it, or set the guidance scale to 0 to record maps only"
+           if "model_sampling" in model_patcher.object_patches else "set the guidance scale to 0 to record maps only")
     raise UnsupportedModelError(
         f"BiasMap guidance is defined for ε- and v-prediction sampling with variance-preserving noise; this "
-        f"{model_family(model_patcher)} model samples as {', '.join(kinds) or type(sampling).__name__} (σ_data "
-        f"{float(getattr(sampling, 'sigma_data', 1.0)):g}), e.g. flow matching from a ModelSamplingSD3, AuraFlow or "
-        f"Flux node or EDM with σ_data 0.5, where the σ-space update is not the paper's. Remove that model-sampling "
-        f"node, or set the guidance scale to 0 to record maps only.")
+        f"{model_family(model_patcher)} model samples as {kind}, and {cause}, so the σ-space update is not the "
+        f"paper's: {fix}.")
 
 
 def weight_slots(module: torch.nn.Module) -> list[tuple[dict, str, bool]]:

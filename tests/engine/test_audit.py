@@ -90,6 +90,16 @@ def test_append_csv_takes_a_file_a_spreadsheet_saved_again_with_a_byte_order_mar
         assert len(list(csv.DictReader(f))) == 8
 
 
+def test_append_csv_starts_on_a_new_line_when_the_file_lost_its_last_line_break(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5))
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # as some spreadsheet exports save it
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="next"))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == [""] * 4 + ["next"] * 4 and rows[3]["notes"] == "a note"
+
+
 def test_csv_text_is_what_the_file_holds(tmp_path):
     rows = audit_rows(halves_trace(), q=0.5)
     path = str(tmp_path / "audit.csv")

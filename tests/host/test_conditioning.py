@@ -223,8 +223,12 @@ def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_an
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
 
 
-def test_down_only_guidance_with_a_controlnet_records_nothing_after_the_last_guided_block(sd15, prompts):
+@pytest.mark.parametrize("batched", [False, True], ids=["branches apart (CPU)", "one CFG batch (GPU)"])
+def test_down_only_guidance_with_a_controlnet_records_nothing_after_the_last_guided_block(sd15, prompts, batched,
+                                                                                           request):
     # A ControlNet's middle residual is added after the input blocks; it must not make the output blocks differentiable.
+    if batched:
+        request.getfixturevalue("gpu_batching")
     model, clip = sd15
     pos, neg = controlnet_conditioning(model, *prompts)
     unet = model.model.diffusion_model

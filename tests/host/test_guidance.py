@@ -435,7 +435,8 @@ def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
     torch.testing.assert_close(energies[torch.bfloat16], energies[torch.float32], rtol=2e-2, atol=0)
 
 
-def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch):
+def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch,
+                                                                                         gpu_batching):
     model, clip = sd15
     pos, neg = prompts
     corrections = []
@@ -589,8 +590,9 @@ def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(s
 
 
 @pytest.mark.parametrize("node, args, refused", [
-    ("ModelSamplingSD3", (3.0,), "CONST"),  # flow matching patched onto an SD1.5 model
-    ("ModelSamplingContinuousEDM", ("edm", 80.0, 0.002), "σ_data 0.5"),
+    ("ModelSamplingSD3", (3.0,), "CONST, and its noise is not added as x₀ \\+ σ·n"),  # flow matching on SD1.5
+    ("ModelSamplingContinuousEDM", ("edm", 80.0, 0.002), "EDM, and its σ_data is 0.5"),
+    ("ModelSamplingDiscrete", ("img_to_img", False), "IMG_TO_IMG, and the U-Net gets its input unscaled"),
     ("ModelSamplingContinuousEDM", ("v_prediction", 80.0, 0.002), None),  # variance-preserving, σ_data 1
     ("ModelSamplingDiscrete", ("x0", False), None),
 ])
@@ -604,6 +606,7 @@ def test_guidance_is_refused_for_sampling_that_is_not_variance_preserving_whatev
         if refused is None:
             start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
             return
-        with pytest.raises(ValueError, match=f"ε- and v-prediction sampling.*{refused}.*set the guidance scale to 0"):
+        with pytest.raises(ValueError, match=f"ε- and v-prediction sampling.*as {refused}.*remove the model-sampling "
+                                             f"node that sets it, or set the guidance scale to 0"):
             start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
         start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))  # recording
