@@ -27,6 +27,7 @@ class EntanglementResult:
         h, w = self.masks[0].shape[-2:]
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
+                 _run_line(trace),
                  f"mIoU {self.ious.mean():.4f} · mBIoU {self.mbiou.mean():.4f} over {len(self.ious)} image(s)"]
         for i, value in enumerate(self.ious.tolist()):
             blocks = ", ".join(f"{stage_label(s)} {v[i]:.3f}" for s, v in self.block_ious.items())
@@ -57,6 +58,18 @@ def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float
     """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace, with masks at ``size``
     (default: the image's, as the reference)."""
     return EntanglementResult(trace, word_a, word_b, q, size, steps)
+
+
+def _run_line(trace: BiasMapTrace) -> str:
+    """How the run was made, so that two reports side by side (λ = 0 and λ = 100) say which is which."""
+    run, settings = trace.run, trace.settings
+    parts = [f"seed {run['seed']}" if "seed" in run else None,
+             f"{run['sampler']}/{run['scheduler']}" if "sampler" in run else None,
+             f"{run['steps']} steps" if "steps" in run else None,
+             f"cfg {run['cfg']:g}" if "cfg" in run else None,
+             f"λ {settings['scale']:g}" if "scale" in settings else None,
+             f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]
+    return "run: " + " · ".join(p for p in parts if p) if any(parts) else "run: not recorded in this trace"
 
 
 def _finite_maps(trace: BiasMapTrace) -> torch.Tensor:

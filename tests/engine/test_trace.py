@@ -25,7 +25,8 @@ def recorded_trace(seed=0):
                 status=torch.tensor([STATUS["applied"], STATUS["skipped_gate"]]) if guided else None)
     return rec.finish(tokens=TOKENS, latent_shape=[2, 4, 8, 12], demographic=["gender"], semantic=["doctor"],
                       model_family="SD15", settings={"branch": "uncond", "scale": 100.0}, notes=["test"],
-                      run={"seed": 7, "steps": 3, "sampler": "euler", "attribution_prompt": "a doctor and gender"})
+                      run={"seed": 7, "steps": 3, "cfg": 7.0, "sampler": "euler", "scheduler": "normal",
+                           "attribution_prompt": "a doctor and gender"})
 
 
 def test_recorder_sums_layers_per_stage_and_keeps_every_evaluation():
@@ -249,10 +250,13 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     assert torch.allclose(result.mbiou, trace.mbiou("gender", "doctor", size=(16, 24)))
     lines = result.report.splitlines()
     assert lines[0].startswith("BiasMap entanglement of 'gender' and 'doctor' (top 30 % masks at 16×24, SD15)")
+    assert lines[1] == "run: seed 7 · euler/normal · 3 steps · cfg 7 · λ 100 · guided stages all"
     assert any(line.startswith("image 1: IoU") and "down×½" in line for line in lines)
     assert "tokens of 'doctor': doctor</w>" in result.report
     assert "applied 2/6" in result.report and "skipped gate 2/6" in result.report
     assert "note: test" in result.report
+    trace.run, trace.settings = {}, {}  # a trace saved before runs were kept
+    assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == "run: not recorded in this trace"
 
 
 def test_report_masks_are_the_masks_its_iou_is_measured_on():
