@@ -12,7 +12,8 @@ launches, not arithmetic: :func:`prepare_keys` prepares a layer's keys once per 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "sum_upsampled", "concept_map"]
+__all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "largest_grid", "sum_upsampled",
+           "concept_map"]
 
 
 def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -55,12 +56,17 @@ def prepared_token_softmax_maps(q: torch.Tensor, keys: torch.Tensor, grid: tuple
     return maps.view(b, hw, -1).transpose(1, 2).unflatten(2, grid)
 
 
+def largest_grid(maps) -> tuple[int, int]:
+    """The largest ``(h, w)`` grid among ``[..., h, w]`` maps: where OVAM sums its stages."""
+    return max((tuple(m.shape[-2:]) for m in maps), key=lambda hw: hw[0] * hw[1])
+
+
 def sum_upsampled(maps: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
     """Bilinearly upsample ``[..., h, w]`` maps to ``size`` (default: the largest grid) and sum them."""
     if not maps:
         raise ValueError("no maps to aggregate: select at least one stage and one step that were recorded")
     if size is None:
-        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        size = largest_grid(maps)
     total = None
     for m in maps:
         lead = m.shape[:-2]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .guidance import STATUS
 from .masks import hard_mask, iou
-from .ovam import sum_upsampled
+from .ovam import largest_grid, sum_upsampled
 from .stages import STAGE_ORDER, stage_label
 from .tokens import find_word_positions
 
@@ -81,7 +81,7 @@ class BiasMapTrace:
         per_stage = [self.maps[s][chosen].sum(dim=0) for s in stages]
         if tokens is not None:
             per_stage = [m[:, tokens] for m in per_stage]
-        largest = tuple(max((m.shape[-2:] for m in self.maps.values()), key=lambda hw: hw[0] * hw[1]))
+        largest = largest_grid(self.maps.values())
         total = sum_upsampled(per_stage, largest)
         return total if size is None or tuple(size) == largest else sum_upsampled([total], tuple(size))
 
@@ -258,7 +258,7 @@ class TraceRecorder:
     @property
     def current_grid(self) -> tuple[int, int]:
         """The largest attention grid of the open evaluation, where OVAM sums its stages."""
-        return max((tuple(m.shape[-2:]) for m in self._current.maps.values()), key=lambda hw: hw[0] * hw[1])
+        return largest_grid(self._current.maps.values())
 
     def skip(self) -> None:
         """Close the open evaluation as one in which the U-Net never ran (a cache answered it): it has no maps and is
