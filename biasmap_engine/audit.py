@@ -10,10 +10,8 @@ import csv
 import io
 import os
 
-import torch
-
 from .guidance import STATUS
-from .masks import iou
+from .report import measure_entanglement
 from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text"]
@@ -31,7 +29,6 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
     if not pairs:
         raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit")
-    size = tuple(size) if size is not None else trace.image_size
     status = trace.guidance.get("status")
     counts = [{name: int((status[:, i] == code).sum()) if status is not None else "" for name, code in STATUS.items()}
               for i in range(trace.num_images)]
@@ -41,13 +38,11 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
                    for k, v in trace.settings.items()}}
     rows = []
     for a, b in pairs:
-        ious = iou(*trace.masks(a, b, q, size=size))
-        blocks = trace.block_ious(a, b, q, size=size)
-        mbiou = torch.stack(list(blocks.values())).mean(dim=0)
+        result = measure_entanglement(trace, a, b, q, size)
         for i in range(trace.num_images):
             rows.append({"label": label, **run, **settings, "image": i, "demographic": a, "semantic": b, "q": q,
-                         "iou": round(float(ious[i]), 6), "mbiou": round(float(mbiou[i]), 6),
-                         **{f"biou_{s}": round(float(v[i]), 6) for s, v in blocks.items()}, **counts[i],
+                         "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
+                         **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
                          "notes": " | ".join(trace.notes)})
     return rows
 

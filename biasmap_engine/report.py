@@ -1,5 +1,7 @@
 """The Entanglement IoU report: per-image IoU, block-wise IoU, the token pieces used and the guidance accounting."""
 
+import functools
+
 import torch
 
 from .masks import iou
@@ -11,7 +13,8 @@ __all__ = ["EntanglementResult", "measure_entanglement"]
 
 
 class EntanglementResult:
-    """IoU (with its masks), BIoU and mBIoU of two concepts in a trace, with a human-readable report."""
+    """IoU (with its masks), BIoU and mBIoU of two concepts in a trace, with a human-readable report (written when
+    first read: an audit of many runs reads the figures only)."""
 
     def __init__(self, trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None, steps=None):
         self.word_a, self.word_b, self.q = word_a, word_b, q
@@ -21,9 +24,11 @@ class EntanglementResult:
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = torch.stack(list(self.block_ious.values())).mean(dim=0)
         self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
-        self.report = self._report(trace)
+        self._trace = trace
 
-    def _report(self, trace) -> str:
+    @functools.cached_property
+    def report(self) -> str:
+        trace = self._trace
         h, w = self.masks[0].shape[-2:]
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
