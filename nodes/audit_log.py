@@ -11,7 +11,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text
-from .common import ADVANCED, CATEGORY, Trace, check_pair
+from .common import ADVANCED, CATEGORY, Trace, check_pair, mask_size
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -52,7 +52,7 @@ class BiasMapAuditLog(io.ComfyNode):
     def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution) -> io.NodeOutput:
         demographic = [concept_a.strip()] if concept_a.strip() else trace.demographic
         semantic = [concept_b.strip()] if concept_b.strip() else trace.semantic
-        size = trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
+        size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
         for a, b in pairs:
             check_pair(trace, a, b)

@@ -161,6 +161,11 @@ def step_window(trace, first_step: int, last_step: int):
     return first_step, min(last_step, last)
 
 
+def mask_size(trace, resolution: str) -> tuple[int, int]:
+    """Where masks are thresholded: at image size (the reference) or at the latent's."""
+    return trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
+
+
 def check_pair(trace, word_a: str, word_b: str) -> None:
     """Two distinct concepts to compare: a concept's overlap with itself is 1 whatever the image."""
     if set(trace.positions(word_a)) & set(trace.positions(word_b)):

@@ -3,7 +3,7 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import CATEGORY, Trace, check_images, check_pair, step_inputs, step_window
+from .common import CATEGORY, Trace, check_images, check_pair, mask_size, step_inputs, step_window
 
 
 class BiasMapEntanglementIoU(io.ComfyNode):
@@ -44,7 +44,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         word_a = concept_a.strip() or _first(trace.demographic, "demographic")
         word_b = concept_b.strip() or _first(trace.semantic, "semantic")
         check_pair(trace, word_a, word_b)
-        size = trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
+        size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)
         masks = result.masks
