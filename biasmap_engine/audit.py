@@ -75,7 +75,7 @@ def append_csv(path: str, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         if not exists:
             writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(_inert(rows))
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -83,8 +83,19 @@ def csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(_inert(rows))
     return buffer.getvalue()
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): an audit file passed around
+# could carry a label or prompt such as '=HYPERLINK(…)'. Such text cells get a leading apostrophe, which spreadsheets
+# show as text and hide; numbers keep their sign.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(rows: list[dict]) -> list[dict]:
+    return [{k: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_STARTS) else v for k, v in row.items()}
+            for row in rows]
 
 
 def _differing(columns, others) -> str:

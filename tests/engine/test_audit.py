@@ -106,3 +106,16 @@ def test_csv_text_is_what_the_file_holds(tmp_path):
     append_csv(path, rows)
     with open(path, newline="", encoding="utf-8") as f:
         assert f.read().replace("\r\n", "\n") == csv_text(rows)
+
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
+    rows = audit_rows(halves_trace(), q=0.5, label='=HYPERLINK("http://x","y")')
+    rows[0]["notes"], rows[0]["iou"] = "-1+1", -0.5
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, rows)
+    with open(path, newline="", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert [r["label"] for r in written] == ['\'=HYPERLINK("http://x","y")'] * len(rows)
+    assert (written[0]["notes"], written[0]["iou"]) == ("'-1+1", "-0.5")  # text escaped, numbers kept
+    assert list(csv.DictReader(csv_text(rows).splitlines()))[0]["label"] == written[0]["label"]
+    assert rows[0]["label"].startswith("=")  # the rows themselves keep the values, for pandas users
