@@ -203,7 +203,8 @@ def entanglement_picture(
     # the default font needs to stay legible.
     font_px = max(10, min(height, width) // 32)
     for index, iou in enumerate(ious.tolist()):
-        segments = [(f"IoU {iou:.2f}", BOTH_COLOR), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
+        shown = f"IoU {iou:.2f}" if iou == iou else "IoU n/a"  # NaN: nothing to measure in this image
+        segments = [(shown, BOTH_COLOR), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)

@@ -20,9 +20,10 @@ class EntanglementResult:
         self.word_a, self.word_b, self.q = word_a, word_b, q
         size = tuple(size) if size is not None else trace.image_size  # the reference thresholds at image size
         self.masks = trace.masks(word_a, word_b, q, steps=steps, size=size)  # [B, H, W] each, for pictures
-        self.ious = iou(*self.masks)
+        measurable = trace.measurable(word_a, word_b, steps=steps)
+        self.ious = iou(*self.masks).where(measurable.to(self.masks[0].device), torch.nan)  # as trace.iou
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
-        self.mbiou = torch.stack(list(self.block_ious.values())).mean(dim=0)
+        self.mbiou = torch.stack(list(self.block_ious.values())).nanmean(dim=0)
         self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
         self._trace = trace
 
@@ -30,13 +31,15 @@ class EntanglementResult:
     def report(self) -> str:
         trace = self._trace
         h, w = self.masks[0].shape[-2:]
+        measured = int(self.ious.isfinite().sum())
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
                  _run_line(trace),
-                 f"mIoU {self.ious.mean():.4f} · mBIoU {self.mbiou.mean():.4f} over {len(self.ious)} image(s)"]
+                 f"mIoU {self.ious.nanmean():.4f} · mBIoU {self.mbiou.nanmean():.4f} over {measured} image(s)"
+                 + (f" of {len(self.ious)} (n/a: no maps to threshold, left out)" if measured < len(self.ious) else "")]
         for i, value in enumerate(self.ious.tolist()):
-            blocks = ", ".join(f"{stage_label(s)} {v[i]:.3f}" for s, v in self.block_ious.items())
-            lines.append(f"image {i}: IoU {value:.4f} · mBIoU {self.mbiou[i]:.4f} · BIoU {blocks}")
+            blocks = ", ".join(f"{stage_label(s)} {_figure(v[i], 3)}" for s, v in self.block_ious.items())
+            lines.append(f"image {i}: IoU {_figure(value, 4)} · mBIoU {_figure(self.mbiou[i], 4)} · BIoU {blocks}")
         for word, pieces in self.pieces.items():
             lines.append(f"tokens of '{word}': {' '.join(pieces)}")
         counts = trace.guidance_counts()
@@ -52,8 +55,8 @@ class EntanglementResult:
         unreadable = [i for i, finite in enumerate(_finite_maps(trace).tolist()) if not finite]
         if unreadable:
             lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values (the model's "
-                         f"output overflowed, e.g. in fp16), so their IoU means nothing; sample them again in fp32 or "
-                         f"bf16")
+                         f"output overflowed, e.g. in fp16), so their IoU is n/a where those maps count; sample them "
+                         f"again in fp32 or bf16")
         lines += [f"note: {n}" for n in trace.notes]
         return "\n".join(lines)
 
@@ -63,6 +66,12 @@ def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float
     """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace, with masks at ``size``
     (default: the image's, as the reference)."""
     return EntanglementResult(trace, word_a, word_b, q, size, steps)
+
+
+def _figure(value, digits: int) -> str:
+    """A figure of the report; n/a where there was nothing to measure (NaN)."""
+    value = float(value)
+    return f"{value:.{digits}f}" if value == value else "n/a"
 
 
 def _run_line(trace: BiasMapTrace) -> str:

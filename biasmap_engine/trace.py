@@ -95,17 +95,26 @@ class BiasMapTrace:
         maps = self.token_maps(stages, steps, size, tokens=a + b)
         return hard_mask(maps[:, :len(a)].mean(dim=1), q), hard_mask(maps[:, len(a):].mean(dim=1), q)
 
+    def measurable(self, word_a: str, word_b: str, stages=None, steps=None) -> torch.Tensor:
+        """Per image, whether the two words have maps to threshold in the window: every value finite (an fp16
+        overflow leaves NaN) and not all zero (a stage that Kohya Deep Shrink moved to another grid on those steps)."""
+        chosen, tokens = self._evaluations(steps), self.positions(word_a) + self.positions(word_b)
+        maps = [self.maps[s][chosen][:, :, tokens].transpose(0, 1).flatten(1) for s in self._check_stages(stages)]
+        return torch.stack([m.isfinite().all(1) for m in maps]).all(0) & torch.stack([m.any(1) for m in maps]).any(0)
+
     def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
-        """Per-image IoU of the two words' top-(1−q) masks."""
-        return iou(*self.masks(word_a, word_b, q, stages, steps, size))
+        """Per-image IoU of the two words' top-(1−q) masks; NaN for an image without maps to threshold
+        (:meth:`measurable`), rather than the 0 of its empty masks, which would read as no overlap at all."""
+        overlap = iou(*self.masks(word_a, word_b, q, stages, steps, size))
+        return overlap.where(self.measurable(word_a, word_b, stages, steps).to(overlap.device), torch.nan)
 
     def block_ious(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> dict[str, torch.Tensor]:
-        """BIoU: per stage, the per-image IoU of masks built from that stage's layers only."""
+        """BIoU: per stage, the per-image IoU of masks built from that stage's layers only (NaN where it has none)."""
         return {s: self.iou(word_a, word_b, q, [s], steps, size) for s in self.stages}
 
     def mbiou(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> torch.Tensor:
-        """mBIoU: per image, the mean of BIoU over stages."""
-        return torch.stack(list(self.block_ious(word_a, word_b, q, steps, size).values())).mean(dim=0)
+        """mBIoU: per image, the mean of BIoU over the stages that have maps."""
+        return torch.stack(list(self.block_ious(word_a, word_b, q, steps, size).values())).nanmean(dim=0)
 
     def guidance_counts(self) -> dict[str, int]:
         """How many (evaluation, image) pairs were applied, clipped, skipped by the gate, non-finite, not guided."""

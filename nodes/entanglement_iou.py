@@ -31,7 +31,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="Decoded image to draw the masks over."),
                 *step_inputs(),
             ],
-            outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch."),
+            outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch (images without finite maps left out)."),
                      io.Float.Output("mbiou", tooltip="Mean block-wise IoU, mean over the batch."),
                      io.String.Output("report", tooltip="Per image and per stage figures, token pieces, guidance counts."),
                      io.Image.Output("picture", tooltip="A only, B only and A∧B in three colours, IoU written on it.")],
@@ -52,7 +52,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             masks = [resize_maps(m.float(), tuple(image.shape[1:3])) > 0.5 for m in masks]
         picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b),
                                        None if image is None else image[..., :3])  # RGBA: alpha dropped
-        return io.NodeOutput(float(result.ious.mean()), float(result.mbiou.mean()), result.report, picture,
+        return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), result.report, picture,
                              ui=ui.PreviewText(result.report))
 
 

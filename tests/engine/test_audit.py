@@ -119,3 +119,16 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_p
     assert (written[0]["notes"], written[0]["iou"]) == ("'-1+1", "-0.5")  # text escaped, numbers kept
     assert list(csv.DictReader(csv_text(rows).splitlines()))[0]["label"] == written[0]["label"]
     assert rows[0]["label"].startswith("=")  # the rows themselves keep the values, for pandas users
+
+
+def test_an_image_without_finite_maps_gets_nan_rows_not_an_iou_of_0(tmp_path):
+    trace = halves_trace()
+    trace.maps["down_1"][0, 1, 4, 0, 0] = float("nan")  # image 1's 'gender' map overflowed at one step
+    rows = audit_rows(trace, q=0.5, size=(8, 8))
+    assert [r["image"] for r in rows if r["iou"] != r["iou"]] == [1, 1]  # NaN in both pairs of image 1
+    assert [r["biou_down_1"] != r["biou_down_1"] for r in rows] == [False, True] * 2
+    assert [r["biou_up_1"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0], abs=1e-6)
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, rows)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert [r["iou"] for r in csv.DictReader(f)][1] == "nan"  # what pandas and spreadsheets read as missing

@@ -235,10 +235,15 @@ def test_entanglement_report_names_images_whose_maps_are_not_finite():
     from biasmap_engine import measure_entanglement
 
     trace = recorded_trace()
-    trace.maps["down_2"][1, 1, 0, 0, 0] = float("nan")
-    report = measure_entanglement(trace, "gender", "doctor").report
-    assert "image(s) 1: their maps hold NaN or inf values" in report
+    trace.maps["down_2"][1, 1, 4, 0, 0] = float("nan")  # its "gender" map, at one step
+    result = measure_entanglement(trace, "gender", "doctor")
+    assert "image(s) 1: their maps hold NaN or inf values" in result.report
     assert "image(s) 0" not in measure_entanglement(recorded_trace(), "gender", "doctor").report
+    # Its empty masks would give IoU 0, read as no overlap at all: it is n/a instead, and left out of the means.
+    assert result.ious[0].isfinite() and result.ious[1].isnan() and trace.iou("gender", "doctor")[1].isnan()
+    assert result.block_ious["down_2"][1].isnan() and result.block_ious["down_1"][1].isfinite()
+    assert f"mIoU {result.ious[0]:.4f}" in result.report and "over 1 image(s) of 2 (n/a" in result.report
+    assert any(line.startswith("image 1: IoU n/a") for line in result.report.splitlines())
 
 
 def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guidance_counts():
@@ -306,6 +311,11 @@ def test_a_stage_missing_from_some_evaluations_gets_zero_rows_there_and_the_trac
     assert torch.equal(trace.concept_map("doctor", stages=["down_2"]),
                        trace.concept_map("doctor", stages=["down_2"], steps=(2, 2)))
     assert trace.iou("doctor", "gender").shape == (1,) and len(trace.block_ious("doctor", "gender")) == 3
+    # A window where a stage has only zero rows: its BIoU is n/a and mBIoU the mean over the stages that have maps,
+    # not pulled down by the 0 of its empty masks.
+    window = trace.block_ious("doctor", "gender", steps=(0, 1))
+    assert window["down_2"].isnan().all() and window["down_1"].isfinite().all() and window["down_4"].isfinite().all()
+    assert torch.allclose(trace.mbiou("doctor", "gender", steps=(0, 1)), (window["down_1"] + window["down_4"]) / 2)
 
 
 def test_the_guided_layers_are_summed_apart_for_the_energy_and_all_layers_for_the_trace():
