@@ -58,7 +58,7 @@ def append_csv(path: str, rows: list[dict]) -> None:
     columns = list(rows[0])
     exists = os.path.exists(path) and os.path.getsize(path) > 0
     if exists:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a file a spreadsheet saved again
+        with open(path, newline="", encoding="utf-8-sig") as f:  # with or without its byte-order mark
             header = next(csv.reader(f), [])
         if header != columns:
             raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
@@ -71,7 +71,9 @@ def append_csv(path: str, rows: list[dict]) -> None:
             f.seek(-1, os.SEEK_END)
             if f.read(1) not in (b"\n", b"\r"):
                 f.write(b"\r\n")
-    with open(path, "a", newline="", encoding="utf-8") as f:
+    # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas reads it
+    # as it is, Python's csv module with encoding="utf-8-sig". Rows appended later add none.
+    with open(path, "a", newline="", encoding="utf-8" if exists else "utf-8-sig") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         if not exists:
             writer.writeheader()

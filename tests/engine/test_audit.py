@@ -63,7 +63,7 @@ def test_append_csv_writes_the_header_once_and_keeps_every_run(tmp_path):
     first, second = audit_rows(halves_trace(), q=0.5, label="1"), audit_rows(halves_trace(), q=0.5, label="2")
     append_csv(path, first)
     append_csv(path, second)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         read = list(csv.DictReader(f))
     assert len(read) == len(first) + len(second)
     assert [r["label"] for r in read] == ["1"] * len(first) + ["2"] * len(second)
@@ -77,14 +77,24 @@ def test_append_csv_refuses_rows_of_other_stages_and_names_them(tmp_path):
     with pytest.raises(ValueError, match="only the file has: biou_down_1, biou_up_1; only the trace has: biou_down_2"
                                          r"\). .*include_middle"):
         append_csv(path, audit_rows(halves_trace(stages=("down_2",)), q=0.5))
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         assert len(f.readlines()) == 1 + 4  # nothing appended
 
 
-def test_append_csv_takes_a_file_a_spreadsheet_saved_again_with_a_byte_order_mark(tmp_path):
+def test_a_new_csv_starts_with_the_byte_order_mark_excel_needs_and_appends_add_none(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="médecin"))
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="医生"))
+    data = path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbflabel,") and data.count(b"\xef\xbb\xbf") == 1
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert [r["label"] for r in csv.DictReader(f)] == ["médecin"] * 4 + ["医生"] * 4
+
+
+def test_append_csv_takes_a_file_a_spreadsheet_saved_again_without_the_byte_order_mark(tmp_path):
     path = tmp_path / "audit.csv"
     append_csv(str(path), audit_rows(halves_trace(), q=0.5))
-    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    path.write_bytes(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))
     append_csv(str(path), audit_rows(halves_trace(), q=0.5))
     with open(path, newline="", encoding="utf-8-sig") as f:
         assert len(list(csv.DictReader(f))) == 8
@@ -95,7 +105,7 @@ def test_append_csv_starts_on_a_new_line_when_the_file_lost_its_last_line_break(
     append_csv(str(path), audit_rows(halves_trace(), q=0.5))
     path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # as some spreadsheet exports save it
     append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="next"))
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert [r["label"] for r in rows] == [""] * 4 + ["next"] * 4 and rows[3]["notes"] == "a note"
 
@@ -104,7 +114,7 @@ def test_csv_text_is_what_the_file_holds(tmp_path):
     rows = audit_rows(halves_trace(), q=0.5)
     path = str(tmp_path / "audit.csv")
     append_csv(path, rows)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         assert f.read().replace("\r\n", "\n") == csv_text(rows)
 
 
@@ -113,7 +123,7 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_p
     rows[0]["notes"], rows[0]["iou"] = "-1+1", -0.5
     path = str(tmp_path / "audit.csv")
     append_csv(path, rows)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         written = list(csv.DictReader(f))
     assert [r["label"] for r in written] == ['\'=HYPERLINK("http://x","y")'] * len(rows)
     assert (written[0]["notes"], written[0]["iou"]) == ("'-1+1", "-0.5")  # text escaped, numbers kept

@@ -221,7 +221,7 @@ def test_shipped_workflows_run_end_to_end(server):
         assert sum("mBIoU" in text for text in previewed) == len(ious), f"{path.name}: a report is not previewed"
 
     audit = server["out"] / "biasmap" / "audit.csv"
-    with open(audit, newline="", encoding="utf-8") as f:
+    with open(audit, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert [(r["seed"], r["demographic"], r["semantic"]) for r in rows] == [("42", "gender", "doctor")], rows
     traces = sorted((server["out"] / "biasmap").glob("trace_*_.safetensors"))

@@ -105,7 +105,7 @@ def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, f
     args = defaults(BiasMapAuditLog) | {"trace": trace}
     first = node.execute(**args | {"label": "first"}).result[0]
     node.execute(**args | {"concept_b": "nurse", "label": "second"})
-    with open(folders / "out" / "biasmap" / "audit.csv", newline="", encoding="utf-8") as f:
+    with open(folders / "out" / "biasmap" / "audit.csv", newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     # 2 images × (gender, doctor) and (gender, nurse), then 2 images × (gender, nurse)
     assert [(r["label"], r["semantic"], r["image"]) for r in rows] == [
