@@ -136,11 +136,13 @@ def _anchor_scores(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.T
 
 
 def _exact_global(maps: torch.Tensor, keep: float, gamma: float) -> torch.Tensor:
-    """Converged global soft top-k: S = σ((2x − 1)/γ + c) with Σ S = k, on maps divided by their max."""
+    """Converged global soft top-k: S = σ((2x − 1)/γ + c) with Σ S = k, on maps divided by their largest |value|."""
     flat = maps.flatten(-2)
     n = flat.shape[-1]
     k = _kept(n, keep, f"a {maps.shape[-2]}×{maps.shape[-1]} map")
-    x = flat / flat.amax(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+    # By the largest magnitude, not the max: attribution maps are ≥ 0, where the two agree, but a signed map (a
+    # difference of maps) with max ≤ 0 would be scaled to ±huge values and the sum's solve to NaN.
+    x = flat / flat.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
     logits = (2.0 * x - 1.0) / gamma
     return _SigmoidWithSum.apply(logits, float(k)).view(maps.shape)
 

@@ -43,4 +43,6 @@ def parse_stages(text: str, available: list[str] | None = None) -> list[str] | N
         if stage is None or stage not in choices:
             raise ValueError(f"unknown stage {part!r}; choose from {', '.join(choices)} or 'all'")
         stages.append(stage)
+    if not stages:  # only separators: a typo, not a choice of stages
+        raise ValueError(f"no stage named in {text!r}; give stage ids such as down_1, up_1, or 'all'")
     return stages

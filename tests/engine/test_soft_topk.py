@@ -158,6 +158,16 @@ def test_exact_mode_keeps_exactly_k_mass(size):
     assert torch.allclose(s.flatten(-2).sum(-1), torch.full((3,), float(k)), rtol=1e-4)
 
 
+def test_exact_mode_takes_signed_maps_whose_max_is_not_positive():
+    # A difference of two attribution maps may lie at or below zero everywhere; the top pixels are still its largest.
+    base = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4))
+    for maps in (base - 2.0, base - base.amax()):
+        s = soft_topk(maps, 0.3, mode="exact")
+        assert s.isfinite().all() and torch.allclose(s.flatten(-2).sum(-1), torch.full((2,), 19.0), rtol=1e-4)
+        flat, top = s.flatten(-2), maps.flatten(-2).argmax(-1, keepdim=True)
+        assert torch.allclose(flat.gather(-1, top).squeeze(-1), flat.amax(-1))  # the largest pixel kept most
+
+
 def test_exact_mode_gradient_matches_finite_differences():
     maps = (torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5)
     maps.requires_grad_(True)

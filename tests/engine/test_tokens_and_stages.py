@@ -56,6 +56,8 @@ def test_stage_labels_and_parsing():
     assert parse_stages("all") is None
     with pytest.raises(ValueError, match="choose from down_1"):
         parse_stages("down_3", ["down_1", "up_1"])
+    with pytest.raises(ValueError, match="no stage named in ' , '"):  # a typo, not "no stages"
+        parse_stages(" , ")
 
 
 def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():
