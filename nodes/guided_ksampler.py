@@ -109,7 +109,9 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
                 # Last, so that workflows saved before it keep their widget values in place.
                 io.Boolean.Input("add_noise", default=True, extra_dict=ADVANCED,
                                  tooltip="Off: denoise the latent as it is, like SamplerCustomAdvanced with "
-                                         "DisableNoise (e.g. the second half of split sigmas)."),
+                                         "DisableNoise (e.g. the second half of split sigmas); as there, an "
+                                         "ancestral or SDE sampler's own noise then comes from seed 0, not "
+                                         "noise_seed."),
             ],
             outputs=_OUTPUTS,
         )

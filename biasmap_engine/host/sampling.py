@@ -49,12 +49,15 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     latent = latent.copy()
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
     latent["samples"] = latent_image
-    noise = (Noise_RandomNoise(noise_seed) if add_noise else Noise_EmptyNoise()).generate_noise(latent)
+    noise = Noise_RandomNoise(noise_seed) if add_noise else Noise_EmptyNoise()
     callback = latent_preview.prepare_callback(patched, sigmas.shape[-1] - 1, {})
-    samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
-                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise_seed)
+    # The sampler's own noise (ancestral, SDE) is seeded with the noise's seed, as SamplerCustomAdvanced does:
+    # DisableNoise's is 0, whatever noise_seed says.
+    samples = guider.sample(noise.generate_noise(latent), latent_image, sampler, sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
-    return latent, session.finish(**_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1, cfg=cfg,
+    return latent, session.finish(**_identity(), seed=noise.seed, steps=sigmas.shape[-1] - 1, cfg=cfg,
                                   sampler=_sampler_name(sampler), scheduler="custom sigmas", add_noise=add_noise)
 
 

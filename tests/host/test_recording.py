@@ -69,23 +69,26 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
         "attribution_prompt": ATTRIBUTION}
 
 
-def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd15, prompts):
+@pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral"])
+def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd15, prompts, sampler_name):
     import comfy.samplers
 
     model, clip = sd15
     pos, neg = prompts
     with torch.inference_mode():
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6)[3:]
-        sampler = comfy.samplers.sampler_object("euler")
+        sampler = comfy.samplers.sampler_object(sampler_name)
         noisy = {"samples": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)) * sigmas[0]}
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(pos, neg)
         guider.set_cfg(5.0)
-        stock = guider.sample(torch.zeros_like(noisy["samples"]), noisy["samples"], sampler, sigmas, seed=None)
+        # SamplerCustomAdvanced passes DisableNoise's seed, 0, to the sampler: an ancestral one's noise comes from it.
+        stock = guider.sample(torch.zeros_like(noisy["samples"]), noisy["samples"], sampler, sigmas, seed=0)
         session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
         ours, trace = sample_with_sampler(session, model, 7, 5.0, sampler, sigmas, pos, neg, noisy, add_noise=False)
     assert torch.equal(stock.cpu(), ours["samples"].cpu())
     assert trace.steps.tolist() == [0, 1, 2]
+    assert (trace.run["seed"], trace.run["add_noise"]) == (0, False)  # the seed the sampler got
 
 
 # Evaluations per step of a 3-step run: the last step of most of these samplers is one Euler step (σ_next = 0).
