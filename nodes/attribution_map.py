@@ -3,7 +3,9 @@
 from comfy_api.latest import io
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
-from .common import ADVANCED, CATEGORY, Trace, check_images, step_inputs, step_window
+from .common import ADVANCED, CATEGORY, Trace, check_images, check_single, require_single, step_inputs, step_window
+
+_ONE_WORD = "give one word (one Attribution Map node per word)"
 
 
 class BiasMapAttributionMap(io.ComfyNode):
@@ -41,8 +43,13 @@ class BiasMapAttributionMap(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, word=None):
+        return check_single(_ONE_WORD, word=word)
+
+    @classmethod
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
                 image=None) -> io.NodeOutput:
+        require_single(_ONE_WORD, word=word)
         check_images(image, trace)
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),

@@ -5,13 +5,11 @@ gathers the audit, with each run's prompt id, seed, sampler, settings and attrib
 """
 
 import logging
-import os
 
-import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import append_csv, audit_rows, csv_text
-from .common import ADVANCED, CATEGORY, Trace, check_pair, mask_size
+from ..biasmap_engine import append_csv, audit_rows, csv_text, split_concepts
+from .common import ADVANCED, CATEGORY, Trace, check_pair, mask_size, output_path
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -36,9 +34,11 @@ class BiasMapAuditLog(io.ComfyNode):
                                 tooltip="Free text for this run's rows, e.g. the generation prompt or a condition "
                                         "name (link a text node to it)."),
                 io.String.Input("concept_a", default="",
-                                tooltip="Demographic word; empty = every demographic concept of the trace."),
+                                tooltip="Demographic word(s), comma-separated; empty = every demographic concept of "
+                                        "the trace. Every pair with concept_b gets its rows."),
                 io.String.Input("concept_b", default="",
-                                tooltip="Semantic word; empty = every semantic concept of the trace."),
+                                tooltip="Semantic word(s), comma-separated; empty = every semantic concept of the "
+                                        "trace."),
                 io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
                                tooltip="Masks keep pixels above this quantile (paper: 0.70)."),
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
@@ -49,31 +49,31 @@ class BiasMapAuditLog(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None):
+        # Before the graph runs: a queued audit would otherwise sample every run, then log nothing.
+        try:
+            _csv_path(filename or "")
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution) -> io.NodeOutput:
-        demographic = [concept_a.strip()] if concept_a.strip() else trace.demographic
-        semantic = [concept_b.strip()] if concept_b.strip() else trace.semantic
+        path = _csv_path(filename)
+        demographic = split_concepts(concept_a) or trace.demographic
+        semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
         for a, b in pairs:
             check_pair(trace, a, b)
         rows = audit_rows(trace, q, pairs, size, label)
-        path = _output_path(filename.strip() or "biasmap/audit")
         append_csv(path, rows)
         text = csv_text(rows)
         logging.info("BiasMap: %d audit row(s) appended to %s", len(rows), path)
         return io.NodeOutput(text, ui=ui.PreviewText(f"{len(rows)} row(s) appended to {path}\n{text}"))
 
 
-def _output_path(filename: str) -> str:
-    """``filename``.csv inside the output folder; paths that leave it are refused, as ComfyUI's savers refuse them."""
-    output_dir = os.path.abspath(folder_paths.get_output_directory())
-    name = filename if filename.lower().endswith(".csv") else filename + ".csv"
-    path = os.path.abspath(os.path.join(output_dir, name))
-    try:
-        inside = os.path.commonpath((output_dir, path)) == output_dir
-    except ValueError:  # Windows: another drive
-        inside = False
-    if not inside:
-        raise ValueError(f"the audit file '{filename}' would be written outside ComfyUI's output folder: give a path "
-                         f"inside it, e.g. biasmap/audit")
-    return path
+def _csv_path(filename: str) -> str:
+    """``filename``.csv inside the output folder (empty: biasmap/audit)."""
+    name = filename.strip() or "biasmap/audit"
+    return output_path(name if name.lower().endswith(".csv") else name + ".csv", "audit file", "biasmap/audit")

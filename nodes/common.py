@@ -166,11 +166,53 @@ def mask_size(trace, resolution: str) -> tuple[int, int]:
     return trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
 
 
+def check_single(fix: str, **inputs) -> bool | str:
+    """Validation (and run-time check) of inputs that take one concept each: a comma-separated list, which the
+    sampler's concept inputs take, would be looked up as one phrase, commas and all, and measured without a word."""
+    for name, text in inputs.items():
+        words = split_concepts(text) if text is not None else []
+        if len(words) > 1:
+            return f"{name} holds several concepts ({', '.join(words)}) but takes one: {fix}"
+    return True
+
+
+def require_single(fix: str, **inputs) -> None:
+    """:func:`check_single` at run time, where a linked input's text is known."""
+    verdict = check_single(fix, **inputs)
+    if verdict is not True:
+        raise ValueError(verdict)
+
+
 def check_pair(trace, word_a: str, word_b: str) -> None:
     """Two distinct concepts to compare: a concept's overlap with itself is 1 whatever the image."""
     if set(trace.positions(word_a)) & set(trace.positions(word_b)):
         raise ValueError(f"'{word_a}' and '{word_b}' share tokens of the attribution prompt, and a concept's overlap "
                          f"with itself is 1 whatever the image: compare two different words")
+
+
+def output_path(name: str, what: str, example: str) -> str:
+    """``name`` as a path inside ComfyUI's output folder; a path that leaves it is refused, as ComfyUI's savers refuse
+    it, but with a message that says what to type."""
+    import os
+
+    import folder_paths
+
+    output_dir = os.path.abspath(folder_paths.get_output_directory())
+    path = os.path.abspath(os.path.join(output_dir, name))
+    if not inside(path, output_dir):
+        raise ValueError(f"the {what} '{name}' would be written outside ComfyUI's output folder: give a path inside "
+                         f"it, e.g. {example}")
+    return path
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether ``path`` lies in the folder ``root`` (both absolute and normalised)."""
+    import os
+
+    try:
+        return os.path.commonpath((path, root)) == root
+    except ValueError:  # Windows: another drive
+        return False
 
 
 def check_images(image, trace) -> None:

@@ -3,7 +3,10 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import CATEGORY, Trace, check_images, check_pair, mask_size, step_inputs, step_window
+from .common import (CATEGORY, Trace, check_images, check_pair, check_single, mask_size, require_single, step_inputs,
+                     step_window)
+
+_ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
 
 
 class BiasMapEntanglementIoU(io.ComfyNode):
@@ -39,7 +42,12 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, concept_a=None, concept_b=None):
+        return check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
+
+    @classmethod
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
+        require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
         check_images(image, trace)
         word_a = concept_a.strip() or _first(trace.demographic, "demographic")
         word_b = concept_b.strip() or _first(trace.semantic, "semantic")

@@ -1,6 +1,7 @@
 """Save Trace and Load Trace: BiasMap traces as files, to share a run's maps or analyse them later (in ComfyUI or in
 Python with ``BiasMapTrace.load``), as ComfyUI's Save Latent and Load Latent do for latents."""
 
+import hashlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import BiasMapTrace, TraceFormatError
-from .common import CATEGORY, Trace
+from .common import CATEGORY, Trace, inside, output_path
 
 EXTENSION = ".safetensors"
 SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
@@ -37,7 +38,16 @@ class BiasMapSaveTrace(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        try:
+            output_path(filename_prefix or "", "trace", f"{SAVED}/trace")
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(cls, trace, filename_prefix) -> io.NodeOutput:
+        output_path(filename_prefix, "trace", f"{SAVED}/trace")  # ComfyUI's own refusal speaks of an image
         output_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         file = f"{name}_{counter:05}_{EXTENSION}"
@@ -71,19 +81,27 @@ class BiasMapLoadTrace(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, trace_file):
+    def validate_inputs(cls, trace_file=None):
         # Taking trace_file here turns off ComfyUI's check that it is one of the listed files: this is that check.
-        if not _readable(trace_file):
-            return (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/: save one with "
-                    f"BiasMap Save Trace, or put the file in ComfyUI's input folder, then refresh the page")
-        return True
+        # A linked name (None here) is checked when the node runs.
+        return True if trace_file is None else _check_readable(trace_file)
 
     @classmethod
-    def fingerprint_inputs(cls, trace_file):
-        return os.path.getmtime(folder_paths.get_annotated_filepath(trace_file))  # a file saved again is read again
+    def fingerprint_inputs(cls, trace_file=None):
+        # The content, as Load Latent's: a file replaced by another with the same time (unzipped, cp -p) is read again.
+        if trace_file is None or _check_readable(trace_file) is not True:
+            return ""
+        digest = hashlib.sha256()
+        with open(folder_paths.get_annotated_filepath(trace_file), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     @classmethod
     def execute(cls, trace_file) -> io.NodeOutput:
+        verdict = _check_readable(trace_file)
+        if verdict is not True:
+            raise ValueError(verdict)
         try:
             trace = BiasMapTrace.load(folder_paths.get_annotated_filepath(trace_file))
         except TraceFormatError as err:
@@ -109,15 +127,12 @@ def trace_files() -> list[str]:
     return found
 
 
-def _readable(trace_file: str) -> bool:
-    """A file (not a folder) in the input folder or under the output folder's ``biasmap/``, as listed."""
-    path = os.path.realpath(folder_paths.get_annotated_filepath(trace_file))
+def _check_readable(trace_file: str) -> bool | str:
+    """True for a file (not a folder) in the input folder or under the output folder's ``biasmap/``, as listed; else
+    what to do. Paths are normalised as ComfyUI's loaders take them: a link placed there is read, like Load Latent's."""
+    path = os.path.abspath(folder_paths.get_annotated_filepath(trace_file))
     roots = [folder_paths.get_input_directory(), os.path.join(folder_paths.get_output_directory(), SAVED)]
-    return os.path.isfile(path) and any(_inside(path, os.path.realpath(root)) for root in roots)
-
-
-def _inside(path: str, root: str) -> bool:
-    try:
-        return os.path.commonpath((path, root)) == root
-    except ValueError:  # Windows: another drive
-        return False
+    if os.path.isfile(path) and any(inside(path, os.path.abspath(root)) for root in roots):
+        return True
+    return (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/: save one with BiasMap Save "
+            f"Trace, or put the file in ComfyUI's input folder, then refresh the page")

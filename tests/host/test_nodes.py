@@ -111,3 +111,15 @@ def test_the_sampler_writes_the_traces_notes_to_the_console(sd15, prompts, pack,
     assert any("cfg = 1" in note for note in trace.notes)
     logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [f"BiasMap: {note}" for note in trace.notes] == [m for m in logged if m.startswith("BiasMap:")]
+
+
+def test_the_map_nodes_refuse_a_concept_list_where_they_take_one_word_before_and_when_they_run(nodes_and_trace):
+    # The sampler's concept inputs take lists; here "gender, doctor" would be looked up as one phrase, comma and all.
+    _, attribution_map, entanglement, trace = nodes_and_trace
+    for node, inputs, fix in ((attribution_map, {"word": "gender, doctor"}, "one Attribution Map node per word"),
+                              (entanglement, {"concept_a": "gender, doctor"}, "use BiasMap Audit Log")):
+        assert "holds several concepts (gender, doctor) but takes one" in node.validate_inputs(**inputs)
+        assert fix in node.validate_inputs(**inputs)
+        with torch.inference_mode(), pytest.raises(ValueError, match="several concepts"):  # as a linked text arrives
+            node.execute(**defaults(node) | {"trace": trace} | inputs)
+    assert attribution_map.validate_inputs(word=None) is True and entanglement.validate_inputs("gender", None) is True

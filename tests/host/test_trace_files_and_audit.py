@@ -96,6 +96,39 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
     save_file({"w": torch.zeros(1)}, str(folders / "in" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"not a BiasMap trace.*[^.]\. Choose a file saved by BiasMap Save Trace"):
         BiasMapLoadTrace.execute("model.safetensors")
+    with pytest.raises(ValueError, match="no trace file"):  # a linked name skips validation: checked when it runs
+        BiasMapLoadTrace.execute("../outside.safetensors")
+    assert BiasMapLoadTrace.validate_inputs(None) is True and BiasMapLoadTrace.fingerprint_inputs(None) == ""
+
+
+def test_load_trace_reads_a_link_placed_in_the_input_folder_as_load_latent_does(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapLoadTrace
+
+    shared = folders / "shared_drive"
+    shared.mkdir()
+    trace.save(str(shared / "run.safetensors"))
+    (folders / "in" / "run.safetensors").symlink_to(shared / "run.safetensors")
+    assert "run.safetensors" in BiasMapLoadTrace.define_schema().inputs[0].options
+    assert BiasMapLoadTrace.validate_inputs("run.safetensors") is True
+    assert BiasMapLoadTrace.execute("run.safetensors").result[0].tokens == trace.tokens
+
+
+def test_load_trace_reads_a_file_again_when_its_content_changes_even_at_the_same_time(pack, folders, trace):
+    import os
+
+    from biasmap_pack.nodes import BiasMapLoadTrace
+
+    path = folders / "in" / "run.safetensors"
+    trace.save(str(path))
+    first = BiasMapLoadTrace.fingerprint_inputs("run.safetensors")
+    stamp = os.stat(path).st_mtime_ns
+    trace.run = {**trace.run, "seed": 6}  # another run's trace, copied over it with its time kept (cp -p, unzip)
+    try:
+        trace.save(str(path))
+    finally:
+        trace.run = {**trace.run, "seed": 5}
+    os.utime(path, ns=(stamp, stamp))
+    assert BiasMapLoadTrace.fingerprint_inputs("run.safetensors") != first
 
 
 def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, folders, trace):
@@ -116,6 +149,28 @@ def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, f
     ious = trace.iou("gender", "nurse", size=trace.image_size).tolist()  # the reference thresholds at image size
     assert [float(r["iou"]) for r in rows[4:]] == pytest.approx(ious, abs=1e-6)
     assert first.splitlines()[0].startswith("label,prompt_id,time,seed,steps")
+
+
+def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse, doctor"}
+    as_comfy_runs(BiasMapAuditLog).execute(**args)
+    with open(folders / "out" / "biasmap" / "audit.csv", newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["demographic"], r["semantic"]) for r in rows] == [("gender", "nurse")] * 2 + [("gender", "doctor")] * 2
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/biasmap_escape"])
+def test_files_outside_the_output_folder_are_refused_before_the_graph_samples(pack, folders, name):
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapSaveTrace
+
+    assert "audit file" in BiasMapAuditLog.validate_inputs(filename=name)
+    assert "outside ComfyUI's output folder: give a path inside it, e.g. biasmap/trace" in (
+        BiasMapSaveTrace.validate_inputs(filename_prefix=name))
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/runs/a") is True
+    assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap/trace") is True
+    assert BiasMapAuditLog.validate_inputs(filename=None) is BiasMapSaveTrace.validate_inputs(None) is True  # linked
 
 
 def test_audit_log_refuses_a_file_outside_the_output_folder(pack, folders, trace):
