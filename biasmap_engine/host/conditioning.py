@@ -5,7 +5,7 @@ calc_cond_batch receives them.
 
 import torch
 
-__all__ = ["control_models", "covers_image", "hook_groups"]
+__all__ = ["attached_modules", "control_models", "covers_image", "hook_groups"]
 
 
 def covers_image(entries, x, timestep) -> bool:
@@ -40,6 +40,21 @@ def control_models(conds):
                     if isinstance(module, torch.nn.Module) and all(module is not m for m in seen):
                         seen.append(module)
                 control = getattr(control, "previous_controlnet", None)
+    return seen
+
+
+def attached_modules(conds) -> list:
+    """The modules other than ControlNets that ``conds``' entries bring into the U-Net's pass, as ComfyUI's
+    ``get_additional_models`` finds them: GLIGEN (its gated attention runs as a patch in every transformer block)
+    and the entries' ``additional_models``."""
+    seen = []
+    for entries in conds:
+        for entry in entries or []:
+            gligen = entry.get("gligen")
+            for patcher in ([gligen[1]] if gligen else []) + list(entry.get("additional_models", [])):
+                module = getattr(patcher, "model", patcher)  # a ModelPatcher, or the module itself
+                if isinstance(module, torch.nn.Module) and all(module is not m for m in seen):
+                    seen.append(module)
     return seen
 
 

@@ -5,12 +5,13 @@ passes keep ComfyUI's choices.
 """
 
 import contextlib
+import functools
 
 import torch
 
 from .lean_backward import CopiedSaves
 
-__all__ = ["out_of_memory", "out_of_memory_explained", "with_patches_on_copies", "with_sdpa_attention"]
+__all__ = ["out_of_memory", "out_of_memory_explained", "patch_modules", "with_patches_on_copies", "with_sdpa_attention"]
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
 
@@ -81,3 +82,52 @@ def _keeping_copies(patch):
             return patch(*args, **kwargs)
 
     return run
+
+
+def patch_modules(model_options: dict) -> list[torch.nn.Module]:
+    """The modules that other nodes' U-Net patches hold: a hypernetwork's layers (HypernetworkLoader), an adapter's.
+
+    ComfyUI loads them in inference mode like the model's weights, and in a guided pass they run on tensors that need
+    gradients, where autograd cannot save an inference weight; they are swapped as the U-Net's are. Found through the
+    patch objects, their attributes and closures, a few levels deep (a hypernetwork patch holds a dict of module lists).
+    """
+    options = model_options.get("transformer_options", {})
+    patches = [p for found in options.get("patches", {}).values() for p in found]
+    patches += [p for replaces in options.get("patches_replace", {}).values() for p in replaces.values()]
+    found, seen = [], set()
+    for patch in patches:
+        _collect_modules(patch, 3, found, seen)
+    return found
+
+
+def _collect_modules(obj, depth: int, found: list, seen: set) -> None:
+    if id(obj) in seen or isinstance(obj, (torch.Tensor, type, str, bytes, int, float)) or obj is None:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        found.append(obj)
+        return
+    if depth == 0:
+        return
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    elif isinstance(obj, functools.partial):
+        children = [obj.func, *obj.args, *obj.keywords.values()]
+    elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # a bound method: its object
+        children = [obj.__self__]
+    elif callable(obj) and hasattr(obj, "__code__"):  # a function: what its closure holds
+        children = [cell.cell_contents for cell in obj.__closure__ or () if _filled(cell)]
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    for child in children:
+        _collect_modules(child, depth - 1, found, seen)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not yet assigned
+        return False
+    return True

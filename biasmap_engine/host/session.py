@@ -50,8 +50,9 @@ from ..stages import STAGE_ORDER
 from ..tokens import find_word_positions, require_distinct_concepts
 from ..trace import TraceRecorder
 from .capture import BranchCapture
-from .conditioning import control_models, covers_image, hook_groups
-from .guided_pass import out_of_memory, out_of_memory_explained, with_patches_on_copies, with_sdpa_attention
+from .conditioning import attached_modules, control_models, covers_image, hook_groups
+from .guided_pass import (out_of_memory, out_of_memory_explained, patch_modules, with_patches_on_copies,
+                          with_sdpa_attention)
 from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import block_stages, deinference_, model_family, require_guidable, require_unet, weight_slots
@@ -93,6 +94,7 @@ class BiasMapSession:
         self._controlled = False  # a guided pass whose entries carry a ControlNet
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
         self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
+        self._patch_modules: list[torch.nn.Module] = []  # held by other nodes' U-Net patches (patch_modules)
         self._evaluations = 0  # evaluations that reached _predict_noise
         self._unet_ran = False  # the U-Net ran in the open evaluation
         self._guiding = False  # a guided U-Net pass is running
@@ -114,6 +116,9 @@ class BiasMapSession:
     def patch(self, model_patcher):
         """A clone of ``model_patcher`` carrying this session's hooks."""
         m = model_patcher.clone()
+        if self.settings.guiding:  # other nodes' patches, before this session adds its own
+            unet = set(map(id, model_patcher.model.diffusion_model.modules()))
+            self._patch_modules = [p for p in patch_modules(m.model_options) if id(p) not in unet]
         existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = {(name, number) for name, number, _ in self.layers if name != "middle" or self.settings.include_middle}
         for name, number in sorted(blocks):
@@ -427,9 +432,11 @@ class BiasMapSession:
         ``gradient(leaf)``, taken before anything of the pass is freed.
 
         Where autograd records attention the pass runs PyTorch's SDPA; ``conds``' ControlNets join the gradient.
+        Every module the pass runs (the U-Net's, ControlNets', GLIGEN's, other nodes' patches') has its
+        inference-mode weights swapped first: autograd cannot save those.
         """
         controls = control_models(conds)
-        for module in (model.diffusion_model, *controls):
+        for module in (model.diffusion_model, *controls, *attached_modules(conds), *self._patch_modules):
             if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
                 self._weight_slots[module] = weight_slots(module)
             deinference_(module, self._weight_slots[module])

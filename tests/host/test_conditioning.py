@@ -223,6 +223,42 @@ def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_an
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
 
 
+def test_gligen_loaded_in_inference_mode_leaves_recording_bit_identical_and_can_be_guided(sd15, prompts):
+    # GLIGEN's gated attention runs as a patch in every transformer block, on activations that need gradients in a
+    # guided pass: its inference-mode weights have to be swapped as the U-Net's are.
+    import comfy.gligen
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy_models
+    import nodes
+
+    from biasmap_engine.host import cross_attention_layers
+
+    model, clip = sd15
+    pos, neg = prompts
+    widths = [m.to_q.in_features for m in cross_attention_layers(model.model.diffusion_model).values()]
+    with torch.inference_mode():  # as GLIGENLoader runs
+        gated = [comfy.gligen.GatedSelfAttentionDense(w, 768, 8, w // 8) for w in widths]
+        net = comfy.gligen.Gligen(gated, comfy.gligen.PositionNet(768, 768), 768)
+        comfy_models.init_random_(net, 1)
+        for module in gated:  # open gates, as a trained GLIGEN has them
+            module.alpha_attn.fill_(0.5)
+            module.alpha_dense.fill_(0.5)
+        gligen = comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
+                                                  offload_device=comfy.model_management.unet_offload_device())
+        boxed = nodes.GLIGENTextBoxApply().append(pos, clip, gligen, "doctor", 128, 128, 0, 0)[0]
+        plain = nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                      {"samples": torch.zeros(1, 4, 32, 32)})[0]["samples"]
+        stock = nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", boxed, neg,
+                                      {"samples": torch.zeros(1, 4, 32, 32)})[0]["samples"]
+    assert not torch.equal(plain, stock)  # the box changes the picture
+    recorded, _ = sample(model, clip, boxed, neg)
+    assert torch.equal(recorded, stock)
+    guided, trace = sample(model, clip, boxed, neg, scale=100.0, branch="cond")  # the branch that carries the box
+    assert trace.guidance_counts()["applied"] == 2
+    assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
+
+
 @pytest.mark.parametrize("batched", [False, True], ids=["branches apart (CPU)", "one CFG batch (GPU)"])
 def test_down_only_guidance_with_a_controlnet_records_nothing_after_the_last_guided_block(sd15, prompts, batched,
                                                                                            request):

@@ -211,3 +211,27 @@ def test_a_guided_passs_unet_output_carries_no_graph_out_of_the_unet(sd15, promp
     _, trace, _ = sample(outside, clip, pos, neg, 100.0)
     assert trace.guidance_counts()["applied"] == 1
     assert any(grad for grad, _ in seen) and all(node is None for _, node in seen)
+
+
+def test_a_hypernetwork_loaded_in_inference_mode_can_be_guided_through(sd15, prompts, tmp_path):
+    # HypernetworkLoader's patch holds layers of its own, made in inference mode; in a guided pass they run on keys
+    # and values that need gradients, so their weights are swapped as the U-Net's are.
+    from comfy_extras import nodes_hypernetwork
+
+    model, clip = sd15
+    pos, neg = prompts
+    gen = torch.Generator().manual_seed(0)
+    layers = {dim: [{"linear.0.weight": torch.randn(dim, dim, generator=gen) * 0.05, "linear.0.bias": torch.zeros(dim)}
+                    for _ in range(2)] for dim in (32, 64, 768)}  # the tiny U-Net's attn1 widths and the context's
+    torch.save(layers, tmp_path / "hypernetwork.pt")
+    with torch.inference_mode():
+        patch = nodes_hypernetwork.load_hypernetwork_patch(str(tmp_path / "hypernetwork.pt"), 1.0)
+        patched = model.clone()
+        patched.set_model_attn1_patch(patch)
+        patched.set_model_attn2_patch(patch)
+    plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2)
+    recorded, _, _ = sample(patched, clip, pos, neg, 0.0, steps=2)
+    guided, trace, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
+    assert not torch.equal(plain, recorded)  # the hypernetwork takes part
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
+    assert not torch.equal(guided, recorded)
