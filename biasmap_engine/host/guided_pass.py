@@ -11,7 +11,8 @@ import torch
 
 from .lean_backward import CopiedSaves
 
-__all__ = ["out_of_memory", "out_of_memory_explained", "patch_modules", "with_patches_on_copies", "with_sdpa_attention"]
+__all__ = ["differentiable_quantized", "out_of_memory", "out_of_memory_explained", "patch_modules", "quantized_layers",
+           "with_patches_on_copies", "with_sdpa_attention"]
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
 
@@ -82,6 +83,29 @@ def _keeping_copies(patch):
             return patch(*args, **kwargs)
 
     return run
+
+
+def quantized_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of a quantized checkpoint (ComfyUI's MixedPrecisionOps: scaled fp8 and the like, ``layout_type``)."""
+    return [m for m in module.modules() if getattr(m, "layout_type", None) is not None]
+
+
+@contextlib.contextmanager
+def differentiable_quantized(layers: list[torch.nn.Module]):
+    """Quantized layers computing on their dequantized weights, for one guided pass.
+
+    Where the GPU has fp8 compute, such a layer quantizes its input too, outside autograd: the queries that the energy
+    is differentiated through would carry no gradient. ComfyUI's own full-precision path (``_full_precision_mm``)
+    dequantizes the weight instead; the sampler's other passes keep the fast one, so λ = 0 stays as it was.
+    """
+    before = [m._full_precision_mm for m in layers]
+    for m in layers:
+        m._full_precision_mm = True
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before):
+            m._full_precision_mm = value
 
 
 def patch_modules(model_options: dict) -> list[torch.nn.Module]:

@@ -51,8 +51,8 @@ from ..tokens import find_word_positions, require_distinct_concepts
 from ..trace import TraceRecorder
 from .capture import BranchCapture
 from .conditioning import attached_modules, control_models, covers_image, hook_groups
-from .guided_pass import (out_of_memory, out_of_memory_explained, patch_modules, with_patches_on_copies,
-                          with_sdpa_attention)
+from .guided_pass import (differentiable_quantized, out_of_memory, out_of_memory_explained, patch_modules,
+                          quantized_layers, with_patches_on_copies, with_sdpa_attention)
 from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import block_stages, deinference_, model_family, require_guidable, require_unet, weight_slots
@@ -102,6 +102,7 @@ class BiasMapSession:
         self._last_guided_input = self._last_guided_input_block(guided_layers)
         self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
                              if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
+        self._quantized = quantized_layers(model_patcher.model.diffusion_model) if settings.guiding else []
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
@@ -385,6 +386,10 @@ class BiasMapSession:
         if not self.recorder.has_maps:
             return None
         energy = self._energy(self.recorder.current(guided=True))
+        if not energy.requires_grad:
+            raise RuntimeError("BiasMap guidance found no gradient path from the latent to the cross-attention queries: "
+                               "a layer in this model computes them outside autograd (a custom quantized or compiled "
+                               "kernel). Load the model without it, or set the guidance scale to 0 to record maps only")
         (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
         return grad, energy.detach()
 
@@ -447,7 +452,8 @@ class BiasMapSession:
                 self._truncating = self._last_guided_input is not None
                 # A third less kept for the backward through the whole U-Net; a truncated one keeps little, and
                 # the recipes' Python would cost a launch-bound GPU more than they save there.
-                with LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext():
+                with (LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext(),
+                      differentiable_quantized(self._quantized)):
                     self._guiding = True
                     out = run(conds, x_leaf, timestep.detach().clone(),
                               with_sdpa_attention(with_patches_on_copies(model_options)))

@@ -1,6 +1,8 @@
 """Recording and guidance next to other nodes that patch or wrap the model, as users chain them before the sampler:
 ComfyUI's own model patches and guiders, caches that answer evaluations without the U-Net, context windows."""
 
+import contextlib
+
 import pytest
 import torch
 from guided_runs import sample
@@ -235,3 +237,27 @@ def test_a_hypernetwork_loaded_in_inference_mode_can_be_guided_through(sd15, pro
     assert not torch.equal(plain, recorded)  # the hypernetwork takes part
     assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
     assert not torch.equal(guided, recorded)
+
+
+def test_a_quantized_checkpoint_on_a_gpu_with_fp8_compute_is_guided_through_its_dequantized_weights(comfy, monkeypatch):
+    # Its layers quantize their inputs outside autograd there; the guided pass uses ComfyUI's full-precision path.
+    import comfy_models
+    import nodes
+
+    from biasmap_engine.host import session
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15_fp8_quantized(0)
+        pos, neg = comfy_models.paper_prompts(clip)
+        stock = nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                      {"samples": torch.zeros(1, 4, 32, 32)})[0]["samples"]
+    recorded, _, _ = sample(model, clip, pos, neg, 0.0, steps=2)
+    assert torch.equal(recorded, stock)  # the sampler's own passes keep the quantized kernels
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all() and not torch.equal(guided, stock)
+    assert all(not m._full_precision_mm for m in session.quantized_layers(model.model.diffusion_model))  # restored
+
+    # Without that path the queries carry no gradient, and the message says so instead of autograd's.
+    monkeypatch.setattr(session, "differentiable_quantized", lambda layers: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match="no gradient path from the latent to the cross-attention queries"):
+        sample(model, clip, pos, neg, 100.0, steps=2)

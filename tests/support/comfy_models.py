@@ -165,6 +165,41 @@ def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.d
     return _model_patcher(config, seed, dtype, device), clip
 
 
+def tiny_sd15_fp8_quantized(seed: int = 0):
+    """:func:`tiny_sd15`'s model as a quantized checkpoint loads (comfy_quant scaled fp8 on every Linear, ComfyUI's
+    MixedPrecisionOps), built as on a GPU with fp8 compute (``--supports-fp8-compute``): its layers quantize their
+    inputs too. Returns ``(ModelPatcher, comfy.sd.CLIP)``."""
+    import json
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    plain, clip = tiny_sd15(seed)
+    weights = plain.model.diffusion_model.state_dict()
+    linear = {n for n, m in plain.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fp8 = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    quantized = {}
+    for key, value in weights.items():
+        layer = key.rsplit(".", 1)[0]
+        if layer in linear and key.endswith(".weight"):
+            quantized |= {key: value.to(torch.float8_e4m3fn), f"{layer}.weight_scale": torch.tensor(1.0),
+                          f"{layer}.comfy_quant": fp8}
+        else:
+            quantized[key] = value
+    config = comfy.supported_models.SD15({**_UNET_COMMON, **_TINY_SD15_UNET})
+    config.set_inference_dtype(torch.float32, None)
+    config.quant_config = {"mixed_ops": True}
+    fp8_compute, mm.SUPPORT_FP8_OPS = mm.SUPPORT_FP8_OPS, True  # read when the model's layers are built
+    try:
+        base_model = config.get_model({})
+        base_model.diffusion_model.load_state_dict(quantized, strict=False)
+    finally:
+        mm.SUPPORT_FP8_OPS = fp8_compute
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device()), clip
+
+
 def skeleton_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
     """SD1.5's whole block structure (4 levels, 2 res blocks each, 16 cross-attention layers, 8 heads, 768-d context)
     at 32 channels, and a 2-layer CLIP-L: every layer, hook and operator of a real SD1.5 step with little arithmetic,
