@@ -6,6 +6,7 @@ id, seed, sampler, attribution prompt; the settings), so the file says which run
 prompt, which the sampler never sees as text, comes in through the label.
 """
 
+import contextlib
 import csv
 import io
 import os
@@ -51,42 +52,65 @@ def append_csv(path: str, rows: list[dict]) -> None:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new.
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
-    rather than written under the wrong headings.
+    rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI
+    instances sharing an output folder (one per GPU) append whole rows under one header.
     """
     if not rows:
         return
     columns = list(rows[0])
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
-    if exists:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # with or without its byte-order mark
-            header = next(csv.reader(f), [])
-        if header != columns:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a+b") as f, _locked(f):
+        f.seek(0)
+        first = f.readline().decode("utf-8-sig")  # with or without its byte-order mark
+        header = next(csv.reader([first]), None) if first.strip() else None  # None: a new (or empty) file
+        if header is not None and header != columns:
             raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                              f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
                              f"BIoU columns follow the recorded stages, which differ between model families and "
                              f"with include_middle: give this audit another file name")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if exists:
-        with open(path, "rb+") as f:  # a file saved again without its last line break: the rows start on a new line
+        text = csv_text(rows, lineterminator="\r\n")
+        if header is None:
+            # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas
+            # reads it as it is, Python's csv module with encoding="utf-8-sig". Rows appended later add none.
+            data = text.encode("utf-8-sig")
+        else:
+            data = text.split("\r\n", 1)[1].encode("utf-8")
             f.seek(-1, os.SEEK_END)
-            if f.read(1) not in (b"\n", b"\r"):
-                f.write(b"\r\n")
-    # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas reads it
-    # as it is, Python's csv module with encoding="utf-8-sig". Rows appended later add none.
-    with open(path, "a", newline="", encoding="utf-8" if exists else "utf-8-sig") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if not exists:
-            writer.writeheader()
-        writer.writerows(_inert(rows))
+            if f.read(1) not in (b"\n", b"\r"):  # a file saved again without its last line break
+                data = b"\r\n" + data
+        f.write(data)  # one write, at the end (append mode)
 
 
-def csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict], lineterminator: str = "\n") -> str:
     """``rows`` as CSV text, header first (quoted as the file is: prompts hold commas)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator=lineterminator)
     writer.writeheader()
     writer.writerows(_inert(rows))
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _locked(f):
+    """An exclusive lock on the open file ``f`` (POSIX ``flock``; on Windows its first byte, waited for)."""
+    if os.name == "nt":
+        import msvcrt
+
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+        try:
+            yield
+        finally:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): an audit file passed around

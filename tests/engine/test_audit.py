@@ -1,4 +1,6 @@
 import csv
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -142,3 +144,28 @@ def test_an_image_without_finite_maps_gets_nan_rows_not_an_iou_of_0(tmp_path):
     append_csv(path, rows)
     with open(path, newline="", encoding="utf-8-sig") as f:
         assert [r["iou"] for r in csv.DictReader(f)][1] == "nan"  # what pandas and spreadsheets read as missing
+
+
+def _append_in_turn(folder, who, barrier):
+    for i in range(20):
+        barrier.wait()  # both processes append at the same moment into a new file
+        append_csv(os.path.join(folder, f"audit{i}.csv"), [{"label": who, "notes": "x" * 20000} for _ in range(3)])
+
+
+@pytest.mark.skipif(os.name == "nt", reason="forks two processes")
+def test_two_processes_appending_to_one_csv_write_one_header_and_whole_rows(tmp_path):
+    # ComfyUI instances that share an output folder, one per GPU, log into one audit file.
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_append_in_turn, args=(str(tmp_path), who, barrier)) for who in ("gpu0", "gpu1")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    for i in range(20):
+        with open(tmp_path / f"audit{i}.csv", newline="", encoding="utf-8-sig") as f:
+            records = list(csv.reader(f))
+        assert records[0] == ["label", "notes"] and records.count(records[0]) == 1 and len(records) == 1 + 2 * 3
+        assert sorted(r[0] for r in records[1:]) == ["gpu0"] * 3 + ["gpu1"] * 3
+        assert all(r[1] == "x" * 20000 for r in records[1:])
