@@ -5,9 +5,11 @@ BiasMap adds there is its extra operators and Python. This runs SD1.5's every bl
 (``comfy_models.skeleton_sd15``, 64² image) on the CPU, the modes interleaved in each repeat, and reports the
 milliseconds each mode adds to a stock KSampler step (median of the per-repeat differences). It is a proxy: on a
 CPU the guided pass with all stages runs the two CFG branches as separate passes, where a GPU runs one batch.
-``--cprofile MODE`` also lists where that mode's Python time goes. Usage:
+``--batched`` runs guided evaluations as a GPU does (one batch of both CFG branches with autograd), so the figures
+stand for a GPU's host cost. ``--cprofile MODE`` also lists where that mode's Python time goes. Usage:
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/host_overhead.py [--steps 10] [--repeats 9] [--cprofile recording]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/host_overhead.py [--steps 10] [--repeats 9] [--batched]
+        [--cprofile recording]
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--cprofile", choices=MODES)
+    parser.add_argument("--batched", action="store_true", help="one CFG batch per guided evaluation, as on a GPU")
     args = parser.parse_args()
 
     root = sampling.comfy_models.boot_comfy()
@@ -38,6 +41,8 @@ def main():
     import biasmap_engine.host
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
+    if args.batched:
+        biasmap_engine.host.session._branches_apart = lambda device: False
     engine = (biasmap_engine, biasmap_engine.host)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
 
@@ -58,7 +63,8 @@ def main():
             profiler = cProfile.Profile()
             profiler.runcall(run, args.cprofile, args.steps)
     print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, SD1.5 layer structure at 32 channels, "
-          f"64² image, {args.steps} steps, euler, cfg 7; medians of {args.repeats} interleaved repeats\n")
+          f"64² image, {args.steps} steps, euler, cfg 7; medians of {args.repeats} interleaved repeats"
+          f"{'; guided evaluations as one CFG batch (a GPU' + chr(39) + 's rule)' if args.batched else ''}\n")
     print("| mode | ms/step | ms/step over stock |")
     print("|---|--:|--:|")
     for mode, runs in times.items():

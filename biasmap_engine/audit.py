@@ -62,12 +62,19 @@ def append_csv(path: str, rows: list[dict]) -> None:
     with open(path, "a+b") as f, _locked(f):
         f.seek(0)
         first = f.readline().decode("utf-8-sig")  # with or without its byte-order mark
-        header = next(csv.reader([first]), None) if first.strip() else None  # None: a new (or empty) file
-        if header is not None and header != columns:
-            raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
-                             f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
-                             f"BIoU columns follow the recorded stages, which differ between model families and "
-                             f"with include_middle: give this audit another file name")
+        if not first.strip() and not f.read().strip():  # new, or only a byte-order mark or blank lines left
+            f.truncate(0)
+            header = None
+        else:
+            header = next(csv.reader([first]), [])
+            if not first.strip():
+                raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
+                                 f"file name, or remove the blank line")
+            if header != columns:
+                raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
+                                 f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
+                                 f"BIoU columns follow the recorded stages, which differ between model families and "
+                                 f"with include_middle: give this audit another file name")
         text = csv_text(rows, lineterminator="\r\n")
         if header is None:
             # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas
@@ -101,6 +108,7 @@ def _locked(f):
         try:
             yield
         finally:
+            f.flush()
             f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
     else:
@@ -110,6 +118,7 @@ def _locked(f):
         try:
             yield
         finally:
+            f.flush()  # the rows on disk before another process may read the file
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 

@@ -169,3 +169,36 @@ def test_two_processes_appending_to_one_csv_write_one_header_and_whole_rows(tmp_
         assert records[0] == ["label", "notes"] and records.count(records[0]) == 1 and len(records) == 1 + 2 * 3
         assert sorted(r[0] for r in records[1:]) == ["gpu0"] * 3 + ["gpu1"] * 3
         assert all(r[1] == "x" * 20000 for r in records[1:])
+
+
+def test_rows_are_on_disk_before_the_lock_is_released(tmp_path, monkeypatch):
+    # Another process may read the file as soon as it is unlocked: small rows must not wait in a buffer.
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "audit.csv"
+    sizes, flock = [], fcntl.flock
+
+    def recording_flock(fd, operation):
+        if operation == fcntl.LOCK_UN:
+            sizes.append(os.path.getsize(path))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", recording_flock)
+    append_csv(str(path), [{"label": "a", "iou": 0.5}])
+    assert sizes == [os.path.getsize(path)] and sizes[0] > 0
+
+
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\r\n", b"\xef\xbb\xbf\r\n\r\n"])
+def test_a_file_with_nothing_but_a_byte_order_mark_or_blank_lines_starts_afresh(tmp_path, content):
+    path = tmp_path / "audit.csv"
+    path.write_bytes(content)
+    append_csv(str(path), [{"label": "a", "iou": 0.5}])
+    append_csv(str(path), [{"label": "b", "iou": 0.25}])
+    assert path.read_bytes() == b"\xef\xbb\xbflabel,iou\r\na,0.5\r\nb,0.25\r\n"
+
+
+def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_path):
+    path = tmp_path / "audit.csv"
+    path.write_bytes(b"\r\nlabel,iou\r\na,0.5\r\n")
+    with pytest.raises(ValueError, match="first line of .* is blank, not an audit header"):
+        append_csv(str(path), [{"label": "b", "iou": 0.25}])
+    assert path.read_bytes() == b"\r\nlabel,iou\r\na,0.5\r\n"
