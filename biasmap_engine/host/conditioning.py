@@ -51,7 +51,8 @@ def attached_modules(conds) -> list:
     for entries in conds:
         for entry in entries or []:
             gligen = entry.get("gligen")
-            for patcher in ([gligen[1]] if gligen else []) + list(entry.get("additional_models", [])):
+            others = entry.get("additional_models", [])  # a list, or one model, as get_models_from_cond takes it
+            for patcher in ([gligen[1]] if gligen else []) + (others if isinstance(others, list) else [others]):
                 module = getattr(patcher, "model", patcher)  # a ModelPatcher, or the module itself
                 if isinstance(module, torch.nn.Module) and all(module is not m for m in seen):
                     seen.append(module)

@@ -259,6 +259,20 @@ def test_gligen_loaded_in_inference_mode_leaves_recording_bit_identical_and_can_
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["one model", "a list"])
+def test_entries_carrying_additional_models_one_or_a_list_can_be_guided(sd15, prompts, as_list):
+    # ComfyUI's get_models_from_cond takes an entry's additional_models as a list or as one model.
+    import comfy_models
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        extra = comfy_models.tiny_sd15(1)[0]
+        attached = [[c, {**d, "additional_models": [extra] if as_list else extra}] for c, d in pos]
+    guided, trace = sample(model, clip, attached, neg, scale=100.0, branch="cond")
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
+
+
 @pytest.mark.parametrize("batched", [False, True], ids=["branches apart (CPU)", "one CFG batch (GPU)"])
 def test_down_only_guidance_with_a_controlnet_records_nothing_after_the_last_guided_block(sd15, prompts, batched,
                                                                                            request):
