@@ -31,12 +31,9 @@ class EntanglementResult:
     def report(self) -> str:
         trace = self._trace
         h, w = self.masks[0].shape[-2:]
-        measured = int(self.ious.isfinite().sum())
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
-                 _run_line(trace),
-                 f"mIoU {self.ious.nanmean():.4f} · mBIoU {self.mbiou.nanmean():.4f} over {measured} image(s)"
-                 + (f" of {len(self.ious)} (n/a: no maps to threshold, left out)" if measured < len(self.ious) else "")]
+                 _run_line(trace), f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}"]
         for i, value in enumerate(self.ious.tolist()):
             blocks = ", ".join(f"{stage_label(s)} {_figure(v[i], 3)}" for s, v in self.block_ious.items())
             lines.append(f"image {i}: IoU {_figure(value, 4)} · mBIoU {_figure(self.mbiou[i], 4)} · BIoU {blocks}")
@@ -66,6 +63,14 @@ def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float
     """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace, with masks at ``size``
     (default: the image's, as the reference)."""
     return EntanglementResult(trace, word_a, word_b, q, size, steps)
+
+
+def _mean(values: torch.Tensor) -> str:
+    """The mean over the images that have a figure, saying how many those are when some have none (n/a)."""
+    measured = int(values.isfinite().sum())
+    if measured == len(values):
+        return f"{values.mean():.4f} over {measured} image(s)"
+    return f"{_figure(values.nanmean(), 4)} over {measured} of {len(values)} image(s) (n/a: no maps to threshold)"
 
 
 def _figure(value, digits: int) -> str:

@@ -242,7 +242,11 @@ def test_entanglement_report_names_images_whose_maps_are_not_finite():
     # Its empty masks would give IoU 0, read as no overlap at all: it is n/a instead, and left out of the means.
     assert result.ious[0].isfinite() and result.ious[1].isnan() and trace.iou("gender", "doctor")[1].isnan()
     assert result.block_ious["down_2"][1].isnan() and result.block_ious["down_1"][1].isfinite()
-    assert f"mIoU {result.ious[0]:.4f}" in result.report and "over 1 image(s) of 2 (n/a" in result.report
+    assert f"mIoU {result.ious[0]:.4f} over 1 of 2 image(s) (n/a: no maps to threshold)" in result.report
+    # mBIoU keeps image 1: its other stages have maps. Each mean says over how many images it is taken.
+    assert f"mBIoU {result.mbiou.mean():.4f} over 2 image(s)" in result.report and result.mbiou[1].isfinite()
+    trace.maps["down_2"][0, 0, 4, 0, 0] = float("nan")
+    assert "mIoU n/a over 0 of 2 image(s)" in measure_entanglement(trace, "gender", "doctor").report
     assert any(line.startswith("image 1: IoU n/a") for line in result.report.splitlines())
 
 
