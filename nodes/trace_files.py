@@ -84,26 +84,30 @@ class BiasMapLoadTrace(io.ComfyNode):
     def validate_inputs(cls, trace_file=None):
         # Taking trace_file here turns off ComfyUI's check that it is one of the listed files: this is that check.
         # A linked name (None here) is checked when the node runs.
-        return True if trace_file is None else _check_readable(trace_file)
+        if trace_file is not None and _trace_path(trace_file) is None:
+            return _missing(trace_file)
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, trace_file=None):
-        # The content, as Load Latent's: a file replaced by another with the same time (unzipped, cp -p) is read again.
-        if trace_file is None or _check_readable(trace_file) is not True:
-            return ""
+        # The content, as Load Latent's: a file replaced by another with the same time (unzipped, cp -p) is read
+        # again. A linked name is not known yet: NaN equals nothing, so the node runs every time.
+        path = _trace_path(trace_file) if trace_file is not None else None
+        if path is None:
+            return float("nan")
         digest = hashlib.sha256()
-        with open(folder_paths.get_annotated_filepath(trace_file), "rb") as f:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
 
     @classmethod
     def execute(cls, trace_file) -> io.NodeOutput:
-        verdict = _check_readable(trace_file)
-        if verdict is not True:
-            raise ValueError(verdict)
+        path = _trace_path(trace_file)
+        if path is None:
+            raise ValueError(_missing(trace_file))
         try:
-            trace = BiasMapTrace.load(folder_paths.get_annotated_filepath(trace_file))
+            trace = BiasMapTrace.load(path)
         except TraceFormatError as err:
             raise ValueError(f"{str(err).rstrip('.')}. Choose a file saved by BiasMap Save Trace.") from err
         return io.NodeOutput(trace)
@@ -127,12 +131,16 @@ def trace_files() -> list[str]:
     return found
 
 
-def _check_readable(trace_file: str) -> bool | str:
-    """True for a file (not a folder) in the input folder or under the output folder's ``biasmap/``, as listed; else
-    what to do. Paths are normalised as ComfyUI's loaders take them: a link placed there is read, like Load Latent's."""
+def _trace_path(trace_file: str) -> str | None:
+    """The file that ``trace_file`` names, if it is one (not a folder) in the input folder or under the output folder's
+    ``biasmap/``, as listed; else None. The path is normalised as text, as ComfyUI's loaders take names (a link placed
+    there is read, like Load Latent's), and that normalised path is the one read: ``..`` never passes through a
+    linked folder to somewhere else."""
     path = os.path.abspath(folder_paths.get_annotated_filepath(trace_file))
     roots = [folder_paths.get_input_directory(), os.path.join(folder_paths.get_output_directory(), SAVED)]
-    if os.path.isfile(path) and any(inside(path, os.path.abspath(root)) for root in roots):
-        return True
+    return path if os.path.isfile(path) and any(inside(path, os.path.abspath(root)) for root in roots) else None
+
+
+def _missing(trace_file: str) -> str:
     return (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/: save one with BiasMap Save "
             f"Trace, or put the file in ComfyUI's input folder, then refresh the page")

@@ -98,7 +98,8 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
         BiasMapLoadTrace.execute("model.safetensors")
     with pytest.raises(ValueError, match="no trace file"):  # a linked name skips validation: checked when it runs
         BiasMapLoadTrace.execute("../outside.safetensors")
-    assert BiasMapLoadTrace.validate_inputs(None) is True and BiasMapLoadTrace.fingerprint_inputs(None) == ""
+    linked = BiasMapLoadTrace.fingerprint_inputs(None)  # a linked name: run every time, as the file is not known
+    assert BiasMapLoadTrace.validate_inputs(None) is True and linked != linked
 
 
 def test_load_trace_reads_a_link_placed_in_the_input_folder_as_load_latent_does(pack, folders, trace):
@@ -111,6 +112,14 @@ def test_load_trace_reads_a_link_placed_in_the_input_folder_as_load_latent_does(
     assert "run.safetensors" in BiasMapLoadTrace.define_schema().inputs[0].options
     assert BiasMapLoadTrace.validate_inputs("run.safetensors") is True
     assert BiasMapLoadTrace.execute("run.safetensors").result[0].tokens == trace.tokens
+    # What is checked is what is read: '..' after a linked folder does not lead out of the input folder.
+    (shared / "inner").mkdir()
+    (folders / "in" / "linked").symlink_to(shared / "inner")
+    (folders / "in" / "run.safetensors").unlink()
+    (folders / "in" / "run.safetensors").write_bytes(b"")
+    escape = "linked/../run.safetensors"  # as text in/run.safetensors (checked); the OS would read shared_drive's
+    with pytest.raises(ValueError, match="not a BiasMap trace"):  # in/run.safetensors read, not the shared trace
+        BiasMapLoadTrace.execute(escape)
 
 
 def test_load_trace_reads_a_file_again_when_its_content_changes_even_at_the_same_time(pack, folders, trace):
