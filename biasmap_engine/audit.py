@@ -41,11 +41,19 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     for a, b in pairs:
         result = measure_entanglement(trace, a, b, q, size)
         for i in range(trace.num_images):
-            rows.append({"label": label, **run, **settings, "image": i, "demographic": a, "semantic": b, "q": q,
+            rows.append({"label": label, **run, **settings, "image": i, "noise_index": _noise_index(trace, i),
+                         "demographic": a, "semantic": b, "q": q,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
                          "notes": " | ".join(trace.notes)})
     return rows
+
+
+def _noise_index(trace: BiasMapTrace, image: int) -> int:
+    """Which of the seed's noises image ``image`` got: ComfyUI draws them by the latent's batch_index (Latent From
+    Batch, Repeat Latent Batch), so seed and image number alone would not sample it again."""
+    batch_index = trace.run.get("batch_index")
+    return batch_index[image] if batch_index else image
 
 
 def append_csv(path: str, rows: list[dict]) -> None:

@@ -34,9 +34,11 @@ class EntanglementResult:
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
                  _run_line(trace), f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}"]
+        batch_index = trace.run.get("batch_index")  # the seed's noises the images got, when not 0, 1, …
         for i, value in enumerate(self.ious.tolist()):
             blocks = ", ".join(f"{stage_label(s)} {_figure(v[i], 3)}" for s, v in self.block_ious.items())
-            lines.append(f"image {i}: IoU {_figure(value, 4)} · mBIoU {_figure(self.mbiou[i], 4)} · BIoU {blocks}")
+            image = f"image {i} (noise {batch_index[i]} of the seed)" if batch_index else f"image {i}"
+            lines.append(f"{image}: IoU {_figure(value, 4)} · mBIoU {_figure(self.mbiou[i], 4)} · BIoU {blocks}")
         for word, pieces in self.pieces.items():
             lines.append(f"tokens of '{word}': {' '.join(pieces)}")
         counts = trace.guidance_counts()
@@ -52,8 +54,8 @@ class EntanglementResult:
         unreadable = [i for i, finite in enumerate(_finite_maps(trace).tolist()) if not finite]
         if unreadable:
             lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values (the model's "
-                         f"output overflowed, e.g. in fp16), so their IoU is n/a where those maps count; sample them "
-                         f"again in fp32 or bf16")
+                         f"output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the sampler's latent "
+                         f"was already NaN, see the notes), so their IoU is n/a where those maps count")
         lines += [f"note: {n}" for n in trace.notes]
         return "\n".join(lines)
 

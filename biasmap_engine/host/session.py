@@ -108,6 +108,7 @@ class BiasMapSession:
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window
+        self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
         self._window: tuple[float, float] | None = None  # its (lowest, highest) σ
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept")
@@ -243,6 +244,10 @@ class BiasMapSession:
         if self.capture.latent_shape is None:
             self.capture.latent_shape = list(x.shape)
         self.recorder.begin(*_sigma_and_step(timestep, model_options))
+        # Read once, at the end of the run: a sampler step can make the latent NaN by itself (a zero-length σ
+        # interval), and its maps and output are NaN then whatever BiasMap does.
+        not_finite = ~torch.isfinite(x).all()
+        self._latent_not_finite = not_finite if self._latent_not_finite is None else self._latent_not_finite | not_finite
         self._guided = None
         self._unet_ran = False
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
@@ -517,6 +522,11 @@ class BiasMapSession:
                        f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "
                        f"and end_percent, not of this run's steps; with denoise < 1 or split sigmas a run covers "
                        f"only part of it), so nothing was guided: widen the window")
+        if self._latent_not_finite is not None and bool(self._latent_not_finite):
+            self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one by "
+                       "itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler does "
+                       "the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
+                       "check the sigmas and the sampler")
         steps = sorted(set(self.recorder.skipped_steps()) | set(self.recorder.steps_without_evaluation))
         if steps:
             self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "

@@ -66,7 +66,45 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
     assert {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")} == {
         "seed": 3, "steps": 4, "cfg": 5.0, "sampler": "dpmpp_2m", "scheduler": "custom sigmas", "add_noise": True,
-        "attribution_prompt": ATTRIBUTION}
+        "batch_index": None, "attribution_prompt": ATTRIBUTION}
+
+
+def test_a_latent_picked_from_a_batch_keeps_which_noise_of_the_seed_it_got(sd15, prompts):
+    # Latent From Batch: ComfyUI gives image 0 the seed's third noise; seed and image number alone would not say so.
+    import nodes
+
+    from biasmap_engine import audit_rows, measure_entanglement
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        picked = nodes.LatentFromBatch().frombatch({"samples": torch.zeros(3, 4, 32, 32)}, 2, 1)[0]
+        stock = nodes.common_ksampler(model, 5, 1, 7.0, "euler", "normal", pos, neg, picked)[0]["samples"]
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        ours, trace = sample_with_scheduler(session, model, 5, 1, 7.0, "euler", "normal", pos, neg, picked)
+    assert torch.equal(ours["samples"], stock) and trace.run["batch_index"] == [2]
+    assert [row["noise_index"] for row in audit_rows(trace)] == [2]
+    assert "image 0 (noise 2 of the seed): IoU" in measure_entanglement(trace, "gender", "doctor").report
+
+
+def test_a_latent_the_sampler_itself_makes_nan_is_named_in_the_notes_not_blamed_on_fp16(sd15, prompts):
+    # dpmpp_2m over sigmas with a repeated value divides by a zero-length interval: NaN in the stock sampler too.
+    import comfy.samplers
+
+    from biasmap_engine import measure_entanglement
+
+    model, clip = sd15
+    pos, neg = prompts
+    sigmas = torch.tensor([14.6146, 3.0, 3.0, 1.0, 0.0])
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        out, trace = sample_with_sampler(session, model, 7, 5.0, comfy.samplers.sampler_object("dpmpp_2m"), sigmas,
+                                         pos, neg, latent())
+    assert out["samples"].isnan().all()
+    assert any("the sampler handed the model a latent holding NaN or inf" in note for note in trace.notes)
+    assert "the sampler's latent was already NaN, see the notes" in measure_entanglement(trace, "gender", "doctor").report
+    finite = run(model, clip, prompts)[2]
+    assert not any("NaN" in note for note in finite.notes)
 
 
 @pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral"])

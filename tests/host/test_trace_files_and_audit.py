@@ -53,7 +53,8 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
 
     made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
-                    "add_noise": True, "attribution_prompt": "A photo of a doctor, a nurse and gender"}
+                    "add_noise": True, "batch_index": None,
+                    "attribution_prompt": "A photo of a doctor, a nurse and gender"}
     assert trace.run["prompt_id"] == ""  # run outside ComfyUI's executor; the server test sees a real one
     assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(trace.run["time"])).total_seconds()) < 600
 
