@@ -120,6 +120,14 @@ def test_csv_text_is_what_the_file_holds(tmp_path):
         assert f.read().replace("\r\n", "\n") == csv_text(rows)
 
 
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_every_formula_start_is_escaped(tmp_path, start):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label=start + "SUM(A1)"))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["label"] == "'" + start + "SUM(A1)"
+
+
 def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
     rows = audit_rows(halves_trace(), q=0.5, label='=HYPERLINK("http://x","y")')
     rows[0]["notes"], rows[0]["iou"] = "-1+1", -0.5

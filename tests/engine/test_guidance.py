@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from biasmap_engine import STATUS, entanglement_energy, guidance_step, soft_iou, soft_topk, z_grad_norm
@@ -33,6 +34,25 @@ def test_clip_gate_rescales_to_unit_z_norm():
     applied_grad = -out / sigma ** 2
     assert torch.allclose(z_grad_norm(applied_grad, sigma), torch.tensor([1.0]))
     assert status.item() == STATUS["clipped"]
+
+
+def test_clip_gate_leaves_a_gradient_below_unit_norm_as_it_is():
+    grad = torch.full((1, 1, 2, 2), 0.01)  # ‖∇_z‖ = 0.02·√2 < 1
+    sigma = torch.tensor([1.0])
+    clipped, _, status = guidance_step(torch.zeros(1, 1, 2, 2), grad, sigma, 100.0, "clip")
+    skipped, _, _ = guidance_step(torch.zeros(1, 1, 2, 2), grad, sigma, 100.0, "skip")
+    assert torch.equal(clipped, skipped) and torch.allclose(clipped, -100.0 * grad)
+    assert status.item() == STATUS["applied"]
+
+
+def test_a_gradient_of_exactly_unit_norm_is_gated_as_the_reference_does():
+    # The reference applies the update only while ‖∇_z E‖ < 1.
+    grad = torch.full((1, 1, 2, 2), 0.5 / 2 ** 0.5)  # ‖∇_x‖ = 1/√2, ‖∇_z‖ = 1 at σ = 1
+    sigma = torch.tensor([1.0])
+    assert z_grad_norm(grad, sigma).item() == pytest.approx(1.0, abs=1e-7)
+    grad = grad / z_grad_norm(grad, sigma).item()  # exactly 1 in float32
+    for gate, expected in (("skip", STATUS["skipped_gate"]), ("clip", STATUS["clipped"])):
+        assert guidance_step(torch.zeros(1, 1, 2, 2), grad, sigma, 1.0, gate)[2].item() == expected
 
 
 def test_non_finite_gradient_is_skipped_and_output_stays_finite():

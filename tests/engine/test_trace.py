@@ -320,6 +320,7 @@ def test_a_stage_missing_from_some_evaluations_gets_zero_rows_there_and_the_trac
     window = trace.block_ious("doctor", "gender", steps=(0, 1))
     assert window["down_2"].isnan().all() and window["down_1"].isfinite().all() and window["down_4"].isfinite().all()
     assert torch.allclose(trace.mbiou("doctor", "gender", steps=(0, 1)), (window["down_1"] + window["down_4"]) / 2)
+    assert trace.iou("doctor", "gender", steps=(0, 1)).isfinite().all()  # the stages that have maps are measured
 
 
 def test_the_guided_layers_are_summed_apart_for_the_energy_and_all_layers_for_the_trace():
