@@ -152,6 +152,57 @@ def test_a_default_entry_weighs_only_where_the_other_entries_leave_room(sd15, pr
     assert_woman_left_doctor_right(model, clip, neg, positive)
 
 
+def assert_maps_left_and_right(model, clip, neg, positive, left, right):
+    """The conditional branch's maps of ``positive``: on the left ``left(woman, doctor)``, on the right
+    ``right(woman, doctor)``, of the maps of "a woman" and "a doctor" alone."""
+    _, woman = sample(model, clip, encode(clip, "a photo of a woman"), neg, steps=1, branch="cond")
+    _, doctor = sample(model, clip, encode(clip, "a photo of a doctor"), neg, steps=1, branch="cond")
+    _, both = sample(model, clip, positive, neg, steps=1, branch="cond")
+    for stage, maps in both.maps.items():  # one step: every run sees the same latent
+        half = maps.shape[-1] // 2
+        for side, combined in ((slice(None, half), left), (slice(half, None), right)):
+            torch.testing.assert_close(maps[..., side], combined(woman.maps[stage], doctor.maps[stage])[..., side],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_a_masked_entrys_mask_strength_weighs_it_as_comfyui_weighs_its_prediction(sd15, prompts):
+    # Conditioning (Set Mask)'s strength scales the mask: the doctor, over the whole image at 0.25, against the
+    # woman on the left at 1.
+    import nodes
+
+    model, clip = sd15
+    _, neg = prompts
+    set_mask = nodes.ConditioningSetMask().append
+    regional = combine(set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0],
+                       set_mask(encode(clip, "a photo of a doctor"), torch.ones(1, 32, 32), "default", 0.25)[0])
+    assert_maps_left_and_right(model, clip, neg, regional, lambda w, d: (w + 0.25 * d) / 1.25, lambda w, d: d)
+
+
+def test_a_default_entry_gets_no_weight_where_the_other_entries_weigh_more_than_one(sd15, prompts):
+    # relu(1 − Σ weights): the woman's mask at strength 2 leaves the default doctor nothing on the left, not −1.
+    import comfy.hooks
+    import nodes
+
+    model, clip = sd15
+    _, neg = prompts
+    masked_woman = nodes.ConditioningSetMask().append(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 2.0)[0]
+    with torch.inference_mode():
+        positive = comfy.hooks.set_default_conds_and_combine([masked_woman], [encode(clip, "a photo of a doctor")])[0]
+    assert_maps_left_and_right(model, clip, neg, positive, lambda w, d: w, lambda w, d: d)
+
+
+def test_an_area_of_exactly_the_latents_size_covers_the_image(sd15, prompts):
+    import nodes
+
+    model, clip = sd15
+    pos, neg = prompts
+    whole = nodes.ConditioningSetArea().append(pos, 256, 256, 0, 0, 1.0)[0]  # the 32×32 latent, as an area
+    _, plain = sample(model, clip, pos, neg, branch="cond")
+    _, trace = sample(model, clip, whole, neg, branch="cond")
+    assert not any("area" in note or "branch on those steps" in note for note in trace.notes)
+    assert_same_maps(trace, plain, evaluations=slice(0, 1))
+
+
 @pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
 def test_area_conditioning_records_the_whole_image_entries_and_says_so(sd15, prompts, scale, branch):
     import nodes
@@ -191,7 +242,7 @@ def test_no_whole_image_entry_on_either_branch_is_refused_with_the_fix(sd15, pro
         sample(model, clip, early.set_range(pos, 0.0, 0.5)[0], early.set_range(neg, 0.0, 0.5)[0], steps=4)
 
 
-def controlnet_conditioning(model, pos, neg):
+def controlnet_conditioning(model, pos, neg, seed=1):
     """Both conditionings with a random ControlNet of the model's shape, built in inference mode as ComfyUI loads it."""
     import comfy.cldm.cldm
     import comfy.controlnet
@@ -202,10 +253,26 @@ def controlnet_conditioning(model, pos, neg):
     config = {k: v for k, v in model.model.model_config.unet_config.items() if k != "out_channels"}
     with torch.inference_mode():
         net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
-        comfy_models.init_random_(net, 1)
+        comfy_models.init_random_(net, seed)
         control = comfy.controlnet.ControlNet(net, load_device=model.load_device, manual_cast_dtype=None)
-        hint = torch.rand(1, 256, 256, 3, generator=torch.Generator().manual_seed(0))
+        hint = torch.rand(1, 256, 256, 3, generator=torch.Generator().manual_seed(seed))
         return nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)[:2]
+
+
+def test_chained_controlnets_are_all_guided_through(sd15, prompts):
+    # Two Apply ControlNet nodes in a row: the second's ControlNet holds the first as previous_controlnet, whose
+    # inference-mode weights the guided pass runs through too.
+    import nodes
+
+    model, clip = sd15
+    pos, neg = controlnet_conditioning(model, *controlnet_conditioning(model, *prompts, seed=1), seed=2)
+    with torch.inference_mode():
+        stock = nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                      {"samples": torch.zeros(1, 4, 32, 32)})[0]["samples"]
+    recorded, _ = sample(model, clip, pos, neg)
+    assert torch.equal(recorded, stock)
+    guided, trace = sample(model, clip, pos, neg, scale=100.0)
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
 
 
 def test_a_controlnet_loaded_in_inference_mode_leaves_recording_bit_identical_and_can_be_guided(sd15, prompts):
