@@ -64,7 +64,8 @@ def guidance_inputs() -> list:
 def settings_from(kwargs: dict) -> BiasMapSettings:
     """Node inputs → engine settings."""
     return BiasMapSettings(scale=kwargs["guidance_scale"], branch=kwargs["branch"],
-                           include_middle=kwargs["include_middle"], mode=kwargs["soft_topk"], keep=1.0 - kwargs["q"],
+                           include_middle=kwargs["include_middle"], mode=kwargs["soft_topk"],
+                           keep=round(1.0 - kwargs["q"], 6),  # 0.3, not 1 − 0.7 = 0.30000000000000004 in the CSV
                            gamma=kwargs["gamma"], gate=kwargs["gate"],
                            guided_stages=_tuple_or_none(parse_stages(kwargs["guided_stages"])),
                            start=kwargs["start"], end=kwargs["end"])

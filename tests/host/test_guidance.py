@@ -188,6 +188,20 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
     assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
 
 
+@pytest.mark.parametrize("gate, status", [("skip", "skipped_gate"), ("clip", "clipped")])
+def test_the_chosen_gate_decides_what_happens_to_a_gradient_above_the_threshold(sd15, prompts, monkeypatch, gate,
+                                                                                 status):
+    # Random weights give gradients far below norm 1: a threshold lowered to almost 0 makes every one of them large.
+    import biasmap_engine.host.session as session
+
+    model, clip = sd15
+    pos, neg = prompts
+    step = session.guidance_step
+    monkeypatch.setattr(session, "guidance_step", lambda *args: step(*args, max_norm=1e-30))
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, gate=gate)
+    assert trace.guidance_counts()[status] == 2 and trace.settings["gate"] == gate and torch.isfinite(guided).all()
+
+
 def test_a_guidance_window_that_no_evaluation_of_the_run_reaches_is_reported_not_silent(sd15, prompts):
     from biasmap_engine import measure_entanglement
 

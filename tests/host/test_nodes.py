@@ -123,3 +123,37 @@ def test_the_map_nodes_refuse_a_concept_list_where_they_take_one_word_before_and
         with torch.inference_mode(), pytest.raises(ValueError, match="several concepts"):  # as a linked text arrives
             node.execute(**defaults(node) | {"trace": trace} | inputs)
     assert attribution_map.validate_inputs(word=None) is True and entanglement.validate_inputs("gender", None) is True
+
+
+def test_the_samplers_defaults_are_the_papers_settings_and_its_inputs_reach_them(pack):
+    from biasmap_pack.biasmap_engine import BiasMapSettings
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+    from biasmap_pack.nodes.common import settings_from
+
+    inputs = defaults(BiasMapGuidedKSampler)
+    assert settings_from(inputs) == BiasMapSettings()  # λ 100, uncond, paper soft top-k, q 0.7, γ 0.01, skip, all
+    chosen = settings_from(inputs | {"q": 0.6, "gate": "clip", "soft_topk": "exact", "branch": "cond", "gamma": 0.02,
+                                     "guided_stages": "down_1, up_1", "start": 0.2, "end": 0.8, "guidance_scale": 50.0})
+    assert chosen == BiasMapSettings(scale=50.0, branch="cond", mode="exact", keep=0.4, gamma=0.02,
+                                     gate="clip", guided_stages=("down_1", "up_1"), start=0.2, end=0.8)
+
+
+def test_entanglement_iou_averages_over_the_images_that_have_a_figure(nodes_and_trace):
+    import copy
+
+    entanglement, trace = nodes_and_trace[2], copy.deepcopy(nodes_and_trace[3])
+    trace.maps["down_1"][0, 1, trace.positions("gender")[0], 0, 0] = float("nan")  # image 1 overflowed
+    with torch.inference_mode():
+        iou, mbiou, report, _ = entanglement.execute(**defaults(entanglement) | {"trace": trace}).result
+    expected = trace.iou("gender", "doctor", size=trace.image_size)
+    assert expected[1].isnan() and iou == pytest.approx(float(expected[0]))
+    assert mbiou == mbiou and "over 1 of 2 image(s)" in report  # finite: image 1's other stages have maps
+
+
+def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and_trace):
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
+    for q in (0.7, 0.9):
+        with torch.inference_mode():
+            _, mask = attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "mask": "thresholded",
+                                                                             "q": q}).result
+        assert mask.shape == (2, 256, 256) and float(mask.mean()) == pytest.approx(1 - q, abs=0.01)

@@ -169,6 +169,9 @@ def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(p
     with open(folders / "out" / "biasmap" / "audit.csv", newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert [(r["demographic"], r["semantic"]) for r in rows] == [("gender", "nurse")] * 2 + [("gender", "doctor")] * 2
+    as_comfy_runs(BiasMapAuditLog).execute(**args | {"concept_a": "nurse", "concept_b": "doctor"})
+    with open(folders / "out" / "biasmap" / "audit.csv", newline="", encoding="utf-8-sig") as f:
+        assert [(r["demographic"], r["semantic"]) for r in list(csv.DictReader(f))[4:]] == [("nurse", "doctor")] * 2
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/biasmap_escape"])
