@@ -197,17 +197,25 @@ def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd
         return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
 
     spied = model.clone()
-    spied.set_model_attn2_replace(spy, "input", 1)
+    # down×1's one layer, and up×1's two: their queries depend on the text through the layers before them, so the
+    # two CFG branches' differ there, and only the unconditional branch's give the trace's maps.
+    blocks = [("input", 1), ("output", 2), ("output", 3)]
+    for name, number in blocks:
+        spied.set_model_attn2_replace(spy, name, number)
     _, _, trace = run(spied, clip, prompts, steps=2)
-    layer = comfy_layer(model, ("input", 1, 0))
-    q, chunks = seen[-1]  # the last evaluation
     with torch.inference_mode():
         emb, _ = encode_attribution(clip, ATTRIBUTION)
-        keys = layer.to_k(emb.to(q.device, q.dtype))
-    rows = q.shape[0] // len(chunks)
-    uncond = chunks.index(1) * rows
-    want = token_softmax_maps(q[uncond:uncond + rows], keys, 8, (40, 56)).cpu()
-    assert torch.allclose(trace.maps["down_1"][-1], want, atol=1e-6)
+    want, cond = {}, {}
+    for (name, number), (q, chunks) in zip(blocks, seen[-len(blocks):]):  # the last evaluation
+        keys = comfy_layer(model, (name, number, 0)).to_k(emb.to(q.device, q.dtype))
+        rows = q.shape[0] // len(chunks)
+        stage = "down_1" if name == "input" else "up_1"
+        for branch, maps in ((1, want), (0, cond)):  # ComfyUI's cond_or_uncond: 1 is the unconditional branch
+            start = chunks.index(branch) * rows
+            maps[stage] = maps.get(stage, 0) + token_softmax_maps(q[start:start + rows], keys, 8, (40, 56)).cpu()
+    for stage in ("down_1", "up_1"):
+        assert torch.allclose(trace.maps[stage][-1], want[stage], atol=1e-6)
+    assert not torch.allclose(trace.maps["up_1"][-1], cond["up_1"], atol=1e-4)  # the test can tell the branches
 
 
 def test_an_ovam_concept_matches_its_ordinary_cross_attention_map_on_the_same_tokens(sd15):
