@@ -350,9 +350,10 @@ def test_down_only_guidance_with_a_controlnet_records_nothing_after_the_last_gui
     pos, neg = controlnet_conditioning(model, *prompts)
     unet = model.model.diffusion_model
     inputs = []
-    # On each output block's first layer: ComfyUI runs a block's layers one by one, not through the block's forward.
+    # On the first layer of each input block after the last guided one (input 1 holds down×1's only cross-attention
+    # here) and of each output block: ComfyUI runs a block's layers one by one, not through the block's forward.
     hooks = [block[0].register_forward_pre_hook(lambda _m, args: inputs.append(args[0].requires_grad))
-             for block in unet.output_blocks]
+             for block in [*unet.input_blocks[2:], *unet.output_blocks]]
     try:
         _, trace = sample(model, clip, pos, neg, scale=100.0, steps=1, guided_stages=("down_1",))
     finally:
