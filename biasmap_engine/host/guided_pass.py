@@ -85,9 +85,10 @@ def _keeping_copies(patch):
     return run
 
 
-def quantized_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers of a quantized checkpoint (ComfyUI's MixedPrecisionOps: scaled fp8 and the like, ``layout_type``)."""
-    return [m for m in module.modules() if getattr(m, "layout_type", None) is not None]
+def quantized_layers(modules) -> list[torch.nn.Module]:
+    """Of ``modules``, the layers of a quantized checkpoint (ComfyUI's MixedPrecisionOps: scaled fp8 and the like,
+    ``layout_type``)."""
+    return [m for m in modules if getattr(m, "layout_type", None) is not None]
 
 
 @contextlib.contextmanager

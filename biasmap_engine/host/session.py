@@ -100,9 +100,9 @@ class BiasMapSession:
         self._guiding = False  # a guided U-Net pass is running
         self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
         self._last_guided_input = self._last_guided_input_block(guided_layers)
-        self._group_norms = [m for m in model_patcher.model.diffusion_model.modules()
-                             if isinstance(m, torch.nn.GroupNorm)] if settings.guiding else []
-        self._quantized = quantized_layers(model_patcher.model.diffusion_model) if settings.guiding else []
+        modules = list(model_patcher.model.diffusion_model.modules()) if settings.guiding else []
+        self._group_norms = [m for m in modules if isinstance(m, torch.nn.GroupNorm)]
+        self._quantized = quantized_layers(modules)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
@@ -118,9 +118,10 @@ class BiasMapSession:
     def patch(self, model_patcher):
         """A clone of ``model_patcher`` carrying this session's hooks."""
         m = model_patcher.clone()
-        if self.settings.guiding:  # other nodes' patches, before this session adds its own
+        found = patch_modules(m.model_options) if self.settings.guiding else []  # before this session's own patches
+        if found:  # the U-Net's own modules are swapped anyway
             unet = set(map(id, model_patcher.model.diffusion_model.modules()))
-            self._patch_modules = [p for p in patch_modules(m.model_options) if id(p) not in unet]
+            self._patch_modules = [p for p in found if id(p) not in unet]
         existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = {(name, number) for name, number, _ in self.layers if name != "middle" or self.settings.include_middle}
         for name, number in sorted(blocks):
