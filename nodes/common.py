@@ -1,5 +1,8 @@
 """Inputs and validation shared by the BiasMap nodes."""
 
+import os
+
+import folder_paths
 from comfy_api.latest import io
 
 from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
@@ -194,10 +197,6 @@ def check_pair(trace, word_a: str, word_b: str) -> None:
 def output_path(name: str, what: str, example: str) -> str:
     """``name`` as a path inside ComfyUI's output folder; a path that leaves it is refused, as ComfyUI's savers refuse
     it, but with a message that says what to type."""
-    import os
-
-    import folder_paths
-
     output_dir = os.path.abspath(folder_paths.get_output_directory())
     path = os.path.abspath(os.path.join(output_dir, name))
     if not inside(path, output_dir):
@@ -208,8 +207,6 @@ def output_path(name: str, what: str, example: str) -> str:
 
 def inside(path: str, root: str) -> bool:
     """Whether ``path`` lies in the folder ``root`` (both absolute and normalised)."""
-    import os
-
     try:
         return os.path.commonpath((path, root)) == root
     except ValueError:  # Windows: another drive
