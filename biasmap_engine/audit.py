@@ -17,6 +17,8 @@ from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text"]
 
+# Columns added since the first audit files: a file without them takes new rows under its own header.
+_ADDED = ("noise_index",)
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -78,6 +80,8 @@ def append_csv(path: str, rows: list[dict]) -> None:
             if not first.strip():
                 raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
                                  f"file name, or remove the blank line")
+            if header == [c for c in columns if c not in _ADDED]:  # a file written before those columns: kept as it is
+                rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                                  f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
@@ -142,4 +146,5 @@ def _inert(rows: list[dict]) -> list[dict]:
 
 
 def _differing(columns, others) -> str:
-    return ", ".join(c for c in columns if c not in others) or "nothing (another order)"
+    return ", ".join(c for c in columns if c not in others) or ("nothing (another order)" if set(columns) == set(others)
+                                                                else "nothing")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 
 import folder_paths
 from comfy.cli_args import args
@@ -91,10 +92,11 @@ class BiasMapLoadTrace(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, trace_file=None):
         # The content, as Load Latent's: a file replaced by another with the same time (unzipped, cp -p) is read
-        # again. A linked name is not known yet: NaN equals nothing, so the node runs every time.
+        # again. A linked name is not known yet: a value new every time runs the node every time (a string, since
+        # ComfyUI keeps it in the prompt that savers write as JSON, where NaN is not valid).
         path = _trace_path(trace_file) if trace_file is not None else None
         if path is None:
-            return float("nan")
+            return f"not known before the run: {uuid.uuid4()}"
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -109,6 +109,7 @@ class BiasMapSession:
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window
         self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
+        self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
         self._window: tuple[float, float] | None = None  # its (lowest, highest) σ
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept")
@@ -246,9 +247,12 @@ class BiasMapSession:
             self.capture.latent_shape = list(x.shape)
         self.recorder.begin(*_sigma_and_step(timestep, model_options))
         # Read once, at the end of the run: a sampler step can make the latent NaN by itself (a zero-length σ
-        # interval), and its maps and output are NaN then whatever BiasMap does.
+        # interval), and its maps and output are NaN then whatever BiasMap does; not when an earlier output was NaN
+        # (an fp16 overflow), which the sampler only passed on.
         not_finite = ~torch.isfinite(x).all()
-        self._latent_not_finite = not_finite if self._latent_not_finite is None else self._latent_not_finite | not_finite
+        if self._output_not_finite is not None:
+            not_finite = not_finite & ~self._output_not_finite
+        self._latent_not_finite = _either(self._latent_not_finite, not_finite)
         self._guided = None
         self._unet_ran = False
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
@@ -258,6 +262,7 @@ class BiasMapSession:
             denoised = executor(x, timestep, model_options, seed)
         finally:
             self._main_pass_pending = False
+        self._output_not_finite = _either(self._output_not_finite, ~torch.isfinite(denoised).all())
         if extra_pass:
             self._extra_pass(executor.class_obj, x, timestep, model_options)
         if not self.recorder.has_maps:
@@ -538,6 +543,11 @@ class BiasMapSession:
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes,
                                     run={**run, "attribution_prompt": self.attribution_prompt})
+
+
+def _either(flag: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """A flag kept on the device over a run: ``flag`` or ``other`` (``other`` when there is none yet)."""
+    return other if flag is None else flag | other
 
 
 def _branches_apart(device: torch.device) -> bool:

@@ -107,6 +107,15 @@ def test_a_latent_the_sampler_itself_makes_nan_is_named_in_the_notes_not_blamed_
     assert not any("NaN" in note for note in finite.notes)
 
 
+def test_a_latent_made_nan_by_the_models_own_overflow_is_not_blamed_on_the_sampler(sd15, prompts):
+    # An output that overflowed (fp16) makes the next step's latent NaN: the sampler only passed it on.
+    model, clip = sd15
+    overflowing = model.clone()
+    overflowing.set_model_attn2_patch(lambda q, k, v, extra: (q * float("inf"), k, v))
+    _, out, trace = run(overflowing, clip, prompts, steps=3)
+    assert out.isnan().all() and not any("the sampler handed the model" in note for note in trace.notes)
+
+
 @pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral"])
 def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd15, prompts, sampler_name):
     import comfy.samplers

@@ -99,8 +99,10 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
         BiasMapLoadTrace.execute("model.safetensors")
     with pytest.raises(ValueError, match="no trace file"):  # a linked name skips validation: checked when it runs
         BiasMapLoadTrace.execute("../outside.safetensors")
-    linked = BiasMapLoadTrace.fingerprint_inputs(None)  # a linked name: run every time, as the file is not known
-    assert BiasMapLoadTrace.validate_inputs(None) is True and linked != linked
+    # A linked name: run every time, as the file is not known; a value valid in JSON (ComfyUI keeps it in the prompt).
+    linked = BiasMapLoadTrace.fingerprint_inputs(None)
+    assert BiasMapLoadTrace.validate_inputs(None) is True and linked != BiasMapLoadTrace.fingerprint_inputs(None)
+    json.loads(json.dumps(linked, allow_nan=False))
 
 
 def test_load_trace_reads_a_link_placed_in_the_input_folder_as_load_latent_does(pack, folders, trace):
