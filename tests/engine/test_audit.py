@@ -164,12 +164,19 @@ def _append_in_turn(folder, who, barrier):
 def test_two_processes_appending_to_one_csv_write_one_header_and_whole_rows(tmp_path):
     # ComfyUI instances that share an output folder, one per GPU, log into one audit file.
     context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2)
-    workers = [context.Process(target=_append_in_turn, args=(str(tmp_path), who, barrier)) for who in ("gpu0", "gpu1")]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
+    barrier = context.Barrier(2, timeout=60)  # a worker that dies fails the test instead of hanging the other
+    workers = [context.Process(target=_append_in_turn, args=(str(tmp_path), who, barrier), daemon=True)
+               for who in ("gpu0", "gpu1")]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
     assert [w.exitcode for w in workers] == [0, 0]
     for i in range(20):
         with open(tmp_path / f"audit{i}.csv", newline="", encoding="utf-8-sig") as f:
