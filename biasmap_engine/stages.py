@@ -2,7 +2,7 @@
 
 import math
 
-__all__ = ["STAGE_ORDER", "stage_of", "stage_label", "parse_stages"]
+__all__ = ["STAGE_ORDER", "stage_id", "stage_of", "stage_label", "parse_stages"]
 
 # Stage ids are ASCII (they name tensors in saved traces): direction and resolution divisor relative to the latent.
 _DIVISORS = (1, 2, 4, 8, 16)
@@ -18,10 +18,14 @@ def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, 
     The divisor is read from the real grid sizes, so non-square latents and sizes that are not multiples of 64
     (where ⌈h/2⌉ grids appear) name the same stage as the square case.
     """
+    return stage_id(block, 2 ** round(math.log2(max(latent_hw[0] / attention_hw[0], 1.0))))
+
+
+def stage_id(block: tuple, divisor: int) -> str:
+    """The stage id of a block at ``divisor`` times smaller than the latent: ``("input", 4)``, 2 → ``"down_2"``."""
     direction = _DIRECTION.get(block[0])
     if direction is None:
         raise ValueError(f"unknown U-Net block {block!r}; expected input, middle or output")
-    divisor = 2 ** round(math.log2(max(latent_hw[0] / attention_hw[0], 1.0)))
     return f"{direction}_{divisor}"
 
 

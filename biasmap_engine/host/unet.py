@@ -2,6 +2,8 @@
 
 import torch
 
+from ..stages import stage_id
+
 __all__ = ["UnsupportedModelError", "block_stages", "cross_attention_layers", "deinference_", "model_family",
            "require_guidable", "require_unet", "weight_slots"]
 
@@ -59,8 +61,7 @@ def block_stages(diffusion_model, layers) -> dict[tuple[str, int, int], str]:
         levels[("output", n)] = divisor
         if any(isinstance(m, Upsample) for m in block.modules()):
             divisor //= 2
-    direction = {"input": "down", "middle": "mid", "output": "up"}
-    return {layer: f"{direction[layer[0]]}_{levels[layer[:2]]}" for layer in layers}
+    return {layer: stage_id(layer, levels[layer[:2]]) for layer in layers}
 
 
 def require_unet(model_patcher) -> dict[tuple[str, int, int], torch.nn.Module]:
