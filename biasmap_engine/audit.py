@@ -87,24 +87,29 @@ def append_csv(path: str, rows: list[dict]) -> None:
                                  f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
                                  f"BIoU columns follow the recorded stages, which differ between model families and "
                                  f"with include_middle: give this audit another file name")
-        text = csv_text(rows, lineterminator="\r\n")
+        text = _csv(rows, "\r\n", with_header=header is None)
         if header is None:
             # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas
             # reads it as it is, Python's csv module with encoding="utf-8-sig". Rows appended later add none.
             data = text.encode("utf-8-sig")
         else:
-            data = text.split("\r\n", 1)[1].encode("utf-8")
+            data = text.encode("utf-8")
             f.seek(-1, os.SEEK_END)
             if f.read(1) not in (b"\n", b"\r"):  # a file saved again without its last line break
                 data = b"\r\n" + data
         f.write(data)  # one write, at the end (append mode)
 
 
-def csv_text(rows: list[dict], lineterminator: str = "\n") -> str:
+def csv_text(rows: list[dict]) -> str:
     """``rows`` as CSV text, header first (quoted as the file is: prompts hold commas)."""
+    return _csv(rows, "\n", with_header=True)
+
+
+def _csv(rows: list[dict], lineterminator: str, with_header: bool) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator=lineterminator)
-    writer.writeheader()
+    if with_header:
+        writer.writeheader()
     writer.writerows(_inert(rows))
     return buffer.getvalue()
 
