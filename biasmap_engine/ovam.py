@@ -6,14 +6,15 @@ summed over its layers; stages are upsampled bilinearly to the largest attention
 
 Recording runs in every cross-attention layer of every model evaluation, where a GPU at SD sizes is bound by kernel
 launches, not arithmetic: :func:`prepare_keys` prepares a layer's keys once per run so that
-:func:`prepared_token_softmax_maps` needs one product, one softmax and one sum, with no transposed copies.
+:func:`summed_token_softmax_maps` needs one product, one softmax and one sum for all the layers of a stage, with
+no transposed copies.
 """
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "largest_grid", "sum_upsampled",
-           "concept_map"]
+__all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "summed_token_softmax_maps",
+           "largest_grid", "sum_upsampled", "concept_map"]
 
 
 def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -42,16 +43,27 @@ def prepare_keys(k_attr: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def prepared_token_softmax_maps(q: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """:func:`token_softmax_maps` against keys made by :func:`prepare_keys`; a ``[B, N, H, W]`` view.
+    """:func:`token_softmax_maps` against keys made by :func:`prepare_keys`; a ``[B, N, H, W]`` view."""
+    return summed_token_softmax_maps([q], keys, grid)
 
-    The queries are read per head in place (a strided view of the converted queries) and the maps keep the product's
-    memory order: one conversion, one batched product, one softmax and one sum per layer, no other copy.
+
+def summed_token_softmax_maps(qs: list[torch.Tensor], keys: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The sum over layers of :func:`prepared_token_softmax_maps`: queries ``[B, HW, heads·d]`` of layers on one grid,
+    against their :func:`prepare_keys` keys concatenated along the heads, ``[layers·heads, d, N]``.
+
+    One batched product, one softmax and one sum for all the layers, and no copy of one layer's queries (they are read
+    per head in place); several layers' are stacked in one copy. The maps keep the product's memory order.
     """
-    b, hw, _ = q.shape
+    b, hw, _ = qs[0].shape
     if hw != grid[0] * grid[1]:
         raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
     heads, dim_head, _ = keys.shape
-    per_head = q.to(keys.dtype).view(b * hw, heads, dim_head).transpose(0, 1)  # [heads, B·HW, d]
+    if len(qs) == 1:
+        per_head = qs[0].to(keys.dtype).view(b * hw, heads, dim_head).transpose(0, 1)  # [heads, B·HW, d]
+    else:
+        per_layer = heads // len(qs)
+        per_head = torch.stack([q.view(b * hw, per_layer, dim_head).transpose(0, 1) for q in qs])
+        per_head = per_head.to(keys.dtype).view(heads, b * hw, dim_head)
     maps = torch.bmm(per_head, keys).softmax(dim=-1).sum(dim=0)  # [B·HW, N]
     return maps.view(b, hw, -1).transpose(1, 2).unflatten(2, grid)
 

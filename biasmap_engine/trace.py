@@ -188,11 +188,11 @@ class _Sums:
         self.weights: dict[str, float | torch.Tensor] = {}
         self.layers: dict[str, set] = {}
 
-    def add(self, stage: str, maps: torch.Tensor, layer, weight) -> None:
+    def add(self, stage: str, maps: torch.Tensor, layers: list, weight) -> None:
         previous = self.maps.get(stage)
         self.maps[stage] = maps if previous is None else previous + maps
-        self.weights[stage] = self.weights.get(stage, 0.0) + weight
-        self.layers.setdefault(stage, set()).add(object() if layer is None else layer)
+        self.weights[stage] = self.weights.get(stage, 0.0) + weight * len(layers)
+        self.layers.setdefault(stage, set()).update(object() if layer is None else layer for layer in layers)
 
     def weighting(self) -> dict[str, tuple]:
         return {s: (self.weights[s], len(self.layers[s])) for s in self.maps}
@@ -255,9 +255,14 @@ class TraceRecorder:
         entries split over several U-Net calls, and stages whose layers change between steps, are counted right.
         ``guided``: the layer's maps enter the energy (with ``split_guided``; otherwise every layer's do).
         """
-        self._current.add(stage, maps, layer, weight)
+        self.add_layers(stage, maps, [layer], weight, guided)
+
+    def add_layers(self, stage: str, maps: torch.Tensor, layers: list, weight: float | torch.Tensor = 1.0,
+                   guided: bool = True) -> None:
+        """:meth:`add` for the sum of several layers' maps of the same entries, each layer's weighing ``weight``."""
+        self._current.add(stage, maps, layers, weight)
         if self._split_guided and guided:
-            self._guided.add(stage, maps, layer, weight)
+            self._guided.add(stage, maps, layers, weight)
 
     @property
     def has_maps(self) -> bool:

@@ -11,7 +11,7 @@ total weight when the evaluation closes.
 import torch
 import torch.nn.functional as F
 
-from ..ovam import prepare_keys, prepared_token_softmax_maps
+from ..ovam import prepare_keys, prepared_token_softmax_maps, summed_token_softmax_maps
 from ..stages import stage_of
 from ..trace import TraceRecorder
 
@@ -31,6 +31,9 @@ class BranchCapture:
         self.branch: int | None = None  # ComfyUI's cond_or_uncond index, set while a capturing U-Net pass runs
         self.latent_shape: list[int] | None = None
         self._keys: dict = {}  # layer → its attribution keys, per head
+        self._stacked: dict = {}  # tuple of layers → their keys concatenated (_stacked_keys)
+        self._pending: list = []  # (layer, recorded rows' queries) waiting for flush, all of _pending_batch
+        self._pending_batch: tuple | None = None  # what they share: stage, grid, shapes, entry, weight, guided
         self._stages: dict = {}  # (layer, grid) → stage id
         self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
         self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
@@ -44,7 +47,11 @@ class BranchCapture:
             self._grid_weights = {k: v for k, v in self._grid_weights.items() if k[0] not in defaults}
 
     def observe(self, q: torch.Tensor, extra_options: dict) -> None:
-        """Record one layer's maps from its queries ``[CFG batch, HW, heads·d]``, if it runs the recorded branch."""
+        """Record one layer's maps from its queries ``[CFG batch, HW, heads·d]``, if it runs the recorded branch.
+
+        A layer whose recorded rows are one entry with a scalar weight (no mask) waits for the next layers of its stage
+        and the same entry: :meth:`flush` computes theirs together (a GPU at SD sizes is bound by kernel launches).
+        """
         chunks = extra_options["cond_or_uncond"]
         picked = [i for i, c in enumerate(chunks) if c == self.branch]
         if not picked:
@@ -57,25 +64,45 @@ class BranchCapture:
         block, depth = extra_options["block"], extra_options["block_index"]
         grid = tuple(extra_options["activations_shape"][-2:])
         layer = (block[0], block[1], depth)
-        heads = extra_options["n_heads"]
-        keys, stage = self._layer_constants(layer, q, grid, heads)
+        keys, stage = self._layer_constants(layer, q, grid, heads=extra_options["n_heads"])
         uuids = extra_options.get("uuids") or [None] * len(chunks)
         weights = [self._weight_at(uuids[i], rows, grid) for i in picked]
-        if len(picked) == 1:
-            per_entry = [prepared_token_softmax_maps(q[picked[0] * rows:(picked[0] + 1) * rows], keys, grid)]
-        else:  # several entries of the branch in this batch (ConditioningCombine)
-            q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-            per_entry = prepared_token_softmax_maps(q_rows, keys, grid).unflatten(0, (len(picked), rows)).unbind(0)
+        guided = self.guided_layers is None or layer in self.guided_layers
+        if len(picked) == 1 and not isinstance(weights[0], torch.Tensor):
+            batch = (stage, grid, keys.shape, q.shape, q.dtype, q.device, uuids[picked[0]], weights[0], guided)
+            if batch != self._pending_batch:
+                self.flush()
+                self._pending_batch = batch
+            self._pending.append((layer, q[picked[0] * rows:(picked[0] + 1) * rows]))
+            return
+        # Several entries of the branch in this batch (ConditioningCombine), or a masked one: at once.
+        q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
+        per_entry = prepared_token_softmax_maps(q_rows, keys, grid).unflatten(0, (len(picked), rows)).unbind(0)
         maps = None
         for weight, entry_maps in zip(weights, per_entry):
             weighted = entry_maps if _is_one(weight) else weight * entry_maps
             maps = weighted if maps is None else maps + weighted
-        guided = self.guided_layers is None or layer in self.guided_layers
         self.recorder.add(stage, maps, layer, sum(weights[1:], weights[0]), guided)
+
+    def flush(self) -> None:
+        """Record the layers :meth:`observe` left waiting; the session calls it when each U-Net pass ends."""
+        if not self._pending:
+            return
+        (stage, grid, *_, weight, guided), pending = self._pending_batch, self._pending
+        self._pending, self._pending_batch = [], None
+        layers = [layer for layer, _ in pending]
+        maps = summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid)
+        self.recorder.add_layers(stage, maps if _is_one(weight) else weight * maps, layers, weight, guided)
+
+    def discard(self) -> None:
+        """Drop the waiting layers, of a U-Net pass that failed (and with them its graph)."""
+        self._pending, self._pending_batch = [], None
 
     def forget_keys(self) -> None:
         """Make the attribution keys again at their next use: the model's weights changed (a hook group's)."""
+        self.flush()  # waiting layers ran under the weights that made the keys they need
         self._keys.clear()
+        self._stacked.clear()
 
     def _layer_constants(self, layer, q, grid, heads):
         """A layer's attribution keys K′ = to_k(X′), prepared by :func:`prepare_keys`, and its stage: made once.
@@ -95,6 +122,16 @@ class BranchCapture:
         if stage is None:
             stage = self._stages[(layer, grid)] = stage_of(layer[:2], self.latent_shape[-2:], grid)
         return keys, stage
+
+    def _stacked_keys(self, layers: list) -> torch.Tensor:
+        """Layers' keys concatenated along the heads, for :func:`summed_token_softmax_maps`: made once per run."""
+        if len(layers) == 1:
+            return self._keys[layers[0]]
+        stacked = self._stacked.get(tuple(layers))
+        if stacked is None or stacked.device != self._keys[layers[0]].device:
+            with torch.inference_mode(False), torch.no_grad():  # as the keys: a guided pass saves them as they are
+                stacked = self._stacked[tuple(layers)] = torch.cat([self._keys[layer] for layer in layers])
+        return stacked
 
     def _weight_at(self, uuid, rows: int, grid: tuple[int, int]):
         """An entry's weight at a layer: its strength, or for a masked entry ``[rows, 1, h, w]``: its mask pooled to

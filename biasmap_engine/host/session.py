@@ -300,7 +300,12 @@ class BiasMapSession:
             self._unet_ran = True
         if self._unet_input is not None and x is self._unet_input[0]:
             x = self._unet_input[1]
-        out = executor(x, *args, **kwargs)
+        try:
+            out = executor(x, *args, **kwargs)
+        except BaseException:
+            self.capture.discard()
+            raise
+        self.capture.flush()  # the layers the capture left waiting, before anything reads the maps
         # The gradient comes from the captured queries, never from the output: the layers after the last of them
         # are cut off here, so their activations go now, not after the backward, and no node outside (EasyCache
         # keeps output − input between steps) holds on to them.

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biasmap_engine import concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, token_softmax_maps
+from biasmap_engine import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
+                            token_softmax_maps)
 
 
 def random_layer(seed, dim=32, ctx=24, heads=4):
@@ -52,6 +53,21 @@ def test_maps_against_prepared_keys_equal_the_direct_computation(dtype):
     maps = prepared_token_softmax_maps(q, prepare_keys(k, 4), (6, 5))
     assert maps.shape == (3, 9, 6, 5) and maps.dtype == token_softmax_maps(q, k, 4, (6, 5)).dtype
     assert torch.allclose(maps, token_softmax_maps(q, k, 4, (6, 5)), atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_stage_of_layers_in_one_product_sums_each_layers_maps(dtype):
+    gen = torch.Generator().manual_seed(3)
+    qs = [torch.randn(2, 6 * 5, 32, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+    ks = [torch.randn(1, 9, 32, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+    keys = [prepare_keys(k, 4) for k in ks]
+    summed = summed_token_softmax_maps(qs, torch.cat(keys), (6, 5))
+    each = sum(token_softmax_maps(q, k, 4, (6, 5)) for q, k in zip(qs, ks))
+    assert summed.shape == (2, 9, 6, 5) and summed.dtype == each.dtype
+    assert torch.allclose(summed, each, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    q = torch.randn(2, 30, 32, dtype=torch.float64, requires_grad=True)  # the gradient reaches every layer's queries
+    summed_token_softmax_maps([q, q.detach() * 2], torch.cat(keys[:2]).double(), (6, 5))[:, 1].sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
 
 
 def test_wrong_grid_is_refused():

@@ -137,6 +137,20 @@ def test_recorder_keeps_the_mean_over_the_recorded_branchs_entries():
     assert torch.allclose(trace.maps["down_1"][0], (first + second) / 2)
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+def test_several_layers_added_at_once_count_as_added_one_by_one(strength):
+    layers = torch.rand(3, 1, 6, 4, 4, generator=torch.Generator().manual_seed(5))
+    one_by_one, at_once = TraceRecorder(), TraceRecorder()
+    for rec in (one_by_one, at_once):
+        rec.begin(torch.tensor(1.0), torch.tensor(0))
+    for i, maps in enumerate(layers):
+        one_by_one.add("up_1", strength * maps, f"output {i}", strength)
+    at_once.add_layers("up_1", strength * layers.sum(0), ["output 0", "output 1", "output 2"], strength)
+    assert one_by_one.weighting() == at_once.weighting() == {"up_1": (pytest.approx(3 * strength), 3)}
+    assert torch.allclose(at_once.current()["up_1"], layers.sum(0))
+    assert torch.allclose(at_once.current()["up_1"], one_by_one.current()["up_1"])
+
+
 def test_recorder_weighs_masked_entries_per_pixel():
     first, second = torch.rand(2, 1, 3, 4, 4, generator=torch.Generator().manual_seed(4))
     left = torch.zeros(1, 1, 4, 4)

@@ -230,6 +230,27 @@ def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd
     assert not torch.allclose(trace.maps["up_1"][-1], cond["up_1"], atol=1e-4)  # the test can tell the branches
 
 
+def test_the_layers_of_a_stage_share_one_attribution_product_per_evaluation(sd15, prompts, monkeypatch):
+    from biasmap_engine.host import capture
+
+    model, clip = sd15
+    products = []
+
+    def counted(qs, keys, grid):
+        products.append((len(qs), grid))
+        return summed(qs, keys, grid)
+
+    summed = capture.summed_token_softmax_maps
+    monkeypatch.setattr(capture, "summed_token_softmax_maps", counted)
+    stock, ours, trace = run(model, clip, prompts, steps=2)
+    assert torch.equal(stock, ours)
+    # A GPU at SD sizes is bound by kernel launches: one product, softmax and sum per stage, not per layer. The tiny
+    # U-Net records down×1 (one layer), up×1 (two), down×½ (one) and up×½ (two).
+    per_evaluation = sorted(products[:len(trace.stages)])
+    assert per_evaluation == sorted([(1, (40, 56)), (2, (40, 56)), (1, (20, 28)), (2, (20, 28))])
+    assert len(products) == len(trace.stages) * trace.sigmas.numel()
+
+
 def test_an_ovam_concept_matches_its_ordinary_cross_attention_map_on_the_same_tokens(sd15):
     model, clip = sd15
     with torch.inference_mode():
