@@ -3,7 +3,8 @@
 from comfy_api.latest import io
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
-from .common import ADVANCED, CATEGORY, Trace, check_images, check_single, require_single, step_inputs, step_window
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, plain_errors,
+                     require_single, step_inputs, step_window)
 
 _ONE_WORD = "give one word (one Attribution Map node per word)"
 
@@ -43,10 +44,15 @@ class BiasMapAttributionMap(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, word=None):
-        return check_single(_ONE_WORD, word=word)
+    def validate_inputs(cls, word=None, stages=None):
+        # Before the graph runs: this node runs after the sampler, whose run a typo here would waste.
+        if word is not None and not word.strip():
+            return "word: it is empty; type a word of the attribution prompt, e.g. 'gender'"
+        ok = check_single(_ONE_WORD, word=word)
+        return ok if ok is not True else check_stage_names("stages", stages)
 
     @classmethod
+    @plain_errors
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
                 image=None) -> io.NodeOutput:
         require_single(_ONE_WORD, word=word)

@@ -9,7 +9,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, split_concepts
-from .common import ADVANCED, CATEGORY, Trace, check_pair, mask_size, output_path
+from .common import ADVANCED, CATEGORY, Trace, check_pair, mask_size, output_path, plain_errors
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -50,7 +50,8 @@ class BiasMapAuditLog(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename=None):
-        # Before the graph runs: a queued audit would otherwise sample every run, then log nothing.
+        # Before the graph runs, so the queue shows it at once. ComfyUI still runs the graph's other outputs (a Save
+        # Image): where they are, the samplers run; this node does not.
         try:
             _csv_path(filename or "")
         except ValueError as err:
@@ -58,6 +59,7 @@ class BiasMapAuditLog(io.ComfyNode):
         return True
 
     @classmethod
+    @plain_errors
     def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution) -> io.NodeOutput:
         path = _csv_path(filename)
         demographic = split_concepts(concept_a) or trace.demographic

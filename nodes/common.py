@@ -1,5 +1,6 @@
 """Inputs and validation shared by the BiasMap nodes."""
 
+import functools
 import os
 
 import folder_paths
@@ -131,13 +132,32 @@ def _check_distinct(lists: dict, splits) -> bool | str:
     return True
 
 
-def check_guidance(guided_stages=None) -> bool | str:
-    """Validation before the graph runs: the guided stages' names (a linked input is left to run time)."""
+def check_stage_names(name: str, text) -> bool | str:
+    """Validation before the graph runs: the stage ids in input ``name`` (a linked input is left to run time).
+
+    ComfyUI shows a failure on every input that ``validate_inputs`` takes, so the message names its own.
+    """
     try:
-        parse_stages(guided_stages or "all")
+        parse_stages(text or "all")
     except ValueError as err:
-        return str(err)
+        return f"{name}: {err}"
     return True
+
+
+def plain_errors(execute):
+    """``execute`` raising BiasMap's own errors as ValueError: ComfyUI names an error's type by its module, which
+    for a custom node is the path of its folder, and would show that before the message."""
+
+    @functools.wraps(execute)
+    def wrapper(*args, **kwargs):
+        try:
+            return execute(*args, **kwargs)
+        except ValueError as err:
+            if type(err) is ValueError:
+                raise
+            raise ValueError(str(err)) from err
+
+    return wrapper
 
 
 def _tuple_or_none(stages):

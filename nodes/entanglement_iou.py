@@ -3,8 +3,8 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import (CATEGORY, Trace, check_images, check_pair, check_single, mask_size, require_single, step_inputs,
-                     step_window)
+from .common import (CATEGORY, Trace, check_images, check_pair, check_single, mask_size, plain_errors, require_single,
+                     step_inputs, step_window)
 
 _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
 
@@ -46,6 +46,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         return check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
 
     @classmethod
+    @plain_errors
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
         require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
         check_images(image, trace)

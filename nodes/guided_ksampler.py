@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import (ADVANCED, CATEGORY, Trace, check_concepts, check_guidance, concept_inputs, guidance_inputs,
+from .common import (ADVANCED, CATEGORY, Trace, check_concepts, concept_inputs, guidance_inputs, plain_errors,
                      settings_from)
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
@@ -66,13 +66,14 @@ class BiasMapGuidedKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
-        # ComfyUI pins a failure on every input named here (and skips their own range checks), so only the inputs
-        # that need checks of their own are: start < end and the middle block's stages are checked when it runs.
-        ok = check_concepts(attribution_prompt, demographic, semantic)
-        return ok if ok is not True else check_guidance(guided_stages)
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None):
+        # ComfyUI pins a failure on every input named here (and skips their own range checks), so only the concepts
+        # are: guided_stages, start < end and the middle block's stages are checked when the node runs, before it
+        # samples.
+        return check_concepts(attribution_prompt, demographic, semantic)
 
     @classmethod
+    @plain_errors
     def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, **kwargs) -> io.NodeOutput:
         session = _session(model, clip, kwargs)
@@ -117,10 +118,11 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None, guided_stages=None):
-        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic, guided_stages)
+    def validate_inputs(cls, attribution_prompt=None, demographic=None, semantic=None):
+        return BiasMapGuidedKSampler.validate_inputs(attribution_prompt, demographic, semantic)
 
     @classmethod
+    @plain_errors
     def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,
                 add_noise=True, **kwargs) -> io.NodeOutput:
         session = _session(model, clip, kwargs)

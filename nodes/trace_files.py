@@ -12,7 +12,7 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import BiasMapTrace, TraceFormatError
-from .common import CATEGORY, Trace, inside, output_path
+from .common import CATEGORY, Trace, inside, output_path, plain_errors
 
 EXTENSION = ".safetensors"
 SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
@@ -47,6 +47,7 @@ class BiasMapSaveTrace(io.ComfyNode):
         return True
 
     @classmethod
+    @plain_errors
     def execute(cls, trace, filename_prefix) -> io.NodeOutput:
         output_path(filename_prefix, "trace", f"{SAVED}/trace")  # ComfyUI's own refusal speaks of an image
         output_dir = folder_paths.get_output_directory()
@@ -104,6 +105,7 @@ class BiasMapLoadTrace(io.ComfyNode):
         return digest.hexdigest()
 
     @classmethod
+    @plain_errors
     def execute(cls, trace_file) -> io.NodeOutput:
         path = _trace_path(trace_file)
         if path is None:

@@ -46,7 +46,6 @@ def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one
 
 
 @pytest.mark.parametrize("inputs, message", [
-    ({"guided_stages": "down_9"}, "unknown stage 'down_9'"),
     ({"semantic": "gender"}, "share words of the attribution prompt"),
     ({"semantic": "doctor, Doctor"}, "'Doctor' is listed twice"),
     ({"attribution_prompt": "   "}, "has no words"),
@@ -57,15 +56,27 @@ def test_validation_refuses_guidance_settings_that_cannot_run_and_says_why(nodes
                                                  "semantic": "doctor", **inputs})
 
 
-def test_validation_accepts_stage_names_in_any_case(nodes_and_trace):
-    sampler = nodes_and_trace[0]
-    assert sampler.validate_inputs("a doctor and gender", "gender", "doctor", "Down_1, MID_2") is True
+def test_attribution_map_validation_refuses_unknown_stages_and_an_empty_word_naming_the_input(nodes_and_trace):
+    attribution_map = nodes_and_trace[1]  # it runs after the sampler: a typo found when it runs wastes the sampling
+    assert attribution_map.validate_inputs("gender", "Down_1, MID_2") is True
+    assert attribution_map.validate_inputs("gender", "down1").startswith("stages: unknown stage 'down1'")
+    assert attribution_map.validate_inputs("  ", "all").startswith("word: it is empty")
+
+
+def test_the_nodes_raise_their_errors_as_value_errors_comfyui_names_without_a_folder_path(nodes_and_trace):
+    _, attribution_map, entanglement, trace = nodes_and_trace
+    for node, word in ((attribution_map, {"word": "race"}), (entanglement, {"concept_a": "race"})):
+        with torch.inference_mode(), pytest.raises(ValueError, match="'race'") as raised:
+            node.execute(**defaults(node) | {"trace": trace} | word)
+        # The pack's own ConceptNotFoundError, under the module name ComfyUI loaded the pack with.
+        assert type(raised.value) is ValueError and type(raised.value.__cause__).__name__ == "ConceptNotFoundError"
 
 
 @pytest.mark.parametrize("inputs, message", [
     ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4"),
     ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
     ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on"),
+    ({"guided_stages": "down_9"}, "unknown stage 'down_9'"),
 ])
 def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_why(sd15, prompts, pack, inputs,
                                                                                     message):
@@ -78,8 +89,9 @@ def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_w
                                                   latent_image={"samples": torch.zeros(1, 4, 32, 32)}) | inputs
     with torch.inference_mode(), pytest.raises(ValueError, match=message):
         BiasMapGuidedKSampler.execute(**args)
-    assert BiasMapGuidedKSampler.validate_inputs(args["attribution_prompt"], args["demographic"], args["semantic"],
-                                                 args["guided_stages"]) is True  # refused when it runs, once
+    # Refused when it runs, once: validation would pin the message on every input it takes.
+    assert BiasMapGuidedKSampler.validate_inputs(args["attribution_prompt"], args["demographic"],
+                                                 args["semantic"]) is True
 
 
 @pytest.mark.parametrize("window, message", [((5, 10000), "past this trace's last step, 1: set first_step to at most 1"),
