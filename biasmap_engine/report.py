@@ -86,7 +86,7 @@ def _run_line(trace: BiasMapTrace) -> str:
     run, settings = trace.run, trace.settings
     parts = [f"seed {run['seed']}" if "seed" in run else None,
              f"{run['sampler']}/{run['scheduler']}" if "sampler" in run else None,
-             f"{run['steps']} steps" if "steps" in run else None,
+             f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,
              f"cfg {run['cfg']:g}" if "cfg" in run else None,
              f"λ {settings['scale']:g}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]

@@ -46,6 +46,13 @@ class BiasMapTrace:
     notes: list[str] = field(default_factory=list)
     run: dict = field(default_factory=dict)  # how it was sampled: seed, steps, cfg, sampler, …, attribution prompt
 
+    def __repr__(self) -> str:
+        """A summary, not every map value: ComfyUI's Preview as Text shows a trace as this text."""
+        concepts = ", ".join(self.demographic) + " × " + ", ".join(self.semantic)
+        return (f"BiasMapTrace({self.num_images} image(s), {self.num_steps} step(s), {len(self.sigmas)} evaluation(s), "
+                f"stages {' '.join(self.stages)}, concepts {concepts}, {len(self.tokens)} tokens, "
+                f"model {self.model_family or '?'})")
+
     @property
     def stages(self) -> list[str]:
         """Recorded stage ids in U-Net order (any id this version does not know comes last, never dropped)."""

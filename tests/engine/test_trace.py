@@ -151,6 +151,12 @@ def test_several_layers_added_at_once_count_as_added_one_by_one(strength):
     assert torch.allclose(at_once.current()["up_1"], one_by_one.current()["up_1"])
 
 
+def test_a_trace_shows_as_a_short_summary_not_its_map_values():
+    text = repr(recorded_trace())
+    assert text == ("BiasMapTrace(2 image(s), 3 step(s), 3 evaluation(s), stages down_1 down_2 up_1, concepts gender × "
+                    "doctor, 6 tokens, model SD15)")
+
+
 def test_recorder_weighs_masked_entries_per_pixel():
     first, second = torch.rand(2, 1, 3, 4, 4, generator=torch.Generator().manual_seed(4))
     left = torch.zeros(1, 1, 4, 4)
