@@ -73,15 +73,16 @@ def main():
     comfy.utils.PROGRESS_BAR_ENABLED = False
     session._branches_apart = lambda device: False  # one CFG batch per guided evaluation, as on a GPU
     phases = {  # innermost wins: the capture runs inside the U-Net's forward, the forward inside the update
-        "update (CFG + guidance step)": (session.BiasMapSession, "_predict_noise"),
-        "U-Net forward": (session.BiasMapSession, "_diffusion_model"),
-        "capture": (capture.BranchCapture, "observe"),
-        "gradient (backward)": (session.BiasMapSession, "_energy_gradient"),
-        "energy (soft top-k, SoftIoU)": (session.BiasMapSession, "_energy"),
-        "recomputed in the backward": (lean_backward, "_unpack"),
+        "update (CFG + guidance step)": [(session.BiasMapSession, "_predict_noise")],
+        "U-Net forward": [(session.BiasMapSession, "_diffusion_model")],
+        "capture": [(capture.BranchCapture, "observe"), (capture.BranchCapture, "flush")],
+        "gradient (backward)": [(session.BiasMapSession, "_energy_gradient")],
+        "energy (soft top-k, SoftIoU)": [(session.BiasMapSession, "_energy")],
+        "recomputed in the backward": [(lean_backward, "_unpack")],
     }
-    for phase, (owner, name) in phases.items():
-        labelled(owner, name, phase)
+    for phase, targets in phases.items():
+        for owner, name in targets:
+            labelled(owner, name, phase)
 
     with torch.inference_mode():
         model, clip = sampling.comfy_models.skeleton_sd15(0)
