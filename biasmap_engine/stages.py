@@ -12,13 +12,25 @@ _DIRECTION = {"input": "down", "middle": "mid", "output": "up"}
 _FRACTION = {1: "1", 2: "½", 4: "¼", 8: "⅛", 16: "1/16"}
 
 
-def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, int]) -> str:
+def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, int], built: str | None = None) -> str:
     """The stage id of a layer, e.g. ``("input", 4)`` at half the latent size → ``"down_2"``.
 
-    The divisor is read from the real grid sizes, so non-square latents and sizes that are not multiples of 64
-    (where ⌈h/2⌉ grids appear) name the same stage as the square case.
+    The divisor is the one whose grid the layer runs at: a U-Net level's stride-2 convolutions make ⌈h/d⌉×⌈w/d⌉
+    grids, so non-square latents and sizes that are not multiples of 64 name the same stages as the square case, and
+    the levels of a latent a few pixels high are told apart by their widths. ``built``: the layer's stage as the
+    U-Net is built (unet.block_stages); it names the layer whenever it runs at that stage's grid, also where the
+    deepest levels of a tiny latent share one grid. A grid no level makes (a node resizing inside the U-Net, as
+    Kohya Deep Shrink does at odd sizes) takes the divisor nearest by area.
     """
-    return stage_id(block, 2 ** round(math.log2(max(latent_hw[0] / attention_hw[0], 1.0))))
+    attention_hw = tuple(attention_hw)
+    grids = {d: (-(-latent_hw[0] // d), -(-latent_hw[1] // d)) for d in _DIVISORS}
+    if built is not None and grids.get(int(built.rsplit("_", 1)[1])) == attention_hw:
+        return built
+    divisor = next((d for d, grid in grids.items() if grid == attention_hw), None)
+    if divisor is None:
+        area_ratio = latent_hw[0] * latent_hw[1] / (attention_hw[0] * attention_hw[1])
+        divisor = 2 ** round(math.log2(max(area_ratio, 1.0)) / 2)
+    return stage_id(block, divisor)
 
 
 def stage_id(block: tuple, divisor: int) -> str:

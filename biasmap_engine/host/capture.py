@@ -22,8 +22,9 @@ class BranchCapture:
     """Adds each recorded layer's maps of one CFG branch to ``recorder``; ``branch`` says which, None when idle."""
 
     def __init__(self, layers: dict, attribution_embeddings: torch.Tensor, recorder: TraceRecorder, note,
-                 guided_layers: set | None = None):
+                 guided_layers: set | None = None, built_stages: dict | None = None):
         self.layers = layers
+        self.built_stages = built_stages or {}  # layer → its stage as the U-Net is built (unet.block_stages)
         self.guided_layers = guided_layers  # the layers whose maps enter the energy; None: every one
         self.embeddings = attribution_embeddings
         self.recorder = recorder
@@ -120,7 +121,8 @@ class BranchCapture:
             self._keys[layer] = keys
         stage = self._stages.get((layer, grid))
         if stage is None:
-            stage = self._stages[(layer, grid)] = stage_of(layer[:2], self.latent_shape[-2:], grid)
+            stage = self._stages[(layer, grid)] = stage_of(layer[:2], self.latent_shape[-2:], grid,
+                                                            self.built_stages.get(layer))
         return keys, stage
 
     def _stacked_keys(self, layers: list) -> torch.Tensor:

@@ -87,7 +87,8 @@ class BiasMapSession:
         self._block_stages = block_stages(model_patcher.model.diffusion_model, recorded)
         guided_layers = self._guided_layers()
         self.recorder = TraceRecorder(split_guided=guided_layers is not None)
-        self.capture = BranchCapture(self.layers, attribution_embeddings, self.recorder, self._note, guided_layers)
+        self.capture = BranchCapture(self.layers, attribution_embeddings, self.recorder, self._note, guided_layers,
+                                     self._block_stages)
         self._main_pass_pending = False
         self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
         self._truncating = False

@@ -50,6 +50,22 @@ def test_stage_is_read_from_the_real_grid(block, latent, grid, stage):
     assert stage_of(block, latent, grid) == stage
 
 
+@pytest.mark.parametrize("latent, grid, stage", [
+    ((5, 64), (3, 32), "down_2"), ((5, 64), (2, 16), "down_4"),  # a 40-px-high image: heights 3 and 2 both near 5/2²
+    ((4, 64), (1, 8), "down_8"),  # SD1.5's deepest level at 32 px high: by its width, not its height of 1
+    ((13, 21), (6, 10), "down_2"),  # Deep Shrink's ⌊h/2⌋ at odd sizes, which no level makes: the nearest by area
+])
+def test_levels_of_a_latent_a_few_pixels_high_get_stages_of_their_own(latent, grid, stage):
+    assert stage_of(("input", 4), latent, grid) == stage
+
+
+def test_a_grid_several_levels_share_takes_the_stage_the_block_was_built_for():
+    # A 16-px image: SD1.5's middle block and its deepest input level both run at 1×1.
+    assert stage_of(("middle", 0), (2, 2), (1, 1), built="mid_8") == "mid_8"
+    assert stage_of(("input", 7), (2, 2), (1, 1), built="down_4") == "down_4"
+    assert stage_of(("input", 7), (64, 64), (32, 32), built="down_4") == "down_2"  # moved by Deep Shrink: the grid
+
+
 def test_stage_labels_and_parsing():
     assert stage_label("down_2") == "down×½"
     assert parse_stages("down_1, up×1") == ["down_1", "up_1"]

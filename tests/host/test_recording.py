@@ -445,6 +445,22 @@ def test_sd2_v_prediction_and_sdxl_models_record_their_own_stages(comfy):
         assert trace.model_family in ("SD20", "SDXL")
 
 
+def test_a_latent_a_few_pixels_high_records_each_level_as_a_stage_of_its_own(comfy):
+    import comfy_models
+    import nodes
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sdxl(0)
+        pos, neg = comfy_models.paper_prompts(clip)
+        lat = {"samples": torch.zeros(1, 4, 5, 64)}  # a 512×40 image: SDXL's levels run at 3×32 and 2×16
+        (stock,) = nodes.common_ksampler(model, 0, 1, 6.0, "euler", "normal", pos, neg, lat)
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        ours, trace = sample_with_scheduler(session, model, 0, 1, 6.0, "euler", "normal", pos, neg, lat)
+    assert torch.equal(stock["samples"], ours["samples"])
+    assert trace.stages == ["down_2", "down_4", "up_4", "up_2"]
+    assert tuple(trace.maps["down_2"].shape[-2:]) == (3, 32) and tuple(trace.maps["down_4"].shape[-2:]) == (2, 16)
+
+
 def test_a_dit_model_is_refused_with_its_family_named(comfy, sd15):
     import comfy_models
 
