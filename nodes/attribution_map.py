@@ -1,5 +1,8 @@
 """Attribution Map: a word's BiasMap/OVAM map from a trace, as a heatmap or overlay IMAGE and a MASK."""
 
+import logging
+
+import torch
 from comfy_api.latest import io
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
@@ -60,6 +63,14 @@ class BiasMapAttributionMap(io.ComfyNode):
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),
                                  size)
+        unmeasured = ~torch.isfinite(maps).flatten(1).all(dim=1)
+        if unmeasured.any():  # min-max scaling would spread one NaN over the whole heatmap and mask, unexplained
+            images = ", ".join(str(i) for i in unmeasured.nonzero().flatten().tolist())
+            logging.warning("BiasMap Attribution Map: image(s) %s of the batch hold NaN or inf in the maps of %r (the "
+                            "model's output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the "
+                            "sampler's latent was already NaN, see the trace's notes): drawn empty, with an empty "
+                            "mask", images, word)
+            maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
         maps01 = normalize_maps(maps)
         heat = colorize(maps01, colormap)
         picture = heat if image is None else overlay(image[..., :3].to(heat), heat, opacity)  # RGBA: alpha dropped

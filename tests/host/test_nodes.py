@@ -162,6 +162,19 @@ def test_entanglement_iou_averages_over_the_images_that_have_a_figure(nodes_and_
     assert mbiou == mbiou and "over 1 of 2 image(s)" in report  # finite: image 1's other stages have maps
 
 
+@pytest.mark.parametrize("mask", ["normalized", "thresholded"])
+def test_attribution_map_draws_an_image_whose_maps_overflowed_empty_and_says_so(nodes_and_trace, caplog, mask):
+    import copy
+
+    attribution_map, trace = nodes_and_trace[1], copy.deepcopy(nodes_and_trace[3])
+    trace.maps["down_1"][0, 1, trace.positions("gender")[0], 0, 0] = float("nan")  # image 1 overflowed
+    with torch.inference_mode():
+        heat, out_mask = attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "mask": mask}).result
+    assert torch.isfinite(heat).all() and torch.isfinite(out_mask).all()
+    assert not out_mask[1].any() and out_mask[0].any()  # image 0 keeps its map
+    assert "image(s) 1 of the batch hold NaN or inf in the maps of 'gender'" in caplog.text
+
+
 def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and_trace):
     attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
     for q in (0.7, 0.9):
