@@ -2,8 +2,9 @@
 
 An audit in ComfyUI is a queue of runs (seeds, prompts, λ); each run's trace adds its rows to one CSV, which a
 spreadsheet or pandas reads as it is. Every row carries how the run was made (the trace's ``run``: ComfyUI's prompt
-id, seed, sampler, attribution prompt; the settings), so the file says which run gave which IoU; the generation
-prompt, which the sampler never sees as text, comes in through the label.
+id, seed, sampler, attribution prompt; the settings), so the file says which run gave which IoU. The generation
+prompt, which the sampler gets as conditioning, not text, is the one the graph types into CLIP Text Encode (the
+sampler nodes read it from ComfyUI's prompt); text made while the graph runs comes in through the label.
 """
 
 import contextlib
@@ -17,13 +18,14 @@ from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text"]
 
-# Columns added since the first audit files: a file without them takes new rows under its own header.
-_ADDED = ("noise_index",)
+# Columns added since the first audit files, in the order they came: a file written before some of them takes new
+# rows under its own header.
+_ADDED = ("noise_index", "generation_prompt")
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
 _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise",
-        "attribution_prompt")
+        "attribution_prompt", "generation_prompt")
 
 
 def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "") -> list[dict]:
@@ -80,7 +82,8 @@ def append_csv(path: str, rows: list[dict]) -> None:
             if not first.strip():
                 raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
                                  f"file name, or remove the blank line")
-            if header == [c for c in columns if c not in _ADDED]:  # a file written before those columns: kept as it is
+            # A file written before the latest columns: kept as it is.
+            if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "

@@ -11,17 +11,20 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import (ADVANCED, CATEGORY, Trace, check_concepts, concept_inputs, guidance_inputs, plain_errors,
-                     settings_from)
+from .common import (ADVANCED, CATEGORY, Trace, check_concepts, concept_inputs, generation_prompt, guidance_inputs,
+                     plain_errors, settings_from)
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
                                           "guidance accounting; feed it to Attribution Map or Entanglement IoU.")]
 
 
-def _logged(latent, trace) -> io.NodeOutput:
-    """The node's outputs, with the trace's notes in ComfyUI's console too: the report that shows them is a STRING
-    output, seen only where a Preview as Text node is connected."""
+def _logged(node, latent, trace) -> io.NodeOutput:
+    """The node's outputs, the trace with the generation prompt where the graph has it as typed text (for the audit
+    over prompts), and its notes in ComfyUI's console too: the report that shows them is a STRING output, seen only
+    where a Preview as Text node is connected."""
+    hidden = node.hidden  # None where execute is called outside ComfyUI's executor
+    trace.run["generation_prompt"] = generation_prompt(hidden.prompt, hidden.unique_id) if hidden else ""
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
     return io.NodeOutput(latent, trace)
@@ -63,6 +66,7 @@ class BiasMapGuidedKSampler(io.ComfyNode):
                 *guidance_inputs(),
             ],
             outputs=_OUTPUTS,
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -79,7 +83,7 @@ class BiasMapGuidedKSampler(io.ComfyNode):
         session = _session(model, clip, kwargs)
         latent, trace = sample_with_scheduler(session, model, seed, steps, cfg, sampler_name, scheduler, positive,
                                               negative, latent_image, denoise)
-        return _logged(latent, trace)
+        return _logged(cls, latent, trace)
 
 
 class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
@@ -115,6 +119,7 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
                                          "noise_seed."),
             ],
             outputs=_OUTPUTS,
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -128,4 +133,4 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
         session = _session(model, clip, kwargs)
         latent, trace = sample_with_sampler(session, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                                             latent_image, add_noise)
-        return _logged(latent, trace)
+        return _logged(cls, latent, trace)

@@ -182,3 +182,22 @@ def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and
             _, mask = attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "mask": "thresholded",
                                                                              "q": q}).result
         assert mask.shape == (2, 256, 256) and float(mask.mean()) == pytest.approx(1 - q, abs=0.01)
+
+
+def test_the_generation_prompt_is_read_from_the_graph_where_it_is_typed_text(pack):
+    from biasmap_pack.nodes.common import generation_prompt
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["7", 0], "negative": ["7", 1]}},
+             "7": {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["5", 0], "negative": ["6", 0]}},
+             "5": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["4", 0]}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": ["9", 0], "clip": ["1", 1]}},
+             "9": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a photo of a doctor"}},
+             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}}}
+    assert generation_prompt(graph, "3") == "a photo of a doctor"
+    assert generation_prompt(graph, 3, "negative") == "blurry"  # ComfyUI's unique_id is a string; either works
+    graph["4"]["inputs"]["text"] = ["8", 0]  # text a node makes while the graph runs: its template is not the prompt
+    graph["8"] = {"class_type": "DPRandomGenerator", "inputs": {"text": "a photo of a {doctor|nurse}"}}
+    assert generation_prompt(graph, "3") == ""
+    graph["7"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["5", 0], "conditioning_2": ["6", 0]}}
+    assert generation_prompt(graph, "3", "negative") == ""  # two texts, neither the prompt
+    assert generation_prompt(None, None) == generation_prompt({}, "3") == ""  # outside ComfyUI's executor

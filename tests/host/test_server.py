@@ -179,6 +179,7 @@ def _errors(entry: dict) -> str:
 
 def test_shipped_workflows_run_end_to_end(server):
     assert WORKFLOWS, f"no workflows in {REPO / 'workflows'}"
+    typed = set()  # the generation prompts the graphs feed their samplers
     for path in WORKFLOWS:
         graph = json.loads(path.read_text())
         for node in graph["nodes"]:
@@ -190,6 +191,10 @@ def test_shipped_workflows_run_end_to_end(server):
         workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
         workflow_api.override(api, "BiasMapGuidedKSampler", steps=2)
         workflow_api.override(api, "BasicScheduler", steps=2)
+
+        for node in api.values():
+            if node["class_type"].startswith("BiasMapGuidedKSampler"):
+                typed.add(api[node["inputs"]["positive"][0]]["inputs"]["text"])
 
         started = time.monotonic()
         entry = _run_prompt(server, api)
@@ -228,6 +233,8 @@ def test_shipped_workflows_run_end_to_end(server):
     assert len(traces) == 1, traces
     run = BiasMapTrace.load(str(traces[0])).run
     assert run["seed"] == 42 and run["prompt_id"] == rows[0]["prompt_id"] != "", (run, rows)  # the server's id
+    # Read from the graph ComfyUI ran: the sampler gets conditioning, not text.
+    assert rows[0]["generation_prompt"] == run["generation_prompt"] and run["generation_prompt"] in typed, (run, typed)
 
 
 def _convert(server, name: str) -> dict:
