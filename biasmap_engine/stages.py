@@ -2,7 +2,7 @@
 
 import math
 
-__all__ = ["STAGE_ORDER", "stage_id", "stage_of", "stage_label", "parse_stages"]
+__all__ = ["STAGE_ORDER", "stage_id", "stage_of", "stage_grid", "stage_label", "parse_stages"]
 
 # Stage ids are ASCII (they name tensors in saved traces): direction and resolution divisor relative to the latent.
 _DIVISORS = (1, 2, 4, 8, 16)
@@ -19,18 +19,32 @@ def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, 
     grids, so non-square latents and sizes that are not multiples of 64 name the same stages as the square case, and
     the levels of a latent a few pixels high are told apart by their widths. ``built``: the layer's stage as the
     U-Net is built (unet.block_stages); it names the layer whenever it runs at that stage's grid, also where the
-    deepest levels of a tiny latent share one grid. A grid no level makes (a node resizing inside the U-Net, as
-    Kohya Deep Shrink does at odd sizes) takes the divisor nearest by area.
+    deepest levels of a tiny latent share one grid. A grid no level makes (a node resizing inside the U-Net: Kohya
+    Deep Shrink by a factor that is not 2, or at odd sizes) takes the divisor nearest by area; its maps are resampled
+    to that stage's grid (:func:`stage_grid`) when recorded.
     """
     attention_hw = tuple(attention_hw)
-    grids = {d: (-(-latent_hw[0] // d), -(-latent_hw[1] // d)) for d in _DIVISORS}
-    if built is not None and grids.get(int(built.rsplit("_", 1)[1])) == attention_hw:
+    grids = {d: _grid(latent_hw, d) for d in _DIVISORS}
+    if built is not None and grids.get(_divisor(built)) == attention_hw:
         return built
     divisor = next((d for d, grid in grids.items() if grid == attention_hw), None)
     if divisor is None:
         area_ratio = latent_hw[0] * latent_hw[1] / (attention_hw[0] * attention_hw[1])
         divisor = 2 ** round(math.log2(max(area_ratio, 1.0)) / 2)
     return stage_id(block, divisor)
+
+
+def stage_grid(stage: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The grid a stage's levels run at: ``"down_2"`` of a 13×21 latent → 7×11 (⌈h/d⌉×⌈w/d⌉)."""
+    return _grid(latent_hw, _divisor(stage))
+
+
+def _grid(latent_hw, divisor: int) -> tuple[int, int]:
+    return -(-latent_hw[0] // divisor), -(-latent_hw[1] // divisor)
+
+
+def _divisor(stage: str) -> int:
+    return int(stage.rsplit("_", 1)[1])
 
 
 def stage_id(block: tuple, divisor: int) -> str:

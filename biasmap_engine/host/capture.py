@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ..ovam import prepare_keys, prepared_token_softmax_maps, summed_token_softmax_maps
-from ..stages import stage_of
+from ..stages import stage_grid, stage_of
 from ..trace import TraceRecorder
 
 __all__ = ["BranchCapture"]
+
+# At most this many values in one stage's product (and as many in its softmax, 64 MiB each in fp32): the layers of an
+# SDXL stage at 1024² go in parts, so the queries they keep waiting and the product stay small beside the U-Net's own.
+_PRODUCT_VALUES = 1 << 24
 
 
 class BranchCapture:
@@ -34,7 +38,8 @@ class BranchCapture:
         self._keys: dict = {}  # layer → its attribution keys, per head
         self._stacked: dict = {}  # tuple of layers → their keys concatenated (_stacked_keys)
         self._pending: list = []  # (layer, recorded rows' queries) waiting for flush, all of _pending_batch
-        self._pending_batch: tuple | None = None  # what they share: stage, grid, shapes, entry, weight, guided
+        self._pending_batch: tuple | None = None  # what they share: stage, grids, shapes, entry, weight, guided
+        self._pending_values = 0  # values of their product
         self._stages: dict = {}  # (layer, grid) → stage id
         self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
         self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
@@ -65,22 +70,24 @@ class BranchCapture:
         block, depth = extra_options["block"], extra_options["block_index"]
         grid = tuple(extra_options["activations_shape"][-2:])
         layer = (block[0], block[1], depth)
-        keys, stage = self._layer_constants(layer, q, grid, heads=extra_options["n_heads"])
+        keys, stage, target = self._layer_constants(layer, q, grid, heads=extra_options["n_heads"])
         uuids = extra_options.get("uuids") or [None] * len(chunks)
-        weights = [self._weight_at(uuids[i], rows, grid) for i in picked]
+        weights = [self._weight_at(uuids[i], rows, target) for i in picked]
         guided = self.guided_layers is None or layer in self.guided_layers
         if len(picked) == 1 and not isinstance(weights[0], torch.Tensor):
-            batch = (stage, grid, keys.shape, q.shape, q.dtype, q.device, uuids[picked[0]], weights[0], guided)
-            if batch != self._pending_batch:
+            batch = (stage, grid, target, keys.shape, q.shape, q.dtype, q.device, uuids[picked[0]], weights[0], guided)
+            values = rows * q.shape[1] * keys.shape[0] * keys.shape[-1]  # of the layer's share of the product
+            if batch != self._pending_batch or self._pending_values + values > _PRODUCT_VALUES:
                 self.flush()
                 self._pending_batch = batch
             self._pending.append((layer, q[picked[0] * rows:(picked[0] + 1) * rows]))
+            self._pending_values += values
             return
         # Several entries of the branch in this batch (ConditioningCombine), or a masked one: at once.
         q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
-        per_entry = prepared_token_softmax_maps(q_rows, keys, grid).unflatten(0, (len(picked), rows)).unbind(0)
+        per_entry = _resampled(prepared_token_softmax_maps(q_rows, keys, grid), target)
         maps = None
-        for weight, entry_maps in zip(weights, per_entry):
+        for weight, entry_maps in zip(weights, per_entry.unflatten(0, (len(picked), rows)).unbind(0)):
             weighted = entry_maps if _is_one(weight) else weight * entry_maps
             maps = weighted if maps is None else maps + weighted
         self.recorder.add(stage, maps, layer, sum(weights[1:], weights[0]), guided)
@@ -89,15 +96,15 @@ class BranchCapture:
         """Record the layers :meth:`observe` left waiting; the session calls it when each U-Net pass ends."""
         if not self._pending:
             return
-        (stage, grid, *_, weight, guided), pending = self._pending_batch, self._pending
-        self._pending, self._pending_batch = [], None
+        (stage, grid, target, *_, weight, guided), pending = self._pending_batch, self._pending
+        self.discard()
         layers = [layer for layer, _ in pending]
-        maps = summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid)
+        maps = _resampled(summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid), target)
         self.recorder.add_layers(stage, maps if _is_one(weight) else weight * maps, layers, weight, guided)
 
     def discard(self) -> None:
         """Drop the waiting layers, of a U-Net pass that failed (and with them its graph)."""
-        self._pending, self._pending_batch = [], None
+        self._pending, self._pending_batch, self._pending_values = [], None, 0
 
     def forget_keys(self) -> None:
         """Make the attribution keys again at their next use: the model's weights changed (a hook group's)."""
@@ -106,10 +113,12 @@ class BranchCapture:
         self._stacked.clear()
 
     def _layer_constants(self, layer, q, grid, heads):
-        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`prepare_keys`, and its stage: made once.
+        """A layer's attribution keys K′ = to_k(X′), prepared by :func:`prepare_keys`, its stage and the stage's
+        grid: made once.
 
         The keys are made outside inference mode, so a guided pass can save them for its backward as they are. The
-        stage is looked up per grid: nodes such as Deep Shrink change a layer's grid between steps.
+        stage is looked up per grid: nodes such as Deep Shrink change a layer's grid between steps, to one that no
+        U-Net level makes when its factor is not 2; such maps are resampled to their stage's grid.
         """
         keys = self._keys.get(layer)
         if keys is None or keys.device != q.device:
@@ -119,11 +128,11 @@ class BranchCapture:
                     self.embeddings = self.embeddings.to(device=q.device, dtype=q.dtype)
                 keys = prepare_keys(self.layers[layer].to_k(self.embeddings), heads)
             self._keys[layer] = keys
-        stage = self._stages.get((layer, grid))
-        if stage is None:
-            stage = self._stages[(layer, grid)] = stage_of(layer[:2], self.latent_shape[-2:], grid,
-                                                            self.built_stages.get(layer))
-        return keys, stage
+        named = self._stages.get((layer, grid))
+        if named is None:
+            stage = stage_of(layer[:2], self.latent_shape[-2:], grid, self.built_stages.get(layer))
+            named = self._stages[(layer, grid)] = stage, stage_grid(stage, self.latent_shape[-2:])
+        return keys, *named
 
     def _stacked_keys(self, layers: list) -> torch.Tensor:
         """Layers' keys concatenated along the heads, for :func:`summed_token_softmax_maps`: made once per run."""
@@ -189,6 +198,13 @@ def _default_entry_weights(conds, x_in, timestep) -> dict:
         remaining = torch.relu(left)[:, 0]  # [B, H, W]: every channel of a weight is the same
         weights.update({entry["uuid"]: (remaining, 1.0) for entry in defaults})
     return weights
+
+
+def _resampled(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, N, h, w]`` maps at ``grid``: bilinearly, as OVAM brings stages to one grid, where they run at another."""
+    if tuple(maps.shape[-2:]) == tuple(grid):
+        return maps
+    return F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False)
 
 
 def _is_one(weight) -> bool:

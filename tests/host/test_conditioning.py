@@ -78,6 +78,32 @@ def test_deep_shrink_moving_layers_to_another_stage_on_some_steps_leaves_a_measu
     assert set(trace.block_ious("gender", "doctor")) == set(trace.maps)
 
 
+@pytest.mark.parametrize("build, latent, block, factor", [
+    ("tiny_sd15", (32, 32), 1, 1.5),  # input block 3 at 11×11 on shrunk steps, 16×16 (down×½) on the others
+    ("skeleton_sd15", (48, 40), 3, 3.0),  # input blocks 4–5 at 8×7 and 7–8 at 4×4 on shrunk steps: both nearest ⅛
+])
+def test_deep_shrink_by_a_factor_other_than_two_records_each_stage_at_its_own_grid(comfy, build, latent, block,
+                                                                                     factor):
+    import comfy_models
+    import nodes
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    from biasmap_engine.stages import stage_grid
+
+    with torch.inference_mode():
+        model, clip = getattr(comfy_models, build)(0)
+        pos, neg = comfy_models.paper_prompts(clip)
+        shrunk = PatchModelAddDownscale.execute(model, block, factor, 0.0, 0.35, True, "bicubic", "bicubic")[0]
+        lat = {"samples": torch.zeros(1, 4, *latent)}
+        (stock,) = nodes.common_ksampler(shrunk, 0, 3, 7.0, "euler", "normal", pos, neg, lat)
+        session = start_session(shrunk, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))
+        out, trace = sample_with_scheduler(session, shrunk, 0, 3, 7.0, "euler", "normal", pos, neg, lat)
+    assert torch.equal(out["samples"], stock["samples"])
+    # Grids no U-Net level makes are resampled to their stage's, so a stage keeps one shape over layers and steps.
+    assert all(tuple(maps.shape[-2:]) == stage_grid(stage, latent) for stage, maps in trace.maps.items())
+    assert trace.iou("gender", "doctor").isfinite().all()
+
+
 @pytest.mark.parametrize("memory", ["ample", "short"])
 def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch,
                                                                                 kernel_slack):

@@ -251,6 +251,26 @@ def test_the_layers_of_a_stage_share_one_attribution_product_per_evaluation(sd15
     assert len(products) == len(trace.stages) * trace.sigmas.numel()
 
 
+def test_a_stage_too_large_for_one_product_is_computed_in_parts_with_the_same_maps(sd15, prompts, monkeypatch):
+    from biasmap_engine.host import capture
+
+    model, clip = sd15
+    _, _, whole = run(model, clip, prompts, steps=1)
+    products = []
+
+    def counted(qs, keys, grid):
+        products.append(len(qs))
+        return summed(qs, keys, grid)
+
+    summed = capture.summed_token_softmax_maps
+    monkeypatch.setattr(capture, "summed_token_softmax_maps", counted)
+    monkeypatch.setattr(capture, "_PRODUCT_VALUES", 1)  # every layer's product alone exceeds it
+    _, _, parts = run(model, clip, prompts, steps=1)
+    assert products == [1] * 6  # the tiny U-Net's six layers, one product each
+    for stage, maps in whole.maps.items():
+        torch.testing.assert_close(parts.maps[stage], maps, rtol=1e-6, atol=1e-7)
+
+
 def test_an_ovam_concept_matches_its_ordinary_cross_attention_map_on_the_same_tokens(sd15):
     model, clip = sd15
     with torch.inference_mode():
