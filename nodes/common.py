@@ -194,10 +194,14 @@ def mask_size(trace, resolution: str) -> tuple[int, int]:
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
 _TEXT_INPUT = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g", "PrimitiveString": "value",
                "PrimitiveStringMultiline": "value"}
-_PASSED_ON = {"ConditioningSetArea": ("conditioning",), "ConditioningSetAreaPercentage": ("conditioning",),
-              "ConditioningSetMask": ("conditioning",), "ConditioningSetTimestepRange": ("conditioning",),
-              "ControlNetApply": ("conditioning",), "ControlNetApplyAdvanced": ("positive", "negative"),
-              "InpaintModelConditioning": ("positive", "negative")}
+_PASSED_ON = {
+    **dict.fromkeys(("ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
+                     "ConditioningSetMask", "ConditioningSetTimestepRange", "ControlNetApply", "StyleModelApply",
+                     "unCLIPConditioning"), ("conditioning",)),
+    "GLIGENTextBoxApply": ("conditioning_to",),
+    "ControlNetApplyAdvanced": ("positive", "negative"),
+    "InpaintModelConditioning": ("positive", "negative"),
+}
 
 
 def generation_prompt(prompt: dict | None, node_id, input_name: str = "positive") -> str:

@@ -189,7 +189,8 @@ def test_the_generation_prompt_is_read_from_the_graph_where_it_is_typed_text(pac
 
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["7", 0], "negative": ["7", 1]}},
              "7": {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["5", 0], "negative": ["6", 0]}},
-             "5": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["4", 0]}},
+             "5": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["10", 0]}},
+             "10": {"class_type": "GLIGENTextBoxApply", "inputs": {"conditioning_to": ["4", 0], "text": "a tie"}},
              "4": {"class_type": "CLIPTextEncode", "inputs": {"text": ["9", 0], "clip": ["1", 1]}},
              "9": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a photo of a doctor"}},
              "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}}}
