@@ -5,7 +5,8 @@ The rows of the recorded branch are picked from the CFG batch; each conditioning
 ComfyUI weighs its noise prediction (``get_area_and_mult``: strength, and per pixel its mask; a default entry of Cond
 Set Default Combine: what the other entries leave, as ``finalize_default_conds``); entries on a crop of the latent
 (area conditioning) are left out. The weighted maps go to a :class:`TraceRecorder`, which divides by the
-total weight when the evaluation closes.
+total weight when the evaluation closes. A stage's layers of one entry are computed together when the stage (or the
+U-Net pass) ends, in one product: a GPU at SD sizes is bound by kernel launches.
 """
 
 import torch
@@ -40,7 +41,7 @@ class BranchCapture:
         self._pending: list = []  # (layer, recorded rows' queries) waiting for flush, all of _pending_batch
         self._pending_batch: tuple | None = None  # what they share: stage, grids, shapes, entry, weight, guided
         self._pending_values = 0  # values of their product
-        self._stages: dict = {}  # (layer, grid) → stage id
+        self._stages: dict = {}  # (layer, grid) → (stage id, the stage's grid)
         self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
         self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
 
