@@ -37,15 +37,19 @@ def trace(pack, sd15, prompts):
                                                   attribution_prompt="A photo of a doctor, a nurse and gender",
                                                   semantic="doctor, nurse",
                                                   latent_image={"samples": torch.zeros(2, 4, 32, 32)})
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["6", 0], "negative": ["7", 0]}},
+             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "A photo of the face of a doctor"}},
+             "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry"}}}
     with torch.inference_mode():
-        return BiasMapGuidedKSampler.execute(**args).result[1]
+        return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result[1]
 
 
-def as_comfy_runs(node, prompt=None):
+def as_comfy_runs(node, prompt=None, node_id=None):
     """The class clone ComfyUI's executor makes, with the hidden inputs an output node gets."""
     from comfy_api.latest import io
 
-    return node.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.prompt: prompt, io.Hidden.extra_pnginfo: None}})
+    return node.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.prompt: prompt, io.Hidden.extra_pnginfo: None,
+                                                       io.Hidden.unique_id: node_id}})
 
 
 def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
@@ -54,7 +58,8 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
     made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
                     "add_noise": True, "batch_index": None,
-                    "attribution_prompt": "A photo of a doctor, a nurse and gender"}
+                    "attribution_prompt": "A photo of a doctor, a nurse and gender",
+                    "generation_prompt": "A photo of the face of a doctor"}  # from the graph ComfyUI runs
     assert trace.run["prompt_id"] == ""  # run outside ComfyUI's executor; the server test sees a real one
     assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(trace.run["time"])).total_seconds()) < 600
 
