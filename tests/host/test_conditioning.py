@@ -104,6 +104,19 @@ def test_deep_shrink_by_a_factor_other_than_two_records_each_stage_at_its_own_gr
     assert trace.iou("gender", "doctor").isfinite().all()
 
 
+@pytest.mark.parametrize("stages", [None, ("down_2",)])
+def test_guidance_under_deep_shrink_by_one_and_a_half_applies_at_every_step(sd15, prompts, stages):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    model, clip = sd15
+    with torch.inference_mode():
+        shrunk = PatchModelAddDownscale.execute(model, 1, 1.5, 0.0, 0.35, True, "bicubic", "bicubic")[0]
+    settings = {} if stages is None else {"guided_stages": stages}
+    out, trace = guided_sample(shrunk, clip, *prompts, 100.0, steps=4, **settings)[:2]
+    assert out.isfinite().all() and trace.guidance_counts()["applied"] == 4 and not trace.notes
+    assert trace.guidance["energy"].isfinite().all()
+
+
 @pytest.mark.parametrize("memory", ["ample", "short"])
 def test_a_negative_combined_with_itself_records_the_maps_of_the_negative_alone(sd15, prompts, memory, monkeypatch,
                                                                                 kernel_slack):
