@@ -46,15 +46,16 @@ def assert_same_maps(trace, expected, evaluations=slice(None), slack=1.0):
                                    atol=1e-6 * slack)
 
 
-def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_between_steps(comfy, kernel_slack):
+@pytest.mark.parametrize("factor", [2.0, 1.5])  # 1.5: grids no level makes, resampled to their stage's
+def test_combined_entries_stay_averaged_when_deep_shrink_changes_the_grids_between_steps(comfy, kernel_slack, factor):
     import comfy_models
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sdxl(0)
-        # Kohya Deep Shrink: from input block 2 on, the U-Net runs at half the size for the first half of the steps,
+        # Kohya Deep Shrink: from input block 2 on, the U-Net runs at a smaller size for the first half of the steps,
         # so a stage's layers differ between steps.
-        shrunk = PatchModelAddDownscale.execute(model, 2, 2.0, 0.0, 0.5, True, "bicubic", "bicubic")[0]
+        shrunk = PatchModelAddDownscale.execute(model, 2, factor, 0.0, 0.5, True, "bicubic", "bicubic")[0]
     pos, neg = encode(clip, "A photo of the face of a doctor"), encode(clip, "blurry")
     _, alone = sample(shrunk, clip, pos, neg, steps=4)
     _, doubled = sample(shrunk, clip, pos, combine(neg, neg), steps=4)
