@@ -33,7 +33,10 @@ class EntanglementResult:
         h, w = self.masks[0].shape[-2:]
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
-                 _run_line(trace), f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}"]
+                 _run_line(trace)]
+        if trace.run.get("generation_prompt"):  # read from the graph where it is typed text
+            lines.append(f"prompt: {trace.run['generation_prompt']}")
+        lines.append(f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}")
         batch_index = trace.run.get("batch_index")  # the seed's noises the images got, when not 0, 1, …
         for i, value in enumerate(self.ious.tolist()):
             blocks = ", ".join(f"{stage_label(s)} {_figure(v[i], 3)}" for s, v in self.block_ious.items())

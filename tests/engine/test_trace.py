@@ -280,10 +280,14 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     lines = result.report.splitlines()
     assert lines[0].startswith("BiasMap entanglement of 'gender' and 'doctor' (top 30 % masks at 16×24, SD15)")
     assert lines[1] == "run: seed 7 · euler/normal · 3 steps · cfg 7 · λ 100 · guided stages all"
+    assert lines[2].startswith("mIoU")  # no generation prompt kept: no line for it
     assert any(line.startswith("image 1: IoU") and "down×½" in line for line in lines)
     assert "tokens of 'doctor': doctor</w>" in result.report
     assert "applied 2/6" in result.report and "skipped gate 2/6" in result.report
     assert "note: test" in result.report
+    trace.run["generation_prompt"] = "A photo of the face of a doctor"
+    prompted = measure_entanglement(trace, "gender", "doctor").report.splitlines()
+    assert prompted[2] == "prompt: A photo of the face of a doctor" and prompted[3].startswith("mIoU")
     trace.run, trace.settings = {}, {}  # a trace saved before runs were kept
     assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == "run: not recorded in this trace"
 
