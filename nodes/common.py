@@ -83,7 +83,10 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
-    words = prompt_text_words(attribution_prompt)
+    try:
+        words = prompt_text_words(attribution_prompt)
+    except ValueError as err:
+        return str(err)
     ideograph_words = prompt_text_words(attribution_prompt, split_ideographs=True)
     shown = ", ".join(sorted({w for w in words if any(ch.isalnum() for ch in w)}))
     if not shown:

@@ -87,6 +87,10 @@ def prompt_text_words(text: str, split_ideographs: bool = False) -> list[str]:
         first, *embedded = re.split(" embedding:|\nembedding:", unescape_important(segment))
         for part in [first, *(_EMBEDDING_PREFIX + e for e in embedded)]:
             if part.startswith(_EMBEDDING_PREFIX):  # the name runs to the first whitespace; the rest is text again
-                part = (part[len(_EMBEDDING_PREFIX):].split(None, 1) + [""])[1]
+                name_and_rest = part[len(_EMBEDDING_PREFIX):].split(None, 1)
+                if not name_and_rest:  # ComfyUI's tokenizer fails on it with a bare IndexError
+                    raise ValueError("the attribution prompt has 'embedding:' with no name after it: write the "
+                                     "embedding's file name after it, or remove it")
+                part = (name_and_rest + [""])[1]
             words += clip_words(part, split_ideographs=split_ideographs)
     return words
