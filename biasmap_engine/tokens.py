@@ -173,6 +173,5 @@ def require_distinct_concepts(demographic: list[str], semantic: list[str], posit
     for a in demographic:
         for b in semantic:
             if set(positions[a]) & set(positions[b]):
-                raise ValueError(f"the demographic concept '{a}' and the semantic concept '{b}' share tokens of the "
-                                 f"attribution prompt, and a concept's overlap with itself is 1 whatever the image: "
-                                 f"give them words that do not overlap")
+                raise ValueError(f"'{a}' and '{b}' share tokens of the attribution prompt, and a concept's overlap "
+                                 f"with itself is 1 whatever the image: compare two words that do not overlap")

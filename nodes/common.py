@@ -6,7 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
+from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, require_distinct_concepts, split_concepts
 from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")
@@ -46,7 +46,8 @@ def guidance_inputs() -> list:
                        tooltip="paper: the reference's row-wise 20-step Sinkhorn. exact: one converged global "
                                "soft top-k per map with an implicit gradient."),
         io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
-                       tooltip="Quantile of the masks: the energy's soft top-k keeps the top 1 − q (paper 0.70)."),
+                       tooltip="Quantile of the masks: the energy's soft top-k keeps the top 1 − q (paper 0.70). At least 0.01, "
+                               "since a soft top-k that keeps every pixel has no gradient."),
         io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, round=0.0001, extra_dict=ADVANCED,
                        tooltip="Entropic regulariser γ of the soft top-k (paper 0.01)."),
         io.Combo.Input("gate", options=["skip", "clip"], default="skip", extra_dict=ADVANCED,
@@ -247,9 +248,7 @@ def require_single(fix: str, **inputs) -> None:
 
 def check_pair(trace, word_a: str, word_b: str) -> None:
     """Two distinct concepts to compare: a concept's overlap with itself is 1 whatever the image."""
-    if set(trace.positions(word_a)) & set(trace.positions(word_b)):
-        raise ValueError(f"'{word_a}' and '{word_b}' share tokens of the attribution prompt, and a concept's overlap "
-                         f"with itself is 1 whatever the image: compare two different words")
+    require_distinct_concepts([word_a], [word_b], {word_a: trace.positions(word_a), word_b: trace.positions(word_b)})
 
 
 def output_path(name: str, what: str, example: str) -> str:

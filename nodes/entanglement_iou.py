@@ -3,8 +3,8 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import (CATEGORY, Trace, check_images, check_pair, check_single, mask_size, plain_errors, require_single,
-                     step_inputs, step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_pair, check_single, mask_size, plain_errors,
+                     require_single, step_inputs, step_window)
 
 _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
 
@@ -27,9 +27,9 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                                 tooltip="First word (demographic); empty = the trace's first demographic concept."),
                 io.String.Input("concept_b", default="",
                                 tooltip="Second word (semantic); empty = the trace's first semantic concept."),
-                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01,
+                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
                                tooltip="Masks keep pixels above this quantile (paper: 0.70, the top 30 %)."),
-                io.Combo.Input("resolution", options=["image", "latent"], default="image",
+                io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),
                 io.Image.Input("image", optional=True, tooltip="Decoded image to draw the masks over."),
                 *step_inputs(),
