@@ -94,6 +94,7 @@ def concept_map(maps: torch.Tensor, positions: list[int]) -> torch.Tensor:
     if not positions:
         raise ValueError("a concept needs at least one token position")
     first, last = positions[0], positions[-1]
-    if positions == list(range(first, last + 1)):  # one word's pieces: a slice needs no index tensor on the device
+    if positions == list(range(first, last + 1)):  # one word's pieces
         return maps[..., first:last + 1, :, :].mean(dim=-3)
-    return maps[..., positions, :, :].mean(dim=-3)
+    # Selected one by one: an index list would be copied from the host, a wait for the device on a GPU.
+    return torch.stack([maps[..., p, :, :] for p in positions], dim=-3).mean(dim=-3)

@@ -78,7 +78,8 @@ class _RowSinkhorn(torch.autograd.Function):
         t0, t1, shift = _anchor_scores(x, gamma)
         d = logit + shift + torch.logsumexp(t0, -1, keepdim=True) - torch.logsumexp(t1, -1, keepdim=True)
         ds = [d]
-        both, signs = torch.stack([a, -a]), torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(2, 1, 1)
+        both, signs = torch.stack([a, -a]), x.new_ones(2, 1, 1)
+        signs[1:].fill_(-1.0)  # on the device: a tensor of Python numbers would be a blocking copy from the host
         tiny = torch.finfo(x.dtype).tiny
         for _ in range(iters - 1):
             # log Σ σ(z) and log Σ σ(−z), z = a + d, in one batch of both signs.

@@ -85,7 +85,7 @@ class BranchCapture:
             self._pending_values += values
             return
         # Several entries of the branch in this batch (ConditioningCombine), or a masked one: at once.
-        q_rows = q.unflatten(0, (len(chunks), rows))[picked].flatten(0, 1)
+        q_rows = torch.cat([q[i * rows:(i + 1) * rows] for i in picked])  # slices: a list index copies from the host
         per_entry = _resampled(prepared_token_softmax_maps(q_rows, keys, grid), target)
         maps = None
         for weight, entry_maps in zip(weights, per_entry.unflatten(0, (len(picked), rows)).unbind(0)):

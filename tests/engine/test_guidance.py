@@ -99,3 +99,25 @@ def test_a_float64_denoised_keeps_its_precision_and_a_gated_step_leaves_it_exact
     assert out.dtype == torch.float64 and status.tolist() == [STATUS["applied"], STATUS["skipped_gate"]]
     assert torch.equal(out[1], denoised[1])
     assert torch.equal(out[0], denoised[0] - 1e-6 * 0.25 * grad[0])
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("demographic", [[8], [8, 10]], ids=["one word", "a word typed twice"])
+def test_a_guided_evaluation_makes_no_host_round_trip_on_any_device(mode, demographic):
+    """What tests/engine/test_cuda.py checks with CUDA's sync debug mode, seen by operator on the CPU too."""
+    from host_round_trips import HostRoundTrips
+
+    from biasmap_engine import TraceRecorder, prepare_keys, prepared_token_softmax_maps
+
+    q = torch.randn(2, 16 * 16, 64, requires_grad=True)
+    keys = prepare_keys(torch.randn(1, 12, 64), 4)  # once per run, before the steps
+    denoised, sigma = torch.randn(2, 4, 16, 16), torch.full((2,), 3.0)
+    recorder = TraceRecorder()
+    with HostRoundTrips() as spy:
+        recorder.begin(sigma[0], torch.zeros((), dtype=torch.long))
+        recorder.add("down_1", prepared_token_softmax_maps(q, keys, (16, 16)))
+        energy = entanglement_energy(recorder.current()["down_1"], [(demographic, [6])], mode=mode)
+        (grad_q,) = torch.autograd.grad(energy.sum(), q)
+        out, norm, status = guidance_step(denoised, grad_q[:, :, :4].reshape(2, 4, 16, 16), sigma, 100.0)
+        recorder.end(energy=energy, grad_norm=norm, status=status)
+    assert spy.found == []

@@ -12,8 +12,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 SKIP_REASON = ("HOST TESTS SKIPPED: COMFYUI_PATH is not set; point it at a ComfyUI v0.8.0 checkout "
                "(see README, 'Pointing the tests at a ComfyUI checkout') to run them")
 
-sys.path.insert(0, str(REPO / "tests" / "support"))
-import comfy_models  # noqa: E402  (before ComfyUI is on sys.path: its own `tests` package would shadow ours)
+import comfy_models  # from tests/support (tests/conftest.py), before ComfyUI's own `tests` package could shadow it
 
 
 def pytest_report_header(config):

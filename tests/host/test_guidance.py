@@ -562,6 +562,31 @@ def test_a_guided_evaluation_takes_its_gradient_on_its_own_unet_passes(sd15, pro
     assert batches == per_evaluation * 2 and trace.guidance_counts()["applied"] == 2
 
 
+@pytest.mark.parametrize("entries", ["one entry", "masked and combined"])
+@pytest.mark.parametrize("scale", [0.0, 100.0], ids=["recording", "guided"])
+@pytest.mark.parametrize("batched", [False, True], ids=["CPU passes", "one CFG batch (GPU)"])
+def test_sampling_steps_make_no_host_round_trip_of_biasmaps_own(sd15, prompts, entries, scale, batched, request):
+    # A GPU waits for each; tests/engine/test_cuda.py checks the engine on CUDA, this the whole step loop anywhere.
+    import nodes
+    from host_round_trips import HostRoundTrips
+
+    if batched:
+        request.getfixturevalue("gpu_batching")
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        if entries != "one entry":  # the maps' branch in two weighted entries of one batch
+            mask = torch.zeros(1, 32, 32)
+            mask[:, :, :16] = 1
+            neg = nodes.ConditioningCombine().combine(nodes.ConditioningSetMask().append(neg, mask, "default", 1.0)[0],
+                                                      neg)[0]
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=scale))
+        with HostRoundTrips() as spy:
+            sample_with_scheduler(session, model, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                  {"samples": torch.zeros(1, 4, 32, 32)})
+    assert spy.found == []
+
+
 @pytest.mark.parametrize("kind", ["error", "interrupt"])
 def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(sd15, prompts, kind):
     import comfy.model_management as mm
