@@ -153,7 +153,7 @@ class _SigmoidWithSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, k):
-        shift = _solve_shift(logits.detach().double(), k)
+        shift = _solve_shift(logits.detach().to(_solve_dtype(logits.device)), k)
         s = torch.sigmoid(logits + shift.to(logits.dtype))
         ctx.save_for_backward(s)
         return s
@@ -167,8 +167,14 @@ class _SigmoidWithSum(torch.autograd.Function):
         return slope * (grad_out - mean), None
 
 
+def _solve_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the exact mode's solve, except on Apple's MPS, which has none (float32 converges there too)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
-    """The c with Σ σ(a + c) = k: grid search in float64 on a bracket that provably contains it, then Newton.
+    """The c with Σ σ(a + c) = k: grid search (in float64 where the device has it) on a bracket that provably
+    contains it, then Newton.
 
     Each round evaluates the sum at 64 shifts at once and keeps the cell where it crosses k, shrinking the bracket
     64-fold; Newton steps from inside the final cell then converge quadratically. Fixed counts: no host
@@ -180,6 +186,7 @@ def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
     lo = target - logits.amax(-1, keepdim=True)
     hi = target - logits.amin(-1, keepdim=True)
     steps = torch.linspace(0.0, 1.0, _GRID + 1, dtype=logits.dtype, device=logits.device)
+    tiny = torch.finfo(logits.dtype).tiny
     for _ in range(_ROUNDS):
         shifts = lo + (hi - lo) * steps  # [..., GRID + 1]
         sums = torch.sigmoid(logits.unsqueeze(-2) + shifts.unsqueeze(-1)).sum(-1)  # [..., GRID + 1]
@@ -188,7 +195,7 @@ def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
     shift = 0.5 * (lo + hi)
     for _ in range(_NEWTON):
         s = torch.sigmoid(logits + shift)
-        step = (s.sum(-1, keepdim=True) - k) / (s * (1 - s)).sum(-1, keepdim=True).clamp_min(1e-300)
+        step = (s.sum(-1, keepdim=True) - k) / (s * (1 - s)).sum(-1, keepdim=True).clamp_min(tiny)
         shift = (shift - step).clamp(lo, hi)
     return shift
 
