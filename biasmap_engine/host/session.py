@@ -63,6 +63,10 @@ _KEY = "biasmap"
 _OUTER_KEY = "biasmap-outermost"
 _COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and in cond_or_uncond
 _NAMES = {_COND: "positive", _UNCOND: "negative"}
+# The energy's backward through an fp16 U-Net is scaled by this power of two (exact to undo), as mixed-precision
+# training scales its loss: fp16 flushes gradients below 6e-8 to zero, and those of E ≤ 1 spread over a U-Net's
+# activations come close (measured on the tiny test model: a gradient 10⁴ times smaller came out all zero).
+_HALF_LOSS_SCALE = 2.0 ** 10
 
 
 class BiasMapSession:
@@ -74,6 +78,8 @@ class BiasMapSession:
         if settings.guiding:
             require_guidable(model_patcher)
         self.family = model_family(model_patcher)
+        computes_in = model_patcher.model.manual_cast_dtype or model_patcher.model.get_dtype()
+        self._loss_scale = _HALF_LOSS_SCALE if computes_in == torch.float16 else 1.0
         width = next(iter(self.layers.values())).to_k.in_features
         if attribution_embeddings.shape[-1] != width:
             raise ValueError(f"the CLIP gives {attribution_embeddings.shape[-1]}-wide embeddings but this "
@@ -407,8 +413,8 @@ class BiasMapSession:
             raise RuntimeError("BiasMap guidance found no gradient path from the latent to the cross-attention queries: "
                                "a layer in this model computes them outside autograd (a custom quantized or compiled "
                                "kernel). Load the model without it, or set the guidance scale to 0 to record maps only")
-        (grad,) = torch.autograd.grad(energy.sum(), x_leaf)
-        return grad, energy.detach()
+        (grad,) = torch.autograd.grad(energy.sum() * self._loss_scale, x_leaf)
+        return grad / self._loss_scale, energy.detach()
 
     def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):
         """The guided evaluation of a maps' branch whose entries carry different hooks, with the exact gradient.
@@ -436,7 +442,7 @@ class BiasMapSession:
             if not shares:  # none of the group's entries ran over the whole latent at this step
                 return torch.zeros_like(x_leaf)
             slope = sum((slopes[s] * m).sum() for s, m in shares.items())
-            return torch.autograd.grad(slope, x_leaf)[0]
+            return torch.autograd.grad(slope * self._loss_scale, x_leaf)[0] / self._loss_scale
 
         grad, recorder = torch.zeros_like(x), self.capture.recorder
         try:

@@ -449,6 +449,35 @@ def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
     torch.testing.assert_close(energies[torch.bfloat16], energies[torch.float32], rtol=2e-2, atol=0)
 
 
+@pytest.mark.parametrize("hook_groups", [False, True], ids=["one pass", "a pass per hook group"])
+def test_an_fp16_models_backward_keeps_gradients_fp16_alone_would_flush_to_zero(comfy, monkeypatch, hook_groups):
+    # Energies 10⁴ times smaller stand in for the smaller per-pixel gradients of a full-size model.
+    import comfy.hooks
+    import comfy_models
+    import nodes
+
+    import biasmap_engine.host.session as session
+
+    energy = session.entanglement_energy
+    monkeypatch.setattr(session, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e-4)
+    norms = {}
+    for dtype in (torch.float32, torch.float16):
+        with torch.inference_mode():
+            model, clip = comfy_models.tiny_sd15(0, dtype=dtype)
+            pos, neg = comfy_models.paper_prompts(clip)
+            if hook_groups:  # the maps' branch in two hook groups: one backward for each (_run_hook_groups)
+                weights = {k: v * 1.02 for k, v in model.model.state_dict().items()
+                           if k.startswith("diffusion_model.") and "attn2.to_k" in k}
+                hooked = comfy.hooks.set_hooks_for_conditioning(
+                    pos, comfy.hooks.create_hook_model_as_lora(weights, None, 1.0, 0.0))
+                pos = nodes.ConditioningCombine().combine(hooked, pos)[0]
+        _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=1, branch="cond")
+        assert any("each group's entries once more" in note for note in trace.notes) == hook_groups
+        norms[dtype] = trace.guidance["grad_norm"][0]
+    assert norms[torch.float32] > 0
+    torch.testing.assert_close(norms[torch.float16], norms[torch.float32], rtol=2e-2, atol=0)
+
+
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch,
                                                                                          gpu_batching):
     model, clip = sd15
