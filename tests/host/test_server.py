@@ -251,3 +251,17 @@ def test_a_concept_missing_from_the_attribution_prompt_is_rejected_before_runnin
     sampler = next(i for i, node in api.items() if node["class_type"] == "BiasMapGuidedKSamplerAdvanced")
     assert sampler in answer.get("node_errors", {}), json.dumps(answer, indent=1)
     assert "race" in json.dumps(answer["node_errors"][sampler]), json.dumps(answer, indent=1)
+
+
+def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampler(server):
+    # Researchers change the concepts on the sampler; the nodes after it read them from the trace.
+    api = _convert(server, "biasmap_audit_advanced.json")
+    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    workflow_api.override(api, "BasicScheduler", steps=1)
+    workflow_api.override(api, "BiasMapGuidedKSamplerAdvanced", semantic="nurse",
+                          attribution_prompt="A photo of the face of a nurse and gender")
+    entry = _run_prompt(server, api)
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    iou = next(i for i, node in api.items() if node["class_type"] == "BiasMapEntanglementIoU")
+    assert "nurse" in entry["outputs"][iou]["text"][0]
