@@ -60,15 +60,16 @@ def _noise_index(trace: BiasMapTrace, image: int) -> int:
     return batch_index[image] if batch_index else image
 
 
-def append_csv(path: str, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new.
+def append_csv(path: str, rows: list[dict]) -> list[dict]:
+    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
+    file started before the latest columns takes them without those).
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
     rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI
     instances sharing an output folder (one per GPU) append whole rows under one header.
     """
     if not rows:
-        return
+        return rows
     columns = list(rows[0])
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a+b") as f, _locked(f):
@@ -101,6 +102,7 @@ def append_csv(path: str, rows: list[dict]) -> None:
             if f.read(1) not in (b"\n", b"\r"):  # a file saved again without its last line break
                 data = b"\r\n" + data
         f.write(data)  # one write, at the end (append mode)
+    return rows
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -69,10 +69,17 @@ class BiasMapAuditLog(io.ComfyNode):
         for a, b in pairs:
             check_pair(trace, a, b)
         rows = audit_rows(trace, q, pairs, size, label)
-        append_csv(path, rows)
-        text = csv_text(rows)
-        logging.info("BiasMap: %d audit row(s) appended to %s", len(rows), path)
-        return io.NodeOutput(text, ui=ui.PreviewText(f"{len(rows)} row(s) appended to {path}\n{text}"))
+        written = append_csv(path, rows)
+        text = csv_text(written)
+        message = f"{len(rows)} row(s) appended to {path}"
+        left_out = [c for c in rows[0] if c not in written[0]]
+        if left_out:  # the output shows what the file holds, and why a column is missing from it
+            message += (f"\nwithout the column(s) {', '.join(left_out)}: the file was started before BiasMap wrote "
+                        f"them; give the audit a new file name to have them")
+            logging.warning("BiasMap: %s", message)
+        else:
+            logging.info("BiasMap: %s", message)
+        return io.NodeOutput(text, ui=ui.PreviewText(f"{message}\n{text}"))
 
 
 def _csv_path(filename: str) -> str:

@@ -224,10 +224,10 @@ def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_h
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
     append_csv(str(path), old)
-    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="after the update"))
+    written = append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="after the update"))
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(old[0]) and [r["label"] for r in rows] == [""] * 4 + ["after the update"] * 4
+    assert list(rows[0]) == list(old[0]) == list(written[0]) and [r["label"] for r in rows] == [""] * 4 + ["after the update"] * 4
     other = [{**row, "extra": 1} for row in old]  # any other difference is still refused, and named
     with pytest.raises(ValueError, match="only the file has: nothing; only the trace has: extra"):
         append_csv(str(path), other)

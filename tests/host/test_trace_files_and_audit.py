@@ -168,6 +168,21 @@ def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, f
     assert first.splitlines()[0].startswith("label,prompt_id,time,seed,steps")
 
 
+def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
+                                                                                          caplog):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    from biasmap_engine import append_csv, audit_rows
+
+    path = folders / "out" / "biasmap" / "audit.csv"
+    append_csv(str(path), [{k: v for k, v in row.items() if k != "generation_prompt"} for row in audit_rows(trace)])
+    out = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f))
+    assert out.result[0].splitlines()[0].split(",") == header and "generation_prompt" not in header
+    assert "without the column(s) generation_prompt" in caplog.text and "give the audit a new file name" in caplog.text
+
+
 def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(pack, folders, trace):
     from biasmap_pack.nodes import BiasMapAuditLog
 
