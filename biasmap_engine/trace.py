@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .guidance import STATUS
 from .masks import hard_mask, iou
@@ -139,8 +140,12 @@ class BiasMapTrace:
         meta = {"format": FORMAT, "version": VERSION, "tokens": self.tokens, "latent_shape": self.latent_shape,
                 "demographic": self.demographic, "semantic": self.semantic, "model_family": self.model_family,
                 "settings": self.settings, "notes": self.notes, "run": self.run}
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, path,
-                  metadata={**(metadata or {}), FORMAT: json.dumps(meta)})
+        data = safetensors_bytes({k: v.detach().cpu() for k, v in tensors.items()},
+                                 metadata={**(metadata or {}), FORMAT: json.dumps(meta)})
+        # Written as an ordinary file (safetensors' own writer makes it readable by its owner alone), into the file
+        # at ``path`` if there is one (Save Trace creates it first to claim the name).
+        with open(path, "wb") as f:
+            f.write(data)
 
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":

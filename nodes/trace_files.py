@@ -52,7 +52,7 @@ class BiasMapSaveTrace(io.ComfyNode):
         output_path(filename_prefix, "trace", f"{SAVED}/trace")  # ComfyUI's own refusal speaks of an image
         output_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
-        file = f"{name}_{counter:05}_{EXTENSION}"
+        file = _claim(folder, name, counter)
         metadata = {}
         if not args.disable_metadata:  # as ComfyUI's savers: the workflow that made it, unless turned off
             if cls.hidden.prompt is not None:
@@ -63,6 +63,18 @@ class BiasMapSaveTrace(io.ComfyNode):
         shown = "/".join(p for p in (subfolder, file) if p)
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(ui=ui.PreviewText(f"saved {shown} [output]"))
+
+
+def _claim(folder: str, name: str, counter: int) -> str:
+    """The first free ``name_NNNNN_.safetensors`` from ``counter`` on, created empty to claim it: ComfyUI instances
+    sharing an output folder (one per GPU) see the same files and so get the same counter."""
+    while True:
+        file = f"{name}_{counter:05}_{EXTENSION}"
+        try:
+            with open(os.path.join(folder, file), "xb"):
+                return file
+        except FileExistsError:
+            counter += 1
 
 
 class BiasMapLoadTrace(io.ComfyNode):

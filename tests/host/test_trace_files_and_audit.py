@@ -88,6 +88,25 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
         assert torch.equal(loaded.iou("gender", "doctor"), trace.iou("gender", "doctor"))
 
 
+def test_save_trace_never_overwrites_a_file_another_comfyui_saved_under_the_counter_it_was_given(pack, folders, trace,
+                                                                                                 monkeypatch):
+    # Instances sharing an output folder see the same files, so ComfyUI gives them the same counter.
+    import folder_paths
+    from biasmap_pack.nodes import BiasMapLoadTrace, BiasMapSaveTrace
+
+    saved = folders / "out" / "biasmap"
+    saved.mkdir(parents=True)
+    (saved / "trace_00001_.safetensors").write_bytes(b"the other instance's trace")
+    monkeypatch.setattr(folder_paths, "get_save_image_path",
+                        lambda prefix, out: (str(saved), "trace", 1, "biasmap", "trace"))
+    as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/trace")
+    assert (saved / "trace_00001_.safetensors").read_bytes() == b"the other instance's trace"
+    loaded = BiasMapLoadTrace.execute("biasmap/trace_00002_.safetensors [output]").result[0]
+    assert loaded.run == trace.run
+    assert (saved / "trace_00002_.safetensors").stat().st_mode & 0o777 == (saved / "trace_00001_.safetensors").stat(
+        ).st_mode & 0o777  # readable as the output folder's other files are
+
+
 def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_trace(pack, folders, trace):
     from safetensors.torch import save_file
 
