@@ -27,7 +27,11 @@ VERSION = 1
 
 
 class TraceFormatError(ValueError):
-    """A file that is not a BiasMap trace."""
+    """A file that is not a BiasMap trace, or a damaged one; ``problem`` says which, the message adds the fix."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}. Load a file written by BiasMapTrace.save.")
+        self.problem = problem
 
 
 @dataclass
@@ -149,7 +153,8 @@ class BiasMapTrace:
 
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":
-        """Read a trace written by :meth:`save`; any other file raises TraceFormatError."""
+        """Read a trace written by :meth:`save`; any other file, or a damaged one, raises TraceFormatError (one of
+        a later BiasMap a ValueError)."""
         try:
             from safetensors import safe_open
 
@@ -157,20 +162,26 @@ class BiasMapTrace:
                 raw = (f.metadata() or {}).get(FORMAT)
             tensors = load_file(path) if raw else {}
         except (SafetensorError, OSError) as err:
-            raise TraceFormatError(f"{path} is not a BiasMap trace (not a readable .safetensors file: {err}). "
-                                   f"Traces are written by BiasMapTrace.save.") from err
+            raise TraceFormatError(f"{path} is not a readable .safetensors file ({err}): it may be cut short (a "
+                                   f"download or copy that did not finish) or not a BiasMap trace at all") from err
         if not raw:
             raise TraceFormatError(f"{path} is a .safetensors file but not a BiasMap trace (no '{FORMAT}' metadata); "
-                                   f"it may be a model checkpoint. Load a file written by BiasMapTrace.save.")
-        meta = json.loads(raw)
-        if meta.get("version", 0) > VERSION:
-            raise TraceFormatError(f"{path} is a version {meta['version']} trace; update BiasMap to read it")
-        return cls(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
-                   tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
-                   latent_shape=meta["latent_shape"], demographic=meta["demographic"], semantic=meta["semantic"],
-                   model_family=meta["model_family"], settings=meta["settings"], notes=meta["notes"],
-                   run=meta.get("run", {}),  # absent from traces saved before it was kept
-                   guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
+                                   f"it may be a model checkpoint")
+        try:
+            meta = json.loads(raw)
+            if meta.get("version", 0) > VERSION:  # a trace, but of a later BiasMap: not a TraceFormatError
+                raise ValueError(f"{path} is a version {meta['version']} BiasMap trace, and this BiasMap reads "
+                                 f"versions up to {VERSION}: update BiasMap to read it")
+            return cls(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
+                       tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
+                       latent_shape=meta["latent_shape"], demographic=meta["demographic"], semantic=meta["semantic"],
+                       model_family=meta["model_family"], settings=meta["settings"], notes=meta["notes"],
+                       run=meta.get("run", {}),  # absent from traces saved before it was kept
+                       guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            missing = f"no {err}" if isinstance(err, KeyError) else str(err)
+            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its description is damaged or "
+                                   f"incomplete ({missing})") from err
 
     def _evaluations(self, steps) -> torch.Tensor:
         if steps is None:

@@ -125,7 +125,7 @@ class BiasMapLoadTrace(io.ComfyNode):
         try:
             trace = BiasMapTrace.load(path)
         except TraceFormatError as err:
-            raise ValueError(f"{str(err).rstrip('.')}. Choose a file saved by BiasMap Save Trace.") from err
+            raise ValueError(f"{err.problem}. Choose a file saved by BiasMap Save Trace.") from err
         return io.NodeOutput(trace)
 
 

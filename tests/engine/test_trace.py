@@ -116,6 +116,28 @@ def test_loading_a_checkpoint_or_junk_says_it_is_not_a_trace(tmp_path):
         BiasMapTrace.load(str(junk))
 
 
+def test_a_cut_short_damaged_or_newer_trace_says_which_and_what_to_do(tmp_path):
+    path = str(tmp_path / "trace.safetensors")
+    recorded_trace().save(path)
+    data = open(path, "rb").read()
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["biasmap_trace"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(TraceFormatError, match="cut short.*Load a file written by BiasMapTrace.save"):
+        BiasMapTrace.load(str(cut))
+    for name, description, message in (("no_notes", json.dumps({k: v for k, v in meta.items() if k != "notes"}),
+                                        r"damaged or incomplete \(no 'notes'\)"),
+                                       ("bad_json", "{not json", "damaged or incomplete")):
+        save_file(tensors, str(tmp_path / name), metadata={"biasmap_trace": description})
+        with pytest.raises(TraceFormatError, match=message):
+            BiasMapTrace.load(str(tmp_path / name))
+    save_file(tensors, str(tmp_path / "newer"), metadata={"biasmap_trace": json.dumps({**meta, "version": 99})})
+    with pytest.raises(ValueError, match="version 99 BiasMap trace, and this BiasMap reads versions up to 1: update"):
+        BiasMapTrace.load(str(tmp_path / "newer"))
+
+
 def test_unrecorded_stage_or_empty_step_window_errors_name_what_exists():
     trace = recorded_trace()
     with pytest.raises(ValueError, match="down_1"):
