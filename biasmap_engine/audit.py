@@ -14,6 +14,7 @@ import os
 
 from .guidance import STATUS
 from .report import measure_entanglement
+from .settings import BiasMapSettings
 from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text"]
@@ -38,9 +39,11 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     counts = [{name: int((status[:, i] == code).sum()) if status is not None else "" for name, code in STATUS.items()}
               for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
+    # A trace saved before a setting existed was made as its default is: its rows fit a file of later traces.
+    made_with = BiasMapSettings().to_dict() | trace.settings
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
-                   for k, v in trace.settings.items()}}
+                   for k, v in made_with.items()}}
     rows = []
     for a, b in pairs:
         result = measure_entanglement(trace, a, b, q, size)
@@ -87,10 +90,13 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
             if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
+                stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))
+                why = ("BIoU columns follow the recorded stages, which differ between model families and with "
+                       "include_middle" if stages else
+                       "the file was started by another BiasMap version, or the trace was saved by one")
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                                  f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
-                                 f"BIoU columns follow the recorded stages, which differ between model families and "
-                                 f"with include_middle: give this audit another file name")
+                                 f"{why}: give this audit another file name")
         text = _csv(rows, "\r\n", with_header=header is None)
         if header is None:
             # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas
