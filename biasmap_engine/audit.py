@@ -4,7 +4,8 @@ An audit in ComfyUI is a queue of runs (seeds, prompts, λ); each run's trace ad
 spreadsheet or pandas reads as it is. Every row carries how the run was made (the trace's ``run``: ComfyUI's prompt
 id, seed, sampler, attribution prompt; the settings), so the file says which run gave which IoU. The generation
 prompt, which the sampler gets as conditioning, not text, is the one the graph types into CLIP Text Encode (the
-sampler nodes read it from ComfyUI's prompt); text made while the graph runs comes in through the label.
+sampler nodes read it from ComfyUI's prompt, as the negative prompt and the checkpoint and LoRAs of the model); text
+made while the graph runs comes in through the label.
 """
 
 import contextlib
@@ -21,12 +22,12 @@ __all__ = ["append_csv", "audit_rows", "csv_text"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
-_ADDED = ("noise_index", "generation_prompt")
+_ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height")
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
 _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise",
-        "attribution_prompt", "generation_prompt")
+        "attribution_prompt", "generation_prompt", "negative_prompt", "model")
 
 
 def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "") -> list[dict]:
@@ -39,6 +40,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     counts = [{name: int((status[:, i] == code).sum()) if status is not None else "" for name, code in STATUS.items()}
               for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
+    width, height = trace.image_size[::-1]
     # A trace saved before a setting existed was made as its default is: its rows fit a file of later traces.
     made_with = BiasMapSettings().to_dict() | trace.settings
     settings = {"model_family": trace.model_family,
@@ -48,7 +50,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     for a, b in pairs:
         result = measure_entanglement(trace, a, b, q, size)
         for i in range(trace.num_images):
-            rows.append({"label": label, **run, **settings, "image": i, "noise_index": _noise_index(trace, i),
+            rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i, "noise_index": _noise_index(trace, i),
                          "demographic": a, "semantic": b, "q": q,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
@@ -93,7 +95,7 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))
                 why = ("BIoU columns follow the recorded stages, which differ between model families and with "
                        "include_middle" if stages else
-                       "the file was started by another BiasMap version, or the trace was saved by one")
+                       "The file was started by another BiasMap version, or the trace was saved by one")
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                                  f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
                                  f"{why}: give this audit another file name")

@@ -34,8 +34,9 @@ class EntanglementResult:
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
                  f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
                  _run_line(trace)]
-        if trace.run.get("generation_prompt"):  # read from the graph where it is typed text
-            lines.append(f"prompt: {trace.run['generation_prompt']}")
+        for key, name in (("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative")):
+            if trace.run.get(key):  # read from the graph where it is typed
+                lines.append(f"{name}: {trace.run[key]}")
         lines.append(f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}")
         batch_index = trace.run.get("batch_index")  # the seed's noises the images got, when not 0, 1, …
         for i, value in enumerate(self.ious.tolist()):

@@ -194,41 +194,6 @@ def mask_size(trace, resolution: str) -> tuple[int, int]:
     return trace.image_size if resolution == "image" else tuple(trace.latent_shape[2:])
 
 
-# How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
-# per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
-_TEXT_INPUT = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g", "PrimitiveString": "value",
-               "PrimitiveStringMultiline": "value"}
-_PASSED_ON = {
-    **dict.fromkeys(("ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
-                     "ConditioningSetMask", "ConditioningSetTimestepRange", "ControlNetApply", "StyleModelApply",
-                     "unCLIPConditioning"), ("conditioning",)),
-    "GLIGENTextBoxApply": ("conditioning_to",),
-    "ControlNetApplyAdvanced": ("positive", "negative"),
-    "InpaintModelConditioning": ("positive", "negative"),
-}
-
-
-def generation_prompt(prompt: dict | None, node_id, input_name: str = "positive") -> str:
-    """The text typed for the conditioning at input ``input_name`` of node ``node_id``, read from ComfyUI's API
-    prompt (the hidden ``prompt`` input): through CLIP Text Encode (SDXL's: text_g), string primitives and the core
-    nodes that pass one conditioning on. '' where it is no one typed text: combined conditioning, or text another node
-    makes while the graph runs (a wildcard node's template is not the prompt it made)."""
-    prompt = prompt or {}
-    link = (prompt.get(str(node_id)) or {}).get("inputs", {}).get(input_name)
-    for _ in range(len(prompt)):  # each node once at most, in a graph without cycles
-        if not (isinstance(link, list) and len(link) == 2):
-            break
-        node = prompt.get(str(link[0])) or {}
-        kind, inputs = node.get("class_type"), node.get("inputs", {})
-        if kind in _TEXT_INPUT:
-            link = inputs.get(_TEXT_INPUT[kind])
-        elif kind in _PASSED_ON and link[1] < len(_PASSED_ON[kind]):
-            link = inputs.get(_PASSED_ON[kind][link[1]])
-        else:
-            return ""
-    return link if isinstance(link, str) else ""
-
-
 def check_single(fix: str, **inputs) -> bool | str:
     """Validation (and run-time check) of inputs that take one concept each: a comma-separated list, which the
     sampler's concept inputs take, would be looked up as one phrase, commas and all, and measured without a word."""

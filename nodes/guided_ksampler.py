@@ -11,8 +11,9 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import (ADVANCED, CATEGORY, Trace, check_concepts, concept_inputs, generation_prompt, guidance_inputs,
-                     plain_errors, settings_from)
+from .common import (ADVANCED, CATEGORY, Trace, check_concepts, concept_inputs, guidance_inputs, plain_errors,
+                     settings_from)
+from .prompt_graph import graph_run
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -20,11 +21,11 @@ _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identica
 
 
 def _logged(node, latent, trace) -> io.NodeOutput:
-    """The node's outputs, the trace with the generation prompt where the graph has it as typed text (for the audit
-    over prompts), and its notes in ComfyUI's console too: the report that shows them is a STRING output, seen only
-    where a Preview as Text node is connected."""
+    """The node's outputs, the trace with what the graph says of the run (typed prompts, model; for the audit over
+    prompts and models), and its notes in ComfyUI's console too: the report that shows them is a STRING output, seen
+    only where a Preview as Text node is connected."""
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
-    trace.run["generation_prompt"] = generation_prompt(hidden.prompt, hidden.unique_id) if hidden else ""
+    trace.run.update(graph_run(hidden.prompt if hidden else None, hidden.unique_id if hidden else None))
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
     return io.NodeOutput(latent, trace)

@@ -231,7 +231,10 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
     assert path.read_bytes() == b"\r\nlabel,iou\r\na,0.5\r\n"
 
 
-@pytest.mark.parametrize("missing", [("noise_index", "generation_prompt"), ("generation_prompt",)])
+@pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height"),
+                                     ("generation_prompt", "negative_prompt", "model", "width", "height"),
+                                     ("negative_prompt", "model", "width", "height")],
+                         ids=["before noise_index", "before generation_prompt", "before model and size"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]

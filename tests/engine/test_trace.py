@@ -307,9 +307,11 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     assert "tokens of 'doctor': doctor</w>" in result.report
     assert "applied 2/6" in result.report and "skipped gate 2/6" in result.report
     assert "note: test" in result.report
-    trace.run["generation_prompt"] = "A photo of the face of a doctor"
+    trace.run |= {"generation_prompt": "A photo of the face of a doctor", "model": "v1-5.safetensors",
+                  "negative_prompt": "blurry"}
     prompted = measure_entanglement(trace, "gender", "doctor").report.splitlines()
-    assert prompted[2] == "prompt: A photo of the face of a doctor" and prompted[3].startswith("mIoU")
+    assert prompted[2:5] == ["model: v1-5.safetensors", "prompt: A photo of the face of a doctor", "negative: blurry"]
+    assert prompted[5].startswith("mIoU")
     trace.run, trace.settings = {}, {}  # a trace saved before runs were kept
     assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == "run: not recorded in this trace"
 

@@ -186,7 +186,7 @@ def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and
 
 
 def test_the_generation_prompt_is_read_from_the_graph_where_it_is_typed_text(pack):
-    from biasmap_pack.nodes.common import generation_prompt
+    from biasmap_pack.nodes.prompt_graph import generation_prompt
 
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["7", 0], "negative": ["7", 1]}},
              "7": {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["5", 0], "negative": ["6", 0]}},
@@ -203,3 +203,31 @@ def test_the_generation_prompt_is_read_from_the_graph_where_it_is_typed_text(pac
     graph["7"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["5", 0], "conditioning_2": ["6", 0]}}
     assert generation_prompt(graph, "3", "negative") == ""  # two texts, neither the prompt
     assert generation_prompt(None, None) == generation_prompt({}, "3") == ""  # outside ComfyUI's executor
+
+
+def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where_they_are_named(pack):
+    from biasmap_pack.nodes.prompt_graph import graph_run
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSamplerAdvanced",
+                   "inputs": {"model": ["13", 0], "sigmas": ["14", 0], "positive": ["4", 0], "negative": ["4", 0]}},
+             "13": {"class_type": "FreeU_V2", "inputs": {"model": ["12", 0], "b1": 1.3}},
+             "12": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["11", 0], "lora_name": "style.safetensors",
+                                                                    "strength_model": 1.0}},
+             "11": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                           "lora_name": "detail.safetensors", "strength_model": 0.8}},
+             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15/v1-5.safetensors"}},
+             "14": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 20,
+                                                               "denoise": 0.6}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}}}
+    assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
+                                     "model": "sd15/v1-5.safetensors + detail.safetensors (0.8) + style.safetensors",
+                                     "scheduler": "karras", "denoise": 0.6}
+    graph["14"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["15", 0], "step": 10}}  # part of a schedule
+    graph["12"]["inputs"]["strength_model"] = ["16", 0]  # a linked strength
+    graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "unet.safetensors"}}
+    assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
+                                     "model": "unet.safetensors + detail.safetensors (0.8) + style.safetensors "
+                                              "(linked strength)"}
+    graph["11"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0]}}
+    assert graph_run(graph, "3")["model"] == ""  # made from two: no one file
+    assert graph_run(None, None) == {"generation_prompt": "", "negative_prompt": "", "model": ""}

@@ -235,6 +235,9 @@ def test_shipped_workflows_run_end_to_end(server):
     assert run["seed"] == 42 and run["prompt_id"] == rows[0]["prompt_id"] != "", (run, rows)  # the server's id
     # Read from the graph ComfyUI ran: the sampler gets conditioning, not text.
     assert rows[0]["generation_prompt"] == run["generation_prompt"] and run["generation_prompt"] in typed, (run, typed)
+    # The Advanced sampler's SIGMAS come from BasicScheduler, which the graph names; so is the checkpoint.
+    assert (rows[0]["scheduler"], rows[0]["denoise"], rows[0]["model"]) == ("normal", "1.0", CHECKPOINT), rows[0]
+    assert (rows[0]["width"], rows[0]["height"]) == ("64", "64"), rows[0]
 
 
 def _convert(server, name: str) -> dict:

@@ -37,7 +37,9 @@ def trace(pack, sd15, prompts):
                                                   attribution_prompt="A photo of a doctor, a nurse and gender",
                                                   semantic="doctor, nurse",
                                                   latent_image={"samples": torch.zeros(2, 4, 32, 32)})
-    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["6", 0], "negative": ["7", 0]}},
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler",
+                   "inputs": {"model": ["1", 0], "positive": ["6", 0], "negative": ["7", 0]}},
+             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
              "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "A photo of the face of a doctor"}},
              "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry"}}}
     with torch.inference_mode():
@@ -59,7 +61,8 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
                     "add_noise": True, "batch_index": None,
                     "attribution_prompt": "A photo of a doctor, a nurse and gender",
-                    "generation_prompt": "A photo of the face of a doctor"}  # from the graph ComfyUI runs
+                    "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
+                    "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
     assert trace.run["prompt_id"] == ""  # run outside ComfyUI's executor; the server test sees a real one
     assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(trace.run["time"])).total_seconds()) < 600
 
@@ -204,12 +207,14 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k != "generation_prompt"} for row in audit_rows(trace)])
+    later = ("negative_prompt", "model", "width", "height")  # columns added after the file was started
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     out = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
-    assert out.result[0].splitlines()[0].split(",") == header and "generation_prompt" not in header
-    assert "without the column(s) generation_prompt" in caplog.text and "give the audit a new file name" in caplog.text
+    assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
+    assert "without the column(s) negative_prompt, model, width, height" in caplog.text
+    assert "give the audit a new file name" in caplog.text
 
 
 def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(pack, folders, trace):

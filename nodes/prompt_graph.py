@@ -1,0 +1,93 @@
+"""What the samplers read from the graph ComfyUI runs (its API prompt, the hidden ``prompt`` input), for audits: the
+typed prompts, the checkpoint and LoRAs, the scheduler behind SIGMAS. A sampler gets conditioning, a model and sigmas,
+not the text and file names that made them; where a node on the way makes them while the graph runs, they stay ''."""
+
+__all__ = ["generation_prompt", "graph_run"]
+
+# How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
+# per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
+_TEXT_INPUT = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g", "PrimitiveString": "value",
+               "PrimitiveStringMultiline": "value"}
+_PASSED_ON = {
+    **dict.fromkeys(("ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
+                     "ConditioningSetMask", "ConditioningSetTimestepRange", "ControlNetApply", "StyleModelApply",
+                     "unCLIPConditioning"), ("conditioning",)),
+    "GLIGENTextBoxApply": ("conditioning_to",),
+    "ControlNetApplyAdvanced": ("positive", "negative"),
+    "InpaintModelConditioning": ("positive", "negative"),
+}
+# Where a MODEL comes from: the loaders' file inputs; LoRA loaders apply a file at a strength on the way. Any other
+# node with a ``model`` input passes that model on, patched (FreeU, ModelSamplingDiscrete, …).
+_LOADED_FROM = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
+                "unCLIPCheckpointLoader": "ckpt_name", "ImageOnlyCheckpointLoader": "ckpt_name",
+                "UNETLoader": "unet_name", "DiffusersLoader": "model_path"}
+_LORAS = ("LoraLoader", "LoraLoaderModelOnly")
+
+
+def graph_run(prompt: dict | None, node_id) -> dict:
+    """The run's fields the graph holds: generation and negative prompt, model; for a sampler fed by BasicScheduler
+    directly, its scheduler and denoise (the SIGMAS carry neither)."""
+    run = {"generation_prompt": generation_prompt(prompt, node_id),
+           "negative_prompt": generation_prompt(prompt, node_id, "negative"), "model": _model(prompt, node_id)}
+    kind, inputs = _linked(prompt, _inputs(prompt, node_id).get("sigmas"))
+    if kind == "BasicScheduler" and isinstance(inputs.get("scheduler"), str):
+        run["scheduler"] = inputs["scheduler"]
+        if isinstance(inputs.get("denoise"), (int, float)):
+            run["denoise"] = inputs["denoise"]
+    return run
+
+
+def generation_prompt(prompt: dict | None, node_id, input_name: str = "positive") -> str:
+    """The text typed for the conditioning at input ``input_name`` of node ``node_id``: through CLIP Text Encode
+    (SDXL's: text_g), string primitives and the core nodes that pass one conditioning on. '' where it is no one typed
+    text: combined conditioning, or text another node makes while the graph runs (a wildcard node's template is not
+    the prompt it made)."""
+    link = _inputs(prompt, node_id).get(input_name)
+    for _ in range(len(prompt or {})):  # each node once at most, in a graph without cycles
+        if not _is_link(link):
+            break
+        kind, inputs = _linked(prompt, link)
+        if kind in _TEXT_INPUT:
+            link = inputs.get(_TEXT_INPUT[kind])
+        elif kind in _PASSED_ON and link[1] < len(_PASSED_ON[kind]):
+            link = inputs.get(_PASSED_ON[kind][link[1]])
+        else:
+            return ""
+    return link if isinstance(link, str) else ""
+
+
+def _model(prompt: dict | None, node_id) -> str:
+    """The file node ``node_id``'s MODEL is loaded from, with the LoRAs applied on the way in the order applied
+    (``sd15.safetensors + detail.safetensors (0.8)``); '' where a node on the way has no ``model`` input."""
+    link, loras = _inputs(prompt, node_id).get("model"), []
+    for _ in range(len(prompt or {})):
+        if not _is_link(link):
+            break
+        kind, inputs = _linked(prompt, link)
+        if kind in _LOADED_FROM:
+            name = inputs.get(_LOADED_FROM[kind])
+            return " + ".join([name, *reversed(loras)]) if isinstance(name, str) else ""
+        if kind in _LORAS:
+            name, strength = inputs.get("lora_name"), inputs.get("strength_model")
+            if not isinstance(name, str):
+                return ""
+            loras.append(name if strength == 1 else f"{name} ({strength:g})" if isinstance(strength, (int, float))
+                         else f"{name} (linked strength)")
+        link = inputs.get("model")
+    return ""
+
+
+def _inputs(prompt: dict | None, node_id) -> dict:
+    return ((prompt or {}).get(str(node_id)) or {}).get("inputs", {})  # ComfyUI's ids are strings; ints work too
+
+
+def _linked(prompt: dict | None, link) -> tuple[str | None, dict]:
+    """The class and inputs of the node a link ``[node_id, output_slot]`` comes from."""
+    if not _is_link(link):
+        return None, {}
+    node = (prompt or {}).get(str(link[0])) or {}
+    return node.get("class_type"), node.get("inputs", {})
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2
