@@ -359,11 +359,13 @@ class BiasMapSession:
         # On a CPU the other branch's attention runs in SDPA too: ComfyUI's CPU default (sub-quadratic attention in
         # plain torch ops) is the slower kernel, and λ > 0 changes the result anyway. A GPU keeps ComfyUI's choice.
         other_options = with_sdpa_attention(model_options, everywhere=True) if cpu else model_options
-        with out_of_memory_explained(), SmallGridConvolution() if cpu else contextlib.nullcontext():
+        with SmallGridConvolution() if cpu else contextlib.nullcontext():
+            # Without autograd, as ComfyUI runs it: running out of memory there is ComfyUI's to explain.
             out = (executor(model, others, x_in, timestep, other_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
-            guided = self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
-                                      x_in, timestep, model_options, branch, True, only)
+            with out_of_memory_explained():
+                guided = self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
+                                          x_in, timestep, model_options, branch, True, only)
         out[branch] = guided[branch]
         return out
 

@@ -553,6 +553,27 @@ def test_guidance_out_of_gpu_memory_with_one_branch_too_says_what_to_change(sd15
     assert torch.isfinite(sample(model, clip, pos, neg, 100.0, steps=1)[0]).all()
 
 
+def test_running_out_of_memory_in_the_other_branchs_pass_without_autograd_is_left_to_comfyui(sd15, prompts,
+                                                                                            monkeypatch):
+    # On a CPU (and after a GPU's fallback) that branch runs as ComfyUI would run it: BiasMap's advice does not apply.
+    import biasmap_engine.host.session as session
+
+    monkeypatch.setattr(session, "_branches_apart", lambda device: True)
+    model, clip = sd15
+    pos, neg = prompts
+
+    def attn2_patch(n, context, value, extra_options):
+        if not torch.is_grad_enabled():
+            raise OUT_OF_MEMORY["CUDA"]()
+        return n, context, value
+
+    failing = model.clone()
+    failing.set_model_attn2_patch(attn2_patch)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        sample(failing, clip, pos, neg, 100.0, steps=1)
+    assert "(simulated)" in str(raised.value) and "BiasMap" not in str(raised.value)
+
+
 def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
     import comfy.samplers
 
