@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 
 from .guidance import STATUS
 from .report import measure_entanglement
@@ -154,13 +155,14 @@ def _locked(f):
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): an audit file passed around
 # could carry a label or prompt such as '=HYPERLINK(…)'. Such text cells get a leading apostrophe, which spreadsheets
-# show as text and hide; numbers keep their sign.
+# show as text and hide; numbers keep their sign, also typed as text (a label '-1.5' reads back as typed).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _inert(rows: list[dict]) -> list[dict]:
-    return [{k: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_STARTS) else v for k, v in row.items()}
-            for row in rows]
+    return [{k: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(v) else v
+             for k, v in row.items()} for row in rows]
 
 
 def _differing(columns, others) -> str:

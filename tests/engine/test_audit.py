@@ -140,6 +140,14 @@ def test_every_formula_start_is_escaped(tmp_path, start):
         assert next(csv.DictReader(f))["label"] == "'" + start + "SUM(A1)"
 
 
+@pytest.mark.parametrize("label", ["-1.5", "+2", "-3e-4", "-.5"])
+def test_a_label_typed_as_a_signed_number_reads_back_as_typed(tmp_path, label):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label=label))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["label"] == label
+
+
 def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
     rows = audit_rows(halves_trace(), q=0.5, label='=HYPERLINK("http://x","y")')
     rows[0]["notes"], rows[0]["iou"] = "-1+1", -0.5
