@@ -1,4 +1,5 @@
-"""How a guided U-Net pass runs inside ComfyUI: its attention kernel, other nodes' patches, running out of memory.
+"""How a guided U-Net pass runs inside ComfyUI: its attention kernel, other nodes' patches, offloaded weights, running
+out of memory.
 
 Model options are never changed in place: each helper returns new options for the one pass, so the sampler's own
 passes keep ComfyUI's choices.
@@ -11,8 +12,8 @@ import torch
 
 from .lean_backward import CopiedSaves
 
-__all__ = ["differentiable_quantized", "out_of_memory", "out_of_memory_explained", "patch_modules", "quantized_layers",
-           "with_patches_on_copies", "with_sdpa_attention"]
+__all__ = ["differentiable_quantized", "offload_streams_wait", "out_of_memory", "out_of_memory_explained",
+           "patch_modules", "quantized_layers", "with_patches_on_copies", "with_sdpa_attention"]
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
 
@@ -39,6 +40,22 @@ def out_of_memory_explained():
             "backward needs that branch's U-Net activations): guide fewer stages (the first down stage alone keeps the "
             "least: down×1, or down×½ on SDXL), lower "
             "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
+
+
+def offload_streams_wait(device: torch.device) -> None:
+    """ComfyUI's weight-offload streams wait for the work queued on ``device`` so far: call after a backward.
+
+    A partly loaded model (low VRAM) copies weights to the GPU on offload streams, each copy in memory of that stream,
+    and has the stream wait for the forward that used it. A guided pass keeps the copies for its backward, which
+    reads them later: once freed, their memory could take the next step's copies before that backward has read it.
+    Queued waits only, no synchronisation with the host.
+    """
+    import comfy.model_management
+
+    streams = comfy.model_management.STREAMS.get(device, ())
+    current = comfy.model_management.current_stream(device) if streams else None
+    for stream in streams if current is not None else ():
+        stream.wait_stream(current)
 
 
 def with_sdpa_attention(model_options, everywhere=False):

@@ -51,8 +51,8 @@ from ..tokens import find_word_positions, require_distinct_concepts
 from ..trace import TraceRecorder
 from .capture import BranchCapture
 from .conditioning import attached_modules, control_models, covers_image, hook_groups
-from .guided_pass import (differentiable_quantized, out_of_memory, out_of_memory_explained, patch_modules,
-                          quantized_layers, with_patches_on_copies, with_sdpa_attention)
+from .guided_pass import (differentiable_quantized, offload_streams_wait, out_of_memory, out_of_memory_explained,
+                          patch_modules, quantized_layers, with_patches_on_copies, with_sdpa_attention)
 from .lean_backward import LeanBackward
 from .small_grid_conv import SmallGridConvolution
 from .unet import block_stages, deinference_, model_family, require_guidable, require_unet, weight_slots
@@ -482,7 +482,9 @@ class BiasMapSession:
                     self._guiding = True
                     out = run(conds, x_leaf, timestep.detach().clone(),
                               with_sdpa_attention(with_patches_on_copies(model_options)))
-                return [o.detach() for o in out], gradient(x_leaf)
+                gradient_at_x = gradient(x_leaf)
+                offload_streams_wait(x.device)  # the backward read weights copied on them (low VRAM)
+                return [o.detach() for o in out], gradient_at_x
         finally:
             self._truncating = self._controlled = self._guiding = False
 

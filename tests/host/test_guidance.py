@@ -574,6 +574,31 @@ def test_running_out_of_memory_in_the_other_branchs_pass_without_autograd_is_lef
     assert "(simulated)" in str(raised.value) and "BiasMap" not in str(raised.value)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["CPU passes", "one CFG batch (GPU)"])
+def test_after_each_guided_backward_comfyuis_weight_offload_streams_wait_for_it(sd15, prompts, monkeypatch, batched,
+                                                                                request):
+    # Low VRAM: weights copied to the GPU on those streams are read again by the backward, after the forward that
+    # ComfyUI has the streams wait for; their memory must not take the next copies before the backward has run.
+    import comfy.model_management
+
+    if batched:
+        request.getfixturevalue("gpu_batching")
+    model, clip = sd15
+    pos, neg = prompts
+    waits = []
+
+    class Stream:
+        def wait_stream(self, other):
+            waits.append((self, other))
+
+    current, offload = Stream(), [Stream(), Stream()]
+    monkeypatch.setitem(comfy.model_management.STREAMS, model.load_device, offload)
+    monkeypatch.setattr(comfy.model_management, "current_stream", lambda device: current)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert trace.guidance_counts()["applied"] == 2
+    assert waits == [(stream, current) for stream in offload] * 2  # once after each step's backward
+
+
 def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
     import comfy.samplers
 
