@@ -59,7 +59,11 @@ class BiasMapSaveTrace(io.ComfyNode):
                 metadata["prompt"] = json.dumps(cls.hidden.prompt)
             for key, value in (cls.hidden.extra_pnginfo or {}).items():
                 metadata[key] = json.dumps(value)
-        trace.save(os.path.join(folder, file), metadata)
+        try:
+            trace.save(os.path.join(folder, file), metadata)
+        except BaseException:
+            os.remove(os.path.join(folder, file))  # no empty or partial file for Load Trace to list
+            raise
         shown = "/".join(p for p in (subfolder, file) if p)
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(ui=ui.PreviewText(f"saved {shown} [output]"))

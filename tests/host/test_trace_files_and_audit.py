@@ -110,6 +110,19 @@ def test_save_trace_never_overwrites_a_file_another_comfyui_saved_under_the_coun
         ).st_mode & 0o777  # readable as the output folder's other files are
 
 
+def test_a_save_trace_that_fails_leaves_no_file_behind(pack, folders, trace, monkeypatch):
+    from biasmap_pack.nodes import BiasMapSaveTrace
+
+    def disk_full(self, path, metadata=None):
+        open(path, "wb").write(b"part of a tra")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(trace), "save", disk_full)  # the pack's own BiasMapTrace
+    with pytest.raises(OSError, match="No space left"):
+        as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/trace")
+    assert list((folders / "out" / "biasmap").iterdir()) == []
+
+
 def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_trace(pack, folders, trace):
     from safetensors.torch import save_file
 
