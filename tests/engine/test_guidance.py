@@ -101,6 +101,19 @@ def test_a_float64_denoised_keeps_its_precision_and_a_gated_step_leaves_it_exact
     assert torch.equal(out[0], denoised[0] - 1e-6 * 0.25 * grad[0])
 
 
+@pytest.mark.parametrize("line", ["x[0].item()", "bool(x.sum() > 0)", "float(x.sum())", "x.tolist()", "x.cpu()",
+                                  "x.numpy()", "torch.tensor([1.0, -1.0])", "x[[0, 2]]", "x[x > 0]", "x.nonzero()"])
+def test_the_round_trip_spy_names_each_kind_at_the_engines_line(line):
+    # The spy the test below relies on, shown to see what it looks for (code compiled as if in an engine module).
+    from host_round_trips import ENGINE, HostRoundTrips
+
+    namespace = {"torch": torch}
+    exec(compile(f"def probe(x):\n    return {line}\n", f"{ENGINE}/probe.py", "exec"), namespace)
+    with HostRoundTrips() as spy:
+        namespace["probe"](torch.randn(4))
+    assert spy.found and {where for _, where in spy.found} == {"probe.py:2"}
+
+
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 @pytest.mark.parametrize("demographic", [[8], [8, 10]], ids=["one word", "a word typed twice"])
 def test_a_guided_evaluation_makes_no_host_round_trip_on_any_device(mode, demographic):

@@ -1,7 +1,10 @@
-"""Operators that make a GPU wait for the host, or the host for the GPU, seen on any device (the CPU too).
+"""Operations that make a GPU wait for the host, or the host for the GPU, seen on any device (the CPU too).
 
-``torch.cuda.set_sync_debug_mode`` finds these only on CUDA; this dispatch mode names them wherever the tests run,
-attributed to the engine's line that caused them, so a round trip added to the step loop fails on the CPU as well.
+``torch.cuda.set_sync_debug_mode`` finds these only on CUDA; this spy names them wherever the tests run, attributed
+to the engine's line that caused them, so a round trip added to the step loop fails on the CPU as well. Operators are
+seen in the dispatcher; reads of a tensor into Python (``tolist``, ``cpu``, ``numpy``), which a CPU tensor answers
+without dispatching, at the Python level. Not seen: ``.to(device)`` of a tensor made on the host, which on the CPU
+cannot be told from a move to the device the tensor is already on.
 """
 
 import functools
@@ -10,11 +13,12 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostRoundTrips"]
+__all__ = ["ENGINE", "HostRoundTrips"]
 
-_ENGINE = str(Path(__file__).resolve().parents[2] / "biasmap_engine")
+ENGINE = str(Path(__file__).resolve().parents[2] / "biasmap_engine")
 _NOT_CALLERS = (os.path.realpath(os.path.dirname(torch.__file__)), os.path.realpath(__file__))
 _A = torch.ops.aten
 _SYNCS = {
@@ -26,15 +30,39 @@ _SYNCS = {
     _A._unique2.default: "unique (its size is read on the host)",
 }
 _INDEXING = {_A.index.Tensor, _A.index_put.default, _A.index_put_.default, _A._index_put_impl_.default}
+_READS = {torch.Tensor.tolist: "tolist (a copy to the host)", torch.Tensor.cpu: "cpu (a copy to the host)",
+          torch.Tensor.numpy: "numpy (a copy to the host)"}
 
 
-class HostRoundTrips(TorchDispatchMode):
+class HostRoundTrips:
     """Collects ``(what, engine file:line)`` for each host round trip the engine's own lines cause (not ComfyUI's
     they call), outside ``finish`` (which reads the run's results once, at its end)."""
 
     def __init__(self):
-        super().__init__()
         self.found: list[tuple[str, str]] = []
+        self._modes = (_Operators(self._note), _Reads(self._note))
+
+    def __enter__(self):
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    def _note(self, what: str) -> None:
+        # The innermost caller outside torch and this file: the engine's line, or ComfyUI's (not ours to count).
+        stack = [f for f in traceback.extract_stack() if not _real(f.filename).startswith(_NOT_CALLERS)]
+        engine = [f for f in stack if _real(f.filename).startswith(ENGINE)]
+        if stack and stack[-1] in engine and not any(f.name == "finish" for f in engine):
+            self.found.append((what, f"{Path(stack[-1].filename).name}:{stack[-1].lineno}"))
+
+
+class _Operators(TorchDispatchMode):
+    def __init__(self, note):
+        super().__init__()
+        self.note = note
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         what = _SYNCS.get(func)
@@ -43,11 +71,18 @@ class HostRoundTrips(TorchDispatchMode):
         elif func in _INDEXING and any(i is not None for i in args[1]):
             what = "a boolean-mask index (its size is read on the host)"
         if what:
-            # The innermost caller outside torch and this file: the engine's line, or ComfyUI's (not ours to count).
-            stack = [f for f in traceback.extract_stack() if not _real(f.filename).startswith(_NOT_CALLERS)]
-            engine = [f for f in stack if _real(f.filename).startswith(_ENGINE)]
-            if stack and stack[-1] in engine and not any(f.name == "finish" for f in engine):
-                self.found.append((what, f"{Path(stack[-1].filename).name}:{stack[-1].lineno}"))
+            self.note(what)
+        return func(*args, **(kwargs or {}))
+
+
+class _Reads(TorchFunctionMode):
+    def __init__(self, note):
+        super().__init__()
+        self.note = note
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _READS:
+            self.note(_READS[func])
         return func(*args, **(kwargs or {}))
 
 
