@@ -16,12 +16,14 @@ _PASSED_ON = {
     "ControlNetApplyAdvanced": ("positive", "negative"),
     "InpaintModelConditioning": ("positive", "negative"),
 }
-# Where a MODEL comes from: the loaders' file inputs; LoRA loaders apply a file at a strength on the way. Any other
-# node with a ``model`` input passes that model on, patched (FreeU, ModelSamplingDiscrete, …).
+# Where a MODEL comes from: the loaders' file inputs; (file, strength) inputs of the nodes that apply a file on the way.
+# Any other node with a ``model`` input passes that model on, patched in a way the graph does not name: it is named by
+# its class (FreeU_V2, a custom LoRA stack), so two audited models differ in the column wherever they may differ.
 _LOADED_FROM = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                 "unCLIPCheckpointLoader": "ckpt_name", "ImageOnlyCheckpointLoader": "ckpt_name",
                 "UNETLoader": "unet_name", "DiffusersLoader": "model_path"}
-_LORAS = ("LoraLoader", "LoraLoaderModelOnly")
+_APPLIED = {"LoraLoader": ("lora_name", "strength_model"), "LoraLoaderModelOnly": ("lora_name", "strength_model"),
+            "HypernetworkLoader": ("hypernetwork_name", "strength")}
 
 
 def graph_run(prompt: dict | None, node_id) -> dict:
@@ -57,22 +59,24 @@ def generation_prompt(prompt: dict | None, node_id, input_name: str = "positive"
 
 
 def _model(prompt: dict | None, node_id) -> str:
-    """The file node ``node_id``'s MODEL is loaded from, with the LoRAs applied on the way in the order applied
-    (``sd15.safetensors + detail.safetensors (0.8)``); '' where a node on the way has no ``model`` input."""
-    link, loras = _inputs(prompt, node_id).get("model"), []
+    """The file node ``node_id``'s MODEL is loaded from, then what was applied on the way in that order: files with
+    their strength, other nodes by class (``v1-5.safetensors + detail.safetensors (0.8) + FreeU_V2``); '' where the
+    model does not come from one loader (a merge of two)."""
+    link, applied = _inputs(prompt, node_id).get("model"), []
     for _ in range(len(prompt or {})):
         if not _is_link(link):
             break
         kind, inputs = _linked(prompt, link)
         if kind in _LOADED_FROM:
             name = inputs.get(_LOADED_FROM[kind])
-            return " + ".join([name, *reversed(loras)]) if isinstance(name, str) else ""
-        if kind in _LORAS:
-            name, strength = inputs.get("lora_name"), inputs.get("strength_model")
-            if not isinstance(name, str):
-                return ""
-            loras.append(name if strength == 1 else f"{name} ({strength:g})" if isinstance(strength, (int, float))
-                         else f"{name} (linked strength)")
+            return " + ".join([name, *reversed(applied)]) if isinstance(name, str) else ""
+        if kind in _APPLIED:
+            name, strength = (inputs.get(key) for key in _APPLIED[kind])
+            applied.append(f"{name if isinstance(name, str) else kind}"
+                           + ("" if strength == 1 else f" ({strength})" if isinstance(strength, (int, float))
+                              else " (linked strength)"))
+        elif kind is not None:
+            applied.append(kind)
         link = inputs.get("model")
     return ""
 

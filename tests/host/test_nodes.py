@@ -220,14 +220,16 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
                                                                "denoise": 0.6}},
              "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}}}
     assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
-                                     "model": "sd15/v1-5.safetensors + detail.safetensors (0.8) + style.safetensors",
-                                     "scheduler": "karras", "denoise": 0.6}
+                                     "model": "sd15/v1-5.safetensors + detail.safetensors (0.8) + style.safetensors "
+                                              "+ FreeU_V2", "scheduler": "karras", "denoise": 0.6}
     graph["14"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["15", 0], "step": 10}}  # part of a schedule
     graph["12"]["inputs"]["strength_model"] = ["16", 0]  # a linked strength
     graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "unet.safetensors"}}
     assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
                                      "model": "unet.safetensors + detail.safetensors (0.8) + style.safetensors "
-                                              "(linked strength)"}
+                                              "(linked strength) + FreeU_V2"}
+    graph["13"] = {"class_type": "Power Lora Loader (rgthree)", "inputs": {"model": ["12", 0], "lora_1": {"on": True}}}
+    assert graph_run(graph, "3")["model"].endswith("+ Power Lora Loader (rgthree)")  # what it applied is its own
     graph["11"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0]}}
     assert graph_run(graph, "3")["model"] == ""  # made from two: no one file
     assert graph_run(None, None) == {"generation_prompt": "", "negative_prompt": "", "model": ""}
