@@ -65,7 +65,8 @@ _COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and i
 _NAMES = {_COND: "positive", _UNCOND: "negative"}
 # The energy's backward through an fp16 U-Net is scaled by this power of two (exact to undo), as mixed-precision
 # training scales its loss: fp16 flushes gradients below 6e-8 to zero, and those of E ≤ 1 spread over a U-Net's
-# activations come close (measured on the tiny test model: a gradient 10⁴ times smaller came out all zero).
+# activations come close (measured on the tiny test model: a gradient 10⁴ times smaller came out all zero). A scaled
+# gradient that overflows is skipped as non-finite, and the run's later backwards are not scaled.
 _HALF_LOSS_SCALE = 2.0 ** 10
 
 
@@ -79,7 +80,7 @@ class BiasMapSession:
             require_guidable(model_patcher)
         self.family = model_family(model_patcher)
         computes_in = model_patcher.model.manual_cast_dtype or model_patcher.model.get_dtype()
-        self._loss_scale = _HALF_LOSS_SCALE if computes_in == torch.float16 else 1.0
+        self._loss_scale = _HALF_LOSS_SCALE if computes_in == torch.float16 else None  # a tensor once used
         width = next(iter(self.layers.values())).to_k.in_features
         if attribution_embeddings.shape[-1] != width:
             raise ValueError(f"the CLIP gives {attribution_embeddings.shape[-1]}-wide embeddings but this "
@@ -415,8 +416,17 @@ class BiasMapSession:
             raise RuntimeError("BiasMap guidance found no gradient path from the latent to the cross-attention queries: "
                                "a layer in this model computes them outside autograd (a custom quantized or compiled "
                                "kernel). Load the model without it, or set the guidance scale to 0 to record maps only")
-        (grad,) = torch.autograd.grad(energy.sum() * self._loss_scale, x_leaf)
-        return grad / self._loss_scale, energy.detach()
+        return self._gradient(energy.sum(), x_leaf), energy.detach()
+
+    def _gradient(self, value, x_leaf):
+        """∂value/∂x; through an fp16 U-Net with ``value`` scaled (_HALF_LOSS_SCALE), without host synchronisation."""
+        if self._loss_scale is None:
+            return torch.autograd.grad(value, x_leaf)[0]
+        if not isinstance(self._loss_scale, torch.Tensor):
+            self._loss_scale = value.new_full((), self._loss_scale)
+        grad = torch.autograd.grad(value * self._loss_scale, x_leaf)[0] / self._loss_scale
+        self._loss_scale = torch.where(torch.isfinite(grad).all(), self._loss_scale, 1.0)
+        return grad
 
     def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):
         """The guided evaluation of a maps' branch whose entries carry different hooks, with the exact gradient.
@@ -444,7 +454,7 @@ class BiasMapSession:
             if not shares:  # none of the group's entries ran over the whole latent at this step
                 return torch.zeros_like(x_leaf)
             slope = sum((slopes[s] * m).sum() for s, m in shares.items())
-            return torch.autograd.grad(slope * self._loss_scale, x_leaf)[0] / self._loss_scale
+            return self._gradient(slope, x_leaf)
 
         grad, recorder = torch.zeros_like(x), self.capture.recorder
         try:
@@ -549,6 +559,10 @@ class BiasMapSession:
                        "itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler does "
                        "the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
                        "check the sigmas and the sampler")
+        if isinstance(self._loss_scale, torch.Tensor) and float(self._loss_scale) == 1.0:
+            self._note(f"a gradient through this fp16 model overflowed once scaled by {_HALF_LOSS_SCALE:g} (the scale "
+                       f"that keeps small fp16 gradients from vanishing): that evaluation was skipped as non-finite, "
+                       f"and the later ones were not scaled")
         steps = sorted(set(self.recorder.skipped_steps()) | set(self.recorder.steps_without_evaluation))
         if steps:
             self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "

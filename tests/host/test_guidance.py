@@ -7,7 +7,8 @@ forward hooks on every ``attn2.to_q``, the paper's ε-space update ε̂ = ε_cfg
 import pytest
 import torch
 
-from biasmap_engine import BiasMapSettings, entanglement_energy, find_word_positions, sum_upsampled, token_softmax_maps
+from biasmap_engine import (STATUS, BiasMapSettings, entanglement_energy, find_word_positions, sum_upsampled,
+                            token_softmax_maps)
 from biasmap_engine.host import (cross_attention_layers, deinference_, encode_attribution, sample_with_scheduler,
                                  start_session)
 from guided_runs import ATTRIBUTION, evaluations, sample
@@ -476,6 +477,24 @@ def test_an_fp16_models_backward_keeps_gradients_fp16_alone_would_flush_to_zero(
         norms[dtype] = trace.guidance["grad_norm"][0]
     assert norms[torch.float32] > 0
     torch.testing.assert_close(norms[torch.float16], norms[torch.float32], rtol=2e-2, atol=0)
+
+
+def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_the_run_is_not_scaled(comfy,
+                                                                                                     monkeypatch):
+    # Energies 10⁴ times larger: fp16 holds their gradient, but not 2¹⁰ times it. The clip gate keeps large gradients.
+    import comfy_models
+
+    import biasmap_engine.host.session as session
+
+    energy = session.entanglement_energy
+    monkeypatch.setattr(session, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e4)
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
+        pos, neg = comfy_models.paper_prompts(clip)
+    out, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")
+    status = trace.guidance["status"][:, 0].tolist()
+    assert status == [STATUS["skipped_nonfinite"]] + [STATUS["clipped"]] * 2 and torch.isfinite(out).all()
+    assert any("overflowed once scaled" in note for note in trace.notes)
 
 
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch,
