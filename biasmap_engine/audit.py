@@ -16,7 +16,6 @@ import re
 
 from .guidance import STATUS
 from .report import measure_entanglement
-from .settings import BiasMapSettings
 from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text"]
@@ -42,17 +41,15 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
               for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
     width, height = trace.image_size[::-1]
-    # A trace saved before a setting existed was made as its default is: its rows fit a file of later traces.
-    made_with = BiasMapSettings().to_dict() | trace.settings
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
-                   for k, v in made_with.items()}}
+                   for k, v in trace.settings.items()}}
     rows = []
     for a, b in pairs:
         result = measure_entanglement(trace, a, b, q, size)
         for i in range(trace.num_images):
-            rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i, "noise_index": _noise_index(trace, i),
-                         "demographic": a, "semantic": b, "q": q,
+            rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
+                         "noise_index": _noise_index(trace, i), "demographic": a, "semantic": b, "q": q,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
                          "notes": " | ".join(trace.notes)})

@@ -419,7 +419,7 @@ class BiasMapSession:
         return self._gradient(energy.sum(), x_leaf), energy.detach()
 
     def _gradient(self, value, x_leaf):
-        """∂value/∂x; through an fp16 U-Net with ``value`` scaled (_HALF_LOSS_SCALE), without host synchronisation."""
+        """∂value/∂x; through an fp16 U-Net with ``value`` scaled (_HALF_LOSS_SCALE); no host synchronisation."""
         if self._loss_scale is None:
             return torch.autograd.grad(value, x_leaf)[0]
         if not isinstance(self._loss_scale, torch.Tensor):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from biasmap_engine import STATUS, BiasMapSettings, TraceRecorder, append_csv, audit_rows, csv_text
+from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -81,18 +81,6 @@ def test_append_csv_refuses_rows_of_other_stages_and_names_them(tmp_path):
         append_csv(path, audit_rows(halves_trace(stages=("down_2",)), q=0.5))
     with open(path, encoding="utf-8-sig") as f:
         assert len(f.readlines()) == 1 + 4  # nothing appended
-
-
-def test_a_trace_saved_before_a_setting_existed_logs_into_a_file_of_later_traces_with_its_default(tmp_path):
-    path = str(tmp_path / "audit.csv")
-    later, earlier = halves_trace(), halves_trace()
-    later.settings = BiasMapSettings(scale=100.0).to_dict()
-    earlier.settings = {k: v for k, v in later.settings.items() if k not in ("start", "end")}
-    append_csv(path, audit_rows(later, q=0.5))
-    append_csv(path, audit_rows(earlier, q=0.5))
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["start"], r["end"]) for r in rows] == [("0.0", "1.0")] * 8
 
 
 def test_a_new_csv_starts_with_the_byte_order_mark_excel_needs_and_appends_add_none(tmp_path):
@@ -239,7 +227,8 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
     assert path.read_bytes() == b"\r\nlabel,iou\r\na,0.5\r\n"
 
 
-@pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height"),
+@pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
+                                      "height"),
                                      ("generation_prompt", "negative_prompt", "model", "width", "height"),
                                      ("negative_prompt", "model", "width", "height")],
                          ids=["before noise_index", "before generation_prompt", "before model and size"])
@@ -250,7 +239,8 @@ def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_h
     written = append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="after the update"))
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(old[0]) == list(written[0]) and [r["label"] for r in rows] == [""] * 4 + ["after the update"] * 4
+    assert list(rows[0]) == list(old[0]) == list(written[0])
+    assert [r["label"] for r in rows] == [""] * 4 + ["after the update"] * 4
     other = [{**row, "extra": 1} for row in old]  # any other difference is still refused, and named
-    with pytest.raises(ValueError, match="only the file has: nothing; only the trace has: extra.*another BiasMap version"):
+    with pytest.raises(ValueError, match="only the file has: nothing; only the trace has: extra.*another BiasMap"):
         append_csv(str(path), other)
