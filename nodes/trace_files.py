@@ -1,6 +1,7 @@
 """Save Trace and Load Trace: BiasMap traces as files, to share a run's maps or analyse them later (in ComfyUI or in
 Python with ``BiasMapTrace.load``), as ComfyUI's Save Latent and Load Latent do for latents."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,21 +53,34 @@ class BiasMapSaveTrace(io.ComfyNode):
         output_path(filename_prefix, "trace", f"{SAVED}/trace")  # ComfyUI's own refusal speaks of an image
         output_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
-        file = _claim(folder, name, counter)
         metadata = {}
         if not args.disable_metadata:  # as ComfyUI's savers: the workflow that made it, unless turned off
             if cls.hidden.prompt is not None:
                 metadata["prompt"] = json.dumps(cls.hidden.prompt)
             for key, value in (cls.hidden.extra_pnginfo or {}).items():
                 metadata[key] = json.dumps(value)
+        # Written beside the name it claims, then moved onto it whole: Load Trace never lists a partial trace.
+        file = _claim(folder, name, counter)
+        part = os.path.join(folder, f".{file}.part")
         try:
-            trace.save(os.path.join(folder, file), metadata)
+            trace.save(part, metadata)
+            os.replace(part, os.path.join(folder, file))
         except BaseException:
-            os.remove(os.path.join(folder, file))  # no empty or partial file for Load Trace to list
+            for path in (part, os.path.join(folder, file)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
             raise
         shown = "/".join(p for p in (subfolder, file) if p)
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(ui=ui.PreviewText(f"saved {shown} [output]"))
+
+
+def _written(path: str) -> bool:
+    """Not a name another Save Trace has claimed (empty) and is still writing."""
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:  # removed meanwhile
+        return False
 
 
 def _claim(folder: str, name: str, counter: int) -> str:
@@ -146,7 +160,7 @@ def trace_files() -> list[str]:
         names = []
         for root, _, files in os.walk(os.path.join(folder, under)):  # links not followed: a loop would never end
             names += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
-                      for f in files if f.endswith(EXTENSION)]
+                      for f in files if f.endswith(EXTENSION) and _written(os.path.join(root, f))]
         found += [name + note for name in sorted(names)]
     return found
 

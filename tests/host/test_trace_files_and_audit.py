@@ -110,11 +110,15 @@ def test_save_trace_never_overwrites_a_file_another_comfyui_saved_under_the_coun
         ).st_mode & 0o777  # readable as the output folder's other files are
 
 
-def test_a_save_trace_that_fails_leaves_no_file_behind(pack, folders, trace, monkeypatch):
+def test_a_save_trace_that_fails_leaves_no_file_behind_and_a_partial_one_is_never_listed(pack, folders, trace,
+                                                                                         monkeypatch):
     from biasmap_pack.nodes import BiasMapSaveTrace
+
+    from biasmap_pack.nodes.trace_files import trace_files
 
     def disk_full(self, path, metadata=None):
         open(path, "wb").write(b"part of a tra")
+        assert trace_files() == []  # what Load Trace would list meanwhile
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(trace), "save", disk_full)  # the pack's own BiasMapTrace
