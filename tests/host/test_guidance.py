@@ -604,18 +604,23 @@ def test_after_each_guided_backward_comfyuis_weight_offload_streams_wait_for_it(
         request.getfixturevalue("gpu_batching")
     model, clip = sd15
     pos, neg = prompts
-    waits = []
+    events = []
 
     class Stream:
         def wait_stream(self, other):
-            waits.append((self, other))
+            events.append((self, other))
 
     current, offload = Stream(), [Stream(), Stream()]
     monkeypatch.setitem(comfy.model_management.STREAMS, model.load_device, offload)
     monkeypatch.setattr(comfy.model_management, "current_stream", lambda device: current)
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *args, **kwargs: events.append("backward") or grad(*args,
+                                                                                                          **kwargs))
     _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert trace.guidance_counts()["applied"] == 2
-    assert waits == [(stream, current) for stream in offload] * 2  # once after each step's backward
+    # (On a CPU the small-grid convolution's function mode hands the one backward call on once more.)
+    steps = [e for i, e in enumerate(events) if e != "backward" or not i or events[i - 1] != "backward"]
+    assert steps == (["backward"] + [(stream, current) for stream in offload]) * 2  # after each step's backward
 
 
 def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
