@@ -30,8 +30,11 @@ class TraceFormatError(ValueError):
     """A file that is not a BiasMap trace, or a damaged one; ``problem`` says which, the message adds the fix."""
 
     def __init__(self, problem: str):
-        super().__init__(f"{problem}. Load a file written by BiasMapTrace.save.")
+        super().__init__(problem)  # args: the problem alone, so a copy or pickle makes the same error
         self.problem = problem
+
+    def __str__(self):
+        return f"{self.problem}. Load a file written by BiasMapTrace.save."
 
 
 @dataclass

@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import pytest
 import torch
@@ -125,8 +126,9 @@ def test_a_cut_short_damaged_or_newer_trace_says_which_and_what_to_do(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[:len(data) // 2])
-    with pytest.raises(TraceFormatError, match="cut short.*Load a file written by BiasMapTrace.save"):
+    with pytest.raises(TraceFormatError, match="cut short.*Load a file written by BiasMapTrace.save") as raised:
         BiasMapTrace.load(str(cut))
+    assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # as multiprocessing passes it on
     for name, description, message in (("no_notes", json.dumps({k: v for k, v in meta.items() if k != "notes"}),
                                         r"damaged or incomplete \(no 'notes'\)"),
                                        ("bad_json", "{not json", "damaged or incomplete")):
