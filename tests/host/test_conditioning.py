@@ -475,6 +475,49 @@ def test_hooked_conditioning_is_recorded_with_its_weights_and_can_be_guided(sd15
     assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
 
 
+def gligen_box(model, clip, conditioning):
+    """``conditioning`` with a GLIGEN text box ("a tie", top left), the GLIGEN model random and loaded in inference
+    mode as ComfyUI loads one, its gates open so that it changes the U-Net's pass."""
+    import comfy.gligen
+    import comfy.model_management
+    import comfy.model_patcher
+    import nodes
+    from comfy_models import init_random_
+
+    with torch.inference_mode():
+        widths = [m.attn1.to_q.in_features for m in model.model.diffusion_model.modules()
+                  if type(m).__name__ == "BasicTransformerBlock"]  # GLIGEN's modules, one per transformer block
+        gated = [comfy.gligen.GatedSelfAttentionDense(w, 768, 8, w // 8) for w in widths]
+        gligen = comfy.gligen.Gligen(gated, comfy.gligen.PositionNet(768, 768), 768)
+        init_random_(gligen, 3)
+        for module in gated:
+            module.alpha_attn.fill_(1.0)
+            module.alpha_dense.fill_(1.0)
+        patcher = comfy.model_patcher.ModelPatcher(gligen, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        return nodes.GLIGENTextBoxApply().append(conditioning, clip, patcher, "a tie", 16, 16, 0, 0)[0], gligen
+
+
+@pytest.mark.parametrize("stages", [None, ("down_1",)], ids=["all stages", "down x1"])
+def test_gligen_in_the_maps_branch_is_guided_through_its_own_weights_swapped_like_the_unets(sd15, prompts, stages,
+                                                                                              monkeypatch):
+    import biasmap_engine.host.session as session
+
+    model, clip = sd15
+    pos, neg = prompts
+    boxed, gligen = gligen_box(model, clip, pos)
+    attached = session.attached_modules
+    monkeypatch.setattr(session, "attached_modules", lambda conds: [])  # as if BiasMap did not know GLIGEN's weights
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        guided_sample(model, clip, boxed, neg, 100.0, steps=1, branch="cond", guided_stages=stages)
+    monkeypatch.setattr(session, "attached_modules", attached)
+    out, trace, _ = guided_sample(model, clip, boxed, neg, 100.0, steps=2, branch="cond", guided_stages=stages)
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(out).all()
+    assert not any(p.is_inference() for p in gligen.parameters())
+    without, _, _ = guided_sample(model, clip, pos, neg, 100.0, steps=2, branch="cond", guided_stages=stages)
+    assert not torch.allclose(out, without)  # GLIGEN took part
+
+
 def test_an_inpainting_model_is_recorded_and_guided_through_its_latent_channels(comfy):
     # SD1.5 inpainting: the U-Net reads the latent concatenated with the mask and the masked image
     # (InpaintModelConditioning); the gradient is taken with respect to the latent's channels only.
