@@ -230,6 +230,12 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
                                               "(linked strength) + FreeU_V2"}
     graph["13"] = {"class_type": "Power Lora Loader (rgthree)", "inputs": {"model": ["12", 0], "lora_1": {"on": True}}}
     assert graph_run(graph, "3")["model"].endswith("+ Power Lora Loader (rgthree)")  # what it applied is its own
+    graph["12"] = {"class_type": "HypernetworkLoader",
+                   "inputs": {"model": ["11", 0], "hypernetwork_name": "style.pt", "strength": 0.5}}
+    graph["4"] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": "a photo", "text_l": "photo"}}
+    assert graph_run(graph, "3")["model"] == ("unet.safetensors + detail.safetensors (0.8) + style.pt (0.5) "
+                                              "+ Power Lora Loader (rgthree)")
+    assert graph_run(graph, "3")["generation_prompt"] == "a photo"  # SDXL's: text_g
     graph["11"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0]}}
     assert graph_run(graph, "3")["model"] == ""  # made from two: no one file
     assert graph_run(None, None) == {"generation_prompt": "", "negative_prompt": "", "model": ""}

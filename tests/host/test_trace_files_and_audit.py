@@ -248,7 +248,7 @@ def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(p
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/biasmap_escape"])
-def test_files_outside_the_output_folder_are_refused_before_the_graph_samples(pack, folders, name):
+def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(pack, folders, name):
     from biasmap_pack.nodes import BiasMapAuditLog, BiasMapSaveTrace
 
     assert "audit file" in BiasMapAuditLog.validate_inputs(filename=name)
