@@ -3,6 +3,9 @@ a ControlNet, under which hook groups they run. Entries are the dicts of a proce
 calc_cond_batch receives them.
 """
 
+import struct
+import weakref
+
 import torch
 
 __all__ = ["attached_modules", "control_models", "covers_image", "hook_groups"]
@@ -79,10 +82,30 @@ def hook_groups(conds, timestep) -> list[list]:
 def _in_range(entry, timestep) -> bool:
     """Whether an entry runs at this step as far as its timestep range goes (ComfyUI's ``get_area_and_mult``).
 
-    Compared as ComfyUI compares them: the σ tensor (its dtype) against the entry's number; only entries with a
-    range read σ on the host.
+    As ComfyUI compares them: σ in its tensor's dtype (float32) against the entry's bound. Only entries with a range
+    read σ, on the host, and once per evaluation (_sigma_on_host), however many entries and questions there are.
     """
-    sigma = timestep.reshape(-1)[0]
-    if "timestep_start" in entry and bool(sigma > entry["timestep_start"]):
+    if "timestep_start" not in entry and "timestep_end" not in entry:
+        return True
+    sigma, as_sigma = _sigma_on_host(timestep)
+    if "timestep_start" in entry and sigma > as_sigma(entry["timestep_start"]):
         return False
-    return not ("timestep_end" in entry and bool(sigma < entry["timestep_end"]))
+    return not ("timestep_end" in entry and sigma < as_sigma(entry["timestep_end"]))
+
+
+_last_sigma: tuple = (None, None)  # (weak reference to an evaluation's timestep tensor, what _sigma_on_host gave)
+
+
+def _sigma_on_host(timestep: torch.Tensor):
+    """σ of the evaluation as a Python number, and a function rounding a bound to σ's dtype."""
+    global _last_sigma
+    seen, answer = _last_sigma
+    if seen is None or seen() is not timestep:
+        as_sigma = _as_float32 if timestep.dtype == torch.float32 else float
+        answer = timestep.reshape(-1)[0].tolist(), as_sigma  # the one read on the host
+        _last_sigma = (weakref.ref(timestep), answer)
+    return answer
+
+
+def _as_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]

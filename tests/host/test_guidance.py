@@ -686,6 +686,28 @@ def test_sampling_steps_make_no_host_round_trip_of_biasmaps_own(sd15, prompts, e
     assert spy.found == []
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["CPU passes", "one CFG batch (GPU)"])
+def test_entries_with_timestep_ranges_read_sigma_on_the_host_once_per_evaluation(sd15, prompts, batched, request):
+    # ComfyUI itself reads σ on the host for such entries; BiasMap asks of them several times an evaluation.
+    import nodes
+    from host_round_trips import HostRoundTrips
+
+    if batched:
+        request.getfixturevalue("gpu_batching")
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():  # each branch: one whole-image entry for each half of the schedule
+        halves = [[nodes.ConditioningSetTimestepRange().set_range(c, a, b)[0] for a, b in ((0.0, 0.5), (0.5, 1.0))]
+                  for c in (pos, neg)]
+        pos, neg = (nodes.ConditioningCombine().combine(*h)[0] for h in halves)
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+        with HostRoundTrips() as spy:
+            _, trace = sample_with_scheduler(session, model, 0, 3, 7.0, "euler", "normal", pos, neg,
+                                             {"samples": torch.zeros(1, 4, 32, 32)})
+    assert trace.guidance_counts()["applied"] == 3
+    assert spy.found == [("tolist (a copy to the host)", spy.found[0][1])] * 3  # one read of σ per evaluation
+
+
 @pytest.mark.parametrize("kind", ["error", "interrupt"])
 def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(sd15, prompts, kind):
     import comfy.model_management as mm

@@ -52,8 +52,10 @@ class HostRoundTrips:
             mode.__exit__(*exc)
 
     def _note(self, what: str) -> None:
-        # The innermost caller outside torch and this file: the engine's line, or ComfyUI's (not ours to count).
-        stack = [f for f in traceback.extract_stack() if not _real(f.filename).startswith(_NOT_CALLERS)]
+        # The innermost caller outside torch, this file and the modes that hand calls on (the engine's small-grid
+        # convolution): the engine's line, or ComfyUI's (not ours to count).
+        stack = [f for f in traceback.extract_stack() if not _real(f.filename).startswith(_NOT_CALLERS)
+                 and f.name not in ("__torch_function__", "__torch_dispatch__")]
         engine = [f for f in stack if _real(f.filename).startswith(ENGINE)]
         if stack and stack[-1] in engine and not any(f.name == "finish" for f in engine):
             self.found.append((what, f"{Path(stack[-1].filename).name}:{stack[-1].lineno}"))
