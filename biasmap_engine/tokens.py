@@ -127,9 +127,15 @@ def _kind(char: str) -> str:
     return category if category in "LN" else "O"
 
 
+# Sentence marks around a typed concept ('doctor.', '"nurse"') are not part of it: CLIP makes them tokens of their
+# own, which a lookup would add to the word's map. An apostrophe stays (doctors').
+_AROUND = ' \t\n.;:!?"()[]{}“”«»'
+
+
 def split_concepts(text: str) -> list[str]:
-    """A comma-separated concept list → stripped non-empty words (``"woman, man"`` → ``["woman", "man"]``)."""
-    return [w.strip() for w in text.split(",") if w.strip()]
+    """A comma-separated concept list → its words, without the spaces and sentence marks around them
+    (``"woman, man."`` → ``["woman", "man"]``)."""
+    return [w.strip(_AROUND) for w in text.split(",") if w.strip(_AROUND)]
 
 
 def _word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:

@@ -6,8 +6,8 @@ import torch
 from comfy_api.latest import io
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, plain_errors,
-                     require_single, step_inputs, step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
+                     one_concept, plain_errors, require_single, step_inputs, step_window)
 
 _ONE_WORD = "give one word (one Attribution Map node per word)"
 
@@ -26,9 +26,10 @@ class BiasMapAttributionMap(io.ComfyNode):
                         "upsampled to the image, as a heatmap or an overlay, plus a MASK.",
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
-                io.String.Input("word", default="gender",
-                                tooltip="A word of the attribution prompt; multi-token words use the mean of their "
-                                        "pieces."),
+                io.String.Input("word", default="",
+                                tooltip="A word of the attribution prompt (any, also one the generation prompt lacks); "
+                                        "empty = the trace's first demographic concept. A word of several tokens "
+                                        "uses the mean of their maps."),
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image to draw the map over (one image or one per latent)."),
                 io.String.Input("stages", default="all", extra_dict=ADVANCED,
@@ -49,8 +50,6 @@ class BiasMapAttributionMap(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, word=None, stages=None):
         # Before the graph runs: this node runs after the sampler, whose run a typo here would waste.
-        if word is not None and not word.strip():
-            return "word: it is empty; type a word of the attribution prompt, e.g. 'gender'"
         ok = check_single(_ONE_WORD, word=word)
         return ok if ok is not True else check_stage_names("stages", stages)
 
@@ -59,6 +58,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
                 image=None) -> io.NodeOutput:
         require_single(_ONE_WORD, word=word)
+        word = one_concept(word) or first_concept(trace.demographic, "demographic")
         check_images(image, trace)
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),

@@ -211,6 +211,19 @@ def require_single(fix: str, **inputs) -> None:
         raise ValueError(verdict)
 
 
+def one_concept(text: str) -> str:
+    """The concept typed in an input that takes one (see require_single), as the sampler's lists take their words
+    (without the sentence marks around it: 'doctor,' is 'doctor'); '' when none is typed."""
+    return next(iter(split_concepts(text)), "")
+
+
+def first_concept(concepts: list[str], label: str) -> str:
+    """What an empty concept input stands for: the trace's first ``label`` concept."""
+    if not concepts:
+        raise ValueError(f"the trace has no {label} concept; type the word in this node")
+    return concepts[0]
+
+
 def check_pair(trace, word_a: str, word_b: str) -> None:
     """Two distinct concepts to compare: a concept's overlap with itself is 1 whatever the image."""
     require_distinct_concepts([word_a], [word_b], {word_a: trace.positions(word_a), word_b: trace.positions(word_b)})

@@ -3,8 +3,8 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_pair, check_single, mask_size, plain_errors,
-                     require_single, step_inputs, step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_pair, check_single, first_concept, mask_size,
+                     one_concept, plain_errors, require_single, step_inputs, step_window)
 
 _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
 
@@ -50,8 +50,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
         require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
         check_images(image, trace)
-        word_a = concept_a.strip() or _first(trace.demographic, "demographic")
-        word_b = concept_b.strip() or _first(trace.semantic, "semantic")
+        word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic")
+        word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic")
         check_pair(trace, word_a, word_b)
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
@@ -64,8 +64,3 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), result.report, picture,
                              ui=ui.PreviewText(result.report))
 
-
-def _first(words, label):
-    if not words:
-        raise ValueError(f"the trace has no {label} concept; type the word in this node")
-    return words[0]

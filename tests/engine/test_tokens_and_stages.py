@@ -37,6 +37,7 @@ def test_prompt_words_join_pieces():
 
 def test_split_concepts_drops_blanks():
     assert split_concepts(" woman, man ,, ") == ["woman", "man"]
+    assert split_concepts('"doctor.", (nurse), doctors\'') == ["doctor", "nurse", "doctors'"]  # marks around a word
 
 
 @pytest.mark.parametrize("block, latent, grid, stage", [

@@ -57,11 +57,24 @@ def test_validation_refuses_guidance_settings_that_cannot_run_and_says_why(nodes
                                                  "semantic": "doctor", **inputs})
 
 
-def test_attribution_map_validation_refuses_unknown_stages_and_an_empty_word_naming_the_input(nodes_and_trace):
+def test_attribution_map_validation_refuses_unknown_stages_naming_the_input(nodes_and_trace):
     attribution_map = nodes_and_trace[1]  # it runs after the sampler: a typo found when it runs wastes the sampling
     assert attribution_map.validate_inputs("gender", "Down_1, MID_2") is True
     assert attribution_map.validate_inputs("gender", "down1").startswith("stages: unknown stage 'down1'")
-    assert attribution_map.validate_inputs("  ", "all").startswith("word: it is empty")
+    assert attribution_map.validate_inputs("  ", "all") is True  # the trace's first demographic concept
+
+
+def test_the_map_nodes_take_a_word_as_the_samplers_lists_take_it_and_an_empty_one_as_the_traces_concept(
+        nodes_and_trace):
+    # 'doctor,' was looked up as the word followed by a comma token: another map, and no warning.
+    _, attribution_map, entanglement, trace = nodes_and_trace
+    with torch.inference_mode():
+        heats = [attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "word": word}).result[0]
+                 for word in ("gender", "", "gender,", '"Gender."')]
+        ious = [entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": a,
+                                                                 "concept_b": b}).result[0]
+                for a, b in (("gender", "doctor"), ("", ""), ("gender.", "doctor,"))]
+    assert all(torch.equal(heat, heats[0]) for heat in heats) and ious == [ious[0]] * 3
 
 
 def test_the_nodes_raise_their_errors_as_value_errors_comfyui_names_without_a_folder_path(nodes_and_trace):
