@@ -25,14 +25,16 @@ class EntanglementResult:
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = torch.stack(list(self.block_ious.values())).nanmean(dim=0)
         self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
+        self.steps = steps
         self._trace = trace
 
     @functools.cached_property
     def report(self) -> str:
         trace = self._trace
         h, w = self.masks[0].shape[-2:]
+        window = "" if self.steps is None else f", steps {self.steps[0]}–{self.steps[1]} of 0–{trace.num_steps - 1}"
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
-                 f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}, {trace.model_family})",
+                 f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}{window}, {trace.model_family})",
                  _run_line(trace)]
         for key, name in (("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative")):
             if trace.run.get(key):  # read from the graph where it is typed

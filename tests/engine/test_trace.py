@@ -314,6 +314,8 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     prompted = measure_entanglement(trace, "gender", "doctor").report.splitlines()
     assert prompted[2:5] == ["model: v1-5.safetensors", "prompt: A photo of the face of a doctor", "negative: blurry"]
     assert prompted[5].startswith("mIoU")
+    windowed = measure_entanglement(trace, "gender", "doctor", steps=(1, 2)).report.splitlines()[0]
+    assert windowed.endswith("masks at 64×96, steps 1–2 of 0–2, SD15)")  # reports side by side say which steps
     trace.run, trace.settings = {}, {}  # a trace saved before runs were kept
     assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == "run: not recorded in this trace"
 
