@@ -55,11 +55,12 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
 
 COLORMAPS: tuple[str, ...] = tuple(_ANCHORS)
 
-# Region colours of the entanglement picture: blue / yellow stay apart for the common colour
-# blindnesses, and magenta for the overlap is far from both.
-A_COLOR: tuple[float, float, float] = (0.2, 0.5, 1.0)
-B_COLOR: tuple[float, float, float] = (1.0, 0.85, 0.1)
-BOTH_COLOR: tuple[float, float, float] = (1.0, 0.15, 0.6)
+# Region colours of the entanglement picture: Okabe and Ito's sky blue and vermillion, and white for the overlap the
+# IoU measures. Under simulated protanopia, deuteranopia and tritanopia (Machado 2009) the three, the black
+# background and the three blended over skin or grey stay ≥ 20 CIELAB units apart (blue, yellow and magenta: 5).
+A_COLOR: tuple[float, float, float] = (86 / 255, 180 / 255, 233 / 255)
+B_COLOR: tuple[float, float, float] = (213 / 255, 94 / 255, 0.0)
+BOTH_COLOR: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 _LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every region colour to read on it
 _LABEL_GAP = "  "
@@ -204,7 +205,7 @@ def entanglement_picture(
     font_px = max(10, min(height, width) // 32)
     for index, iou in enumerate(ious.tolist()):
         shown = f"IoU {iou:.2f}" if iou == iou else "IoU n/a"  # NaN: nothing to measure in this image
-        segments = [(shown, BOTH_COLOR), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
+        segments = [(f"a&b {shown}", BOTH_COLOR), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)

@@ -3,7 +3,7 @@
 import logging
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
@@ -59,7 +59,7 @@ class BiasMapAttributionMap(io.ComfyNode):
                 image=None) -> io.NodeOutput:
         require_single(_ONE_WORD, word=word)
         word = one_concept(word) or first_concept(trace.demographic, "demographic")
-        check_images(image, trace)
+        check_images(image, trace, "Attribution Map")
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),
                                  size)
@@ -75,4 +75,4 @@ class BiasMapAttributionMap(io.ComfyNode):
         heat = colorize(maps01, colormap)
         picture = heat if image is None else overlay(image[..., :3].to(heat), heat, opacity)  # RGBA: alpha dropped
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01
-        return io.NodeOutput(picture, out_mask)
+        return io.NodeOutput(picture, out_mask, ui=ui.PreviewImage(picture, cls=cls))  # shown on the node

@@ -1,6 +1,7 @@
 """Inputs and validation shared by the BiasMap nodes."""
 
 import functools
+import logging
 import os
 
 import folder_paths
@@ -248,9 +249,18 @@ def inside(path: str, root: str) -> bool:
         return False
 
 
-def check_images(image, trace) -> None:
-    """An IMAGE input to draw on: one picture, or one per latent of the trace."""
-    if image is not None and image.shape[0] not in (1, trace.num_images):
+def check_images(image, trace, node: str) -> None:
+    """An IMAGE input to draw on: one picture, or one per latent of the trace; one of another shape is stretched to
+    it, which a console warning says (a crop puts the maps off their places)."""
+    if image is None:
+        return
+    if image.shape[0] not in (1, trace.num_images):
         raise ValueError(f"the image input holds {image.shape[0]} pictures but the trace comes from "
                          f"{trace.num_images} latent(s): connect the images decoded from the trace's latents (one "
                          f"per latent), or a single picture")
+    (height, width), (latent_h, latent_w) = image.shape[1:3], trace.latent_shape[2:]
+    if abs(height * latent_w / (width * latent_h) - 1) > 0.01:
+        logging.warning("BiasMap %s: the image is %d×%d, a shape other than the decoded latent's (%d×%d): the maps "
+                        "are stretched onto it, which puts them off their places if it was cropped; connect the "
+                        "image decoded from the latent (scaled is fine)", node, width, height, latent_w * 8,
+                        latent_h * 8)

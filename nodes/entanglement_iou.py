@@ -37,7 +37,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch (images without finite maps left out)."),
                      io.Float.Output("mbiou", tooltip="Mean block-wise IoU, mean over the batch."),
                      io.String.Output("report", tooltip="Per image and per stage figures, token pieces, guidance counts."),
-                     io.Image.Output("picture", tooltip="A only, B only and A∧B in three colours, IoU written on it.")],
+                     io.Image.Output("picture", tooltip="A only (sky blue), B only (vermillion) and A∧B (white), the IoU written on it.")],
             is_output_node=True,
         )
 
@@ -49,18 +49,22 @@ class BiasMapEntanglementIoU(io.ComfyNode):
     @plain_errors
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
         require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
-        check_images(image, trace)
+        check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic")
         check_pair(trace, word_a, word_b)
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)
-        masks = result.masks
-        if image is not None:
-            masks = [resize_maps(m.float(), tuple(image.shape[1:3])) > 0.5 for m in masks]
+        # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the
+        # label no room), the masks thresholded where they were measured.
+        shown = tuple(image.shape[1:3]) if image is not None else trace.image_size
+        masks = [m if tuple(m.shape[1:]) == shown else resize_maps(m.float(), shown) > 0.5 for m in result.masks]
         picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b),
                                        None if image is None else image[..., :3])  # RGBA: alpha dropped
+        # The picture on the node itself; the report too, for API clients (ComfyUI's page shows text only in Preview
+        # as Text).
+        shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(result.report).as_dict()
         return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), result.report, picture,
-                             ui=ui.PreviewText(result.report))
+                             ui=shown_on_node)
 

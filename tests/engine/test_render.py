@@ -195,9 +195,40 @@ def test_entanglement_picture_colours_a_only_b_only_both_and_neither():
     assert torch.equal(out[0, 110:, :], image[0, 110:, :])  # neither: the image, untouched
 
 
-def test_entanglement_picture_region_colours_are_clearly_distinct():
-    colours = torch.tensor([A_COLOR, B_COLOR, BOTH_COLOR])
-    assert torch.cdist(colours, colours).add(torch.eye(3)).min() > 0.5
+# Machado, Oliveira and Fernandes (2009), severity 1, on linear RGB.
+_DEFICIENCIES = {
+    "protanopia": ((0.152286, 1.052583, -0.204868), (0.114503, 0.786281, 0.099216), (-0.003882, -0.048116, 1.051998)),
+    "deuteranopia": ((0.367322, 0.860646, -0.227968), (0.280085, 0.672501, 0.047413), (-0.011820, 0.042940, 0.968881)),
+    "tritanopia": ((1.255528, -0.076749, -0.178779), (-0.078411, 0.930809, 0.147602), (0.004733, 0.691367, 0.303900)),
+}
+
+
+def _linear(srgb):
+    return torch.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+
+
+def _lab(linear):
+    """CIELAB (D65) of linear RGB colours [..., 3]."""
+    xyz = linear @ torch.tensor([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]],
+                                dtype=linear.dtype).T / torch.tensor([0.95047, 1.0, 1.08883], dtype=linear.dtype)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+@pytest.mark.parametrize("vision", ["typical", *_DEFICIENCIES])
+@pytest.mark.parametrize("under", ["black", "skin", "grey"])
+def test_entanglement_picture_regions_stay_apart_for_colour_blind_viewers(vision, under):
+    # A only, B only, both (the overlap the IoU measures) and what lies under them, as drawn: full colours on black,
+    # or blended at the default opacity over a picture.
+    base = {"black": (0.0, 0.0, 0.0), "skin": (0.85, 0.65, 0.55), "grey": (0.5, 0.5, 0.5)}[under]
+    shown = torch.tensor([A_COLOR, B_COLOR, BOTH_COLOR, base], dtype=torch.float64)
+    if under != "black":
+        shown[:3] = torch.lerp(shown[3].expand(3, 3), shown[:3], 0.6)
+    seen = _linear(shown)
+    if vision != "typical":
+        seen = (seen @ torch.tensor(_DEFICIENCIES[vision], dtype=torch.float64).T).clamp(0, 1)
+    lab = _lab(seen)
+    assert torch.cdist(lab, lab).add(torch.eye(4, dtype=torch.float64) * 1e3).min() >= 20  # CIELAB ΔE76
 
 
 def test_entanglement_picture_writes_a_label_box_in_the_top_left_corner():

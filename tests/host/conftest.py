@@ -28,10 +28,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy():
-    """ComfyUI booted in-process (CPU unless CUDA is there)."""
+def comfy(tmp_path_factory):
+    """ComfyUI booted in-process (CPU unless CUDA is there), its temporary folder (node previews) a test's own."""
     comfy_models.boot_comfy(COMFYUI_PATH)
     import comfy.model_management
+    import folder_paths
+
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("comfyui-temp")))
 
     return comfy
 

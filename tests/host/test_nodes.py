@@ -189,6 +189,31 @@ def test_attribution_map_draws_an_image_whose_maps_overflowed_empty_and_says_so(
     assert "image(s) 1 of the batch hold NaN or inf in the maps of 'gender'" in caplog.text
 
 
+def test_the_map_nodes_show_their_pictures_on_themselves_and_entanglement_draws_at_image_size(nodes_and_trace):
+    # At latent size (32×32 here) the picture's label covered it and cut the IoU short.
+    _, attribution_map, entanglement, trace = nodes_and_trace
+    with torch.inference_mode():
+        heat = attribution_map.execute(**defaults(attribution_map) | {"trace": trace})
+        measured = entanglement.execute(**defaults(entanglement) | {"trace": trace, "resolution": "latent"})
+    assert len(heat.ui.as_dict()["images"]) == 2 and len(measured.ui["images"]) == 2
+    assert "IoU" in measured.ui["text"][0]
+    assert picture(measured).shape[1:3] == trace.image_size == (256, 256)
+    assert "masks at 32×32" in measured.result[2]  # measured where asked
+
+
+def test_an_image_of_another_shape_than_the_latents_is_drawn_on_with_a_warning(nodes_and_trace, caplog):
+    _, attribution_map, entanglement, trace = nodes_and_trace
+    for node in (attribution_map, entanglement):
+        caplog.clear()
+        with torch.inference_mode():
+            node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 256, 128, 3)})
+        assert "the image is 128×256, a shape other than the decoded latent's (256×256)" in caplog.text
+        caplog.clear()
+        with torch.inference_mode():
+            node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 512, 512, 3)})  # scaled: fine
+        assert "shape other" not in caplog.text
+
+
 def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and_trace):
     attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
     for q in (0.7, 0.9):
