@@ -36,7 +36,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             ],
             outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch (images without finite maps left out)."),
                      io.Float.Output("mbiou", tooltip="Mean block-wise IoU, mean over the batch."),
-                     io.String.Output("report", tooltip="Per image and per stage figures, token pieces, guidance counts."),
+                     io.String.Output("report",
+                                      tooltip="Per image and per stage figures, token pieces, guidance counts."),
                      io.Image.Output("picture", tooltip="A only (sky blue), B only (vermillion) and A∧B (white), the "
                                                         "IoU written on it.")],
             is_output_node=True,
