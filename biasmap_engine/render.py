@@ -55,12 +55,13 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
 
 COLORMAPS: tuple[str, ...] = tuple(_ANCHORS)
 
-# Region colours of the entanglement picture: Okabe and Ito's sky blue and vermillion, and white for the overlap the
-# IoU measures. Under simulated protanopia, deuteranopia and tritanopia (Machado 2009) the three, the black
-# background and the three blended over skin or grey stay ≥ 20 CIELAB units apart (blue, yellow and magenta: 5).
+# Region colours of the entanglement picture: Okabe and Ito's sky blue and vermillion. Under simulated protanopia,
+# deuteranopia and tritanopia (Machado 2009) the two and what lies under them (black; skin, grey, white or a dark
+# picture at the default opacity) stay ≥ 20 CIELAB units apart. The overlap the IoU measures is striped with both:
+# no third colour keeps that distance from the two and from every picture (white vanished over white coats).
 A_COLOR: tuple[float, float, float] = (86 / 255, 180 / 255, 233 / 255)
 B_COLOR: tuple[float, float, float] = (213 / 255, 94 / 255, 0.0)
-BOTH_COLOR: tuple[float, float, float] = (1.0, 1.0, 1.0)
+_LABEL_TEXT = (1.0, 1.0, 1.0)
 
 _LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every region colour to read on it
 _LABEL_GAP = "  "
@@ -180,7 +181,8 @@ def entanglement_picture(
     image: Tensor | None = None,
     opacity: float = 0.6,
 ) -> Tensor:
-    """Paint A-only, B-only and overlap pixels of [B, H, W] masks and label each picture with its IoU."""
+    """Paint A-only, B-only and overlap (striped with both colours) pixels of [B, H, W] masks and label each picture
+    with its IoU."""
     if mask_a.ndim != 3 or mask_a.shape != mask_b.shape:
         raise ValueError(f"masks must both be [B, H, W], got {tuple(mask_a.shape)} and {tuple(mask_b.shape)}")
     batch, height, width = mask_a.shape
@@ -189,9 +191,14 @@ def entanglement_picture(
         raise ValueError(f"need one IoU per mask pair: {batch} pairs, {ious.numel()} IoUs")
     label_a, label_b = labels
     device = mask_a.device
-    # 0 = neither, 1 = A only, 2 = B only, 3 = both: one index into a 4-colour table.
+    # 0 = neither, 1 = A only, 2 = B only, 3 = both: one index into a 4-colour table, both taking A's or B's colour
+    # in diagonal stripes about 1/64 of the short side wide.
     region = mask_a.to(device, torch.bool).long() + 2 * mask_b.to(device, torch.bool).long()
-    palette = torch.tensor([(0.0, 0.0, 0.0), A_COLOR, B_COLOR, BOTH_COLOR], device=device)
+    stripe = max(2, min(height, width) // 64)
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    b_stripe = ((rows.view(-1, 1) + cols.view(1, -1)) // stripe) % 2 == 1
+    region = torch.where((region == 3) & b_stripe, 2, torch.where(region == 3, 1, region))
+    palette = torch.tensor([(0.0, 0.0, 0.0), A_COLOR, B_COLOR], device=device)
     paint = palette[region]
     if image is None:
         picture = paint  # nothing to blend under: full-strength colours on black
@@ -205,7 +212,7 @@ def entanglement_picture(
     font_px = max(10, min(height, width) // 32)
     for index, iou in enumerate(ious.tolist()):
         shown = f"IoU {iou:.2f}" if iou == iou else "IoU n/a"  # NaN: nothing to measure in this image
-        segments = [(f"a&b {shown}", BOTH_COLOR), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
+        segments = [(f"a&b {shown}", _LABEL_TEXT), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)

@@ -38,8 +38,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                      io.Float.Output("mbiou", tooltip="Mean block-wise IoU, mean over the batch."),
                      io.String.Output("report",
                                       tooltip="Per image and per stage figures, token pieces, guidance counts."),
-                     io.Image.Output("picture", tooltip="A only (sky blue), B only (vermillion) and A∧B (white), the "
-                                                        "IoU written on it.")],
+                     io.Image.Output("picture", tooltip="A only (sky blue), B only (vermillion) and A∧B (striped with "
+                                                        "both), the IoU written on it.")],
             is_output_node=True,
         )
 

@@ -425,7 +425,9 @@ class BiasMapSession:
         if not isinstance(self._loss_scale, torch.Tensor):
             self._loss_scale = value.new_full((), self._loss_scale)
         grad = torch.autograd.grad(value * self._loss_scale, x_leaf)[0] / self._loss_scale
-        self._loss_scale = torch.where(torch.isfinite(grad).all(), self._loss_scale, 1.0)
+        # Off only when the scale overflowed the gradient: not for an energy that is no number by itself.
+        overflowed = torch.isfinite(value).all() & ~torch.isfinite(grad).all()
+        self._loss_scale = torch.where(overflowed, 1.0, self._loss_scale)
         return grad
 
     def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):

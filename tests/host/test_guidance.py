@@ -497,6 +497,29 @@ def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_
     assert any("overflowed once scaled" in note for note in trace.notes)
 
 
+def test_an_energy_that_is_no_number_by_itself_leaves_the_fp16_loss_scale_on(comfy, monkeypatch):
+    # Step 0's energy is NaN for a reason of its own (maps that overflowed), not the scale; the later energies are
+    # small, as a full-size model's per-pixel gradients are, and fp16 still needs the scale for them.
+    import comfy_models
+
+    import biasmap_engine.host.session as session
+
+    energy, evaluations = session.entanglement_energy, []
+
+    def small_and_first_nan(*args, **kwargs):
+        evaluations.append(1)
+        return energy(*args, **kwargs) * (float("nan") if len(evaluations) == 1 else 1e-4)
+
+    monkeypatch.setattr(session, "entanglement_energy", small_and_first_nan)
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
+        pos, neg = comfy_models.paper_prompts(clip)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond")
+    assert trace.guidance["status"][:, 0].tolist() == [STATUS["skipped_nonfinite"]] + [STATUS["applied"]] * 2
+    assert (trace.guidance["grad_norm"][1:, 0] > 0).all()  # not flushed to zero
+    assert not any("overflowed once scaled" in note for note in trace.notes)
+
+
 def test_guidance_with_cond_and_uncond_in_separate_unet_calls_matches_the_batched_pass(sd15, prompts, monkeypatch,
                                                                                          gpu_batching):
     model, clip = sd15
