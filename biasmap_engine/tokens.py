@@ -127,15 +127,33 @@ def _kind(char: str) -> str:
     return category if category in "LN" else "O"
 
 
-# Sentence marks around a typed concept ('doctor.', '"nurse"') are not part of it: CLIP makes them tokens of their
-# own, which a lookup would add to the word's map. An apostrophe stays (doctors').
-_AROUND = ' \t\n.;:!?"()[]{}“”«»'
-
-
 def split_concepts(text: str) -> list[str]:
-    """A comma-separated concept list → its words, without the spaces and sentence marks around them
-    (``"woman, man."`` → ``["woman", "man"]``)."""
-    return [w.strip(_AROUND) for w in text.split(",") if w.strip(_AROUND)]
+    """A comma-separated concept list → its words, without the spaces and punctuation around them
+    (``"woman, «man»."`` → ``["woman", "man"]``)."""
+    return [concept for concept in (_bare(part) for part in text.split(",")) if concept]
+
+
+def _bare(concept: str) -> str:
+    """``concept`` without the punctuation around it ('doctor.', '"nurse"', '医生。'): CLIP makes those marks tokens of
+    their own, which a lookup would add to the word's map. An apostrophe stays (doctors'), and so does a closing
+    bracket whose opening one is inside (person (elderly))."""
+    start, end = 0, len(concept)
+    while start < end and (concept[start].isspace() or _mark(concept[start]) and concept[start] not in "'’"):
+        start += 1
+    while end > start and (concept[end - 1].isspace() or _mark(concept[end - 1]) and concept[end - 1] not in "'’"
+                           and not _closes_inside(concept[start:end])):
+        end -= 1
+    return concept[start:end]
+
+
+def _mark(char: str) -> bool:
+    return unicodedata.category(char).startswith("P")
+
+
+def _closes_inside(text: str) -> bool:
+    """Whether ``text`` ends with a closing bracket that an opening one inside it pairs with."""
+    opening = {")": "(", "]": "[", "}": "{", "」": "「", "》": "《", "）": "（"}.get(text[-1])
+    return opening is not None and opening in text[:-1]
 
 
 def _word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:

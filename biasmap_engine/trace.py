@@ -149,8 +149,7 @@ class BiasMapTrace:
                 "settings": self.settings, "notes": self.notes, "run": self.run}
         data = safetensors_bytes({k: v.detach().cpu() for k, v in tensors.items()},
                                  metadata={**(metadata or {}), FORMAT: json.dumps(meta)})
-        # Written as an ordinary file (safetensors' own writer makes it readable by its owner alone), into the file
-        # at ``path`` if there is one (Save Trace creates it first to claim the name).
+        # Written as an ordinary file: safetensors' own writer makes it readable by its owner alone.
         with open(path, "wb") as f:
             f.write(data)
 

@@ -73,7 +73,7 @@ def _model(prompt: dict | None, node_id) -> str:
         if kind in _APPLIED:
             name, strength = (inputs.get(key) for key in _APPLIED[kind])
             applied.append(f"{name if isinstance(name, str) else kind}"
-                           + ("" if strength == 1 else f" ({strength})" if isinstance(strength, (int, float))
+                           + ("" if strength == 1 else f" ({strength:g})" if isinstance(strength, (int, float))
                               else " (linked strength)"))
         elif kind is not None:
             applied.append(kind)

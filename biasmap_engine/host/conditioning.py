@@ -82,30 +82,34 @@ def hook_groups(conds, timestep) -> list[list]:
 def _in_range(entry, timestep) -> bool:
     """Whether an entry runs at this step as far as its timestep range goes (ComfyUI's ``get_area_and_mult``).
 
-    As ComfyUI compares them: σ in its tensor's dtype (float32) against the entry's bound. Only entries with a range
-    read σ, on the host, and once per evaluation (_sigma_on_host), however many entries and questions there are.
+    As ComfyUI compares them: σ in its tensor's dtype against the entry's bound. Only entries with a range read σ, on
+    the host, and once per evaluation (_sigma_on_host), however many entries and questions there are.
     """
     if "timestep_start" not in entry and "timestep_end" not in entry:
         return True
-    sigma, as_sigma = _sigma_on_host(timestep)
-    if "timestep_start" in entry and sigma > as_sigma(entry["timestep_start"]):
+    sigma, dtype = _sigma_on_host(timestep)
+    if "timestep_start" in entry and _beyond(sigma, dtype, entry["timestep_start"], above=True):
         return False
-    return not ("timestep_end" in entry and sigma < as_sigma(entry["timestep_end"]))
+    return not ("timestep_end" in entry and _beyond(sigma, dtype, entry["timestep_end"], above=False))
 
 
 _last_sigma: tuple = (None, None)  # (weak reference to an evaluation's timestep tensor, what _sigma_on_host gave)
 
 
-def _sigma_on_host(timestep: torch.Tensor):
-    """σ of the evaluation as a Python number, and a function rounding a bound to σ's dtype."""
+def _sigma_on_host(timestep: torch.Tensor) -> tuple[float, torch.dtype]:
+    """σ of the evaluation as a Python number (exact), and its tensor's dtype."""
     global _last_sigma
     seen, answer = _last_sigma
     if seen is None or seen() is not timestep:
-        as_sigma = _as_float32 if timestep.dtype == torch.float32 else float
-        answer = timestep.reshape(-1)[0].tolist(), as_sigma  # the one read on the host
+        answer = timestep.reshape(-1)[0].tolist(), timestep.dtype  # the one read on the host
         _last_sigma = (weakref.ref(timestep), answer)
     return answer
 
 
-def _as_float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
+def _beyond(sigma: float, dtype: torch.dtype, bound: float, above: bool) -> bool:
+    """σ > bound (``above``) or σ < bound, the bound rounded to σ's dtype as a tensor comparison rounds it."""
+    if dtype == torch.float32:  # ComfyUI's sigmas: in plain Python
+        bound = struct.unpack("f", struct.pack("f", bound))[0]
+        return sigma > bound if above else sigma < bound
+    value = torch.tensor(sigma, dtype=dtype)  # on the host, from the number read
+    return bool(value > bound) if above else bool(value < bound)

@@ -38,6 +38,8 @@ def test_prompt_words_join_pieces():
 def test_split_concepts_drops_blanks():
     assert split_concepts(" woman, man ,, ") == ["woman", "man"]
     assert split_concepts('"doctor.", (nurse), doctors\'') == ["doctor", "nurse", "doctors'"]  # marks around a word
+    assert split_concepts("医生。, 「护士」, ¿médico?, doctor…, person (elderly)") == [
+        "医生", "护士", "médico", "doctor", "person (elderly)"]  # any script's marks; a bracket pair inside stays
 
 
 @pytest.mark.parametrize("block, latent, grid, stage", [
