@@ -4,7 +4,9 @@
 to the engine's line that caused them, so a round trip added to the step loop fails on the CPU as well. Operators are
 seen in the dispatcher; reads of a tensor into Python (``tolist``, ``cpu``, ``numpy``), which a CPU tensor answers
 without dispatching, at the Python level. Not seen: ``.to(device)`` of a tensor made on the host, which on the CPU
-cannot be told from a move to the device the tensor is already on.
+cannot be told from a move to the device the tensor is already on, and a round trip inside the engine's own
+``__torch_function__`` (the small-grid convolution's), whose frame is skipped so that ComfyUI's calls it hands on
+are not counted as the engine's.
 """
 
 import functools
