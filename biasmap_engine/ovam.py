@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "summed_token_softmax_maps",
-           "largest_grid", "sum_upsampled", "concept_map"]
+           "largest_grid", "resampled", "sum_upsampled", "concept_map"]
 
 
 def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -81,12 +81,17 @@ def sum_upsampled(maps: list[torch.Tensor], size: tuple[int, int] | None = None)
         size = largest_grid(maps)
     total = None
     for m in maps:
-        lead = m.shape[:-2]
-        if tuple(m.shape[-2:]) != tuple(size):
-            m = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), size=tuple(size), mode="bilinear",
-                              align_corners=False).view(*lead, *size)
+        m = resampled(m, size)
         total = m if total is None else total + m
     return total
+
+
+def resampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[..., h, w]`` maps at ``size``, bilinearly as OVAM brings stages to one grid (as they are if already)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]), size=tuple(size), mode="bilinear",
+                         align_corners=False).view(*maps.shape[:-2], *size)
 
 
 def concept_map(maps: torch.Tensor, positions: list[int]) -> torch.Tensor:

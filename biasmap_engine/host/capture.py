@@ -12,7 +12,7 @@ U-Net pass) ends, in one product: a GPU at SD sizes is bound by kernel launches.
 import torch
 import torch.nn.functional as F
 
-from ..ovam import prepare_keys, prepared_token_softmax_maps, summed_token_softmax_maps
+from ..ovam import prepare_keys, prepared_token_softmax_maps, resampled, summed_token_softmax_maps
 from ..stages import stage_grid, stage_of
 from ..trace import TraceRecorder
 
@@ -86,7 +86,7 @@ class BranchCapture:
             return
         # Several entries of the branch in this batch (ConditioningCombine), or a masked one: at once.
         q_rows = torch.cat([q[i * rows:(i + 1) * rows] for i in picked])  # slices: a list index copies from the host
-        per_entry = _resampled(prepared_token_softmax_maps(q_rows, keys, grid), target)
+        per_entry = resampled(prepared_token_softmax_maps(q_rows, keys, grid), target)
         maps = None
         for weight, entry_maps in zip(weights, per_entry.unflatten(0, (len(picked), rows)).unbind(0)):
             weighted = entry_maps if _is_one(weight) else weight * entry_maps
@@ -100,7 +100,7 @@ class BranchCapture:
         (stage, grid, target, *_, weight, guided), pending = self._pending_batch, self._pending
         self.discard()
         layers = [layer for layer, _ in pending]
-        maps = _resampled(summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid), target)
+        maps = resampled(summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid), target)
         self.recorder.add_layers(stage, maps if _is_one(weight) else weight * maps, layers, weight, guided)
 
     def discard(self) -> None:
@@ -199,13 +199,6 @@ def _default_entry_weights(conds, x_in, timestep) -> dict:
         remaining = torch.relu(left)[:, 0]  # [B, H, W]: every channel of a weight is the same
         weights.update({entry["uuid"]: (remaining, 1.0) for entry in defaults})
     return weights
-
-
-def _resampled(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, N, h, w]`` maps at ``grid``: bilinearly, as OVAM brings stages to one grid, where they run at another."""
-    if tuple(maps.shape[-2:]) == tuple(grid):
-        return maps
-    return F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False)
 
 
 def _is_one(weight) -> bool:
