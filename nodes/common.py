@@ -258,9 +258,8 @@ def check_images(image, trace, node: str) -> None:
         raise ValueError(f"the image input holds {image.shape[0]} pictures but the trace comes from "
                          f"{trace.num_images} latent(s): connect the images decoded from the trace's latents (one "
                          f"per latent), or a single picture")
-    (height, width), (latent_h, latent_w) = image.shape[1:3], trace.latent_shape[2:]
-    if abs(height * latent_w / (width * latent_h) - 1) > 0.01:
+    (height, width), (decoded_h, decoded_w) = image.shape[1:3], trace.image_size
+    if abs(height * decoded_w / (width * decoded_h) - 1) > 0.01:
         logging.warning("BiasMap %s: the image is %d×%d, a shape other than the decoded latent's (%d×%d): the maps "
                         "are stretched onto it, which puts them off their places if it was cropped; connect the "
-                        "image decoded from the latent (scaled is fine)", node, width, height, latent_w * 8,
-                        latent_h * 8)
+                        "image decoded from the latent (scaled is fine)", node, width, height, decoded_w, decoded_h)
