@@ -40,6 +40,7 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -377,7 +378,7 @@ class BiasMapSession:
         self._note("another node holds ComfyUI's sampler_calc_cond_batch_function slot: BiasMap ran one extra U-Net "
                    "pass per evaluation for its maps (slower, same method)")
         conds = [guider.conds.get("positive"), guider.conds.get("negative")]
-        if guider.cfg == 1.0 and not model_options.get("disable_cfg1_optimization", False):
+        if math.isclose(guider.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):  # as ComfyUI
             conds[_UNCOND] = None
         self.capture.set_entries(conds, x, timestep)
         branch = self._branch(conds, x, timestep)

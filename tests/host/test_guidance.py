@@ -663,6 +663,20 @@ def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15
     assert torch.allclose(fallback, direct, rtol=1e-3, atol=1e-3 * direct.abs().max().item())
 
 
+def test_an_extra_pass_skips_the_uncond_branch_when_comfyui_does_at_a_cfg_of_nearly_one(sd15, prompts):
+    # ComfyUI skips the uncond pass when math.isclose(cfg, 1): the extra pass must not record that skipped branch.
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    occupied = model.clone()
+    occupied.set_model_sampler_calc_cond_batch_function(
+        lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                    args["model_options"]))
+    _, trace, _ = sample(occupied, clip, pos, neg, 100.0, steps=1, cfg=1.0 + 1e-12)
+    assert any("cfg = 1" in note for note in trace.notes)
+
+
 @pytest.mark.parametrize("stages, cfg, batched", [(None, 7.0, False), (("down_1",), 7.0, False), (None, 1.0, False),
                                                   (None, 7.0, True), (("down_1",), 7.0, True)])
 def test_a_guided_evaluation_takes_its_gradient_on_its_own_unet_passes(sd15, prompts, stages, cfg, batched, request):
