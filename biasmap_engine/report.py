@@ -6,7 +6,7 @@ import torch
 
 from .masks import iou
 from .stages import stage_label
-from .tokens import readable
+from .tokens import readable, require_distinct_concepts
 from .trace import BiasMapTrace
 
 __all__ = ["EntanglementResult", "measure_entanglement"]
@@ -17,6 +17,8 @@ class EntanglementResult:
     first read: an audit of many runs reads the figures only)."""
 
     def __init__(self, trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None, steps=None):
+        # A concept's overlap with itself is 1 whatever the image: refused here, for notebooks as for the nodes.
+        require_distinct_concepts([word_a], [word_b], {w: trace.positions(w) for w in (word_a, word_b)})
         self.word_a, self.word_b, self.q = word_a, word_b, q
         size = tuple(size) if size is not None else trace.image_size  # the reference thresholds at image size
         self.masks = trace.masks(word_a, word_b, q, steps=steps, size=size)  # [B, H, W] each, for pictures

@@ -9,7 +9,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, split_concepts
-from .common import ADVANCED, CATEGORY, Trace, check_pair, mask_size, output_path, plain_errors
+from .common import ADVANCED, CATEGORY, Trace, mask_size, output_path, plain_errors
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -66,8 +66,6 @@ class BiasMapAuditLog(io.ComfyNode):
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
-        for a, b in pairs:
-            check_pair(trace, a, b)
         rows = audit_rows(trace, q, pairs, size, label)
         written = append_csv(path, rows)
         text = csv_text(written)

@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, require_distinct_concepts, split_concepts
+from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
 from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")
@@ -223,11 +223,6 @@ def first_concept(concepts: list[str], label: str) -> str:
     if not concepts:
         raise ValueError(f"the trace has no {label} concept; type the word in this node")
     return concepts[0]
-
-
-def check_pair(trace, word_a: str, word_b: str) -> None:
-    """Two distinct concepts to compare: a concept's overlap with itself is 1 whatever the image."""
-    require_distinct_concepts([word_a], [word_b], {word_a: trace.positions(word_a), word_b: trace.positions(word_b)})
 
 
 def output_path(name: str, what: str, example: str) -> str:

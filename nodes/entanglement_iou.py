@@ -3,7 +3,7 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_pair, check_single, first_concept, mask_size,
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, first_concept, mask_size,
                      one_concept, plain_errors, require_single, step_inputs, step_window)
 
 _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
@@ -54,7 +54,6 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic")
-        check_pair(trace, word_a, word_b)
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)

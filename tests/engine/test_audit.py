@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text
+from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -58,6 +58,15 @@ def test_audit_rows_need_a_pair():
     trace.semantic = []
     with pytest.raises(ValueError, match="give the two words"):
         audit_rows(trace)
+
+
+@pytest.mark.parametrize("pair", [("gender", "gender"), ("Doctor", "doctor")])
+def test_audit_rows_refuse_a_concept_compared_with_itself_before_any_row(pair):
+    # Its overlap with itself is 1 whatever the image: a notebook gets the nodes' refusal, not an IoU of 1.
+    with pytest.raises(ValueError, match="compare two words that do not overlap"):
+        audit_rows(halves_trace(), pairs=[("gender", "doctor"), pair])
+    with pytest.raises(ValueError, match="compare two words that do not overlap"):
+        measure_entanglement(halves_trace(), *pair)
 
 
 def test_append_csv_writes_the_header_once_and_keeps_every_run(tmp_path):
