@@ -61,17 +61,16 @@ def stage_label(stage: str) -> str:
     return f"{direction}×{_FRACTION.get(int(divisor), '1/' + divisor)}"
 
 
-def parse_stages(text: str, available: list[str] | None = None) -> list[str] | None:
+def parse_stages(text: str) -> list[str] | None:
     """Comma-separated stage ids (``down_1``, any case) or labels (``down×1``) → ids; ``""`` or ``"all"`` → None."""
     if text.strip().lower() in ("", "all"):
         return None
     aliases = {s: s for s in STAGE_ORDER} | {stage_label(s): s for s in STAGE_ORDER}
-    choices = list(available) if available is not None else list(STAGE_ORDER)
     stages = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         stage = aliases.get(part, aliases.get(part.lower()))
-        if stage is None or stage not in choices:
-            raise ValueError(f"unknown stage {part!r}; choose from {', '.join(choices)} or 'all'")
+        if stage is None:
+            raise ValueError(f"unknown stage {part!r}; choose from {', '.join(STAGE_ORDER)} or 'all'")
         stages.append(stage)
     if not stages:  # only separators: a typo, not a choice of stages
         raise ValueError(f"no stage named in {text!r}; give stage ids such as down_1, up_1, or 'all'")

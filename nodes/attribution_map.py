@@ -5,9 +5,9 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay, parse_stages
+from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
-                     one_concept, plain_errors, require_single, step_inputs, step_window)
+                     one_concept, plain_errors, require_single, stages_in, step_inputs, step_window)
 
 _ONE_WORD = "give one word (one Attribution Map node per word)"
 
@@ -61,7 +61,7 @@ class BiasMapAttributionMap(io.ComfyNode):
         word = one_concept(word) or first_concept(trace.demographic, "demographic")
         check_images(image, trace, "Attribution Map")
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
-        maps = trace.concept_map(word, parse_stages(stages, trace.stages), step_window(trace, first_step, last_step),
+        maps = trace.concept_map(word, stages_in("stages", stages), step_window(trace, first_step, last_step),
                                  size)
         unmeasured = ~torch.isfinite(maps).flatten(1).all(dim=1)
         if unmeasured.any():  # min-max scaling would spread one NaN over the whole heatmap and mask, unexplained

@@ -73,7 +73,7 @@ def settings_from(kwargs: dict) -> BiasMapSettings:
                            include_middle=kwargs["include_middle"], mode=kwargs["soft_topk"],
                            keep=round(1.0 - kwargs["q"], 6),  # 0.3, not 1 − 0.7 = 0.30000000000000004 in the CSV
                            gamma=kwargs["gamma"], gate=kwargs["gate"],
-                           guided_stages=_tuple_or_none(parse_stages(kwargs["guided_stages"])),
+                           guided_stages=_tuple_or_none(stages_in("guided_stages", kwargs["guided_stages"])),
                            start=kwargs["start"], end=kwargs["end"])
 
 
@@ -143,10 +143,18 @@ def check_stage_names(name: str, text) -> bool | str:
     ComfyUI shows a failure on every input that ``validate_inputs`` takes, so the message names its own.
     """
     try:
-        parse_stages(text or "all")
+        stages_in(name, text or "all")
     except ValueError as err:
-        return f"{name}: {err}"
+        return str(err)
     return True
+
+
+def stages_in(name: str, text: str) -> list[str] | None:
+    """The stage ids typed in input ``name``; a typo is refused naming the input (the sampler has three strings)."""
+    try:
+        return parse_stages(text)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def plain_errors(execute):

@@ -73,10 +73,8 @@ def test_stage_labels_and_parsing():
     assert stage_label("down_2") == "down×½"
     assert parse_stages("down_1, up×1") == ["down_1", "up_1"]
     assert parse_stages("all") is None
-    with pytest.raises(ValueError, match="choose from down_1"):
-        parse_stages("down_3", ["down_1", "up_1"])
-    with pytest.raises(ValueError, match="unknown stage 'down_2'; choose from down_1, up_1"):  # a stage, not here
-        parse_stages("down_2", ["down_1", "up_1"])
+    with pytest.raises(ValueError, match="unknown stage 'down_3'; choose from down_1, down_2"):
+        parse_stages("down_3")
     with pytest.raises(ValueError, match="no stage named in ' , '"):  # a typo, not "no stages"
         parse_stages(" , ")
 

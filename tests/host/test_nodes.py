@@ -64,6 +64,13 @@ def test_attribution_map_validation_refuses_unknown_stages_naming_the_input(node
     assert attribution_map.validate_inputs("  ", "all") is True  # the trace's first demographic concept
 
 
+def test_attribution_map_names_the_stages_a_trace_recorded_when_asked_for_another(nodes_and_trace):
+    # mid_2 is a stage name, but this trace was recorded without the middle block: not "unknown", "not recorded".
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
+    with torch.inference_mode(), pytest.raises(ValueError, match="mid_2 were not recorded; this trace has down_1"):
+        attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "stages": "mid_2"})
+
+
 def test_the_map_nodes_take_a_word_as_the_samplers_lists_take_it_and_an_empty_one_as_the_traces_concept(
         nodes_and_trace):
     # 'doctor,' was looked up as the word followed by a comma token: another map, and no warning.
@@ -90,7 +97,7 @@ def test_the_nodes_raise_their_errors_as_value_errors_comfyui_names_without_a_fo
     ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4"),
     ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
     ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on"),
-    ({"guided_stages": "down_9"}, "unknown stage 'down_9'"),
+    ({"guided_stages": "down_9"}, "guided_stages: unknown stage 'down_9'"),
 ])
 def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_why(sd15, prompts, pack, inputs,
                                                                                     message):
