@@ -191,7 +191,10 @@ class BiasMapTrace:
         first, last = steps
         chosen = (self.steps >= first) & (self.steps <= last)
         if not bool(chosen.any()):
-            raise ValueError(f"no recorded step in the window {first}..{last}; this trace has steps 0..{self.num_steps - 1}")
+            raise ValueError(f"no recorded step in the window {first}..{last}; this trace has maps of steps "
+                             f"{_ranges(self.steps.unique().tolist())}"
+                             + (" (a step missing in between had no maps: see the notes)"
+                                if len(self.steps.unique()) < self.num_steps else ""))
         return chosen
 
     def _check_stages(self, stages) -> list[str]:
@@ -364,6 +367,17 @@ class TraceRecorder:
             return torch.stack(self._steps).cpu()
         trailing = [self._last_step] * (len(self._sigmas) - self._reported)
         return torch.tensor(self._sampler_steps + trailing, dtype=torch.long)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted distinct integers as ranges: [0, 1, 2, 4, 6, 7] → "0..2, 4, 6..7"."""
+    runs = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def _every_row(entries: list[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:

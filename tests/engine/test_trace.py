@@ -244,6 +244,9 @@ def test_skipped_evaluations_keep_their_place_for_the_step_labels_and_are_left_o
     assert rec.skipped_steps() == skipped and rec.steps_without_evaluation == []
     trace = rec.finish(tokens=["a", "b"], latent_shape=[1, 4, 4, 4])
     assert trace.steps.tolist() == steps and trace.sigmas.numel() == len(steps)
+    if steps == [0, 2, 3]:  # a window on the answered step names the steps that have maps, not 0..3
+        with pytest.raises(ValueError, match=r"window 1..1; this trace has maps of steps 0, 2..3 \(a step missing"):
+            trace.token_maps(steps=(1, 1))
     recorded = [i + 1 for i, item in enumerate(x for x in reports if x in ("e", "s")) if item == "e"]
     assert trace.maps["down_1"][:, 0, 0, 0, 0].tolist() == [float(i) for i in recorded]
 
