@@ -16,14 +16,14 @@ from .soft_topk import soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
 from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, prompt_words, readable,
                      require_distinct_concepts, split_concepts)
-from .trace import BiasMapTrace, TraceFormatError, TraceRecorder
+from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError, TraceRecorder
 
 __all__ = [
     "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
-    "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "clip_words", "colorize",
-    "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_step",
-    "hard_mask", "iou", "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys",
-    "prepared_token_softmax_maps", "prompt_words", "readable", "require_distinct_concepts", "resize_maps", "soft_iou",
-    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
-    "token_softmax_maps", "z_grad_norm",
+    "NOT_FINITE_CAUSE", "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows",
+    "clip_words", "colorize", "concept_map", "csv_text", "entanglement_energy", "entanglement_picture",
+    "find_word_positions", "guidance_step", "hard_mask", "iou", "measure_entanglement", "normalize_maps", "overlay",
+    "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "readable",
+    "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of",
+    "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

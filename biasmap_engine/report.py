@@ -7,7 +7,7 @@ import torch
 from .masks import iou
 from .stages import stage_label
 from .tokens import readable, require_distinct_concepts
-from .trace import BiasMapTrace
+from .trace import NOT_FINITE_CAUSE, BiasMapTrace
 
 __all__ = ["EntanglementResult", "measure_entanglement"]
 
@@ -59,11 +59,11 @@ class EntanglementResult:
             lines.append(f"no evaluation was guided although λ = {trace.settings['scale']:g} (see the notes)")
         elif counts:
             lines.append("no guidance applied (λ = 0): recording only")
-        unreadable = [i for i, finite in enumerate(_finite_maps(trace).tolist()) if not finite]
+        positions = trace.positions(self.word_a) + trace.positions(self.word_b)
+        unreadable = [i for i, finite in enumerate(trace.finite(positions, steps=self.steps).tolist()) if not finite]
         if unreadable:
-            lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values (the model's "
-                         f"output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the sampler's latent "
-                         f"was already NaN, see the notes), so their IoU is n/a where those maps count")
+            lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values "
+                         f"({NOT_FINITE_CAUSE}), so their IoU is n/a where those maps count")
         lines += [f"note: {n}" for n in trace.notes]
         return "\n".join(lines)
 
@@ -100,7 +100,3 @@ def _run_line(trace: BiasMapTrace) -> str:
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]
     return "run: " + " · ".join(p for p in parts if p) if any(parts) else "run: not recorded in this trace"
 
-
-def _finite_maps(trace: BiasMapTrace) -> torch.Tensor:
-    """Per image, whether every recorded map value is finite."""
-    return torch.stack([torch.isfinite(m).transpose(0, 1).flatten(1).all(dim=1) for m in trace.maps.values()]).all(0)

@@ -20,7 +20,11 @@ from .ovam import largest_grid, sum_upsampled
 from .stages import STAGE_ORDER, stage_label
 from .tokens import find_word_positions
 
-__all__ = ["BiasMapTrace", "TraceRecorder", "TraceFormatError"]
+__all__ = ["BiasMapTrace", "TraceRecorder", "TraceFormatError", "NOT_FINITE_CAUSE"]
+
+# Why an image's maps hold NaN or inf, and what to do: said wherever such an image is named.
+NOT_FINITE_CAUSE = ("the model's output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the sampler's "
+                    "latent was already NaN, see the trace's notes")
 
 FORMAT = "biasmap_trace"
 VERSION = 1
@@ -111,11 +115,20 @@ class BiasMapTrace:
         return hard_mask(maps[:, :len(a)].mean(dim=1), q), hard_mask(maps[:, len(a):].mean(dim=1), q)
 
     def measurable(self, word_a: str, word_b: str, stages=None, steps=None) -> torch.Tensor:
-        """Per image, whether the two words have maps to threshold in the window: every value finite (an fp16
-        overflow leaves NaN) and not all zero (a stage that Kohya Deep Shrink moved to another grid on those steps)."""
-        chosen, tokens = self._evaluations(steps), self.positions(word_a) + self.positions(word_b)
-        maps = [self.maps[s][chosen][:, :, tokens].transpose(0, 1).flatten(1) for s in self._check_stages(stages)]
+        """Per image, whether the two words have maps to threshold in the window: every value finite (:meth:`finite`)
+        and not all zero (a stage that Kohya Deep Shrink moved to another grid on those steps)."""
+        maps = self._values(self.positions(word_a) + self.positions(word_b), stages, steps)
         return torch.stack([m.isfinite().all(1) for m in maps]).all(0) & torch.stack([m.any(1) for m in maps]).any(0)
+
+    def finite(self, positions: list[int], stages=None, steps=None) -> torch.Tensor:
+        """Per image, whether every map value of the tokens at ``positions`` in the window is finite (see
+        :data:`NOT_FINITE_CAUSE`)."""
+        return torch.stack([m.isfinite().all(1) for m in self._values(positions, stages, steps)]).all(0)
+
+    def _values(self, positions, stages, steps) -> list[torch.Tensor]:
+        """Per stage, ``[B, values]``: the maps of the tokens at ``positions`` in the window, image by image."""
+        chosen = self._evaluations(steps)
+        return [self.maps[s][chosen][:, :, positions].transpose(0, 1).flatten(1) for s in self._check_stages(stages)]
 
     def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
         """Per-image IoU of the two words' top-(1−q) masks; NaN for an image without maps to threshold

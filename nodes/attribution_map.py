@@ -2,10 +2,9 @@
 
 import logging
 
-import torch
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import COLORMAPS, colorize, hard_mask, normalize_maps, overlay
+from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
                      one_concept, plain_errors, require_single, stages_in, step_inputs, step_window)
 
@@ -61,15 +60,13 @@ class BiasMapAttributionMap(io.ComfyNode):
         word = one_concept(word) or first_concept(trace.demographic, "demographic")
         check_images(image, trace, "Attribution Map")
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
-        maps = trace.concept_map(word, stages_in("stages", stages), step_window(trace, first_step, last_step),
-                                 size)
-        unmeasured = ~torch.isfinite(maps).flatten(1).all(dim=1)
+        stages, steps = stages_in("stages", stages), step_window(trace, first_step, last_step)
+        maps = trace.concept_map(word, stages, steps, size)
+        unmeasured = ~trace.finite(trace.positions(word), stages, steps).to(maps.device)
         if unmeasured.any():  # min-max scaling would spread one NaN over the whole heatmap and mask, unexplained
             images = ", ".join(str(i) for i in unmeasured.nonzero().flatten().tolist())
-            logging.warning("BiasMap Attribution Map: image(s) %s of the batch hold NaN or inf in the maps of %r (the "
-                            "model's output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the "
-                            "sampler's latent was already NaN, see the trace's notes): drawn empty, with an empty "
-                            "mask", images, word)
+            logging.warning("BiasMap Attribution Map: image(s) %s of the batch hold NaN or inf in the maps of %r (%s): "
+                            "drawn empty, with an empty mask", images, word, NOT_FINITE_CAUSE)
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
         maps01 = normalize_maps(maps)
         heat = colorize(maps01, colormap)

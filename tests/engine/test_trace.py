@@ -297,6 +297,16 @@ def test_entanglement_report_names_images_whose_maps_are_not_finite():
     assert any(line.startswith("image 1: IoU n/a") for line in result.report.splitlines())
 
 
+def test_entanglement_report_names_an_image_only_when_the_maps_of_its_two_words_are_not_finite():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    trace.maps["down_2"][1, 1, 1, 0, 0] = float("nan")  # image 1's "a": neither word's map, and its IoU is measured
+    result = measure_entanglement(trace, "gender", "doctor")
+    assert result.ious.isfinite().all() and "NaN" not in result.report
+    assert not trace.finite([1])[1] and trace.finite([1])[0] and trace.finite([2, 4]).all()
+
+
 def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guidance_counts():
     from biasmap_engine import measure_entanglement
 
