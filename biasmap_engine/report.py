@@ -4,10 +4,9 @@ import functools
 
 import torch
 
-from .masks import iou
 from .stages import stage_label
 from .tokens import readable, require_distinct_concepts
-from .trace import NOT_FINITE_CAUSE, BiasMapTrace
+from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
 
 __all__ = ["EntanglementResult", "measure_entanglement"]
 
@@ -21,11 +20,9 @@ class EntanglementResult:
         require_distinct_concepts([word_a], [word_b], {w: trace.positions(w) for w in (word_a, word_b)})
         self.word_a, self.word_b, self.q = word_a, word_b, q
         size = tuple(size) if size is not None else trace.image_size  # the reference thresholds at image size
-        self.masks = trace.masks(word_a, word_b, q, steps=steps, size=size)  # [B, H, W] each, for pictures
-        measurable = trace.measurable(word_a, word_b, steps=steps)
-        self.ious = iou(*self.masks).where(measurable.to(self.masks[0].device), torch.nan)  # as trace.iou
+        self.ious, self.masks = trace.iou_and_masks(word_a, word_b, q, steps=steps, size=size)  # masks [B, H, W]
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
-        self.mbiou = torch.stack(list(self.block_ious.values())).nanmean(dim=0)
+        self.mbiou = mean_biou(self.block_ious)
         self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
         self.steps = steps
         self._trace = trace

@@ -133,8 +133,13 @@ class BiasMapTrace:
     def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
         """Per-image IoU of the two words' top-(1−q) masks; NaN for an image without maps to threshold
         (:meth:`measurable`), rather than the 0 of its empty masks, which would read as no overlap at all."""
-        overlap = iou(*self.masks(word_a, word_b, q, stages, steps, size))
-        return overlap.where(self.measurable(word_a, word_b, stages, steps).to(overlap.device), torch.nan)
+        return self.iou_and_masks(word_a, word_b, q, stages, steps, size)[0]
+
+    def iou_and_masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
+        """:meth:`iou`, with the two masks it thresholded (for a picture)."""
+        masks = self.masks(word_a, word_b, q, stages, steps, size)
+        overlap = iou(*masks)
+        return overlap.where(self.measurable(word_a, word_b, stages, steps).to(overlap.device), torch.nan), masks
 
     def block_ious(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> dict[str, torch.Tensor]:
         """BIoU: per stage, the per-image IoU of masks built from that stage's layers only (NaN where it has none)."""
@@ -142,7 +147,7 @@ class BiasMapTrace:
 
     def mbiou(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> torch.Tensor:
         """mBIoU: per image, the mean of BIoU over the stages that have maps."""
-        return torch.stack(list(self.block_ious(word_a, word_b, q, steps, size).values())).nanmean(dim=0)
+        return mean_biou(self.block_ious(word_a, word_b, q, steps, size))
 
     def guidance_counts(self) -> dict[str, int]:
         """How many (evaluation, image) pairs were applied, clipped, skipped by the gate, non-finite, not guided."""
@@ -380,6 +385,11 @@ class TraceRecorder:
             return torch.stack(self._steps).cpu()
         trailing = [self._last_step] * (len(self._sigmas) - self._reported)
         return torch.tensor(self._sampler_steps + trailing, dtype=torch.long)
+
+
+def mean_biou(block_ious: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mBIoU from :meth:`BiasMapTrace.block_ious`: per image, the mean over the stages that have maps."""
+    return torch.stack(list(block_ious.values())).nanmean(dim=0)
 
 
 def _ranges(numbers: list[int]) -> str:
