@@ -11,9 +11,10 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from .ovam import resampled
 
 __all__ = [
     "A_COLOR",
@@ -94,12 +95,10 @@ def normalize_maps(maps: Tensor) -> Tensor:
 
 def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinearly resize [..., H, W] maps to [..., h, w], keeping the leading dims and float dtype."""
-    height, width = size
     # Interpolate in at least float32 so float16/bfloat16 maps keep their small differences, then
     # hand back the caller's dtype (non-float input, e.g. bool masks, comes back float32).
-    work = maps.reshape(-1, 1, *maps.shape[-2:]).to(torch.promote_types(maps.dtype, torch.float32))
-    out = F.interpolate(work, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return out.reshape(*maps.shape[:-2], height, width).to(maps.dtype if maps.is_floating_point() else out.dtype)
+    out = resampled(maps.to(torch.promote_types(maps.dtype, torch.float32)), size)
+    return out.to(maps.dtype if maps.is_floating_point() else out.dtype)
 
 
 def colorize(maps01: Tensor, colormap: str = "inferno") -> Tensor:
