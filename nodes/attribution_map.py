@@ -20,6 +20,7 @@ class BiasMapAttributionMap(io.ComfyNode):
             node_id="BiasMapAttributionMap",
             display_name="BiasMap Attribution Map",
             category=CATEGORY,
+            is_output_node=True,  # its picture shows on the node: it runs with nothing linked to its outputs
             description="Where the model put a word: its cross-attention attribution map from a BiasMap trace "
                         "(any word of the attribution prompt, also words absent from the generation prompt), "
                         "upsampled to the image, as a heatmap or an overlay, plus a MASK.",

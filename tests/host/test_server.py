@@ -219,8 +219,13 @@ def test_shipped_workflows_run_end_to_end(server):
                 file = server["out"] / image["subfolder"] / image["filename"]
                 assert file.is_file() and file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", file
 
-        previews = [node_id for node_id, node in api.items() if node["class_type"] == "PreviewImage"]
-        assert all(outputs.get(node_id, {}).get("images") for node_id in previews), (path.name, outputs)
+        # The map nodes show their pictures themselves: the workflows link no Preview Image to them.
+        pictured = [node_id for node_id, node in api.items()
+                    if node["class_type"] in ("PreviewImage", "BiasMapAttributionMap", "BiasMapEntanglementIoU")]
+        assert all(outputs.get(node_id, {}).get("images") for node_id in pictured), (path.name, outputs)
+        shown_twice = [node_id for node_id, node in api.items() if node["class_type"] == "PreviewImage"
+                       and api[node["inputs"]["images"][0]]["class_type"].startswith("BiasMap")]
+        assert not shown_twice, (path.name, shown_twice)
         # The report reaches the page through ComfyUI's Preview as Text, the one node its frontend shows text of.
         previewed = [outputs[node_id]["text"][0] for node_id, node in api.items() if node["class_type"] == "PreviewAny"]
         assert sum("mBIoU" in text for text in previewed) == len(ious), f"{path.name}: a report is not previewed"
