@@ -106,9 +106,12 @@ class BiasMapLoadTrace(io.ComfyNode):
             category=CATEGORY,
             description="Loads a BiasMap trace saved by BiasMap Save Trace (output folder) or shared with you (put it "
                         "in the input folder), to render its maps and measure entanglement again without sampling.",
-            inputs=[io.Combo.Input("trace_file", options=trace_files(),
+            # With no trace yet, one empty choice: the frontend leaves an empty list's input out of the prompt, and
+            # ComfyUI's "Required input is missing" would stand for this node's own message.
+            inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
                                    tooltip=f".safetensors files in the input folder, and in the output folder's "
-                                           f"{SAVED}/ (marked [output]); refresh the page after saving one.")],
+                                           f"{SAVED}/ (marked [output]); press R in the page to list one saved "
+                                           f"since it opened.")],
             outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
         )
 
@@ -136,8 +139,8 @@ class BiasMapLoadTrace(io.ComfyNode):
 
     @classmethod
     @plain_errors
-    def execute(cls, trace_file) -> io.NodeOutput:
-        path = _trace_path(trace_file)
+    def execute(cls, trace_file=None) -> io.NodeOutput:
+        path = _trace_path(trace_file) if trace_file else None
         if path is None:
             raise ValueError(_missing(trace_file))
         try:
@@ -175,6 +178,8 @@ def _trace_path(trace_file: str) -> str | None:
     return path if os.path.isfile(path) and any(inside(path, os.path.abspath(root)) for root in roots) else None
 
 
-def _missing(trace_file: str) -> str:
-    return (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/: save one with BiasMap Save "
-            f"Trace, or put the file in ComfyUI's input folder, then refresh the page")
+def _missing(trace_file: str | None) -> str:
+    missing = (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/" if trace_file else
+               "no trace file chosen (the list is empty until a trace is saved)")
+    return (f"{missing}: save one with BiasMap Save Trace, or put the file in ComfyUI's input folder, then press R in "
+            f"the page to list it")

@@ -136,7 +136,7 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
     outside = folders / "outside.safetensors"  # a trace, but outside the listed folders
     trace.save(str(outside))
     (folders / "out" / "biasmap" / "folder").mkdir(parents=True)
-    for name in ("../outside.safetensors", str(outside), "", "biasmap/folder [output]", "biasmap [output]"):
+    for name in ("../outside.safetensors", str(outside), "biasmap/folder [output]", "biasmap [output]"):
         assert "no trace file" in BiasMapLoadTrace.validate_inputs(name), name
     save_file({"w": torch.zeros(1)}, str(folders / "in" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"not a BiasMap trace.*[^.]\. Choose a file saved by BiasMap Save Trace\.$"):
@@ -157,6 +157,18 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
     linked = BiasMapLoadTrace.fingerprint_inputs(None)
     assert BiasMapLoadTrace.validate_inputs(None) is True and linked != BiasMapLoadTrace.fingerprint_inputs(None)
     json.loads(json.dumps(linked, allow_nan=False))
+
+
+def test_load_trace_with_no_trace_saved_yet_offers_an_empty_choice_and_says_to_save_one(pack, folders):
+    # An empty list's input is left out of the prompt by the frontend: ComfyUI's "Required input is missing" then.
+    from biasmap_pack.nodes import BiasMapLoadTrace
+
+    options = BiasMapLoadTrace.GET_SCHEMA().inputs[0].options
+    assert options == [""]
+    assert BiasMapLoadTrace.validate_inputs("").startswith("no trace file chosen")
+    for value in ("", None):  # None: sent so through the API
+        with pytest.raises(ValueError, match="save one with BiasMap Save Trace.*press R in the page"):
+            BiasMapLoadTrace.execute(value)
 
 
 def test_load_trace_reads_a_link_placed_in_the_input_folder_as_load_latent_does(pack, folders, trace):
