@@ -35,6 +35,9 @@ class BiasMapSaveTrace(io.ComfyNode):
                     io.String.Input("filename_prefix", default=f"{SAVED}/trace",
                                     tooltip=f"Path inside the output folder; a counter and .safetensors are added. "
                                             f"Load Trace lists the traces under output/{SAVED}/.")],
+            # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
+            outputs=[io.String.Output("trace_file", tooltip="The file written, named as Load Trace lists it "
+                                                            "(connect Preview as Text to read it).")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
@@ -70,9 +73,9 @@ class BiasMapSaveTrace(io.ComfyNode):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
             raise
-        shown = "/".join(p for p in (subfolder, file) if p)
+        shown = "/".join(p for p in (subfolder, file) if p) + " [output]"
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {shown} [output]"))
+        return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
 
 
 def _written(path: str) -> bool:

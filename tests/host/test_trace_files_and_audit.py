@@ -71,8 +71,8 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     from biasmap_pack.nodes import BiasMapLoadTrace, BiasMapSaveTrace
 
     workflow = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"seed": 5}}}
-    for _ in range(2):
-        as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace")
+    names = [as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace").result[0]
+             for _ in range(2)]
     as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "elsewhere/trace")  # saved, but not listed
     saved = folders / "out" / "biasmap" / "audits"
     assert sorted(p.name for p in saved.iterdir()) == ["trace_00001_.safetensors", "trace_00002_.safetensors"]
@@ -84,6 +84,7 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     options = BiasMapLoadTrace.define_schema().inputs[0].options
     assert options == ["shared.safetensors", "biasmap/audits/trace_00001_.safetensors [output]",
                        "biasmap/audits/trace_00002_.safetensors [output]"]
+    assert names == options[1:]  # Save Trace's output names the file as Load Trace lists it
     for name in (options[0], options[2]):
         assert BiasMapLoadTrace.validate_inputs(name) is True
         loaded = BiasMapLoadTrace.execute(name).result[0]
