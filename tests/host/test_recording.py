@@ -102,7 +102,7 @@ def test_a_latent_the_sampler_itself_makes_nan_is_named_in_the_notes_not_blamed_
                                          pos, neg, latent(batch=1, h=16, w=16))
     assert out["samples"].isnan().all()
     assert any("the sampler handed the model a latent holding NaN or inf" in note for note in trace.notes)
-    assert "the sampler's latent was already NaN, see the notes" in measure_entanglement(trace, "gender", "doctor").report
+    assert "the sampler's latent was already NaN, see the trace's notes" in measure_entanglement(trace, "gender", "doctor").report
     with torch.inference_mode():
         _, finite = sample_with_sampler(start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD), model,
                                         7, 5.0, comfy.samplers.sampler_object("dpmpp_2m"), sigmas[[0, 1, 3, 4]], pos,
