@@ -35,13 +35,14 @@ class BranchCapture:
         self.recorder = recorder
         self.note = note
         self.branch: int | None = None  # ComfyUI's cond_or_uncond index, set while a capturing U-Net pass runs
-        self.latent_shape: list[int] | None = None
+        self.latent_shape: list[int] | None = None  # the run's first latent: the trace's grids are its stages'
+        self.latent_hw: tuple[int, int] | None = None  # the latent of the evaluation running now
         self._keys: dict = {}  # layer → its attribution keys, per head
         self._stacked: dict = {}  # tuple of layers → their keys concatenated (_stacked_keys)
         self._pending: list = []  # (layer, recorded rows' queries) waiting for flush, all of _pending_batch
         self._pending_batch: tuple | None = None  # what they share: stage, grids, shapes, entry, weight, guided
         self._pending_values = 0  # values of their product
-        self._stages: dict = {}  # (layer, grid) → (stage id, the stage's grid)
+        self._stages: dict = {}  # (layer, grid, latent size) → (stage id, the stage's grid in the trace)
         self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
         self._grid_weights: dict = {}  # (uuid, rows, grid) → a masked entry's weight pooled to that grid
 
@@ -63,7 +64,7 @@ class BranchCapture:
         picked = [i for i, c in enumerate(chunks) if c == self.branch]
         if not picked:
             return  # cond and uncond went as separate U-Net calls; this one is the other branch
-        if list(extra_options["original_shape"][-2:]) != self.latent_shape[-2:]:
+        if tuple(extra_options["original_shape"][-2:]) != self.latent_hw:
             self.note("area conditioning: entries of the recorded branch that cover only part of the image are not "
                       "recorded; its maps come from its whole-image entries")
             return
@@ -129,10 +130,12 @@ class BranchCapture:
                     self.embeddings = self.embeddings.to(device=q.device, dtype=q.dtype)
                 keys = prepare_keys(self.layers[layer].to_k(self.embeddings), heads)
             self._keys[layer] = keys
-        named = self._stages.get((layer, grid))
+        # Named on this latent, kept at the first's grid: a sampler that enlarges the latent between steps
+        # (SamplerLCMUpscale) has its later maps resampled to the grids the trace began with.
+        named = self._stages.get((layer, grid, self.latent_hw))
         if named is None:
-            stage = stage_of(layer[:2], self.latent_shape[-2:], grid, self.built_stages.get(layer))
-            named = self._stages[(layer, grid)] = stage, stage_grid(stage, self.latent_shape[-2:])
+            stage = stage_of(layer[:2], self.latent_hw, grid, self.built_stages.get(layer))
+            named = self._stages[(layer, grid, self.latent_hw)] = stage, stage_grid(stage, self.latent_shape[-2:])
         return keys, *named
 
     def _stacked_keys(self, layers: list) -> torch.Tensor:

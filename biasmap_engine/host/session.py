@@ -254,6 +254,12 @@ class BiasMapSession:
         self._evaluations += 1
         if self.capture.latent_shape is None:
             self.capture.latent_shape = list(x.shape)
+        self.capture.latent_hw = tuple(x.shape[-2:])
+        if self.capture.latent_hw != tuple(self.capture.latent_shape[-2:]):
+            first = "×".join(map(str, self.capture.latent_shape[:1:-1]))
+            self._note(f"the sampler changed the latent's size during the run (it began at {first}, e.g. "
+                       f"SamplerLCMUpscale): maps of the later sizes are resampled to the first size's grids, and the "
+                       f"trace measures at that size")
         self.recorder.begin(*_sigma_and_step(timestep, model_options))
         # Read once, at the end of the run: a sampler step can make the latent NaN by itself (a zero-length σ
         # interval), and its maps and output are NaN then whatever BiasMap does; not when an earlier output was NaN

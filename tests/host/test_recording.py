@@ -69,6 +69,36 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
         "batch_index": None, "attribution_prompt": ATTRIBUTION}
 
 
+@pytest.mark.parametrize("scale", [0.0, 100.0], ids=["recording", "guided"])
+def test_a_sampler_that_enlarges_the_latent_between_steps_is_recorded_at_the_first_sizes_grids(sd15, prompts, scale):
+    # SamplerLCMUpscale: its later evaluations had been taken for area conditioning, and the run refused.
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_advanced_samplers import SamplerLCMUpscale
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sampler = SamplerLCMUpscale.execute(1.5, -1, "bilinear")[0]
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(7.0)
+        lat = latent(batch=1, h=8, w=12)
+        noise = comfy.sample.prepare_noise(lat["samples"], 0)
+        stock = guider.sample(noise, lat["samples"], sampler, sigmas, seed=0)
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=scale))
+        ours, trace = sample_with_sampler(session, model, 0, 7.0, sampler, sigmas, pos, neg, lat)
+    assert ours["samples"].shape == stock.shape == (1, 4, 12, 18)
+    assert torch.equal(ours["samples"], stock) if scale == 0 else torch.isfinite(ours["samples"]).all()
+    assert trace.latent_shape == [1, 4, 8, 12] and trace.maps["down_1"].shape[-2:] == (8, 12)
+    assert trace.maps["down_2"].shape[-2:] == (4, 6) and torch.isfinite(trace.maps["down_1"]).all()
+    assert all((trace.maps[s].flatten(1) > 0).any(1).all() for s in trace.stages)  # every evaluation, every stage
+    assert trace.steps.tolist() == [0, 1, 2, 3] and any("changed the latent's size" in n for n in trace.notes)
+    if scale:
+        assert trace.guidance_counts()["applied"] == 4
+
+
 def test_a_latent_picked_from_a_batch_keeps_which_noise_of_the_seed_it_got(sd15, prompts):
     # Latent From Batch: ComfyUI gives image 0 the seed's third noise; seed and image number alone would not say so.
     import nodes
