@@ -33,9 +33,10 @@ def concept_inputs() -> list:
 
 
 def guidance_inputs() -> list:
-    """λ plus the secondary knobs of method.md §5 (defaults = the paper configuration)."""
+    """λ plus the secondary knobs of the paper's §5 (defaults = its configuration, arXiv 2509.13496)."""
     return [
-        io.Float.Input("guidance_scale", default=100.0, min=0.0, max=10000.0, step=1.0,
+        # ComfyUI's frontend rounds a FLOAT to its step's decimals unless told a finer round: λ 12.5 would be 13.
+        io.Float.Input("guidance_scale", default=100.0, min=0.0, max=10000.0, step=0.5, round=0.01,
                        tooltip="λ. 0 records maps only and samples exactly like the stock sampler; the paper uses "
                                "100 (≥ 400 degrades image quality)."),
         io.Combo.Input("branch", options=["uncond", "cond"], default="uncond", extra_dict=ADVANCED,

@@ -22,6 +22,20 @@ def nodes_and_trace(pack, sd15, prompts):
     return BiasMapGuidedKSampler, BiasMapAttributionMap, BiasMapEntanglementIoU, trace
 
 
+@pytest.mark.parametrize("value", [12.5, 0.75, 150.25])
+def test_a_guidance_scale_typed_with_decimals_keeps_them_in_comfyuis_frontend(pack, value):
+    # The frontend rounds a FLOAT to its `round`, or without one to as many decimals as its step has: step 1.0 made
+    # a typed λ of 12.5 a 13.
+    import math
+
+    from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced
+
+    for node in (BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced):
+        scale = next(i for i in node.define_schema().inputs if i.id == "guidance_scale")
+        unit = scale.round or 10.0 ** math.floor(math.log10(scale.step))
+        assert round(value / unit) * unit == pytest.approx(value)
+
+
 def picture(output):
     """A node's IMAGE output."""
     return next(o for o in output.result if isinstance(o, torch.Tensor) and o.ndim == 4)
