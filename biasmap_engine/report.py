@@ -33,9 +33,11 @@ class EntanglementResult:
         h, w = self.masks[0].shape[-2:]
         window = "" if self.steps is None else f", steps {self.steps[0]}–{self.steps[1]} of 0–{trace.num_steps - 1}"
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
-                 f"(top {round((1 - self.q) * 100)} % masks at {h}×{w}{window}, {trace.model_family})",
+                 f"(top {round((1 - self.q) * 100)} % masks at {w}×{h}{window}, {trace.model_family})",  # as ComfyUI: W×H
                  _run_line(trace)]
-        for key, name in (("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative")):
+        # The attribution prompt, whose words the maps are of: a generation prompt changed alone shows beside it.
+        for key, name in (("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative"),
+                          ("attribution_prompt", "attribution prompt")):
             if trace.run.get(key):  # read from the graph where it is typed
                 lines.append(f"{name}: {trace.run[key]}")
         lines.append(f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}")

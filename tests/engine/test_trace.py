@@ -275,7 +275,7 @@ def test_entanglement_is_measured_at_image_size_unless_told_otherwise_and_the_re
     result = measure_entanglement(trace, "gender", "doctor")
     assert result.masks[0].shape == (2, 64, 96)
     assert torch.equal(result.ious, trace.iou("gender", "doctor", size=(64, 96)))
-    assert "masks at 64×96" in result.report.splitlines()[0]
+    assert "masks at 96×64" in result.report.splitlines()[0]
 
 
 def test_entanglement_report_names_images_whose_maps_are_not_finite():
@@ -315,9 +315,10 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     assert torch.equal(result.ious, trace.iou("gender", "doctor", size=(16, 24)))
     assert torch.allclose(result.mbiou, trace.mbiou("gender", "doctor", size=(16, 24)))
     lines = result.report.splitlines()
-    assert lines[0].startswith("BiasMap entanglement of 'gender' and 'doctor' (top 30 % masks at 16×24, SD15)")
+    assert lines[0].startswith("BiasMap entanglement of 'gender' and 'doctor' (top 30 % masks at 24×16, SD15)")
     assert lines[1] == "run: seed 7 · euler/normal · 3 steps · cfg 7 · λ 100 · guided stages all"
-    assert lines[2].startswith("mIoU")  # no generation prompt kept: no line for it
+    assert lines[2] == "attribution prompt: a doctor and gender"  # the maps' words; no generation prompt kept here
+    assert lines[3].startswith("mIoU")
     assert any(line.startswith("image 1: IoU") and "down×½" in line for line in lines)
     assert "tokens of 'doctor': doctor</w>" in result.report
     assert "applied 2/6" in result.report and "skipped gate 2/6" in result.report
@@ -325,10 +326,11 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     trace.run |= {"generation_prompt": "A photo of the face of a doctor", "model": "v1-5.safetensors",
                   "negative_prompt": "blurry"}
     prompted = measure_entanglement(trace, "gender", "doctor").report.splitlines()
-    assert prompted[2:5] == ["model: v1-5.safetensors", "prompt: A photo of the face of a doctor", "negative: blurry"]
-    assert prompted[5].startswith("mIoU")
+    assert prompted[2:6] == ["model: v1-5.safetensors", "prompt: A photo of the face of a doctor", "negative: blurry",
+                             "attribution prompt: a doctor and gender"]
+    assert prompted[6].startswith("mIoU")
     windowed = measure_entanglement(trace, "gender", "doctor", steps=(1, 2)).report.splitlines()[0]
-    assert windowed.endswith("masks at 64×96, steps 1–2 of 0–2, SD15)")  # reports side by side say which steps
+    assert windowed.endswith("masks at 96×64, steps 1–2 of 0–2, SD15)")  # reports side by side say which steps
     trace.run, trace.settings = {}, {}  # a trace saved before runs were kept
     assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == "run: not recorded in this trace"
 
