@@ -14,7 +14,7 @@ from .report import EntanglementResult, measure_entanglement
 from .settings import BiasMapSettings
 from .soft_topk import soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
-from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, prompt_words, readable,
+from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, listed_words, prompt_words, readable,
                      require_distinct_concepts, split_concepts)
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError, TraceRecorder
 
@@ -22,8 +22,8 @@ __all__ = [
     "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
     "NOT_FINITE_CAUSE", "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows",
     "clip_words", "colorize", "concept_map", "csv_text", "entanglement_energy", "entanglement_picture",
-    "find_word_positions", "guidance_step", "hard_mask", "iou", "measure_entanglement", "normalize_maps", "overlay",
-    "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "readable",
-    "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of",
-    "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps", "z_grad_norm",
+    "find_word_positions", "guidance_step", "hard_mask", "iou", "listed_words", "measure_entanglement",
+    "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
+    "readable", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label",
+    "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

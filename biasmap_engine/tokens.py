@@ -17,7 +17,7 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "prompt_words", "readable",
+__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_words", "prompt_words", "readable",
            "require_distinct_concepts", "split_concepts"]
 
 _END = "</w>"
@@ -60,7 +60,8 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
     positions = sorted({p for form in forms for p in _phrase_positions(spans, form)})
     if not positions:
         raise ConceptNotFoundError(
-            f"the concept {word!r} is not in the attribution prompt, whose words are: {', '.join(prompt_words(prompt_tokens))}. "
+            f"the concept {word!r} is not in the attribution prompt, whose words are: "
+            f"{listed_words(prompt_words(prompt_tokens))}. "
             f"Add it to the attribution prompt (any word may be added there) or pick one of these.")
     return positions
 
@@ -68,6 +69,11 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
 def prompt_words(prompt_tokens: list[str]) -> list[str]:
     """The words spelled by BPE tokens (pieces joined at ``</w>``, readable), start/end markers left out."""
     return [readable(spelled) for spelled, _ in _word_spans(prompt_tokens)]
+
+
+def listed_words(words: list[str]) -> str:
+    """Words for a message: each once, in prompt order, punctuation left out (``a, photo, of, the, face, doctor``)."""
+    return ", ".join(dict.fromkeys(w for w in words if any(ch.isalnum() for ch in w)))
 
 
 def clip_words(text: str, split_ideographs: bool = False) -> list[str]:

@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import BiasMapSettings, clip_words, parse_stages, split_concepts
+from ..biasmap_engine import BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts
 from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")
@@ -91,7 +91,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     except ValueError as err:
         return str(err)
     ideograph_words = prompt_text_words(attribution_prompt, split_ideographs=True)
-    shown = ", ".join(sorted({w for w in words if any(ch.isalnum() for ch in w)}))
+    shown = listed_words(words)
     if not shown:
         return (f"the attribution prompt {attribution_prompt!r} has no words: type the text whose words get maps, "
                 f"e.g. '{DEFAULT_ATTRIBUTION}'")

@@ -395,7 +395,8 @@ def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_pat
 
 def test_a_concept_missing_from_the_attribution_prompt_is_refused_before_sampling(sd15):
     model, clip = sd15
-    with torch.inference_mode(), pytest.raises(ValueError, match="whose words are: a, photo, of, the, face"):
+    words = r"whose words are: a, photo, of, the, face, doctor, and, gender\. "  # each once, in the prompt's order
+    with torch.inference_mode(), pytest.raises(ValueError, match=words):
         start_session(model, clip, ATTRIBUTION, ["race"], ["doctor"], RECORD)
 
 
