@@ -183,6 +183,10 @@ def test_shipped_workflows_run_end_to_end(server):
     for path in WORKFLOWS:
         graph = json.loads(path.read_text())
         for node in graph["nodes"]:
+            if node["type"] == "CheckpointLoaderSimple":  # the frontend offers to download a missing model from it
+                models = node["properties"]["models"]
+                assert [(m["name"], m["directory"]) for m in models] == [(node["widgets_values"][0], "checkpoints")]
+                assert models[0]["url"].startswith("https://") and models[0]["url"].endswith(models[0]["name"])
             if node["type"] == "BiasMapSaveTrace":
                 assert node["mode"] == workflow_api.MODE_MUTED  # shipped muted: a trace a run adds up over an audit
                 node["mode"] = 0
