@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement
+from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement, reductions
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -253,3 +253,36 @@ def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_h
     other = [{**row, "extra": 1} for row in old]  # any other difference is still refused, and named
     with pytest.raises(ValueError, match="only the file has: nothing; only the trace has: extra.*another BiasMap"):
         append_csv(str(path), other)
+
+
+def test_reductions_pair_each_guided_image_with_its_unguided_row_and_give_both_of_the_papers_figures(tmp_path):
+    # nurse: IoU 1/3 and 1 at λ = 0, 1/3 and 1/3 guided → of the means (2/3 − 1/3) / (2/3) = 0.5, per image (0 + 2/3) / 2.
+    base = halves_trace()
+    base.settings = {"scale": 0.0, "guided_stages": None}
+    guided = halves_trace()
+    for stage in guided.stages:
+        guided.maps[stage][:, 1, 3] = guided.maps[stage][:, 1, 2]  # image 1's nurse moves to doctor's place
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(guided, q=0.5, size=(8, 8), label="λ 100"))
+    append_csv(str(path), audit_rows(base, q=0.5, size=(8, 8), label="λ 0"))  # logged after: order does not matter
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        read_back = list(csv.DictReader(f))
+    for rows in (read_back, audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))):
+        figures = {r["semantic"]: r for r in reductions(rows)}
+        assert figures["nurse"]["images"] == 2 and figures["nurse"]["guidance_scale"] == 100.0
+        assert (figures["nurse"]["base"], figures["nurse"]["guided"]) == pytest.approx((2 / 3, 1 / 3), abs=1e-5)
+        assert figures["nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
+        assert figures["nurse"]["mean_image_reduction"] == pytest.approx(1 / 3, abs=1e-5)
+        assert figures["doctor"]["reduction"] == pytest.approx(0.0, abs=1e-6)
+    (overall,) = reductions(read_back, by=None)
+    assert overall["images"] == 4 and overall["reduction"] == pytest.approx((1 / 2 - 1 / 3) / (1 / 2), abs=1e-5)
+
+
+def test_reductions_pair_nothing_across_seeds_and_say_what_to_log():
+    base = halves_trace()
+    base.settings = {"scale": 0.0, "guided_stages": None}
+    base.run = {**base.run, "seed": 43}  # another seed's image is not the guided image's baseline
+    with pytest.raises(ValueError, match="log the same seeds, prompts and settings with guidance_scale 0"):
+        reductions(audit_rows(base) + audit_rows(halves_trace()))
+    with pytest.raises(ValueError, match="no column.*fid"):
+        reductions(audit_rows(halves_trace()), metric="fid")
