@@ -34,7 +34,7 @@ def main():
 
     import biasmap_engine
     import biasmap_engine.host
-    from biasmap_engine.host import lean_backward, session
+    from biasmap_engine.host import guided_backward, lean_backward, session
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     kept = []  # weak references to the detached activations packed in the current pass
@@ -47,7 +47,7 @@ def main():
             return packed
 
     alive_mib = []
-    energy = session.BiasMapSession._energy
+    energy = guided_backward.GuidedBackward._energy
 
     def measured_energy(self, maps):
         gc.collect()
@@ -57,17 +57,17 @@ def main():
         kept.clear()
         return energy(self, maps)
 
-    session.LeanBackward = Counted
-    session.BiasMapSession._energy = measured_energy
+    guided_backward.LeanBackward = Counted
+    guided_backward.GuidedBackward._energy = measured_energy
     detached = session.BiasMapSession._diffusion_model
 
     def not_detached(self, executor, *args, **kwargs):
         """The innermost wrapper as it is (input handed back, the U-Net's run noted) but for the output's detach."""
-        self._guiding = False  # read there only for the detach
+        self.backward.active = False  # read there only for the detach
         try:
             return detached(self, executor, *args, **kwargs)
         finally:
-            self._guiding = True
+            self.backward.active = True
 
     arrangements = {"output detached (now)": detached, "output not detached (before)": not_detached}
     model, clip = sampling.load_random_sd15(args.checkpoint)

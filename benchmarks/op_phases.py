@@ -68,7 +68,7 @@ def main():
     import nodes
 
     from biasmap_engine import BiasMapSettings
-    from biasmap_engine.host import capture, lean_backward, sample_with_scheduler, session, start_session
+    from biasmap_engine.host import capture, guided_backward, lean_backward, sample_with_scheduler, session, start_session
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     session._branches_apart = lambda device: False  # one CFG batch per guided evaluation, as on a GPU
@@ -76,8 +76,8 @@ def main():
         "update (CFG + guidance step)": [(session.BiasMapSession, "_predict_noise")],
         "U-Net forward": [(session.BiasMapSession, "_diffusion_model")],
         "capture": [(capture.BranchCapture, "observe"), (capture.BranchCapture, "flush")],
-        "gradient (backward)": [(session.BiasMapSession, "_energy_gradient")],
-        "energy (soft top-k, SoftIoU)": [(session.BiasMapSession, "_energy")],
+        "gradient (backward)": [(guided_backward.GuidedBackward, "_energy_gradient")],
+        "energy (soft top-k, SoftIoU)": [(guided_backward.GuidedBackward, "_energy")],
         "recomputed in the backward": [(lean_backward, "_unpack")],
     }
     for phase, targets in phases.items():

@@ -9,6 +9,8 @@ total weight when the evaluation closes. A stage's layers of one entry are compu
 U-Net pass) ends, in one product: a GPU at SD sizes is bound by kernel launches.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -103,6 +105,15 @@ class BranchCapture:
         layers = [layer for layer, _ in pending]
         maps = resampled(summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid), target)
         self.recorder.add_layers(stage, maps if _is_one(weight) else weight * maps, layers, weight, guided)
+
+    @contextlib.contextmanager
+    def recording_into(self, recorder: TraceRecorder):
+        """Maps go to ``recorder`` meanwhile (a hook group's share of the maps, not traced)."""
+        kept, self.recorder = self.recorder, recorder
+        try:
+            yield recorder
+        finally:
+            self.recorder = kept
 
     def discard(self) -> None:
         """Drop the waiting layers, of a U-Net pass that failed (and with them its graph)."""

@@ -1,4 +1,5 @@
-"""One BiasMap sampling run inside ComfyUI: attn2 capture, per-evaluation bookkeeping and the guidance gradient.
+"""One BiasMap sampling run inside ComfyUI: attn2 capture, per-evaluation bookkeeping and the guidance update (the
+gradient it adds is taken in guided_backward.py).
 
 Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
@@ -8,35 +9,22 @@ Hooks, all on a clone of the caller's MODEL (the original is never patched):
 - a ``PREDICT_NOISE`` wrapper opens and closes one model evaluation (and applies the guidance update to the
   CFG result); it is also the cancellation point;
 - a ``SAMPLER_SAMPLE`` wrapper passes the sampler a per-step callback that labels the evaluations with its steps;
-- a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass runs with autograd
-  on (the latent as leaf), so no second forward is needed. On a CPU the maps' branch runs alone with autograd and
-  the other branch without, so the backward covers one branch (also a truncated one: down×1 is 1.14× faster so);
-  on a GPU one batched pass is cheaper (at SD sizes it is bound by kernel launches).
+- a ``CALC_COND_BATCH`` wrapper marks the evaluation's main U-Net pass. When guiding, that pass is the guided pass
+  (guided_backward.py: autograd on, the latent as leaf), so no second forward is needed. On a CPU the maps' branch
+  runs alone with autograd and the other branch without, so the backward covers one branch (also a truncated one:
+  down×1 is 1.14× faster so); on a GPU one batched pass is cheaper (at SD sizes it is bound by kernel launches).
   Those batch-1 CPU passes compute convolutions on grids of ≤ 8×8 with PyTorch's direct kernel (small_grid_conv.py).
   A batched pass that runs out of GPU memory (ComfyUI sizes batches for inference, autograd keeps every activation
   until the backward) is run again that way, and so are the run's later steps, with a note; so is a pass whose
-  entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in
-  place; if the maps' branch itself holds several hook groups, each group runs once more with autograd for its share
-  of the gradient (_run_hook_groups). In every guided pass whose backward goes through the whole U-Net autograd
-  keeps SiLU, gelu and group norm outputs as recipes, computed again in the backward (lean_backward.py);
-- when only down stages are guided, ``input_block_patch``/``output_block_patch`` detach the activations after the
-  last guided block, so autograd neither records nor keeps anything of the rest of the U-Net;
-- in a guided pass, the U-Net patches in the model's options run with autograd keeping copies of what they save
-  (lean_backward.CopiedSaves), since some change in place the activations they computed with (FreeU V2), and a
-  ``DIFFUSION_MODEL`` wrapper detaches the U-Net's output: the gradient comes from the captured queries, so the
-  layers after them keep nothing for the backward, and no node around the U-Net is handed their graph;
+  entries carry different hooks (conditioning.hook_groups), since ComfyUI patches each hook group's weights in place;
+- in a guided pass a ``DIFFUSION_MODEL`` wrapper detaches the U-Net's output: the gradient comes from the captured
+  queries, so the layers after them keep nothing for the backward, and no node around the U-Net is handed their graph;
 - an evaluation in which the U-Net never ran for the maps (a cache node answered it: EasyCache inside BiasMap's
   wrapper, LazyCache outside it, seen by a second ``PREDICT_NOISE`` wrapper placed first in the model's options) is
   left out of the trace, keeping its place for the step labels, and its step is named in a note (the innermost
   ``DIFFUSION_MODEL`` wrapper tells whether the U-Net ran); one in which it ran but none of its passes over the whole
   latent reached the hooks (context windows, tiles, another node taking the attention layers over) is refused. In a
-  guided pass, an outermost ``DIFFUSION_MODEL`` wrapper gives the wrappers around the U-Net its input detached;
-- when guiding with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip
-  tensor, since ComfyUI adds the ControlNet's residuals to the skip tensors in place;
-- attention that the backward goes through runs in PyTorch's fused SDPA kernel (``optimized_attention_override``,
-  in guided passes only; on a CPU the other branch's pass too): ComfyUI's CPU default, sub-quadratic attention in
-  plain torch ops, is the slower kernel forward and backward, and some GPU kernels it may pick (SageAttention) have
-  no backward at all.
+  guided pass, an outermost ``DIFFUSION_MODEL`` wrapper gives the wrappers around the U-Net its input detached.
 """
 
 import contextlib
@@ -44,19 +32,17 @@ import math
 
 import torch
 
-from ..guidance import entanglement_energy, guidance_step
-from ..ovam import sum_upsampled
+from ..guidance import guidance_step
 from ..settings import BiasMapSettings
 from ..stages import STAGE_ORDER
 from ..tokens import find_word_positions, require_distinct_concepts
 from ..trace import TraceRecorder
 from .capture import BranchCapture
-from .conditioning import attached_modules, control_models, covers_image, hook_groups
-from .guided_pass import (differentiable_quantized, offload_streams_wait, out_of_memory, out_of_memory_explained,
-                          patch_modules, quantized_layers, with_patches_on_copies, with_sdpa_attention)
-from .lean_backward import LeanBackward
+from .conditioning import covers_image, hook_groups
+from .guided_backward import GuidedBackward
+from .guided_pass import out_of_memory, out_of_memory_explained, with_sdpa_attention
 from .small_grid_conv import SmallGridConvolution
-from .unet import block_stages, deinference_, model_family, require_guidable, require_unet, weight_slots
+from .unet import block_stages, model_family, require_guidable, require_unet
 
 __all__ = ["BiasMapSession"]
 
@@ -64,11 +50,6 @@ _KEY = "biasmap"
 _OUTER_KEY = "biasmap-outermost"
 _COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and in cond_or_uncond
 _NAMES = {_COND: "positive", _UNCOND: "negative"}
-# The energy's backward through an fp16 U-Net is scaled by this power of two (exact to undo), as mixed-precision
-# training scales its loss: fp16 flushes gradients below 6e-8 to zero, and those of E ≤ 1 spread over a U-Net's
-# activations come close (measured on the tiny test model: a gradient 10⁴ times smaller came out all zero). A scaled
-# gradient that overflows is skipped as non-finite, and the run's later backwards are not scaled.
-_HALF_LOSS_SCALE = 2.0 ** 10
 
 
 class BiasMapSession:
@@ -80,8 +61,6 @@ class BiasMapSession:
         if settings.guiding:
             require_guidable(model_patcher)
         self.family = model_family(model_patcher)
-        computes_in = model_patcher.model.manual_cast_dtype or model_patcher.model.get_dtype()
-        self._loss_scale = _HALF_LOSS_SCALE if computes_in == torch.float16 else None  # a tensor once used
         width = next(iter(self.layers.values())).to_k.in_features
         if attribution_embeddings.shape[-1] != width:
             raise ValueError(f"the CLIP gives {attribution_embeddings.shape[-1]}-wide embeddings but this "
@@ -98,20 +77,11 @@ class BiasMapSession:
         self.capture = BranchCapture(self.layers, attribution_embeddings, self.recorder, self._note, guided_layers,
                                      self._block_stages)
         self._main_pass_pending = False
-        self._guided: tuple | None = None  # (∇_x E, E) of the open evaluation
-        self._truncating = False
-        self._controlled = False  # a guided pass whose entries carry a ControlNet
+        self._gradient_and_energy: tuple | None = None  # (∇_x E, E) of the open evaluation
         self._branch_alone = False  # set once a batched guided pass ran out of GPU memory
-        self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
-        self._patch_modules: list[torch.nn.Module] = []  # held by other nodes' U-Net patches (patch_modules)
         self._evaluations = 0  # evaluations that reached _predict_noise
         self._unet_ran = False  # the U-Net ran in the open evaluation
-        self._guiding = False  # a guided U-Net pass is running
         self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
-        self._last_guided_input = self._last_guided_input_block(guided_layers)
-        modules = list(model_patcher.model.diffusion_model.modules()) if settings.guiding else []
-        self._group_norms = [m for m in modules if isinstance(m, torch.nn.GroupNorm)]
-        self._quantized = quantized_layers(modules)
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
         positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
@@ -121,17 +91,18 @@ class BiasMapSession:
         self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
         self._window: tuple[float, float] | None = None  # its (lowest, highest) σ
         if settings.guiding and not self.pairs:
-            raise ValueError("guidance needs at least one demographic and one semantic concept")
+            raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
+                             "attribution prompt in each list, or set the guidance scale to 0 to record maps only")
+        self.backward = (GuidedBackward(model_patcher, settings, self.pairs, self.capture, self.recorder, self._note,
+                                        guided_layers) if settings.guiding else None)
 
     # ---- patching -------------------------------------------------------------------------------------------
 
     def patch(self, model_patcher):
         """A clone of ``model_patcher`` carrying this session's hooks."""
         m = model_patcher.clone()
-        found = patch_modules(m.model_options) if self.settings.guiding else []  # before this session's own patches
-        if found:  # the U-Net's own modules are swapped anyway
-            unet = set(map(id, model_patcher.model.diffusion_model.modules()))
-            self._patch_modules = [p for p in found if id(p) not in unet]
+        if self.backward is not None:
+            self.backward.patch(m, model_patcher)
         existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = {(name, number) for name, number, _ in self.layers if name != "middle" or self.settings.include_middle}
         for name, number in sorted(blocks):
@@ -142,11 +113,6 @@ class BiasMapSession:
                     m.set_model_attn2_replace(self._replace(prev), name, number, key[2])
         import comfy.patcher_extension as ext
 
-        if self._last_guided_input is not None:
-            m.set_model_input_block_patch(self._truncate_input)
-            m.set_model_output_block_patch(self._truncate_skip)
-        if self.settings.guiding:
-            m.set_model_input_block_patch_after_skip(self._separate_skip)
         m.add_wrapper_with_key(ext.WrappersMP.SAMPLER_SAMPLE, _KEY, self._sampler_sample)
         m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, _KEY, self._predict_noise)
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, _KEY, self._calc_cond_batch)
@@ -183,26 +149,6 @@ class BiasMapSession:
                        f"out of guided_stages")
         layers = {layer for layer, stage in self._block_stages.items() if stage in guided}
         return None if len(layers) == len(self._block_stages) else layers  # every layer: one sum serves both
-
-    def _last_guided_input_block(self, guided_layers):
-        """The last input block whose maps enter the energy, when no middle or up stage does; else None."""
-        if guided_layers is None or any(name != "input" for name, _, _ in guided_layers):
-            return None
-        return max(number for _, number, _ in guided_layers)
-
-    def _truncate_input(self, h, transformer_options):
-        if self._truncating and transformer_options["block"][1] >= self._last_guided_input:
-            return h.detach()  # nothing after this block reaches the energy
-        return h
-
-    def _truncate_skip(self, h, hsp, transformer_options):
-        # h too: a ControlNet's middle residual, added after the input blocks, would make it differentiable again.
-        return (h.detach(), hsp.detach()) if self._truncating else (h, hsp)
-
-    def _separate_skip(self, h, transformer_options):
-        # ComfyUI adds a ControlNet's output residuals to the skip tensors in place (apply_control), after the next
-        # block saved them for its backward; the next block gets a copy, so the saved tensor stays intact.
-        return h.clone() if self._controlled and h.requires_grad else h
 
     def _replace(self, previous):
         import comfy.ldm.modules.attention as attention
@@ -268,7 +214,7 @@ class BiasMapSession:
         if self._output_not_finite is not None:
             not_finite = not_finite & ~self._output_not_finite
         self._latent_not_finite = _either(self._latent_not_finite, not_finite)
-        self._guided = None
+        self._gradient_and_energy = None
         self._unet_ran = False
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
         extra_pass = "sampler_calc_cond_batch_function" in model_options
@@ -289,10 +235,10 @@ class BiasMapSession:
                                  "bypass that node")
             self.recorder.skip()  # the U-Net never ran: another node answered (a cache); see finish
             return denoised
-        if self._guided is None:
+        if self._gradient_and_energy is None:
             self.recorder.end()
             return denoised
-        grad, energy = self._guided
+        grad, energy = self._gradient_and_energy
         denoised, norm, status = guidance_step(denoised, grad, timestep, self.settings.scale, self.settings.gate)
         self.recorder.end(energy=energy, grad_norm=norm, status=status)
         return denoised
@@ -405,118 +351,10 @@ class BiasMapSession:
         try:
             if not guide:
                 return run(conds, x, timestep, model_options)
-            groups = hook_groups(conds, timestep)
-            if len(groups) > 1:
-                return self._run_hook_groups(model, run, x, timestep, model_options, conds, groups)
-            out, self._guided = self._with_autograd(model, run, conds, x, timestep, model_options,
-                                                    self._energy_gradient)
+            out, self._gradient_and_energy = self.backward.run(model, run, conds, x, timestep, model_options)
             return out
         finally:
             self.capture.branch = None
-
-    def _energy_gradient(self, x_leaf):
-        """(∇_x E, E) from the open evaluation's maps, or None when it has none (_predict_noise says why)."""
-        if not self.recorder.has_maps:
-            return None
-        energy = self._energy(self.recorder.current(guided=True))
-        if not energy.requires_grad:
-            raise RuntimeError("BiasMap guidance found no gradient path from the latent to the cross-attention queries: "
-                               "a layer in this model computes them outside autograd (a custom quantized or compiled "
-                               "kernel). Load the model without it, or set the guidance scale to 0 to record maps only")
-        return self._gradient(energy.sum(), x_leaf), energy.detach()
-
-    def _gradient(self, value, x_leaf):
-        """∂value/∂x; through an fp16 U-Net with ``value`` scaled (_HALF_LOSS_SCALE); no host synchronisation."""
-        if self._loss_scale is None:
-            return torch.autograd.grad(value, x_leaf)[0]
-        if not isinstance(self._loss_scale, torch.Tensor):
-            self._loss_scale = value.new_full((), self._loss_scale)
-        grad = torch.autograd.grad(value * self._loss_scale, x_leaf)[0] / self._loss_scale
-        # Off only when the scale overflowed the gradient: not for an energy that is no number by itself.
-        overflowed = torch.isfinite(value).all() & ~torch.isfinite(grad).all()
-        self._loss_scale = torch.where(overflowed, 1.0, self._loss_scale)
-        return grad
-
-    def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):
-        """The guided evaluation of a maps' branch whose entries carry different hooks, with the exact gradient.
-
-        ComfyUI patches each hook group's weights into the model in place, one group after the other, so a backward
-        after one pass would go through the last group's weights for every group's maps (measured: the gradient then
-        points away from lower entanglement). The maps are linear in each group's entries, M = Σ_g M_g, so: one pass
-        without autograd gives M, E and ∂E/∂M; then each group runs again with autograd, and its backward
-        ∂E/∂M · ∂M_g/∂x runs while its weights are in the model. One more U-Net pass of the maps' branch per group.
-        """
-        self._note("the maps' CFG branch holds entries with different hooks (Create Hook LoRA and the like): ComfyUI "
-                   "patches each hook group's weights in turn, so for an exact gradient BiasMap ran each group's "
-                   "entries once more with autograd (one more U-Net pass per group and step)")
-        out = run(conds, x, timestep, model_options)
-        if not self.recorder.has_maps:
-            return out
-        with torch.inference_mode(False), torch.enable_grad():
-            maps = {s: m.clone().requires_grad_(True) for s, m in self.recorder.current(guided=True).items()}
-            energy = self._energy(maps)
-            slopes = dict(zip(maps, torch.autograd.grad(energy.sum(), list(maps.values()))))
-        weighting = self.recorder.weighting(guided=True)
-
-        def group_gradient(x_leaf):
-            shares = self.capture.recorder.current(guided=True, weighting=weighting)
-            if not shares:  # none of the group's entries ran over the whole latent at this step
-                return torch.zeros_like(x_leaf)
-            slope = sum((slopes[s] * m).sum() for s, m in shares.items())
-            return self._gradient(slope, x_leaf)
-
-        grad, recorder = torch.zeros_like(x), self.capture.recorder
-        try:
-            for group in groups:
-                # This group's shares of the maps, not traced.
-                self.capture.recorder = TraceRecorder(split_guided=self.capture.guided_layers is not None)
-                grad += self._with_autograd(model, run, group, x, timestep, model_options, group_gradient)[1]
-        finally:
-            self.capture.recorder = recorder
-        self._guided = (grad, energy.detach())
-        return out
-
-    def _with_autograd(self, model, run, conds, x, timestep, model_options, gradient):
-        """``run`` as a guided pass: autograd on, the latent a leaf; returns its outputs, detached, and
-        ``gradient(leaf)``, taken before anything of the pass is freed.
-
-        Where autograd records attention the pass runs PyTorch's SDPA; ``conds``' ControlNets join the gradient.
-        Every module the pass runs (the U-Net's, ControlNets', GLIGEN's, other nodes' patches') has its
-        inference-mode weights swapped first: autograd cannot save those.
-        """
-        controls = control_models(conds)
-        for module in (model.diffusion_model, *controls, *attached_modules(conds), *self._patch_modules):
-            if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
-                self._weight_slots[module] = weight_slots(module)
-            deinference_(module, self._weight_slots[module])
-        self._controlled = bool(controls)
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                x_leaf = x.detach().clone().requires_grad_(True)
-                self._truncating = self._last_guided_input is not None
-                # A third less kept for the backward through the whole U-Net; a truncated one keeps little, and
-                # the recipes' Python would cost a launch-bound GPU more than they save there.
-                with (LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext(),
-                      differentiable_quantized(self._quantized)):
-                    self._guiding = True
-                    out = run(conds, x_leaf, timestep.detach().clone(),
-                              with_sdpa_attention(with_patches_on_copies(model_options)))
-                gradient_at_x = gradient(x_leaf)
-                offload_streams_wait(x.device)  # the backward read weights copied on them (low VRAM)
-                return [o.detach() for o in out], gradient_at_x
-        finally:
-            self._truncating = self._controlled = self._guiding = False
-
-    def _energy(self, maps):
-        if not maps:  # the guided blocks ran, but none of them for the recorded branch's whole-image entries
-            raise ValueError(f"no map of the guided stages {', '.join(self.settings.guided_stages or ['all'])} was "
-                             f"recorded at this step, though the model has them: a node skipped or replaced those "
-                             f"blocks' cross-attention; bypass it, or set guided_stages to 'all'")
-        s = self.settings
-        # At the largest attention grid of all recorded stages, as the reference aggregates, also when the guided
-        # stages are coarser (down×½ alone at 512² is soft top-k over 64² pixels, not 32²).
-        maps = sum_upsampled(list(maps.values()), self.recorder.current_grid)
-        return entanglement_energy(maps, self.pairs, s.keep, s.gamma, s.mode, s.iters)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -537,6 +375,11 @@ class BiasMapSession:
             self._note(f"on some steps no {_NAMES[wanted]} conditioning entry covered the whole image (area or "
                        f"timestep-range conditioning): maps come from the {_NAMES[other]} branch on those steps")
         return other
+
+    @property
+    def _guiding(self) -> bool:
+        """A guided U-Net pass is running."""
+        return self.backward is not None and self.backward.active
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -568,10 +411,8 @@ class BiasMapSession:
                        "itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler does "
                        "the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
                        "check the sigmas and the sampler")
-        if isinstance(self._loss_scale, torch.Tensor) and float(self._loss_scale) == 1.0:
-            self._note(f"a gradient through this fp16 model overflowed once scaled by {_HALF_LOSS_SCALE:g} (the scale "
-                       f"that keeps small fp16 gradients from vanishing): that evaluation was skipped as non-finite, "
-                       f"and the later ones were not scaled")
+        if self.backward is not None:
+            self.backward.finish()
         steps = sorted(set(self.recorder.skipped_steps()) | set(self.recorder.steps_without_evaluation))
         if steps:
             self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "

@@ -501,16 +501,16 @@ def gligen_box(model, clip, conditioning):
 @pytest.mark.parametrize("stages", [None, ("down_1",)], ids=["all stages", "down x1"])
 def test_gligen_in_the_maps_branch_is_guided_through_its_own_weights_swapped_like_the_unets(sd15, prompts, stages,
                                                                                               monkeypatch):
-    import biasmap_engine.host.session as session
+    import biasmap_engine.host.guided_backward as guided_backward
 
     model, clip = sd15
     pos, neg = prompts
     boxed, gligen = gligen_box(model, clip, pos)
-    attached = session.attached_modules
-    monkeypatch.setattr(session, "attached_modules", lambda conds: [])  # as if BiasMap did not know GLIGEN's weights
+    attached = guided_backward.attached_modules
+    monkeypatch.setattr(guided_backward, "attached_modules", lambda conds: [])  # as if BiasMap did not know GLIGEN's weights
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         guided_sample(model, clip, boxed, neg, 100.0, steps=1, branch="cond", guided_stages=stages)
-    monkeypatch.setattr(session, "attached_modules", attached)
+    monkeypatch.setattr(guided_backward, "attached_modules", attached)
     out, trace, _ = guided_sample(model, clip, boxed, neg, 100.0, steps=2, branch="cond", guided_stages=stages)
     assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(out).all()
     assert not any(p.is_inference() for p in gligen.parameters())

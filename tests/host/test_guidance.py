@@ -396,7 +396,7 @@ def test_guided_cpu_passes_run_convolutions_on_grids_up_to_8x8_with_the_direct_k
 
 def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outputs_as_recipes_with_the_same_result(
         sd15, prompts, monkeypatch):
-    import biasmap_engine.host.session as session_module
+    import biasmap_engine.host.guided_backward as guided_backward
     from biasmap_engine.host import lean_backward
     from biasmap_engine.host.lean_backward import LeanBackward
 
@@ -417,7 +417,7 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
 
     runs = {}
     for name, hooks in (("lean", Counted), ("plain", Plain)):
-        monkeypatch.setattr(session_module, "LeanBackward", hooks)
+        monkeypatch.setattr(guided_backward, "LeanBackward", hooks)
         runs[name] = sample(model, clip, pos, neg, 100.0, steps=2)
     assert set(recipes) == {"SiluBackward0", "GeluBackward0", "NativeGroupNormBackward0"}
     (lean, lean_trace, _), (plain, plain_trace, _) = runs["lean"], runs["plain"]
@@ -428,7 +428,7 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
     torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
                                atol=0.0)
     torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
-    monkeypatch.setattr(session_module, "LeanBackward", Counted)
+    monkeypatch.setattr(guided_backward, "LeanBackward", Counted)
     recipes.clear()
     _, truncated, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
     assert truncated.guidance_counts()["applied"] == 2 and recipes == []  # a truncated backward keeps little
@@ -457,10 +457,10 @@ def test_an_fp16_models_backward_keeps_gradients_fp16_alone_would_flush_to_zero(
     import comfy_models
     import nodes
 
-    import biasmap_engine.host.session as session
+    import biasmap_engine.host.guided_backward as guided_backward
 
-    energy = session.entanglement_energy
-    monkeypatch.setattr(session, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e-4)
+    energy = guided_backward.entanglement_energy
+    monkeypatch.setattr(guided_backward, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e-4)
     norms = {}
     for dtype in (torch.float32, torch.float16):
         with torch.inference_mode():
@@ -484,10 +484,10 @@ def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_
     # Energies 10⁴ times larger: fp16 holds their gradient, but not 2¹⁰ times it. The clip gate keeps large gradients.
     import comfy_models
 
-    import biasmap_engine.host.session as session
+    import biasmap_engine.host.guided_backward as guided_backward
 
-    energy = session.entanglement_energy
-    monkeypatch.setattr(session, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e4)
+    energy = guided_backward.entanglement_energy
+    monkeypatch.setattr(guided_backward, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e4)
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
         pos, neg = comfy_models.paper_prompts(clip)
@@ -502,15 +502,15 @@ def test_an_energy_that_is_no_number_by_itself_leaves_the_fp16_loss_scale_on(com
     # small, as a full-size model's per-pixel gradients are, and fp16 still needs the scale for them.
     import comfy_models
 
-    import biasmap_engine.host.session as session
+    import biasmap_engine.host.guided_backward as guided_backward
 
-    energy, evaluations = session.entanglement_energy, []
+    energy, evaluations = guided_backward.entanglement_energy, []
 
     def small_and_first_nan(*args, **kwargs):
         evaluations.append(1)
         return energy(*args, **kwargs) * (float("nan") if len(evaluations) == 1 else 1e-4)
 
-    monkeypatch.setattr(session, "entanglement_energy", small_and_first_nan)
+    monkeypatch.setattr(guided_backward, "entanglement_energy", small_and_first_nan)
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
         pos, neg = comfy_models.paper_prompts(clip)

@@ -244,7 +244,7 @@ def test_a_quantized_checkpoint_on_a_gpu_with_fp8_compute_is_guided_through_its_
     import comfy_models
     import nodes
 
-    from biasmap_engine.host import session
+    from biasmap_engine.host import guided_backward
 
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sd15_fp8_quantized(0)
@@ -255,10 +255,10 @@ def test_a_quantized_checkpoint_on_a_gpu_with_fp8_compute_is_guided_through_its_
     assert torch.equal(recorded, stock)  # the sampler's own passes keep the quantized kernels
     guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all() and not torch.equal(guided, stock)
-    layers = session.quantized_layers(model.model.diffusion_model.modules())
+    layers = guided_backward.quantized_layers(model.model.diffusion_model.modules())
     assert layers and all(not m._full_precision_mm for m in layers)  # restored
 
     # Without that path the queries carry no gradient, and the message says so instead of autograd's.
-    monkeypatch.setattr(session, "differentiable_quantized", lambda layers: contextlib.nullcontext())
+    monkeypatch.setattr(guided_backward, "differentiable_quantized", lambda layers: contextlib.nullcontext())
     with pytest.raises(RuntimeError, match="no gradient path from the latent to the cross-attention queries"):
         sample(model, clip, pos, neg, 100.0, steps=2)
