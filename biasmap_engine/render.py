@@ -190,7 +190,7 @@ def entanglement_picture(
         raise ValueError(f"need one IoU per mask pair: {batch} pairs, {ious.numel()} IoUs")
     label_a, label_b = labels
     device = mask_a.device
-    # 0 = neither, 1 = A only, 2 = B only, 3 = both: one index into a 4-colour table, both taking A's or B's colour
+    # 0 = neither, 1 = A only, 2 = B only, 3 = both: one index into a 3-colour table, both taking A's or B's colour
     # in diagonal stripes about 1/64 of the short side wide.
     region = mask_a.to(device, torch.bool).long() + 2 * mask_b.to(device, torch.bool).long()
     stripe = max(2, min(height, width) // 64)

@@ -1,4 +1,4 @@
-"""BiasMap recording and guidance settings; defaults are the paper configuration (method.md §2–§5)."""
+"""BiasMap recording and guidance settings; defaults are the paper configuration (arXiv 2509.13496 §2–§5, and the authors' code where the paper is silent)."""
 
 from dataclasses import asdict, dataclass
 

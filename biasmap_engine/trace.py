@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -176,8 +176,6 @@ class BiasMapTrace:
         """Read a trace written by :meth:`save`; any other file, or a damaged one, raises TraceFormatError (one of
         a later BiasMap a ValueError)."""
         try:
-            from safetensors import safe_open
-
             with safe_open(path, framework="pt") as f:
                 raw = (f.metadata() or {}).get(FORMAT)
             tensors = load_file(path) if raw else {}
@@ -331,7 +329,8 @@ class TraceRecorder:
         return [s for s, skipped in zip(self._step_labels().tolist(), self._skipped) if skipped]
 
     def restart(self) -> None:
-        """Drop the open evaluation's maps, for a U-Net pass that is run again (after running out of memory)."""
+        """Drop the open evaluation's maps: when an evaluation opens or closes, and for a U-Net pass that is run again
+        (after running out of memory)."""
         self._current, self._guided = _Sums(), _Sums()
 
     def current(self, guided: bool = False, weighting=None) -> dict[str, torch.Tensor]:
@@ -353,8 +352,8 @@ class TraceRecorder:
     def end(self, energy=None, grad_norm=None, status=None) -> None:
         """Close the evaluation, storing detached maps and the guidance accounting for it."""
         if not self._current.maps:
-            raise RuntimeError("a model evaluation recorded no cross-attention map; the model has no U-Net "
-                               "cross-attention in the recorded stages (DiT models are not supported)")
+            raise RuntimeError("end() of an evaluation that recorded no map: call skip() for one the U-Net never ran "
+                               "in (BiasMapSession does; DiT models are refused before sampling)")
         row = len(self._guidance["energy"])
         for stage, maps in self.current().items():
             self._stage_maps.setdefault(stage, []).append((row, maps.detach().float()))

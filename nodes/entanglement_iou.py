@@ -18,8 +18,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             node_id="BiasMapEntanglementIoU",
             display_name="BiasMap Entanglement IoU",
             category=CATEGORY,
-            description="Spatial entanglement of two concepts in a BiasMap trace: IoU of their top-30 % masks "
-                        "(mean over the batch), block-wise mBIoU, a per-image report with the guidance accounting, "
+            description="Spatial entanglement of two concepts in a BiasMap trace: IoU of their top-(1 − q) masks, "
+                        "30 % by default (mean over the batch), block-wise mBIoU, a per-image report with the guidance accounting, "
                         "and a picture of A, B and their intersection.",
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),

@@ -1,7 +1,7 @@
 """BiasMap Guided KSampler: sampling that records attribution maps and, with λ > 0, lowers entanglement.
 
 BiasMap (Chakraborty et al., arXiv 2509.13496, SIGKDD 2026) adds λ·√(1−ᾱ)·∇_z SoftIoU(demographic, semantic)
-to the noise prediction at every step. With λ = 0 these nodes sample exactly as KSampler / SamplerCustomAdvanced.
+to the noise prediction at every step (within the σ window, the gate and the guided stages). With λ = 0 these nodes sample exactly as KSampler / SamplerCustomAdvanced.
 """
 
 import logging

@@ -1,4 +1,5 @@
-"""The one adapter between the BiasMap engine and ComfyUI internals; the only code that imports ``comfy``."""
+"""The one adapter between the BiasMap engine and ComfyUI internals: the only engine code that imports ``comfy``
+(the nodes, ComfyUI nodes themselves, also use its folder and argument helpers)."""
 
 from .attribution import encode_attribution, prompt_text_words
 from .sampling import sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names, start_session

@@ -1,7 +1,8 @@
 """One BiasMap sampling run inside ComfyUI: attn2 capture, per-evaluation bookkeeping and the guidance update (the
 gradient it adds is taken in guided_backward.py).
 
-Hooks, all on a clone of the caller's MODEL (the original is never patched):
+Hooks, all on a clone of the caller's MODEL (the original is never patched; a guided pass swaps the U-Net's
+inference-mode weights for ordinary tensors of the same values, which the original shares, see guided_backward.py):
 - an ``attn2`` replace on every recorded layer computes the layer's real output exactly as ComfyUI would (or
   through a replace another node registered before, which it chains) and hands the recorded CFG branch's queries to
   the capture (capture.py), which weighs that branch's entries as ComfyUI does; where a step has no whole-image

@@ -1,7 +1,7 @@
 """PyTorch's direct convolution for CPU feature maps of at most 8×8, where oneDNN's batch-1 kernels are slow.
 
 On the CPU the guided pass runs each CFG branch at batch 1, so that the backward covers one branch only. At U-Net
-levels of 8×8 and 4×4 with 1280–2560 channels, oneDNN (PyTorch's default CPU convolution) then takes 2–4× the
+levels of 8×8 and 4×4 with 1280–2560 channels, oneDNN (PyTorch's default CPU convolution) then takes up to 4× the
 time of PyTorch's direct im2col + GEMM kernel, forward and backward (measured in docs/benchmarks.md: a
 2560→1280 3×3 convolution at 4×4 takes 42 ms against 9 ms). Larger grids are left to oneDNN, which wins there.
 Values agree to float rounding; the mode is entered only for guided passes, so λ = 0 keeps ComfyUI's kernels.

@@ -99,7 +99,7 @@ def require_guidable(model_patcher) -> None:
     fix = ("remove the model-sampling node that sets it, or set the guidance scale to 0 to record maps only"
            if "model_sampling" in model_patcher.object_patches else "set the guidance scale to 0 to record maps only")
     raise UnsupportedModelError(
-        f"BiasMap guidance is defined for ε- and v-prediction sampling with variance-preserving noise; this "
+        f"BiasMap guidance is defined for sampling with variance-preserving noise (ε, v, x₀ or LCM prediction); this "
         f"{model_family(model_patcher)} model samples as {kind}, and {cause}, so the σ-space update is not the "
         f"paper's: {fix}.")
 

@@ -9,7 +9,7 @@ from biasmap_engine import soft_iou, soft_topk
 
 
 def reference_paper_loop(matrix, percentile=0.3, gamma=0.01, max_iter=20):
-    """method.md §4 written out plainly: every row its own log-domain Sinkhorn, g then f, duals from 0."""
+    """The reference's soft top-k (the paper's §4, as the authors' code runs it) written out plainly: every row its own log-domain Sinkhorn, g then f, duals from 0."""
     rows = matrix.reshape(-1, matrix.shape[-1])
     out = np.empty_like(rows)
     n = rows.shape[1]

@@ -264,7 +264,7 @@ def test_a_step_reported_with_no_evaluation_at_all_is_listed():
 def test_recorder_refuses_an_evaluation_without_maps():
     rec = TraceRecorder()
     rec.begin(torch.tensor(1.0), torch.tensor(0))
-    with pytest.raises(RuntimeError, match="DiT"):
+    with pytest.raises(RuntimeError, match="call skip"):
         rec.end()
 
 

@@ -803,7 +803,7 @@ def test_guidance_is_refused_for_sampling_that_is_not_variance_preserving_whatev
         if refused is None:
             start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
             return
-        with pytest.raises(ValueError, match=f"ε- and v-prediction sampling.*as {refused}.*remove the model-sampling "
+        with pytest.raises(ValueError, match=f"variance-preserving noise.*as {refused}.*remove the model-sampling "
                                              f"node that sets it, or set the guidance scale to 0"):
             start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
         start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))  # recording
