@@ -36,9 +36,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
     if not pairs:
         raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit")
-    status = trace.guidance.get("status")
-    counts = [{name: int((status[:, i] == code).sum()) if status is not None else "" for name, code in STATUS.items()}
-              for i in range(trace.num_images)]
+    counts = [trace.guidance_counts(i) or dict.fromkeys(STATUS, "") for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
     width, height = trace.image_size[::-1]
     settings = {"model_family": trace.model_family,
@@ -49,18 +47,11 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
         result = measure_entanglement(trace, a, b, q, size)
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
-                         "noise_index": _noise_index(trace, i), "demographic": a, "semantic": b, "q": q,
+                         "noise_index": trace.noise_index(i), "demographic": a, "semantic": b, "q": q,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
                          "notes": " | ".join(trace.notes)})
     return rows
-
-
-def _noise_index(trace: BiasMapTrace, image: int) -> int:
-    """Which of the seed's noises image ``image`` got: ComfyUI draws them by the latent's batch_index (Latent From
-    Batch, Repeat Latent Batch), so seed and image number alone would not sample it again."""
-    batch_index = trace.run.get("batch_index")
-    return batch_index[image] if batch_index else image
 
 
 def append_csv(path: str, rows: list[dict]) -> list[dict]:

@@ -41,10 +41,10 @@ class EntanglementResult:
             if trace.run.get(key):  # read from the graph where it is typed
                 lines.append(f"{name}: {trace.run[key]}")
         lines.append(f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}")
-        batch_index = trace.run.get("batch_index")  # the seed's noises the images got, when not 0, 1, …
+        drawn_apart = bool(trace.run.get("batch_index"))  # the seed's noises the images got are not 0, 1, …
         for i, value in enumerate(self.ious.tolist()):
             blocks = ", ".join(f"{stage_label(s)} {_figure(v[i], 3)}" for s, v in self.block_ious.items())
-            image = f"image {i} (noise {batch_index[i]} of the seed)" if batch_index else f"image {i}"
+            image = f"image {i} (noise {trace.noise_index(i)} of the seed)" if drawn_apart else f"image {i}"
             lines.append(f"{image}: IoU {_figure(value, 4)} · mBIoU {_figure(self.mbiou[i], 4)} · BIoU {blocks}")
         for word, pieces in self.pieces.items():
             lines.append(f"tokens of '{word}': {' '.join(pieces)}")

@@ -78,6 +78,12 @@ class BiasMapTrace:
     def num_steps(self) -> int:
         return int(self.steps.max()) + 1 if self.steps.numel() else 0
 
+    def noise_index(self, image: int) -> int:
+        """Which of the seed's noises image ``image`` got: ComfyUI draws them by the latent's batch_index (Latent From
+        Batch, Repeat Latent Batch), so seed and image number alone would not sample it again."""
+        batch_index = self.run.get("batch_index")
+        return batch_index[image] if batch_index else image
+
     @property
     def image_size(self) -> tuple[int, int]:
         """Pixel size of the decoded image (SD-family VAEs scale the latent by 8)."""
@@ -149,9 +155,12 @@ class BiasMapTrace:
         """mBIoU: per image, the mean of BIoU over the stages that have maps."""
         return mean_biou(self.block_ious(word_a, word_b, q, steps, size))
 
-    def guidance_counts(self) -> dict[str, int]:
-        """How many (evaluation, image) pairs were applied, clipped, skipped by the gate, non-finite, not guided."""
+    def guidance_counts(self, image: int | None = None) -> dict[str, int]:
+        """How many (evaluation, image) pairs were applied, clipped, skipped by the gate, non-finite, not guided; of
+        one image's evaluations with ``image``. Empty for a trace without guidance accounting."""
         status = self.guidance.get("status")
+        if status is not None and image is not None:
+            status = status[:, image]
         if status is None:
             return {}
         return {name: int((status == code).sum()) for name, code in STATUS.items()}
