@@ -105,7 +105,7 @@ class BiasMapSession:
         if self.backward is not None:
             self.backward.patch(m, model_patcher)
         existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        blocks = {(name, number) for name, number, _ in self.layers if name != "middle" or self.settings.include_middle}
+        blocks = {(name, number) for name, number, _ in self._block_stages}  # the recorded layers' blocks
         for name, number in sorted(blocks):
             m.set_model_attn2_replace(self._replace(existing.get((name, number))), name, number)
             # A replace keyed with a depth index wins over the two-part key: chain those too.
