@@ -99,6 +99,17 @@ def test_a_sampler_that_enlarges_the_latent_between_steps_is_recorded_at_the_fir
         assert trace.guidance_counts()["applied"] == 4
 
 
+def test_the_middle_block_is_recorded_and_guided_when_asked_for(sd15, prompts):
+    # Off by default, as OVAM's locator; include_middle adds its stage, and guidance may take it alone.
+    model, clip = sd15
+    stock, ours, trace = run(model, clip, prompts, settings=BiasMapSettings(scale=0.0, include_middle=True))
+    assert torch.equal(stock, ours) and trace.stages == ["down_1", "down_2", "mid_2", "up_2", "up_1"]
+    assert trace.maps["mid_2"].shape[-2:] == (20, 28) and (trace.maps["mid_2"].flatten(1) > 0).any(1).all()
+    _, guided, trace = run(model, clip, prompts, settings=BiasMapSettings(scale=100.0, include_middle=True,
+                                                                          guided_stages=("mid_2",)))
+    assert trace.guidance_counts()["applied"] == 3 * 2 and not torch.equal(stock, guided)
+
+
 def test_a_latent_picked_from_a_batch_keeps_which_noise_of_the_seed_it_got(sd15, prompts):
     # Latent From Batch: ComfyUI gives image 0 the seed's third noise; seed and image number alone would not say so.
     import nodes
