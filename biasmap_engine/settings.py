@@ -1,13 +1,14 @@
-"""BiasMap recording and guidance settings; defaults are the paper configuration (arXiv 2509.13496 §2–§5, and the authors' code where the paper is silent)."""
+"""BiasMap recording and guidance settings; defaults are the paper configuration (arXiv 2509.13496 §2–§5, and the
+authors' code where the paper is silent)."""
 
 from dataclasses import asdict, dataclass
 
 from .guidance import GATES
 
-__all__ = ["BiasMapSettings"]
+__all__ = ["BRANCHES", "BiasMapSettings", "MODES"]
 
-BRANCHES = ("uncond", "cond")
-MODES = ("paper", "exact")
+BRANCHES = ("uncond", "cond")  # the CFG branch whose queries build the maps, default first
+MODES = ("paper", "exact")  # soft top-k, default first
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts
+from ..biasmap_engine import GATES, BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts
+from ..biasmap_engine.settings import BRANCHES, MODES
 from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")
@@ -39,12 +40,12 @@ def guidance_inputs() -> list:
         io.Float.Input("guidance_scale", default=100.0, min=0.0, max=10000.0, step=0.5, round=0.01,
                        tooltip="λ. 0 records maps only and samples exactly like the stock sampler; the paper uses "
                                "100 (≥ 400 degrades image quality)."),
-        io.Combo.Input("branch", options=["uncond", "cond"], default="uncond", extra_dict=ADVANCED,
+        io.Combo.Input("branch", options=list(BRANCHES), default="uncond", extra_dict=ADVANCED,
                        tooltip="CFG branch whose queries build the maps (the reference uses the unconditional one; "
                                "with cfg 1 the conditional one is used and the trace says so)."),
         io.Boolean.Input("include_middle", default=False, extra_dict=ADVANCED,
                          tooltip="Also record the middle block (OVAM leaves it out)."),
-        io.Combo.Input("soft_topk", options=["paper", "exact"], default="paper", extra_dict=ADVANCED,
+        io.Combo.Input("soft_topk", options=list(MODES), default="paper", extra_dict=ADVANCED,
                        tooltip="paper: the reference's row-wise 20-step Sinkhorn. exact: one converged global "
                                "soft top-k per map with an implicit gradient."),
         io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
@@ -52,7 +53,7 @@ def guidance_inputs() -> list:
                                "least 0.01, since a soft top-k that keeps every pixel has no gradient."),
         io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, round=0.0001, extra_dict=ADVANCED,
                        tooltip="Entropic regulariser γ of the soft top-k (paper 0.01)."),
-        io.Combo.Input("gate", options=["skip", "clip"], default="skip", extra_dict=ADVANCED,
+        io.Combo.Input("gate", options=list(GATES), default="skip", extra_dict=ADVANCED,
                        tooltip="skip: like the reference, no correction on a step where ‖∇_z E‖ ≥ 1. clip: "
                                "rescale the gradient to norm 1 instead. Both are counted in the trace."),
         io.String.Input("guided_stages", default="all", extra_dict=ADVANCED,
