@@ -20,7 +20,7 @@ import unicodedata
 __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_words", "prompt_words", "readable",
            "require_distinct_concepts", "split_concepts"]
 
-_END = "</w>"
+_WORD_END = "</w>"
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
 
 
@@ -108,8 +108,8 @@ def readable(token: str) -> str:
     """A token string (or joined pieces) in plain text: ``"mÃ©decin</w>"`` → ``"médecin</w>"``."""
     if token.startswith("<|"):
         return token
-    end = _END if token.endswith(_END) else ""
-    spelled = token.removesuffix(_END)
+    end = _WORD_END if token.endswith(_WORD_END) else ""
+    spelled = token.removesuffix(_WORD_END)
     try:
         return bytes(_CHAR_BYTE[c] for c in spelled).decode("utf-8") + end
     except (KeyError, UnicodeDecodeError):  # not in the byte alphabet, or a piece of one character's bytes
@@ -173,9 +173,9 @@ def _word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:
     for i, token in enumerate(tokens):
         if token.startswith("<|"):
             continue
-        spelled += token.removesuffix(_END)
+        spelled += token.removesuffix(_WORD_END)
         positions.append(i)
-        if token.endswith(_END):
+        if token.endswith(_WORD_END):
             spans.append((spelled, positions))
             spelled, positions = "", []
     return spans + ([(spelled, positions)] if positions else [])

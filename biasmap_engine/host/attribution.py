@@ -9,7 +9,7 @@ from ..tokens import clip_words
 
 __all__ = ["encode_attribution", "prompt_text_words"]
 
-_END = "<|endoftext|>"
+_END_OF_TEXT = "<|endoftext|>"
 _EMBEDDING = "<|embedding|>"  # a textual-inversion vector: no vocabulary entry, and never part of a word
 _EMBEDDING_PREFIX = "embedding:"  # ComfyUI's prompt syntax for one
 # CLIP → {(prompt, the CLIP's encoding state): (embeddings, names)}. ComfyUI caches a CLIP Text Encode node's output
@@ -68,7 +68,7 @@ def _encode(clip, text: str) -> tuple[torch.Tensor, list[str]]:
             name = clip.tokenizer.untokenize([pair])[0][1] if isinstance(pair[0], int) else _EMBEDDING
             keep.append(c * len(chunk) + p)
             names.append(name)
-            if name == _END:
+            if name == _END_OF_TEXT:
                 break
     return embeddings[:, keep], names
 

@@ -29,9 +29,9 @@ class BranchCapture:
     """Adds each recorded layer's maps of one CFG branch to ``recorder``; ``branch`` says which, None when idle."""
 
     def __init__(self, layers: dict, attribution_embeddings: torch.Tensor, recorder: TraceRecorder, note,
-                 guided_layers: set | None = None, built_stages: dict | None = None):
+                 guided_layers: set | None, built_stages: dict):
         self.layers = layers
-        self.built_stages = built_stages or {}  # layer → its stage as the U-Net is built (unet.block_stages)
+        self.built_stages = built_stages  # layer → its stage as the U-Net is built (unet.block_stages)
         self.guided_layers = guided_layers  # the layers whose maps enter the energy; None: every one
         self.embeddings = attribution_embeddings
         self.recorder = recorder

@@ -50,6 +50,7 @@ __all__ = ["BiasMapSession"]
 _KEY = "biasmap"
 _OUTER_KEY = "biasmap-outermost"
 _COND, _UNCOND = 0, 1  # ComfyUI's indices in calc_cond_batch's conds list and in cond_or_uncond
+_ONLY = 0  # the index of the one branch in a conds list of one (an extra pass runs the maps' branch alone)
 _NAMES = {_COND: "positive", _UNCOND: "negative"}
 
 
@@ -340,7 +341,7 @@ class BiasMapSession:
             return comfy.samplers.calc_cond_batch(model, c, x_, t, options)
 
         with out_of_memory_explained():  # this pass runs the maps' branch alone already
-            self._run_branch(model, extra, x, timestep, model_options, _COND, self._guide_now(model, timestep),
+            self._run_branch(model, extra, x, timestep, model_options, _ONLY, self._guide_now(model, timestep),
                              [conds[branch]])
 
     def _run_branch(self, model, run, x, timestep, model_options, branch, guide, conds):

@@ -112,7 +112,7 @@ def weight_slots(module: torch.nn.Module) -> list[tuple[dict, str, bool]]:
             for tensors in (mod._parameters, mod._buffers) for name in tensors]
 
 
-def deinference_(module: torch.nn.Module, slots: list[tuple[dict, str, bool]] | None = None) -> int:
+def deinference_(module: torch.nn.Module, slots: list[tuple[dict, str, bool]] | None = None) -> None:
     """Swap inference-mode weights for ordinary tensors of the same values, so autograd may save them.
 
     ComfyUI loads models inside ``torch.inference_mode()``; such tensors cannot be saved for backward. Swapping once
@@ -124,15 +124,12 @@ def deinference_(module: torch.nn.Module, slots: list[tuple[dict, str, bool]] | 
     them to the GPU on every forward (so autograd saves the copy, never them), and later unpins them by address; a
     swapped tensor would make that unpinning fail and leave freed memory registered with CUDA.
     """
-    swapped = 0
     with torch.inference_mode(False):
         for tensors, name, is_parameter in weight_slots(module) if slots is None else slots:
             tensor = tensors[name]
             if tensor is not None and tensor.is_inference() and not _pinned(tensor):
                 tensors[name] = (torch.nn.Parameter(tensor.clone(), requires_grad=False) if is_parameter
                                  else tensor.clone())
-                swapped += 1
-    return swapped
 
 
 def _pinned(tensor: torch.Tensor) -> bool:
