@@ -254,17 +254,20 @@ def inside(path: str, root: str) -> bool:
         return False
 
 
-def check_images(image, trace, node: str) -> None:
+def check_images(image, trace, node: str) -> str | None:
     """An IMAGE input to draw on: one picture, or one per latent of the trace; one of another shape is stretched to
-    it, which a console warning says (a crop puts the maps off their places)."""
+    it, which a console warning says (a crop puts the maps off their places), and so does the text returned."""
     if image is None:
-        return
+        return None
     if image.shape[0] not in (1, trace.num_images):
         raise ValueError(f"the image input holds {image.shape[0]} pictures but the trace comes from "
                          f"{trace.num_images} latent(s): connect the images decoded from the trace's latents (one "
                          f"per latent), or a single picture")
     (height, width), (decoded_h, decoded_w) = image.shape[1:3], trace.image_size
-    if abs(height * decoded_w / (width * decoded_h) - 1) > 0.01:
-        logging.warning("BiasMap %s: the image is %d×%d, a shape other than the decoded latent's (%d×%d): the maps "
-                        "are stretched onto it, which puts them off their places if it was cropped; connect the "
-                        "image decoded from the latent (scaled is fine)", node, width, height, decoded_w, decoded_h)
+    if abs(height * decoded_w / (width * decoded_h) - 1) <= 0.01:
+        return None
+    stretched = (f"the image is {width}×{height}, a shape other than the decoded latent's ({decoded_w}×{decoded_h}): "
+                 f"the maps are stretched onto it, which puts them off their places if it was cropped; connect the "
+                 f"image decoded from the latent (scaled is fine)")
+    logging.warning("BiasMap %s: %s", node, stretched)
+    return stretched

@@ -51,12 +51,13 @@ class BiasMapEntanglementIoU(io.ComfyNode):
     @plain_errors
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
         require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
-        check_images(image, trace, "Entanglement IoU")
+        stretched = check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic")
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)
+        report = result.report + (f"\npicture: {stretched}" if stretched else "")  # the page shows no console
         # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the
         # label no room), the masks thresholded where they were measured.
         shown = tuple(image.shape[1:3]) if image is not None else trace.image_size
@@ -65,7 +66,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                                        None if image is None else image[..., :3])  # RGBA: alpha dropped
         # The picture on the node itself; the report too, for API clients (ComfyUI's page shows text only in Preview
         # as Text).
-        shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(result.report).as_dict()
-        return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), result.report, picture,
+        shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(report).as_dict()
+        return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), report, picture,
                              ui=shown_on_node)
 

@@ -224,15 +224,19 @@ def test_the_map_nodes_show_their_pictures_on_themselves_and_entanglement_draws_
 
 def test_an_image_of_another_shape_than_the_latents_is_drawn_on_with_a_warning(nodes_and_trace, caplog):
     _, attribution_map, entanglement, trace = nodes_and_trace
+    warning = "the image is 128×256, a shape other than the decoded latent's (256×256)"
     for node in (attribution_map, entanglement):
         caplog.clear()
         with torch.inference_mode():
-            node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 256, 128, 3)})
-        assert "the image is 128×256, a shape other than the decoded latent's (256×256)" in caplog.text
+            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 256, 128, 3)})
+        assert warning in caplog.text
+        if node is entanglement:  # on the page too: its report says so, where the console is out of sight
+            assert f"picture: {warning}" in out.result[2] and f"picture: {warning}" in out.ui["text"][0]
         caplog.clear()
         with torch.inference_mode():
-            node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 512, 512, 3)})  # scaled: fine
+            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 512, 512, 3)})  # scaled
         assert "shape other" not in caplog.text
+        assert node is not entanglement or "picture:" not in out.result[2]
 
 
 def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and_trace):
