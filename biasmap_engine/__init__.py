@@ -9,6 +9,7 @@ from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_
 from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                    token_softmax_maps)
+from .recorder import TraceRecorder
 from .reductions import reductions
 from .render import COLORMAPS, colorize, entanglement_picture, normalize_maps, overlay, resize_maps, to_pil
 from .report import EntanglementResult, measure_entanglement
@@ -17,7 +18,7 @@ from .soft_topk import soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
 from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, listed_words, prompt_words, readable,
                      require_distinct_concepts, split_concepts)
-from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError, TraceRecorder
+from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError
 
 __all__ = [
     "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",

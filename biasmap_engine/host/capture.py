@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..ovam import prepare_keys, prepared_token_softmax_maps, resampled, summed_token_softmax_maps
 from ..stages import stage_grid, stage_of
-from ..trace import TraceRecorder
+from ..recorder import TraceRecorder
 
 __all__ = ["BranchCapture"]
 

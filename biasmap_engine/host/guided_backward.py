@@ -27,7 +27,7 @@ import torch
 
 from ..guidance import entanglement_energy
 from ..ovam import sum_upsampled
-from ..trace import TraceRecorder
+from ..recorder import TraceRecorder
 from .conditioning import attached_modules, control_models, hook_groups
 from .guided_pass import (differentiable_quantized, offload_streams_wait, patch_modules, quantized_layers,
                           with_patches_on_copies, with_sdpa_attention)
