@@ -22,11 +22,11 @@ __all__ = ["append_csv", "audit_rows", "csv_text"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
-_ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height")
+_ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size")
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
-_RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise",
+_RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
         "attribution_prompt", "generation_prompt", "negative_prompt", "model")
 
 
@@ -38,6 +38,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
         raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit")
     counts = [trace.guidance_counts(i) or dict.fromkeys(STATUS, "") for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
+    run["sigmas"] = " ".join(f"{s:g}" for s in run["sigmas"])  # the schedule: tells custom sigmas apart
     width, height = trace.image_size[::-1]
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
@@ -45,9 +46,11 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     rows = []
     for a, b in pairs:
         result = measure_entanglement(trace, a, b, q, size)
+        mask_size = "{1}x{0}".format(*result.masks[0].shape[-2:])  # W×H where the masks were thresholded
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
                          "noise_index": trace.noise_index(i), "demographic": a, "semantic": b, "q": q,
+                         "mask_size": mask_size,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
                          "notes": " | ".join(trace.notes)})

@@ -92,6 +92,7 @@ class BiasMapSession:
         self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
         self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
         self._window: tuple[float, float] | None = None  # its (lowest, highest) σ
+        self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
                              "attribution prompt in each list, or set the guidance scale to 0 to record maps only")
@@ -177,6 +178,7 @@ class BiasMapSession:
         evaluation at σ_i from a next step; k-diffusion's samplers report each step right after its first evaluation.
         """
         last = sigmas.shape[-1] - 2
+        self._schedule = sigmas  # read at the end of the run, to say which schedule it was (audits pair by it)
 
         def reported(step, *rest):
             self.recorder.step_started(min(int(step), last))  # dpm_adaptive counts its own, more, steps
@@ -421,6 +423,8 @@ class BiasMapSession:
                        f"{', '.join(map(str, steps))}: another node answered them without it (a cache such as "
                        f"EasyCache or LazyCache reusing an earlier output), so they have no maps and were not guided; "
                        f"bypass that node for maps and guidance at every step")
+        if self._schedule is not None:  # 4 significant digits tell schedules apart and read in a CSV cell
+            run["sigmas"] = [float(f"{s:.4g}") for s in self._schedule.flatten().tolist()]
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes,

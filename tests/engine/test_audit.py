@@ -43,7 +43,10 @@ def test_audit_rows_give_each_image_and_pair_its_iou_biou_and_guidance_counts():
     assert {k: first[k] for k in RUN} == RUN
     assert (first["label"], first["demographic"], first["q"], first["guidance_scale"], first["guided_stages"],
             first["notes"]) == ("run A", "gender", 0.5, 100.0, "all", "a note")
-    assert first["prompt_id"] == first["time"] == ""  # not in this trace's run: empty, the columns stay
+    assert first["prompt_id"] == first["time"] == first["sigmas"] == ""  # not in this trace's run: empty columns
+    assert first["mask_size"] == "8x8" and audit_rows(trace)[0]["mask_size"] == "64x64"  # where masks were made
+    trace.run = {**RUN, "sigmas": [14.61, 1.0, 0.0]}
+    assert audit_rows(trace)[0]["sigmas"] == "14.61 1 0"  # the schedule, which tells custom sigmas apart
 
 
 def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
@@ -237,10 +240,13 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
 
 
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
-                                      "height"),
-                                     ("generation_prompt", "negative_prompt", "model", "width", "height"),
-                                     ("negative_prompt", "model", "width", "height")],
-                         ids=["before noise_index", "before generation_prompt", "before model and size"])
+                                      "height", "sigmas", "mask_size"),
+                                     ("generation_prompt", "negative_prompt", "model", "width", "height", "sigmas",
+                                      "mask_size"),
+                                     ("negative_prompt", "model", "width", "height", "sigmas", "mask_size"),
+                                     ("sigmas", "mask_size")],
+                         ids=["before noise_index", "before generation_prompt", "before model and size",
+                              "before sigmas and mask size"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]

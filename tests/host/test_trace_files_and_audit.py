@@ -57,12 +57,13 @@ def as_comfy_runs(node, prompt=None, node_id=None):
 def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
     from datetime import datetime, timezone
 
-    made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")}
+    made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "sigmas")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
                     "add_noise": True, "batch_index": None,
                     "attribution_prompt": "A photo of a doctor, a nurse and gender",
                     "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
                     "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
+    assert len(trace.run["sigmas"]) == 3 and trace.run["sigmas"][-1] == 0.0  # karras, 2 steps
     assert trace.run["prompt_id"] == ""  # run outside ComfyUI's executor; the server test sees a real one
     assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(trace.run["time"])).total_seconds()) < 600
 
@@ -237,13 +238,13 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    later = ("negative_prompt", "model", "width", "height")  # columns added after the file was started
+    later = ("negative_prompt", "model", "width", "height", "sigmas", "mask_size")  # added after the file was started
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     out = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
-    assert "without the column(s) negative_prompt, model, width, height" in caplog.text
+    assert "without the column(s) sigmas, negative_prompt, model, width, height, mask_size" in caplog.text
     assert "give the audit a new file name" in caplog.text
 
 
