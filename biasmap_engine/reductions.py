@@ -1,61 +1,128 @@
 """Relative reductions of entanglement from audit rows, as the paper reports them (BiasMap, arXiv 2509.13496, §3).
 
 An audit CSV holds rows of guided runs and of the same images at λ = 0. Each guided row is paired with the λ = 0 row
-of the same image (seed, noise, prompts, model, sampler settings, concept pair and q); the reduction is given both
-ways the paper gives it: of the means, (mean_base − mean_guided) / mean_base, and the mean of per-image reductions.
-Rows come as ``audit_rows`` makes them or as ``csv.DictReader`` reads the file back (every value a string).
+of the same image (seed, noise, prompts, model, sampling and schedule, recorded branch, concept pair, q and mask
+size); the reduction is given both ways the paper gives it: of the means, (mean_base − mean_guided) / mean_base, and
+the mean of per-image reductions. Rows come as ``audit_rows`` makes them or as ``csv.DictReader`` reads the file back
+(every value a string). Nothing is dropped unsaid: each figure comes with the rows it could not use.
 """
 
 import math
 
+from .guidance import STATUS
+
 __all__ = ["reductions"]
 
-# What makes two rows the same image of the same concept pair, measured the same way: all but the guidance settings.
-_IMAGE = ("seed", "noise_index", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width", "height",
-          "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family", "demographic",
-          "semantic", "q")
+# What makes two rows the same image of the same concept pair, recorded and measured the same way.
+_IMAGE = ("seed", "noise_index", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise", "width",
+          "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family", "branch",
+          "include_middle", "demographic", "semantic", "q", "mask_size")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
 _GUIDANCE = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters")
 
 
-def reductions(rows, metric: str = "iou", by: str | None = "semantic") -> list[dict]:
-    """Per guided configuration (and per value of column ``by``, e.g. each profession; None: all rows together):
-    how many images were paired with their λ = 0 row, both means of ``metric`` and both relative reductions."""
+def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tuple[str, ...] = ()) -> list[dict]:
+    """Per guided configuration (and per value of column ``by``, e.g. each profession; None: all rows together): the
+    images paired with their λ = 0 row, both means of ``metric``, both relative reductions, and the guided rows left
+    out (no λ = 0 row of their image, n/a figures, the same image logged again). ``match``: more columns a pair must
+    share, e.g. ``("label",)`` when the label carries the prompt (text made while the graph runs)."""
     rows = list(rows)
-    missing = [c for c in ("guidance_scale", metric, *([by] if by else [])) if rows and c not in rows[0]]
+    _check_columns(rows, metric, by, match)
+    image = _IMAGE + tuple(match)
+    baselines, guided = {}, [row for row in rows if _number(row["guidance_scale"]) != 0]
+    for row in rows:
+        if _number(row["guidance_scale"]) == 0:
+            key, value = _key(row, image), _number(row[metric])
+            kept = baselines.setdefault(key, (value, row))
+            if not _same(kept[0], value):
+                raise ValueError(f"two λ = 0 rows of the same image give {metric} {kept[0]:g} and {value:g}; they "
+                                 f"differ in {_differing(kept[1], row)}: pass those columns as match=(…) to pair "
+                                 f"by them too, or log each baseline once")
+    if not guided:
+        raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
+    groups: dict[tuple, dict] = {}
+    for row in guided:
+        name = _key(row, _GUIDANCE) + ((row[by],) if by else ())
+        group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0})
+        base, after = baselines.get(_key(row, image), (None, None))[0], _number(row[metric])
+        if base is None:
+            group["unpaired"] += 1
+        elif not (math.isfinite(base) and math.isfinite(after)):  # n/a: no maps to threshold
+            group["not_measured"] += 1
+        elif _key(row, image) in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
+            group["duplicates"] += 1
+        else:
+            group["pairs"][_key(row, image)] = (base, after)
+    if not any(g["pairs"] for g in groups.values()):
+        raise ValueError(f"no guided row has a λ = 0 row of the same image: log the same seeds (set the seed back to "
+                         f"the first run's), prompts and settings with guidance_scale 0 into the file too"
+                         f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
+    return [_summary(g, by) for g in groups.values()]
+
+
+def _summary(group: dict, by: str | None) -> dict:
+    values, row = list(group["pairs"].values()), group["row"]
+    before = sum(b for b, _ in values) / len(values) if values else math.nan
+    after = sum(a for _, a in values) / len(values) if values else math.nan
+    per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
+    return {**{c: _typed(row[c]) for c in _GUIDANCE if row.get(c, "") != ""}, **({by: row[by]} if by else {}),
+            "images": len(values), "base": before, "guided": after,
+            "reduction": (before - after) / before if before > 0 else math.nan,
+            "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
+            "images_with_overlap": len(per_image), "unpaired": group["unpaired"],
+            "not_measured": group["not_measured"], "duplicates": group["duplicates"]}
+
+
+def _check_columns(rows, metric, by, match) -> None:
+    if not rows:
+        raise ValueError("no rows: read them from a BiasMap audit CSV (csv.DictReader, encoding='utf-8-sig')")
+    if any(c.startswith("\ufeff") for c in rows[0]):
+        raise ValueError("the first column's name starts with a byte-order mark: open the CSV with "
+                         "encoding='utf-8-sig'")
+    missing = [c for c in ("guidance_scale", metric, *([by] if by else []), *match) if c not in rows[0]]
     if missing:
         raise ValueError(f"the rows have no column(s) {', '.join(missing)}: give rows of a BiasMap audit CSV and a "
                          f"metric such as iou, mbiou or biou_down_1")
-    base = {_key(row, _IMAGE): _number(row[metric]) for row in rows if _number(row["guidance_scale"]) == 0}
-    pairs: dict[tuple, list[tuple[float, float]]] = {}
-    for row in rows:
-        if _number(row["guidance_scale"]) == 0:
-            continue
-        before, after = base.get(_key(row, _IMAGE), math.nan), _number(row[metric])
-        if math.isfinite(before) and math.isfinite(after):  # n/a images (no maps to threshold) pair with nothing
-            group = _key(row, _GUIDANCE) + ((row[by],) if by else ())
-            pairs.setdefault(group, []).append((before, after))
-    if not pairs:
-        raise ValueError("no guided row has a λ = 0 row of the same image: log the same seeds, prompts and settings "
-                         "with guidance_scale 0 into the file too")
-    return [_summary(group, values, by) for group, values in pairs.items()]
 
 
-def _summary(group: tuple, values: list[tuple[float, float]], by: str | None) -> dict:
-    settings = dict(zip(_GUIDANCE, group))
-    before = sum(b for b, _ in values) / len(values)
-    after = sum(a for _, a in values) / len(values)
-    per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
-    return {**{k: v for k, v in settings.items() if v != ""}, **({by: group[-1]} if by else {}),
-            "images": len(values), "base": before, "guided": after,
-            "reduction": (before - after) / before if before > 0 else math.nan,
-            "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan}
+def _mismatch(guided, baselines, columns) -> str:
+    """The columns in which no guided row's value is any λ = 0 row's: what kept them apart."""
+    if not baselines:
+        return " (the rows hold no λ = 0 row)"
+    apart = [c for c in columns if not {_cell(r, c) for r in guided} & {_cell(r, c) for r in baselines}]
+    return f" (the guided and λ = 0 rows differ in every value of {', '.join(apart)})" if apart else ""
+
+
+def _differing(a: dict, b: dict) -> str:
+    """The columns other than figures in which two rows differ."""
+    figures = {"iou", "mbiou", "notes", *STATUS}
+    columns = [c for c in a if c in b and c not in figures and not c.startswith("biou_") and _cell(a, c) != _cell(b, c)]
+    return ", ".join(columns) or "no column but the figures"
 
 
 def _key(row: dict, columns: tuple) -> tuple:
-    # A CSV read back gives strings, audit_rows numbers: compared as numbers where they are numbers.
-    return tuple(_number(row.get(c, "")) if _is_number(row.get(c, "")) else str(row.get(c, "")) for c in columns)
+    return tuple(_cell(row, c) for c in columns)
+
+
+def _cell(row: dict, column: str):
+    """A row's value, compared as a number where it is one: a CSV read back gives strings, audit_rows numbers."""
+    value = row.get(column, "")
+    return _number(value) if _is_number(value) else str(value)
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal as the CSV writes figures (6 decimals)."""
+    return abs(a - b) <= 1e-6 or (math.isnan(a) and math.isnan(b))
+
+
+def _typed(value):
+    """A setting as it was set: CSV text back to a bool, an int or a float."""
+    if value in ("True", "False"):
+        return value == "True"
+    if isinstance(value, str) and _is_number(value):
+        return int(value) if value.lstrip("+-").isdigit() else float(value)
+    return value
 
 
 def _number(value) -> float:

@@ -284,11 +284,68 @@ def test_reductions_pair_each_guided_image_with_its_unguided_row_and_give_both_o
     assert overall["images"] == 4 and overall["reduction"] == pytest.approx((1 / 2 - 1 / 3) / (1 / 2), abs=1e-5)
 
 
-def test_reductions_pair_nothing_across_seeds_and_say_what_to_log():
+def test_reductions_pair_nothing_across_seeds_and_name_the_column_that_kept_them_apart():
     base = halves_trace()
     base.settings = {"scale": 0.0, "guided_stages": None}
-    base.run = {**base.run, "seed": 43}  # another seed's image is not the guided image's baseline
-    with pytest.raises(ValueError, match="log the same seeds, prompts and settings with guidance_scale 0"):
+    base.run = {**base.run, "seed": 43}  # the seed left on increment: the λ = 0 runs got the next seeds
+    with pytest.raises(ValueError, match=r"set the seed back.*differ in every value of seed\)$"):
         reductions(audit_rows(base) + audit_rows(halves_trace()))
     with pytest.raises(ValueError, match="no column.*fid"):
         reductions(audit_rows(halves_trace()), metric="fid")
+    with pytest.raises(ValueError, match="no guided row"):
+        reductions(audit_rows(base))
+    with pytest.raises(ValueError, match="no rows"):
+        reductions([])
+
+
+def _baseline_and_guided(**run):
+    base, guided = halves_trace(), halves_trace()
+    base.settings = {"scale": 0.0, "guided_stages": None}
+    base.run = guided.run = {**RUN, **run}
+    for stage in guided.stages:
+        guided.maps[stage][:, 1, 3] = guided.maps[stage][:, 1, 2]  # image 1's nurse moves to doctor's place
+    return base, guided
+
+
+def test_reductions_count_each_image_once_and_say_what_they_left_out():
+    base, guided = _baseline_and_guided()
+    unmatched = halves_trace()
+    unmatched.run = {**RUN, "seed": 99}  # no λ = 0 run of this seed
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8), label="queued") * 2
+    rows += audit_rows(unmatched, q=0.5, size=(8, 8))
+    rows[0] = {**rows[0], "iou": float("nan")}  # the λ = 0 doctor of image 0: n/a, no maps to threshold
+    figures = {r["semantic"]: r for r in reductions(rows)}
+    assert figures["doctor"]["not_measured"] == 2 and figures["doctor"]["images"] == 1  # image 0, logged twice
+    assert figures["nurse"]["images"] == 2 and figures["nurse"]["duplicates"] == 2 and figures["nurse"]["unpaired"] == 2
+    assert figures["nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
+    assert figures["nurse"]["images_with_overlap"] == 2 and figures["nurse"]["not_measured"] == 0
+
+
+def test_reductions_refuse_two_different_baselines_of_one_image_and_pair_by_a_column_when_told():
+    # Two wildcard prompts in the label (the generation prompt is blank then): their baselines would be one image's.
+    rows = []
+    for prompt in ("a nurse", "a doctor"):
+        base, guided = _baseline_and_guided()
+        if prompt == "a doctor":
+            for trace in (base, guided):
+                for stage in trace.stages:
+                    trace.maps[stage][:, :, 3] = trace.maps[stage][:, :, 4]  # nurse where gender is: IoU 1
+        rows += audit_rows(base, q=0.5, size=(8, 8), label=prompt) + audit_rows(guided, q=0.5, size=(8, 8),
+                                                                                 label=prompt)
+    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image give iou .* differ in label: pass"):
+        reductions(rows)
+    figures = {r["label"]: r for r in reductions(rows, match=("label",), by="label")}
+    assert figures["a doctor"]["reduction"] == pytest.approx(0.0, abs=1e-6)  # both 1 there: nothing moved
+    assert figures["a nurse"]["images"] == 4  # doctor and nurse pairs of its 2 images
+
+
+def test_reductions_read_a_csv_opened_without_utf_8_sig_with_the_fix_named(tmp_path):
+    base, guided = _baseline_and_guided()
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(base) + audit_rows(guided))
+    with open(path, newline="", encoding="utf-8") as f:
+        with pytest.raises(ValueError, match="encoding='utf-8-sig'"):
+            reductions(csv.DictReader(f))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        (doctor, nurse) = reductions(csv.DictReader(f))
+    assert (doctor["guidance_scale"], doctor["guided_stages"]) == (100.0, "all")  # as set, not as CSV text
