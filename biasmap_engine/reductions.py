@@ -14,7 +14,7 @@ from .guidance import STATUS
 __all__ = ["reductions"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
-_IMAGE = ("seed", "noise_index", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise", "width",
+_IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise", "width",
           "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family", "branch",
           "include_middle", "demographic", "semantic", "q", "mask_size")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
@@ -106,8 +106,13 @@ def _key(row: dict, columns: tuple) -> tuple:
 
 
 def _cell(row: dict, column: str):
-    """A row's value, compared as a number where it is one: a CSV read back gives strings, audit_rows numbers."""
+    """A row's value, compared as a number where it is one (a CSV read back gives strings, audit_rows numbers);
+    whole numbers exactly, as seeds reach 2⁶⁴ where floats would take two for one."""
     value = row.get(column, "")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lstrip("+-").isdigit():
+        return int(value)
     return _number(value) if _is_number(value) else str(value)
 
 

@@ -339,6 +339,20 @@ def test_reductions_refuse_two_different_baselines_of_one_image_and_pair_by_a_co
     assert figures["a nurse"]["images"] == 4  # doctor and nurse pairs of its 2 images
 
 
+def test_reductions_tell_apart_seeds_beyond_floats_and_images_of_a_file_without_noise_index(tmp_path):
+    base, guided = _baseline_and_guided(seed=2**63 + 1)
+    other_base, other_guided = _baseline_and_guided(seed=2**63 + 2)  # a float takes both seeds for one
+    for stage in other_guided.stages:  # this seed's guided images moved nothing
+        other_guided.maps[stage] = other_base.maps[stage].clone()
+    rows = [r for t in (base, guided, other_base, other_guided) for r in audit_rows(t, q=0.5, size=(8, 8))]
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), [{k: v for k, v in r.items() if k != "noise_index"} for r in rows])  # an older file
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        nurse = {r["semantic"]: r for r in reductions(csv.DictReader(f))}["nurse"]
+    assert (nurse["images"], nurse["duplicates"]) == (4, 0)  # both images of both seeds, none taken for another
+    assert nurse["reduction"] == pytest.approx((2 / 3 - 1 / 2) / (2 / 3), abs=1e-5)
+
+
 def test_reductions_read_a_csv_opened_without_utf_8_sig_with_the_fix_named(tmp_path):
     base, guided = _baseline_and_guided()
     path = tmp_path / "audit.csv"
