@@ -98,7 +98,8 @@ def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     # Interpolate in at least float32 so float16/bfloat16 maps keep their small differences, then
     # hand back the caller's dtype (non-float input, e.g. bool masks, comes back float32).
     out = resampled(maps.to(torch.promote_types(maps.dtype, torch.float32)), size)
-    return out.to(maps.dtype if maps.is_floating_point() else out.dtype)
+    out = out.to(maps.dtype if maps.is_floating_point() else out.dtype)
+    return out.clone() if out is maps else out  # a new tensor always, which callers may write into
 
 
 def colorize(maps01: Tensor, colormap: str = "inferno") -> Tensor:

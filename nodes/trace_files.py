@@ -36,8 +36,9 @@ class BiasMapSaveTrace(io.ComfyNode):
                                     tooltip=f"Path inside the output folder; a counter and .safetensors are added. "
                                             f"Load Trace lists the traces under output/{SAVED}/.")],
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
-            outputs=[io.String.Output("trace_file", tooltip="The file written, named as Load Trace lists it "
-                                                            "(connect Preview as Text to read it).")],
+            outputs=[io.String.Output("trace_file", tooltip=f"The file written, named as Load Trace lists it (it "
+                                                            f"lists those under output/{SAVED}/; connect Preview "
+                                                            f"as Text to read the name).")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
@@ -73,7 +74,8 @@ class BiasMapSaveTrace(io.ComfyNode):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
             raise
-        shown = "/".join(p for p in (subfolder, file) if p) + " [output]"
+        # As Load Trace lists it: "/" on every system (ComfyUI normalises the subfolder with the system's separator).
+        shown = "/".join(p for p in (subfolder.replace(os.sep, "/"), file) if p) + " [output]"
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
 

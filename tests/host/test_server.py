@@ -183,6 +183,9 @@ def test_shipped_workflows_run_end_to_end(server):
     for path in WORKFLOWS:
         graph = json.loads(path.read_text())
         for node in graph["nodes"]:
+            if node["type"] in server["object_info"]:  # the JSON's sockets as the node's schema has them now
+                info = server["object_info"][node["type"]]
+                assert [o["name"] for o in node.get("outputs", [])] == list(info["output_name"]), (path.name, node)
             if node["type"] == "CheckpointLoaderSimple":  # the frontend offers to download a missing model from it
                 models = node["properties"]["models"]
                 assert [(m["name"], m["directory"]) for m in models] == [(node["widgets_values"][0], "checkpoints")]
