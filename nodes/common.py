@@ -113,6 +113,15 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     return _check_distinct(lists, splits)
 
 
+def absent_from(concepts: list[str], text: str) -> list[str]:
+    """The concepts that are not words of ``text`` (a ComfyUI prompt) under either CJK split."""
+    try:
+        splits = [(prompt_text_words(text, split_ideographs=s), s) for s in (False, True)]
+    except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
+        return []
+    return [c for c in concepts if not any(_covered(c, split) for split in splits)]
+
+
 def _covered(concept: str, split) -> set[int]:
     """Indices of the prompt's ``words`` that the occurrences of ``concept`` (consecutive words: a multi-word concept
     is looked up as a phrase) cover, the concept split as the prompt was (``split_ideographs`` or not)."""

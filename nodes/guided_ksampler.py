@@ -1,7 +1,8 @@
 """BiasMap Guided KSampler: sampling that records attribution maps and, with λ > 0, lowers entanglement.
 
 BiasMap (Chakraborty et al., arXiv 2509.13496, SIGKDD 2026) adds λ·√(1−ᾱ)·∇_z SoftIoU(demographic, semantic)
-to the noise prediction at every step (within the σ window, the gate and the guided stages). With λ = 0 these nodes sample exactly as KSampler / SamplerCustomAdvanced.
+to the noise prediction at every step (within the σ window, the gate and the guided stages). With λ = 0 these
+nodes sample exactly as KSampler / SamplerCustomAdvanced.
 """
 
 import logging
@@ -11,8 +12,8 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import (ADVANCED, CATEGORY, Trace, check_concepts, concept_inputs, guidance_inputs, plain_errors,
-                     settings_from)
+from .common import (ADVANCED, CATEGORY, Trace, absent_from, check_concepts, concept_inputs, guidance_inputs,
+                     plain_errors, settings_from)
 from .prompt_graph import graph_run
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
@@ -26,6 +27,14 @@ def _logged(node, latent, trace) -> io.NodeOutput:
     only where a Preview as Text node is connected."""
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
     trace.run.update(graph_run(hidden.prompt if hidden else None, hidden.unique_id if hidden else None))
+    # The semantic concepts are what the picture is of: one missing from the typed prompt is most often a prompt
+    # changed alone (an audit's next profession), whose rows would measure a word the model was not asked to draw.
+    absent = absent_from(trace.semantic, trace.run.get("generation_prompt") or "")
+    if trace.run.get("generation_prompt") and absent:
+        trace.notes.append(f"the semantic concept(s) {', '.join(absent)} are not in the generation prompt "
+                           f"({trace.run['generation_prompt']!r}): their maps show where the model puts words it was "
+                           f"not asked to draw; if the prompt was changed alone, change the attribution prompt and the "
+                           f"semantic concepts with it")
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
     return io.NodeOutput(latent, trace)

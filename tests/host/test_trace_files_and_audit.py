@@ -64,6 +64,9 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
                     "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
                     "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
     assert len(trace.run["sigmas"]) == 3 and trace.run["sigmas"][-1] == 0.0  # karras, 2 steps
+    # "nurse" is measured but the picture was not asked for one (an audit's prompt changed alone): said, once.
+    missing = [n for n in trace.notes if "not in the generation prompt" in n]
+    assert len(missing) == 1 and "concept(s) nurse are" in missing[0]
     assert trace.run["prompt_id"] == ""  # run outside ComfyUI's executor; the server test sees a real one
     assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(trace.run["time"])).total_seconds()) < 600
 
