@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ovam import prepare_keys, prepared_token_softmax_maps, resampled, summed_token_softmax_maps
-from ..stages import stage_grid, stage_of
 from ..recorder import TraceRecorder
+from ..stages import stage_grid, stage_of
 
 __all__ = ["BranchCapture"]
 

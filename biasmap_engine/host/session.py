@@ -34,10 +34,10 @@ import math
 import torch
 
 from ..guidance import guidance_step
+from ..recorder import TraceRecorder
 from ..settings import BiasMapSettings
 from ..stages import STAGE_ORDER
 from ..tokens import find_word_positions, require_distinct_concepts
-from ..recorder import TraceRecorder
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
 from .guided_backward import GuidedBackward
