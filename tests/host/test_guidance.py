@@ -646,15 +646,21 @@ def test_after_each_guided_backward_comfyuis_weight_offload_streams_wait_for_it(
     assert steps == (["backward"] + [(stream, current) for stream in offload]) * 2  # after each step's backward
 
 
-def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
+def with_calc_cond_slot_taken(model):
+    """A clone on which another node holds ComfyUI's single sampler_calc_cond_batch_function slot."""
     import comfy.samplers
 
-    model, clip = sd15
-    pos, neg = prompts
     occupied = model.clone()
     occupied.set_model_sampler_calc_cond_batch_function(
         lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
                                                     args["model_options"]))
+    return occupied
+
+
+def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15, prompts):
+    model, clip = sd15
+    pos, neg = prompts
+    occupied = with_calc_cond_slot_taken(model)
     fallback, trace, _ = sample(occupied, clip, pos, neg, 100.0, steps=2)
     direct, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert any("extra U-Net pass" in note for note in trace.notes)
@@ -665,15 +671,9 @@ def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15
 
 def test_an_extra_pass_skips_the_uncond_branch_when_comfyui_does_at_a_cfg_of_nearly_one(sd15, prompts):
     # ComfyUI skips the uncond pass when math.isclose(cfg, 1): the extra pass must not record that skipped branch.
-    import comfy.samplers
-
     model, clip = sd15
     pos, neg = prompts
-    occupied = model.clone()
-    occupied.set_model_sampler_calc_cond_batch_function(
-        lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
-                                                    args["model_options"]))
-    _, trace, _ = sample(occupied, clip, pos, neg, 100.0, steps=1, cfg=1.0 + 1e-12)
+    _, trace, _ = sample(with_calc_cond_slot_taken(model), clip, pos, neg, 100.0, steps=1, cfg=1.0 + 1e-12)
     assert any("cfg = 1" in note for note in trace.notes)
 
 
