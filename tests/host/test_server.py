@@ -202,6 +202,9 @@ def test_shipped_workflows_run_end_to_end(server):
         for node in api.values():
             if node["class_type"].startswith("BiasMapGuidedKSampler"):
                 typed.add(api[node["inputs"]["positive"][0]]["inputs"]["text"])
+        # Samplers side by side compare one picture: one seed feeds them, so changing it cannot part them.
+        seeds = [n["inputs"]["seed"] for n in api.values() if n["class_type"] == "BiasMapGuidedKSampler"]
+        assert len(seeds) < 2 or all(s == seeds[0] and isinstance(s, list) for s in seeds), (path.name, seeds)
 
         started = time.monotonic()
         entry = _run_prompt(server, api)
