@@ -44,7 +44,10 @@ class BiasMapAuditLog(io.ComfyNode):
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),
             ],
-            outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines.")],
+            # ComfyUI's frontend shows text only on Preview as Text: what happened is an output to link there.
+            outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines."),
+                     io.String.Output("summary", tooltip="Where the rows went and how many, any column the file "
+                                                         "lacks, then the rows (link Preview as Text to read it).")],
             is_output_node=True,
         )
 
@@ -77,7 +80,8 @@ class BiasMapAuditLog(io.ComfyNode):
             logging.warning("BiasMap: %s", message)
         else:
             logging.info("BiasMap: %s", message)
-        return io.NodeOutput(text, ui=ui.PreviewText(f"{message}\n{text}"))
+        summary = f"{message}\n{text}"
+        return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 
 
 def _csv_path(filename: str) -> str:

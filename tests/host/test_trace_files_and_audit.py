@@ -248,6 +248,10 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
     assert "without the column(s) sigmas, negative_prompt, model, width, height, mask_size" in caplog.text
+    # On the page too, where the console is out of sight: the summary output says it, then the rows.
+    summary = out.result[1]
+    assert summary.startswith("4 row(s) appended to") and "give the audit a new file name" in summary
+    assert summary.endswith(out.result[0])
     assert "give the audit a new file name" in caplog.text
 
 
