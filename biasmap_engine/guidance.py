@@ -22,9 +22,18 @@ GATES = ("skip", "clip")
 STATUS = {"not_guided": 0, "applied": 1, "clipped": 2, "skipped_gate": 3, "skipped_nonfinite": 4}
 
 
-def z_grad_norm(grad_x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def z_grad_norm(grad_x: torch.Tensor, sigma) -> torch.Tensor:
     """‖∇_z E‖₂ per image from ∇_x E, using ∇_z = √(1+σ²)·∇_x."""
-    return grad_x.flatten(1).norm(dim=1) * torch.sqrt(1 + sigma.to(grad_x.dtype) ** 2)
+    return grad_x.flatten(1).norm(dim=1) * torch.sqrt(1 + _per_image(sigma, grad_x).to(grad_x.dtype) ** 2)
+
+
+def _per_image(sigma, like: torch.Tensor) -> torch.Tensor:
+    """σ as ``[B]`` for the images of ``like``: one σ (a number, 0-d or ``[1]``) is every image's."""
+    sigma = torch.as_tensor(sigma, device=like.device)
+    if sigma.numel() not in (1, like.shape[0]):
+        raise ValueError(f"sigma must be one value or one per image ({like.shape[0]}), got shape "
+                         f"{tuple(sigma.shape)}")
+    return sigma.reshape(-1).expand(like.shape[0])
 
 
 def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Tensor, scale: float,
@@ -33,7 +42,7 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     wide = torch.promote_types(denoised.dtype, torch.float32)  # fp32 at least; float64 stays float64
-    grad = grad_x.to(wide)
+    grad, sigma = grad_x.to(wide), _per_image(sigma, grad_x)
     norm = z_grad_norm(grad, sigma)
     finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(norm)
     small = norm < max_norm
@@ -44,8 +53,9 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
         factor = torch.where(finite, (max_norm / norm.clamp_min(1e-30)).clamp(max=1.0), torch.zeros_like(norm))
         status = torch.where(small, STATUS["applied"], STATUS["clipped"])
     status = torch.where(finite, status, STATUS["skipped_nonfinite"]).to(torch.int8)
-    grad = torch.where(finite.view(-1, 1, 1, 1), grad, torch.zeros_like(grad))  # NaN · 0 is NaN: zero it first
-    sigma2 = sigma.to(wide).view(-1, *([1] * (grad.dim() - 1))) ** 2
+    per_image = (-1, *([1] * (grad.dim() - 1)))  # [B, 1, …]: over each image's latent
+    grad = torch.where(finite.view(per_image), grad, torch.zeros_like(grad))  # NaN · 0 is NaN: zero it first
+    sigma2 = sigma.to(wide).view(per_image) ** 2
     step = scale * sigma2 * factor.to(wide).view_as(sigma2) * grad
     return (denoised.to(wide) - step).to(denoised.dtype), norm, status
 
@@ -58,6 +68,9 @@ def entanglement_energy(token_maps: torch.Tensor, pairs: list[tuple[list[int], l
     """
     if not pairs:
         raise ValueError("no (demographic, semantic) concept pair to guide; give at least one word of each")
+    if token_maps.dim() != 4:  # an unbatched [N, H, W] would be read as N images of H maps
+        raise ValueError(f"token_maps must be [B, N, H, W], got shape {tuple(token_maps.shape)}; use maps[None] for "
+                         f"one image")
     if token_maps.dtype != torch.float64:  # the energy in fp32 at least, whatever the maps' dtype
         token_maps = token_maps.float()
     concepts = sorted({tuple(p) for pair in pairs for p in pair})

@@ -14,6 +14,22 @@ def test_correction_is_lambda_sigma_squared_times_the_x_gradient():
     assert status.tolist() == [STATUS["applied"]] * 2
 
 
+@pytest.mark.parametrize("sigma", [2.0, torch.tensor(2.0), torch.tensor([2.0]), torch.tensor([2.0, 2.0])],
+                         ids=["number", "0-d", "[1]", "[B]"])
+def test_one_sigma_is_every_images_and_a_latent_of_any_rank_keeps_its_shape(sigma):
+    for shape in ((2, 4, 3, 3), (2, 4, 3), (2, 4, 2, 3, 3)):  # image and video latents
+        out, norm, _ = guidance_step(torch.zeros(shape), torch.full(shape, 1e-3), sigma, scale=10.0)
+        assert out.shape == shape and norm.shape == (2,)
+        assert torch.allclose(out, torch.full(shape, -10 * 4 * 1e-3))
+    with pytest.raises(ValueError, match="one value or one per image"):
+        guidance_step(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3), torch.ones(3), scale=1.0)
+
+
+def test_the_energy_refuses_unbatched_maps_rather_than_read_rows_as_images():
+    with pytest.raises(ValueError, match=r"\[B, N, H, W\].*maps\[None\]"):
+        entanglement_energy(torch.rand(4, 8, 8), [([1], [2])], mode="exact")
+
+
 def test_gate_norm_is_measured_in_z_space():
     grad = torch.ones(1, 1, 2, 2)  # ‖∇_x‖ = 2
     sigma = torch.tensor([3.0])
