@@ -22,6 +22,7 @@ __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_
 
 _WORD_END = "</w>"
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
+_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?=\))")  # ComfyUI's emphasis weight, as in (doctor:1.2)
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -51,9 +52,12 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
     """Positions of all BPE pieces of every occurrence of ``word`` (one or more words) among ``prompt_tokens``.
 
     ``word`` is matched as split by CLIP and as split per CJK ideograph, whichever tokenizer made the prompt's
-    tokens. Raises ConceptNotFoundError listing the prompt's words, so the user can pick one that is there.
+    tokens. The punctuation around the word is left out, as :func:`split_concepts` leaves it (``doctor.`` is
+    ``doctor``: CLIP makes the full stop a token of its own, which would join the word's map); ComfyUI's emphasis is
+    :func:`split_concepts`' to take out. Raises ConceptNotFoundError listing the prompt's words, so the user can pick
+    one that is there.
     """
-    forms = {tuple(_spelling(w) for w in clip_words(word, split_ideographs=split)) for split in (False, True)}
+    forms = {tuple(_spelling(w) for w in clip_words(_trimmed(word), split_ideographs=split)) for split in (False, True)}
     if forms == {()}:
         raise ConceptNotFoundError("a concept is empty; type a word that occurs in the attribution prompt")
     spans = _word_spans(prompt_tokens)
@@ -62,7 +66,9 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
         raise ConceptNotFoundError(
             f"the concept {word!r} is not in the attribution prompt, whose words are: "
             f"{listed_words(prompt_words(prompt_tokens))}. "
-            f"Add it to the attribution prompt (any word may be added there) or pick one of these.")
+            f"Add it to the attribution prompt (any word may be added there) or pick one of these"
+            + (". ComfyUI's emphasis such as (word:1.2) is not part of a concept: type the word alone, or read the text "
+               "with split_concepts" if _WEIGHT.search(word) or "(" in word else "."))
     return positions
 
 
@@ -134,32 +140,55 @@ def _kind(char: str) -> str:
 
 
 def split_concepts(text: str) -> list[str]:
-    """A comma-separated concept list → its words, without the spaces and punctuation around them
-    (``"woman, «man»."`` → ``["woman", "man"]``)."""
-    return [concept for concept in (_bare(part) for part in text.split(",")) if concept]
+    """A comma-separated concept list → its words, without ComfyUI's emphasis and the spaces and punctuation around
+    them (``"woman, «man»., (doctor:1.2)"`` → ``["woman", "man", "doctor"]``)."""
+    return [concept for concept in (_trimmed(_without_emphasis(part)) for part in text.split(",")) if concept]
 
 
-def _bare(concept: str) -> str:
-    """``concept`` without the punctuation around it ('doctor.', '"nurse"', '医生。'): CLIP makes those marks tokens of
-    their own, which a lookup would add to the word's map. An apostrophe stays (doctors'), and so does a closing
-    bracket whose opening one is inside (person (elderly))."""
+def _trimmed(concept: str) -> str:
+    """``concept`` without the punctuation around it ('doctor.', '"nurse"', '医生。'): CLIP makes those marks tokens
+    of their own, which a lookup would add to the word's map. An apostrophe stays (doctors'), and so does a bracket
+    whose pair is inside but does not wrap the whole word ('(elderly) person', with brackets the prompt spells)."""
     start, end = 0, len(concept)
-    while start < end and (concept[start].isspace() or _mark(concept[start]) and concept[start] not in "'’"):
-        start += 1
-    while end > start and (concept[end - 1].isspace() or _mark(concept[end - 1]) and concept[end - 1] not in "'’"
-                           and not _closes_inside(concept[start:end])):
-        end -= 1
-    return concept[start:end]
+    while start < end:
+        first, last, inner = concept[start], concept[end - 1], concept[start + 1:end - 1]
+        if first.isspace() or _mark(first) and first not in "'’" and not _pairs_in(first, inner + last):
+            start += 1
+        elif last.isspace() or _mark(last) and last not in "'’" and not _pairs_in(last, first + inner):
+            end -= 1
+        elif end - start > 1 and _BRACKETS.get(first) == last:  # a pair around the whole word
+            start, end = start + 1, end - 1
+        else:
+            return concept[start:end]
+    return ""
 
 
 def _mark(char: str) -> bool:
     return unicodedata.category(char).startswith("P")
 
 
-def _closes_inside(text: str) -> bool:
-    """Whether ``text`` ends with a closing bracket that an opening one inside it pairs with."""
-    opening = {")": "(", "]": "[", "}": "{", "」": "「", "》": "《", "）": "（"}.get(text[-1])
-    return opening is not None and opening in text[:-1]
+def _without_emphasis(text: str) -> str:
+    r"""A concept as ComfyUI's tokenizer reads a prompt: emphasis brackets and their weights go (``(doctor:1.2)`` →
+    ``doctor``, ``person (elderly)`` → ``person elderly``), while ``\(`` and ``\)`` are brackets the prompt spells."""
+    text, plain, i = _WEIGHT.sub("", text), [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1:i + 2] in ("(", ")"):
+            plain.append(text[i + 1])
+            i += 2
+            continue
+        if text[i] not in "()":
+            plain.append(text[i])
+        i += 1
+    return "".join(plain)
+
+
+_BRACKETS = {"(": ")", "[": "]", "{": "}", "「": "」", "《": "》", "（": "）"}
+_PAIRED = _BRACKETS | {closing: opening for opening, closing in _BRACKETS.items()}
+
+
+def _pairs_in(bracket: str, text: str) -> bool:
+    """Whether ``text`` holds the other bracket of ``bracket``'s pair (False for any other mark)."""
+    return bracket in _PAIRED and _PAIRED[bracket] in text
 
 
 def _word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:

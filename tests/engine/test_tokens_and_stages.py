@@ -38,8 +38,18 @@ def test_prompt_words_join_pieces():
 def test_split_concepts_drops_blanks():
     assert split_concepts(" woman, man ,, ") == ["woman", "man"]
     assert split_concepts('"doctor.", (nurse), doctors\'') == ["doctor", "nurse", "doctors'"]  # marks around a word
-    assert split_concepts("医生。, 「护士」, ¿médico?, doctor…, person (elderly)") == [
-        "医生", "护士", "médico", "doctor", "person (elderly)"]  # any script's marks; a bracket pair inside stays
+    assert split_concepts("医生。, 「护士」, ¿médico?, doctor…") == ["医生", "护士", "médico", "doctor"]  # any script
+
+
+def test_concepts_are_read_without_comfyuis_emphasis_as_its_tokenizer_reads_prompts():
+    # ComfyUI's brackets are emphasis, not tokens: "(doctor:1.2)" was looked up as "doctor:1.2" and not found.
+    typed = r"(doctor:1.2), (female) doctor, person (elderly), ((nurse)), \(elderly\) person, person \(elderly\)"
+    assert split_concepts(typed) == ["doctor", "female doctor", "person elderly", "nurse", "(elderly) person",
+                                     "person (elderly)"]  # escaped brackets are the prompt's own tokens
+    (weighted,) = split_concepts("(armadillo:1.3).")
+    assert find_word_positions(TOKENS, weighted) == find_word_positions(TOKENS, "armadillo.") == [5, 6]
+    with pytest.raises(ConceptNotFoundError, match=r"emphasis such as \(word:1.2\) is not part of a concept"):
+        find_word_positions(TOKENS, "(armadillo:1.3)")  # the engine's lookup takes words; split_concepts reads syntax
 
 
 @pytest.mark.parametrize("block, latent, grid, stage", [
@@ -94,7 +104,7 @@ def test_concepts_are_split_into_words_as_clip_splits_them():
     assert find_word_positions(tokens, "woman") == [2]
     assert find_word_positions(tokens, "Woman's") == [2, 3]
     assert find_word_positions(tokens, "fire-fighter") == [7, 8, 9]
-    assert find_word_positions(tokens, "fighter.") == [9, 10]
+    assert find_word_positions(tokens, "fighter.") == [9]  # the word's map, not the full stop's: as the nodes read it
 
 
 def test_words_outside_ascii_are_found_and_shown_as_written():

@@ -65,3 +65,16 @@ def test_cjk_concepts_are_found_and_validated_under_either_tokenizers_split(clip
     assert check_concepts(prompt, "gender", "一个医生") is True
     assert check_concepts(prompt, "gender", "医生") is True  # a word of its own for the slow tokenizer
     assert "护士 not in the attribution prompt" in check_concepts(prompt, "gender", "护士")
+
+
+@pytest.mark.parametrize("prompt, concept, words", [
+    ("a photo of a person (elderly) and gender", "person (elderly)", ["person</w>", "elderly</w>"]),
+    ("a (doctor:1.2) and gender", "(doctor:1.2)", ["doctor</w>"]),
+    (r"a person \(elderly\) and gender", r"person \(elderly\)", ["person</w>", "(</w>", "elderly</w>", ")</w>"]),
+], ids=["emphasis", "weight", "escaped brackets"])
+def test_a_concept_typed_with_comfyuis_emphasis_finds_the_tokens_the_prompt_gave(clip, prompt, concept, words):
+    from biasmap_engine import split_concepts
+
+    _, tokens = encode_attribution(clip, prompt)
+    (bare,) = split_concepts(concept)
+    assert [tokens[p] for p in find_word_positions(tokens, bare)] == words
