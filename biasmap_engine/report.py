@@ -88,14 +88,18 @@ def _figure(value, digits: int) -> str:
     return f"{value:.{digits}f}" if value == value else "n/a"
 
 
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _run_line(trace: BiasMapTrace) -> str:
     """How the run was made, so that two reports side by side (λ = 0 and λ = 100) say which is which."""
-    run, settings = trace.run, trace.settings
+    run, settings = trace.run, trace.settings  # a trace made in a notebook may hold only some of these
     parts = [f"seed {run['seed']}" if "seed" in run else None,
-             f"{run['sampler']}/{run['scheduler']}" if "sampler" in run else None,
+             "/".join(str(run[k]) for k in ("sampler", "scheduler") if k in run) or None,
              f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,
-             f"cfg {run['cfg']:g}" if "cfg" in run else None,
-             f"λ {settings['scale']:g}" if "scale" in settings else None,
+             f"cfg {_number(run['cfg'])}" if "cfg" in run else None,
+             f"λ {_number(settings['scale'])}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]
     return "run: " + " · ".join(p for p in parts if p) if any(parts) else "run: not recorded in this trace"
 

@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from .guidance import STATUS
 from .masks import hard_mask, iou
 from .ovam import largest_grid, sum_upsampled
-from .stages import STAGE_ORDER, stage_label
+from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
 
 __all__ = ["BiasMapTrace", "TraceFormatError", "NOT_FINITE_CAUSE", "mean_biou"]
@@ -57,6 +57,17 @@ class BiasMapTrace:
     guidance: dict[str, torch.Tensor] = field(default_factory=dict)  # energy, grad_norm [E, B]; status [E, B] int8
     notes: list[str] = field(default_factory=list)
     run: dict = field(default_factory=dict)  # how it was sampled: seed, steps, cfg, sampler, …, attribution prompt
+
+    def __post_init__(self):
+        """Refuse fields that disagree, so a trace built by hand fails here rather than deep inside a measure."""
+        evaluations, images = len(self.sigmas), self.latent_shape[0] if self.latent_shape else None
+        if len(self.steps) != evaluations:
+            raise ValueError(f"the trace has {evaluations} σ but {len(self.steps)} step labels: one each per evaluation")
+        for stage, maps in self.maps.items():
+            expected = (evaluations, images if images is not None else maps.shape[1], len(self.tokens))
+            if maps.dim() != 5 or tuple(maps.shape[:3]) != expected:
+                raise ValueError(f"the maps of stage {stage} are {tuple(maps.shape)}, where this trace needs "
+                                 f"[evaluations {expected[0]}, images {expected[1]}, tokens {expected[2]}, h, w]")
 
     def __repr__(self) -> str:
         """A summary, not every map value: ComfyUI's Preview as Text shows a trace as this text."""
@@ -99,7 +110,9 @@ class BiasMapTrace:
 
         As OVAM aggregates: every stage upsampled bilinearly to the largest attention grid and summed; that sum is
         upsampled once more to ``size`` (two bilinear steps are not one). ``tokens`` (positions) restricts N to those
-        tokens before anything is upsampled.
+        tokens before anything is upsampled. Here and in the measures below, ``stages`` are ids or labels (a list, or
+        text as the nodes take it: ``"down_1, up×1"``), ``steps`` one step or an inclusive (first, last) pair, and
+        ``size`` (H, W) or one side of a square.
         """
         chosen = self._evaluations(steps)
         stages = self._check_stages(stages)
@@ -108,6 +121,7 @@ class BiasMapTrace:
             per_stage = [m[:, tokens] for m in per_stage]
         largest = largest_grid(self.maps.values())
         total = sum_upsampled(per_stage, largest)
+        size = (size, size) if isinstance(size, int) else size  # (H, W), or one side of a square
         return total if size is None or tuple(size) == largest else sum_upsampled([total], tuple(size))
 
     def concept_map(self, word: str, stages=None, steps=None, size=None) -> torch.Tensor:
@@ -188,6 +202,8 @@ class BiasMapTrace:
             with safe_open(path, framework="pt") as f:
                 raw = (f.metadata() or {}).get(FORMAT)
             tensors = load_file(path) if raw else {}
+        except FileNotFoundError:
+            raise  # not a damaged trace: no file at all
         except (SafetensorError, OSError) as err:
             raise TraceFormatError(f"{path} is not a readable .safetensors file ({err}): it may be cut short (a "
                                    f"download or copy that did not finish) or not a BiasMap trace at all") from err
@@ -199,20 +215,28 @@ class BiasMapTrace:
             if meta.get("version", 0) > VERSION:  # a trace, but of a later BiasMap: not a TraceFormatError
                 raise ValueError(f"{path} is a version {meta['version']} BiasMap trace, and this BiasMap reads "
                                  f"versions up to {VERSION}: update BiasMap to read it")
-            return cls(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
-                       tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
-                       latent_shape=meta["latent_shape"], demographic=meta["demographic"], semantic=meta["semantic"],
-                       model_family=meta["model_family"], settings=meta["settings"], notes=meta["notes"],
-                       run=meta.get("run", {}),  # absent from traces saved before it was kept
-                       guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
+            fields = dict(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
+                          tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
+                          latent_shape=meta["latent_shape"], demographic=meta["demographic"],
+                          semantic=meta["semantic"], model_family=meta["model_family"], settings=meta["settings"],
+                          notes=meta["notes"], run=meta.get("run", {}),  # absent from traces saved before it was kept
+                          guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
             missing = f"no {err}" if isinstance(err, KeyError) else str(err)
             raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its description is damaged or "
                                    f"incomplete ({missing})") from err
+        try:
+            return cls(**fields)
+        except (ValueError, TypeError) as err:
+            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its parts disagree ({err})") from err
 
     def _evaluations(self, steps) -> torch.Tensor:
         if steps is None:
             return torch.ones_like(self.steps, dtype=torch.bool)
+        if isinstance(steps, int):  # one step
+            steps = (steps, steps)
+        if len(steps) != 2 or not all(isinstance(s, int) for s in steps):
+            raise ValueError(f"steps must be one step or an inclusive (first, last) pair of steps, got {steps!r}")
         first, last = steps
         chosen = (self.steps >= first) & (self.steps <= last)
         if not bool(chosen.any()):
@@ -225,6 +249,9 @@ class BiasMapTrace:
     def _check_stages(self, stages) -> list[str]:
         if stages is None:
             return self.stages
+        if isinstance(stages, str):  # "down_1, up×1", as the nodes take them
+            stages = parse_stages(stages) or self.stages
+        stages = [s if s in self.maps else (parse_stages(s) or [s])[0] for s in stages]  # labels (down×1) to ids
         missing = [s for s in stages if s not in self.maps]
         if missing:
             raise ValueError(f"stage(s) {', '.join(missing)} were not recorded; this trace has "

@@ -408,3 +408,36 @@ def test_the_guided_layers_are_summed_apart_for_the_energy_and_all_layers_for_th
     whole.begin(torch.tensor(1.0), torch.tensor(0))
     whole.add("down_1", a, guided=False)
     assert torch.equal(whole.current(guided=True)["down_1"], a)
+
+
+def test_a_notebooks_stage_step_and_size_arguments_are_read_as_the_nodes_read_theirs():
+    trace = recorded_trace()
+    down = trace.concept_map("gender", stages=["down_1"], steps=(1, 1), size=(16, 16))
+    assert torch.equal(trace.concept_map("gender", stages="down_1", steps=1, size=16), down)  # not letter by letter
+    assert torch.equal(trace.concept_map("gender", stages=["down×1"], steps=(1, 1), size=(16, 16)), down)
+    assert torch.equal(trace.concept_map("gender", stages="down×1, up×1"),
+                       trace.concept_map("gender", stages=["down_1", "up_1"]))
+    with pytest.raises(ValueError, match=r"inclusive \(first, last\) pair"):
+        trace.concept_map("gender", steps=(2, None))
+
+
+def test_a_trace_built_by_hand_with_parts_that_disagree_is_refused_naming_them(tmp_path):
+    trace = recorded_trace()
+    with pytest.raises(ValueError, match=r"maps of stage down_1 are \(3, 2, 6, 8, 12\).*images 1"):
+        BiasMapTrace(maps=trace.maps, tokens=trace.tokens, sigmas=trace.sigmas, steps=trace.steps,
+                     latent_shape=[1, 4, 8, 12])  # one image, where the maps hold two
+    with pytest.raises(ValueError, match="3 σ but 2 step labels"):
+        BiasMapTrace(maps=trace.maps, tokens=trace.tokens, sigmas=trace.sigmas, steps=trace.steps[:2],
+                     latent_shape=trace.latent_shape)
+    with pytest.raises(FileNotFoundError):  # no file at all is not a damaged trace
+        BiasMapTrace.load(str(tmp_path / "nowhere.safetensors"))
+
+
+def test_the_report_of_a_trace_whose_run_says_little_is_still_written():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    for run, settings in (({"sampler": "euler"}, {}), ({"cfg": "7"}, {"scale": None})):
+        trace.run, trace.settings = run, settings
+        line = measure_entanglement(trace, "gender", "doctor").report.splitlines()[1]
+        assert line in ("run: euler", "run: cfg 7 · λ None")
