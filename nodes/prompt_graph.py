@@ -22,6 +22,7 @@ _PASSED_ON = {
 _LOADED_FROM = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                 "unCLIPCheckpointLoader": "ckpt_name", "ImageOnlyCheckpointLoader": "ckpt_name",
                 "UNETLoader": "unet_name", "DiffusersLoader": "model_path"}
+_MODEL_FILES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 _APPLIED = {"LoraLoader": ("lora_name", "strength_model"), "LoraLoaderModelOnly": ("lora_name", "strength_model"),
             "HypernetworkLoader": ("hypernetwork_name", "strength")}
 
@@ -75,10 +76,21 @@ def _model(prompt: dict | None, node_id) -> str:
             applied.append(f"{name if isinstance(name, str) else kind}"
                            + ("" if strength == 1 else f" ({strength:g})" if isinstance(strength, (int, float))
                               else " (linked strength)"))
+        elif kind is not None and "model" not in inputs:
+            return " + ".join([_loaded(kind, inputs), *reversed(applied)]) if _loaded(kind, inputs) else ""
         elif kind is not None:
             applied.append(kind)
         link = inputs.get("model")
     return ""
+
+
+def _loaded(kind: str, inputs: dict) -> str:
+    """A loader this module does not know (GGUF, a custom one), named by the files it reads, or by its class; '' for
+    a node that makes its MODEL of others (a merge: linked inputs), which no one name tells apart."""
+    if any(_is_link(value) for value in inputs.values()):
+        return ""
+    files = [v for v in inputs.values() if isinstance(v, str) and v.lower().endswith(_MODEL_FILES)]
+    return " ".join(files) or kind
 
 
 def _inputs(prompt: dict | None, node_id) -> dict:

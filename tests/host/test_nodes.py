@@ -301,4 +301,8 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     assert graph_run(graph, "3")["generation_prompt"] == "a photo"  # SDXL's: text_g
     graph["11"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0]}}
     assert graph_run(graph, "3")["model"] == ""  # made from two: no one file
+    graph["11"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "flux1-dev-Q4_K_S.gguf"}}  # another pack's
+    assert graph_run(graph, "3")["model"].startswith("flux1-dev-Q4_K_S.gguf + style.pt (0.5)")  # named by its file
+    graph["11"] = {"class_type": "SomeModelMaker", "inputs": {"preset": 3}}
+    assert graph_run(graph, "3")["model"].startswith("SomeModelMaker + style.pt (0.5)")  # no file: by its class
     assert graph_run(None, None) == {"generation_prompt": "", "negative_prompt": "", "model": ""}
