@@ -204,7 +204,8 @@ def entanglement_picture(
         picture = paint  # nothing to blend under: full-strength colours on black
     else:
         if image.ndim != 4 or image.shape[0] not in (1, batch) or image.shape[1:] != (height, width, 3):
-            raise ValueError(f"image must be [1 or {batch}, {height}, {width}, 3], got {tuple(image.shape)}")
+            raise ValueError(f"image must be [1 or {batch}, {height}, {width}, 3] like the masks, got "
+                             f"{tuple(image.shape)}: make the masks at the image's size (measure_entanglement's size=)")
         base = image.to(device, torch.float32).expand(batch, -1, -1, -1)
         picture = torch.where((region > 0).unsqueeze(-1), torch.lerp(base, paint, opacity), base)
     # Text grows with the image (about 1/32 of its short side) but never below the 10 px that

@@ -336,3 +336,9 @@ def test_rendering_on_cuda_matches_cpu():
 def test_lookup_tables_have_256_entries_for_every_colormap():
     assert set(render._LUTS) == set(COLORMAPS)
     assert all(lut.shape == (256, 3) and lut.dtype == torch.float32 for lut in render._LUTS.values())
+
+
+def test_an_image_of_another_size_than_the_masks_is_refused_with_the_fix():
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"\[1 or 1, 8, 8, 3\].*measure_entanglement's size="):
+        entanglement_picture(masks, masks, torch.tensor([0.0]), ("a", "b"), torch.zeros(1, 64, 64, 3))
