@@ -19,7 +19,7 @@ class EntanglementResult:
         # A concept's overlap with itself is 1 whatever the image: refused here, for notebooks as for the nodes.
         require_distinct_concepts([word_a], [word_b], {w: trace.positions(w) for w in (word_a, word_b)})
         self.word_a, self.word_b, self.q = word_a, word_b, q
-        size = tuple(size) if size is not None else trace.image_size  # the reference thresholds at image size
+        size = trace.image_size if size is None else (size, size) if isinstance(size, int) else tuple(size)
         self.ious, self.masks = trace.iou_and_masks(word_a, word_b, q, steps=steps, size=size)  # masks [B, H, W]
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = mean_biou(self.block_ious)

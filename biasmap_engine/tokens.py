@@ -22,7 +22,7 @@ __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_
 
 _WORD_END = "</w>"
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
-_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?=\))")  # ComfyUI's emphasis weight, as in (doctor:1.2)
+_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*(?=\))")  # ComfyUI's emphasis weight, as in (doctor:1.2)
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -7,6 +7,7 @@ measured afterwards. Traces save to ``.safetensors`` (tensors) with JSON metadat
 """
 
 import json
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,8 @@ class BiasMapTrace:
     def __post_init__(self):
         """Refuse fields that disagree, so a trace built by hand fails here rather than deep inside a measure."""
         evaluations, images = len(self.sigmas), self.latent_shape[0] if self.latent_shape else None
+        if self.maps and images is None:
+            raise ValueError("the trace has maps but no latent_shape: give the latent's [B, C, H, W]")
         if len(self.steps) != evaluations:
             raise ValueError(f"the trace has {evaluations} σ but {len(self.steps)} step labels: one each per evaluation")
         for stage, maps in self.maps.items():
@@ -83,7 +86,7 @@ class BiasMapTrace:
 
     @property
     def num_images(self) -> int:
-        return self.latent_shape[0]
+        return self.latent_shape[0] if self.latent_shape else 0
 
     @property
     def num_steps(self) -> int:
@@ -228,16 +231,13 @@ class BiasMapTrace:
         try:
             return cls(**fields)
         except (ValueError, TypeError) as err:
-            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its parts disagree ({err})") from err
+            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its parts disagree ({err}): it was written "
+                                   f"by an older BiasMap, or is damaged") from err
 
     def _evaluations(self, steps) -> torch.Tensor:
         if steps is None:
             return torch.ones_like(self.steps, dtype=torch.bool)
-        if isinstance(steps, int):  # one step
-            steps = (steps, steps)
-        if len(steps) != 2 or not all(isinstance(s, int) for s in steps):
-            raise ValueError(f"steps must be one step or an inclusive (first, last) pair of steps, got {steps!r}")
-        first, last = steps
+        first, last = _step_window(steps)
         chosen = (self.steps >= first) & (self.steps <= last)
         if not bool(chosen.any()):
             raise ValueError(f"no recorded step in the window {first}..{last}; this trace has maps of steps "
@@ -250,8 +250,10 @@ class BiasMapTrace:
         if stages is None:
             return self.stages
         if isinstance(stages, str):  # "down_1, up×1", as the nodes take them
-            stages = parse_stages(stages) or self.stages
-        stages = [s if s in self.maps else (parse_stages(s) or [s])[0] for s in stages]  # labels (down×1) to ids
+            stages = [stages]
+        # Ids, labels (down×1) or "all"; each stage once, or its maps would count twice.
+        stages = list(dict.fromkeys(p for s in stages for p in ([s] if s in self.maps else
+                                                                 parse_stages(s) or self.stages)))
         missing = [s for s in stages if s not in self.maps]
         if missing:
             raise ValueError(f"stage(s) {', '.join(missing)} were not recorded; this trace has "
@@ -262,6 +264,19 @@ class BiasMapTrace:
 def mean_biou(block_ious: dict[str, torch.Tensor]) -> torch.Tensor:
     """mBIoU from :meth:`BiasMapTrace.block_ious`: per image, the mean over the stages that have maps."""
     return torch.stack(list(block_ious.values())).nanmean(dim=0)
+
+
+def _step_window(steps) -> tuple[int, int]:
+    """One step, or an inclusive (first, last) pair, as ints (numpy and 0-d tensor integers too)."""
+    try:
+        return (operator.index(steps),) * 2
+    except TypeError:
+        pass
+    try:
+        first, last = (operator.index(s) for s in steps)
+        return first, last
+    except (TypeError, ValueError):
+        raise ValueError(f"steps must be one step or an inclusive (first, last) pair of steps, got {steps!r}") from None
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -107,9 +107,12 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     f"({shown})")
         missing = [c for c in concepts if not any(_covered(c, split) for split in splits)]
         if missing:
+            escaped = "\\(" in attribution_prompt and "(" in value  # "\(" is a bracket the prompt spells
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
-                    f"attribution prompt or choose one of these.")
+                    f"attribution prompt or choose one of these."
+                    + (" The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read "
+                       "without them, as ComfyUI reads emphasis, unless they are escaped there too." if escaped else ""))
     return _check_distinct(lists, splits)
 
 

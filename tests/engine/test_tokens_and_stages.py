@@ -43,8 +43,8 @@ def test_split_concepts_drops_blanks():
 
 def test_concepts_are_read_without_comfyuis_emphasis_as_its_tokenizer_reads_prompts():
     # ComfyUI's brackets are emphasis, not tokens: "(doctor:1.2)" was looked up as "doctor:1.2" and not found.
-    typed = r"(doctor:1.2), (female) doctor, person (elderly), ((nurse)), \(elderly\) person, person \(elderly\)"
-    assert split_concepts(typed) == ["doctor", "female doctor", "person elderly", "nurse", "(elderly) person",
+    typed = r"(doctor:1.2), (nurse:1e-1), (female) doctor, person (elderly), ((nurse)), \(elderly\) person, person \(elderly\)"
+    assert split_concepts(typed) == ["doctor", "nurse", "female doctor", "person elderly", "nurse", "(elderly) person",
                                      "person (elderly)"]  # escaped brackets are the prompt's own tokens
     (weighted,) = split_concepts("(armadillo:1.3).")
     assert find_word_positions(TOKENS, weighted) == find_word_positions(TOKENS, "armadillo.") == [5, 6]

@@ -411,14 +411,23 @@ def test_the_guided_layers_are_summed_apart_for_the_energy_and_all_layers_for_th
 
 
 def test_a_notebooks_stage_step_and_size_arguments_are_read_as_the_nodes_read_theirs():
+    from biasmap_engine import measure_entanglement
+
     trace = recorded_trace()
     down = trace.concept_map("gender", stages=["down_1"], steps=(1, 1), size=(16, 16))
     assert torch.equal(trace.concept_map("gender", stages="down_1", steps=1, size=16), down)  # not letter by letter
     assert torch.equal(trace.concept_map("gender", stages=["down×1"], steps=(1, 1), size=(16, 16)), down)
     assert torch.equal(trace.concept_map("gender", stages="down×1, up×1"),
                        trace.concept_map("gender", stages=["down_1", "up_1"]))
-    with pytest.raises(ValueError, match=r"inclusive \(first, last\) pair"):
-        trace.concept_map("gender", steps=(2, None))
+    assert torch.equal(trace.concept_map("gender", stages=["down_1", "down×1"]),  # once, not twice
+                       trace.concept_map("gender", stages="down_1"))
+    assert torch.equal(trace.concept_map("gender", stages=["all"]), trace.concept_map("gender"))
+    assert torch.equal(trace.concept_map("gender", steps=(torch.tensor(1), trace.steps.max())),  # a notebook's ints
+                       trace.concept_map("gender", steps=(1, 2)))
+    assert measure_entanglement(trace, "gender", "doctor", size=16).masks[0].shape[-2:] == (16, 16)
+    for steps in ((2, None), (0, 1, 2), "1"):
+        with pytest.raises(ValueError, match=r"inclusive \(first, last\) pair"):
+            trace.concept_map("gender", steps=steps)
 
 
 def test_a_trace_built_by_hand_with_parts_that_disagree_is_refused_naming_them(tmp_path):
@@ -429,15 +438,21 @@ def test_a_trace_built_by_hand_with_parts_that_disagree_is_refused_naming_them(t
     with pytest.raises(ValueError, match="3 σ but 2 step labels"):
         BiasMapTrace(maps=trace.maps, tokens=trace.tokens, sigmas=trace.sigmas, steps=trace.steps[:2],
                      latent_shape=trace.latent_shape)
+    with pytest.raises(ValueError, match="maps but no latent_shape"):
+        BiasMapTrace(maps=trace.maps, tokens=trace.tokens, sigmas=trace.sigmas, steps=trace.steps, latent_shape=[])
     with pytest.raises(FileNotFoundError):  # no file at all is not a damaged trace
         BiasMapTrace.load(str(tmp_path / "nowhere.safetensors"))
+    trace.maps["down_1"] = trace.maps["down_1"][:2]  # a stage with fewer rows than evaluations, saved as it is
+    trace.save(str(tmp_path / "disagrees.safetensors"))
+    with pytest.raises(TraceFormatError, match="parts disagree.*written by an older BiasMap, or is damaged"):
+        BiasMapTrace.load(str(tmp_path / "disagrees.safetensors"))
 
 
 def test_the_report_of_a_trace_whose_run_says_little_is_still_written():
     from biasmap_engine import measure_entanglement
 
     trace = recorded_trace()
-    for run, settings in (({"sampler": "euler"}, {}), ({"cfg": "7"}, {"scale": None})):
+    for run, settings, line in (({"sampler": "euler"}, {}, "run: euler"),
+                                ({"cfg": "7"}, {"scale": None}, "run: cfg 7 · λ None")):
         trace.run, trace.settings = run, settings
-        line = measure_entanglement(trace, "gender", "doctor").report.splitlines()[1]
-        assert line in ("run: euler", "run: cfg 7 · λ None")
+        assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == line
