@@ -88,15 +88,13 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
     try:
-        words = prompt_text_words(attribution_prompt)
+        splits = _splits(attribution_prompt)
     except ValueError as err:
         return str(err)
-    ideograph_words = prompt_text_words(attribution_prompt, split_ideographs=True)
-    shown = listed_words(words)
+    shown = listed_words(splits[0][0])
     if not shown:
         return (f"the attribution prompt {attribution_prompt!r} has no words: type the text whose words get maps, "
                 f"e.g. '{DEFAULT_ATTRIBUTION}'")
-    splits = ((words, False), (ideograph_words, True))
     lists = {}
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:
@@ -105,7 +103,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
                     f"({shown})")
-        missing = [c for c in concepts if not any(_covered(c, split) for split in splits)]
+        missing = _absent(concepts, splits)
         if missing:
             escaped = "\\(" in attribution_prompt and "(" in value  # "\(" is a bracket the prompt spells
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
@@ -119,9 +117,19 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
 def absent_from(concepts: list[str], text: str) -> list[str]:
     """The concepts that are not words of ``text`` (a ComfyUI prompt) under either CJK split."""
     try:
-        splits = [(prompt_text_words(text, split_ideographs=s), s) for s in (False, True)]
+        return _absent(concepts, _splits(text))
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
         return []
+
+
+def _splits(text: str) -> list[tuple[list[str], bool]]:
+    """A prompt's words as CLIP splits them and as the slow tokenizer does (one word per CJK ideograph), each with
+    its ``split_ideographs`` flag: which one ComfyUI uses depends on the installed transformers (and ftfy)."""
+    return [(prompt_text_words(text, split_ideographs=split), split) for split in (False, True)]
+
+
+def _absent(concepts: list[str], splits) -> list[str]:
+    """The concepts that are words of the prompt under neither split."""
     return [c for c in concepts if not any(_covered(c, split) for split in splits)]
 
 

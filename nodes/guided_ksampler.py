@@ -29,10 +29,11 @@ def _logged(node, latent, trace) -> io.NodeOutput:
     trace.run.update(graph_run(hidden.prompt if hidden else None, hidden.unique_id if hidden else None))
     # The semantic concepts are what the picture is of: one missing from the typed prompt is most often a prompt
     # changed alone (an audit's next profession), whose rows would measure a word the model was not asked to draw.
-    absent = absent_from(trace.semantic, trace.run.get("generation_prompt") or "")
-    if trace.run.get("generation_prompt") and absent:
+    prompt = trace.run.get("generation_prompt")
+    absent = absent_from(trace.semantic, prompt) if prompt else []
+    if absent:
         trace.notes.append(f"the semantic concept(s) {', '.join(absent)} are not in the generation prompt "
-                           f"({trace.run['generation_prompt']!r}): their maps show where the model puts words it was "
+                           f"({prompt!r}): their maps show where the model puts words it was "
                            f"not asked to draw; if the prompt was changed alone, change the attribution prompt and the "
                            f"semantic concepts with it")
     for note in trace.notes:
