@@ -68,7 +68,8 @@ def main():
     import nodes
 
     from biasmap_engine import BiasMapSettings
-    from biasmap_engine.host import capture, guided_backward, lean_backward, sample_with_scheduler, session, start_session
+    from biasmap_engine.host import (capture, guided_backward, lean_backward, sample_with_scheduler, session,
+                                     start_session)
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     session._branches_apart = lambda device: False  # one CFG batch per guided evaluation, as on a GPU

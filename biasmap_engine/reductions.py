@@ -14,9 +14,9 @@ from .guidance import STATUS
 __all__ = ["reductions"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
-_IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise", "width",
-          "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family", "branch",
-          "include_middle", "demographic", "semantic", "q", "mask_size")
+_IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
+          "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family",
+          "branch", "include_middle", "demographic", "semantic", "q", "mask_size")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
 _GUIDANCE = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters")

@@ -33,7 +33,8 @@ class EntanglementResult:
         h, w = self.masks[0].shape[-2:]
         window = "" if self.steps is None else f", steps {self.steps[0]}–{self.steps[1]} of 0–{trace.num_steps - 1}"
         lines = [f"BiasMap entanglement of '{self.word_a}' and '{self.word_b}' "
-                 f"(top {round((1 - self.q) * 100)} % masks at {w}×{h}{window}, {trace.model_family})",  # as ComfyUI: W×H
+                 # Sizes as ComfyUI gives them: W×H.
+                 f"(top {round((1 - self.q) * 100)} % masks at {w}×{h}{window}, {trace.model_family})",
                  _run_line(trace)]
         # The attribution prompt, whose words the maps are of: a generation prompt changed alone shows beside it.
         for key, name in (("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative"),

@@ -22,7 +22,8 @@ __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_
 
 _WORD_END = "</w>"
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
-_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*(?=\))")  # ComfyUI's emphasis weight, as in (doctor:1.2)
+# ComfyUI's emphasis weight, as in (doctor:1.2).
+_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*(?=\))")
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -67,8 +68,8 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
             f"the concept {word!r} is not in the attribution prompt, whose words are: "
             f"{listed_words(prompt_words(prompt_tokens))}. "
             f"Add it to the attribution prompt (any word may be added there) or pick one of these"
-            + (". ComfyUI's emphasis such as (word:1.2) is not part of a concept: type the word alone, or read the text "
-               "with split_concepts" if _WEIGHT.search(word) or "(" in word else "."))
+            + (". ComfyUI's emphasis such as (word:1.2) is not part of a concept: type the word alone, or read the "
+               "text with split_concepts" if _WEIGHT.search(word) or "(" in word else "."))
     return positions
 
 

@@ -110,7 +110,8 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these."
                     + (" The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read "
-                       "without them, as ComfyUI reads emphasis, unless they are escaped there too." if escaped else ""))
+                       "without them, as ComfyUI reads emphasis, unless they are escaped there too."
+                       if escaped else ""))
     return _check_distinct(lists, splits)
 
 

@@ -19,8 +19,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             display_name="BiasMap Entanglement IoU",
             category=CATEGORY,
             description="Spatial entanglement of two concepts in a BiasMap trace: IoU of their top-(1 − q) masks, "
-                        "30 % by default (mean over the batch), block-wise mBIoU, a per-image report with the guidance accounting, "
-                        "and a picture of A, B and their intersection.",
+                        "30 % by default (mean over the batch), block-wise mBIoU, a per-image report with the "
+                        "guidance accounting, and a picture of A, B and their intersection.",
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
                 io.String.Input("concept_a", default="",

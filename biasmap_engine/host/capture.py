@@ -4,9 +4,10 @@ Every recorded ``attn2`` layer hands its queries and ComfyUI's ``extra_options``
 The rows of the recorded branch are picked from the CFG batch; each conditioning entry among them is weighted as
 ComfyUI weighs its noise prediction (``get_area_and_mult``: strength, and per pixel its mask; a default entry of Cond
 Set Default Combine: what the other entries leave, as ``finalize_default_conds``); entries on a crop of the latent
-(area conditioning) are left out. The weighted maps go to a :class:`TraceRecorder`, which divides by the
-total weight whenever the maps are read (the energy reads them before the evaluation closes). A stage's layers of one entry are computed together when the stage (or the
-U-Net pass) ends, in one product: a GPU at SD sizes is bound by kernel launches.
+(area conditioning) are left out. The weighted maps go to a :class:`TraceRecorder`, which divides by the total
+weight whenever the maps are read (the energy reads them before the evaluation closes). A stage's layers of one entry
+are computed together when the stage (or the U-Net pass) ends, in one product: a GPU at SD sizes is bound by kernel
+launches.
 """
 
 import contextlib
