@@ -10,7 +10,8 @@ converter (the frontend's "Export (API)" does it), so this module redoes the fro
 * ``widgets_values`` holds one value per widget input in that order, plus one UI-only value (``"fixed"``,
   ``"randomize"``, …) right after every INT input declared with ``control_after_generate``; those are skipped;
 * a linked input becomes ``[str(source_node_id), source_slot]``; a widget input that was turned into a socket and
-  linked to a frontend-only ``PrimitiveNode`` keeps its widget value; ``Reroute`` nodes are followed.
+  linked to a frontend-only ``PrimitiveNode`` takes the primitive's value (the frontend copies it into the widget);
+  ``Reroute`` nodes are followed.
 
 Frontend-only nodes (notes, reroutes, primitives) are left out; muted nodes (mode 2) too. Every other node must be
 known to ``object_info`` (an unknown type raises, so a pack that failed to load is noticed).
@@ -126,8 +127,11 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
             if socket.get("link") is None:
                 continue
             origin = source(socket["link"])
+            primitive = nodes[links[socket["link"]][0]]
             if origin is not None:
                 inputs[socket["name"]] = origin
+            elif primitive["type"] == "PrimitiveNode" and primitive.get("widgets_values"):
+                inputs[socket["name"]] = primitive["widgets_values"][0]
             elif socket["name"] not in inputs:
                 raise ValueError(f"node {node_id} ({kind}): input {socket['name']!r} is linked to a frontend-only "
                                  "node and has no widget value")
