@@ -22,7 +22,8 @@ __all__ = ["append_csv", "audit_rows", "csv_text"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
-_ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size")
+_ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
+          "first_step", "last_step")
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -30,9 +31,11 @@ _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "de
         "attribution_prompt", "generation_prompt", "negative_prompt", "model")
 
 
-def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "") -> list[dict]:
+def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "",
+               steps=None) -> list[dict]:
     """Per concept pair (default: every demographic × semantic pair of the trace) and image: IoU, mBIoU, BIoU per
-    stage and the image's guidance counts, with the run's settings; masks at ``size`` (default: the image's)."""
+    stage and the image's guidance counts, with the run's settings; masks at ``size`` (default: the image's), of the
+    maps of the sampler steps ``steps`` (an inclusive pair; default: all)."""
     pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
     if not pairs:
         raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit")
@@ -43,14 +46,15 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
                    for k, v in trace.settings.items()}}
+    first, last = steps if steps is not None else (0, trace.num_steps - 1)
     rows = []
     for a, b in pairs:
-        result = measure_entanglement(trace, a, b, q, size)
+        result = measure_entanglement(trace, a, b, q, size, steps)
         mask_size = "{1}x{0}".format(*result.masks[0].shape[-2:])  # W×H where the masks were thresholded
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
                          "noise_index": trace.noise_index(i), "demographic": a, "semantic": b, "q": q,
-                         "mask_size": mask_size,
+                         "mask_size": mask_size, "first_step": first, "last_step": last,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],
                          "notes": " | ".join(trace.notes)})

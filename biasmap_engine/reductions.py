@@ -1,10 +1,10 @@
 """Relative reductions of entanglement from audit rows, as the paper reports them (BiasMap, arXiv 2509.13496, §3).
 
 An audit CSV holds rows of guided runs and of the same images at λ = 0. Each guided row is paired with the λ = 0 row
-of the same image (seed, noise, prompts, model, sampling and schedule, recorded branch, concept pair, q and mask
-size); the reduction is given both ways the paper gives it: of the means, (mean_base − mean_guided) / mean_base, and
-the mean of per-image reductions. Rows come as ``audit_rows`` makes them or as ``csv.DictReader`` reads the file back
-(every value a string). Nothing is dropped unsaid: each figure comes with the rows it could not use.
+of the same image (seed, noise, prompts, model, sampling and schedule, recorded branch, concept pair, q, mask size
+and the steps whose maps were measured); the reduction is given both ways the paper gives it: of the means,
+(mean_base − mean_guided) / mean_base, and the mean of per-image reductions. Rows come as ``audit_rows`` makes them
+or as ``csv.DictReader`` reads the file back (every value a string). Nothing is dropped unsaid: each figure comes with the rows it could not use.
 """
 
 import math
@@ -16,7 +16,7 @@ __all__ = ["reductions"]
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
           "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family",
-          "branch", "include_middle", "demographic", "semantic", "q", "mask_size")
+          "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
 _GUIDANCE = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters")

@@ -9,7 +9,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, split_concepts
-from .common import ADVANCED, CATEGORY, Trace, mask_size, output_path, plain_errors
+from .common import ADVANCED, CATEGORY, Trace, mask_size, output_path, plain_errors, step_inputs, step_window
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -43,6 +43,7 @@ class BiasMapAuditLog(io.ComfyNode):
                                tooltip="Masks keep pixels above this quantile (paper: 0.70)."),
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),
+                *step_inputs(),
             ],
             # ComfyUI's frontend shows text only on Preview as Text: what happened is an output to link there.
             outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines."),
@@ -63,13 +64,14 @@ class BiasMapAuditLog(io.ComfyNode):
 
     @classmethod
     @plain_errors
-    def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution) -> io.NodeOutput:
+    def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution, first_step,
+                last_step) -> io.NodeOutput:
         path = _csv_path(filename)
         demographic = split_concepts(concept_a) or trace.demographic
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
-        rows = audit_rows(trace, q, pairs, size, label)
+        rows = audit_rows(trace, q, pairs, size, label, step_window(trace, first_step, last_step))
         written = append_csv(path, rows)
         text = csv_text(written)
         message = f"{len(rows)} row(s) appended to {path}"

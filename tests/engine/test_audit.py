@@ -56,6 +56,19 @@ def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
     assert [r["mbiou"] for r in rows] == pytest.approx(trace.mbiou("gender", "nurse").tolist(), abs=1e-6)
 
 
+def test_audit_rows_measure_the_maps_of_the_steps_asked_and_say_which():
+    trace = halves_trace()
+    for stage in trace.stages:
+        trace.maps[stage][1, 0, 3] = trace.maps[stage][1, 0, 4]  # at the last step, image 0's nurse is on the left
+    late = audit_rows(trace, q=0.5, pairs=[("gender", "nurse")], size=(8, 8), steps=(1, 1))
+    whole = audit_rows(trace, q=0.5, pairs=[("gender", "nurse")], size=(8, 8))
+    assert [r["iou"] for r in late] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert [r["iou"] for r in late] == pytest.approx(
+        measure_entanglement(trace, "gender", "nurse", 0.5, (8, 8), steps=(1, 1)).ious.tolist(), abs=1e-6)
+    assert whole[0]["iou"] < 1
+    assert [(r["first_step"], r["last_step"]) for r in late + whole] == [(1, 1)] * 2 + [(0, 1)] * 2
+
+
 def test_audit_rows_need_a_pair():
     trace = halves_trace()
     trace.semantic = []
@@ -239,14 +252,17 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
     assert path.read_bytes() == b"\r\nlabel,iou\r\na,0.5\r\n"
 
 
+# Each file lacks the columns added after its own, down to the latest.
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
-                                      "height", "sigmas", "mask_size"),
+                                      "height", "sigmas", "mask_size", "first_step", "last_step"),
                                      ("generation_prompt", "negative_prompt", "model", "width", "height", "sigmas",
-                                      "mask_size"),
-                                     ("negative_prompt", "model", "width", "height", "sigmas", "mask_size"),
-                                     ("sigmas", "mask_size")],
+                                      "mask_size", "first_step", "last_step"),
+                                     ("negative_prompt", "model", "width", "height", "sigmas", "mask_size",
+                                      "first_step", "last_step"),
+                                     ("sigmas", "mask_size", "first_step", "last_step"),
+                                     ("first_step", "last_step")],
                          ids=["before noise_index", "before generation_prompt", "before model and size",
-                              "before sigmas and mask size"])
+                              "before sigmas and mask size", "before the step window"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
@@ -337,6 +353,15 @@ def test_reductions_refuse_two_different_baselines_of_one_image_and_pair_by_a_co
     figures = {r["label"]: r for r in reductions(rows, match=("label",), by="label")}
     assert figures["a doctor"]["reduction"] == pytest.approx(0.0, abs=1e-6)  # both 1 there: nothing moved
     assert figures["a nurse"]["images"] == 4  # doctor and nurse pairs of its 2 images
+
+
+def test_reductions_pair_rows_measured_over_the_same_steps_only():
+    base, guided = _baseline_and_guided()
+    late = audit_rows(guided, q=0.5, size=(8, 8), steps=(1, 1))
+    with pytest.raises(ValueError, match=r"differ in every value of first_step\)$"):
+        reductions(audit_rows(base, q=0.5, size=(8, 8)) + late)
+    figures = {r["semantic"]: r for r in reductions(audit_rows(base, q=0.5, size=(8, 8), steps=(1, 1)) + late)}
+    assert figures["nurse"]["images"] == 2 and figures["nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_reductions_tell_apart_seeds_beyond_floats_and_images_of_a_file_without_noise_index(tmp_path):

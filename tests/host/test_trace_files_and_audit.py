@@ -232,6 +232,22 @@ def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, f
     ious = trace.iou("gender", "nurse", size=trace.image_size).tolist()  # the reference thresholds at image size
     assert [float(r["iou"]) for r in rows[4:]] == pytest.approx(ious, abs=1e-6)
     assert first.splitlines()[0].startswith("label,prompt_id,time,seed,steps")
+    assert {(r["first_step"], r["last_step"]) for r in rows} == {("0", "1")}  # every step's maps: the default
+
+
+def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapEntanglementIoU
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse", "first_step": 1}
+    csv_text = as_comfy_runs(BiasMapAuditLog).execute(**args).result[0]
+    rows = list(csv.DictReader(csv_text.splitlines()))
+    assert {(r["first_step"], r["last_step"]) for r in rows} == {("1", "1")}  # last_step past the end: the end
+    shown = as_comfy_runs(BiasMapEntanglementIoU).execute(**defaults(BiasMapEntanglementIoU) | {
+        "trace": trace, "concept_b": "nurse", "first_step": 1}).result[0]
+    assert sum(float(r["iou"]) for r in rows) / len(rows) == pytest.approx(shown, abs=1e-5)
+    assert [float(r["iou"]) for r in rows] != pytest.approx(trace.iou("gender", "nurse").tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="first_step 5 is past this trace's last step, 1"):
+        as_comfy_runs(BiasMapAuditLog).execute(**args | {"first_step": 5})
 
 
 def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
@@ -241,13 +257,15 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    later = ("negative_prompt", "model", "width", "height", "sigmas", "mask_size")  # added after the file was started
+    later = ("negative_prompt", "model", "width", "height", "sigmas", "mask_size", "first_step", "last_step")  # added
+    # after the file was started
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     out = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
-    assert "without the column(s) sigmas, negative_prompt, model, width, height, mask_size" in caplog.text
+    assert ("without the column(s) sigmas, negative_prompt, model, width, height, mask_size, first_step, last_step"
+            in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
     assert summary.startswith("4 row(s) appended to") and "give the audit a new file name" in summary
