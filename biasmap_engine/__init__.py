@@ -4,13 +4,13 @@ Everything here imports nothing from ComfyUI except :mod:`biasmap_engine.host`, 
 hooks ComfyUI's U-Net cross-attention and sampling loop.
 """
 
-from .audit import append_csv, audit_rows, csv_text
+from .audit import append_csv, audit_rows, csv_text, read_csv
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                    token_softmax_maps)
 from .recorder import TraceRecorder
-from .reductions import reductions
+from .reductions import reductions, reductions_text
 from .render import COLORMAPS, colorize, entanglement_picture, normalize_maps, overlay, resize_maps, to_pil
 from .report import EntanglementResult, measure_entanglement
 from .settings import BiasMapSettings
@@ -26,7 +26,7 @@ __all__ = [
     "clip_words", "colorize", "concept_map", "csv_text", "entanglement_energy", "entanglement_picture",
     "find_word_positions", "guidance_step", "hard_mask", "iou", "listed_words", "measure_entanglement",
     "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
-    "readable", "reductions", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts",
-    "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps",
-    "z_grad_norm",
+    "read_csv", "readable", "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou",
+    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps",
+    "to_pil", "token_softmax_maps", "z_grad_norm",
 ]

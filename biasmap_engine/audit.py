@@ -18,7 +18,7 @@ from .guidance import STATUS
 from .report import measure_entanglement
 from .trace import BiasMapTrace
 
-__all__ = ["append_csv", "audit_rows", "csv_text"]
+__all__ = ["append_csv", "audit_rows", "csv_text", "read_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
@@ -107,6 +107,14 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
                 data = b"\r\n" + data
         f.write(data)  # one write, at the end (append mode)
     return rows
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows of the audit CSV at ``path`` (every value a string), read while the file is locked: rows another
+    ComfyUI instance is appending are read whole or not at all."""
+    with open(path, "rb") as f, _locked(f):
+        text = f.read().decode("utf-8-sig")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def csv_text(rows: list[dict]) -> str:

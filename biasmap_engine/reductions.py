@@ -4,14 +4,15 @@ An audit CSV holds rows of guided runs and of the same images at λ = 0. Each gu
 of the same image (seed, noise, prompts, model, sampling and schedule, recorded branch, concept pair, q, mask size
 and the steps whose maps were measured); the reduction is given both ways the paper gives it: of the means,
 (mean_base − mean_guided) / mean_base, and the mean of per-image reductions. Rows come as ``audit_rows`` makes them
-or as ``csv.DictReader`` reads the file back (every value a string). Nothing is dropped unsaid: each figure comes with the rows it could not use.
+or as ``read_csv`` reads the file back (every value a string). Nothing is dropped unsaid: each figure comes with
+the rows it could not use.
 """
 
 import math
 
 from .guidance import STATUS
 
-__all__ = ["reductions"]
+__all__ = ["reductions", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
@@ -59,6 +60,41 @@ def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tu
                          f"the first run's), prompts and settings with guidance_scale 0 into the file too"
                          f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
     return [_summary(g, by) for g in groups.values()]
+
+
+def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str | None = "semantic") -> str:
+    """The reductions of ``rows`` (an audit file's) as report lines: per guided configuration and ``by`` value, each
+    metric's λ = 0 and guided means and both reductions; why there are none yet when no guided row has a baseline."""
+    try:
+        figures = {metric: reductions(rows, metric, by) for metric in metrics}
+    except ValueError as err:
+        return f"reductions over the file: none yet: {err}"
+    first = figures[metrics[0]]
+    # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
+    named = ["guidance_scale"] + [c for c in _GUIDANCE[1:] if len({str(f.get(c)) for f in first}) > 1]
+    lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap):"]
+    for i, group in enumerate(first):
+        setting = " · ".join("λ " + f"{group[c]:g}" if c == "guidance_scale" else f"{c} {group.get(c, '')}"
+                             for c in named)
+        changes = "; ".join(f"{metric} {_mean(f[i]['base'])} → {_mean(f[i]['guided'])} ({_percent(f[i]['reduction'])}, "
+                            f"per image {_percent(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
+        left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
+                             if group[k])
+        lines.append(f"{setting}{f' · {group[by]}' if by else ''}: {changes}; {group['images']} image(s)"
+                     + (f"; left out: {left_out}" if left_out else ""))
+    return "\n".join(lines)
+
+
+def _mean(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "n/a"
+
+
+def _percent(reduction: float) -> str:
+    """A relative reduction as the change it is: 0.4 → −40.0 %; n/a where nothing was paired or overlapped."""
+    if not math.isfinite(reduction):
+        return "n/a"
+    change = round(-100 * reduction, 1)
+    return f"{change:+.1f} %".replace("-", "−") if change else "0.0 %"
 
 
 def _summary(group: dict, by: str | None) -> dict:

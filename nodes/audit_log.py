@@ -8,7 +8,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import append_csv, audit_rows, csv_text, split_concepts
+from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
 from .common import ADVANCED, CATEGORY, Trace, mask_size, output_path, plain_errors, step_inputs, step_window
 
 
@@ -48,7 +48,9 @@ class BiasMapAuditLog(io.ComfyNode):
             # ComfyUI's frontend shows text only on Preview as Text: what happened is an output to link there.
             outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines."),
                      io.String.Output("summary", tooltip="Where the rows went and how many, any column the file "
-                                                         "lacks, then the rows (link Preview as Text to read it).")],
+                                                         "lacks, the paper's reductions over the file (guided runs "
+                                                         "against the same seeds at λ = 0), then the rows (link "
+                                                         "Preview as Text to read it).")],
             is_output_node=True,
         )
 
@@ -82,7 +84,9 @@ class BiasMapAuditLog(io.ComfyNode):
             logging.warning("BiasMap: %s", message)
         else:
             logging.info("BiasMap: %s", message)
-        summary = f"{message}\n{text}"
+        # The paper's figure over the whole file, once it holds guided runs and their λ = 0 runs: the audit's
+        # result on the page, without a notebook.
+        summary = f"{message}\n{reductions_text(read_csv(path))}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 
 

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from biasmap_engine import STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement, reductions
+from biasmap_engine import (STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement, read_csv,
+                            reductions, reductions_text)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -362,6 +363,44 @@ def test_reductions_pair_rows_measured_over_the_same_steps_only():
         reductions(audit_rows(base, q=0.5, size=(8, 8)) + late)
     figures = {r["semantic"]: r for r in reductions(audit_rows(base, q=0.5, size=(8, 8), steps=(1, 1)) + late)}
     assert figures["nurse"]["images"] == 2 and figures["nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_reductions_text_gives_each_configuration_and_concept_its_change_both_ways(tmp_path):
+    base, guided = _baseline_and_guided()
+    other = halves_trace()  # λ 50 on down_1 only: image 1's nurse stays where it was
+    other.settings = {"scale": 50.0, "guided_stages": ["down_1"]}
+    path = str(tmp_path / "audit.csv")
+    for trace in (base, guided, other):
+        append_csv(path, audit_rows(trace, q=0.5, size=(8, 8)))
+    lines = reductions_text(read_csv(path)).splitlines()
+    assert lines[0].startswith("reductions over the file")
+    # Named by what tells the configurations apart; nurse: (2/3 − 1/3) / (2/3), per image (0 + 2/3) / 2.
+    assert lines[1:] == [
+        "λ 100 · guided_stages all · doctor: iou 0.3333 → 0.3333 (0.0 %, per image 0.0 %); "
+        "mbiou 0.3333 → 0.3333 (0.0 %, per image 0.0 %); 2 image(s)",
+        "λ 100 · guided_stages all · nurse: iou 0.6667 → 0.3333 (−50.0 %, per image −33.3 %); "
+        "mbiou 0.6667 → 0.3333 (−50.0 %, per image −33.3 %); 2 image(s)",
+        "λ 50 · guided_stages down_1 · doctor: iou 0.3333 → 0.3333 (0.0 %, per image 0.0 %); "
+        "mbiou 0.3333 → 0.3333 (0.0 %, per image 0.0 %); 2 image(s)",
+        "λ 50 · guided_stages down_1 · nurse: iou 0.6667 → 0.6667 (0.0 %, per image 0.0 %); "
+        "mbiou 0.6667 → 0.6667 (0.0 %, per image 0.0 %); 2 image(s)"]
+    unpaired = halves_trace()
+    unpaired.run = {**RUN, "seed": 99}
+    append_csv(path, audit_rows(unpaired, q=0.5, size=(8, 8)))
+    assert reductions_text(read_csv(path), by=None).splitlines()[1] == (
+        "λ 100 · guided_stages all: iou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); "
+        "mbiou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); 4 image(s); left out: 4 unpaired")
+    assert reductions_text(audit_rows(base)) == ("reductions over the file: none yet: no guided row (guidance_scale > "
+                                                 "0) in the rows: log the guided runs into the file too")
+
+
+def test_read_csv_reads_back_the_rows_as_appended(tmp_path):
+    path = str(tmp_path / "audit.csv")
+    rows = audit_rows(halves_trace(), q=0.5, label="=1+1, \"quoted\"\nnew line")
+    append_csv(path, rows)
+    read = read_csv(path)
+    assert list(read[0]) == list(rows[0]) and len(read) == len(rows)
+    assert read[0]["label"] == "'=1+1, \"quoted\"\nnew line" and read[3]["iou"] == str(rows[3]["iou"])
 
 
 def test_reductions_tell_apart_seeds_beyond_floats_and_images_of_a_file_without_noise_index(tmp_path):

@@ -235,6 +235,23 @@ def test_audit_log_appends_a_row_per_image_and_pair_to_one_csv_over_runs(pack, f
     assert {(r["first_step"], r["last_step"]) for r in rows} == {("0", "1")}  # every step's maps: the default
 
 
+def test_audit_log_summary_gives_the_papers_reductions_once_the_file_holds_guided_runs_and_their_baselines(
+        pack, folders, trace):
+    import copy
+
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args).result[1]
+    assert "reductions over the file: none yet: no guided row" in summary  # λ = 0 only so far
+    guided = copy.copy(trace)  # the same images logged as a guided run's: nothing moved
+    guided.settings = {**trace.settings, "scale": 100.0}
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    lines = summary.splitlines()
+    assert lines[1].startswith("reductions over the file") and lines[2].startswith("λ 100 · nurse: iou ")
+    assert lines[2].endswith("(0.0 %, per image 0.0 %); 2 image(s)") and lines[3].startswith("label,")
+
+
 def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folders, trace):
     from biasmap_pack.nodes import BiasMapAuditLog, BiasMapEntanglementIoU
 
