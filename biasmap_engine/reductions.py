@@ -64,11 +64,11 @@ def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tu
 
 def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str | None = "semantic") -> str:
     """The reductions of ``rows`` (an audit file's) as report lines: per guided configuration and ``by`` value, each
-    metric's λ = 0 and guided means and both reductions; why there are none yet when no guided row has a baseline."""
+    metric's λ = 0 and guided means and both reductions; else why there are none (no guided row with a baseline)."""
     try:
         figures = {metric: reductions(rows, metric, by) for metric in metrics}
     except ValueError as err:
-        return f"reductions over the file: none yet: {err}"
+        return f"reductions over the file: none: {err}"
     first = figures[metrics[0]]
     # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
     named = ["guidance_scale"] + [c for c in _GUIDANCE[1:] if len({str(f.get(c)) for f in first}) > 1]

@@ -390,8 +390,8 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     assert reductions_text(read_csv(path), by=None).splitlines()[1] == (
         "λ 100 · guided_stages all: iou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); "
         "mbiou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); 4 image(s); left out: 4 unpaired")
-    assert reductions_text(audit_rows(base)) == ("reductions over the file: none yet: no guided row (guidance_scale > "
-                                                 "0) in the rows: log the guided runs into the file too")
+    assert reductions_text(audit_rows(base)) == ("reductions over the file: none: no guided row (guidance_scale > 0) "
+                                                 "in the rows: log the guided runs into the file too")
 
 
 def test_read_csv_reads_back_the_rows_as_appended(tmp_path):
