@@ -150,3 +150,28 @@ def test_a_guided_evaluation_makes_no_host_round_trip_on_any_device(mode, demogr
         out, norm, status = guidance_step(denoised, grad_q[:, :, :4].reshape(2, 4, 16, 16), sigma, 100.0)
         recorder.end(energy=energy, grad_norm=norm, status=status)
     assert spy.found == []
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_a_guided_evaluation_keeps_every_tensor_on_the_latents_device(mode):
+    """On the CPU every tensor shares one device, so a tensor the engine made on the host would pass unseen; on the
+    meta device (shapes only, no values) it meets the others and raises, as it would on a GPU, and so does any read
+    of a value."""
+    from biasmap_engine import TraceRecorder, prepare_keys, prepared_token_softmax_maps
+
+    device = torch.device("meta")
+    q = torch.randn(2, 16 * 16, 64, device=device, requires_grad=True)
+    keys = prepare_keys(torch.randn(1, 12, 64, device=device), 4)
+    denoised, sigma = torch.randn(2, 4, 16, 16, device=device), torch.full((2,), 3.0, device=device)
+    recorder = TraceRecorder()
+    for step in range(2):
+        recorder.begin(sigma[0], torch.tensor(step, device=device))
+        recorder.add("down_1", prepared_token_softmax_maps(q, keys, (16, 16)), weight=torch.ones(2, 1, 16, 16,
+                                                                                               device=device))
+        energy = entanglement_energy(recorder.current()["down_1"], [([8], [6]), ([8, 10], [6])], mode=mode)
+        (grad_q,) = torch.autograd.grad(energy.sum(), q)
+        for gate in ("skip", "clip"):
+            out, norm, status = guidance_step(denoised, grad_q[:, :, :4].reshape(2, 4, 16, 16), sigma, 100.0, gate)
+        recorder.end(energy=energy, grad_norm=norm, status=status)
+    assert {t.device for t in (out, norm, status, energy)} == {device}
+    assert (out.shape, status.dtype) == (denoised.shape, torch.int8)
