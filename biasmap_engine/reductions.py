@@ -76,8 +76,9 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str |
     for i, group in enumerate(first):
         setting = " · ".join("λ " + f"{group[c]:g}" if c == "guidance_scale" else f"{c} {group.get(c, '')}"
                              for c in named)
-        changes = "; ".join(f"{metric} {_mean(f[i]['base'])} → {_mean(f[i]['guided'])} ({_percent(f[i]['reduction'])}, "
-                            f"per image {_percent(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
+        changes = "; ".join(f"{metric} {_mean(f[i]['base'])} → {_mean(f[i]['guided'])} "
+                            f"({percent_change(f[i]['reduction'])}, per image "
+                            f"{percent_change(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
         left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
                              if group[k])
         lines.append(f"{setting}{f' · {group[by]}' if by else ''}: {changes}; {group['images']} image(s)"
@@ -89,7 +90,7 @@ def _mean(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "n/a"
 
 
-def _percent(reduction: float) -> str:
+def percent_change(reduction: float) -> str:
     """A relative reduction as the change it is: 0.4 → −40.0 %; n/a where nothing was paired or overlapped."""
     if not math.isfinite(reduction):
         return "n/a"

@@ -1,9 +1,11 @@
 """The Entanglement IoU report: per-image IoU, block-wise IoU, the token pieces used and the guidance accounting."""
 
 import functools
+import math
 
 import torch
 
+from .reductions import percent_change
 from .stages import stage_label
 from .tokens import readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
@@ -68,11 +70,61 @@ class EntanglementResult:
         return "\n".join(lines)
 
 
+    def against(self, baseline: "EntanglementResult") -> str:
+        """Report lines of the change from ``baseline`` (the same words in another run, e.g. the same seed at λ = 0)
+        to these figures, naming what else differs between the two runs."""
+        trace, other = self._trace, baseline._trace
+        lines = [f"against the baseline ({_run_line(other).removeprefix('run: ')}): "
+                 f"mIoU {_change(baseline.ious, self.ious)} · mBIoU {_change(baseline.mbiou, self.mbiou)}"]
+        if len(self.ious) == len(baseline.ious) > 1:
+            lines.append("IoU per image: " + ", ".join(f"image {i} {_percent(b, a)}" for i, (b, a) in
+                                                        enumerate(zip(baseline.ious.tolist(), self.ious.tolist()))))
+        differing = [f"{name} ({_number(other.run.get(key, 'n/a'))}, this run {_number(trace.run.get(key, 'n/a'))})"
+                     for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
+        differing += [f"{name} ({b}, this run {a})" for name, b, a in (
+            ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
+            ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))
+            if b != a]
+        differing += [f"tokens of '{w}' ({' '.join(baseline.pieces[w])}, this run {' '.join(self.pieces[w])})"
+                      for w in self.pieces if baseline.pieces[w] != self.pieces[w]]
+        if differing:  # the change is then not guidance alone
+            lines.append("note: the baseline differs in " + "; ".join(differing) + ": the change is not guidance's "
+                         "alone (compare runs that differ only in λ)")
+        return "\n".join(lines)
+
+
 def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None,
                          steps=None) -> EntanglementResult:
     """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace, with masks at ``size``
     (default: the image's, as the reference)."""
     return EntanglementResult(trace, word_a, word_b, q, size, steps)
+
+
+# What two runs must share for their figures to be of one picture, as the report names it.
+_SAME_PICTURE = (("seed", "seed"), ("steps", "steps"), ("sampler", "sampler"), ("scheduler", "scheduler"),
+                 ("cfg", "cfg"), ("denoise", "denoise"), ("model", "model"), ("generation_prompt", "prompt"),
+                 ("negative_prompt", "negative"), ("attribution_prompt", "attribution prompt"))
+
+
+def _change(before: torch.Tensor, after: torch.Tensor) -> str:
+    """Two runs' means over their images that have a figure, and the relative change between them."""
+    b, a = float(before.nanmean()), float(after.nanmean())
+    return f"{_figure(b, 4)} → {_figure(a, 4)} ({_percent(b, a)})"
+
+
+def _percent(before: float, after: float) -> str:
+    """The relative change: −40.0 % is 40 % less overlap; n/a without a figure or an overlap to change."""
+    return percent_change((before - after) / before if before > 0 else math.nan)
+
+
+def _size(item) -> str:
+    """W×H of a trace's images or a result's masks."""
+    h, w = item.image_size if isinstance(item, BiasMapTrace) else item.masks[0].shape[-2:]
+    return f"{w}×{h}"
+
+
+def _window(result: "EntanglementResult") -> str:
+    return "all" if result.steps is None else f"{result.steps[0]}–{result.steps[1]}"
 
 
 def _mean(values: torch.Tensor) -> str:

@@ -32,6 +32,9 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),
                 io.Image.Input("image", optional=True, tooltip="Decoded image to draw the masks over."),
+                Trace.Input("baseline", optional=True,
+                            tooltip="Another run's trace to compare with, e.g. the same seed at λ = 0: the report "
+                                    "adds the change in mIoU and mBIoU from it, and what else differs."),
                 *step_inputs(),
             ],
             outputs=[io.Float.Output("iou", tooltip="IoU, mean over the batch (images without finite maps left out)."),
@@ -49,7 +52,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
 
     @classmethod
     @plain_errors
-    def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None) -> io.NodeOutput:
+    def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None,
+                baseline=None) -> io.NodeOutput:
         require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
         stretched = check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic")
@@ -58,6 +62,13 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)
         report = result.report + (f"\npicture: {stretched}" if stretched else "")  # the page shows no console
+        if baseline is not None:  # measured as this trace is, each at its own size and over its own steps
+            try:
+                before = measure_entanglement(baseline, word_a, word_b, q, mask_size(baseline, resolution),
+                                              step_window(baseline, first_step, last_step))
+            except ValueError as err:  # which of the two traces it is about
+                raise ValueError(f"the baseline trace: {err}") from err
+            report += "\n" + result.against(before)
         # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the
         # label no room), the masks thresholded where they were measured.
         shown = tuple(image.shape[1:3]) if image is not None else trace.image_size

@@ -394,6 +394,24 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
                                                  "in the rows: log the guided runs into the file too")
 
 
+def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_differs():
+    base, guided = _baseline_and_guided()  # nurse: IoU 1/3 and 1 at λ = 0, 1/3 and 1/3 guided
+    after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    lines = after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8))).splitlines()
+    assert lines == ["against the baseline (seed 42 · euler/normal · 2 steps · cfg 7 · λ 0): mIoU 0.6667 → 0.3333 "
+                     "(−50.0 %) · mBIoU 0.6667 → 0.3333 (−50.0 %)",
+                     "IoU per image: image 0 0.0 %, image 1 −66.7 %"]  # only λ differs: no note
+    other = halves_trace()
+    other.run = {**RUN, "seed": 7}
+    note = after.against(measure_entanglement(other, "gender", "nurse", 0.5, (16, 16), steps=(1, 1))).splitlines()[-1]
+    assert note == ("note: the baseline differs in seed (7, this run 42); masks (16×16, this run 8×8); steps measured "
+                    "(1–1, this run all): the change is not guidance's alone (compare runs that differ only in λ)")
+    empty = halves_trace()
+    for stage in empty.stages:
+        empty.maps[stage][:, :, 3] = 0  # no nurse anywhere: its masks are empty, no overlap to reduce
+    assert "mIoU 0.0000 → 0.3333 (n/a)" in after.against(measure_entanglement(empty, "gender", "nurse", 0.5, (8, 8)))
+
+
 def test_read_csv_reads_back_the_rows_as_appended(tmp_path):
     path = str(tmp_path / "audit.csv")
     rows = audit_rows(halves_trace(), q=0.5, label="=1+1, \"quoted\"\nnew line")

@@ -199,6 +199,30 @@ def test_entanglement_iou_averages_over_the_images_that_have_a_figure(nodes_and_
     assert mbiou == mbiou and "over 1 of 2 image(s)" in report  # finite: image 1's other stages have maps
 
 
+def test_entanglement_iou_reports_the_change_from_a_baseline_trace_measured_as_its_own(nodes_and_trace):
+    import copy
+
+    from biasmap_pack.biasmap_engine import measure_entanglement
+
+    entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
+    guided = copy.deepcopy(trace)
+    guided.settings = {**trace.settings, "scale": 100.0}
+    for maps in guided.maps.values():  # 'gender' mirrored: another overlap with 'doctor'
+        maps[:, :, trace.positions("gender")] = maps[:, :, trace.positions("gender")].flip(-1)
+    args = defaults(entanglement) | {"trace": guided, "baseline": trace, "first_step": 1}
+    with torch.inference_mode():
+        iou, _, report, _ = entanglement.execute(**args).result
+    before = measure_entanglement(trace, "gender", "doctor", steps=(1, 1))
+    after = measure_entanglement(guided, "gender", "doctor", steps=(1, 1))
+    assert iou == pytest.approx(float(after.ious.mean())) and not torch.equal(after.ious, before.ious)  # this trace's
+    assert report.endswith(after.against(before)) and "against the baseline (" in report
+    assert "note: the baseline differs" not in report  # the same run but for λ
+    absent = copy.deepcopy(trace)
+    absent.tokens = [t.replace("doctor", "nurse") for t in trace.tokens]
+    with torch.inference_mode(), pytest.raises(ValueError, match="^the baseline trace: .*doctor"):
+        entanglement.execute(**args | {"baseline": absent})
+
+
 @pytest.mark.parametrize("mask", ["normalized", "thresholded"])
 def test_attribution_map_draws_an_image_whose_maps_overflowed_empty_and_says_so(nodes_and_trace, caplog, mask):
     import copy

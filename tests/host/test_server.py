@@ -243,6 +243,9 @@ def test_shipped_workflows_run_end_to_end(server):
         # The report reaches the page through ComfyUI's Preview as Text, the one node its frontend shows text of.
         previewed = [outputs[node_id]["text"][0] for node_id, node in api.items() if node["class_type"] == "PreviewAny"]
         assert sum("mBIoU" in text for text in previewed) == len(ious), f"{path.name}: a report is not previewed"
+        compared = [node_id for node_id in ious if "baseline" in api[node_id]["inputs"]]  # λ = 100 against λ = 0
+        assert compared or "discover" not in path.name, f"{path.name}: λ = 100 is not compared with λ = 0"
+        assert all("\nagainst the baseline (" in outputs[node_id]["text"][0] for node_id in compared), path.name
 
     audit = server["out"] / "biasmap" / "audit.csv"
     with open(audit, newline="", encoding="utf-8-sig") as f:
