@@ -5,6 +5,7 @@ hooks ComfyUI's U-Net cross-attention and sampling loop.
 """
 
 from .audit import append_csv, audit_rows, csv_text, read_csv
+from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
@@ -21,12 +22,13 @@ from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, list
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError
 
 __all__ = [
-    "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError", "EntanglementResult", "GATES",
-    "NOT_FINITE_CAUSE", "STAGE_ORDER", "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows",
-    "clip_words", "colorize", "concept_map", "csv_text", "entanglement_energy", "entanglement_picture",
-    "find_word_positions", "guidance_step", "hard_mask", "iou", "listed_words", "measure_entanglement",
-    "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
-    "read_csv", "readable", "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou",
-    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps",
-    "to_pil", "token_softmax_maps", "z_grad_norm",
+    "AUDIT_ORDERS", "AuditRun", "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError",
+    "EntanglementResult", "GATES", "NOT_FINITE_CAUSE", "PAPER_PROFESSIONS", "STAGE_ORDER", "STATUS",
+    "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "clip_words", "colorize",
+    "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions",
+    "guidance_step", "hard_mask", "iou", "listed_words", "measure_entanglement", "normalize_maps", "overlay",
+    "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable",
+    "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
+    "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
+    "token_softmax_maps", "z_grad_norm",
 ]

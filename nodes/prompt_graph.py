@@ -2,6 +2,8 @@
 typed prompts, the checkpoint and LoRAs, the scheduler behind SIGMAS. A sampler gets conditioning, a model and sigmas,
 not the text and file names that made them; where a node on the way makes them while the graph runs, they stay ''."""
 
+from ..biasmap_engine import audit_run
+
 __all__ = ["generation_prompt", "graph_run"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
@@ -52,11 +54,24 @@ def generation_prompt(prompt: dict | None, node_id, input_name: str = "positive"
         kind, inputs = _linked(prompt, link)
         if kind in _TEXT_INPUT:
             link = inputs.get(_TEXT_INPUT[kind])
+        elif kind == "BiasMapAuditPrompts" and link[1] == 0:  # its prompt output, a function of typed inputs
+            return _planned_prompt(inputs)
         elif kind in _PASSED_ON and link[1] < len(_PASSED_ON[kind]):
             link = inputs.get(_PASSED_ON[kind][link[1]])
         else:
             return ""
     return link if isinstance(link, str) else ""
+
+
+def _planned_prompt(inputs: dict) -> str:
+    """The prompt an Audit Prompts node makes of its inputs; '' where one is linked (or the run is out of its plan,
+    which the node refuses)."""
+    if any(_is_link(value) for value in inputs.values()):
+        return ""
+    try:
+        return audit_run(**inputs).prompt
+    except (TypeError, ValueError):  # an input missing (a workflow of another version) or out of the plan
+        return ""
 
 
 def _model(prompt: dict | None, node_id) -> str:

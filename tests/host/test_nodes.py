@@ -294,6 +294,27 @@ def test_the_generation_prompt_is_read_from_the_graph_where_it_is_typed_text(pac
     assert generation_prompt(None, None) == generation_prompt({}, "3") == ""  # outside ComfyUI's executor
 
 
+def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_an_input_is_linked(pack):
+    from biasmap_pack.nodes import BiasMapAuditPrompts
+    from biasmap_pack.nodes.prompt_graph import generation_prompt
+
+    plan = defaults(BiasMapAuditPrompts) | {"run": 20}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["4", 0]}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": ["2", 0], "clip": ["1", 1]}},
+             "2": {"class_type": "BiasMapAuditPrompts", "inputs": plan}}
+    made = BiasMapAuditPrompts.execute(**plan).result
+    assert generation_prompt(graph, "3") == made[0] == "A photo of the face of a artist"  # run 20: seed 1
+    assert made[1:] == ("A photo of the face of a artist and gender", "gender", "artist", 1,
+                        "run 20 of 1900 (0–1899): artist, seed 1")
+    graph["4"]["inputs"]["text"] = ["2", 1]  # the attribution prompt: not what the picture was made of
+    assert generation_prompt(graph, "3") == ""
+    graph["4"]["inputs"]["text"] = ["2", 0]
+    graph["2"]["inputs"] = plan | {"run": ["9", 0]}  # the run number made while the graph runs
+    assert generation_prompt(graph, "3") == ""
+    assert BiasMapAuditPrompts.validate_inputs(**plan | {"run": None}) is True  # linked: checked when it runs
+    assert "the audit is complete" in BiasMapAuditPrompts.validate_inputs(**plan | {"run": 1900})
+
+
 def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where_they_are_named(pack):
     from biasmap_pack.nodes.prompt_graph import graph_run
 

@@ -34,7 +34,7 @@ if not COMFYUI_PATH:
 
 PACK_NAME = "biasmap"
 NODE_IDS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced", "BiasMapAttributionMap",
-            "BiasMapEntanglementIoU", "BiasMapSaveTrace", "BiasMapLoadTrace", "BiasMapAuditLog")
+            "BiasMapEntanglementIoU", "BiasMapSaveTrace", "BiasMapLoadTrace", "BiasMapAuditPrompts", "BiasMapAuditLog")
 CHECKPOINT = "biasmap_random_tiny_sd15.safetensors"
 BOOT_TIMEOUT_S = 90
 PROMPT_TIMEOUT_S = 180
@@ -200,8 +200,9 @@ def test_shipped_workflows_run_end_to_end(server):
         workflow_api.override(api, "BasicScheduler", steps=2)
 
         for node in api.values():
-            if node["class_type"].startswith("BiasMapGuidedKSampler"):
-                typed.add(api[node["inputs"]["positive"][0]]["inputs"]["text"])
+            text = api[node["inputs"]["positive"][0]]["inputs"]["text"] if "positive" in node["inputs"] else None
+            if node["class_type"].startswith("BiasMapGuidedKSampler") and isinstance(text, str):  # not a link
+                typed.add(text)
         # Samplers side by side compare one picture: one seed feeds them, so changing it cannot part them. It comes
         # from the frontend's Primitive, which draws "randomize" within the seed's own range: ComfyUI's Int node
         # draws negative numbers half the time, which the samplers refuse.
@@ -299,3 +300,29 @@ def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampl
     assert entry["status"]["status_str"] == "success", _errors(entry)
     iou = next(i for i, node in api.items() if node["class_type"] == "BiasMapEntanglementIoU")
     assert "nurse" in entry["outputs"][iou]["text"][0]
+
+
+def test_the_professions_workflow_walks_its_plan_one_queued_run_at_a_time_and_refuses_a_run_past_it(server):
+    api = _convert(server, "biasmap_audit_professions.json")
+    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    workflow_api.override(api, "BiasMapGuidedKSampler", steps=1)
+    workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/plan_walk")
+    workflow_api.override(api, "BiasMapAuditPrompts", subjects="doctor\nnurse", seeds=2, first_seed=5)
+    for run in range(4):  # what "increment" sends, one queued prompt after another
+        workflow_api.override(api, "BiasMapAuditPrompts", run=run)
+        entry = _run_prompt(server, api)
+        assert entry["status"]["status_str"] == "success", _errors(entry)
+    with open(server["out"] / "biasmap" / "plan_walk.csv", newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    # Seed by seed: both subjects at seed 5, then at seed 6; the prompt read through the node that made it.
+    assert [(r["semantic"], r["seed"], r["demographic"]) for r in rows] == [
+        ("doctor", "5", "gender"), ("nurse", "5", "gender"), ("doctor", "6", "gender"), ("nurse", "6", "gender")]
+    assert [r["generation_prompt"] for r in rows[:2]] == ["A photo of the face of a doctor",
+                                                         "A photo of the face of a nurse"]
+    assert rows[1]["attribution_prompt"] == "A photo of the face of a nurse and gender"
+    workflow_api.override(api, "BiasMapAuditPrompts", run=4)
+    status, answer = _post(server["base"], "/prompt", {"prompt": api, "client_id": "biasmap-tests"})
+    plan = next(i for i, node in api.items() if node["class_type"] == "BiasMapAuditPrompts")
+    assert status == 400 and "the audit is complete" in json.dumps(answer["node_errors"][plan]), answer
+

@@ -1,0 +1,76 @@
+"""Audit Prompts: the subject, seed and prompts of one run of an audit over subjects × seeds (BiasMap §4).
+
+Link its outputs to the sampler (seed, attribution prompt, demographic, semantic) and to CLIP Text Encode (the
+prompt), leave ``run`` on "increment", and queue the graph with a batch count of ``runs``: each queued run takes the
+next subject and seed, and Audit Log gathers the rows into one file.
+"""
+
+from comfy_api.latest import io
+
+from ..biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run
+from .common import ADVANCED, CATEGORY, plain_errors
+
+
+class BiasMapAuditPrompts(io.ComfyNode):
+    """Subjects × seeds, one per queued run: the paper's protocol, in one node."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BiasMapAuditPrompts",
+            display_name="BiasMap Audit Prompts",
+            category=CATEGORY,
+            description="One run of an audit over subjects (professions) × seeds: run 0, 1, 2, … (left on "
+                        "increment, the frontend counts the queued runs) picks the subject and the seed, and gives "
+                        "the prompt, the attribution prompt (the prompt and the demographic word, as the paper) and "
+                        "the concepts to link to the sampler. Queue the graph with a batch count of the runs.",
+            inputs=[
+                io.Int.Input("run", default=0, min=0, max=10_000_000, control_after_generate=True,
+                             tooltip="Which run of the audit this is: 0 for the first; on increment, each queued "
+                                     "prompt takes the next."),
+                io.String.Input("subjects", default="\n".join(PAPER_PROFESSIONS), multiline=True,
+                                tooltip="The semantic concepts audited, one per line or comma-separated (default: "
+                                        "the paper's 19 professions)."),
+                io.String.Input("template", default="A photo of the face of a {}",
+                                tooltip="The generation prompt, {} standing for the subject (the paper's)."),
+                io.String.Input("demographic", default="gender",
+                                tooltip="Demographic concept(s), comma-separated; the attribution prompt is the "
+                                        "prompt followed by ' and ' and each (paper: gender, or race)."),
+                io.Int.Input("seeds", default=100, min=1, max=100_000,
+                             tooltip="Seeds per subject (the paper: 100)."),
+                io.Int.Input("first_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, extra_dict=ADVANCED,
+                             tooltip="The first seed; each subject gets first_seed … first_seed + seeds − 1."),
+                io.Combo.Input("order", options=list(AUDIT_ORDERS), default=AUDIT_ORDERS[0], extra_dict=ADVANCED,
+                               tooltip="seed by seed: every subject at one seed before the next seed, so an audit "
+                                       "stopped early is balanced. subject by subject: all seeds of one subject "
+                                       "first."),
+            ],
+            outputs=[io.String.Output("prompt", tooltip="The generation prompt: link it to CLIP Text Encode's text."),
+                     io.String.Output("attribution_prompt", tooltip="Link it to the sampler's attribution_prompt."),
+                     io.String.Output("demographic", tooltip="Link it to the sampler's demographic."),
+                     io.String.Output("semantic", tooltip="This run's subject: link it to the sampler's semantic."),
+                     io.Int.Output("seed", tooltip="This run's seed: link it to the sampler's seed."),
+                     io.String.Output("plan", tooltip="Which run this is, of how many, with its subject and seed "
+                                                      "(link Preview as Text to read it).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, run=None, subjects=None, template=None, demographic=None, seeds=None, first_seed=None,
+                        order=None):
+        # Before the graph runs: a queue past the plan's end, or a template without {}, stops at once.
+        inputs = dict(run=run, subjects=subjects, template=template, demographic=demographic, seeds=seeds,
+                      first_seed=first_seed, order=order)
+        if None in inputs.values():
+            return True  # a linked input: checked when the graph runs
+        try:
+            audit_run(**inputs)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    @plain_errors
+    def execute(cls, run, subjects, template, demographic, seeds, first_seed, order) -> io.NodeOutput:
+        planned = audit_run(run, subjects, template, demographic, seeds, first_seed, order)
+        return io.NodeOutput(planned.prompt, planned.attribution_prompt, planned.demographic, planned.subject,
+                             planned.seed, planned.description)

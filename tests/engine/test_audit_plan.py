@@ -1,0 +1,48 @@
+import pytest
+
+from biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run
+
+
+def test_the_default_plan_is_the_papers_19_professions_by_100_seeds_with_its_prompts():
+    first = audit_run(0, "\n".join(PAPER_PROFESSIONS))
+    assert (first.total, first.subject, first.seed) == (1900, "architect", 0)
+    assert first.prompt == "A photo of the face of a architect"  # the reference's template, as it is
+    assert first.attribution_prompt == "A photo of the face of a architect and gender"
+    assert first.description == "run 0 of 1900 (0–1899): architect, seed 0"
+
+
+@pytest.mark.parametrize("order", AUDIT_ORDERS)
+def test_every_subject_and_seed_is_run_once_over_the_plan(order):
+    runs = [audit_run(i, "doctor\nnurse, pilot", seeds=4, first_seed=10, order=order) for i in range(12)]
+    assert sorted((r.subject, r.seed) for r in runs) == sorted(
+        (s, seed) for s in ("doctor", "nurse", "pilot") for seed in range(10, 14))
+    if order == "seed by seed":  # stopped after any multiple of the subjects, every subject has as many seeds
+        assert [(r.subject, r.seed) for r in runs[:4]] == [("doctor", 10), ("nurse", 10), ("pilot", 10),
+                                                           ("doctor", 11)]
+    else:
+        assert [(r.subject, r.seed) for r in runs[:5]] == [("doctor", 10), ("doctor", 11), ("doctor", 12),
+                                                           ("doctor", 13), ("nurse", 10)]
+
+
+def test_the_attribution_prompt_adds_each_demographic_concept_and_subjects_are_read_as_concepts_are():
+    run = audit_run(1, " (doctor:1.2),\n\npolice officer ", template="a portrait of a {}, smiling",
+                    demographic="gender, race")
+    assert (run.subject, run.prompt) == ("police officer", "a portrait of a police officer, smiling")
+    assert run.attribution_prompt == "a portrait of a police officer, smiling and gender and race"
+    assert run.demographic == "gender, race" and audit_run(0, "(doctor:1.2)").subject == "doctor"
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (dict(run=6, subjects="doctor, nurse", seeds=3),
+     r"run 6 is past this audit's 6 runs \(2 subject\(s\) × 3 seed\(s\), runs 0–5\): the audit is complete; set "
+     r"run back to 0 .*increment"),
+    (dict(run=0, subjects=" \n, "), "no subject to audit: list them"),
+    (dict(run=0, subjects="nurse, doctor\nnurse"), "subject\\(s\\) listed twice: nurse; list each once"),
+    (dict(run=0, subjects="doctor", template="A photo of a {profession}"), "has no {} for the subject"),
+    (dict(run=0, subjects="doctor", demographic=" "), "no demographic concept: give one"),
+    (dict(run=0, subjects="doctor", order="random"), "order must be one of"),
+    (dict(run=0, subjects="doctor", seeds=0), "seeds must be at least 1"),
+], ids=["past the end", "no subject", "listed twice", "no placeholder", "no demographic", "order", "no seeds"])
+def test_a_plan_that_cannot_run_says_what_to_change(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        audit_run(**inputs)
