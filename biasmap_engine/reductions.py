@@ -64,7 +64,10 @@ def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tu
 
 def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str | None = "semantic") -> str:
     """The reductions of ``rows`` (an audit file's) as report lines: per guided configuration and ``by`` value, each
-    metric's λ = 0 and guided means and both reductions; else why there are none (no guided row with a baseline)."""
+    metric's λ = 0 and guided means and both reductions; else why there are none (no guided row with a baseline).
+    Rows of λ = 0 alone (a discovery audit) get their means per ``by`` value instead."""
+    if rows and "guidance_scale" in rows[0] and all(_number(r["guidance_scale"]) == 0 for r in rows):
+        return _means_text(rows, metrics, by)
     try:
         figures = {metric: reductions(rows, metric, by) for metric in metrics}
     except ValueError as err:
@@ -84,6 +87,30 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str |
         lines.append(f"{setting}{f' · {group[by]}' if by else ''}: {changes}; {group['images']} image(s)"
                      + (f"; left out: {left_out}" if left_out else ""))
     return "\n".join(lines)
+
+
+def _means_text(rows, metrics: tuple[str, ...], by: str | None) -> str:
+    """Each metric's mean per ``by`` value over the images that have a figure, each image once."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        group = groups.setdefault(row[by] if by else "all", {"images": set(), **{m: [] for m in metrics}})
+        key = _key(row, _IMAGE)
+        if key not in group["images"]:  # an image logged again counts once
+            group["images"].add(key)
+            for metric in metrics:
+                group[metric].append(_number(row.get(metric)))
+    lines = ["entanglement over the file (λ = 0 only; log guided runs of the same seeds for the reductions):"]
+    for name, group in groups.items():
+        means = " · ".join(f"{metric} {_mean(_finite_mean(group[metric]))}" for metric in metrics)
+        unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])
+        lines.append(f"{name}: {means} over {len(group['images'])} image(s)"
+                     + (f", {unmeasured} of them n/a" if unmeasured else ""))
+    return "\n".join(lines)
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _mean(value: float) -> str:

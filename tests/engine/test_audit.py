@@ -390,8 +390,20 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     assert reductions_text(read_csv(path), by=None).splitlines()[1] == (
         "λ 100 · guided_stages all: iou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); "
         "mbiou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); 4 image(s); left out: 4 unpaired")
-    assert reductions_text(audit_rows(base)) == ("reductions over the file: none: no guided row (guidance_scale > 0) "
-                                                 "in the rows: log the guided runs into the file too")
+    other_seed = halves_trace()
+    other_seed.run = {**RUN, "seed": 99}
+    assert reductions_text(audit_rows(guided) + audit_rows(other_seed)).endswith(
+        "(the rows hold no λ = 0 row)")  # why there are none, when there are guided rows
+
+
+def test_a_file_of_lambda_0_rows_alone_gets_each_concepts_means_each_image_once():
+    base, _ = _baseline_and_guided()  # nurse: IoU 1/3 and 1; doctor 1/3 and 1/3
+    rows = audit_rows(base, q=0.5, size=(8, 8))
+    rows[1] = {**rows[1], "iou": float("nan")}  # doctor's image 1: n/a
+    lines = reductions_text(rows + rows[2:3]).splitlines()  # nurse's image 0 logged twice
+    assert lines == ["entanglement over the file (λ = 0 only; log guided runs of the same seeds for the reductions):",
+                     "doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s), 1 of them n/a",
+                     "nurse: iou 0.6667 · mbiou 0.6667 over 2 image(s)"]
 
 
 def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_differs():

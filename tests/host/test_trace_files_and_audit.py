@@ -243,7 +243,7 @@ def test_audit_log_summary_gives_the_papers_reductions_once_the_file_holds_guide
 
     args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args).result[1]
-    assert "reductions over the file: none: no guided row" in summary  # λ = 0 only so far
+    assert "entanglement over the file (λ = 0 only" in summary and "\nnurse: iou " in summary  # so far
     guided = copy.copy(trace)  # the same images logged as a guided run's: nothing moved
     guided.settings = {**trace.settings, "scale": 100.0}
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
