@@ -16,6 +16,7 @@ PAPER_PROFESSIONS = ("architect", "artist", "athlete", "cashier", "chef", "docto
                      "scientist", "teacher", "waiter")
 # "seed by seed" runs every subject at a seed before the next seed: an audit stopped early is still balanced.
 AUDIT_ORDERS = ("seed by seed", "subject by subject")
+_LARGEST_SEED = 0xFFFFFFFFFFFFFFFF  # a KSampler's
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,16 @@ class AuditRun:
 
     @property
     def description(self) -> str:
+        """Which run this is, of how many, with its subject and seed."""
         return f"run {self.index} of {self.total} (0–{self.total - 1}): {self.subject}, seed {self.seed}"
 
 
 def audit_run(run: int, subjects: str, template: str = "A photo of the face of a {}",
               demographic: str = "gender", seeds: int = 100, first_seed: int = 0,
               order: str = "seed by seed") -> AuditRun:
-    """The subject and seed of queued run number ``run`` over ``subjects`` (one per line, or comma-separated) × ``seeds``
-    seeds from ``first_seed``; the prompt is ``template`` with the subject for ``{}``, the attribution prompt that
-    prompt " and " the demographic concept(s)."""
+    """The subject and seed of queued run number ``run`` over ``subjects`` (one per line, or comma-separated) ×
+    ``seeds`` seeds from ``first_seed``; the prompt is ``template`` with the subject for ``{}``, the attribution prompt
+    that prompt " and " the demographic concept(s)."""
     names = [s for line in subjects.splitlines() for s in split_concepts(line)]
     if not names:
         raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
@@ -57,6 +59,9 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
         raise ValueError(f"order must be one of {AUDIT_ORDERS}, got {order!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if not 0 <= first_seed <= _LARGEST_SEED - (seeds - 1):
+        raise ValueError(f"the seeds {first_seed} … {first_seed + seeds - 1} leave ComfyUI's seeds (0 … "
+                         f"{_LARGEST_SEED}): set first_seed between 0 and {_LARGEST_SEED - (seeds - 1)}")
     total = len(names) * seeds
     if not 0 <= run < total:
         raise ValueError(f"run {run} is past this audit's {total} runs ({len(names)} subject(s) × {seeds} seed(s), "

@@ -12,7 +12,7 @@ import math
 
 from .guidance import STATUS
 
-__all__ = ["reductions", "reductions_text"]
+__all__ = ["percent_change", "reductions", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
@@ -21,15 +21,24 @@ _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler"
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
 _GUIDANCE = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters")
+# How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
+_MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width",
+             "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
 
 
-def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tuple[str, ...] = ()) -> list[dict]:
-    """Per guided configuration (and per value of column ``by``, e.g. each profession; None: all rows together): the
-    images paired with their λ = 0 row, both means of ``metric``, both relative reductions, and the guided rows left
-    out (no λ = 0 row of their image, n/a figures, the same image logged again). ``match``: more columns a pair must
-    share, e.g. ``("label",)`` when the label carries the prompt (text made while the graph runs)."""
-    rows = list(rows)
+def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
+               match: tuple[str, ...] = ()) -> list[dict]:
+    """Per guided configuration (and per value of column ``by``, e.g. each profession, or of several columns; None:
+    all rows together): the images paired with their λ = 0 row, both means of ``metric``, both relative reductions,
+    and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again). ``match``:
+    more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while the graph
+    runs)."""
+    rows, by = list(rows), _columns(by)
     _check_columns(rows, metric, by, match)
+    unscaled = sum(not _is_number(row["guidance_scale"]) for row in rows)
+    if unscaled:
+        raise ValueError(f"{unscaled} row(s) have no number as guidance_scale (made from traces without the "
+                         f"sampler's settings): leave them out of the rows")
     image = _IMAGE + tuple(match)
     baselines, guided = {}, [row for row in rows if _number(row["guidance_scale"]) != 0]
     for row in rows:
@@ -44,7 +53,7 @@ def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tu
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}
     for row in guided:
-        name = _key(row, _GUIDANCE) + ((row[by],) if by else ())
+        name = _key(row, _GUIDANCE) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0})
         base, after = baselines.get(_key(row, image), (None, None))[0], _number(row[metric])
         if base is None:
@@ -62,10 +71,15 @@ def reductions(rows, metric: str = "iou", by: str | None = "semantic", match: tu
     return [_summary(g, by) for g in groups.values()]
 
 
-def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str | None = "semantic") -> str:
-    """The reductions of ``rows`` (an audit file's) as report lines: per guided configuration and ``by`` value, each
-    metric's λ = 0 and guided means and both reductions; else why there are none (no guided row with a baseline).
-    Rows of λ = 0 alone (a discovery audit) get their means per ``by`` value instead."""
+def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
+                    by: str | tuple[str, ...] = "semantic") -> str:
+    """The reductions of ``rows`` (an audit file's) as report lines: per guided configuration and ``by`` value (and
+    demographic concept, where the rows hold several), each metric's λ = 0 and guided means and both reductions; else
+    why there are none (no guided row with a baseline). Rows of λ = 0 alone (a discovery audit) get their means per
+    ``by`` value and configuration instead."""
+    by = _columns(by)
+    if rows and len({row.get("demographic") for row in rows}) > 1 and "demographic" not in by:
+        by = ("demographic", *by)  # gender and race figures are not one figure
     if rows and "guidance_scale" in rows[0] and all(_number(r["guidance_scale"]) == 0 for r in rows):
         return _means_text(rows, metrics, by)
     try:
@@ -84,17 +98,20 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"), by: str |
                             f"{percent_change(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
         left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
                              if group[k])
-        lines.append(f"{setting}{f' · {group[by]}' if by else ''}: {changes}; {group['images']} image(s)"
+        lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}; {group['images']} image(s)"
                      + (f"; left out: {left_out}" if left_out else ""))
     return "\n".join(lines)
 
 
-def _means_text(rows, metrics: tuple[str, ...], by: str | None) -> str:
-    """Each metric's mean per ``by`` value over the images that have a figure, each image once."""
-    groups: dict[str, dict] = {}
+def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> str:
+    """Each metric's mean per ``by`` value and configuration (named by the columns in which the rows' differ) over
+    the images that have a figure, each image once."""
+    named = [c for c in _MEASURED if len({str(row.get(c, "")) for row in rows}) > 1]
+    groups: dict[tuple, dict] = {}
     for row in rows:
-        group = groups.setdefault(row[by] if by else "all", {"images": set(), **{m: [] for m in metrics}})
-        key = _key(row, _IMAGE)
+        name = tuple(f"{c} {row.get(c, '')}" for c in named) + tuple(str(row[c]) for c in by)
+        group = groups.setdefault(name, {"images": set(), **{m: [] for m in metrics}})
+        key = _key(row, _IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
         if key not in group["images"]:  # an image logged again counts once
             group["images"].add(key)
             for metric in metrics:
@@ -103,17 +120,24 @@ def _means_text(rows, metrics: tuple[str, ...], by: str | None) -> str:
     for name, group in groups.items():
         means = " · ".join(f"{metric} {_mean(_finite_mean(group[metric]))}" for metric in metrics)
         unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])
-        lines.append(f"{name}: {means} over {len(group['images'])} image(s)"
+        lines.append(f"{' · '.join(name) or 'all'}: {means} over {len(group['images'])} image(s)"
                      + (f", {unmeasured} of them n/a" if unmeasured else ""))
     return "\n".join(lines)
 
 
+def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``by`` as a tuple of columns: none, one or several."""
+    return () if by is None else (by,) if isinstance(by, str) else tuple(by)
+
+
 def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values; NaN where there are none."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
 
 def _mean(value: float) -> str:
+    """A mean as the summary writes it: 4 decimals, n/a without one."""
     return f"{value:.4f}" if math.isfinite(value) else "n/a"
 
 
@@ -125,12 +149,12 @@ def percent_change(reduction: float) -> str:
     return f"{change:+.1f} %".replace("-", "−") if change else "0.0 %"
 
 
-def _summary(group: dict, by: str | None) -> dict:
+def _summary(group: dict, by: tuple[str, ...]) -> dict:
     values, row = list(group["pairs"].values()), group["row"]
     before = sum(b for b, _ in values) / len(values) if values else math.nan
     after = sum(a for _, a in values) / len(values) if values else math.nan
     per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
-    return {**{c: _typed(row[c]) for c in _GUIDANCE if row.get(c, "") != ""}, **({by: row[by]} if by else {}),
+    return {**{c: _typed(row[c]) for c in _GUIDANCE if row.get(c, "") != ""}, **{c: row[c] for c in by},
             "images": len(values), "base": before, "guided": after,
             "reduction": (before - after) / before if before > 0 else math.nan,
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
@@ -144,7 +168,7 @@ def _check_columns(rows, metric, by, match) -> None:
     if any(c.startswith("\ufeff") for c in rows[0]):
         raise ValueError("the first column's name starts with a byte-order mark: open the CSV with "
                          "encoding='utf-8-sig'")
-    missing = [c for c in ("guidance_scale", metric, *([by] if by else []), *match) if c not in rows[0]]
+    missing = [c for c in ("guidance_scale", metric, *by, *match) if c not in rows[0]]
     if missing:
         raise ValueError(f"the rows have no column(s) {', '.join(missing)}: give rows of a BiasMap audit CSV and a "
                          f"metric such as iou, mbiou or biou_down_1")

@@ -69,7 +69,6 @@ class EntanglementResult:
         lines += [f"note: {n}" for n in trace.notes]
         return "\n".join(lines)
 
-
     def against(self, baseline: "EntanglementResult") -> str:
         """Report lines of the change from ``baseline`` (the same words in another run, e.g. the same seed at λ = 0)
         to these figures, naming what else differs between the two runs."""
@@ -79,7 +78,8 @@ class EntanglementResult:
         if len(self.ious) == len(baseline.ious) > 1:
             lines.append("IoU per image: " + ", ".join(f"image {i} {_percent(b, a)}" for i, (b, a) in
                                                         enumerate(zip(baseline.ious.tolist(), self.ious.tolist()))))
-        differing = [f"{name} ({_number(other.run.get(key, 'n/a'))}, this run {_number(trace.run.get(key, 'n/a'))})"
+        differing = [name if key == "sigmas" else  # a schedule: too long to quote
+                     f"{name} ({_number(other.run.get(key, 'n/a'))}, this run {_number(trace.run.get(key, 'n/a'))})"
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
         differing += [f"{name} ({b}, this run {a})" for name, b, a in (
             ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
@@ -102,8 +102,9 @@ def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float
 
 # What two runs must share for their figures to be of one picture, as the report names it.
 _SAME_PICTURE = (("seed", "seed"), ("steps", "steps"), ("sampler", "sampler"), ("scheduler", "scheduler"),
-                 ("cfg", "cfg"), ("denoise", "denoise"), ("model", "model"), ("generation_prompt", "prompt"),
-                 ("negative_prompt", "negative"), ("attribution_prompt", "attribution prompt"))
+                 ("sigmas", "the sampler's sigmas"), ("add_noise", "add_noise"), ("cfg", "cfg"), ("denoise", "denoise"),
+                 ("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative"),
+                 ("attribution_prompt", "attribution prompt"))
 
 
 def _change(before: torch.Tensor, after: torch.Tensor) -> str:
@@ -124,6 +125,7 @@ def _size(item) -> str:
 
 
 def _window(result: "EntanglementResult") -> str:
+    """The steps a result's maps are of."""
     return "all" if result.steps is None else f"{result.steps[0]}–{result.steps[1]}"
 
 

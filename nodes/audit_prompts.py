@@ -34,8 +34,10 @@ class BiasMapAuditPrompts(io.ComfyNode):
                 io.String.Input("template", default="A photo of the face of a {}",
                                 tooltip="The generation prompt, {} standing for the subject (the paper's)."),
                 io.String.Input("demographic", default="gender",
-                                tooltip="Demographic concept(s), comma-separated; the attribution prompt is the "
-                                        "prompt followed by ' and ' and each (paper: gender, or race)."),
+                                tooltip="Demographic concept: the attribution prompt is the prompt, ' and ' and it "
+                                        "(paper: gender, or race, each audited apart). Several, comma-separated, "
+                                        "share one attribution prompt ('… and gender and race'): not the paper's, "
+                                        "since every word's map depends on the prompt's other words."),
                 io.Int.Input("seeds", default=100, min=1, max=100_000,
                              tooltip="Seeds per subject (the paper: 100)."),
                 io.Int.Input("first_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, extra_dict=ADVANCED,
@@ -55,15 +57,14 @@ class BiasMapAuditPrompts(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, run=None, subjects=None, template=None, demographic=None, seeds=None, first_seed=None,
-                        order=None):
-        # Before the graph runs: a queue past the plan's end, or a template without {}, stops at once.
-        inputs = dict(run=run, subjects=subjects, template=template, demographic=demographic, seeds=seeds,
-                      first_seed=first_seed, order=order)
-        if None in inputs.values():
+    def validate_inputs(cls, run=None, subjects=None, seeds=None):
+        # Before the graph runs, so that a queue past the plan's end stops at its first prompt. Only the inputs the
+        # plan's length needs: ComfyUI skips its own range checks of the inputs named here, and shows the message
+        # under each of them. The others are checked when the node runs, before the sampler it feeds.
+        if None in (run, subjects, seeds):
             return True  # a linked input: checked when the graph runs
         try:
-            audit_run(**inputs)
+            audit_run(run, subjects, seeds=seeds)
         except ValueError as err:
             return str(err)
         return True

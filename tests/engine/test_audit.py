@@ -396,6 +396,33 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
         "(the rows hold no λ = 0 row)")  # why there are none, when there are guided rows
 
 
+def test_reductions_text_keeps_demographic_concepts_apart_and_refuses_rows_without_a_scale():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    race = [{**row, "demographic": "race", "iou": 0.5} for row in rows]  # no change for race
+    lines = reductions_text(rows + race).splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == ["λ 100 · gender · doctor", "λ 100 · gender · nurse",
+                                                          "λ 100 · race · doctor", "λ 100 · race · nurse"]
+    assert "iou 0.6667 → 0.3333 (−50.0 %" in lines[2] and "iou 0.5000 → 0.5000 (0.0 %" in lines[4]
+    (race_nurse,) = [f for f in reductions(rows + race, by=("demographic", "semantic")) if f["demographic"] == "race"
+                     and f["semantic"] == "nurse"]
+    assert race_nurse["images"] == 2 and race_nurse["reduction"] == 0
+    notebook = [{**rows[0], "guidance_scale": ""}]  # a trace made without the sampler's settings
+    assert reductions_text(rows + notebook).endswith("1 row(s) have no number as guidance_scale (made from traces "
+                                                     "without the sampler's settings): leave them out of the rows")
+
+
+def test_a_file_of_lambda_0_rows_alone_keeps_configurations_apart_and_counts_images_of_other_labels():
+    base, _ = _baseline_and_guided()
+    coarse = audit_rows(base, q=0.5, pairs=[("gender", "nurse")], size=(8, 8))
+    fine = audit_rows(base, q=0.9, pairs=[("gender", "nurse")], size=(8, 8))
+    assert reductions_text(coarse + fine).splitlines()[1:] == [
+        "q 0.5 · nurse: iou 0.6667 · mbiou 0.6667 over 2 image(s)", "q 0.9 · nurse: iou 0.0000 · mbiou 0.0000 over "
+        "2 image(s)"]  # masks of another quantile are another figure: not averaged together
+    wildcard = [{**row, "label": "a nurse, smiling"} for row in coarse]  # another prompt, in the label
+    assert reductions_text(coarse + wildcard).splitlines()[1] == ("nurse: iou 0.6667 · mbiou 0.6667 over 4 image(s)")
+
+
 def test_a_file_of_lambda_0_rows_alone_gets_each_concepts_means_each_image_once():
     base, _ = _baseline_and_guided()  # nurse: IoU 1/3 and 1; doctor 1/3 and 1/3
     rows = audit_rows(base, q=0.5, size=(8, 8))
@@ -418,6 +445,11 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     note = after.against(measure_entanglement(other, "gender", "nurse", 0.5, (16, 16), steps=(1, 1))).splitlines()[-1]
     assert note == ("note: the baseline differs in seed (7, this run 42); masks (16×16, this run 8×8); steps measured "
                     "(1–1, this run all): the change is not guidance's alone (compare runs that differ only in λ)")
+    scheduled = halves_trace()
+    scheduled.run = {**RUN, "sigmas": [14.6, 1.0, 0.0]}  # custom sigmas, the rest alike
+    assert after.against(measure_entanglement(scheduled, "gender", "nurse", 0.5, (8, 8))).endswith(
+        "note: the baseline differs in the sampler's sigmas: the change is not guidance's alone (compare runs that "
+        "differ only in λ)")
     empty = halves_trace()
     for stage in empty.stages:
         empty.maps[stage][:, :, 3] = 0  # no nurse anywhere: its masks are empty, no overlap to reduce
