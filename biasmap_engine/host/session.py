@@ -29,6 +29,7 @@ inference-mode weights for ordinary tensors of the same values, which the origin
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -72,6 +73,10 @@ class BiasMapSession:
         self.demographic, self.semantic = demographic, semantic
         self.settings = settings
         self.notes: list[str] = []
+        # The parts get a note-taker that holds the list, not the session: a bound method would make a reference
+        # cycle, and a session, with its maps and after a failed guided pass its autograd graph, would wait for
+        # Python's cycle collector instead of going when the run ends.
+        self._note = functools.partial(_add_note, self.notes)
         recorded = {k: v for k, v in self.layers.items() if k[0] != "middle" or settings.include_middle}
         self._block_stages = block_stages(model_patcher.model.diffusion_model, recorded)
         guided_layers = self._guided_layers()
@@ -385,10 +390,6 @@ class BiasMapSession:
         """A guided U-Net pass is running."""
         return self.backward is not None and self.backward.active
 
-    def _note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-
     def _guide_now(self, model, timestep) -> bool:
         if not self.settings.guiding:
             return False
@@ -458,3 +459,9 @@ def _sigma_and_step(timestep, model_options) -> tuple[torch.Tensor, torch.Tensor
     if schedule is None:
         return sigma, torch.zeros((), dtype=torch.long)
     return sigma, ((schedule >= sigma * (1 - 1e-5)).sum() - 1).clamp(0, schedule.numel() - 2)
+
+
+def _add_note(notes: list[str], text: str) -> None:
+    """Add a run's note once."""
+    if text not in notes:
+        notes.append(text)

@@ -786,6 +786,48 @@ def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(s
     torch.testing.assert_close(run(model), reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
 
+def test_a_finished_or_failed_session_goes_when_its_run_ends_not_at_the_next_cycle_collection(sd15, prompts,
+                                                                                                 monkeypatch):
+    # Its maps, and after a failed guided pass its autograd graph (gigabytes at 512² on a GPU), would otherwise stay
+    # until Python's cycle collector ran; ComfyUI runs it at most every 10 s between prompts.
+    import gc
+    import weakref
+
+    from biasmap_engine.host import session as session_module
+
+    model, clip = sd15
+    pos, neg = prompts
+    sessions, started = [], session_module.BiasMapSession.__init__
+    monkeypatch.setattr(session_module.BiasMapSession, "__init__",
+                        lambda self, *a, **k: (started(self, *a, **k), sessions.append(weakref.ref(self)))[0])
+    calls = {"n": 0}
+
+    def boom(n, context, value, extra):
+        calls["n"] += 1
+        if calls["n"] == 12:  # in the first evaluation's guided pass, its graph built
+            raise RuntimeError("boom in a guided step")
+        return n, context, value
+
+    failing = model.clone()
+    failing.set_model_attn2_patch(boom)
+    gc.collect()
+    gc.disable()
+    try:
+        for m, scale in ((model, 100.0), (model, 0.0), (failing, 100.0)):
+            try:
+                with torch.inference_mode():
+                    session = start_session(m, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=scale))
+                    sample_with_scheduler(session, m, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                          {"samples": torch.zeros(1, 4, 32, 32)})
+            except RuntimeError as err:
+                assert "boom" in str(err)
+            del session
+            assert sessions[-1]() is None, f"λ {scale}: the session outlived its run"
+    finally:
+        gc.enable()
+    assert calls["n"] >= 12 and len(sessions) == 3
+
+
 @pytest.mark.parametrize("node, args, refused", [
     ("ModelSamplingSD3", (3.0,), "CONST, and its noise is not added as x₀ \\+ σ·n"),  # flow matching on SD1.5
     ("ModelSamplingContinuousEDM", ("edm", 80.0, 0.002), "EDM, and its σ_data is 0.5"),
