@@ -489,3 +489,29 @@ def test_reductions_read_a_csv_opened_without_utf_8_sig_with_the_fix_named(tmp_p
     with open(path, newline="", encoding="utf-8-sig") as f:
         (doctor, nurse) = reductions(csv.DictReader(f))
     assert (doctor["guidance_scale"], doctor["guided_stages"]) == (100.0, "all")  # as set, not as CSV text
+
+
+def test_the_mean_of_per_image_reductions_leaves_out_images_without_overlap_at_lambda_0():
+    # nurse: λ = 0 IoU 1/3 and 1, guided 1/3 and 1/3. With image 0's baseline at 0 (no overlap to reduce), the
+    # per-image mean is image 1's alone, (1 − 1/3) / 1, not the average with a 0 for image 0.
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    rows = [{**r, "iou": 0.0} if (r["guidance_scale"], r["semantic"], r["image"]) == (0.0, "nurse", 0) else r
+            for r in rows]
+    nurse = {r["semantic"]: r for r in reductions(rows)}["nurse"]
+    assert nurse["images"] == 2 and nurse["images_with_overlap"] == 1
+    assert nurse["mean_image_reduction"] == pytest.approx(2 / 3, abs=1e-5)
+    assert nurse["reduction"] == pytest.approx((1 / 2 - 1 / 3) / (1 / 2), abs=1e-5)
+
+
+def test_audit_rows_of_a_wide_image_give_its_width_height_and_mask_size_as_width_by_height():
+    tokens = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(1.0), torch.tensor(0))
+    rec.add("down_1", torch.rand(1, len(tokens), 8, 12, generator=torch.Generator().manual_seed(0)))
+    rec.end()
+    trace = rec.finish(tokens=tokens, latent_shape=[1, 4, 8, 12], demographic=["gender"], semantic=["doctor"],
+                       run=RUN)
+    (row,) = audit_rows(trace)
+    assert (row["width"], row["height"], row["mask_size"]) == (96, 64, "96x64")
+    assert audit_rows(trace, size=(8, 12))[0]["mask_size"] == "12x8"

@@ -456,3 +456,29 @@ def test_the_report_of_a_trace_whose_run_says_little_is_still_written():
                                 ({"cfg": "7"}, {"scale": None}, "run: cfg 7 · λ None")):
         trace.run, trace.settings = run, settings
         assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == line
+
+
+def test_one_images_guidance_counts_are_its_own_evaluations():
+    # 3 evaluations × 2 images: evaluation 0 not guided, then image 0 applied twice and image 1 gated twice. A status
+    # matrix that is not symmetric tells the image's column from an evaluation's row.
+    trace = recorded_trace()
+    zero = dict.fromkeys(STATUS, 0)
+    assert trace.guidance_counts(0) == {**zero, "not_guided": 1, "applied": 2}
+    assert trace.guidance_counts(1) == {**zero, "not_guided": 1, "skipped_gate": 2}
+
+
+def test_masks_of_a_word_of_several_pieces_threshold_the_mean_of_its_pieces():
+    tokens = ["<|startoftext|>", "a</w>", "fire", "fighter</w>", "and</w>", "gender</w>", "<|endoftext|>"]
+    gen = torch.Generator().manual_seed(3)
+    maps = torch.rand(1, len(tokens), 8, 8, generator=gen)
+    maps[0, 3] = torch.rand(8, 8, generator=gen) * 10  # the second piece dominates: the mean is not the first piece
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(1.0), torch.tensor(0))
+    rec.add("down_1", maps)
+    rec.end()
+    trace = rec.finish(tokens=tokens, latent_shape=[1, 4, 8, 8], demographic=["gender"], semantic=["firefighter"])
+    assert trace.positions("firefighter") == [2, 3]
+    got_a, got_b = trace.masks("firefighter", "gender", size=8)
+    assert torch.equal(got_a, hard_mask(maps[:, 2:4].mean(1)))
+    assert not torch.equal(got_a, hard_mask(maps[:, 2]))
+    assert torch.equal(got_b, hard_mask(maps[:, 5]))

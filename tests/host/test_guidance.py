@@ -13,7 +13,7 @@ from biasmap_engine.host import (cross_attention_layers, deinference_, encode_at
                                  start_session)
 from guided_runs import ATTRIBUTION, evaluations, sample
 
-STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2)}  # stage → (U-Net block, grid divisor)
+STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2), "up_1": ("output", 1)}  # → (U-Net block, divisor)
 TINY_SD15_BLOCKS = {"down_1": {("input", 1)}, "down_2": {("input", 3)}, "up_2": {("output", 0), ("output", 1)},
                     "up_1": {("output", 2), ("output", 3)}}  # stage → the blocks built at its grid
 
@@ -73,7 +73,8 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
 
 @pytest.mark.parametrize("family, stages, batched", [
     ("sd15", None, False), ("sd2v", None, False), ("sdxl", None, False), ("sd15", ("down_1",), False),
-    ("sd15", ("down_2",), False), ("sd15", None, True), ("sd15", ("down_1",), True)])
+    ("sd15", ("down_2",), False), ("sd15", ("down_1", "up_1"), False), ("sd15", None, True),
+    ("sd15", ("down_1",), True)])
 def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages, batched, request):
     import comfy_models
 
@@ -84,10 +85,11 @@ def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages
         model, clip = getattr(comfy_models, f"tiny_{family}")(0)
         pos, neg = comfy_models.paper_prompts(clip)
     lam = 100.0
-    # down_1 alone also exercises the truncated backward (activations detached after the last guided block).
+    # down_1 alone also exercises the truncated backward (activations detached after the last guided block); with
+    # up_1, the paper's pair, no truncation may cut the up stage's gradient.
     _, trace, (x, sigma, guided) = sample(model, clip, pos, neg, lam, guided_stages=stages)
-    eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0,
-                                                      stages=None if stages is None else {STAGE_BLOCK[stages[0]]})
+    guided_blocks = None if stages is None else {STAGE_BLOCK[s] for s in stages}
+    eps_cfg, energy, g_z = independent_eps_and_energy(model, clip, pos, neg, x, sigma, 7.0, stages=guided_blocks)
     alpha_bar = 1 / (1 + sigma ** 2)
     eps_hat = eps_cfg + lam * (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * g_z
     want = x - sigma.view(-1, 1, 1, 1) * eps_hat
@@ -784,6 +786,17 @@ def test_guided_sampling_leaves_nothing_patched_after_an_error_or_an_interrupt(s
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     # Equal on a CPU; GPU backward kernels may add in another order, hence the tolerance.
     torch.testing.assert_close(run(model), reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def test_a_guidance_windows_bounds_are_inclusive_as_comfyuis_percent_ranges(sd15, prompts):
+    # The normal scheduler's 3 steps run at σ(999), σ(499.5) and σ(0); percent_to_sigma(0.5) is σ(499.5) exactly.
+    model, clip = sd15
+    pos, neg = prompts
+    _, to_half, _ = sample(model, clip, pos, neg, 100.0, steps=3, end=0.5)
+    _, from_half, _ = sample(model, clip, pos, neg, 100.0, steps=3, start=0.5)
+    assert float(to_half.sigmas[1]) == model.get_model_object("model_sampling").percent_to_sigma(0.5)
+    assert to_half.guidance["status"][:, 0].tolist() == [STATUS["applied"], STATUS["applied"], STATUS["not_guided"]]
+    assert from_half.guidance["status"][:, 0].tolist() == [STATUS["not_guided"], STATUS["applied"], STATUS["applied"]]
 
 
 def test_a_finished_or_failed_session_goes_when_its_run_ends_not_at_the_next_cycle_collection(sd15, prompts,

@@ -569,3 +569,29 @@ def test_a_clip_of_another_model_family_is_refused_with_the_fix(comfy, sd15):
         _, sdxl_clip = comfy_models.tiny_sdxl(0)
         with pytest.raises(ValueError, match="2048-wide embeddings but this SD15 model's cross-attention expects 768"):
             start_session(model, sdxl_clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+
+
+def test_a_sampler_that_reports_no_steps_labels_each_evaluation_by_the_interval_its_sigma_lies_in(sd15, prompts):
+    # Without k-diffusion's per-step callback the σ is all there is: σ_i is step i's (the interval (σ_i+1, σ_i]).
+    import comfy.samplers
+
+    def euler_without_reports(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        for i in range(len(sigmas) - 1):
+            denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        _, trace = sample_with_sampler(session, model, 0, 5.0, comfy.samplers.KSAMPLER(euler_without_reports),
+                                       sigmas, pos, neg, latent(batch=1, h=16, w=16))
+    assert trace.steps.tolist() == [0, 1, 2] and trace.num_steps == 3
+
+
+def test_an_adaptive_sampler_counting_more_steps_than_the_schedule_keeps_its_labels_in_range(sd15, prompts):
+    model, clip = sd15
+    _, _, trace = run(model, clip, prompts, sampler="dpm_adaptive", steps=3, lat=latent(batch=1, h=16, w=16))
+    assert trace.steps.max().item() <= 2 and trace.num_steps <= 3, trace.steps.tolist()
