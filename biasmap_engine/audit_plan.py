@@ -65,8 +65,9 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     total = len(names) * seeds
     if not 0 <= run < total:
         raise ValueError(f"run {run} is past this audit's {total} runs ({len(names)} subject(s) × {seeds} seed(s), "
-                         f"runs 0–{total - 1}): the audit is complete; set run back to 0 to start another, with its "
-                         f"control after generate on increment (randomize would pick runs at random)")
+                         f"runs 0–{total - 1}): the pass is complete; set run back to 0 for the next (λ = 0 for the "
+                         f"guided pass's baselines, or another audit), with its control after generate on increment "
+                         f"(randomize would pick runs at random)")
     if order == "seed by seed":
         subject, seed = names[run % len(names)], first_seed + run // len(names)
     else:

@@ -65,8 +65,9 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
         else:
             group["pairs"][_key(row, image)] = (base, after)
     if not any(g["pairs"] for g in groups.values()):
-        raise ValueError(f"no guided row has a λ = 0 row of the same image: log the same seeds (set the seed back to "
-                         f"the first run's), prompts and settings with guidance_scale 0 into the file too"
+        raise ValueError(f"no guided row has a λ = 0 row of the same image: log the same seeds (set the seed, or "
+                         f"Audit Prompts' run, back to the first run's), prompts and settings with guidance_scale 0 "
+                         f"into the file too"
                          f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
     return [_summary(g, by) for g in groups.values()]
 
@@ -75,13 +76,17 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
                     by: str | tuple[str, ...] = "semantic") -> str:
     """The reductions of ``rows`` (an audit file's) as report lines: per guided configuration and ``by`` value (and
     demographic concept, where the rows hold several), each metric's λ = 0 and guided means and both reductions; else
-    why there are none (no guided row with a baseline). Rows of λ = 0 alone (a discovery audit) get their means per
-    ``by`` value and configuration instead."""
+    why there are none (no guided row with a baseline). Rows of λ = 0 alone (a discovery audit), or of guided runs
+    alone (their baselines still to come), get their means per ``by`` value and configuration instead."""
     by = _columns(by)
     if rows and len({row.get("demographic") for row in rows}) > 1 and "demographic" not in by:
         by = ("demographic", *by)  # gender and race figures are not one figure
-    if rows and "guidance_scale" in rows[0] and all(_number(r["guidance_scale"]) == 0 for r in rows):
-        return _means_text(rows, metrics, by)
+    scales = {_number(row.get("guidance_scale")) for row in rows}
+    if scales == {0.0}:
+        return _means_text(rows, metrics, by, "λ = 0 only; log guided runs of the same seeds for the reductions")
+    if scales and 0.0 not in scales and all(math.isfinite(v) for v in scales):
+        return _means_text(rows, metrics, by, "guided runs only so far; for the reductions, log the same seeds at "
+                                              "λ = 0: set the seed, or Audit Prompts' run, back to the first run's")
     try:
         figures = {metric: reductions(rows, metric, by) for metric in metrics}
     except ValueError as err:
@@ -103,20 +108,23 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     return "\n".join(lines)
 
 
-def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> str:
-    """Each metric's mean per ``by`` value and configuration (named by the columns in which the rows' differ) over
-    the images that have a figure, each image once."""
-    named = [c for c in _MEASURED if len({str(row.get(c, "")) for row in rows}) > 1]
+def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -> str:
+    """Each metric's mean per ``by`` value and configuration (named by λ where it is not 0, and by the columns in which
+    the rows differ) over the images that have a figure, each image once."""
+    settings = dict.fromkeys(_GUIDANCE + _MEASURED)  # each once, in order
+    named = [c for c in settings if len({str(row.get(c, "")) for row in rows}) > 1
+             or (c == "guidance_scale" and _number(rows[0][c]) != 0)]
     groups: dict[tuple, dict] = {}
     for row in rows:
-        name = tuple(f"{c} {row.get(c, '')}" for c in named) + tuple(str(row[c]) for c in by)
+        name = tuple(f"λ {_number(row[c]):g}" if c == "guidance_scale" else f"{c} {row.get(c, '')}" for c in named)
+        name += tuple(str(row[c]) for c in by)
         group = groups.setdefault(name, {"images": set(), **{m: [] for m in metrics}})
         key = _key(row, _IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
         if key not in group["images"]:  # an image logged again counts once
             group["images"].add(key)
             for metric in metrics:
                 group[metric].append(_number(row.get(metric)))
-    lines = ["entanglement over the file (λ = 0 only; log guided runs of the same seeds for the reductions):"]
+    lines = [f"entanglement over the file ({why}):"]
     for name, group in groups.items():
         means = " · ".join(f"{metric} {_mean(_finite_mean(group[metric]))}" for metric in metrics)
         unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])

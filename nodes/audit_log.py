@@ -23,16 +23,18 @@ class BiasMapAuditLog(io.ComfyNode):
             category=CATEGORY,
             description="Appends one CSV row per image and (demographic, semantic) pair of a trace: IoU, mBIoU, BIoU "
                         "per stage, guidance counts, and the run's ComfyUI prompt id, seed, steps, cfg, sampler, "
-                        "attribution prompt and every guidance setting. Queue many seeds (or prompts, with the label "
-                        "linked to the prompt's text) to audit a model into one file.",
+                        "attribution prompt and every guidance setting. Queue many seeds (or prompts: BiasMap Audit "
+                        "Prompts) to audit a model into one file; once it also holds the same seeds at λ = 0, the "
+                        "summary gives the paper's reductions per profession.",
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                 io.String.Input("filename", default="biasmap/audit",
                                 tooltip="CSV path inside the output folder (.csv is added); rows are appended, the "
                                         "header is written once."),
                 io.String.Input("label", default="",
-                                tooltip="Free text for this run's rows, e.g. the generation prompt or a condition "
-                                        "name (link a text node to it)."),
+                                tooltip="Free text for this run's rows, e.g. a condition name, or a prompt made "
+                                        "while the graph runs (a wildcard node's), which the generation_prompt "
+                                        "column cannot read (link the text node to it)."),
                 io.String.Input("concept_a", default="",
                                 tooltip="Demographic word(s), comma-separated; empty = every demographic concept of "
                                         "the trace. Every pair with concept_b gets its rows."),

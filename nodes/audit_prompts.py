@@ -23,7 +23,9 @@ class BiasMapAuditPrompts(io.ComfyNode):
             description="One run of an audit over subjects (professions) × seeds: run 0, 1, 2, … (left on "
                         "increment, the frontend counts the queued runs) picks the subject and the seed, and gives "
                         "the prompt, the attribution prompt (the prompt and the demographic word, as the paper) and "
-                        "the concepts to link to the sampler. Queue the graph with a batch count of the runs.",
+                        "the concepts to link to the sampler. Queue the graph with a batch count of the runs; for "
+                        "the paper's reductions, queue them again from run 0 with the sampler at λ = 0, into the same "
+                        "audit file.",
             inputs=[
                 io.Int.Input("run", default=0, min=0, max=10_000_000, control_after_generate=True,
                              tooltip="Which run of the audit this is: 0 for the first; on increment, each queued "

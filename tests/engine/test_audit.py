@@ -305,7 +305,7 @@ def test_reductions_pair_nothing_across_seeds_and_name_the_column_that_kept_them
     base = halves_trace()
     base.settings = {"scale": 0.0, "guided_stages": None}
     base.run = {**base.run, "seed": 43}  # the seed left on increment: the λ = 0 runs got the next seeds
-    with pytest.raises(ValueError, match=r"set the seed back.*differ in every value of seed\)$"):
+    with pytest.raises(ValueError, match=r"Audit Prompts' run, back.*differ in every value of seed\)$"):
         reductions(audit_rows(base) + audit_rows(halves_trace()))
     with pytest.raises(ValueError, match="no column.*fid"):
         reductions(audit_rows(halves_trace()), metric="fid")
@@ -391,9 +391,15 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
         "λ 100 · guided_stages all: iou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); "
         "mbiou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); 4 image(s); left out: 4 unpaired")
     other_seed = halves_trace()
-    other_seed.run = {**RUN, "seed": 99}
+    other_seed.run, other_seed.settings = {**RUN, "seed": 99}, {"scale": 0.0, "guided_stages": None}
     assert reductions_text(audit_rows(guided) + audit_rows(other_seed)).endswith(
-        "(the rows hold no λ = 0 row)")  # why there are none, when there are guided rows
+        "(the guided and λ = 0 rows differ in every value of seed)")  # why there are none
+    # Guided runs alone, their baselines still to come: each concept's means meanwhile, and what to log next.
+    assert reductions_text(audit_rows(guided, q=0.5, size=(8, 8))).splitlines() == [
+        "entanglement over the file (guided runs only so far; for the reductions, log the same seeds at λ = 0: set "
+        "the seed, or Audit Prompts' run, back to the first run's):",
+        "λ 100 · doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s)",
+        "λ 100 · nurse: iou 0.3333 · mbiou 0.3333 over 2 image(s)"]
 
 
 def test_reductions_text_keeps_demographic_concepts_apart_and_refuses_rows_without_a_scale():

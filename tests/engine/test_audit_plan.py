@@ -34,7 +34,7 @@ def test_the_attribution_prompt_adds_each_demographic_concept_and_subjects_are_r
 
 @pytest.mark.parametrize("inputs, message", [
     (dict(run=6, subjects="doctor, nurse", seeds=3),
-     r"run 6 is past this audit's 6 runs \(2 subject\(s\) × 3 seed\(s\), runs 0–5\): the audit is complete; set "
+     r"run 6 is past this audit's 6 runs \(2 subject\(s\) × 3 seed\(s\), runs 0–5\): the pass is complete; set "
      r"run back to 0 .*increment"),
     (dict(run=0, subjects=" \n, "), "no subject to audit: list them"),
     (dict(run=0, subjects="nurse, doctor\nnurse"), "subject\\(s\\) listed twice: nurse; list each once"),

@@ -313,7 +313,7 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     assert generation_prompt(graph, "3") == ""
     checked = {k: plan[k] for k in ("run", "subjects", "seeds")}  # the others keep ComfyUI's own range checks
     assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": None}) is True  # linked: checked when it runs
-    assert "the audit is complete" in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 1900})
+    assert "the pass is complete" in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 1900})
 
 
 def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where_they_are_named(pack):
