@@ -51,8 +51,9 @@ class BiasMapAuditLog(io.ComfyNode):
             outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines."),
                      io.String.Output("summary", tooltip="Where the rows went and how many, any column the file "
                                                          "lacks, the paper's reductions over the file (guided runs "
-                                                         "against the same seeds at λ = 0), then the rows (link "
-                                                         "Preview as Text to read it).")],
+                                                         "against the same seeds at λ = 0; until both are logged, "
+                                                         "each profession's means), then the rows (link Preview as "
+                                                         "Text to read it).")],
             is_output_node=True,
         )
 
@@ -86,8 +87,8 @@ class BiasMapAuditLog(io.ComfyNode):
             logging.warning("BiasMap: %s", message)
         else:
             logging.info("BiasMap: %s", message)
-        # The paper's figure over the whole file, once it holds guided runs and their λ = 0 runs: the audit's
-        # result on the page, without a notebook.
+        # The file's figures so far, on the page without a notebook: the paper's reductions once it holds guided runs
+        # and their λ = 0 runs, each profession's means until then.
         summary = f"{message}\n{reductions_text(read_csv(path))}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 
