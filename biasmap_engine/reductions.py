@@ -11,8 +11,9 @@ the rows it could not use.
 import math
 
 from .guidance import STATUS
+from .report import figure, percent_change
 
-__all__ = ["percent_change", "reductions", "reductions_text"]
+__all__ = ["reductions", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
@@ -98,7 +99,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     for i, group in enumerate(first):
         setting = " · ".join("λ " + f"{group[c]:g}" if c == "guidance_scale" else f"{c} {group.get(c, '')}"
                              for c in named)
-        changes = "; ".join(f"{metric} {_mean(f[i]['base'])} → {_mean(f[i]['guided'])} "
+        changes = "; ".join(f"{metric} {figure(f[i]['base'], 4)} → {figure(f[i]['guided'], 4)} "
                             f"({percent_change(f[i]['reduction'])}, per image "
                             f"{percent_change(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
         left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
@@ -126,7 +127,7 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
                 group[metric].append(_number(row.get(metric)))
     lines = [f"entanglement over the file ({why}):"]
     for name, group in groups.items():
-        means = " · ".join(f"{metric} {_mean(_finite_mean(group[metric]))}" for metric in metrics)
+        means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}" for metric in metrics)
         unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])
         lines.append(f"{' · '.join(name) or 'all'}: {means} over {len(group['images'])} image(s)"
                      + (f", {unmeasured} of them n/a" if unmeasured else ""))
@@ -142,19 +143,6 @@ def _finite_mean(values: list[float]) -> float:
     """The mean of the finite values; NaN where there are none."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
-
-
-def _mean(value: float) -> str:
-    """A mean as the summary writes it: 4 decimals, n/a without one."""
-    return f"{value:.4f}" if math.isfinite(value) else "n/a"
-
-
-def percent_change(reduction: float) -> str:
-    """A relative reduction as the change it is: 0.4 → −40.0 %; n/a where nothing was paired or overlapped."""
-    if not math.isfinite(reduction):
-        return "n/a"
-    change = round(-100 * reduction, 1)
-    return f"{change:+.1f} %".replace("-", "−") if change else "0.0 %"
 
 
 def _summary(group: dict, by: tuple[str, ...]) -> dict:

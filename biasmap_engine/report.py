@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from .reductions import percent_change
 from .stages import stage_label
 from .tokens import readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
@@ -46,9 +45,9 @@ class EntanglementResult:
         lines.append(f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}")
         drawn_apart = bool(trace.run.get("batch_index"))  # the seed's noises the images got are not 0, 1, …
         for i, value in enumerate(self.ious.tolist()):
-            blocks = ", ".join(f"{stage_label(s)} {_figure(v[i], 3)}" for s, v in self.block_ious.items())
+            blocks = ", ".join(f"{stage_label(s)} {figure(v[i], 3)}" for s, v in self.block_ious.items())
             image = f"image {i} (noise {trace.noise_index(i)} of the seed)" if drawn_apart else f"image {i}"
-            lines.append(f"{image}: IoU {_figure(value, 4)} · mBIoU {_figure(self.mbiou[i], 4)} · BIoU {blocks}")
+            lines.append(f"{image}: IoU {figure(value, 4)} · mBIoU {figure(self.mbiou[i], 4)} · BIoU {blocks}")
         for word, pieces in self.pieces.items():
             lines.append(f"tokens of '{word}': {' '.join(pieces)}")
         counts = trace.guidance_counts()
@@ -110,7 +109,7 @@ _SAME_PICTURE = (("seed", "seed"), ("steps", "steps"), ("sampler", "sampler"), (
 def _change(before: torch.Tensor, after: torch.Tensor) -> str:
     """Two runs' means over their images that have a figure, and the relative change between them."""
     b, a = float(before.nanmean()), float(after.nanmean())
-    return f"{_figure(b, 4)} → {_figure(a, 4)} ({_percent(b, a)})"
+    return f"{figure(b, 4)} → {figure(a, 4)} ({_percent(b, a)})"
 
 
 def _percent(before: float, after: float) -> str:
@@ -134,13 +133,21 @@ def _mean(values: torch.Tensor) -> str:
     measured = int(values.isfinite().sum())
     if measured == len(values):
         return f"{values.mean():.4f} over {measured} image(s)"
-    return f"{_figure(values.nanmean(), 4)} over {measured} of {len(values)} image(s) (n/a: no maps to threshold)"
+    return f"{figure(values.nanmean(), 4)} over {measured} of {len(values)} image(s) (n/a: no maps to threshold)"
 
 
-def _figure(value, digits: int) -> str:
-    """A figure of the report; n/a where there was nothing to measure (NaN)."""
+def figure(value, digits: int) -> str:
+    """A figure as the reports and the audit summary write it; n/a where there was nothing to measure (NaN)."""
     value = float(value)
     return f"{value:.{digits}f}" if value == value else "n/a"
+
+
+def percent_change(reduction: float) -> str:
+    """A relative reduction as the change it is: 0.4 → −40.0 %; n/a where nothing was paired or overlapped."""
+    if not math.isfinite(reduction):
+        return "n/a"
+    change = round(-100 * reduction, 1)
+    return f"{change:+.1f} %".replace("-", "−") if change else "0.0 %"
 
 
 def _number(value) -> str:
