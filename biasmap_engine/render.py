@@ -84,11 +84,13 @@ def _lut_from_anchors(anchors: tuple[str, ...], size: int = 256) -> Tensor:
 _LUTS: dict[str, Tensor] = {name: _lut_from_anchors(anchors) for name, anchors in _ANCHORS.items()}
 
 
-def normalize_maps(maps: Tensor) -> Tensor:
-    """Min-max scale each [H, W] map of [..., H, W] to 0..1 on its own (a constant map becomes 0)."""
+def normalize_maps(maps: Tensor, shared: bool = False) -> Tensor:
+    """Min-max scale each [H, W] map of [..., H, W] to 0..1 on its own (a constant map becomes 0); ``shared``: all
+    the maps on one scale, so that a batch's images compare (a weaker map reads darker)."""
     maps = maps.float()
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    dims = tuple(range(maps.dim())) if shared else (-2, -1)
+    low = maps.amin(dim=dims, keepdim=True)
+    span = maps.amax(dim=dims, keepdim=True) - low
     # A constant map has nothing to show; dividing its zeros by 1 keeps it 0 instead of NaN.
     return (maps - low) / torch.where(span > 0, span, 1.0)
 

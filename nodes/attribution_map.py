@@ -9,6 +9,7 @@ from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, chec
                      one_concept, plain_errors, require_single, stages_in, step_inputs, step_window)
 
 _ONE_WORD = "give one word (one Attribution Map node per word)"
+_SCALES = ("each image", "whole batch")
 
 
 class BiasMapAttributionMap(io.ComfyNode):
@@ -42,6 +43,11 @@ class BiasMapAttributionMap(io.ComfyNode):
                                tooltip="MASK output: the map scaled to 0–1, or its top 1 − q pixels."),
                 io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
                                tooltip="Quantile for the thresholded mask (0.70 keeps the top 30 %, as the paper)."),
+                # Optional and last: workflows saved before it (UI or API format) load and run as they did.
+                io.Combo.Input("scale", options=list(_SCALES), default=_SCALES[0], optional=True, extra_dict=ADVANCED,
+                               tooltip="Heatmap and normalised mask: each image's map stretched over the whole "
+                                       "colour range (OVAM's), or one range for the whole batch, so that an image "
+                                       "where the word weighs less reads darker."),
             ],
             outputs=[io.Image.Output("image", tooltip="Heatmap, or overlay when an image is given; one per image."),
                      io.Mask.Output("mask", tooltip="The map at image size, normalised or thresholded.")],
@@ -56,7 +62,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     @classmethod
     @plain_errors
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
-                image=None) -> io.NodeOutput:
+                scale=_SCALES[0], image=None) -> io.NodeOutput:
         require_single(_ONE_WORD, word=word)
         word = one_concept(word) or first_concept(trace.demographic, "demographic")
         check_images(image, trace, "Attribution Map")
@@ -69,7 +75,7 @@ class BiasMapAttributionMap(io.ComfyNode):
             logging.warning("BiasMap Attribution Map: image(s) %s of the batch hold NaN or inf in the maps of %r (%s): "
                             "drawn empty, with an empty mask", images, word, NOT_FINITE_CAUSE)
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
-        maps01 = normalize_maps(maps)
+        maps01 = normalize_maps(maps, shared=scale == _SCALES[1])
         heat = colorize(maps01, colormap)
         picture = heat if image is None else overlay(image[..., :3].to(heat), heat, opacity)  # RGBA: alpha dropped
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01

@@ -74,6 +74,15 @@ def test_normalize_maps_turns_a_constant_map_into_zeros_without_touching_its_nei
     assert out[1].min() == 0 and out[1].max() == 1
 
 
+def test_normalize_maps_shared_puts_a_batch_on_one_scale_so_a_weaker_map_reads_darker():
+    strong = torch.arange(16.0).view(4, 4)
+    maps = torch.stack([strong, strong / 4])
+    out = normalize_maps(maps, shared=True)
+    assert out.min() == 0 and out.max() == 1
+    assert torch.allclose(out[1], out[0] / 4)  # on its own each would span 0..1
+    assert torch.equal(normalize_maps(torch.full((2, 3, 3), 2.0), shared=True), torch.zeros(2, 3, 3))
+
+
 # ---------------------------------------------------------------- resize_maps
 
 

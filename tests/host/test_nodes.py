@@ -52,6 +52,19 @@ def test_the_map_nodes_draw_over_an_rgba_image_as_over_its_rgb(nodes_and_trace):
         assert torch.equal(over_rgba, over_rgb)
 
 
+def test_attribution_map_on_the_whole_batchs_scale_keeps_each_map_and_compares_the_images(nodes_and_trace):
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]  # a trace of 2 latents
+    args = defaults(attribution_map) | {"trace": trace}
+    with torch.inference_mode():
+        del args["scale"]  # as an API prompt saved before the input existed
+        each = attribution_map.execute(**args).result[1]
+        shared = attribution_map.execute(**args, scale="whole batch").result[1]
+    assert each.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+    assert shared.max() == 1 and shared.min() == 0 and not torch.allclose(shared, each)
+    for one, mask in zip(shared, each):  # the same map, on another scale
+        assert torch.allclose((one - one.min()) / (one.max() - one.min()), mask, atol=1e-5)
+
+
 def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one_per_latent(nodes_and_trace):
     _, attribution_map, entanglement, trace = nodes_and_trace  # a trace of 2 latents
     for node in (attribution_map, entanglement):
