@@ -285,6 +285,11 @@ class BiasMapSession:
         if not self._main_pass_pending:  # another node's extra pass (SAG, PAG, …): not part of the trace
             return executor(model, conds, x_in, timestep, model_options)
         self._main_pass_pending = False
+        if x_in.shape[0] != self.capture.latent_shape[0]:  # the maps and the gradient are per latent of the batch
+            raise ValueError(f"a node ran the U-Net only on parts of the latent: {x_in.shape[0]} of its "
+                             f"{self.capture.latent_shape[0]} images at a time (context windows over the batch, as "
+                             f"for AnimateDiff); BiasMap needs one U-Net pass over the whole latent per evaluation, "
+                             f"so remove or bypass that node")
         self.capture.set_entries(conds, x_in, timestep)
         branch = self._branch(conds, x_in, timestep)
         guide = self._guide_now(model, timestep)

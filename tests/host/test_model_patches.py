@@ -179,19 +179,22 @@ def test_a_cache_and_a_guidance_window_work_together(sd15, prompts):
     assert torch.isfinite(out).all() and counts["not_guided"] > 0 and counts["applied"] > 0
 
 
-def test_an_evaluation_whose_unet_ran_only_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts):
+@pytest.mark.parametrize("length, overlap, dim, batch", [(16, 4, 3, 1),  # windows of 16 of the latent's 32 columns
+                                                         (1, 0, 0, 2)])  # one image of two at a time (AnimateDiff's)
+def test_an_evaluation_whose_unet_ran_only_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts, length,
+                                                                                            overlap, dim, batch):
     import comfy.context_windows as windows
     from comfy_extras import nodes_context_windows
 
     model, clip = sd15
     pos, neg = prompts
-    with torch.inference_mode():  # windows of 16 of the latent's 32 columns
+    with torch.inference_mode():
         tiled = nodes_context_windows.ContextWindowsManualNode.execute(
-            model, 16, 4, windows.ContextSchedules.STATIC_STANDARD, 1, False, windows.ContextFuseMethods.PYRAMID, 3,
-            False)[0]
+            model, length, overlap, windows.ContextSchedules.STATIC_STANDARD, 1, False,
+            windows.ContextFuseMethods.PYRAMID, dim, False)[0]
     for lam in (0.0, 100.0):
         with pytest.raises(ValueError, match="only on parts of the latent.*remove or bypass that node"):
-            sample(tiled, clip, pos, neg, lam)
+            sample(tiled, clip, pos, neg, lam, batch=batch)
 
 
 def test_a_guided_passs_unet_output_carries_no_graph_out_of_the_unet(sd15, prompts):
