@@ -423,12 +423,18 @@ class BiasMapSession:
                        "check the sigmas and the sampler")
         if self.backward is not None:
             self.backward.finish()
-        steps = sorted(set(self.recorder.skipped_steps()) | set(self.recorder.steps_without_evaluation))
+        steps = sorted(set(self.recorder.skipped_steps()))
         if steps:
             self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "
                        f"{', '.join(map(str, steps))}: another node answered them without it (a cache such as "
                        f"EasyCache or LazyCache reusing an earlier output), so they have no maps and were not guided; "
                        f"bypass that node for maps and guidance at every step")
+        # Every call of the model reaches the outermost wrapper (_keep_place): these steps never called it.
+        steps = sorted(set(self.recorder.steps_without_evaluation))
+        if steps:
+            self._note(f"the sampler reported step(s) {', '.join(map(str, steps))} without evaluating the model (it "
+                       f"reused an earlier output), so they have no maps and were not guided; choose another "
+                       f"sampler for maps and guidance at every step")
         if self._schedule is not None:  # 4 significant digits tell schedules apart and read in a CSV cell
             run["sigmas"] = [float(f"{s:.4g}") for s in self._schedule.flatten().tolist()]
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],

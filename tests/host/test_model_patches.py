@@ -110,6 +110,35 @@ def _answering_every_third(model):
     return answering
 
 
+def test_steps_the_sampler_reports_without_evaluating_the_model_are_named_as_the_samplers_not_a_caches(sd15,
+                                                                                                     prompts):
+    import comfy.samplers
+    from biasmap_engine import BiasMapSettings
+    from biasmap_engine.host import sample_with_sampler, start_session
+    from guided_runs import ATTRIBUTION
+
+    def euler_reusing_odd_steps(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        """Euler that reuses the previous denoised on odd steps, as a sampler-level cache would."""
+        denoised = None
+        for i in range(len(sigmas) - 1):
+            if denoised is None or i % 2 == 0:
+                denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    model, clip = sd15
+    pos, neg = prompts
+    sigmas = torch.tensor([14.6146, 6.0, 3.0, 1.0, 0.0])
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+        _, trace = sample_with_sampler(session, model, 0, 7.0, comfy.samplers.KSAMPLER(euler_reusing_odd_steps),
+                                       sigmas, pos, neg, {"samples": torch.zeros(1, 4, 32, 32)})
+    assert trace.steps.tolist() == [0, 2]
+    (note,) = [n for n in trace.notes if "step(s) 1, 3" in n]
+    assert note.startswith("the sampler reported step(s) 1, 3 without evaluating the model") and "Cache" not in note
+
+
 @pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode", "a wrapper in the model's options"])
 def test_with_a_cache_and_a_two_evaluation_sampler_each_recorded_evaluation_keeps_its_step(sd15, prompts, cache):
     # Heun evaluates each step twice; a cache answering some of them must not shift the others' steps.
