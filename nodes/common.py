@@ -115,6 +115,20 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     return _check_distinct(lists, splits)
 
 
+def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt: str) -> None:
+    """Before a sampler samples: the words that the nodes reading its trace ask for (``prompt_graph.words_asked_of``)
+    are words of its attribution prompt. Those nodes run after the sampler, and cannot see the prompt before it runs:
+    a typo there would cost the whole run."""
+    for node, node_id, name, text in asked:
+        missing = absent_from(split_concepts(text), attribution_prompt)
+        if missing:
+            raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}, which is not a "
+                             f"word of this sampler's attribution prompt {attribution_prompt!r} (its words: "
+                             f"{listed_words(_splits(attribution_prompt)[0][0])}): correct {name} there, or add the "
+                             f"word to the attribution prompt. Checked before sampling, so that the run is not lost "
+                             f"to it.")
+
+
 def absent_from(concepts: list[str], text: str) -> list[str]:
     """The concepts that are not words of ``text`` (a ComfyUI prompt) under either CJK split."""
     try:

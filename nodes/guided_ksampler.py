@@ -12,9 +12,9 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import (ADVANCED, CATEGORY, Trace, absent_from, check_concepts, concept_inputs, guidance_inputs,
-                     plain_errors, settings_from)
-from .prompt_graph import graph_run
+from .common import (ADVANCED, CATEGORY, Trace, absent_from, check_concepts, check_words_asked, concept_inputs,
+                     guidance_inputs, plain_errors, settings_from)
+from .prompt_graph import graph_run, words_asked_of
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -41,7 +41,10 @@ def _logged(node, latent, trace) -> io.NodeOutput:
     return io.NodeOutput(latent, trace)
 
 
-def _session(model, clip, kwargs):
+def _session(node, model, clip, kwargs):
+    hidden = node.hidden  # None where execute is called outside ComfyUI's executor
+    if hidden:
+        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id), kwargs["attribution_prompt"])
     return start_session(model, clip, kwargs["attribution_prompt"], split_concepts(kwargs["demographic"]),
                          split_concepts(kwargs["semantic"]), settings_from(kwargs))
 
@@ -91,7 +94,7 @@ class BiasMapGuidedKSampler(io.ComfyNode):
     @plain_errors
     def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, **kwargs) -> io.NodeOutput:
-        session = _session(model, clip, kwargs)
+        session = _session(cls, model, clip, kwargs)
         latent, trace = sample_with_scheduler(session, model, seed, steps, cfg, sampler_name, scheduler, positive,
                                               negative, latent_image, denoise)
         return _logged(cls, latent, trace)
@@ -141,7 +144,7 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
     @plain_errors
     def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,
                 add_noise=True, **kwargs) -> io.NodeOutput:
-        session = _session(model, clip, kwargs)
+        session = _session(cls, model, clip, kwargs)
         latent, trace = sample_with_sampler(session, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                                             latent_image, add_noise)
         return _logged(cls, latent, trace)

@@ -4,7 +4,7 @@ not the text and file names that made them; where a node on the way makes them w
 
 from ..biasmap_engine import audit_run
 
-__all__ = ["generation_prompt", "graph_run"]
+__all__ = ["generation_prompt", "graph_run", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -27,6 +27,28 @@ _LOADED_FROM = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt
 _MODEL_FILES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 _APPLIED = {"LoraLoader": ("lora_name", "strength_model"), "LoraLoaderModelOnly": ("lora_name", "strength_model"),
             "HypernetworkLoader": ("hypernetwork_name", "strength")}
+
+
+# The nodes that look words up in a trace, by their word inputs, and the inputs that take a trace; a sampler's trace is
+# its output slot 1.
+_WORD_INPUTS = {"BiasMapAttributionMap": ("Attribution Map", ("word",)),
+                "BiasMapEntanglementIoU": ("Entanglement IoU", ("concept_a", "concept_b")),
+                "BiasMapAuditLog": ("Audit Log", ("concept_a", "concept_b"))}
+_TRACE_INPUTS = ("trace", "baseline")
+_TRACE_SLOT = 1
+
+
+def words_asked_of(prompt: dict | None, node_id) -> list[tuple[str, str, str, str]]:
+    """The words typed into the nodes that read node ``node_id``'s trace directly: (node's name, its id, input, text)
+    for each word input holding text (a linked one is made while the graph runs: not read)."""
+    asked = []
+    for other, node in (prompt or {}).items():
+        inputs = node.get("inputs", {})
+        shown, names = _WORD_INPUTS.get(node.get("class_type"), ("", ()))
+        if names and any(_is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id) and inputs[t][1] == _TRACE_SLOT
+                         for t in _TRACE_INPUTS):
+            asked += [(shown, str(other), name, inputs[name]) for name in names if isinstance(inputs.get(name), str)]
+    return asked
 
 
 def graph_run(prompt: dict | None, node_id) -> dict:

@@ -329,6 +329,45 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     assert "the pass is complete" in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 1900})
 
 
+def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack):
+    # Those nodes run after the sampler and cannot see its attribution prompt when queued: a typo cost the whole run.
+    import comfy.patcher_extension as ext
+    from comfy_api.latest import io
+
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    evaluated = []
+    counted = model.clone()
+    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-count",
+                                 lambda executor, *args: evaluated.append(1) or executor(*args))
+    args = defaults(BiasMapGuidedKSampler) | dict(model=counted, clip=clip, positive=pos, negative=neg, steps=1,
+                                                  sampler_name="euler", scheduler="normal",
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "8": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "Gender,"}},
+             "12": {"class_type": "BiasMapEntanglementIoU",
+                    "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "concept_a": "", "concept_b": "docter"}},
+             "13": {"class_type": "BiasMapAuditLog", "inputs": {"trace": ["8", 1], "concept_a": "gendre",
+                                                                "concept_b": ["20", 0]}}}
+
+    def run(graph):
+        node = BiasMapGuidedKSampler.PREPARE_CLASS_CLONE(
+            {"hidden_inputs": {io.Hidden.prompt: graph, io.Hidden.unique_id: "3"}})
+        with torch.inference_mode():
+            return node.execute(**args)
+
+    with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_b 'docter', which is not a "
+                                         r"word of this sampler's attribution prompt 'A photo of the face of a doctor "
+                                         r"and gender' \(its words: .*\): correct concept_b there"):
+        run(graph)
+    assert evaluated == []
+    graph["12"]["inputs"]["concept_b"] = "doctor"  # node 13 reads another sampler's trace: that one checks it
+    assert run(graph).result[1].steps.numel() == 1 and evaluated
+
+
 def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where_they_are_named(pack):
     from biasmap_pack.nodes.prompt_graph import graph_run
 
