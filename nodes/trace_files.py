@@ -33,8 +33,8 @@ class BiasMapSaveTrace(io.ComfyNode):
                         "metadata. Load it with BiasMap Load Trace, or in Python with BiasMapTrace.load.",
             inputs=[Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                     io.String.Input("filename_prefix", default=f"{SAVED}/trace",
-                                    tooltip=f"Path inside the output folder; a counter and .safetensors are added. "
-                                            f"Load Trace lists the traces under output/{SAVED}/.")],
+                                    tooltip=f"Path inside the output folder's {SAVED}/ folder, where Load Trace lists "
+                                            f"traces; a counter and .safetensors are added.")],
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
             outputs=[io.String.Output("trace_file", tooltip=f"The file written, named as Load Trace lists it (it "
                                                             f"lists those under output/{SAVED}/; connect Preview "
@@ -45,8 +45,10 @@ class BiasMapSaveTrace(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix=None):
+        if filename_prefix is None:  # linked: checked when the node runs
+            return True
         try:
-            output_path(filename_prefix or "", "trace", f"{SAVED}/trace")
+            _listed_path(filename_prefix)
         except ValueError as err:
             return str(err)
         return True
@@ -54,7 +56,7 @@ class BiasMapSaveTrace(io.ComfyNode):
     @classmethod
     @plain_errors
     def execute(cls, trace, filename_prefix) -> io.NodeOutput:
-        output_path(filename_prefix, "trace", f"{SAVED}/trace")  # ComfyUI's own refusal speaks of an image
+        _listed_path(filename_prefix)  # ComfyUI's own refusal of a path outside the output folder speaks of an image
         output_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         metadata = {}
@@ -78,6 +80,15 @@ class BiasMapSaveTrace(io.ComfyNode):
         shown = "/".join(p for p in (subfolder.replace(os.sep, "/"), file) if p) + " [output]"
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
+
+
+def _listed_path(prefix: str) -> str:
+    """Save Trace's ``prefix`` as a path in the output folder's ``biasmap/``, the folder Load Trace lists there."""
+    path = output_path(prefix, "trace", f"{SAVED}/trace")
+    if not inside(os.path.dirname(path), os.path.abspath(os.path.join(folder_paths.get_output_directory(), SAVED))):
+        raise ValueError(f"the trace '{prefix}' would be saved outside output/{SAVED}/, where Load Trace does not list "
+                         f"it: start the prefix with {SAVED}/, e.g. {SAVED}/{prefix.strip('/') or 'trace'}")
+    return path
 
 
 def _written(path: str) -> bool:

@@ -77,14 +77,15 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     workflow = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"seed": 5}}}
     names = [as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace").result[0]
              for _ in range(2)]
-    as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "elsewhere/trace")  # saved, but not listed
+    with pytest.raises(ValueError, match="outside output/biasmap/, where Load Trace does not list it: start the "
+                                         "prefix with biasmap/, e.g. biasmap/elsewhere/trace"):
+        as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "elsewhere/trace")
     saved = folders / "out" / "biasmap" / "audits"
     assert sorted(p.name for p in saved.iterdir()) == ["trace_00001_.safetensors", "trace_00002_.safetensors"]
     with safe_open(str(saved / "trace_00001_.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["prompt"]) == workflow
 
-    (folders / "in" / "shared.safetensors").write_bytes((folders / "out" / "elsewhere" / "trace_00001_.safetensors")
-                                                          .read_bytes())
+    (folders / "in" / "shared.safetensors").write_bytes((saved / "trace_00001_.safetensors").read_bytes())
     options = BiasMapLoadTrace.define_schema().inputs[0].options
     assert options == ["shared.safetensors", "biasmap/audits/trace_00001_.safetensors [output]",
                        "biasmap/audits/trace_00002_.safetensors [output]"]
@@ -312,6 +313,7 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
         BiasMapSaveTrace.validate_inputs(filename_prefix=name))
     assert BiasMapAuditLog.validate_inputs(filename="biasmap/runs/a") is True
     assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap/trace") is True
+    assert "start the prefix with biasmap/" in BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap")
     assert BiasMapAuditLog.validate_inputs(filename=None) is BiasMapSaveTrace.validate_inputs(None) is True  # linked
 
 
