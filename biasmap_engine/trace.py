@@ -256,8 +256,11 @@ class BiasMapTrace:
                                                                  parse_stages(s) or self.stages)))
         missing = [s for s in stages if s not in self.maps]
         if missing:
+            middle = any(s.startswith("mid_") for s in missing) and not self.settings.get("include_middle", True)
             raise ValueError(f"stage(s) {', '.join(missing)} were not recorded; this trace has "
-                             f"{', '.join(f'{s} ({stage_label(s)})' for s in self.stages)}")
+                             f"{', '.join(f'{s} ({stage_label(s)})' for s in self.stages)}"
+                             + ("; the middle block is recorded with the sampler's include_middle on"
+                                if middle else ""))
         return list(stages)
 
 
