@@ -158,8 +158,11 @@ def _run_line(trace: BiasMapTrace) -> str:
     """How the run was made, so that two reports side by side (λ = 0 and λ = 100) say which is which."""
     run, settings = trace.run, trace.settings  # a trace made in a notebook may hold only some of these
     parts = [f"seed {run['seed']}" if "seed" in run else None,
+             # The seed then only seeds an ancestral or SDE sampler's own noise (0, as SamplerCustomAdvanced's).
+             "add_noise off" if run.get("add_noise") is False else None,
              "/".join(str(run[k]) for k in ("sampler", "scheduler") if k in run) or None,
              f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,
+             f"denoise {_number(run['denoise'])}" if run.get("denoise", 1) != 1 else None,
              f"cfg {_number(run['cfg'])}" if "cfg" in run else None,
              f"λ {_number(settings['scale'])}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]

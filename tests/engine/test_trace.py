@@ -329,6 +329,12 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     assert prompted[2:6] == ["model: v1-5.safetensors", "prompt: A photo of the face of a doctor", "negative: blurry",
                              "attribution prompt: a doctor and gender"]
     assert prompted[6].startswith("mIoU")
+    trace.run |= {"denoise": 0.6}
+    assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == (
+        "run: seed 7 · euler/normal · 3 steps · denoise 0.6 · cfg 7 · λ 100 · guided stages all")
+    trace.run |= {"denoise": 1.0, "add_noise": False, "seed": 0}  # the Advanced sampler's DisableNoise
+    assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1].startswith(
+        "run: seed 0 · add_noise off · euler/normal · 3 steps · cfg 7")
     windowed = measure_entanglement(trace, "gender", "doctor", steps=(1, 2)).report.splitlines()[0]
     assert windowed.endswith("masks at 96×64, steps 1–2 of 0–2, SD15)")  # reports side by side say which steps
     trace.run, trace.settings = {}, {}  # a trace saved before runs were kept
