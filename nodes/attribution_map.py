@@ -41,7 +41,7 @@ class BiasMapAttributionMap(io.ComfyNode):
                                tooltip="Heatmap opacity over the image."),
                 io.Combo.Input("mask", options=["normalized", "thresholded"], default="normalized",
                                tooltip="MASK output: the map scaled to 0–1, or its top 1 − q pixels."),
-                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
+                io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
                                tooltip="Quantile for the thresholded mask (0.70 keeps the top 30 %, as the paper)."),
                 # Optional and last: workflows saved before it (UI or API format) load and run as they did.
                 io.Combo.Input("scale", options=list(_SCALES), default=_SCALES[0], optional=True, extra_dict=ADVANCED,

@@ -41,7 +41,7 @@ class BiasMapAuditLog(io.ComfyNode):
                 io.String.Input("concept_b", default="",
                                 tooltip="Semantic word(s), comma-separated; empty = every semantic concept of the "
                                         "trace."),
-                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
+                io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
                                tooltip="Masks keep pixels above this quantile (paper: 0.70)."),
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),

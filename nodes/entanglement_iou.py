@@ -27,7 +27,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                                 tooltip="First word (demographic); empty = the trace's first demographic concept."),
                 io.String.Input("concept_b", default="",
                                 tooltip="Second word (semantic); empty = the trace's first semantic concept."),
-                io.Float.Input("q", default=0.70, min=0.0, max=0.99, step=0.01, extra_dict=ADVANCED,
+                io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
                                tooltip="Masks keep pixels above this quantile (paper: 0.70, the top 30 %)."),
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),

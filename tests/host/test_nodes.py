@@ -408,3 +408,13 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     graph["11"] = {"class_type": "SomeModelMaker", "inputs": {"preset": 3}}
     assert graph_run(graph, "3")["model"].startswith("SomeModelMaker + style.pt (0.5)")  # no file: by its class
     assert graph_run(None, None) == {"generation_prompt": "", "negative_prompt": "", "model": ""}
+
+
+def test_every_node_takes_q_over_the_samplers_range(pack):
+    # q = 0 would keep every pixel but the faintest, which the report called "top 100 % masks".
+    from biasmap_pack import nodes
+
+    ranges = {name: next((i.min, i.max, i.default) for i in getattr(nodes, name).define_schema().inputs if i.id == "q")
+              for name in ("BiasMapGuidedKSampler", "BiasMapAttributionMap", "BiasMapEntanglementIoU",
+                           "BiasMapAuditLog")}
+    assert set(ranges.values()) == {(0.01, 0.99, 0.70)}, ranges
