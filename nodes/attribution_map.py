@@ -29,8 +29,9 @@ class BiasMapAttributionMap(io.ComfyNode):
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
                 io.String.Input("word", default="",
                                 tooltip="A word of the attribution prompt (any, also one the generation prompt lacks); "
-                                        "empty = the trace's first demographic concept. A word of several tokens "
-                                        "uses the mean of their maps."),
+                                        "empty = the trace's first demographic concept. One word (or phrase) per "
+                                        "node, read as the sampler's concepts (case, emphasis and the punctuation "
+                                        "around it aside). A word of several tokens uses the mean of their maps."),
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image to draw the map over (one image or one per latent)."),
                 io.String.Input("stages", default="all", extra_dict=ADVANCED,

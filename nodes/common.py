@@ -217,9 +217,10 @@ def _tuple_or_none(stages):
 def step_inputs() -> list:
     """First and last sampler step whose maps are summed (advanced)."""
     return [io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
-                         tooltip="First sampler step whose maps are summed."),
+                         tooltip="First sampler step whose maps are summed, counting from 0 (the first step)."),
             io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
-                         tooltip="Last sampler step whose maps are summed (values past the end mean the end).")]
+                         tooltip="Last sampler step whose maps are summed, counting from 0 (values past the end "
+                                 "mean the end: of 20 steps, the last is 19).")]
 
 
 def step_window(trace, first_step: int, last_step: int):
