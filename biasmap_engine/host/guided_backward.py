@@ -68,10 +68,12 @@ class GuidedBackward:
         if found:  # the U-Net's own modules are swapped anyway
             unet = set(map(id, model_patcher.model.diffusion_model.modules()))
             self._patch_modules = [p for p in found if id(p) not in unet]
+        # Functions, not bound methods: cloning the model deep-copies its options, and with them a bound method's
+        # object, which holds the U-Net's modules (weight_slots).
         if self._last_guided_input is not None:
-            m.set_model_input_block_patch(self._truncate_input)
-            m.set_model_output_block_patch(self._truncate_skip)
-        m.set_model_input_block_patch_after_skip(self._separate_skip)
+            m.set_model_input_block_patch(lambda *args: self._truncate_input(*args))
+            m.set_model_output_block_patch(lambda *args: self._truncate_skip(*args))
+        m.set_model_input_block_patch_after_skip(lambda *args: self._separate_skip(*args))
 
     def run(self, model, run, conds, x, timestep, model_options) -> tuple[list, tuple | None]:
         """``run(conds, x, σ, options)`` as the evaluation's guided pass → its outputs, detached, and (∇_x E, E), or

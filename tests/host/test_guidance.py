@@ -841,6 +841,24 @@ def test_a_finished_or_failed_session_goes_when_its_run_ends_not_at_the_next_cyc
     assert calls["n"] >= 12 and len(sessions) == 3
 
 
+@pytest.mark.parametrize("stages", [None, ("down_1",)])
+def test_cloning_a_model_patched_for_guidance_copies_none_of_the_session(sd15, stages):
+    # ComfyUI's clone deep-copies model_options: a bound method there copied its object, and with it the U-Net's
+    # modules it holds (the weight slots), for any node that clones the model while it samples.
+    import copy
+
+    model, clip = sd15
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"],
+                                BiasMapSettings(scale=100.0, guided_stages=stages))
+    options = copy.deepcopy(session.patch(model).model_options)
+    patches = [p for found in options["transformer_options"]["patches"].values() for p in found]
+    assert len(patches) == (3 if stages else 1)
+    for patch in patches:
+        held = [patch.__self__] if hasattr(patch, "__self__") else [c.cell_contents for c in patch.__closure__]
+        assert session.backward in held
+
+
 @pytest.mark.parametrize("node, args, refused", [
     ("ModelSamplingSD3", (3.0,), "CONST, and its noise is not added as x₀ \\+ σ·n"),  # flow matching on SD1.5
     ("ModelSamplingContinuousEDM", ("edm", 80.0, 0.002), "EDM, and its σ_data is 0.5"),
