@@ -298,8 +298,8 @@ class BiasMapSession:
                       or len(hook_groups(conds, timestep)) > 1):
             return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
         try:
-            return self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
-                                    x_in, timestep, model_options, branch, guide, conds)
+            return self._run_branch(model, functools.partial(executor, model), x_in, timestep, model_options, branch,
+                                    guide, conds)
         except RuntimeError as err:
             if not (guide and out_of_memory(err)):
                 raise
@@ -332,8 +332,8 @@ class BiasMapSession:
             out = (executor(model, others, x_in, timestep, other_options) if any(c is not None for c in others)
                    else [torch.zeros_like(x_in) for _ in conds])
             with out_of_memory_explained():
-                guided = self._run_branch(model, lambda c, x, t, options: executor(model, c, x, t, options),
-                                          x_in, timestep, model_options, branch, True, only)
+                guided = self._run_branch(model, functools.partial(executor, model), x_in, timestep, model_options,
+                                          branch, True, only)
         out[branch] = guided[branch]
         return out
 
