@@ -11,6 +11,7 @@ launches.
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,21 @@ __all__ = ["BranchCapture"]
 # At most this many values in one stage's product (and as many in its softmax, 64 MiB each in fp32): the layers of an
 # SDXL stage at 1024² go in parts, so the queries they keep waiting and the product stay small beside the U-Net's own.
 _PRODUCT_VALUES = 1 << 24
+
+
+class _Batch(NamedTuple):
+    """What the layers waiting for one product share (:meth:`BranchCapture.observe`)."""
+
+    stage: str
+    grid: tuple[int, int]  # the layers' attention grid
+    target: tuple[int, int]  # the stage's grid in the trace
+    keys_shape: torch.Size
+    q_shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    entry: object  # the conditioning entry's uuid
+    weight: float
+    guided: bool
 
 
 class BranchCapture:
@@ -43,7 +59,7 @@ class BranchCapture:
         self._keys: dict = {}  # layer → its attribution keys, per head
         self._stacked: dict = {}  # tuple of layers → their keys concatenated (_stacked_keys)
         self._pending: list = []  # (layer, recorded rows' queries) waiting for flush, all of _pending_batch
-        self._pending_batch: tuple | None = None  # what they share: stage, grids, shapes, entry, weight, guided
+        self._pending_batch: _Batch | None = None  # what they share
         self._pending_values = 0  # values of their product
         self._stages: dict = {}  # (layer, grid, latent size) → (stage id, the stage's grid in the trace)
         self._entry_weights: dict = {}  # conditioning entry uuid → strength, or (mask, factor) for masked entries
@@ -80,7 +96,8 @@ class BranchCapture:
         weights = [self._weight_at(uuids[i], rows, target) for i in picked]
         guided = self.guided_layers is None or layer in self.guided_layers
         if len(picked) == 1 and not isinstance(weights[0], torch.Tensor):
-            batch = (stage, grid, target, keys.shape, q.shape, q.dtype, q.device, uuids[picked[0]], weights[0], guided)
+            batch = _Batch(stage, grid, target, keys.shape, q.shape, q.dtype, q.device, uuids[picked[0]], weights[0],
+                           guided)
             values = rows * q.shape[1] * keys.shape[0] * keys.shape[-1]  # of the layer's share of the product
             if batch != self._pending_batch or self._pending_values + values > _PRODUCT_VALUES:
                 self.flush()
@@ -101,11 +118,13 @@ class BranchCapture:
         """Record the layers :meth:`observe` left waiting; the session calls it when each U-Net pass ends."""
         if not self._pending:
             return
-        (stage, grid, target, *_, weight, guided), pending = self._pending_batch, self._pending
+        batch, pending = self._pending_batch, self._pending
         self.discard()
         layers = [layer for layer, _ in pending]
-        maps = resampled(summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), grid), target)
-        self.recorder.add_layers(stage, maps if _is_one(weight) else weight * maps, layers, weight, guided)
+        maps = resampled(summed_token_softmax_maps([q for _, q in pending], self._stacked_keys(layers), batch.grid),
+                         batch.target)
+        weighted = maps if _is_one(batch.weight) else batch.weight * maps
+        self.recorder.add_layers(batch.stage, weighted, layers, batch.weight, batch.guided)
 
     @contextlib.contextmanager
     def recording_into(self, recorder: TraceRecorder):
