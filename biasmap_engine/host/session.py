@@ -203,28 +203,8 @@ class BiasMapSession:
         return out
 
     def _predict_noise(self, executor, x, timestep, model_options, seed):
-        import comfy.model_management
-
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        self._evaluations += 1
-        if self.capture.latent_shape is None:
-            self.capture.latent_shape = list(x.shape)
-        self.capture.latent_hw = tuple(x.shape[-2:])
-        if self.capture.latent_hw != tuple(self.capture.latent_shape[-2:]):
-            first = "×".join(map(str, self.capture.latent_shape[:1:-1]))
-            self._note(f"the sampler changed the latent's size during the run (it began at {first}, e.g. "
-                       f"SamplerLCMUpscale): maps of the later sizes are resampled to the first size's grids, and the "
-                       f"trace measures at that size")
-        self.recorder.begin(*_sigma_and_step(timestep, model_options))
-        # Read once, at the end of the run: a sampler step can make the latent NaN by itself (a zero-length σ
-        # interval), and its maps and output are NaN then whatever BiasMap does; not when an earlier output was NaN
-        # (an fp16 overflow), which the sampler only passed on.
-        not_finite = ~torch.isfinite(x).all()
-        if self._output_not_finite is not None:
-            not_finite = not_finite & ~self._output_not_finite
-        self._latent_not_finite = _either(self._latent_not_finite, not_finite)
-        self._gradient_and_energy = None
-        self._unet_ran = False
+        """One model evaluation: its maps recorded (and, when guiding, its correction applied to the CFG result)."""
+        self._open(x, timestep, model_options)
         # Another node owning the single calc-cond slot may split or reorder the conds: use an extra pass then.
         extra_pass = "sampler_calc_cond_batch_function" in model_options
         self._main_pass_pending = not extra_pass
@@ -251,6 +231,31 @@ class BiasMapSession:
         denoised, norm, status = guidance_step(denoised, grad, timestep, self.settings.scale, self.settings.gate)
         self.recorder.end(energy=energy, grad_norm=norm, status=status)
         return denoised
+
+    def _open(self, x, timestep, model_options) -> None:
+        """An evaluation begins: the cancellation point, the latent's size and finiteness, the recorder's entry."""
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self._evaluations += 1
+        if self.capture.latent_shape is None:
+            self.capture.latent_shape = list(x.shape)
+        self.capture.latent_hw = tuple(x.shape[-2:])
+        if self.capture.latent_hw != tuple(self.capture.latent_shape[-2:]):
+            first = "×".join(map(str, self.capture.latent_shape[:1:-1]))
+            self._note(f"the sampler changed the latent's size during the run (it began at {first}, e.g. "
+                       f"SamplerLCMUpscale): maps of the later sizes are resampled to the first size's grids, and the "
+                       f"trace measures at that size")
+        self.recorder.begin(*_sigma_and_step(timestep, model_options))
+        # Read once, at the end of the run: a sampler step can make the latent NaN by itself (a zero-length σ
+        # interval), and its maps and output are NaN then whatever BiasMap does; not when an earlier output was NaN
+        # (an fp16 overflow), which the sampler only passed on.
+        not_finite = ~torch.isfinite(x).all()
+        if self._output_not_finite is not None:
+            not_finite = not_finite & ~self._output_not_finite
+        self._latent_not_finite = _either(self._latent_not_finite, not_finite)
+        self._gradient_and_energy = None
+        self._unet_ran = False
 
     def _detach_around(self, executor, x, *args, **kwargs):
         """Outermost around the U-Net: in a guided pass, the wrappers in between get its input detached, so their own
