@@ -25,12 +25,13 @@ _GUIDANCE = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_to
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width",
              "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
+_SETTINGS = tuple(dict.fromkeys(_GUIDANCE + _MEASURED))  # each once, in order
 
 
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
                match: tuple[str, ...] = ()) -> list[dict]:
-    """Per guided configuration (and per value of column ``by``, e.g. each profession, or of several columns; None:
-    all rows together): the images paired with their λ = 0 row, both means of ``metric``, both relative reductions,
+    """Per guided configuration and way of sampling and measuring (sampler, steps, model, q, …) and per value of column
+    ``by`` (e.g. each profession, or of several columns; None: all rows together): the images paired with their λ = 0 row, both means of ``metric``, both relative reductions,
     and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again). ``match``:
     more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while the graph
     runs)."""
@@ -54,7 +55,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}
     for row in guided:
-        name = _key(row, _GUIDANCE) + _key(row, by)
+        name = _key(row, _SETTINGS) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0})
         base, after = baselines.get(_key(row, image), (None, None))[0], _number(row[metric])
         if base is None:
@@ -94,7 +95,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
         return f"reductions over the file: none: {err}"
     first = figures[metrics[0]]
     # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
-    named = ["guidance_scale"] + [c for c in _GUIDANCE[1:] if len({str(f.get(c)) for f in first}) > 1]
+    named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({str(f.get(c)) for f in first}) > 1]
     lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap):"]
     for i, group in enumerate(first):
         setting = " · ".join("λ " + f"{group[c]:g}" if c == "guidance_scale" else f"{c} {group.get(c, '')}"
@@ -112,8 +113,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
 def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -> str:
     """Each metric's mean per ``by`` value and configuration (named by λ where it is not 0, and by the columns in which
     the rows differ) over the images that have a figure, each image once."""
-    settings = dict.fromkeys(_GUIDANCE + _MEASURED)  # each once, in order
-    named = [c for c in settings if len({str(row.get(c, "")) for row in rows}) > 1
+    named = [c for c in _SETTINGS if len({str(row.get(c, "")) for row in rows}) > 1
              or (c == "guidance_scale" and _number(rows[0][c]) != 0)]
     groups: dict[tuple, dict] = {}
     for row in rows:
@@ -150,7 +150,7 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
     before = sum(b for b, _ in values) / len(values) if values else math.nan
     after = sum(a for _, a in values) / len(values) if values else math.nan
     per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
-    return {**{c: _typed(row[c]) for c in _GUIDANCE if row.get(c, "") != ""}, **{c: row[c] for c in by},
+    return {**{c: _typed(row[c]) for c in _SETTINGS if row.get(c, "") != ""}, **{c: row[c] for c in by},
             "images": len(values), "base": before, "guided": after,
             "reduction": (before - after) / before if before > 0 else math.nan,
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,

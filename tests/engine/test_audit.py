@@ -1,3 +1,4 @@
+import copy
 import csv
 import multiprocessing
 import os
@@ -363,6 +364,24 @@ def test_reductions_pair_rows_measured_over_the_same_steps_only():
         reductions(audit_rows(base, q=0.5, size=(8, 8)) + late)
     figures = {r["semantic"]: r for r in reductions(audit_rows(base, q=0.5, size=(8, 8), steps=(1, 1)) + late)}
     assert figures["nurse"]["images"] == 2 and figures["nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_reductions_keep_runs_of_other_samplers_apart_and_name_the_sampler():
+    # Each guided image was paired with its own sampler's baseline; one mean over both samplers mixed two conditions.
+    rows = []
+    for sampler, moved in (("euler", True), ("heun", False)):
+        base, guided = _baseline_and_guided(sampler=sampler)
+        if not moved:
+            guided = copy.deepcopy(base)
+            guided.settings = {"scale": 100.0, "guided_stages": None}
+        rows += audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    figures = {(r["sampler"], r["semantic"]): r for r in reductions(rows)}
+    assert len(figures) == 4 and figures["euler", "nurse"]["images"] == figures["heun", "nurse"]["images"] == 2
+    assert figures["euler", "nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
+    assert figures["heun", "nurse"]["reduction"] == pytest.approx(0.0, abs=1e-6)
+    lines = reductions_text(rows).splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == [f"λ 100 · sampler {s} · {w}" for s in ("euler", "heun")
+                                                      for w in ("doctor", "nurse")]
 
 
 def test_reductions_text_gives_each_configuration_and_concept_its_change_both_ways(tmp_path):
