@@ -105,6 +105,8 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
                             f"{percent_change(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
         left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
                              if group[k])
+        if not group["images"]:  # a pass at λ = 0 under way: not an n/a figure
+            changes = "none paired yet (no λ = 0 row of its images)"
         lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}; {group['images']} image(s)"
                      + (f"; left out: {left_out}" if left_out else ""))
     return "\n".join(lines)

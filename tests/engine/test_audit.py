@@ -419,6 +419,10 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
         "the seed, or Audit Prompts' run, back to the first run's):",
         "λ 100 · doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s)",
         "λ 100 · nurse: iou 0.3333 · mbiou 0.3333 over 2 image(s)"]
+    # The λ = 0 pass under way: nurse's baselines logged, doctor's not yet.
+    midway = [r for r in audit_rows(base, q=0.5, size=(8, 8)) if r["semantic"] == "nurse"]
+    assert reductions_text(midway + audit_rows(guided, q=0.5, size=(8, 8))).splitlines()[1] == (
+        "λ 100 · doctor: none paired yet (no λ = 0 row of its images); 0 image(s); left out: 2 unpaired")
 
 
 def test_reductions_text_keeps_demographic_concepts_apart_and_refuses_rows_without_a_scale():
