@@ -34,7 +34,7 @@ class AuditRun:
     @property
     def description(self) -> str:
         """Which run this is, of how many, with its subject and seed."""
-        return f"run {self.index} of {self.total} (0–{self.total - 1}): {self.subject}, seed {self.seed}"
+        return f"run {self.index} of runs 0–{self.total - 1}: {self.subject}, seed {self.seed}"
 
 
 def audit_run(run: int, subjects: str, template: str = "A photo of the face of a {}",

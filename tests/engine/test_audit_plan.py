@@ -8,7 +8,7 @@ def test_the_default_plan_is_the_papers_19_professions_by_100_seeds_with_its_pro
     assert (first.total, first.subject, first.seed) == (1900, "architect", 0)
     assert first.prompt == "A photo of the face of a architect"  # the reference's template, as it is
     assert first.attribution_prompt == "A photo of the face of a architect and gender"
-    assert first.description == "run 0 of 1900 (0–1899): architect, seed 0"
+    assert first.description == "run 0 of runs 0–1899: architect, seed 0"
 
 
 @pytest.mark.parametrize("order", AUDIT_ORDERS)

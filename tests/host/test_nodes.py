@@ -320,7 +320,7 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     made = BiasMapAuditPrompts.execute(**plan).result
     assert generation_prompt(graph, "3") == made[0] == "A photo of the face of a artist"  # run 20: seed 1
     assert made[1:] == ("A photo of the face of a artist and gender", "gender", "artist", 1,
-                        "run 20 of 1900 (0–1899): artist, seed 1")
+                        "run 20 of runs 0–1899: artist, seed 1")
     graph["4"]["inputs"]["text"] = ["2", 1]  # the attribution prompt: not what the picture was made of
     assert generation_prompt(graph, "3") == ""
     graph["4"]["inputs"]["text"] = ["2", 0]
