@@ -197,6 +197,15 @@ class BiasMapTrace:
         with open(path, "wb") as f:
             f.write(data)
 
+    @staticmethod
+    def is_trace_file(path: str) -> bool:
+        """Whether ``path`` holds a trace (written by :meth:`save`), from its header alone: a model is not one."""
+        try:
+            with safe_open(path, framework="pt") as f:
+                return FORMAT in (f.metadata() or {})
+        except (SafetensorError, OSError):
+            return False
+
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":
         """Read a trace written by :meth:`save`; any other file, or a damaged one, raises TraceFormatError (one of

@@ -125,7 +125,7 @@ class BiasMapLoadTrace(io.ComfyNode):
             # With no trace yet, one empty choice: the frontend leaves an empty list's input out of the prompt, and
             # ComfyUI's "Required input is missing" would stand for this node's own message.
             inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
-                                   tooltip=f".safetensors files in the input folder, and in the output folder's "
+                                   tooltip=f"Traces in the input folder (models left out), and in the output folder's "
                                            f"{SAVED}/ (marked [output]); press R in the page to list one saved "
                                            f"since it opened.")],
             outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
@@ -167,19 +167,21 @@ class BiasMapLoadTrace(io.ComfyNode):
 
 
 def trace_files() -> list[str]:
-    """The .safetensors files under the input folder, then those under the output folder's ``biasmap/``, annotated
-    ``[output]`` (ComfyUI's convention for files that Load nodes read from the output folder).
+    """The traces under the input folder, then the .safetensors files under the output folder's ``biasmap/``,
+    annotated ``[output]`` (ComfyUI's convention for files that Load nodes read from the output folder).
 
     ComfyUI builds the schema for every /object_info and every validation, so the walk stays out of the rest of the
-    output folder, which may hold many thousands of images.
+    output folder, which may hold many thousands of images. The input folder's .safetensors are read to their header,
+    to leave models out; Save Trace's folder (an audit's thousands of traces) holds traces.
     """
     output = folder_paths.get_output_directory()
     found = []
-    for folder, under, note in ((folder_paths.get_input_directory(), "", ""), (output, SAVED, " [output]")):
+    for folder, under, note, listed in ((folder_paths.get_input_directory(), "", "", BiasMapTrace.is_trace_file),
+                                        (output, SAVED, " [output]", _written)):
         names = []
         for root, _, files in os.walk(os.path.join(folder, under)):  # links not followed: a loop would never end
             names += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
-                      for f in files if f.endswith(EXTENSION) and _written(os.path.join(root, f))]
+                      for f in files if f.endswith(EXTENSION) and listed(os.path.join(root, f))]
         found += [name + note for name in sorted(names)]
     return found
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def defaults(node) -> dict:
@@ -86,6 +87,7 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
         assert json.loads(f.metadata()["prompt"]) == workflow
 
     (folders / "in" / "shared.safetensors").write_bytes((saved / "trace_00001_.safetensors").read_bytes())
+    save_file({"weight": torch.zeros(2)}, str(folders / "in" / "a_model.safetensors"))  # not listed: no trace
     options = BiasMapLoadTrace.define_schema().inputs[0].options
     assert options == ["shared.safetensors", "biasmap/audits/trace_00001_.safetensors [output]",
                        "biasmap/audits/trace_00002_.safetensors [output]"]
