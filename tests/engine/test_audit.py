@@ -544,3 +544,80 @@ def test_audit_rows_of_a_wide_image_give_its_width_height_and_mask_size_as_width
     (row,) = audit_rows(trace)
     assert (row["width"], row["height"], row["mask_size"]) == (96, 64, "96x64")
     assert audit_rows(trace, size=(8, 12))[0]["mask_size"] == "12x8"
+
+
+def test_append_csv_refuses_a_file_whose_columns_are_in_another_order(tmp_path):
+    # The same names in another order would put every value under another heading.
+    path = tmp_path / "audit.csv"
+    path.write_bytes(b"iou,label\r\n0.5,a\r\n")
+    with pytest.raises(ValueError, match=r"only the file has: nothing \(another order\)"):
+        append_csv(str(path), [{"label": "b", "iou": 0.25}])
+    assert path.read_bytes() == b"iou,label\r\n0.5,a\r\n"
+
+
+def test_reductions_keep_the_first_row_of_an_image_logged_twice():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    again = [{**r, "iou": 1.0} for r in audit_rows(guided, q=0.5, size=(8, 8))]
+    nurse = {r["semantic"]: r for r in reductions(rows + again)}["nurse"]
+    assert nurse["duplicates"] == 2 and nurse["guided"] == pytest.approx(1 / 3, abs=1e-5)
+
+
+@pytest.mark.parametrize("column, guided_measured", [("mask_size", {"size": None}), ("q", {"q": 0.7})])
+def test_reductions_pair_rows_thresholded_alike_only(column, guided_measured):
+    base, guided = _baseline_and_guided()
+    with pytest.raises(ValueError, match=rf"differ in every value of {column}\)$"):
+        reductions(audit_rows(base, q=0.5, size=(8, 8))
+                   + audit_rows(guided, **{"q": 0.5, "size": (8, 8)} | guided_measured))
+
+
+def test_reductions_keep_a_sweep_of_gamma_apart():
+    base, guided = _baseline_and_guided()
+    base.settings = {"scale": 0.0, "guided_stages": None, "gamma": 0.01}
+    rows = audit_rows(base, q=0.5, size=(8, 8))
+    for gamma in (0.01, 0.02):
+        guided.settings = {"scale": 100.0, "guided_stages": None, "gamma": gamma}
+        rows += audit_rows(guided, q=0.5, size=(8, 8))
+    nurse = [f for f in reductions(rows) if f["semantic"] == "nurse"]
+    assert sorted(f["gamma"] for f in nurse) == [0.01, 0.02] and all(f["duplicates"] == 0 for f in nurse)
+
+
+def test_reductions_give_a_boolean_setting_read_from_a_csv_back_as_a_boolean(tmp_path):
+    base, guided = _baseline_and_guided()
+    for trace in (base, guided):
+        trace.settings = {**trace.settings, "include_middle": False}
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, audit_rows(base) + audit_rows(guided))
+    doctor, _ = reductions(read_csv(path))
+    assert doctor["include_middle"] is False  # the text "False" would read as true
+
+
+def test_reductions_text_of_guided_rows_with_one_row_without_a_scale_says_to_leave_it_out():
+    _, guided = _baseline_and_guided()
+    rows = audit_rows(guided, q=0.5, size=(8, 8))
+    assert reductions_text(rows + [{**rows[0], "guidance_scale": ""}]).endswith("leave them out of the rows")
+
+
+def test_the_report_says_when_lambda_was_set_but_no_evaluation_was_guided():
+    trace = halves_trace()
+    trace.guidance["status"] = torch.full_like(trace.guidance["status"], STATUS["not_guided"])
+    report = measure_entanglement(trace, "gender", "doctor", 0.5, (8, 8)).report
+    assert "no evaluation was guided although λ = 100" in report and "(λ = 0)" not in report
+
+
+def test_a_result_against_its_baseline_names_another_negative_prompt_and_other_token_pieces():
+    base, guided = _baseline_and_guided()
+    after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    base.run = {**RUN, "negative_prompt": "blurry"}
+    assert "negative (blurry, this run n/a)" in after.against(measure_entanglement(base, "gender", "nurse", 0.5,
+                                                                                   (8, 8)))
+    other = halves_trace()
+    other.tokens = ["<|startoftext|>", "doctor</w>", "nur", "se</w>", "gender</w>", "<|endoftext|>"]
+    assert "tokens of 'nurse' (nur se</w>, this run nurse</w>)" in after.against(
+        measure_entanglement(other, "gender", "nurse", 0.5, (8, 8)))
+
+
+def test_the_report_of_a_one_step_run_says_one_step():
+    trace = halves_trace()
+    trace.run = {**RUN, "steps": 1}
+    assert " · 1 step · " in measure_entanglement(trace, "gender", "doctor", 0.5, (8, 8)).report

@@ -51,3 +51,7 @@ def test_the_attribution_prompt_adds_each_demographic_concept_and_subjects_are_r
 def test_a_plan_that_cannot_run_says_what_to_change(inputs, message):
     with pytest.raises(ValueError, match=message):
         audit_run(**inputs)
+
+
+def test_the_last_seeds_a_sampler_takes_can_be_audited():
+    assert audit_run(1, "doctor", seeds=2, first_seed=2**64 - 2).seed == 2**64 - 1

@@ -1,5 +1,7 @@
 """Behaviour of biasmap_engine.render: map scaling, colour maps, overlays and the entanglement picture."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,3 +353,29 @@ def test_an_image_of_another_size_than_the_masks_is_refused_with_the_fix():
     masks = torch.zeros(1, 8, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"\[1 or 1, 8, 8, 3\].*measure_entanglement's size="):
         entanglement_picture(masks, masks, torch.tensor([0.0]), ("a", "b"), torch.zeros(1, 64, 64, 3))
+
+
+def test_overlay_clamps_an_opacity_above_one():
+    image, heat = torch.zeros(1, 2, 2, 3), torch.full((1, 2, 2, 3), 0.5)
+    assert torch.equal(overlay(image, heat, 2.0), heat)
+
+
+def test_overlap_stripes_stay_two_pixels_wide_on_small_pictures():
+    # One-pixel stripes blur into a third colour once the picture is scaled down.
+    both = torch.ones(1, 64, 64, dtype=torch.bool)
+    out = entanglement_picture(both, both, torch.tensor([1.0]), ("a", "b"))
+    is_a = ((out[0, 63] - torch.tensor(A_COLOR)).abs().amax(-1) < 1e-6).tolist()
+    runs = [len(list(group)) for _, group in itertools.groupby(is_a)]
+    assert set(runs[1:-1]) == {2}
+
+
+def test_the_entanglement_label_gives_the_iou_to_two_decimals():
+    empty = torch.zeros(1, 128, 128, dtype=torch.bool)
+    one, other = (entanglement_picture(empty, empty, torch.tensor([v]), ("a", "b")) for v in (0.33, 0.34))
+    assert not torch.equal(one, other)
+
+
+def test_the_entanglement_picture_refuses_an_image_batch_of_neither_one_nor_one_per_mask():
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"image must be \[1 or 2, 16, 16, 3\]"):
+        entanglement_picture(masks, masks, torch.zeros(2), ("a", "b"), torch.zeros(3, 16, 16, 3))

@@ -1,7 +1,7 @@
 import pytest
 
-from biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, parse_stages, prompt_words,
-                            readable, split_concepts, stage_label, stage_of)
+from biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, listed_words, parse_stages,
+                            prompt_words, readable, split_concepts, stage_label, stage_of)
 from biasmap_engine.tokens import require_distinct_concepts
 
 TOKENS = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "an</w>", "armad", "illo</w>", "and</w>", "gender</w>",
@@ -180,3 +180,16 @@ def test_concepts_that_overlap_or_repeat_are_refused(demographic, semantic, mess
     with pytest.raises(ValueError, match=message):
         require_distinct_concepts(demographic, semantic, positions)
     require_distinct_concepts(["gender"], ["doctor"], positions | {"doctor": [2], "gender": [4]})
+
+
+def test_a_word_whose_last_piece_ends_the_tokens_is_found():
+    assert find_word_positions(["<|startoftext|>", "a</w>", "armad", "illo"], "armadillo") == [2, 3]
+
+
+def test_a_concept_of_punctuation_alone_is_named_as_empty():
+    with pytest.raises(ConceptNotFoundError, match="a concept is empty"):
+        find_word_positions(["a</w>"], " . ")
+
+
+def test_the_prompts_words_are_listed_each_once():
+    assert listed_words(["a", "cat", "and", "a", ","]) == "a, cat, and"

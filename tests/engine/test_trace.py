@@ -488,3 +488,9 @@ def test_masks_of_a_word_of_several_pieces_threshold_the_mean_of_its_pieces():
     assert torch.equal(got_a, hard_mask(maps[:, 2:4].mean(1)))
     assert not torch.equal(got_a, hard_mask(maps[:, 2]))
     assert torch.equal(got_b, hard_mask(maps[:, 5]))
+
+
+def test_a_stage_this_version_does_not_know_comes_after_the_known_ones():
+    maps = {s: torch.zeros(1, 1, 1, 4, 4) for s in ("up_1", "zz_9", "down_1")}
+    trace = BiasMapTrace(maps, ["a</w>"], torch.ones(1), torch.zeros(1), [1, 4, 4, 4])
+    assert trace.stages == ["down_1", "up_1", "zz_9"]
