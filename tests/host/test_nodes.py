@@ -1,5 +1,7 @@
 """The nodes called as ComfyUI calls them: validation first, then ``execute`` with their schema's defaults."""
 
+import copy
+
 import pytest
 import torch
 
@@ -418,3 +420,100 @@ def test_every_node_takes_q_over_the_samplers_range(pack):
               for name in ("BiasMapGuidedKSampler", "BiasMapAttributionMap", "BiasMapEntanglementIoU",
                            "BiasMapAuditLog")}
     assert set(ranges.values()) == {(0.01, 0.99, 0.70)}, ranges
+
+
+def entangle(trace, **inputs):
+    """Entanglement IoU's outputs: IoU, mBIoU, report, picture."""
+    from biasmap_pack.nodes import BiasMapEntanglementIoU
+
+    with torch.inference_mode():
+        return BiasMapEntanglementIoU.execute(**defaults(BiasMapEntanglementIoU) | {"trace": trace} | inputs).result
+
+
+def test_the_default_step_window_is_every_step_and_the_report_names_none(nodes_and_trace):
+    from biasmap_pack.nodes.common import step_window
+
+    trace = nodes_and_trace[3]
+    assert step_window(trace, 0, 10000) is None
+    assert ", steps" not in entangle(trace)[2].splitlines()[0]
+
+
+def test_an_empty_concept_input_is_the_traces_first_concept_of_its_list(nodes_and_trace):
+    trace = copy.deepcopy(nodes_and_trace[3])
+    trace.semantic = ["doctor", "face"]
+    assert entangle(trace)[2].startswith("BiasMap entanglement of 'gender' and 'doctor'")
+
+
+def test_entanglement_iou_gives_the_mean_mbiou_as_its_mbiou_output(nodes_and_trace):
+    from biasmap_pack.biasmap_engine import measure_entanglement
+
+    trace = nodes_and_trace[3]
+    iou, mbiou, _, _ = entangle(trace)
+    assert mbiou == pytest.approx(float(measure_entanglement(trace, "gender", "doctor").mbiou.mean()))
+    assert mbiou != iou
+
+
+def test_a_baseline_is_measured_at_its_own_image_size(nodes_and_trace):
+    trace = nodes_and_trace[3]
+    bigger = copy.deepcopy(trace)
+    bigger.latent_shape = [2, 4, 64, 64]
+    assert "masks (512×512, this run 256×256)" in entangle(trace, baseline=bigger)[2]
+
+
+def test_the_picture_of_latent_size_masks_paints_what_they_cover(nodes_and_trace):
+    from biasmap_pack.biasmap_engine import measure_entanglement
+
+    trace = nodes_and_trace[3]
+    picture = entangle(trace, resolution="latent")[3]  # 256², the masks' 32² scaled 8×
+    a, b = measure_entanglement(trace, "gender", "doctor", size=(32, 32)).masks
+    union = (a | b).float()[:, 8:].mean()  # below the label
+    painted = (picture[:, 64:] > 0).any(-1).float().mean()
+    assert float(painted) == pytest.approx(float(union), abs=0.03)
+
+
+def test_attribution_map_takes_its_colormap_and_opacity(nodes_and_trace):
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
+    args = defaults(attribution_map) | {"trace": trace}
+    image = torch.rand(2, 256, 256, 3)
+    with torch.inference_mode():
+        gray = attribution_map.execute(**args | {"colormap": "gray"}).result[0]
+        clear = attribution_map.execute(**args | {"opacity": 0.0}, image=image).result[0]
+    assert torch.allclose(gray[..., 0], gray[..., 1]) and torch.allclose(gray[..., 1], gray[..., 2])
+    assert torch.allclose(clear, image)
+
+
+def test_the_image_check_warns_of_a_five_percent_crop_and_not_of_a_landscape_image(pack):
+    from types import SimpleNamespace
+
+    from biasmap_pack.nodes.common import check_images
+
+    landscape = SimpleNamespace(num_images=1, image_size=(256, 384))
+    assert check_images(torch.rand(1, 512, 768, 3), landscape, "test") is None
+    square = SimpleNamespace(num_images=1, image_size=(256, 256))
+    assert "a shape other than" in check_images(torch.rand(1, 256, 243, 3), square, "test")
+
+
+def test_a_plan_whose_subjects_are_linked_gives_no_generation_prompt(pack):
+    from biasmap_pack.nodes import BiasMapAuditPrompts
+    from biasmap_pack.nodes.prompt_graph import generation_prompt
+
+    plan = defaults(BiasMapAuditPrompts) | {"run": 0, "subjects": ["9", 0]}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"positive": ["4", 0]}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": ["2", 0]}},
+             "2": {"class_type": "BiasMapAuditPrompts", "inputs": plan}}
+    assert generation_prompt(graph, "3") == ""
+
+
+def test_a_diffusers_model_is_named_by_its_folder(pack):
+    from biasmap_pack.nodes.prompt_graph import graph_run
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"model": ["1", 0]}},
+             "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "stable-diffusion-v1-5"}}}
+    assert graph_run(graph, "3")["model"] == "stable-diffusion-v1-5"
+
+
+def test_audit_prompts_walk_subject_by_subject_when_asked(pack):
+    from biasmap_pack.nodes import BiasMapAuditPrompts
+
+    made = BiasMapAuditPrompts.execute(**defaults(BiasMapAuditPrompts) | {"run": 1, "order": "subject by subject"})
+    assert made.result[3:5] == ("architect", 1)

@@ -326,3 +326,43 @@ def test_audit_log_refuses_a_file_outside_the_output_folder(pack, folders, trace
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace,
                                                                                "filename": "../escape"})
     assert not (folders / "escape.csv").exists()
+
+
+def test_a_sibling_folder_named_like_the_output_folder_is_outside_it(pack, folders):
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapSaveTrace
+
+    assert "outside ComfyUI's output folder" in BiasMapAuditLog.validate_inputs(filename="../out2/audit")
+    assert "outside ComfyUI's output folder" in BiasMapSaveTrace.validate_inputs(filename_prefix="../outer/trace")
+
+
+def test_load_trace_lists_files_in_name_order(pack, folders, trace):
+    from biasmap_pack.nodes.trace_files import trace_files
+
+    names = ["run_f", "run_b", "run_e", "run_a", "run_d", "run_c"]  # made out of order
+    for name in names:
+        trace.save(str(folders / "in" / f"{name}.safetensors"))
+    assert trace_files() == [f"{name}.safetensors" for name in sorted(names)]
+
+
+def test_load_trace_refuses_a_file_elsewhere_in_the_output_folder(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapLoadTrace
+
+    (folders / "out" / "elsewhere").mkdir()
+    trace.save(str(folders / "out" / "elsewhere" / "t.safetensors"))
+    assert "no trace file" in BiasMapLoadTrace.validate_inputs("elsewhere/t.safetensors [output]")
+
+
+def test_an_audit_file_keeps_a_csv_extension_typed_in_capitals_and_an_empty_name_is_the_default(pack, folders):
+    import os
+
+    from biasmap_pack.nodes.audit_log import _csv_path
+
+    assert _csv_path("biasmap/Audit.CSV").endswith("Audit.CSV")
+    assert _csv_path("  ").endswith(os.path.join("biasmap", "audit.csv"))
+
+
+def test_audit_log_thresholds_at_the_latents_size_when_asked(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    text = BiasMapAuditLog.execute(**defaults(BiasMapAuditLog) | {"trace": trace, "resolution": "latent"}).result[0]
+    assert {r["mask_size"] for r in csv.DictReader(text.splitlines())} == {"32x32"}
