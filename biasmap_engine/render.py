@@ -217,6 +217,8 @@ def entanglement_picture(
         shown = f"IoU {iou:.2f}" if iou == iou else "IoU n/a"  # NaN: nothing to measure in this image
         segments = [(f"a&b {shown}", _LABEL_TEXT), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
+        if patch.shape[0] > height // 4:  # wrapped over a small picture: the IoU alone (the report names the words)
+            patch = _label_patch(segments[:1], font_px, width)
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)
     return picture

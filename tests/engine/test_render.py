@@ -277,17 +277,17 @@ def test_entanglement_picture_labels_each_image_with_its_own_iou():
     assert torch.equal(differ[0, 40:], differ[1, 40:])  # only the label differs
 
 
-def test_entanglement_label_wraps_on_small_images_and_grows_on_large_ones():
+def test_entanglement_label_wraps_on_small_images_gives_the_iou_alone_on_tiny_ones_and_grows_on_large_ones():
     def box(size):
         empty = torch.zeros(1, size, size, dtype=torch.bool)
         return label_box(entanglement_picture(empty, empty, torch.tensor([0.42]), ("woman", "doctor"))[0])
 
-    small_rows, small_cols = box(64)
-    assert small_cols < 64  # wrapped onto several lines instead of running off the picture
-    assert small_rows < 56
-    one_line_rows, _ = box(256)
+    one_line_rows, one_line_cols = box(256)
+    wrapped_rows, wrapped_cols = box(128)
+    assert wrapped_cols < 128 and 1.5 * one_line_rows < wrapped_rows <= 128 // 4  # on two lines, names kept
+    tiny_rows, tiny_cols = box(64)  # wrapped, the names would cover most of it
+    assert tiny_rows == one_line_rows and tiny_cols < one_line_cols / 2
     large_rows, large_cols = box(1024)
-    assert small_rows > 1.5 * one_line_rows  # the 64 px label took several lines
     assert large_rows > 2 * one_line_rows and large_cols < 1024
 
 
