@@ -31,10 +31,10 @@ _SETTINGS = tuple(dict.fromkeys(_GUIDANCE + _MEASURED))  # each once, in order
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
                match: tuple[str, ...] = ()) -> list[dict]:
     """Per guided configuration and way of sampling and measuring (sampler, steps, model, q, …) and per value of column
-    ``by`` (e.g. each profession, or of several columns; None: all rows together): the images paired with their λ = 0 row, both means of ``metric``, both relative reductions,
-    and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again). ``match``:
-    more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while the graph
-    runs)."""
+    ``by`` (e.g. each profession, or of several columns; None: all rows together): the images paired with their
+    λ = 0 row, both means of ``metric``, both relative reductions, and the guided rows left out (no λ = 0 row of their
+    image, n/a figures, the same image logged again). ``match``: more columns a pair must share, e.g. ``("label",)``
+    when the label carries the prompt (text made while the graph runs)."""
     rows, by = list(rows), _columns(by)
     _check_columns(rows, metric, by, match)
     unscaled = sum(not _is_number(row["guidance_scale"]) for row in rows)
