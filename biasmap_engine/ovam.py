@@ -27,7 +27,7 @@ def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: 
         raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
     dim_head = inner // heads
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qh = q.to(dtype).view(b, hw, heads, dim_head).transpose(1, 2)  # [B, h, HW, d]
+    qh = q.to(dtype).reshape(b, hw, heads, dim_head).transpose(1, 2)  # [B, h, HW, d]
     kh = k_attr.to(dtype).view(k_attr.shape[0], -1, heads, dim_head).transpose(1, 2)  # [B|1, h, N, d]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5  # [B, h, HW, N]
     maps = scores.softmax(dim=-1).sum(dim=1)  # [B, HW, N]
@@ -51,18 +51,19 @@ def summed_token_softmax_maps(qs: list[torch.Tensor], keys: torch.Tensor, grid: 
     """The sum over layers of :func:`prepared_token_softmax_maps`: queries ``[B, HW, heads·d]`` of layers on one grid,
     against their :func:`prepare_keys` keys concatenated along the heads, ``[layers·heads, d, N]``.
 
-    One batched product, one softmax and one sum for all the layers, and no copy of one layer's queries (they are read
-    per head in place); several layers' are stacked in one copy. The maps keep the product's memory order.
+    One batched product, one softmax and one sum for all the layers, and no copy of one layer's queries in the keys'
+    dtype (they are read per head in place); several layers' are stacked in one copy. The maps keep the product's
+    memory order.
     """
     b, hw, _ = qs[0].shape
     if hw != grid[0] * grid[1]:
         raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
     heads, dim_head, _ = keys.shape
     if len(qs) == 1:
-        per_head = qs[0].to(keys.dtype).view(b * hw, heads, dim_head).transpose(0, 1)  # [heads, B·HW, d]
+        per_head = qs[0].to(keys.dtype).reshape(b * hw, heads, dim_head).transpose(0, 1)  # [heads, B·HW, d]
     else:
         per_layer = heads // len(qs)
-        per_head = torch.stack([q.view(b * hw, per_layer, dim_head).transpose(0, 1) for q in qs])
+        per_head = torch.stack([q.reshape(b * hw, per_layer, dim_head).transpose(0, 1) for q in qs])
         per_head = per_head.to(keys.dtype).view(heads, b * hw, dim_head)
     maps = torch.bmm(per_head, keys).softmax(dim=-1).sum(dim=0)  # [B·HW, N]
     return maps.view(b, hw, -1).transpose(1, 2).unflatten(2, grid)

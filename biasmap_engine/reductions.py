@@ -31,11 +31,13 @@ _SETTINGS = tuple(dict.fromkeys(_GUIDANCE + _MEASURED))  # each once, in order
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
                match: tuple[str, ...] = ()) -> list[dict]:
     """Per guided configuration and way of sampling and measuring (sampler, steps, model, q, …) and per value of column
-    ``by`` (e.g. each profession, or of several columns; None: all rows together): the images paired with their
+    ``by`` (e.g. each profession, or of several columns; None: all rows together; and per demographic concept where
+    the rows hold several): the images paired with their
     λ = 0 row, both means of ``metric``, both relative reductions, and the guided rows left out (no λ = 0 row of their
     image, n/a figures, the same image logged again). ``match``: more columns a pair must share, e.g. ``("label",)``
     when the label carries the prompt (text made while the graph runs)."""
-    rows, by = list(rows), _columns(by)
+    rows = list(rows)
+    by = _apart_by_demographic(rows, _columns(by))
     _check_columns(rows, metric, by, match)
     unscaled = sum(not _is_number(row["guidance_scale"]) for row in rows)
     if unscaled:
@@ -80,9 +82,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     demographic concept, where the rows hold several), each metric's λ = 0 and guided means and both reductions; else
     why there are none (no guided row with a baseline). Rows of λ = 0 alone (a discovery audit), or of guided runs
     alone (their baselines still to come), get their means per ``by`` value and configuration instead."""
-    by = _columns(by)
-    if rows and len({row.get("demographic") for row in rows}) > 1 and "demographic" not in by:
-        by = ("demographic", *by)  # gender and race figures are not one figure
+    by = _apart_by_demographic(rows, _columns(by))
     scales = {_number(row.get("guidance_scale")) for row in rows}
     if scales == {0.0}:
         return _means_text(rows, metrics, by, "λ = 0 only; log guided runs of the same seeds for the reductions")
@@ -139,6 +139,13 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
 def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:
     """``by`` as a tuple of columns: none, one or several."""
     return () if by is None else (by,) if isinstance(by, str) else tuple(by)
+
+
+def _apart_by_demographic(rows, by: tuple[str, ...]) -> tuple[str, ...]:
+    """``by``, led by the demographic concept where the rows hold several: gender and race figures are not one."""
+    if rows and len({row.get("demographic") for row in rows}) > 1 and "demographic" not in by:
+        return ("demographic", *by)
+    return by
 
 
 def _finite_mean(values: list[float]) -> float:

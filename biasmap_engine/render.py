@@ -18,7 +18,6 @@ from .ovam import resampled
 
 __all__ = [
     "A_COLOR",
-    "BOTH_COLOR",
     "B_COLOR",
     "COLORMAPS",
     "colorize",
@@ -89,8 +88,11 @@ def normalize_maps(maps: Tensor, shared: bool = False) -> Tensor:
     the maps on one scale, so that a batch's images compare (a weaker map reads darker)."""
     maps = maps.float()
     dims = tuple(range(maps.dim())) if shared else (-2, -1)
-    low = maps.amin(dim=dims, keepdim=True)
-    span = maps.amax(dim=dims, keepdim=True) - low
+    # Over the finite values: a NaN or inf pixel stays one (colorize draws it as 0) and scales nothing else, in its map
+    # or, shared, in the batch's other maps.
+    finite = maps.isfinite()
+    low = torch.where(finite, maps, math.inf).amin(dim=dims, keepdim=True)
+    span = torch.where(finite, maps, -math.inf).amax(dim=dims, keepdim=True) - low
     # A constant map has nothing to show; dividing its zeros by 1 keeps it 0 instead of NaN.
     return (maps - low) / torch.where(span > 0, span, 1.0)
 

@@ -9,7 +9,7 @@ from .stages import stage_label
 from .tokens import readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
 
-__all__ = ["EntanglementResult", "measure_entanglement"]
+__all__ = ["EntanglementResult", "figure", "measure_entanglement", "percent_change"]
 
 
 class EntanglementResult:

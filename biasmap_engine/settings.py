@@ -1,6 +1,7 @@
 """BiasMap recording and guidance settings; defaults are the paper configuration (arXiv 2509.13496 §2–§5, and the
 authors' code where the paper is silent)."""
 
+import math
 from dataclasses import asdict, dataclass
 
 from .guidance import GATES
@@ -34,7 +35,7 @@ class BiasMapSettings:
                   (0.0 < self.keep < 1.0, f"keep must be in (0, 1), got {self.keep}"),
                   (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
                   (self.iters >= 1, f"the Sinkhorn needs at least one iteration, got iters={self.iters}"),
-                  (self.scale >= 0, f"the guidance scale λ must be ≥ 0, got {self.scale}"),
+                  (0 <= self.scale < math.inf, f"the guidance scale λ must be a number ≥ 0, got {self.scale}"),
                   (0.0 <= self.start < self.end <= 1.0,
                    f"the guidance window needs 0 ≤ start < end ≤ 1 (start = end guides nothing), got "
                    f"start={self.start}, end={self.end}"),

@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["soft_topk", "soft_iou"]
 
-_GRID, _ROUNDS, _NEWTON = 64, 4, 2  # 64⁴ shrinks a bracket of width ≤ 2/γ + 2·|logit| below 1e-5; Newton finishes
+_GRID, _ROUNDS, _NEWTON = 64, 4, 2  # 64⁴ shrinks the bracket (max − min of the maps, ≤ 400) to ~2e-5; Newton finishes
 
 
 def soft_topk(maps: torch.Tensor, keep: float = 0.3, gamma: float = 0.01, mode: str = "paper",
@@ -39,7 +39,9 @@ def soft_topk(maps: torch.Tensor, keep: float = 0.3, gamma: float = 0.01, mode: 
 
 
 def soft_iou(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
-    """Σ S_a S_b / (Σ S_a + Σ S_b − Σ S_a S_b + 1e-8) per map pair over the last two dims."""
+    """Σ S_a S_b / (Σ S_a + Σ S_b − Σ S_a S_b + 1e-8) per map pair over the last two dims, in fp32 or wider (the 1e-8
+    is 0 in fp16)."""
+    s_a, s_b = (s if s.dtype == torch.float64 else s.float() for s in (s_a, s_b))
     inter = (s_a * s_b).flatten(-2).sum(-1)
     return inter / (s_a.flatten(-2).sum(-1) + s_b.flatten(-2).sum(-1) - inter + 1e-8)
 

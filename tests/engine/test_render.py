@@ -379,3 +379,14 @@ def test_the_entanglement_picture_refuses_an_image_batch_of_neither_one_nor_one_
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"image must be \[1 or 2, 16, 16, 3\]"):
         entanglement_picture(masks, masks, torch.zeros(2), ("a", "b"), torch.zeros(3, 16, 16, 3))
+
+
+def test_normalize_maps_scales_over_the_finite_values_so_one_nan_pixel_blanks_no_other_map():
+    maps = torch.rand(2, 4, 4)
+    maps[1, 0, 0] = float("nan")
+    for shared in (False, True):
+        out = normalize_maps(maps, shared=shared)
+        assert out[0].isfinite().all() and out[1].isnan().sum() == 1
+    finite = maps[maps.isfinite()]
+    expected = (maps[0] - finite.min()) / (finite.max() - finite.min())
+    assert torch.allclose(normalize_maps(maps, shared=True)[0], expected)

@@ -10,7 +10,8 @@ from biasmap_engine import BiasMapSettings
     ({"keep": 1.0}, "keep must be in"),
     ({"gamma": 0.0}, "gamma must be positive"),
     ({"iters": 0}, "at least one iteration"),
-    ({"scale": -1.0}, "λ must be ≥ 0"),
+    ({"scale": -1.0}, "λ must be a number ≥ 0"),
+    ({"scale": float("inf")}, "λ must be a number ≥ 0"),  # inf·0 made the skipped images NaN
     ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
     ({"guided_stages": ("mid_8",)}, "include_middle on"),
 ])

@@ -230,3 +230,8 @@ def test_exact_mode_on_a_device_without_float64_solves_in_float32_to_the_same_ma
     assert torch.allclose(in_float32, in_float64, atol=1e-5)
     k = int(size[0] * size[1] * 0.3)
     assert torch.allclose(in_float32.flatten(-2).sum(-1), torch.full((2, 3), float(k)), rtol=1e-5)
+
+
+def test_soft_iou_of_fp16_masks_is_computed_in_fp32_where_its_epsilon_is_not_0():
+    empty = torch.zeros(1, 8, 8, dtype=torch.float16)
+    assert soft_iou(empty, empty).dtype == torch.float32 and soft_iou(empty, empty).item() == 0.0
