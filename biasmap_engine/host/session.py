@@ -96,7 +96,9 @@ class BiasMapSession:
         self._window_hits = 0  # evaluations inside the guidance window
         self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
         self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
-        self._window: tuple[float, float] | None = None  # its (lowest, highest) σ
+        # The σ range guided, read once now: None where it is the model's whole noise range (no σ read per evaluation).
+        self._window = _guided_sigmas(model_patcher, settings) if settings.guiding else None
+        self._above_cap = 0  # evaluations in the window but above _SIGMA_CAP, left unguided
         self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
@@ -297,7 +299,7 @@ class BiasMapSession:
                              f"so remove or bypass that node")
         self.capture.set_entries(conds, x_in, timestep)
         branch = self._branch(conds, x_in, timestep)
-        guide = self._guide_now(model, timestep)
+        guide = self._guide_now(timestep)
         # The maps' branch alone when the other branch's hook group would leave its weights in the model (hook_groups).
         if guide and (self._branch_alone or _branches_apart(x_in.device)
                       or len(hook_groups(conds, timestep)) > 1):
@@ -358,7 +360,7 @@ class BiasMapSession:
             return comfy.samplers.calc_cond_batch(model, c, x_, t, options)
 
         with out_of_memory_explained():  # this pass runs the maps' branch alone already
-            self._run_branch(model, extra, x, timestep, model_options, _ONLY, self._guide_now(model, timestep),
+            self._run_branch(model, extra, x, timestep, model_options, _ONLY, self._guide_now(timestep),
                              [conds[branch]])
 
     def _run_branch(self, model, run, x, timestep, model_options, branch, guide, conds):
@@ -400,22 +402,27 @@ class BiasMapSession:
         """A guided U-Net pass is running."""
         return self.backward is not None and self.backward.active
 
-    def _guide_now(self, model, timestep) -> bool:
+    def _guide_now(self, timestep) -> bool:
         if not self.settings.guiding:
             return False
-        # The default full window needs no host read of σ.
-        if not (self.settings.start <= 0.0 and self.settings.end >= 1.0):
-            if self._window is None:  # once a run: percent_to_sigma reads the schedule on the host
-                to_sigma = model.model_sampling.percent_to_sigma
-                self._window = to_sigma(self.settings.end), to_sigma(self.settings.start)
+        if self._window is not None:  # a host read of σ, only where the window is narrower than the model's range
             low, high = self._window
-            if not low <= float(timestep.reshape(-1)[0]) <= high:
+            sigma = float(timestep.reshape(-1)[0])
+            if not low <= sigma <= high:
+                return False
+            if sigma > _SIGMA_CAP:
+                self._above_cap += 1
                 return False
         self._window_hits += 1
         return True
 
     def finish(self, **run):
         """The run's :class:`BiasMapTrace`; ``run``: how it was sampled (seed, steps, …), kept in the trace."""
+        if self._above_cap:
+            self._note(f"{self._above_cap} evaluation(s) at σ above {_SIGMA_CAP:.1f} were not guided, the later ones "
+                       f"were: this model's noise goes past SD's σ 14.6, for which the paper's λ is set (zero terminal "
+                       f"SNR, or an EDM schedule), and there the correction would move the x₀ prediction by about "
+                       f"λ·σ·‖∇_z E‖, at σ 4519 enough to wreck the image")
         if self.settings.guiding and not self._window_hits:
             self._note(f"no evaluation of this run fell in the guidance window (start {self.settings.start:g}, end "
                        f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "
@@ -446,6 +453,22 @@ class BiasMapSession:
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes,
                                     run={**run, "attribution_prompt": self.attribution_prompt})
+
+
+# Twice the largest σ of SD's schedule (14.6), for which the paper's λ is set: above it, as on the first steps of a
+# zero-terminal-SNR schedule (σ 4519) or an EDM one, the correction's size in the x₀ prediction, about λ·σ·‖∇_z E‖,
+# grows past what λ was set for, and at σ 4519 wrecks the image. Such evaluations are left unguided, with a note.
+_SIGMA_CAP = 2 * 14.6146
+
+
+def _guided_sigmas(model_patcher, settings: BiasMapSettings) -> tuple[float, float] | None:
+    """The (lowest, highest) σ of the guidance window (start/end as ComfyUI's start_percent and end_percent); None
+    where it is the model's whole noise range and that stays under _SIGMA_CAP. Host reads, once, before sampling."""
+    sampling = model_patcher.get_model_object("model_sampling")
+    whole = settings.start <= 0.0 and settings.end >= 1.0
+    if whole and float(sampling.sigma_max) <= _SIGMA_CAP:
+        return None
+    return sampling.percent_to_sigma(settings.end), sampling.percent_to_sigma(settings.start)
 
 
 def _either(flag: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:

@@ -880,3 +880,22 @@ def test_guidance_is_refused_for_sampling_that_is_not_variance_preserving_whatev
                                              f"node that sets it, or set the guidance scale to 0"):
             start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
         start_session(patched, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))  # recording
+
+
+def test_steps_above_twice_sds_largest_sigma_are_left_unguided_with_a_note(sd15, prompts):
+    # A zero-terminal-SNR schedule (ComfyUI's for checkpoints with a ztsnr key) starts at σ 4519, where the correction
+    # moved the x₀ prediction by about λ·σ·‖∇_z E‖: the latent came out at 65× the unguided one's spread.
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        zsnr = ModelSamplingDiscrete().patch(model, "v_prediction", True)[0]
+    unguided, _, _ = sample(zsnr, clip, pos, neg, 0.0, steps=4)
+    guided, trace, _ = sample(zsnr, clip, pos, neg, 100.0, steps=4)
+    assert trace.sigmas[0] > 4000 and trace.sigmas[1] < 2 * 14.6146
+    assert trace.guidance["status"][:, 0].tolist() == [STATUS["not_guided"]] + [STATUS["applied"]] * 3
+    assert [n for n in trace.notes if n.startswith("1 evaluation(s) at σ above 29.2 were not guided, the later ones")]
+    assert guided.std() < 1.5 * unguided.std()
+    _, sd_trace, _ = sample(model, clip, pos, neg, 100.0, steps=4)  # SD's own schedule: every step guided
+    assert sd_trace.guidance_counts()["applied"] == 4 and not [n for n in sd_trace.notes if "σ above" in n]
