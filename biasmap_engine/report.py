@@ -81,6 +81,9 @@ class EntanglementResult:
                      f"{name} ({_number(other.run.get(key, 'n/a'))}, this run {_number(trace.run.get(key, 'n/a'))})"
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
         differing += [f"{name} ({b}, this run {a})" for name, b, a in (
+            ("model family", other.model_family, trace.model_family),
+            *((f"{key}", other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
+            ("stages", " ".join(other.stages), " ".join(trace.stages)),
             ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
             ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))
             if b != a]
@@ -104,6 +107,10 @@ _SAME_PICTURE = (("seed", "seed"), ("steps", "steps"), ("sampler", "sampler"), (
                  ("sigmas", "the sampler's sigmas"), ("add_noise", "add_noise"), ("cfg", "cfg"), ("denoise", "denoise"),
                  ("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative"),
                  ("attribution_prompt", "attribution prompt"))
+
+
+# The recording settings two runs must share for their maps to be of one kind (the stages, the CFG branch).
+_SAME_MAPS = ("include_middle", "branch")
 
 
 def _change(before: torch.Tensor, after: torch.Tensor) -> str:

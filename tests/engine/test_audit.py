@@ -480,6 +480,16 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     assert after.against(measure_entanglement(scheduled, "gender", "nurse", 0.5, (8, 8))).endswith(
         "note: the baseline differs in the sampler's sigmas: the change is not guidance's alone (compare runs that "
         "differ only in λ)")
+    recorded_otherwise = halves_trace(stages=("down_1", "mid_2", "up_1"))  # other maps: the mBIoU has a stage more
+    recorded_otherwise.model_family = "SDXL"
+    recorded_otherwise.settings = {"scale": 0.0, "include_middle": True, "branch": "cond"}
+    for trace in (base, guided):
+        trace.settings |= {"include_middle": False, "branch": "uncond"}
+    note = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).against(
+        measure_entanglement(recorded_otherwise, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1]
+    assert note.startswith("note: the baseline differs in model family (SDXL, this run SD15); include_middle (True, "
+                           "this run False); branch (cond, this run uncond); stages (down_1 mid_2 up_1, this run "
+                           "down_1 up_1): the change")
     empty = halves_trace()
     for stage in empty.stages:
         empty.maps[stage][:, :, 3] = 0  # no nurse anywhere: its masks are empty, no overlap to reduce
