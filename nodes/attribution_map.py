@@ -35,7 +35,8 @@ class BiasMapAttributionMap(io.ComfyNode):
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image to draw the map over (one image or one per latent)."),
                 io.String.Input("stages", default="all", extra_dict=ADVANCED,
-                                tooltip="'all' or stage ids, e.g. 'down_1, up_1' (block-wise maps)."),
+                                tooltip="'all' or stage ids, e.g. 'down_1, up_1' (block-wise maps; SDXL's "
+                                        "begin at down_2)."),
                 *step_inputs(),
                 io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno", tooltip="Heatmap colours."),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,

@@ -58,7 +58,8 @@ def guidance_inputs() -> list:
                                "rescale the gradient to norm 1 instead. Both are counted in the trace."),
         io.String.Input("guided_stages", default="all", extra_dict=ADVANCED,
                         tooltip="Stages whose maps form the energy: 'all', or e.g. 'down_1, up_1' (where the paper "
-                                "finds bias concentrates) or 'down_1' (cheapest backward)."),
+                                "finds bias concentrates) or 'down_1' (cheapest backward); on SDXL, which has no "
+                                "cross-attention at the latent's grid, 'down_2, up_2' and 'down_2'."),
         io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
                        tooltip="Guide from this point of the model's noise range, like ComfyUI's start_percent "
                                "(0 = pure noise, 1 = clean): not a fraction of the steps run, so with denoise < 1 "

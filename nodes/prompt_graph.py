@@ -8,7 +8,7 @@ __all__ = ["generation_prompt", "graph_run", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
-_TEXT_INPUT = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g", "PrimitiveString": "value",
+_TEXT_INPUT = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXLRefiner": "text", "PrimitiveString": "value",
                "PrimitiveStringMultiline": "value"}
 _PASSED_ON = {
     **dict.fromkeys(("ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
@@ -66,14 +66,21 @@ def graph_run(prompt: dict | None, node_id) -> dict:
 
 def generation_prompt(prompt: dict | None, node_id, input_name: str = "positive") -> str:
     """The text typed for the conditioning at input ``input_name`` of node ``node_id``: through CLIP Text Encode
-    (SDXL's: text_g), string primitives and the core nodes that pass one conditioning on. '' where it is no one typed
-    text: combined conditioning, or text another node makes while the graph runs (a wildcard node's template is not
-    the prompt it made)."""
-    link = _inputs(prompt, node_id).get(input_name)
+    (SDXL's: text_g, then text_l where it differs, as 'text_g | text_l'), string primitives and the core nodes that
+    pass one conditioning on. '' where it is no one typed text: combined conditioning, or text another node makes
+    while the graph runs (a wildcard node's template is not the prompt it made)."""
+    return _typed_text(prompt, _inputs(prompt, node_id).get(input_name))
+
+
+def _typed_text(prompt: dict | None, link) -> str:
+    """The text a conditioning or string input holds, followed back through the graph (see generation_prompt)."""
     for _ in range(len(prompt or {})):  # each node once at most, in a graph without cycles
         if not _is_link(link):
             break
         kind, inputs = _linked(prompt, link)
+        if kind == "CLIPTextEncodeSDXL":  # the model reads both encoders' texts
+            g, l = (_typed_text(prompt, inputs.get(name)) for name in ("text_g", "text_l"))
+            return g if l == g or not (g and l) else f"{g} | {l}"
         if kind in _TEXT_INPUT:
             link = inputs.get(_TEXT_INPUT[kind])
         elif kind == "BiasMapAuditPrompts" and link[1] == 0:  # its prompt output, a function of typed inputs

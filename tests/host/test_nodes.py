@@ -402,7 +402,12 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     graph["4"] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": "a photo", "text_l": "photo"}}
     assert graph_run(graph, "3")["model"] == ("unet.safetensors + detail.safetensors (0.8) + style.pt (0.5) "
                                               "+ Power Lora Loader (rgthree)")
-    assert graph_run(graph, "3")["generation_prompt"] == "a photo"  # SDXL's: text_g
+    assert graph_run(graph, "3")["generation_prompt"] == "a photo | photo"  # SDXL's: both encoders read theirs
+    graph["4"]["inputs"]["text_l"] = ["5", 0]
+    graph["5"] = {"class_type": "PrimitiveString", "inputs": {"value": "a photo"}}
+    assert graph_run(graph, "3")["generation_prompt"] == "a photo"  # the same text twice, through a primitive
+    graph["4"] = {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"text": "a photo", "ascore": 6.0}}
+    assert graph_run(graph, "3")["generation_prompt"] == "a photo"
     graph["11"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0]}}
     assert graph_run(graph, "3")["model"] == ""  # made from two: no one file
     graph["11"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "flux1-dev-Q4_K_S.gguf"}}  # another pack's
