@@ -632,3 +632,27 @@ def test_the_report_of_a_one_step_run_says_one_step():
     trace = halves_trace()
     trace.run = {**RUN, "steps": 1}
     assert " · 1 step · " in measure_entanglement(trace, "gender", "doctor", 0.5, (8, 8)).report
+
+
+def test_biou_is_each_stages_own_iou_mbiou_their_mean_and_iou_that_of_the_summed_maps():
+    # Every stage of halves_trace holds the same maps, where BIoU, mBIoU and IoU coincide whatever they are made of.
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1
+    top = left.t()
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(10.0), torch.tensor(0))
+    for stage, (gender, doctor) in {"down_1": (left, top), "up_1": (left, left)}.items():
+        maps = torch.zeros(1, len(TOKENS), 8, 8)
+        maps[0, 4], maps[0, 2] = gender, doctor
+        rec.add(stage, maps)
+    rec.end()
+    trace = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 8, 8], demographic=["gender"], semantic=["doctor"],
+                       model_family="SD15", settings={}, notes=[], run={})
+    result = measure_entanglement(trace, "gender", "doctor", 0.5, (8, 8))
+    # down_1: left against top, 16 of 48 pixels; up_1: left against left. Summed, gender is 2 on the left half and
+    # doctor 2 on the top-left quarter, 1 on the top-right and bottom-left: its top half (> the median, 1) is that
+    # quarter, 16 of gender's 32 pixels.
+    assert {s: v.item() for s, v in result.block_ious.items()} == pytest.approx({"down_1": 1 / 3, "up_1": 1.0})
+    assert result.mbiou.item() == pytest.approx(2 / 3) and result.ious.item() == pytest.approx(0.5)
+    row = audit_rows(trace, q=0.5, size=(8, 8))[0]
+    assert (row["biou_down_1"], row["biou_up_1"], row["mbiou"], row["iou"]) == pytest.approx((1 / 3, 1, 2 / 3, 0.5))

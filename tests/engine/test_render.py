@@ -371,8 +371,9 @@ def test_overlap_stripes_stay_two_pixels_wide_on_small_pictures():
 
 def test_the_entanglement_label_gives_the_iou_to_two_decimals():
     empty = torch.zeros(1, 128, 128, dtype=torch.bool)
-    one, other = (entanglement_picture(empty, empty, torch.tensor([v]), ("a", "b")) for v in (0.33, 0.34))
-    assert not torch.equal(one, other)
+    one, other, rounded = (entanglement_picture(empty, empty, torch.tensor([v]), ("a", "b")) for v in (0.33, 0.34,
+                                                                                                      0.334))
+    assert not torch.equal(one, other) and torch.equal(one, rounded)
 
 
 def test_the_entanglement_picture_refuses_an_image_batch_of_neither_one_nor_one_per_mask():

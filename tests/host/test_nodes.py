@@ -4,10 +4,7 @@ import copy
 
 import pytest
 import torch
-
-
-def defaults(node) -> dict:
-    return {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
+from node_calls import defaults
 
 
 @pytest.fixture(scope="module")
@@ -522,3 +519,38 @@ def test_audit_prompts_walk_subject_by_subject_when_asked(pack):
 
     made = BiasMapAuditPrompts.execute(**defaults(BiasMapAuditPrompts) | {"run": 1, "order": "subject by subject"})
     assert made.result[3:5] == ("architect", 1)
+
+
+def test_the_sampler_nodes_at_lambda_0_give_the_stock_samplers_latent_bit_for_bit_with_every_sampler_and_scheduler(
+        sd15, prompts, pack):
+    import comfy.samplers
+    import nodes
+    from comfy_extras import nodes_custom_sampler as custom
+
+    from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced
+
+    model, clip = sd15
+    pos, neg = prompts
+    latent = {"samples": torch.zeros(2, 4, 16, 16)}
+    runs = [(s, "normal", 1.0) for s in comfy.samplers.KSampler.SAMPLERS]
+    runs += [("euler_ancestral", s, 0.6) for s in comfy.samplers.KSampler.SCHEDULERS]  # its noise, denoise < 1
+    differing = []
+    with torch.inference_mode():
+        for sampler, scheduler, denoise in runs:
+            (stock,) = nodes.common_ksampler(model, 7, 2, 5.0, sampler, scheduler, pos, neg, latent, denoise=denoise)
+            ours = BiasMapGuidedKSampler.execute(**defaults(BiasMapGuidedKSampler) | dict(
+                model=model, clip=clip, seed=7, steps=2, cfg=5.0, sampler_name=sampler, scheduler=scheduler,
+                positive=pos, negative=neg, latent_image=latent, denoise=denoise, guidance_scale=0.0)).result[0]
+            if not torch.equal(stock["samples"], ours["samples"]):
+                differing.append((sampler, scheduler))
+        # The Advanced node with DisableNoise, as SamplerCustomAdvanced on the second half of split sigmas.
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 4)[2:]
+        sampler = comfy.samplers.sampler_object("euler_ancestral")
+        guider = custom.CFGGuider.execute(model, pos, neg, 5.0)[0]
+        stock = custom.SamplerCustomAdvanced.execute(custom.DisableNoise.execute()[0], guider, sampler, sigmas,
+                                                     latent)[0]
+        ours = BiasMapGuidedKSamplerAdvanced.execute(**defaults(BiasMapGuidedKSamplerAdvanced) | dict(
+            model=model, clip=clip, noise_seed=7, cfg=5.0, sampler=sampler, sigmas=sigmas, positive=pos, negative=neg,
+            latent_image=latent, guidance_scale=0.0, add_noise=False)).result[0]
+    assert len(runs) > 40 and differing == []
+    assert torch.equal(stock["samples"], ours["samples"])

@@ -296,6 +296,7 @@ def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampl
     workflow_api.override(api, "BasicScheduler", steps=1)
     workflow_api.override(api, "BiasMapGuidedKSamplerAdvanced", semantic="nurse",
                           attribution_prompt="A photo of the face of a nurse and gender")
+    workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/nurse")  # the shipped test reads audit.csv
     entry = _run_prompt(server, api)
     assert entry["status"]["status_str"] == "success", _errors(entry)
     iou = next(i for i, node in api.items() if node["class_type"] == "BiasMapEntanglementIoU")

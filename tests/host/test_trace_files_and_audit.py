@@ -6,12 +6,9 @@ import json
 
 import pytest
 import torch
+from node_calls import defaults
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-
-def defaults(node) -> dict:
-    return {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
 
 
 @pytest.fixture
@@ -265,7 +262,11 @@ def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folde
     shown = as_comfy_runs(BiasMapEntanglementIoU).execute(**defaults(BiasMapEntanglementIoU) | {
         "trace": trace, "concept_b": "nurse", "first_step": 1}).result[0]
     assert sum(float(r["iou"]) for r in rows) / len(rows) == pytest.approx(shown, abs=1e-5)
-    assert [float(r["iou"]) for r in rows] != pytest.approx(trace.iou("gender", "nurse").tolist(), abs=1e-6)
+    at_image_size = {"size": trace.image_size}  # as the rows are measured: only the steps differ
+    assert [float(r["iou"]) for r in rows] == pytest.approx(
+        trace.iou("gender", "nurse", steps=(1, 1), **at_image_size).tolist(), abs=1e-6)
+    assert [float(r["iou"]) for r in rows] != pytest.approx(
+        trace.iou("gender", "nurse", **at_image_size).tolist(), abs=1e-6)
     with pytest.raises(ValueError, match="first_step 5 is past this trace's last step, 1"):
         as_comfy_runs(BiasMapAuditLog).execute(**args | {"first_step": 5})
 
