@@ -88,8 +88,8 @@ def normalize_maps(maps: Tensor, shared: bool = False) -> Tensor:
     the maps on one scale, so that a batch's images compare (a weaker map reads darker)."""
     maps = maps.float()
     dims = tuple(range(maps.dim())) if shared else (-2, -1)
-    # Over the finite values: a NaN or inf pixel stays one (colorize draws it as 0) and scales nothing else, in its map
-    # or, shared, in the batch's other maps.
+    # Over the finite values: a NaN or inf pixel stays one and scales nothing else, in its map or, shared, in the
+    # batch's other maps.
     finite = maps.isfinite()
     low = torch.where(finite, maps, math.inf).amin(dim=dims, keepdim=True)
     span = torch.where(finite, maps, -math.inf).amax(dim=dims, keepdim=True) - low

@@ -77,7 +77,9 @@ class BiasMapAttributionMap(io.ComfyNode):
             logging.warning("BiasMap Attribution Map: image(s) %s of the batch hold NaN or inf in the maps of %r (%s): "
                             "drawn empty, with an empty mask", images, word, NOT_FINITE_CAUSE)
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
-        maps01 = normalize_maps(maps, shared=scale == _SCALES[1])
+        # Those images left out of the scale (their zeros would be the batch's minimum), then drawn as 0.
+        shown = maps.masked_fill(unmeasured.view(-1, 1, 1), float("nan"))
+        maps01 = normalize_maps(shown, shared=scale == _SCALES[1]).nan_to_num(0.0)
         heat = colorize(maps01, colormap)
         picture = heat if image is None else overlay(image[..., :3].to(heat), heat, opacity)  # RGBA: alpha dropped
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01

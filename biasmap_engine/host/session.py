@@ -402,10 +402,16 @@ class BiasMapSession:
         """A guided U-Net pass is running."""
         return self.backward is not None and self.backward.active
 
+    def sampling_over(self, sigmas: torch.Tensor) -> None:
+        """The schedule a custom sampler is given (SIGMAS of any range, e.g. KarrasScheduler's σ_max 80 on SD): σ is
+        then read per evaluation where it goes past _SIGMA_CAP. Read here, before sampling (SIGMAS are on the CPU)."""
+        if self.settings.guiding and self._window is None and float(sigmas.max()) > _SIGMA_CAP:
+            self._window = (0.0, math.inf)
+
     def _guide_now(self, timestep) -> bool:
         if not self.settings.guiding:
             return False
-        if self._window is not None:  # a host read of σ, only where the window is narrower than the model's range
+        if self._window is not None:  # a host read of σ: a narrower window, or σ past the cap (_guided_sigmas)
             low, high = self._window
             sigma = float(timestep.reshape(-1)[0])
             if not low <= sigma <= high:
@@ -419,11 +425,13 @@ class BiasMapSession:
     def finish(self, **run):
         """The run's :class:`BiasMapTrace`; ``run``: how it was sampled (seed, steps, …), kept in the trace."""
         if self._above_cap:
-            self._note(f"{self._above_cap} evaluation(s) at σ above {_SIGMA_CAP:.1f} were not guided, the later ones "
-                       f"were: this model's noise goes past SD's σ 14.6, for which the paper's λ is set (zero terminal "
-                       f"SNR, or an EDM schedule), and there the correction would move the x₀ prediction by about "
-                       f"λ·σ·‖∇_z E‖, at σ 4519 enough to wreck the image")
-        if self.settings.guiding and not self._window_hits:
+            self._note(f"{self._above_cap} evaluation(s) at σ above {_SIGMA_CAP:.1f} were not guided"
+                       + (", the later ones were" if self._window_hits else
+                          ", and no other fell in the guidance window, so nothing was guided")
+                       + ": this schedule goes past SD's σ 14.6, for which the paper's λ is set (zero terminal SNR, an "
+                         "EDM schedule, custom sigmas), and there the correction would move the x₀ prediction by "
+                         "about λ·σ·‖∇_z E‖, at σ 4519 enough to wreck the image")
+        if self.settings.guiding and not self._window_hits and not self._above_cap:
             self._note(f"no evaluation of this run fell in the guidance window (start {self.settings.start:g}, end "
                        f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "
                        f"and end_percent, not of this run's steps; with denoise < 1 or split sigmas a run covers "

@@ -904,8 +904,32 @@ def test_steps_above_twice_sds_largest_sigma_are_left_unguided_with_a_note(sd15,
     unguided, _, _ = sample(zsnr, clip, pos, neg, 0.0, steps=4)
     guided, trace, _ = sample(zsnr, clip, pos, neg, 100.0, steps=4)
     assert trace.sigmas[0] > 4000 and trace.sigmas[1] < 2 * 14.6146
+    _, first_only, _ = sample(zsnr, clip, pos, neg, 100.0, steps=4, end=0.01)  # a window of the σ 4519 step alone
+    assert first_only.guidance_counts()["applied"] == 0
+    assert [n for n in first_only.notes if n.startswith("1 evaluation(s) at σ above 29.2 were not guided, and no "
+                                                        "other fell in the guidance window, so nothing was guided")]
+    assert not [n for n in first_only.notes if "widen the window" in n]
     assert trace.guidance["status"][:, 0].tolist() == [STATUS["not_guided"]] + [STATUS["applied"]] * 3
     assert [n for n in trace.notes if n.startswith("1 evaluation(s) at σ above 29.2 were not guided, the later ones")]
     assert guided.std() < 1.5 * unguided.std()
     _, sd_trace, _ = sample(model, clip, pos, neg, 100.0, steps=4)  # SD's own schedule: every step guided
     assert sd_trace.guidance_counts()["applied"] == 4 and not [n for n in sd_trace.notes if "σ above" in n]
+
+
+def test_custom_sigmas_past_the_cap_are_left_unguided_on_an_sd_model_too(sd15, prompts):
+    # The Advanced node takes any SIGMAS: KarrasScheduler's σ_max reaches 5000 on a model whose own stops at 14.6.
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import KarrasScheduler
+
+    from biasmap_engine.host import sample_with_sampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    sigmas = KarrasScheduler.execute(8, 80.0, 0.03, 7.0)[0]  # 80, 39.3, 17.8, …
+    assert sigmas[1] > 2 * 14.6146 > sigmas[2]
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
+        _, trace = sample_with_sampler(session, model, 0, 7.0, comfy.samplers.sampler_object("euler"), sigmas, pos,
+                                       neg, {"samples": torch.zeros(1, 4, 32, 32)})
+    assert trace.guidance["status"][:, 0].tolist() == [STATUS["not_guided"]] * 2 + [STATUS["applied"]] * 6
+    assert [n for n in trace.notes if n.startswith("2 evaluation(s) at σ above 29.2 were not guided, the later ones")]

@@ -248,6 +248,11 @@ def test_attribution_map_draws_an_image_whose_maps_overflowed_empty_and_says_so(
     assert torch.isfinite(heat).all() and torch.isfinite(out_mask).all()
     assert not out_mask[1].any() and out_mask[0].any()  # image 0 keeps its map
     assert "image(s) 1 of the batch hold NaN or inf in the maps of 'gender'" in caplog.text
+    if mask == "normalized":  # on the whole batch's scale, image 0's own: the empty image sets no minimum
+        with torch.inference_mode():
+            shared = attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "mask": mask,
+                                                                             "scale": "whole batch"}).result[1]
+        assert torch.equal(shared, out_mask)
 
 
 def test_the_map_nodes_show_their_pictures_on_themselves_and_entanglement_draws_at_image_size(nodes_and_trace):
