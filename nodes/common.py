@@ -285,7 +285,9 @@ def output_path(name: str, what: str, example: str) -> str:
 
 
 def inside(path: str, root: str) -> bool:
-    """Whether ``path`` lies in the folder ``root`` (both absolute and normalised)."""
+    """Whether ``path`` lies in the folder ``root`` (both absolute and normalised; in the system's case: on Windows,
+    BiasMap/trace is in biasmap)."""
+    path, root = os.path.normcase(path), os.path.normcase(root)
     try:
         return os.path.commonpath((path, root)) == root
     except ValueError:  # Windows: another drive

@@ -58,7 +58,7 @@ class BiasMapSaveTrace(io.ComfyNode):
     def execute(cls, trace, filename_prefix) -> io.NodeOutput:
         _listed_path(filename_prefix)  # ComfyUI's own refusal of a path outside the output folder speaks of an image
         output_dir = folder_paths.get_output_directory()
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         metadata = {}
         if not args.disable_metadata:  # as ComfyUI's savers: the workflow that made it, unless turned off
             if cls.hidden.prompt is not None:
@@ -76,8 +76,9 @@ class BiasMapSaveTrace(io.ComfyNode):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
             raise
-        # As Load Trace lists it: "/" on every system (ComfyUI normalises the subfolder with the system's separator).
-        shown = "/".join(p for p in (subfolder.replace(os.sep, "/"), file) if p) + " [output]"
+        # As Load Trace lists it: relative to the output folder (also for a prefix typed as an absolute path inside it),
+        # with "/" on every system.
+        shown = os.path.relpath(os.path.join(folder, file), output_dir).replace(os.sep, "/") + " [output]"
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
 
@@ -86,8 +87,10 @@ def _listed_path(prefix: str) -> str:
     """Save Trace's ``prefix`` as a path in the output folder's ``biasmap/``, the folder Load Trace lists there."""
     path = output_path(prefix, "trace", f"{SAVED}/trace")
     if not inside(os.path.dirname(path), os.path.abspath(os.path.join(folder_paths.get_output_directory(), SAVED))):
+        example = prefix.strip("/\\")
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{SAVED}/, where Load Trace does not list "
-                         f"it: start the prefix with {SAVED}/, e.g. {SAVED}/{prefix.strip('/') or 'trace'}")
+                         f"it: start the prefix with {SAVED}/, e.g. {SAVED}/"
+                         f"{example if example not in ('', SAVED) else 'trace'}")
     return path
 
 

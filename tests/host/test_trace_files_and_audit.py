@@ -89,6 +89,9 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     assert options == ["shared.safetensors", "biasmap/audits/trace_00001_.safetensors [output]",
                        "biasmap/audits/trace_00002_.safetensors [output]"]
     assert names == options[1:]  # Save Trace's output names the file as Load Trace lists it
+    typed_absolute = str(folders / "out" / "biasmap" / "audits" / "trace")  # a path inside the folder, typed whole
+    assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, typed_absolute).result[0] == (
+        "biasmap/audits/trace_00003_.safetensors [output]")
     for name in (options[0], options[2]):
         assert BiasMapLoadTrace.validate_inputs(name) is True
         loaded = BiasMapLoadTrace.execute(name).result[0]
@@ -316,7 +319,7 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
         BiasMapSaveTrace.validate_inputs(filename_prefix=name))
     assert BiasMapAuditLog.validate_inputs(filename="biasmap/runs/a") is True
     assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap/trace") is True
-    assert "start the prefix with biasmap/" in BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap")
+    assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap").endswith("e.g. biasmap/trace")
     assert BiasMapAuditLog.validate_inputs(filename=None) is BiasMapSaveTrace.validate_inputs(None) is True  # linked
 
 
@@ -367,3 +370,15 @@ def test_audit_log_thresholds_at_the_latents_size_when_asked(pack, folders, trac
 
     text = BiasMapAuditLog.execute(**defaults(BiasMapAuditLog) | {"trace": trace, "resolution": "latent"}).result[0]
     assert {r["mask_size"] for r in csv.DictReader(text.splitlines())} == {"32x32"}
+
+
+def test_a_path_is_inside_a_folder_in_the_systems_case_so_windows_takes_biasmap_typed_in_capitals(pack, monkeypatch):
+    import ntpath
+    import os
+
+    from biasmap_pack.nodes.common import inside
+
+    monkeypatch.setattr(os, "path", ntpath)  # Windows' paths, for this call alone
+    assert inside("C:\\ComfyUI\\output\\BiasMap\\trace", "C:\\ComfyUI\\output\\biasmap")
+    assert not inside("C:\\ComfyUI\\output2\\trace", "C:\\ComfyUI\\output")
+    assert not inside("D:\\output\\trace", "C:\\ComfyUI\\output")  # another drive
