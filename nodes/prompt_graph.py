@@ -78,9 +78,12 @@ def _typed_text(prompt: dict | None, link) -> str:
         if not _is_link(link):
             break
         kind, inputs = _linked(prompt, link)
-        if kind == "CLIPTextEncodeSDXL":  # the model reads both encoders' texts
-            g, l = (_typed_text(prompt, inputs.get(name)) for name in ("text_g", "text_l"))
-            return g if l == g or not (g and l) else f"{g} | {l}"
+        if kind == "CLIPTextEncodeSDXL":  # the model reads both encoders' texts: '' where one is made while it runs
+            texts = [(_typed_text(prompt, inputs.get(name)), _is_link(inputs.get(name)))
+                     for name in ("text_g", "text_l")]
+            if any(linked and not text for text, linked in texts):
+                return ""
+            return " | ".join(dict.fromkeys(text for text, _ in texts if text))
         if kind in _TEXT_INPUT:
             link = inputs.get(_TEXT_INPUT[kind])
         elif kind == "BiasMapAuditPrompts" and link[1] == 0:  # its prompt output, a function of typed inputs

@@ -408,6 +408,8 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     graph["4"]["inputs"]["text_l"] = ["5", 0]
     graph["5"] = {"class_type": "PrimitiveString", "inputs": {"value": "a photo"}}
     assert graph_run(graph, "3")["generation_prompt"] == "a photo"  # the same text twice, through a primitive
+    graph["5"] = {"class_type": "WildcardProcessor", "inputs": {"text": "a {doctor|nurse}"}}
+    assert graph_run(graph, "3")["generation_prompt"] == ""  # text_l made while the graph runs: no one typed text
     graph["4"] = {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"text": "a photo", "ascore": 6.0}}
     assert graph_run(graph, "3")["generation_prompt"] == "a photo"
     graph["11"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0]}}
