@@ -82,7 +82,7 @@ class EntanglementResult:
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
         differing += [f"{name} ({b}, this run {a})" for name, b, a in (
             ("model family", other.model_family, trace.model_family),
-            *((f"{key}", other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
+            *((key, other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
             ("stages", " ".join(other.stages), " ".join(trace.stages)),
             ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
             ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))

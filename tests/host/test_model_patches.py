@@ -52,8 +52,8 @@ def _patched(name, model, neg):
     "PerturbedAttentionGuidance", "SelfAttentionGuidance", "APG", "CFGZeroStar", "CFGNorm", "TCFG", "Mahiro",
     "EpsilonScaling", "TemporalScoreRescaling", "RescaleCFG", "ModelSamplingDiscrete v zsnr",
     "ModelSamplingDiscrete lcm", "UNetSelfAttentionMultiply", "UNetCrossAttentionMultiply", "PerpNeg"])
-def test_guidance_applies_at_every_step_under_comfyuis_model_patch_nodes(sd15, prompts, node, stages, batched,
-                                                                         request):
+def test_guidance_applies_at_every_step_below_the_sigma_cap_under_comfyuis_model_patch_nodes(sd15, prompts, node,
+                                                                                             stages, batched, request):
     if batched:
         request.getfixturevalue("gpu_batching")
     model, clip = sd15
@@ -210,10 +210,11 @@ def test_a_cache_and_a_guidance_window_work_together(sd15, prompts):
     assert torch.isfinite(out).all() and counts["not_guided"] > 0 and counts["applied"] > 0
 
 
-@pytest.mark.parametrize("length, overlap, dim, batch", [(16, 4, 3, 1),  # windows of 16 of the latent's 32 columns
-                                                         (1, 0, 0, 2)])  # one image of two at a time (AnimateDiff's)
+@pytest.mark.parametrize("length, overlap, dim, batch, cause", [
+    (16, 4, 3, 1, "no pass of it over the whole latent reached"),  # windows of 16 of the latent's 32 columns
+    (1, 0, 0, 2, "1 of its 2 images at a time")])  # one image of two at a time (AnimateDiff's)
 def test_an_evaluation_whose_unet_ran_only_on_parts_of_the_latent_is_refused_with_the_cause(sd15, prompts, length,
-                                                                                            overlap, dim, batch):
+                                                                                            overlap, dim, batch, cause):
     import comfy.context_windows as windows
     from comfy_extras import nodes_context_windows
 
@@ -224,7 +225,7 @@ def test_an_evaluation_whose_unet_ran_only_on_parts_of_the_latent_is_refused_wit
             model, length, overlap, windows.ContextSchedules.STATIC_STANDARD, 1, False,
             windows.ContextFuseMethods.PYRAMID, dim, False)[0]
     for lam in (0.0, 100.0):
-        with pytest.raises(ValueError, match="only on parts of the latent.*remove or bypass that node"):
+        with pytest.raises(ValueError, match=f"{cause}.*remove or bypass that node"):
             sample(tiled, clip, pos, neg, lam, batch=batch)
 
 
