@@ -288,6 +288,24 @@ def test_a_concept_missing_from_the_attribution_prompt_is_rejected_before_runnin
     assert "race" in json.dumps(answer["node_errors"][sampler]), json.dumps(answer, indent=1)
 
 
+def test_a_word_the_map_nodes_ask_for_and_the_attribution_prompt_lacks_stops_the_sampler_before_it_samples(server):
+    # The map nodes cannot see the attribution prompt when the prompt is queued; the sampler reads their words from
+    # the graph ComfyUI runs (its hidden prompt) and refuses before its first step.
+    api = _convert(server, "biasmap_discover_and_mitigate.json")
+    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    workflow_api.override(api, "BiasMapGuidedKSampler", steps=1)
+    workflow_api.override(api, "BiasMapAttributionMap", word="gendre")
+    entry = _run_prompt(server, api)
+    assert entry["status"]["status_str"] == "error"
+    (error,) = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert error["node_type"] == "BiasMapGuidedKSampler", _errors(entry)
+    assert error["exception_message"].startswith("Attribution Map (node "), _errors(entry)
+    assert "asks for word 'gendre', which is not a word of this sampler's attribution prompt" in (
+        error["exception_message"]), _errors(entry)
+    assert not [data for kind, data in entry["status"]["messages"] if kind == "execution_success"]
+
+
 def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampler(server):
     # Researchers change the concepts on the sampler; the nodes after it read them from the trace.
     api = _convert(server, "biasmap_audit_advanced.json")
