@@ -1,8 +1,9 @@
 """Audit Prompts: the subject, seed and prompts of one run of an audit over subjects × seeds (BiasMap §4).
 
 Link its outputs to the sampler (seed, attribution prompt, demographic, semantic) and to CLIP Text Encode (the
-prompt), leave ``run`` on "increment", and queue the graph with a batch count of ``runs``: each queued run takes the
-next subject and seed, and Audit Log gathers the rows into one file.
+prompt), set ``run``'s control after generate to "increment" (the frontend starts a new node on "randomize"), and
+queue the graph with a batch count of ``runs``: each queued run takes the next subject and seed, and Audit Log gathers
+the rows into one file.
 """
 
 from comfy_api.latest import io
@@ -20,16 +21,17 @@ class BiasMapAuditPrompts(io.ComfyNode):
             node_id="BiasMapAuditPrompts",
             display_name="BiasMap Audit Prompts",
             category=CATEGORY,
-            description="One run of an audit over subjects (professions) × seeds: run 0, 1, 2, … (left on "
-                        "increment, the frontend counts the queued runs) picks the subject and the seed, and gives "
-                        "the prompt, the attribution prompt (the prompt and the demographic word, as the paper) and "
-                        "the concepts to link to the sampler. Queue the graph with a batch count of the runs; for "
-                        "the paper's reductions, queue them again from run 0 with the sampler at λ = 0, into the same "
-                        "audit file.",
+            description="One run of an audit over subjects (professions) × seeds: run 0, 1, 2, … (with its "
+                        "control after generate on increment, the frontend counts the queued runs) picks the "
+                        "subject and the seed, and gives the prompt, the attribution prompt (the prompt and the "
+                        "demographic word, as the paper) and the concepts to link to the sampler. Queue the graph "
+                        "with a batch count of the runs; for the paper's reductions, queue them again from run 0 with "
+                        "the sampler at λ = 0, into the same audit file.",
             inputs=[
                 io.Int.Input("run", default=0, min=0, max=10_000_000, control_after_generate=True,
-                             tooltip="Which run of the audit this is: 0 for the first; on increment, each queued "
-                                     "prompt takes the next."),
+                             tooltip="Which run of the audit this is: 0 for the first. Set its control after generate "
+                                     "to increment (a new node starts on randomize): each queued prompt then takes "
+                                     "the next."),
                 io.String.Input("subjects", default="\n".join(PAPER_PROFESSIONS), multiline=True,
                                 tooltip="The semantic concepts audited, one per line or comma-separated (default: "
                                         "the paper's 19 professions)."),

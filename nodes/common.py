@@ -64,7 +64,8 @@ def guidance_inputs() -> list:
                        tooltip="Guide from this point of the model's noise range, like ComfyUI's start_percent "
                                "(0 = pure noise, 1 = clean): not a fraction of the steps run, so with denoise < 1 "
                                "or split sigmas the run starts partway in. The trace says if no step was guided. "
-                               "Steps at σ above 29.2 (zero-terminal-SNR or EDM schedules) are never guided."),
+                               "Steps at σ above 29.2 (zero-terminal-SNR or EDM schedules, custom sigmas that "
+                               "high) are never guided."),
         io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
                        tooltip="Guide until this point of the model's noise range, like ComfyUI's end_percent "
                                "(1 = clean). Must be above start."),
