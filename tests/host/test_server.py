@@ -193,11 +193,7 @@ def test_shipped_workflows_run_end_to_end(server):
             if node["type"] == "BiasMapSaveTrace":
                 assert node["mode"] == workflow_api.MODE_MUTED  # shipped muted: a trace a run adds up over an audit
                 node["mode"] = 0
-        api = workflow_api.ui_to_api(graph, server["object_info"])
-        workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-        workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
-        workflow_api.override(api, "BiasMapGuidedKSampler", steps=2)
-        workflow_api.override(api, "BasicScheduler", steps=2)
+        api = _small(workflow_api.ui_to_api(graph, server["object_info"]), steps=2)
 
         for node in api.values():
             text = api[node["inputs"]["positive"][0]]["inputs"]["text"] if "positive" in node["inputs"] else None
@@ -276,6 +272,14 @@ def _convert(server, name: str) -> dict:
     return workflow_api.ui_to_api(json.loads((REPO / "workflows" / name).read_text()), server["object_info"])
 
 
+def _small(api: dict, steps: int = 1) -> dict:
+    """A workflow's API graph on the test checkpoint, at 64² and ``steps`` steps, whichever sampler it has."""
+    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    workflow_api.override(api, "BiasMapGuidedKSampler", steps=steps)
+    return workflow_api.override(api, "BasicScheduler", steps=steps)
+
+
 def test_a_concept_missing_from_the_attribution_prompt_is_rejected_before_running(server):
     """The pack's validate_inputs runs in the server's validation: HTTP 400 naming the node and the word."""
     api = _convert(server, "biasmap_audit_advanced.json")
@@ -291,10 +295,7 @@ def test_a_concept_missing_from_the_attribution_prompt_is_rejected_before_runnin
 def test_a_word_the_map_nodes_ask_for_and_the_attribution_prompt_lacks_stops_the_sampler_before_it_samples(server):
     # The map nodes cannot see the attribution prompt when the prompt is queued; the sampler reads their words from
     # the graph ComfyUI runs (its hidden prompt) and refuses before its first step.
-    api = _convert(server, "biasmap_discover_and_mitigate.json")
-    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
-    workflow_api.override(api, "BiasMapGuidedKSampler", steps=1)
+    api = _small(_convert(server, "biasmap_discover_and_mitigate.json"))
     workflow_api.override(api, "BiasMapAttributionMap", word="gendre")
     entry = _run_prompt(server, api)
     assert entry["status"]["status_str"] == "error"
@@ -308,10 +309,7 @@ def test_a_word_the_map_nodes_ask_for_and_the_attribution_prompt_lacks_stops_the
 
 def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampler(server):
     # Researchers change the concepts on the sampler; the nodes after it read them from the trace.
-    api = _convert(server, "biasmap_audit_advanced.json")
-    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
-    workflow_api.override(api, "BasicScheduler", steps=1)
+    api = _small(_convert(server, "biasmap_audit_advanced.json"))
     workflow_api.override(api, "BiasMapGuidedKSamplerAdvanced", semantic="nurse",
                           attribution_prompt="A photo of the face of a nurse and gender")
     workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/nurse")  # the shipped test reads audit.csv
@@ -322,10 +320,7 @@ def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampl
 
 
 def test_the_professions_workflow_walks_its_plan_one_queued_run_at_a_time_and_refuses_a_run_past_it(server):
-    api = _convert(server, "biasmap_audit_professions.json")
-    workflow_api.override(api, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    workflow_api.override(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
-    workflow_api.override(api, "BiasMapGuidedKSampler", steps=1)
+    api = _small(_convert(server, "biasmap_audit_professions.json"))
     workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/plan_walk")
     workflow_api.override(api, "BiasMapAuditPrompts", subjects="doctor\nnurse", seeds=2, first_seed=5)
     for run in range(4):  # what "increment" sends, one queued prompt after another
