@@ -76,9 +76,8 @@ class BiasMapSaveTrace(io.ComfyNode):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
             raise
-        # As Load Trace lists it: relative to the output folder (also for a prefix typed as an absolute path inside it),
-        # with "/" on every system.
-        shown = os.path.relpath(os.path.join(folder, file), output_dir).replace(os.sep, "/") + " [output]"
+        # As Load Trace lists it, also for a prefix typed as an absolute path inside the folder.
+        shown = _listed_name(os.path.join(folder, file), output_dir) + " [output]"
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
 
@@ -86,7 +85,7 @@ class BiasMapSaveTrace(io.ComfyNode):
 def _listed_path(prefix: str) -> str:
     """Save Trace's ``prefix`` as a path in the output folder's ``biasmap/``, the folder Load Trace lists there."""
     path = output_path(prefix, "trace", f"{SAVED}/trace")
-    if not inside(os.path.dirname(path), os.path.abspath(os.path.join(folder_paths.get_output_directory(), SAVED))):
+    if not inside(os.path.dirname(path), _saved_folder()):
         example = prefix.strip("/\\")
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{SAVED}/, where Load Trace does not list "
                          f"it: start the prefix with {SAVED}/, e.g. {SAVED}/"
@@ -183,7 +182,7 @@ def trace_files() -> list[str]:
                                         (output, SAVED, " [output]", _written)):
         names = []
         for root, _, files in os.walk(os.path.join(folder, under)):  # links not followed: a loop would never end
-            names += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+            names += [_listed_name(os.path.join(root, f), folder)
                       for f in files if f.endswith(EXTENSION) and listed(os.path.join(root, f))]
         found += [name + note for name in sorted(names)]
     return found
@@ -195,8 +194,18 @@ def _trace_path(trace_file: str) -> str | None:
     there is read, like Load Latent's), and that normalised path is the one read: ``..`` never passes through a
     linked folder to somewhere else."""
     path = os.path.abspath(folder_paths.get_annotated_filepath(trace_file))
-    roots = [folder_paths.get_input_directory(), os.path.join(folder_paths.get_output_directory(), SAVED)]
-    return path if os.path.isfile(path) and any(inside(path, os.path.abspath(root)) for root in roots) else None
+    roots = [os.path.abspath(folder_paths.get_input_directory()), _saved_folder()]
+    return path if os.path.isfile(path) and any(inside(path, root) for root in roots) else None
+
+
+def _saved_folder() -> str:
+    """The output folder's ``biasmap/``: where Save Trace writes and Load Trace lists from the output folder."""
+    return os.path.abspath(os.path.join(folder_paths.get_output_directory(), SAVED))
+
+
+def _listed_name(path: str, folder: str) -> str:
+    """A file's name as Load Trace lists it: its path from ``folder``, with "/" on every system."""
+    return os.path.relpath(path, folder).replace(os.sep, "/")
 
 
 def _missing(trace_file: str | None) -> str:
