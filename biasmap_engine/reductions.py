@@ -32,10 +32,10 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
                match: tuple[str, ...] = ()) -> list[dict]:
     """Per guided configuration and way of sampling and measuring (sampler, steps, model, q, …) and per value of column
     ``by`` (e.g. each profession, or of several columns; None: all rows together; and per demographic concept where
-    the rows hold several): the images paired with their
-    λ = 0 row, both means of ``metric``, both relative reductions, and the guided rows left out (no λ = 0 row of their
-    image, n/a figures, the same image logged again). ``match``: more columns a pair must share, e.g. ``("label",)``
-    when the label carries the prompt (text made while the graph runs)."""
+    the rows hold several): the images paired with their λ = 0 row, both means of ``metric``, both relative
+    reductions, and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again).
+    ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
+    the graph runs)."""
     rows = list(rows)
     by = _apart_by_demographic(rows, _columns(by))
     _check_columns(rows, metric, by, match)
@@ -98,8 +98,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({str(f.get(c)) for f in first}) > 1]
     lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap):"]
     for i, group in enumerate(first):
-        setting = " · ".join("λ " + f"{group[c]:g}" if c == "guidance_scale" else f"{c} {group.get(c, '')}"
-                             for c in named)
+        setting = " · ".join(_label(c, group.get(c, "")) for c in named)
         changes = "; ".join(f"{metric} {figure(f[i]['base'], 4)} → {figure(f[i]['guided'], 4)} "
                             f"({percent_change(f[i]['reduction'])}, per image "
                             f"{percent_change(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
@@ -119,7 +118,7 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
              or (c == "guidance_scale" and _number(rows[0][c]) != 0)]
     groups: dict[tuple, dict] = {}
     for row in rows:
-        name = tuple(f"λ {_number(row[c]):g}" if c == "guidance_scale" else f"{c} {row.get(c, '')}" for c in named)
+        name = tuple(_label(c, row.get(c, "")) for c in named)
         name += tuple(str(row[c]) for c in by)
         group = groups.setdefault(name, {"images": set(), **{m: [] for m in metrics}})
         key = _key(row, _IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
@@ -134,6 +133,11 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
         lines.append(f"{' · '.join(name) or 'all'}: {means} over {len(group['images'])} image(s)"
                      + (f", {unmeasured} of them n/a" if unmeasured else ""))
     return "\n".join(lines)
+
+
+def _label(column: str, value) -> str:
+    """A setting as a summary line names it: λ 100, sampler heun."""
+    return f"λ {_number(value):g}" if column == "guidance_scale" else f"{column} {value}"
 
 
 def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:
