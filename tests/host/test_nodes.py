@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from node_calls import defaults
+from node_calls import as_comfy_runs, defaults
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +338,6 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
 def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack):
     # Those nodes run after the sampler and cannot see its attribution prompt when queued: a typo cost the whole run.
     import comfy.patcher_extension as ext
-    from comfy_api.latest import io
 
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
@@ -360,10 +359,8 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
                                                                 "concept_b": ["20", 0]}}}
 
     def run(graph):
-        node = BiasMapGuidedKSampler.PREPARE_CLASS_CLONE(
-            {"hidden_inputs": {io.Hidden.prompt: graph, io.Hidden.unique_id: "3"}})
         with torch.inference_mode():
-            return node.execute(**args)
+            return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
 
     with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_b 'docter', which is not a "
                                          r"word of this sampler's attribution prompt 'A photo of the face of a doctor "

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from node_calls import defaults
+from node_calls import as_comfy_runs, defaults
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -42,14 +42,6 @@ def trace(pack, sd15, prompts):
              "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry"}}}
     with torch.inference_mode():
         return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result[1]
-
-
-def as_comfy_runs(node, prompt=None, node_id=None):
-    """The class clone ComfyUI's executor makes, with the hidden inputs an output node gets."""
-    from comfy_api.latest import io
-
-    return node.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.prompt: prompt, io.Hidden.extra_pnginfo: None,
-                                                       io.Hidden.unique_id: node_id}})
 
 
 def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):

@@ -4,3 +4,11 @@
 def defaults(node) -> dict:
     """A node's inputs at their schema's defaults (those that have one)."""
     return {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
+
+
+def as_comfy_runs(node, prompt=None, node_id=None):
+    """The class clone ComfyUI's executor makes, with the hidden inputs an output node gets."""
+    from comfy_api.latest import io
+
+    return node.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.prompt: prompt, io.Hidden.extra_pnginfo: None,
+                                                       io.Hidden.unique_id: node_id}})
