@@ -128,8 +128,8 @@ def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt
             raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}, which is not a "
                              f"word of this sampler's attribution prompt {attribution_prompt!r} (its words: "
                              f"{listed_words(_splits(attribution_prompt)[0][0])}): correct {name} there, or add the "
-                             f"word to the attribution prompt. Checked before sampling, so that the run is not lost "
-                             f"to it (also when that node is not among the outputs queued: correct or bypass it).")
+                             f"word to the attribution prompt. Checked before sampling, so that the run is not lost to "
+                             f"it.")
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:

@@ -14,7 +14,7 @@ from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, s
                                    start_session)
 from .common import (ADVANCED, CATEGORY, Trace, absent_from, check_concepts, check_words_asked, concept_inputs,
                      guidance_inputs, plain_errors, settings_from)
-from .prompt_graph import graph_run, words_asked_of
+from .prompt_graph import graph_run, queued_outputs, words_asked_of
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -44,7 +44,8 @@ def _logged(node, latent, trace) -> io.NodeOutput:
 def _session(node, model, clip, kwargs):
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
     if hidden:
-        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id), kwargs["attribution_prompt"])
+        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, queued_outputs()),
+                          kwargs["attribution_prompt"])
     return start_session(model, clip, kwargs["attribution_prompt"], split_concepts(kwargs["demographic"]),
                          split_concepts(kwargs["semantic"]), settings_from(kwargs))
 

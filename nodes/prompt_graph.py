@@ -2,9 +2,11 @@
 typed prompts, the checkpoint and LoRAs, the scheduler behind SIGMAS. A sampler gets conditioning, a model and sigmas,
 not the text and file names that made them; where a node on the way makes them while the graph runs, they stay ''."""
 
+import sys
+
 from ..biasmap_engine import audit_run
 
-__all__ = ["generation_prompt", "graph_run", "words_asked_of"]
+__all__ = ["generation_prompt", "graph_run", "queued_outputs", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -38,17 +40,46 @@ _TRACE_INPUTS = ("trace", "baseline")
 _TRACE_SLOT = 1
 
 
-def words_asked_of(prompt: dict | None, node_id) -> list[tuple[str, str, str, str]]:
+def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[tuple[str, str, str, str]]:
     """The words typed into the nodes that read node ``node_id``'s trace directly: (node's name, its id, input, text)
-    for each word input holding text (a linked one is made while the graph runs: not read)."""
-    asked = []
+    for each word input holding text (a linked one is made while the graph runs: not read). With ``outputs``, the
+    output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and what they read."""
+    asked, runs = [], _read_by(prompt, outputs) if outputs is not None else None
     for other, node in (prompt or {}).items():
+        if runs is not None and str(other) not in runs:
+            continue
         inputs = node.get("inputs", {})
         shown, names = _WORD_INPUTS.get(node.get("class_type"), ("", ()))
         if names and any(_is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id) and inputs[t][1] == _TRACE_SLOT
                          for t in _TRACE_INPUTS):
             asked += [(shown, str(other), name, inputs[name]) for name in names if isinstance(inputs.get(name), str)]
     return asked
+
+
+def queued_outputs() -> list[str] | None:
+    """The output nodes queued with the prompt running now, from the server's queue: "Queue Selected Output Nodes"
+    queues some of a graph's. None outside a server (ComfyUI's executor called directly): then all of them run."""
+    from comfy_execution.utils import get_executing_context
+
+    # The server module as main.py imported it; not imported here, which would start a web app in a process without.
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    context = get_executing_context()
+    if context is None or server is None:
+        return None
+    running, _ = server.prompt_queue.get_current_queue_volatile()
+    # A queue item is (number, prompt_id, prompt, extra_data, outputs_to_execute, ...), as main.py's worker reads it.
+    return next((list(item[4]) for item in running if item[1] == context.prompt_id), None)
+
+
+def _read_by(prompt: dict | None, outputs: list) -> set[str]:
+    """The ids of nodes ``outputs`` and of every node they read, directly or not."""
+    seen, todo = set(), [str(node_id) for node_id in outputs]
+    while todo:
+        node_id = todo.pop()
+        if node_id not in seen:
+            seen.add(node_id)
+            todo += [str(value[0]) for value in _inputs(prompt, node_id).values() if _is_link(value)]
+    return seen
 
 
 def graph_run(prompt: dict | None, node_id) -> dict:

@@ -1,5 +1,5 @@
 """The one adapter between the BiasMap engine and ComfyUI internals: the only engine code that imports ``comfy``
-(the nodes, ComfyUI nodes themselves, also use its folder and argument helpers)."""
+(the nodes, ComfyUI nodes themselves, also use its folder and argument helpers and its server's queue)."""
 
 from .attribution import encode_attribution, prompt_text_words
 from .sampling import sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names, start_session

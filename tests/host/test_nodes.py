@@ -371,6 +371,23 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
     assert run(graph).result[1].steps.numel() == 1 and evaluated
 
 
+def test_with_some_outputs_queued_only_the_nodes_that_run_for_them_are_asked_for_their_words(pack):
+    # "Queue Selected Output Nodes" sends the whole graph and the outputs to run; the others' nodes do not run.
+    from biasmap_pack.nodes.prompt_graph import words_asked_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "9": {"class_type": "SaveImage", "inputs": {"images": ["11", 0]}},
+             "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "gender"}},
+             "12": {"class_type": "BiasMapEntanglementIoU",
+                    "inputs": {"trace": ["3", 1], "concept_a": "gendre", "concept_b": "doctor"}}}
+    every = [("Attribution Map", "11", "word", "gender"), ("Entanglement IoU", "12", "concept_a", "gendre"),
+             ("Entanglement IoU", "12", "concept_b", "doctor")]
+    assert words_asked_of(graph, "3") == every
+    assert words_asked_of(graph, "3", ["9"]) == every[:1]  # the map runs for the Save Image that reads its picture
+    assert words_asked_of(graph, 3, [12]) == every[1:]
+    assert words_asked_of(graph, "3", []) == []
+
+
 def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where_they_are_named(pack):
     from biasmap_pack.nodes.prompt_graph import graph_run
 

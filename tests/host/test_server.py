@@ -155,8 +155,10 @@ def test_comfyui_boots_with_the_pack_and_lists_its_nodes(server):
         assert module == f"custom_nodes.{PACK_NAME}", (node, module)
 
 
-def _run_prompt(server, api: dict) -> dict:
-    status, answer = _post(server["base"], "/prompt", {"prompt": api, "client_id": "biasmap-tests"})
+def _run_prompt(server, api: dict, outputs: list[str] | None = None) -> dict:
+    """Queue ``api`` (only the output nodes ``outputs``, as "Queue Selected Output Nodes" does) and wait for it."""
+    body = {"prompt": api, "client_id": "biasmap-tests"} | ({"partial_execution_targets": outputs} if outputs else {})
+    status, answer = _post(server["base"], "/prompt", body)
     assert status == 200 and not answer.get("node_errors"), (status, json.dumps(answer, indent=1))
     prompt_id = answer["prompt_id"]
     deadline = time.monotonic() + PROMPT_TIMEOUT_S
@@ -305,6 +307,11 @@ def test_a_word_the_map_nodes_ask_for_and_the_attribution_prompt_lacks_stops_the
     assert "asks for word 'gendre', which is not a word of this sampler's attribution prompt" in (
         error["exception_message"]), _errors(entry)
     assert not [data for kind, data in entry["status"]["messages"] if kind == "execution_success"]
+    # Queued without that node (Queue Selected Output Nodes on the Save Image), the map does not run: no refusal.
+    save = next(node_id for node_id, node in api.items() if node["class_type"] == "SaveImage")
+    entry = _run_prompt(server, api, outputs=[save])
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    assert list(entry["outputs"]) == [save], entry["outputs"]
 
 
 def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampler(server):
