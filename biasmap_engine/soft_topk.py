@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["soft_topk", "soft_iou"]
+__all__ = ["check_keep", "soft_topk", "soft_iou"]
 
 _GRID, _ROUNDS, _NEWTON = 64, 4, 2  # 64⁴ shrinks the bracket (max − min of the maps, ≤ 400) to ~2e-5; Newton finishes
 
@@ -38,6 +38,16 @@ def soft_topk(maps: torch.Tensor, keep: float = 0.3, gamma: float = 0.01, mode: 
     return out.to(maps.dtype)
 
 
+def check_keep(hw: tuple[int, int], keep: float, mode: str) -> None:
+    """Refuse a ``keep`` that leaves no pixel of ``hw`` maps in ``mode``: before any map is made, not at a step."""
+    n, what = (hw[-1], f"a map row {hw[-1]} wide") if mode == "paper" else (hw[0] * hw[1], f"a {hw[0]}×{hw[1]} map")
+    if _count(n, keep) < 1:
+        exact_fits = mode == "paper" and _count(hw[0] * hw[1], keep) >= 1
+        raise ValueError(f"q = {1 - keep:g} keeps no pixel of {what} (the soft top-k keeps ⌊(1 − q)·{n}⌋): set q to "
+                         f"at most {math.floor((1 - 1 / n) * 100) / 100:g}"
+                         + (", or soft_topk to 'exact' (one problem per map, not per row)" if exact_fits else ""))
+
+
 def soft_iou(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
     """Σ S_a S_b / (Σ S_a + Σ S_b − Σ S_a S_b + 1e-8) per map pair over the last two dims, in fp32 or wider (the 1e-8
     is 0 in fp16)."""
@@ -50,7 +60,8 @@ def _sinkhorn_rows(maps: torch.Tensor, keep: float, gamma: float, iters: int) ->
     """The reference's log-domain Sinkhorn, applied to every row of every map (its ``view(rows, -1)`` quirk)."""
     x = maps.reshape(-1, maps.shape[-1])  # one problem per row
     n = x.shape[-1]
-    k = _kept(n, keep, f"a map row {n} wide")
+    check_keep(maps.shape[-2:], keep, "paper")
+    k = _count(n, keep)
     if iters < 1:
         raise ValueError(f"paper mode needs at least one Sinkhorn iteration, got iters={iters}; set iters to 1 or "
                          f"more (the reference uses 20)")
@@ -142,7 +153,8 @@ def _exact_global(maps: torch.Tensor, keep: float, gamma: float) -> torch.Tensor
     """Converged global soft top-k: S = σ((2x − 1)/γ + c) with Σ S = k, on maps divided by their largest |value|."""
     flat = maps.flatten(-2)
     n = flat.shape[-1]
-    k = _kept(n, keep, f"a {maps.shape[-2]}×{maps.shape[-1]} map")
+    check_keep(maps.shape[-2:], keep, "exact")
+    k = _count(n, keep)
     # By the largest magnitude, not the max: attribution maps are ≥ 0, where the two agree, but a signed map (a
     # difference of maps) with max ≤ 0 would be scaled to ±huge values and the sum's solve to NaN.
     x = flat / flat.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
@@ -202,10 +214,6 @@ def _solve_shift(logits: torch.Tensor, k: float) -> torch.Tensor:
     return shift
 
 
-def _kept(n: int, keep: float, what: str) -> int:
-    """k = ⌊keep·n⌋, robust to keep's rounding (0.29 · 1600 is 463.99… in floating point)."""
-    k = min(math.floor(n * keep + 1e-6), n - 1)
-    if k < 1:
-        raise ValueError(f"keep={keep:g} (q = {1 - keep:g}) keeps no pixel of {what}: lower q to at most "
-                         f"{math.floor((1 - 1 / n) * 100) / 100:g} (raise keep to at least {1 / n:.3g})")
-    return k
+def _count(n: int, keep: float) -> int:
+    """k = ⌊keep·n⌋ < n, robust to keep's rounding (0.29 · 1600 is 463.99… in floating point)."""
+    return min(math.floor(n * keep + 1e-6), n - 1)

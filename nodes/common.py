@@ -50,7 +50,9 @@ def guidance_inputs() -> list:
                                "soft top-k per map with an implicit gradient."),
         io.Float.Input("q", default=0.70, min=0.01, max=0.99, step=0.01, extra_dict=ADVANCED,
                        tooltip="Quantile of the masks: the energy's soft top-k keeps the top 1 − q (paper 0.70). At "
-                               "least 0.01, since a soft top-k that keeps every pixel has no gradient."),
+                               "least 0.01, since a soft top-k that keeps every pixel has no gradient. With "
+                               "soft_topk paper, which keeps pixels of each row, at most 1 − 1/W for the largest "
+                               "attention grid's width W (0.98 for SD 1.5 at 512², SDXL at 1024²)."),
         io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, round=0.0001, extra_dict=ADVANCED,
                        tooltip="Entropic regulariser γ of the soft top-k (paper 0.01)."),
         io.Combo.Input("gate", options=list(GATES), default="skip", extra_dict=ADVANCED,

@@ -37,7 +37,8 @@ import torch
 from ..guidance import guidance_step
 from ..recorder import TraceRecorder
 from ..settings import BiasMapSettings
-from ..stages import STAGE_ORDER
+from ..soft_topk import check_keep
+from ..stages import STAGE_ORDER, stage_grid
 from ..tokens import find_word_positions, require_distinct_concepts
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
@@ -184,6 +185,10 @@ class BiasMapSession:
         σ alone cannot tell Heun's corrector (at σ_i+1) from step i+1's first evaluation, nor a PECE corrector's second
         evaluation at σ_i from a next step; k-diffusion's samplers report each step right after its first evaluation.
         """
+        if self.backward is not None:  # the energy's maps are at the largest recorded grid of this latent
+            hw = args[0].shape[-2:]  # the noise, the latent's size
+            check_keep(max((stage_grid(stage, hw) for stage in set(self._block_stages.values())),
+                           key=lambda grid: grid[0] * grid[1]), self.settings.keep, self.settings.mode)
         last = sigmas.shape[-1] - 2
         self._schedule = sigmas  # read at the end of the run, to say which schedule it was (audits pair by it)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from biasmap_engine import soft_iou, soft_topk
+from biasmap_engine.soft_topk import check_keep
 
 
 def reference_paper_loop(matrix, percentile=0.3, gamma=0.01, max_iter=20):
@@ -112,9 +113,14 @@ def test_paper_mode_gives_finite_masks_and_gradients_for_maps_far_beyond_real_sc
     assert torch.isfinite(s).all() and torch.isfinite(grad).all()
 
 
-def test_paper_mode_refuses_rows_too_narrow_to_keep_a_pixel_and_says_how_far_to_lower_q():
-    with pytest.raises(ValueError, match=r"keeps no pixel of a map row 3 wide: lower q to at most 0\.66"):
+def test_maps_too_small_to_keep_a_pixel_are_refused_with_the_q_that_keeps_one_and_the_exact_mode_where_it_would():
+    with pytest.raises(ValueError, match=r"^q = 0\.7 keeps no pixel of a map row 3 wide .*: set q to at most 0\.66, or "
+                                         r"soft_topk to 'exact'"):
         soft_topk(torch.rand(1, 4, 3), keep=0.3, mode="paper")
+    with pytest.raises(ValueError, match=r"^q = 0\.9 keeps no pixel of a 2×3 map .*: set q to at most 0\.83$"):
+        soft_topk(torch.rand(1, 2, 3), keep=0.1, mode="exact")
+    with pytest.raises(ValueError, match=r"a map row 3 wide .*: set q to at most 0\.66$"):  # exact would keep none
+        check_keep((2, 3), 0.1, "paper")
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])

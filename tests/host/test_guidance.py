@@ -280,6 +280,26 @@ def test_guiding_only_stages_this_model_does_not_have_stops_with_the_stages_it_r
         sample(model, clip, pos, neg, 100.0, guided_stages=("down_8",))
 
 
+def test_a_q_that_keeps_no_pixel_of_the_energys_map_rows_is_refused_before_the_first_evaluation(sd15, prompts):
+    # The node's q goes to 0.99; the paper's soft top-k keeps ⌊(1 − q)·W⌋ pixels of each row of the largest recorded
+    # grid (32 wide at this 32² latent, also when only down_2 is guided), which depends on the latent's size.
+    import comfy.patcher_extension as ext
+
+    model, clip = sd15
+    pos, neg = prompts
+    evaluated = []
+    counted = model.clone()
+    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-count",
+                                 lambda executor, *args: evaluated.append(1) or executor(*args))
+    with pytest.raises(ValueError, match=r"^q = 0\.98 keeps no pixel of a map row 32 wide \(the soft top-k keeps "
+                                         r"⌊\(1 − q\)·32⌋\): set q to at most 0\.96, or soft_topk to 'exact' \(one "
+                                         r"problem per map, not per row\)$"):
+        sample(counted, clip, pos, neg, 100.0, keep=0.02, guided_stages=("down_2",))
+    assert evaluated == []
+    _, trace, _ = sample(counted, clip, pos, neg, 100.0, keep=0.02, mode="exact")  # 20 of the map's 1024 pixels
+    assert trace.guidance_counts()["applied"] == 1
+
+
 def test_concepts_that_overlap_are_refused_before_sampling(sd15):
     model, clip = sd15  # the cases: tests/engine/test_tokens_and_stages.py
     with torch.inference_mode(), pytest.raises(ValueError, match="share tokens of the attribution prompt"):
