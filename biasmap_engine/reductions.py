@@ -51,8 +51,9 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
             kept = baselines.setdefault(key, (value, row))
             if not _same(kept[0], value):
                 raise ValueError(f"two λ = 0 rows of the same image give {metric} {kept[0]:g} and {value:g}; they "
-                                 f"differ in {_differing(kept[1], row)}: pass those columns as match=(…) to pair "
-                                 f"by them too, or log each baseline once")
+                                 f"differ in {_differing(kept[1], row)}: if those tell two images apart (a prompt "
+                                 f"made while the graph ran, in the label), log each prompt's runs to a file of its "
+                                 f"own, or pass the columns as match=(…) to reductions() in Python")
     if not guided:
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}

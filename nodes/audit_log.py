@@ -34,7 +34,8 @@ class BiasMapAuditLog(io.ComfyNode):
                 io.String.Input("label", default="",
                                 tooltip="Free text for this run's rows, e.g. a condition name, or a prompt made "
                                         "while the graph runs (a wildcard node's), which the generation_prompt "
-                                        "column cannot read (link the text node to it)."),
+                                        "column cannot read (link the text node to it). The summary does not "
+                                        "pair rows by label: log each such prompt to a file of its own."),
                 io.String.Input("concept_a", default="",
                                 tooltip="Demographic word(s), comma-separated; empty = every demographic concept of "
                                         "the trace. Every pair with concept_b gets its rows."),

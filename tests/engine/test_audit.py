@@ -350,7 +350,9 @@ def test_reductions_refuse_two_different_baselines_of_one_image_and_pair_by_a_co
                     trace.maps[stage][:, :, 3] = trace.maps[stage][:, :, 4]  # nurse where gender is: IoU 1
         rows += audit_rows(base, q=0.5, size=(8, 8), label=prompt) + audit_rows(guided, q=0.5, size=(8, 8),
                                                                                  label=prompt)
-    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image give iou .* differ in label: pass"):
+    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image give iou .* differ in label: if those "
+                                         r"tell two images apart .*, log each prompt's runs to a file of its own, "
+                                         r"or pass"):
         reductions(rows)
     figures = {r["label"]: r for r in reductions(rows, match=("label",), by="label")}
     assert figures["a doctor"]["reduction"] == pytest.approx(0.0, abs=1e-6)  # both 1 there: nothing moved
