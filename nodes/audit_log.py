@@ -29,8 +29,8 @@ class BiasMapAuditLog(io.ComfyNode):
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                 io.String.Input("filename", default="biasmap/audit",
-                                tooltip="CSV path inside the output folder (.csv is added); rows are appended, the "
-                                        "header is written once."),
+                                tooltip="CSV path inside the output folder (.csv is added; empty: biasmap/audit); rows "
+                                        "are appended, the header is written once."),
                 io.String.Input("label", default="",
                                 tooltip="Free text for this run's rows, e.g. a condition name, or a prompt made "
                                         "while the graph runs (a wildcard node's), which the generation_prompt "
@@ -96,5 +96,5 @@ class BiasMapAuditLog(io.ComfyNode):
 
 def _csv_path(filename: str) -> str:
     """``filename``.csv inside the output folder (empty: biasmap/audit)."""
-    name = filename.strip() or "biasmap/audit"
-    return output_path(name if name.lower().endswith(".csv") else name + ".csv", "audit file", "biasmap/audit")
+    path = output_path(filename.strip() or "biasmap/audit", "audit file", "biasmap/audit")
+    return path if path.lower().endswith(".csv") else path + ".csv"

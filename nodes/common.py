@@ -279,6 +279,8 @@ def first_concept(concepts: list[str], label: str) -> str:
 def output_path(name: str, what: str, example: str) -> str:
     """``name`` as a path inside ComfyUI's output folder; a path that leaves it is refused, as ComfyUI's savers refuse
     it, but with a message that says what to type."""
+    if name.rstrip().replace("\\", "/").rsplit("/", 1)[-1] in ("", ".", ".."):  # it would write a hidden ".csv"
+        raise ValueError(f"the {what} '{name}' names a folder, not a file: add a file name, e.g. {example}")
     output_dir = os.path.abspath(folder_paths.get_output_directory())
     path = os.path.abspath(os.path.join(output_dir, name))
     if not inside(path, output_dir):

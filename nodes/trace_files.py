@@ -33,8 +33,8 @@ class BiasMapSaveTrace(io.ComfyNode):
                         "metadata. Load it with BiasMap Load Trace, or in Python with BiasMapTrace.load.",
             inputs=[Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                     io.String.Input("filename_prefix", default=f"{SAVED}/trace",
-                                    tooltip=f"Path inside the output folder's {SAVED}/ folder, where Load Trace lists "
-                                            f"traces; a counter and .safetensors are added.")],
+                                    tooltip=f"Path inside the output folder, starting with {SAVED}/ (the folder "
+                                            f"where Load Trace lists traces); a counter and .safetensors are added.")],
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
             outputs=[io.String.Output("trace_file", tooltip=f"The file written, named as Load Trace lists it (it "
                                                             f"lists those under output/{SAVED}/; connect Preview "
@@ -87,9 +87,9 @@ def _listed_path(prefix: str) -> str:
     path = output_path(prefix, "trace", f"{SAVED}/trace")
     if not inside(os.path.dirname(path), _saved_folder()):
         example = prefix.strip("/\\")
+        fix = (f"add a file name after {SAVED}/" if example == SAVED else f"start the prefix with {SAVED}/")
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{SAVED}/, where Load Trace does not list "
-                         f"it: start the prefix with {SAVED}/, e.g. {SAVED}/"
-                         f"{example if example not in ('', SAVED) else 'trace'}")
+                         f"it: {fix}, e.g. {SAVED}/{example if example not in ('', SAVED) else 'trace'}")
     return path
 
 

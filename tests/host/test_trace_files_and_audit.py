@@ -311,7 +311,14 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
         BiasMapSaveTrace.validate_inputs(filename_prefix=name))
     assert BiasMapAuditLog.validate_inputs(filename="biasmap/runs/a") is True
     assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap/trace") is True
-    assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap").endswith("e.g. biasmap/trace")
+    assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap").endswith(
+        ": add a file name after biasmap/, e.g. biasmap/trace")
+    for folder in ("biasmap/", "biasmap\\", "biasmap/runs/.", "biasmap/.."):  # a file without a name: ".csv"
+        assert BiasMapAuditLog.validate_inputs(filename=folder) == (
+            f"the audit file '{folder}' names a folder, not a file: add a file name, e.g. biasmap/audit")
+        assert BiasMapSaveTrace.validate_inputs(filename_prefix=folder) == (
+            f"the trace '{folder}' names a folder, not a file: add a file name, e.g. biasmap/trace")
+    assert BiasMapAuditLog.validate_inputs(filename=" ") is True  # empty: biasmap/audit, as its tooltip says
     assert BiasMapAuditLog.validate_inputs(filename=None) is BiasMapSaveTrace.validate_inputs(None) is True  # linked
 
 
