@@ -21,6 +21,7 @@ __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_
            "require_distinct_concepts", "split_concepts"]
 
 _WORD_END = "</w>"
+_SEPARATOR = re.compile(r"[,，、;；]")
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
 # ComfyUI's emphasis weight, as in (doctor:1.2).
 _WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*(?=\))")
@@ -142,8 +143,9 @@ def _kind(char: str) -> str:
 
 def split_concepts(text: str) -> list[str]:
     """A comma-separated concept list → its words, without ComfyUI's emphasis and the spaces and punctuation around
-    them (``"woman, «man»., (doctor:1.2)"`` → ``["woman", "man", "doctor"]``)."""
-    return [concept for concept in (_trimmed(_without_emphasis(part)) for part in text.split(",")) if concept]
+    them (``"woman, «man»., (doctor:1.2)"`` → ``["woman", "man", "doctor"]``). The commas a CJK keyboard types (，、)
+    and semicolons separate too: no concept holds one, and CLIP would read it as a word of a phrase."""
+    return [concept for concept in (_trimmed(_without_emphasis(part)) for part in _SEPARATOR.split(text)) if concept]
 
 
 def _trimmed(concept: str) -> str:

@@ -39,6 +39,8 @@ def test_split_concepts_drops_blanks():
     assert split_concepts(" woman, man ,, ") == ["woman", "man"]
     assert split_concepts('"doctor.", (nurse), doctors\'') == ["doctor", "nurse", "doctors'"]  # marks around a word
     assert split_concepts("医生。, 「护士」, ¿médico?, doctor…") == ["医生", "护士", "médico", "doctor"]  # any script
+    # A Chinese keyboard's commas, and semicolons: separators, not a phrase "man ， woman" with its comma's token.
+    assert split_concepts("男人，女人、医生; nurse；(doctor:1.2)") == ["男人", "女人", "医生", "nurse", "doctor"]
 
 
 def test_concepts_are_read_without_comfyuis_emphasis_as_its_tokenizer_reads_prompts():
