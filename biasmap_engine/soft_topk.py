@@ -167,8 +167,10 @@ class _SigmoidWithSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, k):
-        shift = _solve_shift(logits.detach().to(_solve_dtype(logits.device)), k)
-        s = torch.sigmoid(logits + shift.to(logits.dtype))
+        wide = _solve_dtype(logits.device)
+        shift = _solve_shift(logits.detach().to(wide), k)
+        # a + c in the solve's dtype: at γ = 1e-4 both are ~1e4, where fp32's spacing (1e-3) would miss Σ S = k.
+        s = torch.sigmoid(logits.to(wide) + shift).to(logits.dtype)
         ctx.save_for_backward(s)
         return s
 

@@ -168,6 +168,16 @@ def test_exact_mode_keeps_exactly_k_mass(size):
     assert torch.allclose(s.flatten(-2).sum(-1), torch.full((3,), float(k)), rtol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [0.02, 0.3])
+def test_exact_mode_keeps_k_mass_at_the_smallest_gamma_on_nearly_flat_maps(keep):
+    # At γ = 1e-4 the logits and the shift are ~1e4, where float32 (spacing 1e-3) would miss Σ S = k by up to 4e-4.
+    maps = 1e-3 * torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(5))
+    maps[:, 3, 4] = 1e4  # one peak: the rest, near 0 once scaled by it, all get logits of about −1/γ
+    s = soft_topk(maps, keep, gamma=1e-4, mode="exact")
+    k = math.floor(64 * 64 * keep + 1e-6)
+    assert s.dtype == torch.float32 and torch.allclose(s.flatten(-2).sum(-1), torch.full((2,), float(k)), rtol=1e-5)
+
+
 def test_exact_mode_takes_signed_maps_whose_max_is_not_positive():
     # A difference of two attribution maps may lie at or below zero everywhere; the top pixels are still its largest.
     base = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4))
