@@ -38,7 +38,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     maps of the sampler steps ``steps`` (an inclusive pair; default: all)."""
     pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
     if not pairs:
-        raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit")
+        raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit "
+                         "(the Audit Log's concept_a and concept_b)")
     counts = [trace.guidance_counts(i) or dict.fromkeys(STATUS, "") for i in range(trace.num_images)]
     run = {key: trace.run.get(key, "") for key in _RUN}
     run["sigmas"] = " ".join(f"{s:g}" for s in run["sigmas"])  # the schedule: tells custom sigmas apart

@@ -252,7 +252,8 @@ class BiasMapTrace:
             raise ValueError(f"no recorded step in the window {first}..{last}; this trace has maps of steps "
                              f"{_ranges(self.steps.unique().tolist())}"
                              + (" (a step missing in between had no maps: see the notes)"
-                                if len(self.steps.unique()) < self.num_steps else ""))
+                                if len(self.steps.unique()) < self.num_steps else "")
+                             + ": set the step window (first_step, last_step; counted from 0) within those")
         return chosen
 
     def _check_stages(self, stages) -> list[str]:
@@ -268,7 +269,8 @@ class BiasMapTrace:
             middle = any(s.startswith("mid_") for s in missing) and not self.settings.get("include_middle", True)
             raise ValueError(f"stage(s) {', '.join(missing)} were not recorded; this trace has "
                              f"{', '.join(f'{s} ({stage_label(s)})' for s in self.stages)}"
-                             + ("; the middle block is recorded with the sampler's include_middle on"
+                             + ": choose stages among these, or 'all'"
+                             + (" (the middle block is recorded with the sampler's include_middle on)"
                                 if middle else ""))
         return list(stages)
 

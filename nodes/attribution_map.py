@@ -66,7 +66,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
                 scale=_SCALES[0], image=None) -> io.NodeOutput:
         require_single(_ONE_WORD, word=word)
-        word = one_concept(word) or first_concept(trace.demographic, "demographic")
+        word = one_concept(word) or first_concept(trace.demographic, "demographic", "word")
         check_images(image, trace, "Attribution Map")
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         stages, steps = stages_in("stages", stages), step_window(trace, first_step, last_step)

@@ -44,7 +44,8 @@ def guidance_inputs() -> list:
                        tooltip="CFG branch whose queries build the maps (the reference uses the unconditional one; "
                                "with cfg 1 the conditional one is used and the trace says so)."),
         io.Boolean.Input("include_middle", default=False, extra_dict=ADVANCED,
-                         tooltip="Also record the middle block (OVAM leaves it out)."),
+                         tooltip="Also record the middle block (OVAM leaves it out); with guided_stages 'all', it is "
+                                 "guided too."),
         io.Combo.Input("soft_topk", options=list(MODES), default="paper", extra_dict=ADVANCED,
                        tooltip="paper: the reference's row-wise 20-step Sinkhorn. exact: one converged global "
                                "soft top-k per map with an implicit gradient."),
@@ -269,10 +270,11 @@ def one_concept(text: str) -> str:
     return next(iter(split_concepts(text)), "")
 
 
-def first_concept(concepts: list[str], label: str) -> str:
-    """What an empty concept input stands for: the trace's first ``label`` concept."""
+def first_concept(concepts: list[str], label: str, input_name: str) -> str:
+    """What an empty concept input ``input_name`` stands for: the trace's first ``label`` concept."""
     if not concepts:
-        raise ValueError(f"the trace has no {label} concept; type the word in this node")
+        raise ValueError(f"the trace has no {label} concept, which an empty {input_name} stands for: type a word of "
+                         f"its attribution prompt in {input_name}")
     return concepts[0]
 
 

@@ -56,8 +56,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 baseline=None) -> io.NodeOutput:
         require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
         stretched = check_images(image, trace, "Entanglement IoU")
-        word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic")
-        word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic")
+        word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic", "concept_a")
+        word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic", "concept_b")
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size, steps)

@@ -38,8 +38,8 @@ def out_of_memory_explained():
         raise _OUT_OF_MEMORY(
             "BiasMap guidance ran out of GPU memory even with the maps' CFG branch alone under autograd (the "
             "backward needs that branch's U-Net activations): guide fewer stages (the first down stage alone keeps the "
-            "least: down×1, or down×½ on SDXL), lower "
-            "the resolution or batch size, or set the guidance scale to 0 to record maps only") from err
+            "least: set guided_stages to 'down_1', or 'down_2' on SDXL), lower the resolution or batch size, or set "
+            "the guidance scale to 0 to record maps only") from err
 
 
 def offload_streams_wait(device: torch.device) -> None:

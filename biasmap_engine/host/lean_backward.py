@@ -112,8 +112,9 @@ def _unpack(packed):
         if tensor._version != version:
             raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
                                f"operation: a {list(tensor.shape)} tensor is at version {tensor._version}; expected "
-                               f"version {version} instead (BiasMap's guided pass keeps it for the backward; a node "
-                               f"or patch that changes U-Net activations in place should change a copy)")
+                               f"version {version} instead (BiasMap's guided pass keeps it for the backward): a node "
+                               f"or patch changes U-Net activations in place; bypass it, or set the guidance scale "
+                               f"to 0 (its author can make it change a copy)")
         return tensor
     node = packed.node
     with torch.no_grad():

@@ -103,7 +103,7 @@ class BiasMapSession:
         self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
-                             "attribution prompt in each list, or set the guidance scale to 0 to record maps only")
+                             "attribution prompt in each list (a list linked from another node came empty)")
         self.backward = (GuidedBackward(model_patcher, settings, self.pairs, self.capture, self.recorder, self._note,
                                         guided_layers) if settings.guiding else None)
 

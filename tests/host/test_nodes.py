@@ -95,9 +95,10 @@ def test_attribution_map_validation_refuses_unknown_stages_naming_the_input(node
 def test_attribution_map_names_the_stages_a_trace_recorded_when_asked_for_another(nodes_and_trace):
     # mid_2 is a stage name, but this trace was recorded without the middle block: not "unknown", "not recorded".
     attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
-    with torch.inference_mode(), pytest.raises(ValueError, match="mid_2 were not recorded; this trace has down_1.*; "
-                                                                 "the middle block is recorded with the sampler's "
-                                                                 "include_middle on$"):
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"mid_2 were not recorded; this trace has down_1.*: "
+                                                                 r"choose stages among these, or 'all' \(the middle "
+                                                                 r"block is recorded with the sampler's include_middle "
+                                                                 r"on\)$"):
         attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "stages": "mid_2"})
 
 
