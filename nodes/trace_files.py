@@ -129,7 +129,8 @@ class BiasMapLoadTrace(io.ComfyNode):
             inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
                                    tooltip=f"Traces in the input folder (models left out), and in the output folder's "
                                            f"{SAVED}/ (marked [output]); press R in the page to list one saved "
-                                           f"since it opened.")],
+                                           f"since it opened. A .safetensors file whose header does not name a "
+                                           f"BiasMap trace (a model, or a damaged header) is not listed.")],
             outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
         )
 
