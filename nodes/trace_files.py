@@ -127,10 +127,9 @@ class BiasMapLoadTrace(io.ComfyNode):
             # With no trace yet, one empty choice: the frontend leaves an empty list's input out of the prompt, and
             # ComfyUI's "Required input is missing" would stand for this node's own message.
             inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
-                                   tooltip=f"Traces in the input folder (models left out), and in the output folder's "
-                                           f"{SAVED}/ (marked [output]); press R in the page to list one saved "
-                                           f"since it opened. A .safetensors file whose header does not name a "
-                                           f"BiasMap trace (a model, or a damaged header) is not listed.")],
+                                   tooltip=f"Traces in the input folder and in the output folder's {SAVED}/ (marked "
+                                           f"[output]), by their header: models and files with a damaged header "
+                                           f"are left out. Press R in the page to list one saved since it opened.")],
             outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
         )
 
