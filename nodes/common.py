@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import re
 
 import folder_paths
 from comfy_api.latest import io
@@ -117,7 +118,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     f"attribution prompt or choose one of these."
                     + (" The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read "
                        "without them, as ComfyUI reads emphasis, unless they are escaped there too."
-                       if escaped else ""))
+                       if escaped else "") + _why_absent(missing, attribution_prompt))
     return _check_distinct(lists, splits)
 
 
@@ -132,7 +133,19 @@ def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt
                              f"word of this sampler's attribution prompt {attribution_prompt!r} (its words: "
                              f"{listed_words(_splits(attribution_prompt)[0][0])}): correct {name} there, or add the "
                              f"word to the attribution prompt. Checked before sampling, so that the run is not lost to "
-                             f"it.")
+                             f"it.{_why_absent(missing, attribution_prompt)}")
+
+
+def _why_absent(missing: list[str], prompt: str) -> str:
+    """Why words that the prompt seems to hold are not its words, where a typing habit explains it; else ''."""
+    hints = []
+    if any(re.search(f"'{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):
+        hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
+                     "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")
+    names = [name.lower() for name in re.findall(r"embedding:([^\s,()]+)", prompt, re.IGNORECASE)]
+    if any(word.lower().removeprefix("embedding:") in name for word in missing for name in names):
+        hints.append("A textual-inversion embedding (embedding:name) is no word of the prompt and has no map by name.")
+    return "".join(" " + hint for hint in hints)
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:

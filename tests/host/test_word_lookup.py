@@ -78,3 +78,16 @@ def test_a_concept_typed_with_comfyuis_emphasis_finds_the_tokens_the_prompt_gave
     _, tokens = encode_attribution(clip, prompt)
     (bare,) = split_concepts(concept)
     assert [tokens[p] for p in find_word_positions(tokens, bare)] == words
+
+
+def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typing_habit_that_explains_it(clip, pack):
+    from biasmap_pack.nodes.common import check_concepts
+
+    _, tokens = encode_attribution(clip, "a 'doctor' and gender")
+    assert prompt_words(tokens)[:3] == ["a", "'d", "octor"]  # CLIP's contraction 'd
+    refused = check_concepts("a 'doctor' and gender", "gender", "doctor")
+    assert refused.endswith("remove the single quotes around it.") and "textual-inversion" not in refused
+    assert check_concepts("a 'nurse' and gender", "gender", "nurse") is True  # no contraction there
+    refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
+    assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
+    assert "textual-inversion" not in check_concepts("a photo of embedding:mydoc and gender", "gender", "docter")
