@@ -46,9 +46,11 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     names = [s for line in subjects.splitlines() for s in split_concepts(line)]
     if not names:
         raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
-    twice = sorted({s for s in names if names.count(s) > 1})
+    spelled = [s.lower() for s in names]  # CLIP reads Doctor as doctor
+    twice = sorted({s for s, low in zip(names, spelled) if spelled.count(low) > 1})
     if twice:
-        raise ValueError(f"subject(s) listed twice: {', '.join(twice)}; list each once (its runs would be repeated)")
+        raise ValueError(f"subject(s) listed twice: {', '.join(twice)}; list each once (its runs would be repeated; "
+                         f"CLIP reads capitals as lower case)")
     if "{}" not in template:
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "
                          f"e.g. 'A photo of the face of a {{}}'")

@@ -9,7 +9,8 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
-from .common import ADVANCED, CATEGORY, Trace, mask_size, output_path, plain_errors, step_inputs, step_window
+from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, output_path, plain_errors, step_inputs,
+                     step_window)
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -59,20 +60,23 @@ class BiasMapAuditLog(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename=None):
+    def validate_inputs(cls, filename=None, concept_a=None, concept_b=None):
         # Before the graph runs, so the queue shows it at once. ComfyUI still runs the graph's other outputs (a Save
         # Image): where they are, the samplers run; this node does not.
         try:
             _csv_path(filename or "")
         except ValueError as err:
             return str(err)
-        return True
+        return check_listed_once(concept_a=concept_a, concept_b=concept_b)
 
     @classmethod
     @plain_errors
     def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution, first_step,
                 last_step) -> io.NodeOutput:
         path = _csv_path(filename)
+        listed_once = check_listed_once(concept_a=concept_a, concept_b=concept_b)  # linked lists are known now
+        if listed_once is not True:
+            raise ValueError(listed_once)
         demographic = split_concepts(concept_a) or trace.demographic
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)

@@ -180,8 +180,7 @@ def _check_distinct(lists: dict, splits) -> bool | str:
     """No concept listed twice, and no demographic and semantic concept on the same words of the prompt (the run
     checks the tokens again)."""
     for label, concepts in lists.items():
-        words = [tuple(clip_words(c)) for c in concepts]
-        twice = next((c for i, c in enumerate(concepts) if words[i] in words[:i]), None)
+        twice = _listed_twice(concepts)
         if twice is not None:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
     for a in lists.get("demographic", []):
@@ -191,6 +190,22 @@ def _check_distinct(lists: dict, splits) -> bool | str:
                         f"prompt, and a concept's overlap with itself is 1 whatever the image: give them words that "
                         f"do not overlap")
     return True
+
+
+def check_listed_once(**inputs) -> bool | str:
+    """Validation (and run-time check) of comma-separated word inputs: no word twice, as CLIP reads it (lower case),
+    which would log or measure the same pair twice."""
+    for name, text in inputs.items():
+        twice = _listed_twice(split_concepts(text or ""))
+        if twice is not None:
+            return f"{name}: '{twice}' is listed twice (CLIP reads capitals as lower case): list each word once"
+    return True
+
+
+def _listed_twice(concepts: list[str]) -> str | None:
+    """The first concept whose words an earlier one has, as CLIP splits them; None if there is none."""
+    words = [tuple(clip_words(c)) for c in concepts]
+    return next((c for i, c in enumerate(concepts) if words[i] in words[:i]), None)
 
 
 def check_stage_names(name: str, text) -> bool | str:

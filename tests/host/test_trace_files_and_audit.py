@@ -381,3 +381,15 @@ def test_a_path_is_inside_a_folder_in_the_systems_case_so_windows_takes_biasmap_
     assert inside("C:\\ComfyUI\\output\\BiasMap\\trace", "C:\\ComfyUI\\output\\biasmap")
     assert not inside("C:\\ComfyUI\\output2\\trace", "C:\\ComfyUI\\output")
     assert not inside("D:\\output\\trace", "C:\\ComfyUI\\output")  # another drive
+
+
+def test_audit_log_refuses_a_word_listed_twice_which_would_log_its_pairs_twice(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    assert BiasMapAuditLog.validate_inputs(concept_b="nurse, Nurse") == (
+        "concept_b: 'Nurse' is listed twice (CLIP reads capitals as lower case): list each word once")
+    assert BiasMapAuditLog.validate_inputs(concept_a=None, concept_b="nurse, doctor") is True  # None: linked
+    with pytest.raises(ValueError, match="^concept_a: 'gender' is listed twice"):  # a linked list, known at run time
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace,
+                                                                               "concept_a": "gender, gender"})
+    assert not (folders / "out" / "biasmap" / "audit.csv").exists()
