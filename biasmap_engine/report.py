@@ -80,11 +80,12 @@ class EntanglementResult:
         differing = [name if key == "sigmas" else  # a schedule: too long to quote
                      f"{name} ({_number(other.run.get(key, 'n/a'))}, this run {_number(trace.run.get(key, 'n/a'))})"
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
-        differing += [f"{name} ({b}, this run {a})" for name, b, a in (
+        differing += [f"{name} ({_number(b)}, this run {_number(a)})" for name, b, a in (
             ("model family", other.model_family, trace.model_family),
             *((key, other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
             ("stages", " ".join(other.stages), " ".join(trace.stages)),
             ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
+            ("the seed's noises", _noises(other), _noises(trace)),  # images of one seed drawn apart
             ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))
             if b != a]
         differing += [f"tokens of '{w}' ({' '.join(baseline.pieces[w])}, this run {' '.join(self.pieces[w])})"
@@ -158,7 +159,14 @@ def percent_change(reduction: float) -> str:
 
 
 def _number(value) -> str:
+    if isinstance(value, bool):  # add_noise, include_middle: an int to f"{:g}"
+        return "on" if value else "off"
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _noises(trace: BiasMapTrace) -> str:
+    """Which of the seed's noises the images got, in order (Latent From Batch, Repeat Latent Batch)."""
+    return " ".join(str(trace.noise_index(i)) for i in range(trace.num_images))
 
 
 def _run_line(trace: BiasMapTrace) -> str:

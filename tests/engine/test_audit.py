@@ -489,9 +489,17 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
         trace.settings |= {"include_middle": False, "branch": "uncond"}
     note = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).against(
         measure_entanglement(recorded_otherwise, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1]
-    assert note.startswith("note: the baseline differs in model family (SDXL, this run SD15); include_middle (True, "
-                           "this run False); branch (cond, this run uncond); stages (down_1 mid_2 up_1, this run "
+    assert note.startswith("note: the baseline differs in model family (SDXL, this run SD15); include_middle (on, "
+                           "this run off); branch (cond, this run uncond); stages (down_1 mid_2 up_1, this run "
                            "down_1 up_1): the change")
+    drawn_apart = halves_trace()
+    drawn_apart.run = {**RUN, "batch_index": [1, 2], "add_noise": False}  # Repeat Latent Batch of noise 1
+    drawn_apart.settings = dict(guided.settings)
+    guided.run = {**RUN, "add_noise": True}
+    assert measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).against(
+        measure_entanglement(drawn_apart, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1] == (
+        "note: the baseline differs in add_noise (off, this run on); the seed's noises (1 2, this run 0 1): the change "
+        "is not guidance's alone (compare runs that differ only in λ)")
     empty = halves_trace()
     for stage in empty.stages:
         empty.maps[stage][:, :, 3] = 0  # no nurse anywhere: its masks are empty, no overlap to reduce
