@@ -80,8 +80,22 @@ def prompt_words(prompt_tokens: list[str]) -> list[str]:
 
 
 def listed_words(words: list[str]) -> str:
-    """Words for a message: each once, in prompt order, punctuation left out (``a, photo, of, the, face, doctor``)."""
-    return ", ".join(dict.fromkeys(w for w in words if any(ch.isalnum() for ch in w)))
+    """Words for a message, as a concept would be typed: each once, in prompt order, punctuation left out but a hyphen
+    between two words kept (``a, photo, of, an, african-american, doctor, 👩``)."""
+    joined, i = [], 0
+    while i < len(words):
+        if words[i] == "-" and joined and _shown(joined[-1]) and i + 1 < len(words) and _shown(words[i + 1]):
+            joined[-1] += "-" + words[i + 1]  # CLIP splits "a-b" and "a - b" alike: either is typed a-b
+            i += 2
+        else:
+            joined.append(words[i])
+            i += 1
+    return ", ".join(dict.fromkeys(w for w in joined if _shown(w)))
+
+
+def _shown(word: str) -> bool:
+    """A word a concept may name: letters or digits, or a symbol such as an emoji; not punctuation."""
+    return any(ch.isalnum() or unicodedata.category(ch) == "So" for ch in word)
 
 
 def clip_words(text: str, split_ideographs: bool = False) -> list[str]:

@@ -195,3 +195,13 @@ def test_a_concept_of_punctuation_alone_is_named_as_empty():
 
 def test_the_prompts_words_are_listed_each_once():
     assert listed_words(["a", "cat", "and", "a", ","]) == "a, cat, and"
+
+
+def test_the_prompts_words_are_listed_as_a_concept_would_be_typed_hyphenated_words_and_emoji_too():
+    words = clip_words("an African-American doctor 👩‍⚕️ and a non - binary -person.")
+    assert listed_words(words) == "an, african-american, doctor, 👩\u200d⚕️, and, a, non-binary-person"
+    tokens = ["an</w>", "african</w>", "-</w>", "american</w>", "doctor</w>"]
+    for typed in ("african-american", "African - American"):  # as listed, or as spaced: CLIP splits both alike
+        assert find_word_positions(tokens, typed) == [1, 2, 3]
+    with pytest.raises(ConceptNotFoundError):  # what the list showed before: not a phrase of the prompt
+        find_word_positions(tokens, "african american")
