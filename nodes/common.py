@@ -94,6 +94,9 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
+    marker = next((m for m in ("<|endoftext|>", "<|startoftext|>") if m in attribution_prompt.lower()), None)
+    if marker:  # CLIP's own marker: the text's words after it are no words of the encoded prompt
+        return f"the attribution prompt holds {marker}, CLIP's marker of the text's end or start: remove it"
     try:
         splits = _splits(attribution_prompt)
     except ValueError as err:

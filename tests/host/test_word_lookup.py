@@ -91,3 +91,10 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
     assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
     assert "textual-inversion" not in check_concepts("a photo of embedding:mydoc and gender", "gender", "docter")
+
+
+def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_words_after_it_go_missing(pack):
+    from biasmap_pack.nodes.common import check_concepts
+
+    assert check_concepts("a doctor <|endoftext|> and gender", "gender", "doctor") == (
+        "the attribution prompt holds <|endoftext|>, CLIP's marker of the text's end or start: remove it")
