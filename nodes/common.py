@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..biasmap_engine import GATES, BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts
 from ..biasmap_engine.settings import BRANCHES, MODES
-from ..biasmap_engine.host import prompt_text_words
+from ..biasmap_engine.host import prompt_text_words, tokenizer_words
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -89,8 +89,8 @@ def settings_from(kwargs: dict) -> BiasMapSettings:
 def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """Validation before the graph runs: both concept lists non-empty and made of words of the attribution prompt.
 
-    A concept passes if it is there as CLIP splits words or as the slow tokenizer does (one word per CJK ideograph),
-    since which one ComfyUI uses depends on the installed transformers (and ftfy); the run looks up the real tokens.
+    The prompt's words are the installed CLIP tokenizer's, as the run's tokens are: its text clean-up depends on the
+    installed transformers and ftfy (see tokenizer_words).
     """
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
@@ -98,10 +98,10 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     if marker:  # CLIP's own marker: the text's words after it are no words of the encoded prompt
         return f"the attribution prompt holds {marker}, CLIP's marker of the text's end or start: remove it"
     try:
-        splits = _splits(attribution_prompt)
+        words = prompt_text_words(attribution_prompt)
     except ValueError as err:
         return str(err)
-    shown = listed_words(splits[0][0])
+    shown = listed_words(words)
     if not shown:
         return (f"the attribution prompt {attribution_prompt!r} has no words: type the text whose words get maps, "
                 f"e.g. '{DEFAULT_ATTRIBUTION}'")
@@ -113,7 +113,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
                     f"({shown})")
-        missing = _absent(concepts, splits)
+        missing = _absent(concepts, words)
         if missing:
             escaped = "\\(" in attribution_prompt and "(" in value  # "\(" is a bracket the prompt spells
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
@@ -122,7 +122,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     + (" The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read "
                        "without them, as ComfyUI reads emphasis, unless they are escaped there too."
                        if escaped else "") + _why_absent(missing, attribution_prompt))
-    return _check_distinct(lists, splits)
+    return _check_distinct(lists, words)
 
 
 def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt: str) -> None:
@@ -134,7 +134,7 @@ def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt
         if missing:
             raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}, which is not a "
                              f"word of this sampler's attribution prompt {attribution_prompt!r} (its words: "
-                             f"{listed_words(_splits(attribution_prompt)[0][0])}): correct {name} there, or add the "
+                             f"{listed_words(prompt_text_words(attribution_prompt))}): correct {name} there, or add the "
                              f"word to the attribution prompt. Checked before sampling, so that the run is not lost to "
                              f"it.{_why_absent(missing, attribution_prompt)}")
 
@@ -142,7 +142,7 @@ def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt
 def _why_absent(missing: list[str], prompt: str) -> str:
     """Why words that the prompt seems to hold are not its words, where a typing habit explains it; else ''."""
     hints = []
-    if any(re.search(f"'{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):
+    if any(re.search(f"['‘]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘
         hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
                      "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")
     names = [name.lower() for name in re.findall(r"embedding:([^\s,()]+)", prompt, re.IGNORECASE)]
@@ -152,34 +152,29 @@ def _why_absent(missing: list[str], prompt: str) -> str:
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:
-    """The concepts that are not words of ``text`` (a ComfyUI prompt) under either CJK split."""
+    """The concepts that are not words of ``text`` (a ComfyUI prompt), as the run looks them up."""
     try:
-        return _absent(concepts, _splits(text))
+        return _absent(concepts, prompt_text_words(text))
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
         return []
 
 
-def _splits(text: str) -> list[tuple[list[str], bool]]:
-    """A prompt's words as CLIP splits them and as the slow tokenizer does (one word per CJK ideograph), each with
-    its ``split_ideographs`` flag: which one ComfyUI uses depends on the installed transformers (and ftfy)."""
-    return [(prompt_text_words(text, split_ideographs=split), split) for split in (False, True)]
+def _absent(concepts: list[str], words: list[str]) -> list[str]:
+    """The concepts that are not words of the prompt's ``words``."""
+    return [c for c in concepts if not _covered(c, words)]
 
 
-def _absent(concepts: list[str], splits) -> list[str]:
-    """The concepts that are words of the prompt under neither split."""
-    return [c for c in concepts if not any(_covered(c, split) for split in splits)]
+def _covered(concept: str, words: list[str]) -> set[int]:
+    """Indices of the prompt's ``words`` (the installed tokenizer's) that the occurrences of ``concept`` cover
+    (consecutive words: a multi-word concept is looked up as a phrase), with the concept split as the run's lookup
+    splits it (find_word_positions with the installed tokenizer)."""
+    forms = {tuple(clip_words(concept, split_ideographs=split)) for split in (False, True)}
+    forms.add(tuple(tokenizer_words(concept)))
+    return {i + j for part in forms if part for i in range(len(words) - len(part) + 1)
+            if tuple(words[i:i + len(part)]) == part for j in range(len(part))}
 
 
-def _covered(concept: str, split) -> set[int]:
-    """Indices of the prompt's ``words`` that the occurrences of ``concept`` (consecutive words: a multi-word concept
-    is looked up as a phrase) cover, the concept split as the prompt was (``split_ideographs`` or not)."""
-    words, split_ideographs = split
-    part = clip_words(concept, split_ideographs=split_ideographs)
-    n = len(part)
-    return {i + j for i in range(len(words) - n + 1) if n and words[i:i + n] == part for j in range(n)}
-
-
-def _check_distinct(lists: dict, splits) -> bool | str:
+def _check_distinct(lists: dict, words: list[str]) -> bool | str:
     """No concept listed twice, and no demographic and semantic concept on the same words of the prompt (the run
     checks the tokens again)."""
     for label, concepts in lists.items():
@@ -188,7 +183,7 @@ def _check_distinct(lists: dict, splits) -> bool | str:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
     for a in lists.get("demographic", []):
         for b in lists.get("semantic", []):
-            if any(_covered(a, split) & _covered(b, split) for split in splits):
+            if _covered(a, words) & _covered(b, words):
                 return (f"the demographic concept '{a}' and the semantic concept '{b}' share words of the attribution "
                         f"prompt, and a concept's overlap with itself is 1 whatever the image: give them words that "
                         f"do not overlap")

@@ -1,13 +1,14 @@
 """Attribution-prompt embeddings from the same CLIP object the model is conditioned with (BiasMap §2.1)."""
 
+import functools
 import re
 import weakref
 
 import torch
 
-from ..tokens import clip_words
+from ..tokens import prompt_words
 
-__all__ = ["encode_attribution", "prompt_text_words"]
+__all__ = ["encode_attribution", "prompt_text_words", "tokenizer_words"]
 
 _END_OF_TEXT = "<|endoftext|>"
 _EMBEDDING = "<|embedding|>"  # a textual-inversion vector: no vocabulary entry, and never part of a word
@@ -73,12 +74,12 @@ def _encode(clip, text: str) -> tuple[torch.Tensor, list[str]]:
     return embeddings[:, keep], names
 
 
-def prompt_text_words(text: str, split_ideographs: bool = False) -> list[str]:
+def prompt_text_words(text: str) -> list[str]:
     """The words CLIP tokenizes from a ComfyUI prompt, without a CLIP: for checking concepts before a run.
 
     ComfyUI's tokenizer first takes out "(text:1.2)" weights (its own parser, with "\\(" escapes) and
-    "embedding:name" vectors; the words are CLIP's split of what is left (``split_ideographs``: the slow
-    tokenizer's split, see clip_words). Embedding names are assumed to exist.
+    "embedding:name" vectors; the words are the installed CLIP tokenizer's of what is left (tokenizer_words).
+    Embedding names are assumed to exist.
     """
     from comfy.sd1_clip import escape_important, token_weights, unescape_important
 
@@ -92,5 +93,25 @@ def prompt_text_words(text: str, split_ideographs: bool = False) -> list[str]:
                     raise ValueError("the attribution prompt has 'embedding:' with no name after it: write the "
                                      "embedding's file name after it, or remove it")
                 part = (name_and_rest + [""])[1]
-            words += clip_words(part, split_ideographs=split_ideographs)
+            words += tokenizer_words(part)
     return words
+
+
+def tokenizer_words(text: str) -> list[str]:
+    """``text``'s words as the installed CLIP tokenizer reads them, final sigma folded as clip_words folds it.
+
+    Which text that is depends on the installed transformers and ftfy, as the words the run looks up do: ftfy
+    straightens quotes and unfolds ligatures and full-width letters; transformers 4.x's slow tokenizer without it
+    drops invisible characters (a soft hyphen, an emoji's joiner) and makes each CJK ideograph a word.
+    """
+    if not text.strip():
+        return []
+    return [word.replace("ς", "σ") for word in prompt_words(_installed_tokenizer().tokenize(text))]
+
+
+@functools.cache
+def _installed_tokenizer():
+    """The CLIP tokenizer ComfyUI loads for SD 1.x, SD 2.x and SDXL's CLIP-L and CLIP-G (one vocabulary)."""
+    from comfy.sd1_clip import SDTokenizer
+
+    return SDTokenizer().tokenizer

@@ -40,6 +40,7 @@ from ..settings import BiasMapSettings
 from ..soft_topk import check_keep
 from ..stages import STAGE_ORDER, stage_grid
 from ..tokens import find_word_positions, require_distinct_concepts
+from .attribution import tokenizer_words
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
 from .guided_backward import GuidedBackward
@@ -91,7 +92,7 @@ class BiasMapSession:
         self._unet_ran = False  # the U-Net ran in the open evaluation
         self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
-        positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
+        positions = {word: find_word_positions(tokens, word, read=tokenizer_words) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from biasmap_engine import find_word_positions, prompt_words
+from biasmap_engine import ConceptNotFoundError, find_word_positions, prompt_words
 from biasmap_engine.host import encode_attribution
 
 LONG_WORD = "supercalifragilisticexpialidocious"  # 9 BPE pieces, more than ComfyUI's max_word_length of 8
@@ -48,22 +48,34 @@ def test_a_word_cut_at_the_chunk_boundary_is_found_as_its_own_pieces(clip, promp
 
 def test_the_cjk_pieces_written_out_in_the_engine_tests_are_the_real_tokenizers(clip):
     bpe = clip.tokenizer.clip_l.tokenizer.tokenize
-    assert bpe("一个医生") == ["ä¸", "Ģ", "ä¸", "ª", "å", "Į", "»", "çĶ", "Ł</w>"]
-    assert bpe("一 个 医 生") == ["ä¸", "Ģ</w>", "ä¸", "ª</w>", "å", "Į", "»</w>", "çĶ", "Ł</w>"]
+    per_ideograph = ["ä¸", "Ģ</w>", "ä¸", "ª</w>", "å", "Į", "»</w>", "çĶ", "Ł</w>"]
+    assert bpe("一 个 医 生") == per_ideograph
+    # transformers 4.x's slow tokenizer without ftfy spaces the ideographs out first; 5.x, and 4.x with ftfy, do not.
+    spaced_out = bpe("一个") == bpe("一 个")
+    assert bpe("一个医生") == (per_ideograph if spaced_out else ["ä¸", "Ģ", "ä¸", "ª", "å", "Į", "»", "çĶ", "Ł</w>"])
 
 
-def test_cjk_concepts_are_found_and_validated_under_either_tokenizers_split(clip, pack):
+def test_cjk_concepts_are_found_under_either_tokenizers_split_and_validated_as_the_installed_one_splits(clip, pack):
     from biasmap_pack.nodes.common import check_concepts
 
+    from biasmap_engine.host import tokenizer_words
+
     prompt = "一个医生 and gender"
-    _, fast = encode_attribution(clip, prompt)  # transformers 5.x: "一个医生" is one letter run, one word
+    _, tokens = encode_attribution(clip, prompt)  # transformers 5.x: "一个医生" is one letter run, one word
     # transformers 4.x's slow tokenizer without ftfy first spaces out every ideograph (BasicTokenizer), then BPE
     # encodes each word as the fast tokenizer does: its tokens are those of the spaced-out text.
-    _, slow = encode_attribution(clip, "一 个 医 生 and gender")
-    assert len(find_word_positions(fast, "一个医生")) == len(find_word_positions(slow, "一个医生")) == 9
-    assert prompt_words([slow[p] for p in find_word_positions(slow, "医生")]) == ["医", "生"]
+    _, spaced = encode_attribution(clip, "一 个 医 生 and gender")
+    assert len(find_word_positions(tokens, "一个医生")) == len(find_word_positions(spaced, "一个医生")) == 9
+    assert prompt_words([spaced[p] for p in find_word_positions(spaced, "医生")]) == ["医", "生"]
     assert check_concepts(prompt, "gender", "一个医生") is True
-    assert check_concepts(prompt, "gender", "医生") is True  # a word of its own for the slow tokenizer
+    # 医生 is two words where the installed tokenizer spaces ideographs out, and part of one elsewhere: the check at
+    # queue time says what the run's lookup in the installed tokenizer's tokens finds.
+    spaced_out = tokenizer_words("一个医生") == ["一", "个", "医", "生"]
+    assert (tokens == spaced) == spaced_out
+    assert (check_concepts(prompt, "gender", "医生") is True) == spaced_out
+    if not spaced_out:
+        with pytest.raises(ConceptNotFoundError):
+            find_word_positions(tokens, "医生", read=tokenizer_words)
     assert "护士 not in the attribution prompt" in check_concepts(prompt, "gender", "护士")
 
 
@@ -98,3 +110,41 @@ def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_wo
 
     assert check_concepts("a doctor <|endoftext|> and gender", "gender", "doctor") == (
         "the attribution prompt holds <|endoftext|>, CLIP's marker of the text's end or start: remove it")
+
+
+class _DroppingSoftHyphens:
+    """The installed tokenizer as transformers 4.x's slow one without ftfy reads text: invisible characters dropped."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, text, *args, **kwargs):
+        return self.inner(text.replace("\xad", ""), *args, **kwargs)
+
+    def tokenize(self, text):
+        return self.inner.tokenize(text.replace("\xad", ""))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_the_check_and_the_run_read_words_as_the_installed_tokenizer_cleans_them(clip, pack, monkeypatch):
+    # A soft hyphen pasted with a word: a tokenizer that drops it makes "doctor" of the prompt and of the concept.
+    import biasmap_pack.biasmap_engine.host.attribution as packed
+    from biasmap_pack.nodes.common import check_concepts
+
+    import biasmap_engine.host.attribution as attribution
+
+    cleaning = _DroppingSoftHyphens(clip.tokenizer.clip_l.tokenizer)
+    monkeypatch.setattr(clip.tokenizer.clip_l, "tokenizer", cleaning)  # the CLIP the run encodes with
+    for module in (attribution, packed):  # the tests' import of the engine and ComfyUI's import of the pack
+        monkeypatch.setattr(module, "_installed_tokenizer", lambda: cleaning)
+    prompt = "a doc\xadtor and gender"
+    _, tokens = encode_attribution(clip, prompt + " ")  # another cache key than other tests' prompts
+    assert "doctor" in prompt_words(tokens)
+    for typed in ("doctor", "doc\xadtor"):
+        assert check_concepts(prompt, "gender", typed) is True
+        assert prompt_words([tokens[p] for p in find_word_positions(tokens, typed, read=attribution.tokenizer_words)]
+                            ) == ["doctor"]
+    with pytest.raises(ConceptNotFoundError):  # as CLIP's pattern alone splits it: no such word in the tokens
+        find_word_positions(tokens, "doc\xadtor")
