@@ -11,7 +11,7 @@ from biasmap_engine import (STATUS, BiasMapSettings, entanglement_energy, find_w
                             token_softmax_maps)
 from biasmap_engine.host import (cross_attention_layers, deinference_, encode_attribution, sample_with_scheduler,
                                  start_session)
-from guided_runs import ATTRIBUTION, evaluations, sample
+from guided_runs import ATTRIBUTION, counting_evaluations, evaluations, sample
 
 STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2), "up_1": ("output", 1)}  # → (U-Net block, divisor)
 TINY_SD15_BLOCKS = {"down_1": {("input", 1)}, "down_2": {("input", 3)}, "up_2": {("output", 0), ("output", 1)},
@@ -283,14 +283,9 @@ def test_guiding_only_stages_this_model_does_not_have_stops_with_the_stages_it_r
 def test_a_q_that_keeps_no_pixel_of_the_energys_map_rows_is_refused_before_the_first_evaluation(sd15, prompts):
     # The node's q goes to 0.99; the paper's soft top-k keeps ⌊(1 − q)·W⌋ pixels of each row of the largest recorded
     # grid (32 wide at this 32² latent, also when only down_2 is guided), which depends on the latent's size.
-    import comfy.patcher_extension as ext
-
     model, clip = sd15
     pos, neg = prompts
-    evaluated = []
-    counted = model.clone()
-    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-count",
-                                 lambda executor, *args: evaluated.append(1) or executor(*args))
+    counted, evaluated = counting_evaluations(model)
     with pytest.raises(ValueError, match=r"^q = 0\.98 keeps no pixel of a map row 32 wide \(the soft top-k keeps "
                                          r"⌊\(1 − q\)·32⌋\): set q to at most 0\.96, or soft_topk to 'exact' \(one "
                                          r"problem per map, not per row\)$"):

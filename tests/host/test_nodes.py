@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from guided_runs import counting_evaluations
 from node_calls import as_comfy_runs, defaults
 
 
@@ -338,16 +339,11 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
 
 def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack):
     # Those nodes run after the sampler and cannot see its attribution prompt when queued: a typo cost the whole run.
-    import comfy.patcher_extension as ext
-
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
     model, clip = sd15
     pos, neg = prompts
-    evaluated = []
-    counted = model.clone()
-    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-count",
-                                 lambda executor, *args: evaluated.append(1) or executor(*args))
+    counted, evaluated = counting_evaluations(model)
     args = defaults(BiasMapGuidedKSampler) | dict(model=counted, clip=clip, positive=pos, negative=neg, steps=1,
                                                   sampler_name="euler", scheduler="normal",
                                                   latent_image={"samples": torch.zeros(1, 4, 32, 32)})

@@ -34,3 +34,14 @@ def evaluations(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", 
                                 BiasMapSettings(scale=scale, **settings))
         out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, "normal", pos, neg, lat)
     return out["samples"], trace, seen
+
+
+def counting_evaluations(model):
+    """A clone of ``model`` and the list it appends to at each model evaluation: whether a refusal came before any."""
+    import comfy.patcher_extension as ext
+
+    evaluated = []
+    counted = model.clone()
+    counted.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-count",
+                                 lambda executor, *args: evaluated.append(1) or executor(*args))
+    return counted, evaluated
