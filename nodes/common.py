@@ -134,9 +134,9 @@ def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt
         if missing:
             raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}, which is not a "
                              f"word of this sampler's attribution prompt {attribution_prompt!r} (its words: "
-                             f"{listed_words(prompt_text_words(attribution_prompt))}): correct {name} there, or add the "
-                             f"word to the attribution prompt. Checked before sampling, so that the run is not lost to "
-                             f"it.{_why_absent(missing, attribution_prompt)}")
+                             f"{listed_words(prompt_text_words(attribution_prompt))}): correct {name} there, or add "
+                             f"the word to the attribution prompt. Checked before sampling, so that the run is not lost "
+                             f"to it.{_why_absent(missing, attribution_prompt)}")
 
 
 def _why_absent(missing: list[str], prompt: str) -> str:

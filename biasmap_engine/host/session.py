@@ -92,7 +92,8 @@ class BiasMapSession:
         self._unet_ran = False  # the U-Net ran in the open evaluation
         self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
-        positions = {word: find_word_positions(tokens, word, read=tokenizer_words) for word in (*demographic, *semantic)}
+        positions = {word: find_word_positions(tokens, word, read=tokenizer_words)
+                     for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window

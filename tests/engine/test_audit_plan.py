@@ -47,8 +47,8 @@ def test_the_attribution_prompt_adds_each_demographic_concept_and_subjects_are_r
     (dict(run=0, subjects="doctor", seeds=2, first_seed=2**64 - 1),
      r"the seeds 18446744073709551615 … 18446744073709551616 leave ComfyUI's seeds \(0 … 18446744073709551615\): "
      r"set first_seed between 0 and 18446744073709551614"),
-], ids=["past the end", "no subject", "listed twice", "listed in two cases", "no placeholder", "no demographic", "order", "no seeds",
-        "negative seed", "past the largest seed"])
+], ids=["past the end", "no subject", "listed twice", "listed in two cases", "no placeholder", "no demographic",
+        "order", "no seeds", "negative seed", "past the largest seed"])
 def test_a_plan_that_cannot_run_says_what_to_change(inputs, message):
     with pytest.raises(ValueError, match=message):
         audit_run(**inputs)
