@@ -69,6 +69,7 @@ def test_stage_is_read_from_the_real_grid(block, latent, grid, stage):
     ((5, 64), (3, 32), "down_2"), ((5, 64), (2, 16), "down_4"),  # a 40-px-high image: heights 3 and 2 both near 5/2²
     ((4, 64), (1, 8), "down_8"),  # SD1.5's deepest level at 32 px high: by its width, not its height of 1
     ((13, 21), (6, 10), "down_2"),  # Deep Shrink's ⌊h/2⌋ at odd sizes, which no level makes: the nearest by area
+    ((64, 64), (43, 43), "down_2"),  # Deep Shrink by 1.5: 43² is nearer 32² than 64² by area
 ])
 def test_levels_of_a_latent_a_few_pixels_high_get_stages_of_their_own(latent, grid, stage):
     assert stage_of(("input", 4), latent, grid) == stage
@@ -84,6 +85,7 @@ def test_a_grid_several_levels_share_takes_the_stage_the_block_was_built_for():
 def test_stage_labels_and_parsing():
     assert stage_label("down_2") == "down×½"
     assert parse_stages("down_1, up×1") == ["down_1", "up_1"]
+    assert parse_stages("Down_1, UP×½") == ["down_1", "up_2"]  # any case
     assert parse_stages("all") is None
     with pytest.raises(ValueError, match="unknown stage 'down_3'; choose from down_1, down_2"):
         parse_stages("down_3")
@@ -200,6 +202,8 @@ def test_the_prompts_words_are_listed_each_once():
 def test_the_prompts_words_are_listed_as_a_concept_would_be_typed_hyphenated_words_and_emoji_too():
     words = clip_words("an African-American doctor 👩‍⚕️ and a non - binary -person.")
     assert listed_words(words) == "an, african-american, doctor, 👩\u200d⚕️, and, a, non-binary-person"
+    # A hyphen joins two words only: next to punctuation or at an end it is left out as punctuation is.
+    assert listed_words([",", "-", "b"]) == listed_words(["-", "b"]) == "b" and listed_words(["a", "-", ","]) == "a"
     tokens = ["an</w>", "african</w>", "-</w>", "american</w>", "doctor</w>"]
     for typed in ("african-american", "African - American"):  # as listed, or as spaced: CLIP splits both alike
         assert find_word_positions(tokens, typed) == [1, 2, 3]

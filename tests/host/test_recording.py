@@ -40,8 +40,11 @@ def test_recording_leaves_the_latent_bit_identical_to_the_stock_ksampler(sd15, p
     assert trace.maps["down_1"].shape == (evaluations, 2, len(trace.tokens), 40, 56)
     assert trace.maps["down_2"].shape[-2:] == (20, 28)
     assert torch.isfinite(trace.maps["down_1"]).all()
+    assert trace.guidance_counts() == {"not_guided": evaluations * 2} | dict.fromkeys(
+        ("applied", "clipped", "skipped_gate", "skipped_nonfinite"), 0)
+    assert torch.isnan(trace.guidance["energy"]).all()  # no energy at λ = 0: not a guided E of 0
     if cfg == 1.0:
-        assert any("cfg = 1" in note for note in trace.notes)
+        assert [note for note in trace.notes if "cfg = 1" in note] != [] and len(set(trace.notes)) == len(trace.notes)
 
 
 def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
@@ -240,7 +243,8 @@ def test_a_run_without_any_model_evaluation_is_refused_with_the_fix(sd15, prompt
                                 neg, latent())
 
 
-def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd15, prompts):
+@pytest.mark.parametrize("branch", ["uncond", "cond"])
+def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd15, prompts, branch):
     model, clip = sd15
     seen = []
 
@@ -256,20 +260,21 @@ def test_recorded_maps_equal_a_recomputation_from_the_layers_queries_and_keys(sd
     blocks = [("input", 1), ("output", 2), ("output", 3)]
     for name, number in blocks:
         spied.set_model_attn2_replace(spy, name, number)
-    _, _, trace = run(spied, clip, prompts, steps=2)
+    _, _, trace = run(spied, clip, prompts, BiasMapSettings(scale=0.0, branch=branch), steps=2)
     with torch.inference_mode():
         emb, _ = encode_attribution(clip, ATTRIBUTION)
-    want, cond = {}, {}
+    want, other = {}, {}
     for (name, number), (q, chunks) in zip(blocks, seen[-len(blocks):]):  # the last evaluation
         keys = comfy_layer(model, (name, number, 0)).to_k(emb.to(q.device, q.dtype))
         rows = q.shape[0] // len(chunks)
         stage = "down_1" if name == "input" else "up_1"
-        for branch, maps in ((1, want), (0, cond)):  # ComfyUI's cond_or_uncond: 1 is the unconditional branch
-            start = chunks.index(branch) * rows
+        recorded = int(branch == "uncond")  # ComfyUI's cond_or_uncond: 1 is the unconditional branch
+        for chunk, maps in ((recorded, want), (1 - recorded, other)):
+            start = chunks.index(chunk) * rows
             maps[stage] = maps.get(stage, 0) + token_softmax_maps(q[start:start + rows], keys, 8, (40, 56)).cpu()
     for stage in ("down_1", "up_1"):
         assert torch.allclose(trace.maps[stage][-1], want[stage], atol=1e-6)
-    assert not torch.allclose(trace.maps["up_1"][-1], cond["up_1"], atol=1e-4)  # the test can tell the branches
+    assert not torch.allclose(trace.maps["up_1"][-1], other["up_1"], atol=1e-4)  # the test can tell the branches
 
 
 def test_the_layers_of_a_stage_share_one_attribution_product_per_evaluation(sd15, prompts, monkeypatch):
@@ -340,7 +345,10 @@ def test_an_ovam_concept_matches_its_ordinary_cross_attention_map_on_the_same_to
     assert torch.allclose(trace.concept_map("doctor", stages=["down_1"]), ordinary, atol=1e-5)
 
 
-def test_another_nodes_attn2_replace_still_takes_effect(sd15, prompts):
+@pytest.mark.parametrize("depth", [None, 0], ids=["block key", "block and depth key"])
+def test_another_nodes_attn2_replace_still_takes_effect_and_its_layer_is_recorded(sd15, prompts, depth):
+    # A replace keyed with the layer's depth in its block (IPAdapter's) wins over the block's key in ComfyUI: it is
+    # chained like the other.
     model, clip = sd15
 
     def halve(q, k, v, extra):
@@ -348,12 +356,14 @@ def test_another_nodes_attn2_replace_still_takes_effect(sd15, prompts):
 
         return 0.5 * attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
 
-    patched = model.clone()
-    patched.set_model_attn2_replace(halve, "output", 2)
+    patched, blockwise = model.clone(), model.clone()
+    patched.set_model_attn2_replace(halve, "output", 2, depth)
+    blockwise.set_model_attn2_replace(halve, "output", 2)
     plain, _, _ = run(model, clip, prompts)
-    stock, ours, _ = run(patched, clip, prompts)
+    stock, ours, trace = run(patched, clip, prompts)
     assert not torch.equal(plain, stock)  # the test patch matters
     assert torch.equal(stock, ours)  # and still applies under BiasMap
+    assert torch.equal(trace.maps["up_1"], run(blockwise, clip, prompts)[2].maps["up_1"])  # its layer's maps in
 
 
 def snapshot(model):
