@@ -571,15 +571,17 @@ OUT_OF_MEMORY = {
 }
 
 
-def running_out_of_gpu_memory(model, batched_only=True, backend="CUDA"):
+def running_out_of_gpu_memory(model, batched_only=True, backend="CUDA", raised=None):
     """A clone whose output blocks raise ``backend``'s out-of-memory error in guided passes (CFG-batched ones only,
-    or all).
+    or all), each time appended to the list ``raised`` where one is given.
 
     Raised in an output block, so the failed pass has already recorded the input blocks' maps.
     """
     def attn2_patch(n, context, value, extra_options):
         if (torch.is_grad_enabled() and extra_options["block"][0] == "output"
                 and (len(extra_options["cond_or_uncond"]) > 1 or not batched_only)):
+            if raised is not None:
+                raised.append(extra_options["block"])
             raise OUT_OF_MEMORY[backend]()
         return n, context, value
 
@@ -588,16 +590,21 @@ def running_out_of_gpu_memory(model, batched_only=True, backend="CUDA"):
     return patched
 
 
+@pytest.mark.parametrize("stages", [("down_1",), None], ids=["down x1", "all stages"])
 @pytest.mark.parametrize("backend", OUT_OF_MEMORY)
 def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and_says_so(sd15, prompts, backend,
-                                                                                            kernel_slack, gpu_batching):
+                                                                                            stages, kernel_slack,
+                                                                                            gpu_batching):
+    # With every stage guided, the failed pass leaves queries of guided layers waiting: none may reach the retry.
     model, clip = sd15
     pos, neg = prompts
-    usual, expected, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
-    retried, trace, _ = sample(running_out_of_gpu_memory(model, backend=backend), clip, pos, neg, 100.0, steps=2,
-                               guided_stages=("down_1",))
+    raised = []
+    usual, expected, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=stages)
+    retried, trace, _ = sample(running_out_of_gpu_memory(model, backend=backend, raised=raised), clip, pos, neg,
+                               100.0, steps=2, guided_stages=stages)
     assert any("GPU memory ran short" in note for note in trace.notes)
-    assert trace.guidance_counts()["applied"] == 2
+    assert trace.guidance_counts()["applied"] == 2 and len(raised) == 1  # the next step goes branch by branch at once
+    torch.testing.assert_close(trace.guidance["grad_norm"], expected.guidance["grad_norm"], rtol=1e-3, atol=0)
     for stage, maps in expected.maps.items():  # the failed pass's maps are not counted
         torch.testing.assert_close(trace.maps[stage], maps, rtol=1e-4 * kernel_slack, atol=1e-6 * kernel_slack)
     # Two guided steps at λ = 100 amplify the batch layouts' rounding: about 1e-4 of the range with TF32 on a GPU.
@@ -690,10 +697,40 @@ def test_an_occupied_calc_cond_slot_falls_back_to_an_extra_pass_and_says_so(sd15
     occupied = with_calc_cond_slot_taken(model)
     fallback, trace, _ = sample(occupied, clip, pos, neg, 100.0, steps=2)
     direct, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
-    assert any("extra U-Net pass" in note for note in trace.notes)
+    assert sum("extra U-Net pass" in note for note in trace.notes) == 1  # said once, not at each of the 2 steps
     assert trace.guidance_counts()["applied"] == 2
     assert not torch.equal(fallback, sample(occupied, clip, pos, neg, 0.0, steps=2)[0])
     assert torch.allclose(fallback, direct, rtol=1e-3, atol=1e-3 * direct.abs().max().item())
+
+
+def test_an_extra_pass_records_the_uncond_branch_at_cfg_1_where_a_node_keeps_comfyui_running_it(sd15, prompts):
+    # Self-Attention Guidance sets disable_cfg1_optimization: ComfyUI then runs the uncond branch at cfg 1 too.
+    model, clip = sd15
+    pos, neg = prompts
+    kept = model.clone()
+    kept.model_options["disable_cfg1_optimization"] = True
+    direct, direct_trace, _ = sample(kept, clip, pos, neg, 100.0, steps=1, cfg=1.0)
+    occupied = with_calc_cond_slot_taken(kept)
+    _, trace, _ = sample(occupied, clip, pos, neg, 100.0, steps=1, cfg=1.0)
+    assert not any("cfg = 1" in note for note in trace.notes + direct_trace.notes)
+    torch.testing.assert_close(trace.maps["down_1"], direct_trace.maps["down_1"], rtol=1e-4, atol=1e-6)
+
+
+def test_another_nodes_attention_override_runs_in_the_guided_pass_too(sd15, prompts):
+    # A node's attention kernel (a SageAttention patch) owns transformer_options' override slot: BiasMap's SDPA for
+    # the backward does not take it over.
+    model, clip = sd15
+    pos, neg = prompts
+    calls = []
+
+    def override(func, q, *args, **kwargs):
+        calls.append(torch.is_grad_enabled() and q.requires_grad)
+        return func(q, *args, **kwargs)
+
+    patched = model.clone()
+    patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    _, trace, _ = sample(patched, clip, pos, neg, 100.0, steps=1)
+    assert trace.guidance_counts()["applied"] == 1 and any(calls)  # also where autograd records it
 
 
 def test_an_extra_pass_skips_the_uncond_branch_when_comfyui_does_at_a_cfg_of_nearly_one(sd15, prompts):
