@@ -100,8 +100,10 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     refused = check_concepts("a 'doctor' and gender", "gender", "doctor")
     assert refused.endswith("remove the single quotes around it.") and "textual-inversion" not in refused
     assert check_concepts("a 'nurse' and gender", "gender", "nurse") is True  # no contraction there
+    assert check_concepts("a 'Doctor' and gender", "gender", "doctor").endswith("remove the single quotes around it.")
     refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
     assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
+    assert check_concepts("a photo of embedding:doctor_v2 and gender", "gender", "doctor").endswith("by name.")
     assert "textual-inversion" not in check_concepts("a photo of embedding:mydoc and gender", "gender", "docter")
 
 
