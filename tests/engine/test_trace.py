@@ -190,6 +190,14 @@ def test_recorder_weighs_masked_entries_per_pixel():
     for maps, weight in ((first, left), (second, 1 - left)):  # e.g. two Conditioning (Set Mask) entries
         rec.add("down_1", weight * maps, "input 1", weight)
     assert torch.allclose(rec.current()["down_1"], torch.where(left.bool(), first, second))
+    alone = TraceRecorder()  # one masked entry alone: the pixels it leaves uncovered stay 0, as in ComfyUI, not 0/0
+    alone.begin(torch.tensor(1.0), torch.tensor(0))
+    alone.add("down_1", left * first, "input 1", left)
+    assert torch.equal(alone.current()["down_1"], left * first)
+    unweighted = TraceRecorder()  # an entry of strength 0 (ConditioningSetAreaStrength 0): maps of 0, not 0/0
+    unweighted.begin(torch.tensor(1.0), torch.tensor(0))
+    unweighted.add("down_1", 0.0 * first, "input 1", 0.0)
+    assert torch.equal(unweighted.current()["down_1"], torch.zeros_like(first))
 
 
 def test_shares_of_an_evaluations_entries_weighted_like_the_whole_add_up_to_its_maps():
