@@ -50,18 +50,16 @@ class ConceptNotFoundError(ValueError):
     """A concept word whose tokens do not occur in the attribution prompt."""
 
 
-def find_word_positions(prompt_tokens: list[str], word: str, read=None) -> list[int]:
+def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
     """Positions of all BPE pieces of every occurrence of ``word`` (one or more words) among ``prompt_tokens``.
 
     ``word`` is matched as split by CLIP and as split per CJK ideograph, whichever tokenizer made the prompt's
     tokens. The punctuation around the word is left out, as :func:`split_concepts` leaves it (``doctor.`` is
     ``doctor``: CLIP makes the full stop a token of its own, which would join the word's map); ComfyUI's emphasis is
-    :func:`split_concepts`' to take out. ``read``, a function of text to words, adds the word as it reads it (the
-    installed tokenizer, whose clean-up made the prompt's tokens). Raises ConceptNotFoundError listing the prompt's
-    words, so the user can pick one that is there.
+    :func:`split_concepts`' to take out. Raises ConceptNotFoundError listing the prompt's words, so the user can pick
+    one that is there.
     """
-    splits = [clip_words(_trimmed(word), split_ideographs=split) for split in (False, True)]
-    forms = {tuple(_spelling(w) for w in split) for split in splits + ([read(_trimmed(word))] if read else [])}
+    forms = {tuple(_spelling(w) for w in clip_words(_trimmed(word), split_ideographs=split)) for split in (False, True)}
     if forms == {()}:
         raise ConceptNotFoundError("a concept is empty; type a word that occurs in the attribution prompt")
     spans = _word_spans(prompt_tokens)

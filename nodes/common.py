@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..biasmap_engine import GATES, BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts
 from ..biasmap_engine.settings import BRANCHES, MODES
-from ..biasmap_engine.host import prompt_text_words, tokenizer_words
+from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -166,10 +166,9 @@ def _absent(concepts: list[str], words: list[str]) -> list[str]:
 
 def _covered(concept: str, words: list[str]) -> set[int]:
     """Indices of the prompt's ``words`` (the installed tokenizer's) that the occurrences of ``concept`` cover
-    (consecutive words: a multi-word concept is looked up as a phrase), with the concept split as the run's lookup
-    splits it (find_word_positions with the installed tokenizer)."""
+    (consecutive words: a multi-word concept is looked up as a phrase), with the concept split as every lookup in the
+    tokens splits it (find_word_positions: the sampler's, and the map nodes' in its trace)."""
     forms = {tuple(clip_words(concept, split_ideographs=split)) for split in (False, True)}
-    forms.add(tuple(tokenizer_words(concept)))
     return {i + j for part in forms if part for i in range(len(words) - len(part) + 1)
             if tuple(words[i:i + len(part)]) == part for j in range(len(part))}
 

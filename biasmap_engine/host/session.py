@@ -40,7 +40,6 @@ from ..settings import BiasMapSettings
 from ..soft_topk import check_keep
 from ..stages import STAGE_ORDER, stage_grid
 from ..tokens import find_word_positions, require_distinct_concepts
-from .attribution import tokenizer_words
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
 from .guided_backward import GuidedBackward
@@ -92,8 +91,7 @@ class BiasMapSession:
         self._unet_ran = False  # the U-Net ran in the open evaluation
         self._unet_input: tuple | None = None  # (detached, differentiable) U-Net input, while _detach_around runs
         # Resolved now, so a word missing from the attribution prompt fails before any sampling.
-        positions = {word: find_word_positions(tokens, word, read=tokenizer_words)
-                     for word in (*demographic, *semantic)}
+        positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._window_hits = 0  # evaluations inside the guidance window
@@ -105,7 +103,7 @@ class BiasMapSession:
         self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
-                             "attribution prompt in each list (a list linked from another node came empty)")
+                             "attribution prompt in each list, or set the guidance scale to 0 to record maps only")
         self.backward = (GuidedBackward(model_patcher, settings, self.pairs, self.capture, self.recorder, self._note,
                                         guided_layers) if settings.guiding else None)
 
