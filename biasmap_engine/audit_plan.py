@@ -7,7 +7,7 @@ after each queued prompt picks the subject and the seed, so one graph queued wit
 
 from dataclasses import dataclass
 
-from .tokens import split_concepts
+from .tokens import clip_words, split_concepts
 
 __all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run"]
 
@@ -46,7 +46,7 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     names = [s for line in subjects.splitlines() for s in split_concepts(line)]
     if not names:
         raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
-    spelled = [s.lower() for s in names]  # CLIP reads Doctor as doctor
+    spelled = [tuple(clip_words(s)) for s in names]  # as CLIP reads them: Doctor is doctor
     twice = sorted({s for s, low in zip(names, spelled) if spelled.count(low) > 1})
     if twice:
         raise ValueError(f"subject(s) listed twice: {', '.join(twice)}; list each once (its runs would be repeated; "

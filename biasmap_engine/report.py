@@ -85,7 +85,8 @@ class EntanglementResult:
             *((key, other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
             ("stages", " ".join(other.stages), " ".join(trace.stages)),
             ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
-            ("the seed's noises", _noises(other), _noises(trace)),  # images of one seed drawn apart
+            # Images of one seed drawn apart (Repeat Latent Batch); for batches of other sizes, "images" says it.
+            *([("the seed's noises", _noises(other), _noises(trace))] if other.num_images == trace.num_images else []),
             ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))
             if b != a]
         differing += [f"tokens of '{w}' ({' '.join(baseline.pieces[w])}, this run {' '.join(self.pieces[w])})"

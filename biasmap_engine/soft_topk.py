@@ -43,9 +43,11 @@ def check_keep(hw: tuple[int, int], keep: float, mode: str) -> None:
     n, what = (hw[-1], f"a map row {hw[-1]} wide") if mode == "paper" else (hw[0] * hw[1], f"a {hw[0]}×{hw[1]} map")
     if _count(n, keep) < 1:
         exact_fits = mode == "paper" and _count(hw[0] * hw[1], keep) >= 1
-        raise ValueError(f"q = {1 - keep:g} keeps no pixel of {what} (the soft top-k keeps ⌊(1 − q)·{n}⌋): set q to "
-                         f"at most {math.floor((1 - 1 / n) * 100) / 100:g}"
-                         + (", or soft_topk to 'exact' (one problem per map, not per row)" if exact_fits else ""))
+        fixes = ([f"set q to at most {math.floor((1 - 1 / n) * 100) / 100:g}"] if n > 1 else []) + (
+            ["set soft_topk to 'exact' (one problem per map, not per row)"] if exact_fits else []) or [
+            "make the image larger"]  # a map of one pixel: no soft top-k keeps part of it
+        raise ValueError(f"q = {1 - keep:g} keeps no pixel of {what} (the soft top-k keeps ⌊(1 − q)·{n}⌋): "
+                         + ", or ".join(fixes))
 
 
 def soft_iou(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:

@@ -80,17 +80,16 @@ def prompt_words(prompt_tokens: list[str]) -> list[str]:
 
 
 def listed_words(words: list[str]) -> str:
-    """Words for a message, as a concept would be typed: each once, in prompt order, punctuation left out but a hyphen
-    between two words kept (``a, photo, of, an, african-american, doctor, 👩``)."""
-    joined, i = [], 0
-    while i < len(words):
-        if words[i] == "-" and joined and _shown(joined[-1]) and i + 1 < len(words) and _shown(words[i + 1]):
-            joined[-1] += "-" + words[i + 1]  # CLIP splits "a-b" and "a - b" alike: either is typed a-b
-            i += 2
-        else:
-            joined.append(words[i])
-            i += 1
-    return ", ".join(dict.fromkeys(w for w in joined if _shown(w)))
+    """Words for a message, as a concept would be typed: each once, in prompt order, punctuation left out; two words
+    with a hyphen between them also as one (``a, photo, of, an, african, american, african-american, doctor, 👩``)."""
+    listed = []
+    for i, word in enumerate(words):
+        listed.append(word)
+        if word == "-" or i < 2 or words[i - 1] != "-":
+            continue
+        if _shown(word) and _shown(words[i - 2]):  # CLIP splits "a-b" and "a - b" alike: either is typed a-b
+            listed.append(f"{words[i - 2]}-{word}")
+    return ", ".join(dict.fromkeys(w for w in listed if _shown(w)))
 
 
 def _shown(word: str) -> bool:

@@ -94,7 +94,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     """
     if attribution_prompt is None:  # linked from another node: checked by BPE lookup at run time
         return True
-    marker = next((m for m in ("<|endoftext|>", "<|startoftext|>") if m in attribution_prompt.lower()), None)
+    marker = next((m for m in ("<|endoftext|>", "<|startoftext|>") if m in attribution_prompt), None)  # as CLIP
     if marker:  # CLIP's own marker: the text's words after it are no words of the encoded prompt
         return f"the attribution prompt holds {marker}, CLIP's marker of the text's end or start: remove it"
     try:
@@ -135,14 +135,14 @@ def check_words_asked(asked: list[tuple[str, str, str, str]], attribution_prompt
             raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}, which is not a "
                              f"word of this sampler's attribution prompt {attribution_prompt!r} (its words: "
                              f"{listed_words(prompt_text_words(attribution_prompt))}): correct {name} there, or add "
-                             f"the word to the attribution prompt. Checked before sampling, so that the run is not lost "
-                             f"to it.{_why_absent(missing, attribution_prompt)}")
+                             f"the word to the attribution prompt. Checked before sampling, so that the run is not "
+                             f"lost to it.{_why_absent(missing, attribution_prompt)}")
 
 
 def _why_absent(missing: list[str], prompt: str) -> str:
     """Why words that the prompt seems to hold are not its words, where a typing habit explains it; else ''."""
     hints = []
-    if any(re.search(f"['‘]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘
+    if any(re.search(f"['‘’]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘’
         hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
                      "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")
     names = [name.lower() for name in re.findall(r"embedding:([^\s,()]+)", prompt, re.IGNORECASE)]
@@ -298,16 +298,19 @@ def one_concept(text: str) -> str:
 def first_concept(concepts: list[str], label: str, input_name: str) -> str:
     """What an empty concept input ``input_name`` stands for: the trace's first ``label`` concept."""
     if not concepts:
-        raise ValueError(f"the trace has no {label} concept, which an empty {input_name} stands for: type a word of "
-                         f"its attribution prompt in {input_name}")
+        raise ValueError(f"the trace has no {label} concept, which an empty '{input_name}' stands for: type a word "
+                         f"of its attribution prompt in '{input_name}'")
     return concepts[0]
 
 
 def output_path(name: str, what: str, example: str) -> str:
     """``name`` as a path inside ComfyUI's output folder; a path that leaves it is refused, as ComfyUI's savers refuse
     it, but with a message that says what to type."""
-    if name.rstrip().replace("\\", "/").rsplit("/", 1)[-1] in ("", ".", ".."):  # it would write a hidden ".csv"
-        raise ValueError(f"the {what} '{name}' names a folder, not a file: add a file name, e.g. {example}")
+    # A folder ("biasmap/"), or a name Windows trims to nothing, would write a hidden ".csv"; ".csv" would be one too.
+    last = name.replace("\\", "/").rsplit("/", 1)[-1].rstrip(" .")
+    if not last or last.startswith("."):
+        raise ValueError(f"the {what} '{name}' names no file (a folder, or a name that is empty or starts with a dot): "
+                         f"add a file name, e.g. {example}")
     output_dir = os.path.abspath(folder_paths.get_output_directory())
     path = os.path.abspath(os.path.join(output_dir, name))
     if not inside(path, output_dir):

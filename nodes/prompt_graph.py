@@ -58,7 +58,8 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) ->
 
 def queued_outputs() -> list[str] | None:
     """The output nodes queued with the prompt running now, from the server's queue: "Queue Selected Output Nodes"
-    queues some of a graph's. None outside a server (ComfyUI's executor called directly): then all of them run."""
+    queues some of a graph's. None outside a server (ComfyUI's executor called directly) or where the queue does not
+    hold the prompt: then every node of the graph is taken as run, which checks more, never less."""
     from comfy_execution.utils import get_executing_context
 
     # The server module as main.py imported it; not imported here, which would start a web app in a process without.

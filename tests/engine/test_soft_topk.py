@@ -114,13 +114,15 @@ def test_paper_mode_gives_finite_masks_and_gradients_for_maps_far_beyond_real_sc
 
 
 def test_maps_too_small_to_keep_a_pixel_are_refused_with_the_q_that_keeps_one_and_the_exact_mode_where_it_would():
-    with pytest.raises(ValueError, match=r"^q = 0\.7 keeps no pixel of a map row 3 wide .*: set q to at most 0\.66, or "
-                                         r"soft_topk to 'exact'"):
+    with pytest.raises(ValueError, match=r"^q = 0\.7 keeps no pixel of a map row 3 wide .*: set q to at most 0\.66, "
+                                         r"or set soft_topk to 'exact'"):
         soft_topk(torch.rand(1, 4, 3), keep=0.3, mode="paper")
     with pytest.raises(ValueError, match=r"^q = 0\.9 keeps no pixel of a 2×3 map .*: set q to at most 0\.83$"):
         soft_topk(torch.rand(1, 2, 3), keep=0.1, mode="exact")
     with pytest.raises(ValueError, match=r"a map row 3 wide .*: set q to at most 0\.66$"):  # exact would keep none
         check_keep((2, 3), 0.1, "paper")
+    with pytest.raises(ValueError, match=r"a 1×1 map .*: make the image larger$"):  # no q keeps part of one pixel
+        check_keep((1, 1), 0.3, "exact")
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])

@@ -287,8 +287,8 @@ def test_a_q_that_keeps_no_pixel_of_the_energys_map_rows_is_refused_before_the_f
     pos, neg = prompts
     counted, evaluated = counting_evaluations(model)
     with pytest.raises(ValueError, match=r"^q = 0\.98 keeps no pixel of a map row 32 wide \(the soft top-k keeps "
-                                         r"⌊\(1 − q\)·32⌋\): set q to at most 0\.96, or soft_topk to 'exact' \(one "
-                                         r"problem per map, not per row\)$"):
+                                         r"⌊\(1 − q\)·32⌋\): set q to at most 0\.96, or set soft_topk to 'exact' "
+                                         r"\(one problem per map, not per row\)$"):
         sample(counted, clip, pos, neg, 100.0, keep=0.02, guided_stages=("down_2",))
     assert evaluated == []
     _, trace, _ = sample(counted, clip, pos, neg, 100.0, keep=0.02, mode="exact")  # 20 of the map's 1024 pixels

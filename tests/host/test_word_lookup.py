@@ -101,6 +101,12 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert refused.endswith("remove the single quotes around it.") and "textual-inversion" not in refused
     assert check_concepts("a 'nurse' and gender", "gender", "nurse") is True  # no contraction there
     assert check_concepts("a 'Doctor' and gender", "gender", "doctor").endswith("remove the single quotes around it.")
+    from biasmap_engine.host import tokenizer_words
+
+    curly = "a ’doctor’ and gender"  # a word of its own, unless ftfy is installed: it straightens ’ into '
+    verdict = check_concepts(curly, "gender", "doctor")
+    assert verdict is True if "doctor" in tokenizer_words(curly) else verdict.endswith("remove the single quotes "
+                                                                                       "around it.")
     escaped = r"a person \(elderly\) and gender"  # the bracket hint is for a concept typed with brackets only
     assert "escapes its brackets" in check_concepts(escaped, "gender", "(nurse)")
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "nurse")
