@@ -115,7 +115,9 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     f"({shown})")
         missing = _absent(concepts, words)
         if missing:
-            escaped = "\\(" in attribution_prompt and "(" in value  # "\(" is a bracket the prompt spells
+            # "\(" is a bracket the prompt spells; the hint is for a missing concept that was typed with brackets.
+            bracketed = {c for piece in value.split(",") if "(" in piece for c in split_concepts(piece)}
+            escaped = "\\(" in attribution_prompt and bool(bracketed & set(missing))
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these."
