@@ -18,7 +18,7 @@ from .settings import BiasMapSettings
 from .soft_topk import soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
 from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, listed_words, prompt_words, readable,
-                     require_distinct_concepts, split_concepts)
+                     require_distinct_concepts, split_concepts, typed_concepts)
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError
 
 __all__ = [
@@ -30,5 +30,5 @@ __all__ = [
     "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable",
     "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
     "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
-    "token_softmax_maps", "z_grad_norm",
+    "token_softmax_maps", "typed_concepts", "z_grad_norm",
 ]

@@ -18,7 +18,7 @@ import re
 import unicodedata
 
 __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_words", "prompt_words", "readable",
-           "require_distinct_concepts", "split_concepts"]
+           "require_distinct_concepts", "split_concepts", "typed_concepts"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；]")
@@ -158,7 +158,13 @@ def split_concepts(text: str) -> list[str]:
     """A comma-separated concept list → its words, without ComfyUI's emphasis and the spaces and punctuation around
     them (``"woman, «man»., (doctor:1.2)"`` → ``["woman", "man", "doctor"]``). The commas a CJK keyboard types (，、)
     and semicolons separate too: no concept holds one, and CLIP would read it as a word of a phrase."""
-    return [concept for concept in (_trimmed(_without_emphasis(part)) for part in _SEPARATOR.split(text)) if concept]
+    return [concept for _, concept in typed_concepts(text)]
+
+
+def typed_concepts(text: str) -> list[tuple[str, str]]:
+    """Each concept of a list (see split_concepts) with the text typed for it: ``"(doctor:1.2)"`` → ``("(doctor:1.2)",
+    "doctor")``."""
+    return [(part, concept) for part in _SEPARATOR.split(text) if (concept := _trimmed(_without_emphasis(part)))]
 
 
 def _trimmed(concept: str) -> str:

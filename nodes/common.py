@@ -8,7 +8,8 @@ import re
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import GATES, BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts
+from ..biasmap_engine import (GATES, BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts,
+                              typed_concepts)
 from ..biasmap_engine.settings import BRANCHES, MODES
 from ..biasmap_engine.host import prompt_text_words
 
@@ -116,7 +117,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         missing = _absent(concepts, words)
         if missing:
             # "\(" is a bracket the prompt spells; the hint is for a missing concept that was typed with brackets.
-            bracketed = {c for piece in value.split(",") if "(" in piece for c in split_concepts(piece)}
+            bracketed = {concept for typed, concept in typed_concepts(value) if "(" in typed}
             escaped = "\\(" in attribution_prompt and bool(bracketed & set(missing))
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "

@@ -111,6 +111,7 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert "escapes its brackets" in check_concepts(escaped, "gender", "(nurse)")
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "nurse")
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "(person), nurse")  # nurse typed bare
+    assert "escapes its brackets" not in check_concepts(escaped, "gender", "(person)；nurse")  # a CJK keyboard's ;
     refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
     assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
     assert check_concepts("a photo of embedding:doctor_v2 and gender", "gender", "doctor").endswith("by name.")
