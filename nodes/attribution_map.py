@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
-                     one_concept, plain_errors, require_single, stages_in, step_inputs, step_window)
+                     one_concept, plain_errors, require, stages_in, step_inputs, step_window)
 
 _ONE_WORD = "give one word (one Attribution Map node per word)"
 _SCALES = ("each image", "whole batch")
@@ -65,7 +65,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     @plain_errors
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
                 scale=_SCALES[0], image=None) -> io.NodeOutput:
-        require_single(_ONE_WORD, word=word)
+        require(check_single(_ONE_WORD, word=word))
         word = one_concept(word) or first_concept(trace.demographic, "demographic", "word")
         check_images(image, trace, "Attribution Map")
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size

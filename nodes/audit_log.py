@@ -9,8 +9,8 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
-from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, output_path, plain_errors, step_inputs,
-                     step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, output_path, plain_errors, require,
+                     step_inputs, step_window)
 
 
 class BiasMapAuditLog(io.ComfyNode):
@@ -74,9 +74,7 @@ class BiasMapAuditLog(io.ComfyNode):
     def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution, first_step,
                 last_step) -> io.NodeOutput:
         path = _csv_path(filename)
-        listed_once = check_listed_once(concept_a=concept_a, concept_b=concept_b)  # linked lists are known now
-        if listed_once is not True:
-            raise ValueError(listed_once)
+        require(check_listed_once(concept_a=concept_a, concept_b=concept_b))  # linked lists are known now
         demographic = split_concepts(concept_a) or trace.demographic
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)

@@ -285,15 +285,15 @@ def check_single(fix: str, **inputs) -> bool | str:
     return True
 
 
-def require_single(fix: str, **inputs) -> None:
-    """:func:`check_single` at run time, where a linked input's text is known."""
-    verdict = check_single(fix, **inputs)
+def require(verdict: bool | str) -> None:
+    """A validation's verdict (``check_single``, ``check_listed_once``) at run time, where a linked input's text is
+    known: its message raised."""
     if verdict is not True:
         raise ValueError(verdict)
 
 
 def one_concept(text: str) -> str:
-    """The concept typed in an input that takes one (see require_single), as the sampler's lists take their words
+    """The concept typed in an input that takes one (see check_single), as the sampler's lists take their words
     (without the sentence marks around it: 'doctor,' is 'doctor'); '' when none is typed."""
     return next(iter(split_concepts(text)), "")
 

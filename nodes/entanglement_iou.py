@@ -4,7 +4,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, first_concept, mask_size,
-                     one_concept, plain_errors, require_single, step_inputs, step_window)
+                     one_concept, plain_errors, require, step_inputs, step_window)
 
 _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
 
@@ -54,7 +54,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
     @plain_errors
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None,
                 baseline=None) -> io.NodeOutput:
-        require_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
+        require(check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b))
         stretched = check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic", "concept_a")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic", "concept_b")
