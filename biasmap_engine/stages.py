@@ -2,7 +2,7 @@
 
 import math
 
-__all__ = ["STAGE_ORDER", "stage_id", "stage_of", "stage_grid", "stage_label", "parse_stages"]
+__all__ = ["STAGE_ORDER", "finest_grid", "stage_id", "stage_of", "stage_grid", "stage_label", "parse_stages"]
 
 # Stage ids are ASCII (they name tensors in saved traces): direction and resolution divisor relative to the latent.
 _DIVISORS = (1, 2, 4, 8, 16)
@@ -37,6 +37,12 @@ def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, 
 def stage_grid(stage: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """The grid a stage's levels run at: ``"down_2"`` of a 13×21 latent → 7×11 (⌈h/d⌉×⌈w/d⌉)."""
     return _grid(latent_hw, _divisor(stage))
+
+
+def finest_grid(stages, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The grid of the finest of ``stages`` (the smallest divisor) at ``latent_hw``: the largest attention grid, where
+    OVAM sums their maps."""
+    return stage_grid(min(stages, key=_divisor), latent_hw)
 
 
 def _grid(latent_hw, divisor: int) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from ..guidance import guidance_step
 from ..recorder import TraceRecorder
 from ..settings import BiasMapSettings
 from ..soft_topk import check_keep
-from ..stages import STAGE_ORDER, stage_grid
+from ..stages import STAGE_ORDER, finest_grid
 from ..tokens import find_word_positions, require_distinct_concepts
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
@@ -187,8 +187,7 @@ class BiasMapSession:
         """
         if self.backward is not None:  # the energy's maps are at the largest recorded grid of this latent
             hw = args[0].shape[-2:]  # the noise, the latent's size
-            check_keep(max((stage_grid(stage, hw) for stage in set(self._block_stages.values())),
-                           key=lambda grid: grid[0] * grid[1]), self.settings.keep, self.settings.mode)
+            check_keep(finest_grid(self._block_stages.values(), hw), self.settings.keep, self.settings.mode)
         last = sigmas.shape[-1] - 2
         self._schedule = sigmas  # read at the end of the run, to say which schedule it was (audits pair by it)
 
