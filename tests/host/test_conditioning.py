@@ -231,6 +231,24 @@ def test_a_default_entry_gets_no_weight_where_the_other_entries_weigh_more_than_
     assert_maps_left_and_right(model, clip, neg, positive, lambda w, d: w, lambda w, d: d)
 
 
+def test_a_default_entry_is_weighed_again_at_each_step_as_the_other_entries_timestep_ranges_end(sd15, prompts):
+    # The masked woman conditions the first step only: from the second on, the default doctor has the whole image,
+    # the left half too, where its first step's weight was 0 (weights kept from that step record maps of 0 there).
+    import comfy.hooks
+    import nodes
+
+    model, clip = sd15
+    _, neg = prompts
+    masked_woman = nodes.ConditioningSetMask().append(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0]
+    first_step = nodes.ConditioningSetTimestepRange().set_range(masked_woman, 0.0, 0.2)[0]
+    with torch.inference_mode():
+        positive = comfy.hooks.set_default_conds_and_combine([first_step], [encode(clip, "a photo of a doctor")])[0]
+    _, trace = sample(model, clip, positive, neg, steps=3, branch="cond")
+    for maps in trace.maps.values():
+        left = maps[..., :maps.shape[-1] // 2].flatten(1)
+        assert (left > 0).all(), "every step's maps cover the left half: the woman's, then the default doctor's"
+
+
 def test_an_area_of_exactly_the_latents_size_covers_the_image(sd15, prompts):
     import nodes
 
