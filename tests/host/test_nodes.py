@@ -502,15 +502,16 @@ def test_attribution_map_takes_its_colormap_and_opacity(nodes_and_trace):
     assert torch.allclose(clear, image)
 
 
-def test_the_image_check_warns_of_a_five_percent_crop_and_not_of_a_landscape_image(pack):
+def test_the_image_check_warns_of_a_two_percent_crop_and_not_of_a_scaled_landscape_image(pack):
     from types import SimpleNamespace
 
     from biasmap_pack.nodes.common import check_images
 
     landscape = SimpleNamespace(num_images=1, image_size=(256, 384))
     assert check_images(torch.rand(1, 512, 768, 3), landscape, "test") is None
+    assert check_images(torch.rand(1, 227, 341, 3), landscape, "test") is None  # scaled by 0.89, sizes rounded
     square = SimpleNamespace(num_images=1, image_size=(256, 256))
-    assert "a shape other than" in check_images(torch.rand(1, 256, 243, 3), square, "test")
+    assert "a shape other than" in check_images(torch.rand(1, 256, 251, 3), square, "test")  # 5 columns cropped
 
 
 def test_a_plan_whose_subjects_are_linked_gives_no_generation_prompt(pack):
