@@ -603,6 +603,30 @@ def test_a_sampler_that_reports_no_steps_labels_each_evaluation_by_the_interval_
     assert trace.steps.tolist() == [0, 1, 2] and trace.num_steps == 3
 
 
+def test_a_sampler_that_reports_no_steps_keeps_its_labels_in_range_on_a_schedule_that_stops_above_zero(sd15,
+                                                                                                         prompts):
+    # Heun's last corrector runs at the schedule's last σ, the end of the last step's interval, not a step of its own.
+    import comfy.samplers
+
+    def heun_without_reports(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        ones = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            slope = (x - model(x, sigmas[i] * ones, **(extra_args or {}))) / sigmas[i]
+            ahead = x + slope * (sigmas[i + 1] - sigmas[i])
+            slope_ahead = (ahead - model(ahead, sigmas[i + 1] * ones, **(extra_args or {}))) / sigmas[i + 1]
+            x = x + (slope + slope_ahead) / 2 * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6)[:4]
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        _, trace = sample_with_sampler(session, model, 0, 5.0, comfy.samplers.KSAMPLER(heun_without_reports),
+                                       sigmas, pos, neg, latent(batch=1, h=16, w=16))
+    assert trace.steps.tolist() == [0, 1, 1, 2, 2, 2] and trace.num_steps == 3
+
+
 def test_an_adaptive_sampler_counting_more_steps_than_the_schedule_keeps_its_labels_in_range(sd15, prompts):
     model, clip = sd15
     _, _, trace = run(model, clip, prompts, sampler="dpm_adaptive", steps=3, lat=latent(batch=1, h=16, w=16))
