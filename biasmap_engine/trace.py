@@ -20,6 +20,7 @@ from .masks import hard_mask, iou
 from .ovam import largest_grid, sum_upsampled
 from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
+from .trace_schema import description_problem, tensors_problem
 
 __all__ = ["BiasMapTrace", "TraceFormatError", "NOT_FINITE_CAUSE", "mean_biou"]
 
@@ -224,19 +225,28 @@ class BiasMapTrace:
                                    f"it may be a model checkpoint")
         try:
             meta = json.loads(raw)
-            if meta.get("version", 0) > VERSION:  # a trace, but of a later BiasMap: not a TraceFormatError
-                raise ValueError(f"{path} is a version {meta['version']} BiasMap trace, and this BiasMap reads "
-                                 f"versions up to {VERSION}: update BiasMap to read it")
+            version = meta.get("version")
+            if meta.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise TypeError(f"format {meta.get('format')!r}, version {version!r}")
+            if version > VERSION:  # a trace, but of a later BiasMap: not a TraceFormatError
+                raise ValueError(f"{path} is a version {version} BiasMap trace, and this BiasMap reads versions up "
+                                 f"to {VERSION}: update BiasMap to read it")
             fields = dict(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
                           tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
                           latent_shape=meta["latent_shape"], demographic=meta["demographic"],
                           semantic=meta["semantic"], model_family=meta["model_family"], settings=meta["settings"],
                           notes=meta["notes"], run=meta.get("run", {}),  # absent from traces saved before it was kept
                           guidance={k[9:]: v for k, v in tensors.items() if k.startswith("guidance.")})
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
-            missing = f"no {err}" if isinstance(err, KeyError) else str(err)
+        except (json.JSONDecodeError, RecursionError, KeyError, AttributeError, TypeError) as err:
+            missing = f"no {err}" if isinstance(err, KeyError) else str(err) or type(err).__name__
             raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its description is damaged or "
                                    f"incomplete ({missing})") from err
+        # Types and sizes before anything is built of them: a trace from someone else is untrusted input.
+        problem = description_problem(meta) or tensors_problem(
+            fields["maps"], fields["sigmas"], fields["steps"], fields["guidance"], fields["latent_shape"])
+        if problem:
+            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but {problem}: it is damaged, or was not "
+                                   f"written by BiasMap")
         try:
             return cls(**fields)
         except (ValueError, TypeError) as err:

@@ -139,6 +139,67 @@ def test_a_cut_short_damaged_or_newer_trace_says_which_and_what_to_do(tmp_path):
         BiasMapTrace.load(str(tmp_path / "newer"))
 
 
+def _saved_parts(tmp_path):
+    """The description and tensors of a saved trace, to tamper with as a file from someone else might be."""
+    path = str(tmp_path / "trace.safetensors")
+    recorded_trace().save(path)
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["biasmap_trace"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"latent_shape": [2, 4, 80000, 120000]}, r"latent of 120000×80000 is larger than any ComfyUI makes"),
+    ({"latent_shape": [2, 4, 64, 96]}, r"maps of stage down_1 are 12×8, where a 96×64 latent's are 96×64"),
+    ({"latent_shape": [2, 4, "8", 12]}, r"latent_shape \[2, 4, '8', 12\] is not a latent's \[B, C, H, W\]"),
+    ({"latent_shape": {"0": 2}}, r"is not a latent's \[B, C, H, W\]"),
+    ({"latent_shape": [2]}, r"is not a latent's"),
+    ({"tokens": [0, 1, 2, 3, 4, 5]}, r"its tokens is not a list of texts"),
+    ({"demographic": "gender"}, r"its demographic is not a list of texts"),
+    ({"notes": "hello"}, r"its notes is not a list of texts"),
+    ({"settings": []}, r"its settings are not a table"),
+    ({"settings": {"label": "forged"}}, r"its settings hold 'label', which are not BiasMap settings"),
+    ({"settings": {"scale": "a lot"}}, r"its settings are not BiasMap settings"),
+    ({"run": None}, r"its run is not a table"),
+    ({"run": {"sigmas": "abc"}}, r"its run's sigmas are not a list of numbers"),
+    ({"run": {"batch_index": [0]}}, r"its run's batch_index is not one whole number per image \(2\)"),
+    ({"format": "not_biasmap"}, r"damaged or incomplete \(format 'not_biasmap'"),
+    ({"version": -5}, r"damaged or incomplete \(format 'biasmap_trace', version -5\)"),
+])
+def test_a_trace_file_whose_description_has_wrong_types_or_sizes_is_refused_naming_the_field(tmp_path, change,
+                                                                                             problem):
+    # A 3 KB file naming a huge latent would have the nodes draw and measure at its image size (gigabytes).
+    meta, tensors = _saved_parts(tmp_path)
+    save_file(tensors, str(tmp_path / "tampered"), metadata={"biasmap_trace": json.dumps({**meta, **change})})
+    with pytest.raises(TraceFormatError, match=problem):
+        BiasMapTrace.load(str(tmp_path / "tampered"))
+
+
+def test_a_trace_file_whose_description_nests_too_deep_for_json_is_refused(tmp_path):
+    meta, tensors = _saved_parts(tmp_path)
+    save_file(tensors, str(tmp_path / "deep"), metadata={"biasmap_trace": "[" * 100000 + "]" * 100000})
+    with pytest.raises(TraceFormatError, match="damaged or incomplete"):
+        BiasMapTrace.load(str(tmp_path / "deep"))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda t: {k: v for k, v in t.items() if not k.startswith("maps.")}, r"it holds no maps"),
+    (lambda t: t | {"maps.zz_9": t.pop("maps.up_1")}, r"maps of a stage 'zz_9', which no BiasMap records"),
+    (lambda t: t | {"maps.down_1": t["maps.down_1"].long()}, r"maps of stage down_1 are not \[evaluations"),
+    (lambda t: t | {"steps": t["steps"].float()}, r"its steps are not one step number"),
+    (lambda t: t | {"steps": t["steps"] - 1}, r"its steps are not one step number \(0 or more\)"),
+    (lambda t: t | {"sigmas": t["sigmas"][:, None]}, r"its sigmas are not one number per evaluation"),
+    (lambda t: t | {"guidance.status": t["guidance.status"][:, :1].clone()}, r"guidance status is not \[evaluations 3, "
+                                                                     r"images 2\]"),
+    (lambda t: t | {"guidance.status": t["guidance.status"] + 40}, r"status holds codes no BiasMap writes"),
+    (lambda t: t | {"guidance.script": t["guidance.energy"].clone()}, r"its guidance holds 'script'"),
+])
+def test_a_trace_file_whose_tensors_have_wrong_kinds_or_shapes_is_refused_naming_them(tmp_path, change, problem):
+    meta, tensors = _saved_parts(tmp_path)
+    save_file(change(tensors), str(tmp_path / "tampered"), metadata={"biasmap_trace": json.dumps(meta)})
+    with pytest.raises(TraceFormatError, match=problem):
+        BiasMapTrace.load(str(tmp_path / "tampered"))
+
+
 def test_unrecorded_stage_or_empty_step_window_errors_name_what_exists():
     trace = recorded_trace()
     with pytest.raises(ValueError, match=r"this trace has down_1 .*: choose stages among these, or 'all'$"):

@@ -1,0 +1,98 @@
+"""What a trace file may hold, checked before any of it is used: a trace shared by someone else is untrusted input.
+
+:meth:`BiasMapTrace.load` reads a JSON description and tensors. These checks refuse, naming the field, a description
+of the wrong types, tensors of the wrong kind or shape, and a latent size its maps do not have: the nodes draw and
+measure at the latent's image size, so a 3 KB file naming a 100 000² latent would have them allocate gigabytes.
+Each check returns the problem as text (None when there is none); ``load`` makes it a TraceFormatError.
+"""
+
+import torch
+
+from .guidance import STATUS
+from .settings import BiasMapSettings
+from .stages import STAGE_ORDER, stage_grid
+
+__all__ = ["MAX_LATENT_SIDE", "description_problem", "tensors_problem"]
+
+MAX_LATENT_SIDE = 2048  # ComfyUI's largest image side (MAX_RESOLUTION, 16384 px) in an SD VAE's latent pixels
+_TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
+_GUIDANCE = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
+
+
+def description_problem(meta: dict) -> str | None:
+    """What is wrong with a trace's JSON description (its types and the latent's size), or None."""
+    for name in _TEXT_LISTS:
+        if not _is_list_of(meta.get(name), str):
+            return f"its {name} is not a list of texts"
+    if not isinstance(meta.get("model_family"), str):
+        return "its model_family is not a text"
+    shape = meta.get("latent_shape")
+    if not (_is_list_of(shape, int) and len(shape) == 4 and min(shape) >= 1):
+        return f"its latent_shape {shape!r} is not a latent's [B, C, H, W] (four whole numbers of at least 1)"
+    if max(shape[2:]) > MAX_LATENT_SIDE:
+        return (f"its latent of {shape[3]}×{shape[2]} is larger than any ComfyUI makes (sides up to "
+                f"{MAX_LATENT_SIDE}, 16384 px)")
+    run = meta.get("run", {})
+    if not isinstance(run, dict):
+        return "its run is not a table of the run's fields"
+    if run.get("batch_index") is not None and not (_is_list_of(run["batch_index"], int)
+                                                   and len(run["batch_index"]) == shape[0]):
+        return f"its run's batch_index is not one whole number per image ({shape[0]})"
+    if "sigmas" in run and not _is_list_of(run["sigmas"], (int, float)):
+        return "its run's sigmas are not a list of numbers"
+    return _settings_problem(meta.get("settings"))
+
+
+def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: list[int]) -> str | None:
+    """What is wrong with a trace's tensors for its (checked) latent_shape, or None; their counts along evaluations,
+    images and tokens are :class:`BiasMapTrace`'s own check."""
+    if not maps:
+        return "it holds no maps"
+    for stage, stage_maps in maps.items():
+        if stage not in STAGE_ORDER:
+            return f"it holds maps of a stage '{stage}', which no BiasMap records"
+        if not stage_maps.is_floating_point() or stage_maps.dim() != 5:
+            return f"its maps of stage {stage} are not [evaluations, images, tokens, h, w] numbers"
+        grid = stage_grid(stage, latent_shape[2:])
+        if tuple(stage_maps.shape[-2:]) != grid:
+            return (f"its maps of stage {stage} are {stage_maps.shape[-1]}×{stage_maps.shape[-2]}, where a "
+                    f"{latent_shape[3]}×{latent_shape[2]} latent's are {grid[1]}×{grid[0]}")
+    if sigmas.dim() != 1 or not sigmas.is_floating_point():
+        return "its sigmas are not one number per evaluation"
+    if steps.dim() != 1 or _kind(steps) != "integer" or bool((steps < 0).any()):
+        return "its steps are not one step number (0 or more) per evaluation"
+    for name, tensor in guidance.items():
+        if name not in _GUIDANCE or _kind(tensor) != _GUIDANCE[name]:
+            return f"its guidance holds '{name}', which is not the energy, gradient norm or status BiasMap records"
+        if tuple(tensor.shape) != (len(sigmas), latent_shape[0]):
+            return f"its guidance {name} is not [evaluations {len(sigmas)}, images {latent_shape[0]}]"
+    if "status" in guidance and not bool(torch.isin(guidance["status"], torch.tensor(list(STATUS.values()))).all()):
+        return "its guidance status holds codes no BiasMap writes"
+    return None
+
+
+def _settings_problem(settings) -> str | None:
+    if not isinstance(settings, dict):
+        return "its settings are not a table of BiasMap's settings"
+    unknown = [key for key in settings if key not in BiasMapSettings.__dataclass_fields__]
+    if unknown:
+        return f"its settings hold {', '.join(map(repr, unknown))}, which are not BiasMap settings"
+    stages = settings.get("guided_stages")
+    if stages is not None and not _is_list_of(stages, str):
+        return "its settings' guided_stages are not a list of stage names"
+    try:
+        BiasMapSettings(**{**settings, "guided_stages": tuple(stages) if stages else None})
+    except (TypeError, ValueError) as err:
+        return f"its settings are not BiasMap settings ({err})"
+    return None
+
+
+def _is_list_of(value, kind) -> bool:
+    """A JSON list of ``kind`` (whole numbers: not true/false)."""
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.is_floating_point():
+        return "floating"
+    return "integer" if tensor.dtype != torch.bool and not tensor.is_complex() else "other"
