@@ -405,9 +405,16 @@ def test_no_patch_remains_after_sampling_an_error_or_an_interrupt(sd15, prompts)
     assert {n: p.data_ptr() for n, p in model.model.diffusion_model.named_parameters()} == params_before
 
 
-def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_path):
+@pytest.mark.parametrize("shrunk", [False, True], ids=["plain", "Deep Shrink x1.5 at an odd size"])
+def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_path, shrunk):
+    # Load Trace checks each stage's grid against the latent's: the grids of every run must pass, also resampled ones.
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
     model, clip = sd15
-    _, _, trace = run(model, clip, prompts, steps=2)
+    if shrunk:
+        with torch.inference_mode():
+            model = PatchModelAddDownscale.execute(model, 1, 1.5, 0.0, 0.5, True, "bicubic", "bicubic")[0]
+    _, _, trace = run(model, clip, prompts, steps=2, lat=latent(batch=1, h=13, w=21) if shrunk else None)
     path = str(tmp_path / "trace.safetensors")
     trace.save(path)
     back = BiasMapTrace.load(path)
