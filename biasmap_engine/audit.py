@@ -16,6 +16,7 @@ import re
 
 from .guidance import STATUS
 from .report import measure_entanglement
+from .settings import BiasMapSettings
 from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text", "read_csv"]
@@ -44,9 +45,10 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     run = {key: trace.run.get(key, "") for key in _RUN}
     run["sigmas"] = " ".join(f"{s:g}" for s in run["sigmas"])  # the schedule: tells custom sigmas apart
     width, height = trace.image_size[::-1]
+    # BiasMap's settings only: a key of a trace made in a notebook could take the place of a column ("label").
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
-                   for k, v in trace.settings.items()}}
+                   for k, v in trace.settings.items() if k in BiasMapSettings.__dataclass_fields__}}
     first, last = steps if steps is not None else (0, trace.num_steps - 1)
     rows = []
     for a, b in pairs:
@@ -115,7 +117,12 @@ def read_csv(path: str) -> list[dict]:
     ComfyUI instance is appending are read whole or not at all."""
     with open(path, "rb") as f, _locked(f):
         text = f.read().decode("utf-8-sig")
-    return list(csv.DictReader(io.StringIO(text, newline="")))
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise ValueError(f"{path} cannot be read as an audit CSV ({err}): a cell is longer than Python's csv module "
+                         f"reads, or a line was damaged; read it with pandas or a spreadsheet, or give the audit "
+                         f"another file name") from err
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -5,7 +5,9 @@ gathers the audit, with each run's prompt id, seed, sampler, settings and attrib
 """
 
 import logging
+import os
 
+import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
@@ -82,7 +84,8 @@ class BiasMapAuditLog(io.ComfyNode):
         rows = audit_rows(trace, q, pairs, size, label, step_window(trace, first_step, last_step))
         written = append_csv(path, rows)
         text = csv_text(written)
-        message = f"{len(rows)} row(s) appended to {path}"
+        shown = os.path.relpath(path, folder_paths.get_output_directory()).replace(os.sep, "/")  # not the server's path
+        message = f"{len(rows)} row(s) appended to output/{shown}"
         left_out = [c for c in rows[0] if c not in written[0]]
         if left_out:  # the output shows what the file holds, and why a column is missing from it
             message += (f"\nwithout the column(s) {', '.join(left_out)}: the file was started before BiasMap wrote "
@@ -92,7 +95,12 @@ class BiasMapAuditLog(io.ComfyNode):
             logging.info("BiasMap: %s", message)
         # The file's figures so far, on the page without a notebook: the paper's reductions once it holds guided runs
         # and their λ = 0 runs, each profession's means until then.
-        summary = f"{message}\n{reductions_text(read_csv(path))}\n{text}"
+        try:
+            figures = reductions_text(read_csv(path))
+        except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
+            figures = f"the file's figures so far could not be read: {err}"
+            logging.warning("BiasMap: %s", figures)
+        summary = f"{message}\n{figures}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 
 

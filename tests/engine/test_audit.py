@@ -51,6 +51,23 @@ def test_audit_rows_give_each_image_and_pair_its_iou_biou_and_guidance_counts():
     assert audit_rows(trace)[0]["sigmas"] == "14.61 1 0"  # the schedule, which tells custom sigmas apart
 
 
+def test_audit_rows_take_biasmaps_settings_only_so_no_other_key_takes_a_columns_place():
+    trace = halves_trace()
+    trace.settings = {**trace.settings, "label": "forged", "=HYPERLINK(1)": 1}  # as a notebook's trace may hold
+    row = audit_rows(trace, label="mine")[0]
+    assert row["label"] == "mine" and "=HYPERLINK(1)" not in row and row["guidance_scale"] == 100.0
+
+
+def test_an_audit_file_that_csv_cannot_read_says_what_reads_it(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace()))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('"' + "x" * 200_000 + '"\r\n')
+    with pytest.raises(ValueError, match=r"cannot be read as an audit CSV \(field larger than field limit.*read it "
+                                         r"with pandas or a spreadsheet, or give the audit another file name"):
+        read_csv(str(path))
+
+
 def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
     trace = halves_trace()
     rows = audit_rows(trace, pairs=[("gender", "nurse")])

@@ -284,9 +284,24 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
             in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
-    assert summary.startswith("4 row(s) appended to") and "give the audit a new file name" in summary
+    assert summary.startswith("4 row(s) appended to output/biasmap/audit.csv")  # not the server's own path
+    assert "give the audit a new file name" in summary
     assert summary.endswith(out.result[0])
     assert "give the audit a new file name" in caplog.text
+
+
+def test_audit_log_that_cannot_read_the_file_back_after_appending_says_so_and_does_not_fail(pack, folders, trace):
+    # A failure after the rows are in would have the run queued again append them twice.
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace}
+    rows = len(as_comfy_runs(BiasMapAuditLog).execute(**args).result[0].splitlines()) - 1
+    path = folders / "out" / "biasmap" / "audit.csv"
+    with open(path, "a", encoding="utf-8") as f:  # a cell longer than Python's csv module reads (131072 characters)
+        f.write('"' + "x" * 200_000 + '"\r\n')
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args).result[1]
+    assert "the file's figures so far could not be read" in summary and "read it with pandas" in summary
+    assert path.read_bytes().count(b"\r\n") == 1 + rows + 1 + rows  # the header, rows, the long line, the rows again
 
 
 def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(pack, folders, trace):
