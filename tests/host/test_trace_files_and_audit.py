@@ -337,6 +337,25 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
     assert BiasMapAuditLog.validate_inputs(filename=None) is BiasMapSaveTrace.validate_inputs(None) is True  # linked
 
 
+@pytest.mark.parametrize("name, problem", [
+    ("biasmap/tr\0ace", "holds a character that file names cannot hold on every system"),
+    ("biasmap/audit:2", "holds a character that file names cannot hold on every system"),
+    ("biasmap/a?b", "holds a character that file names cannot hold on every system"),
+    ("biasmap/NUL", "names a Windows device"),
+    ("biasmap/con.data", "names a Windows device"),
+    ("biasmap/LPT1 ./trace", "names a Windows device"),
+    ("biasmap/" + "a" * 201, "has a folder or file name longer than 200 bytes"),
+    ("biasmap/" + "é" * 101, "has a folder or file name longer than 200 bytes"),
+])
+def test_a_file_name_some_system_cannot_hold_is_refused_when_the_prompt_is_queued(pack, folders, name, problem):
+    # On the system that runs a shared workflow the save would fail only after sampling, or save nothing (NUL).
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapSaveTrace
+
+    assert problem in BiasMapAuditLog.validate_inputs(filename=name)
+    assert problem in BiasMapSaveTrace.validate_inputs(filename_prefix=name)
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/console/" + "a" * 200) is True
+
+
 def test_audit_log_refuses_a_file_outside_the_output_folder(pack, folders, trace):
     from biasmap_pack.nodes import BiasMapAuditLog
 
