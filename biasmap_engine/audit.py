@@ -168,7 +168,7 @@ def _locked(f):
 # could carry a label or prompt such as '=HYPERLINK(…)'. Such text cells get a leading apostrophe, which spreadsheets
 # show as text and hide; numbers keep their sign, also typed as text (a label '-1.5' reads back as typed).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits: a number to a spreadsheet
 
 
 def _inert(rows: list[dict]) -> list[dict]:

@@ -180,6 +180,13 @@ def test_a_label_typed_as_a_signed_number_reads_back_as_typed(tmp_path, label):
         assert next(csv.DictReader(f))["label"] == label
 
 
+def test_a_sign_before_digits_of_another_script_is_escaped_as_text_not_kept_as_a_number(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="-٣"))  # ٣: a digit to Python, not a spreadsheet
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["label"] == "'-٣"
+
+
 def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
     rows = audit_rows(halves_trace(), q=0.5, label='=HYPERLINK("http://x","y")')
     rows[0]["notes"], rows[0]["iou"] = "-1+1", -0.5
