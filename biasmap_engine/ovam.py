@@ -51,9 +51,9 @@ def summed_token_softmax_maps(qs: list[torch.Tensor], keys: torch.Tensor, grid: 
     """The sum over layers of :func:`prepared_token_softmax_maps`: queries ``[B, HW, heads·d]`` of layers on one grid,
     against their :func:`prepare_keys` keys concatenated along the heads, ``[layers·heads, d, N]``.
 
-    One batched product, one softmax and one sum for all the layers, and no copy of one layer's queries in the keys'
-    dtype (they are read per head in place); several layers' are stacked in one copy. The maps keep the product's
-    memory order.
+    One batched product, one softmax and one sum for all the layers, and no transposed copy of one layer's queries:
+    fp32 queries are read per head in place (fp16 and bf16 ones are converted to the keys' dtype once); several
+    layers' are stacked in one copy. The maps keep the product's memory order.
     """
     b, hw, _ = qs[0].shape
     if hw != grid[0] * grid[1]:

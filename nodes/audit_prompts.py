@@ -2,7 +2,8 @@
 
 Link its outputs to the sampler (seed, attribution prompt, demographic, semantic) and to CLIP Text Encode (the
 prompt), set ``run``'s control after generate to "increment" (the frontend starts a new node on "randomize"), and
-queue the graph with a batch count of ``runs``: each queued run takes the next subject and seed, and Audit Log gathers
+queue the graph with a batch count of the plan's runs (subjects × seeds; its ``plan`` output says how many): each
+queued run takes the next subject and seed, and Audit Log gathers
 the rows into one file.
 """
 

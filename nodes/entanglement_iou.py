@@ -10,7 +10,8 @@ _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every 
 
 
 class BiasMapEntanglementIoU(io.ComfyNode):
-    """IoU at the q-quantile, mBIoU and a three-colour picture of two concepts' masks (BiasMap §3)."""
+    """IoU at the q-quantile, mBIoU and a picture of two concepts' masks, their overlap striped with both colours
+    (BiasMap §3)."""
 
     @classmethod
     def define_schema(cls):

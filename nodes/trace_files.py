@@ -127,9 +127,10 @@ class BiasMapLoadTrace(io.ComfyNode):
             # With no trace yet, one empty choice: the frontend leaves an empty list's input out of the prompt, and
             # ComfyUI's "Required input is missing" would stand for this node's own message.
             inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
-                                   tooltip=f"Traces in the input folder and in the output folder's {SAVED}/ (marked "
-                                           f"[output]), by their header: models and files with a damaged header "
-                                           f"are left out. Press R in the page to list one saved since it opened.")],
+                                   tooltip=f"Traces in the input folder (read to their header: models and files "
+                                           f"with a damaged header are left out) and every .safetensors in the "
+                                           f"output folder's {SAVED}/, where Save Trace writes (marked [output]). "
+                                           f"Press R in the page to list one saved since it opened.")],
             outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
         )
 

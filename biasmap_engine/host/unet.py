@@ -9,7 +9,8 @@ __all__ = ["UnsupportedModelError", "block_stages", "cross_attention_layers", "d
 
 
 class UnsupportedModelError(ValueError):
-    """A model BiasMap cannot hook (no U-Net cross-attention) or cannot guide (not ε/v-prediction)."""
+    """A model BiasMap cannot hook (no U-Net cross-attention) or cannot guide (sampling whose noise is not
+    variance-preserving: flow matching, unscaled input, EDM with σ_data ≠ 1)."""
 
 
 def model_family(model_patcher) -> str:
