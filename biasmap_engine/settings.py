@@ -5,11 +5,11 @@ import math
 from dataclasses import asdict, dataclass
 
 from .guidance import GATES
+from .soft_topk import MODES
 
-__all__ = ["BRANCHES", "BiasMapSettings", "MODES"]
+__all__ = ["BRANCHES", "BiasMapSettings"]
 
 BRANCHES = ("uncond", "cond")  # the CFG branch whose queries build the maps, default first
-MODES = ("paper", "exact")  # soft top-k, default first
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class BiasMapSettings:
                   (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
                   (0.0 < self.keep < 1.0, f"keep must be in (0, 1), got {self.keep}"),
                   (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
-                  (self.iters >= 1, f"the Sinkhorn needs at least one iteration, got iters={self.iters}"),
+                  (self.iters >= 1, f"paper mode needs at least one Sinkhorn iteration, got iters={self.iters}; set "
+                                    f"iters to 1 or more (the reference uses 20)"),
                   (0 <= self.scale < math.inf, f"the guidance scale λ must be a number ≥ 0, got {self.scale}"),
                   (0.0 <= self.start < self.end <= 1.0,
                    f"the guidance window needs 0 ≤ start < end ≤ 1 (start = end guides nothing), got "

@@ -8,9 +8,8 @@ import re
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import (GATES, BiasMapSettings, clip_words, listed_words, parse_stages, split_concepts,
-                              typed_concepts)
-from ..biasmap_engine.settings import BRANCHES, MODES
+from ..biasmap_engine import (BRANCHES, GATES, MODES, BiasMapSettings, clip_words, listed_words, parse_stages,
+                              split_concepts, typed_concepts)
 from ..biasmap_engine.host import prompt_text_words
 
 Trace = io.Custom("BIASMAP_TRACE")

@@ -9,7 +9,7 @@ from biasmap_engine import BiasMapSettings
     ({"gate": "none"}, "gate must be one of"),
     ({"keep": 1.0}, "keep must be in"),
     ({"gamma": 0.0}, "gamma must be positive"),
-    ({"iters": 0}, "at least one iteration"),
+    ({"iters": 0}, "at least one Sinkhorn iteration"),
     ({"scale": -1.0}, "λ must be a number ≥ 0"),
     ({"scale": float("inf")}, "λ must be a number ≥ 0"),  # inf·0 made the skipped images NaN
     ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),

@@ -233,7 +233,7 @@ def test_soft_iou_is_one_for_identical_binary_masks_and_zero_for_disjoint():
 
 
 def test_unknown_mode_and_bad_fractions_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match="'paper' or 'exact'"):
+    with pytest.raises(ValueError, match=r"one of \('paper', 'exact'\), got 'fast'"):
         soft_topk(torch.rand(1, 4, 4), mode="fast")
     with pytest.raises(ValueError, match="keep"):
         soft_topk(torch.rand(1, 4, 4), keep=1.5)
