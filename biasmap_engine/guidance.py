@@ -7,7 +7,8 @@ denoised = x − σ·ε on the VE latent x = z·√(1+σ²), with ᾱ = 1/(1+σ�
 
 exact for any prediction (ε, v, x₀, LCM) under variance-preserving noise, since it acts on the denoised the
 prediction implies (host/unet.require_guidable refuses other sampling). The reference skips a step whose
-‖∇_z E‖₂ ≥ 1 (``skip``); ``clip`` rescales the gradient to norm 1 instead. Every image of every evaluation gets a status, so no step is hidden.
+‖∇_z E‖₂ ≥ 1 (``skip``); ``clip`` rescales the gradient to norm 1 instead. Every image of every evaluation gets a
+status, so no step is hidden.
 """
 
 import torch

@@ -18,7 +18,8 @@ __all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", 
 
 
 def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Head-summed token-softmax maps ``[B, N, H, W]`` of queries ``[B, HW, heads·d]`` against keys ``[B|1, N, heads·d]``.
+    """Head-summed token-softmax maps ``[B, N, H, W]`` of queries ``[B, HW, heads·d]`` against keys
+    ``[B|1, N, heads·d]``.
 
     Computed in fp32 or wider whatever the model dtype, since the energy downstream is sensitive to rounding.
     """

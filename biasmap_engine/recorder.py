@@ -164,7 +164,8 @@ class TraceRecorder:
                             guidance={k: torch.stack(v).cpu() for k, v in self._guidance.items()}, **fields)
 
     def _step_labels(self) -> torch.Tensor:
-        """Each evaluation's step: the sampler's reports where it made any (later evaluations: its last step), else σ's."""
+        """Each evaluation's step: the sampler's reports where it made any (later evaluations: its last step), else
+        σ's."""
         if self._last_step is None:
             return torch.stack(self._steps).cpu()
         trailing = [self._last_step] * (len(self._sigmas) - self._reported)

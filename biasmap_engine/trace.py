@@ -66,7 +66,8 @@ class BiasMapTrace:
         if self.maps and images is None:
             raise ValueError("the trace has maps but no latent_shape: give the latent's [B, C, H, W]")
         if len(self.steps) != evaluations:
-            raise ValueError(f"the trace has {evaluations} σ but {len(self.steps)} step labels: one each per evaluation")
+            raise ValueError(f"the trace has {evaluations} σ but {len(self.steps)} step labels: one each per "
+                             f"evaluation")
         for stage, maps in self.maps.items():
             expected = (evaluations, images if images is not None else maps.shape[1], len(self.tokens))
             if maps.dim() != 5 or tuple(maps.shape[:3]) != expected:
@@ -250,8 +251,8 @@ class BiasMapTrace:
         try:
             return cls(**fields)
         except (ValueError, TypeError) as err:
-            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its parts disagree ({err}): it was written "
-                                   f"by an older BiasMap, or is damaged") from err
+            raise TraceFormatError(f"{path} is marked as a BiasMap trace, but its parts disagree ({err}): it was "
+                                   f"written by an older BiasMap, or is damaged") from err
 
     def _evaluations(self, steps) -> torch.Tensor:
         if steps is None:

@@ -8,6 +8,8 @@ from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, n
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
                      one_concept, plain_errors, require, stages_in, step_inputs, step_window)
 
+__all__ = ["BiasMapAttributionMap"]
+
 _ONE_WORD = "give one word (one Attribution Map node per word)"
 _SCALES = ("each image", "whole batch")
 

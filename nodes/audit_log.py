@@ -15,6 +15,8 @@ from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, ou
                      step_inputs, step_window)
 
 
+__all__ = ["BiasMapAuditLog"]
+
 class BiasMapAuditLog(io.ComfyNode):
     """Append IoU, mBIoU, BIoU per stage and guidance counts of a trace to a CSV in the output folder."""
 

@@ -13,6 +13,8 @@ from ..biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run
 from .common import ADVANCED, CATEGORY, plain_errors
 
 
+__all__ = ["BiasMapAuditPrompts"]
+
 class BiasMapAuditPrompts(io.ComfyNode):
     """Subjects × seeds, one per queued run: the paper's protocol, in one node."""
 

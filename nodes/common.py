@@ -10,19 +10,24 @@ from comfy_api.latest import io
 
 from ..biasmap_engine import (BRANCHES, GATES, MODES, BiasMapSettings, clip_words, listed_words, parse_stages,
                               split_concepts, typed_concepts)
-from ..biasmap_engine.host import prompt_text_words
+from ..biasmap_engine.host import SIGMA_CAP, prompt_text_words
+
+__all__ = ["ADVANCED", "CATEGORY", "Trace", "absent_from", "check_concepts", "check_images", "check_listed_once",
+           "check_single", "check_stage_names", "check_words_asked", "concept_inputs", "first_concept",
+           "guidance_inputs", "inside", "mask_size", "one_concept", "output_path", "plain_errors", "require",
+           "settings_from", "stages_in", "step_inputs", "step_window"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
 ADVANCED = {"advanced": True}  # shown under the node's advanced inputs by frontends that support it
 
-DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
+_DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
 
 
 def concept_inputs() -> list:
     """The attribution prompt and the two concept lists."""
     return [
-        io.String.Input("attribution_prompt", default=DEFAULT_ATTRIBUTION, multiline=True,
+        io.String.Input("attribution_prompt", default=_DEFAULT_ATTRIBUTION, multiline=True,
                         tooltip="Text whose words get maps (OVAM): usually the generation prompt plus the demographic "
                                 "word. Words need not be in the generation prompt. Encoded with the CLIP input."),
         io.String.Input("demographic", default="gender",
@@ -68,8 +73,8 @@ def guidance_inputs() -> list:
                        tooltip="Guide from this point of the model's noise range, like ComfyUI's start_percent "
                                "(0 = pure noise, 1 = clean): not a fraction of the steps run, so with denoise < 1 "
                                "or split sigmas the run starts partway in. The trace says if no step was guided. "
-                               "Steps at σ above 29.2 (zero-terminal-SNR or EDM schedules, custom sigmas that "
-                               "high) are never guided."),
+                               f"Steps at σ above {SIGMA_CAP:.1f} (zero-terminal-SNR or EDM schedules, custom "
+                               f"sigmas that high) are never guided."),
         io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01, extra_dict=ADVANCED,
                        tooltip="Guide until this point of the model's noise range, like ComfyUI's end_percent "
                                "(1 = clean). Must be above start."),
@@ -104,7 +109,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     shown = listed_words(words)
     if not shown:
         return (f"the attribution prompt {attribution_prompt!r} has no words: type the text whose words get maps, "
-                f"e.g. '{DEFAULT_ATTRIBUTION}'")
+                f"e.g. '{_DEFAULT_ATTRIBUTION}'")
     lists = {}
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:

@@ -6,6 +6,8 @@ from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, first_concept, mask_size,
                      one_concept, plain_errors, require, step_inputs, step_window)
 
+__all__ = ["BiasMapEntanglementIoU"]
+
 _ONE_PAIR = "give one word each, or use BiasMap Audit Log, which measures every pair of two lists"
 
 

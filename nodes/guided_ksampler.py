@@ -16,6 +16,8 @@ from .common import (ADVANCED, CATEGORY, Trace, absent_from, check_concepts, che
                      guidance_inputs, plain_errors, settings_from)
 from .prompt_graph import graph_run, queued_outputs, words_asked_of
 
+__all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
+
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
                                           "guidance accounting; feed it to Attribution Map or Entanglement IoU.")]

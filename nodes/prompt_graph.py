@@ -32,7 +32,7 @@ _APPLIED = {"LoraLoader": ("lora_name", "strength_model"), "LoraLoaderModelOnly"
 
 
 # The nodes that look words up in a trace, by their word inputs, and the inputs that take a trace; a sampler's trace is
-# its output slot 1.
+# its output slot 1 (guided_ksampler's outputs: latent, trace).
 _WORD_INPUTS = {"BiasMapAttributionMap": ("Attribution Map", ("word",)),
                 "BiasMapEntanglementIoU": ("Entanglement IoU", ("concept_a", "concept_b")),
                 "BiasMapAuditLog": ("Audit Log", ("concept_a", "concept_b"))}

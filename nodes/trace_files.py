@@ -15,6 +15,8 @@ from comfy_api.latest import io, ui
 from ..biasmap_engine import BiasMapTrace, TraceFormatError
 from .common import CATEGORY, Trace, inside, output_path, plain_errors
 
+__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "trace_files"]
+
 EXTENSION = ".safetensors"
 SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
 

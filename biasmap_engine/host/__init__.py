@@ -3,9 +3,9 @@
 
 from .attribution import encode_attribution, prompt_text_words, tokenizer_words
 from .sampling import sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names, start_session
-from .session import BiasMapSession
-from .unet import UnsupportedModelError, cross_attention_layers, deinference_, model_family
+from .session import SIGMA_CAP, BiasMapSession
+from .unet import UnsupportedModelError, cross_attention_layers, deinference_
 
-__all__ = ["BiasMapSession", "UnsupportedModelError", "cross_attention_layers", "deinference_", "encode_attribution",
-           "model_family", "prompt_text_words", "sample_with_sampler", "sample_with_scheduler", "sampler_names",
+__all__ = ["BiasMapSession", "SIGMA_CAP", "UnsupportedModelError", "cross_attention_layers", "deinference_",
+           "encode_attribution", "prompt_text_words", "sample_with_sampler", "sample_with_scheduler", "sampler_names",
            "scheduler_names", "start_session", "tokenizer_words"]

@@ -145,9 +145,10 @@ class GuidedBackward:
             return None
         energy = self._energy(self.recorder.current(guided=True))
         if not energy.requires_grad:
-            raise RuntimeError("BiasMap guidance found no gradient path from the latent to the cross-attention queries: "
-                               "a layer in this model computes them outside autograd (a custom quantized or compiled "
-                               "kernel). Load the model without it, or set the guidance scale to 0 to record maps only")
+            raise RuntimeError("BiasMap guidance found no gradient path from the latent to the cross-attention "
+                               "queries: a layer in this model computes them outside autograd (a custom quantized or "
+                               "compiled kernel). Load the model without it, or set the guidance scale to 0 to record "
+                               "maps only")
         return self._gradient(energy.sum(), x_leaf), energy.detach()
 
     def _gradient(self, value, x_leaf):

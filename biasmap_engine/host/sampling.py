@@ -6,11 +6,13 @@ from .session import BiasMapSession
 
 __all__ = ["sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names", "start_session"]
 
+
 def start_session(model, clip, attribution_prompt: str, demographic: list[str], semantic: list[str],
                   settings: BiasMapSettings) -> BiasMapSession:
     """Encode the attribution prompt with ``clip`` and prepare a session (refusals happen here, before sampling)."""
     embeddings, tokens = encode_attribution(clip, attribution_prompt)
     return BiasMapSession(model, embeddings, tokens, demographic, semantic, settings, attribution_prompt)
+
 
 def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, sampler_name, scheduler, positive,
                           negative, latent, denoise=1.0):
@@ -26,6 +28,7 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
     return out, session.finish(**_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                scheduler=scheduler, denoise=denoise, add_noise=True,
                                batch_index=latent.get("batch_index"))
+
 
 def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                         latent, add_noise: bool = True):

@@ -47,7 +47,7 @@ from .guided_pass import out_of_memory, out_of_memory_explained, with_sdpa_atten
 from .small_grid_conv import SmallGridConvolution
 from .unet import block_stages, model_family, require_guidable, require_unet
 
-__all__ = ["BiasMapSession"]
+__all__ = ["BiasMapSession", "SIGMA_CAP"]
 
 _KEY = "biasmap"
 _OUTER_KEY = "biasmap-outermost"
@@ -99,7 +99,7 @@ class BiasMapSession:
         self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
         # The σ range guided, read once now: None where it is the model's whole noise range (no σ read per evaluation).
         self._window = _guided_sigmas(model_patcher, settings) if settings.guiding else None
-        self._above_cap = 0  # evaluations in the window but above _SIGMA_CAP, left unguided
+        self._above_cap = 0  # evaluations in the window but above SIGMA_CAP, left unguided
         self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
@@ -408,8 +408,8 @@ class BiasMapSession:
 
     def sampling_over(self, sigmas: torch.Tensor) -> None:
         """The schedule a custom sampler is given (SIGMAS of any range, e.g. KarrasScheduler's σ_max 80 on SD): σ is
-        then read per evaluation where it goes past _SIGMA_CAP. Read here, before sampling (SIGMAS are on the CPU)."""
-        if self.settings.guiding and self._window is None and float(sigmas.max()) > _SIGMA_CAP:
+        then read per evaluation where it goes past SIGMA_CAP. Read here, before sampling (SIGMAS are on the CPU)."""
+        if self.settings.guiding and self._window is None and float(sigmas.max()) > SIGMA_CAP:
             self._window = (0.0, math.inf)
 
     def _guide_now(self, timestep) -> bool:
@@ -420,7 +420,7 @@ class BiasMapSession:
             sigma = float(timestep.reshape(-1)[0])
             if not low <= sigma <= high:
                 return False
-            if sigma > _SIGMA_CAP:
+            if sigma > SIGMA_CAP:
                 self._above_cap += 1
                 return False
         self._window_hits += 1
@@ -429,7 +429,7 @@ class BiasMapSession:
     def finish(self, **run):
         """The run's :class:`BiasMapTrace`; ``run``: how it was sampled (seed, steps, …), kept in the trace."""
         if self._above_cap:
-            self._note(f"{self._above_cap} evaluation(s) at σ above {_SIGMA_CAP:.1f} were not guided"
+            self._note(f"{self._above_cap} evaluation(s) at σ above {SIGMA_CAP:.1f} were not guided"
                        + (", the later ones were" if self._window_hits else
                           ", and no other fell in the guidance window, so nothing was guided")
                        + ": this schedule goes past SD's σ 14.6, for which the paper's λ is set (zero terminal SNR, an "
@@ -441,9 +441,9 @@ class BiasMapSession:
                        f"and end_percent, not of this run's steps; with denoise < 1 or split sigmas a run covers "
                        f"only part of it), so nothing was guided: widen the window")
         if self._latent_not_finite is not None and bool(self._latent_not_finite):
-            self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one by "
-                       "itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler does "
-                       "the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
+            self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one "
+                       "by itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler "
+                       "does the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
                        "check the sigmas and the sampler")
         if self.backward is not None:
             self.backward.finish()
@@ -470,15 +470,15 @@ class BiasMapSession:
 # Twice the largest σ of SD's schedule (14.6), for which the paper's λ is set: above it, as on the first steps of a
 # zero-terminal-SNR schedule (σ 4519) or an EDM one, the correction's size in the x₀ prediction, about λ·σ·‖∇_z E‖,
 # grows past what λ was set for, and at σ 4519 wrecks the image. Such evaluations are left unguided, with a note.
-_SIGMA_CAP = 2 * 14.6146
+SIGMA_CAP = 2 * 14.6146
 
 
 def _guided_sigmas(model_patcher, settings: BiasMapSettings) -> tuple[float, float] | None:
     """The (lowest, highest) σ of the guidance window (start/end as ComfyUI's start_percent and end_percent); None
-    where it is the model's whole noise range and that stays under _SIGMA_CAP. Host reads, once, before sampling."""
+    where it is the model's whole noise range and that stays under SIGMA_CAP. Host reads, once, before sampling."""
     sampling = model_patcher.get_model_object("model_sampling")
     whole = settings.start <= 0.0 and settings.end >= 1.0
-    if whole and float(sampling.sigma_max) <= _SIGMA_CAP:
+    if whole and float(sampling.sigma_max) <= SIGMA_CAP:
         return None
     return sampling.percent_to_sigma(settings.end), sampling.percent_to_sigma(settings.start)
 

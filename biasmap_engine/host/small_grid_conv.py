@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["SMALL_GRID_PIXELS", "SmallGridConvolution"]
+__all__ = ["SmallGridConvolution"]
 
 SMALL_GRID_PIXELS = 64  # 8×8: the largest grid where the direct kernel won at every measured channel count
 
