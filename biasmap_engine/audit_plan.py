@@ -7,7 +7,7 @@ after each queued prompt picks the subject and the seed, so one graph queued wit
 
 from dataclasses import dataclass
 
-from .tokens import clip_words, split_concepts
+from .tokens import listed_twice, split_concepts
 
 __all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run"]
 
@@ -46,10 +46,9 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     names = [s for line in subjects.splitlines() for s in split_concepts(line)]
     if not names:
         raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
-    spelled = [tuple(clip_words(s)) for s in names]  # as CLIP reads them: Doctor is doctor
-    twice = sorted({s for s, low in zip(names, spelled) if spelled.count(low) > 1})
+    twice = listed_twice(names)
     if twice:
-        raise ValueError(f"subject(s) listed twice: {', '.join(twice)}; list each once (its runs would be repeated; "
+        raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs would be repeated; "
                          f"CLIP reads capitals as lower case)")
     if "{}" not in template:
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "

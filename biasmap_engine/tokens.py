@@ -17,8 +17,8 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_words", "prompt_words", "readable",
-           "require_distinct_concepts", "split_concepts", "typed_concepts"]
+__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_twice", "listed_words", "prompt_words",
+           "readable", "require_distinct_concepts", "split_concepts", "typed_concepts"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；]")
@@ -95,6 +95,12 @@ def listed_words(words: list[str]) -> str:
 def _shown(word: str) -> bool:
     """A word a concept may name: letters or digits, or a symbol such as an emoji; not punctuation."""
     return any(ch.isalnum() or unicodedata.category(ch) == "So" for ch in word)
+
+
+def listed_twice(concepts: list[str]) -> list[str]:
+    """The concepts whose words, as CLIP reads them (Doctor is doctor), an earlier one of ``concepts`` has."""
+    words = [tuple(clip_words(c)) for c in concepts]
+    return [c for i, c in enumerate(concepts) if words[i] in words[:i]]
 
 
 def clip_words(text: str, split_ideographs: bool = False) -> list[str]:

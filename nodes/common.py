@@ -8,8 +8,8 @@ import re
 import folder_paths
 from comfy_api.latest import io
 
-from ..biasmap_engine import (BRANCHES, GATES, MODES, BiasMapSettings, clip_words, listed_words, parse_stages,
-                              split_concepts, typed_concepts)
+from ..biasmap_engine import (BRANCHES, GATES, MODES, BiasMapSettings, clip_words, listed_twice, listed_words,
+                              parse_stages, split_concepts, typed_concepts)
 from ..biasmap_engine.host import SIGMA_CAP, prompt_text_words
 
 __all__ = ["ADVANCED", "CATEGORY", "Trace", "absent_from", "check_concepts", "check_images", "check_listed_once",
@@ -184,7 +184,7 @@ def _check_distinct(lists: dict, words: list[str]) -> bool | str:
     """No concept listed twice, and no demographic and semantic concept on the same words of the prompt (the run
     checks the tokens again)."""
     for label, concepts in lists.items():
-        twice = _listed_twice(concepts)
+        twice = next(iter(listed_twice(concepts)), None)
         if twice is not None:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
     for a in lists.get("demographic", []):
@@ -200,16 +200,10 @@ def check_listed_once(**inputs) -> bool | str:
     """Validation (and run-time check) of comma-separated word inputs: no word twice, as CLIP reads it (lower case),
     which would log or measure the same pair twice."""
     for name, text in inputs.items():
-        twice = _listed_twice(split_concepts(text or ""))
+        twice = next(iter(listed_twice(split_concepts(text or ""))), None)
         if twice is not None:
             return f"{name}: '{twice}' is listed twice (CLIP reads capitals as lower case): list each word once"
     return True
-
-
-def _listed_twice(concepts: list[str]) -> str | None:
-    """The first concept whose words an earlier one has, as CLIP splits them; None if there is none."""
-    words = [tuple(clip_words(c)) for c in concepts]
-    return next((c for i, c in enumerate(concepts) if words[i] in words[:i]), None)
 
 
 def check_stage_names(name: str, text) -> bool | str:

@@ -38,7 +38,7 @@ def test_the_attribution_prompt_adds_each_demographic_concept_and_subjects_are_r
      r"run back to 0 .*increment"),
     (dict(run=0, subjects=" \n, "), "no subject to audit: list them"),
     (dict(run=0, subjects="nurse, doctor\nnurse"), "subject\\(s\\) listed twice: nurse; list each once"),
-    (dict(run=0, subjects="Doctor\ndoctor"), "subject\\(s\\) listed twice: Doctor, doctor; .*capitals"),
+    (dict(run=0, subjects="Doctor\ndoctor"), "subject\\(s\\) listed twice: doctor; .*capitals"),
     (dict(run=0, subjects="doctor", template="A photo of a {profession}"), "has no {} for the subject"),
     (dict(run=0, subjects="doctor", demographic=" "), "no demographic concept: give one"),
     (dict(run=0, subjects="doctor", order="random"), "order must be one of"),

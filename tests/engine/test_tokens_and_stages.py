@@ -210,3 +210,10 @@ def test_the_prompts_words_are_listed_as_concepts_would_be_typed_hyphenated_pair
         assert find_word_positions(tokens, typed) == [1, 2, 3]
     with pytest.raises(ConceptNotFoundError):  # what the list showed before: not a phrase of the prompt
         find_word_positions(tokens, "african american")
+
+
+def test_a_concept_is_listed_twice_when_an_earlier_one_has_its_words_as_clip_reads_them():
+    from biasmap_engine import listed_twice
+
+    assert listed_twice(["doctor", "Nurse", "DOCTOR", "nurse.", "nurse"]) == ["DOCTOR", "nurse"]
+    assert listed_twice(["fire-fighter", "fire fighter", "firefighter"]) == []  # CLIP reads - as a word of its own
