@@ -204,7 +204,8 @@ class GuidedBackward:
                              f"blocks' cross-attention; bypass it, or set guided_stages to 'all'")
         s = self.settings
         # At the largest attention grid of all recorded stages, as the reference aggregates, also when the guided
-        # stages are coarser (down×½ alone at 512² is soft top-k over 64² pixels, not 32²).
+        # stages are coarser (down×½ alone at 512² is soft top-k over 64² pixels, not 32²). The session checked q
+        # against this grid before the first step (stages.finest_grid of the blocks as built): keep the two alike.
         maps = sum_upsampled(list(maps.values()), self.recorder.current_grid)
         return entanglement_energy(maps, self.pairs, s.keep, s.gamma, s.mode, s.iters)
 

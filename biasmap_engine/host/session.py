@@ -186,6 +186,7 @@ class BiasMapSession:
         evaluation at σ_i from a next step; k-diffusion's samplers report each step right after its first evaluation.
         """
         if self.backward is not None:  # the energy's maps are at the largest recorded grid of this latent
+            # (guided_backward's _energy sums them at the recorder's current_grid: the finest stage's grid)
             hw = args[0].shape[-2:]  # the noise, the latent's size
             check_keep(finest_grid(self._block_stages.values(), hw), self.settings.keep, self.settings.mode)
         last = sigmas.shape[-1] - 2
