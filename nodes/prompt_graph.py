@@ -4,7 +4,7 @@ not the text and file names that made them; where a node on the way makes them w
 
 import sys
 
-from ..biasmap_engine import audit_run
+from ..biasmap_engine import audit_run, split_concepts
 
 __all__ = ["generation_prompt", "graph_run", "queued_outputs", "words_asked_of"]
 
@@ -38,22 +38,45 @@ _WORD_INPUTS = {"BiasMapAttributionMap": ("Attribution Map", ("word",)),
                 "BiasMapAuditLog": ("Audit Log", ("concept_a", "concept_b"))}
 _TRACE_INPUTS = ("trace", "baseline")
 _TRACE_SLOT = 1
+# What an empty word input stands for: the first concept of this list of the trace at the node's "trace" input.
+_EMPTY_MEANS = {"word": "demographic", "concept_a": "demographic", "concept_b": "semantic"}
+_SAMPLERS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced")
 
 
-def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[tuple[str, str, str, str]]:
-    """The words typed into the nodes that read node ``node_id``'s trace directly: (node's name, its id, input, text)
-    for each word input holding text (a linked one is made while the graph runs: not read). With ``outputs``, the
-    output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and what they read."""
+def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[tuple[str, str, str, str, str]]:
+    """The words typed into the nodes that read node ``node_id``'s trace directly: (node's name, its id, input, text,
+    what the text stands for) for each word input holding text (a linked one is made while the graph runs: not read).
+    An empty input of a node that reads this trace as its baseline stands for the first concept of the other trace's
+    sampler, where that sampler's list is typed: that word, and "the first demographic concept of its trace input".
+    With ``outputs``, the output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and
+    what they read."""
     asked, runs = [], _read_by(prompt, outputs) if outputs is not None else None
     for other, node in (prompt or {}).items():
         if runs is not None and str(other) not in runs:
             continue
         inputs = node.get("inputs", {})
         shown, names = _WORD_INPUTS.get(node.get("class_type"), ("", ()))
-        if names and any(_is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id) and inputs[t][1] == _TRACE_SLOT
-                         for t in _TRACE_INPUTS):
-            asked += [(shown, str(other), name, inputs[name]) for name in names if isinstance(inputs.get(name), str)]
+        reading = {t for t in _TRACE_INPUTS if _is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id)
+                   and inputs[t][1] == _TRACE_SLOT}
+        for name in names if reading else ():
+            text = inputs.get(name)
+            if isinstance(text, str) and split_concepts(text):
+                asked.append((shown, str(other), name, text, ""))
+            elif isinstance(text, str) and reading == {"baseline"}:  # empty: the trace input's concept
+                first = _first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
+                if first:
+                    asked.append((shown, str(other), name, first,
+                                  f"the first {_EMPTY_MEANS[name]} concept of its trace input, as {name} is empty"))
     return asked
+
+
+def _first_concept(prompt: dict | None, link, concepts: str) -> str:
+    """The first of the ``concepts`` list typed into the BiasMap sampler whose trace ``link`` is; '' where it is not
+    typed there (linked, or the trace comes from Load Trace)."""
+    kind, inputs = _linked(prompt, link)
+    if kind not in _SAMPLERS or link[1] != _TRACE_SLOT or not isinstance(inputs.get(concepts), str):
+        return ""
+    return next(iter(split_concepts(inputs[concepts])), "")
 
 
 def queued_outputs() -> list[str] | None:

@@ -368,6 +368,40 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
     assert run(graph).result[1].steps.numel() == 1 and evaluated
 
 
+def test_an_empty_concept_of_a_node_comparing_with_this_trace_is_checked_as_the_other_samplers_first_concept(
+        sd15, prompts, pack):
+    # Entanglement IoU measures its baseline with the words of its trace input; an empty concept stands for that
+    # trace's first concept, which this sampler (the baseline) must also have, or the comparison fails after both ran.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    counted, evaluated = counting_evaluations(model)
+    args = defaults(BiasMapGuidedKSampler) | dict(model=counted, clip=clip, positive=pos, negative=neg, steps=1,
+                                                  sampler_name="euler", scheduler="normal",
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    guided = {"class_type": "BiasMapGuidedKSampler", "inputs": {"demographic": "woman, man", "semantic": "doctor"}}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "8": guided,
+             "12": {"class_type": "BiasMapEntanglementIoU",
+                    "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "concept_a": " ", "concept_b": ""}}}
+
+    def run():
+        with torch.inference_mode():
+            return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+
+    with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_a 'woman' \(the first "
+                                         r"demographic concept of its trace input, as concept_a is empty\), which is "
+                                         r"not a word of this sampler's attribution prompt .*: type in concept_a a "
+                                         r"word of both prompts, or add the word to the attribution prompt"):
+        run()
+    assert evaluated == []
+    guided["inputs"]["demographic"] = ["2", 0]  # made while the graph runs: not known when queued
+    assert run().result[1].steps.numel() == 1
+    graph["12"]["inputs"]["trace"] = ["3", 1]  # its own trace: its own first concept
+    guided["inputs"]["demographic"] = "woman"
+    assert run().result[1].steps.numel() == 1
+
+
 def test_with_some_outputs_queued_only_the_nodes_that_run_for_them_are_asked_for_their_words(pack):
     # "Queue Selected Output Nodes" sends the whole graph and the outputs to run; the others' nodes do not run.
     from biasmap_pack.nodes.prompt_graph import words_asked_of
@@ -377,8 +411,8 @@ def test_with_some_outputs_queued_only_the_nodes_that_run_for_them_are_asked_for
              "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "gender"}},
              "12": {"class_type": "BiasMapEntanglementIoU",
                     "inputs": {"trace": ["3", 1], "concept_a": "gendre", "concept_b": "doctor"}}}
-    every = [("Attribution Map", "11", "word", "gender"), ("Entanglement IoU", "12", "concept_a", "gendre"),
-             ("Entanglement IoU", "12", "concept_b", "doctor")]
+    every = [("Attribution Map", "11", "word", "gender", ""), ("Entanglement IoU", "12", "concept_a", "gendre", ""),
+             ("Entanglement IoU", "12", "concept_b", "doctor", "")]
     assert words_asked_of(graph, "3") == every
     assert words_asked_of(graph, "3", ["9"]) == every[:1]  # the map runs for the Save Image that reads its picture
     assert words_asked_of(graph, 3, [12]) == every[1:]
