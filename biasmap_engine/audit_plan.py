@@ -48,8 +48,8 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
         raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
     twice = listed_twice(names)
     if twice:
-        raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs would be repeated; "
-                         f"CLIP reads capitals as lower case)")
+        raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs "
+                         f"would be repeated; CLIP reads capitals as lower case)")
     if "{}" not in template:
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "
                          f"e.g. 'A photo of the face of a {{}}'")
