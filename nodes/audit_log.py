@@ -14,8 +14,8 @@ from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reducti
 from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, output_path, plain_errors, require,
                      step_inputs, step_window)
 
-
 __all__ = ["BiasMapAuditLog"]
+
 
 class BiasMapAuditLog(io.ComfyNode):
     """Append IoU, mBIoU, BIoU per stage and guidance counts of a trace to a CSV in the output folder."""

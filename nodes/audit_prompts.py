@@ -3,8 +3,7 @@
 Link its outputs to the sampler (seed, attribution prompt, demographic, semantic) and to CLIP Text Encode (the
 prompt), set ``run``'s control after generate to "increment" (the frontend starts a new node on "randomize"), and
 queue the graph with a batch count of the plan's runs (subjects × seeds; its ``plan`` output says how many): each
-queued run takes the next subject and seed, and Audit Log gathers
-the rows into one file.
+queued run takes the next subject and seed, and Audit Log gathers the rows into one file.
 """
 
 from comfy_api.latest import io
@@ -12,8 +11,8 @@ from comfy_api.latest import io
 from ..biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run
 from .common import ADVANCED, CATEGORY, plain_errors
 
-
 __all__ = ["BiasMapAuditPrompts"]
+
 
 class BiasMapAuditPrompts(io.ComfyNode):
     """Subjects × seeds, one per queued run: the paper's protocol, in one node."""
