@@ -383,6 +383,53 @@ def test_reductions_refuse_two_different_baselines_of_one_image_and_pair_by_a_co
     assert figures["a nurse"]["images"] == 4  # doctor and nurse pairs of its 2 images
 
 
+def test_reductions_refuse_lambda_0_rows_of_one_image_a_ten_thousandth_apart_but_not_the_csvs_rounding():
+    # The CSV writes figures to 6 decimals: an image logged again reads back within that, another measure does not.
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    rounded = [{**r, "iou": r["iou"] + 5e-7} for r in audit_rows(base, q=0.5, size=(8, 8))]
+    assert {r["semantic"]: r for r in reductions(rows + rounded)}["nurse"]["images"] == 2
+    measured_otherwise = [{**r, "iou": r["iou"] + 1e-4} for r in audit_rows(base, q=0.5, size=(8, 8))]
+    with pytest.raises(ValueError, match="two λ = 0 rows of the same image give iou"):
+        reductions(rows + measured_otherwise)
+
+
+@pytest.mark.parametrize("column, value", [("negative_prompt", "blurry"), ("generation_prompt", "a photo of a nurse"),
+                                           ("model", "other.safetensors"), ("cfg", 5.0)])
+def test_reductions_pair_nothing_across_prompts_models_or_cfg_and_name_the_column(column, value):
+    # Another negative prompt, prompt, model or cfg makes another picture: its guided row has no λ = 0 row here.
+    base, guided = _baseline_and_guided()
+    guided.run = {**guided.run, column: value}
+    with pytest.raises(ValueError, match=rf"differ in every value of {column}\)$"):
+        reductions(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)))
+
+
+def test_reductions_text_says_which_rows_it_left_out_duplicates_too():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)) * 2  # queued twice
+    rows[0] = {**rows[0], "iou": float("nan")}  # the λ = 0 doctor of image 0: n/a
+    doctor, nurse = reductions_text(rows).splitlines()[1:]
+    assert doctor.endswith("; 1 image(s); left out: 2 not measured, 1 duplicates")
+    assert nurse.endswith("; 2 image(s); left out: 2 duplicates")
+
+
+def test_reductions_name_only_the_columns_in_which_no_guided_row_meets_a_lambda_0_row():
+    # The λ = 0 pass got the next seed and logged nurse alone: the seed kept the rows apart, not the concept.
+    _, guided = _baseline_and_guided()
+    other_seed = halves_trace()
+    other_seed.run, other_seed.settings = {**RUN, "seed": 43}, {"scale": 0.0, "guided_stages": None}
+    nurse_only = [r for r in audit_rows(other_seed) if r["semantic"] == "nurse"]
+    with pytest.raises(ValueError, match=r"\(the guided and λ = 0 rows differ in every value of seed\)$"):
+        reductions(nurse_only + audit_rows(guided))
+
+
+def test_reductions_refuse_a_column_to_match_that_the_rows_lack_naming_it():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    with pytest.raises(ValueError, match="the rows have no column\\(s\\) lable:"):
+        reductions(rows, match=("lable",))  # a typo would otherwise pair every image as if it matched
+
+
 def test_reductions_pair_rows_measured_over_the_same_steps_only():
     base, guided = _baseline_and_guided()
     late = audit_rows(guided, q=0.5, size=(8, 8), steps=(1, 1))
@@ -528,6 +575,23 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     for stage in empty.stages:
         empty.maps[stage][:, :, 3] = 0  # no nurse anywhere: its masks are empty, no overlap to reduce
     assert "mIoU 0.0000 → 0.3333 (n/a)" in after.against(measure_entanglement(empty, "gender", "nurse", 0.5, (8, 8)))
+
+
+def test_a_result_against_its_baseline_averages_over_the_images_with_a_figure_and_pairs_images_of_equal_batches_only():
+    base, guided = _baseline_and_guided()  # nurse: IoU 1/3 and 1 at λ = 0, 1/3 and 1/3 guided
+    after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    for stage in base.stages:
+        base.maps[stage][:, 1, 4, 0, 0] = float("nan")  # the baseline's image 1 overflowed: n/a
+    lines = after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8))).splitlines()
+    assert "mIoU 0.3333 → 0.3333 (0.0 %)" in lines[0]  # image 0's figure, not n/a
+    assert lines[1] == "IoU per image: image 0 0.0 %, image 1 n/a"
+    one = halves_trace()  # the baseline's first image alone: no image to pair with image 1
+    one.settings = {"scale": 0.0, "guided_stages": None}
+    one.maps = {s: m[:, :1] for s, m in one.maps.items()}
+    one.guidance = {k: v[:, :1] for k, v in one.guidance.items()}
+    one.latent_shape = [1, 4, 8, 8]
+    lines = after.against(measure_entanglement(one, "gender", "nurse", 0.5, (8, 8))).splitlines()
+    assert not any(line.startswith("IoU per image") for line in lines) and "images (1, this run 2)" in lines[-1]
 
 
 def test_read_csv_reads_back_the_rows_as_appended(tmp_path):

@@ -291,6 +291,16 @@ def test_entanglement_label_wraps_on_small_images_gives_the_iou_alone_on_tiny_on
     assert large_rows > 2 * one_line_rows and large_cols < 1024
 
 
+def test_entanglement_label_gives_the_iou_alone_once_its_wrapped_lines_would_cover_a_quarter_of_the_picture():
+    def box(size):
+        empty = torch.zeros(1, size, size, dtype=torch.bool)
+        return label_box(entanglement_picture(empty, empty, torch.tensor([0.42]), ("woman", "doctor"))[0])
+
+    one_line_rows, _ = box(256)
+    wrapped_rows, _ = box(128)  # two lines, within a quarter of 128
+    assert wrapped_rows > 96 // 4 and box(96)[0] == one_line_rows  # the same two lines would cover over 96 // 4
+
+
 def test_entanglement_picture_rejects_mismatched_inputs():
     a, b = quadrant_masks()
     with pytest.raises(ValueError, match="masks"):

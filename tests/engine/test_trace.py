@@ -376,6 +376,16 @@ def test_entanglement_report_names_an_image_only_when_the_maps_of_its_two_words_
     assert not trace.finite([1])[1] and trace.finite([1])[0] and trace.finite([2, 4]).all()
 
 
+def test_entanglement_report_names_an_image_by_either_words_maps_over_the_steps_measured_only():
+    from biasmap_engine import measure_entanglement
+
+    trace = recorded_trace()
+    trace.maps["down_2"][1, 1, 2, 0, 0] = float("nan")  # image 1's "doctor" (the second word), at step 1
+    assert "image(s) 1: their maps hold NaN or inf values" in measure_entanglement(trace, "gender", "doctor").report
+    late = measure_entanglement(trace, "gender", "doctor", steps=(2, 2))  # step 1 is not measured: nothing to name
+    assert late.ious.isfinite().all() and "NaN" not in late.report
+
+
 def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guidance_counts():
     from biasmap_engine import measure_entanglement
 

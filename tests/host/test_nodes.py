@@ -567,6 +567,55 @@ def test_a_diffusers_model_is_named_by_its_folder(pack):
     assert graph_run(graph, "3")["model"] == "stable-diffusion-v1-5"
 
 
+def test_attribution_map_draws_the_stages_it_is_given(nodes_and_trace):
+    from biasmap_pack.biasmap_engine import normalize_maps
+
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
+    stage = trace.stages[-1]
+    with torch.inference_mode():
+        _, mask = attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "stages": stage}).result
+    assert torch.allclose(mask, normalize_maps(trace.concept_map("gender", [stage], size=trace.image_size)), atol=1e-6)
+    assert not torch.allclose(mask, normalize_maps(trace.concept_map("gender", size=trace.image_size)), atol=1e-3)
+
+
+def test_attribution_map_draws_an_image_whose_maps_overflowed_only_outside_its_stages_as_any_other(nodes_and_trace,
+                                                                                                  caplog):
+    attribution_map, trace = nodes_and_trace[1], copy.deepcopy(nodes_and_trace[3])
+    trace.maps["down_1"][0, 1, trace.positions("gender")[0], 0, 0] = float("nan")  # image 1 overflowed in down_1
+    stage = trace.stages[-1]
+    assert stage != "down_1"
+    with torch.inference_mode():
+        _, mask = attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "stages": stage}).result
+    assert mask[1].any() and "hold NaN or inf" not in caplog.text
+
+
+def test_entanglement_iou_thresholds_at_the_q_it_is_given(nodes_and_trace):
+    trace = nodes_and_trace[3]
+    iou, _, report, _ = entangle(trace, q=0.9)
+    expected = trace.iou("gender", "doctor", q=0.9, size=trace.image_size)
+    assert iou == pytest.approx(float(expected.mean())) and "(top 10 % masks at 256×256" in report
+    assert iou != pytest.approx(float(trace.iou("gender", "doctor", size=trace.image_size).mean()))  # not q = 0.7's
+
+
+def test_entanglement_iou_averages_mbiou_over_the_images_that_have_one(nodes_and_trace):
+    trace = copy.deepcopy(nodes_and_trace[3])
+    for maps in trace.maps.values():  # image 1 overflowed in every stage: no BIoU, so no mBIoU
+        maps[0, 1, trace.positions("gender")[0], 0, 0] = float("nan")
+    _, mbiou, report, _ = entangle(trace)
+    expected = trace.mbiou("gender", "doctor", size=trace.image_size)
+    assert expected[1].isnan() and mbiou == pytest.approx(float(expected[0]))
+    assert f"mBIoU {float(expected[0]):.4f} over 1 of 2 image(s)" in report
+
+
+def test_audit_prompts_start_at_the_first_seed_and_end_their_pass_after_the_seeds_asked(pack):
+    from biasmap_pack.nodes import BiasMapAuditPrompts
+
+    plan = defaults(BiasMapAuditPrompts) | {"subjects": "doctor, nurse", "seeds": 5, "first_seed": 1000}
+    assert BiasMapAuditPrompts.execute(**plan | {"run": 3}).result[3:5] == ("nurse", 1001)  # seed by seed
+    assert BiasMapAuditPrompts.validate_inputs(run=9, subjects=plan["subjects"], seeds=5) is True
+    assert "the pass is complete" in BiasMapAuditPrompts.validate_inputs(run=10, subjects=plan["subjects"], seeds=5)
+
+
 def test_audit_prompts_walk_subject_by_subject_when_asked(pack):
     from biasmap_pack.nodes import BiasMapAuditPrompts
 

@@ -398,6 +398,17 @@ def test_an_audit_file_keeps_a_csv_extension_typed_in_capitals_and_an_empty_name
     assert _csv_path("  ").endswith(os.path.join("biasmap", "audit.csv"))
 
 
+def test_audit_log_thresholds_at_the_q_it_is_given(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    text = BiasMapAuditLog.execute(**defaults(BiasMapAuditLog) | {"trace": trace, "q": 0.9,
+                                                                  "concept_b": "doctor"}).result[0]
+    rows = list(csv.DictReader(text.splitlines()))
+    ious = trace.iou("gender", "doctor", q=0.9, size=trace.image_size).tolist()
+    assert {r["q"] for r in rows} == {"0.9"} and [float(r["iou"]) for r in rows] == pytest.approx(ious, abs=1e-6)
+    assert ious != pytest.approx(trace.iou("gender", "doctor", size=trace.image_size).tolist(), abs=1e-6)
+
+
 def test_audit_log_thresholds_at_the_latents_size_when_asked(pack, folders, trace):
     from biasmap_pack.nodes import BiasMapAuditLog
 
