@@ -166,8 +166,10 @@ class BiasMapLoadTrace(io.ComfyNode):
             raise ValueError(_missing(trace_file))
         try:
             trace = BiasMapTrace.load(path)
-        except TraceFormatError as err:
-            raise ValueError(f"{err.problem}. Choose a file saved by BiasMap Save Trace.") from err
+        except ValueError as err:  # named as listed, not by the server's own path
+            problem = (err.problem if isinstance(err, TraceFormatError) else str(err)).replace(path, trace_file)
+            raise ValueError(problem + (". Choose a file saved by BiasMap Save Trace."
+                                        if isinstance(err, TraceFormatError) else "")) from err
         return io.NodeOutput(trace)
 
 

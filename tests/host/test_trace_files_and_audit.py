@@ -139,7 +139,8 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
     for name in ("../outside.safetensors", str(outside), "biasmap/folder [output]", "biasmap [output]"):
         assert "no trace file" in BiasMapLoadTrace.validate_inputs(name), name
     save_file({"w": torch.zeros(1)}, str(folders / "in" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"not a BiasMap trace.*[^.]\. Choose a file saved by BiasMap Save Trace\.$"):
+    with pytest.raises(ValueError, match=r"^model\.safetensors is a \.safetensors file but not a BiasMap trace.*[^.]\. "
+                                         r"Choose a file saved by BiasMap Save Trace\.$"):  # not the server's path
         BiasMapLoadTrace.execute("model.safetensors")
     data = outside.read_bytes()
     (folders / "in" / "cut.safetensors").write_bytes(data[:len(data) // 2])
@@ -149,7 +150,7 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
         newer = {**json.loads(f.metadata()["biasmap_trace"]), "version": 99}
         save_file({k: f.get_tensor(k) for k in f.keys()}, str(folders / "in" / "newer.safetensors"),
                   metadata={"biasmap_trace": json.dumps(newer)})
-    with pytest.raises(ValueError, match="a version 99 BiasMap trace.*update BiasMap to read it$"):
+    with pytest.raises(ValueError, match="^newer.safetensors is a version 99 BiasMap trace.*update BiasMap to read it$"):
         BiasMapLoadTrace.execute("newer.safetensors")
     with pytest.raises(ValueError, match="no trace file"):  # a linked name skips validation: checked when it runs
         BiasMapLoadTrace.execute("../outside.safetensors")
