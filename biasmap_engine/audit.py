@@ -78,13 +78,13 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a+b") as f, _locked(f):
         f.seek(0)
-        first = f.readline().decode("utf-8-sig")  # with or without its byte-order mark
-        if not first.strip() and not f.read().strip():  # new, or only a byte-order mark or blank lines left
+        records = _parsed(f.read(), path, csv.reader)  # a file that cannot be read back takes no rows
+        if not any(records):  # new, or only a byte-order mark or blank lines left
             f.truncate(0)
             header = None
         else:
-            header = next(csv.reader([first]), [])
-            if not first.strip():
+            header = records[0]
+            if not header:
                 raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
                                  f"file name, or remove the blank line")
             # A file written before the latest columns: kept as it is.
@@ -116,13 +116,20 @@ def read_csv(path: str) -> list[dict]:
     """The rows of the audit CSV at ``path`` (every value a string), read while the file is locked: rows another
     ComfyUI instance is appending are read whole or not at all."""
     with open(path, "rb") as f, _locked(f):
-        text = f.read().decode("utf-8-sig")
+        data = f.read()
+    return _parsed(data, path, csv.DictReader)
+
+
+def _parsed(data: bytes, path: str, reader) -> list:
+    """The records ``reader`` (csv.reader or DictReader) reads from an audit file's bytes (with or without a
+    byte-order mark), strictly: a quote left open would take every row appended after it into one cell."""
     try:
-        return list(csv.DictReader(io.StringIO(text, newline="")))
-    except csv.Error as err:
-        raise ValueError(f"{path} cannot be read as an audit CSV ({err}): a cell is longer than Python's csv module "
-                         f"reads, or a line was damaged; read it with pandas or a spreadsheet, or give the audit "
-                         f"another file name") from err
+        return list(reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} cannot be read as an audit CSV ({err}): a spreadsheet saved it in another encoding "
+                         f"than UTF-8, a line was damaged (a quote left open), or a cell is longer than Python's csv "
+                         f"module reads; save it as CSV UTF-8 or mend the line, or give the audit another file "
+                         f"name") from err
 
 
 def csv_text(rows: list[dict]) -> str:

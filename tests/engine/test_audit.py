@@ -58,13 +58,22 @@ def test_audit_rows_take_biasmaps_settings_only_so_no_other_key_takes_a_columns_
     assert row["label"] == "mine" and "=HYPERLINK(1)" not in row and row["guidance_scale"] == 100.0
 
 
-def test_an_audit_file_that_csv_cannot_read_says_what_reads_it(tmp_path):
+@pytest.mark.parametrize("damage, cause", [
+    ('"' + "x" * 200_000 + '"\r\n', "field larger than field limit"),
+    ('edited,"a quote left open\r\n', "unexpected end of data"),  # would take every later row into one cell
+    ("Krankenschwester,\xe4rztin\r\n", "'utf-8' codec can't decode"),  # saved again in a spreadsheet's own encoding
+])
+def test_an_audit_file_that_cannot_be_read_back_takes_no_rows_and_says_how_to_mend_it(tmp_path, damage, cause):
     path = tmp_path / "audit.csv"
     append_csv(str(path), audit_rows(halves_trace()))
-    with open(path, "a", encoding="utf-8") as f:
-        f.write('"' + "x" * 200_000 + '"\r\n')
-    with pytest.raises(ValueError, match=r"cannot be read as an audit CSV \(field larger than field limit.*read it "
-                                         r"with pandas or a spreadsheet, or give the audit another file name"):
+    with open(path, "ab") as f:
+        f.write(damage.encode("latin-1" if "\xe4" in damage else "utf-8"))
+    before = path.read_bytes()
+    fix = "save it as CSV UTF-8 or mend the line, or give the audit another file name"
+    with pytest.raises(ValueError, match=rf"cannot be read as an audit CSV \({cause}.*{fix}"):
+        append_csv(str(path), audit_rows(halves_trace()))
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match=rf"\({cause}.*{fix}"):
         read_csv(str(path))
 
 
