@@ -337,8 +337,9 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     assert "the pass is complete" in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 1900})
 
 
-def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack):
-    # Those nodes run after the sampler and cannot see its attribution prompt when queued: a typo cost the whole run.
+def one_step_sampler(sd15, prompts):
+    """Node "3" of a graph, a one-step BiasMap sampler, run as ComfyUI runs it (``run(graph)``), and the model
+    evaluations it made."""
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
     model, clip = sd15
@@ -347,6 +348,17 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
     args = defaults(BiasMapGuidedKSampler) | dict(model=counted, clip=clip, positive=pos, negative=neg, steps=1,
                                                   sampler_name="euler", scheduler="normal",
                                                   latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+
+    def run(graph):
+        with torch.inference_mode():
+            return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+
+    return run, evaluated
+
+
+def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack):
+    # Those nodes run after the sampler and cannot see its attribution prompt when queued: a typo cost the whole run.
+    run, evaluated = one_step_sampler(sd15, prompts)
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
              "8": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
              "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "Gender,"}},
@@ -354,11 +366,6 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
                     "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "concept_a": "", "concept_b": "docter"}},
              "13": {"class_type": "BiasMapAuditLog", "inputs": {"trace": ["8", 1], "concept_a": "gendre",
                                                                 "concept_b": ["20", 0]}}}
-
-    def run(graph):
-        with torch.inference_mode():
-            return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
-
     with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_b 'docter', which is not a "
                                          r"word of this sampler's attribution prompt 'A photo of the face of a doctor "
                                          r"and gender' \(its words: .*\): correct concept_b there"):
@@ -372,34 +379,22 @@ def test_an_empty_concept_of_a_node_comparing_with_this_trace_is_checked_as_the_
         sd15, prompts, pack):
     # Entanglement IoU measures its baseline with the words of its trace input; an empty concept stands for that
     # trace's first concept, which this sampler (the baseline) must also have, or the comparison fails after both ran.
-    from biasmap_pack.nodes import BiasMapGuidedKSampler
-
-    model, clip = sd15
-    pos, neg = prompts
-    counted, evaluated = counting_evaluations(model)
-    args = defaults(BiasMapGuidedKSampler) | dict(model=counted, clip=clip, positive=pos, negative=neg, steps=1,
-                                                  sampler_name="euler", scheduler="normal",
-                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    run, evaluated = one_step_sampler(sd15, prompts)
     guided = {"class_type": "BiasMapGuidedKSampler", "inputs": {"demographic": "woman, man", "semantic": "doctor"}}
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "8": guided,
              "12": {"class_type": "BiasMapEntanglementIoU",
                     "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "concept_a": " ", "concept_b": ""}}}
-
-    def run():
-        with torch.inference_mode():
-            return as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
-
     with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_a 'woman' \(the first "
                                          r"demographic concept of its trace input, as concept_a is empty\), which is "
                                          r"not a word of this sampler's attribution prompt .*: type in concept_a a "
                                          r"word of both prompts, or add the word to the attribution prompt"):
-        run()
+        run(graph)
     assert evaluated == []
     guided["inputs"]["demographic"] = ["2", 0]  # made while the graph runs: not known when queued
-    assert run().result[1].steps.numel() == 1
+    assert run(graph).result[1].steps.numel() == 1
     graph["12"]["inputs"]["trace"] = ["3", 1]  # its own trace: its own first concept
     guided["inputs"]["demographic"] = "woman"
-    assert run().result[1].steps.numel() == 1
+    assert run(graph).result[1].steps.numel() == 1
 
 
 def test_with_some_outputs_queued_only_the_nodes_that_run_for_them_are_asked_for_their_words(pack):
