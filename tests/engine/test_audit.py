@@ -51,6 +51,13 @@ def test_audit_rows_give_each_image_and_pair_its_iou_biou_and_guidance_counts():
     assert audit_rows(trace)[0]["sigmas"] == "14.61 1 0"  # the schedule, which tells custom sigmas apart
 
 
+def test_audit_rows_give_each_image_the_noise_of_the_seed_it_got():
+    trace = halves_trace()
+    assert [r["noise_index"] for r in audit_rows(trace, pairs=[("gender", "doctor")])] == [0, 1]
+    trace.run = {**RUN, "batch_index": [3, 5]}  # Latent From Batch: images 0 and 1 got the seed's noises 3 and 5
+    assert [r["noise_index"] for r in audit_rows(trace, pairs=[("gender", "doctor")])] == [3, 5]
+
+
 def test_audit_rows_take_biasmaps_settings_only_so_no_other_key_takes_a_columns_place():
     trace = halves_trace()
     trace.settings = {**trace.settings, "label": "forged", "=HYPERLINK(1)": 1}  # as a notebook's trace may hold

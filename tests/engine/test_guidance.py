@@ -97,6 +97,25 @@ def test_energy_of_half_precision_maps_is_computed_in_float32():
     torch.testing.assert_close(energy.double(), reference, rtol=1e-5, atol=0)
 
 
+def test_the_energy_of_half_precision_soft_maps_keeps_float32_precision_through_its_masks():
+    # Maps this flat make soft masks far from 0 and 1, which fp16 would round.
+    maps = 1 + torch.rand(2, 5, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.05
+    pairs = [([1, 2], [3])]
+    energy = entanglement_energy(maps.half(), pairs, gamma=0.5)
+    reference = entanglement_energy(maps.half().double(), pairs, gamma=0.5)
+    torch.testing.assert_close(energy.double(), reference, rtol=1e-6, atol=0)
+
+
+def test_a_half_precision_denoised_is_corrected_in_float32_so_a_large_lambda_sigma_squared_does_not_overflow():
+    # λ·σ² = 1000 · 14.6² overflows fp16's 65504; the correction itself (about 1 here) does not.
+    denoised = torch.full((1, 4, 8, 8), 0.5, dtype=torch.float16)
+    grad = torch.full((1, 4, 8, 8), 4e-6)
+    out, norm, status = guidance_step(denoised, grad, torch.tensor(14.6), scale=1000.0, gate="skip")
+    assert out.dtype == torch.float16 and status.tolist() == [STATUS["applied"]]
+    want = (0.5 - 1000.0 * 14.6 ** 2 * 4e-6)
+    torch.testing.assert_close(out, torch.full_like(out, want), rtol=1e-3, atol=1e-3)
+
+
 def test_descending_the_energy_gradient_lowers_the_energy():
     maps = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_(True)
     energy = entanglement_energy(maps, [([1], [2])], gamma=0.1, mode="exact")

@@ -59,3 +59,9 @@ def test_half_precision_maps_threshold_like_float32():
     for dtype in (torch.float16, torch.bfloat16):
         low = m.to(dtype)
         assert torch.equal(hard_mask(low), hard_mask(low.float()))
+
+
+@pytest.mark.parametrize("q", [-0.1, 1.5, 70])
+def test_a_quantile_outside_0_to_1_is_refused_as_a_fraction(q):
+    with pytest.raises(ValueError, match=f"q must be a fraction in \\[0, 1\\], got {q}"):
+        hard_mask(torch.rand(4, 4), q)

@@ -95,3 +95,9 @@ def test_concept_map_is_the_mean_of_its_token_pieces():
     assert torch.allclose(concept_map(maps, [2, 3]), (maps[:, 2] + maps[:, 3]) / 2)
     with pytest.raises(ValueError):
         concept_map(maps, [])
+
+
+def test_concept_map_of_a_word_occurring_twice_is_the_mean_over_both_occurrences():
+    maps = torch.rand(2, 7, 3, 3)
+    assert torch.allclose(concept_map(maps, [1, 4]), (maps[:, 1] + maps[:, 4]) / 2)
+    assert torch.allclose(concept_map(maps, [1, 2, 5]), (maps[:, 1] + maps[:, 2] + maps[:, 5]) / 3)

@@ -153,6 +153,11 @@ def _saved_parts(tmp_path):
     ({"latent_shape": [2, 4, "8", 12]}, r"latent_shape \[2, 4, '8', 12\] is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": {"0": 2}}, r"is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": [2]}, r"is not a latent's"),
+    ({"latent_shape": [2, 4, 0, 12]}, r"latent_shape \[2, 4, 0, 12\] is not a latent's \[B, C, H, W\] \(four whole "
+                                      r"numbers of at least 1\)"),
+    ({"latent_shape": [2, 4, 80000, 12]}, r"latent of 12×80000 is larger than any ComfyUI makes"),
+    ({"semantic": "doctor"}, r"its semantic is not a list of texts"),
+    ({"model_family": 15}, r"its model_family is not a text"),
     ({"tokens": [0, 1, 2, 3, 4, 5]}, r"its tokens is not a list of texts"),
     ({"demographic": "gender"}, r"its demographic is not a list of texts"),
     ({"notes": "hello"}, r"its notes is not a list of texts"),
@@ -162,6 +167,9 @@ def _saved_parts(tmp_path):
     ({"run": None}, r"its run is not a table"),
     ({"run": {"sigmas": "abc"}}, r"its run's sigmas are not a list of numbers"),
     ({"run": {"batch_index": [0]}}, r"its run's batch_index is not one whole number per image \(2\)"),
+    ({"run": {"batch_index": [0, True]}}, r"its run's batch_index is not one whole number per image \(2\)"),
+    ({"run": {"sigmas": ["14.6", "7.0"]}}, r"its run's sigmas are not a list of numbers"),
+    ({"settings": {"guided_stages": [1, 2]}}, r"its settings' guided_stages are not a list of stage names"),
     ({"format": "not_biasmap"}, r"damaged or incomplete \(format 'not_biasmap'"),
     ({"version": -5}, r"damaged or incomplete \(format 'biasmap_trace', version -5\)"),
 ])
@@ -187,6 +195,12 @@ def test_a_trace_file_whose_description_nests_too_deep_for_json_is_refused(tmp_p
     (lambda t: t | {"maps.down_1": t["maps.down_1"].long()}, r"maps of stage down_1 are not \[evaluations"),
     (lambda t: t | {"steps": t["steps"].float()}, r"its steps are not one step number"),
     (lambda t: t | {"steps": t["steps"] - 1}, r"its steps are not one step number \(0 or more\)"),
+    (lambda t: t | {"steps": t["steps"].bool()}, r"its steps are not one step number"),
+    (lambda t: t | {"maps.down_1": t["maps.down_1"][0].clone()}, r"maps of stage down_1 are not \[evaluations"),
+    (lambda t: t | {"guidance.energy": t["guidance.energy"][:2].clone()}, r"guidance energy is not \[evaluations 3, "
+                                                                       r"images 2\]"),
+    (lambda t: t | {"guidance.status": torch.cat([t["guidance.status"][:1] + 40, t["guidance.status"][1:]])},
+     r"status holds codes no BiasMap writes"),
     (lambda t: t | {"sigmas": t["sigmas"][:, None]}, r"its sigmas are not one number per evaluation"),
     (lambda t: t | {"guidance.status": t["guidance.status"][:, :1].clone()}, r"guidance status is not \[evaluations 3, "
                                                                      r"images 2\]"),
@@ -573,3 +587,25 @@ def test_a_stage_this_version_does_not_know_comes_after_the_known_ones():
     maps = {s: torch.zeros(1, 1, 1, 4, 4) for s in ("up_1", "zz_9", "down_1")}
     trace = BiasMapTrace(maps, ["a</w>"], torch.ones(1), torch.zeros(1), [1, 4, 4, 4])
     assert trace.stages == ["down_1", "up_1", "zz_9"]
+
+
+def test_layers_added_without_a_name_are_each_a_layer_of_their_own_and_summed():
+    a, b = torch.rand(1, 6, 4, 4), torch.rand(1, 6, 4, 4)
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(1.0), torch.tensor(0))
+    rec.add("down_1", a)
+    rec.add("down_1", b)
+    rec.end()
+    torch.testing.assert_close(rec.finish(tokens=TOKENS, latent_shape=[1, 4, 4, 4]).maps["down_1"][0], a + b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_traces_maps_are_float32_whatever_the_dtype_they_were_recorded_in(dtype):
+    maps = torch.rand(1, 6, 4, 4, dtype=torch.float64)
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(1.0), torch.tensor(0))
+    rec.add("down_1", maps.to(dtype), "input 1")
+    rec.end()
+    kept = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 4, 4]).maps["down_1"][0]
+    assert kept.dtype == torch.float32
+    torch.testing.assert_close(kept, maps.to(dtype).float())

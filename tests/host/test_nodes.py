@@ -203,6 +203,14 @@ def test_the_samplers_defaults_are_the_papers_settings_and_its_inputs_reach_them
                                      gate="clip", guided_stages=("down_1", "up_1"), start=0.2, end=0.8)
 
 
+@pytest.mark.parametrize("q, keep", [(0.25, 0.75), (0.5, 0.5), (0.99, 0.01)])
+def test_the_samplers_q_makes_the_soft_top_k_keep_the_top_1_minus_q_at_any_q(pack, q, keep):
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+    from biasmap_pack.nodes.common import settings_from
+
+    assert settings_from(defaults(BiasMapGuidedKSampler) | {"q": q}).keep == keep
+
+
 def test_entanglement_iou_averages_over_the_images_that_have_a_figure(nodes_and_trace):
     import copy
 
@@ -414,6 +422,27 @@ def test_with_some_outputs_queued_only_the_nodes_that_run_for_them_are_asked_for
     assert words_asked_of(graph, "3", []) == []
 
 
+def test_the_words_asked_of_a_trace_are_each_word_input_and_an_empty_one_the_first_concept_of_its_own_list(pack):
+    # concept_a stands for the trace input's first demographic concept, concept_b for its first semantic one; an empty
+    # word of a node reading this sampler's own trace is its own concept, which validation already checked.
+    from biasmap_pack.nodes.prompt_graph import words_asked_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"demographic": "gender", "semantic": "doctor"}},
+             "8": {"class_type": "BiasMapGuidedKSampler", "inputs": {"demographic": "woman, man",
+                                                                     "semantic": "nurse, pilot"}},
+             "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": ""}},
+             "12": {"class_type": "BiasMapEntanglementIoU",
+                    "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "concept_a": "", "concept_b": ""}},
+             "13": {"class_type": "BiasMapAuditLog", "inputs": {"trace": ["3", 1], "concept_a": "gender",
+                                                                "concept_b": "docter"}}}
+    assert words_asked_of(graph, "3") == [
+        ("Entanglement IoU", "12", "concept_a", "woman",
+         "the first demographic concept of its trace input, as concept_a is empty"),
+        ("Entanglement IoU", "12", "concept_b", "nurse",
+         "the first semantic concept of its trace input, as concept_b is empty"),
+        ("Audit Log", "13", "concept_a", "gender", ""), ("Audit Log", "13", "concept_b", "docter", "")]
+
+
 def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where_they_are_named(pack):
     from biasmap_pack.nodes.prompt_graph import graph_run
 
@@ -485,6 +514,15 @@ def test_the_default_step_window_is_every_step_and_the_report_names_none(nodes_a
     trace = nodes_and_trace[3]
     assert step_window(trace, 0, 10000) is None
     assert ", steps" not in entangle(trace)[2].splitlines()[0]
+
+
+def test_masks_of_a_wide_trace_are_thresholded_at_its_height_and_width_at_either_resolution(nodes_and_trace):
+    from biasmap_pack.nodes.common import mask_size
+
+    wide = copy.deepcopy(nodes_and_trace[3])
+    wide.latent_shape = [2, 4, 24, 40]  # as (H, W), like the image's size and the masks' last two dims
+    assert mask_size(wide, "latent") == (24, 40)
+    assert mask_size(wide, "image") == wide.image_size == (192, 320)
 
 
 def test_an_empty_concept_input_is_the_traces_first_concept_of_its_list(nodes_and_trace):

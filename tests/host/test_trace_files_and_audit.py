@@ -331,7 +331,8 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
     assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap").endswith(
         ": add a file name after biasmap/, e.g. biasmap/trace")
     # A file without a name, ".csv": a folder, a name Windows trims to nothing, or one starting with a dot.
-    for folder in ("biasmap/", "biasmap\\", "biasmap/runs/.", "biasmap/..", "biasmap/. ", "biasmap/.csv"):
+    for folder in ("biasmap/", "biasmap\\", "biasmap/runs/.", "biasmap/..", "biasmap/. ", "biasmap/.csv", "biasmap/ .",
+                   "biasmap/runs/ . "):
         why = "names no file (a folder, or a name that is empty or starts with a dot): add a file name, e.g. biasmap/"
         assert BiasMapAuditLog.validate_inputs(filename=folder) == f"the audit file '{folder.strip()}' {why}audit"
         assert BiasMapSaveTrace.validate_inputs(filename_prefix=folder) == f"the trace '{folder}' {why}trace"
