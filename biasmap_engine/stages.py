@@ -20,8 +20,9 @@ def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, 
     the levels of a latent a few pixels high are told apart by their widths. ``built``: the layer's stage as the
     U-Net is built (unet.block_stages); it names the layer whenever it runs at that stage's grid, also where the
     deepest levels of a tiny latent share one grid. A grid no level makes (a node resizing inside the U-Net: Kohya
-    Deep Shrink by a factor that is not 2, or at odd sizes) takes the divisor nearest by area; its maps are resampled
-    to that stage's grid (:func:`stage_grid`) when recorded.
+    Deep Shrink by a factor that is not 2, or at odd sizes) takes the divisor nearest by area, at most the deepest
+    level's (Deep Shrink by 9 runs a 512² image's deepest level at 2×2); its maps are resampled to that stage's grid
+    (:func:`stage_grid`) when recorded.
     """
     attention_hw = tuple(attention_hw)
     grids = {d: _grid(latent_hw, d) for d in _DIVISORS}
@@ -30,7 +31,7 @@ def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, 
     divisor = next((d for d, grid in grids.items() if grid == attention_hw), None)
     if divisor is None:
         area_ratio = latent_hw[0] * latent_hw[1] / (attention_hw[0] * attention_hw[1])
-        divisor = 2 ** round(math.log2(max(area_ratio, 1.0)) / 2)
+        divisor = min(2 ** round(math.log2(max(area_ratio, 1.0)) / 2), _DIVISORS[-1])  # a stage traces can name
     return stage_id(block, divisor)
 
 

@@ -217,3 +217,24 @@ def test_a_concept_is_listed_twice_when_an_earlier_one_has_its_words_as_clip_rea
 
     assert listed_twice(["doctor", "Nurse", "DOCTOR", "nurse.", "nurse"]) == ["DOCTOR", "nurse"]
     assert listed_twice(["fire-fighter", "fire fighter", "firefighter"]) == []  # CLIP reads - as a word of its own
+
+
+def test_a_grid_coarser_than_any_levels_is_filed_under_the_deepest_stage_so_its_trace_loads_back(tmp_path):
+    # Kohya Deep Shrink by 9 at input block 3 runs a 512² image's deepest level (down×¼ as built, 16×16) at 2×2.
+    import torch
+
+    from biasmap_engine import BiasMapTrace, TraceRecorder
+    from biasmap_engine.stages import stage_grid
+
+    deepest = stage_of(("input", 7), (64, 64), (2, 2), built="down_4")
+    assert deepest == "down_16" and stage_of(("middle", 0), (64, 64), (1, 1), built="mid_8") == "mid_16"
+    recorder = TraceRecorder()
+    recorder.begin(torch.tensor(14.6), torch.tensor(0))
+    recorder.add("down_1", torch.rand(1, 4, 64, 64))
+    recorder.add(deepest, torch.rand(1, 4, *stage_grid(deepest, (64, 64))))
+    recorder.end()
+    trace = recorder.finish(tokens=["<|startoftext|>", "a</w>", "doctor</w>", "gender</w>"],
+                            latent_shape=[1, 4, 64, 64], demographic=["gender"], semantic=["doctor"],
+                            model_family="SD15", settings={}, notes=[], run={})
+    trace.save(str(tmp_path / "shrunk.safetensors"))
+    assert BiasMapTrace.load(str(tmp_path / "shrunk.safetensors")).stages == ["down_1", "down_16"]
