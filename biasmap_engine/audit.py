@@ -16,7 +16,7 @@ import re
 
 from .guidance import STATUS
 from .report import measure_entanglement
-from .settings import BiasMapSettings
+from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
 __all__ = ["append_csv", "audit_rows", "csv_text", "read_csv"]
@@ -48,7 +48,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     # BiasMap's settings only: a key of a trace made in a notebook could take the place of a column ("label").
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
-                   for k, v in trace.settings.items() if k in BiasMapSettings.__dataclass_fields__}}
+                   for k, v in trace.settings.items() if k in SETTING_NAMES}}
     first, last = steps if steps is not None else (0, trace.num_steps - 1)
     rows = []
     for a, b in pairs:
@@ -84,6 +84,8 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
             header = None
         else:
             header = records[0]
+            if len(header) == 1 and ";" in header[0]:
+                raise _semicolons(path)
             if not header:
                 raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
                                  f"file name, or remove the blank line")
@@ -98,6 +100,11 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                                  f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
                                  f"{why}: give this audit another file name")
+        long = next((k for row in rows for k, v in row.items() if len(str(v)) > csv.field_size_limit()), None)
+        if long is not None:  # written, it would leave a file that no later run could read back or append to
+            raise ValueError(f"this trace's {long} is longer than Python's csv module reads back "
+                             f"({csv.field_size_limit()} characters): shorten it (a label linked from a long text, "
+                             f"a schedule of that many steps), or measure the trace with Entanglement IoU")
         text = _csv(rows, "\r\n", with_header=header is None)
         if header is None:
             # A new file starts with a byte-order mark, as Excel needs to read UTF-8 (accents, CJK) as such; pandas
@@ -120,12 +127,22 @@ def read_csv(path: str) -> list[dict]:
     return _parsed(data, path, csv.DictReader)
 
 
+def _semicolons(path: str) -> ValueError:
+    """A file saved again by a spreadsheet set to a region that writes decimal commas (Excel then puts ; between
+    cells)."""
+    return ValueError(f"{path} was saved with ; between cells (a spreadsheet set to a region that writes decimal "
+                      f"commas): save it as comma-separated CSV UTF-8, or give the audit another file name")
+
+
 def _parsed(data: bytes, path: str, reader) -> list:
     """The records ``reader`` (csv.reader or DictReader) reads from an audit file's bytes (with or without a
     byte-order mark), strictly: a quote left open would take every row appended after it into one cell."""
     try:
         return list(reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True))
     except (UnicodeDecodeError, csv.Error) as err:
+        first = data.split(b"\n", 1)[0]
+        if b";" in first and b"," not in first:
+            raise _semicolons(path) from err
         raise ValueError(f"{path} cannot be read as an audit CSV ({err}): a spreadsheet saved it in another encoding "
                          f"than UTF-8, a line was damaged (a quote left open), or a cell is longer than Python's csv "
                          f"module reads; save it as CSV UTF-8 or mend the line, or give the audit another file "

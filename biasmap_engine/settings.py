@@ -2,12 +2,12 @@
 authors' code where the paper is silent)."""
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .guidance import GATES
 from .soft_topk import MODES
 
-__all__ = ["BRANCHES", "BiasMapSettings"]
+__all__ = ["BRANCHES", "SETTING_NAMES", "BiasMapSettings"]
 
 BRANCHES = ("uncond", "cond")  # the CFG branch whose queries build the maps, default first
 
@@ -53,3 +53,6 @@ class BiasMapSettings:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+SETTING_NAMES = frozenset(f.name for f in fields(BiasMapSettings))  # what a trace's settings may hold

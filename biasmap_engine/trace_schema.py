@@ -9,7 +9,7 @@ Each check returns the problem as text (None when there is none); ``load`` makes
 import torch
 
 from .guidance import STATUS
-from .settings import BiasMapSettings
+from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
 __all__ = ["MAX_LATENT_SIDE", "description_problem", "tensors_problem"]
@@ -74,7 +74,7 @@ def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: lis
 def _settings_problem(settings) -> str | None:
     if not isinstance(settings, dict):
         return "its settings are not a table of BiasMap's settings"
-    unknown = [key for key in settings if key not in BiasMapSettings.__dataclass_fields__]
+    unknown = [key for key in settings if key not in SETTING_NAMES]
     if unknown:
         return f"its settings hold {', '.join(map(repr, unknown))}, which are not BiasMap settings"
     stages = settings.get("guided_stages")

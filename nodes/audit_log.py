@@ -84,10 +84,14 @@ class BiasMapAuditLog(io.ComfyNode):
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
         rows = audit_rows(trace, q, pairs, size, label, step_window(trace, first_step, last_step))
-        written = append_csv(path, rows)
+        # The file as the user knows it, not by the server's own path.
+        shown = "output/" + os.path.relpath(path, folder_paths.get_output_directory()).replace(os.sep, "/")
+        try:
+            written = append_csv(path, rows)
+        except ValueError as err:
+            raise ValueError(str(err).replace(path, shown)) from err
         text = csv_text(written)
-        shown = os.path.relpath(path, folder_paths.get_output_directory()).replace(os.sep, "/")  # not the server's path
-        message = f"{len(rows)} row(s) appended to output/{shown}"
+        message = f"{len(rows)} row(s) appended to {shown}"
         left_out = [c for c in rows[0] if c not in written[0]]
         if left_out:  # the output shows what the file holds, and why a column is missing from it
             message += (f"\nwithout the column(s) {', '.join(left_out)}: the file was started before BiasMap wrote "
@@ -100,8 +104,9 @@ class BiasMapAuditLog(io.ComfyNode):
         try:
             figures = reductions_text(read_csv(path))
         except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
-            figures = f"the file's figures so far could not be read: {err}"
-            logging.warning("BiasMap: %s", figures)
+            figures = f"the file's figures so far could not be read: {str(err).replace(path, shown)}"
+            # A fault of BiasMap's own keeps its traceback in the console.
+            logging.warning("BiasMap: %s", figures, exc_info=not isinstance(err, (ValueError, OSError)))
         summary = f"{message}\n{figures}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 

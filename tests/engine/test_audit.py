@@ -65,6 +65,30 @@ def test_audit_rows_take_biasmaps_settings_only_so_no_other_key_takes_a_columns_
     assert row["label"] == "mine" and "=HYPERLINK(1)" not in row and row["guidance_scale"] == 100.0
 
 
+def test_rows_with_a_cell_longer_than_csv_reads_back_are_refused_before_they_are_written(tmp_path):
+    path = tmp_path / "audit.csv"
+    rows = audit_rows(halves_trace(), label="x" * (csv.field_size_limit() + 1))  # a label linked from a long text
+    with pytest.raises(ValueError, match=r"this trace's label is longer than Python's csv module reads back "
+                                         r"\(131072 characters\): shorten it"):
+        append_csv(str(path), rows)
+    assert not path.exists() or path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("separated", ["quoted", "plain"])
+def test_an_audit_file_saved_again_with_semicolons_between_cells_says_to_save_it_with_commas(tmp_path, separated):
+    # Excel set to a region that writes decimal commas saves CSV that way.
+    path = tmp_path / "audit.csv"
+    rows = audit_rows(halves_trace(), label="run A")
+    text = csv_text(rows)
+    semicolons = (text.replace(",", ";") if separated == "quoted" else
+                  "\n".join(";".join(f"{v}".replace(",", " ") for v in row.values()) for row in [rows[0]] * 2))
+    path.write_text(semicolons, encoding="utf-8-sig")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="saved with ; between cells .*: save it as comma-separated CSV UTF-8"):
+        append_csv(str(path), rows)
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("damage, cause", [
     ('"' + "x" * 200_000 + '"\r\n', "field larger than field limit"),
     ('edited,"a quote left open\r\n', "unexpected end of data"),  # would take every later row into one cell

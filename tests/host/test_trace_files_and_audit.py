@@ -301,9 +301,20 @@ def test_audit_log_that_cannot_read_the_file_back_after_appending_says_so_and_do
 
     monkeypatch.setattr(audit_log, "read_csv", gone)  # as if another program moved the file meanwhile
     result = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace}).result
-    assert "the file's figures so far could not be read" in result[1] and "went away" in result[1]
+    assert "the file's figures so far could not be read: output/biasmap/audit.csv went away" in result[1]
+    assert str(folders) not in result[1]  # the file as the user knows it, not by the server's path
     written = (folders / "out" / "biasmap" / "audit.csv").read_text(encoding="utf-8-sig")
     assert len(list(csv.DictReader(written.splitlines()))) == len(list(csv.DictReader(result[0].splitlines()))) > 0
+
+
+def test_audit_log_refuses_a_file_it_cannot_append_to_naming_it_as_the_user_knows_it(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    (folders / "out" / "biasmap").mkdir(parents=True, exist_ok=True)
+    (folders / "out" / "biasmap" / "audit.csv").write_text("label;seed\r\nrun A;5\r\n", encoding="utf-8-sig")
+    with pytest.raises(ValueError, match=r"^output/biasmap/audit\.csv was saved with ; between cells") as refused:
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})
+    assert str(folders) not in str(refused.value)
 
 
 def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(pack, folders, trace):
