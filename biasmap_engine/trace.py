@@ -28,8 +28,8 @@ __all__ = ["BiasMapTrace", "TraceFormatError", "NOT_FINITE_CAUSE", "mean_biou"]
 NOT_FINITE_CAUSE = ("the model's output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the sampler's "
                     "latent was already NaN, see the trace's notes")
 
-FORMAT = "biasmap_trace"
-VERSION = 1
+_FORMAT = "biasmap_trace"
+_VERSION = 1
 
 
 class TraceFormatError(ValueError):
@@ -186,15 +186,22 @@ class BiasMapTrace:
 
     def save(self, path: str, metadata: dict[str, str] | None = None) -> None:
         """Write the trace as ``.safetensors``: tensors plus a JSON description in the metadata (and ``metadata``'s
-        entries, e.g. the workflow that made it, as ComfyUI's savers add)."""
+        entries, e.g. the workflow that made it, as ComfyUI's savers add). A trace :meth:`load` would refuse (one
+        built by hand with fields BiasMap does not record) is refused here, before anything is written."""
         tensors = {f"maps.{s}": m.contiguous() for s, m in self.maps.items()}
         tensors |= {"sigmas": self.sigmas, "steps": self.steps}
         tensors |= {f"guidance.{k}": v.contiguous() for k, v in self.guidance.items()}
-        meta = {"format": FORMAT, "version": VERSION, "tokens": self.tokens, "latent_shape": self.latent_shape,
-                "demographic": self.demographic, "semantic": self.semantic, "model_family": self.model_family,
-                "settings": self.settings, "notes": self.notes, "run": self.run}
+        description = json.dumps({"format": _FORMAT, "version": _VERSION, "tokens": self.tokens,
+                                  "latent_shape": self.latent_shape, "demographic": self.demographic,
+                                  "semantic": self.semantic, "model_family": self.model_family,
+                                  "settings": self.settings, "notes": self.notes, "run": self.run})
+        problem = description_problem(json.loads(description)) or tensors_problem(
+            self.maps, self.sigmas, self.steps, self.guidance, list(self.latent_shape))
+        if problem:
+            raise ValueError(f"this trace cannot be saved as a file Load Trace reads: {problem}. Set that field as "
+                             f"BiasMap's sampler records it")
         data = safetensors_bytes({k: v.detach().cpu() for k, v in tensors.items()},
-                                 metadata={**(metadata or {}), FORMAT: json.dumps(meta)})
+                                 metadata={**(metadata or {}), _FORMAT: description})
         # Written as an ordinary file: safetensors' own writer makes it readable by its owner alone.
         with open(path, "wb") as f:
             f.write(data)
@@ -204,7 +211,7 @@ class BiasMapTrace:
         """Whether ``path`` holds a trace (written by :meth:`save`), from its header alone: a model is not one."""
         try:
             with safe_open(path, framework="pt") as f:
-                return FORMAT in (f.metadata() or {})
+                return _FORMAT in (f.metadata() or {})
         except (SafetensorError, OSError):
             return False
 
@@ -214,7 +221,7 @@ class BiasMapTrace:
         a later BiasMap a ValueError)."""
         try:
             with safe_open(path, framework="pt") as f:
-                raw = (f.metadata() or {}).get(FORMAT)
+                raw = (f.metadata() or {}).get(_FORMAT)
             tensors = load_file(path) if raw else {}
         except FileNotFoundError:
             raise  # not a damaged trace: no file at all
@@ -222,16 +229,16 @@ class BiasMapTrace:
             raise TraceFormatError(f"{path} is not a readable .safetensors file ({err}): it may be cut short (a "
                                    f"download or copy that did not finish) or not a BiasMap trace at all") from err
         if not raw:
-            raise TraceFormatError(f"{path} is a .safetensors file but not a BiasMap trace (no '{FORMAT}' metadata); "
+            raise TraceFormatError(f"{path} is a .safetensors file but not a BiasMap trace (no '{_FORMAT}' metadata); "
                                    f"it may be a model checkpoint")
         try:
             meta = json.loads(raw)
             version = meta.get("version")
-            if meta.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            if meta.get("format") != _FORMAT or type(version) is not int or version < 1:  # true/false are no version
                 raise TypeError(f"format {meta.get('format')!r}, version {version!r}")
-            if version > VERSION:  # a trace, but of a later BiasMap: not a TraceFormatError
+            if version > _VERSION:  # a trace, but of a later BiasMap: not a TraceFormatError
                 raise ValueError(f"{path} is a version {version} BiasMap trace, and this BiasMap reads versions up "
-                                 f"to {VERSION}: update BiasMap to read it")
+                                 f"to {_VERSION}: update BiasMap to read it")
             fields = dict(maps={k[5:]: v for k, v in tensors.items() if k.startswith("maps.")},
                           tokens=meta["tokens"], sigmas=tensors["sigmas"], steps=tensors["steps"],
                           latent_shape=meta["latent_shape"], demographic=meta["demographic"],

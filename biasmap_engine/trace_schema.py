@@ -14,7 +14,7 @@ from .stages import STAGE_ORDER, stage_grid
 
 __all__ = ["MAX_LATENT_SIDE", "description_problem", "tensors_problem"]
 
-MAX_LATENT_SIDE = 2048  # ComfyUI's largest image side (MAX_RESOLUTION, 16384 px) in an SD VAE's latent pixels
+MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
 _GUIDANCE = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
 
@@ -30,7 +30,7 @@ def description_problem(meta: dict) -> str | None:
     if not (_is_list_of(shape, int) and len(shape) == 4 and min(shape) >= 1):
         return f"its latent_shape {shape!r} is not a latent's [B, C, H, W] (four whole numbers of at least 1)"
     if max(shape[2:]) > MAX_LATENT_SIDE:
-        return (f"its latent of {shape[3]}×{shape[2]} is larger than any ComfyUI makes (sides up to "
+        return (f"its latent of {shape[3]}×{shape[2]} is larger than ComfyUI's image nodes make (sides up to "
                 f"{MAX_LATENT_SIDE}, 16384 px)")
     run = meta.get("run", {})
     if not isinstance(run, dict):
@@ -62,8 +62,10 @@ def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: lis
     if steps.dim() != 1 or _kind(steps) != "integer" or bool((steps < 0).any()):
         return "its steps are not one step number (0 or more) per evaluation"
     for name, tensor in guidance.items():
-        if name not in _GUIDANCE or _kind(tensor) != _GUIDANCE[name]:
+        if name not in _GUIDANCE:
             return f"its guidance holds '{name}', which is not the energy, gradient norm or status BiasMap records"
+        if _kind(tensor) != _GUIDANCE[name]:
+            return f"its guidance {name} is not {_GUIDANCE[name]} numbers"
         if tuple(tensor.shape) != (len(sigmas), latent_shape[0]):
             return f"its guidance {name} is not [evaluations {len(sigmas)}, images {latent_shape[0]}]"
     if "status" in guidance and not bool(torch.isin(guidance["status"], torch.tensor(list(STATUS.values()))).all()):

@@ -327,7 +327,7 @@ def output_path(name: str, what: str, example: str) -> str:
 
 # Names no file can have on Windows (devices), with any extension; and a name's length in bytes that leaves room for
 # Save Trace's counter and extension within the 255 bytes of a file name.
-_DEVICES = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?", re.IGNORECASE)
+_DEVICES = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)(\..*)?", re.IGNORECASE)
 _LONGEST_NAME = 200
 
 

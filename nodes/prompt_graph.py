@@ -39,7 +39,7 @@ _WORD_INPUTS = {"BiasMapAttributionMap": ("Attribution Map", ("word",)),
 _TRACE_INPUTS = ("trace", "baseline")
 _TRACE_SLOT = 1
 # What an empty word input stands for: the first concept of this list of the trace at the node's "trace" input.
-_EMPTY_MEANS = {"word": "demographic", "concept_a": "demographic", "concept_b": "semantic"}
+_EMPTY_MEANS = {"concept_a": "demographic", "concept_b": "semantic"}  # Entanglement IoU's, whose baseline is read
 _SAMPLERS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced")
 
 
@@ -63,20 +63,20 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) ->
             if isinstance(text, str) and split_concepts(text):
                 asked.append((shown, str(other), name, text, ""))
             elif isinstance(text, str) and reading == {"baseline"}:  # empty: the trace input's concept
-                first = _first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
+                first = _typed_first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
                 if first:
                     asked.append((shown, str(other), name, first,
                                   f"the first {_EMPTY_MEANS[name]} concept of its trace input, as {name} is empty"))
     return asked
 
 
-def _first_concept(prompt: dict | None, link, concepts: str) -> str:
-    """The first of the ``concepts`` list typed into the BiasMap sampler whose trace ``link`` is; '' where it is not
-    typed there (linked, or the trace comes from Load Trace)."""
+def _typed_first_concept(prompt: dict | None, link, list_name: str) -> str:
+    """The first concept of the list ``list_name`` (demographic, semantic) typed into the BiasMap sampler whose trace
+    ``link`` is; '' where it is not typed there (linked, or the trace comes from Load Trace)."""
     kind, inputs = _linked(prompt, link)
-    if kind not in _SAMPLERS or link[1] != _TRACE_SLOT or not isinstance(inputs.get(concepts), str):
+    if kind not in _SAMPLERS or link[1] != _TRACE_SLOT or not isinstance(inputs.get(list_name), str):
         return ""
-    return next(iter(split_concepts(inputs[concepts])), "")
+    return next(iter(split_concepts(inputs[list_name])), "")
 
 
 def queued_outputs() -> list[str] | None:

@@ -17,8 +17,8 @@ from .common import CATEGORY, Trace, inside, output_path, plain_errors
 
 __all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "trace_files"]
 
-EXTENSION = ".safetensors"
-SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
+_EXTENSION = ".safetensors"
+_SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
 
 
 class BiasMapSaveTrace(io.ComfyNode):
@@ -34,12 +34,12 @@ class BiasMapSaveTrace(io.ComfyNode):
                         "guidance accounting) to the output folder as .safetensors with the workflow in its "
                         "metadata. Load it with BiasMap Load Trace, or in Python with BiasMapTrace.load.",
             inputs=[Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
-                    io.String.Input("filename_prefix", default=f"{SAVED}/trace",
-                                    tooltip=f"Path inside the output folder, starting with {SAVED}/ (the folder "
+                    io.String.Input("filename_prefix", default=f"{_SAVED}/trace",
+                                    tooltip=f"Path inside the output folder, starting with {_SAVED}/ (the folder "
                                             f"where Load Trace lists traces); a counter and .safetensors are added.")],
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
             outputs=[io.String.Output("trace_file", tooltip=f"The file written, named as Load Trace lists it (it "
-                                                            f"lists those under output/{SAVED}/; connect Preview "
+                                                            f"lists those under output/{_SAVED}/; connect Preview "
                                                             f"as Text to read the name).")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
@@ -86,12 +86,12 @@ class BiasMapSaveTrace(io.ComfyNode):
 
 def _listed_path(prefix: str) -> str:
     """Save Trace's ``prefix`` as a path in the output folder's ``biasmap/``, the folder Load Trace lists there."""
-    path = output_path(prefix, "trace", f"{SAVED}/trace")
+    path = output_path(prefix, "trace", f"{_SAVED}/trace")
     if not inside(os.path.dirname(path), _saved_folder()):
         example = prefix.strip("/\\")
-        fix = (f"add a file name after {SAVED}/" if example == SAVED else f"start the prefix with {SAVED}/")
-        raise ValueError(f"the trace '{prefix}' would be saved outside output/{SAVED}/, where Load Trace does not list "
-                         f"it: {fix}, e.g. {SAVED}/{example if example not in ('', SAVED) else 'trace'}")
+        fix = (f"add a file name after {_SAVED}/" if example == _SAVED else f"start the prefix with {_SAVED}/")
+        raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
+                         f"list it: {fix}, e.g. {_SAVED}/{example if example not in ('', _SAVED) else 'trace'}")
     return path
 
 
@@ -107,7 +107,7 @@ def _claim(folder: str, name: str, counter: int) -> str:
     """The first free ``name_NNNNN_.safetensors`` from ``counter`` on, created empty to claim it: ComfyUI instances
     sharing an output folder (one per GPU) see the same files and so get the same counter."""
     while True:
-        file = f"{name}_{counter:05}_{EXTENSION}"
+        file = f"{name}_{counter:05}_{_EXTENSION}"
         try:
             with open(os.path.join(folder, file), "xb"):
                 return file
@@ -131,7 +131,7 @@ class BiasMapLoadTrace(io.ComfyNode):
             inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
                                    tooltip=f"Traces in the input folder (read to their header: models and files "
                                            f"with a damaged header are left out) and every .safetensors in the "
-                                           f"output folder's {SAVED}/, where Save Trace writes (marked [output]). "
+                                           f"output folder's {_SAVED}/, where Save Trace writes (marked [output]). "
                                            f"Press R in the page to list one saved since it opened.")],
             outputs=[Trace.Output("trace", tooltip="The saved trace, as the sampler gave it.")],
         )
@@ -184,11 +184,11 @@ def trace_files() -> list[str]:
     output = folder_paths.get_output_directory()
     found = []
     for folder, under, note, listed in ((folder_paths.get_input_directory(), "", "", BiasMapTrace.is_trace_file),
-                                        (output, SAVED, " [output]", _written)):
+                                        (output, _SAVED, " [output]", _written)):
         names = []
         for root, _, files in os.walk(os.path.join(folder, under)):  # links not followed: a loop would never end
             names += [_listed_name(os.path.join(root, f), folder)
-                      for f in files if f.endswith(EXTENSION) and listed(os.path.join(root, f))]
+                      for f in files if f.endswith(_EXTENSION) and listed(os.path.join(root, f))]
         found += [name + note for name in sorted(names)]
     return found
 
@@ -205,7 +205,7 @@ def _trace_path(trace_file: str) -> str | None:
 
 def _saved_folder() -> str:
     """The output folder's ``biasmap/``: where Save Trace writes and Load Trace lists from the output folder."""
-    return os.path.abspath(os.path.join(folder_paths.get_output_directory(), SAVED))
+    return os.path.abspath(os.path.join(folder_paths.get_output_directory(), _SAVED))
 
 
 def _listed_name(path: str, folder: str) -> str:
@@ -214,7 +214,7 @@ def _listed_name(path: str, folder: str) -> str:
 
 
 def _missing(trace_file: str | None) -> str:
-    missing = (f"no trace file '{trace_file}' in the input folder or under output/{SAVED}/" if trace_file else
+    missing = (f"no trace file '{trace_file}' in the input folder or under output/{_SAVED}/" if trace_file else
                "no trace file chosen (the list is empty until a trace is saved)")
     return (f"{missing}: save one with BiasMap Save Trace, or put the file in ComfyUI's input folder, then press R in "
             f"the page to list it")

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["SmallGridConvolution"]
 
-SMALL_GRID_PIXELS = 64  # 8×8: the largest grid where the direct kernel won at every measured channel count
+_SMALL_GRID_PIXELS = 64  # 8×8: the largest grid where the direct kernel won at every measured channel count
 
 
 class SmallGridConvolution(TorchFunctionMode):
@@ -31,7 +31,7 @@ class SmallGridConvolution(TorchFunctionMode):
 def _direct_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002 (F.conv2d)
     """The direct kernel's result, or None where it does not apply (GPU, large grid, grouped, dilated, …)."""
     if (input.device.type != "cpu" or input.dtype != torch.float32 or input.dim() != 4 or groups != 1
-            or input.shape[-1] * input.shape[-2] > SMALL_GRID_PIXELS or isinstance(padding, str)
+            or input.shape[-1] * input.shape[-2] > _SMALL_GRID_PIXELS or isinstance(padding, str)
             or _pair(dilation) != [1, 1]):
         return None
     return torch.ops.aten.thnn_conv2d(input, weight, list(weight.shape[-2:]), bias, _pair(stride), _pair(padding))

@@ -148,14 +148,14 @@ def _saved_parts(tmp_path):
 
 
 @pytest.mark.parametrize("change, problem", [
-    ({"latent_shape": [2, 4, 80000, 120000]}, r"latent of 120000×80000 is larger than any ComfyUI makes"),
+    ({"latent_shape": [2, 4, 80000, 120000]}, r"latent of 120000×80000 is larger than ComfyUI's image nodes make"),
     ({"latent_shape": [2, 4, 64, 96]}, r"maps of stage down_1 are 12×8, where a 96×64 latent's are 96×64"),
     ({"latent_shape": [2, 4, "8", 12]}, r"latent_shape \[2, 4, '8', 12\] is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": {"0": 2}}, r"is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": [2]}, r"is not a latent's"),
     ({"latent_shape": [2, 4, 0, 12]}, r"latent_shape \[2, 4, 0, 12\] is not a latent's \[B, C, H, W\] \(four whole "
                                       r"numbers of at least 1\)"),
-    ({"latent_shape": [2, 4, 80000, 12]}, r"latent of 12×80000 is larger than any ComfyUI makes"),
+    ({"latent_shape": [2, 4, 80000, 12]}, r"latent of 12×80000 is larger than ComfyUI's image nodes make"),
     ({"semantic": "doctor"}, r"its semantic is not a list of texts"),
     ({"model_family": 15}, r"its model_family is not a text"),
     ({"tokens": [0, 1, 2, 3, 4, 5]}, r"its tokens is not a list of texts"),
@@ -172,6 +172,7 @@ def _saved_parts(tmp_path):
     ({"settings": {"guided_stages": [1, 2]}}, r"its settings' guided_stages are not a list of stage names"),
     ({"format": "not_biasmap"}, r"damaged or incomplete \(format 'not_biasmap'"),
     ({"version": -5}, r"damaged or incomplete \(format 'biasmap_trace', version -5\)"),
+    ({"version": True}, r"damaged or incomplete \(format 'biasmap_trace', version True\)"),
 ])
 def test_a_trace_file_whose_description_has_wrong_types_or_sizes_is_refused_naming_the_field(tmp_path, change,
                                                                                              problem):
@@ -180,6 +181,16 @@ def test_a_trace_file_whose_description_has_wrong_types_or_sizes_is_refused_nami
     save_file(tensors, str(tmp_path / "tampered"), metadata={"biasmap_trace": json.dumps({**meta, **change})})
     with pytest.raises(TraceFormatError, match=problem):
         BiasMapTrace.load(str(tmp_path / "tampered"))
+
+
+def test_a_trace_that_load_would_refuse_is_refused_when_saved_and_nothing_is_written(tmp_path):
+    trace = recorded_trace()
+    trace.settings = {**trace.settings, "label": "mine"}  # built in a notebook: no BiasMap setting
+    with pytest.raises(ValueError, match=r"cannot be saved as a file Load Trace reads: its settings hold 'label', "
+                                         r"which are not BiasMap settings\. Set that field as BiasMap's sampler "
+                                         r"records it$"):
+        trace.save(str(tmp_path / "notebook.safetensors"))
+    assert not (tmp_path / "notebook.safetensors").exists()
 
 
 def test_a_trace_file_whose_description_nests_too_deep_for_json_is_refused(tmp_path):

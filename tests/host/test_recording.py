@@ -405,22 +405,26 @@ def test_no_patch_remains_after_sampling_an_error_or_an_interrupt(sd15, prompts)
     assert {n: p.data_ptr() for n, p in model.model.diffusion_model.named_parameters()} == params_before
 
 
-@pytest.mark.parametrize("shrunk", [False, True], ids=["plain", "Deep Shrink x1.5 at an odd size"])
-def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_path, shrunk):
-    # Load Trace checks each stage's grid against the latent's: the grids of every run must pass, also resampled ones.
+@pytest.mark.parametrize("shrunk, scale", [(False, 0.0), (False, 100.0), (True, 0.0)],
+                         ids=["recorded", "guided", "Deep Shrink x1.5 at an odd size"])
+def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_path, shrunk, scale):
+    # Load Trace checks each stage's grid against the latent's and the guidance accounting's shape: every run's
+    # trace must pass, also one of resampled grids.
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
     model, clip = sd15
     if shrunk:
         with torch.inference_mode():
             model = PatchModelAddDownscale.execute(model, 1, 1.5, 0.0, 0.5, True, "bicubic", "bicubic")[0]
-    _, _, trace = run(model, clip, prompts, steps=2, lat=latent(batch=1, h=13, w=21) if shrunk else None)
+    _, _, trace = run(model, clip, prompts, settings=BiasMapSettings(scale=scale), steps=2,
+                      lat=latent(batch=1, h=13, w=21) if shrunk else None)
     path = str(tmp_path / "trace.safetensors")
     trace.save(path)
     back = BiasMapTrace.load(path)
     assert all(torch.equal(back.maps[s], trace.maps[s]) for s in trace.stages)
     assert back.model_family == "SD15" and back.tokens == trace.tokens
     assert torch.equal(back.iou("gender", "doctor"), trace.iou("gender", "doctor"))
+    assert back.guidance_counts() == trace.guidance_counts() and back.guidance.keys() == trace.guidance.keys()
 
 
 def test_a_concept_missing_from_the_attribution_prompt_is_refused_before_sampling(sd15):

@@ -150,7 +150,8 @@ def test_load_trace_says_what_to_do_with_a_missing_file_or_one_that_is_not_a_tra
         newer = {**json.loads(f.metadata()["biasmap_trace"]), "version": 99}
         save_file({k: f.get_tensor(k) for k in f.keys()}, str(folders / "in" / "newer.safetensors"),
                   metadata={"biasmap_trace": json.dumps(newer)})
-    with pytest.raises(ValueError, match="^newer.safetensors is a version 99 BiasMap trace.*update BiasMap to read it$"):
+    with pytest.raises(ValueError, match="^newer.safetensors is a version 99 BiasMap trace.*update BiasMap to read "
+                                         "it$"):
         BiasMapLoadTrace.execute("newer.safetensors")
     with pytest.raises(ValueError, match="no trace file"):  # a linked name skips validation: checked when it runs
         BiasMapLoadTrace.execute("../outside.safetensors")
@@ -357,6 +358,7 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
     ("biasmap/a?b", "holds a character that file names cannot hold on every system"),
     ("biasmap/NUL", "names a Windows device"),
     ("biasmap/con.data", "names a Windows device"),
+    ("biasmap/CONOUT$", "names a Windows device"),
     ("biasmap/LPT1 ./trace", "names a Windows device"),
     ("biasmap/" + "a" * 201, "has a folder or file name longer than 200 bytes"),
     ("biasmap/" + "é" * 101, "has a folder or file name longer than 200 bytes"),
