@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from biasmap_engine import BiasMapSettings
-from biasmap_engine.host import sample_with_scheduler, start_session
+from biasmap_engine.host import sample_with_sampler, sample_with_scheduler, start_session
 from guided_runs import ATTRIBUTION
 from guided_runs import sample as guided_sample
 
@@ -261,6 +261,20 @@ def test_an_area_of_exactly_the_latents_size_covers_the_image(sd15, prompts):
     assert_same_maps(trace, plain, evaluations=slice(0, 1))
 
 
+def test_an_area_of_the_latents_size_placed_off_its_corner_runs_on_a_crop_and_leaves_the_image_uncovered(sd15,
+                                                                                                        prompts):
+    # ComfyUI cuts such an area at the latent's edge: its entry runs on a crop, so the other branch's maps are taken.
+    import nodes
+
+    model, clip = sd15
+    pos, neg = prompts
+    shifted = nodes.ConditioningSetArea().append(pos, 256, 256, 64, 64, 1.0)[0]  # 32×32 at (8, 8) of a 32×32 latent
+    _, negative = sample(model, clip, pos, neg, branch="uncond")
+    _, trace = sample(model, clip, shifted, neg, branch="cond")
+    assert any("no positive conditioning entry covered the whole image" in note for note in trace.notes)
+    assert_same_maps(trace, negative, evaluations=slice(0, 1))  # the first step sees the same latent
+
+
 @pytest.mark.parametrize("scale, branch", [(0.0, "uncond"), (100.0, "uncond"), (100.0, "cond")])
 def test_area_conditioning_records_the_whole_image_entries_and_says_so(sd15, prompts, scale, branch):
     import nodes
@@ -288,6 +302,27 @@ def test_a_timestep_range_that_empties_the_recorded_branch_moves_the_maps_to_the
     assert trace.maps["down_1"].shape[0] == 4
     assert trace.guidance_counts()["not_guided"] == 0
     assert any("no negative conditioning entry covered the whole image" in note for note in trace.notes)
+
+
+def test_a_timestep_range_bound_is_compared_with_sigma_in_sigmas_dtype_as_comfyui_compares_it(sd15, prompts):
+    # ComfyUI compares a float32 σ with the entry's bound rounded to float32: σ = 14 is not above 14 − 10⁻⁷ there,
+    # so the negative entry runs on that step and its maps are the ones recorded.
+    import comfy.samplers
+    import node_helpers
+
+    model, clip = sd15
+    pos, neg = prompts
+    ranged = node_helpers.conditioning_set_values(neg, {"timestep_start": 14.0 - 1e-7})  # 14.0 in float32
+    sigmas = torch.tensor([14.0, 5.0, 0.0])
+    traces = []
+    with torch.inference_mode():
+        for negative in (neg, ranged):
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))
+            traces.append(sample_with_sampler(session, model, 0, 7.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                              pos, negative, {"samples": torch.zeros(1, 4, 32, 32)})[1])
+    plain, trace = traces
+    assert not any("covered the whole image" in note for note in trace.notes)
+    assert_same_maps(trace, plain)
 
 
 def test_no_whole_image_entry_on_either_branch_is_refused_with_the_fix(sd15, prompts):
@@ -534,6 +569,49 @@ def test_gligen_in_the_maps_branch_is_guided_through_its_own_weights_swapped_lik
     assert not any(p.is_inference() for p in gligen.parameters())
     without, _, _ = guided_sample(model, clip, pos, neg, 100.0, steps=2, branch="cond", guided_stages=stages)
     assert not torch.allclose(out, without)  # GLIGEN took part
+
+
+class _Adapters:
+    """Where an adapter-style node keeps the models it loads, found by its patch when it runs (not held by it)."""
+
+    loaded = {}
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["a list", "one model"])
+def test_a_model_attached_to_the_maps_branchs_entries_is_guided_through_its_own_weights_swapped_like_the_unets(
+        sd15, prompts, as_list):
+    # A node attaching its model to the conditioning as additional_models (ComfyUI loads it with the U-Net) and
+    # running it from a patch: loaded in inference mode, it runs on activations that need gradients.
+    import comfy.model_management
+    import comfy.model_patcher
+    import node_helpers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        projection = torch.nn.Linear(32, 32)  # the width of the tiny U-Net's first level
+        torch.nn.init.eye_(projection.weight)
+        projection.weight.mul_(1.5)
+        torch.nn.init.zeros_(projection.bias)
+        patcher = comfy.model_patcher.ModelPatcher(projection, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        attached = node_helpers.conditioning_set_values(pos, {"additional_models": [patcher] if as_list else patcher})
+        patched = model.clone()
+    _Adapters.loaded["projection"] = projection
+
+    def project(n, context, value, extra):  # looks its model up as it runs
+        layer = _Adapters.loaded["projection"]
+        return (layer(n) if n.shape[-1] == 32 else n), context, value
+
+    patched.set_model_attn2_patch(project)
+    try:
+        out, trace, _ = guided_sample(patched, clip, attached, neg, 100.0, steps=2, branch="cond")
+        without, _, _ = guided_sample(model, clip, pos, neg, 100.0, steps=2, branch="cond")
+    finally:
+        _Adapters.loaded.clear()
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(out).all()
+    assert not any(p.is_inference() for p in projection.parameters())
+    assert not torch.allclose(out, without)  # the attached model took part
 
 
 def test_an_inpainting_model_is_recorded_and_guided_through_its_latent_channels(comfy):

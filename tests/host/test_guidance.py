@@ -319,6 +319,19 @@ def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(s
     assert torch.equal(unpatched, reference)  # the patches left nothing behind in the weights guided through
 
 
+def test_guidance_swaps_a_models_inference_weights_once_not_at_every_step(sd15, prompts):
+    # Copying every weight again at each guided step would cost an SDXL's weights in time and memory per step.
+    model, clip = sd15
+    pos, neg = prompts
+    sample(model, clip, pos, neg, 100.0, steps=1)  # the first guided pass swaps them
+    unet = model.model.diffusion_model
+    weights = dict(unet.named_parameters())
+    assert not any(w.is_inference() for w in weights.values())
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    assert trace.guidance_counts()["applied"] == 2
+    assert all(w is weights[name] for name, w in unet.named_parameters())
+
+
 def test_another_nodes_attn2_replace_takes_effect_under_guidance(sd15, prompts):
     model, clip = sd15
     pos, neg = prompts

@@ -274,6 +274,32 @@ def test_a_hypernetwork_loaded_in_inference_mode_can_be_guided_through(sd15, pro
     assert not torch.equal(guided, recorded)
 
 
+def test_an_attn2_replace_holding_layers_loaded_in_inference_mode_can_be_guided_through(sd15, prompts):
+    # An adapter-style node replaces attn2 with a function whose closure holds a projection of its own, loaded in
+    # inference mode; in a guided pass it runs on an output that needs gradients, so its weight is swapped too.
+    import comfy.ldm.modules.attention as attention
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        projection = torch.nn.Linear(32, 32)  # the width of the tiny U-Net's output block 2
+        torch.nn.init.eye_(projection.weight)
+        projection.weight.mul_(1.5)
+        torch.nn.init.zeros_(projection.bias)
+
+        def projected(q, k, v, extra):
+            return projection(attention.optimized_attention(q, k, v, extra["n_heads"]))
+
+        patched = model.clone()
+        patched.set_model_attn2_replace(projected, "output", 2)
+    recorded, _, _ = sample(patched, clip, pos, neg, 0.0, steps=2)
+    plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2)
+    guided, trace, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
+    assert not torch.equal(plain, recorded)  # the projection takes part
+    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
+    assert not torch.equal(guided, recorded)
+
+
 def test_a_quantized_checkpoint_on_a_gpu_with_fp8_compute_is_guided_through_its_dequantized_weights(comfy, monkeypatch):
     # Its layers quantize their inputs outside autograd there; the guided pass uses ComfyUI's full-precision path.
     import comfy_models

@@ -73,6 +73,27 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
         "sigmas": [float(f"{s:.4g}") for s in sigmas.tolist()]}  # the schedule, which audits pair runs by
 
 
+def test_a_trace_made_inside_comfyuis_executor_names_the_prompt_that_ran_it(sd15, prompts):
+    # Audit rows of one run are told apart from a cached trace logged again by the prompt id.
+    from comfy_execution.utils import CurrentNodeContext
+
+    model, clip = sd15
+    with CurrentNodeContext("the-prompt-id", "3"):
+        _, _, trace = run(model, clip, prompts, steps=1, lat=latent(batch=1, h=16, w=16))
+    assert trace.run["prompt_id"] == "the-prompt-id"
+
+
+def test_a_trace_keeps_the_denoise_its_run_was_made_with(sd15, prompts):
+    # Audits pair a guided run with its baseline by how they were made: a partial denoise is part of that.
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        _, trace = sample_with_scheduler(session, model, 0, 2, 7.0, "euler", "normal", pos, neg,
+                                         latent(batch=1, h=16, w=16), denoise=0.6)
+    assert trace.run["denoise"] == 0.6
+
+
 @pytest.mark.parametrize("scale", [0.0, 100.0], ids=["recording", "guided"])
 def test_a_sampler_that_enlarges_the_latent_between_steps_is_recorded_at_the_first_sizes_grids(sd15, prompts, scale):
     # SamplerLCMUpscale: its later evaluations had been taken for area conditioning, and the run refused.
@@ -184,6 +205,67 @@ def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd
     assert torch.equal(stock.cpu(), ours["samples"].cpu())
     assert trace.steps.tolist() == [0, 1, 2]
     assert (trace.run["seed"], trace.run["add_noise"]) == (0, False)  # the seed the sampler got
+
+
+def test_advanced_variant_denoises_only_inside_the_latents_noise_mask_as_sampler_custom_advanced_does(sd15, prompts):
+    # Set Latent Noise Mask (inpainting): outside the mask the latent is kept as it was.
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    model, clip = sd15
+    pos, neg = prompts
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1.0
+    lat = {"samples": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)), "noise_mask": mask}
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+        sampler = comfy.samplers.sampler_object("euler")
+        guider = custom.CFGGuider.execute(model, pos, neg, 5.0)[0]
+        stock = custom.SamplerCustomAdvanced.execute(custom.RandomNoise.execute(3)[0], guider, sampler, sigmas,
+                                                     lat)[0]
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        ours, _ = sample_with_sampler(session, model, 3, 5.0, sampler, sigmas, pos, neg, lat)
+    assert torch.equal(stock["samples"], ours["samples"])
+    change = (ours["samples"] - lat["samples"]).abs()
+    assert change[..., :8, :].max() < 1e-4 < change[..., 8:24, 8:24].mean()  # outside: kept, to float rounding
+
+
+def test_advanced_variant_samples_an_empty_latent_of_another_channel_count_as_sampler_custom_advanced_does(sd15,
+                                                                                                          prompts):
+    # An empty 16-channel latent (EmptySD3LatentImage) on an SD1.5 model: ComfyUI takes it at the model's 4 channels.
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    model, clip = sd15
+    pos, neg = prompts
+    lat = {"samples": torch.zeros(1, 16, 32, 32)}
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
+        sampler = comfy.samplers.sampler_object("euler")
+        guider = custom.CFGGuider.execute(model, pos, neg, 5.0)[0]
+        stock = custom.SamplerCustomAdvanced.execute(custom.RandomNoise.execute(3)[0], guider, sampler, sigmas,
+                                                     lat)[0]
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        ours, trace = sample_with_sampler(session, model, 3, 5.0, sampler, sigmas, pos, neg, lat)
+    assert ours["samples"].shape == (1, 4, 32, 32) and torch.equal(stock["samples"], ours["samples"])
+    assert trace.steps.tolist() == [0, 1]
+
+
+def test_advanced_variant_names_the_sampler_in_its_trace_as_ksampler_names_it(sd15, prompts):
+    # A SAMPLER carries no name: uni_pc's function is sample_unipc, and KSamplerSelect's ddim runs euler's.
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    named = {}
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
+        for name in ("uni_pc", "uni_pc_bh2", "ddim", "dpmpp_2m"):
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+            _, trace = sample_with_sampler(session, model, 0, 5.0, comfy.samplers.sampler_object(name), sigmas, pos,
+                                           neg, latent(batch=1, h=16, w=16))
+            named[name] = trace.run["sampler"]
+    assert named == {"uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "ddim": "euler", "dpmpp_2m": "dpmpp_2m"}
 
 
 # Evaluations per step of a 3-step run: the last step of most of these samplers is one Euler step (σ_next = 0).
@@ -503,6 +585,42 @@ def test_the_attribution_prompt_is_encoded_once_per_clip_prompt_clip_skip_and_pa
     assert len(attribution._ENCODED) == clips - 1  # gone with its CLIP
 
 
+def test_a_clip_keeps_the_encodings_of_its_last_eight_attribution_prompts_only(sd15):
+    # An audit over professions changes the attribution prompt every run: the encodings kept must not grow with it.
+    _, clip = sd15
+    with torch.inference_mode():
+        c = clip.clone()
+        calls, real = [], c.encode_from_tokens
+        c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+        prompts = [f"a photo of a doctor and gender {i}" for i in range(9)]
+        for prompt in prompts:
+            encode_attribution(c, prompt)
+        encode_attribution(c, prompts[1])  # among the last eight: kept
+        assert len(calls) == 9
+        encode_attribution(c, prompts[0])  # the oldest: gone, encoded again
+        assert len(calls) == 10
+
+
+def test_the_attribution_prompt_is_encoded_again_when_the_same_clips_tokenizer_options_or_hooks_change(sd15):
+    # ComfyUI's nodes change these on a clone; a change made to the same CLIP object must not reuse the old encoding.
+    import comfy.hooks
+
+    _, clip = sd15
+    with torch.inference_mode():
+        c = clip.clone()
+        calls, real = [], c.encode_from_tokens
+        c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+        encode_attribution(c, ATTRIBUTION)
+        c.set_tokenizer_option("clip_l_min_padding", 5)  # a tokenizer option, set on this very object
+        encode_attribution(c, ATTRIBUTION)
+        assert len(calls) == 2
+        c.patcher.forced_hooks = comfy.hooks.HookGroup()  # hooks set on this very object
+        encode_attribution(c, ATTRIBUTION)
+        assert len(calls) == 3
+        encode_attribution(c, ATTRIBUTION)
+        assert len(calls) == 3  # and kept again while they stay
+
+
 def test_long_attribution_prompts_span_several_chunks(sd15, prompts):
     model, clip = sd15
     long_prompt = "A photo of the face of a " + "very " * 80 + "kind doctor and gender"
@@ -510,6 +628,20 @@ def test_long_attribution_prompts_span_several_chunks(sd15, prompts):
     assert len(trace.tokens) > 77
     assert trace.positions("gender") == [len(trace.tokens) - 2]
     assert torch.isfinite(trace.concept_map("gender")).all()
+
+
+def test_the_words_of_a_long_attribution_prompts_later_chunks_keep_their_own_embeddings(sd15):
+    # Each 77-token chunk is encoded on its own: a word in the second chunk is that chunk's row, not the first's.
+    _, clip = sd15
+    text = "A photo of the face of a " + "very " * 80 + "kind doctor and gender"
+    with torch.inference_mode():
+        embeddings, names = encode_attribution(clip, text)
+        whole = clip.encode_from_tokens(clip.tokenize(text))
+    assert whole.shape[1] == 2 * 77 and names.count("<|startoftext|>") == 2
+    second = names.index("<|startoftext|>", 1)  # where the second chunk's tokens start in the names
+    for word in ("kind</w>", "doctor</w>", "gender</w>"):
+        i = names.index(word)
+        assert torch.equal(embeddings[0, i], whole[0, 77 + i - second]), word
 
 
 def test_sd2_v_prediction_and_sdxl_models_record_their_own_stages(comfy):

@@ -91,6 +91,22 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
         assert torch.equal(loaded.iou("gender", "doctor"), trace.iou("gender", "doctor"))
 
 
+def test_a_saved_trace_keeps_the_workflow_of_the_page_that_queued_it_in_its_metadata(pack, folders, trace):
+    # ComfyUI's page sends its workflow as extra_pnginfo, which ComfyUI's own savers keep beside the prompt.
+    from comfy_api.latest import io
+
+    from biasmap_pack.nodes import BiasMapSaveTrace
+
+    prompt = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"seed": 5}}}
+    page = {"workflow": {"nodes": [{"id": 3, "type": "BiasMapGuidedKSampler"}], "links": []}}
+    saver = BiasMapSaveTrace.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.prompt: prompt,
+                                                                     io.Hidden.extra_pnginfo: page}})
+    saver.execute(trace, "biasmap/trace")
+    with safe_open(str(folders / "out" / "biasmap" / "trace_00001_.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["prompt"]) == prompt and json.loads(metadata["workflow"]) == page["workflow"]
+
+
 def test_save_trace_never_overwrites_a_file_another_comfyui_saved_under_the_counter_it_was_given(pack, folders, trace,
                                                                                                  monkeypatch):
     # Instances sharing an output folder see the same files, so ComfyUI gives them the same counter.
