@@ -266,12 +266,7 @@ def test_a_hypernetwork_loaded_in_inference_mode_can_be_guided_through(sd15, pro
         patched = model.clone()
         patched.set_model_attn1_patch(patch)
         patched.set_model_attn2_patch(patch)
-    plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2)
-    recorded, _, _ = sample(patched, clip, pos, neg, 0.0, steps=2)
-    guided, trace, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
-    assert not torch.equal(plain, recorded)  # the hypernetwork takes part
-    assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
-    assert not torch.equal(guided, recorded)
+    assert_takes_part_and_is_guided(model, patched, clip, pos, neg)
 
 
 def test_an_attn2_replace_holding_layers_loaded_in_inference_mode_can_be_guided_through(sd15, prompts):
@@ -292,10 +287,15 @@ def test_an_attn2_replace_holding_layers_loaded_in_inference_mode_can_be_guided_
 
         patched = model.clone()
         patched.set_model_attn2_replace(projected, "output", 2)
-    recorded, _, _ = sample(patched, clip, pos, neg, 0.0, steps=2)
+    assert_takes_part_and_is_guided(model, patched, clip, pos, neg)
+
+
+def assert_takes_part_and_is_guided(model, patched, clip, pos, neg):
+    """``patched``, ``model`` with another node's patch, samples another image, and is guided at both of two steps."""
     plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2)
+    recorded, _, _ = sample(patched, clip, pos, neg, 0.0, steps=2)
     guided, trace, _ = sample(patched, clip, pos, neg, 100.0, steps=2)
-    assert not torch.equal(plain, recorded)  # the projection takes part
+    assert not torch.equal(plain, recorded)  # the patch takes part
     assert trace.guidance_counts()["applied"] == 2 and torch.isfinite(guided).all()
     assert not torch.equal(guided, recorded)
 

@@ -207,47 +207,43 @@ def test_advanced_variant_without_noise_continues_a_latent_like_disable_noise(sd
     assert (trace.run["seed"], trace.run["add_noise"]) == (0, False)  # the seed the sampler got
 
 
-def test_advanced_variant_denoises_only_inside_the_latents_noise_mask_as_sampler_custom_advanced_does(sd15, prompts):
-    # Set Latent Noise Mask (inpainting): outside the mask the latent is kept as it was.
+def stock_and_advanced_variant(model, clip, prompts, lat, steps):
+    """SamplerCustomAdvanced's latent (RandomNoise seed 3, CFGGuider at cfg 5, euler) and the Advanced variant's
+    latent and trace, from the same inputs."""
     import comfy.samplers
     from comfy_extras import nodes_custom_sampler as custom
 
-    model, clip = sd15
     pos, neg = prompts
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1.0
-    lat = {"samples": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)), "noise_mask": mask}
     with torch.inference_mode():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
-        sampler = comfy.samplers.sampler_object("euler")
-        guider = custom.CFGGuider.execute(model, pos, neg, 5.0)[0]
-        stock = custom.SamplerCustomAdvanced.execute(custom.RandomNoise.execute(3)[0], guider, sampler, sigmas,
-                                                     lat)[0]
-        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
-        ours, _ = sample_with_sampler(session, model, 3, 5.0, sampler, sigmas, pos, neg, lat)
-    assert torch.equal(stock["samples"], ours["samples"])
-    change = (ours["samples"] - lat["samples"]).abs()
-    assert change[..., :8, :].max() < 1e-4 < change[..., 8:24, 8:24].mean()  # outside: kept, to float rounding
-
-
-def test_advanced_variant_samples_an_empty_latent_of_another_channel_count_as_sampler_custom_advanced_does(sd15,
-                                                                                                          prompts):
-    # An empty 16-channel latent (EmptySD3LatentImage) on an SD1.5 model: ComfyUI takes it at the model's 4 channels.
-    import comfy.samplers
-    from comfy_extras import nodes_custom_sampler as custom
-
-    model, clip = sd15
-    pos, neg = prompts
-    lat = {"samples": torch.zeros(1, 16, 32, 32)}
-    with torch.inference_mode():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
         sampler = comfy.samplers.sampler_object("euler")
         guider = custom.CFGGuider.execute(model, pos, neg, 5.0)[0]
         stock = custom.SamplerCustomAdvanced.execute(custom.RandomNoise.execute(3)[0], guider, sampler, sigmas,
                                                      lat)[0]
         session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
         ours, trace = sample_with_sampler(session, model, 3, 5.0, sampler, sigmas, pos, neg, lat)
-    assert ours["samples"].shape == (1, 4, 32, 32) and torch.equal(stock["samples"], ours["samples"])
+    return stock["samples"], ours["samples"], trace
+
+
+def test_advanced_variant_denoises_only_inside_the_latents_noise_mask_as_sampler_custom_advanced_does(sd15, prompts):
+    # Set Latent Noise Mask (inpainting): outside the mask the latent is kept as it was.
+    model, clip = sd15
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1.0
+    lat = {"samples": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)), "noise_mask": mask}
+    stock, ours, _ = stock_and_advanced_variant(model, clip, prompts, lat, steps=3)
+    assert torch.equal(stock, ours)
+    change = (ours - lat["samples"]).abs()
+    assert change[..., :8, :].max() < 1e-4 < change[..., 8:24, 8:24].mean()  # outside: kept, to float rounding
+
+
+def test_advanced_variant_samples_an_empty_latent_of_another_channel_count_as_sampler_custom_advanced_does(sd15,
+                                                                                                          prompts):
+    # An empty 16-channel latent (EmptySD3LatentImage) on an SD1.5 model: ComfyUI takes it at the model's 4 channels.
+    model, clip = sd15
+    stock, ours, trace = stock_and_advanced_variant(model, clip, prompts, {"samples": torch.zeros(1, 16, 32, 32)},
+                                                    steps=2)
+    assert ours.shape == (1, 4, 32, 32) and torch.equal(stock, ours)
     assert trace.steps.tolist() == [0, 1]
 
 
@@ -553,6 +549,14 @@ def test_a_textual_inversion_embedding_in_the_attribution_prompt_is_kept_as_a_ma
     assert find_word_positions(tokens, "gender") == [tokens.index("gender</w>")]
 
 
+def counting_encodings(clip):
+    """A clone of ``clip`` and the list of token batches it is asked to encode."""
+    c, calls = clip.clone(), []
+    real = c.encode_from_tokens
+    c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+    return c, calls
+
+
 def test_the_attribution_prompt_is_encoded_once_per_clip_prompt_clip_skip_and_patches(sd15):
     # A new seed runs the node again; ComfyUI would not encode an unchanged prompt again either.
     import gc
@@ -561,9 +565,7 @@ def test_the_attribution_prompt_is_encoded_once_per_clip_prompt_clip_skip_and_pa
 
     _, clip = sd15
     with torch.inference_mode():
-        c = clip.clone()
-        calls, real = [], c.encode_from_tokens
-        c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+        c, calls = counting_encodings(clip)
         first, tokens = encode_attribution(c, ATTRIBUTION)
         tokens.append("changed by a caller")
         again, again_tokens = encode_attribution(c, ATTRIBUTION)
@@ -580,7 +582,7 @@ def test_the_attribution_prompt_is_encoded_once_per_clip_prompt_clip_skip_and_pa
         assert len(calls) == 4 and not torch.equal(patched, first)
     gc.collect()  # CLIPs other tests left for the collector go first: only this one is counted
     clips = len(attribution._ENCODED)
-    del c, real
+    del c
     gc.collect()
     assert len(attribution._ENCODED) == clips - 1  # gone with its CLIP
 
@@ -589,9 +591,7 @@ def test_a_clip_keeps_the_encodings_of_its_last_eight_attribution_prompts_only(s
     # An audit over professions changes the attribution prompt every run: the encodings kept must not grow with it.
     _, clip = sd15
     with torch.inference_mode():
-        c = clip.clone()
-        calls, real = [], c.encode_from_tokens
-        c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+        c, calls = counting_encodings(clip)
         prompts = [f"a photo of a doctor and gender {i}" for i in range(9)]
         for prompt in prompts:
             encode_attribution(c, prompt)
@@ -607,9 +607,7 @@ def test_the_attribution_prompt_is_encoded_again_when_the_same_clips_tokenizer_o
 
     _, clip = sd15
     with torch.inference_mode():
-        c = clip.clone()
-        calls, real = [], c.encode_from_tokens
-        c.encode_from_tokens = lambda tokens: calls.append(tokens) or real(tokens)
+        c, calls = counting_encodings(clip)
         encode_attribution(c, ATTRIBUTION)
         c.set_tokenizer_option("clip_l_min_padding", 5)  # a tokenizer option, set on this very object
         encode_attribution(c, ATTRIBUTION)
