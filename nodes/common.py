@@ -136,14 +136,18 @@ def check_words_asked(asked: list[tuple[str, str, str, str, str]], attribution_p
     """Before a sampler samples: the words that the nodes reading its trace ask for (``prompt_graph.words_asked_of``)
     are words of its attribution prompt. Those nodes run after the sampler, and cannot see the prompt before it runs:
     a typo there would cost the whole run."""
+    try:
+        words = prompt_text_words(attribution_prompt)  # once, for every node that asks
+    except ValueError:  # a prompt ComfyUI's tokenizer would refuse: the sampler's own check of it says so
+        return
     for node, node_id, name, text, stands_for in asked:
-        missing = absent_from(split_concepts(text), attribution_prompt)
+        missing = _absent(split_concepts(text), words)
         if missing:
             fix = (f"type in {name} a word of both prompts" if stands_for else f"correct {name} there")
             raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}"
                              + (f" ({stands_for})" if stands_for else "")
                              + f", which is not a word of this sampler's attribution prompt {attribution_prompt!r} "
-                             f"(its words: {listed_words(prompt_text_words(attribution_prompt))}): {fix}, or add "
+                             f"(its words: {listed_words(words)}): {fix}, or add "
                              f"the word to the attribution prompt. Checked before sampling, so that the run is not "
                              f"lost to it.{_why_absent(missing, attribution_prompt)}")
 
