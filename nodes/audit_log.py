@@ -5,14 +5,13 @@ gathers the audit, with each run's prompt id, seed, sampler, settings and attrib
 """
 
 import logging
-import os
 
 import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
-from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, output_path, plain_errors, require,
-                     step_inputs, step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, name_in, output_path, plain_errors,
+                     require, step_inputs, step_window)
 
 __all__ = ["BiasMapAuditLog"]
 
@@ -84,8 +83,7 @@ class BiasMapAuditLog(io.ComfyNode):
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
         rows = audit_rows(trace, q, pairs, size, label, step_window(trace, first_step, last_step))
-        # The file as the user knows it, not by the server's own path.
-        shown = "output/" + os.path.relpath(path, folder_paths.get_output_directory()).replace(os.sep, "/")
+        shown = "output/" + name_in(path, folder_paths.get_output_directory())
         try:
             written = append_csv(path, rows)
         except ValueError as err:

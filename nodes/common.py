@@ -14,8 +14,8 @@ from ..biasmap_engine.host import SIGMA_CAP, prompt_text_words
 
 __all__ = ["ADVANCED", "CATEGORY", "Trace", "absent_from", "check_concepts", "check_images", "check_listed_once",
            "check_single", "check_stage_names", "check_words_asked", "concept_inputs", "first_concept",
-           "guidance_inputs", "inside", "mask_size", "one_concept", "output_path", "plain_errors", "require",
-           "settings_from", "stages_in", "step_inputs", "step_window"]
+           "guidance_inputs", "inside", "mask_size", "name_in", "one_concept", "output_path", "plain_errors",
+           "require", "settings_from", "stages_in", "step_inputs", "step_window"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -347,6 +347,12 @@ def _unportable(name: str) -> str | None:
     if any(len(part.encode()) > _LONGEST_NAME for part in parts):
         return f"has a folder or file name longer than {_LONGEST_NAME} bytes: shorten it"
     return None
+
+
+def name_in(path: str, folder: str) -> str:
+    """A file's name as the user sees it: its path from ``folder``, with "/" on every system (not the server's own
+    path)."""
+    return os.path.relpath(path, folder).replace(os.sep, "/")
 
 
 def inside(path: str, root: str) -> bool:

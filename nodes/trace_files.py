@@ -13,7 +13,7 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import BiasMapTrace, TraceFormatError
-from .common import CATEGORY, Trace, inside, output_path, plain_errors
+from .common import CATEGORY, Trace, inside, name_in, output_path, plain_errors
 
 __all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "trace_files"]
 
@@ -79,7 +79,7 @@ class BiasMapSaveTrace(io.ComfyNode):
                     os.remove(path)
             raise
         # As Load Trace lists it, also for a prefix typed as an absolute path inside the folder.
-        shown = _listed_name(os.path.join(folder, file), output_dir) + " [output]"
+        shown = name_in(os.path.join(folder, file), output_dir) + " [output]"
         logging.info("BiasMap: trace saved to %s", os.path.join(folder, file))
         return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
 
@@ -187,7 +187,7 @@ def trace_files() -> list[str]:
                                         (output, _SAVED, " [output]", _written)):
         names = []
         for root, _, files in os.walk(os.path.join(folder, under)):  # links not followed: a loop would never end
-            names += [_listed_name(os.path.join(root, f), folder)
+            names += [name_in(os.path.join(root, f), folder)
                       for f in files if f.endswith(_EXTENSION) and listed(os.path.join(root, f))]
         found += [name + note for name in sorted(names)]
     return found
@@ -206,11 +206,6 @@ def _trace_path(trace_file: str) -> str | None:
 def _saved_folder() -> str:
     """The output folder's ``biasmap/``: where Save Trace writes and Load Trace lists from the output folder."""
     return os.path.abspath(os.path.join(folder_paths.get_output_directory(), _SAVED))
-
-
-def _listed_name(path: str, folder: str) -> str:
-    """A file's name as Load Trace lists it: its path from ``folder``, with "/" on every system."""
-    return os.path.relpath(path, folder).replace(os.sep, "/")
 
 
 def _missing(trace_file: str | None) -> str:
