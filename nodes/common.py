@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..biasmap_engine import (BRANCHES, GATES, MODES, BiasMapSettings, clip_words, listed_twice, listed_words,
                               parse_stages, split_concepts, typed_concepts)
 from ..biasmap_engine.host import SIGMA_CAP, prompt_text_words
+from .prompt_graph import WordsAsked
 
 __all__ = ["ADVANCED", "CATEGORY", "Trace", "absent_from", "check_concepts", "check_images", "check_listed_once",
            "check_single", "check_stage_names", "check_words_asked", "concept_inputs", "first_concept",
@@ -132,7 +133,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
     return _check_distinct(lists, words)
 
 
-def check_words_asked(asked: list[tuple[str, str, str, str, str]], attribution_prompt: str) -> None:
+def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
     """Before a sampler samples: the words that the nodes reading its trace ask for (``prompt_graph.words_asked_of``)
     are words of its attribution prompt. Those nodes run after the sampler, and cannot see the prompt before it runs:
     a typo there would cost the whole run."""
@@ -140,11 +141,12 @@ def check_words_asked(asked: list[tuple[str, str, str, str, str]], attribution_p
         words = prompt_text_words(attribution_prompt)  # once, for every node that asks
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: the sampler's own check of it says so
         return
-    for node, node_id, name, text, stands_for in asked:
-        missing = _absent(split_concepts(text), words)
+    for words_asked in asked:
+        missing = _absent(split_concepts(words_asked.text), words)
         if missing:
+            node, name, stands_for = words_asked.node, words_asked.input, words_asked.stands_for
             fix = (f"type in {name} a word of both prompts" if stands_for else f"correct {name} there")
-            raise ValueError(f"{node} (node {node_id}) asks for {name} {', '.join(map(repr, missing))}"
+            raise ValueError(f"{node} (node {words_asked.node_id}) asks for {name} {', '.join(map(repr, missing))}"
                              + (f" ({stands_for})" if stands_for else "")
                              + f", which is not a word of this sampler's attribution prompt {attribution_prompt!r} "
                              f"(its words: {listed_words(words)}): {fix}, or add "

@@ -3,10 +3,11 @@ typed prompts, the checkpoint and LoRAs, the scheduler behind SIGMAS. A sampler 
 not the text and file names that made them; where a node on the way makes them while the graph runs, they stay ''."""
 
 import sys
+from typing import NamedTuple
 
 from ..biasmap_engine import audit_run, split_concepts
 
-__all__ = ["generation_prompt", "graph_run", "queued_outputs", "words_asked_of"]
+__all__ = ["WordsAsked", "generation_prompt", "graph_run", "queued_outputs", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -43,9 +44,18 @@ _EMPTY_MEANS = {"concept_a": "demographic", "concept_b": "semantic"}  # Entangle
 _SAMPLERS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced")
 
 
-def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[tuple[str, str, str, str, str]]:
-    """The words typed into the nodes that read node ``node_id``'s trace directly: (node's name, its id, input, text,
-    what the text stands for) for each word input holding text (a linked one is made while the graph runs: not read).
+class WordsAsked(NamedTuple):
+    """Words typed into one word input of a node that reads a sampler's trace."""
+    node: str  # the node's display name
+    node_id: str
+    input: str
+    text: str
+    stands_for: str  # what the text stands for where the input was left empty; '' where it was typed
+
+
+def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[WordsAsked]:
+    """The words typed into the nodes that read node ``node_id``'s trace directly, one WordsAsked for each word input
+    holding text (a linked one is made while the graph runs: not read).
     An empty input of a node that reads this trace as its baseline stands for the first concept of the other trace's
     sampler, where that sampler's list is typed: that word, and "the first demographic concept of its trace input".
     With ``outputs``, the output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and
@@ -61,12 +71,12 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) ->
         for name in names if reading else ():
             text = inputs.get(name)
             if isinstance(text, str) and split_concepts(text):
-                asked.append((shown, str(other), name, text, ""))
+                asked.append(WordsAsked(shown, str(other), name, text, ""))
             elif isinstance(text, str) and reading == {"baseline"}:  # empty: the trace input's concept
                 first = _typed_first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
                 if first:
-                    asked.append((shown, str(other), name, first,
-                                  f"the first {_EMPTY_MEANS[name]} concept of its trace input, as {name} is empty"))
+                    stands_for = f"the first {_EMPTY_MEANS[name]} concept of its trace input, as {name} is empty"
+                    asked.append(WordsAsked(shown, str(other), name, first, stands_for))
     return asked
 
 
