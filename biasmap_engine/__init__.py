@@ -2,6 +2,10 @@
 
 Everything here imports nothing from ComfyUI except :mod:`biasmap_engine.host`, the one adapter layer that
 hooks ComfyUI's U-Net cross-attention and sampling loop.
+
+Docstrings cite the method by the sections of the project's method notes: BiasMap §1 the paper's results and audit
+protocol, §2 attribution maps (OVAM), §3 measuring entanglement (hard masks, IoU), §4 soft top-k and SoftIoU, §5
+energy-guided sampling.
 """
 
 from .audit import append_csv, audit_rows, csv_text, read_csv

@@ -1,4 +1,4 @@
-"""An audit over subjects × seeds, one queued run each, as the paper's protocol (BiasMap, arXiv 2509.13496, §4).
+"""An audit over subjects × seeds, one queued run each, as the paper's protocol (BiasMap §1).
 
 The paper audits 19 professions × 100 seeds with the prompt "A photo of the face of a {profession}" and the
 attribution prompt "… and gender". In ComfyUI an audit is a queue of runs: a run number that the frontend increments

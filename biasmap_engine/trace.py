@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .guidance import STATUS
 from .masks import hard_mask, iou
-from .ovam import largest_grid, sum_upsampled
+from .ovam import largest_grid, resampled, sum_upsampled
 from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
 from .trace_schema import description_problem, tensors_problem
@@ -127,7 +127,7 @@ class BiasMapTrace:
         largest = largest_grid(self.maps.values())
         total = sum_upsampled(per_stage, largest)
         size = (size, size) if isinstance(size, int) else size  # (H, W), or one side of a square
-        return total if size is None or tuple(size) == largest else sum_upsampled([total], tuple(size))
+        return total if size is None else resampled(total, tuple(size))
 
     def concept_map(self, word: str, stages=None, steps=None, size=None) -> torch.Tensor:
         """``[B, H, W]`` attribution map of a word (mean over its pieces)."""

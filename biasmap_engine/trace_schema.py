@@ -3,7 +3,8 @@
 :meth:`BiasMapTrace.load` reads a JSON description and tensors. These checks refuse, naming the field, a description
 of the wrong types, tensors of the wrong kind or shape, and a latent size its maps do not have: the nodes draw and
 measure at the latent's image size, so a 3 KB file naming a 100 000² latent would have them allocate gigabytes.
-Each check returns the problem as text (None when there is none); ``load`` makes it a TraceFormatError.
+Each check returns the problem as text (None when there is none); ``load`` makes it a TraceFormatError, ``save``
+(which refuses to write what ``load`` would refuse) a ValueError.
 """
 
 import torch

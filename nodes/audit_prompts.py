@@ -1,4 +1,4 @@
-"""Audit Prompts: the subject, seed and prompts of one run of an audit over subjects × seeds (BiasMap §4).
+"""Audit Prompts: the subject, seed and prompts of one run of an audit over subjects × seeds (BiasMap §1).
 
 Link its outputs to the sampler (seed, attribution prompt, demographic, semantic) and to CLIP Text Encode (the
 prompt), set ``run``'s control after generate to "increment" (the frontend starts a new node on "randomize"), and

@@ -41,7 +41,7 @@ def concept_inputs() -> list:
 
 
 def guidance_inputs() -> list:
-    """λ plus the secondary knobs of the paper's §5 (defaults = its configuration, arXiv 2509.13496)."""
+    """λ plus the secondary knobs of BiasMap §5 (defaults = its configuration, arXiv 2509.13496)."""
     return [
         # ComfyUI's frontend rounds a FLOAT to its step's decimals unless told a finer round: λ 12.5 would be 13.
         io.Float.Input("guidance_scale", default=100.0, min=0.0, max=10000.0, step=0.5, round=0.01,
