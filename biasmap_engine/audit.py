@@ -98,7 +98,7 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
                        "include_middle" if stages else
                        "The file was started by another BiasMap version, or the trace was saved by one")
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
-                                 f"{_differing(header, columns)}; only the trace has: {_differing(columns, header)}). "
+                                 f"{_only_in(header, columns)}; only the trace has: {_only_in(columns, header)}). "
                                  f"{why}: give this audit another file name")
         long = next((k for row in rows for k, v in row.items() if len(str(v)) > csv.field_size_limit()), None)
         if long is not None:  # written, it would leave a file that no later run could read back or append to
@@ -200,6 +200,6 @@ def _inert(rows: list[dict]) -> list[dict]:
              for k, v in row.items()} for row in rows]
 
 
-def _differing(columns, others) -> str:
+def _only_in(columns, others) -> str:
     return ", ".join(c for c in columns if c not in others) or ("nothing (another order)" if set(columns) == set(others)
                                                                 else "nothing")

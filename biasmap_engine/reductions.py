@@ -20,12 +20,12 @@ _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler"
           "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family",
           "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
-_GUIDANCE = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
+_GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters")
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width",
              "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
-_SETTINGS = tuple(dict.fromkeys(_GUIDANCE + _MEASURED))  # each once, in order
+_SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
 
 
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
@@ -44,23 +44,23 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
         raise ValueError(f"{unscaled} row(s) have no number as guidance_scale (made from traces without the "
                          f"sampler's settings): leave them out of the rows")
     image = _IMAGE + tuple(match)
-    baselines, guided = {}, [row for row in rows if _number(row["guidance_scale"]) != 0]
+    baselines, guided = {}, [row for row in rows if _parsed_number(row["guidance_scale"]) != 0]
     for row in rows:
-        if _number(row["guidance_scale"]) == 0:
-            key, value = _key(row, image), _number(row[metric])
+        if _parsed_number(row["guidance_scale"]) == 0:
+            key, value = _key(row, image), _parsed_number(row[metric])
             kept = baselines.setdefault(key, (value, row))
             if not _same(kept[0], value):
                 raise ValueError(f"two λ = 0 rows of the same image give {metric} {kept[0]:g} and {value:g}; they "
-                                 f"differ in {_differing(kept[1], row)}: if those tell two images apart (a prompt "
-                                 f"made while the graph ran, in the label), log each prompt's runs to a file of its "
-                                 f"own, or pass the columns as match=(…) to reductions() in Python")
+                                 f"differ in {_differing_columns(kept[1], row)}: if those tell two images apart (a "
+                                 f"prompt made while the graph ran, in the label), log each prompt's runs to a file of "
+                                 f"its own, or pass the columns as match=(…) to reductions() in Python")
     if not guided:
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}
     for row in guided:
         name = _key(row, _SETTINGS) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0})
-        base, after = baselines.get(_key(row, image), (None, None))[0], _number(row[metric])
+        base, after = baselines.get(_key(row, image), (None, None))[0], _parsed_number(row[metric])
         if base is None:
             group["unpaired"] += 1
         elif not (math.isfinite(base) and math.isfinite(after)):  # n/a: no maps to threshold
@@ -84,7 +84,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     why there are none (no guided row with a baseline). Rows of λ = 0 alone (a discovery audit), or of guided runs
     alone (their baselines still to come), get their means per ``by`` value and configuration instead."""
     by = _apart_by_demographic(rows, _columns(by))
-    scales = {_number(row.get("guidance_scale")) for row in rows}
+    scales = {_parsed_number(row.get("guidance_scale")) for row in rows}
     if scales == {0.0}:
         return _means_text(rows, metrics, by, "λ = 0 only; log guided runs of the same seeds for the reductions")
     if scales and 0.0 not in scales and all(math.isfinite(v) for v in scales):
@@ -116,7 +116,7 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
     """Each metric's mean per ``by`` value and configuration (named by λ where it is not 0, and by the columns in which
     the rows differ) over the images that have a figure, each image once."""
     named = [c for c in _SETTINGS if len({str(row.get(c, "")) for row in rows}) > 1
-             or (c == "guidance_scale" and _number(rows[0][c]) != 0)]
+             or (c == "guidance_scale" and _parsed_number(rows[0][c]) != 0)]
     groups: dict[tuple, dict] = {}
     for row in rows:
         name = tuple(_label(c, row.get(c, "")) for c in named)
@@ -126,7 +126,7 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
         if key not in group["images"]:  # an image logged again counts once
             group["images"].add(key)
             for metric in metrics:
-                group[metric].append(_number(row.get(metric)))
+                group[metric].append(_parsed_number(row.get(metric)))
     lines = [f"entanglement over the file ({why}):"]
     for name, group in groups.items():
         means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}" for metric in metrics)
@@ -138,7 +138,7 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
 
 def _label(column: str, value) -> str:
     """A setting as a summary line names it: λ 100, sampler heun."""
-    return f"λ {_number(value):g}" if column == "guidance_scale" else f"{column} {value}"
+    return f"λ {_parsed_number(value):g}" if column == "guidance_scale" else f"{column} {value}"
 
 
 def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -192,7 +192,7 @@ def _mismatch(guided, baselines, columns) -> str:
     return f" (the guided and λ = 0 rows differ in every value of {', '.join(apart)})" if apart else ""
 
 
-def _differing(a: dict, b: dict) -> str:
+def _differing_columns(a: dict, b: dict) -> str:
     """The columns other than figures in which two rows differ."""
     figures = {"iou", "mbiou", "notes", *STATUS}
     columns = [c for c in a if c in b and c not in figures and not c.startswith("biou_") and _cell(a, c) != _cell(b, c)]
@@ -211,7 +211,7 @@ def _cell(row: dict, column: str):
         return value
     if isinstance(value, str) and value.lstrip("+-").isdigit():
         return int(value)
-    return _number(value) if _is_number(value) else str(value)
+    return _parsed_number(value) if _is_number(value) else str(value)
 
 
 def _same(a: float, b: float) -> bool:
@@ -228,7 +228,7 @@ def _typed(value):
     return value
 
 
-def _number(value) -> float:
+def _parsed_number(value) -> float:
     return float(value) if _is_number(value) else math.nan
 
 

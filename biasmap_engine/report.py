@@ -78,9 +78,9 @@ class EntanglementResult:
             lines.append("IoU per image: " + ", ".join(f"image {i} {_percent(b, a)}" for i, (b, a) in
                                                         enumerate(zip(baseline.ious.tolist(), self.ious.tolist()))))
         differing = [name if key == "sigmas" else  # a schedule: too long to quote
-                     f"{name} ({_number(other.run.get(key, 'n/a'))}, this run {_number(trace.run.get(key, 'n/a'))})"
+                     f"{name} ({_shown(other.run.get(key, 'n/a'))}, this run {_shown(trace.run.get(key, 'n/a'))})"
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
-        differing += [f"{name} ({_number(b)}, this run {_number(a)})" for name, b, a in (
+        differing += [f"{name} ({_shown(b)}, this run {_shown(a)})" for name, b, a in (
             ("model family", other.model_family, trace.model_family),
             *((key, other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
             ("stages", " ".join(other.stages), " ".join(trace.stages)),
@@ -159,7 +159,7 @@ def percent_change(reduction: float) -> str:
     return f"{change:+.1f} %".replace("-", "−") if change else "0.0 %"
 
 
-def _number(value) -> str:
+def _shown(value) -> str:
     if isinstance(value, bool):  # add_noise, include_middle: an int to f"{:g}"
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
@@ -178,9 +178,9 @@ def _run_line(trace: BiasMapTrace) -> str:
              "add_noise off" if run.get("add_noise") is False else None,
              "/".join(str(run[k]) for k in ("sampler", "scheduler") if k in run) or None,
              f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,
-             f"denoise {_number(run['denoise'])}" if run.get("denoise", 1) != 1 else None,
-             f"cfg {_number(run['cfg'])}" if "cfg" in run else None,
-             f"λ {_number(settings['scale'])}" if "scale" in settings else None,
+             f"denoise {_shown(run['denoise'])}" if run.get("denoise", 1) != 1 else None,
+             f"cfg {_shown(run['cfg'])}" if "cfg" in run else None,
+             f"λ {_shown(settings['scale'])}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]
     return "run: " + " · ".join(p for p in parts if p) if any(parts) else "run: not recorded in this trace"
 

@@ -121,10 +121,10 @@ def clip_words(text: str, split_ideographs: bool = False) -> list[str]:
             i += 1
             continue
         contraction = _CONTRACTION.match(text, i)
-        kind = _kind(text[i])
+        kind = _char_class(text[i])
         end = contraction.end() if contraction else i + 1
         if not contraction and kind != "N":  # letters and other symbols come in runs; numerals one by one
-            while end < len(text) and not text[end].isspace() and _kind(text[end]) == kind:
+            while end < len(text) and not text[end].isspace() and _char_class(text[end]) == kind:
                 end += 1
         words.append(text[i:end])
         i = end
@@ -154,7 +154,7 @@ def _is_ideograph(char: str) -> bool:
     return any(low <= ord(char) <= high for low, high in _IDEOGRAPHS)
 
 
-def _kind(char: str) -> str:
+def _char_class(char: str) -> str:
     """L (letter), N (numeral) or O (anything else), by Unicode category."""
     category = unicodedata.category(char)[0]
     return category if category in "LN" else "O"

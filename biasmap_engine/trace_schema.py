@@ -17,7 +17,7 @@ __all__ = ["MAX_LATENT_SIDE", "description_problem", "tensors_problem"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
-_GUIDANCE = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
+_GUIDANCE_KINDS = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
 
 
 def description_problem(meta: dict) -> str | None:
@@ -60,13 +60,13 @@ def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: lis
                     f"{latent_shape[3]}×{latent_shape[2]} latent's are {grid[1]}×{grid[0]}")
     if sigmas.dim() != 1 or not sigmas.is_floating_point():
         return "its sigmas are not one number per evaluation"
-    if steps.dim() != 1 or _kind(steps) != "integer" or bool((steps < 0).any()):
+    if steps.dim() != 1 or _number_kind(steps) != "integer" or bool((steps < 0).any()):
         return "its steps are not one step number (0 or more) per evaluation"
     for name, tensor in guidance.items():
-        if name not in _GUIDANCE:
+        if name not in _GUIDANCE_KINDS:
             return f"its guidance holds '{name}', which is not the energy, gradient norm or status BiasMap records"
-        if _kind(tensor) != _GUIDANCE[name]:
-            return f"its guidance {name} is not {_GUIDANCE[name]} numbers"
+        if _number_kind(tensor) != _GUIDANCE_KINDS[name]:
+            return f"its guidance {name} is not {_GUIDANCE_KINDS[name]} numbers"
         if tuple(tensor.shape) != (len(sigmas), latent_shape[0]):
             return f"its guidance {name} is not [evaluations {len(sigmas)}, images {latent_shape[0]}]"
     if "status" in guidance and not bool(torch.isin(guidance["status"], torch.tensor(list(STATUS.values()))).all()):
@@ -95,7 +95,7 @@ def _is_list_of(value, kind) -> bool:
     return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
 
 
-def _kind(tensor: torch.Tensor) -> str:
+def _number_kind(tensor: torch.Tensor) -> str:
     if tensor.is_floating_point():
         return "floating"
     return "integer" if tensor.dtype != torch.bool and not tensor.is_complex() else "other"
