@@ -5,8 +5,9 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, check_stage_names, first_concept,
-                     one_concept, plain_errors, require, stages_in, step_inputs, step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, stages_in, step_inputs,
+                     step_window)
+from .concepts import check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapAttributionMap"]
 

@@ -10,8 +10,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
-from .common import (ADVANCED, CATEGORY, Trace, check_listed_once, mask_size, name_in, output_path, plain_errors,
-                     require, step_inputs, step_window)
+from .common import ADVANCED, CATEGORY, Trace, mask_size, plain_errors, step_inputs, step_window
+from .concepts import check_listed_once, require
+from .output_files import name_in, output_path
 
 __all__ = ["BiasMapAuditLog"]
 

@@ -3,8 +3,8 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_single, first_concept, mask_size,
-                     one_concept, plain_errors, require, step_inputs, step_window)
+from .common import ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, step_inputs, step_window
+from .concepts import check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapEntanglementIoU"]
 

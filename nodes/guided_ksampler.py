@@ -12,8 +12,8 @@ from comfy_api.latest import io
 from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import (ADVANCED, CATEGORY, Trace, absent_from, check_concepts, check_words_asked, concept_inputs,
-                     guidance_inputs, plain_errors, settings_from)
+from .common import ADVANCED, CATEGORY, Trace, guidance_inputs, plain_errors, settings_from
+from .concepts import absent_from, check_concepts, check_words_asked, concept_inputs
 from .prompt_graph import graph_run, queued_outputs, words_asked_of
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]

@@ -13,7 +13,8 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import BiasMapTrace, TraceFormatError
-from .common import CATEGORY, Trace, inside, name_in, output_path, plain_errors
+from .common import CATEGORY, Trace, plain_errors
+from .output_files import inside, name_in, output_path
 
 __all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "trace_files"]
 

@@ -513,7 +513,7 @@ def test_a_concept_missing_from_the_attribution_prompt_is_refused_before_samplin
 
 
 def test_words_are_found_as_clip_splits_them_and_validation_accepts_exactly_those(sd15, pack):
-    from biasmap_pack.nodes.common import check_concepts
+    from biasmap_pack.nodes.concepts import check_concepts
 
     _, clip = sd15
     prompt = "A photo of a woman's face, a fire-fighter. Un médecin"

@@ -452,7 +452,7 @@ def test_a_path_is_inside_a_folder_in_the_systems_case_so_windows_takes_biasmap_
     import ntpath
     import os
 
-    from biasmap_pack.nodes.common import inside
+    from biasmap_pack.nodes.output_files import inside
 
     monkeypatch.setattr(os, "path", ntpath)  # Windows' paths, for this call alone
     assert inside("C:\\ComfyUI\\output\\BiasMap\\trace", "C:\\ComfyUI\\output\\biasmap")

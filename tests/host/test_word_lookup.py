@@ -56,7 +56,7 @@ def test_the_cjk_pieces_written_out_in_the_engine_tests_are_the_real_tokenizers(
 
 
 def test_cjk_concepts_are_found_under_either_tokenizers_split_and_validated_as_the_installed_one_splits(clip, pack):
-    from biasmap_pack.nodes.common import check_concepts
+    from biasmap_pack.nodes.concepts import check_concepts
 
     from biasmap_engine.host import tokenizer_words
 
@@ -93,7 +93,7 @@ def test_a_concept_typed_with_comfyuis_emphasis_finds_the_tokens_the_prompt_gave
 
 
 def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typing_habit_that_explains_it(clip, pack):
-    from biasmap_pack.nodes.common import check_concepts
+    from biasmap_pack.nodes.concepts import check_concepts
 
     _, tokens = encode_attribution(clip, "a 'doctor' and gender")
     assert prompt_words(tokens)[:3] == ["a", "'d", "octor"]  # CLIP's contraction 'd
@@ -119,7 +119,7 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
 
 
 def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_words_after_it_go_missing(pack):
-    from biasmap_pack.nodes.common import check_concepts
+    from biasmap_pack.nodes.concepts import check_concepts
 
     assert check_concepts("a doctor <|endoftext|> and gender", "gender", "doctor") == (
         "the attribution prompt holds <|endoftext|>, CLIP's marker of the text's end or start: remove it")
@@ -145,7 +145,7 @@ def test_the_check_and_every_lookup_agree_on_a_prompt_the_installed_tokenizer_cl
     # A soft hyphen pasted with a word, which a tokenizer that drops it reads as "doctor": the check reads the prompt
     # as the run's tokens have it, and takes concepts as the sampler and the map nodes look them up in those tokens.
     import biasmap_pack.biasmap_engine.host.attribution as packed
-    from biasmap_pack.nodes.common import check_concepts
+    from biasmap_pack.nodes.concepts import check_concepts
 
     import biasmap_engine.host.attribution as attribution
 
