@@ -2,8 +2,9 @@
 (the nodes, ComfyUI nodes themselves, also use its folder and argument helpers and its server's queue)."""
 
 from .attribution import encode_attribution, prompt_text_words, tokenizer_words
+from .guidance_window import SIGMA_CAP
 from .sampling import sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names, start_session
-from .session import SIGMA_CAP, BiasMapSession
+from .session import BiasMapSession
 from .unet import UnsupportedModelError, cross_attention_layers, deinference_
 
 __all__ = ["BiasMapSession", "SIGMA_CAP", "UnsupportedModelError", "cross_attention_layers", "deinference_",

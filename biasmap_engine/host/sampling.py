@@ -46,7 +46,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     if sigmas.shape[-1] < 2:
         raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
                          f"guide; connect a schedule with at least one step (two sigmas)")
-    session.sampling_over(sigmas)
+    session.window.widen_for(sigmas)
     patched = session.patch(model)
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative)

@@ -43,11 +43,12 @@ from ..tokens import find_word_positions, require_distinct_concepts
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
 from .guided_backward import GuidedBackward
+from .guidance_window import GuidanceWindow
 from .guided_pass import out_of_memory, out_of_memory_explained, with_sdpa_attention
 from .small_grid_conv import SmallGridConvolution
 from .unet import block_stages, model_family, require_guidable, require_unet
 
-__all__ = ["BiasMapSession", "SIGMA_CAP"]
+__all__ = ["BiasMapSession"]
 
 _KEY = "biasmap"
 _OUTER_KEY = "biasmap-outermost"
@@ -94,12 +95,9 @@ class BiasMapSession:
         positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
-        self._window_hits = 0  # evaluations inside the guidance window
         self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
         self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
-        # The σ range guided, read once now: None where it is the model's whole noise range (no σ read per evaluation).
-        self._window = _guided_sigmas(model_patcher, settings) if settings.guiding else None
-        self._above_cap = 0  # evaluations in the window but above SIGMA_CAP, left unguided
+        self.window = GuidanceWindow(model_patcher, settings)
         self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
             raise ValueError("guidance needs at least one demographic and one semantic concept: type a word of the "
@@ -304,7 +302,7 @@ class BiasMapSession:
                              f"so remove or bypass that node")
         self.capture.set_entries(conds, x_in, timestep)
         branch = self._branch(conds, x_in, timestep)
-        guide = self._guide_now(timestep)
+        guide = self.window.admits(timestep)
         # The maps' branch alone when the other branch's hook group would leave its weights in the model (hook_groups).
         if guide and (self._branch_alone or _branches_apart(x_in.device)
                       or len(hook_groups(conds, timestep)) > 1):
@@ -365,7 +363,7 @@ class BiasMapSession:
             return comfy.samplers.calc_cond_batch(model, c, x_, t, options)
 
         with out_of_memory_explained():  # this pass runs the maps' branch alone already
-            self._run_branch(model, extra, x, timestep, model_options, _ONLY, self._guide_now(timestep),
+            self._run_branch(model, extra, x, timestep, model_options, _ONLY, self.window.admits(timestep),
                              [conds[branch]])
 
     def _run_branch(self, model, run, x, timestep, model_options, branch, guide, conds):
@@ -407,40 +405,10 @@ class BiasMapSession:
         """A guided U-Net pass is running."""
         return self.backward is not None and self.backward.active
 
-    def sampling_over(self, sigmas: torch.Tensor) -> None:
-        """The schedule a custom sampler is given (SIGMAS of any range, e.g. KarrasScheduler's σ_max 80 on SD): σ is
-        then read per evaluation where it goes past SIGMA_CAP. Read here, before sampling (SIGMAS are on the CPU)."""
-        if self.settings.guiding and self._window is None and float(sigmas.max()) > SIGMA_CAP:
-            self._window = (0.0, math.inf)
-
-    def _guide_now(self, timestep) -> bool:
-        if not self.settings.guiding:
-            return False
-        if self._window is not None:  # a host read of σ: a narrower window, or σ past the cap (_guided_sigmas)
-            low, high = self._window
-            sigma = float(timestep.reshape(-1)[0])
-            if not low <= sigma <= high:
-                return False
-            if sigma > SIGMA_CAP:
-                self._above_cap += 1
-                return False
-        self._window_hits += 1
-        return True
-
     def finish(self, **run):
         """The run's :class:`BiasMapTrace`; ``run``: how it was sampled (seed, steps, …), kept in the trace."""
-        if self._above_cap:
-            self._note(f"{self._above_cap} evaluation(s) at σ above {SIGMA_CAP:.1f} were not guided"
-                       + (", the later ones were" if self._window_hits else
-                          ", and no other fell in the guidance window, so nothing was guided")
-                       + ": this schedule goes past SD's σ 14.6, for which the paper's λ is set (zero terminal SNR, an "
-                         "EDM schedule, custom sigmas), and there the correction would move the x₀ prediction by "
-                         "about λ·σ·‖∇_z E‖, at σ 4519 enough to wreck the image")
-        if self.settings.guiding and not self._window_hits and not self._above_cap:
-            self._note(f"no evaluation of this run fell in the guidance window (start {self.settings.start:g}, end "
-                       f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "
-                       f"and end_percent, not of this run's steps; with denoise < 1 or split sigmas a run covers "
-                       f"only part of it), so nothing was guided: widen the window")
+        for note in self.window.notes():
+            self._note(note)
         if self._latent_not_finite is not None and bool(self._latent_not_finite):
             self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one "
                        "by itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler "
@@ -466,22 +434,6 @@ class BiasMapSession:
                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
                                     settings=self.settings.to_dict(), notes=self.notes,
                                     run={**run, "attribution_prompt": self.attribution_prompt})
-
-
-# Twice the largest σ of SD's schedule (14.6), for which the paper's λ is set: above it, as on the first steps of a
-# zero-terminal-SNR schedule (σ 4519) or an EDM one, the correction's size in the x₀ prediction, about λ·σ·‖∇_z E‖,
-# grows past what λ was set for, and at σ 4519 wrecks the image. Such evaluations are left unguided, with a note.
-SIGMA_CAP = 2 * 14.6146
-
-
-def _guided_sigmas(model_patcher, settings: BiasMapSettings) -> tuple[float, float] | None:
-    """The (lowest, highest) σ of the guidance window (start/end as ComfyUI's start_percent and end_percent); None
-    where it is the model's whole noise range and that stays under SIGMA_CAP. Host reads, once, before sampling."""
-    sampling = model_patcher.get_model_object("model_sampling")
-    whole = settings.start <= 0.0 and settings.end >= 1.0
-    if whole and float(sampling.sigma_max) <= SIGMA_CAP:
-        return None
-    return sampling.percent_to_sigma(settings.end), sampling.percent_to_sigma(settings.start)
 
 
 def _either(flag: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
