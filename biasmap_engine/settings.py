@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from .guidance import GATES
-from .soft_topk import MODES
+from .soft_topk import check_soft_topk
 
 __all__ = ["BRANCHES", "SETTING_NAMES", "BiasMapSettings"]
 
@@ -29,13 +29,9 @@ class BiasMapSettings:
     end: float = 1.0
 
     def __post_init__(self):
+        check_soft_topk(self.keep, self.gamma, self.mode, self.iters)
         checks = [(self.branch in BRANCHES, f"branch must be one of {BRANCHES}, got {self.branch!r}"),
-                  (self.mode in MODES, f"soft top-k mode must be one of {MODES}, got {self.mode!r}"),
                   (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
-                  (0.0 < self.keep < 1.0, f"keep must be in (0, 1), got {self.keep}"),
-                  (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
-                  (self.iters >= 1, f"paper mode needs at least one Sinkhorn iteration, got iters={self.iters}; set "
-                                    f"iters to 1 or more (the reference uses 20)"),
                   (0 <= self.scale < math.inf, f"the guidance scale λ must be a number ≥ 0, got {self.scale}"),
                   (0.0 <= self.start < self.end <= 1.0,
                    f"the guidance window needs 0 ≤ start < end ≤ 1 (start = end guides nothing), got "

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["MODES", "check_keep", "soft_topk", "soft_iou"]
+__all__ = ["MODES", "check_keep", "check_soft_topk", "soft_topk", "soft_iou"]
 
 MODES = ("paper", "exact")  # the reference's row-wise Sinkhorn, the converged global solve; default first
 
@@ -27,19 +27,24 @@ _GRID, _ROUNDS, _NEWTON = 64, 4, 2
 def soft_topk(maps: torch.Tensor, keep: float = 0.3, gamma: float = 0.01, mode: str = "paper",
               iters: int = 20) -> torch.Tensor:
     """Soft top-``keep`` masks of ``[..., H, W]`` maps by entropic OT (Xie et al. 2020), in the input dtype."""
+    check_soft_topk(keep, gamma, mode, iters)
+    # fp16 overflows in exp/logsumexp for map values above ≈ 25 (the reference's NaN energies); compute in fp32+.
+    work = maps if maps.dtype == torch.float64 else maps.float()
+    out = _sinkhorn_rows(work, keep, gamma, iters) if mode == "paper" else _exact_global(work, keep, gamma)
+    return out.to(maps.dtype)
+
+
+def check_soft_topk(keep: float, gamma: float, mode: str, iters: int) -> None:
+    """Refuse soft top-k arguments no map can take (the settings check them when made, before any sampling)."""
+    if mode not in MODES:
+        raise ValueError(f"soft top-k mode must be one of {MODES}, got {mode!r}")
     if not 0.0 < keep < 1.0:
         raise ValueError(f"keep must be in (0, 1), got {keep}")
     if gamma <= 0:
         raise ValueError(f"gamma must be positive, got {gamma}")
-    # fp16 overflows in exp/logsumexp for map values above ≈ 25 (the reference's NaN energies); compute in fp32+.
-    work = maps if maps.dtype == torch.float64 else maps.float()
-    if mode == "paper":
-        out = _sinkhorn_rows(work, keep, gamma, iters)
-    elif mode == "exact":
-        out = _exact_global(work, keep, gamma)
-    else:
-        raise ValueError(f"soft top-k mode must be one of {MODES}, got {mode!r}")
-    return out.to(maps.dtype)
+    if iters < 1:
+        raise ValueError(f"paper mode needs at least one Sinkhorn iteration, got iters={iters}; set iters to 1 or "
+                         f"more (the reference uses 20)")
 
 
 def check_keep(hw: tuple[int, int], keep: float, mode: str) -> None:
@@ -68,9 +73,6 @@ def _sinkhorn_rows(maps: torch.Tensor, keep: float, gamma: float, iters: int) ->
     n = x.shape[-1]
     check_keep(maps.shape[-2:], keep, "paper")
     k = _count(n, keep)
-    if iters < 1:
-        raise ValueError(f"paper mode needs at least one Sinkhorn iteration, got iters={iters}; set iters to 1 or "
-                         f"more (the reference uses 20)")
     return _RowSinkhorn.apply(x, k, gamma, iters).reshape(maps.shape)
 
 
