@@ -52,7 +52,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     first, last = steps if steps is not None else (0, trace.num_steps - 1)
     rows = []
     for a, b in pairs:
-        result = measure_entanglement(trace, a, b, q, size, steps)
+        result = measure_entanglement(trace, a, b, q, size=size, steps=steps)
         mask_size = "{1}x{0}".format(*result.masks[0].shape[-2:])  # W×H where the masks were thresholded
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,

@@ -101,7 +101,7 @@ def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float
                          steps=None) -> EntanglementResult:
     """IoU (per image), BIoU per stage, mBIoU and the report for two words of a trace, with masks at ``size``
     (default: the image's, as the reference)."""
-    return EntanglementResult(trace, word_a, word_b, q, size, steps)
+    return EntanglementResult(trace, word_a, word_b, q, size=size, steps=steps)
 
 
 # What two runs must share for their figures to be of one picture, as the report names it.

@@ -63,12 +63,12 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic", "concept_b")
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
-        result = measure_entanglement(trace, word_a, word_b, q, size, steps)
+        result = measure_entanglement(trace, word_a, word_b, q, size=size, steps=steps)
         report = result.report + (f"\npicture: {stretched}" if stretched else "")  # the page shows no console
         if baseline is not None:  # measured as this trace is, each at its own size and over its own steps
             try:
-                before = measure_entanglement(baseline, word_a, word_b, q, mask_size(baseline, resolution),
-                                              step_window(baseline, first_step, last_step))
+                before = measure_entanglement(baseline, word_a, word_b, q, size=mask_size(baseline, resolution),
+                                              steps=step_window(baseline, first_step, last_step))
             except ValueError as err:  # which of the two traces it is about
                 raise ValueError(f"the baseline trace: {err}") from err
             report += "\n" + result.against(before)
