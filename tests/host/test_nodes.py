@@ -689,3 +689,22 @@ def test_the_sampler_nodes_at_lambda_0_give_the_stock_samplers_latent_bit_for_bi
             latent_image=latent, guidance_scale=0.0, add_noise=False)).result[0]
     assert len(runs) > 40 and differing == []
     assert torch.equal(stock["samples"], ours["samples"])
+
+
+def test_the_graph_reader_names_the_nodes_their_word_inputs_and_the_trace_output_as_their_schemas_do(pack):
+    # prompt_graph reads the API prompt by node ids, input names and output slots: a schema changed alone would
+    # leave the words asked of a trace unchecked before sampling, silently.
+    from biasmap_pack.nodes import NODES, prompt_graph
+
+    schemas = {schema.node_id: schema for schema in (node.define_schema() for node in NODES)}
+    for node_id, (shown, names) in prompt_graph._WORD_INPUTS.items():
+        inputs = {i.id: i for i in schemas[node_id].inputs}
+        assert schemas[node_id].display_name.endswith(shown)
+        assert all(inputs[name].get_io_type() == "STRING" for name in names)
+        assert {"trace", "baseline"} & set(inputs) <= set(prompt_graph._TRACE_INPUTS)
+        assert all(inputs[t].get_io_type() == "BIASMAP_TRACE" for t in prompt_graph._TRACE_INPUTS if t in inputs)
+    for node_id in prompt_graph._SAMPLERS:
+        outputs = [o.get_io_type() for o in schemas[node_id].outputs]
+        assert outputs.index("BIASMAP_TRACE") == prompt_graph._TRACE_SLOT
+        assert {"demographic", "semantic"} <= {i.id for i in schemas[node_id].inputs}
+    assert set(prompt_graph._EMPTY_MEANS) <= set(prompt_graph._WORD_INPUTS["BiasMapEntanglementIoU"][1])
