@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
 from .common import ADVANCED, CATEGORY, Trace, mask_size, plain_errors, step_inputs, step_window
-from .concepts import check_listed_once, require
+from .concepts import check_apart, check_listed_once, require
 from .output_files import name_in, output_path
 
 __all__ = ["BiasMapAuditLog"]
@@ -71,7 +71,8 @@ class BiasMapAuditLog(io.ComfyNode):
             _csv_path(filename or "")
         except ValueError as err:
             return str(err)
-        return check_listed_once(concept_a=concept_a, concept_b=concept_b)
+        ok = check_listed_once(concept_a=concept_a, concept_b=concept_b)
+        return ok if ok is not True else check_apart(concept_a, concept_b)
 
     @classmethod
     @plain_errors
@@ -79,6 +80,7 @@ class BiasMapAuditLog(io.ComfyNode):
                 last_step) -> io.NodeOutput:
         path = _csv_path(filename)
         require(check_listed_once(concept_a=concept_a, concept_b=concept_b))  # linked lists are known now
+        require(check_apart(concept_a, concept_b))
         demographic = split_concepts(concept_a) or trace.demographic
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)

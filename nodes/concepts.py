@@ -10,7 +10,7 @@ from ..biasmap_engine import clip_words, listed_twice, listed_words, split_conce
 from ..biasmap_engine.host import prompt_text_words
 from .prompt_graph import WordsAsked
 
-__all__ = ["absent_from", "check_concepts", "check_listed_once", "check_single", "check_words_asked",
+__all__ = ["absent_from", "check_apart", "check_concepts", "check_listed_once", "check_single", "check_words_asked",
            "concept_inputs", "first_concept", "one_concept", "require"]
 
 _DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
@@ -74,12 +74,17 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
 
 def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
     """Before a sampler samples: the words that the nodes reading its trace ask for (``prompt_graph.words_asked_of``)
-    are words of its attribution prompt. Those nodes run after the sampler, and cannot see the prompt before it runs:
-    a typo there would cost the whole run."""
+    are words of its attribution prompt, and a node's two concepts share none of them. Those nodes run after the
+    sampler, and cannot see the prompt before it runs: a typo there would cost the whole run."""
     try:
         words = prompt_text_words(attribution_prompt)  # once, for every node that asks
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: the sampler's own check of it says so
         return
+    _check_present(asked, words, attribution_prompt)
+    _check_pairs_apart(asked, words, attribution_prompt)
+
+
+def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt: str) -> None:
     for words_asked in asked:
         missing = _absent(split_concepts(words_asked.text), words)
         if missing:
@@ -91,6 +96,24 @@ def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
                              f"(its words: {listed_words(words)}): {fix}, or add "
                              f"the word to the attribution prompt. Checked before sampling, so that the run is not "
                              f"lost to it.{_why_absent(missing, attribution_prompt)}")
+
+
+def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_prompt: str) -> None:
+    """No node measures a concept_a against a concept_b on the same words of the prompt (the run refuses it)."""
+    for a in asked:
+        for b in asked:
+            if (a.node_id, a.input, b.input) != (b.node_id, "concept_a", "concept_b"):
+                continue
+            shared = next(((x, y) for x in split_concepts(a.text) for y in split_concepts(b.text)
+                           if _covered(x, words) & _covered(y, words)), None)
+            if shared:
+                told = [f"{w.input} {concept!r}" + (f" ({w.stands_for})" if w.stands_for else "")
+                        for w, concept in zip((a, b), shared)]
+                raise ValueError(f"{a.node} (node {a.node_id}) measures {told[0]} against {told[1]}, which share "
+                                 f"words of this sampler's attribution prompt {attribution_prompt!r}: a concept's "
+                                 f"overlap with itself is 1 whatever the image. Type in concept_a a demographic word "
+                                 f"and in concept_b a semantic word that do not overlap. Checked before sampling, so "
+                                 f"that the run is not lost to it.")
 
 
 def _why_absent(missing: list[str], prompt: str) -> str:
@@ -150,6 +173,20 @@ def check_listed_once(**inputs) -> bool | str:
         twice = next(iter(listed_twice(split_concepts(text or ""))), None)
         if twice is not None:
             return f"{name}: '{twice}' is listed twice (CLIP reads capitals as lower case): list each word once"
+    return True
+
+
+def check_apart(concept_a, concept_b) -> bool | str:
+    """Validation (and run-time check) of a node's two concept inputs: no concept in both, as CLIP reads it, whose
+    overlap with itself would be 1 whatever the image (words shared in the attribution prompt are refused by the
+    sampler, which has it, before it samples)."""
+    a, b = (split_concepts(text) if isinstance(text, str) else [] for text in (concept_a, concept_b))
+    in_a = {tuple(clip_words(concept)) for concept in a}
+    both = next((concept for concept in b if tuple(clip_words(concept)) in in_a), None)
+    if both is not None:
+        return (f"concept_a and concept_b both hold '{both}' (CLIP reads capitals as lower case), whose overlap with "
+                f"itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic "
+                f"one")
     return True
 
 

@@ -4,7 +4,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
 from .common import ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, step_inputs, step_window
-from .concepts import check_single, first_concept, one_concept, require
+from .concepts import check_apart, check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapEntanglementIoU"]
 
@@ -51,13 +51,15 @@ class BiasMapEntanglementIoU(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, concept_a=None, concept_b=None):
-        return check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
+        ok = check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b)
+        return ok if ok is not True else check_apart(concept_a, concept_b)
 
     @classmethod
     @plain_errors
     def execute(cls, trace, concept_a, concept_b, q, resolution, first_step, last_step, image=None,
                 baseline=None) -> io.NodeOutput:
         require(check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b))
+        require(check_apart(concept_a, concept_b))
         stretched = check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic", "concept_a")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic", "concept_b")

@@ -44,12 +44,14 @@ def _logged(node, latent, trace) -> io.NodeOutput:
 
 
 def _session(node, model, clip, kwargs):
+    own = {"demographic": split_concepts(kwargs["demographic"]), "semantic": split_concepts(kwargs["semantic"])}
+    session = start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
+                            settings_from(kwargs))  # refuses this sampler's own words first
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
     if hidden:
-        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, queued_outputs()),
+        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, queued_outputs(), own),
                           kwargs["attribution_prompt"])
-    return start_session(model, clip, kwargs["attribution_prompt"], split_concepts(kwargs["demographic"]),
-                         split_concepts(kwargs["semantic"]), settings_from(kwargs))
+    return session
 
 
 class BiasMapGuidedKSampler(io.ComfyNode):

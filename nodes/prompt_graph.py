@@ -39,8 +39,10 @@ _WORD_INPUTS = {"BiasMapAttributionMap": ("Attribution Map", ("word",)),
                 "BiasMapAuditLog": ("Audit Log", ("concept_a", "concept_b"))}
 _TRACE_INPUTS = ("trace", "baseline")
 _TRACE_SLOT = 1
-# What an empty word input stands for: the first concept of this list of the trace at the node's "trace" input.
-_EMPTY_MEANS = {"concept_a": "demographic", "concept_b": "semantic"}  # Entanglement IoU's, whose baseline is read
+# What an empty word input stands for: the first concept of this list of the trace at the node's "trace" input
+# (Entanglement IoU's, also for its baseline), or every concept of it (Audit Log's).
+_EMPTY_MEANS = {"concept_a": "demographic", "concept_b": "semantic"}
+_EMPTY_TAKES_EVERY = {"BiasMapEntanglementIoU": False, "BiasMapAuditLog": True}
 _SAMPLERS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced")
 
 
@@ -53,11 +55,15 @@ class WordsAsked(NamedTuple):
     stands_for: str  # what the text stands for where the input was left empty; '' where it was typed
 
 
-def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[WordsAsked]:
+def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
+                   own: dict[str, list[str]] | None = None) -> list[WordsAsked]:
     """The words typed into the nodes that read node ``node_id``'s trace directly, one WordsAsked for each word input
     holding text (a linked one is made while the graph runs: not read).
     An empty input of a node that reads this trace as its baseline stands for the first concept of the other trace's
     sampler, where that sampler's list is typed: that word, and "the first demographic concept of its trace input".
+    With ``own``, the sampler's concept lists ({"demographic": […], "semantic": […]}), an empty concept input of a
+    node that reads this trace as its trace stands for them too (its first concept, or every one for Audit Log): for
+    the check that a node's two concepts do not share words.
     With ``outputs``, the output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and
     what they read."""
     asked, runs = [], _read_by(prompt, outputs) if outputs is not None else None
@@ -72,6 +78,13 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None) ->
             text = inputs.get(name)
             if isinstance(text, str) and split_concepts(text):
                 asked.append(WordsAsked(shown, str(other), name, text, ""))
+            elif isinstance(text, str) and "trace" in reading and own and name in _EMPTY_MEANS:
+                every = _EMPTY_TAKES_EVERY[node["class_type"]]
+                concepts = own[_EMPTY_MEANS[name]][slice(None) if every else slice(1)]
+                if concepts:
+                    stands_for = (f"{'every' if every else 'the first'} {_EMPTY_MEANS[name]} concept of this "
+                                  f"sampler, as {name} is empty")
+                    asked.append(WordsAsked(shown, str(other), name, ", ".join(concepts), stands_for))
             elif isinstance(text, str) and reading == {"baseline"}:  # empty: the trace input's concept
                 first = _typed_first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
                 if first:

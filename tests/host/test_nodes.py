@@ -157,10 +157,12 @@ def test_the_map_nodes_refuse_an_empty_step_window_naming_the_inputs(nodes_and_t
             node.execute(**args)
 
 
-def test_entanglement_iou_refuses_a_word_compared_with_itself(nodes_and_trace):
+@pytest.mark.parametrize("concept_a, message", [("doctor", "both hold 'Doctor'.*type in concept_a a demographic word"),
+                                                ("a doctor", "share tokens.*compare two words that do not overlap")])
+def test_entanglement_iou_refuses_a_word_compared_with_itself(nodes_and_trace, concept_a, message):
     entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
-    with torch.inference_mode(), pytest.raises(ValueError, match="share tokens.*compare two words that do not overlap"):
-        entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": "doctor", "concept_b": "Doctor"})
+    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": concept_a, "concept_b": "Doctor"})
 
 
 def test_the_sampler_writes_the_traces_notes_to_the_console(sd15, prompts, pack, caplog):
@@ -381,6 +383,42 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
     assert evaluated == []
     graph["12"]["inputs"]["concept_b"] = "doctor"  # node 13 reads another sampler's trace: that one checks it
     assert run(graph).result[1].steps.numel() == 1 and evaluated
+
+
+@pytest.mark.parametrize("node, concept_a, concept_b, told", [
+    ("BiasMapEntanglementIoU", "", "gender", r"Entanglement IoU \(node 12\) measures concept_a 'gender' \(the first "
+                                             r"demographic concept of this sampler, as concept_a is empty\) against "
+                                             r"concept_b 'gender'"),
+    ("BiasMapEntanglementIoU", "face of", "face", r"Entanglement IoU \(node 12\) measures concept_a 'face of' against "
+                                                  r"concept_b 'face'"),
+    ("BiasMapAuditLog", "gender, doctor", "", r"Audit Log \(node 12\) measures concept_a 'doctor' against concept_b "
+                                              r"'doctor' \(every semantic concept of this sampler, as concept_b is "
+                                              r"empty\)"),
+])
+def test_a_node_that_would_measure_a_concept_against_itself_is_refused_before_the_sampler_samples(
+        sd15, prompts, pack, node, concept_a, concept_b, told):
+    # Its overlap with itself is 1 whatever the image, which the node refuses after the sampler ran: the run was lost.
+    run, evaluated = one_step_sampler(sd15, prompts)
+    reader = {"class_type": node, "inputs": {"trace": ["3", 1], "concept_a": concept_a, "concept_b": concept_b}}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "12": reader}
+    with pytest.raises(ValueError, match=rf"^{told}, which share words of this sampler's attribution prompt 'A photo "
+                                         rf"of the face of a doctor and gender': .* Checked before sampling"):
+        run(graph)
+    assert evaluated == []
+    reader["inputs"] |= {"concept_a": "", "concept_b": ""}  # the sampler's own concepts, which it keeps apart
+    assert run(graph).result[1].steps.numel() == 1 and evaluated
+
+
+@pytest.mark.parametrize("node", ["BiasMapEntanglementIoU", "BiasMapAuditLog"])
+def test_a_concept_typed_in_both_inputs_of_a_node_is_refused_when_queued(pack, node):
+    nodes = {"BiasMapEntanglementIoU": pack.nodes.BiasMapEntanglementIoU, "BiasMapAuditLog": pack.nodes.BiasMapAuditLog}
+    validate = nodes[node].validate_inputs
+    assert validate(concept_a="Gender", concept_b="gender") == (
+        "concept_a and concept_b both hold 'gender' (CLIP reads capitals as lower case), whose overlap with itself is "
+        "1 whatever the image: type in concept_a a demographic word and in concept_b a semantic one")
+    assert validate(concept_a="gender", concept_b="doctor") is True
+    assert validate(concept_a="", concept_b="gender") is True  # the trace's own concept: the sampler checks it
+    assert validate(concept_a=None, concept_b="gender") is True  # linked: checked when the node runs
 
 
 def test_an_empty_concept_of_a_node_comparing_with_this_trace_is_checked_as_the_other_samplers_first_concept(
@@ -708,3 +746,23 @@ def test_the_graph_reader_names_the_nodes_their_word_inputs_and_the_trace_output
         assert outputs.index("BIASMAP_TRACE") == prompt_graph._TRACE_SLOT
         assert {"demographic", "semantic"} <= {i.id for i in schemas[node_id].inputs}
     assert set(prompt_graph._EMPTY_MEANS) <= set(prompt_graph._WORD_INPUTS["BiasMapEntanglementIoU"][1])
+
+
+def test_an_empty_concept_of_a_node_reading_this_trace_stands_for_its_first_or_every_concept_as_the_node_reads_it(pack):
+    from biasmap_pack.nodes.prompt_graph import words_asked_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "12": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "concept_a": "",
+                                                                       "concept_b": "nurse"}},
+             "13": {"class_type": "BiasMapAuditLog", "inputs": {"trace": ["3", 1], "concept_a": "",
+                                                                "concept_b": "nurse"}}}
+    own = {"demographic": ["woman", "man"], "semantic": ["doctor"]}
+    assert words_asked_of(graph, "3", own=own) == [
+        ("Entanglement IoU", "12", "concept_a", "woman",
+         "the first demographic concept of this sampler, as concept_a is empty"),
+        ("Entanglement IoU", "12", "concept_b", "nurse", ""),
+        ("Audit Log", "13", "concept_a", "woman, man",
+         "every demographic concept of this sampler, as concept_a is empty"),
+        ("Audit Log", "13", "concept_b", "nurse", "")]
+    assert words_asked_of(graph, "3") == [("Entanglement IoU", "12", "concept_b", "nurse", ""),
+                                          ("Audit Log", "13", "concept_b", "nurse", "")]
