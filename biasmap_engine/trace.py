@@ -135,9 +135,13 @@ class BiasMapTrace:
 
     def masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
         """The two words' top-(1−q) masks ``[B, H, W]``, from one aggregation of the two words' maps."""
+        return tuple(hard_mask(m, q) for m in self._word_maps(word_a, word_b, stages, steps, size))
+
+    def _word_maps(self, word_a: str, word_b: str, stages, steps, size) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two words' maps ``[B, H, W]``, from one aggregation."""
         a, b = self.positions(word_a), self.positions(word_b)
         maps = self.token_maps(stages, steps, size, tokens=a + b)
-        return hard_mask(maps[:, :len(a)].mean(dim=1), q), hard_mask(maps[:, len(a):].mean(dim=1), q)
+        return maps[:, :len(a)].mean(dim=1), maps[:, len(a):].mean(dim=1)
 
     def measurable(self, word_a: str, word_b: str, stages=None, steps=None) -> torch.Tensor:
         """Per image, whether the two words have maps to threshold in the window: every value finite (:meth:`finite`)
@@ -157,14 +161,20 @@ class BiasMapTrace:
 
     def iou(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None) -> torch.Tensor:
         """Per-image IoU of the two words' top-(1−q) masks; NaN for an image without maps to threshold
-        (:meth:`measurable`), rather than the 0 of its empty masks, which would read as no overlap at all."""
+        (:meth:`measurable`) or where a word's map is flat (one value everywhere, as a stage of one pixel: nothing
+        lies above its quantile), rather than the 0 of an empty mask, which would read as no overlap at all."""
         return self.iou_and_masks(word_a, word_b, q, stages, steps, size)[0]
 
     def iou_and_masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
         """:meth:`iou`, with the two masks it thresholded (for a picture)."""
-        masks = self.masks(word_a, word_b, q, stages, steps, size)
+        maps = self._word_maps(word_a, word_b, stages, steps, size)
+        masks = tuple(hard_mask(m, q) for m in maps)
         overlap = iou(*masks)
-        return overlap.where(self.measurable(word_a, word_b, stages, steps).to(overlap.device), torch.nan), masks
+        measured = self.measurable(word_a, word_b, stages, steps).to(overlap.device)
+        for m in maps:  # flat up to the rounding of bilinear resampling, a few units in the last place
+            highest, lowest = m.flatten(-2).amax(-1), m.flatten(-2).amin(-1)
+            measured &= (highest - lowest > 1e-5 * highest.abs()).to(overlap.device)
+        return overlap.where(measured, torch.nan), masks
 
     def block_ious(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> dict[str, torch.Tensor]:
         """BIoU: per stage, the per-image IoU of masks built from that stage's layers only (NaN where it has none)."""

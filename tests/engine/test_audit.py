@@ -611,10 +611,14 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
         measure_entanglement(drawn_apart, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1] == (
         "note: the baseline differs in add_noise (off, this run on); the seed's noises (1 2, this run 0 1): the change "
         "is not guidance's alone (compare runs that differ only in λ)")
-    empty = halves_trace()
-    for stage in empty.stages:
-        empty.maps[stage][:, :, 3] = 0  # no nurse anywhere: its masks are empty, no overlap to reduce
-    assert "mIoU 0.0000 → 0.3333 (n/a)" in after.against(measure_entanglement(empty, "gender", "nurse", 0.5, (8, 8)))
+    apart = halves_trace()
+    for stage in apart.stages:
+        apart.maps[stage][:, :, 3] = apart.maps[stage][:, :, 4].flip(-1)  # nurse right, gender left: no overlap
+    assert "mIoU 0.0000 → 0.3333 (n/a)" in after.against(measure_entanglement(apart, "gender", "nurse", 0.5, (8, 8)))
+    flat = halves_trace()
+    for stage in flat.stages:
+        flat.maps[stage][:, :, 3] = 0  # no nurse anywhere: no mask to compare, not a mask that overlaps nothing
+    assert "mIoU n/a → 0.3333" in after.against(measure_entanglement(flat, "gender", "nurse", 0.5, (8, 8)))
 
 
 def test_a_result_against_its_baseline_averages_over_the_images_with_a_figure_and_pairs_images_of_equal_batches_only():

@@ -58,6 +58,23 @@ def test_maps_reach_the_requested_size_through_the_largest_attention_grid_as_ova
     assert not torch.allclose(down_2, sum_upsampled([trace.maps["down_2"].sum(0)], (64, 96)))
 
 
+def test_a_stage_of_one_pixel_has_no_block_iou_and_is_left_out_of_mbiou():
+    # A 1×1 map (a tiny latent's coarsest stage) is one value everywhere: nothing lies above its quantile, so both
+    # masks are empty, and their IoU of 0 would read as no overlap at all and pull mBIoU down.
+    gen = torch.Generator().manual_seed(3)
+    rec = TraceRecorder()
+    rec.begin(torch.tensor(14.6), torch.tensor(0))
+    rec.add("down_1", torch.rand(1, 6, 8, 8, generator=gen))
+    rec.add("down_8", torch.rand(1, 6, 1, 1, generator=gen))
+    rec.end()
+    trace = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 8, 8], demographic=["gender"], semantic=["doctor"],
+                       model_family="SD15", settings={}, notes=[], run={})
+    blocks = trace.block_ious("doctor", "gender")
+    assert blocks["down_8"].isnan().all() and blocks["down_1"].isfinite().all()
+    assert torch.equal(trace.mbiou("doctor", "gender"), blocks["down_1"])
+    assert trace.iou("doctor", "gender").isfinite().all()  # summed with the 8×8 stage, the map is not flat
+
+
 def test_iou_and_block_ious_follow_the_hard_mask_definition():
     trace = recorded_trace()
     maps = trace.token_maps(size=(64, 96))
