@@ -141,18 +141,54 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
     return torch.lerp(image.to(heat_rgb.device, torch.float32), heat_rgb.float(), alpha)
 
 
+# Pillow's default font draws ASCII only (a box for é, ж or 医). For a label with other letters, the first of these
+# that draws them all, which Pillow looks for in the system's font folders (Linux, Windows, macOS).
+_FALLBACK_FONTS = ("DejaVuSans.ttf", "arial.ttf", "Arial Unicode.ttf", "NotoSans-Regular.ttf",
+                   "NotoSansCJK-Regular.ttc", "msyh.ttc", "PingFang.ttc")
+
+
 @functools.lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Load Pillow's default font at a pixel size (the fixed bitmap font where it cannot scale)."""
+def _fonts(size: int) -> tuple:
+    """Pillow's default font at a pixel size (the fixed bitmap font where it cannot scale), then the fallbacks found."""
     try:
-        return ImageFont.load_default(size=size)
+        fonts = [ImageFont.load_default(size=size)]
     except TypeError:  # Pillow < 10.1 has no size argument, only the small bitmap font
-        return ImageFont.load_default()
+        fonts = [ImageFont.load_default()]
+    for name in _FALLBACK_FONTS:
+        try:
+            fonts.append(ImageFont.truetype(name, size))
+        except OSError:  # not installed here
+            continue
+    return tuple(fonts)
+
+
+def _font_for(text: str, size: int):
+    """The first font that draws every character of ``text``; the default font where none does (boxes)."""
+    fonts = _fonts(size)
+    return next((font for font in fonts if _draws(font, text)), fonts[0])
+
+
+def _draws(font, text: str) -> bool:
+    """Whether ``font`` has a glyph for every character of ``text``: a missing one is drawn as the font's box, the
+    glyph of a code point no font has."""
+    try:
+        missing = _bitmap(font, "\U0010fffd")
+        return all(ch.isspace() or _bitmap(font, ch) != missing for ch in set(text))
+    except UnicodeEncodeError:  # the bitmap font: Latin-1 only
+        return False
+
+
+def _bitmap(font, text: str) -> tuple:
+    """``text`` drawn in ``font``, as bytes to compare."""
+    left, top, right, bottom = font.getbbox(text)
+    image = Image.new("L", (max(1, right - left), max(1, bottom - top)))
+    ImageDraw.Draw(image).text((-left, -top), text, font=font, fill=255)
+    return image.size, image.tobytes()
 
 
 def _label_patch(segments: list[tuple[str, tuple[float, float, float]]], font_px: int, max_width: int) -> Tensor:
     """Draw coloured text segments on a dark box, wrapping them to fit max_width; [h, w, 3] float32 on CPU."""
-    font = _font(font_px)
+    font = _font_for("".join(text for text, _ in segments), font_px)
     pad = max(2, font_px // 4)
     gap = font.getlength(_LABEL_GAP)
     line_height = font.getbbox("Ay")[3] + max(1, font_px // 8)

@@ -258,6 +258,25 @@ def test_entanglement_picture_writes_a_label_box_in_the_top_left_corner():
     assert torch.equal(out[0, :12, -8:], image[0, :12, -8:])  # the box stops short of the far edge
 
 
+def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_that_has_them(monkeypatch):
+    # Pillow's default font draws ASCII only: 'médecin' came out as 'm□decin'.
+    word = "médecin"
+    if not any(render._draws(font, word) for font in render._fonts(14)):
+        pytest.skip(f"NO SYSTEM FONT HERE DRAWS {word!r} (none of {render._FALLBACK_FONTS}): fallback untested")
+    assert not render._draws(render._fonts(14)[0], word)  # the default font lacks é
+    assert render._draws(render._font_for(f"b={word}", 14), f"b={word}")
+    assert render._font_for("b=doctor", 14) is render._fonts(14)[0]  # ASCII labels keep the default font
+    a, b = quadrant_masks()
+    drawn = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
+    render._fonts.cache_clear()
+    monkeypatch.setattr(render, "_FALLBACK_FONTS", ())
+    try:
+        boxed = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
+    finally:
+        render._fonts.cache_clear()
+    assert not torch.equal(drawn, boxed)
+
+
 def test_entanglement_picture_without_image_uses_full_colours_on_black():
     a, b = quadrant_masks()
     out = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"))
