@@ -5,8 +5,8 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, stages_in, step_inputs,
-                     step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, stages_in,
+                     step_inputs, step_window)
 from .concepts import check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapAttributionMap"]
@@ -84,6 +84,6 @@ class BiasMapAttributionMap(io.ComfyNode):
         shown = maps.masked_fill(unmeasured.view(-1, 1, 1), float("nan"))
         maps01 = normalize_maps(shown, shared=scale == _SCALES[1]).nan_to_num(0.0)
         heat = colorize(maps01, colormap)
-        picture = heat if image is None else overlay(image[..., :3].to(heat), heat, opacity)  # RGBA: alpha dropped
+        picture = heat if image is None else overlay(rgb(image).to(heat), heat, opacity)
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01
         return io.NodeOutput(picture, out_mask, ui=ui.PreviewImage(picture, cls=cls))  # shown on the node

@@ -10,7 +10,7 @@ from ..biasmap_engine import BRANCHES, GATES, MODES, BiasMapSettings, parse_stag
 from ..biasmap_engine.host import SIGMA_CAP
 
 __all__ = ["ADVANCED", "CATEGORY", "Trace", "check_images", "check_stage_names", "guidance_inputs", "mask_size",
-           "plain_errors", "settings_from", "stages_in", "step_inputs", "step_window"]
+           "plain_errors", "rgb", "settings_from", "stages_in", "step_inputs", "step_window"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -153,3 +153,11 @@ def check_images(image, trace, node: str) -> str | None:
                  f"image decoded from the latent (scaled is fine)")
     logging.warning("BiasMap %s: %s", node, stretched)
     return stretched
+
+
+def rgb(image):
+    """An IMAGE to draw on as RGB: alpha dropped (RGBA), grey repeated (an image of one channel, or grey and alpha,
+    as some nodes make masks into images); None stays None."""
+    if image is None or image.shape[-1] == 3:
+        return image
+    return image[..., :3] if image.shape[-1] > 3 else image[..., :1].expand(*image.shape[:-1], 3)

@@ -3,7 +3,7 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, step_inputs, step_window
+from .common import ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, step_inputs, step_window
 from .concepts import check_apart, check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapEntanglementIoU"]
@@ -78,8 +78,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         # label no room), the masks thresholded where they were measured.
         shown = tuple(image.shape[1:3]) if image is not None else trace.image_size
         masks = [m if tuple(m.shape[1:]) == shown else resize_maps(m.float(), shown) > 0.5 for m in result.masks]
-        picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b),
-                                       None if image is None else image[..., :3])  # RGBA: alpha dropped
+        picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b), rgb(image))
         # The picture on the node itself; the report too, for API clients (ComfyUI's page shows text only in Preview
         # as Text).
         shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(report).as_dict()

@@ -41,15 +41,19 @@ def picture(output):
     return next(o for o in output.result if isinstance(o, torch.Tensor) and o.ndim == 4)
 
 
-def test_the_map_nodes_draw_over_an_rgba_image_as_over_its_rgb(nodes_and_trace):
+def test_the_map_nodes_draw_over_an_rgba_image_as_over_its_rgb_and_over_a_grey_one_as_over_grey_rgb(nodes_and_trace):
     _, attribution_map, entanglement, trace = nodes_and_trace
     rgba = torch.rand(2, 256, 256, 4, generator=torch.Generator().manual_seed(0))
+    grey = rgba[..., :1]
     for node in (attribution_map, entanglement):
         args = defaults(node) | {"trace": trace}
         with torch.inference_mode():
             over_rgba, over_rgb = (picture(node.execute(**args, image=image)) for image in (rgba, rgba[..., :3]))
-        assert over_rgba.shape == (2, 256, 256, 3)
+            over_grey, over_grey_rgb, over_grey_alpha = (picture(node.execute(**args, image=image)) for image in (
+                grey, grey.expand(-1, -1, -1, 3), rgba[..., :2]))
+        assert over_rgba.shape == over_grey.shape == (2, 256, 256, 3)
         assert torch.equal(over_rgba, over_rgb)
+        assert torch.equal(over_grey, over_grey_rgb) and torch.equal(over_grey_alpha, over_grey_rgb)
 
 
 def test_attribution_map_on_the_whole_batchs_scale_keeps_each_map_and_compares_the_images(nodes_and_trace):
