@@ -25,7 +25,7 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
 
     (out,) = nodes.common_ksampler(session.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                    negative, latent, denoise=denoise)
-    return out, session.finish(**_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
+    return out, session.finish(out["samples"], **_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                scheduler=scheduler, denoise=denoise, add_noise=True,
                                batch_index=latent.get("batch_index"))
 
@@ -62,7 +62,8 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
-    return latent, session.finish(**_identity(), seed=noise.seed, steps=sigmas.shape[-1] - 1, cfg=cfg,
+    return latent, session.finish(latent["samples"], **_identity(), seed=noise.seed, steps=sigmas.shape[-1] - 1,
+                                  cfg=cfg,
                                   sampler=_sampler_name(sampler), scheduler="custom sigmas", add_noise=add_noise,
                                   batch_index=latent.get("batch_index"))
 

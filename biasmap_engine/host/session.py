@@ -96,7 +96,8 @@ class BiasMapSession:
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
         self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
-        self._output_not_finite: torch.Tensor | None = None  # whether the model's output was NaN/inf before
+        self._output_not_finite: torch.Tensor | None = None  # whether the model made NaN/inf of a finite latent
+        self._latent_finite: torch.Tensor | None = None  # the open evaluation's latent is finite
         self.window = GuidanceWindow(model_patcher, settings)
         self._schedule: torch.Tensor | None = None  # the sigmas the sampler was given
         if settings.guiding and not self.pairs:
@@ -217,7 +218,8 @@ class BiasMapSession:
             denoised = executor(x, timestep, model_options, seed)
         finally:
             self._main_pass_pending = False
-        self._output_not_finite = _either(self._output_not_finite, ~torch.isfinite(denoised).all())
+        self._output_not_finite = _either(self._output_not_finite,
+                                          ~torch.isfinite(denoised).all() & self._latent_finite)
         if extra_pass:
             self._extra_pass(executor.class_obj, x, timestep, model_options)
         if not self.recorder.has_maps:
@@ -255,7 +257,8 @@ class BiasMapSession:
         # Read once, at the end of the run: a sampler step can make the latent NaN by itself (a zero-length σ
         # interval), and its maps and output are NaN then whatever BiasMap does; not when an earlier output was NaN
         # (an fp16 overflow), which the sampler only passed on.
-        not_finite = ~torch.isfinite(x).all()
+        self._latent_finite = torch.isfinite(x).all()
+        not_finite = ~self._latent_finite
         if self._output_not_finite is not None:
             not_finite = not_finite & ~self._output_not_finite
         self._latent_not_finite = _either(self._latent_not_finite, not_finite)
@@ -405,15 +408,28 @@ class BiasMapSession:
         """A guided U-Net pass is running."""
         return self.backward is not None and self.backward.active
 
-    def finish(self, **run):
-        """The run's :class:`BiasMapTrace`; ``run``: how it was sampled (seed, steps, …), kept in the trace."""
+    def finish(self, samples: torch.Tensor | None = None, **run):
+        """The run's :class:`BiasMapTrace`; ``samples``: the sampled latent, ``run``: how it was sampled (seed, steps,
+        …), kept in the trace."""
         for note in self.window.notes():
             self._note(note)
+        # Read once, here: NaN in the output latent comes from the model or the sampler, never from the correction,
+        # which is skipped where it is not finite. Each note names its cause once.
+        explained = False
+        if self._output_not_finite is not None and bool(self._output_not_finite):
+            self._note("the model's prediction held NaN or inf values (the U-Net overflowed, e.g. in fp16, or the cfg "
+                       "is not a number): the maps and the output of the steps after it are NaN whatever BiasMap "
+                       "does; sample in fp32 or bf16, and check the cfg")
+            explained = True
         if self._latent_not_finite is not None and bool(self._latent_not_finite):
             self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one "
                        "by itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler "
                        "does the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
                        "check the sigmas and the sampler")
+            explained = True
+        if samples is not None and not explained and not bool(torch.isfinite(samples).all()):
+            self._note("the sampler's last step made the output latent NaN or inf (custom sigmas that repeat a σ or "
+                       "do not fall, e.g.; the stock sampler does the same): check the sigmas and the sampler")
         if self.backward is not None:
             self.backward.finish()
         steps = sorted(set(self.recorder.skipped_steps()))

@@ -167,7 +167,8 @@ def test_a_latent_the_sampler_itself_makes_nan_is_named_in_the_notes_not_blamed_
         out, trace = sample_with_sampler(session, model, 7, 5.0, comfy.samplers.sampler_object("dpmpp_2m"), sigmas,
                                          pos, neg, latent(batch=1, h=16, w=16))
     assert out["samples"].isnan().all()
-    assert any("the sampler handed the model a latent holding NaN or inf" in note for note in trace.notes)
+    assert [note for note in trace.notes if "NaN or inf" in note] == [
+        next(note for note in trace.notes if note.startswith("the sampler handed the model a latent holding NaN"))]
     assert "the sampler's latent was already NaN, see the trace's notes" in measure_entanglement(trace, "gender", "doctor").report
     with torch.inference_mode():
         _, finite = sample_with_sampler(start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD), model,
@@ -772,3 +773,23 @@ def test_an_adaptive_sampler_counting_more_steps_than_the_schedule_keeps_its_lab
     model, clip = sd15
     _, _, trace = run(model, clip, prompts, sampler="dpm_adaptive", steps=3, lat=latent(batch=1, h=16, w=16))
     assert trace.steps.max().item() <= 2 and trace.num_steps <= 3, trace.steps.tolist()
+
+
+@pytest.mark.parametrize("cfg, sigmas, cause", [
+    (float("nan"), [14.6146, 3.0, 1.0, 0.0], "the model's prediction held NaN or inf values"),
+    (5.0, [14.6146, 1.0, 0.0, 0.0], "the sampler's last step made the output latent NaN or inf"),
+])
+def test_an_output_latent_made_nan_by_the_model_or_the_last_step_is_named_in_the_notes_once(sd15, prompts, cfg,
+                                                                                           sigmas, cause):
+    # Never by the correction, which is skipped where it is not finite: a NaN image should not come without a word.
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        out, trace = sample_with_sampler(session, model, 7, cfg, comfy.samplers.sampler_object("euler"),
+                                         torch.tensor(sigmas), pos, neg, latent(batch=1, h=16, w=16))
+    assert not out["samples"].isfinite().all()
+    assert [note for note in trace.notes if "NaN or inf" in note] == [
+        next(note for note in trace.notes if note.startswith(cause))]
