@@ -13,7 +13,7 @@ from ..biasmap_engine import split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
 from .common import ADVANCED, CATEGORY, Trace, guidance_inputs, plain_errors, settings_from
-from .concepts import absent_from, check_concepts, check_words_asked, concept_inputs
+from .concepts import absent_from, check_concepts, check_words_asked, concept_inputs, require
 from .prompt_graph import graph_run, queued_outputs, words_asked_of
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
@@ -44,6 +44,9 @@ def _logged(node, latent, trace) -> io.NodeOutput:
 
 
 def _session(node, model, clip, kwargs):
+    # Validation's check again, now that a linked prompt or list (Audit Prompts') is known: its message names the
+    # list and the typing habit behind a missing word, which the lookup in the tokens cannot.
+    require(check_concepts(kwargs["attribution_prompt"], kwargs["demographic"], kwargs["semantic"]))
     own = {"demographic": split_concepts(kwargs["demographic"]), "semantic": split_concepts(kwargs["semantic"])}
     session = start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
                             settings_from(kwargs))  # refuses this sampler's own words first

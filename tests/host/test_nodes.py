@@ -770,3 +770,21 @@ def test_an_empty_concept_of_a_node_reading_this_trace_stands_for_its_first_or_e
         ("Audit Log", "13", "concept_b", "nurse", "")]
     assert words_asked_of(graph, "3") == [("Entanglement IoU", "12", "concept_b", "nurse", ""),
                                           ("Audit Log", "13", "concept_b", "nurse", "")]
+
+
+def test_a_linked_attribution_prompt_missing_a_concept_is_refused_with_validations_message_before_sampling(sd15,
+                                                                                                          prompts):
+    # Audit Prompts' template "A photo of '{}'" makes 'doctor' into 'd + octor: validation could not see the linked
+    # text, and the run's own lookup names neither the list nor the quotes.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    counted, evaluated = counting_evaluations(model)
+    args = defaults(BiasMapGuidedKSampler) | dict(
+        model=counted, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
+        latent_image={"samples": torch.zeros(1, 4, 32, 32)}, attribution_prompt="A photo of 'doctor' and gender")
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^semantic concept\(s\) doctor not in the attribution "
+                                                                 r"prompt .* remove the single quotes around it"):
+        BiasMapGuidedKSampler.execute(**args)
+    assert evaluated == []
