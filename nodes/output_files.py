@@ -11,7 +11,8 @@ __all__ = ["inside", "name_in", "output_path"]
 
 def output_path(name: str, what: str, example: str) -> str:
     """``name`` as a path inside ComfyUI's output folder; a path that leaves it is refused, as ComfyUI's savers refuse
-    it, but with a message that says what to type."""
+    it, but with a message that says what to type. A backslash separates folders on every system, as on Windows: a
+    shared workflow writes to the same place wherever it runs."""
     # A folder ("biasmap/"), or a name Windows trims to nothing, would write a hidden ".csv"; ".csv" would be one too.
     last = name.replace("\\", "/").rsplit("/", 1)[-1].rstrip(" .")
     if not last or last.startswith("."):
@@ -21,7 +22,7 @@ def output_path(name: str, what: str, example: str) -> str:
     if problem:
         raise ValueError(f"the {what} '{name}' {problem}, e.g. {example}")
     output_dir = os.path.abspath(folder_paths.get_output_directory())
-    path = os.path.abspath(os.path.join(output_dir, name))
+    path = os.path.abspath(os.path.join(output_dir, name.replace("\\", "/")))
     if not inside(path, output_dir):
         raise ValueError(f"the {what} '{name}' would be written outside ComfyUI's output folder: give a path inside "
                          f"it, e.g. {example}")

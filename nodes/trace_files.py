@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 
 import folder_paths
@@ -37,7 +38,9 @@ class BiasMapSaveTrace(io.ComfyNode):
             inputs=[Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                     io.String.Input("filename_prefix", default=f"{_SAVED}/trace",
                                     tooltip=f"Path inside the output folder, starting with {_SAVED}/ (the folder "
-                                            f"where Load Trace lists traces); a counter and .safetensors are added.")],
+                                            f"where Load Trace lists traces); a counter and .safetensors are added. "
+                                            f"%width% and %height% (the image's), %year%, %month%, %day%, %hour%, "
+                                            f"%minute% and %second% are filled in, as by ComfyUI's Save Image.")],
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
             outputs=[io.String.Output("trace_file", tooltip=f"The file written, named as Load Trace lists it (it "
                                                             f"lists those under output/{_SAVED}/; connect Preview "
@@ -59,9 +62,12 @@ class BiasMapSaveTrace(io.ComfyNode):
     @classmethod
     @plain_errors
     def execute(cls, trace, filename_prefix) -> io.NodeOutput:
-        _listed_path(filename_prefix)  # ComfyUI's own refusal of a path outside the output folder speaks of an image
+        # Checked here, as ComfyUI's own refusal of a path outside the output folder speaks of an image; and the path
+        # as checked is the one written, relative, with the system's separators.
         output_dir = folder_paths.get_output_directory()
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        prefix = os.path.relpath(_listed_path(filename_prefix), os.path.abspath(output_dir))
+        height, width = trace.image_size
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
         metadata = {}
         if not args.disable_metadata:  # as ComfyUI's savers: the workflow that made it, unless turned off
             if cls.hidden.prompt is not None:
@@ -87,6 +93,10 @@ class BiasMapSaveTrace(io.ComfyNode):
 
 def _listed_path(prefix: str) -> str:
     """Save Trace's ``prefix`` as a path in the output folder's ``biasmap/``, the folder Load Trace lists there."""
+    if re.search(r"%date:[^%]*%", prefix):
+        raise ValueError(f"the trace '{prefix}' holds %date:…%, which ComfyUI's page fills in for its own save nodes "
+                         f"only: type the date's parts as %year%, %month% and %day% (%hour%, %minute%, %second%), "
+                         f"e.g. {_SAVED}/%year%-%month%-%day%/trace")
     path = output_path(prefix, "trace", f"{_SAVED}/trace")
     if not inside(os.path.dirname(path), _saved_folder()):
         example = prefix.strip("/\\")

@@ -117,7 +117,7 @@ def test_save_trace_never_overwrites_a_file_another_comfyui_saved_under_the_coun
     saved.mkdir(parents=True)
     (saved / "trace_00001_.safetensors").write_bytes(b"the other instance's trace")
     monkeypatch.setattr(folder_paths, "get_save_image_path",
-                        lambda prefix, out: (str(saved), "trace", 1, "biasmap", "trace"))
+                        lambda prefix, out, *size: (str(saved), "trace", 1, "biasmap", "trace"))
     as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/trace")
     assert (saved / "trace_00001_.safetensors").read_bytes() == b"the other instance's trace"
     loaded = BiasMapLoadTrace.execute("biasmap/trace_00002_.safetensors [output]").result[0]
@@ -470,3 +470,29 @@ def test_audit_log_refuses_a_word_listed_twice_which_would_log_its_pairs_twice(p
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace,
                                                                                "concept_a": "gender, gender"})
     assert not (folders / "out" / "biasmap" / "audit.csv").exists()
+
+
+def test_save_trace_fills_in_the_image_size_and_date_as_save_image_does_and_says_what_to_type_for_date_formats(
+        pack, folders, trace):
+    import time
+
+    from biasmap_pack.nodes import BiasMapSaveTrace
+
+    height, width = trace.image_size
+    saved = as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/%width%x%height%_%year%").result[0]
+    assert saved == f"biasmap/{width}x{height}_{time.localtime().tm_year}_00001_.safetensors [output]"
+    message = ("holds %date:…%, which ComfyUI's page fills in for its own save nodes only: type the date's parts as "
+               "%year%, %month% and %day%")
+    assert message in BiasMapSaveTrace.validate_inputs("biasmap/%date:yyyy-MM-dd%/trace")
+
+
+@pytest.mark.parametrize("name", ["biasmap\\win", "biasmap/win"])
+def test_a_backslash_in_a_file_name_separates_folders_on_every_system_as_validation_reads_it(pack, folders, trace,
+                                                                                           name):
+    # A workflow typed on Windows wrote "output/biasmap\win.csv" at the output folder's root on Linux.
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapSaveTrace
+
+    assert as_comfy_runs(BiasMapSaveTrace).execute(trace, name).result[0] == "biasmap/win_00001_.safetensors [output]"
+    BiasMapAuditLog.execute(**defaults(BiasMapAuditLog) | {"trace": trace, "filename": name})
+    assert sorted(p.name for p in (folders / "out" / "biasmap").iterdir()) == ["win.csv", "win_00001_.safetensors"]
+    assert not any("\\" in p.name for p in (folders / "out").iterdir())
