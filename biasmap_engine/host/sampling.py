@@ -19,6 +19,7 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
     """What the stock KSampler node runs (``nodes.common_ksampler``), on the patched clone; → (LATENT, trace)."""
     import nodes
 
+    _check_batch(latent)
     if denoise <= 0:
         raise ValueError("denoise 0 leaves the latent as it is: the model is never evaluated, so there are no maps to "
                          "record or guide; set denoise above 0")
@@ -43,6 +44,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     import latent_preview
     from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, Noise_RandomNoise  # RandomNoise, DisableNoise
 
+    _check_batch(latent)
     if sigmas.shape[-1] < 2:
         raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
                          f"guide; connect a schedule with at least one step (two sigmas)")
@@ -66,6 +68,13 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
                                   cfg=cfg,
                                   sampler=_sampler_name(sampler), scheduler="custom sigmas", add_noise=add_noise,
                                   batch_index=latent.get("batch_index"))
+
+
+def _check_batch(latent: dict) -> None:
+    """A latent of no image (a batch sliced empty) has nothing to sample: said so, where ComfyUI fails on an index."""
+    if latent["samples"].shape[0] == 0:
+        raise ValueError("the latent holds no image (a batch of 0, e.g. from Latent From Batch past its end): connect "
+                         "a latent with at least one image")
 
 
 def _sampler_name(sampler) -> str:

@@ -793,3 +793,18 @@ def test_an_output_latent_made_nan_by_the_model_or_the_last_step_is_named_in_the
     assert not out["samples"].isfinite().all()
     assert [note for note in trace.notes if "NaN or inf" in note] == [
         next(note for note in trace.notes if note.startswith(cause))]
+
+
+def test_a_latent_of_no_image_is_refused_with_what_to_connect(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    empty = {"samples": torch.zeros(0, 4, 16, 16)}
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        for sample in (lambda: sample_with_scheduler(session, model, 0, 1, 7.0, "euler", "normal", pos, neg, empty),
+                       lambda: sample_with_sampler(session, model, 0, 7.0, comfy.samplers.sampler_object("euler"),
+                                                   torch.tensor([14.6, 0.0]), pos, neg, empty)):
+            with pytest.raises(ValueError, match="the latent holds no image .*connect a latent with at least one"):
+                sample()
