@@ -4,8 +4,6 @@ Images follow ComfyUI: float tensors [B, H, W, 3] in 0..1, channels last; maps a
 [B, H, W]. Everything stays on the input's device; only the small text label goes through Pillow.
 """
 
-from __future__ import annotations
-
 import ctypes
 import functools
 import math
@@ -16,17 +14,8 @@ from torch import Tensor
 
 from .ovam import resampled
 
-__all__ = [
-    "A_COLOR",
-    "B_COLOR",
-    "COLORMAPS",
-    "colorize",
-    "entanglement_picture",
-    "normalize_maps",
-    "overlay",
-    "resize_maps",
-    "to_pil",
-]
+__all__ = ["A_COLOR", "B_COLOR", "COLORMAPS", "colorize", "entanglement_picture", "normalize_maps", "overlay",
+           "resize_maps", "to_pil"]
 
 # 17 evenly spaced samples (index round(k * 255 / 16)) of the published 256-colour tables,
 # as shipped in bokeh.palettes (matplotlib's maps at 8 bits). Linear interpolation between
