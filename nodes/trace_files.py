@@ -17,7 +17,7 @@ from ..biasmap_engine import BiasMapTrace, TraceFormatError
 from .common import CATEGORY, Trace, plain_errors
 from .output_files import inside, name_in, output_path
 
-__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "trace_files"]
+__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces"]
 
 _EXTENSION = ".safetensors"
 _SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
@@ -54,7 +54,7 @@ class BiasMapSaveTrace(io.ComfyNode):
         if filename_prefix is None:  # linked: checked when the node runs
             return True
         try:
-            _listed_path(filename_prefix)
+            _save_path(filename_prefix)
         except ValueError as err:
             return str(err)
         return True
@@ -65,7 +65,7 @@ class BiasMapSaveTrace(io.ComfyNode):
         # Checked here, as ComfyUI's own refusal of a path outside the output folder speaks of an image; and the path
         # as checked is the one written, relative, with the system's separators.
         output_dir = folder_paths.get_output_directory()
-        prefix = os.path.relpath(_listed_path(filename_prefix), os.path.abspath(output_dir))
+        prefix = os.path.relpath(_save_path(filename_prefix), os.path.abspath(output_dir))
         height, width = trace.image_size
         folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
         metadata = {}
@@ -91,7 +91,7 @@ class BiasMapSaveTrace(io.ComfyNode):
         return io.NodeOutput(shown, ui=ui.PreviewText(f"saved {shown}"))
 
 
-def _listed_path(prefix: str) -> str:
+def _save_path(prefix: str) -> str:
     """Save Trace's ``prefix`` as a path in the output folder's ``biasmap/``, the folder Load Trace lists there."""
     if re.search(r"%date:[^%]*%", prefix):
         raise ValueError(f"the trace '{prefix}' holds %date:…%, which ComfyUI's page fills in for its own save nodes "
@@ -139,7 +139,7 @@ class BiasMapLoadTrace(io.ComfyNode):
                         "in the input folder), to render its maps and measure entanglement again without sampling.",
             # With no trace yet, one empty choice: the frontend leaves an empty list's input out of the prompt, and
             # ComfyUI's "Required input is missing" would stand for this node's own message.
-            inputs=[io.Combo.Input("trace_file", options=trace_files() or [""],
+            inputs=[io.Combo.Input("trace_file", options=listed_traces() or [""],
                                    tooltip=f"Traces in the input folder (read to their header: models and files "
                                            f"with a damaged header are left out) and every .safetensors in the "
                                            f"output folder's {_SAVED}/, where Save Trace writes (marked [output]). "
@@ -184,7 +184,7 @@ class BiasMapLoadTrace(io.ComfyNode):
         return io.NodeOutput(trace)
 
 
-def trace_files() -> list[str]:
+def listed_traces() -> list[str]:
     """The traces under the input folder, then the .safetensors files under the output folder's ``biasmap/``,
     annotated ``[output]`` (ComfyUI's convention for files that Load nodes read from the output folder).
 

@@ -130,11 +130,11 @@ def test_a_save_trace_that_fails_leaves_no_file_behind_and_a_partial_one_is_neve
                                                                                          monkeypatch):
     from biasmap_pack.nodes import BiasMapSaveTrace
 
-    from biasmap_pack.nodes.trace_files import trace_files
+    from biasmap_pack.nodes.trace_files import listed_traces
 
     def disk_full(self, path, metadata=None):
         open(path, "wb").write(b"part of a tra")
-        assert trace_files() == []  # what Load Trace would list meanwhile
+        assert listed_traces() == []  # what Load Trace would list meanwhile
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(trace), "save", disk_full)  # the pack's own BiasMapTrace
@@ -405,12 +405,12 @@ def test_a_sibling_folder_named_like_the_output_folder_is_outside_it(pack, folde
 
 
 def test_load_trace_lists_files_in_name_order(pack, folders, trace):
-    from biasmap_pack.nodes.trace_files import trace_files
+    from biasmap_pack.nodes.trace_files import listed_traces
 
     names = ["run_f", "run_b", "run_e", "run_a", "run_d", "run_c"]  # made out of order
     for name in names:
         trace.save(str(folders / "in" / f"{name}.safetensors"))
-    assert trace_files() == [f"{name}.safetensors" for name in sorted(names)]
+    assert listed_traces() == [f"{name}.safetensors" for name in sorted(names)]
 
 
 def test_load_trace_refuses_a_file_elsewhere_in_the_output_folder(pack, folders, trace):
