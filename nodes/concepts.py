@@ -89,7 +89,8 @@ def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt
         missing = _absent(split_concepts(words_asked.text), words)
         if missing:
             node, name, stands_for = words_asked.node, words_asked.input, words_asked.stands_for
-            fix = (f"type in {name} a word of both prompts" if stands_for else f"correct {name} there")
+            fix = (f"type in its {name} input a word of both prompts" if stands_for else
+                   f"correct its {name} input")
             raise ValueError(f"{node} (node {words_asked.node_id}) asks for {name} {', '.join(map(repr, missing))}"
                              + (f" ({stands_for})" if stands_for else "")
                              + f", which is not a word of this sampler's attribution prompt {attribution_prompt!r} "

@@ -48,7 +48,7 @@ _SAMPLERS = ("BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced")
 
 class WordsAsked(NamedTuple):
     """Words typed into one word input of a node that reads a sampler's trace."""
-    node: str  # the node's display name
+    node: str  # the node's name, with its title where the user gave it one (the page shows titles, not ids)
     node_id: str
     input: str
     text: str
@@ -72,6 +72,9 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
             continue
         inputs = node.get("inputs", {})
         shown, names = _WORD_INPUTS.get(node.get("class_type"), ("", ()))
+        title = (node.get("_meta") or {}).get("title")
+        if isinstance(title, str) and title.strip() and not title.endswith(shown):  # the default: "BiasMap " + shown
+            shown = f"{shown} {title.strip()!r}"
         reading = {t for t in _TRACE_INPUTS if _is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id)
                    and inputs[t][1] == _TRACE_SLOT}
         for name in names if reading else ():

@@ -382,7 +382,7 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
                                                                 "concept_b": ["20", 0]}}}
     with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_b 'docter', which is not a "
                                          r"word of this sampler's attribution prompt 'A photo of the face of a doctor "
-                                         r"and gender' \(its words: .*\): correct concept_b there"):
+                                         r"and gender' \(its words: .*\): correct its concept_b input"):
         run(graph)
     assert evaluated == []
     graph["12"]["inputs"]["concept_b"] = "doctor"  # node 13 reads another sampler's trace: that one checks it
@@ -436,8 +436,8 @@ def test_an_empty_concept_of_a_node_comparing_with_this_trace_is_checked_as_the_
                     "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "concept_a": " ", "concept_b": ""}}}
     with pytest.raises(ValueError, match=r"^Entanglement IoU \(node 12\) asks for concept_a 'woman' \(the first "
                                          r"demographic concept of its trace input, as concept_a is empty\), which is "
-                                         r"not a word of this sampler's attribution prompt .*: type in concept_a a "
-                                         r"word of both prompts, or add the word to the attribution prompt"):
+                                         r"not a word of this sampler's attribution prompt .*: type in its concept_a "
+                                         r"input a word of both prompts, or add the word to the attribution prompt"):
         run(graph)
     assert evaluated == []
     guided["inputs"]["demographic"] = ["2", 0]  # made while the graph runs: not known when queued
@@ -788,3 +788,16 @@ def test_a_linked_attribution_prompt_missing_a_concept_is_refused_with_validatio
                                                                  r"prompt .* remove the single quotes around it"):
         BiasMapGuidedKSampler.execute(**args)
     assert evaluated == []
+
+
+def test_the_words_asked_of_a_trace_name_their_node_by_its_title_where_the_user_gave_it_one(pack):
+    # The page shows titles, not ids: a workflow with two Attribution Maps needs the title to find the one meant.
+    from biasmap_pack.nodes.prompt_graph import words_asked_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "gendre"},
+                    "_meta": {"title": "Where is gender? (λ = 0)"}},
+             "12": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "doctor"},
+                    "_meta": {"title": "BiasMap Attribution Map"}}}
+    assert [asked.node for asked in words_asked_of(graph, "3")] == ["Attribution Map 'Where is gender? (λ = 0)'",
+                                                                    "Attribution Map"]
