@@ -21,7 +21,7 @@ __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_
            "readable", "require_distinct_concepts", "split_concepts", "typed_concepts"]
 
 _WORD_END = "</w>"
-_SEPARATOR = re.compile(r"[,，、;；]")
+_SEPARATOR = re.compile(r"[,，、;；\n\r]")
 _CONTRACTION = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d")
 # ComfyUI's emphasis weight, as in (doctor:1.2).
 _WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*(?=\))")
@@ -162,8 +162,9 @@ def _char_class(char: str) -> str:
 
 def split_concepts(text: str) -> list[str]:
     """A comma-separated concept list → its words, without ComfyUI's emphasis and the spaces and punctuation around
-    them (``"woman, «man»., (doctor:1.2)"`` → ``["woman", "man", "doctor"]``). The commas a CJK keyboard types (，、)
-    and semicolons separate too: no concept holds one, and CLIP would read it as a word of a phrase."""
+    them (``"woman, «man»., (doctor:1.2)"`` → ``["woman", "man", "doctor"]``). The commas a CJK keyboard types (，、),
+    semicolons and line breaks (a list made one per line) separate too: no concept holds one, and CLIP would read it
+    as a word of a phrase."""
     return [concept for _, concept in typed_concepts(text)]
 
 
@@ -175,12 +176,15 @@ def typed_concepts(text: str) -> list[tuple[str, str]]:
 
 def _trimmed(concept: str) -> str:
     """``concept`` without the punctuation around it ('doctor.', '"nurse"', '医生。'): CLIP makes those marks tokens
-    of their own, which a lookup would add to the word's map. An apostrophe stays (doctors'), and so does a bracket
-    whose pair is inside but does not wrap the whole word ('(elderly) person', with brackets the prompt spells)."""
+    of their own, which a lookup would add to the word's map. An apostrophe stays (doctors'), but not a pair of single
+    quotes around the whole word ('gender'), and a bracket stays whose pair is inside but does not wrap the whole word
+    ('(elderly) person', with brackets the prompt spells)."""
     start, end = 0, len(concept)
     while start < end:
         first, last, inner = concept[start], concept[end - 1], concept[start + 1:end - 1]
-        if first.isspace() or _mark(first) and first not in "'’" and not _pairs_in(first, inner + last):
+        if end - start > 1 and first in "'‘" and last in "'’":  # single quotes around the whole word
+            start, end = start + 1, end - 1
+        elif first.isspace() or _mark(first) and first not in "'’" and not _pairs_in(first, inner + last):
             start += 1
         elif last.isspace() or _mark(last) and last not in "'’" and not _pairs_in(last, first + inner):
             end -= 1

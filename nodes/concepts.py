@@ -68,7 +68,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     f"attribution prompt or choose one of these."
                     + (" The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read "
                        "without them, as ComfyUI reads emphasis, unless they are escaped there too."
-                       if escaped else "") + _why_absent(missing, attribution_prompt))
+                       if escaped else "") + _why_absent(missing, attribution_prompt, words))
     return _check_distinct(lists, words)
 
 
@@ -96,7 +96,7 @@ def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt
                              + f", which is not a word of this sampler's attribution prompt {attribution_prompt!r} "
                              f"(its words: {listed_words(words)}): {fix}, or add "
                              f"the word to the attribution prompt. Checked before sampling, so that the run is not "
-                             f"lost to it.{_why_absent(missing, attribution_prompt)}")
+                             f"lost to it.{_why_absent(missing, attribution_prompt, words)}")
 
 
 def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_prompt: str) -> None:
@@ -117,9 +117,15 @@ def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_pr
                                  f"that the run is not lost to it.")
 
 
-def _why_absent(missing: list[str], prompt: str) -> str:
-    """Why words that the prompt seems to hold are not its words, where a typing habit explains it; else ''."""
+def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
+    """Why words that the prompt seems to hold are not its words (``words``), where a typing habit explains it; else
+    ''."""
     hints = []
+    phrases = [concept for concept in missing if len(clip_words(concept)) > 1
+               and all(_covered(word, words) for word in clip_words(concept))]
+    if phrases:  # "gender race": each a word of the prompt, not the two in a row
+        hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
+                     f"{phrases[0]!r} in a row: separate concepts with commas ({', '.join(clip_words(phrases[0]))}).")
     if any(re.search(f"['‘’]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘’
         hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
                      "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")

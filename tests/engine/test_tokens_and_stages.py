@@ -41,6 +41,9 @@ def test_split_concepts_drops_blanks():
     assert split_concepts("医生。, 「护士」, ¿médico?, doctor…") == ["医生", "护士", "médico", "doctor"]  # any script
     # A Chinese keyboard's commas, and semicolons: separators, not a phrase "man ， woman" with its comma's token.
     assert split_concepts("男人，女人、医生; nurse；(doctor:1.2)") == ["男人", "女人", "医生", "nurse", "doctor"]
+    # A list made one per line (a multiline text linked in), and a word in single quotes as the tooltips quote them.
+    assert split_concepts("gender\nrace\r\nage") == ["gender", "race", "age"]
+    assert split_concepts("'gender', ‘race’, doctors', 'tis") == ["gender", "race", "doctors'", "'tis"]
 
 
 def test_concepts_are_read_without_comfyuis_emphasis_as_its_tokenizer_reads_prompts():

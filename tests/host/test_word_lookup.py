@@ -116,6 +116,11 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
     assert check_concepts("a photo of embedding:doctor_v2 and gender", "gender", "doctor").endswith("by name.")
     assert "textual-inversion" not in check_concepts("a photo of embedding:mydoc and gender", "gender", "docter")
+    refused = check_concepts("a doctor of gender and race", "gender race", "doctor")  # a space, not a comma
+    assert refused.endswith("the prompt does not hold 'gender race' in a row: separate concepts with commas (gender, "
+                            "race).")
+    assert "in a row" not in check_concepts("a doctor of gender and race", "gender, age", "doctor")
+    assert check_concepts("a doctor of gender and race", "'gender'", "doctor") is True  # the tooltip's quotes
 
 
 def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_words_after_it_go_missing(pack):
