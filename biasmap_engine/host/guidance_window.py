@@ -25,6 +25,7 @@ class GuidanceWindow:
         self._sigmas = _guided_sigmas(model_patcher, settings) if settings.guiding else None
         self._hits = 0  # evaluations inside the window
         self._above_cap = 0  # evaluations in the window but above SIGMA_CAP, left unguided
+        self._highest = 0.0  # the highest σ of those
 
     def widen_for(self, sigmas: torch.Tensor) -> None:
         """The schedule a custom sampler is given (SIGMAS of any range, e.g. KarrasScheduler's σ_max 80 on SD): σ is
@@ -43,6 +44,7 @@ class GuidanceWindow:
                 return False
             if sigma > SIGMA_CAP:
                 self._above_cap += 1
+                self._highest = max(self._highest, sigma)
                 return False
         self._hits += 1
         return True
@@ -54,9 +56,10 @@ class GuidanceWindow:
             notes.append(f"{self._above_cap} evaluation(s) at σ above {SIGMA_CAP:.1f} were not guided"
                          + (", the later ones were" if self._hits else
                             ", and no other fell in the guidance window, so nothing was guided")
-                         + ": this schedule goes past SD's σ 14.6, for which the paper's λ is set (zero terminal SNR, "
-                           "an EDM schedule, custom sigmas), and there the correction would move the x₀ prediction by "
-                           "about λ·σ·‖∇_z E‖, at σ 4519 enough to wreck the image")
+                         + f": this schedule goes past SD's σ 14.6, for which the paper's λ is set (zero terminal "
+                           f"SNR, an EDM schedule, custom sigmas), and there the correction would move the x₀ "
+                           f"prediction by about λ·σ·‖∇_z E‖, at this run's σ {self._highest:.4g} enough to wreck the "
+                           f"image")
         if self.settings.guiding and not self._hits and not self._above_cap:
             notes.append(f"no evaluation of this run fell in the guidance window (start {self.settings.start:g}, end "
                          f"{self.settings.end:g}: points of the model's whole noise range, as ComfyUI's start_percent "

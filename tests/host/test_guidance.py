@@ -997,4 +997,5 @@ def test_custom_sigmas_past_the_cap_are_left_unguided_on_an_sd_model_too(sd15, p
         _, trace = sample_with_sampler(session, model, 0, 7.0, comfy.samplers.sampler_object("euler"), sigmas, pos,
                                        neg, {"samples": torch.zeros(1, 4, 32, 32)})
     assert trace.guidance["status"][:, 0].tolist() == [STATUS["not_guided"]] * 2 + [STATUS["applied"]] * 6
-    assert [n for n in trace.notes if n.startswith("2 evaluation(s) at σ above 29.2 were not guided, the later ones")]
+    assert [n for n in trace.notes if n.startswith("2 evaluation(s) at σ above 29.2 were not guided, the later ones")
+            and n.endswith("at this run's σ 80 enough to wreck the image")]  # its own σ, not a zero-SNR one's
