@@ -50,14 +50,17 @@ class ConceptNotFoundError(ValueError):
     """A concept word whose tokens do not occur in the attribution prompt."""
 
 
-def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
+_ADD_IT = "Add it to the attribution prompt (any word may be added there) or pick one of these"
+
+
+def find_word_positions(prompt_tokens: list[str], word: str, fix: str = _ADD_IT) -> list[int]:
     """Positions of all BPE pieces of every occurrence of ``word`` (one or more words) among ``prompt_tokens``.
 
     ``word`` is matched as split by CLIP and as split per CJK ideograph, whichever tokenizer made the prompt's
     tokens. The punctuation around the word is left out, as :func:`split_concepts` leaves it (``doctor.`` is
     ``doctor``: CLIP makes the full stop a token of its own, which would join the word's map); ComfyUI's emphasis is
     :func:`split_concepts`' to take out. Raises ConceptNotFoundError listing the prompt's words, so the user can pick
-    one that is there.
+    one that is there, and ``fix``.
     """
     forms = {tuple(_spelling(w) for w in clip_words(_trimmed(word), split_ideographs=split)) for split in (False, True)}
     if forms == {()}:
@@ -68,7 +71,7 @@ def find_word_positions(prompt_tokens: list[str], word: str) -> list[int]:
         raise ConceptNotFoundError(
             f"the concept {word!r} is not in the attribution prompt, whose words are: "
             f"{listed_words(prompt_words(prompt_tokens))}. "
-            f"Add it to the attribution prompt (any word may be added there) or pick one of these"
+            f"{fix}"
             + (". ComfyUI's emphasis such as (word:1.2) is not part of a concept: type the word alone, or read the "
                "text with split_concepts" if _WEIGHT.search(word) or "(" in word else "."))
     return positions

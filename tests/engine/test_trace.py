@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from biasmap_engine import STATUS, BiasMapTrace, TraceFormatError, TraceRecorder, hard_mask, iou, sum_upsampled
+from biasmap_engine import (STATUS, BiasMapTrace, ConceptNotFoundError, TraceFormatError, TraceRecorder, hard_mask, iou,
+                            sum_upsampled)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
 
@@ -56,6 +57,14 @@ def test_maps_reach_the_requested_size_through_the_largest_attention_grid_as_ova
     down_2 = trace.token_maps(stages=["down_2"], size=(64, 96))
     assert torch.allclose(down_2, sum_upsampled([sum_upsampled([trace.maps["down_2"].sum(0)], (8, 12))], (64, 96)))
     assert not torch.allclose(down_2, sum_upsampled([trace.maps["down_2"].sum(0)], (64, 96)))
+
+
+def test_a_word_missing_from_a_trace_is_refused_with_the_fix_a_trace_allows():
+    # A saved trace cannot gain words: the words of its attribution prompt are those it was sampled with.
+    with pytest.raises(ConceptNotFoundError, match=r"the concept 'nurse' is not in the attribution prompt, whose words "
+                                                   r"are: a, doctor, and, gender\. Pick one of these, or sample again "
+                                                   r"with it added to the sampler's attribution prompt"):
+        recorded_trace().positions("nurse")
 
 
 def test_a_stage_of_one_pixel_has_no_block_iou_and_is_left_out_of_mbiou():
