@@ -64,7 +64,9 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
         raise ValueError(f"the seeds {first_seed} … {first_seed + seeds - 1} leave ComfyUI's seeds (0 … "
                          f"{_LARGEST_SEED}): set first_seed between 0 and {_LARGEST_SEED - (seeds - 1)}")
     total = len(names) * seeds
-    if not 0 <= run < total:
+    if run < 0:
+        raise ValueError(f"run {run} is before this audit's first run: set run to 0 to begin it (runs 0–{total - 1})")
+    if run >= total:
         raise ValueError(f"run {run} is past this audit's {total} runs ({len(names)} subject(s) × {seeds} seed(s), "
                          f"runs 0–{total - 1}): the pass is complete; set run back to 0 for the next (λ = 0 for the "
                          f"guided pass's baselines, or another audit), with its control after generate on increment "

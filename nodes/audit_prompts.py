@@ -13,6 +13,8 @@ from .common import ADVANCED, CATEGORY, plain_errors
 
 __all__ = ["BiasMapAuditPrompts"]
 
+_RUNS, _SEEDS = (0, 10_000_000), (1, 100_000)  # the ranges of run and seeds
+
 
 class BiasMapAuditPrompts(io.ComfyNode):
     """Subjects × seeds, one per queued run: the paper's protocol, in one node."""
@@ -30,7 +32,7 @@ class BiasMapAuditPrompts(io.ComfyNode):
                         "with a batch count of the runs; for the paper's reductions, queue them again from run 0 with "
                         "the sampler at λ = 0, into the same audit file.",
             inputs=[
-                io.Int.Input("run", default=0, min=0, max=10_000_000, control_after_generate=True,
+                io.Int.Input("run", default=0, min=_RUNS[0], max=_RUNS[1], control_after_generate=True,
                              tooltip="Which run of the audit this is: 0 for the first. Set its control after generate "
                                      "to increment (a new node starts on randomize): each queued prompt then takes "
                                      "the next."),
@@ -44,7 +46,7 @@ class BiasMapAuditPrompts(io.ComfyNode):
                                         "(paper: gender, or race, each audited apart). Several, comma-separated, "
                                         "share one attribution prompt ('… and gender and race'): not the paper's, "
                                         "since every word's map depends on the prompt's other words."),
-                io.Int.Input("seeds", default=100, min=1, max=100_000,
+                io.Int.Input("seeds", default=100, min=_SEEDS[0], max=_SEEDS[1],
                              tooltip="Seeds per subject (the paper: 100)."),
                 io.Int.Input("first_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, extra_dict=ADVANCED,
                              tooltip="The first seed; each subject gets first_seed … first_seed + seeds − 1."),
@@ -69,6 +71,9 @@ class BiasMapAuditPrompts(io.ComfyNode):
         # under each of them. The others are checked when the node runs, before the sampler it feeds.
         if None in (run, subjects, seeds):
             return True  # a linked input: checked when the graph runs
+        for name, value, (low, high) in (("run", run, _RUNS), ("seeds", seeds, _SEEDS)):  # ComfyUI's check, skipped
+            if not low <= value <= high:
+                return f"{name} {value} is outside {low:,}–{high:,}: set it within"
         try:
             audit_run(run, subjects, seeds=seeds)
         except ValueError as err:

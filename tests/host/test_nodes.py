@@ -349,6 +349,12 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     checked = {k: plan[k] for k in ("run", "subjects", "seeds")}  # the others keep ComfyUI's own range checks
     assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": None}) is True  # linked: checked when it runs
     assert "the pass is complete" in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 1900})
+    # ComfyUI skips its own range check of inputs that validate_inputs names: an API client's values are checked here.
+    assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": -1}) == "run -1 is outside 0–10,000,000: set it within"
+    assert BiasMapAuditPrompts.validate_inputs(**checked | {"seeds": 100_001}) == (
+        "seeds 100001 is outside 1–100,000: set it within")
+    with pytest.raises(ValueError, match="run -1 is before this audit's first run: set run to 0 to begin it"):
+        BiasMapAuditPrompts.execute(**plan | {"run": -1})  # linked: checked when it runs
 
 
 def one_step_sampler(sd15, prompts):
