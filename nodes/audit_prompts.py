@@ -69,13 +69,10 @@ class BiasMapAuditPrompts(io.ComfyNode):
         # Before the graph runs, so that a queue past the plan's end stops at its first prompt. Only the inputs the
         # plan's length needs: ComfyUI skips its own range checks of the inputs named here, and shows the message
         # under each of them. The others are checked when the node runs, before the sampler it feeds.
-        if None in (run, subjects, seeds):
-            return True  # a linked input: checked when the graph runs
-        for name, value, (low, high) in (("run", run, _RUNS), ("seeds", seeds, _SEEDS)):  # ComfyUI's check, skipped
-            if not low <= value <= high:
-                return f"{name} {value} is outside {low:,}–{high:,}: set it within"
         try:
-            audit_run(run, subjects, seeds=seeds)
+            _check_ranges(run, seeds)
+            if None not in (run, subjects, seeds):  # a linked input: checked when the graph runs
+                audit_run(run, subjects, seeds=seeds)
         except ValueError as err:
             return str(err)
         return True
@@ -83,6 +80,16 @@ class BiasMapAuditPrompts(io.ComfyNode):
     @classmethod
     @plain_errors
     def execute(cls, run, subjects, template, demographic, seeds, first_seed, order) -> io.NodeOutput:
+        _check_ranges(run, seeds)  # linked values too
         planned = audit_run(run, subjects, template, demographic, seeds, first_seed, order)
         return io.NodeOutput(planned.prompt, planned.attribution_prompt, planned.demographic, planned.subject,
                              planned.seed, planned.description)
+
+
+def _check_ranges(run: int | None, seeds: int | None) -> None:
+    """The inputs' ranges, which ComfyUI does not check for inputs validate_inputs names (a run below 0 is left to
+    audit_run, whose message says where the audit begins)."""
+    if run is not None and run > _RUNS[1]:
+        raise ValueError(f"run {run} is past {_RUNS[1]:,}, the largest run: set run back to 0")
+    if seeds is not None and not _SEEDS[0] <= seeds <= _SEEDS[1]:
+        raise ValueError(f"seeds {seeds} is outside {_SEEDS[0]}–{_SEEDS[1]:,}: set it within")

@@ -350,11 +350,15 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": None}) is True  # linked: checked when it runs
     assert "the pass is complete" in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 1900})
     # ComfyUI skips its own range check of inputs that validate_inputs names: an API client's values are checked here.
-    assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": -1}) == "run -1 is outside 0–10,000,000: set it within"
-    assert BiasMapAuditPrompts.validate_inputs(**checked | {"seeds": 100_001}) == (
-        "seeds 100001 is outside 1–100,000: set it within")
-    with pytest.raises(ValueError, match="run -1 is before this audit's first run: set run to 0 to begin it"):
-        BiasMapAuditPrompts.execute(**plan | {"run": -1})  # linked: checked when it runs
+    before = "run -1 is before this audit's first run: set run to 0 to begin it"
+    assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": -1}).startswith(before)
+    assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": 10_000_001}).startswith("run 10000001 is past")
+    for run in (0, None):  # typed, or linked: the typed seeds are checked either way
+        assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": run, "seeds": 100_001}) == (
+            "seeds 100001 is outside 1–100,000: set it within")
+    for value, message in (({"run": -1}, before), ({"seeds": 0}, "seeds 0 is outside")):  # linked: checked when it runs
+        with pytest.raises(ValueError, match=message):
+            BiasMapAuditPrompts.execute(**plan | value)
 
 
 def one_step_sampler(sd15, prompts):
