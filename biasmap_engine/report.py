@@ -65,6 +65,12 @@ class EntanglementResult:
         if unreadable:
             lines.append(f"image(s) {', '.join(map(str, unreadable))}: their maps hold NaN or inf values "
                          f"({NOT_FINITE_CAUSE}), so their IoU is n/a where those maps count")
+        figures = torch.stack([self.ious.cpu(), *(b.cpu() for b in self.block_ious.values())])
+        flat = [i for i, unmeasured in enumerate(figures.isnan().any(0).tolist()) if unmeasured and i not in unreadable]
+        if flat:
+            lines.append(f"image(s) {', '.join(map(str, flat))}: n/a where a word's map is flat there (one value "
+                         f"everywhere: a stage of one pixel, or a stage Kohya Deep Shrink moved to another grid on "
+                         f"those steps), which has no top {1 - self.q:.0%} to compare")
         lines += [f"note: {n}" for n in trace.notes]
         return "\n".join(lines)
 

@@ -185,7 +185,7 @@ def _trimmed(concept: str) -> str:
     start, end = 0, len(concept)
     while start < end:
         first, last, inner = concept[start], concept[end - 1], concept[start + 1:end - 1]
-        if end - start > 1 and first in "'‘" and last in "'’":  # single quotes around the whole word
+        if end - start > 1 and first in "'‘" and last in "'’" and not any(q in inner for q in "'‘’"):  # 'gender'
             start, end = start + 1, end - 1
         elif first.isspace() or _mark(first) and first not in "'’" and not _pairs_in(first, inner + last):
             start += 1

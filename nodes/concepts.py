@@ -121,11 +121,11 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
     """Why words that the prompt seems to hold are not its words (``words``), where a typing habit explains it; else
     ''."""
     hints = []
-    phrases = [concept for concept in missing if len(clip_words(concept)) > 1
-               and all(_covered(word, words) for word in clip_words(concept))]
+    phrases = [concept for concept in missing if len(concept.split()) > 1
+               and all(_covered(word, words) for word in concept.split())]
     if phrases:  # "gender race": each a word of the prompt, not the two in a row
         hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
-                     f"{phrases[0]!r} in a row: separate concepts with commas ({', '.join(clip_words(phrases[0]))}).")
+                     f"{phrases[0]!r} in a row: separate concepts with commas ({', '.join(phrases[0].split())}).")
     if any(re.search(f"['‘’]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘’
         hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
                      "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")

@@ -48,13 +48,12 @@ def _session(node, model, clip, kwargs):
     # list and the typing habit behind a missing word, which the lookup in the tokens cannot.
     require(check_concepts(kwargs["attribution_prompt"], kwargs["demographic"], kwargs["semantic"]))
     own = {"demographic": split_concepts(kwargs["demographic"]), "semantic": split_concepts(kwargs["semantic"])}
-    session = start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
-                            settings_from(kwargs))  # refuses this sampler's own words first
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
-    if hidden:
+    if hidden:  # before the attribution prompt is encoded: nothing spent on a typo
         check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, queued_outputs(), own),
                           kwargs["attribution_prompt"])
-    return session
+    return start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
+                         settings_from(kwargs))
 
 
 class BiasMapGuidedKSampler(io.ComfyNode):

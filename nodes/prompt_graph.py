@@ -73,8 +73,8 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
         inputs = node.get("inputs", {})
         shown, names = _WORD_INPUTS.get(node.get("class_type"), ("", ()))
         title = (node.get("_meta") or {}).get("title")
-        if isinstance(title, str) and title.strip() and not title.endswith(shown):  # the default: "BiasMap " + shown
-            shown = f"{shown} {title.strip()!r}"
+        if isinstance(title, str) and title.strip() not in ("", f"BiasMap {shown}"):  # not the node's own name
+            shown = f'{shown} "{title.strip()}"'
         reading = {t for t in _TRACE_INPUTS if _is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id)
                    and inputs[t][1] == _TRACE_SLOT}
         for name in names if reading else ():

@@ -44,6 +44,7 @@ def test_split_concepts_drops_blanks():
     # A list made one per line (a multiline text linked in), and a word in single quotes as the tooltips quote them.
     assert split_concepts("gender\nrace\r\nage") == ["gender", "race", "age"]
     assert split_concepts("'gender', ‘race’, doctors', 'tis") == ["gender", "race", "doctors'", "'tis"]
+    assert split_concepts("'young' 'woman'") == ["'young' 'woman'"]  # quotes around each word, not around the whole
 
 
 def test_concepts_are_read_without_comfyuis_emphasis_as_its_tokenizer_reads_prompts():

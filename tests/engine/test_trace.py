@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from biasmap_engine import (STATUS, BiasMapTrace, ConceptNotFoundError, TraceFormatError, TraceRecorder, hard_mask, iou,
-                            sum_upsampled)
+                            measure_entanglement, sum_upsampled)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
 
@@ -82,6 +82,9 @@ def test_a_stage_of_one_pixel_has_no_block_iou_and_is_left_out_of_mbiou():
     assert blocks["down_8"].isnan().all() and blocks["down_1"].isfinite().all()
     assert torch.equal(trace.mbiou("doctor", "gender"), blocks["down_1"])
     assert trace.iou("doctor", "gender").isfinite().all()  # summed with the 8×8 stage, the map is not flat
+    report = measure_entanglement(trace, "gender", "doctor").report
+    assert "image(s) 0: n/a where a word's map is flat there (one value everywhere: a stage of one pixel" in report
+    assert "n/a where a word's map is flat" not in measure_entanglement(recorded_trace(), "gender", "doctor").report
 
 
 def test_iou_and_block_ious_follow_the_hard_mask_definition():
@@ -389,8 +392,6 @@ def test_recorder_refuses_an_evaluation_without_maps():
 
 
 def test_entanglement_is_measured_at_image_size_unless_told_otherwise_and_the_report_says_where():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     result = measure_entanglement(trace, "gender", "doctor")
     assert result.masks[0].shape == (2, 64, 96)
@@ -399,8 +400,6 @@ def test_entanglement_is_measured_at_image_size_unless_told_otherwise_and_the_re
 
 
 def test_entanglement_report_names_images_whose_maps_are_not_finite():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     trace.maps["down_2"][1, 1, 4, 0, 0] = float("nan")  # its "gender" map, at one step
     result = measure_entanglement(trace, "gender", "doctor")
@@ -418,8 +417,6 @@ def test_entanglement_report_names_images_whose_maps_are_not_finite():
 
 
 def test_entanglement_report_names_an_image_only_when_the_maps_of_its_two_words_are_not_finite():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     trace.maps["down_2"][1, 1, 1, 0, 0] = float("nan")  # image 1's "a": neither word's map, and its IoU is measured
     result = measure_entanglement(trace, "gender", "doctor")
@@ -428,8 +425,6 @@ def test_entanglement_report_names_an_image_only_when_the_maps_of_its_two_words_
 
 
 def test_entanglement_report_names_an_image_by_either_words_maps_over_the_steps_measured_only():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     trace.maps["down_2"][1, 1, 2, 0, 0] = float("nan")  # image 1's "doctor" (the second word), at step 1
     assert "image(s) 1: their maps hold NaN or inf values" in measure_entanglement(trace, "gender", "doctor").report
@@ -438,8 +433,6 @@ def test_entanglement_report_names_an_image_by_either_words_maps_over_the_steps_
 
 
 def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guidance_counts():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     result = measure_entanglement(trace, "gender", "doctor", size=(16, 24))
     assert torch.equal(result.ious, trace.iou("gender", "doctor", size=(16, 24)))
@@ -472,8 +465,6 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
 
 
 def test_report_masks_are_the_masks_its_iou_is_measured_on():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     result = measure_entanglement(trace, "gender", "doctor", size=(16, 24))
     maps = trace.token_maps(size=(16, 24))
@@ -547,8 +538,6 @@ def test_the_guided_layers_are_summed_apart_for_the_energy_and_all_layers_for_th
 
 
 def test_a_notebooks_stage_step_and_size_arguments_are_read_as_the_nodes_read_theirs():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     down = trace.concept_map("gender", stages=["down_1"], steps=(1, 1), size=(16, 16))
     assert torch.equal(trace.concept_map("gender", stages="down_1", steps=1, size=16), down)  # not letter by letter
@@ -585,8 +574,6 @@ def test_a_trace_built_by_hand_with_parts_that_disagree_is_refused_naming_them(t
 
 
 def test_the_report_of_a_trace_whose_run_says_little_is_still_written():
-    from biasmap_engine import measure_entanglement
-
     trace = recorded_trace()
     for run, settings, line in (({"sampler": "euler"}, {}, "run: euler"),
                                 ({"cfg": "7"}, {"scale": None}, "run: cfg 7 · λ None")):

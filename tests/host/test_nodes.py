@@ -808,6 +808,8 @@ def test_the_words_asked_of_a_trace_name_their_node_by_its_title_where_the_user_
              "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "gendre"},
                     "_meta": {"title": "Where is gender? (λ = 0)"}},
              "12": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "doctor"},
-                    "_meta": {"title": "BiasMap Attribution Map"}}}
-    assert [asked.node for asked in words_asked_of(graph, "3")] == ["Attribution Map 'Where is gender? (λ = 0)'",
-                                                                    "Attribution Map"]
+                    "_meta": {"title": "BiasMap Attribution Map"}},
+             "13": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "nurse"},
+                    "_meta": {"title": "Baseline Attribution Map"}}}
+    assert [asked.node for asked in words_asked_of(graph, "3")] == [
+        'Attribution Map "Where is gender? (λ = 0)"', "Attribution Map", 'Attribution Map "Baseline Attribution Map"']
