@@ -5,6 +5,7 @@ gathers the audit, with each run's prompt id, seed, sampler, settings and attrib
 """
 
 import logging
+import re
 
 import folder_paths
 from comfy_api.latest import io, ui
@@ -114,5 +115,9 @@ class BiasMapAuditLog(io.ComfyNode):
 
 def _csv_path(filename: str) -> str:
     """``filename``.csv inside the output folder (empty: biasmap/audit)."""
+    variable = re.search(r"%[\w:.-]+%", filename)
+    if variable:  # Save Trace's and ComfyUI's savers fill these in; an audit appends every run to one named file
+        raise ValueError(f"the audit file '{filename}' holds {variable.group()}, which Audit Log does not fill in: it "
+                         f"appends every run to the one file it names, so type that name, e.g. biasmap/audit")
     path = output_path(filename.strip() or "biasmap/audit", "audit file", "biasmap/audit")
     return path if path.lower().endswith(".csv") else path + ".csv"

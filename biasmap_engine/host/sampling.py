@@ -65,9 +65,8 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
     return latent, session.finish(latent["samples"], **_identity(), seed=noise.seed, steps=sigmas.shape[-1] - 1,
-                                  cfg=cfg,
-                                  sampler=_sampler_name(sampler), scheduler="custom sigmas", add_noise=add_noise,
-                                  batch_index=latent.get("batch_index"))
+                                  cfg=cfg, sampler=_sampler_name(sampler), scheduler="custom sigmas",
+                                  add_noise=add_noise, batch_index=latent.get("batch_index"))
 
 
 def _check_batch(latent: dict) -> None:

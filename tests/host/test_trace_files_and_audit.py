@@ -486,6 +486,17 @@ def test_save_trace_fills_in_the_image_size_and_date_as_save_image_does_and_says
     assert message in BiasMapSaveTrace.validate_inputs("biasmap/%date:yyyy-MM-dd%/trace")
 
 
+@pytest.mark.parametrize("name", ["biasmap/audit_%year%", "biasmap/%date:yyyy%/audit"])
+def test_audit_log_refuses_a_savers_variable_it_would_write_as_typed(pack, name):
+    # An audit appends every run to one file; Save Image's %year% was written into its name as typed.
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    assert BiasMapAuditLog.validate_inputs(filename=name, concept_a="", concept_b="").startswith(
+        f"the audit file '{name}' holds %")
+    assert "which Audit Log does not fill in" in BiasMapAuditLog.validate_inputs(filename=name)
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/audit 100%") is True  # no variable
+
+
 @pytest.mark.parametrize("name", ["biasmap\\win", "biasmap/win"])
 def test_a_backslash_in_a_file_name_separates_folders_on_every_system_as_validation_reads_it(pack, folders, trace,
                                                                                            name):
