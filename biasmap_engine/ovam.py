@@ -88,6 +88,11 @@ def sum_upsampled(maps: list[torch.Tensor], size: tuple[int, int] | None = None)
     return total
 
 
+# A map's spread, relative to its largest magnitude, below which it is flat: bilinear resampling leaves a few units
+# in the last place of float32 on a map of one value (a 1×1 stage), which min-max scaling would stretch into a pattern.
+FLAT_SPREAD = 1e-5
+
+
 def resampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``[..., h, w]`` maps at ``size``, bilinearly as OVAM brings stages to one grid (as they are if already)."""
     if tuple(maps.shape[-2:]) == tuple(size):

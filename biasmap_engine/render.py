@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .ovam import resampled
+from .ovam import FLAT_SPREAD, resampled
 
 __all__ = ["A_COLOR", "B_COLOR", "COLORMAPS", "colorize", "entanglement_picture", "normalize_maps", "overlay",
            "resize_maps", "to_pil"]
@@ -73,17 +73,20 @@ _LUTS: dict[str, Tensor] = {name: _lut_from_anchors(anchors) for name, anchors i
 
 
 def normalize_maps(maps: Tensor, shared: bool = False) -> Tensor:
-    """Min-max scale each [H, W] map of [..., H, W] to 0..1 on its own (a constant map becomes 0); ``shared``: all
-    the maps on one scale, so that a batch's images compare (a weaker map reads darker)."""
+    """Min-max scale each [H, W] map of [..., H, W] to 0..1 on its own (a constant map becomes 0, also one constant
+    but for resampling's rounding); ``shared``: all the maps on one scale, so that a batch's images compare (a weaker
+    map reads darker)."""
     maps = maps.float()
     dims = tuple(range(maps.dim())) if shared else (-2, -1)
     # Over the finite values: a NaN or inf pixel stays one and scales nothing else, in its map or, shared, in the
     # batch's other maps.
     finite = maps.isfinite()
     low = torch.where(finite, maps, math.inf).amin(dim=dims, keepdim=True)
-    span = torch.where(finite, maps, -math.inf).amax(dim=dims, keepdim=True) - low
-    # A constant map has nothing to show; dividing its zeros by 1 keeps it 0 instead of NaN.
-    return (maps - low) / torch.where(span > 0, span, 1.0)
+    high = torch.where(finite, maps, -math.inf).amax(dim=dims, keepdim=True)
+    span = high - low
+    # A constant map has nothing to show: it becomes 0 (dividing by 1 keeps its zeros instead of NaN).
+    flat = ~(span > FLAT_SPREAD * torch.maximum(high.abs(), low.abs()))
+    return torch.where(flat & finite, 0.0, maps - low) / torch.where(flat, 1.0, span)
 
 
 def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:

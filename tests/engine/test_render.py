@@ -76,6 +76,17 @@ def test_normalize_maps_turns_a_constant_map_into_zeros_without_touching_its_nei
     assert out[1].min() == 0 and out[1].max() == 1
 
 
+def test_normalize_maps_turns_a_map_constant_but_for_resamplings_rounding_into_zeros():
+    # A 1×1 stage brought to 512² comes back with a few units in the last place of spread, which min-max scaling had
+    # stretched into a full-range pattern of noise.
+    one_pixel = resize_maps(torch.full((1, 1, 1), 0.3137), (8, 8))
+    rounded = resize_maps(one_pixel, (512, 512))
+    assert rounded.amax() > rounded.amin()  # the rounding this is about
+    assert torch.equal(normalize_maps(rounded), torch.zeros(1, 512, 512))
+    varied = torch.tensor([[[0.3137, 0.3138]]])  # a real difference of 3e-4 is still drawn
+    assert torch.equal(normalize_maps(varied), torch.tensor([[[0.0, 1.0]]]))
+
+
 def test_normalize_maps_shared_puts_a_batch_on_one_scale_so_a_weaker_map_reads_darker():
     strong = torch.arange(16.0).view(4, 4)
     maps = torch.stack([strong, strong / 4])
