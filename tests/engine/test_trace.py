@@ -82,6 +82,10 @@ def test_a_stage_of_one_pixel_has_no_block_iou_and_is_left_out_of_mbiou():
     assert blocks["down_8"].isnan().all() and blocks["down_1"].isfinite().all()
     assert torch.equal(trace.mbiou("doctor", "gender"), blocks["down_1"])
     assert trace.iou("doctor", "gender").isfinite().all()  # summed with the 8×8 stage, the map is not flat
+    faint = trace.maps["down_1"].clone()
+    trace.maps["down_1"] = 1 + 1e-3 * faint  # a spread of 0.1 %: small, but a map's, not rounding's
+    assert trace.block_ious("doctor", "gender")["down_1"].isfinite().all()
+    trace.maps["down_1"] = faint
     report = measure_entanglement(trace, "gender", "doctor").report
     assert "image(s) 0: n/a where a word's map is flat there (one value everywhere: a stage of one pixel" in report
     assert "n/a where a word's map is flat" not in measure_entanglement(recorded_trace(), "gender", "doctor").report

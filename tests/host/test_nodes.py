@@ -420,6 +420,8 @@ def test_a_node_that_would_measure_a_concept_against_itself_is_refused_before_th
         run(graph)
     assert evaluated == []
     reader["inputs"] |= {"concept_a": "", "concept_b": ""}  # the sampler's own concepts, which it keeps apart
+    graph["13"] = {"class_type": node, "inputs": {"trace": ["3", 1], "concept_a": "face", "concept_b": "doctor"}}
+    reader["inputs"]["concept_b"] = "face"  # a concept of another node: a pair is one node's two inputs
     assert run(graph).result[1].steps.numel() == 1 and evaluated
 
 
@@ -433,6 +435,21 @@ def test_a_concept_typed_in_both_inputs_of_a_node_is_refused_when_queued(pack, n
     assert validate(concept_a="gender", concept_b="doctor") is True
     assert validate(concept_a="", concept_b="gender") is True  # the trace's own concept: the sampler checks it
     assert validate(concept_a=None, concept_b="gender") is True  # linked: checked when the node runs
+
+
+def test_a_concept_linked_into_both_inputs_of_audit_log_is_refused_when_it_runs(nodes_and_trace, pack):
+    trace, audit_log = nodes_and_trace[3], pack.nodes.BiasMapAuditLog
+    with pytest.raises(ValueError, match="concept_a and concept_b both hold 'Gender'"):
+        audit_log.execute(**defaults(audit_log) | {"trace": trace, "concept_a": "gender", "concept_b": "Gender"})
+
+
+def test_the_words_a_node_asks_for_are_all_named_with_the_typing_habit_that_explains_them(pack):
+    from biasmap_pack.nodes.concepts import check_words_asked
+    from biasmap_pack.nodes.prompt_graph import WordsAsked
+
+    asked = [WordsAsked("Audit Log", "13", "concept_b", "docter, doctor", "")]  # a typo, and 'd + octor
+    with pytest.raises(ValueError, match=r"asks for concept_b 'docter', 'doctor', which.* remove the single quotes"):
+        check_words_asked(asked, "a 'doctor' and a nurse of gender")
 
 
 def test_an_empty_concept_of_a_node_comparing_with_this_trace_is_checked_as_the_other_samplers_first_concept(

@@ -110,6 +110,7 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     escaped = r"a person \(elderly\) and gender"  # the bracket hint is for a concept typed with brackets only
     assert "escapes its brackets" in check_concepts(escaped, "gender", "(nurse)")
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "nurse")
+    assert "escapes its brackets" not in check_concepts("a person (elderly) and gender", "gender", "(nurse)")
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "(person), nurse")  # nurse typed bare
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "(person)；nurse")  # a CJK keyboard's ;
     refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
