@@ -278,6 +278,12 @@ def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_t
     assert render._draws(render._font_for(f"b={word}", 14), f"b={word}")
     assert render._font_for("b=doctor", 14) is render._fonts(14)[0]  # ASCII labels keep the default font
     assert all(font.size == 14 for font in render._fonts(14))
+    render._fonts.cache_clear()
+    monkeypatch.setattr(render, "_FALLBACK_FONTS", ("NoSuchFont.ttf", *render._FALLBACK_FONTS))
+    try:
+        assert len(render._fonts(14)) > 1  # a font not installed is passed over, not the end of the search
+    finally:
+        render._fonts.cache_clear()
     a, b = quadrant_masks()
     drawn = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
     render._fonts.cache_clear()

@@ -43,6 +43,7 @@ def test_split_concepts_drops_blanks():
     assert split_concepts("男人，女人、医生; nurse；(doctor:1.2)") == ["男人", "女人", "医生", "nurse", "doctor"]
     # A list made one per line (a multiline text linked in), and a word in single quotes as the tooltips quote them.
     assert split_concepts("gender\nrace\r\nage") == ["gender", "race", "age"]
+    assert split_concepts("gender\rrace") == ["gender", "race"]  # an old Mac's line break
     assert split_concepts("'gender', ‘race’, doctors', 'tis") == ["gender", "race", "doctors'", "'tis"]
     assert split_concepts("'young' 'woman'") == ["'young' 'woman'"]  # quotes around each word, not around the whole
 

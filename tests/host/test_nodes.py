@@ -353,6 +353,8 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     before = "run -1 is before this audit's first run: set run to 0 to begin it"
     assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": -1}).startswith(before)
     assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": 10_000_001}).startswith("run 10000001 is past")
+    assert BiasMapAuditPrompts.validate_inputs(run=0, subjects="doctor", seeds=100_000) is True  # bounds included
+    assert "is past 10,000,000" not in BiasMapAuditPrompts.validate_inputs(**checked | {"run": 10_000_000})
     for run in (0, None):  # typed, or linked: the typed seeds are checked either way
         assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": run, "seeds": 100_001}) == (
             "seeds 100001 is outside 1–100,000: set it within")
@@ -827,6 +829,11 @@ def test_the_words_asked_of_a_trace_name_their_node_by_its_title_where_the_user_
              "12": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "doctor"},
                     "_meta": {"title": "BiasMap Attribution Map"}},
              "13": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "nurse"},
-                    "_meta": {"title": "Baseline Attribution Map"}}}
+                    "_meta": {"title": "Baseline Attribution Map"}},
+             "14": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "man"},
+                    "_meta": {"title": "  Mine  "}},
+             "15": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "man"},
+                    "_meta": {"title": " "}}}
     assert [asked.node for asked in words_asked_of(graph, "3")] == [
-        'Attribution Map "Where is gender? (λ = 0)"', "Attribution Map", 'Attribution Map "Baseline Attribution Map"']
+        'Attribution Map "Where is gender? (λ = 0)"', "Attribution Map", 'Attribution Map "Baseline Attribution Map"',
+        'Attribution Map "Mine"', "Attribution Map"]

@@ -808,3 +808,22 @@ def test_a_latent_of_no_image_is_refused_with_what_to_connect(sd15, prompts):
                                                    torch.tensor([14.6, 0.0]), pos, neg, empty)):
             with pytest.raises(ValueError, match="the latent holds no image .*connect a latent with at least one"):
                 sample()
+
+
+def test_the_ksampler_path_names_a_nan_output_latent_in_the_notes_too(sd15, prompts, monkeypatch):
+    import nodes
+
+    model, clip = sd15
+    pos, neg = prompts
+    sample = nodes.common_ksampler
+
+    def last_step_nan(*args, **kwargs):  # as sigmas that repeat at the end would make it
+        (out,) = sample(*args, **kwargs)
+        return ({**out, "samples": torch.full_like(out["samples"], float("nan"))},)
+
+    monkeypatch.setattr(nodes, "common_ksampler", last_step_nan)
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+        _, trace = sample_with_scheduler(session, model, 0, 1, 7.0, "euler", "normal", pos, neg,
+                                         latent(batch=1, h=16, w=16))
+    assert [note for note in trace.notes if note.startswith("the sampler's last step made the output latent NaN")]

@@ -121,6 +121,7 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert refused.endswith("the prompt does not hold 'gender race' in a row: separate concepts with commas (gender, "
                             "race).")
     assert "in a row" not in check_concepts("a doctor of gender and race", "gender, age", "doctor")
+    assert "in a row" not in check_concepts("a doctor and gender", "gender race", "doctor")  # race is missing
     assert "in a row" not in check_concepts("a doctor and the nurse's gender", "gender", "doctor's")  # one word
     assert "in a row" not in check_concepts("a fire by a fighter and gender", "gender", "fire-fighter")
     assert check_concepts("a doctor of gender and race", "'gender'", "doctor") is True  # the tooltip's quotes
