@@ -813,8 +813,8 @@ def test_a_linked_attribution_prompt_missing_a_concept_is_refused_with_validatio
     args = defaults(BiasMapGuidedKSampler) | dict(
         model=counted, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
         latent_image={"samples": torch.zeros(1, 4, 32, 32)}, attribution_prompt="A photo of 'doctor' and gender")
-    with torch.inference_mode(), pytest.raises(ValueError, match=r"^semantic concept\(s\) doctor not in the attribution "
-                                                                 r"prompt .* remove the single quotes around it"):
+    refused = r"^semantic concept\(s\) doctor not in the attribution prompt .* remove the single quotes around it"
+    with torch.inference_mode(), pytest.raises(ValueError, match=refused):
         BiasMapGuidedKSampler.execute(**args)
     assert evaluated == []
 
