@@ -802,7 +802,7 @@ def test_an_empty_concept_of_a_node_reading_this_trace_stands_for_its_first_or_e
 
 
 def test_a_linked_attribution_prompt_missing_a_concept_is_refused_with_validations_message_before_sampling(sd15,
-                                                                                                          prompts):
+                                                                                                          prompts, pack):
     # Audit Prompts' template "A photo of '{}'" makes 'doctor' into 'd + octor: validation could not see the linked
     # text, and the run's own lookup names neither the list nor the quotes.
     from biasmap_pack.nodes import BiasMapGuidedKSampler
