@@ -90,7 +90,12 @@ def sum_upsampled(maps: list[torch.Tensor], size: tuple[int, int] | None = None)
 
 # A map's spread, relative to its largest magnitude, below which it is flat: bilinear resampling leaves a few units
 # in the last place of float32 on a map of one value (a 1×1 stage), which min-max scaling would stretch into a pattern.
-FLAT_SPREAD = 1e-5
+_FLAT_SPREAD = 1e-5
+
+
+def varies(lowest: torch.Tensor, highest: torch.Tensor) -> torch.Tensor:
+    """Whether maps with these extremes hold more than one value, beyond resampling's rounding (False for NaN)."""
+    return highest - lowest > _FLAT_SPREAD * torch.maximum(highest.abs(), lowest.abs())
 
 
 def resampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

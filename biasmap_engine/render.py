@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .ovam import FLAT_SPREAD, resampled
+from .ovam import resampled, varies
 
 __all__ = ["A_COLOR", "B_COLOR", "COLORMAPS", "colorize", "entanglement_picture", "normalize_maps", "overlay",
            "resize_maps", "to_pil"]
@@ -83,10 +83,9 @@ def normalize_maps(maps: Tensor, shared: bool = False) -> Tensor:
     finite = maps.isfinite()
     low = torch.where(finite, maps, math.inf).amin(dim=dims, keepdim=True)
     high = torch.where(finite, maps, -math.inf).amax(dim=dims, keepdim=True)
-    span = high - low
     # A constant map has nothing to show: it becomes 0 (dividing by 1 keeps its zeros instead of NaN).
-    flat = ~(span > FLAT_SPREAD * torch.maximum(high.abs(), low.abs()))
-    return torch.where(flat & finite, 0.0, maps - low) / torch.where(flat, 1.0, span)
+    flat = ~varies(low, high)
+    return torch.where(flat & finite, 0.0, maps - low) / torch.where(flat, 1.0, high - low)
 
 
 def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:

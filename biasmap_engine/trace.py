@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .guidance import STATUS
 from .masks import hard_mask, iou
-from .ovam import FLAT_SPREAD, largest_grid, resampled, sum_upsampled
+from .ovam import largest_grid, resampled, sum_upsampled, varies
 from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
 from .trace_schema import description_problem, tensors_problem
@@ -172,9 +172,8 @@ class BiasMapTrace:
         masks = tuple(hard_mask(m, q) for m in maps)
         overlap = iou(*masks)
         measured = self.measurable(word_a, word_b, stages, steps).to(overlap.device)
-        for m in maps:
-            highest, lowest = m.flatten(-2).amax(-1), m.flatten(-2).amin(-1)
-            measured &= (highest - lowest > FLAT_SPREAD * torch.maximum(highest.abs(), lowest.abs())).to(overlap.device)
+        for m in maps:  # a flat map has no top (1 − q) to compare
+            measured &= varies(m.flatten(-2).amin(-1), m.flatten(-2).amax(-1)).to(overlap.device)
         return overlap.where(measured, torch.nan), masks
 
     def block_ious(self, word_a: str, word_b: str, q: float = 0.7, steps=None, size=None) -> dict[str, torch.Tensor]:
