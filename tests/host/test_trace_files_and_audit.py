@@ -26,6 +26,10 @@ def folders(comfy, tmp_path):
 
 @pytest.fixture(scope="module")
 def trace(pack, sd15, prompts):
+    return sampled_trace(sd15, prompts, torch.zeros(2, 4, 32, 32))
+
+
+def sampled_trace(sd15, prompts, latent):
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
     model, clip = sd15
@@ -33,8 +37,7 @@ def trace(pack, sd15, prompts):
     args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=2, seed=5,
                                                   sampler_name="euler", scheduler="karras", guidance_scale=0.0,
                                                   attribution_prompt="A photo of a doctor, a nurse and gender",
-                                                  semantic="doctor, nurse",
-                                                  latent_image={"samples": torch.zeros(2, 4, 32, 32)})
+                                                  semantic="doctor, nurse", latent_image={"samples": latent})
     graph = {"3": {"class_type": "BiasMapGuidedKSampler",
                    "inputs": {"model": ["1", 0], "positive": ["6", 0], "negative": ["7", 0]}},
              "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
@@ -473,14 +476,15 @@ def test_audit_log_refuses_a_word_listed_twice_which_would_log_its_pairs_twice(p
 
 
 def test_save_trace_fills_in_the_image_size_and_date_as_save_image_does_and_says_what_to_type_for_date_formats(
-        pack, folders, trace):
+        pack, folders, sd15, prompts):
     import time
 
     from biasmap_pack.nodes import BiasMapSaveTrace
 
-    height, width = trace.image_size
-    saved = as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/%width%x%height%_%year%").result[0]
-    assert saved == f"biasmap/{width}x{height}_{time.localtime().tm_year}_00001_.safetensors [output]"
+    wide = sampled_trace(sd15, prompts, torch.zeros(1, 4, 24, 40))  # not square, so width and height can't swap
+    assert wide.image_size == (192, 320)
+    saved = as_comfy_runs(BiasMapSaveTrace).execute(wide, "biasmap/%width%x%height%_%year%").result[0]
+    assert saved == f"biasmap/320x192_{time.localtime().tm_year}_00001_.safetensors [output]"
     message = ("holds %date:…%, which ComfyUI's page fills in for its own save nodes only: type the date's parts as "
                "%year%, %month% and %day%")
     assert message in BiasMapSaveTrace.validate_inputs("biasmap/%date:yyyy-MM-dd%/trace")
