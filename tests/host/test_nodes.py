@@ -382,9 +382,15 @@ def one_step_sampler(sd15, prompts):
     return run, evaluated
 
 
-def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack):
+def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sampler_samples(sd15, prompts, pack,
+                                                                                          monkeypatch):
     # Those nodes run after the sampler and cannot see its attribution prompt when queued: a typo cost the whole run.
+    from biasmap_pack.biasmap_engine.host import sampling
+
     run, evaluated = one_step_sampler(sd15, prompts)
+    encoded = []
+    encode = sampling.encode_attribution
+    monkeypatch.setattr(sampling, "encode_attribution", lambda *args: encoded.append(args[1]) or encode(*args))
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
              "8": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
              "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "Gender,"}},
@@ -396,9 +402,10 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
                                          r"word of this sampler's attribution prompt 'A photo of the face of a doctor "
                                          r"and gender' \(its words: .*\): correct its concept_b input"):
         run(graph)
-    assert evaluated == []
+    assert evaluated == [] and encoded == []  # refused before the attribution prompt is encoded, too
     graph["12"]["inputs"]["concept_b"] = "doctor"  # node 13 reads another sampler's trace: that one checks it
     assert run(graph).result[1].steps.numel() == 1 and evaluated
+    assert encoded == ["A photo of the face of a doctor and gender"]  # the spy sees the encoding when there is one
 
 
 @pytest.mark.parametrize("node, concept_a, concept_b, told", [
