@@ -53,6 +53,7 @@ B_COLOR: tuple[float, float, float] = (213 / 255, 94 / 255, 0.0)
 _LABEL_TEXT = (1.0, 1.0, 1.0)
 
 _LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every region colour to read on it
+_OUTLINE = tuple(c / 255 for c in _LABEL_BOX)
 _LABEL_GAP = "  "
 
 
@@ -239,6 +240,11 @@ def entanglement_picture(
                              f"{tuple(image.shape)}: make the masks at the image's size (measure_entanglement's size=)")
         base = image.to(device, torch.float32).expand(batch, -1, -1, -1)
         picture = torch.where((region > 0).unsqueeze(-1), torch.lerp(base, paint, opacity), base)
+        # Blended, a colour fades into a picture of its own hue (sky blue over a sky or blue scrubs): a dark outline
+        # about 1/256 of the short side wide, inside each mask, keeps its shape in view on any light picture.
+        edges = _inner_edges(mask_a.to(device, torch.bool), max(1, min(height, width) // 256))
+        edges |= _inner_edges(mask_b.to(device, torch.bool), max(1, min(height, width) // 256))
+        picture = torch.where(edges.unsqueeze(-1), torch.tensor(_OUTLINE, device=device), picture)
     # Text grows with the image (about 1/32 of its short side) but never below the 10 px that
     # the default font needs to stay legible.
     font_px = max(10, min(height, width) // 32)
@@ -251,6 +257,14 @@ def entanglement_picture(
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)
     return picture
+
+
+def _inner_edges(masks: Tensor, width: int) -> Tensor:
+    """Pixels of [B, H, W] boolean masks within ``width`` pixels of a pixel outside them (the picture's own border
+    is no edge)."""
+    outside = (~masks).float().unsqueeze(1)
+    near = torch.nn.functional.max_pool2d(outside, 2 * width + 1, stride=1, padding=width).squeeze(1) > 0
+    return masks & near
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

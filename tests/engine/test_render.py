@@ -211,9 +211,29 @@ def test_entanglement_picture_colours_a_only_b_only_both_and_neither():
         return 0.5 + 0.6 * (torch.tensor(colour) - 0.5)
 
     assert torch.allclose(out[0, 90, 20], blended(A_COLOR), atol=1e-6)
-    assert_striped(out[0, 80:100, 30:50], blended(A_COLOR), blended(B_COLOR))
+    assert_striped(out[0, 81:99, 31:49], blended(A_COLOR), blended(B_COLOR))  # inside the outlines
     assert torch.allclose(out[0, 90, 60], blended(B_COLOR), atol=1e-6)
     assert torch.equal(out[0, 110:, :], image[0, 110:, :])  # neither: the image, untouched
+
+
+def test_over_a_picture_each_mask_is_outlined_in_dark_inside_its_edge_so_a_sky_blue_mask_shows_over_a_sky():
+    sky = torch.tensor((0.49, 0.69, 0.89)).expand(1, 512, 512, 3)  # A's colour, blended, all but vanishes here
+    a, b = quadrant_masks(512)  # rows 80..99; A cols 10..49, B cols 30..69
+    out = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), sky)
+
+    def rim(left, right, width=2):  # 512 / 256: the rectangle's pixels within 2 of its outside
+        shape = torch.zeros(512, 512, dtype=torch.bool)
+        shape[80:100, left:right] = True
+        shape[80 + width:100 - width, left + width:right - width] = False
+        return shape
+
+    dark = out[0].amax(-1) < 0.1
+    assert torch.equal(dark[40:], (rim(10, 50) | rim(30, 70))[40:])  # below the label: each mask's rim, overlap too
+    whole = torch.ones(1, 512, 512, dtype=torch.bool)
+    covered = entanglement_picture(whole, ~whole, torch.tensor([0.0]), ("woman", "doctor"), sky)
+    assert not (covered[0, 40:].amax(-1) < 0.1).any()  # the picture's border is no edge of a mask
+    bare = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"))  # on black: no outline needed
+    assert not (bare[0, 40:].amax(-1) < 0.1)[a[0, 40:] | b[0, 40:]].any()
 
 
 def assert_striped(region, colour_a, colour_b):
