@@ -41,7 +41,9 @@ class BiasMapAttributionMap(io.ComfyNode):
                                 tooltip="'all' or stage ids, e.g. 'down_1, up_1' (block-wise maps; SDXL's "
                                         "begin at down_2)."),
                 *step_inputs(),
-                io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno", tooltip="Heatmap colours."),
+                io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno",
+                               tooltip="Heatmap colours, low to high: inferno, magma, viridis and gray run from dark "
+                                       "to bright, turbo and jet from dark blue to dark red."),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
                                tooltip="Heatmap opacity over the image."),
                 io.Combo.Input("mask", options=["normalized", "thresholded"], default="normalized",
