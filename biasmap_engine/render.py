@@ -249,14 +249,24 @@ def entanglement_picture(
     # the default font needs to stay legible.
     font_px = max(10, min(height, width) // 32)
     for index, iou in enumerate(ious.tolist()):
-        shown = f"IoU {iou:.2f}" if iou == iou else "IoU n/a"  # NaN: nothing to measure in this image
-        segments = [(f"a&b {shown}", _LABEL_TEXT), (f"a={label_a}", A_COLOR), (f"b={label_b}", B_COLOR)]
+        segments = [(f"a&b IoU {_two_decimals(iou)}", _LABEL_TEXT), (f"a={label_a}", A_COLOR),
+                    (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
         if patch.shape[0] > height // 4:  # wrapped over a small picture: the IoU alone (the report names the words)
             patch = _label_patch(segments[:1], font_px, width)
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)
     return picture
+
+
+def _two_decimals(iou: float) -> str:
+    """An IoU for the label: "n/a" for NaN (nothing to measure), and never 0.00 or 1.00 unless it is, so that a
+    sliver of overlap drawn is not labelled none."""
+    if iou != iou:
+        return "n/a"
+    if 0 < iou < 0.005:
+        return "<0.01"
+    return ">0.99" if 0.995 <= iou < 1 else f"{iou:.2f}"
 
 
 def _inner_edges(masks: Tensor, width: int) -> Tensor:

@@ -443,6 +443,17 @@ def test_the_entanglement_label_gives_the_iou_to_two_decimals():
     assert not torch.equal(one, other) and torch.equal(one, rounded)
 
 
+def test_the_entanglement_label_says_a_sliver_of_overlap_is_below_one_hundredth_not_none():
+    empty = torch.zeros(1, 128, 128, dtype=torch.bool)
+
+    def label(value):
+        return entanglement_picture(empty, empty, torch.tensor([value]), ("a", "b"))
+
+    assert torch.equal(label(0.004), label(0.001)) and not torch.equal(label(0.004), label(0.0))  # <0.01, not 0.00
+    assert torch.equal(label(0.996), label(0.999)) and not torch.equal(label(0.996), label(1.0))  # >0.99, not 1.00
+    assert not torch.equal(label(0.004), label(0.01)) and not torch.equal(label(0.996), label(0.99))
+
+
 def test_the_entanglement_picture_refuses_an_image_batch_of_neither_one_nor_one_per_mask():
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"image must be \[1 or 2, 16, 16, 3\]"):
