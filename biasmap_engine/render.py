@@ -6,6 +6,7 @@ Images follow ComfyUI: float tensors [B, H, W, 3] in 0..1, channels last; maps a
 
 import ctypes
 import functools
+import logging
 import math
 
 import torch
@@ -136,7 +137,8 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
 # Pillow's default font draws ASCII only (a box for é, ж or 医). For a label with other letters, the first of these
 # that draws them all, which Pillow looks for in the system's font folders (Linux, Windows, macOS).
 _FALLBACK_FONTS = ("DejaVuSans.ttf", "arial.ttf", "Arial Unicode.ttf", "NotoSans-Regular.ttf",
-                   "NotoSansCJK-Regular.ttc", "msyh.ttc", "PingFang.ttc")
+                   "NotoSansCJK-Regular.ttc", "wqy-microhei.ttc", "wqy-zenhei.ttc", "DroidSansFallbackFull.ttf",
+                   "msyh.ttc", "PingFang.ttc")
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,9 +157,14 @@ def _fonts(size: int) -> tuple:
 
 
 def _font_for(text: str, size: int):
-    """The first font that draws every character of ``text``; the default font where none does (boxes)."""
+    """The first font that draws every character of ``text``; the default font where none does (boxes, said)."""
     fonts = _fonts(size)
-    return next((font for font in fonts if _draws(font, text)), fonts[0])
+    font = next((font for font in fonts if _draws(font, text)), None)
+    if font is None:
+        logging.warning("BiasMap: no font here draws every letter of the label %r, so some show as boxes in the "
+                        "picture (the report has them): install a font that has them, e.g. Noto Sans CJK for "
+                        "Chinese or Japanese", text)
+    return font or fonts[0]
 
 
 def _draws(font, text: str) -> bool:
@@ -180,7 +187,7 @@ def _bitmap(font, text: str) -> tuple:
 
 def _label_patch(segments: list[tuple[str, tuple[float, float, float]]], font_px: int, max_width: int) -> Tensor:
     """Draw coloured text segments on a dark box, wrapping them to fit max_width; [h, w, 3] float32 on CPU."""
-    font = _font_for("".join(text for text, _ in segments), font_px)
+    font = _font_for(" ".join(text for text, _ in segments), font_px)
     pad = max(2, font_px // 4)
     gap = font.getlength(_LABEL_GAP)
     line_height = font.getbbox("Ay")[3] + max(1, font_px // 8)

@@ -289,7 +289,7 @@ def test_entanglement_picture_writes_a_label_box_in_the_top_left_corner():
     assert torch.equal(out[0, :12, -8:], image[0, :12, -8:])  # the box stops short of the far edge
 
 
-def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_that_has_them(monkeypatch):
+def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_that_has_them(monkeypatch, caplog):
     # Pillow's default font draws ASCII only: 'médecin' came out as 'm□decin'.
     word = "médecin"
     if not any(render._draws(font, word) for font in render._fonts(14)):
@@ -309,10 +309,13 @@ def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_t
     render._fonts.cache_clear()
     monkeypatch.setattr(render, "_FALLBACK_FONTS", ())
     try:
+        assert "no font here draws" not in caplog.text
         boxed = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
     finally:
         render._fonts.cache_clear()
     assert not torch.equal(drawn, boxed)
+    said = f"no font here draws every letter of the label 'a&b IoU 0.33 a=woman b={word}', so some show as boxes"
+    assert said in caplog.text
 
 
 def test_entanglement_picture_without_image_uses_full_colours_on_black():
