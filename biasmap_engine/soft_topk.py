@@ -165,7 +165,10 @@ def _exact_global(maps: torch.Tensor, keep: float, gamma: float) -> torch.Tensor
     k = _count(n, keep)
     # By the largest magnitude, not the max: attribution maps are ≥ 0, where the two agree, but a signed map (a
     # difference of maps) with max ≤ 0 would be scaled to ±huge values and the sum's solve to NaN.
-    x = flat / flat.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+    largest, tiny = flat.abs().amax(-1, keepdim=True), torch.finfo(flat.dtype).tiny
+    # A map of zeros (or of values below the dtype's normal range) has no top pixels: a uniform S and no gradient,
+    # where dividing by a floor would send 1/floor (inf in fp32) back to the map.
+    x = torch.where(largest >= tiny, flat / largest.clamp_min(tiny), 0.0)
     logits = (2.0 * x - 1.0) / gamma
     return _SigmoidWithSum.apply(logits, float(k)).view(maps.shape)
 

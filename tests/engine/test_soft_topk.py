@@ -190,6 +190,16 @@ def test_exact_mode_takes_signed_maps_whose_max_is_not_positive():
         assert torch.allclose(flat.gather(-1, top).squeeze(-1), flat.amax(-1))  # the largest pixel kept most
 
 
+@pytest.mark.parametrize("peak", [0.0, 1e-39], ids=["zeros", "below fp32's normal range"])
+def test_exact_mode_gives_a_map_without_signal_the_uniform_mask_and_no_gradient(peak):
+    # Divided by a floor, such a map sent 1/floor = inf back: the energy's gradient, and the step, were lost.
+    maps = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(2)) * peak).requires_grad_(True)
+    s = soft_topk(maps, 0.3, mode="exact")
+    (s * torch.linspace(0, 1, 64).view(8, 8)).sum().backward()
+    assert torch.allclose(s, torch.full_like(s, 19 / 64), rtol=1e-4)
+    assert torch.equal(maps.grad, torch.zeros_like(maps))
+
+
 def test_exact_mode_gradient_matches_finite_differences():
     maps = (torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5)
     maps.requires_grad_(True)
