@@ -136,6 +136,17 @@ def test_a_float64_denoised_keeps_its_precision_and_a_gated_step_leaves_it_exact
     assert torch.equal(out[0], denoised[0] - 1e-6 * 0.25 * grad[0])
 
 
+def test_an_image_left_unmoved_keeps_its_values_even_where_lambda_sigma_squared_overflows():
+    denoised = torch.tensor([[-0.0, 1.0], [-0.0, 1.0]]).view(2, 2, 1, 1)
+    grad = torch.tensor([[-1.0, 1.0], [-1e-3, 0.0]]).view(2, 2, 1, 1)
+    sigma = torch.tensor([1e19, 1e19])  # σ² · λ is past fp32's range: inf · 0 made NaN of a gated image
+    out, _, status = guidance_step(denoised, grad, sigma, scale=100.0, gate="skip")
+    assert status.tolist() == [STATUS["skipped_gate"], STATUS["skipped_gate"]]
+    assert torch.equal(out, denoised) and out.signbit().equal(denoised.signbit())
+    out, _, _ = guidance_step(denoised, grad, torch.tensor([1.0, 1.0]), scale=0.0)  # λ = 0: bit for bit (−0 too)
+    assert out.signbit().equal(denoised.signbit()) and torch.equal(out, denoised)
+
+
 @pytest.mark.parametrize("line", ["x[0].item()", "bool(x.sum() > 0)", "float(x.sum())", "x.tolist()", "x.cpu()",
                                   "x.numpy()", "torch.tensor([1.0, -1.0])", "x[[0, 2]]", "x[x > 0]", "x.nonzero()"])
 def test_the_round_trip_spy_names_each_kind_at_the_engines_line(line):
