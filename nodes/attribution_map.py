@@ -53,8 +53,9 @@ class BiasMapAttributionMap(io.ComfyNode):
                 # Optional and last: workflows saved before it (UI or API format) load and run as they did.
                 io.Combo.Input("scale", options=list(_SCALES), default=_SCALES[0], optional=True, extra_dict=ADVANCED,
                                tooltip="Heatmap and normalised mask: each image's map stretched over the whole "
-                                       "colour range (OVAM's), or one range for the whole batch, so that an image "
-                                       "where the word weighs less reads darker."),
+                                       "colour range (OVAM's: a map that barely varies looks as vivid as a peaked "
+                                       "one), or one range for the whole batch, so that an image where the word "
+                                       "weighs less reads darker."),
             ],
             outputs=[io.Image.Output("image", tooltip="Heatmap, or overlay when an image is given; one per image."),
                      io.Mask.Output("mask", tooltip="The map at image size, normalised or thresholded.")],
