@@ -249,8 +249,8 @@ def entanglement_picture(
         picture = torch.where((region > 0).unsqueeze(-1), torch.lerp(base, paint, opacity), base)
         # Blended, a colour fades into a picture of its own hue (sky blue over a sky or blue scrubs): a dark outline
         # about 1/256 of the short side wide, inside each mask, keeps its shape in view on any light picture.
-        edges = _inner_edges(mask_a.to(device, torch.bool), max(1, min(height, width) // 256))
-        edges |= _inner_edges(mask_b.to(device, torch.bool), max(1, min(height, width) // 256))
+        rim = max(1, min(height, width) // 256)
+        edges = _inner_edges(mask_a.to(device, torch.bool), rim) | _inner_edges(mask_b.to(device, torch.bool), rim)
         picture = torch.where(edges.unsqueeze(-1), torch.tensor(_OUTLINE, device=device), picture)
     # Text grows with the image (about 1/32 of its short side) but never below the 10 px that
     # the default font needs to stay legible.
