@@ -9,7 +9,7 @@ from .stages import stage_label
 from .tokens import readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
 
-__all__ = ["EntanglementResult", "figure", "measure_entanglement", "percent_change"]
+__all__ = ["EntanglementResult", "figure", "guidance_line", "measure_entanglement", "percent_change"]
 
 
 class EntanglementResult:
@@ -50,16 +50,7 @@ class EntanglementResult:
             lines.append(f"{image}: IoU {figure(value, 4)} · mBIoU {figure(self.mbiou[i], 4)} · BIoU {blocks}")
         for word, pieces in self.pieces.items():
             lines.append(f"tokens of '{word}': {' '.join(pieces)}")
-        counts = trace.guidance_counts()
-        guided = {k: v for k, v in counts.items() if k != "not_guided" and v}
-        if guided:
-            total = sum(counts.values())
-            lines.append("guidance over (evaluation, image) pairs: "
-                         + ", ".join(f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v))
-        elif counts and trace.settings.get("scale", 0):
-            lines.append(f"no evaluation was guided although λ = {trace.settings['scale']:g} (see the notes)")
-        elif counts:
-            lines.append("no guidance applied (λ = 0): recording only")
+        lines += [line for line in [guidance_line(trace)] if line]
         positions = trace.positions(self.word_a) + trace.positions(self.word_b)
         unreadable = [i for i, finite in enumerate(trace.finite(positions, steps=self.steps).tolist()) if not finite]
         if unreadable:
@@ -101,6 +92,19 @@ class EntanglementResult:
             lines.append("note: the baseline differs in " + "; ".join(differing) + ": the change is not guidance's "
                          "alone (compare runs that differ only in λ)")
         return "\n".join(lines)
+
+
+def guidance_line(trace: BiasMapTrace) -> str | None:
+    """What guidance did over the run's (evaluation, image) pairs, counted by outcome; None for a trace without
+    guidance accounting."""
+    counts = trace.guidance_counts()
+    if any(v for k, v in counts.items() if k != "not_guided"):
+        total = sum(counts.values())
+        return "guidance over (evaluation, image) pairs: " + ", ".join(
+            f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v)
+    if counts and trace.settings.get("scale", 0):
+        return f"no evaluation was guided although λ = {trace.settings['scale']:g} (see the notes)"
+    return "no guidance applied (λ = 0): recording only" if counts else None
 
 
 def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float = 0.7, size=None,
