@@ -31,8 +31,8 @@ __all__ = [
     "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "clip_words", "colorize",
     "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line",
     "guidance_step", "hard_mask", "iou", "listed_twice", "listed_words", "measure_entanglement", "normalize_maps",
-    "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable", "reductions",
-    "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts",
-    "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps",
-    "typed_concepts", "z_grad_norm",
+    "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable",
+    "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
+    "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
+    "token_softmax_maps", "typed_concepts", "z_grad_norm",
 ]
