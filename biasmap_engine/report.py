@@ -28,6 +28,11 @@ class EntanglementResult:
         self.steps = steps
         self._trace = trace
 
+    @property
+    def headline(self) -> str:
+        """The means over the batch, as the report's figures begin."""
+        return f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}"
+
     @functools.cached_property
     def report(self) -> str:
         trace = self._trace
@@ -42,7 +47,7 @@ class EntanglementResult:
                           ("attribution_prompt", "attribution prompt")):
             if trace.run.get(key):  # read from the graph where it is typed
                 lines.append(f"{name}: {trace.run[key]}")
-        lines.append(f"mIoU {_mean(self.ious)} · mBIoU {_mean(self.mbiou)}")
+        lines.append(self.headline)
         drawn_apart = bool(trace.run.get("batch_index"))  # the seed's noises the images got are not 0, 1, …
         for i, value in enumerate(self.ious.tolist()):
             blocks = ", ".join(f"{stage_label(s)} {figure(v[i], 3)}" for s, v in self.block_ious.items())
@@ -69,8 +74,7 @@ class EntanglementResult:
         """Report lines of the change from ``baseline`` (the same words in another run, e.g. the same seed at λ = 0)
         to these figures, naming what else differs between the two runs."""
         trace, other = self._trace, baseline._trace
-        lines = [f"against the baseline ({_run_line(other).removeprefix('run: ')}): "
-                 f"mIoU {_change(baseline.ious, self.ious)} · mBIoU {_change(baseline.mbiou, self.mbiou)}"]
+        lines = [f"against the baseline ({_run_line(other).removeprefix('run: ')}): {self.change_from(baseline)}"]
         if len(self.ious) == len(baseline.ious) > 1:
             lines.append("IoU per image: " + ", ".join(f"image {i} {_percent(b, a)}" for i, (b, a) in
                                                         enumerate(zip(baseline.ious.tolist(), self.ious.tolist()))))
@@ -92,6 +96,10 @@ class EntanglementResult:
             lines.append("note: the baseline differs in " + "; ".join(differing) + ": the change is not guidance's "
                          "alone (compare runs that differ only in λ)")
         return "\n".join(lines)
+
+    def change_from(self, baseline: "EntanglementResult") -> str:
+        """The means' change from ``baseline``'s: mIoU a → b (−40.0 %) · mBIoU the same way."""
+        return f"mIoU {_change(baseline.ious, self.ious)} · mBIoU {_change(baseline.mbiou, self.mbiou)}"
 
 
 def guidance_line(trace: BiasMapTrace) -> str | None:

@@ -5,8 +5,8 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
-from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, stages_in,
-                     step_inputs, step_window)
+from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, show_on_node,
+                     stages_in, step_inputs, step_window)
 from .concepts import check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapAttributionMap"]
@@ -59,6 +59,7 @@ class BiasMapAttributionMap(io.ComfyNode):
             ],
             outputs=[io.Image.Output("image", tooltip="Heatmap, or overlay when an image is given; one per image."),
                      io.Mask.Output("mask", tooltip="The map at image size, normalised or thresholded.")],
+            hidden=[io.Hidden.unique_id],  # to write on the node what it drew, and what it could not
         )
 
     @classmethod
@@ -73,16 +74,20 @@ class BiasMapAttributionMap(io.ComfyNode):
                 scale=_SCALES[0], image=None) -> io.NodeOutput:
         require(check_single(_ONE_WORD, word=word))
         word = one_concept(word) or first_concept(trace.demographic, "demographic", "word")
-        check_images(image, trace, "Attribution Map")
+        warnings = [check_images(image, trace, "Attribution Map")]
         size = tuple(image.shape[1:3]) if image is not None else trace.image_size
         stages, steps = stages_in("stages", stages), step_window(trace, first_step, last_step)
         maps = trace.concept_map(word, stages, steps, size)
         unmeasured = ~trace.finite(trace.positions(word), stages, steps).to(maps.device)
         if unmeasured.any():  # min-max scaling would spread one NaN over the whole heatmap and mask, unexplained
             images = ", ".join(str(i) for i in unmeasured.nonzero().flatten().tolist())
-            logging.warning("BiasMap Attribution Map: image(s) %s of the batch hold NaN or inf in the maps of %r (%s): "
-                            "drawn empty, with an empty mask", images, word, NOT_FINITE_CAUSE)
+            warnings.append(f"image(s) {images} of the batch hold NaN or inf in the maps of {word!r} "
+                            f"({NOT_FINITE_CAUSE}): drawn empty, with an empty mask")
+            logging.warning("BiasMap Attribution Map: %s", warnings[-1])
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
+        window = f"steps {steps[0]}–{steps[1]} of 0–{trace.num_steps - 1}" if steps else "all steps"
+        said = f"the map of {word!r}: {', '.join(stages) if stages else 'all stages'}, {window}"
+        show_on_node(cls, "\n".join([said, *filter(None, warnings)]))
         # Those images left out of the scale (their zeros would be the batch's minimum), then drawn as 0.
         shown = maps.masked_fill(unmeasured.view(-1, 1, 1), float("nan"))
         maps01 = normalize_maps(shown, shared=scale == _SCALES[1]).nan_to_num(0.0)

@@ -3,6 +3,7 @@ concept inputs are in concepts.py, the files the nodes write in output_files.py)
 
 import functools
 import logging
+import sys
 
 from comfy_api.latest import io
 
@@ -10,7 +11,7 @@ from ..biasmap_engine import BRANCHES, GATES, MODES, BiasMapSettings, parse_stag
 from ..biasmap_engine.host import SIGMA_CAP
 
 __all__ = ["ADVANCED", "CATEGORY", "Trace", "check_images", "check_stage_names", "guidance_inputs", "mask_size",
-           "plain_errors", "rgb", "settings_from", "stages_in", "step_inputs", "step_window"]
+           "plain_errors", "rgb", "settings_from", "show_on_node", "stages_in", "step_inputs", "step_window"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -103,6 +104,18 @@ def plain_errors(execute):
             raise ValueError(str(err)) from err
 
     return wrapper
+
+
+def show_on_node(node, text: str) -> None:
+    """``text`` in a box on the node on ComfyUI's page, as Get Image Size shows a size: the page shows no console, and
+    a STRING output only where Preview as Text is connected. Each run's text replaces the last one's, so a node sends
+    one every run (the page ignores an empty text)."""
+    hidden = node.hidden  # None where execute is called outside ComfyUI's executor
+    # The server this ComfyUI runs, if it runs one (not in a script or a test): looked up, not imported, since
+    # importing ComfyUI's server module loads all of ComfyUI.
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if server is not None and hidden is not None and hidden.unique_id is not None:
+        server.send_progress_text(text, hidden.unique_id, server.client_id)
 
 
 def _tuple_or_none(stages):

@@ -2,8 +2,9 @@
 
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import entanglement_picture, measure_entanglement, resize_maps
-from .common import ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, step_inputs, step_window
+from ..biasmap_engine import entanglement_picture, guidance_line, measure_entanglement, resize_maps
+from .common import (ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, show_on_node, step_inputs,
+                     step_window)
 from .concepts import check_apart, check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapEntanglementIoU"]
@@ -47,6 +48,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                      io.Image.Output("picture", tooltip="A only (sky blue), B only (vermillion) and A∧B (striped with "
                                                         "both), the IoU written on it.")],
             is_output_node=True,
+            hidden=[io.Hidden.unique_id],  # to write the figures on the node
         )
 
     @classmethod
@@ -67,6 +69,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size=size, steps=steps)
         report = result.report + (f"\npicture: {stretched}" if stretched else "")  # the page shows no console
+        said = [f"'{word_a}' and '{word_b}': {result.headline}"]  # on the node: the report needs a Preview as Text
         if baseline is not None:  # measured as this trace is, each at its own size and over its own steps
             try:
                 before = measure_entanglement(baseline, word_a, word_b, q, size=mask_size(baseline, resolution),
@@ -74,13 +77,15 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             except ValueError as err:  # which of the two traces it is about
                 raise ValueError(f"the baseline trace: {err}") from err
             report += "\n" + result.against(before)
+            said.append(f"against the baseline: {result.change_from(before)}")
+        said += [line for line in (guidance_line(trace), stretched and f"picture: {stretched}") if line]
+        show_on_node(cls, "\n".join(said))
         # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the
         # label no room), the masks thresholded where they were measured.
         shown = tuple(image.shape[1:3]) if image is not None else trace.image_size
         masks = [m if tuple(m.shape[1:]) == shown else resize_maps(m.float(), shown) > 0.5 for m in result.masks]
         picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b), rgb(image))
-        # The picture on the node itself; the report too, for API clients (ComfyUI's page shows text only in Preview
-        # as Text).
+        # The picture on the node itself; the report in the run's outputs too, for API clients.
         shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(report).as_dict()
         return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), report, picture,
                              ui=shown_on_node)

@@ -9,10 +9,10 @@ import logging
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import split_concepts
+from ..biasmap_engine import guidance_line, split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import ADVANCED, CATEGORY, Trace, guidance_inputs, plain_errors, settings_from
+from .common import ADVANCED, CATEGORY, Trace, guidance_inputs, plain_errors, settings_from, show_on_node
 from .concepts import absent_from, check_concepts, check_words_asked, concept_inputs, require
 from .prompt_graph import graph_run, queued_outputs, words_asked_of
 
@@ -25,8 +25,8 @@ _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identica
 
 def _logged(node, latent, trace) -> io.NodeOutput:
     """The node's outputs, the trace with what the graph says of the run (typed prompts, model; for the audit over
-    prompts and models), and its notes in ComfyUI's console too: the report that shows them is a STRING output, seen
-    only where a Preview as Text node is connected."""
+    prompts and models), and its guidance counts and notes on the node and in ComfyUI's console: the report that has
+    them too is a STRING output, seen only where a Preview as Text node is connected."""
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
     trace.run.update(graph_run(hidden.prompt if hidden else None, hidden.unique_id if hidden else None))
     # The semantic concepts are what the picture is of: one missing from the typed prompt is most often a prompt
@@ -40,6 +40,7 @@ def _logged(node, latent, trace) -> io.NodeOutput:
                            f"semantic concepts with it")
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
+    show_on_node(node, "\n".join([guidance_line(trace), *(f"note: {note}" for note in trace.notes)]))
     return io.NodeOutput(latent, trace)
 
 

@@ -7,6 +7,7 @@ ComfyUI. This process never imports ComfyUI: the random checkpoint is written by
 One server boot serves the whole module (about 1 min on 2 CPU cores, most of it sampling with random weights).
 """
 
+import asyncio
 import csv
 import json
 import os
@@ -14,11 +15,13 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp  # ComfyUI's own HTTP library: installed with its requirements
 import pytest
 
 from biasmap_engine import BiasMapTrace
@@ -315,6 +318,65 @@ def test_a_word_the_map_nodes_ask_for_and_the_attribution_prompt_lacks_stops_the
     entry = _run_prompt(server, api, outputs=[save])
     assert entry["status"]["status_str"] == "success", _errors(entry)
     assert list(entry["outputs"]) == [save], entry["outputs"]
+
+
+class _PageText:
+    """The texts ComfyUI sends a page to write on its nodes (the binary "progress text" event, 3), heard as the page
+    hears them: on a websocket of the client id the prompts are queued with."""
+
+    def __init__(self, base: str, client_id: str):
+        self.texts: dict[str, list[str]] = {}  # node id → every text sent, in order
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._url = base.replace("http://", "ws://") + f"/ws?clientId={client_id}"
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._listen(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), f"no websocket at {self._url}"
+
+    async def _listen(self):
+        async with aiohttp.ClientSession() as session, session.ws_connect(self._url) as socket_:
+            self._socket = socket_
+            self._ready.set()
+            async for message in socket_:
+                if message.type == aiohttp.WSMsgType.BINARY and int.from_bytes(message.data[:4], "big") == 3:
+                    length = int.from_bytes(message.data[4:8], "big")
+                    node_id = message.data[8:8 + length].decode()
+                    self.texts.setdefault(node_id, []).append(message.data[8 + length:].decode())
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self._socket.close(), self._loop).result(10)
+        self._thread.join(10)
+
+
+def test_the_nodes_write_what_the_console_says_on_the_page_without_a_preview_as_text(server):
+    # The page shows no console: the samplers' guidance counts and notes, the figures and the map's window are
+    # written on each node (as Get Image Size writes a size), replaced by the next run's.
+    api = _small(_convert(server, "biasmap_discover_and_mitigate.json"), steps=2)
+    page = _PageText(server["base"], "biasmap-tests")
+    try:
+        entry = _run_prompt(server, api)
+        assert entry["status"]["status_str"] == "success", _errors(entry)
+        expected = [i for i, node in api.items() if node["class_type"].startswith("BiasMap")]
+        deadline = time.monotonic() + 10  # the events go out while the prompt runs; the history may come first
+        while set(expected) - set(page.texts) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        page.close()
+    for node_id in expected:
+        (text,) = page.texts[node_id]  # one text a run
+        node = api[node_id]
+        if node["class_type"] == "BiasMapGuidedKSampler":
+            scale = node["inputs"]["guidance_scale"]
+            assert text.startswith("no guidance applied (λ = 0): recording only" if scale == 0 else
+                                   "guidance over (evaluation, image) pairs: "), (scale, text)
+        elif node["class_type"] == "BiasMapEntanglementIoU":
+            assert text.startswith("'gender' and 'doctor': mIoU "), text
+            report = entry["outputs"][node_id]["text"][0]
+            assert text.splitlines()[0].split(": ", 1)[1] in report.splitlines()  # the report's own figures
+            assert ("\nagainst the baseline: mIoU " in text) == ("baseline" in node["inputs"]), text
+        else:
+            assert node["class_type"] == "BiasMapAttributionMap", node
+            assert text == "the map of 'gender': all stages, all steps", text
 
 
 def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampler(server):
