@@ -11,7 +11,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
-from .common import ADVANCED, CATEGORY, Trace, mask_size, plain_errors, step_inputs, step_window
+from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, step_inputs,
+                     step_window)
 from .concepts import check_apart, check_listed_once, require
 from .output_files import name_in, output_path
 
@@ -52,7 +53,8 @@ class BiasMapAuditLog(io.ComfyNode):
                                tooltip="Masks keep pixels above this quantile (paper: 0.70)."),
                 io.Combo.Input("resolution", options=["image", "latent"], default="image", extra_dict=ADVANCED,
                                tooltip="Threshold at image size (the reference) or at latent size."),
-                *step_inputs(),
+                # Optional and last: prompts saved before them (API format) run as they did, with every step.
+                *step_inputs(optional=True),
             ],
             # ComfyUI's frontend shows text only on Preview as Text: what happened is an output to link there.
             outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines."),
@@ -77,8 +79,8 @@ class BiasMapAuditLog(io.ComfyNode):
 
     @classmethod
     @plain_errors
-    def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution, first_step,
-                last_step) -> io.NodeOutput:
+    def execute(cls, trace, filename, label, concept_a, concept_b, q, resolution, first_step=FIRST_STEP,
+                last_step=LAST_STEP) -> io.NodeOutput:
         path = _csv_path(filename)
         require(check_listed_once(concept_a=concept_a, concept_b=concept_b))  # linked lists are known now
         require(check_apart(concept_a, concept_b))

@@ -10,8 +10,9 @@ from comfy_api.latest import io
 from ..biasmap_engine import BRANCHES, GATES, MODES, BiasMapSettings, parse_stages
 from ..biasmap_engine.host import SIGMA_CAP
 
-__all__ = ["ADVANCED", "CATEGORY", "Trace", "check_images", "check_stage_names", "guidance_inputs", "mask_size",
-           "plain_errors", "rgb", "settings_from", "show_on_node", "stages_in", "step_inputs", "step_window"]
+__all__ = ["ADVANCED", "CATEGORY", "FIRST_STEP", "LAST_STEP", "Trace", "check_images", "check_stage_names",
+           "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from", "show_on_node", "stages_in",
+           "step_inputs", "step_window"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -122,11 +123,15 @@ def _tuple_or_none(stages):
     return tuple(stages) if stages is not None else None
 
 
-def step_inputs() -> list:
-    """First and last sampler step whose maps are summed (advanced)."""
-    return [io.Int.Input("first_step", default=0, min=0, max=10000, extra_dict=ADVANCED,
+FIRST_STEP, LAST_STEP = 0, 10000  # every step: the step inputs' defaults
+
+
+def step_inputs(optional: bool = False) -> list:
+    """First and last sampler step whose maps are summed (advanced); ``optional`` for a node that had none at first,
+    so that a prompt saved before them (API format, which has no defaults) still runs it."""
+    return [io.Int.Input("first_step", default=FIRST_STEP, min=0, max=10000, optional=optional, extra_dict=ADVANCED,
                          tooltip="First sampler step whose maps are summed, counting from 0 (the first step)."),
-            io.Int.Input("last_step", default=10000, min=0, max=10000, extra_dict=ADVANCED,
+            io.Int.Input("last_step", default=LAST_STEP, min=0, max=10000, optional=optional, extra_dict=ADVANCED,
                          tooltip="Last sampler step whose maps are summed, counting from 0 (values past the end "
                                  "mean the end: of 20 steps, the last is 19).")]
 

@@ -391,6 +391,20 @@ def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampl
     assert "nurse" in entry["outputs"][iou]["text"][0]
 
 
+def test_an_audit_prompt_saved_before_audit_log_had_a_step_window_still_logs_its_rows(server):
+    # API prompts carry no defaults: one without the inputs added since would lose the node, and ComfyUI would run
+    # the rest (the sampler) and log nothing, answering 200 with the node's errors beside the prompt id.
+    api = _small(_convert(server, "biasmap_audit_advanced.json"), steps=2)
+    log = next(i for i, node in api.items() if node["class_type"] == "BiasMapAuditLog")
+    workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/before_steps")
+    del api[log]["inputs"]["first_step"], api[log]["inputs"]["last_step"]
+    entry = _run_prompt(server, api)
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    with open(server["out"] / "biasmap" / "before_steps.csv", newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["first_step"], r["last_step"]) for r in rows] == [("0", "1")], rows  # every step of the two
+
+
 def test_the_professions_workflow_walks_its_plan_one_queued_run_at_a_time_and_refuses_a_run_past_it(server):
     api = _small(_convert(server, "biasmap_audit_professions.json"))
     workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/plan_walk")
