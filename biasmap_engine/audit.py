@@ -64,9 +64,11 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     return rows
 
 
-def append_csv(path: str, rows: list[dict]) -> list[dict]:
+def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> list[dict]:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
-    file started before the latest columns takes them without those).
+    file started before the latest columns takes them without those, but for the ``needed`` ones: columns whose
+    values those files' rows do not stand for, such as a step window, without which the rows would be paired with
+    whole runs').
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
     rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI
@@ -91,6 +93,12 @@ def append_csv(path: str, rows: list[dict]) -> list[dict]:
                                  f"file name, or remove the blank line")
             # A file written before the latest columns: kept as it is.
             if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
+                lost = [c for c in needed if c not in header]
+                if lost:
+                    raise ValueError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
+                                     f"without which these rows would read as measured at the image's size over "
+                                     f"every step, and pair with such rows in the summary: give this audit another "
+                                     f"file name")
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))

@@ -88,10 +88,13 @@ class BiasMapAuditLog(io.ComfyNode):
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
-        rows = audit_rows(trace, q, pairs, size, label, step_window(trace, first_step, last_step))
+        window = step_window(trace, first_step, last_step)
+        rows = audit_rows(trace, q, pairs, size, label, window)
         shown = "output/" + name_in(path, folder_paths.get_output_directory())
+        # What a file started before these columns cannot say of its rows: they are of every step, at image size.
+        needed = (("first_step", "last_step") if window else ()) + (("mask_size",) if resolution == "latent" else ())
         try:
-            written = append_csv(path, rows)
+            written = append_csv(path, rows, needed)
         except ValueError as err:
             raise ValueError(str(err).replace(path, shown)) from err
         text = csv_text(written)

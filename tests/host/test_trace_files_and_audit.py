@@ -311,6 +311,29 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     assert "give the audit a new file name" in caplog.text
 
 
+@pytest.mark.parametrize("asked, lost", [({"first_step": 1}, "first_step, last_step"),
+                                         ({"last_step": 0}, "first_step, last_step"),
+                                         ({"resolution": "latent"}, "mask_size")])
+def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be_paired_rightly(pack, folders, trace,
+                                                                                              asked, lost):
+    # Without them, rows of one step or of latent-size masks would read as whole runs at image size, and the summary
+    # would pair them with those: a guided run's window against a baseline's whole run.
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    from biasmap_engine import append_csv, audit_rows
+
+    path = folders / "out" / "biasmap" / "audit.csv"
+    later = ("mask_size", "first_step", "last_step")
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"audit.csv was started before BiasMap wrote the column\(s\) {lost}, "
+                                         rf"without which .*: give this audit another file name"):
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace} | asked)
+    assert path.read_bytes() == before
+    as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # whole runs: taken
+    assert path.read_bytes() != before
+
+
 def test_audit_log_that_cannot_read_the_file_back_after_appending_says_so_and_does_not_fail(pack, folders, trace,
                                                                                              monkeypatch):
     # A failure after the rows are in would have the run queued again append them twice.
