@@ -54,7 +54,7 @@ B_COLOR: tuple[float, float, float] = (213 / 255, 94 / 255, 0.0)
 _LABEL_TEXT = (1.0, 1.0, 1.0)
 
 _LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every region colour to read on it
-_OUTLINE = tuple(c / 255 for c in _LABEL_BOX)
+_OUTLINE = tuple(c / 255 for c in _LABEL_BOX)  # the masks' outline: the label's dark, which every colour reads on
 _LABEL_GAP = "  "
 
 
@@ -161,10 +161,17 @@ def _font_for(text: str, size: int):
     fonts = _fonts(size)
     font = next((font for font in fonts if _draws(font, text)), None)
     if font is None:
-        logging.warning("BiasMap: no font here draws every letter of the label %r, so some show as boxes in the "
-                        "picture (the report has them): install a font that has them, e.g. Noto Sans CJK for "
-                        "Chinese or Japanese", text)
+        _say_undrawn("".join(ch for ch in sorted(set(text)) if not any(_draws(f, ch) for f in fonts)))
     return font or fonts[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _say_undrawn(letters: str) -> None:
+    """Tell, once a run of ComfyUI for each set of ``letters`` that no font here draws, how to have them drawn."""
+    logging.warning("BiasMap: no font here draws %s, which the entanglement picture's label shows as boxes (the "
+                    "report has them): install a font that has them under one of the file names Pillow looks "
+                    "for, %s, then restart ComfyUI", letters or "every letter of one label in one font",
+                    ", ".join(_FALLBACK_FONTS))
 
 
 def _draws(font, text: str) -> bool:
@@ -248,15 +255,15 @@ def entanglement_picture(
         base = image.to(device, torch.float32).expand(batch, -1, -1, -1)
         picture = torch.where((region > 0).unsqueeze(-1), torch.lerp(base, paint, opacity), base)
         # Blended, a colour fades into a picture of its own hue (sky blue over a sky or blue scrubs): a dark outline
-        # about 1/256 of the short side wide, inside each mask, keeps its shape in view on any light picture.
-        rim = max(1, min(height, width) // 256)
-        edges = _inner_edges(mask_a.to(device, torch.bool), rim) | _inner_edges(mask_b.to(device, torch.bool), rim)
-        picture = torch.where(edges.unsqueeze(-1), torch.tensor(_OUTLINE, device=device), picture)
+        # about 1/256 of the short side wide keeps the masks' shape in view on any light picture. Drawn around them,
+        # on the picture: inside, it would paint over a thin mask or a sliver of overlap that the IoU counts.
+        rim = _outside(region > 0, max(1, min(height, width) // 256))
+        picture = torch.where(rim.unsqueeze(-1), torch.tensor(_OUTLINE, device=device), picture)
     # Text grows with the image (about 1/32 of its short side) but never below the 10 px that
     # the default font needs to stay legible.
     font_px = max(10, min(height, width) // 32)
     for index, iou in enumerate(ious.tolist()):
-        segments = [(f"a&b IoU {_two_decimals(iou)}", _LABEL_TEXT), (f"a={label_a}", A_COLOR),
+        segments = [(f"a&b IoU {_iou_text(iou)}", _LABEL_TEXT), (f"a={label_a}", A_COLOR),
                     (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
         if patch.shape[0] > height // 4:  # wrapped over a small picture: the IoU alone (the report names the words)
@@ -266,7 +273,7 @@ def entanglement_picture(
     return picture
 
 
-def _two_decimals(iou: float) -> str:
+def _iou_text(iou: float) -> str:
     """An IoU for the label: "n/a" for NaN (nothing to measure), and never 0.00 or 1.00 unless it is, so that a
     sliver of overlap drawn is not labelled none."""
     if iou != iou:
@@ -276,12 +283,13 @@ def _two_decimals(iou: float) -> str:
     return ">0.99" if 0.995 <= iou < 1 else f"{iou:.2f}"
 
 
-def _inner_edges(masks: Tensor, width: int) -> Tensor:
-    """Pixels of [B, H, W] boolean masks within ``width`` pixels of a pixel outside them (the picture's own border
-    is no edge)."""
-    outside = (~masks).float().unsqueeze(1)
-    near = torch.nn.functional.max_pool2d(outside, 2 * width + 1, stride=1, padding=width).squeeze(1) > 0
-    return masks & near
+def _outside(masks: Tensor, width: int) -> Tensor:
+    """Pixels outside [B, H, W] boolean masks within ``width`` pixels of them (a square's reach, as two 1-D max
+    pools: a 2-D one costs a kernel's area per pixel)."""
+    near = masks.float().unsqueeze(1)
+    near = torch.nn.functional.max_pool2d(near, (2 * width + 1, 1), stride=1, padding=(width, 0))
+    near = torch.nn.functional.max_pool2d(near, (1, 2 * width + 1), stride=1, padding=(0, width))
+    return (near.squeeze(1) > 0) & ~masks
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

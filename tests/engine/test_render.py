@@ -1,6 +1,7 @@
 """Behaviour of biasmap_engine.render: map scaling, colour maps, overlays and the entanglement picture."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -211,29 +212,42 @@ def test_entanglement_picture_colours_a_only_b_only_both_and_neither():
         return 0.5 + 0.6 * (torch.tensor(colour) - 0.5)
 
     assert torch.allclose(out[0, 90, 20], blended(A_COLOR), atol=1e-6)
-    assert_striped(out[0, 81:99, 31:49], blended(A_COLOR), blended(B_COLOR))  # inside the outlines
+    assert_striped(out[0, 80:100, 30:50], blended(A_COLOR), blended(B_COLOR))
     assert torch.allclose(out[0, 90, 60], blended(B_COLOR), atol=1e-6)
     assert torch.equal(out[0, 110:, :], image[0, 110:, :])  # neither: the image, untouched
 
 
-def test_over_a_picture_each_mask_is_outlined_in_dark_inside_its_edge_so_a_sky_blue_mask_shows_over_a_sky():
+def test_over_a_picture_the_masks_are_outlined_in_dark_around_them_so_a_sky_blue_mask_shows_over_a_sky():
     sky = torch.tensor((0.49, 0.69, 0.89)).expand(1, 512, 512, 3)  # A's colour, blended, all but vanishes here
     a, b = quadrant_masks(512)  # rows 80..99; A cols 10..49, B cols 30..69
     out = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), sky)
-
-    def rim(left, right, width=2):  # 512 / 256: the rectangle's pixels within 2 of its outside
-        shape = torch.zeros(512, 512, dtype=torch.bool)
-        shape[80:100, left:right] = True
-        shape[80 + width:100 - width, left + width:right - width] = False
-        return shape
-
     dark = out[0].amax(-1) < 0.1
-    assert torch.equal(dark[40:], (rim(10, 50) | rim(30, 70))[40:])  # below the label: each mask's rim, overlap too
+    around = torch.zeros(512, 512, dtype=torch.bool)
+    around[78:102, 8:72] = True  # within 2 (= 512 / 256) of the masks' union, outside it
+    around[80:100, 10:70] = False
+    assert torch.equal(dark[40:], around[40:])  # below the label
+    assert not dark[(a | b)[0]].any()  # every pixel the IoU counts keeps its colour
     whole = torch.ones(1, 512, 512, dtype=torch.bool)
     covered = entanglement_picture(whole, ~whole, torch.tensor([0.0]), ("woman", "doctor"), sky)
-    assert not (covered[0, 40:].amax(-1) < 0.1).any()  # the picture's border is no edge of a mask
+    assert not (covered[0, 40:].amax(-1) < 0.1).any()  # the picture's border has nothing beyond it to outline
     bare = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"))  # on black: no outline needed
-    assert not (bare[0, 40:].amax(-1) < 0.1)[a[0, 40:] | b[0, 40:]].any()
+    assert torch.equal(bare[0, 40:].amax(-1) < 0.1, ~(a | b)[0, 40:])
+
+
+@pytest.mark.parametrize("height, width, reach", [(128, 256, 1), (1024, 512, 2), (1024, 1024, 4)])
+def test_the_outline_grows_with_the_pictures_short_side_and_leaves_a_two_pixel_overlap_striped(height, width, reach):
+    grey = torch.full((1, height, width, 3), 0.5)
+    a = torch.zeros(1, height, width, dtype=torch.bool)
+    b = torch.zeros_like(a)
+    a[:, 60:100, 20:42] = True
+    b[:, 60:100, 40:60] = True  # overlapping A in columns 40 and 41 only
+    out = entanglement_picture(a, b, torch.tensor([0.05]), ("woman", "doctor"), grey)
+    dark = out[0].amax(-1) < 0.1
+    assert dark[80, 20 - reach:20].all() and not dark[80, 20 - reach - 1]  # the outline's width, left of A
+    blended = [0.5 + 0.6 * (torch.tensor(c) - 0.5) for c in (A_COLOR, B_COLOR)]
+    sliver = out[0, 60:100, 40:42]  # the overlap, two columns wide: in both colours, as stripes are
+    is_a, is_b = ((sliver - colour).abs().amax(-1) < 1e-6 for colour in blended)
+    assert (is_a | is_b).all() and is_a.any() and is_b.any()
 
 
 def assert_striped(region, colour_a, colour_b):
@@ -307,15 +321,22 @@ def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_t
     a, b = quadrant_masks()
     drawn = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
     render._fonts.cache_clear()
-    monkeypatch.setattr(render, "_FALLBACK_FONTS", ())
+    render._say_undrawn.cache_clear()
+    monkeypatch.setattr(render, "_FALLBACK_FONTS", ("NoSuchFont.ttf",))  # none that draws é
     try:
         assert "no font here draws" not in caplog.text
         boxed = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
     finally:
         render._fonts.cache_clear()
     assert not torch.equal(drawn, boxed)
-    said = f"no font here draws every letter of the label 'a&b IoU 0.33 a=woman b={word}', so some show as boxes"
-    assert said in caplog.text
+    assert "no font here draws é, which the entanglement picture's label shows as boxes" in caplog.text
+    assert "under one of the file names Pillow looks for, NoSuchFont.ttf, then restart ComfyUI" in caplog.text
+    caplog.clear()
+    try:
+        entanglement_picture(a, b, torch.tensor([0.5]), ("woman", word))  # another label, the same letter
+    finally:
+        render._fonts.cache_clear()
+    assert "no font here draws" not in caplog.text  # said once
 
 
 def test_entanglement_picture_without_image_uses_full_colours_on_black():
@@ -444,6 +465,13 @@ def test_the_entanglement_label_gives_the_iou_to_two_decimals():
     one, other, rounded = (entanglement_picture(empty, empty, torch.tensor([v]), ("a", "b")) for v in (0.33, 0.34,
                                                                                                       0.334))
     assert not torch.equal(one, other) and torch.equal(one, rounded)
+
+
+@pytest.mark.parametrize("iou, text", [(math.nan, "n/a"), (0.0, "0.00"), (0.001, "<0.01"), (0.00499, "<0.01"),
+                                       (0.005, "0.01"), (0.33, "0.33"), (0.99499, "0.99"), (0.99501, ">0.99"),
+                                       (1.0, "1.00")])
+def test_the_label_writes_an_iou_to_two_decimals_but_never_rounds_a_sliver_to_none_or_all(iou, text):
+    assert render._iou_text(iou) == text
 
 
 def test_the_entanglement_label_says_a_sliver_of_overlap_is_below_one_hundredth_not_none():
