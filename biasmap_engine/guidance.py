@@ -58,9 +58,11 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
     grad = torch.where(finite.view(per_image), grad, torch.zeros_like(grad))  # NaN · 0 is NaN: zero it first
     sigma2 = sigma.to(wide).view(per_image) ** 2
     step = scale * sigma2 * factor.to(wide).view_as(sigma2) * grad
-    # An image not moved keeps its values as they were: λσ² past the dtype's range is inf, and inf · 0 NaN.
+    # An image not moved (gated, non-finite, or λ = 0) keeps its values as they were: λσ² past the dtype's range is
+    # inf, and inf · 0 NaN.
     kept = (factor == 0).view(per_image) | (scale == 0)
-    return torch.where(kept, denoised.to(wide), denoised.to(wide) - step).to(denoised.dtype), norm, status
+    before = denoised.to(wide)
+    return torch.where(kept, before, before - step).to(denoised.dtype), norm, status
 
 
 def entanglement_energy(token_maps: torch.Tensor, pairs: list[tuple[list[int], list[int]]], keep: float = 0.3,

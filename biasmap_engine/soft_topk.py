@@ -167,7 +167,8 @@ def _exact_global(maps: torch.Tensor, keep: float, gamma: float) -> torch.Tensor
     # difference of maps) with max ≤ 0 would be scaled to ±huge values and the sum's solve to NaN.
     largest, tiny = flat.abs().amax(-1, keepdim=True), torch.finfo(flat.dtype).tiny
     # A map of zeros (or of values below the dtype's normal range) has no top pixels: a uniform S and no gradient,
-    # where dividing by a floor would send 1/floor (inf in fp32) back to the map.
+    # where dividing by a floor would send 1/floor (inf in fp32) back to the map. (Just above that range the gradient,
+    # about 1/max, still overflows fp32, up to maps of about 1e-37: a step then skipped as non-finite, and counted.)
     x = torch.where(largest >= tiny, flat / largest.clamp_min(tiny), 0.0)
     logits = (2.0 * x - 1.0) / gamma
     return _SigmoidWithSum.apply(logits, float(k)).view(maps.shape)

@@ -188,6 +188,7 @@ def test_exact_mode_takes_signed_maps_whose_max_is_not_positive():
         assert s.isfinite().all() and torch.allclose(s.flatten(-2).sum(-1), torch.full((2,), 19.0), rtol=1e-4)
         flat, top = s.flatten(-2), maps.flatten(-2).argmax(-1, keepdim=True)
         assert torch.allclose(flat.gather(-1, top).squeeze(-1), flat.amax(-1))  # the largest pixel kept most
+        assert (flat.amax(-1) - flat.amin(-1) > 0.5).all()  # a mask, not the uniform one of a map without signal
 
 
 @pytest.mark.parametrize("peak", [0.0, 1e-39], ids=["zeros", "below fp32's normal range"])
@@ -198,6 +199,9 @@ def test_exact_mode_gives_a_map_without_signal_the_uniform_mask_and_no_gradient(
     (s * torch.linspace(0, 1, 64).view(8, 8)).sum().backward()
     assert torch.allclose(s, torch.full_like(s, 19 / 64), rtol=1e-4)
     assert torch.equal(maps.grad, torch.zeros_like(maps))
+    faint = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(2))
+    for scale in (1e-37, 1e-30):  # faint, but at its peak within the normal range: a map as any other
+        assert torch.allclose(soft_topk(faint * scale, 0.3, mode="exact"), soft_topk(faint, 0.3, mode="exact"))
 
 
 def test_exact_mode_gradient_matches_finite_differences():
