@@ -390,7 +390,8 @@ def test_a_word_that_a_node_reading_the_trace_lacks_is_refused_before_the_sample
     run, evaluated = one_step_sampler(sd15, prompts)
     encoded = []
     encode = sampling.encode_attribution
-    monkeypatch.setattr(sampling, "encode_attribution", lambda *args: encoded.append(args[1]) or encode(*args))
+    monkeypatch.setattr(sampling, "encode_attribution",
+                        lambda clip, text: encoded.append(text) or encode(clip, text))
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
              "8": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
              "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "word": "Gender,"}},
