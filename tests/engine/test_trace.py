@@ -182,7 +182,9 @@ def _saved_parts(tmp_path):
 
 @pytest.mark.parametrize("change, problem", [
     ({"latent_shape": [2, 4, 80000, 120000]}, r"latent of 120000×80000 is larger than ComfyUI's image nodes make"),
-    ({"latent_shape": [2, 4, 64, 96]}, r"maps of stage down_1 are 12×8, where a 96×64 latent's are 96×64"),
+    ({"latent_shape": [2, 4, 64, 96]}, r"maps of stage down_1 are 12×8, where a 96×64 latent's are 96×64 \(as in "
+                                       r"traces of runs with Kohya Deep Shrink that BiasMap saved before 2026-11-28, "
+                                       r"which kept the grids layers ran at: sample such a run again to measure it\)"),
     ({"latent_shape": [2, 4, "8", 12]}, r"latent_shape \[2, 4, '8', 12\] is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": {"0": 2}}, r"is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": [2]}, r"is not a latent's"),
