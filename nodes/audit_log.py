@@ -11,8 +11,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
-from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, step_inputs,
-                     step_window)
+from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
+                     step_inputs, step_window)
 from .concepts import check_apart, check_listed_once, require
 from .output_files import name_in, output_path
 
@@ -56,7 +56,7 @@ class BiasMapAuditLog(io.ComfyNode):
                 # Optional and last: prompts saved before them (API format) run as they did, with every step.
                 *step_inputs(optional=True),
             ],
-            # ComfyUI's frontend shows text only on Preview as Text: what happened is an output to link there.
+            # Where the rows went and the file's figures are written on the node; with the rows, an output.
             outputs=[io.String.Output("rows", tooltip="The rows appended, as CSV lines."),
                      io.String.Output("summary", tooltip="Where the rows went and how many, any column the file "
                                                          "lacks, the paper's reductions over the file (guided runs "
@@ -64,6 +64,7 @@ class BiasMapAuditLog(io.ComfyNode):
                                                          "each profession's means), then the rows (link Preview as "
                                                          "Text to read it).")],
             is_output_node=True,
+            hidden=[io.Hidden.unique_id],  # to write on the node where the rows went and the file's figures
         )
 
     @classmethod
@@ -114,6 +115,7 @@ class BiasMapAuditLog(io.ComfyNode):
             figures = f"the file's figures so far could not be read: {str(err).replace(path, shown)}"
             # A fault of BiasMap's own keeps its traceback in the console.
             logging.warning("BiasMap: %s", figures, exc_info=not isinstance(err, (ValueError, OSError)))
+        show_on_node(cls, f"{message}\n{figures}")  # the summary less the rows, which its output has
         summary = f"{message}\n{figures}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 

@@ -398,8 +398,19 @@ def test_an_audit_prompt_saved_before_audit_log_had_a_step_window_still_logs_its
     log = next(i for i, node in api.items() if node["class_type"] == "BiasMapAuditLog")
     workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/before_steps")
     del api[log]["inputs"]["first_step"], api[log]["inputs"]["last_step"]
-    entry = _run_prompt(server, api)
+    page = _PageText(server["base"], "biasmap-tests")
+    try:
+        entry = _run_prompt(server, api)
+        deadline = time.monotonic() + 10  # the events go out while the prompt runs; the history may come first
+        while log not in page.texts and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        page.close()
     assert entry["status"]["status_str"] == "success", _errors(entry)
+    # On the node: where the rows went and the file's figures, the summary output less its rows.
+    summary, (said,) = entry["outputs"][log]["text"][0], page.texts[log]
+    assert said.startswith("1 row(s) appended to output/biasmap/before_steps.csv\n"), said
+    assert summary.startswith(said + "\n") and summary[len(said) + 1:].startswith("label,"), (said, summary)
     with open(server["out"] / "biasmap" / "before_steps.csv", newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert [(r["first_step"], r["last_step"]) for r in rows] == [("0", "1")], rows  # every step of the two
