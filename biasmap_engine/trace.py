@@ -107,8 +107,9 @@ class BiasMapTrace:
 
     def positions(self, word: str) -> list[int]:
         """Token positions of a word (all its BPE pieces) in the attribution prompt."""
-        fix = "Pick one of these, or sample again with it added to the sampler's attribution prompt: a trace has maps of "
-        return find_word_positions(self.tokens, word, fix + "its words only")
+        fix = ("Pick one of these, or sample again with it added to the sampler's attribution prompt: a trace has "
+               "maps of its words only")
+        return find_word_positions(self.tokens, word, fix)
 
     def token_maps(self, stages=None, steps=None, size=None, tokens=None) -> torch.Tensor:
         """``[B, N, H, W]``: maps summed over the chosen evaluations and stages, at ``size`` (default: the largest
