@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, show_on_node,
-                     stages_in, step_inputs, step_window)
+                     stages_in, step_inputs, step_window, window_text)
 from .concepts import check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapAttributionMap"]
@@ -85,8 +85,7 @@ class BiasMapAttributionMap(io.ComfyNode):
                             f"({NOT_FINITE_CAUSE}): drawn empty, with an empty mask")
             logging.warning("BiasMap Attribution Map: %s", warnings[-1])
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
-        window = f"steps {steps[0]}–{steps[1]} of 0–{trace.num_steps - 1}" if steps else "all steps"
-        said = f"the map of {word!r}: {', '.join(stages) if stages else 'all stages'}, {window}"
+        said = f"the map of '{word}': {', '.join(stages) if stages else 'all stages'}, {window_text(trace, steps)}"
         show_on_node(cls, "\n".join([said, *filter(None, warnings)]))
         # Those images left out of the scale (their zeros would be the batch's minimum), then drawn as 0.
         shown = maps.masked_fill(unmeasured.view(-1, 1, 1), float("nan"))

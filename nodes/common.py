@@ -2,6 +2,7 @@
 concept inputs are in concepts.py, the files the nodes write in output_files.py)."""
 
 import functools
+import html
 import logging
 import sys
 
@@ -12,7 +13,7 @@ from ..biasmap_engine.host import SIGMA_CAP
 
 __all__ = ["ADVANCED", "CATEGORY", "FIRST_STEP", "LAST_STEP", "Trace", "check_images", "check_stage_names",
            "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from", "show_on_node", "stages_in",
-           "step_inputs", "step_window"]
+           "step_inputs", "step_window", "window_text"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -93,13 +94,15 @@ def stages_in(name: str, text: str) -> list[str] | None:
 
 def plain_errors(execute):
     """``execute`` raising BiasMap's own errors as ValueError: ComfyUI names an error's type by its module, which
-    for a custom node is the path of its folder, and would show that before the message."""
+    for a custom node is the path of its folder, and would show that before the message. The message replaces the
+    node's text, which would otherwise still tell of the run before."""
 
     @functools.wraps(execute)
-    def wrapper(*args, **kwargs):
+    def wrapper(node, *args, **kwargs):
         try:
-            return execute(*args, **kwargs)
+            return execute(node, *args, **kwargs)
         except ValueError as err:
+            show_on_node(node, f"stopped: {err}")
             if type(err) is ValueError:
                 raise
             raise ValueError(str(err)) from err
@@ -116,7 +119,17 @@ def show_on_node(node, text: str) -> None:
     # importing ComfyUI's server module loads all of ComfyUI.
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
     if server is not None and hidden is not None and hidden.unique_id is not None:
-        server.send_progress_text(text, hidden.unique_id, server.client_id)
+        # The page puts the text into the node as HTML: a concept typed as <b>nurse</b> is shown, not obeyed.
+        server.send_progress_text(html.escape(text, quote=False), hidden.unique_id, server.client_id)
+
+
+def window_text(trace, steps) -> str:
+    """The steps a node's maps are of, as its text on the page says them."""
+    if steps is None:
+        return "all steps"
+    first, last = steps
+    shown = f"step {first}" if first == last else f"steps {first}–{last}"
+    return f"{shown} of 0–{trace.num_steps - 1}"
 
 
 def _tuple_or_none(stages):

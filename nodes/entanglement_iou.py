@@ -4,7 +4,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import entanglement_picture, guidance_line, measure_entanglement, resize_maps
 from .common import (ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, show_on_node, step_inputs,
-                     step_window)
+                     step_window, window_text)
 from .concepts import check_apart, check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapEntanglementIoU"]
@@ -69,7 +69,9 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size=size, steps=steps)
         report = result.report + (f"\npicture: {stretched}" if stretched else "")  # the page shows no console
-        said = [f"'{word_a}' and '{word_b}': {result.headline}"]  # on the node: the report needs a Preview as Text
+        # On the node: the figures; the whole report is for Preview as Text.
+        window = f" ({window_text(trace, steps)})" if steps else ""
+        said = [f"'{word_a}' and '{word_b}'{window}: {result.headline}"]
         if baseline is not None:  # measured as this trace is, each at its own size and over its own steps
             try:
                 before = measure_entanglement(baseline, word_a, word_b, q, size=mask_size(baseline, resolution),

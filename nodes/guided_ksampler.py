@@ -40,7 +40,7 @@ def _logged(node, latent, trace) -> io.NodeOutput:
                            f"semantic concepts with it")
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
-    show_on_node(node, "\n".join([guidance_line(trace), *(f"note: {note}" for note in trace.notes)]))
+    show_on_node(node, "\n".join(filter(None, [guidance_line(trace), *(f"note: {note}" for note in trace.notes)])))
     return io.NodeOutput(latent, trace)
 
 

@@ -303,10 +303,17 @@ def test_a_word_the_map_nodes_ask_for_and_the_attribution_prompt_lacks_stops_the
     # the graph ComfyUI runs (its hidden prompt) and refuses before its first step.
     api = _small(_convert(server, "biasmap_discover_and_mitigate.json"))
     workflow_api.override(api, "BiasMapAttributionMap", word="gendre")
-    entry = _run_prompt(server, api)
+    page = _PageText(server["base"], "biasmap-tests")
+    try:
+        entry = _run_prompt(server, api)
+        time.sleep(1)  # the events go out while the prompt runs; the history may come first
+    finally:
+        page.close()
     assert entry["status"]["status_str"] == "error"
     (error,) = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert error["node_type"] == "BiasMapGuidedKSampler", _errors(entry)
+    # Its node's text says so too, rather than still telling of the run before.
+    assert page.texts[error["node_id"]] == [f"stopped: {error['exception_message'].rstrip()}"]
     # Named by the title the workflow gave it (the page shows titles, not ids), with its id.
     assert error["exception_message"].startswith('Attribution Map "Where is the demographic concept'), _errors(entry)
     assert re.search(r'" \(node \d+\) asks for word', error["exception_message"]), _errors(entry)
@@ -350,45 +357,58 @@ class _PageText:
 
 def test_the_nodes_write_what_the_console_says_on_the_page_without_a_preview_as_text(server):
     # The page shows no console: the samplers' guidance counts and notes, the figures and the map's window are
-    # written on each node (as Get Image Size writes a size), replaced by the next run's.
+    # written on each node (as Get Image Size writes a size), replaced by the next run's, to the queuing page only.
     api = _small(_convert(server, "biasmap_discover_and_mitigate.json"), steps=2)
-    page = _PageText(server["base"], "biasmap-tests")
+    page, other_page = _PageText(server["base"], "biasmap-tests"), _PageText(server["base"], "another-page")
     try:
-        entry = _run_prompt(server, api)
-        assert entry["status"]["status_str"] == "success", _errors(entry)
-        expected = [i for i, node in api.items() if node["class_type"].startswith("BiasMap")]
-        deadline = time.monotonic() + 10  # the events go out while the prompt runs; the history may come first
-        while set(expected) - set(page.texts) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        entry = _run_and_hear(server, api, page)
+        # A concept typed in markup, a map of one step and stage over an image of another shape, and a cfg that is
+        # not a number (a NaN the notes name).
+        tagged = {"attribution_prompt": "A photo of the face of a doctor and <i>gender</i>",
+                  "demographic": "<i>gender</i>"}
+        workflow_api.override(api, "BiasMapGuidedKSampler", **tagged)
+        api["90"] = {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 64, "batch_size": 1, "color": 0}}
+        api["11"]["inputs"] |= {"stages": "down_1", "first_step": 1, "last_step": 1, "image": ["90", 0]}
+        api["15"]["inputs"]["image"] = ["90", 0]
+        api["6"]["inputs"]["cfg"] = float("nan")
+        changed = _run_and_hear(server, api, page)
     finally:
         page.close()
-    for node_id in expected:
-        (text,) = page.texts[node_id]  # one text a run
-        node = api[node_id]
-        if node["class_type"] == "BiasMapGuidedKSampler":
-            scale = node["inputs"]["guidance_scale"]
-            assert text.startswith("no guidance applied (λ = 0): recording only" if scale == 0 else
-                                   "guidance over (evaluation, image) pairs: "), (scale, text)
-        elif node["class_type"] == "BiasMapEntanglementIoU":
-            assert text.startswith("'gender' and 'doctor': mIoU "), text
-            report = entry["outputs"][node_id]["text"][0]
-            assert text.splitlines()[0].split(": ", 1)[1] in report.splitlines()  # the report's own figures
-            assert ("\nagainst the baseline: mIoU " in text) == ("baseline" in node["inputs"]), text
-        else:
-            assert node["class_type"] == "BiasMapAttributionMap", node
-            assert text == "the map of 'gender': all stages, all steps", text
+        other_page.close()
+    assert other_page.texts == {}  # what one page queued is written on its nodes, not on another page's
+    first, second = entry.pop("heard"), changed.pop("heard")
+    assert set(first) == set(second) == {i for i, node in api.items() if node["class_type"].startswith("BiasMap")}
+    assert first["5"] == ["no guidance applied (λ = 0): recording only"]  # λ = 0, and no note
+    report = entry["outputs"]["16"]["text"][0].splitlines()
+    (guidance,) = [line for line in report if line.startswith("guidance over (evaluation, image) pairs: ")]
+    assert first["6"] == [guidance]  # λ = 100: its counts, as the report of its trace gives them
+    (means,) = [line for line in entry["outputs"]["15"]["text"][0].splitlines() if line.startswith("mIoU ")]
+    assert first["15"] == [f"'gender' and 'doctor': {means}\nno guidance applied (λ = 0): recording only"]
+    (means,) = [line for line in report if line.startswith("mIoU ")]
+    (against,) = [line.split("): ", 1)[1] for line in report if line.startswith("against the baseline (")]
+    assert first["16"] == [f"'gender' and 'doctor': {means}\nagainst the baseline: {against}\n{guidance}"]
+    assert first["11"] == first["12"] == ["the map of 'gender': all stages, all steps"]
+
+    (sampler,) = second["6"]
+    assert sampler.splitlines()[0].startswith("guidance over (evaluation, image) pairs: ")
+    assert "\nnote: " in sampler and "NaN" in sampler, sampler
+    (drawn,) = second["11"]
+    stretched = "the image is 96×64, a shape other than the decoded latent's (64×64)"
+    assert drawn.startswith("the map of '&lt;i&gt;gender&lt;/i&gt;': down_1, step 1 of 0–1\n" + stretched), drawn
+    assert f"\npicture: {stretched}" in second["15"][0]
+    assert second["16"][0].startswith("'&lt;i&gt;gender&lt;/i&gt;' and 'doctor': mIoU n/a")  # a NaN image
 
 
-def test_the_audit_workflow_measures_other_concepts_after_editing_only_its_sampler(server):
-    # Researchers change the concepts on the sampler; the nodes after it read them from the trace.
-    api = _small(_convert(server, "biasmap_audit_advanced.json"))
-    workflow_api.override(api, "BiasMapGuidedKSamplerAdvanced", semantic="nurse",
-                          attribution_prompt="A photo of the face of a nurse and gender")
-    workflow_api.override(api, "BiasMapAuditLog", filename="biasmap/nurse")  # the shipped test reads audit.csv
+def _run_and_hear(server, api: dict, page: "_PageText") -> dict:
+    """Run ``api`` as :func:`_run_prompt` does; its history entry, with the texts ``page`` heard under "heard"."""
+    page.texts.clear()
     entry = _run_prompt(server, api)
     assert entry["status"]["status_str"] == "success", _errors(entry)
-    iou = next(i for i, node in api.items() if node["class_type"] == "BiasMapEntanglementIoU")
-    assert "nurse" in entry["outputs"][iou]["text"][0]
+    expected = {i for i, node in api.items() if node["class_type"].startswith("BiasMap")}
+    deadline = time.monotonic() + 10  # the events go out while the prompt runs; the history may come first
+    while expected - set(page.texts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return entry | {"heard": dict(page.texts)}
 
 
 def test_an_audit_prompt_saved_before_audit_log_had_a_step_window_still_logs_its_rows(server):
