@@ -66,9 +66,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
 
 def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> list[dict]:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
-    file started before the latest columns takes them without those, but for the ``needed`` ones: columns whose
-    values those files' rows do not stand for, such as a step window, without which the rows would be paired with
-    whole runs').
+    file started before the latest columns takes them without those, but refuses rows whose ``needed`` columns it
+    lacks: a step window or latent-size masks, which would otherwise be paired with whole runs at image size).
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
     rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI
@@ -95,10 +94,12 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
                 lost = [c for c in needed if c not in header]
                 if lost:
+                    read_as = " and ".join(what for column, what in (("mask_size", "at the image's size"),
+                                                                     ("first_step", "over every step"))
+                                           if column in lost)
                     raise ValueError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
-                                     f"without which these rows would read as measured at the image's size over "
-                                     f"every step, and pair with such rows in the summary: give this audit another "
-                                     f"file name")
+                                     f"without which these rows would read as measured {read_as}, and pair with "
+                                     f"such rows in the summary: give this audit another file name")
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))

@@ -311,9 +311,14 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     assert "give the audit a new file name" in caplog.text
 
 
-@pytest.mark.parametrize("asked, lost", [({"first_step": 1}, "first_step, last_step"),
-                                         ({"last_step": 0}, "first_step, last_step"),
-                                         ({"resolution": "latent"}, "mask_size")])
+@pytest.mark.parametrize("asked, lost", [({"first_step": 1}, "first_step, last_step, without which these rows would "
+                                                            "read as measured over every step"),
+                                         ({"last_step": 0}, "first_step, last_step, without which"),
+                                         ({"resolution": "latent"}, "mask_size, without which these rows would read "
+                                                                    "as measured at the image's size,"),
+                                         ({"resolution": "latent", "first_step": 1},
+                                          "first_step, last_step, mask_size, without which these rows would read as "
+                                          "measured at the image's size and over every step,")])
 def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be_paired_rightly(pack, folders, trace,
                                                                                               asked, lost):
     # Without them, rows of one step or of latent-size masks would read as whole runs at image size, and the summary
@@ -326,8 +331,8 @@ def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be
     later = ("mask_size", "first_step", "last_step")
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=rf"audit.csv was started before BiasMap wrote the column\(s\) {lost}, "
-                                         rf"without which .*: give this audit another file name"):
+    with pytest.raises(ValueError, match=rf"audit.csv was started before BiasMap wrote the column\(s\) {lost}"
+                                         rf".*: give this audit another file name"):
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace} | asked)
     assert path.read_bytes() == before
     as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # whole runs: taken
