@@ -167,11 +167,12 @@ def _font_for(text: str, size: int):
 
 @functools.lru_cache(maxsize=64)
 def _say_undrawn(letters: str) -> None:
-    """Tell, once a run of ComfyUI for each set of ``letters`` that no font here draws, how to have them drawn."""
-    logging.warning("BiasMap: no font here draws %s, which the entanglement picture's label shows as boxes (the "
-                    "report has them): install a font that has them under one of the file names Pillow looks "
-                    "for, %s, then restart ComfyUI", letters or "every letter of one label in one font",
-                    ", ".join(_FALLBACK_FONTS))
+    """Tell once a process, for each set of ``letters`` that no font here draws (empty: each has a font, but no
+    font all of a label's), how to have them drawn."""
+    logging.warning("BiasMap: %s, which the entanglement picture's label shows as boxes (the report has them): "
+                    "install a font that has them under one of the file names Pillow looks for, %s, then restart "
+                    "ComfyUI", f"no font here draws {letters}" if letters else "no one font here draws all the "
+                    "letters of a label", ", ".join(_FALLBACK_FONTS))
 
 
 def _draws(font, text: str) -> bool:
