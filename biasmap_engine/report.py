@@ -55,7 +55,8 @@ class EntanglementResult:
             lines.append(f"{image}: IoU {figure(value, 4)} · mBIoU {figure(self.mbiou[i], 4)} · BIoU {blocks}")
         for word, pieces in self.pieces.items():
             lines.append(f"tokens of '{word}': {' '.join(pieces)}")
-        lines += [line for line in [guidance_line(trace)] if line]
+        if guidance := guidance_line(trace):
+            lines.append(guidance)
         positions = trace.positions(self.word_a) + trace.positions(self.word_b)
         unreadable = [i for i, finite in enumerate(trace.finite(positions, steps=self.steps).tolist()) if not finite]
         if unreadable:

@@ -58,7 +58,7 @@ def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: lis
         if tuple(stage_maps.shape[-2:]) != grid:
             return (f"its maps of stage {stage} are {stage_maps.shape[-1]}×{stage_maps.shape[-2]}, where a "
                     f"{latent_shape[3]}×{latent_shape[2]} latent's are {grid[1]}×{grid[0]} (as in traces of runs "
-                    f"with Kohya Deep Shrink that BiasMap saved before 2026-11-28, which kept the grids layers ran "
+                    f"with Kohya Deep Shrink that BiasMap saved before 2026-11-29, which kept the grids layers ran "
                     f"at: sample such a run again to measure it)")
     if sigmas.dim() != 1 or not sigmas.is_floating_point():
         return "its sigmas are not one number per evaluation"

@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from biasmap_engine import (STATUS, BiasMapTrace, ConceptNotFoundError, TraceFormatError, TraceRecorder, hard_mask, iou,
-                            measure_entanglement, sum_upsampled)
+from biasmap_engine import (STATUS, BiasMapTrace, ConceptNotFoundError, TraceFormatError, TraceRecorder, guidance_line,
+                            hard_mask, iou, measure_entanglement, sum_upsampled)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
 
@@ -38,6 +38,18 @@ def test_recorder_sums_layers_per_stage_and_keeps_every_evaluation():
     assert trace.steps.tolist() == [0, 1, 2]
     assert trace.num_steps == 3
     assert trace.image_size == (64, 96)
+
+
+def test_the_guidance_line_counts_each_outcome_over_evaluation_image_pairs_and_leaves_out_those_none_had():
+    trace = recorded_trace()  # step 0 unguided; steps 1 and 2: image 0 applied, image 1 skipped by the gate
+    assert guidance_line(trace) == ("guidance over (evaluation, image) pairs: not guided 2/6, applied 2/6, skipped "
+                                    "gate 2/6")
+    trace.guidance = {"status": torch.zeros(3, 2, dtype=torch.int8)}  # at λ = 100, as recorded
+    assert guidance_line(trace) == "no evaluation was guided although λ = 100 (see the notes)"
+    trace.settings = {**trace.settings, "scale": 0.0}
+    assert guidance_line(trace) == "no guidance applied (λ = 0): recording only"
+    trace.guidance = {}
+    assert guidance_line(trace) is None  # a trace without guidance accounting
 
 
 def test_concept_map_sums_steps_and_upsamples_stages():
@@ -183,7 +195,7 @@ def _saved_parts(tmp_path):
 @pytest.mark.parametrize("change, problem", [
     ({"latent_shape": [2, 4, 80000, 120000]}, r"latent of 120000×80000 is larger than ComfyUI's image nodes make"),
     ({"latent_shape": [2, 4, 64, 96]}, r"maps of stage down_1 are 12×8, where a 96×64 latent's are 96×64 \(as in "
-                                       r"traces of runs with Kohya Deep Shrink that BiasMap saved before 2026-11-28, "
+                                       r"traces of runs with Kohya Deep Shrink that BiasMap saved before 2026-11-29, "
                                        r"which kept the grids layers ran at: sample such a run again to measure it\)"),
     ({"latent_shape": [2, 4, "8", 12]}, r"latent_shape \[2, 4, '8', 12\] is not a latent's \[B, C, H, W\]"),
     ({"latent_shape": {"0": 2}}, r"is not a latent's \[B, C, H, W\]"),
