@@ -81,7 +81,7 @@ class BiasMapAttributionMap(io.ComfyNode):
         unmeasured = ~trace.finite(trace.positions(word), stages, steps).to(maps.device)
         if unmeasured.any():  # min-max scaling would spread one NaN over the whole heatmap and mask, unexplained
             images = ", ".join(str(i) for i in unmeasured.nonzero().flatten().tolist())
-            warnings.append(f"image(s) {images} of the batch hold NaN or inf in the maps of {word!r} "
+            warnings.append(f"image(s) {images} of the batch hold NaN or inf in the maps of '{word}' "
                             f"({NOT_FINITE_CAUSE}): drawn empty, with an empty mask")
             logging.warning("BiasMap Attribution Map: %s", warnings[-1])
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
