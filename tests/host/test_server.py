@@ -397,6 +397,7 @@ def test_the_nodes_write_what_the_console_says_on_the_page_without_a_preview_as_
     assert drawn.startswith("the map of '&lt;i&gt;gender&lt;/i&gt;': down_1, step 1 of 0–1\n" + stretched), drawn
     assert f"\npicture: {stretched}" in second["15"][0]
     assert second["16"][0].startswith("'&lt;i&gt;gender&lt;/i&gt;' and 'doctor': mIoU n/a")  # a NaN image
+    assert "image(s) 0 of the batch hold NaN or inf in the maps of '&lt;i&gt;gender&lt;/i&gt;'" in second["12"][0]
 
 
 def _run_and_hear(server, api: dict, page: "_PageText") -> dict:
