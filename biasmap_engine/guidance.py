@@ -59,8 +59,8 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
     sigma2 = sigma.to(wide).view(per_image) ** 2
     step = scale * sigma2 * factor.to(wide).view_as(sigma2) * grad
     # An image not moved (gated, non-finite, or λ = 0) keeps its values as they were: λσ² past the dtype's range is
-    # inf, and inf · 0 NaN.
-    kept = (factor == 0).view(per_image) | (scale == 0)
+    # inf, and inf · 0 NaN. λ is a number, not a tensor: tested here, not by a kernel of every guided evaluation.
+    kept = (factor == 0).view(per_image) if scale else torch.ones_like(factor, dtype=torch.bool).view(per_image)
     before = denoised.to(wide)
     return torch.where(kept, before, before - step).to(denoised.dtype), norm, status
 
