@@ -254,11 +254,12 @@ def entanglement_picture(
             raise ValueError(f"image must be [1 or {batch}, {height}, {width}, 3] like the masks, got "
                              f"{tuple(image.shape)}: make the masks at the image's size (measure_entanglement's size=)")
         base = image.to(device, torch.float32).expand(batch, -1, -1, -1)
-        picture = torch.where((region > 0).unsqueeze(-1), torch.lerp(base, paint, opacity), base)
+        painted = region > 0
+        picture = torch.where(painted.unsqueeze(-1), torch.lerp(base, paint, opacity), base)
         # Blended, a colour fades into a picture of its own hue (sky blue over a sky or blue scrubs): a dark outline
         # about 1/256 of the short side wide keeps the masks' shape in view on any light picture. Drawn around them,
         # on the picture: inside, it would paint over a thin mask or a sliver of overlap that the IoU counts.
-        rim = _outside(region > 0, max(1, min(height, width) // 256))
+        rim = _outside(painted, max(1, min(height, width) // 256))
         picture = torch.where(rim.unsqueeze(-1), torch.tensor(_OUTLINE, device=device), picture)
     # Text grows with the image (about 1/32 of its short side) but never below the 10 px that
     # the default font needs to stay legible.
