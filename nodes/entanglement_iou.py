@@ -68,7 +68,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size=size, steps=steps)
-        report = result.report + (f"\npicture: {stretched}" if stretched else "")  # the page shows no console
+        picture_note = f"picture: {stretched}" if stretched else None  # report and node: the page shows no console
+        report = "\n".join(filter(None, [result.report, picture_note]))
         # On the node: the figures; the whole report is for Preview as Text.
         window = f" ({window_text(trace, steps)})" if steps else ""
         said = [f"'{word_a}' and '{word_b}'{window}: {result.headline}"]
@@ -80,7 +81,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 raise ValueError(f"the baseline trace: {err}") from err
             report += "\n" + result.against(before)
             said.append(f"against the baseline: {result.change_from(before)}")
-        said += [line for line in (guidance_line(trace), stretched and f"picture: {stretched}") if line]
+        said += filter(None, [guidance_line(trace), picture_note])
         show_on_node(cls, "\n".join(said))
         # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the
         # label no room), the masks thresholded where they were measured.
