@@ -194,15 +194,17 @@ def _bitmap(font, text: str) -> tuple:
 
 
 def _label_patch(segments: list[tuple[str, tuple[float, float, float]]], font_px: int, max_width: int) -> Tensor:
-    """Draw coloured text segments on a dark box, wrapping them to fit max_width; [h, w, 3] float32 on CPU."""
+    """Draw coloured text segments on a dark box, wrapping them to fit max_width and shortening a segment that
+    fits on no line; [h, w, 3] float32 on CPU."""
     font = _font_for(" ".join(text for text, _ in segments), font_px)
-    pad = max(2, font_px // 4)
+    pad = _pad(font_px)
     gap = font.getlength(_LABEL_GAP)
     line_height = font.getbbox("Ay")[3] + max(1, font_px // 8)
     # Greedy wrap: one line on large images, a segment per line on tiny ones.
     lines: list[list[tuple[str, tuple[float, float, float], float]]] = [[]]
     line_width = 0.0
     for text, colour in segments:
+        text = _shortened(text, font, max_width - pad * 2)
         width = font.getlength(text)
         if lines[-1] and pad * 2 + line_width + gap + width > max_width:
             lines.append([])
@@ -218,6 +220,27 @@ def _label_patch(segments: list[tuple[str, tuple[float, float, float]]], font_px
             x += width + gap
     pixels = torch.frombuffer(bytearray(box.tobytes()), dtype=torch.uint8)
     return pixels.reshape(box.height, box.width, 3).float() / 255
+
+
+def _pad(font_px: int) -> int:
+    """The label box's margin around its text."""
+    return max(2, font_px // 4)
+
+
+def _fits(text: str, font_px: int, width: int) -> bool:
+    """Whether a label of ``text`` alone fits ``width`` pixels whole."""
+    return _font_for(text, font_px).getlength(text) + 2 * _pad(font_px) <= width
+
+
+def _shortened(text: str, font, width: float) -> str:
+    """``text`` as it fits ``width`` pixels in ``font``: whole, or its end given up for an ellipsis (a long word on a
+    narrow picture, which Pillow would draw past the edge, cut mid-letter)."""
+    if font.getlength(text) <= width:
+        return text
+    ellipsis = "\u2026" if _draws(font, "\u2026") else "..."
+    while text and font.getlength(text + ellipsis) > width:
+        text = text[:-1]
+    return text + ellipsis
 
 
 def entanglement_picture(
@@ -269,7 +292,8 @@ def entanglement_picture(
                     (f"b={label_b}", B_COLOR)]
         patch = _label_patch(segments, font_px, width)
         if patch.shape[0] > height // 4:  # wrapped over a small picture: the IoU alone (the report names the words)
-            patch = _label_patch(segments[:1], font_px, width)
+            iou_label = segments[0][0] if _fits(segments[0][0], font_px, width) else _iou_text(iou)
+            patch = _label_patch([(iou_label, _LABEL_TEXT)], font_px, width)  # narrower still: the bare figure
         rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
         picture[index, :rows, :cols] = patch[:rows, :cols].to(device)
     return picture

@@ -394,6 +394,26 @@ def test_entanglement_label_gives_the_iou_alone_once_its_wrapped_lines_would_cov
     assert wrapped_rows > 96 // 4 and box(96)[0] == one_line_rows  # the same two lines would cover over 96 // 4
 
 
+def test_a_word_too_long_for_the_picture_is_shortened_with_an_ellipsis_not_cut_at_its_edge():
+    word = "a=pneumonoultramicroscopicsilicovolcanoconiosis"
+    patch = render._label_patch([(word, A_COLOR)], 10, 128)
+    assert patch.shape[1] <= 128  # drawn whole within the picture, not past its edge
+    font = render._font_for(word, 10)
+    text = render._shortened(word, font, 100)
+    assert text.endswith("\u2026") and word.startswith(text[:-1]) and font.getlength(text) <= 100
+    assert font.getlength(word[:len(text)] + "\u2026") > 100  # as much of the word as fits
+    assert render._shortened("a=woman", font, 100) == "a=woman"
+
+
+def test_a_picture_too_narrow_for_the_iou_label_shows_the_bare_figure():
+    empty = torch.zeros(1, 40, 40, dtype=torch.bool)
+    picture = entanglement_picture(empty, empty, torch.tensor([0.42]), ("woman", "doctor"))[0]
+    figure = render._label_patch([("0.42", (1.0, 1.0, 1.0))], 10, 40)
+    assert torch.equal(picture[:figure.shape[0], :figure.shape[1]], figure)
+    roomy = entanglement_picture(*(torch.zeros(1, 64, 64, dtype=torch.bool),) * 2, torch.tensor([0.42]), ("a", "b"))
+    assert label_box(roomy[0])[1] > figure.shape[1] + 20  # where "a&b IoU 0.42" fits, it is written
+
+
 def test_entanglement_picture_rejects_mismatched_inputs():
     a, b = quadrant_masks()
     with pytest.raises(ValueError, match="masks"):
