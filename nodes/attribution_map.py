@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, show_on_node,
-                     stages_in, step_inputs, step_window, window_text)
+                     stages_in, step_inputs, step_window, where_hidden, window_text)
 from .concepts import check_single, first_concept, one_concept, require
 
 __all__ = ["BiasMapAttributionMap"]
@@ -66,7 +66,10 @@ class BiasMapAttributionMap(io.ComfyNode):
     def validate_inputs(cls, word=None, stages=None):
         # Before the graph runs: this node runs after the sampler, whose run a typo here would waste.
         ok = check_single(_ONE_WORD, word=word)
-        return ok if ok is not True else check_stage_names("stages", stages)
+        if ok is not True:
+            return ok
+        ok = check_stage_names("stages", stages)
+        return ok if ok is True else ok + where_hidden(cls, ok)
 
     @classmethod
     @plain_errors

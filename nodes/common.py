@@ -4,6 +4,7 @@ concept inputs are in concepts.py, the files the nodes write in output_files.py)
 import functools
 import html
 import logging
+import re
 import sys
 
 from comfy_api.latest import io
@@ -13,7 +14,7 @@ from ..biasmap_engine.host import SIGMA_CAP
 
 __all__ = ["ADVANCED", "CATEGORY", "FIRST_STEP", "LAST_STEP", "Trace", "check_images", "check_stage_names",
            "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from", "show_on_node", "stages_in",
-           "step_inputs", "step_window", "window_text"]
+           "step_inputs", "step_window", "where_hidden", "window_text"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -102,12 +103,35 @@ def plain_errors(execute):
         try:
             return execute(node, *args, **kwargs)
         except ValueError as err:
-            show_on_node(node, f"stopped: {err}")
-            if type(err) is ValueError:
+            message = f"{err}{where_hidden(node, str(err))}"
+            show_on_node(node, f"stopped: {message}")
+            if type(err) is ValueError and message == str(err):
                 raise
-            raise ValueError(str(err)) from err
+            raise ValueError(message) from err
 
     return wrapper
+
+
+def where_hidden(node, message: str) -> str:
+    """A note on where to find the advanced inputs that ``message`` names: the page hides them until asked, and a
+    workflow shared with settings its user never saw would otherwise ask to change an input no one can find."""
+    names = [spec.id for spec in node.define_schema().inputs
+             if spec.extra_dict.get("advanced") and re.search(_named(spec.id), message)]
+    if not names:
+        return ""
+    named = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return (f" ({named} {'are advanced inputs' if len(names) > 1 else 'is an advanced input'}: right-click the node "
+            f"and choose Show Advanced to see {'them' if len(names) > 1 else 'it'})")
+
+
+def _named(name: str) -> str:
+    """A pattern for input ``name`` as messages name an input: "first_step 5 …" (a name no sentence holds), or a
+    plain word such as start, end or q where it reads as one: "start=0.5", "start < end", "q must …", "set q to …",
+    "stages: …" opening a message; not "the prompt's end" nor "the guided stages"."""
+    word = re.escape(name)
+    if "_" in name:
+        return rf"(?<![\w-]){word}(?![\w-])"
+    return rf"^{word}:|\b(?:set|choose) {word}\b|(?<![\w'-]){word}(?=\s*(?:=|<|≤|must\b))"
 
 
 def show_on_node(node, text: str) -> None:

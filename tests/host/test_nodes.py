@@ -93,7 +93,9 @@ def test_validation_refuses_guidance_settings_that_cannot_run_and_says_why(nodes
 def test_attribution_map_validation_refuses_unknown_stages_naming_the_input(nodes_and_trace):
     attribution_map = nodes_and_trace[1]  # it runs after the sampler: a typo found when it runs wastes the sampling
     assert attribution_map.validate_inputs("gender", "Down_1, MID_2") is True
-    assert attribution_map.validate_inputs("gender", "down1").startswith("stages: unknown stage 'down1'")
+    refused = attribution_map.validate_inputs("gender", "down1")
+    assert refused.startswith("stages: unknown stage 'down1'")
+    assert refused.endswith(" (stages is an advanced input: right-click the node and choose Show Advanced to see it)")
     assert attribution_map.validate_inputs("  ", "all") is True  # the trace's first demographic concept
 
 
@@ -103,7 +105,8 @@ def test_attribution_map_names_the_stages_a_trace_recorded_when_asked_for_anothe
     with torch.inference_mode(), pytest.raises(ValueError, match=r"mid_2 were not recorded; this trace has down_1.*: "
                                                                  r"choose stages among these, or 'all' \(the middle "
                                                                  r"block is recorded with the sampler's include_middle "
-                                                                 r"on\)$"):
+                                                                 r"on\) \(stages is an advanced input: right-click "
+                                                                 r"the node and choose Show Advanced to see it\)$"):
         attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "stages": "mid_2"})
 
 
@@ -129,14 +132,18 @@ def test_the_nodes_raise_their_errors_as_value_errors_comfyui_names_without_a_fo
         assert type(raised.value) is ValueError and type(raised.value.__cause__).__name__ == "ConceptNotFoundError"
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4"),
-    ({"start": 0.5, "end": 0.5}, "start = end guides nothing"),
-    ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on"),
-    ({"guided_stages": "down_9"}, "guided_stages: unknown stage 'down_9'"),
+SHOW_ADVANCED = "right-click the node and choose Show Advanced to see"
+
+
+@pytest.mark.parametrize("inputs, message, hidden", [
+    ({"start": 0.6, "end": 0.4}, "start=0.6, end=0.4", "start and end are advanced inputs"),
+    ({"start": 0.5, "end": 0.5}, "start = end guides nothing", "start and end are advanced inputs"),
+    ({"guided_stages": "down_1, mid_2", "include_middle": False}, "include_middle on",
+     "include_middle and guided_stages are advanced inputs"),
+    ({"guided_stages": "down_9"}, "guided_stages: unknown stage 'down_9'", "guided_stages is an advanced input"),
 ])
 def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_why(sd15, prompts, pack, inputs,
-                                                                                    message):
+                                                                                    message, hidden):
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
     model, clip = sd15
@@ -144,21 +151,39 @@ def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_w
     args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg,
                                                   sampler_name="euler", scheduler="normal",
                                                   latent_image={"samples": torch.zeros(1, 4, 32, 32)}) | inputs
-    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+    with torch.inference_mode(), pytest.raises(ValueError, match=message) as refused:
         BiasMapGuidedKSampler.execute(**args)
+    # The page hides advanced inputs (a shared workflow may hold values its user never saw): the message says where.
+    assert str(refused.value).endswith(f" ({hidden}: {SHOW_ADVANCED} {'them' if ' and ' in hidden else 'it'})")
     # Refused when it runs, once: validation would pin the message on every input it takes.
     assert BiasMapGuidedKSampler.validate_inputs(args["attribution_prompt"], args["demographic"],
                                                  args["semantic"]) is True
 
 
-@pytest.mark.parametrize("window, message", [((5, 10000), "past this trace's last step, 1: set first_step to at most 1"),
-                                             ((1, 0), "first_step 1 is after last_step 0: set it to at most 0")])
-def test_the_map_nodes_refuse_an_empty_step_window_naming_the_inputs(nodes_and_trace, window, message):
+@pytest.mark.parametrize("window, message, hidden", [
+    ((5, 10000), "past this trace's last step, 1: set first_step to at most 1", "first_step is an advanced input"),
+    ((1, 0), "first_step 1 is after last_step 0: set it to at most 0", "first_step and last_step are advanced inputs"),
+])
+def test_the_map_nodes_refuse_an_empty_step_window_naming_the_inputs(nodes_and_trace, window, message, hidden):
     _, attribution_map, entanglement, trace = nodes_and_trace  # a 2-step trace
     for node in (attribution_map, entanglement):
         args = defaults(node) | {"trace": trace, "first_step": window[0], "last_step": window[1]}
-        with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        with torch.inference_mode(), pytest.raises(ValueError, match=message) as refused:
             node.execute(**args)
+        assert str(refused.value).endswith(f"{message} ({hidden}: {SHOW_ADVANCED} "
+                                           f"{'them' if ' and ' in hidden else 'it'})")
+
+
+def test_a_message_using_an_advanced_inputs_name_as_a_plain_word_gets_no_note_on_advanced_inputs(sd15, prompts, pack):
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg,
+                                                  sampler_name="euler", scheduler="normal",
+                                                  latent_image={"samples": torch.zeros(0, 4, 32, 32)})
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"past its end\): connect [^(]*$"):
+        BiasMapGuidedKSampler.execute(**args)  # "end" is an advanced input of the sampler's
 
 
 @pytest.mark.parametrize("concept_a, message", [("doctor", "both hold 'Doctor'.*type in concept_a a demographic word"),
