@@ -13,8 +13,8 @@ from ..biasmap_engine import BRANCHES, GATES, MODES, BiasMapSettings, parse_stag
 from ..biasmap_engine.host import SIGMA_CAP
 
 __all__ = ["ADVANCED", "CATEGORY", "FIRST_STEP", "LAST_STEP", "Trace", "check_images", "check_stage_names",
-           "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from", "show_on_node", "stages_in",
-           "step_inputs", "step_window", "where_hidden", "window_text"]
+           "check_step_windows", "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from",
+           "show_on_node", "stages_in", "step_inputs", "step_window", "where_hidden", "window_text"]
 
 Trace = io.Custom("BIASMAP_TRACE")
 CATEGORY = "BiasMap"
@@ -177,13 +177,27 @@ def step_window(trace, first_step: int, last_step: int):
     """Node step inputs → the trace's inclusive window; None when it covers every step (the common case)."""
     last = trace.num_steps - 1
     if first_step > min(last_step, last):
-        raise ValueError(f"first_step {first_step} is after last_step {last_step}: set it to at most {last_step}"
-                         if first_step > last_step else
+        raise ValueError(_steps_swapped(first_step, last_step) if first_step > last_step else
                          f"first_step {first_step} is past this trace's last step, {last}: set first_step to at most "
                          f"{last}")
     if first_step <= 0 and last_step >= last:
         return None
     return first_step, min(last_step, last)
+
+
+def check_step_windows(windows) -> None:
+    """Before a sampler samples: no node that reads its trace measures a window that ends before it starts
+    (``prompt_graph.step_windows_of``). That node runs after the sampler, which the mix-up would cost."""
+    for window in windows:
+        if window.first_step > window.last_step:
+            raise ValueError(f"{window.node} (node {window.node_id}): "
+                             f"{_steps_swapped(window.first_step, window.last_step)} (advanced inputs of that node: "
+                             f"right-click it and choose Show Advanced to see them). Checked before sampling, so that "
+                             f"the run is not lost to it.")
+
+
+def _steps_swapped(first_step: int, last_step: int) -> str:
+    return f"first_step {first_step} is after last_step {last_step}: set it to at most {last_step}"
 
 
 def mask_size(trace, resolution: str) -> tuple[int, int]:

@@ -12,9 +12,10 @@ from comfy_api.latest import io
 from ..biasmap_engine import guidance_line, split_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from .common import ADVANCED, CATEGORY, Trace, guidance_inputs, plain_errors, settings_from, show_on_node
+from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inputs, plain_errors, settings_from,
+                     show_on_node)
 from .concepts import absent_from, check_concepts, check_words_asked, concept_inputs, require
-from .prompt_graph import graph_run, queued_outputs, words_asked_of
+from .prompt_graph import graph_run, queued_outputs, step_windows_of, words_asked_of
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
 
@@ -51,8 +52,9 @@ def _session(node, model, clip, kwargs):
     own = {"demographic": split_concepts(kwargs["demographic"]), "semantic": split_concepts(kwargs["semantic"])}
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
     if hidden:  # before the attribution prompt is encoded: nothing spent on a typo
-        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, queued_outputs(), own),
-                          kwargs["attribution_prompt"])
+        outputs = queued_outputs()
+        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, outputs, own), kwargs["attribution_prompt"])
+        check_step_windows(step_windows_of(hidden.prompt, hidden.unique_id, outputs))
     return start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
                          settings_from(kwargs))
 

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 from ..biasmap_engine import audit_run, split_concepts
 
-__all__ = ["WordsAsked", "generation_prompt", "graph_run", "queued_outputs", "words_asked_of"]
+__all__ = ["StepsAsked", "WordsAsked", "generation_prompt", "graph_run", "queued_outputs", "step_windows_of",
+           "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -55,6 +56,14 @@ class WordsAsked(NamedTuple):
     stands_for: str  # what the text stands for where the input was left empty; '' where it was typed
 
 
+class StepsAsked(NamedTuple):
+    """The step window typed into a node that reads a sampler's trace."""
+    node: str
+    node_id: str
+    first_step: int
+    last_step: int
+
+
 def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
                    own: dict[str, list[str]] | None = None) -> list[WordsAsked]:
     """The words typed into the nodes that read node ``node_id``'s trace directly, one WordsAsked for each word input
@@ -66,34 +75,55 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
     the check that a node's two concepts do not share words.
     With ``outputs``, the output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and
     what they read."""
-    asked, runs = [], _read_by(prompt, outputs) if outputs is not None else None
-    for other, node in (prompt or {}).items():
-        if runs is not None and str(other) not in runs:
-            continue
-        inputs = node.get("inputs", {})
-        shown, names = _WORD_INPUTS.get(node.get("class_type"), ("", ()))
-        title = (node.get("_meta") or {}).get("title")
-        if isinstance(title, str) and title.strip() not in ("", f"BiasMap {shown}"):  # not the node's own name
-            shown = f'{shown} "{title.strip()}"'
-        reading = {t for t in _TRACE_INPUTS if _is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id)
-                   and inputs[t][1] == _TRACE_SLOT}
-        for name in names if reading else ():
+    asked = []
+    for other, node, shown, reading in _readers(prompt, node_id, outputs):
+        inputs = node["inputs"]
+        for name in _WORD_INPUTS[node["class_type"]][1]:
             text = inputs.get(name)
             if isinstance(text, str) and split_concepts(text):
-                asked.append(WordsAsked(shown, str(other), name, text, ""))
+                asked.append(WordsAsked(shown, other, name, text, ""))
             elif isinstance(text, str) and "trace" in reading and own and name in _EMPTY_MEANS:
                 every = _EMPTY_TAKES_EVERY[node["class_type"]]
                 concepts = own[_EMPTY_MEANS[name]][slice(None) if every else slice(1)]
                 if concepts:
                     stands_for = (f"{'every' if every else 'the first'} {_EMPTY_MEANS[name]} concept of this "
                                   f"sampler, as {name} is empty")
-                    asked.append(WordsAsked(shown, str(other), name, ", ".join(concepts), stands_for))
+                    asked.append(WordsAsked(shown, other, name, ", ".join(concepts), stands_for))
             elif isinstance(text, str) and reading == {"baseline"}:  # empty: the trace input's concept
                 first = _typed_first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
                 if first:
                     stands_for = f"the first {_EMPTY_MEANS[name]} concept of its trace input, as {name} is empty"
-                    asked.append(WordsAsked(shown, str(other), name, first, stands_for))
+                    asked.append(WordsAsked(shown, other, name, first, stands_for))
     return asked
+
+
+def step_windows_of(prompt: dict | None, node_id, outputs: list | None = None) -> list[StepsAsked]:
+    """The step windows typed into the nodes that read node ``node_id``'s trace directly (``outputs`` as for
+    ``words_asked_of``); a linked or missing step input is not read."""
+    windows = []
+    for other, node, shown, _ in _readers(prompt, node_id, outputs):
+        first, last = (node["inputs"].get(name) for name in ("first_step", "last_step"))
+        if all(isinstance(step, int) and not isinstance(step, bool) for step in (first, last)):
+            windows.append(StepsAsked(shown, other, first, last))
+    return windows
+
+
+def _readers(prompt: dict | None, node_id, outputs: list | None):
+    """(id, node, name shown, trace inputs linked to it) of each node of the graph that looks words up in node
+    ``node_id``'s trace, reading it directly; with ``outputs``, only those that ComfyUI runs for them."""
+    runs = _read_by(prompt, outputs) if outputs is not None else None
+    for other, node in (prompt or {}).items():
+        if runs is not None and str(other) not in runs or node.get("class_type") not in _WORD_INPUTS:
+            continue
+        inputs = node.get("inputs", {})
+        reading = {t for t in _TRACE_INPUTS if _is_link(inputs.get(t)) and str(inputs[t][0]) == str(node_id)
+                   and inputs[t][1] == _TRACE_SLOT}
+        if reading:
+            shown = _WORD_INPUTS[node["class_type"]][0]
+            title = (node.get("_meta") or {}).get("title")
+            if isinstance(title, str) and title.strip() not in ("", f"BiasMap {shown}"):  # not the node's own name
+                shown = f'{shown} "{title.strip()}"'
+            yield str(other), {**node, "inputs": inputs}, shown, reading
 
 
 def _typed_first_concept(prompt: dict | None, link, list_name: str) -> str:

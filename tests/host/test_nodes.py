@@ -460,6 +460,46 @@ def test_a_node_that_would_measure_a_concept_against_itself_is_refused_before_th
     assert run(graph).result[1].steps.numel() == 1 and evaluated
 
 
+@pytest.mark.parametrize("node, shown", [("BiasMapAttributionMap", "Attribution Map"),
+                                         ("BiasMapEntanglementIoU", "Entanglement IoU"),
+                                         ("BiasMapAuditLog", "Audit Log")])
+def test_a_step_window_that_ends_before_it_starts_is_refused_before_the_sampler_samples(sd15, prompts, pack, node,
+                                                                                        shown):
+    # Those nodes refuse it when they run, after the sampler: ComfyUI then stops the graph, and the run is lost.
+    run, evaluated = one_step_sampler(sd15, prompts)
+    reader = {"class_type": node, "inputs": {"trace": ["3", 1], "first_step": 5, "last_step": 2}}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "12": reader}
+    with pytest.raises(ValueError, match=rf"^{shown} \(node 12\): first_step 5 is after last_step 2: set it to at most "
+                                         rf"2 \(advanced inputs of that node: right-click it and choose Show Advanced "
+                                         rf"to see them\)\. Checked before sampling, so that the run is not lost to "
+                                         rf"it\.$"):
+        run(graph)
+    assert evaluated == []
+    reader["inputs"]["first_step"] = 2  # one step: the node itself says whether the trace has it
+    assert run(graph).result[1].steps.numel() == 1 and evaluated
+
+
+def test_the_step_windows_asked_of_a_trace_are_those_typed_into_the_nodes_reading_it(pack):
+    from biasmap_pack.nodes.prompt_graph import step_windows_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "8": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "11": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "first_step": 3,
+                                                                      "last_step": 1}},
+             "12": {"class_type": "BiasMapEntanglementIoU", "_meta": {"title": "λ 100 vs 0"},
+                    "inputs": {"trace": ["8", 1], "baseline": ["3", 1], "first_step": 0, "last_step": 10000}},
+             "13": {"class_type": "BiasMapAuditLog", "inputs": {"trace": ["3", 1]}},  # saved before the window
+             "14": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "first_step": ["20", 0],
+                                                                      "last_step": 4}},  # linked: read as it runs
+             "15": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 0], "first_step": 9,
+                                                                      "last_step": 1}},  # not a trace: a latent
+             "16": {"class_type": "SaveImage", "inputs": {"images": ["11", 0]}}}
+    assert step_windows_of(graph, "3") == [("Attribution Map", "11", 3, 1),
+                                           ('Entanglement IoU "λ 100 vs 0"', "12", 0, 10000)]
+    assert step_windows_of(graph, 3, ["16"]) == [("Attribution Map", "11", 3, 1)]
+    assert step_windows_of(graph, "8") == [('Entanglement IoU "λ 100 vs 0"', "12", 0, 10000)]
+
+
 @pytest.mark.parametrize("node", ["BiasMapEntanglementIoU", "BiasMapAuditLog"])
 def test_a_concept_typed_in_both_inputs_of_a_node_is_refused_when_queued(pack, node):
     nodes = {"BiasMapEntanglementIoU": pack.nodes.BiasMapEntanglementIoU, "BiasMapAuditLog": pack.nodes.BiasMapAuditLog}
