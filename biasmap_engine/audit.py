@@ -25,6 +25,9 @@ __all__ = ["append_csv", "audit_rows", "csv_text", "read_csv"]
 # rows under its own header.
 _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
           "first_step", "last_step")
+# What rows would read as in a file without a column that ``append_csv`` was told they need.
+_READ_WITHOUT = (("sigmas", "sampled on the schedule of every other run of custom sigmas"),
+                 ("mask_size", "measured at the image's size"), ("first_step", "measured over every step"))
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -67,7 +70,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
 def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> list[dict]:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
     file started before the latest columns takes them without those, but refuses rows whose ``needed`` columns it
-    lacks: a step window or latent-size masks, which would otherwise be paired with whole runs at image size).
+    lacks: custom sigmas, a step window or latent-size masks, which would otherwise be paired with other schedules
+    or with whole runs at image size).
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
     rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI
@@ -94,12 +98,10 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
                 lost = [c for c in needed if c not in header]
                 if lost:
-                    read_as = " and ".join(what for column, what in (("mask_size", "at the image's size"),
-                                                                     ("first_step", "over every step"))
-                                           if column in lost)
+                    read_as = " and ".join(what for column, what in _READ_WITHOUT if column in lost)
                     raise ValueError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
-                                     f"without which these rows would read as measured {read_as}, and pair with "
-                                     f"such rows in the summary: give this audit another file name")
+                                     f"without which these rows would read as {read_as}, and pair with such rows in "
+                                     f"the summary: give this audit another file name")
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))

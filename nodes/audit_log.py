@@ -11,6 +11,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
+from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
 from .concepts import check_apart, check_listed_once, require
@@ -92,8 +93,10 @@ class BiasMapAuditLog(io.ComfyNode):
         window = step_window(trace, first_step, last_step)
         rows = audit_rows(trace, q, pairs, size, label, window)
         shown = "output/" + name_in(path, folder_paths.get_output_directory())
-        # What a file started before these columns cannot say of its rows: they are of every step, at image size.
-        needed = (("first_step", "last_step") if window else ()) + (("mask_size",) if resolution == "latent" else ())
+        # What a file started before these columns cannot say of its rows: they are of every step, at image size, on
+        # a schedule its scheduler column names.
+        needed = ((("sigmas",) if trace.run.get("scheduler") == CUSTOM_SIGMAS else ())
+                  + (("first_step", "last_step") if window else ()) + (("mask_size",) if resolution == "latent" else ()))
         try:
             written = append_csv(path, rows, needed)
         except ValueError as err:

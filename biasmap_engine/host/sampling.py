@@ -4,7 +4,10 @@ from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
 
-__all__ = ["sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names", "start_session"]
+__all__ = ["CUSTOM_SIGMAS", "sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names",
+           "start_session"]
+
+CUSTOM_SIGMAS = "custom sigmas"  # the scheduler of a run on SIGMAS not named in the graph (the rows' sigmas have it)
 
 
 def start_session(model, clip, attribution_prompt: str, demographic: list[str], semantic: list[str],
@@ -65,7 +68,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
     return latent, session.finish(latent["samples"], **_identity(), seed=noise.seed, steps=sigmas.shape[-1] - 1,
-                                  cfg=cfg, sampler=_sampler_name(sampler), scheduler="custom sigmas",
+                                  cfg=cfg, sampler=_sampler_name(sampler), scheduler=CUSTOM_SIGMAS,
                                   add_noise=add_noise, batch_index=latent.get("batch_index"))
 
 

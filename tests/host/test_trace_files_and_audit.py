@@ -2,6 +2,7 @@
 the test's own."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -318,7 +319,7 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
                                                                     "as measured at the image's size,"),
                                          ({"resolution": "latent", "first_step": 1},
                                           "first_step, last_step, mask_size, without which these rows would read as "
-                                          "measured at the image's size and over every step,")])
+                                          "measured at the image's size and measured over every step,")])
 def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be_paired_rightly(pack, folders, trace,
                                                                                               asked, lost):
     # Without them, rows of one step or of latent-size masks would read as whole runs at image size, and the summary
@@ -336,6 +337,28 @@ def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace} | asked)
     assert path.read_bytes() == before
     as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # whole runs: taken
+    assert path.read_bytes() != before
+
+
+def test_audit_log_refuses_rows_of_custom_sigmas_for_a_file_started_before_the_sigmas_column(pack, folders, trace):
+    # Such a file tells schedules apart by the scheduler's name alone: every run of custom sigmas (SplitSigmas, Align
+    # Your Steps) would be paired with every other one in the summary.
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    from biasmap_engine import append_csv, audit_rows
+
+    path = folders / "out" / "biasmap" / "audit.csv"
+    later = ("sigmas", "mask_size", "first_step", "last_step")
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
+    before = path.read_bytes()
+    custom = dataclasses.replace(trace, run={**trace.run, "scheduler": "custom sigmas"})  # the Advanced sampler's
+    with pytest.raises(ValueError, match=r"audit.csv was started before BiasMap wrote the column\(s\) sigmas, without "
+                                         r"which these rows would read as sampled on the schedule of every other run "
+                                         r"of custom sigmas, and pair with such rows in the summary: give this audit "
+                                         r"another file name"):
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": custom})
+    assert path.read_bytes() == before
+    as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # karras, named: taken
     assert path.read_bytes() != before
 
 
