@@ -5,14 +5,13 @@ Images follow ComfyUI: float tensors [B, H, W, 3] in 0..1, channels last; maps a
 """
 
 import ctypes
-import functools
-import logging
 import math
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
 
+from .labels import LABEL_BOX, LABEL_TEXT, fits, label_font_px, label_patch
 from .ovam import resampled, varies
 
 __all__ = ["A_COLOR", "B_COLOR", "COLORMAPS", "colorize", "entanglement_picture", "normalize_maps", "overlay",
@@ -51,11 +50,7 @@ COLORMAPS: tuple[str, ...] = tuple(_ANCHORS)
 # no third colour keeps that distance from the two and from every picture (white vanished over white coats).
 A_COLOR: tuple[float, float, float] = (86 / 255, 180 / 255, 233 / 255)
 B_COLOR: tuple[float, float, float] = (213 / 255, 94 / 255, 0.0)
-_LABEL_TEXT = (1.0, 1.0, 1.0)
-
-_LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every region colour to read on it
-_OUTLINE = tuple(c / 255 for c in _LABEL_BOX)  # the masks' outline: the label's dark, which every colour reads on
-_LABEL_GAP = "  "
+_OUTLINE = tuple(c / 255 for c in LABEL_BOX)  # the masks' outline: the label's dark, which every colour reads on
 
 
 def _hex_rgb(code: str) -> tuple[float, float, float]:
@@ -134,115 +129,6 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
     return torch.lerp(image.to(heat_rgb.device, torch.float32), heat_rgb.float(), alpha)
 
 
-# Pillow's default font draws ASCII only (a box for é, ж or 医). For a label with other letters, the first of these
-# that draws them all, which Pillow looks for in the system's font folders (Linux, Windows, macOS).
-_FALLBACK_FONTS = ("DejaVuSans.ttf", "arial.ttf", "Arial Unicode.ttf", "NotoSans-Regular.ttf",
-                   "NotoSansCJK-Regular.ttc", "wqy-microhei.ttc", "wqy-zenhei.ttc", "DroidSansFallbackFull.ttf",
-                   "msyh.ttc", "PingFang.ttc")
-
-
-@functools.lru_cache(maxsize=8)
-def _fonts(size: int) -> tuple:
-    """Pillow's default font at a pixel size (the fixed bitmap font where it cannot scale), then the fallbacks found."""
-    try:
-        fonts = [ImageFont.load_default(size=size)]
-    except TypeError:  # Pillow < 10.1 has no size argument, only the small bitmap font
-        fonts = [ImageFont.load_default()]
-    for name in _FALLBACK_FONTS:
-        try:
-            fonts.append(ImageFont.truetype(name, size))
-        except OSError:  # not installed here
-            continue
-    return tuple(fonts)
-
-
-def _font_for(text: str, size: int):
-    """The first font that draws every character of ``text``; the default font where none does (boxes, said)."""
-    fonts = _fonts(size)
-    font = next((font for font in fonts if _draws(font, text)), None)
-    if font is None:
-        _say_undrawn("".join(ch for ch in sorted(set(text)) if not any(_draws(f, ch) for f in fonts)))
-    return font or fonts[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _say_undrawn(letters: str) -> None:
-    """Tell once a process, for each set of ``letters`` that no font here draws (empty: each has a font, but no
-    font all of a label's), how to have them drawn."""
-    logging.warning("BiasMap: %s, which the entanglement picture's label shows as boxes (the report has them): "
-                    "install a font that has them under one of the file names Pillow looks for, %s, then restart "
-                    "ComfyUI", f"no font here draws {letters}" if letters else "no one font here draws all the "
-                    "letters of a label", ", ".join(_FALLBACK_FONTS))
-
-
-def _draws(font, text: str) -> bool:
-    """Whether ``font`` has a glyph for every character of ``text``: a missing one is drawn as the font's box, the
-    glyph of a code point no font has."""
-    try:
-        missing = _bitmap(font, "\U0010fffd")
-        return all(ch.isspace() or _bitmap(font, ch) != missing for ch in set(text))
-    except UnicodeEncodeError:  # the bitmap font: Latin-1 only
-        return False
-
-
-def _bitmap(font, text: str) -> tuple:
-    """``text`` drawn in ``font``, as bytes to compare."""
-    left, top, right, bottom = font.getbbox(text)
-    image = Image.new("L", (max(1, right - left), max(1, bottom - top)))
-    ImageDraw.Draw(image).text((-left, -top), text, font=font, fill=255)
-    return image.size, image.tobytes()
-
-
-def _label_patch(segments: list[tuple[str, tuple[float, float, float]]], font_px: int, max_width: int) -> Tensor:
-    """Draw coloured text segments on a dark box, wrapping them to fit max_width and shortening a segment that
-    fits on no line; [h, w, 3] float32 on CPU."""
-    font = _font_for(" ".join(text for text, _ in segments), font_px)
-    pad = _pad(font_px)
-    gap = font.getlength(_LABEL_GAP)
-    line_height = font.getbbox("Ay")[3] + max(1, font_px // 8)
-    # Greedy wrap: one line on large images, a segment per line on tiny ones.
-    lines: list[list[tuple[str, tuple[float, float, float], float]]] = [[]]
-    line_width = 0.0
-    for text, colour in segments:
-        text = _shortened(text, font, max_width - pad * 2)
-        width = font.getlength(text)
-        if lines[-1] and pad * 2 + line_width + gap + width > max_width:
-            lines.append([])
-        line_width = width if not lines[-1] else line_width + gap + width
-        lines[-1].append((text, colour, width))
-    box_width = pad * 2 + max(sum(w for *_, w in line) + gap * (len(line) - 1) for line in lines)
-    box = Image.new("RGB", (math.ceil(box_width), pad * 2 + line_height * len(lines)), _LABEL_BOX)
-    draw = ImageDraw.Draw(box)
-    for row, line in enumerate(lines):
-        x = float(pad)
-        for text, colour, width in line:
-            draw.text((x, pad + row * line_height), text, fill=tuple(round(c * 255) for c in colour), font=font)
-            x += width + gap
-    pixels = torch.frombuffer(bytearray(box.tobytes()), dtype=torch.uint8)
-    return pixels.reshape(box.height, box.width, 3).float() / 255
-
-
-def _pad(font_px: int) -> int:
-    """The label box's margin around its text."""
-    return max(2, font_px // 4)
-
-
-def _fits(text: str, font_px: int, width: int) -> bool:
-    """Whether a label of ``text`` alone fits ``width`` pixels whole."""
-    return _font_for(text, font_px).getlength(text) + 2 * _pad(font_px) <= width
-
-
-def _shortened(text: str, font, width: float) -> str:
-    """``text`` as it fits ``width`` pixels in ``font``: whole, or its end given up for an ellipsis (a long word on a
-    narrow picture, which Pillow would draw past the edge, cut mid-letter)."""
-    if font.getlength(text) <= width:
-        return text
-    ellipsis = "\u2026" if _draws(font, "\u2026") else "..."
-    while text and font.getlength(text + ellipsis) > width:
-        text = text[:-1]
-    return text + ellipsis
-
-
 def entanglement_picture(
     mask_a: Tensor,
     mask_b: Tensor,
@@ -284,19 +170,22 @@ def entanglement_picture(
         # on the picture: inside, it would paint over a thin mask or a sliver of overlap that the IoU counts.
         rim = _outside(painted, max(1, min(height, width) // 256))
         picture = torch.where(rim.unsqueeze(-1), torch.tensor(_OUTLINE, device=device), picture)
-    # Text grows with the image (about 1/32 of its short side) but never below the 10 px that
-    # the default font needs to stay legible.
-    font_px = max(10, min(height, width) // 32)
+    font_px = label_font_px(height, width)
     for index, iou in enumerate(ious.tolist()):
-        segments = [(f"a&b IoU {_iou_text(iou)}", _LABEL_TEXT), (f"a={label_a}", A_COLOR),
+        segments = [(f"a&b IoU {_iou_text(iou)}", LABEL_TEXT), (f"a={label_a}", A_COLOR),
                     (f"b={label_b}", B_COLOR)]
-        patch = _label_patch(segments, font_px, width)
+        patch = label_patch(segments, font_px, width)
         if patch.shape[0] > height // 4:  # wrapped over a small picture: the IoU alone (the report names the words)
-            iou_label = segments[0][0] if _fits(segments[0][0], font_px, width) else _iou_text(iou)
-            patch = _label_patch([(iou_label, _LABEL_TEXT)], font_px, width)  # narrower still: the bare figure
-        rows, cols = min(patch.shape[0], height), min(patch.shape[1], width)
-        picture[index, :rows, :cols] = patch[:rows, :cols].to(device)
+            iou_label = segments[0][0] if fits(segments[0][0], font_px, width) else _iou_text(iou)
+            patch = label_patch([(iou_label, LABEL_TEXT)], font_px, width)  # narrower still: the bare figure
+        _paste(picture[index], patch)
     return picture
+
+
+def _paste(picture: Tensor, patch: Tensor) -> None:
+    """``patch`` into the top-left corner of a [H, W, 3] picture, as much of it as the picture holds."""
+    rows, cols = min(patch.shape[0], picture.shape[0]), min(patch.shape[1], picture.shape[1])
+    picture[:rows, :cols] = patch[:rows, :cols].to(picture.device)
 
 
 def _iou_text(iou: float) -> str:

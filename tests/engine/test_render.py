@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biasmap_engine import render
+from biasmap_engine import labels, render
 from biasmap_engine.render import (
     A_COLOR,
     B_COLOR,
@@ -306,44 +306,44 @@ def test_entanglement_picture_writes_a_label_box_in_the_top_left_corner():
 def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_that_has_them(monkeypatch, caplog):
     # Pillow's default font draws ASCII only: 'médecin' came out as 'm□decin'.
     word = "médecin"
-    if not any(render._draws(font, word) for font in render._fonts(14)):
-        pytest.skip(f"NO SYSTEM FONT HERE DRAWS {word!r} (none of {render._FALLBACK_FONTS}): fallback untested")
-    assert not render._draws(render._fonts(14)[0], word)  # the default font lacks é
-    assert render._draws(render._font_for(f"b={word}", 14), f"b={word}")
-    assert render._font_for("b=doctor", 14) is render._fonts(14)[0]  # ASCII labels keep the default font
-    assert all(font.size == 14 for font in render._fonts(14))
-    render._fonts.cache_clear()
-    monkeypatch.setattr(render, "_FALLBACK_FONTS", ("NoSuchFont.ttf", *render._FALLBACK_FONTS))
+    if not any(labels._draws(font, word) for font in labels._fonts(14)):
+        pytest.skip(f"NO SYSTEM FONT HERE DRAWS {word!r} (none of {labels._FALLBACK_FONTS}): fallback untested")
+    assert not labels._draws(labels._fonts(14)[0], word)  # the default font lacks é
+    assert labels._draws(labels._font_for(f"b={word}", 14), f"b={word}")
+    assert labels._font_for("b=doctor", 14) is labels._fonts(14)[0]  # ASCII labels keep the default font
+    assert all(font.size == 14 for font in labels._fonts(14))
+    labels._fonts.cache_clear()
+    monkeypatch.setattr(labels, "_FALLBACK_FONTS", ("NoSuchFont.ttf", *labels._FALLBACK_FONTS))
     try:
-        assert len(render._fonts(14)) > 1  # a font not installed is passed over, not the end of the search
+        assert len(labels._fonts(14)) > 1  # a font not installed is passed over, not the end of the search
     finally:
-        render._fonts.cache_clear()
+        labels._fonts.cache_clear()
     a, b = quadrant_masks()
     drawn = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
-    render._fonts.cache_clear()
-    render._say_undrawn.cache_clear()
-    monkeypatch.setattr(render, "_FALLBACK_FONTS", ("NoSuchFont.ttf",))  # none that draws é
+    labels._fonts.cache_clear()
+    labels._say_undrawn.cache_clear()
+    monkeypatch.setattr(labels, "_FALLBACK_FONTS", ("NoSuchFont.ttf",))  # none that draws é
     try:
         assert "no font here draws" not in caplog.text
         boxed = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", word))
     finally:
-        render._fonts.cache_clear()
+        labels._fonts.cache_clear()
     assert not torch.equal(drawn, boxed)
-    assert "no font here draws é, which the entanglement picture's label shows as boxes" in caplog.text
+    assert "no font here draws é, which a picture's label shows as boxes" in caplog.text
     assert "under one of the file names Pillow looks for, NoSuchFont.ttf, then restart ComfyUI" in caplog.text
     caplog.clear()
     try:
         entanglement_picture(a, b, torch.tensor([0.5]), ("woman", word))  # another label, the same letter
     finally:
-        render._fonts.cache_clear()
+        labels._fonts.cache_clear()
     assert "no font here draws" not in caplog.text  # said once
 
 
 def test_the_font_warning_names_only_the_letters_no_font_here_draws_once_whatever_their_order(caplog):
-    if not any(render._draws(font, "é") for font in render._fonts(14)) or any(
-            render._draws(font, "医生") for font in render._fonts(14)):
+    if not any(labels._draws(font, "é") for font in labels._fonts(14)) or any(
+            labels._draws(font, "医生") for font in labels._fonts(14)):
         pytest.skip("NEEDS A SYSTEM FONT THAT DRAWS é AND NONE THAT DRAWS 医生 (as DejaVu alone): warning untested")
-    render._say_undrawn.cache_clear()
+    labels._say_undrawn.cache_clear()
     a, b = quadrant_masks()
     entanglement_picture(a, b, torch.tensor([0.33]), ("é", "医生"))
     entanglement_picture(a, b, torch.tensor([0.33]), ("生医", "é"))
@@ -396,19 +396,19 @@ def test_entanglement_label_gives_the_iou_alone_once_its_wrapped_lines_would_cov
 
 def test_a_word_too_long_for_the_picture_is_shortened_with_an_ellipsis_not_cut_at_its_edge():
     word = "a=pneumonoultramicroscopicsilicovolcanoconiosis"
-    patch = render._label_patch([(word, A_COLOR)], 10, 128)
+    patch = labels.label_patch([(word, A_COLOR)], 10, 128)
     assert patch.shape[1] <= 128  # drawn whole within the picture, not past its edge
-    font = render._font_for(word, 10)
-    text = render._shortened(word, font, 100)
+    font = labels._font_for(word, 10)
+    text = labels._shortened(word, font, 100)
     assert text.endswith("\u2026") and word.startswith(text[:-1]) and font.getlength(text) <= 100
     assert font.getlength(word[:len(text)] + "\u2026") > 100  # as much of the word as fits
-    assert render._shortened("a=woman", font, 100) == "a=woman"
+    assert labels._shortened("a=woman", font, 100) == "a=woman"
 
 
 def test_a_picture_too_narrow_for_the_iou_label_shows_the_bare_figure():
     empty = torch.zeros(1, 40, 40, dtype=torch.bool)
     picture = entanglement_picture(empty, empty, torch.tensor([0.42]), ("woman", "doctor"))[0]
-    figure = render._label_patch([("0.42", (1.0, 1.0, 1.0))], 10, 40)
+    figure = labels.label_patch([("0.42", (1.0, 1.0, 1.0))], 10, 40)
     assert torch.equal(picture[:figure.shape[0], :figure.shape[1]], figure)
     roomy = entanglement_picture(*(torch.zeros(1, 64, 64, dtype=torch.bool),) * 2, torch.tensor([0.42]), ("a", "b"))
     assert label_box(roomy[0])[1] > figure.shape[1] + 20  # where "a&b IoU 0.42" fits, it is written
