@@ -16,7 +16,8 @@ from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_u
                    token_softmax_maps)
 from .recorder import TraceRecorder
 from .reductions import reductions, reductions_text
-from .render import COLORMAPS, colorize, entanglement_picture, normalize_maps, overlay, resize_maps, to_pil
+from .render import (COLORMAPS, colorize, entanglement_picture, label_heatmaps, normalize_maps, overlay, resize_maps,
+                     to_pil)
 from .report import EntanglementResult, guidance_line, measure_entanglement
 from .settings import BRANCHES, BiasMapSettings
 from .soft_topk import MODES, soft_iou, soft_topk
@@ -30,9 +31,9 @@ __all__ = [
     "EntanglementResult", "GATES", "MODES", "NOT_FINITE_CAUSE", "PAPER_PROFESSIONS", "STAGE_ORDER", "STATUS",
     "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "clip_words", "colorize",
     "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line",
-    "guidance_step", "hard_mask", "iou", "listed_twice", "listed_words", "measure_entanglement", "normalize_maps",
-    "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable",
-    "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
-    "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
+    "guidance_step", "hard_mask", "iou", "label_heatmaps", "listed_twice", "listed_words", "measure_entanglement",
+    "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
+    "read_csv", "readable", "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou",
+    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
     "token_softmax_maps", "typed_concepts", "z_grad_norm",
 ]

@@ -14,8 +14,8 @@ from torch import Tensor
 from .labels import LABEL_BOX, LABEL_TEXT, fits, label_font_px, label_patch
 from .ovam import resampled, varies
 
-__all__ = ["A_COLOR", "B_COLOR", "COLORMAPS", "colorize", "entanglement_picture", "normalize_maps", "overlay",
-           "resize_maps", "to_pil"]
+__all__ = ["A_COLOR", "B_COLOR", "COLORMAPS", "colorize", "entanglement_picture", "label_heatmaps", "normalize_maps",
+           "overlay", "resize_maps", "to_pil"]
 
 # 17 evenly spaced samples (index round(k * 255 / 16)) of the published 256-colour tables,
 # as shipped in bokeh.palettes (matplotlib's maps at 8 bits). Linear interpolation between
@@ -180,6 +180,35 @@ def entanglement_picture(
             patch = label_patch([(iou_label, LABEL_TEXT)], font_px, width)  # narrower still: the bare figure
         _paste(picture[index], patch)
     return picture
+
+
+def label_heatmaps(pictures: Tensor, word: str, colormap: str) -> Tensor:
+    """[B, H, W, 3] heatmaps (or overlays) with ``word`` and a low-to-high bar of ``colormap`` written in their top-left
+    corner: what the colours mean once a picture is shared away from its node. The bar is left out where the picture
+    is too small for both lines."""
+    height, width = pictures.shape[1:3]
+    font_px = label_font_px(height, width)
+    legend = label_patch([(word, LABEL_TEXT)], font_px, width)
+    low, high = (label_patch([(end, LABEL_TEXT)], font_px, width) for end in ("low", "high"))
+    bar_width = min(4 * font_px, width - low.shape[1] - high.shape[1])
+    if bar_width >= font_px and legend.shape[0] + low.shape[0] <= height // 4:
+        # The bar as tall as the words beside it, framed by the box's margin, its colours the heatmap's own.
+        margin, box = low.shape[0] // 4, torch.tensor(LABEL_BOX) / 255
+        bar = colorize(torch.linspace(0, 1, bar_width).expand(1, low.shape[0] - 2 * margin, -1), colormap)[0]
+        bar = torch.cat([box.expand(margin, bar_width, 3), bar, box.expand(margin, bar_width, 3)])
+        scale = torch.cat([low, bar, high], dim=1)
+        wide = max(legend.shape[1], scale.shape[1])
+        legend = torch.cat([_widened(legend, wide), _widened(scale, wide)])
+    labelled = pictures.clone()
+    for picture in labelled:
+        _paste(picture, legend)
+    return labelled
+
+
+def _widened(patch: Tensor, width: int) -> Tensor:
+    """A label patch filled out to ``width`` with its box's colour."""
+    fill = (torch.tensor(LABEL_BOX) / 255).expand(patch.shape[0], width - patch.shape[1], 3)
+    return torch.cat([patch, fill], dim=1)
 
 
 def _paste(picture: Tensor, patch: Tensor) -> None:

@@ -4,7 +4,8 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, normalize_maps, overlay
+from ..biasmap_engine import (COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, label_heatmaps, normalize_maps,
+                              overlay)
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, show_on_node,
                      stages_in, step_inputs, step_window, where_hidden, window_text)
 from .concepts import check_single, first_concept, one_concept, require
@@ -56,6 +57,10 @@ class BiasMapAttributionMap(io.ComfyNode):
                                        "colour range (OVAM's: a map that barely varies looks as vivid as a peaked "
                                        "one), or one range for the whole batch, so that an image where the word "
                                        "weighs less reads darker."),
+                io.Boolean.Input("legend", default=False, optional=True,
+                                 tooltip="Write the word and a low-to-high bar of the colormap in the picture's "
+                                         "top-left corner, for pictures shared away from this node (the MASK has "
+                                         "none; 'low' and 'high' are as the scale input stretches them)."),
             ],
             outputs=[io.Image.Output("image", tooltip="Heatmap, or overlay when an image is given; one per image."),
                      io.Mask.Output("mask", tooltip="The map at image size, normalised or thresholded.")],
@@ -74,7 +79,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     @classmethod
     @plain_errors
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
-                scale=_SCALES[0], image=None) -> io.NodeOutput:
+                scale=_SCALES[0], legend=False, image=None) -> io.NodeOutput:
         require(check_single(_ONE_WORD, word=word))
         word = one_concept(word) or first_concept(trace.demographic, "demographic", "word")
         warnings = [check_images(image, trace, "Attribution Map")]
@@ -95,5 +100,7 @@ class BiasMapAttributionMap(io.ComfyNode):
         maps01 = normalize_maps(shown, shared=scale == _SCALES[1]).nan_to_num(0.0)
         heat = colorize(maps01, colormap)
         picture = heat if image is None else overlay(rgb(image).to(heat), heat, opacity)
+        if legend:
+            picture = label_heatmaps(picture, word, colormap)
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01
         return io.NodeOutput(picture, out_mask, ui=ui.PreviewImage(picture, cls=cls))  # shown on the node

@@ -414,6 +414,37 @@ def test_a_picture_too_narrow_for_the_iou_label_shows_the_bare_figure():
     assert label_box(roomy[0])[1] > figure.shape[1] + 20  # where "a&b IoU 0.42" fits, it is written
 
 
+def holds_row(picture, row):
+    """Whether some row of a [H, W, 3] picture holds ``row`` ([n, 3]) as a run of pixels."""
+    runs = picture.unfold(1, row.shape[0], 1)  # [H, W - n + 1, 3, n]
+    return bool((runs == row.T).all(dim=-1).all(dim=-1).any())
+
+
+@pytest.mark.parametrize("colormap", ["inferno", "turbo"])
+def test_a_heatmap_legend_writes_the_word_and_the_colormaps_own_low_to_high_bar_in_the_corner(colormap):
+    heat = colorize(torch.rand(2, 384, 512), colormap)
+    labelled = render.label_heatmaps(heat, "doctor", colormap)
+    bar = colorize(torch.linspace(0, 1, 4 * 12)[None, None], colormap)[0, 0]  # 12 px text at 384: a 48 px bar
+    rows, cols = label_box(torch.where(labelled == heat, 0.0, 1.0)[0])  # where it differs from the heatmap
+    assert holds_row(labelled[0, :rows, :cols], bar) and not holds_row(heat[0], bar)
+    assert holds_row(labelled[0, :rows, :cols], bar[:-1]) and not holds_row(labelled[0, :rows, :cols], bar.flip(0))
+    assert torch.equal(labelled[1, :rows, :cols], labelled[0, :rows, :cols])  # every picture of the batch
+    assert torch.equal(labelled[:, rows:], heat[:, rows:]) and torch.equal(labelled[:, :, cols:], heat[:, :, cols:])
+    assert rows <= 384 // 4 and cols < 512 // 2
+    word = labels.label_patch([("doctor", (1.0, 1.0, 1.0))], 12, 512)
+    assert torch.equal(labelled[0, :word.shape[0], :word.shape[1]], word)  # the word on the first line
+
+
+def test_a_heatmap_too_small_for_the_bar_gets_the_word_alone_and_its_input_is_left_as_it_was():
+    heat = colorize(torch.rand(1, 64, 64))
+    before = heat.clone()
+    labelled = render.label_heatmaps(heat, "nurse", "inferno")
+    word = labels.label_patch([("nurse", (1.0, 1.0, 1.0))], 10, 64)
+    assert torch.equal(labelled[0, :word.shape[0], :word.shape[1]], word)
+    assert torch.equal(labelled[0, word.shape[0]:], heat[0, word.shape[0]:])  # no second line
+    assert torch.equal(heat, before)
+
+
 def test_entanglement_picture_rejects_mismatched_inputs():
     a, b = quadrant_masks()
     with pytest.raises(ValueError, match="masks"):

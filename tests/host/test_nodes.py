@@ -713,6 +713,21 @@ def test_attribution_map_takes_its_colormap_and_opacity(nodes_and_trace):
     assert torch.allclose(clear, image)
 
 
+def test_attribution_maps_legend_names_the_word_in_the_pictures_corner_and_leaves_the_mask_and_the_rest(
+        nodes_and_trace):
+    from biasmap_engine import label_heatmaps
+
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
+    args = defaults(attribution_map) | {"trace": trace, "word": '"Doctor",', "colormap": "viridis"}
+    image = torch.rand(2, 256, 256, 3)
+    with torch.inference_mode():
+        del args["legend"]  # as a prompt saved before the input existed: none
+        plain = attribution_map.execute(**args, image=image).result
+        labelled = attribution_map.execute(**args, image=image, legend=True).result
+    assert torch.equal(labelled[0], label_heatmaps(plain[0], "Doctor", "viridis"))  # as typed, less its quotes
+    assert not torch.equal(labelled[0], plain[0]) and torch.equal(labelled[1], plain[1])
+
+
 def test_the_image_check_warns_of_a_two_percent_crop_and_not_of_a_scaled_landscape_image(pack):
     from types import SimpleNamespace
 
