@@ -445,6 +445,32 @@ def test_a_heatmap_too_small_for_the_bar_gets_the_word_alone_and_its_input_is_le
     assert torch.equal(heat, before)
 
 
+def test_labels_with_pillow_before_10_1_are_drawn_in_its_bitmap_font_and_shortened_with_three_dots(monkeypatch):
+    # Before 10.1, load_default takes no size and gives the small bitmap font, which draws Latin-1 only (no "…").
+    from PIL import ImageFont
+
+    def old_load_default(**size):
+        if size:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return ImageFont.load_default_imagefont()
+
+    monkeypatch.setattr(labels.ImageFont, "load_default", old_load_default)
+    monkeypatch.setattr(labels, "_FALLBACK_FONTS", ())
+    labels._fonts.cache_clear()
+    try:
+        font = labels._fonts(12)[0]
+        assert isinstance(font, ImageFont.ImageFont)  # not a FreeType font
+        word = "a=pneumonoultramicroscopicsilicovolcanoconiosis"
+        assert labels._shortened(word, font, 100).endswith("...") and labels.label_patch([(word, A_COLOR)], 12,
+                                                                                          128).shape[1] <= 128
+        a, b = quadrant_masks()
+        picture = entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"))
+        assert label_box(picture[0, :40])[1] > 40  # a label drawn (the masks lie below row 80)
+        assert render.label_heatmaps(colorize(torch.rand(1, 384, 512)), "doctor", "inferno").shape == (1, 384, 512, 3)
+    finally:
+        labels._fonts.cache_clear()
+
+
 def test_entanglement_picture_rejects_mismatched_inputs():
     a, b = quadrant_masks()
     with pytest.raises(ValueError, match="masks"):
