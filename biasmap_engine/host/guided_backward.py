@@ -39,8 +39,11 @@ __all__ = ["GuidedBackward"]
 # The energy's backward through an fp16 U-Net is scaled by this power of two (exact to undo), as mixed-precision
 # training scales its loss: fp16 flushes gradients below 6e-8 to zero, and those of E ≤ 1 spread over a U-Net's
 # activations come close (measured on the tiny test model: a gradient 10⁴ times smaller came out all zero). A scaled
-# gradient that overflows is skipped as non-finite, and the run's later backwards are not scaled.
+# gradient that overflows is skipped as non-finite, and the run's later backwards are scaled 2⁵ times less (1024, 32,
+# then 1): at most two evaluations lost to overflow, where a scale of 1 would leave the later small gradients to
+# vanish, moving nothing (mixed-precision training halves its scale, over thousands of steps, not a run's twenty).
 _HALF_LOSS_SCALE = 2.0 ** 10
+_SCALE_BACKOFF = 2.0 ** 5
 
 
 class GuidedBackward:
@@ -52,6 +55,7 @@ class GuidedBackward:
         self.active = False  # a guided U-Net pass is running (the session's wrappers around the U-Net read it)
         computes_in = model_patcher.model.manual_cast_dtype or model_patcher.model.get_dtype()
         self._loss_scale = _HALF_LOSS_SCALE if computes_in == torch.float16 else None  # a tensor once used
+        self._flushed = 0  # fp16 gradients of an image that came out all zero (a tensor once counted)
         modules = list(model_patcher.model.diffusion_model.modules())
         self._group_norms = [m for m in modules if isinstance(m, torch.nn.GroupNorm)]
         self._quantized = quantized_layers(modules)
@@ -84,11 +88,18 @@ class GuidedBackward:
         return self._with_autograd(model, run, conds, x, timestep, model_options, self._energy_gradient)
 
     def finish(self) -> None:
-        """The run's note on the fp16 loss scale, if a scaled gradient overflowed."""
-        if isinstance(self._loss_scale, torch.Tensor) and float(self._loss_scale) == 1.0:
-            self.note(f"a gradient through this fp16 model overflowed once scaled by {_HALF_LOSS_SCALE:g} (the scale "
-                      f"that keeps small fp16 gradients from vanishing): that evaluation was skipped as non-finite, "
-                      f"and the later ones were not scaled")
+        """The run's notes on the fp16 loss scale: a scaled gradient that overflowed, gradients that vanished."""
+        if isinstance(self._loss_scale, torch.Tensor) and float(self._loss_scale) < _HALF_LOSS_SCALE:
+            self.note(f"a gradient through this fp16 model overflowed once scaled (by {_HALF_LOSS_SCALE:g} at first, "
+                      f"the scale that keeps small fp16 gradients from vanishing, lowered {_SCALE_BACKOFF:g}-fold at "
+                      f"each overflow, to {float(self._loss_scale):g}): each such evaluation was skipped as "
+                      f"non-finite")
+        flushed = int(self._flushed)
+        if flushed:
+            self.note(f"{flushed} guided evaluation(s) of an image got a gradient of exactly zero through this fp16 "
+                      f"model (fp16 flushes values below 6e-8 to zero; the backward was scaled by "
+                      f"{_HALF_LOSS_SCALE:g} at most): counted as applied, the correction moved nothing there; start "
+                      f"ComfyUI with --bf16-unet (or --fp32-unet) to guide them")
 
     # ---- block patches ----------------------------------------------------------------------------------------
 
@@ -158,9 +169,10 @@ class GuidedBackward:
         if not isinstance(self._loss_scale, torch.Tensor):
             self._loss_scale = value.new_full((), self._loss_scale)
         grad = torch.autograd.grad(value * self._loss_scale, x_leaf)[0] / self._loss_scale
-        # Off only when the scale overflowed the gradient: not for an energy that is no number by itself.
+        # Lowered only when the scale overflowed the gradient: not for an energy that is no number by itself.
         overflowed = torch.isfinite(value).all() & ~torch.isfinite(grad).all()
-        self._loss_scale = torch.where(overflowed, 1.0, self._loss_scale)
+        self._loss_scale = torch.where(overflowed, (self._loss_scale / _SCALE_BACKOFF).clamp_min(1.0), self._loss_scale)
+        self._flushed = self._flushed + (grad.flatten(1) == 0).all(dim=1).sum()  # no host synchronisation
         return grad
 
     def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):

@@ -519,8 +519,8 @@ def test_an_fp16_models_backward_keeps_gradients_fp16_alone_would_flush_to_zero(
     torch.testing.assert_close(norms[torch.float16], norms[torch.float32], rtol=2e-2, atol=0)
 
 
-def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_the_run_is_not_scaled(comfy,
-                                                                                                     monkeypatch):
+def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_the_run_scaled_less(comfy,
+                                                                                                   monkeypatch):
     # Energies 10⁴ times larger: fp16 holds their gradient, but not 2¹⁰ times it. The clip gate keeps large gradients.
     import comfy_models
 
@@ -534,7 +534,32 @@ def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_
     out, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")
     status = trace.guidance["status"][:, 0].tolist()
     assert status == [STATUS["skipped_nonfinite"]] + [STATUS["clipped"]] * 2 and torch.isfinite(out).all()
-    assert any("overflowed once scaled" in note for note in trace.notes)
+    assert any("overflowed once scaled (by 1024 at first, the scale that keeps small fp16 gradients from vanishing, "
+               "lowered 32-fold at each overflow, to 32): each such evaluation was skipped as non-finite" in note
+               for note in trace.notes)
+
+
+def test_after_an_overflow_the_fp16_scale_still_keeps_later_small_gradients_and_one_that_vanishes_is_said(
+        comfy, monkeypatch):
+    # A first gradient too large for the scale, then small ones (as a full-size model's): with the scale off after
+    # the overflow they came out zero and were counted applied, moving nothing, unsaid.
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    energy, factors = guided_backward.entanglement_energy, iter([1e4, 1e-4, 1e-14])
+    monkeypatch.setattr(guided_backward, "entanglement_energy",
+                        lambda *args, **kwargs: energy(*args, **kwargs) * next(factors))
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
+        pos, neg = comfy_models.paper_prompts(clip)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")
+    assert trace.guidance["status"][:, 0].tolist() == [STATUS["skipped_nonfinite"]] + [STATUS["applied"]] * 2
+    assert trace.guidance["grad_norm"][1, 0] > 0 and trace.guidance["grad_norm"][2, 0] == 0  # 1e-14: beyond any scale
+    assert any(note.startswith("1 guided evaluation(s) of an image got a gradient of exactly zero through this fp16 "
+                               "model (fp16 flushes values below 6e-8 to zero; the backward was scaled by 1024 at "
+                               "most): counted as applied, the correction moved nothing there; start ComfyUI with "
+                               "--bf16-unet (or --fp32-unet) to guide them") for note in trace.notes)
 
 
 def test_an_energy_that_is_no_number_by_itself_leaves_the_fp16_loss_scale_on(comfy, monkeypatch):
