@@ -96,7 +96,8 @@ class BiasMapAuditLog(io.ComfyNode):
         # What a file started before these columns cannot say of its rows: they are of every step, at image size, on
         # a schedule its scheduler column names.
         needed = ((("sigmas",) if trace.run.get("scheduler") == CUSTOM_SIGMAS else ())
-                  + (("first_step", "last_step") if window else ()) + (("mask_size",) if resolution == "latent" else ()))
+                  + (("first_step", "last_step") if window else ())
+                  + (("mask_size",) if resolution == "latent" else ()))
         try:
             written = append_csv(path, rows, needed)
         except ValueError as err:
