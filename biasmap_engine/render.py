@@ -193,9 +193,9 @@ def label_heatmaps(pictures: Tensor, word: str, colormap: str) -> Tensor:
     bar_width = min(4 * font_px, width - low.shape[1] - high.shape[1])
     if bar_width >= font_px and legend.shape[0] + low.shape[0] <= height // 4:
         # The bar as tall as the words beside it, framed by the box's margin, its colours the heatmap's own.
-        margin, box = low.shape[0] // 4, torch.tensor(LABEL_BOX) / 255
+        margin = low.shape[0] // 4
         bar = colorize(torch.linspace(0, 1, bar_width).expand(1, low.shape[0] - 2 * margin, -1), colormap)[0]
-        bar = torch.cat([box.expand(margin, bar_width, 3), bar, box.expand(margin, bar_width, 3)])
+        bar = torch.cat([_box(margin, bar_width), bar, _box(margin, bar_width)])
         scale = torch.cat([low, bar, high], dim=1)
         wide = max(legend.shape[1], scale.shape[1])
         legend = torch.cat([_widened(legend, wide), _widened(scale, wide)])
@@ -207,8 +207,12 @@ def label_heatmaps(pictures: Tensor, word: str, colormap: str) -> Tensor:
 
 def _widened(patch: Tensor, width: int) -> Tensor:
     """A label patch filled out to ``width`` with its box's colour."""
-    fill = (torch.tensor(LABEL_BOX) / 255).expand(patch.shape[0], width - patch.shape[1], 3)
-    return torch.cat([patch, fill], dim=1)
+    return torch.cat([patch, _box(patch.shape[0], width - patch.shape[1])], dim=1)
+
+
+def _box(rows: int, cols: int) -> Tensor:
+    """[rows, cols, 3] of the label box's colour."""
+    return (torch.tensor(LABEL_BOX) / 255).expand(rows, cols, 3)
 
 
 def _paste(picture: Tensor, patch: Tensor) -> None:
