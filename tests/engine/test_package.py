@@ -1,6 +1,7 @@
 """The engine as a package: what its modules export, and that only its host adapter reaches ComfyUI."""
 
 import importlib
+import json
 import pkgutil
 import subprocess
 import sys
@@ -29,3 +30,24 @@ def test_the_engine_outside_its_host_adapter_imports_nothing_of_comfyui():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(root), "PATH": ""})
     assert pure and out.stdout.strip() == "[]"
+
+
+def test_the_shipped_workflows_name_this_pack_and_its_version_on_each_of_its_nodes():
+    # The frontend finds the pack of a node missing from a user's install by its cnr_id (ComfyUI Manager's registry).
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    root = Path(biasmap_engine.__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    ours = [node for path in sorted((root / "workflows").glob("*.json"))
+            for node in json.loads(path.read_text(encoding="utf-8"))["nodes"] if node["type"].startswith("BiasMap")]
+    assert len(ours) >= 10
+    assert {(node["properties"].get("cnr_id"), node["properties"].get("ver")) for node in ours} == {
+        (project["name"], project["version"])}
+
+
+def test_the_package_declares_no_accelerator_so_comfyuis_page_flags_no_device_as_unsupported():
+    # A GPU classifier lists the only devices supported: the page would warn on a Mac or a CPU, where the pack runs.
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(biasmap_engine.__file__).parents[1]
+    classifiers = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["classifiers"]
+    assert [c for c in classifiers if c.startswith("Environment :: GPU")] == []
+
