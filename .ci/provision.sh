@@ -52,6 +52,8 @@ if [ -n "$host" ]; then
   fi
 fi
 
-$PIP -c "$CACHE/constraints.txt" "$(cd "$(dirname "$0")/.." && pwd)[test]" >&2
+root=$(cd "$(dirname "$0")/.." && pwd)
+rm -rf "$root/build"  # setuptools' staging folder: a module deleted since would be installed again from it
+$PIP -c "$CACHE/constraints.txt" "$root[test]" >&2
 echo "PYTHON=$PY"
 echo "COMFYUI_PATH=$host"
