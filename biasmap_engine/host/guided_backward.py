@@ -84,8 +84,12 @@ class GuidedBackward:
         None when the pass recorded no maps (the session says why)."""
         groups = hook_groups(conds, timestep)
         if len(groups) > 1:
-            return self._run_hook_groups(model, run, x, timestep, model_options, conds, groups)
-        return self._with_autograd(model, run, conds, x, timestep, model_options, self._energy_gradient)
+            out, result = self._run_hook_groups(model, run, x, timestep, model_options, conds, groups)
+        else:
+            out, result = self._with_autograd(model, run, conds, x, timestep, model_options, self._energy_gradient)
+        if result is not None and self._loss_scale is not None:  # the whole gradient: not a hook group's share
+            self._flushed = self._flushed + (result[0].flatten(1) == 0).all(dim=1).sum()  # no host synchronisation
+        return out, result
 
     def finish(self) -> None:
         """The run's notes on the fp16 loss scale: a scaled gradient that overflowed, gradients that vanished."""
@@ -93,7 +97,7 @@ class GuidedBackward:
             self.note(f"a gradient through this fp16 model overflowed once scaled (by {_HALF_LOSS_SCALE:g} at first, "
                       f"the scale that keeps small fp16 gradients from vanishing, lowered {_SCALE_BACKOFF:g}-fold at "
                       f"each overflow, to {float(self._loss_scale):g}): each such evaluation was skipped as "
-                      f"non-finite")
+                      f"non-finite, and counted so; --bf16-unet (ComfyUI's option) needs no scale")
         flushed = int(self._flushed)
         if flushed:
             self.note(f"{flushed} guided evaluation(s) of an image got a gradient of exactly zero through this fp16 "
@@ -172,7 +176,6 @@ class GuidedBackward:
         # Lowered only when the scale overflowed the gradient: not for an energy that is no number by itself.
         overflowed = torch.isfinite(value).all() & ~torch.isfinite(grad).all()
         self._loss_scale = torch.where(overflowed, (self._loss_scale / _SCALE_BACKOFF).clamp_min(1.0), self._loss_scale)
-        self._flushed = self._flushed + (grad.flatten(1) == 0).all(dim=1).sum()  # no host synchronisation
         return grad
 
     def _run_hook_groups(self, model, run, x, timestep, model_options, conds, groups):

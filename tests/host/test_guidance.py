@@ -562,6 +562,50 @@ def test_after_an_overflow_the_fp16_scale_still_keeps_later_small_gradients_and_
                                "--bf16-unet (or --fp32-unet) to guide them") for note in trace.notes)
 
 
+def test_each_overflow_lowers_the_fp16_scale_32_fold_down_to_one_and_a_skipped_gradient_is_not_said_to_vanish(
+        comfy, monkeypatch):
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    energy, factors = guided_backward.entanglement_energy, iter([1e4, 1e6, 1e9])  # past 1024, 32, and 1 itself
+    monkeypatch.setattr(guided_backward, "entanglement_energy",
+                        lambda *args, **kwargs: energy(*args, **kwargs) * next(factors))
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
+        pos, neg = comfy_models.paper_prompts(clip)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")
+    assert trace.guidance["status"][:, 0].tolist() == [STATUS["skipped_nonfinite"]] * 3
+    assert any("lowered 32-fold at each overflow, to 1): each such evaluation was skipped as non-finite, and counted "
+               "so; --bf16-unet (ComfyUI's option) needs no scale" in note for note in trace.notes)
+    assert not any("gradient of exactly zero" in note for note in trace.notes)
+
+
+def test_a_gradient_that_vanishes_in_fp16_is_counted_once_an_evaluation_also_over_hook_groups(comfy, monkeypatch):
+    # Each hook group's backward adds its share of the gradient: an evaluation, not a share, is what moved nothing.
+    import comfy.hooks
+    import comfy_models
+    import nodes
+
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    energy = guided_backward.entanglement_energy
+    monkeypatch.setattr(guided_backward, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 1e-14)
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
+        pos, neg = comfy_models.paper_prompts(clip)
+        weights = {k: v * 1.02 for k, v in model.model.state_dict().items()
+                   if k.startswith("diffusion_model.") and "attn2.to_k" in k}
+        hooked = comfy.hooks.set_hooks_for_conditioning(pos, comfy.hooks.create_hook_model_as_lora(weights, None, 1.0,
+                                                                                                   0.0))
+        pos = nodes.ConditioningCombine().combine(hooked, pos)[0]
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, branch="cond")
+    assert any("each group's entries once more" in note for note in trace.notes)
+    assert (trace.guidance["grad_norm"] == 0).all()
+    assert any(note.startswith("2 guided evaluation(s) of an image got a gradient of exactly zero") for note in
+               trace.notes)
+
+
 def test_an_energy_that_is_no_number_by_itself_leaves_the_fp16_loss_scale_on(comfy, monkeypatch):
     # Step 0's energy is NaN for a reason of its own (maps that overflowed), not the scale; the later energies are
     # small, as a full-size model's per-pixel gradients are, and fp16 still needs the scale for them.
