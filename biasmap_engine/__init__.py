@@ -8,7 +8,7 @@ protocol, §2 attribution maps (OVAM), §3 measuring entanglement (hard masks, I
 energy-guided sampling.
 """
 
-from .audit import append_csv, audit_rows, csv_text, read_csv
+from .audit import OlderFileError, append_csv, audit_rows, csv_text, read_csv
 from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
@@ -28,8 +28,8 @@ from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError
 
 __all__ = [
     "AUDIT_ORDERS", "AuditRun", "BRANCHES", "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError",
-    "EntanglementResult", "GATES", "MODES", "NOT_FINITE_CAUSE", "PAPER_PROFESSIONS", "STAGE_ORDER", "STATUS",
-    "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "clip_words", "colorize",
+    "EntanglementResult", "GATES", "MODES", "NOT_FINITE_CAUSE", "OlderFileError", "PAPER_PROFESSIONS", "STAGE_ORDER",
+    "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "clip_words", "colorize",
     "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line",
     "guidance_step", "hard_mask", "iou", "label_heatmaps", "listed_twice", "listed_words", "measure_entanglement",
     "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",

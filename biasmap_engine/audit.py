@@ -19,15 +19,15 @@ from .report import measure_entanglement
 from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
-__all__ = ["append_csv", "audit_rows", "csv_text", "read_csv"]
+__all__ = ["OlderFileError", "append_csv", "audit_rows", "csv_text", "read_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
 _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
           "first_step", "last_step")
 # What rows would read as in a file without a column that ``append_csv`` was told they need.
-_READ_WITHOUT = (("sigmas", "sampled on the schedule of every other run of custom sigmas"),
-                 ("mask_size", "measured at the image's size"), ("first_step", "measured over every step"))
+_READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas", "first_step": "of every step",
+                 "mask_size": "at the image's size"}
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -67,6 +67,14 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     return rows
 
 
+class OlderFileError(ValueError):
+    """An audit file started before columns that the rows to append need (``.lost``)."""
+
+    def __init__(self, message: str, lost: list[str]):
+        super().__init__(message)
+        self.lost = lost
+
+
 def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> list[dict]:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
     file started before the latest columns takes them without those, but refuses rows whose ``needed`` columns it
@@ -98,10 +106,11 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
                 lost = [c for c in needed if c not in header]
                 if lost:
-                    read_as = " and ".join(what for column, what in _READ_WITHOUT if column in lost)
-                    raise ValueError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
-                                     f"without which these rows would read as {read_as}, and pair with such rows in "
-                                     f"the summary: give this audit another file name")
+                    reasons = [_READ_WITHOUT[c] for c in lost if c in _READ_WITHOUT]
+                    read_as = " and ".join(filter(None, [", ".join(reasons[:-1]), reasons[-1]]))
+                    raise OlderFileError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
+                                         f"without which these rows would read as rows {read_as}, and pair with such "
+                                         f"rows in the summary: give this audit another file name", lost)
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))

@@ -10,7 +10,8 @@ import re
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import append_csv, audit_rows, csv_text, read_csv, reductions_text, split_concepts
+from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, read_csv, reductions_text,
+                              split_concepts)
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
@@ -100,6 +101,12 @@ class BiasMapAuditLog(io.ComfyNode):
                   + (("mask_size",) if resolution == "latent" else ()))
         try:
             written = append_csv(path, rows, needed)
+        except OlderFileError as err:  # or measure as the file's rows were, where that can be chosen here
+            instead = [fix for column, fix in (("first_step", "set first_step to 0 and last_step to 10000 (every "
+                                                              "step)"), ("mask_size", "set resolution to image"))
+                       if column in err.lost]
+            raise ValueError(str(err).replace(path, shown)
+                             + (f", or, to add to it, {' and '.join(instead)}" if instead else "")) from err
         except ValueError as err:
             raise ValueError(str(err).replace(path, shown)) from err
         text = csv_text(written)

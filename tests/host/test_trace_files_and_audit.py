@@ -312,14 +312,23 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     assert "give the audit a new file name" in caplog.text
 
 
-@pytest.mark.parametrize("asked, lost", [({"first_step": 1}, "first_step, last_step, without which these rows would "
-                                                            "read as measured over every step"),
-                                         ({"last_step": 0}, "first_step, last_step, without which"),
-                                         ({"resolution": "latent"}, "mask_size, without which these rows would read "
-                                                                    "as measured at the image's size,"),
-                                         ({"resolution": "latent", "first_step": 1},
-                                          "first_step, last_step, mask_size, without which these rows would read as "
-                                          "measured at the image's size and measured over every step,")])
+_EVERY_STEP = "set first_step to 0 and last_step to 10000 \\(every step\\)"
+_SHOW = "right-click the node and choose Show Advanced to see them\\)$"
+
+
+@pytest.mark.parametrize("asked, lost", [
+    ({"first_step": 1}, "first_step, last_step, without which these rows would read as rows of every step, and pair "
+                        "with such rows in the summary: give this audit another file name, or, to add to it, "
+                        f"{_EVERY_STEP} \\(first_step and last_step are advanced inputs: {_SHOW}"),
+    ({"last_step": 0}, "first_step, last_step, without which"),
+    ({"resolution": "latent"}, "mask_size, without which these rows would read as rows at the image's size, and pair "
+                               "with such rows in the summary: give this audit another file name, or, to add to it, "
+                               "set resolution to image \\(resolution is an advanced input: right-click the node and "
+                               "choose Show Advanced to see it\\)$"),
+    ({"resolution": "latent", "first_step": 1},
+     "first_step, last_step, mask_size, without which these rows would read as rows of every step and at the image's "
+     f"size, .* or, to add to it, {_EVERY_STEP} and set resolution to image \\(resolution, first_step and last_step "
+     f"are advanced inputs: {_SHOW}")])
 def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be_paired_rightly(pack, folders, trace,
                                                                                               asked, lost):
     # Without them, rows of one step or of latent-size masks would read as whole runs at image size, and the summary
@@ -332,8 +341,7 @@ def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be
     later = ("mask_size", "first_step", "last_step")
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=rf"audit.csv was started before BiasMap wrote the column\(s\) {lost}"
-                                         rf".*: give this audit another file name"):
+    with pytest.raises(ValueError, match=rf"audit.csv was started before BiasMap wrote the column\(s\) {lost}"):
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace} | asked)
     assert path.read_bytes() == before
     as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # whole runs: taken
@@ -353,9 +361,9 @@ def test_audit_log_refuses_rows_of_custom_sigmas_for_a_file_started_before_the_s
     before = path.read_bytes()
     custom = dataclasses.replace(trace, run={**trace.run, "scheduler": "custom sigmas"})  # the Advanced sampler's
     with pytest.raises(ValueError, match=r"audit.csv was started before BiasMap wrote the column\(s\) sigmas, without "
-                                         r"which these rows would read as sampled on the schedule of every other run "
-                                         r"of custom sigmas, and pair with such rows in the summary: give this audit "
-                                         r"another file name"):
+                                         r"which these rows would read as rows on the schedule of every other run of "
+                                         r"custom sigmas, and pair with such rows in the summary: give this audit "
+                                         r"another file name$"):
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": custom})
     assert path.read_bytes() == before
     as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # karras, named: taken
