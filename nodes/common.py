@@ -178,26 +178,32 @@ def step_window(trace, first_step: int, last_step: int):
     last = trace.num_steps - 1
     if first_step > min(last_step, last):
         raise ValueError(_steps_swapped(first_step, last_step) if first_step > last_step else
-                         f"first_step {first_step} is past this trace's last step, {last}: set first_step to at most "
-                         f"{last}")
+                         _past_last(first_step, last))
     if first_step <= 0 and last_step >= last:
         return None
     return first_step, min(last_step, last)
 
 
-def check_step_windows(windows) -> None:
-    """Before a sampler samples: no node that reads its trace measures a window that ends before it starts
-    (``prompt_graph.step_windows_of``). That node runs after the sampler, which the mix-up would cost."""
+def check_step_windows(windows, last: int | None = None) -> None:
+    """Before a sampler samples: no node that reads its trace measures a window that ends before it starts, or,
+    where the sampler knows its trace's ``last`` step, that starts after it (``prompt_graph.step_windows_of``). That
+    node runs after the sampler, which the mistake would cost."""
     for window in windows:
-        if window.first_step > window.last_step:
-            raise ValueError(f"{window.node} (node {window.node_id}): "
-                             f"{_steps_swapped(window.first_step, window.last_step)} (advanced inputs of that node: "
+        first_step, last_step = window.first_step, window.last_step
+        wrong = (_steps_swapped(first_step, last_step) if first_step > last_step else
+                 _past_last(first_step, last) if last is not None and first_step > last else None)
+        if wrong:
+            raise ValueError(f"{window.node} (node {window.node_id}): {wrong} (advanced inputs of that node: "
                              f"right-click it and choose Show Advanced to see them). Checked before sampling, so that "
                              f"the run is not lost to it.")
 
 
 def _steps_swapped(first_step: int, last_step: int) -> str:
     return f"first_step {first_step} is after last_step {last_step}: set it to at most {last_step}"
+
+
+def _past_last(first_step: int, last: int) -> str:
+    return f"first_step {first_step} is past this trace's last step, {last}: set first_step to at most {last}"
 
 
 def mask_size(trace, resolution: str) -> tuple[int, int]:

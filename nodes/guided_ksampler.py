@@ -19,6 +19,8 @@ from .prompt_graph import graph_run, queued_outputs, step_windows_of, words_aske
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
 
+_OWN_STEP_GRID = ("dpm_fast", "dpm_adaptive")  # samplers whose traces count the steps of their own time grid
+
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
                                           "guidance accounting; feed it to Attribution Map or Entanglement IoU.")]
@@ -45,7 +47,7 @@ def _logged(node, latent, trace) -> io.NodeOutput:
     return io.NodeOutput(latent, trace)
 
 
-def _session(node, model, clip, kwargs):
+def _session(node, model, clip, kwargs, last_step: int | None = None):
     # Validation's check again, now that a linked prompt or list (Audit Prompts') is known: its message names the
     # list and the typing habit behind a missing word, which the lookup in the tokens cannot.
     require(check_concepts(kwargs["attribution_prompt"], kwargs["demographic"], kwargs["semantic"]))
@@ -54,7 +56,7 @@ def _session(node, model, clip, kwargs):
     if hidden:  # before the attribution prompt is encoded: nothing spent on a typo
         outputs = queued_outputs()
         check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, outputs, own), kwargs["attribution_prompt"])
-        check_step_windows(step_windows_of(hidden.prompt, hidden.unique_id, outputs))
+        check_step_windows(step_windows_of(hidden.prompt, hidden.unique_id, outputs), last_step)
     return start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
                          settings_from(kwargs))
 
@@ -105,7 +107,10 @@ class BiasMapGuidedKSampler(io.ComfyNode):
     @plain_errors
     def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, **kwargs) -> io.NodeOutput:
-        session = _session(cls, model, clip, kwargs)
+        # The trace's last step, which the nodes reading it may not start after: a step of its own grid for the
+        # samplers that keep one (dpm_fast asked for 3 steps reports 2).
+        last_step = None if sampler_name in _OWN_STEP_GRID else steps - 1
+        session = _session(cls, model, clip, kwargs, last_step)
         latent, trace = sample_with_scheduler(session, model, seed, steps, cfg, sampler_name, scheduler, positive,
                                               negative, latent_image, denoise)
         return _logged(cls, latent, trace)

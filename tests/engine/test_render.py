@@ -435,6 +435,46 @@ def test_a_heatmap_legend_writes_the_word_and_the_colormaps_own_low_to_high_bar_
     assert torch.equal(labelled[0, :word.shape[0], :word.shape[1]], word)  # the word on the first line
 
 
+def test_a_label_exactly_as_wide_as_its_room_is_drawn_whole_and_fits_says_so():
+    white = (1.0, 1.0, 1.0)
+    font = labels._font_for("a=woman", 10)
+    exact = font.getlength("a=woman")
+    assert labels._shortened("a=woman", font, exact) == "a=woman"
+    room = math.ceil(exact) + 2 * labels._pad(10)
+    assert labels.fits("a=woman", 10, room) and not labels.fits("a=woman", 10, room - 1)
+    whole = labels.label_patch([("a=woman", white)], 10, 1000)
+    assert torch.equal(labels.label_patch([("a=woman", white)], 10, room), whole)
+    assert not torch.equal(labels.label_patch([("a=woman", white)], 10, room - 1), whole)
+
+
+def test_the_legend_is_the_word_over_low_a_framed_bar_and_high_each_in_its_place():
+    white = (1.0, 1.0, 1.0)
+    heat = colorize(torch.rand(1, 384, 512), "inferno")
+    out = render.label_heatmaps(heat, "doctor", "inferno")[0]
+    box = torch.tensor(labels.LABEL_BOX) / 255
+    word, low, high = (labels.label_patch([(text, white)], 12, 512) for text in ("doctor", "low", "high"))
+    top, tall, margin, bar = word.shape[0], low.shape[0], low.shape[0] // 4, 48
+    end = low.shape[1] + bar + high.shape[1]
+    assert torch.equal(out[top:top + tall, :low.shape[1]], low)
+    assert torch.equal(out[top:top + tall, low.shape[1] + bar:end], high)
+    cols = slice(low.shape[1], low.shape[1] + bar)
+    assert (out[top:top + margin, cols] == box).all() and (out[top + tall - margin:top + tall, cols] == box).all()
+    assert torch.equal(out[top + margin, cols], colorize(torch.linspace(0, 1, bar)[None, None], "inferno")[0, 0])
+    assert (out[:top, word.shape[1]:end] == box).all()  # the word's line filled out with the box's colour
+
+
+def test_the_legends_bar_narrows_to_keep_high_on_a_narrow_picture_and_is_left_out_where_too_narrow_or_short():
+    white = (1.0, 1.0, 1.0)
+    px = labels.label_font_px(384, 70)
+    word, low, high = (labels.label_patch([(text, white)], px, 70) for text in ("doctor", "low", "high"))
+    narrow = render.label_heatmaps(colorize(torch.rand(1, 384, 70)), "doctor", "inferno")[0]
+    assert torch.equal(narrow[word.shape[0]:word.shape[0] + high.shape[0], 70 - high.shape[1]:], high)
+    for height, width in ((384, low.shape[1] + high.shape[1] + px - 1), (100, 512)):  # a bar < font_px; too short
+        heat = colorize(torch.rand(1, height, width))
+        out = render.label_heatmaps(heat, "doctor", "inferno")[0]
+        assert torch.equal(out[word.shape[0]:], heat[0, word.shape[0]:])  # the word alone
+
+
 def test_a_heatmap_too_small_for_the_bar_gets_the_word_alone_and_its_input_is_left_as_it_was():
     heat = colorize(torch.rand(1, 64, 64))
     before = heat.clone()

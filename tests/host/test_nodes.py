@@ -174,6 +174,26 @@ def test_the_map_nodes_refuse_an_empty_step_window_naming_the_inputs(nodes_and_t
                                            f"{'them' if ' and ' in hidden else 'it'})")
 
 
+@pytest.mark.parametrize("message, named", [
+    ("q = 0.98 keeps no pixel: set q to at most 0.96", True), ("q must be a fraction", True),
+    ("choose stages among these", True), ("stages: unknown stage 'x'", True), ("start=0.6, end=0.4", True),
+    ("0 ≤ start < end ≤ 1", True), ("the backend must be CUDA", False), ("Latent From Batch past its end)", False),
+    ("the guided stages: down_1", False), ("weekend < now", False), ("the text's end or start: remove it", False)])
+def test_a_plain_word_is_taken_for_an_input_only_where_a_message_uses_it_as_one(pack, message, named):
+    import re
+
+    from biasmap_pack.nodes.common import _named
+
+    assert any(re.search(_named(name), message) for name in ("stages", "start", "end", "q")) == named
+
+
+def test_a_message_naming_an_input_on_the_nodes_face_gets_no_note_on_advanced_inputs(nodes_and_trace):
+    entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
+    with torch.inference_mode(), pytest.raises(ValueError, match="type in concept_a") as refused:
+        entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": "doctor", "concept_b": "Doctor"})
+    assert "Show Advanced" not in str(refused.value)
+
+
 def test_a_message_using_an_advanced_inputs_name_as_a_plain_word_gets_no_note_on_advanced_inputs(sd15, prompts, pack):
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
@@ -475,8 +495,29 @@ def test_a_step_window_that_ends_before_it_starts_is_refused_before_the_sampler_
                                          rf"it\.$"):
         run(graph)
     assert evaluated == []
-    reader["inputs"]["first_step"] = 2  # one step: the node itself says whether the trace has it
+    reader["inputs"] |= {"first_step": 1, "last_step": 10000}  # past the one step this sampler runs
+    with pytest.raises(ValueError, match=rf"^{shown} \(node 12\): first_step 1 is past this trace's last step, 0: set "
+                                         rf"first_step to at most 0 \(advanced inputs of that node: "):
+        run(graph)
+    assert evaluated == []
+    reader["inputs"]["first_step"] = 0
     assert run(graph).result[1].steps.numel() == 1 and evaluated
+
+
+def test_a_step_window_of_a_node_not_queued_does_not_stop_the_sampler(sd15, prompts, pack, monkeypatch):
+    # "Queue Selected Output Nodes": the Attribution Map does not run, and its window is not the run's concern.
+    import biasmap_pack.nodes.guided_ksampler as guided_ksampler
+
+    run, evaluated = one_step_sampler(sd15, prompts)
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "12": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "first_step": 5,
+                                                                      "last_step": 2}},
+             "16": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0]}}}
+    monkeypatch.setattr(guided_ksampler, "queued_outputs", lambda: ["16"])
+    assert run(graph).result[1].steps.numel() == 1 and evaluated
+    monkeypatch.setattr(guided_ksampler, "queued_outputs", lambda: ["12", "16"])
+    with pytest.raises(ValueError, match=r"first_step 5 is after last_step 2"):
+        run(graph)
 
 
 def test_the_step_windows_asked_of_a_trace_are_those_typed_into_the_nodes_reading_it(pack):
@@ -493,7 +534,8 @@ def test_the_step_windows_asked_of_a_trace_are_those_typed_into_the_nodes_readin
                                                                       "last_step": 4}},  # linked: read as it runs
              "15": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 0], "first_step": 9,
                                                                       "last_step": 1}},  # not a trace: a latent
-             "16": {"class_type": "SaveImage", "inputs": {"images": ["11", 0]}}}
+             "16": {"class_type": "SaveImage", "inputs": {"images": ["11", 0]}},
+             "17": {"class_type": "BiasMapSaveTrace", "inputs": {"trace": ["3", 1], "filename_prefix": "biasmap/t"}}}
     assert step_windows_of(graph, "3") == [("Attribution Map", "11", 3, 1),
                                            ('Entanglement IoU "λ 100 vs 0"', "12", 0, 10000)]
     assert step_windows_of(graph, 3, ["16"]) == [("Attribution Map", "11", 3, 1)]
