@@ -115,6 +115,12 @@ def _pad(font_px: int) -> int:
     return max(2, font_px // 4)
 
 
+@functools.lru_cache(maxsize=16)
+def _ellipsis(font) -> str:
+    """An ellipsis as ``font`` draws one: the character, or three dots (Pillow's bitmap font is Latin-1 only)."""
+    return "\u2026" if _draws(font, "\u2026") else "..."
+
+
 def fits(text: str, font_px: int, width: int) -> bool:
     """Whether a label of ``text`` alone fits ``width`` pixels whole."""
     return _font_for(text, font_px).getlength(text) + 2 * _pad(font_px) <= width
@@ -125,7 +131,7 @@ def _shortened(text: str, font, width: float) -> str:
     narrow picture, which Pillow would draw past the edge, cut mid-letter)."""
     if font.getlength(text) <= width:
         return text
-    ellipsis = "\u2026" if _draws(font, "\u2026") else "..."
+    ellipsis = _ellipsis(font)
     while text and font.getlength(text + ellipsis) > width:
         text = text[:-1]
     return text + ellipsis

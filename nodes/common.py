@@ -120,8 +120,13 @@ def where_hidden(node, message: str) -> str:
     if not names:
         return ""
     named = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-    return (f" ({named} {'are advanced inputs' if len(names) > 1 else 'is an advanced input'}: right-click the node "
-            f"and choose Show Advanced to see {'them' if len(names) > 1 else 'it'})")
+    several = len(names) > 1
+    what = "are advanced inputs" if several else "is an advanced input"
+    return f" ({named} {what}: {_show_advanced('the node', several)})"
+
+
+def _show_advanced(node: str, several: bool) -> str:
+    return f"right-click {node} and choose Show Advanced to see {'them' if several else 'it'}"
 
 
 def _named(name: str) -> str:
@@ -194,8 +199,8 @@ def check_step_windows(windows, last: int | None = None) -> None:
                  _past_last(first_step, last) if last is not None and first_step > last else None)
         if wrong:
             raise ValueError(f"{window.node} (node {window.node_id}): {wrong} (advanced inputs of that node: "
-                             f"right-click it and choose Show Advanced to see them). Checked before sampling, so that "
-                             f"the run is not lost to it.")
+                             f"{_show_advanced('it', True)}). Checked before sampling, so that the run is not lost to "
+                             f"it.")
 
 
 def _steps_swapped(first_step: int, last_step: int) -> str:
