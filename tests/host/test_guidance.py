@@ -539,21 +539,27 @@ def test_an_fp16_gradient_that_overflows_once_scaled_is_skipped_and_the_rest_of_
                for note in trace.notes)
 
 
-def test_after_an_overflow_the_fp16_scale_still_keeps_later_small_gradients_and_one_that_vanishes_is_said(
-        comfy, monkeypatch):
-    # A first gradient too large for the scale, then small ones (as a full-size model's): with the scale off after
-    # the overflow they came out zero and were counted applied, moving nothing, unsaid.
+def fp16_trace_with_energies(monkeypatch, factors):
+    """The trace of a 3-step guided run (clip gate) of the tiny fp16 model whose energies are scaled by ``factors``,
+    one a step."""
     import comfy_models
 
     import biasmap_engine.host.guided_backward as guided_backward
 
-    energy, factors = guided_backward.entanglement_energy, iter([1e4, 1e-4, 1e-14])
+    energy, factors = guided_backward.entanglement_energy, iter(factors)
     monkeypatch.setattr(guided_backward, "entanglement_energy",
                         lambda *args, **kwargs: energy(*args, **kwargs) * next(factors))
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
         pos, neg = comfy_models.paper_prompts(clip)
-    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")
+    return sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")[1]
+
+
+def test_after_an_overflow_the_fp16_scale_still_keeps_later_small_gradients_and_one_that_vanishes_is_said(
+        comfy, monkeypatch):
+    # A first gradient too large for the scale, then small ones (as a full-size model's): with the scale off after
+    # the overflow they came out zero and were counted applied, moving nothing, unsaid.
+    trace = fp16_trace_with_energies(monkeypatch, [1e4, 1e-4, 1e-14])
     assert trace.guidance["status"][:, 0].tolist() == [STATUS["skipped_nonfinite"]] + [STATUS["applied"]] * 2
     assert trace.guidance["grad_norm"][1, 0] > 0 and trace.guidance["grad_norm"][2, 0] == 0  # 1e-14: beyond any scale
     assert any(note.startswith("1 guided evaluation(s) of an image got a gradient of exactly zero through this fp16 "
@@ -564,17 +570,7 @@ def test_after_an_overflow_the_fp16_scale_still_keeps_later_small_gradients_and_
 
 def test_each_overflow_lowers_the_fp16_scale_32_fold_down_to_one_and_a_skipped_gradient_is_not_said_to_vanish(
         comfy, monkeypatch):
-    import comfy_models
-
-    import biasmap_engine.host.guided_backward as guided_backward
-
-    energy, factors = guided_backward.entanglement_energy, iter([1e4, 1e6, 1e9])  # past 1024, 32, and 1 itself
-    monkeypatch.setattr(guided_backward, "entanglement_energy",
-                        lambda *args, **kwargs: energy(*args, **kwargs) * next(factors))
-    with torch.inference_mode():
-        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
-        pos, neg = comfy_models.paper_prompts(clip)
-    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, branch="cond", gate="clip")
+    trace = fp16_trace_with_energies(monkeypatch, [1e4, 1e6, 1e9])  # past 1024, 32, and 1 itself
     assert trace.guidance["status"][:, 0].tolist() == [STATUS["skipped_nonfinite"]] * 3
     assert any("lowered 32-fold at each overflow, to 1): each such evaluation was skipped as non-finite, and counted "
                "so; --bf16-unet (ComfyUI's option) needs no scale" in note for note in trace.notes)
