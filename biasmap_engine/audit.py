@@ -27,7 +27,7 @@ _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width
           "first_step", "last_step")
 # What rows would read as in a file without a column that ``append_csv`` was told they need.
 _READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas", "first_step": "of every step",
-                 "mask_size": "at the image's size"}
+                 "last_step": "of every step", "mask_size": "at the image's size"}
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -106,7 +106,7 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
                 lost = [c for c in needed if c not in header]
                 if lost:
-                    reasons = [_READ_WITHOUT[c] for c in lost if c in _READ_WITHOUT]
+                    reasons = list(dict.fromkeys(_READ_WITHOUT[c] for c in lost if c in _READ_WITHOUT))
                     read_as = " and ".join(filter(None, [", ".join(reasons[:-1]), reasons[-1]]))
                     raise OlderFileError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
                                          f"without which these rows would read as rows {read_as}, and pair with such "

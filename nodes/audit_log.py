@@ -102,9 +102,10 @@ class BiasMapAuditLog(io.ComfyNode):
         try:
             written = append_csv(path, rows, needed)
         except OlderFileError as err:  # or measure as the file's rows were, where that can be chosen here
-            instead = [fix for column, fix in (("first_step", "set first_step to 0 and last_step to 10000 (every "
-                                                              "step)"), ("mask_size", "set resolution to image"))
-                       if column in err.lost]
+            instead = [fix for columns, fix in ((("first_step", "last_step"), "set first_step to 0 and last_step to "
+                                                                              "10000 to measure every step"),
+                                                (("mask_size",), "set resolution to image"))
+                       if set(columns) & set(err.lost)]
             raise ValueError(str(err).replace(path, shown)
                              + (f", or, to add to it, {' and '.join(instead)}" if instead else "")) from err
         except ValueError as err:

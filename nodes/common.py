@@ -190,13 +190,13 @@ def step_window(trace, first_step: int, last_step: int):
 
 
 def check_step_windows(windows, last: int | None = None) -> None:
-    """Before a sampler samples: no node that reads its trace measures a window that ends before it starts, or,
-    where the sampler knows its trace's ``last`` step, that starts after it (``prompt_graph.step_windows_of``). That
-    node runs after the sampler, which the mistake would cost."""
+    """Before a sampler samples: no node that reads its trace measures a window that ends before it starts, or that
+    starts after the ``last`` step the sampler will run (``prompt_graph.step_windows_of``). That node runs after the
+    sampler, which the mistake would cost."""
     for window in windows:
         first_step, last_step = window.first_step, window.last_step
         wrong = (_steps_swapped(first_step, last_step) if first_step > last_step else
-                 _past_last(first_step, last) if last is not None and first_step > last else None)
+                 _past_last(first_step, last, "this sampler's") if last is not None and first_step > last else None)
         if wrong:
             raise ValueError(f"{window.node} (node {window.node_id}): {wrong} (advanced inputs of that node: "
                              f"{_show_advanced('it', True)}). Checked before sampling, so that the run is not lost to "
@@ -207,8 +207,8 @@ def _steps_swapped(first_step: int, last_step: int) -> str:
     return f"first_step {first_step} is after last_step {last_step}: set it to at most {last_step}"
 
 
-def _past_last(first_step: int, last: int) -> str:
-    return f"first_step {first_step} is past this trace's last step, {last}: set first_step to at most {last}"
+def _past_last(first_step: int, last: int, whose: str = "this trace's") -> str:
+    return f"first_step {first_step} is past {whose} last step, {last}: set first_step to at most {last}"
 
 
 def mask_size(trace, resolution: str) -> tuple[int, int]:

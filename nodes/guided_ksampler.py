@@ -19,7 +19,6 @@ from .prompt_graph import graph_run, queued_outputs, step_windows_of, words_aske
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
 
-_OWN_STEP_GRID = ("dpm_fast", "dpm_adaptive")  # samplers whose traces count the steps of their own time grid
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -47,7 +46,7 @@ def _logged(node, latent, trace) -> io.NodeOutput:
     return io.NodeOutput(latent, trace)
 
 
-def _session(node, model, clip, kwargs, last_step: int | None = None):
+def _session(node, model, clip, kwargs, last_step: int | None):
     # Validation's check again, now that a linked prompt or list (Audit Prompts') is known: its message names the
     # list and the typing habit behind a missing word, which the lookup in the tokens cannot.
     require(check_concepts(kwargs["attribution_prompt"], kwargs["demographic"], kwargs["semantic"]))
@@ -107,10 +106,9 @@ class BiasMapGuidedKSampler(io.ComfyNode):
     @plain_errors
     def execute(cls, model, clip, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, **kwargs) -> io.NodeOutput:
-        # The trace's last step, which the nodes reading it may not start after: a step of its own grid for the
-        # samplers that keep one (dpm_fast asked for 3 steps reports 2).
-        last_step = None if sampler_name in _OWN_STEP_GRID else steps - 1
-        session = _session(cls, model, clip, kwargs, last_step)
+        # The last step it will run, after which no node reading its trace may start (dpm_fast, which keeps a grid of
+        # its own, may report fewer: those nodes then say so themselves).
+        session = _session(cls, model, clip, kwargs, steps - 1)
         latent, trace = sample_with_scheduler(session, model, seed, steps, cfg, sampler_name, scheduler, positive,
                                               negative, latent_image, denoise)
         return _logged(cls, latent, trace)
@@ -160,7 +158,8 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
     @plain_errors
     def execute(cls, model, clip, noise_seed, cfg, sampler, sigmas, positive, negative, latent_image,
                 add_noise=True, **kwargs) -> io.NodeOutput:
-        session = _session(cls, model, clip, kwargs)
+        last_step = sigmas.shape[-1] - 2 if sigmas.shape[-1] > 1 else None  # SIGMAS of no step: nothing to check
+        session = _session(cls, model, clip, kwargs, last_step)
         latent, trace = sample_with_sampler(session, model, noise_seed, cfg, sampler, sigmas, positive, negative,
                                             latent_image, add_noise)
         return _logged(cls, latent, trace)

@@ -798,3 +798,34 @@ def test_biou_is_each_stages_own_iou_mbiou_their_mean_and_iou_that_of_the_summed
     assert result.mbiou.item() == pytest.approx(2 / 3) and result.ious.item() == pytest.approx(0.5)
     row = audit_rows(trace, q=0.5, size=(8, 8))[0]
     assert (row["biou_down_1"], row["biou_up_1"], row["mbiou"], row["iou"]) == pytest.approx((1 / 3, 1, 2 / 3, 0.5))
+
+
+def test_an_older_file_refuses_rows_needing_its_missing_columns_with_an_older_file_error_of_those_alone(tmp_path):
+    from biasmap_engine import OlderFileError
+
+    path = tmp_path / "audit.csv"  # started after mask_size, before the step window
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("first_step", "last_step")}
+                           for row in audit_rows(halves_trace(), q=0.5)])
+    with pytest.raises(ValueError) as refused:  # a ValueError, as the nodes' plain_errors and callers expect
+        append_csv(str(path), audit_rows(halves_trace(), q=0.5), needed=("first_step", "last_step", "mask_size"))
+    assert isinstance(refused.value, OlderFileError) and refused.value.lost == ["first_step", "last_step"]
+    older = tmp_path / "older.csv"
+    later, rows = ("sigmas", "mask_size", "first_step", "last_step"), audit_rows(halves_trace(), q=0.5)
+    append_csv(str(older), [{k: v for k, v in row.items() if k not in later} for row in rows])
+    with pytest.raises(OlderFileError, match="column\\(s\\) sigmas, first_step, last_step, mask_size, without which "
+                                             "these rows would read as rows on the schedule of every other run of "
+                                             "custom sigmas, of every step and at the image's size, and pair"):
+        append_csv(str(older), audit_rows(halves_trace(), q=0.5), needed=("sigmas", "first_step", "last_step",
+                                                                            "mask_size"))
+
+
+def test_a_file_started_between_first_step_and_last_step_refuses_a_window_with_an_older_file_error(tmp_path):
+    # The header check takes a file that lacks last_step alone as an older one; its refusal must still be a message.
+    from biasmap_engine import OlderFileError
+
+    path = tmp_path / "audit.csv"
+    rows = audit_rows(halves_trace(), q=0.5)
+    append_csv(str(path), [{k: v for k, v in row.items() if k != "last_step"} for row in rows])
+    with pytest.raises(OlderFileError, match=r"column\(s\) last_step, without which these rows would read as rows of "
+                                             r"every step"):
+        append_csv(str(path), audit_rows(halves_trace(), q=0.5), needed=("first_step", "last_step"))

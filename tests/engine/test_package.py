@@ -51,3 +51,10 @@ def test_the_package_declares_no_accelerator_so_comfyuis_page_flags_no_device_as
     classifiers = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["classifiers"]
     assert [c for c in classifiers if c.startswith("Environment :: GPU")] == []
 
+
+
+def test_the_discovery_workflows_attribution_maps_draw_their_legend():
+    root = Path(biasmap_engine.__file__).parents[1]
+    graph = json.loads((root / "workflows" / "biasmap_discover_and_mitigate.json").read_text(encoding="utf-8"))
+    maps = [node for node in graph["nodes"] if node["type"] == "BiasMapAttributionMap"]
+    assert len(maps) == 2 and all(node["widgets_values"][-1] is True for node in maps)  # legend: the last widget

@@ -1064,3 +1064,41 @@ def test_custom_sigmas_past_the_cap_are_left_unguided_on_an_sd_model_too(sd15, p
     assert trace.guidance["status"][:, 0].tolist() == [STATUS["not_guided"]] * 2 + [STATUS["applied"]] * 6
     assert [n for n in trace.notes if n.startswith("2 evaluation(s) at σ above 29.2 were not guided, the later ones")
             and n.endswith("at this run's σ 80 enough to wreck the image")]  # its own σ, not a zero-SNR one's
+
+
+def test_an_fp32_gradient_of_exactly_zero_is_not_said_to_have_vanished_in_fp16(comfy, monkeypatch):
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    energy = guided_backward.entanglement_energy
+    monkeypatch.setattr(guided_backward, "entanglement_energy", lambda *args, **kwargs: energy(*args, **kwargs) * 0.0)
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0)
+        pos, neg = comfy_models.paper_prompts(clip)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=1, branch="cond")
+    assert (trace.guidance["grad_norm"] == 0).all()
+    assert not any("exactly zero" in note for note in trace.notes)
+
+
+def test_an_fp16_gradient_counts_as_vanished_per_image_and_only_where_all_of_it_is_zero(comfy, monkeypatch):
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    gradient = guided_backward.GuidedBackward._gradient
+
+    def partly_zero(self, value, x_leaf):
+        grad = gradient(self, value, x_leaf).clone()
+        grad[0] = 0  # image 0: all of it
+        grad[1, 0] = 0  # image 1: one channel, the rest moves
+        return grad
+
+    monkeypatch.setattr(guided_backward.GuidedBackward, "_gradient", partly_zero)
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16)
+        pos, neg = comfy_models.paper_prompts(clip)
+    _, trace, _ = sample(model, clip, pos, neg, 100.0, steps=1, batch=2, branch="cond")
+    assert trace.guidance["grad_norm"][0, 0] == 0 and trace.guidance["grad_norm"][0, 1] > 0
+    assert any(note.startswith("1 guided evaluation(s) of an image got a gradient of exactly zero")
+               for note in trace.notes)

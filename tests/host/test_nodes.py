@@ -496,8 +496,8 @@ def test_a_step_window_that_ends_before_it_starts_is_refused_before_the_sampler_
         run(graph)
     assert evaluated == []
     reader["inputs"] |= {"first_step": 1, "last_step": 10000}  # past the one step this sampler runs
-    with pytest.raises(ValueError, match=rf"^{shown} \(node 12\): first_step 1 is past this trace's last step, 0: set "
-                                         rf"first_step to at most 0 \(advanced inputs of that node: "):
+    with pytest.raises(ValueError, match=rf"^{shown} \(node 12\): first_step 1 is past this sampler's last step, 0: "
+                                         rf"set first_step to at most 0 \(advanced inputs of that node: "):
         run(graph)
     assert evaluated == []
     reader["inputs"]["first_step"] = 0
@@ -967,3 +967,41 @@ def test_the_words_asked_of_a_trace_name_their_node_by_its_title_where_the_user_
     assert [asked.node for asked in words_asked_of(graph, "3")] == [
         'Attribution Map "Where is gender? (λ = 0)"', "Attribution Map", 'Attribution Map "Baseline Attribution Map"',
         'Attribution Map "Mine"', "Attribution Map"]
+
+
+def test_the_advanced_sampler_refuses_a_step_window_past_its_sigmas_last_step_before_it_samples(sd15, prompts, pack):
+    import comfy.samplers
+    from biasmap_pack.nodes import BiasMapGuidedKSamplerAdvanced
+
+    model, clip = sd15
+    pos, neg = prompts
+    counted, evaluated = counting_evaluations(model)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)  # steps 0 and 1
+    args = defaults(BiasMapGuidedKSamplerAdvanced) | dict(
+        model=counted, clip=clip, noise_seed=0, cfg=7.0, sampler=comfy.samplers.sampler_object("euler"),
+        sigmas=sigmas, positive=pos, negative=neg, latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    reader = {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["3", 1], "first_step": 2,
+                                                                "last_step": 10000}}
+    graph = {"3": {"class_type": "BiasMapGuidedKSamplerAdvanced", "inputs": {}}, "12": reader}
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"first_step 2 is past this sampler's last step, 1: "):
+        as_comfy_runs(BiasMapGuidedKSamplerAdvanced, graph, node_id="3").execute(**args)
+    assert evaluated == []
+    reader["inputs"]["first_step"] = 1
+    with torch.inference_mode():
+        assert as_comfy_runs(BiasMapGuidedKSamplerAdvanced, graph, node_id="3").execute(**args).result[1] \
+            .steps.numel() == 2 and evaluated
+
+
+def test_a_one_step_window_at_the_samplers_last_step_passes_the_check_before_sampling(pack):
+    from types import SimpleNamespace
+
+    from biasmap_pack.nodes.common import check_step_windows
+
+    def window(first_step, last_step):
+        return SimpleNamespace(node="Attribution Map", node_id="12", first_step=first_step, last_step=last_step)
+
+    check_step_windows([window(1, 1), window(0, 0), window(1, 10000)], last=1)  # neither swapped nor past the end
+    check_step_windows([window(7, 10000)])  # no last step known (SIGMAS of no step): only a swap is checked
+    with pytest.raises(ValueError, match=r"^Attribution Map \(node 12\): first_step 2 is past this sampler's last "
+                                         r"step, 1: set first_step to at most 1 \(advanced inputs of that node"):
+        check_step_windows([window(2, 2)], last=1)

@@ -312,7 +312,7 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     assert "give the audit a new file name" in caplog.text
 
 
-_EVERY_STEP = "set first_step to 0 and last_step to 10000 \\(every step\\)"
+_EVERY_STEP = "set first_step to 0 and last_step to 10000 to measure every step"
 _SHOW = "right-click the node and choose Show Advanced to see them\\)$"
 
 
@@ -570,3 +570,17 @@ def test_a_backslash_in_a_file_name_separates_folders_on_every_system_as_validat
     BiasMapAuditLog.execute(**defaults(BiasMapAuditLog) | {"trace": trace, "filename": name})
     assert sorted(p.name for p in (folders / "out" / "biasmap").iterdir()) == ["win.csv", "win_00001_.safetensors"]
     assert not any("\\" in p.name for p in (folders / "out").iterdir())
+
+
+def test_audit_log_names_an_older_file_by_its_place_in_the_output_folder_not_the_servers_path(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    from biasmap_engine import append_csv, audit_rows
+
+    path = folders / "out" / "biasmap" / "audit.csv"
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("mask_size", "first_step", "last_step")}
+                           for row in audit_rows(trace)])
+    with pytest.raises(ValueError) as refused:
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace, "first_step": 1})
+    assert str(refused.value).startswith("output/biasmap/audit.csv was started before BiasMap wrote the column(s)")
+    assert str(folders) not in str(refused.value)
