@@ -192,9 +192,11 @@ def label_heatmaps(pictures: Tensor, word: str, colormap: str) -> Tensor:
     low, high = (label_patch([(end, LABEL_TEXT)], font_px, width) for end in ("low", "high"))
     bar_width = min(4 * font_px, width - low.shape[1] - high.shape[1])
     if bar_width >= font_px and legend.shape[0] + low.shape[0] <= height // 4:
-        # The bar as tall as the words beside it, framed by the box's margin, its colours the heatmap's own.
+        # The bar as tall as the words beside it, within the box's margin, its colours the heatmap's own, outlined in
+        # grey: the dark end of inferno or magma would otherwise run into the box unseen.
         margin = low.shape[0] // 4
-        bar = colorize(torch.linspace(0, 1, bar_width).expand(1, low.shape[0] - 2 * margin, -1), colormap)[0]
+        bar = colorize(torch.linspace(0, 1, bar_width - 2).expand(1, low.shape[0] - 2 * margin - 2, -1), colormap)[0]
+        bar = torch.nn.functional.pad(bar.permute(2, 0, 1), (1, 1, 1, 1), value=0.5).permute(1, 2, 0)
         bar = torch.cat([_box(margin, bar_width), bar, _box(margin, bar_width)])
         scale = torch.cat([low, bar, high], dim=1)
         wide = max(legend.shape[1], scale.shape[1])

@@ -424,7 +424,7 @@ def holds_row(picture, row):
 def test_a_heatmap_legend_writes_the_word_and_the_colormaps_own_low_to_high_bar_in_the_corner(colormap):
     heat = colorize(torch.rand(2, 384, 512), colormap)
     labelled = render.label_heatmaps(heat, "doctor", colormap)
-    bar = colorize(torch.linspace(0, 1, 4 * 12)[None, None], colormap)[0, 0]  # 12 px text at 384: a 48 px bar
+    bar = colorize(torch.linspace(0, 1, 4 * 12 - 2)[None, None], colormap)[0, 0]  # 12 px text at 384: a 48 px bar
     rows, cols = label_box(torch.where(labelled == heat, 0.0, 1.0)[0])  # where it differs from the heatmap
     assert holds_row(labelled[0, :rows, :cols], bar) and not holds_row(heat[0], bar)
     assert holds_row(labelled[0, :rows, :cols], bar[:-1]) and not holds_row(labelled[0, :rows, :cols], bar.flip(0))
@@ -459,7 +459,12 @@ def test_the_legend_is_the_word_over_low_a_framed_bar_and_high_each_in_its_place
     assert torch.equal(out[top:top + tall, low.shape[1] + bar:end], high)
     cols = slice(low.shape[1], low.shape[1] + bar)
     assert (out[top:top + margin, cols] == box).all() and (out[top + tall - margin:top + tall, cols] == box).all()
-    assert torch.equal(out[top + margin, cols], colorize(torch.linspace(0, 1, bar)[None, None], "inferno")[0, 0])
+    rows = slice(top + margin, top + tall - margin)
+    rim = torch.cat([out[rows.start, cols], out[rows.stop - 1, cols], out[rows, cols.start], out[rows, cols.stop - 1]])
+    assert (rim == 0.5).all()  # outlined in grey: inferno's dark end would run into the box
+    inside = slice(cols.start + 1, cols.stop - 1)
+    colours = colorize(torch.linspace(0, 1, bar - 2)[None, None], "inferno")[0, 0]
+    assert torch.equal(out[rows.start + 1, inside], colours)
     assert (out[:top, word.shape[1]:end] == box).all()  # the word's line filled out with the box's colour
 
 
