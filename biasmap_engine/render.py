@@ -214,7 +214,7 @@ def _widened(patch: Tensor, width: int) -> Tensor:
 
 def _box(rows: int, cols: int) -> Tensor:
     """[rows, cols, 3] of the label box's colour."""
-    return (torch.tensor(LABEL_BOX) / 255).expand(rows, cols, 3)
+    return torch.tensor(_OUTLINE).expand(rows, cols, 3)
 
 
 def _paste(picture: Tensor, patch: Tensor) -> None:
