@@ -12,7 +12,8 @@ anything of the pass is freed:
 - the U-Net patches in the model's options run with autograd keeping copies of what they save
   (guided_pass.with_patches_on_copies), since some change in place the activations they computed with (FreeU V2);
 - in a backward through the whole U-Net autograd keeps SiLU, gelu and group norm outputs as recipes, computed again
-  in the backward (lean_backward.py); when only down stages are guided, ``input_block_patch``/``output_block_patch``
+  in the backward (lean_backward.py), and so the weight copies that ComfyUI casts as layers run (manual cast, low
+  VRAM; cast_weights.py); when only down stages are guided, ``input_block_patch``/``output_block_patch``
   detach the activations after the last guided block instead, so autograd neither records nor keeps the rest;
 - with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip tensor, since
   ComfyUI adds the ControlNet's residuals to the skip tensors in place;
@@ -29,6 +30,7 @@ from ..guidance import entanglement_energy
 from ..ovam import sum_upsampled
 from ..recorder import TraceRecorder
 from .conditioning import attached_modules, control_models, hook_groups
+from .cast_weights import CastCopies, cast_layers
 from .guided_pass import (differentiable_quantized, offload_streams_wait, patch_modules, quantized_layers,
                           with_patches_on_copies, with_sdpa_attention)
 from .lean_backward import LeanBackward
@@ -61,6 +63,7 @@ class GuidedBackward:
         self._quantized = quantized_layers(modules)
         self._last_guided_input = _last_input_block(guided_layers)
         self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
+        self._cast_layers: dict[torch.nn.Module, list] = {}  # cast_layers', per module guided through
         self._patch_modules: list[torch.nn.Module] = []  # held by other nodes' U-Net patches (patch_modules)
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
@@ -132,18 +135,22 @@ class GuidedBackward:
         inference-mode weights swapped first: autograd cannot save those.
         """
         controls = control_models(conds)
-        for module in (model.diffusion_model, *controls, *attached_modules(conds), *self._patch_modules):
+        modules = (model.diffusion_model, *controls, *attached_modules(conds), *self._patch_modules)
+        for module in modules:
             if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
                 self._weight_slots[module] = weight_slots(module)
+                self._cast_layers[module] = cast_layers(module)  # ComfyUI set their casting when loading
             deinference_(module, self._weight_slots[module])
         self._controlled = bool(controls)
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                # A third less kept for the backward through the whole U-Net; a truncated one keeps little, and
-                # the recipes' Python would cost a launch-bound GPU more than they save there.
-                with (LeanBackward(self._group_norms) if self._last_guided_input is None else contextlib.nullcontext(),
+                # A third less kept for the backward through the whole U-Net, and no weight copies; a truncated one
+                # keeps little, and the recipes' Python would cost a launch-bound GPU more than they save there.
+                whole = self._last_guided_input is None
+                casts = CastCopies([m for module in modules for m in self._cast_layers[module]] if whole else [])
+                with (casts, LeanBackward(self._group_norms, casts) if whole else contextlib.nullcontext(),
                       differentiable_quantized(self._quantized)):
                     self.active = True
                     out = run(conds, x_leaf, timestep.detach().clone(),

@@ -10,8 +10,9 @@ Inside :class:`LeanBackward` they are kept as recipes (the producing node of the
 when the backward reads them. The kernels and inputs are the same, so the gradient is bit-identical.
 
 A group norm's backward keeps its weight but not its bias and eps, so only the outputs of the modules passed in are
-recomputed, with the module's bias and eps, and only when the norm ran on the module's own weight and bias: not a
-copy that ComfyUI cast or patched on the fly (low VRAM, some LoRA loads). Any other group norm's output is kept.
+recomputed, with the module's bias and eps, when the norm ran on the module's own weight and bias, or on copies
+that ComfyUI cast or patched on the fly (manual cast, low VRAM) and that ``casts`` (cast_weights.CastCopies) noted.
+Any other group norm's output is kept. The weight copies themselves are kept as ``casts``' recipes.
 
 Everything else is kept as autograd keeps it, with the two guarantees that hooks would otherwise drop: a tensor is
 kept detached, so a node keeping its own output (a group norm its mean, SDPA its output) makes no reference cycle
@@ -34,17 +35,21 @@ _SILU, _GELU, _GROUP_NORM = _node_type(F.silu), _node_type(F.gelu), _node_type(F
 
 
 class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
-    """Within it, autograd keeps SiLU, gelu and ``group_norms``' outputs as recipes instead of tensors."""
+    """Within it, autograd keeps SiLU, gelu and ``group_norms``' outputs as recipes instead of tensors, and the weight
+    copies that ``casts`` (a cast_weights.CastCopies, entered for the same forward) noted."""
 
-    def __init__(self, group_norms=()):
+    def __init__(self, group_norms=(), casts=None):
         # Read on entry to each pass: ComfyUI may swap a weight tensor (a LoRA patch) between runs.
         self._norms = {m.weight.data_ptr(): m for m in group_norms if m.weight is not None}
+        self._norm_modules = set(map(id, group_norms))
+        self._casts = casts or None
         super().__init__(self._pack, _unpack)
 
     def _pack(self, tensor):
         node = tensor.grad_fn
-        if node is None:  # the latent, a weight, or a tensor made without autograd: no node to keep
-            return _Kept(tensor)
+        if node is None:  # the latent, a weight or its copy, or a tensor made without autograd: no node to keep
+            recipe = self._casts.recipe(tensor) if self._casts is not None else None
+            return _Kept(tensor) if recipe is None else recipe
         kind = type(node)
         # Only an output as its node made it: not a group norm's mean or rstd (outputs 1 and 2), nor one changed in
         # place since (e.g. under no_grad), which the recipe would not reproduce.
@@ -56,8 +61,20 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
                 norm = self._norms.get(weight.data_ptr()) if weight is not None else None
                 if norm is not None and norm.weight is weight and _own_parameters(norm):
                     return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
+                cast = self._cast_norm(weight)
+                if cast is not None:
+                    return _Recipe(kind, node, cast)
         # Detached: the node may be keeping its own output, and the tensor's grad_fn would then hold the node.
         return _Kept(tensor.detach())
+
+    def _cast_norm(self, weight):
+        """(bias, eps) of the group norm that ran on ``weight``, a copy ``casts`` noted, with its bias cast again."""
+        if self._casts is None or weight is None:
+            return None
+        norm = self._casts.layer_of(weight)
+        if norm is None or id(norm) not in self._norm_modules:
+            return None
+        return self._casts.norm_bias(norm, weight), norm.eps
 
 
 class CopiedSaves(torch.autograd.graph.saved_tensors_hooks):
@@ -107,6 +124,8 @@ class _Kept(tuple):
 def _unpack(packed):
     if isinstance(packed, torch.Tensor):  # a copy (CopiedSaves)
         return packed
+    if callable(packed):  # a weight copy's recipe (CastCopies.recipe)
+        return packed()
     if isinstance(packed, _Kept):
         tensor, version = packed
         if tensor._version != version:

@@ -452,7 +452,7 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
             return packed
 
     class Plain(torch.autograd.graph.saved_tensors_hooks):  # autograd's own choice: every activation kept
-        def __init__(self, group_norms):
+        def __init__(self, group_norms, casts):
             super().__init__(lambda t: t, lambda t: t)
 
     runs = {}
@@ -472,6 +472,91 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
     recipes.clear()
     _, truncated, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
     assert truncated.guidance_counts()["applied"] == 2 and recipes == []  # a truncated backward keeps little
+
+
+def low_vram_with_a_lora(monkeypatch, model):
+    """``model`` with a LoRA-like patch on its attention and convolution weights, loaded as ComfyUI loads a model
+    that VRAM is short for: every layer left off the GPU, cast as it runs, the patches applied on the fly."""
+    import comfy.model_management as mm
+
+    load = mm.LoadedModel.model_load
+    monkeypatch.setattr(mm.LoadedModel, "model_load",
+                        lambda self, lowvram_model_memory=0, **kwargs: load(self, lowvram_model_memory=1, **kwargs))
+    weights = model.model.diffusion_model.state_dict()
+    with torch.inference_mode():
+        patched = model.clone()
+        patched.add_patches({f"diffusion_model.{k}": (torch.full_like(v, 1e-3),) for k, v in weights.items()
+                             if k.endswith(".weight") and v.dim() >= 2 and ("attn" in k or "conv" in k)}, 1.0)
+    return patched
+
+
+@pytest.mark.parametrize("casting", ["manual cast", "low VRAM"])
+def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_backward_with_the_same_result(
+        comfy, monkeypatch, casting):
+    # Without the recipes a guided pass through the whole U-Net held a copy of every such weight at once: the model
+    # loaded in full in its compute dtype, which low VRAM and fp8 weights are there to avoid.
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+    from biasmap_engine.host import lean_backward
+    from biasmap_engine.host.lean_backward import LeanBackward
+
+    with torch.inference_mode():
+        if casting == "manual cast":  # stored in fp16, computed in fp32
+            model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16, compute_dtype=torch.float32)
+        else:
+            model, clip = comfy_models.tiny_sd15(0)
+        pos, neg = comfy_models.paper_prompts(clip)
+    if casting == "low VRAM":
+        model = low_vram_with_a_lora(monkeypatch, model)
+    layers = [m for m in model.model.diffusion_model.modules() if hasattr(m, "weight_function")]
+    copies, recipes = [], []
+    shapes = {m.weight.shape for m in layers if m.weight is not None and m.weight.dim() >= 2}
+
+    def weight_copy(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        return tensor.grad_fn is None and base.shape in shapes and not isinstance(base, torch.nn.Parameter)
+
+    class Counted(LeanBackward):
+        def _pack(self, tensor):
+            packed = super()._pack(tensor)
+            if isinstance(packed, lean_backward._Recipe):
+                recipes.append(type(tensor.grad_fn).__name__)
+            elif isinstance(packed, lean_backward._Kept) and weight_copy(tensor):
+                copies.append(tensor)
+            return packed
+
+    class Plain(torch.autograd.graph.saved_tensors_hooks):  # autograd's own choice: every weight copy kept
+        def __init__(self, group_norms, casts):
+            super().__init__(lambda t: t, lambda t: t)
+
+    runs, functions = {}, {}
+    for name, hooks in (("plain", Plain), ("lean", Counted)):
+        monkeypatch.setattr(guided_backward, "LeanBackward", hooks)
+        runs[name] = sample(model, clip, pos, neg, 100.0, steps=2)
+        functions[name] = [list(m.weight_function) for m in layers]  # as ComfyUI leaves them after sampling
+    assert functions["lean"] == functions["plain"]  # no note of BiasMap's left behind
+
+    def boom(n, context, value, extra):
+        if torch.is_grad_enabled():  # in a guided pass, while the layers note their copies
+            raise RuntimeError("boom in a guided pass")
+        return n, context, value
+
+    failing = model.clone()
+    failing.set_model_attn2_patch(boom)
+    with pytest.raises(RuntimeError, match="boom in a guided pass"):
+        sample(failing, clip, pos, neg, 100.0)
+    assert [list(m.weight_function) for m in layers] == functions["lean"]  # also after an error
+    assert any(getattr(m, "comfy_cast_weights", False) for m in layers)
+    if casting == "low VRAM":
+        assert any(m.weight_function for m in layers)  # the patches, on the fly
+    assert copies == [] and "NativeGroupNormBackward0" in recipes  # the norms' outputs too, on their cast weights
+    (plain, plain_trace, _), (lean, lean_trace, _) = runs["plain"], runs["lean"]
+    assert lean_trace.guidance_counts()["applied"] == 2
+    rounding = 1e-4 if torch.cuda.is_available() else 0.0  # see the recipes' test above
+    torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
+                               atol=0.0)
+    torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
 
 
 def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):

@@ -123,12 +123,12 @@ def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
             param.copy_(value)
 
 
-def _model_patcher(config, seed, dtype, device, model_type=None):
+def _model_patcher(config, seed, dtype, device, model_type=None, compute_dtype=None):
     """Random-weight BaseModel for a ``comfy.supported_models`` config, wrapped the way ComfyUI's loader does."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
-    config.set_inference_dtype(dtype, None)
+    config.set_inference_dtype(dtype, compute_dtype)
     if model_type is None:
         base_model = config.get_model({})
     else:
@@ -150,19 +150,21 @@ def _clip(clip_target, te_configs, seed, dtype, device):
 
 
 def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-              in_channels: int = 4):
+              in_channels: int = 4, compute_dtype: torch.dtype | None = None):
     """SD1.5-shaped (EPS, 8 heads, 768-d context) tiny UNet and a 2-layer CLIP-L with the SD1 tokenizer.
 
     Cross-attention sits at latent scales x1 (input 1, output 2-3), x1/2 (input 3, output 0-1) and in the
     middle block. ``device`` overrides ComfyUI's load device for both models (default: its own choice);
-    ``in_channels=9`` makes an inpainting model (latent, mask and masked image), as ComfyUI detects one.
-    Returns ``(ModelPatcher, comfy.sd.CLIP)``.
+    ``in_channels=9`` makes an inpainting model (latent, mask and masked image), as ComfyUI detects one;
+    ``compute_dtype`` other than ``dtype`` stores the U-Net's weights in ``dtype`` and computes in ``compute_dtype``
+    (ComfyUI's manual cast, as for fp8 weights; the CLIP stays in ``dtype``). Returns ``(ModelPatcher,
+    comfy.sd.CLIP)``.
     """
     boot_comfy()
     import comfy.supported_models
     config = comfy.supported_models.SD15({**_UNET_COMMON, **_TINY_SD15_UNET, "in_channels": in_channels})
     clip = _clip(config.clip_target(), {"clip_l_model_config": _TINY_TE}, seed, dtype, device)
-    return _model_patcher(config, seed, dtype, device), clip
+    return _model_patcher(config, seed, dtype, device, compute_dtype=compute_dtype), clip
 
 
 def tiny_sd15_fp8_quantized(seed: int = 0):

@@ -1,0 +1,108 @@
+"""Weight copies that ComfyUI makes as a layer runs, kept for a guided pass's backward as recipes: cast again there.
+
+ComfyUI computes with a copy of a layer's weight where the weight is stored in another dtype than the model computes
+in (fp8 or fp16 weights computed in bf16 or fp32: manual cast), where it lives off the GPU (a model partly loaded
+when VRAM is short: each such layer is copied to the GPU as it runs) and where a LoRA is patched on the fly (low
+VRAM). The copy goes as the layer returns, so such a model needs VRAM for a few layers' weights at a time. In a
+guided pass autograd keeps each copy for the backward (a linear's or a convolution's input gradient reads its
+weight): through the whole U-Net, a copy of every such weight at once, the model loaded in full after all and in
+its compute dtype (twice the bytes of fp8 weights computed in bf16).
+
+Within :class:`CastCopies` each such layer notes the copy it computes with (a function appended to its
+``weight_function``, which ComfyUI applies to the copy last), and :meth:`CastCopies.recipe` turns a kept copy into
+a recipe that the backward runs: ComfyUI's own ``cast_bias_weight`` on the same stored weight, so the same values.
+Only layers whose weight functions are ComfyUI's low-VRAM LoRA patches (deterministic, dtype-keeping) or none; a
+copy made through another node's weight function is kept as autograd keeps it.
+"""
+
+import functools
+import weakref
+
+import torch
+
+__all__ = ["CastCopies", "cast_layers"]
+
+
+def cast_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of ``module`` that ComfyUI runs on a copy of their weight that :class:`CastCopies` can cast again.
+
+    Read once a run, after ComfyUI loaded the model: it sets a layer's casting (manual cast, low VRAM) when loading.
+    """
+    from comfy.model_patcher import LowVramPatch
+
+    return [m for m in module.modules()
+            if getattr(m, "weight", None) is not None and hasattr(m, "weight_function")
+            and (getattr(m, "comfy_cast_weights", False) or m.weight_function or m.bias_function)
+            and all(isinstance(f, LowVramPatch) for f in (*m.weight_function, *m.bias_function))]
+
+
+class CastCopies:
+    """While entered (a guided pass's forward), the weight copies that ``layers`` compute with are noted, so that
+    autograd may keep them as recipes (:meth:`recipe`), and a group norm's output too (:meth:`layer_of`,
+    :meth:`norm_bias`)."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        self._layers = list(dict.fromkeys(layers))  # once each, or a second note would be restored last
+        self._made: dict[int, tuple] = {}  # id(copy) → (weak reference to it, its layer)
+        self._own: list = []  # each layer's own weight_function, or None where it used its class's
+
+    def __bool__(self) -> bool:
+        return bool(self._layers)
+
+    def __enter__(self):
+        self._own = [m.__dict__.get("weight_function") for m in self._layers]
+        for m in self._layers:
+            # A new list: ComfyUI's class default is one list shared by every layer.
+            m.weight_function = [*m.weight_function, functools.partial(self._note, m)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, own in zip(reversed(self._layers), reversed(self._own)):
+            if own is None:
+                del m.weight_function
+            else:
+                m.weight_function = own
+        self._made.clear()
+
+    def _note(self, layer, weight):
+        self._made[id(weight)] = (weakref.ref(weight), layer)
+        return weight
+
+    def layer_of(self, copy: torch.Tensor) -> torch.nn.Module | None:
+        """The layer that computed with ``copy``, if noted in this pass."""
+        made = self._made.get(id(copy))
+        return made[1] if made is not None and made[0]() is copy else None
+
+    def recipe(self, tensor: torch.Tensor):
+        """``tensor`` (a noted copy of a matrix or kernel, or a view of one) as a recipe, or None."""
+        base = tensor if tensor._base is None else tensor._base
+        layer = self.layer_of(base) if base.dim() >= 2 else None  # a norm's weight is too small to bother
+        if layer is None:
+            return None
+        view = None if tensor is base else (tensor.size(), tensor.stride(), tensor.storage_offset())
+        return _CastAgain(layer, base.dtype, base.device, view)
+
+    @staticmethod
+    def norm_bias(norm: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+        """The bias that ``norm`` ran with beside ``weight``, its noted weight copy: cast again (a small vector)."""
+        return _cast(norm, weight.dtype, weight.device)[1]
+
+
+def _cast(layer, dtype, device):
+    import comfy.ops
+
+    with torch.no_grad():
+        return comfy.ops.cast_bias_weight(layer, None, dtype, device, bias_dtype=dtype)
+
+
+class _CastAgain:
+    """A layer's weight copy, cast again when the backward reads it (a view of it as autograd kept it)."""
+
+    __slots__ = ("layer", "dtype", "device", "view")
+
+    def __init__(self, layer, dtype, device, view):
+        self.layer, self.dtype, self.device, self.view = layer, dtype, device, view
+
+    def __call__(self) -> torch.Tensor:
+        weight = _cast(self.layer, self.dtype, self.device)[0]
+        return weight if self.view is None else weight.as_strided(*self.view)
