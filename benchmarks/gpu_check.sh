@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The lent-GPU check, run in the repo root of the device machine: engine + host tests on CUDA, a profile of one step
 # per mode, the sampling benchmark on a random full-size SD1.5 at 256² and 512² (4 steps) and 512² (20 steps), the
-# soft top-k benchmark, the host-overhead benchmark and what guided passes keep for the backward, on the GPU itself.
+# soft top-k benchmark, the host-overhead benchmark, what guided passes keep for the backward, on the GPU itself, and
+# the weight copies of an fp8-stored model (cast_copies.py).
 # Expects ComfyUI v0.8.0 in .comfyui/ and the wheels that image lacks (av, torchsde, trampoline) in .whl/; writes logs
 # under $OUT (the sampling logs end with their JSON rows).
 set -uo pipefail
@@ -21,3 +22,5 @@ done
 python3 benchmarks/soft_topk.py --device cuda --repeats 20 > "$OUT/soft_topk.log" 2>&1; head -n 12 "$OUT/soft_topk.log"
 python3 benchmarks/host_overhead.py --steps 20 --repeats 9 2>&1 | quiet > "$OUT/host_overhead.log"; tail -n 7 "$OUT/host_overhead.log"
 python3 benchmarks/lean_backward.py --sizes 512 --pairs 5 2>&1 | quiet > "$OUT/lean_backward.log"; tail -n 8 "$OUT/lean_backward.log"
+python3 benchmarks/cast_copies.py --sizes 512 --weight-dtype float8_e4m3fn --checkpoint $ckpt 2>&1 | quiet \
+  > "$OUT/cast_copies.log"; tail -n 4 "$OUT/cast_copies.log"
