@@ -12,7 +12,9 @@ Within :class:`CastCopies` each such layer notes the copy it computes with (a fu
 ``weight_function``, which ComfyUI applies to the copy last), and :meth:`CastCopies.recipe` turns a kept copy into
 a recipe that the backward runs: ComfyUI's own ``cast_bias_weight`` on the same stored weight, so the same values.
 Only layers whose weight functions are ComfyUI's low-VRAM LoRA patches (deterministic, dtype-keeping) or none; a
-copy made through another node's weight function is kept as autograd keeps it.
+copy made through another node's weight function, or a quantized layer's (MixedPrecisionOps), is kept as autograd
+keeps it. The price is the cast again: a copy to the GPU of a low-VRAM layer (in the backward on the compute stream,
+not overlapped as the forward's offload streams are) and its LoRA patch computed again.
 """
 
 import functools
@@ -23,16 +25,21 @@ import torch
 __all__ = ["CastCopies", "cast_layers"]
 
 
-def cast_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers of ``module`` that ComfyUI runs on a copy of their weight that :class:`CastCopies` can cast again.
+def cast_layers(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Module]:
+    """The layers of ``module`` that ComfyUI runs on a copy of their weight that :class:`CastCopies` can cast again,
+    for a model computing in ``dtype`` on ``device``.
 
     Read once a run, after ComfyUI loaded the model: it sets a layer's casting (manual cast, low VRAM) when loading.
+    A casting layer whose weight is already in ``dtype`` on ``device`` computes on the weight itself: noting it would
+    only make ComfyUI copy it (a weight function makes it copy).
     """
     from comfy.model_patcher import LowVramPatch
 
     return [m for m in module.modules()
             if getattr(m, "weight", None) is not None and hasattr(m, "weight_function")
+            and getattr(m, "layout_type", None) is None  # quantized: its own weight class and kernels
             and (getattr(m, "comfy_cast_weights", False) or m.weight_function or m.bias_function)
+            and (m.weight_function or m.weight.dtype != dtype or m.weight.device != device)
             and all(isinstance(f, LowVramPatch) for f in (*m.weight_function, *m.bias_function))]
 
 
@@ -80,7 +87,7 @@ class CastCopies:
         if layer is None:
             return None
         view = None if tensor is base else (tensor.size(), tensor.stride(), tensor.storage_offset())
-        return _CastAgain(layer, base.dtype, base.device, view)
+        return _CastAgain(layer, base, view)
 
     @staticmethod
     def norm_bias(norm: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
@@ -96,13 +103,22 @@ def _cast(layer, dtype, device):
 
 
 class _CastAgain:
-    """A layer's weight copy, cast again when the backward reads it (a view of it as autograd kept it)."""
+    """A layer's weight copy, cast again when the backward reads it, laid out as the forward's copy was (or the view
+    of it that autograd kept)."""
 
-    __slots__ = ("layer", "dtype", "device", "view")
+    __slots__ = ("layer", "dtype", "device", "layout", "view")
 
-    def __init__(self, layer, dtype, device, view):
-        self.layer, self.dtype, self.device, self.view = layer, dtype, device, view
+    def __init__(self, layer, copy: torch.Tensor, view):
+        self.layer, self.dtype, self.device, self.view = layer, copy.dtype, copy.device, view
+        self.layout = (copy.size(), copy.stride(), copy.storage_offset())
 
     def __call__(self) -> torch.Tensor:
         weight = _cast(self.layer, self.dtype, self.device)[0]
-        return weight if self.view is None else weight.as_strided(*self.view)
+        size, stride, offset = self.layout
+        if weight.stride() != stride:  # the stored weight itself, as the forward's note made ComfyUI copy it
+            weight = torch.empty_strided(size, stride, dtype=self.dtype, device=self.device).copy_(weight)
+            offset = 0
+        if self.view is None:
+            return weight
+        view_size, view_stride, view_offset = self.view
+        return weight.as_strided(view_size, view_stride, weight.storage_offset() + view_offset - offset)

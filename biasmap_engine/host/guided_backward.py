@@ -55,8 +55,8 @@ class GuidedBackward:
                  guided_layers: set | None):
         self.settings, self.pairs, self.capture, self.recorder, self.note = settings, pairs, capture, recorder, note
         self.active = False  # a guided U-Net pass is running (the session's wrappers around the U-Net read it)
-        computes_in = model_patcher.model.manual_cast_dtype or model_patcher.model.get_dtype()
-        self._loss_scale = _HALF_LOSS_SCALE if computes_in == torch.float16 else None  # a tensor once used
+        self._computes_in = model_patcher.model.manual_cast_dtype or model_patcher.model.get_dtype()
+        self._loss_scale = _HALF_LOSS_SCALE if self._computes_in == torch.float16 else None  # a tensor once used
         self._flushed = 0  # fp16 gradients of an image that came out all zero (a tensor once counted)
         modules = list(model_patcher.model.diffusion_model.modules())
         self._group_norms = [m for m in modules if isinstance(m, torch.nn.GroupNorm)]
@@ -139,7 +139,7 @@ class GuidedBackward:
         for module in modules:
             if module not in self._weight_slots:  # modules stay within a run; their tensors may not (hooks)
                 self._weight_slots[module] = weight_slots(module)
-                self._cast_layers[module] = cast_layers(module)  # ComfyUI set their casting when loading
+                self._cast_layers[module] = cast_layers(module, self._computes_in, x.device)  # set when loading
             deinference_(module, self._weight_slots[module])
         self._controlled = bool(controls)
         try:

@@ -59,7 +59,7 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
             if kind is _GROUP_NORM:
                 weight = node._saved_weight
                 norm = self._norms.get(weight.data_ptr()) if weight is not None else None
-                if norm is not None and norm.weight is weight and _own_parameters(norm):
+                if norm is not None and norm.weight is weight and _own_bias(norm):
                     return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
                 cast = self._cast_norm(weight)
                 if cast is not None:
@@ -93,10 +93,12 @@ def _pack_copy(tensor):
     return _Kept(tensor) if tensor.grad_fn is None else tensor.detach().clone()
 
 
-def _own_parameters(module) -> bool:
-    """Whether ComfyUI runs ``module`` on its own weight and bias (not a cast or on-the-fly patched copy)."""
-    return not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                or getattr(module, "bias_function", None))
+def _own_bias(norm) -> bool:
+    """Whether ``norm``, which ran on its own weight, ran on its own bias too: ComfyUI copies a casting layer's bias
+    only to patch it on the fly or to bring it to the weight's dtype and device (the input's)."""
+    bias = norm.bias
+    return not getattr(norm, "bias_function", None) and (
+        bias is None or (bias.dtype == norm.weight.dtype and bias.device == norm.weight.device))
 
 
 class _Recipe:

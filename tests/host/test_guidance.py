@@ -490,7 +490,7 @@ def low_vram_with_a_lora(monkeypatch, model):
     return patched
 
 
-@pytest.mark.parametrize("casting", ["manual cast", "low VRAM"])
+@pytest.mark.parametrize("casting", ["fp16 computed in fp32", "fp8 computed in bf16", "low VRAM"])
 def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_backward_with_the_same_result(
         comfy, monkeypatch, casting):
     # Without the recipes a guided pass through the whole U-Net held a copy of every such weight at once: the model
@@ -501,14 +501,26 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
     from biasmap_engine.host import lean_backward
     from biasmap_engine.host.lean_backward import LeanBackward
 
+    stored, computed = {"fp16 computed in fp32": (torch.float16, torch.float32),
+                        "fp8 computed in bf16": (torch.float8_e4m3fn, torch.bfloat16)}.get(casting, (None, None))
     with torch.inference_mode():
-        if casting == "manual cast":  # stored in fp16, computed in fp32
-            model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16, compute_dtype=torch.float32)
+        if stored is not None:
+            model, clip = comfy_models.tiny_sd15(0, dtype=stored, compute_dtype=computed)
         else:
             model, clip = comfy_models.tiny_sd15(0)
+        generator = torch.Generator().manual_seed(1)
+        for parameter in model.model.diffusion_model.parameters():  # biases and norm scales other than 0 and 1
+            if parameter.dim() == 1:
+                parameter.copy_(parameter.float() + torch.randn(parameter.shape, generator=generator) * 0.1)
         pos, neg = comfy_models.paper_prompts(clip)
+    wrapped = model.model.diffusion_model.input_blocks[0][0].weight.shape
     if casting == "low VRAM":
         model = low_vram_with_a_lora(monkeypatch, model)
+        # Another node's function on a group norm's bias alone: the norm runs on its own weight, not its own bias.
+        model.add_weight_wrapper("diffusion_model.input_blocks.1.0.in_layers.0.bias", lambda bias: bias + 0.5)
+    else:  # another node's weight function on one layer: its copy is kept as autograd keeps it
+        model = model.clone()
+        model.add_weight_wrapper("diffusion_model.input_blocks.0.0.weight", lambda weight: weight * 1.0)
     layers = [m for m in model.model.diffusion_model.modules() if hasattr(m, "weight_function")]
     copies, recipes = [], []
     shapes = {m.weight.shape for m in layers if m.weight is not None and m.weight.dim() >= 2}
@@ -523,7 +535,7 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
             if isinstance(packed, lean_backward._Recipe):
                 recipes.append(type(tensor.grad_fn).__name__)
             elif isinstance(packed, lean_backward._Kept) and weight_copy(tensor):
-                copies.append(tensor)
+                copies.append(tuple(tensor.shape))
             return packed
 
     class Plain(torch.autograd.graph.saved_tensors_hooks):  # autograd's own choice: every weight copy kept
@@ -536,6 +548,12 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
         runs[name] = sample(model, clip, pos, neg, 100.0, steps=2)
         functions[name] = [list(m.weight_function) for m in layers]  # as ComfyUI leaves them after sampling
     assert functions["lean"] == functions["plain"]  # no note of BiasMap's left behind
+    assert casting != "low VRAM" or model.model.diffusion_model.input_blocks[1][0].in_layers[0].bias_function
+    if casting == "low VRAM" and model.load_device.type == "cpu":  # the weights stay where they are computed
+        from biasmap_engine.host.cast_weights import cast_layers
+
+        noted = cast_layers(model.model.diffusion_model, torch.float32, model.load_device)
+        assert noted and all(m.weight_function for m in noted)  # the others compute on their own weights
 
     def boom(n, context, value, extra):
         if torch.is_grad_enabled():  # in a guided pass, while the layers note their copies
@@ -550,13 +568,44 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
     assert any(getattr(m, "comfy_cast_weights", False) for m in layers)
     if casting == "low VRAM":
         assert any(m.weight_function for m in layers)  # the patches, on the fly
-    assert copies == [] and "NativeGroupNormBackward0" in recipes  # the norms' outputs too, on their cast weights
+    assert set(copies) == (set() if casting == "low VRAM" else {tuple(wrapped)})
+    assert "NativeGroupNormBackward0" in recipes  # the norms' outputs too, on their cast weights
     (plain, plain_trace, _), (lean, lean_trace, _) = runs["plain"], runs["lean"]
     assert lean_trace.guidance_counts()["applied"] == 2
     rounding = 1e-4 if torch.cuda.is_available() else 0.0  # see the recipes' test above
     torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
                                atol=0.0)
     torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("stored", ["at an offset in its storage", "every other column of a matrix"])
+def test_a_weight_cast_again_is_laid_out_as_the_forwards_copy_was_also_where_the_stored_weight_is_a_view(comfy,
+                                                                                                          stored):
+    # Cast again in the backward, a weight needing no copy is the stored tensor itself, laid out as it is stored,
+    # where the forward computed on a fresh copy (the note is a weight function, which makes ComfyUI copy).
+    import comfy.ops
+
+    from biasmap_engine.host.cast_weights import CastCopies
+    from biasmap_engine.host.lean_backward import LeanBackward
+
+    generator = torch.Generator().manual_seed(0)
+    layer = comfy.ops.manual_cast.Linear(16, 8)
+    storage = torch.randn(8 * 32 + 7, generator=generator)
+    weight = storage[7:7 + 128].view(8, 16) if stored.startswith("at an offset") else storage[:256].view(8, 32)[:, ::2]
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(8, generator=generator), requires_grad=False)
+    x = torch.randn(2, 5, 16, generator=generator)
+
+    def input_gradient(hooks, casts):
+        x_leaf = x.clone().requires_grad_(True)
+        with casts, hooks:
+            y = layer(x_leaf)
+        return torch.autograd.grad(y.square().sum(), x_leaf)[0]
+
+    # Against autograd keeping the copy the forward computed on (with the note too: the same copy).
+    plain = input_gradient(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), CastCopies([layer]))
+    casts = CastCopies([layer])
+    assert torch.equal(input_gradient(LeanBackward((), casts), casts), plain)
 
 
 def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
