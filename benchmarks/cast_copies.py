@@ -78,7 +78,7 @@ def main():
         """Seconds per step and, ``counting``, MiB kept a pass: the stock KSampler (``cast_again`` None), guided
         without CastCopies (False; counting: with its notes but no recipes) or with it (True)."""
         cast_weights.CastCopies.recipe = recipe if cast_again or not counting else (lambda self, tensor: None)
-        guided_backward.cast_layers = layers if cast_again or counting else (lambda module: [])
+        guided_backward.cast_layers = layers if cast_again or counting else (lambda *args: [])
         latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
         passes.clear()
         if cuda:
