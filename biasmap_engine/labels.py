@@ -67,10 +67,16 @@ def _draws(font, text: str) -> bool:
     """Whether ``font`` has a glyph for every character of ``text``: a missing one is drawn as the font's box, the
     glyph of a code point no font has."""
     try:
-        missing = _bitmap(font, "\U0010fffd")
+        missing = _missing_glyph(font)
         return all(ch.isspace() or _bitmap(font, ch) != missing for ch in set(text))
     except UnicodeEncodeError:  # the bitmap font: Latin-1 only
         return False
+
+
+@functools.lru_cache(maxsize=16)
+def _missing_glyph(font) -> tuple:
+    """The box ``font`` draws for a code point it has no glyph for, drawn once per font (every label asks)."""
+    return _bitmap(font, "\U0010fffd")
 
 
 def _bitmap(font, text: str) -> tuple:
