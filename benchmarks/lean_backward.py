@@ -50,9 +50,11 @@ def main():
         """Forward + backward of one U-Net on ``device``, plain or lean, counting what autograd keeps."""
 
         def __init__(self, model, clip):
+            # Loaded in inference mode as ComfyUI's sampler loads it: a model made in inference mode and moved to
+            # the GPU outside it keeps weights without version counters, which no forward can use.
             with torch.inference_mode():
                 context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of a doctor"))[0][0]
-            mm.load_models_gpu([model])
+                mm.load_models_gpu([model])
             self.unet = model.model.diffusion_model
             deinference_(self.unet)
             self.dtype = model.model.get_dtype()
