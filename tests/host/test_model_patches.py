@@ -273,11 +273,12 @@ def test_an_attn2_replace_holding_layers_loaded_in_inference_mode_can_be_guided_
     # An adapter-style node replaces attn2 with a function whose closure holds a projection of its own, loaded in
     # inference mode; in a guided pass it runs on an output that needs gradients, so its weight is swapped too.
     import comfy.ldm.modules.attention as attention
+    import comfy.model_management
 
     model, clip = sd15
     pos, neg = prompts
-    with torch.inference_mode():
-        projection = torch.nn.Linear(32, 32)  # the width of the tiny U-Net's output block 2
+    with torch.inference_mode():  # on the device the U-Net runs on, as the adapter's loader would put it
+        projection = torch.nn.Linear(32, 32, device=comfy.model_management.get_torch_device())  # output block 2's width
         torch.nn.init.eye_(projection.weight)
         projection.weight.mul_(1.5)
         torch.nn.init.zeros_(projection.bias)

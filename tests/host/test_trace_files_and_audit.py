@@ -516,10 +516,12 @@ def test_a_path_is_inside_a_folder_in_the_systems_case_so_windows_takes_biasmap_
 
     from biasmap_pack.nodes.output_files import inside
 
-    monkeypatch.setattr(os, "path", ntpath)  # Windows' paths, for this call alone
-    assert inside("C:\\ComfyUI\\output\\BiasMap\\trace", "C:\\ComfyUI\\output\\biasmap")
-    assert not inside("C:\\ComfyUI\\output2\\trace", "C:\\ComfyUI\\output")
-    assert not inside("D:\\output\\trace", "C:\\ComfyUI\\output")  # another drive
+    with monkeypatch.context() as windows:  # Windows' paths for these calls alone, not for pytest's report
+        windows.setattr(os, "path", ntpath)
+        answers = (inside("C:\\ComfyUI\\output\\BiasMap\\trace", "C:\\ComfyUI\\output\\biasmap"),
+                   inside("C:\\ComfyUI\\output2\\trace", "C:\\ComfyUI\\output"),
+                   inside("D:\\output\\trace", "C:\\ComfyUI\\output"))  # another drive
+    assert answers == (True, False, False)
 
 
 def test_audit_log_refuses_a_word_listed_twice_which_would_log_its_pairs_twice(pack, folders, trace):
