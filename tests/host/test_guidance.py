@@ -307,6 +307,7 @@ def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(s
     key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"
     weight = model.model.get_parameter(key)
     reference, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+    weights = {k: w.clone() for k, w in model.model.diffusion_model.state_dict().items()}
     results = []
     for strength in (0.5, 1.0):
         patched = model.clone()
@@ -316,7 +317,11 @@ def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(s
         results.append(out)
     unpatched, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], unpatched)
-    assert torch.equal(unpatched, reference)  # the patches left nothing behind in the weights guided through
+    # The patches left nothing behind in the weights guided through. A GPU's backward adds in no fixed order, so
+    # two guided runs there agree to rounding only.
+    assert all(torch.equal(w, weights[k]) for k, w in model.model.diffusion_model.state_dict().items())
+    rounding = 1e-4 if torch.cuda.is_available() else 0.0
+    torch.testing.assert_close(unpatched, reference, rtol=rounding, atol=rounding * reference.abs().max().item())
 
 
 def test_guidance_swaps_a_models_inference_weights_once_not_at_every_step(sd15, prompts):
@@ -572,7 +577,8 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
     assert "NativeGroupNormBackward0" in recipes  # the norms' outputs too, on their cast weights
     (plain, plain_trace, _), (lean, lean_trace, _) = runs["plain"], runs["lean"]
     assert lean_trace.guidance_counts()["applied"] == 2
-    rounding = 1e-4 if torch.cuda.is_available() else 0.0  # see the recipes' test above
+    # See the recipes' test above; a GPU's bf16 rounds each differently ordered sum to 8 bits.
+    rounding = max(1e-4, 4 * torch.finfo(computed or torch.float32).eps) if torch.cuda.is_available() else 0.0
     torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
                                atol=0.0)
     torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
