@@ -1,12 +1,13 @@
 """Weight copies a guided pass keeps for its backward where ComfyUI casts weights as layers run, kept or cast again.
 
-A model whose weights are stored in another dtype than it computes in (manual cast: fp16 or fp8 weights computed in
-fp32 on a CPU, fp8 in fp16 or bf16 on a GPU) or that is partly loaded (low VRAM) computes each layer with a copy of its
-weight. ``cast_weights.CastCopies`` keeps those copies for the backward as recipes, cast again when read. This loads
-the random full-size SD1.5 checkpoint with its weights stored in ``--weight-dtype`` and runs guided steps (all stages,
-batch 1) with the copies kept (as autograd would) and cast again: the bytes of weight copies and of activations a guided pass
-keeps for its backward (on CUDA also the peak memory of a guided run), and seconds per step of the stock KSampler, the guided sampler without ``CastCopies`` (as
-before it) and with it, side by side (medians of interleaved repeats), on the same model. Usage:
+A model whose weights are stored in another dtype than it computes in (manual cast: fp16 or fp8 weights computed in fp32
+on a CPU, fp8 in fp16 or bf16 on a GPU) or that is partly loaded (low VRAM) computes each layer with a copy of its
+weight. ``cast_weights.CastCopies`` keeps those copies for the backward as recipes, cast again when read. This loads the
+random full-size SD1.5 checkpoint with its weights stored in ``--weight-dtype`` and runs guided steps (all stages, batch
+1) with the copies kept (as autograd would) and cast again, whatever ``worth_casting_again`` would pick (it says last
+what it picks here): the bytes of weight copies and of activations a guided pass keeps for its backward (on CUDA also
+the peak memory of a guided run), and seconds per step of the stock KSampler, the guided sampler without ``CastCopies``
+(as before it) and with it, side by side (medians of interleaved repeats), on the same model. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/cast_copies.py [--sizes 256 512] [--weight-dtype float16]
 """
@@ -73,6 +74,7 @@ def main():
 
     guided_backward.LeanBackward = Counted
     recipe, layers = cast_weights.CastCopies.recipe, guided_backward.cast_layers
+    guided_backward.worth_casting_again = lambda *args: True  # both measured; what the rule picks is printed last
 
     def run(cast_again, size, counting=False):
         """Seconds per step and, ``counting``, MiB kept a pass: the stock KSampler (``cast_again`` None), guided
@@ -118,6 +120,13 @@ def main():
         print(f"| {size}² | {kept_mib[False]['weight copies']:.0f} → {kept_mib[True]['weight copies']:.0f} MiB "
               f"| {kept_mib[True]['activations']:.0f} MiB{peaks} | {s[None]:.2f} | {s[False]:.2f} ({s[False] / s[None]:.2f}×) "
               f"| {s[True]:.2f} ({s[True] / s[None]:.2f}×) | {s[True] / s[False]:.2f}× |", flush=True)
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+    cast = layers(model.model.diffusion_model, computes_in, device)
+    picked = "cast again" if cast_weights.worth_casting_again(cast, computes_in, device) else "kept"
+    print(f"\nworth_casting_again on this machine, the model loaded: {picked} "
+          f"({sum(m.weight.numel() for m in cast) * computes_in.itemsize / 2 ** 20:.0f} MiB of copies, "
+          f"{mm.get_free_memory(device) / 2 ** 20:.0f} MiB free)")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ anything of the pass is freed:
   (guided_pass.with_patches_on_copies), since some change in place the activations they computed with (FreeU V2);
 - in a backward through the whole U-Net autograd keeps SiLU, gelu and group norm outputs as recipes, computed again
   in the backward (lean_backward.py), and so the weight copies that ComfyUI casts as layers run (manual cast, low
-  VRAM; cast_weights.py); when only down stages are guided, ``input_block_patch``/``output_block_patch``
-  detach the activations after the last guided block instead, so autograd neither records nor keeps the rest;
+  VRAM; cast_weights.py) where they would take much of the memory free; when only down stages are guided,
+  ``input_block_patch``/``output_block_patch`` detach the activations after the last guided block instead, so
+  autograd neither records nor keeps the rest;
 - with a ControlNet attached, ``input_block_patch_after_skip`` gives the next block a copy of each skip tensor, since
   ComfyUI adds the ControlNet's residuals to the skip tensors in place;
 - through an fp16 U-Net the backward is scaled as mixed-precision training scales its loss (_HALF_LOSS_SCALE);
@@ -30,7 +31,7 @@ from ..guidance import entanglement_energy
 from ..ovam import sum_upsampled
 from ..recorder import TraceRecorder
 from .conditioning import attached_modules, control_models, hook_groups
-from .cast_weights import CastCopies, cast_layers
+from .cast_weights import CastCopies, cast_layers, worth_casting_again
 from .guided_pass import (differentiable_quantized, offload_streams_wait, patch_modules, quantized_layers,
                           with_patches_on_copies, with_sdpa_attention)
 from .lean_backward import LeanBackward
@@ -64,6 +65,7 @@ class GuidedBackward:
         self._last_guided_input = _last_input_block(guided_layers)
         self._weight_slots: dict[torch.nn.Module, list] = {}  # deinference_'s, per module guided through
         self._cast_layers: dict[torch.nn.Module, list] = {}  # cast_layers', per module guided through
+        self._casting_again: bool | None = None  # worth_casting_again, asked at the run's first whole-U-Net pass
         self._patch_modules: list[torch.nn.Module] = []  # held by other nodes' U-Net patches (patch_modules)
         self._truncating = False
         self._controlled = False  # a guided pass whose entries carry a ControlNet
@@ -149,7 +151,10 @@ class GuidedBackward:
                 # A third less kept for the backward through the whole U-Net, and no weight copies; a truncated one
                 # keeps little, and the recipes' Python would cost a launch-bound GPU more than they save there.
                 whole = self._last_guided_input is None
-                casts = CastCopies([m for module in modules for m in self._cast_layers[module]] if whole else [])
+                layers = [m for module in modules for m in self._cast_layers[module]] if whole else []
+                if layers and self._casting_again is None:
+                    self._casting_again = worth_casting_again(layers, self._computes_in, x.device)
+                casts = CastCopies(layers if self._casting_again else [])
                 with (casts, LeanBackward(self._group_norms, casts) if whole else contextlib.nullcontext(),
                       differentiable_quantized(self._quantized)):
                     self.active = True

@@ -547,6 +547,8 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
         def __init__(self, group_norms, casts):
             super().__init__(lambda t: t, lambda t: t)
 
+    if model.load_device.type != "cpu":  # a GPU with memory to spare keeps the copies (worth_casting_again)
+        monkeypatch.setattr(guided_backward, "worth_casting_again", lambda *args: True)
     runs, functions = {}, {}
     for name, hooks in (("plain", Plain), ("lean", Counted)):
         monkeypatch.setattr(guided_backward, "LeanBackward", hooks)
@@ -582,6 +584,48 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
     torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
                                atol=0.0)
     torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
+
+
+def test_a_gpu_keeps_the_weight_copies_where_memory_is_ample_and_casts_them_again_where_it_is_short(comfy,
+                                                                                                       monkeypatch):
+    # Casting again costs a launch-bound GPU kernel launches (1.38× an fp8 SD1.5's guided step on an H200); a CPU
+    # gains time by it too, so it always casts again.
+    import comfy.model_management as mm
+    import comfy.ops
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+    from biasmap_engine.host.cast_weights import worth_casting_again
+
+    layers = [comfy.ops.manual_cast.Linear(512, 1024, dtype=torch.float16)]  # copies of 1 MiB in fp16
+    free = {"bytes": 2 ** 40}
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: free["bytes"])
+    assert worth_casting_again(layers, torch.float16, torch.device("cpu"))
+    assert not worth_casting_again(layers, torch.float16, torch.device("cuda"))
+    free["bytes"] = 2 ** 21  # 2 MiB: half of it holds the copies in fp16, not in fp32
+    assert not worth_casting_again(layers, torch.float16, torch.device("cuda"))
+    assert worth_casting_again(layers, torch.float32, torch.device("cuda"))
+    monkeypatch.undo()
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16, compute_dtype=torch.float32)
+        pos, neg = comfy_models.paper_prompts(clip)
+    noted, runs = [], {}
+
+    class Spied(guided_backward.CastCopies):
+        def __init__(self, layers):
+            super().__init__(layers)
+            noted.append(len(layers))
+
+    monkeypatch.setattr(guided_backward, "CastCopies", Spied)
+    for casting_again in (True, False):
+        monkeypatch.setattr(guided_backward, "worth_casting_again", lambda *args, answer=casting_again: answer)
+        noted.clear()
+        runs[casting_again], trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
+        assert trace.guidance_counts()["applied"] == 2
+        assert noted and all(noted) if casting_again else noted == [0, 0]
+    rounding = 1e-4 if torch.cuda.is_available() else 0.0
+    torch.testing.assert_close(runs[False], runs[True], rtol=rounding, atol=rounding * runs[True].abs().max().item())
 
 
 @pytest.mark.parametrize("stored", ["at an offset in its storage", "every other column of a matrix"])
