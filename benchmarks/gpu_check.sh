@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The lent-GPU check, run in the repo root of the device machine, most wanted first so that a run cut short still
-# answers the main questions: engine + host tests on CUDA (eight pytest-xdist workers), the sampling benchmark on a
+# answers the main questions: engine + host tests on CUDA (16 pytest-xdist workers), the sampling benchmark on a
 # random full-size SD1.5 at 512² (20 steps), the weight copies of an fp8-stored model (cast_copies.py), a profile of one
 # step per mode, the sampling benchmark at 256² and 512² (4 steps), the soft top-k benchmark, the host-overhead
 # benchmark and what guided passes keep for the backward, on the GPU itself.
@@ -13,18 +13,20 @@ export COMFYUI_PATH=$PWD/.comfyui PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ckpt=/tmp/random_sd15_full.safetensors
 budget=${BUDGET_S:-540}
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")
 quiet() { grep -v -e "it/s\]" -e "^USDT" -e "s/it\]"; }
 stage() {  # stage NAME EXPECTED_S: true when there is time left for it
   if (( SECONDS + $2 > budget )); then echo "## $1 skipped at ${SECONDS}s (needs ~$2 s)"; return 1; fi
   echo "## $1 at ${SECONDS}s"
 }
-stage tests 200 && { timeout 240 python3 -m pytest tests/engine tests/host -q -p no:cacheprovider $workers \
-  --ignore=tests/host/test_server.py > "$OUT/tests.log" 2>&1; tail -n 25 "$OUT/tests.log" | quiet; }
+# -v names each failure as it happens (xdist prints tracebacks only at the end, which a timeout cuts off).
+stage tests 220 && { timeout 280 python3 -m pytest tests/engine tests/host -v --tb=short -p no:cacheprovider \
+  -p no:benchmark $workers --ignore=tests/host/test_server.py 2>&1 | quiet > "$OUT/tests.log"; \
+  grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 30; }
 stage sampling-512-20 120 && { python3 benchmarks/sampling.py --sizes 512 --steps 20 --repeats 3 --checkpoint $ckpt \
   --out /tmp/rows.json 2>&1 | quiet > "$OUT/sampling20.log"; grep -v '^\[' "$OUT/sampling20.log" | tail -n 8; }
 stage cast-copies 60 && { python3 benchmarks/cast_copies.py --sizes 512 --weight-dtype float8_e4m3fn \
-  --checkpoint $ckpt 2>&1 | quiet > "$OUT/cast_copies.log"; tail -n 4 "$OUT/cast_copies.log"; }
+  --checkpoint $ckpt 2>&1 | quiet > "$OUT/cast_copies.log"; tail -n 5 "$OUT/cast_copies.log"; }
 stage profile 60 && python3 benchmarks/profile_step.py --size 512 --steps 2 --checkpoint $ckpt \
   --out "$OUT/profile512.txt" --sources aten::copy_ aten::add aten::mul aten::fill_ 2>&1 | quiet \
   | grep "^## \|^sync\|/step from"
