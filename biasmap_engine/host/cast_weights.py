@@ -19,6 +19,7 @@ every cast: :func:`worth_casting_again` weighs that against the memory free.
 """
 
 import functools
+import math
 import weakref
 
 import torch
@@ -49,15 +50,17 @@ def worth_casting_again(layers: list[torch.nn.Module], dtype: torch.dtype, devic
     than keep the copies they compute with in ``dtype``.
 
     On a CPU always: there casting again took less time than keeping the copies (0.71× a guided step of an fp16
-    SD1.5 computed in fp32 at 256²). On a GPU, which a step's kernel launches bound, only where the copies would take
-    more than half of the memory free now: an fp8 SD1.5 at 512² on an H200 took 1.38× the time a guided step to keep
-    1549 MiB fewer (docs/benchmarks.md), which low VRAM needs and 139 GiB do not.
+    SD1.5 computed in fp32 at 256²). On a GPU, where kernel launches bound a step, only where the copies would take
+    more than half of the memory free now (the other half is for the pass's activations): on an H200, casting an fp8
+    SD1.5's copies again at 512² took 1.38× the time of a guided step to keep 1549 MiB fewer (one measurement,
+    docs/benchmarks.md), which low VRAM needs and 139 GiB do not. Counted by shape: a packed weight's elements are
+    not its values.
     """
     if device.type == "cpu":
         return True
     import comfy.model_management
 
-    copies = sum(m.weight.numel() for m in layers) * dtype.itemsize
+    copies = sum(math.prod(m.weight.shape) for m in layers) * dtype.itemsize
     return copies > comfy.model_management.get_free_memory(device) / 2
 
 

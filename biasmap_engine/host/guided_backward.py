@@ -96,6 +96,11 @@ class GuidedBackward:
             self._flushed = self._flushed + (result[0].flatten(1) == 0).all(dim=1).sum()  # no host synchronisation
         return out, result
 
+    def memory_ran_short(self) -> None:
+        """Cast weight copies again from the next pass on, whatever the memory free at the run's first pass said: a
+        guided pass ran out of memory, and the copies cost less time than the extra pass of the fallback."""
+        self._casting_again = True
+
     def finish(self) -> None:
         """The run's notes on the fp16 loss scale: a scaled gradient that overflowed, gradients that vanished."""
         if isinstance(self._loss_scale, torch.Tensor) and float(self._loss_scale) < _HALF_LOSS_SCALE:
@@ -148,8 +153,9 @@ class GuidedBackward:
             with torch.inference_mode(False), torch.enable_grad():
                 x_leaf = x.detach().clone().requires_grad_(True)
                 self._truncating = self._last_guided_input is not None
-                # A third less kept for the backward through the whole U-Net, and no weight copies; a truncated one
-                # keeps little, and the recipes' Python would cost a launch-bound GPU more than they save there.
+                # A third less kept for the backward through the whole U-Net, and no weight copies where memory is
+                # short for them (worth_casting_again); a truncated one keeps little, and the recipes' Python would
+                # cost a launch-bound GPU more than they save there.
                 whole = self._last_guided_input is None
                 layers = [m for module in modules for m in self._cast_layers[module]] if whole else []
                 if layers and self._casting_again is None:

@@ -324,6 +324,7 @@ class BiasMapSession:
         self._unet_ran = False
         comfy.model_management.soft_empty_cache()
         self._branch_alone = True
+        self.backward.memory_ran_short()
         self._note("GPU memory ran short for one batched CFG pass with autograd: from that step on, the maps' branch "
                    "runs alone with autograd and the other branch without (one more U-Net pass per step)")
         return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)

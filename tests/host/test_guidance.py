@@ -586,6 +586,21 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
     torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
 
 
+def cast_copies_spy(monkeypatch) -> list[int]:
+    """How many layers each guided pass's CastCopies notes, in order."""
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    noted = []
+
+    class Spied(guided_backward.CastCopies):
+        def __init__(self, layers):
+            super().__init__(layers)
+            noted.append(len(layers))
+
+    monkeypatch.setattr(guided_backward, "CastCopies", Spied)
+    return noted
+
+
 def test_a_gpu_keeps_the_weight_copies_where_memory_is_ample_and_casts_them_again_where_it_is_short(comfy,
                                                                                                        monkeypatch):
     # Casting again costs a launch-bound GPU kernel launches (1.38× an fp8 SD1.5's guided step on an H200); a CPU
@@ -595,7 +610,7 @@ def test_a_gpu_keeps_the_weight_copies_where_memory_is_ample_and_casts_them_agai
     import comfy_models
 
     import biasmap_engine.host.guided_backward as guided_backward
-    from biasmap_engine.host.cast_weights import worth_casting_again
+    from biasmap_engine.host.cast_weights import cast_layers, worth_casting_again
 
     layers = [comfy.ops.manual_cast.Linear(512, 1024, dtype=torch.float16)]  # copies of 1 MiB in fp16
     free = {"bytes": 2 ** 40}
@@ -610,22 +625,38 @@ def test_a_gpu_keeps_the_weight_copies_where_memory_is_ample_and_casts_them_agai
     with torch.inference_mode():
         model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16, compute_dtype=torch.float32)
         pos, neg = comfy_models.paper_prompts(clip)
-    noted, runs = [], {}
-
-    class Spied(guided_backward.CastCopies):
-        def __init__(self, layers):
-            super().__init__(layers)
-            noted.append(len(layers))
-
-    monkeypatch.setattr(guided_backward, "CastCopies", Spied)
+    noted, runs, asked = cast_copies_spy(monkeypatch), {}, []
     for casting_again in (True, False):
-        monkeypatch.setattr(guided_backward, "worth_casting_again", lambda *args, answer=casting_again: answer)
-        noted.clear()
+        def answer(layers, dtype, device, casting_again=casting_again):
+            asked.append((len(layers), dtype, device.type))
+            return casting_again
+
+        monkeypatch.setattr(guided_backward, "worth_casting_again", answer)
+        noted.clear(), asked.clear()
         runs[casting_again], trace, _ = sample(model, clip, pos, neg, 100.0, steps=2)
         assert trace.guidance_counts()["applied"] == 2
         assert noted and all(noted) if casting_again else noted == [0, 0]
+        cast = cast_layers(model.model.diffusion_model, torch.float32, model.load_device)
+        assert asked == [(len(cast), torch.float32, model.load_device.type)]  # once a run, for all its cast layers
     rounding = 1e-4 if torch.cuda.is_available() else 0.0
     torch.testing.assert_close(runs[False], runs[True], rtol=rounding, atol=rounding * runs[True].abs().max().item())
+
+
+def test_after_running_out_of_gpu_memory_the_weight_copies_are_cast_again_whatever_the_runs_start_said(
+        comfy, monkeypatch, gpu_batching):
+    # The fallback's extra U-Net pass costs more time than the casts, and the copies may be what did not fit.
+    import comfy_models
+
+    import biasmap_engine.host.guided_backward as guided_backward
+
+    with torch.inference_mode():
+        model, clip = comfy_models.tiny_sd15(0, dtype=torch.float16, compute_dtype=torch.float32)
+        pos, neg = comfy_models.paper_prompts(clip)
+    noted = cast_copies_spy(monkeypatch)
+    monkeypatch.setattr(guided_backward, "worth_casting_again", lambda *args: False)  # memory ample at the start
+    _, trace, _ = sample(running_out_of_gpu_memory(model), clip, pos, neg, 100.0, steps=2)
+    assert any("GPU memory ran short" in note for note in trace.notes) and trace.guidance_counts()["applied"] == 2
+    assert noted[0] == 0 and len(noted) == 3 and all(noted[1:])  # kept in the failed pass; cast in the retry and after
 
 
 @pytest.mark.parametrize("stored", ["at an offset in its storage", "every other column of a matrix"])
