@@ -6,7 +6,8 @@
 # benchmark and what guided passes keep for the backward, on the GPU itself.
 # Expects ComfyUI v0.8.0 in .comfyui/ and the wheels that image lacks (av, torchsde, trampoline) in .whl/; writes logs
 # under $OUT (the sampling logs end with their JSON rows). BUDGET_S (default 540) is the command's time: a stage that
-# would start later than BUDGET_S minus its expected length is skipped, and says so.
+# would start later than BUDGET_S minus its expected length is skipped, and says so. The stages' estimates add up to
+# more than the default budget on purpose: the last ones run only when the earlier ones were quick.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export COMFYUI_PATH=$PWD/.comfyui PYTHONUNBUFFERED=1

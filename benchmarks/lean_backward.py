@@ -51,7 +51,8 @@ def main():
 
         def __init__(self, model, clip):
             # Loaded in inference mode as ComfyUI's sampler loads it: a model made in inference mode and moved to
-            # the GPU outside it keeps weights without version counters, which no forward can use.
+            # the GPU outside it keeps weights without version counters, which neither autograd nor ComfyUI's own
+            # inference-mode sampling can use (both fail on them; tried on a CPU with a dtype round trip).
             with torch.inference_mode():
                 context = clip.encode_from_tokens_scheduled(clip.tokenize("A photo of a doctor"))[0][0]
                 mm.load_models_gpu([model])
