@@ -77,19 +77,21 @@ class CastCopies:
     def __bool__(self) -> bool:
         return bool(self._layers)
 
+    # Set in the layers' __dict__ directly: what nn.Module's __setattr__ and __delattr__ end up doing for a list,
+    # without their checks, on each of a U-Net's few hundred layers twice a guided pass.
     def __enter__(self):
         self._own = [m.__dict__.get("weight_function") for m in self._layers]
         for m in self._layers:
             # A new list: ComfyUI's class default is one list shared by every layer.
-            m.weight_function = [*m.weight_function, functools.partial(self._note, m)]
+            m.__dict__["weight_function"] = [*m.weight_function, functools.partial(self._note, m)]
         return self
 
     def __exit__(self, *exc) -> None:
         for m, own in zip(reversed(self._layers), reversed(self._own)):
             if own is None:
-                del m.weight_function
+                del m.__dict__["weight_function"]
             else:
-                m.weight_function = own
+                m.__dict__["weight_function"] = own
         self._made.clear()
 
     def _note(self, layer, weight):
@@ -113,6 +115,9 @@ class CastCopies:
     @staticmethod
     def norm_bias(norm: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
         """The bias that ``norm`` ran with beside ``weight``, its noted weight copy: cast again (a small vector)."""
+        bias = norm.bias
+        if bias is None or (not norm.bias_function and bias.device == weight.device):
+            return None if bias is None else bias.to(weight.dtype)
         return _cast(norm, weight.dtype, weight.device)[1]
 
 
@@ -121,6 +126,16 @@ def _cast(layer, dtype, device):
 
     with torch.no_grad():
         return comfy.ops.cast_bias_weight(layer, None, dtype, device, bias_dtype=dtype)
+
+
+def _cast_weight(layer, dtype, device) -> torch.Tensor:
+    """``layer``'s weight as ComfyUI's ``cast_bias_weight`` gives it. Where that is a conversion on the device (no
+    weight function: manual cast of a loaded layer), the conversion alone: none of that function's Python and no
+    bias cast, which a launch-bound GPU pays for each layer of a backward."""
+    weight = layer.weight
+    if not layer.weight_function and weight.device == device:
+        return weight.to(dtype)
+    return _cast(layer, dtype, device)[0]
 
 
 class _CastAgain:
@@ -134,7 +149,7 @@ class _CastAgain:
         self.layout = (copy.size(), copy.stride(), copy.storage_offset())
 
     def __call__(self) -> torch.Tensor:
-        weight = _cast(self.layer, self.dtype, self.device)[0]
+        weight = _cast_weight(self.layer, self.dtype, self.device)
         size, stride, offset = self.layout
         if weight.stride() != stride:  # the stored weight itself, as the forward's note made ComfyUI copy it
             weight = torch.empty_strided(size, stride, dtype=self.dtype, device=self.device).copy_(weight)

@@ -480,8 +480,9 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
 
 
 def low_vram_with_a_lora(monkeypatch, model):
-    """``model`` with a LoRA-like patch on its attention and convolution weights, loaded as ComfyUI loads a model
-    that VRAM is short for: every layer left off the GPU, cast as it runs, the patches applied on the fly."""
+    """``model`` with a LoRA-like patch on its attention and convolution weights and on its res blocks' second group
+    norms, loaded as ComfyUI loads a model that VRAM is short for: every layer left off the GPU, cast as it
+    runs, the patches applied on the fly."""
     import comfy.model_management as mm
 
     load = mm.LoadedModel.model_load
@@ -491,7 +492,8 @@ def low_vram_with_a_lora(monkeypatch, model):
     with torch.inference_mode():
         patched = model.clone()
         patched.add_patches({f"diffusion_model.{k}": (torch.full_like(v, 1e-3),) for k, v in weights.items()
-                             if k.endswith(".weight") and v.dim() >= 2 and ("attn" in k or "conv" in k)}, 1.0)
+                             if k.endswith(".weight") and v.dim() >= 2 and ("attn" in k or "conv" in k)
+                             or ".out_layers.0." in k}, 1.0)
     return patched
 
 
