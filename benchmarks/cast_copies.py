@@ -7,9 +7,13 @@ random full-size SD1.5 checkpoint with its weights stored in ``--weight-dtype`` 
 1) with the copies kept (as autograd would) and cast again, whatever ``worth_casting_again`` would pick (it says last
 what it picks here): the bytes of weight copies and of activations a guided pass keeps for its backward (on CUDA also
 the peak memory of a guided run), and seconds per step of the stock KSampler, the guided sampler without ``CastCopies``
-(as before it) and with it, side by side (medians of interleaved repeats), on the same model. Usage:
+(as before it) and with it, side by side (medians of interleaved repeats), on the same model. ``--skeleton`` runs
+SD1.5's layer structure at 32 channels instead (``comfy_models.skeleton_sd15``, its weights stored in
+``--weight-dtype`` and computed in fp32), each guided evaluation one batch of both CFG branches as on a GPU: a step's
+Python and per-operator cost, what the casts cost a launch-bound GPU. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/cast_copies.py [--sizes 256 512] [--weight-dtype float16]
+        [--skeleton --sizes 64 --steps 10 --repeats 15]
 """
 
 import argparse
@@ -32,6 +36,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    parser.add_argument("--skeleton", action="store_true", help="SD1.5's layers at 32 channels, batched as a GPU")
     args = parser.parse_args()
 
     root = sampling.comfy_models.boot_comfy()
@@ -43,13 +48,19 @@ def main():
 
     from biasmap_engine import BiasMapSettings
     from biasmap_engine.host import cast_weights, guided_backward, lean_backward, sample_with_scheduler, start_session
+    from biasmap_engine.host import session as host_session
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    sampling.load_random_sd15(args.checkpoint)  # written if missing
     with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
-            args.checkpoint, output_vae=False, output_clip=True,
-            model_options={"dtype": getattr(torch, args.weight_dtype)})
+        if args.skeleton:
+            host_session._branches_apart = lambda device: False  # one batched CFG pass with autograd, as on a GPU
+            model, clip = sampling.comfy_models.skeleton_sd15(0, getattr(torch, args.weight_dtype),
+                                                              compute_dtype=torch.float32)
+        else:
+            sampling.load_random_sd15(args.checkpoint)  # written if missing
+            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+                args.checkpoint, output_vae=False, output_clip=True,
+                model_options={"dtype": getattr(torch, args.weight_dtype)})
         pos, neg = (clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in ("A photo of the face of a doctor", ""))
     computes_in = model.model.manual_cast_dtype or model.model.get_dtype()
     device = mm.get_torch_device()
@@ -102,10 +113,12 @@ def main():
         return seconds, mib
 
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{where}, torch {torch.__version__}; random full-size SD1.5 stored in {args.weight_dtype}, computed in "
+    model_name = "SD1.5's layers at 32 channels, batched as a GPU," if args.skeleton else "random full-size SD1.5"
+    print(f"{where}, torch {torch.__version__}; {model_name} stored in {args.weight_dtype}, computed in "
           f"{str(computes_in).removeprefix('torch.')}; euler, cfg 7, {args.steps} steps, guided all stages, λ 100; "
           f"medians of {args.repeats} interleaved repeats\n")
-    print("| size | kept a pass: weight copies, kept → cast again | activations | s/step: stock | guided, before "
+    unit, scale = ("ms", 1e3) if args.skeleton else ("s", 1.0)
+    print(f"| size | kept a pass: weight copies, kept → cast again | activations | {unit}/step: stock | guided, before "
           "| guided, cast again | cast again ÷ before |")
     print("|---|--:|--:|--:|--:|--:|--:|")
     for size in args.sizes:
@@ -116,7 +129,7 @@ def main():
         for i in range(args.repeats):
             for variant in ((None, False, True) if i % 2 == 0 else (True, False, None)):
                 times[variant].append(run(variant, size)[0])
-        s = {variant: statistics.median(t) for variant, t in times.items()}
+        s = {variant: statistics.median(t) * scale for variant, t in times.items()}
         print(f"| {size}² | {kept_mib[False]['weight copies']:.0f} → {kept_mib[True]['weight copies']:.0f} MiB "
               f"| {kept_mib[True]['activations']:.0f} MiB{peaks} | {s[None]:.2f} | {s[False]:.2f} ({s[False] / s[None]:.2f}×) "
               f"| {s[True]:.2f} ({s[True] / s[None]:.2f}×) | {s[True] / s[False]:.2f}× |", flush=True)

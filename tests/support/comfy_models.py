@@ -202,10 +202,12 @@ def tiny_sd15_fp8_quantized(seed: int = 0):
                                             offload_device=mm.unet_offload_device()), clip
 
 
-def skeleton_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+def skeleton_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                  compute_dtype: torch.dtype | None = None):
     """SD1.5's whole block structure (4 levels, 2 res blocks each, 16 cross-attention layers, 8 heads, 768-d context)
     at 32 channels, and a 2-layer CLIP-L: every layer, hook and operator of a real SD1.5 step with little arithmetic,
-    so a step's time is its Python and per-operator overhead, what bounds a GPU at SD sizes.
+    so a step's time is its Python and per-operator overhead, what bounds a GPU at SD sizes. ``compute_dtype`` as in
+    :func:`tiny_sd15`.
 
     Returns ``(ModelPatcher, comfy.sd.CLIP)``.
     """
@@ -215,7 +217,7 @@ def skeleton_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: tor
                                           "context_dim": 768, "use_linear_in_transformer": False,
                                           "adm_in_channels": None})
     clip = _clip(config.clip_target(), {"clip_l_model_config": _TINY_TE}, seed, dtype, device)
-    return _model_patcher(config, seed, dtype, device), clip
+    return _model_patcher(config, seed, dtype, device, compute_dtype=compute_dtype), clip
 
 
 def tiny_sd2v(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
