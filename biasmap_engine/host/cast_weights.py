@@ -10,7 +10,8 @@ its compute dtype (twice the bytes of fp8 weights computed in bf16).
 
 Within :class:`CastCopies` each such layer notes the copy it computes with (a function appended to its
 ``weight_function``, which ComfyUI applies to the copy last), and :meth:`CastCopies.recipe` turns a kept copy into
-a recipe that the backward runs: ComfyUI's own ``cast_bias_weight`` on the same stored weight, so the same values.
+a recipe that the backward runs: ComfyUI's own ``cast_bias_weight`` on the same stored weight, or where that would
+only convert it, the conversion alone; the same values either way.
 Only layers whose weight functions are ComfyUI's low-VRAM LoRA patches (deterministic, dtype-keeping) or none; a
 copy made through another node's weight function, or a quantized layer's (MixedPrecisionOps), is kept as autograd
 keeps it. The price is the cast again: a copy to the GPU of a low-VRAM layer (in the backward on the compute stream,
@@ -40,6 +41,7 @@ def cast_layers(module: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     return [m for m in module.modules()
             if getattr(m, "weight", None) is not None and hasattr(m, "weight_function")
             and getattr(m, "layout_type", None) is None  # quantized: its own weight class and kernels
+            and not hasattr(m, "cast_bias_weight")  # its own cast (GGUF's layers), which may skip weight functions
             and (getattr(m, "comfy_cast_weights", False) or m.weight_function or m.bias_function)
             and (m.weight_function or m.weight.dtype != dtype or m.weight.device != device)
             and all(isinstance(f, LowVramPatch) for f in (*m.weight_function, *m.bias_function))]
@@ -89,7 +91,7 @@ class CastCopies:
     def __exit__(self, *exc) -> None:
         for m, own in zip(reversed(self._layers), reversed(self._own)):
             if own is None:
-                del m.__dict__["weight_function"]
+                m.__dict__.pop("weight_function", None)  # gone already if something else removed it meanwhile
             else:
                 m.__dict__["weight_function"] = own
         self._made.clear()

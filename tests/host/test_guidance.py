@@ -661,6 +661,35 @@ def test_after_running_out_of_gpu_memory_the_weight_copies_are_cast_again_whatev
     assert noted[0] == 0 and len(noted) == 3 and all(noted[1:])  # kept in the failed pass; cast in the retry and after
 
 
+def test_a_weight_cast_again_is_a_plain_conversion_only_where_comfyuis_cast_would_do_no_more(comfy, monkeypatch):
+    # ComfyUI's cast_bias_weight is Python and a bias cast per layer, which a launch-bound GPU pays for in every
+    # backward; a weight function or another device needs it, and a class with a cast of its own is not cast again.
+    import comfy.ops
+
+    from biasmap_engine.host import cast_weights
+
+    layer = comfy.ops.manual_cast.Linear(16, 8, dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
+    calls, cast = [], comfy.ops.cast_bias_weight
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", lambda *args, **kwargs: calls.append(1) or cast(*args, **kwargs))
+    plain = cast_weights._cast_weight(layer, torch.float32, torch.device("cpu"))
+    assert calls == [] and plain.dtype == torch.float32
+    elsewhere = cast_weights._cast_weight(layer, torch.float32, torch.device("cpu", 0))  # not the weight's device
+    assert calls == [1] and torch.equal(elsewhere, plain)
+    layer.weight_function = [lambda weight: weight * 2]
+    assert torch.equal(cast_weights._cast_weight(layer, torch.float32, torch.device("cpu")), plain * 2)
+    assert calls == [1, 1]
+
+    class OwnCast(comfy.ops.manual_cast.Linear):
+        def cast_bias_weight(self, *args, **kwargs):
+            raise AssertionError("not called here")
+
+    del layer.weight_function
+    layers = torch.nn.Sequential(layer, OwnCast(16, 8, dtype=torch.float16))
+    assert cast_weights.cast_layers(layers, torch.float32, torch.device("cpu")) == [layer]
+
+
 @pytest.mark.parametrize("stored", ["at an offset in its storage", "every other column of a matrix"])
 def test_a_weight_cast_again_is_laid_out_as_the_forwards_copy_was_also_where_the_stored_weight_is_a_view(comfy,
                                                                                                           stored):
