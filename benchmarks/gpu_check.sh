@@ -20,10 +20,19 @@ stage() {  # stage NAME EXPECTED_S: true when there is time left for it
   if (( SECONDS + $2 > budget )); then echo "## $1 skipped at ${SECONDS}s (needs ~$2 s)"; return 1; fi
   echo "## $1 at ${SECONDS}s"
 }
-# -v names each failure as it happens (xdist prints tracebacks only at the end, which a timeout cuts off).
+# First the tests that failed on the last lent GPU (ce5cca5), alone with full tracebacks, so that a cut-off run still
+# explains them; then the suite, where -v names each failure as it happens (xdist prints tracebacks only at the end).
+known=(tests/host/test_conditioning.py::test_deep_shrink_by_a_factor_other_than_two_records_each_stage_at_its_own_grid
+  tests/host/test_recording.py::test_a_sampler_that_enlarges_the_latent_between_steps_is_recorded_at_the_first_sizes_grids
+  tests/host/test_model_patches.py::test_a_cache_skipping_the_maps_pass_while_another_nodes_extra_pass_runs_is_still_a_cache
+  tests/host/test_conditioning.py::test_an_area_of_exactly_the_latents_size_covers_the_image
+  tests/host/test_guidance.py::test_guidance_works_under_lora_style_weight_patches_recreated_between_runs
+  tests/host/test_guidance.py::test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_backward_with_the_same_result)
+stage known-failures 60 && { timeout 120 python3 -m pytest "${known[@]}" -q --tb=long -p no:cacheprovider \
+  -p no:benchmark 2>&1 | quiet > "$OUT/tests.log"; tail -n 3 "$OUT/tests.log"; }
 stage tests 220 && { timeout 280 python3 -m pytest tests/engine tests/host -v --tb=short -p no:cacheprovider \
-  -p no:benchmark $workers --ignore=tests/host/test_server.py 2>&1 | quiet > "$OUT/tests.log"; \
-  grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 30; }
+  -p no:benchmark $workers --ignore=tests/host/test_server.py 2>&1 | quiet >> "$OUT/tests.log"; \
+  grep -E " (FAILED|ERROR)( |$)|^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 30; }
 stage sampling-512-20 120 && { python3 benchmarks/sampling.py --sizes 512 --steps 20 --repeats 3 --checkpoint $ckpt \
   --out /tmp/rows.json 2>&1 | quiet > "$OUT/sampling20.log"; grep -v '^\[' "$OUT/sampling20.log" | tail -n 8; }
 stage cast-copies 60 && { python3 benchmarks/cast_copies.py --sizes 512 --weight-dtype float8_e4m3fn \

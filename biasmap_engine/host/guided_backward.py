@@ -96,10 +96,13 @@ class GuidedBackward:
             self._flushed = self._flushed + (result[0].flatten(1) == 0).all(dim=1).sum()  # no host synchronisation
         return out, result
 
-    def memory_ran_short(self) -> None:
+    def memory_ran_short(self) -> bool:
         """Cast weight copies again from the next pass on, whatever the memory free at the run's first pass said: a
-        guided pass ran out of memory, and the copies cost less time than the extra pass of the fallback."""
+        guided pass ran out of memory, and casting them again costs less time than the fallback's extra U-Net pass.
+        True where the passes kept copies until now."""
+        kept = self._casting_again is False
         self._casting_again = True
+        return kept
 
     def finish(self) -> None:
         """The run's notes on the fp16 loss scale: a scaled gradient that overflowed, gradients that vanished."""

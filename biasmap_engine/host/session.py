@@ -324,9 +324,10 @@ class BiasMapSession:
         self._unet_ran = False
         comfy.model_management.soft_empty_cache()
         self._branch_alone = True
-        self.backward.memory_ran_short()
+        casts = ("; and the weight copies ComfyUI casts as layers run are cast again in the backward rather than kept"
+                 if self.backward.memory_ran_short() else "")
         self._note("GPU memory ran short for one batched CFG pass with autograd: from that step on, the maps' branch "
-                   "runs alone with autograd and the other branch without (one more U-Net pass per step)")
+                   f"runs alone with autograd and the other branch without (one more U-Net pass per step){casts}")
         return self._run_branch_alone(executor, model, conds, x_in, timestep, model_options, branch)
 
     def _run_branch_alone(self, executor, model, conds, x_in, timestep, model_options, branch):

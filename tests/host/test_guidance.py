@@ -657,7 +657,8 @@ def test_after_running_out_of_gpu_memory_the_weight_copies_are_cast_again_whatev
     noted = cast_copies_spy(monkeypatch)
     monkeypatch.setattr(guided_backward, "worth_casting_again", lambda *args: False)  # memory ample at the start
     _, trace, _ = sample(running_out_of_gpu_memory(model), clip, pos, neg, 100.0, steps=2)
-    assert any("GPU memory ran short" in note for note in trace.notes) and trace.guidance_counts()["applied"] == 2
+    assert any("GPU memory ran short" in note and "cast again in the backward rather than kept" in note
+               for note in trace.notes) and trace.guidance_counts()["applied"] == 2
     assert noted[0] == 0 and len(noted) == 3 and all(noted[1:])  # kept in the failed pass; cast in the retry and after
 
 
@@ -927,6 +928,7 @@ def test_a_batched_guided_pass_out_of_gpu_memory_runs_again_branch_by_branch_and
     retried, trace, _ = sample(running_out_of_gpu_memory(model, backend=backend, raised=raised), clip, pos, neg,
                                100.0, steps=2, guided_stages=stages)
     assert any("GPU memory ran short" in note for note in trace.notes)
+    assert not any("cast again" in note for note in trace.notes)  # an fp32 model computes on its own weights
     assert trace.guidance_counts()["applied"] == 2 and len(raised) == 1  # the next step goes branch by branch at once
     torch.testing.assert_close(trace.guidance["grad_norm"], expected.guidance["grad_norm"], rtol=1e-3, atol=0)
     for stage, maps in expected.maps.items():  # the failed pass's maps are not counted
