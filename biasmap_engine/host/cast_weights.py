@@ -118,8 +118,10 @@ class CastCopies:
     def norm_bias(norm: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
         """The bias that ``norm`` ran with beside ``weight``, its noted weight copy: cast again (a small vector)."""
         bias = norm.bias
-        if bias is None or (not norm.bias_function and bias.device == weight.device):
-            return None if bias is None else bias.to(weight.dtype)
+        if bias is None:
+            return None
+        if not norm.bias_function and bias.device == weight.device:  # as _cast_weight: the conversion alone
+            return bias.to(weight.dtype)
         return _cast(norm, weight.dtype, weight.device)[1]
 
 
