@@ -14,8 +14,15 @@ from biasmap_engine.host import (cross_attention_layers, deinference_, encode_at
 from guided_runs import ATTRIBUTION, counting_evaluations, evaluations, sample
 
 STAGE_BLOCK = {"down_1": ("input", 1), "down_2": ("input", 2), "up_1": ("output", 1)}  # → (U-Net block, divisor)
+# How far two guided runs that must agree may differ: not at all on a CPU; a GPU's backward adds in no fixed order.
+GUIDED_RUN_ROUNDING = 1e-4 if torch.cuda.is_available() else 0.0
 TINY_SD15_BLOCKS = {"down_1": {("input", 1)}, "down_2": {("input", 3)}, "up_2": {("output", 0), ("output", 1)},
                     "up_1": {("output", 2), ("output", 3)}}  # stage → the blocks built at its grid
+
+
+def assert_same_latent(actual, expected, rounding=GUIDED_RUN_ROUNDING):
+    """``actual`` equals ``expected`` to ``rounding`` of its largest magnitude (bit for bit where it is 0)."""
+    torch.testing.assert_close(actual, expected, rtol=rounding, atol=rounding * expected.abs().max().item())
 
 
 def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, stages=None, blocks=None):
@@ -317,11 +324,9 @@ def test_guidance_works_under_lora_style_weight_patches_recreated_between_runs(s
         results.append(out)
     unpatched, _, _ = sample(model, clip, pos, neg, 100.0, steps=2)
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], unpatched)
-    # The patches left nothing behind in the weights guided through. A GPU's backward adds in no fixed order, so
-    # two guided runs there agree to rounding only.
+    # The patches left nothing behind in the weights guided through.
     assert all(torch.equal(w, weights[k]) for k, w in model.model.diffusion_model.state_dict().items())
-    rounding = 1e-4 if torch.cuda.is_available() else 0.0
-    torch.testing.assert_close(unpatched, reference, rtol=rounding, atol=rounding * reference.abs().max().item())
+    assert_same_latent(unpatched, reference)
 
 
 def test_guidance_swaps_a_models_inference_weights_once_not_at_every_step(sd15, prompts):
@@ -469,10 +474,9 @@ def test_guided_passes_through_the_whole_unet_keep_silu_gelu_and_group_norm_outp
     assert lean_trace.guidance_counts()["applied"] == 2
     # The recipes recompute what autograd would have kept: the same numbers on the CPU; a GPU's kernels for the
     # recomputation may round differently (an H200's gradient norms agreed to the 4 digits its log shows, not bitwise).
-    rounding = 1e-4 if torch.cuda.is_available() else 0.0
-    torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
-                               atol=0.0)
-    torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
+    torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"],
+                               rtol=GUIDED_RUN_ROUNDING, atol=0.0)
+    assert_same_latent(lean, plain)
     monkeypatch.setattr(guided_backward, "LeanBackward", Counted)
     recipes.clear()
     _, truncated, _ = sample(model, clip, pos, neg, 100.0, steps=2, guided_stages=("down_1",))
@@ -582,10 +586,11 @@ def test_weight_copies_that_comfyui_casts_as_layers_run_are_cast_again_in_the_ba
     (plain, plain_trace, _), (lean, lean_trace, _) = runs["plain"], runs["lean"]
     assert lean_trace.guidance_counts()["applied"] == 2
     # See the recipes' test above; a GPU's bf16 rounds each differently ordered sum to 8 bits.
-    rounding = max(1e-4, 4 * torch.finfo(computed or torch.float32).eps) if torch.cuda.is_available() else 0.0
+    compute_ulps = 4 * torch.finfo(computed or torch.float32).eps
+    rounding = max(GUIDED_RUN_ROUNDING, compute_ulps) if torch.cuda.is_available() else 0.0
     torch.testing.assert_close(lean_trace.guidance["grad_norm"], plain_trace.guidance["grad_norm"], rtol=rounding,
                                atol=0.0)
-    torch.testing.assert_close(lean, plain, rtol=rounding, atol=rounding * plain.abs().max().item())
+    assert_same_latent(lean, plain, rounding)
 
 
 def cast_copies_spy(monkeypatch) -> list[int]:
@@ -640,8 +645,7 @@ def test_a_gpu_keeps_the_weight_copies_where_memory_is_ample_and_casts_them_agai
         assert noted and all(noted) if casting_again else noted == [0, 0]
         cast = cast_layers(model.model.diffusion_model, torch.float32, model.load_device)
         assert asked == [(len(cast), torch.float32, model.load_device.type)]  # once a run, for all its cast layers
-    rounding = 1e-4 if torch.cuda.is_available() else 0.0
-    torch.testing.assert_close(runs[False], runs[True], rtol=rounding, atol=rounding * runs[True].abs().max().item())
+    assert_same_latent(runs[False], runs[True])
 
 
 def test_after_running_out_of_gpu_memory_the_weight_copies_are_cast_again_whatever_the_runs_start_said(
