@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The lent-GPU check, run in the repo root of the device machine, most wanted first so that a run cut short still
 # answers the main questions: engine + host tests on CUDA (16 pytest-xdist workers), the sampling benchmark on a
-# random full-size SD1.5 at 512² (20 steps), the weight copies of an fp8-stored model (cast_copies.py), a profile of one
-# step per mode, the sampling benchmark at 256² and 512² (4 steps), the soft top-k benchmark, the host-overhead
-# benchmark and what guided passes keep for the backward, on the GPU itself.
+# random full-size SD1.5 at 512² (20 steps), one evaluation per mode eager against replayed as a CUDA graph
+# (cuda_graph_probe.py: how close a graphed guided pass would come to the targets), the weight copies of an
+# fp8-stored model (cast_copies.py), a profile of one step per mode, the sampling benchmark at 256² and 512²
+# (4 steps), the soft top-k benchmark, the host-overhead benchmark and what guided passes keep for the backward, on
+# the GPU itself.
 # Expects ComfyUI v0.8.0 in .comfyui/ and the wheels that image lacks (av, torchsde, trampoline) in .whl/; writes logs
 # under $OUT (the sampling logs end with their JSON rows). BUDGET_S (default 540) is the command's time: a stage that
 # would start later than BUDGET_S minus its expected length is skipped, and says so. The stages' estimates add up to
@@ -35,6 +37,8 @@ stage tests 220 && { timeout 280 python3 -m pytest tests/engine tests/host -v --
   grep -E " (FAILED|ERROR)( |$)|^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 30; }
 stage sampling-512-20 120 && { python3 benchmarks/sampling.py --sizes 512 --steps 20 --repeats 3 --checkpoint $ckpt \
   --out /tmp/rows.json 2>&1 | quiet > "$OUT/sampling20.log"; grep -v '^\[' "$OUT/sampling20.log" | tail -n 8; }
+stage cuda-graph-probe 60 && { timeout 150 python3 benchmarks/cuda_graph_probe.py --size 512 --repeats 20 \
+  --checkpoint $ckpt 2>&1 | quiet > "$OUT/cuda_graph_probe.log"; tail -n 12 "$OUT/cuda_graph_probe.log"; }
 stage cast-copies 60 && { python3 benchmarks/cast_copies.py --sizes 512 --weight-dtype float8_e4m3fn \
   --checkpoint $ckpt 2>&1 | quiet > "$OUT/cast_copies.log"; tail -n 5 "$OUT/cast_copies.log"; }
 stage profile 60 && python3 benchmarks/profile_step.py --size 512 --steps 2 --checkpoint $ckpt \
