@@ -3,12 +3,15 @@
 An audit CSV holds rows of guided runs and of the same images at λ = 0. Each guided row is paired with the λ = 0 row
 of the same image (seed, noise, prompts, model, sampling and schedule, recorded branch, concept pair, q, mask size
 and the steps whose maps were measured); the reduction is given both ways the paper gives it: of the means,
-(mean_base − mean_guided) / mean_base, and the mean of per-image reductions. Rows come as ``audit_rows`` makes them
-or as ``read_csv`` reads the file back (every value a string). Nothing is dropped unsaid: each figure comes with
-the rows it could not use.
+(mean_base − mean_guided) / mean_base, and the mean of per-image reductions, each with a 95 % bootstrap interval over
+the paired images (the seeds are the sample: a reduction over 100 seeds says more than one over 5). Rows come as
+``audit_rows`` makes them or as ``read_csv`` reads the file back (every value a string). Nothing is dropped unsaid:
+each figure comes with the rows it could not use.
 """
 
 import math
+
+import torch
 
 from .guidance import STATUS
 from .report import figure, percent_change
@@ -26,6 +29,10 @@ _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_t
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width",
              "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
 _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
+# The intervals: percentile bootstrap over the paired images, from resamples drawn by a generator seeded alike every
+# time, so the same rows always give the same interval; none from fewer images than this, where a resample of a
+# handful says little about the next seeds.
+_RESAMPLES, _LEVEL, _FEWEST_FOR_INTERVAL = 2000, 0.95, 5
 
 
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
@@ -33,7 +40,8 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     """Per guided configuration and way of sampling and measuring (sampler, steps, model, q, …) and per value of column
     ``by`` (e.g. each profession, or of several columns; None: all rows together; and per demographic concept where
     the rows hold several): the images paired with their λ = 0 row, both means of ``metric``, both relative
-    reductions, and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again).
+    reductions with their 95 % bootstrap intervals (``reduction_interval``, ``mean_image_reduction_interval``: (low,
+    high), NaN from fewer than 5 images), and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
     rows = list(rows)
@@ -97,12 +105,14 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     first = figures[metrics[0]]
     # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
     named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({str(f.get(c)) for f in first}) > 1]
-    lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap):"]
+    lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap; in "
+             f"brackets a {_LEVEL * 100:g} % bootstrap interval over the images, given from {_FEWEST_FOR_INTERVAL} "
+             f"images on):"]
     for i, group in enumerate(first):
         setting = " · ".join(_label(c, group.get(c, "")) for c in named)
         changes = "; ".join(f"{metric} {figure(f[i]['base'], 4)} → {figure(f[i]['guided'], 4)} "
-                            f"({percent_change(f[i]['reduction'])}, per image "
-                            f"{percent_change(f[i]['mean_image_reduction'])})" for metric, f in figures.items())
+                            f"({_with_interval(f[i], 'reduction')}, per image "
+                            f"{_with_interval(f[i], 'mean_image_reduction')})" for metric, f in figures.items())
         left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
                              if group[k])
         if not group["images"]:  # a pass at λ = 0 under way: not an n/a figure
@@ -134,6 +144,14 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
         lines.append(f"{' · '.join(name) or 'all'}: {means} over {len(group['images'])} image(s)"
                      + (f", {unmeasured} of them n/a" if unmeasured else ""))
     return "\n".join(lines)
+
+
+def _with_interval(figures: dict, name: str) -> str:
+    """A reduction as its change, then its interval's where there is one: −39.1 % [−44.0, −34.2]."""
+    low, high = figures[f"{name}_interval"]
+    interval = (f" [{percent_change(high).removesuffix(' %')}, {percent_change(low).removesuffix(' %')}]"
+                if math.isfinite(low) and math.isfinite(high) else "")
+    return percent_change(figures[name]) + interval
 
 
 def _label(column: str, value) -> str:
@@ -168,8 +186,33 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
             "images": len(values), "base": before, "guided": after,
             "reduction": (before - after) / before if before > 0 else math.nan,
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
+            **_intervals(values, len(per_image)),
             "images_with_overlap": len(per_image), "unpaired": group["unpaired"],
             "not_measured": group["not_measured"], "duplicates": group["duplicates"]}
+
+
+def _intervals(values: list[tuple[float, float]], with_overlap: int) -> dict:
+    """Percentile bootstrap intervals of both reductions over the paired images ``values`` ((base, guided) each):
+    resamples of the images with replacement, each giving both reductions as :func:`_summary` does."""
+    nan = (math.nan, math.nan)
+    if len(values) < _FEWEST_FOR_INTERVAL:
+        return {"reduction_interval": nan, "mean_image_reduction_interval": nan}
+    pairs = torch.tensor(values, dtype=torch.float64)
+    picks = torch.randint(len(values), (_RESAMPLES, len(values)), generator=torch.Generator().manual_seed(0))
+    base, guided = pairs[picks].unbind(-1)  # [resamples, images] each
+    before, after = base.mean(1), guided.mean(1)
+    overlap = base > 0
+    per_image = torch.where(overlap, (base - guided) / torch.where(overlap, base, 1.0), 0.0)
+    return {"reduction_interval": _percentiles(torch.where(before > 0, (before - after) / before, math.nan)),
+            "mean_image_reduction_interval": _percentiles(per_image.sum(1) / overlap.sum(1))  # 0/0: NaN, left out
+            if with_overlap >= _FEWEST_FOR_INTERVAL else nan}
+
+
+def _percentiles(estimates: torch.Tensor) -> tuple[float, float]:
+    """The central ``_LEVEL`` of the resamples' estimates (those that have one)."""
+    tail = (1 - _LEVEL) / 2
+    low, high = torch.nanquantile(estimates, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
 
 
 def _check_columns(rows, metric, by, match) -> None:

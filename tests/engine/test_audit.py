@@ -1,7 +1,9 @@
 import copy
 import csv
+import math
 import multiprocessing
 import os
+import re
 
 import pytest
 import torch
@@ -829,3 +831,61 @@ def test_a_file_started_between_first_step_and_last_step_refuses_a_window_with_a
     with pytest.raises(OlderFileError, match=r"column\(s\) last_step, without which these rows would read as rows of "
                                              r"every step"):
         append_csv(str(path), audit_rows(halves_trace(), q=0.5), needed=("first_step", "last_step"))
+
+
+def _seeds_audit(reductions_by_seed, base=lambda seed: 0.4 + 0.01 * (seed % 10)):
+    """Rows of one concept pair over seeds: each seed's λ = 0 IoU and its guided IoU, reduced by the given fraction."""
+    rows = []
+    for seed, reduction in enumerate(reductions_by_seed):
+        rows.append({"guidance_scale": 0.0, "iou": base(seed), "semantic": "nurse", "seed": seed})
+        rows.append({"guidance_scale": 100.0, "iou": base(seed) * (1 - reduction), "semantic": "nurse", "seed": seed})
+    return rows
+
+
+def test_reductions_give_a_bootstrap_interval_around_each_figure_that_narrows_as_seeds_are_added():
+    spread = [0.2 + 0.04 * (seed % 11) for seed in range(44)]  # per-image reductions 0.2 … 0.6, four of each
+    (few,) = reductions(_seeds_audit(spread))
+    (many,) = reductions(_seeds_audit(spread * 4))  # the same images' spread over four times the seeds
+    for figures in (few, many):
+        for name in ("reduction", "mean_image_reduction"):
+            low, high = figures[f"{name}_interval"]
+            assert low < figures[name] < high
+    width = {n: [f[f"{n}_interval"][1] - f[f"{n}_interval"][0] for f in (few, many)]
+             for n in ("reduction", "mean_image_reduction")}
+    # A mean's interval shrinks as 1/√n: about half as wide from four times the seeds.
+    assert all(0.35 < narrow / wide < 0.65 for wide, narrow in width.values())
+    # The per-image mean's: ± 1.96 standard errors of the 44 reductions (bootstrap's rounding aside).
+    sd = torch.tensor(spread, dtype=torch.float64).std(correction=0).item()
+    assert width["mean_image_reduction"][0] == pytest.approx(2 * 1.96 * sd / 44 ** 0.5, rel=0.15)
+
+
+def test_the_same_rows_give_the_same_interval_and_images_reduced_alike_an_interval_of_no_width():
+    spread = [0.1 * (seed % 7) for seed in range(30)]
+    assert reductions(_seeds_audit(spread)) == reductions(_seeds_audit(spread))
+    (alike,) = reductions(_seeds_audit([0.4] * 30))
+    assert alike["reduction_interval"] == pytest.approx((0.4, 0.4)) and alike["reduction"] == pytest.approx(0.4)
+    assert alike["mean_image_reduction_interval"] == pytest.approx((0.4, 0.4))
+    # Images without overlap at λ = 0 have nothing to reduce: left out of each resample's per-image mean too.
+    (some_apart,) = reductions(_seeds_audit([0.4] * 30, base=lambda seed: 0.5 if seed % 3 else 0.0))
+    assert some_apart["mean_image_reduction_interval"] == pytest.approx((0.4, 0.4))
+
+
+def test_an_interval_needs_five_paired_images_and_for_the_per_image_mean_five_with_overlap():
+    (four,) = reductions(_seeds_audit([0.1, 0.2, 0.3, 0.4]))
+    assert all(math.isnan(v) for v in four["reduction_interval"] + four["mean_image_reduction_interval"])
+    # Six images, two without overlap at λ = 0: the reduction of the means has an interval, the per-image mean not.
+    (six,) = reductions(_seeds_audit([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], base=lambda seed: 0.5 if seed < 4 else 0.0))
+    assert six["images"] == 6 and six["images_with_overlap"] == 4
+    assert all(math.isfinite(v) for v in six["reduction_interval"])
+    assert all(math.isnan(v) for v in six["mean_image_reduction_interval"])
+
+
+def test_reductions_text_gives_the_interval_in_brackets_as_changes_from_five_images_on():
+    rows = _seeds_audit([0.2 + 0.04 * (seed % 11) for seed in range(44)])
+    lines = reductions_text(rows, metrics=("iou",)).splitlines()
+    assert "in brackets a 95 % bootstrap interval over the images, given from 5 images on" in lines[0]
+    (figures,) = reductions(rows)
+    low, high = (f"{-100 * v:.1f}".replace("-", "−") for v in figures["reduction_interval"][::-1])
+    assert re.fullmatch(rf"λ 100 · nurse: iou 0\.4423 → 0\.2650 \(−40\.1 % \[{low}, {high}\], per image −40\.0 % "
+                        rf"\[−\d+\.\d, −\d+\.\d\]\); 44 image\(s\)", lines[1]), lines[1]
+    assert "[" not in reductions_text(rows[:8], metrics=("iou",)).splitlines()[1]  # 4 images: no interval
