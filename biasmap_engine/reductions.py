@@ -137,9 +137,11 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
             group["images"].add(key)
             for metric in metrics:
                 group[metric].append(_parsed_number(row.get(metric)))
-    lines = [f"entanglement over the file ({why}):"]
+    lines = [f"entanglement over the file ({why}; in brackets a {_LEVEL * 100:g} % bootstrap interval of the mean, "
+             f"given from {_FEWEST_FOR_INTERVAL} images on):"]
     for name, group in groups.items():
-        means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}" for metric in metrics)
+        means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}{_mean_interval(group[metric])}"
+                           for metric in metrics)
         unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])
         lines.append(f"{' · '.join(name) or 'all'}: {means} over {len(group['images'])} image(s)"
                      + (f", {unmeasured} of them n/a" if unmeasured else ""))
@@ -152,6 +154,15 @@ def _with_interval(figures: dict, name: str) -> str:
     interval = (f" [{percent_change(high).removesuffix(' %')}, {percent_change(low).removesuffix(' %')}]"
                 if math.isfinite(low) and math.isfinite(high) else "")
     return percent_change(figures[name]) + interval
+
+
+def _mean_interval(values: list[float]) -> str:
+    """The bootstrap interval of the finite values' mean, in brackets; nothing from fewer than 5 values."""
+    finite = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+    if len(finite) < _FEWEST_FOR_INTERVAL:
+        return ""
+    low, high = _percentiles(finite[_resamples(len(finite))].mean(1))
+    return f" [{figure(low, 4)}, {figure(high, 4)}]"
 
 
 def _label(column: str, value) -> str:
@@ -197,15 +208,18 @@ def _intervals(values: list[tuple[float, float]], with_overlap: int) -> dict:
     nan = (math.nan, math.nan)
     if len(values) < _FEWEST_FOR_INTERVAL:
         return {"reduction_interval": nan, "mean_image_reduction_interval": nan}
-    pairs = torch.tensor(values, dtype=torch.float64)
-    picks = torch.randint(len(values), (_RESAMPLES, len(values)), generator=torch.Generator().manual_seed(0))
-    base, guided = pairs[picks].unbind(-1)  # [resamples, images] each
+    base, guided = torch.tensor(values, dtype=torch.float64)[_resamples(len(values))].unbind(-1)  # [resamples, images]
     before, after = base.mean(1), guided.mean(1)
     overlap = base > 0
     per_image = torch.where(overlap, (base - guided) / torch.where(overlap, base, 1.0), 0.0)
     return {"reduction_interval": _percentiles(torch.where(before > 0, (before - after) / before, math.nan)),
             "mean_image_reduction_interval": _percentiles(per_image.sum(1) / overlap.sum(1))  # 0/0: NaN, left out
             if with_overlap >= _FEWEST_FOR_INTERVAL else nan}
+
+
+def _resamples(n: int) -> torch.Tensor:
+    """``[_RESAMPLES, n]`` indices of n items drawn with replacement, by a generator seeded alike every time."""
+    return torch.randint(n, (_RESAMPLES, n), generator=torch.Generator().manual_seed(0))
 
 
 def _percentiles(estimates: torch.Tensor) -> tuple[float, float]:

@@ -531,7 +531,8 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     # Guided runs alone, their baselines still to come: each concept's means meanwhile, and what to log next.
     assert reductions_text(audit_rows(guided, q=0.5, size=(8, 8))).splitlines() == [
         "entanglement over the file (guided runs only so far; for the reductions, log the same seeds at λ = 0: set "
-        "the seed, or Audit Prompts' run, back to the first run's):",
+        "the seed, or Audit Prompts' run, back to the first run's; in brackets a 95 % bootstrap interval of the mean, "
+        "given from 5 images on):",
         "λ 100 · doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s)",
         "λ 100 · nurse: iou 0.3333 · mbiou 0.3333 over 2 image(s)"]
     # The λ = 0 pass under way: nurse's baselines logged, doctor's not yet.
@@ -573,7 +574,8 @@ def test_a_file_of_lambda_0_rows_alone_gets_each_concepts_means_each_image_once(
     rows = audit_rows(base, q=0.5, size=(8, 8))
     rows[1] = {**rows[1], "iou": float("nan")}  # doctor's image 1: n/a
     lines = reductions_text(rows + rows[2:3]).splitlines()  # nurse's image 0 logged twice
-    assert lines == ["entanglement over the file (λ = 0 only; log guided runs of the same seeds for the reductions):",
+    assert lines == ["entanglement over the file (λ = 0 only; log guided runs of the same seeds for the reductions; in "
+                     "brackets a 95 % bootstrap interval of the mean, given from 5 images on):",
                      "doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s), 1 of them n/a",
                      "nurse: iou 0.6667 · mbiou 0.6667 over 2 image(s)"]
 
@@ -889,3 +891,13 @@ def test_reductions_text_gives_the_interval_in_brackets_as_changes_from_five_ima
     assert re.fullmatch(rf"λ 100 · nurse: iou 0\.4423 → 0\.2650 \(−40\.1 % \[{low}, {high}\], per image −40\.0 % "
                         rf"\[−\d+\.\d, −\d+\.\d\]\); 44 image\(s\)", lines[1]), lines[1]
     assert "[" not in reductions_text(rows[:8], metrics=("iou",)).splitlines()[1]  # 4 images: no interval
+
+
+def test_a_discovery_audits_means_come_with_an_interval_from_five_measured_images_on():
+    rows = [row for row in _seeds_audit([0.0] * 12) if row["guidance_scale"] == 0]  # IoU 0.40 … 0.49, 0.40, 0.41
+    rows[-1] = {**rows[-1], "iou": float("nan")}  # n/a: left out of the mean (0.4409) and of its interval
+    line = reductions_text(rows, metrics=("iou",)).splitlines()[1]
+    low, high = map(float, re.fullmatch(r"nurse: iou 0\.4409 \[(0\.\d{4}), (0\.\d{4})\] over 12 image\(s\), 1 of "
+                                        r"them n/a", line).groups())
+    assert 0.42 < low < 0.4409 < high < 0.47
+    assert "[" not in reductions_text(rows[:4], metrics=("iou",)).splitlines()[1]
