@@ -9,6 +9,7 @@ the paired images (the seeds are the sample: a reduction over 100 seeds says mor
 each figure comes with the rows it could not use.
 """
 
+import functools
 import math
 
 import torch
@@ -30,9 +31,10 @@ _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "d
              "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
 _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
 # The intervals: percentile bootstrap over the paired images, from resamples drawn by a generator seeded alike every
-# time, so the same rows always give the same interval; none from fewer images than this, where a resample of a
-# handful says little about the next seeds.
-_RESAMPLES, _LEVEL, _FEWEST_FOR_INTERVAL = 2000, 0.95, 5
+# time and of images in a fixed order, so the same rows in any order give the same interval; none from fewer images
+# than this, where a percentile bootstrap's 95 % interval covers the mean markedly less often than it says (about
+# 85 % at 5 images, 90 % at 10).
+_RESAMPLES, _LEVEL, _FEWEST_FOR_INTERVAL = 2000, 0.95, 10
 
 
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
@@ -41,7 +43,8 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     ``by`` (e.g. each profession, or of several columns; None: all rows together; and per demographic concept where
     the rows hold several): the images paired with their λ = 0 row, both means of ``metric``, both relative
     reductions with their 95 % bootstrap intervals (``reduction_interval``, ``mean_image_reduction_interval``: (low,
-    high), NaN from fewer than 5 images), and the guided rows left out (no λ = 0 row of their image, n/a figures, the same image logged again).
+    high), NaN from fewer than 10 images, or with overlap at λ = 0 for the second), and the guided rows left out (no
+    λ = 0 row of their image, n/a figures, the same image logged again).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
     rows = list(rows)
@@ -68,15 +71,16 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     for row in guided:
         name = _key(row, _SETTINGS) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0})
-        base, after = baselines.get(_key(row, image), (None, None))[0], _parsed_number(row[metric])
+        key = _key(row, image)
+        base, after = baselines.get(key, (None, None))[0], _parsed_number(row[metric])
         if base is None:
             group["unpaired"] += 1
         elif not (math.isfinite(base) and math.isfinite(after)):  # n/a: no maps to threshold
             group["not_measured"] += 1
-        elif _key(row, image) in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
+        elif key in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
             group["duplicates"] += 1
         else:
-            group["pairs"][_key(row, image)] = (base, after)
+            group["pairs"][key] = (base, after)
     if not any(g["pairs"] for g in groups.values()):
         raise ValueError(f"no guided row has a λ = 0 row of the same image: log the same seeds (set the seed, or "
                          f"Audit Prompts' run, back to the first run's), prompts and settings with guidance_scale 0 "
@@ -107,7 +111,7 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({str(f.get(c)) for f in first}) > 1]
     lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap; in "
              f"brackets a {_LEVEL * 100:g} % bootstrap interval over the images, given from {_FEWEST_FOR_INTERVAL} "
-             f"images on):"]
+             f"images on, for the per-image figure {_FEWEST_FOR_INTERVAL} with overlap at λ = 0):"]
     for i, group in enumerate(first):
         setting = " · ".join(_label(c, group.get(c, "")) for c in named)
         changes = "; ".join(f"{metric} {figure(f[i]['base'], 4)} → {figure(f[i]['guided'], 4)} "
@@ -157,11 +161,11 @@ def _with_interval(figures: dict, name: str) -> str:
 
 
 def _mean_interval(values: list[float]) -> str:
-    """The bootstrap interval of the finite values' mean, in brackets; nothing from fewer than 5 values."""
-    finite = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+    """The bootstrap interval of the finite values' mean, in brackets; nothing from fewer than 10 values."""
+    finite = torch.tensor(sorted(v for v in values if math.isfinite(v)), dtype=torch.float64)  # in any row order
     if len(finite) < _FEWEST_FOR_INTERVAL:
         return ""
-    low, high = _percentiles(finite[_resamples(len(finite))].mean(1))
+    low, high = _percentiles(_resampled_counts(len(finite)) @ finite / len(finite))
     return f" [{figure(low, 4)}, {figure(high, 4)}]"
 
 
@@ -189,7 +193,10 @@ def _finite_mean(values: list[float]) -> float:
 
 
 def _summary(group: dict, by: tuple[str, ...]) -> dict:
-    values, row = list(group["pairs"].values()), group["row"]
+    # In a fixed order (the images' keys as text: a column may hold numbers and text), so that the intervals'
+    # resamples do not depend on the order in which the rows were logged.
+    values = [pair for _, pair in sorted(group["pairs"].items(), key=lambda item: repr(item[0]))]
+    row = group["row"]
     before = sum(b for b, _ in values) / len(values) if values else math.nan
     after = sum(a for _, a in values) / len(values) if values else math.nan
     per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
@@ -208,18 +215,25 @@ def _intervals(values: list[tuple[float, float]], with_overlap: int) -> dict:
     nan = (math.nan, math.nan)
     if len(values) < _FEWEST_FOR_INTERVAL:
         return {"reduction_interval": nan, "mean_image_reduction_interval": nan}
-    base, guided = torch.tensor(values, dtype=torch.float64)[_resamples(len(values))].unbind(-1)  # [resamples, images]
-    before, after = base.mean(1), guided.mean(1)
-    overlap = base > 0
-    per_image = torch.where(overlap, (base - guided) / torch.where(overlap, base, 1.0), 0.0)
+    base, guided = torch.tensor(values, dtype=torch.float64).unbind(-1)
+    overlap = (base > 0).double()
+    per_image = torch.where(base > 0, (base - guided) / torch.where(base > 0, base, 1.0), 0.0)
+    # Each resample's sums, as the counts of each image drawn times its figures: one product for all resamples.
+    sums = _resampled_counts(len(values)) @ torch.stack([base, guided, per_image, overlap], dim=1)
+    before, after, reduced, overlapping = sums.unbind(-1)
     return {"reduction_interval": _percentiles(torch.where(before > 0, (before - after) / before, math.nan)),
-            "mean_image_reduction_interval": _percentiles(per_image.sum(1) / overlap.sum(1))  # 0/0: NaN, left out
+            "mean_image_reduction_interval": _percentiles(reduced / overlapping)  # 0/0: NaN, left out
             if with_overlap >= _FEWEST_FOR_INTERVAL else nan}
 
 
-def _resamples(n: int) -> torch.Tensor:
-    """``[_RESAMPLES, n]`` indices of n items drawn with replacement, by a generator seeded alike every time."""
-    return torch.randint(n, (_RESAMPLES, n), generator=torch.Generator().manual_seed(0))
+@functools.lru_cache(maxsize=4)
+def _resampled_counts(n: int) -> torch.Tensor:
+    """``[_RESAMPLES, n]``: how often each of n items is drawn in each resample with replacement, by a generator seeded
+    alike every time (kept for the next call: an audit's summary is made again after every run, for each metric and
+    group of equal size)."""
+    picks = torch.randint(n, (_RESAMPLES, n), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(_RESAMPLES, n, dtype=torch.float64)
+    return torch.zeros_like(ones).scatter_add_(1, picks, ones)
 
 
 def _percentiles(estimates: torch.Tensor) -> tuple[float, float]:

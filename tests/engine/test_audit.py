@@ -532,7 +532,7 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     assert reductions_text(audit_rows(guided, q=0.5, size=(8, 8))).splitlines() == [
         "entanglement over the file (guided runs only so far; for the reductions, log the same seeds at λ = 0: set "
         "the seed, or Audit Prompts' run, back to the first run's; in brackets a 95 % bootstrap interval of the mean, "
-        "given from 5 images on):",
+        "given from 10 images on):",
         "λ 100 · doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s)",
         "λ 100 · nurse: iou 0.3333 · mbiou 0.3333 over 2 image(s)"]
     # The λ = 0 pass under way: nurse's baselines logged, doctor's not yet.
@@ -575,7 +575,7 @@ def test_a_file_of_lambda_0_rows_alone_gets_each_concepts_means_each_image_once(
     rows[1] = {**rows[1], "iou": float("nan")}  # doctor's image 1: n/a
     lines = reductions_text(rows + rows[2:3]).splitlines()  # nurse's image 0 logged twice
     assert lines == ["entanglement over the file (λ = 0 only; log guided runs of the same seeds for the reductions; in "
-                     "brackets a 95 % bootstrap interval of the mean, given from 5 images on):",
+                     "brackets a 95 % bootstrap interval of the mean, given from 10 images on):",
                      "doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s), 1 of them n/a",
                      "nurse: iou 0.6667 · mbiou 0.6667 over 2 image(s)"]
 
@@ -872,32 +872,54 @@ def test_the_same_rows_give_the_same_interval_and_images_reduced_alike_an_interv
     assert some_apart["mean_image_reduction_interval"] == pytest.approx((0.4, 0.4))
 
 
-def test_an_interval_needs_five_paired_images_and_for_the_per_image_mean_five_with_overlap():
-    (four,) = reductions(_seeds_audit([0.1, 0.2, 0.3, 0.4]))
-    assert all(math.isnan(v) for v in four["reduction_interval"] + four["mean_image_reduction_interval"])
-    # Six images, two without overlap at λ = 0: the reduction of the means has an interval, the per-image mean not.
-    (six,) = reductions(_seeds_audit([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], base=lambda seed: 0.5 if seed < 4 else 0.0))
-    assert six["images"] == 6 and six["images_with_overlap"] == 4
-    assert all(math.isfinite(v) for v in six["reduction_interval"])
-    assert all(math.isnan(v) for v in six["mean_image_reduction_interval"])
+def test_an_interval_needs_ten_paired_images_and_for_the_per_image_mean_ten_with_overlap():
+    spread = [0.05 * seed for seed in range(12)]
+    (nine,) = reductions(_seeds_audit(spread[:9]))
+    assert all(math.isnan(v) for v in nine["reduction_interval"] + nine["mean_image_reduction_interval"])
+    (ten,) = reductions(_seeds_audit(spread[:10]))
+    assert all(math.isfinite(v) for v in ten["reduction_interval"] + ten["mean_image_reduction_interval"])
+    # Twelve images, three without overlap at λ = 0: the reduction of the means has an interval, the per-image mean
+    # (over nine images) not; with two without overlap it has one (over ten).
+    for apart, with_interval in ((3, False), (2, True)):
+        (some,) = reductions(_seeds_audit(spread, base=lambda seed, apart=apart: 0.0 if seed < apart else 0.5))
+        assert some["images"] == 12 and some["images_with_overlap"] == 12 - apart
+        assert all(math.isfinite(v) for v in some["reduction_interval"])
+        assert all(math.isfinite(v) == with_interval for v in some["mean_image_reduction_interval"])
 
 
-def test_reductions_text_gives_the_interval_in_brackets_as_changes_from_five_images_on():
+def test_the_intervals_do_not_depend_on_the_order_in_which_rows_were_logged():
+    rows = _seeds_audit([0.1 * (seed % 7) for seed in range(30)])
+    (logged,) = reductions(rows)
+    (reversed_,) = reductions(rows[::-1])
+    assert reversed_["reduction_interval"] == logged["reduction_interval"]
+    assert reversed_["mean_image_reduction_interval"] == logged["mean_image_reduction_interval"]
+    discovery = [row for row in _seeds_audit([0.0] * 30, base=lambda seed: (seed * 37 % 101) / 101)
+                 if row["guidance_scale"] == 0]  # IoUs in no order
+    assert reductions_text(discovery[::-1], metrics=("iou",)) == reductions_text(discovery, metrics=("iou",))
+
+
+def test_reductions_text_gives_the_interval_in_brackets_as_changes_from_ten_images_on():
     rows = _seeds_audit([0.2 + 0.04 * (seed % 11) for seed in range(44)])
     lines = reductions_text(rows, metrics=("iou",)).splitlines()
-    assert "in brackets a 95 % bootstrap interval over the images, given from 5 images on" in lines[0]
+    assert ("in brackets a 95 % bootstrap interval over the images, given from 10 images on, for the per-image "
+            "figure 10 with overlap at λ = 0") in lines[0]
     (figures,) = reductions(rows)
-    low, high = (f"{-100 * v:.1f}".replace("-", "−") for v in figures["reduction_interval"][::-1])
-    assert re.fullmatch(rf"λ 100 · nurse: iou 0\.4423 → 0\.2650 \(−40\.1 % \[{low}, {high}\], per image −40\.0 % "
-                        rf"\[−\d+\.\d, −\d+\.\d\]\); 44 image\(s\)", lines[1]), lines[1]
-    assert "[" not in reductions_text(rows[:8], metrics=("iou",)).splitlines()[1]  # 4 images: no interval
+    low, high, per_image_low, per_image_high = (
+        f"{-100 * v:.1f}".replace("-", "−")
+        for v in figures["reduction_interval"][::-1] + figures["mean_image_reduction_interval"][::-1])
+    assert lines[1] == (f"λ 100 · nurse: iou 0.4423 → 0.2650 (−40.1 % [{low}, {high}], per image −40.0 % "
+                        f"[{per_image_low}, {per_image_high}]); 44 image(s)")
+    assert float(low.replace("−", "-")) < -40.1 < float(high.replace("−", "-"))
+    assert "[" not in reductions_text(rows[:18], metrics=("iou",)).splitlines()[1]  # 9 images: no interval
 
 
-def test_a_discovery_audits_means_come_with_an_interval_from_five_measured_images_on():
+def test_a_discovery_audits_means_come_with_an_interval_from_ten_measured_images_on():
     rows = [row for row in _seeds_audit([0.0] * 12) if row["guidance_scale"] == 0]  # IoU 0.40 … 0.49, 0.40, 0.41
     rows[-1] = {**rows[-1], "iou": float("nan")}  # n/a: left out of the mean (0.4409) and of its interval
     line = reductions_text(rows, metrics=("iou",)).splitlines()[1]
     low, high = map(float, re.fullmatch(r"nurse: iou 0\.4409 \[(0\.\d{4}), (0\.\d{4})\] over 12 image\(s\), 1 of "
                                         r"them n/a", line).groups())
     assert 0.42 < low < 0.4409 < high < 0.47
-    assert "[" not in reductions_text(rows[:4], metrics=("iou",)).splitlines()[1]
+    assert abs((low + high) / 2 - 0.4409) < 0.1 * (high - low) / 2  # about the mean: these IoUs spread evenly
+    assert "[" in reductions_text(rows[:10], metrics=("iou",)).splitlines()[1]
+    assert "[" not in reductions_text(rows[:9], metrics=("iou",)).splitlines()[1]
