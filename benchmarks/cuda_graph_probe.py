@@ -5,19 +5,24 @@ of which they run ~29 ms (docs/results/h200-profile-512-run5.txt): both are boun
 the evaluation's kernels from a captured graph removes that host time. This probe measures what is left: one model
 evaluation at the first σ of a schedule, as the sampler makes it (CFG, BiasMap's wrappers, the guided pass and its
 backward, the update), timed eagerly and, on CUDA, captured once (``torch.cuda.graph``, after warm-up on a side
-stream) and replayed. It also reports the host synchronisations an eager evaluation makes (any of them stops a
-capture) and how far a replay's output is from the eager one's on the same input.
+stream) and replayed. It also reports where an eager evaluation first synchronises with the host (a synchronisation
+stops a capture; not every call a capture refuses is one), the graph pool's size, and how far a replay's output is
+from an eager one's on the same input, beside how far two eager evaluations are apart (attention's backward need not
+be deterministic).
 
 A replay runs kernels only: BiasMap's Python bookkeeping (the trace, the guidance counts) is not redone, so a replayed
 evaluation's maps and counts are not recorded. What this measures is the time a graph-based guided pass could reach,
-not a product path. Usage:
+not a product path. Each mode runs in a process of its own, since a failed capture can leave PyTorch's allocator
+(and the rest of a process) in a state that would distort the next mode's figures. Usage:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/cuda_graph_probe.py [--size 512] [--repeats 20]
-        [--modes plain recording guided_all guided_down_1] [--checkpoint …] [--skeleton]
+        [--modes plain recording guided_down_1 guided_all] [--checkpoint …] [--skeleton] [--budget-s 240]
 """
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -28,6 +33,12 @@ import torch
 import sampling  # this folder: the modes, the random checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+_ROW = "PROBE ROW "  # how a mode's process hands its figures back
+
+
+class _Probed(Exception):
+    """Raised by the probe once it has measured, so that the run ends there: a trace of the probe's evaluations,
+    some of them begun inside a failed capture and never ended, is not one to build."""
 
 
 def median_ms(fn, repeats: int, cuda: bool) -> float:
@@ -44,6 +55,16 @@ def median_ms(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times) * 1e3
 
 
+def described(err: BaseException) -> str:
+    """The error that started ``err``'s chain (a failed capture raises again when it ends), with the first line of
+    code outside PyTorch where it was raised."""
+    while err.__context__ is not None:
+        err = err.__context__
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(err).__name__}{where}: {(str(err).splitlines() or [''])[0][:160]}"
+
+
 def first_sync(evaluate) -> str:
     """Where an eager evaluation first synchronises with the host (CUDA's sync debug mode), or "none"."""
     torch.cuda.set_sync_debug_mode("error")
@@ -51,39 +72,45 @@ def first_sync(evaluate) -> str:
         evaluate()
         return "none"
     except RuntimeError as err:
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
-        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-        return f"{where} ({str(err).splitlines()[0][:80]})"
+        return described(err)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def graphed(evaluate, eager_out: torch.Tensor, repeats: int) -> dict:
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a − b| over the largest |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def graphed(evaluate, repeats: int) -> dict:
     """Capture ``evaluate`` (three warm-ups on a side stream first, as PyTorch's whole-network example does) and time
-    its replays; → replay ms, the graph pool's MiB, the replay's largest difference from ``eager_out``."""
+    its replays; → replay ms, the graph pool's MiB, how far a replay's output is from the last eager one's."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             evaluate()
     torch.cuda.current_stream().wait_stream(side)
+    eager_out = evaluate().clone()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # as the capture does when it starts: what it reserves after is the graph's pool
     reserved = torch.cuda.memory_reserved()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = evaluate()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = evaluate()
+    finally:  # a capture that fails leaves its own stream current
+        torch.cuda.set_stream(stream)
     pool_mib = (torch.cuda.memory_reserved() - reserved) / 2 ** 20
     graph.replay()
     torch.cuda.synchronize()
-    scale = eager_out.abs().max().clamp_min(1e-30)
-    difference = ((static_out - eager_out).abs().max() / scale).item()
-    replay_ms = median_ms(graph.replay, repeats, cuda=True)
-    del graph
-    return {"replay_ms": replay_ms, "pool_mib": pool_mib, "relative_difference": difference}
+    difference = relative_difference(static_out, eager_out)
+    return {"replay_ms": median_ms(graph.replay, repeats, cuda=True), "pool_mib": pool_mib,
+            "replay_difference": difference}
 
 
 def probe_sampler(results: dict, repeats: int, cuda: bool):
-    """A KSAMPLER function that probes the model at the schedule's first σ and leaves the latent as it is."""
+    """A KSAMPLER function that probes the model at the schedule's first σ, then ends the run (:class:`_Probed`)."""
 
     def probe(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -92,15 +119,16 @@ def probe_sampler(results: dict, repeats: int, cuda: bool):
         def evaluate():
             return model(static_x, sigma, **extra_args)
 
-        eager_out = evaluate().clone()  # also the warm-up of the eager timing
+        first = evaluate().clone()  # also the warm-up of the eager timing
+        results["eager_difference"] = relative_difference(evaluate(), first)
         results["eager_ms"] = median_ms(evaluate, repeats, cuda)
         if cuda:
             results["first_sync"] = first_sync(evaluate)
             try:
-                results.update(graphed(evaluate, eager_out, repeats))
+                results.update(graphed(evaluate, repeats))
             except Exception as err:  # noqa: BLE001 (the probe reports why a capture failed, whatever it was)
-                results["capture_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        return x
+                results["capture_error"] = described(err)
+        raise _Probed
 
     return probe
 
@@ -114,26 +142,25 @@ def run_mode(mode, model, clip, pos, neg, latent, sigmas, repeats, cuda) -> dict
     settings, _ = sampling.MODES[mode]
     results = {}
     sampler = comfy.samplers.KSAMPLER(probe_sampler(results, repeats, cuda))
-    if settings is None:
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(pos, neg)
-        guider.set_cfg(7.0)
-        guider.sample(torch.randn_like(latent["samples"]), latent["samples"], sampler, sigmas, seed=0)
-    else:
-        session = start_session(model, clip, sampling.PROMPT, ["gender"], ["doctor"], BiasMapSettings(**settings))
-        sample_with_sampler(session, model, 0, 7.0, sampler, sigmas, pos, neg, latent)
+    try:
+        if settings is None:
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(pos, neg)
+            guider.set_cfg(7.0)
+            guider.sample(torch.randn_like(latent["samples"]), latent["samples"], sampler, sigmas, seed=0)
+        else:
+            session = start_session(model, clip, sampling.PROMPT, ["gender"], ["doctor"],
+                                    BiasMapSettings(**settings))
+            sample_with_sampler(session, model, 0, 7.0, sampler, sigmas, pos, neg, latent)
+    except _Probed:
+        pass
+    except Exception as err:  # noqa: BLE001 (what was measured before the error is still reported)
+        results["error"] = described(err)
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--modes", nargs="+", default=["plain", "recording", "guided_down_1", "guided_all"])
-    parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
-    parser.add_argument("--skeleton", action="store_true", help="SD1.5's layers at 32 channels (host cost only)")
-    args = parser.parse_args()
-
+def probe_one(args) -> None:
+    """This process's mode: its figures as one JSON line on stdout."""
     root = sampling.comfy_models.boot_comfy()
     sys.path.insert(sys.path.index(root) + 1, str(REPO))
     import comfy.model_management as mm
@@ -145,36 +172,75 @@ def main():
             model, clip = sampling.comfy_models.skeleton_sd15(0)
     else:
         model, clip = sampling.load_random_sd15(args.checkpoint)
-    rows = {}
     with torch.inference_mode():  # as ComfyUI's executor runs a node
         pos, neg = sampling.comfy_models.paper_prompts(clip)
         latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 20)[:2]
-        for mode in args.modes:
-            try:
-                rows[mode] = run_mode(mode, model, clip, pos, neg, latent, sigmas, args.repeats, cuda)
-            except Exception as err:  # noqa: BLE001 (a mode that fails is reported; the others still run)
-                rows[mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
-            print(f"{mode}: {rows[mode]}", flush=True)
-    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+        row = run_mode(args.one, model, clip, pos, neg, latent, sigmas, args.repeats, cuda)
+    row["device"] = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    row["torch"] = torch.__version__
+    print(_ROW + json.dumps(row), flush=True)
+
+
+def probe_apart(mode: str, args, seconds: float) -> dict:
+    """``mode`` probed in a process of its own, given at most ``seconds``."""
+    command = [sys.executable, __file__, "--one", mode, "--size", str(args.size), "--repeats", str(args.repeats),
+               "--checkpoint", args.checkpoint] + (["--skeleton"] if args.skeleton else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer within {seconds:.0f} s"}
+    rows = [line[len(_ROW):] for line in done.stdout.splitlines() if line.startswith(_ROW)]
+    if rows:
+        return json.loads(rows[-1])
+    tail = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+    return {"error": f"exit {done.returncode}: {tail[0][:160]}"}
+
+
+def table(rows: dict, args) -> str:
+    """The figures as a Markdown table, against the stock evaluation's eager time."""
+    first = next((row for row in rows.values() if "device" in row), {})
     what = "SD1.5's layer structure at 32 channels" if args.skeleton else "random full-size SD1.5"
-    print(f"\n{name}, torch {torch.__version__}, {what} at {args.size}², one evaluation at the first σ of 20 "
-          f"(normal), cfg 7, batch 1; medians of {args.repeats}\n")
+    lines = [f"{first.get('device', '?')}, torch {first.get('torch', '?')}, {what} at {args.size}², one evaluation at "
+             f"the first σ of 20 (normal), cfg 7, batch 1; medians of {args.repeats}, each mode in a process of its "
+             f"own", "",
+             "| mode | eager ms | × stock eager | replayed ms | × stock eager | graph pool MiB | replay vs eager | "
+             "eager vs eager | first host sync |", "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     plain = rows.get("plain", {}).get("eager_ms")
-    print("| mode | eager ms | × stock eager | replayed ms | × stock eager | graph pool MiB | replay vs eager | "
-          "first host sync |")
-    print("|---|--:|--:|--:|--:|--:|--:|---|")
+
+    def cell(row, key, form):
+        return format(row[key], form) if key in row else ""
+
     for mode, row in rows.items():
-        eager, replay = row.get("eager_ms"), row.get("replay_ms")
-        ratio = lambda ms: f"{ms / plain:.2f}" if ms and plain else ""  # noqa: E731
-        cells = [f"{eager:.1f}" if eager else "", ratio(eager), f"{replay:.1f}" if replay else "", ratio(replay),
-                 f"{row['pool_mib']:.0f}" if "pool_mib" in row else "",
-                 f"{row['relative_difference']:.1e}" if "relative_difference" in row else "",
-                 row.get("first_sync", "needs CUDA")]
-        print(f"| {mode} | " + " | ".join(cells) + " |")
-        for key in ("capture_error", "error"):
-            if key in row:
-                print(f"  {mode}: {key.replace('_', ' ')}: {row[key]}")
+        ratio = lambda key: f"{row[key] / plain:.2f}" if key in row and plain else ""  # noqa: E731
+        lines.append(f"| {mode} | {cell(row, 'eager_ms', '.1f')} | {ratio('eager_ms')} | "
+                     f"{cell(row, 'replay_ms', '.1f')} | {ratio('replay_ms')} | {cell(row, 'pool_mib', '.0f')} | "
+                     f"{cell(row, 'replay_difference', '.1e')} | {cell(row, 'eager_difference', '.1e')} | "
+                     f"{row.get('first_sync', 'needs CUDA' if 'eager_ms' in row else '')} |")
+    for mode, row in rows.items():
+        lines += [f"{mode}: {key.replace('_', ' ')}: {row[key]}" for key in ("capture_error", "error") if key in row]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--modes", nargs="+", default=["plain", "recording", "guided_down_1", "guided_all"])
+    parser.add_argument("--checkpoint", default=str(REPO / "benchmarks" / "random_sd15_full.safetensors"))
+    parser.add_argument("--skeleton", action="store_true", help="SD1.5's layers at 32 channels (host cost only)")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="all modes' time together, at most")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the mode of a probing process
+    args = parser.parse_args()
+    if args.one:
+        probe_one(args)
+        return
+    start, rows = time.perf_counter(), {}
+    for i, mode in enumerate(args.modes):
+        left = args.budget_s - (time.perf_counter() - start)
+        rows[mode] = probe_apart(mode, args, left / (len(args.modes) - i)) if left > 5 else {"error": "no time left"}
+        print(f"{mode}: {rows[mode]}", flush=True)
+    print("\n" + table(rows, args))
 
 
 if __name__ == "__main__":
