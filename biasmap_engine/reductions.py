@@ -277,7 +277,14 @@ def _key(row: dict, columns: tuple) -> tuple:
 def _cell(row: dict, column: str):
     """A row's value, compared as a number where it is one (a CSV read back gives strings, audit_rows numbers);
     whole numbers exactly, as seeds reach 2⁶⁴ where floats would take two for one."""
-    value = row.get(column, "")
+    return _comparable(row.get(column, ""))
+
+
+# Kept for values seen before: an audit file repeats its settings in every row, and the Audit Log's summary reads the
+# whole file again after each run. typed: True and 1.0 would share a key otherwise (they are equal in Python).
+@functools.lru_cache(maxsize=1 << 16, typed=True)
+def _comparable(value):
+    """``value`` as :func:`_cell` compares it."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lstrip("+-").isdigit():

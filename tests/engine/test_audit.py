@@ -923,3 +923,13 @@ def test_a_discovery_audits_means_come_with_an_interval_from_ten_measured_images
     assert abs((low + high) / 2 - 0.4409) < 0.1 * (high - low) / 2  # about the mean: these IoUs spread evenly
     assert "[" in reductions_text(rows[:10], metrics=("iou",)).splitlines()[1]
     assert "[" not in reductions_text(rows[:9], metrics=("iou",)).splitlines()[1]
+
+
+def test_rows_made_in_python_pair_with_rows_read_back_from_the_csv_whatever_values_python_holds_equal(tmp_path):
+    # λ = 0 rows as audit_rows makes them (cfg 1.0, add_noise True: a float and a bool), the guided ones read back
+    # from the file (both text): True and 1.0 are one value to Python, not to the pairing.
+    base, guided = _baseline_and_guided(cfg=1.0, add_noise=True)
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, audit_rows(guided, q=0.5, size=(8, 8)))
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + read_csv(path)
+    assert {f["semantic"]: f["images"] for f in reductions(rows)} == {"doctor": 2, "nurse": 2}
