@@ -34,6 +34,7 @@ import sampling  # this folder: the modes, the random checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 _ROW = "PROBE ROW "  # how a mode's process hands its figures back
+_SMALLEST_SHARE_S = 30.0  # a mode's process: start, ComfyUI, the checkpoint and the evaluations, on an H200
 
 
 class _Probed(Exception):
@@ -58,8 +59,8 @@ def median_ms(fn, repeats: int, cuda: bool) -> float:
 def described(err: BaseException) -> str:
     """The error that started ``err``'s chain (a failed capture raises again when it ends), with the first line of
     code outside PyTorch where it was raised."""
-    while err.__context__ is not None:
-        err = err.__context__
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
     frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return f"{type(err).__name__}{where}: {(str(err).splitlines() or [''])[0][:160]}"
@@ -179,7 +180,7 @@ def probe_one(args) -> None:
         row = run_mode(args.one, model, clip, pos, neg, latent, sigmas, args.repeats, cuda)
     row["device"] = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     row["torch"] = torch.__version__
-    print(_ROW + json.dumps(row), flush=True)
+    print("\n" + _ROW + json.dumps(row), flush=True)  # on a line of its own, whatever was printed before
 
 
 def probe_apart(mode: str, args, seconds: float) -> dict:
@@ -187,14 +188,22 @@ def probe_apart(mode: str, args, seconds: float) -> dict:
     command = [sys.executable, __file__, "--one", mode, "--size", str(args.size), "--repeats", str(args.repeats),
                "--checkpoint", args.checkpoint] + (["--skeleton"] if args.skeleton else [])
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds)
-    except subprocess.TimeoutExpired:
-        return {"error": f"no answer within {seconds:.0f} s"}
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=seconds)
+    except subprocess.TimeoutExpired as timed_out:  # its output is bytes, whatever text says
+        return {"error": f"no answer within {seconds:.0f} s; last said: {_last_line(timed_out.stderr)}"}
     rows = [line[len(_ROW):] for line in done.stdout.splitlines() if line.startswith(_ROW)]
-    if rows:
+    try:
         return json.loads(rows[-1])
-    tail = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-    return {"error": f"exit {done.returncode}: {tail[0][:160]}"}
+    except (IndexError, ValueError):
+        return {"error": f"exit {done.returncode}: {_last_line(done.stderr)}"}
+
+
+def _last_line(output) -> str:
+    """The last line of a process's output that says something."""
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    lines = [line for line in (output or "").splitlines() if line.strip()]
+    return lines[-1][:160] if lines else "nothing"
 
 
 def table(rows: dict, args) -> str:
@@ -237,8 +246,10 @@ def main():
         return
     start, rows = time.perf_counter(), {}
     for i, mode in enumerate(args.modes):
-        left = args.budget_s - (time.perf_counter() - start)
-        rows[mode] = probe_apart(mode, args, left / (len(args.modes) - i)) if left > 5 else {"error": "no time left"}
+        left, after = args.budget_s - (time.perf_counter() - start), len(args.modes) - i - 1
+        # An even share at least, and what the modes after it will not need at their smallest share.
+        seconds = max(left / (after + 1), left - _SMALLEST_SHARE_S * after)
+        rows[mode] = probe_apart(mode, args, seconds) if seconds > 5 else {"error": "no time left"}
         print(f"{mode}: {rows[mode]}", flush=True)
     print("\n" + table(rows, args))
 

@@ -129,7 +129,11 @@ def load_random_sd15(path):
 
     if not os.path.exists(path):
         print(f"writing a random full-size SD1.5 checkpoint to {path}", flush=True)
-        comfy_models.write_random_sd15_checkpoint(path, "full", with_vae=False)
+        # Under another name until whole: a process stopped while writing (a benchmark's time limit) leaves no half
+        # file for the next one to load.
+        partial = f"{path}.{os.getpid()}.partial"
+        comfy_models.write_random_sd15_checkpoint(partial, "full", with_vae=False)
+        os.replace(partial, path)
     with torch.inference_mode():  # as ComfyUI's loader node runs
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=True)
     return model, clip
