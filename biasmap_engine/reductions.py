@@ -226,14 +226,21 @@ def _intervals(values: list[tuple[float, float]], with_overlap: int) -> dict:
             if with_overlap >= _FEWEST_FOR_INTERVAL else nan}
 
 
-@functools.lru_cache(maxsize=4)
 def _resampled_counts(n: int) -> torch.Tensor:
+    """:func:`_drawn_counts`, kept for the next call up to 1000 items (16 MB): an audit's summary is made again after
+    every run, for each metric and group of equal size, where a notebook's pooled figures over a whole file are not."""
+    return _kept_counts(n) if n <= 1000 else _drawn_counts(n)
+
+
+def _drawn_counts(n: int) -> torch.Tensor:
     """``[_RESAMPLES, n]``: how often each of n items is drawn in each resample with replacement, by a generator seeded
-    alike every time (kept for the next call: an audit's summary is made again after every run, for each metric and
-    group of equal size)."""
+    alike every time."""
     picks = torch.randint(n, (_RESAMPLES, n), generator=torch.Generator().manual_seed(0))
     ones = torch.ones(_RESAMPLES, n, dtype=torch.float64)
     return torch.zeros_like(ones).scatter_add_(1, picks, ones)
+
+
+_kept_counts = functools.lru_cache(maxsize=4)(_drawn_counts)
 
 
 def _percentiles(estimates: torch.Tensor) -> tuple[float, float]:
@@ -276,8 +283,14 @@ def _key(row: dict, columns: tuple) -> tuple:
 
 def _cell(row: dict, column: str):
     """A row's value, compared as a number where it is one (a CSV read back gives strings, audit_rows numbers);
-    whole numbers exactly, as seeds reach 2⁶⁴ where floats would take two for one."""
-    return _comparable(row.get(column, ""))
+    whole numbers exactly, as seeds reach 2⁶⁴ where floats would take two for one; not a number as the text "nan", so
+    that two rows' NaN match (a NaN float equals nothing, itself included)."""
+    value = row.get(column, "")
+    try:
+        comparable = _comparable(value)
+    except TypeError:  # a value the cache cannot hold (a list, in rows made by hand): compared as its text
+        return str(value)
+    return "nan" if comparable != comparable else comparable
 
 
 # Kept for values seen before: an audit file repeats its settings in every row, and the Audit Log's summary reads the

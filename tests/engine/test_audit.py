@@ -933,3 +933,15 @@ def test_rows_made_in_python_pair_with_rows_read_back_from_the_csv_whatever_valu
     append_csv(path, audit_rows(guided, q=0.5, size=(8, 8)))
     rows = audit_rows(base, q=0.5, size=(8, 8)) + read_csv(path)
     assert {f["semantic"]: f["images"] for f in reductions(rows)} == {"doctor": 2, "nurse": 2}
+
+
+def test_rows_pair_by_a_value_that_is_not_a_number_or_not_hashable_as_by_any_other():
+    # cfg NaN (a run whose cfg was no number) in both, and sigmas as a list in rows made by hand: each pairs with its
+    # like, as a value of text does, whichever rows were seen before.
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    for odd in ({"cfg": float("nan")}, {"cfg": "nan"}, {"sigmas": [14.6, 0.0]}):
+        odd_rows = [{**row, **odd} for row in rows]
+        assert {f["semantic"]: f["images"] for f in reductions(odd_rows)} == {"doctor": 2, "nurse": 2}
+    mixed = [{**row, "cfg": float("nan") if row["guidance_scale"] == 0 else "nan"} for row in rows]
+    assert {f["semantic"]: f["images"] for f in reductions(mixed)} == {"doctor": 2, "nurse": 2}
