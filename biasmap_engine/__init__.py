@@ -8,14 +8,14 @@ protocol, §2 attribution maps (OVAM), §3 measuring entanglement (hard masks, I
 energy-guided sampling.
 """
 
-from .audit import OlderFileError, append_csv, audit_rows, csv_text, read_csv
+from .audit import OlderFileError, append_csv, audit_rows, csv_text, read_csv, write_csv
 from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                    token_softmax_maps)
 from .recorder import TraceRecorder
-from .reductions import reductions, reductions_text
+from .reductions import reductions, reductions_table, reductions_text
 from .render import (COLORMAPS, colorize, entanglement_picture, label_heatmaps, normalize_maps, overlay, resize_maps,
                      to_pil)
 from .report import EntanglementResult, guidance_line, measure_entanglement
@@ -33,7 +33,7 @@ __all__ = [
     "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line",
     "guidance_step", "hard_mask", "iou", "label_heatmaps", "listed_twice", "listed_words", "measure_entanglement",
     "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
-    "read_csv", "readable", "reductions", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou",
-    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
-    "token_softmax_maps", "typed_concepts", "z_grad_norm",
+    "read_csv", "readable", "reductions", "reductions_table", "reductions_text", "require_distinct_concepts",
+    "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled",
+    "summed_token_softmax_maps", "to_pil", "token_softmax_maps", "typed_concepts", "write_csv", "z_grad_norm",
 ]

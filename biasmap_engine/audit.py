@@ -19,7 +19,7 @@ from .report import measure_entanglement
 from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
-__all__ = ["OlderFileError", "append_csv", "audit_rows", "csv_text", "read_csv"]
+__all__ = ["OlderFileError", "append_csv", "audit_rows", "csv_text", "read_csv", "write_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
@@ -137,6 +137,20 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
                 data = b"\r\n" + data
         f.write(data)  # one write, at the end (append mode)
     return rows
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` as the whole CSV at ``path``, written as audit files are (header, UTF-8 with a byte-order mark, text
+    a spreadsheet would run escaped) and put in place in one step: a reader never finds half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(_csv(rows, "\r\n", with_header=True).encode("utf-8-sig"))
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):  # not put in place (the file open in a spreadsheet, on Windows)
+            os.remove(partial)
 
 
 def read_csv(path: str) -> list[dict]:

@@ -17,7 +17,7 @@ import torch
 from .guidance import STATUS
 from .report import figure, percent_change
 
-__all__ = ["reductions", "reductions_text"]
+__all__ = ["reductions", "reductions_table", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
@@ -126,6 +126,25 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     return "\n".join(lines)
 
 
+def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
+                     by: str | tuple[str, ...] | None = "semantic") -> list[dict]:
+    """:func:`reductions` of each metric as one table for a spreadsheet: a row per metric and group, each interval as
+    two columns (``reduction_low``, ``reduction_high``, …), every row with every column (blank where a group has no
+    such setting)."""
+    table = []
+    for metric in metrics:
+        for figures in reductions(rows, metric, by):
+            row = {"metric": metric}
+            for key, value in figures.items():
+                if key.endswith("_interval"):
+                    row[key.replace("_interval", "_low")], row[key.replace("_interval", "_high")] = value
+                else:
+                    row[key] = value
+            table.append(row)
+    columns = list(dict.fromkeys(column for row in table for column in row))
+    return [{column: row.get(column, "") for column in columns} for row in table]
+
+
 def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -> str:
     """Each metric's mean per ``by`` value and configuration (named by λ where it is not 0, and by the columns in which
     the rows differ) over the images that have a figure, each image once."""
@@ -200,11 +219,13 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
     before = sum(b for b, _ in values) / len(values) if values else math.nan
     after = sum(a for _, a in values) / len(values) if values else math.nan
     per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
+    intervals = _intervals(values, len(per_image))
     return {**{c: _typed(row[c]) for c in _SETTINGS if row.get(c, "") != ""}, **{c: row[c] for c in by},
             "images": len(values), "base": before, "guided": after,
             "reduction": (before - after) / before if before > 0 else math.nan,
+            "reduction_interval": intervals["reduction_interval"],
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
-            **_intervals(values, len(per_image)),
+            "mean_image_reduction_interval": intervals["mean_image_reduction_interval"],
             "images_with_overlap": len(per_image), "unpaired": group["unpaired"],
             "not_measured": group["not_measured"], "duplicates": group["duplicates"]}
 

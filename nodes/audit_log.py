@@ -5,13 +5,14 @@ gathers the audit, with each run's prompt id, seed, sampler, settings and attrib
 """
 
 import logging
+import os
 import re
 
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, read_csv, reductions_text,
-                              split_concepts)
+from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, read_csv, reductions_table,
+                              reductions_text, split_concepts, write_csv)
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
@@ -63,8 +64,9 @@ class BiasMapAuditLog(io.ComfyNode):
                      io.String.Output("summary", tooltip="Where the rows went and how many, any column the file "
                                                          "lacks, the paper's reductions over the file (guided runs "
                                                          "against the same seeds at λ = 0; until both are logged, "
-                                                         "each profession's means), then the rows (link Preview as "
-                                                         "Text to read it).")],
+                                                         "each profession's means; the reductions also as a table "
+                                                         "beside the file, …_reductions.csv), then the rows (link "
+                                                         "Preview as Text to read it).")],
             is_output_node=True,
             hidden=[io.Hidden.unique_id],  # to write on the node where the rows went and the file's figures
         )
@@ -122,7 +124,9 @@ class BiasMapAuditLog(io.ComfyNode):
         # The file's figures so far, on the page without a notebook: the paper's reductions once it holds guided runs
         # and their λ = 0 runs, each profession's means until then.
         try:
-            figures = reductions_text(read_csv(path))
+            logged = read_csv(path)
+            figures = reductions_text(logged)
+            figures += _table_written(logged, path, shown)
         except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
             figures = f"the file's figures so far could not be read: {str(err).replace(path, shown)}"
             # A fault of BiasMap's own keeps its traceback in the console.
@@ -130,6 +134,32 @@ class BiasMapAuditLog(io.ComfyNode):
         show_on_node(cls, f"{message}\n{figures}")  # the summary less the rows, which its output has
         summary = f"{message}\n{figures}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
+
+
+def _table_written(logged: list[dict], path: str, shown: str) -> str:
+    """The file's reductions as a table beside it (``…_reductions.csv``, for a spreadsheet's charts), replaced after
+    every run; → the summary's line saying where, or why not. Nothing until the file holds guided runs and their
+    λ = 0 runs (the summary then says what to log)."""
+    try:
+        table = reductions_table(logged)
+    except ValueError:
+        return ""
+    target = path[:-len(".csv")] + "_reductions.csv"
+    named = shown[:-len(".csv")] + "_reductions.csv"
+    if os.path.exists(target) and not _is_table(target):  # an audit named so: never written over
+        return (f"\nthe reductions as a table were not written: {named} holds other rows (another audit's?); give "
+                f"this audit another file name to have them")
+    try:
+        write_csv(target, table)
+    except OSError as err:
+        return f"\nthe reductions as a table were not written to {named}: {err.strerror} (close it where it is open)"
+    return f"\nthe reductions as a table, for a spreadsheet: {named}"
+
+
+def _is_table(path: str) -> bool:
+    """Whether the file at ``path`` is a reductions table (its header opens with the metric column)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        return f.readline().startswith("metric,")
 
 
 def _csv_path(filename: str) -> str:

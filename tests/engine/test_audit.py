@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from biasmap_engine import (STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement, read_csv,
-                            reductions, reductions_text)
+                            reductions, reductions_table, reductions_text, write_csv)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -945,3 +945,33 @@ def test_rows_pair_by_a_value_that_is_not_a_number_or_not_hashable_as_by_any_oth
         assert {f["semantic"]: f["images"] for f in reductions(odd_rows)} == {"doctor": 2, "nurse": 2}
     mixed = [{**row, "cfg": float("nan") if row["guidance_scale"] == 0 else "nan"} for row in rows]
     assert {f["semantic"]: f["images"] for f in reductions(mixed)} == {"doctor": 2, "nurse": 2}
+
+
+def test_the_reductions_table_gives_a_row_per_metric_and_group_with_each_interval_in_two_columns():
+    rows = _seeds_audit([0.2 + 0.04 * (seed % 11) for seed in range(44)])
+    rows += [{**row, "semantic": "doctor", "gamma": 0.02} for row in rows]  # a setting the nurse rows lack
+    for row in rows:
+        row["mbiou"] = row["iou"]
+    table = reductions_table(rows)
+    assert [(r["metric"], r["semantic"]) for r in table] == [("iou", "nurse"), ("iou", "doctor"), ("mbiou", "nurse"),
+                                                             ("mbiou", "doctor")]
+    assert all(list(r) == list(table[0]) for r in table) and [r["gamma"] for r in table] == ["", 0.02, "", 0.02]
+    columns = list(table[0])
+    assert columns.index("reduction") + 1 == columns.index("reduction_low") == columns.index("reduction_high") - 1
+    (figures,) = [f for f in reductions(rows) if f["semantic"] == "nurse"]
+    assert (table[0]["reduction_low"], table[0]["reduction_high"]) == figures["reduction_interval"]
+    assert (table[0]["mean_image_reduction_low"], table[0]["mean_image_reduction_high"]) == (
+        figures["mean_image_reduction_interval"])
+
+
+def test_write_csv_replaces_the_file_whole_as_audit_files_are_written_and_leaves_nothing_when_it_cannot(tmp_path,
+                                                                                                        monkeypatch):
+    path = tmp_path / "table.csv"
+    path.write_text("old", encoding="utf-8")
+    write_csv(str(path), [{"metric": "iou", "model": "=cmd", "reduction": 0.4}])
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf") and read_csv(str(path)) == [
+        {"metric": "iou", "model": "'=cmd", "reduction": "0.4"}]  # a formula start escaped, as in audit files
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(PermissionError(13, "in use")))
+    with pytest.raises(PermissionError):
+        write_csv(str(path), [{"metric": "mbiou"}])
+    assert read_csv(str(path))[0]["metric"] == "iou" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]

@@ -266,7 +266,53 @@ def test_audit_log_summary_gives_the_papers_reductions_once_the_file_holds_guide
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
     lines = summary.splitlines()
     assert lines[1].startswith("reductions over the file") and lines[2].startswith("λ 100 · nurse: iou ")
-    assert lines[2].endswith("(0.0 %, per image 0.0 %); 2 image(s)") and lines[3].startswith("label,")
+    assert lines[2].endswith("(0.0 %, per image 0.0 %); 2 image(s)") and lines[4].startswith("label,")
+    # And as a table beside the audit, for a spreadsheet: a row per metric and profession, replaced after each run.
+    assert lines[3] == "the reductions as a table, for a spreadsheet: output/biasmap/audit_reductions.csv"
+    with open(folders / "out" / "biasmap" / "audit_reductions.csv", newline="", encoding="utf-8-sig") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["metric"], r["semantic"], r["guidance_scale"], r["images"], r["reduction"]) for r in table] == [
+        ("iou", "nurse", "100.0", "2", "0.0"), ("mbiou", "nurse", "100.0", "2", "0.0")]
+    assert list(table[0])[:2] == ["metric", "guidance_scale"] and "reduction_low" in table[0]
+    as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided, "label": "again"})
+    with open(folders / "out" / "biasmap" / "audit_reductions.csv", newline="", encoding="utf-8-sig") as f:
+        assert [r["duplicates"] for r in csv.DictReader(f)] == ["2", "2"]  # the whole file's, written again
+
+
+def test_audit_log_never_writes_its_reductions_table_over_a_file_of_other_rows(pack, folders, trace):
+    import copy
+
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    other = folders / "out" / "biasmap" / "audit_reductions.csv"  # another audit, named so
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_text("label,prompt_id\nmine,1\n", encoding="utf-8")
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
+    as_comfy_runs(BiasMapAuditLog).execute(**args)
+    guided = copy.copy(trace)
+    guided.settings = {**trace.settings, "scale": 100.0}
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    assert ("the reductions as a table were not written: output/biasmap/audit_reductions.csv holds other rows "
+            "(another audit's?); give this audit another file name to have them") in summary
+    assert other.read_text(encoding="utf-8") == "label,prompt_id\nmine,1\n"
+
+
+def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_says_to_close_it(pack, folders, trace,
+                                                                                               monkeypatch):
+    import copy
+    import os
+
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
+    as_comfy_runs(BiasMapAuditLog).execute(**args)
+    guided = copy.copy(trace)
+    guided.settings = {**trace.settings, "scale": 100.0}
+    # Windows refuses to replace a file a spreadsheet holds open.
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    assert ("the reductions as a table were not written to output/biasmap/audit_reductions.csv: Permission denied "
+            "(close it where it is open)") in summary and summary.startswith("2 row(s) appended")
 
 
 def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folders, trace):
