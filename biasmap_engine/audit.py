@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import re
+import tempfile
 
 from .guidance import STATUS
 from .report import measure_entanglement
@@ -139,18 +140,31 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
     return rows
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None = None) -> bool:
     """``rows`` as the whole CSV at ``path``, written as audit files are (header, UTF-8 with a byte-order mark, text
-    a spreadsheet would run escaped) and put in place in one step: a reader never finds half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(_csv(rows, "\r\n", with_header=True).encode("utf-8-sig"))
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):  # not put in place (the file open in a spreadsheet, on Windows)
-            os.remove(partial)
+    a spreadsheet would run escaped) and put in place in one step: a reader never finds half a file; → whether written.
+
+    ``unless_grown``: the audit file the rows were made from and its size then. They are written while that file is
+    locked, and only if it has not grown since: another ComfyUI appending to it meanwhile writes its own, newer rows.
+    """
+    with contextlib.ExitStack() as stack:
+        if unless_grown is not None:
+            audit, size = unless_grown
+            stack.enter_context(_locked(stack.enter_context(open(audit, "a+b"))))
+            if os.path.getsize(audit) != size:
+                return False
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        # A name no other process picks, also one of another machine writing to a shared folder.
+        handle, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".partial")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                f.write(_csv(rows, "\r\n", with_header=True).encode("utf-8-sig"))
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):  # not put in place (the file open in a spreadsheet, on Windows)
+                os.remove(partial)
+    return True
 
 
 def read_csv(path: str) -> list[dict]:

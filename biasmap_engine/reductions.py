@@ -127,21 +127,24 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
 
 
 def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
-                     by: str | tuple[str, ...] | None = "semantic") -> list[dict]:
+                     by: str | tuple[str, ...] | None = "semantic", match: tuple[str, ...] = ()) -> list[dict]:
     """:func:`reductions` of each metric as one table for a spreadsheet: a row per metric and group, each interval as
-    two columns (``reduction_low``, ``reduction_high``, …), every row with every column (blank where a group has no
-    such setting)."""
+    two columns (``reduction_low``, ``reduction_high``, …), every row with every column in one order (settings, the
+    ``by`` columns, the figures), blank where a group has no such setting or a figure is not a number (no interval
+    below 10 images): a spreadsheet reads "nan" as text, and plots it as 0."""
     table = []
     for metric in metrics:
-        for figures in reductions(rows, metric, by):
+        for figures in reductions(rows, metric, by, match):
             row = {"metric": metric}
             for key, value in figures.items():
                 if key.endswith("_interval"):
                     row[key.replace("_interval", "_low")], row[key.replace("_interval", "_high")] = value
                 else:
                     row[key] = value
-            table.append(row)
-    columns = list(dict.fromkeys(column for row in table for column in row))
+            table.append({k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+    seen = dict.fromkeys(column for row in table for column in row)
+    settings = [c for c in _SETTINGS if c in seen]
+    columns = ["metric", *settings, *(c for c in seen if c != "metric" and c not in settings)]
     return [{column: row.get(column, "") for column in columns} for row in table]
 
 

@@ -124,9 +124,10 @@ class BiasMapAuditLog(io.ComfyNode):
         # The file's figures so far, on the page without a notebook: the paper's reductions once it holds guided runs
         # and their λ = 0 runs, each profession's means until then.
         try:
+            size = os.path.getsize(path)  # as read: a table of these rows is written only while the file is so
             logged = read_csv(path)
             figures = reductions_text(logged)
-            figures += _table_written(logged, path, shown)
+            figures += _table_written(logged, path, shown, size)
         except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
             figures = f"the file's figures so far could not be read: {str(err).replace(path, shown)}"
             # A fault of BiasMap's own keeps its traceback in the console.
@@ -136,30 +137,38 @@ class BiasMapAuditLog(io.ComfyNode):
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 
 
-def _table_written(logged: list[dict], path: str, shown: str) -> str:
+def _table_written(logged: list[dict], path: str, shown: str, size: int) -> str:
     """The file's reductions as a table beside it (``…_reductions.csv``, for a spreadsheet's charts), replaced after
     every run; → the summary's line saying where, or why not. Nothing until the file holds guided runs and their
     λ = 0 runs (the summary then says what to log)."""
-    try:
-        table = reductions_table(logged)
-    except ValueError:
-        return ""
     target = path[:-len(".csv")] + "_reductions.csv"
     named = shown[:-len(".csv")] + "_reductions.csv"
-    if os.path.exists(target) and not _is_table(target):  # an audit named so: never written over
-        return (f"\nthe reductions as a table were not written: {named} holds other rows (another audit's?); give "
-                f"this audit another file name to have them")
     try:
-        write_csv(target, table)
-    except OSError as err:
-        return f"\nthe reductions as a table were not written to {named}: {err.strerror} (close it where it is open)"
+        try:
+            table = reductions_table(logged)
+        except ValueError:  # none now (the summary says why): a table of earlier runs is not left unsaid
+            stale = os.path.exists(target) and _replaceable(target)
+            return f"\n{named} holds the reductions of an earlier run, not of the file as it is now" if stale else ""
+        if not _replaceable(target):  # an audit named so: never written over
+            return (f"\nthe reductions as a table were not written: {named} holds other rows (another audit's?); "
+                    f"give this audit another file name to have them")
+        if not write_csv(target, table, unless_grown=(path, size)):
+            return (f"\nthe reductions as a table: {named} is left to the run that appended to the file since "
+                    f"(another ComfyUI logging into it)")
+    except OSError as err:  # on Windows, a file open in a spreadsheet cannot be replaced
+        hint = " (close it where it is open)" if isinstance(err, PermissionError) else ""
+        return f"\nthe reductions as a table were not written to {named}: {err.strerror or err}{hint}"
     return f"\nthe reductions as a table, for a spreadsheet: {named}"
 
 
-def _is_table(path: str) -> bool:
-    """Whether the file at ``path`` is a reductions table (its header opens with the metric column)."""
+def _replaceable(path: str) -> bool:
+    """Whether ``path`` is free for a reductions table: absent, empty, or one already (its header opens with the metric
+    column; a spreadsheet may have saved it again with semicolons)."""
+    if not os.path.exists(path):
+        return True
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        return f.readline().startswith("metric,")
+        first = f.readline()
+    return not first or first.startswith(("metric,", "metric;"))
 
 
 def _csv_path(filename: str) -> str:

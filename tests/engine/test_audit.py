@@ -975,3 +975,27 @@ def test_write_csv_replaces_the_file_whole_as_audit_files_are_written_and_leaves
     with pytest.raises(PermissionError):
         write_csv(str(path), [{"metric": "mbiou"}])
     assert read_csv(str(path))[0]["metric"] == "iou" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_the_reductions_table_leaves_a_figure_that_is_no_number_blank_and_keeps_settings_before_figures():
+    rows = _seeds_audit([0.1, 0.2, 0.3])  # 3 images: no interval
+    rows += [{**row, "semantic": "doctor", "gamma": 0.02} for row in _seeds_audit([0.1] * 12)]
+    for row in rows:
+        row["mbiou"] = row["iou"]
+    nurse, doctor = reductions_table(rows, metrics=("iou",))
+    assert (nurse["reduction_low"], nurse["reduction_high"], nurse["gamma"]) == ("", "", "")
+    assert doctor["reduction_low"] == pytest.approx(0.1) and doctor["gamma"] == 0.02
+    columns = list(nurse)
+    assert columns.index("gamma") < columns.index("semantic") < columns.index("images")
+
+
+def test_write_csv_against_an_audit_file_writes_only_while_that_file_is_as_the_rows_were_made_from(tmp_path):
+    audit, table = tmp_path / "audit.csv", tmp_path / "audit_reductions.csv"
+    audit.write_text("label,iou\na,0.5\n", encoding="utf-8")
+    size = audit.stat().st_size
+    assert write_csv(str(table), [{"metric": "iou"}], unless_grown=(str(audit), size))
+    with open(audit, "a", encoding="utf-8") as f:
+        f.write("b,0.4\n")  # another ComfyUI appended since: its own run writes the newer table
+    assert not write_csv(str(table), [{"metric": "mbiou"}], unless_grown=(str(audit), size))
+    assert read_csv(str(table)) == [{"metric": "iou"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.csv", "audit_reductions.csv"]

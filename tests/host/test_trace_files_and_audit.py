@@ -313,6 +313,34 @@ def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_sa
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
     assert ("the reductions as a table were not written to output/biasmap/audit_reductions.csv: Permission denied "
             "(close it where it is open)") in summary and summary.startswith("2 row(s) appended")
+    assert "\nλ 100 · nurse: iou " in summary  # the figures still shown
+    assert sorted(p.name for p in (folders / "out" / "biasmap").iterdir()) == ["audit.csv"]  # no partial file left
+
+
+def test_audit_log_says_when_its_reductions_table_is_of_an_earlier_run_or_cannot_be_written(pack, folders, trace):
+    import copy
+
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
+    as_comfy_runs(BiasMapAuditLog).execute(**args)
+    guided = copy.copy(trace)
+    guided.settings = {**trace.settings, "scale": 100.0}
+    as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided})
+    audit = folders / "out" / "biasmap" / "audit.csv"
+    with open(audit, newline="", encoding="utf-8-sig") as f:
+        row = next(csv.DictReader(f))
+    with open(audit, "a", newline="", encoding="utf-8") as f:  # a row without a scale: the file gives no reductions
+        csv.DictWriter(f, fieldnames=list(row), lineterminator="\r\n").writerow({**row, "guidance_scale": ""})
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"label": "later"}).result[1]
+    assert ("output/biasmap/audit_reductions.csv holds the reductions of an earlier run, not of the file as it is "
+            "now") in summary
+    table = folders / "out" / "biasmap" / "audit_reductions.csv"
+    table.unlink()
+    table.mkdir()  # a folder where the table would go
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided, "label": "again"}).result[1]
+    assert "the reductions as a table were not written to output/biasmap/audit_reductions.csv: " in summary
+    assert "close it" not in summary and "reductions over the file" in summary
 
 
 def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folders, trace):
