@@ -13,7 +13,7 @@ import csv
 import io
 import os
 import re
-import tempfile
+import uuid
 
 from .guidance import STATUS
 from .report import measure_entanglement
@@ -153,12 +153,12 @@ def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None 
             stack.enter_context(_locked(stack.enter_context(open(audit, "a+b"))))
             if os.path.getsize(audit) != size:
                 return False
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        # A name no other process picks, also one of another machine writing to a shared folder.
-        handle, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".partial")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # A name no other process picks, also one of another machine writing to a shared folder, made as any file is
+        # (readable as the folder's other files are, where a temporary file would be its owner's alone).
+        partial = f"{path}.{uuid.uuid4().hex}.partial"
         try:
-            with os.fdopen(handle, "wb") as f:
+            with open(partial, "xb") as f:
                 f.write(_csv(rows, "\r\n", with_header=True).encode("utf-8-sig"))
             os.replace(partial, path)
         finally:

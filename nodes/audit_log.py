@@ -127,11 +127,16 @@ class BiasMapAuditLog(io.ComfyNode):
             size = os.path.getsize(path)  # as read: a table of these rows is written only while the file is so
             logged = read_csv(path)
             figures = reductions_text(logged)
-            figures += _table_written(logged, path, shown, size)
         except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
-            figures = f"the file's figures so far could not be read: {str(err).replace(path, shown)}"
+            figures, logged = f"the file's figures so far could not be read: {str(err).replace(path, shown)}", None
             # A fault of BiasMap's own keeps its traceback in the console.
             logging.warning("BiasMap: %s", figures, exc_info=not isinstance(err, (ValueError, OSError)))
+        if logged is not None:
+            try:
+                figures += _table_written(logged, path, shown, size)
+            except Exception as err:  # noqa: BLE001 (as above: the rows are in, and the figures shown)
+                figures += f"\nthe reductions as a table were not written: {str(err).replace(path, shown)}"
+                logging.warning("BiasMap: the reductions table of %s", shown, exc_info=True)
         show_on_node(cls, f"{message}\n{figures}")  # the summary less the rows, which its output has
         summary = f"{message}\n{figures}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
@@ -147,7 +152,10 @@ def _table_written(logged: list[dict], path: str, shown: str, size: int) -> str:
         try:
             table = reductions_table(logged)
         except ValueError:  # none now (the summary says why): a table of earlier runs is not left unsaid
-            stale = os.path.exists(target) and _replaceable(target)
+            try:
+                stale = _header(target).startswith(_TABLE_HEADERS)
+            except OSError:  # none of ours there (a folder so named)
+                stale = False
             return f"\n{named} holds the reductions of an earlier run, not of the file as it is now" if stale else ""
         if not _replaceable(target):  # an audit named so: never written over
             return (f"\nthe reductions as a table were not written: {named} holds other rows (another audit's?); "
@@ -155,20 +163,29 @@ def _table_written(logged: list[dict], path: str, shown: str, size: int) -> str:
         if not write_csv(target, table, unless_grown=(path, size)):
             return (f"\nthe reductions as a table: {named} is left to the run that appended to the file since "
                     f"(another ComfyUI logging into it)")
-    except OSError as err:  # on Windows, a file open in a spreadsheet cannot be replaced
-        hint = " (close it where it is open)" if isinstance(err, PermissionError) else ""
+    except OSError as err:
+        # On Windows a file open in a spreadsheet cannot be replaced; elsewhere only the folder's permissions refuse.
+        hint = ((" (close it where it is open)" if os.name == "nt" else " (check the folder's permissions)")
+                if isinstance(err, PermissionError) else "")
         return f"\nthe reductions as a table were not written to {named}: {err.strerror or err}{hint}"
     return f"\nthe reductions as a table, for a spreadsheet: {named}"
 
 
+_TABLE_HEADERS = ("metric,", "metric;")  # a reductions table's first line; a spreadsheet may save it with semicolons
+
+
 def _replaceable(path: str) -> bool:
-    """Whether ``path`` is free for a reductions table: absent, empty, or one already (its header opens with the metric
-    column; a spreadsheet may have saved it again with semicolons)."""
+    """Whether ``path`` is free for a reductions table: absent, empty, or one already."""
+    first = _header(path)
+    return not first or first.startswith(_TABLE_HEADERS)
+
+
+def _header(path: str) -> str:
+    """The first line of the file at ``path``; empty where there is none."""
     if not os.path.exists(path):
-        return True
+        return ""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline()
-    return not first or first.startswith(("metric,", "metric;"))
+        return f.readline()
 
 
 def _csv_path(filename: str) -> str:

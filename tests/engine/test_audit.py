@@ -999,3 +999,5 @@ def test_write_csv_against_an_audit_file_writes_only_while_that_file_is_as_the_r
     assert not write_csv(str(table), [{"metric": "mbiou"}], unless_grown=(str(audit), size))
     assert read_csv(str(table)) == [{"metric": "iou"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.csv", "audit_reductions.csv"]
+    # Made as any file is: as readable to others sharing the folder as the audit file (a temporary file is not).
+    assert table.stat().st_mode == audit.stat().st_mode

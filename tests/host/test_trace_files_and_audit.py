@@ -311,10 +311,31 @@ def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_sa
     # Windows refuses to replace a file a spreadsheet holds open.
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
-    assert ("the reductions as a table were not written to output/biasmap/audit_reductions.csv: Permission denied "
-            "(close it where it is open)") in summary and summary.startswith("2 row(s) appended")
+    hint = "close it where it is open" if os.name == "nt" else "check the folder's permissions"
+    assert (f"the reductions as a table were not written to output/biasmap/audit_reductions.csv: Permission denied "
+            f"({hint})") in summary and summary.startswith("2 row(s) appended")
     assert "\nλ 100 · nurse: iou " in summary  # the figures still shown
     assert sorted(p.name for p in (folders / "out" / "biasmap").iterdir()) == ["audit.csv"]  # no partial file left
+
+
+def test_audit_log_whose_reductions_table_fails_keeps_its_rows_and_figures_and_says_why(pack, folders, trace,
+                                                                                        monkeypatch):
+    import copy
+    import sys
+
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    def fails(rows):
+        raise RuntimeError("a fault of the table's own")
+
+    monkeypatch.setattr(sys.modules[BiasMapAuditLog.__module__], "reductions_table", fails)
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
+    as_comfy_runs(BiasMapAuditLog).execute(**args)
+    guided = copy.copy(trace)
+    guided.settings = {**trace.settings, "scale": 100.0}
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    assert "\nλ 100 · nurse: iou " in summary and summary.startswith("2 row(s) appended")
+    assert "\nthe reductions as a table were not written: a fault of the table's own\n" in summary
 
 
 def test_audit_log_says_when_its_reductions_table_is_of_an_earlier_run_or_cannot_be_written(pack, folders, trace):
@@ -335,12 +356,18 @@ def test_audit_log_says_when_its_reductions_table_is_of_an_earlier_run_or_cannot
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"label": "later"}).result[1]
     assert ("output/biasmap/audit_reductions.csv holds the reductions of an earlier run, not of the file as it is "
             "now") in summary
+    with open(audit, newline="", encoding="utf-8-sig") as f:
+        kept = [r for r in csv.DictReader(f) if r["guidance_scale"]]
+    with open(audit, "w", newline="", encoding="utf-8-sig") as f:  # the row without a scale taken out again
+        writer = csv.DictWriter(f, fieldnames=list(row), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(kept)
     table = folders / "out" / "biasmap" / "audit_reductions.csv"
     table.unlink()
     table.mkdir()  # a folder where the table would go
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided, "label": "again"}).result[1]
     assert "the reductions as a table were not written to output/biasmap/audit_reductions.csv: " in summary
-    assert "close it" not in summary and "reductions over the file" in summary
+    assert "(close it" not in summary and "\nλ 100 · nurse: iou " in summary  # the figures still shown
 
 
 def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folders, trace):
