@@ -1,8 +1,9 @@
 """The Audit Log's summary of a paper-sized audit file: this checkout against another, interleaved in one process.
 
-Audit Log makes its summary (``reductions_text``: the paper's reductions per profession, with their intervals, and,
-where the checkout has it, ``reductions_table``, the same as a table) over the whole file again after every run, so
-its time is paid 3800 times over the paper's protocol (19 professions × 100 seeds, guided and at λ = 0). Rows are
+Audit Log makes its summary (``reductions_text``: the paper's reductions per profession, with their intervals, or,
+where the checkout has it, ``reductions_report``: the same and the table it writes beside the file) over the whole
+file again after every run, so its time is paid 3800 times over the paper's protocol (19 professions × 100 seeds,
+guided and at λ = 0). Rows are
 made as ``read_csv`` gives them back (text), with random IoUs; each repeat times both checkouts, alternating which
 goes first; the first call of each (its caches empty) is reported apart. Needs no ComfyUI. Usage:
 
@@ -52,13 +53,11 @@ def main():
     for repeat in range(args.repeats + 1):
         for name in (list(engines) if repeat % 2 == 0 else list(reversed(engines))):
             start = time.perf_counter()
-            engines[name].reductions_text(rows)
-            if hasattr(engines[name], "reductions_table"):
-                engines[name].reductions_table(rows)
+            getattr(engines[name], "reductions_report", engines[name].reductions_text)(rows)
             (times[name] if repeat else first.setdefault(name, [])).append(time.perf_counter() - start)
-    tables = ", ".join(name for name, engine in engines.items() if hasattr(engine, "reductions_table")) or "neither"
-    print(f"reductions_text (and reductions_table: {tables}) over {len(rows)} rows ({args.subjects} subjects × "
-          f"{args.seeds} seeds, guided and λ = 0); "
+    tables = ", ".join(name for name, engine in engines.items() if hasattr(engine, "reductions_report")) or "neither"
+    print(f"reductions_text (reductions_report, text and table: {tables}) over {len(rows)} rows "
+          f"({args.subjects} subjects × {args.seeds} seeds, guided and λ = 0); "
           f"medians of {args.repeats} interleaved repeats after a first call each\n")
     print("| checkout | first call s | later calls s (median) |")
     print("|---|--:|--:|")

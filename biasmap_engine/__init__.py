@@ -15,7 +15,7 @@ from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                    token_softmax_maps)
 from .recorder import TraceRecorder
-from .reductions import reductions, reductions_table, reductions_text
+from .reductions import reductions, reductions_report, reductions_table, reductions_text
 from .render import (COLORMAPS, colorize, entanglement_picture, label_heatmaps, normalize_maps, overlay, resize_maps,
                      to_pil)
 from .report import EntanglementResult, guidance_line, measure_entanglement
@@ -33,7 +33,8 @@ __all__ = [
     "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line",
     "guidance_step", "hard_mask", "iou", "label_heatmaps", "listed_twice", "listed_words", "measure_entanglement",
     "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
-    "read_csv", "readable", "reductions", "reductions_table", "reductions_text", "require_distinct_concepts",
-    "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled",
-    "summed_token_softmax_maps", "to_pil", "token_softmax_maps", "typed_concepts", "write_csv", "z_grad_norm",
+    "read_csv", "readable", "reductions", "reductions_report", "reductions_table", "reductions_text",
+    "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of",
+    "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps", "typed_concepts", "write_csv",
+    "z_grad_norm",
 ]

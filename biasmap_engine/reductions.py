@@ -17,7 +17,7 @@ import torch
 from .guidance import STATUS
 from .report import figure, percent_change
 
-__all__ = ["reductions", "reductions_table", "reductions_text"]
+__all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
@@ -95,17 +95,33 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     demographic concept, where the rows hold several), each metric's λ = 0 and guided means and both reductions; else
     why there are none (no guided row with a baseline). Rows of λ = 0 alone (a discovery audit), or of guided runs
     alone (their baselines still to come), get their means per ``by`` value and configuration instead."""
+    return reductions_report(rows, metrics, by)[0]
+
+
+def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
+                     by: str | tuple[str, ...] | None = "semantic", match: tuple[str, ...] = ()) -> list[dict]:
+    """:func:`reductions` of each metric as one table for a spreadsheet: a row per metric and group, each interval as
+    two columns (``reduction_low``, ``reduction_high``, …), every row with every column in one order (settings, the
+    ``by`` columns, the figures), blank where a group has no such setting or a figure is not a number (no interval
+    below 10 images): a spreadsheet reads "nan" as text, and plots it as 0."""
+    return _table({metric: reductions(rows, metric, by, match) for metric in metrics})
+
+
+def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
+                      by: str | tuple[str, ...] = "semantic") -> tuple[str, list[dict] | None]:
+    """:func:`reductions_text` and :func:`reductions_table` of ``rows`` from one computation of the reductions (Audit
+    Log makes both after every run); the table is None where the text gives no reductions (means, or why none)."""
     by = _apart_by_demographic(rows, _columns(by))
     scales = {_parsed_number(row.get("guidance_scale")) for row in rows}
     if scales == {0.0}:
-        return _means_text(rows, metrics, by, "λ = 0 only; log guided runs of the same seeds for the reductions")
+        return _means_text(rows, metrics, by, "λ = 0 only; log guided runs of the same seeds for the reductions"), None
     if scales and 0.0 not in scales and all(math.isfinite(v) for v in scales):
-        return _means_text(rows, metrics, by, "guided runs only so far; for the reductions, log the same seeds at "
-                                              "λ = 0: set the seed, or Audit Prompts' run, back to the first run's")
+        why = "guided runs only so far; for the reductions, log the same seeds at λ = 0: set the seed, or Audit Prompts' "
+        return _means_text(rows, metrics, by, why + "run, back to the first run's"), None
     try:
         figures = {metric: reductions(rows, metric, by) for metric in metrics}
     except ValueError as err:
-        return f"reductions over the file: none: {err}"
+        return f"reductions over the file: none: {err}", None
     first = figures[metrics[0]]
     # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
     named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({str(f.get(c)) for f in first}) > 1]
@@ -123,20 +139,16 @@ def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
             changes = "none paired yet (no λ = 0 row of its images)"
         lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}; {group['images']} image(s)"
                      + (f"; left out: {left_out}" if left_out else ""))
-    return "\n".join(lines)
+    return "\n".join(lines), _table(figures)
 
 
-def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
-                     by: str | tuple[str, ...] | None = "semantic", match: tuple[str, ...] = ()) -> list[dict]:
-    """:func:`reductions` of each metric as one table for a spreadsheet: a row per metric and group, each interval as
-    two columns (``reduction_low``, ``reduction_high``, …), every row with every column in one order (settings, the
-    ``by`` columns, the figures), blank where a group has no such setting or a figure is not a number (no interval
-    below 10 images): a spreadsheet reads "nan" as text, and plots it as 0."""
+def _table(figures: dict[str, list[dict]]) -> list[dict]:
+    """Each metric's :func:`reductions` as the rows of :func:`reductions_table`."""
     table = []
-    for metric in metrics:
-        for figures in reductions(rows, metric, by, match):
+    for metric, groups in figures.items():
+        for group in groups:
             row = {"metric": metric}
-            for key, value in figures.items():
+            for key, value in group.items():
                 if key.endswith("_interval"):
                     row[key.replace("_interval", "_low")], row[key.replace("_interval", "_high")] = value
                 else:

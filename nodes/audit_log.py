@@ -11,8 +11,8 @@ import re
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, read_csv, reductions_table,
-                              reductions_text, split_concepts, write_csv)
+from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, read_csv, reductions_report,
+                              split_concepts, write_csv)
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
@@ -125,15 +125,14 @@ class BiasMapAuditLog(io.ComfyNode):
         # and their λ = 0 runs, each profession's means until then.
         try:
             size = os.path.getsize(path)  # as read: a table of these rows is written only while the file is so
-            logged = read_csv(path)
-            figures = reductions_text(logged)
+            figures, table = reductions_report(read_csv(path))
         except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
-            figures, logged = f"the file's figures so far could not be read: {str(err).replace(path, shown)}", None
+            figures, size = f"the file's figures so far could not be read: {str(err).replace(path, shown)}", None
             # A fault of BiasMap's own keeps its traceback in the console.
             logging.warning("BiasMap: %s", figures, exc_info=not isinstance(err, (ValueError, OSError)))
-        if logged is not None:
+        if size is not None:
             try:
-                figures += _table_written(logged, path, shown, size)
+                figures += _table_written(table, path, shown, size)
             except Exception as err:  # noqa: BLE001 (as above: the rows are in, and the figures shown)
                 figures += f"\nthe reductions as a table were not written: {str(err).replace(path, shown)}"
                 logging.warning("BiasMap: the reductions table of %s", shown, exc_info=True)
@@ -142,16 +141,14 @@ class BiasMapAuditLog(io.ComfyNode):
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
 
 
-def _table_written(logged: list[dict], path: str, shown: str, size: int) -> str:
-    """The file's reductions as a table beside it (``…_reductions.csv``, for a spreadsheet's charts), replaced after
+def _table_written(table: list[dict] | None, path: str, shown: str, size: int) -> str:
+    """The file's reductions ``table`` beside it (``…_reductions.csv``, for a spreadsheet's charts), replaced after
     every run; → the summary's line saying where, or why not. Nothing until the file holds guided runs and their
-    λ = 0 runs (the summary then says what to log)."""
+    λ = 0 runs (``table`` None: the summary then says what to log)."""
     target = path[:-len(".csv")] + "_reductions.csv"
     named = shown[:-len(".csv")] + "_reductions.csv"
     try:
-        try:
-            table = reductions_table(logged)
-        except ValueError:  # none now (the summary says why): a table of earlier runs is not left unsaid
+        if table is None:  # none now (the summary says why): a table of earlier runs is not left unsaid
             try:
                 stale = _header(target).startswith(_TABLE_HEADERS)
             except OSError:  # none of ours there (a folder so named)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from biasmap_engine import (STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement, read_csv,
-                            reductions, reductions_table, reductions_text, write_csv)
+                            reductions, reductions_report, reductions_table, reductions_text, write_csv)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -1001,3 +1001,14 @@ def test_write_csv_against_an_audit_file_writes_only_while_that_file_is_as_the_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.csv", "audit_reductions.csv"]
     # Made as any file is: as readable to others sharing the folder as the audit file (a temporary file is not).
     assert table.stat().st_mode == audit.stat().st_mode
+
+
+def test_the_reductions_report_is_the_text_and_the_table_from_one_computation_and_no_table_without_reductions():
+    rows = _seeds_audit([0.2 + 0.04 * (seed % 11) for seed in range(12)])
+    for row in rows:
+        row["mbiou"] = row["iou"]
+    assert reductions_report(rows) == (reductions_text(rows), reductions_table(rows))
+    baselines = [row for row in rows if row["guidance_scale"] == 0]
+    assert reductions_report(baselines) == (reductions_text(baselines), None)  # a discovery audit: means only
+    unscaled = rows + [{**rows[0], "guidance_scale": ""}]
+    assert reductions_report(unscaled) == (reductions_text(unscaled), None)  # none, and why

@@ -325,10 +325,10 @@ def test_audit_log_whose_reductions_table_fails_keeps_its_rows_and_figures_and_s
 
     from biasmap_pack.nodes import BiasMapAuditLog
 
-    def fails(rows):
+    def fails(*args, **kwargs):
         raise RuntimeError("a fault of the table's own")
 
-    monkeypatch.setattr(sys.modules[BiasMapAuditLog.__module__], "reductions_table", fails)
+    monkeypatch.setattr(sys.modules[BiasMapAuditLog.__module__], "write_csv", fails)
     args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
     as_comfy_runs(BiasMapAuditLog).execute(**args)
     guided = copy.copy(trace)
