@@ -21,7 +21,6 @@ not a product path. Each mode runs in a process of its own, since a failed captu
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 import sampling  # this folder: the modes, the random checkpoint
+from timing import median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 _ROW = "PROBE ROW "  # how a mode's process hands its figures back
@@ -43,17 +43,8 @@ class _Probed(Exception):
 
 
 def median_ms(fn, repeats: int, cuda: bool) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls, each waited for on CUDA."""
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``fn()`` over ``repeats`` calls, each waited for on CUDA (the callers warm up)."""
+    return median_seconds(fn, repeats, warmup=0, device="cuda" if cuda else "cpu") * 1e3
 
 
 def described(err: BaseException) -> str:
