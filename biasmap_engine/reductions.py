@@ -234,32 +234,31 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
     before = sum(b for b, _ in values) / len(values) if values else math.nan
     after = sum(a for _, a in values) / len(values) if values else math.nan
     per_image = [(b - a) / b for b, a in values if b > 0]  # an image without overlap at λ = 0 has nothing to reduce
-    intervals = _intervals(values, len(per_image))
+    of_means, per_image_mean = _intervals(values, len(per_image))
     return {**{c: _typed(row[c]) for c in _SETTINGS if row.get(c, "") != ""}, **{c: row[c] for c in by},
             "images": len(values), "base": before, "guided": after,
-            "reduction": (before - after) / before if before > 0 else math.nan,
-            "reduction_interval": intervals["reduction_interval"],
+            "reduction": (before - after) / before if before > 0 else math.nan, "reduction_interval": of_means,
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
-            "mean_image_reduction_interval": intervals["mean_image_reduction_interval"],
+            "mean_image_reduction_interval": per_image_mean,
             "images_with_overlap": len(per_image), "unpaired": group["unpaired"],
             "not_measured": group["not_measured"], "duplicates": group["duplicates"]}
 
 
-def _intervals(values: list[tuple[float, float]], with_overlap: int) -> dict:
-    """Percentile bootstrap intervals of both reductions over the paired images ``values`` ((base, guided) each):
-    resamples of the images with replacement, each giving both reductions as :func:`_summary` does."""
+def _intervals(values: list[tuple[float, float]], with_overlap: int) -> tuple[tuple, tuple]:
+    """Percentile bootstrap intervals of both reductions (of the means, mean per image) over the paired images
+    ``values`` ((base, guided) each): resamples of the images with replacement, each giving both reductions as
+    :func:`_summary` does."""
     nan = (math.nan, math.nan)
     if len(values) < _FEWEST_FOR_INTERVAL:
-        return {"reduction_interval": nan, "mean_image_reduction_interval": nan}
+        return nan, nan
     base, guided = torch.tensor(values, dtype=torch.float64).unbind(-1)
     overlap = (base > 0).double()
     per_image = torch.where(base > 0, (base - guided) / torch.where(base > 0, base, 1.0), 0.0)
     # Each resample's sums, as the counts of each image drawn times its figures: one product for all resamples.
     sums = _resampled_counts(len(values)) @ torch.stack([base, guided, per_image, overlap], dim=1)
     before, after, reduced, overlapping = sums.unbind(-1)
-    return {"reduction_interval": _percentiles(torch.where(before > 0, (before - after) / before, math.nan)),
-            "mean_image_reduction_interval": _percentiles(reduced / overlapping)  # 0/0: NaN, left out
-            if with_overlap >= _FEWEST_FOR_INTERVAL else nan}
+    return (_percentiles(torch.where(before > 0, (before - after) / before, math.nan)),
+            _percentiles(reduced / overlapping) if with_overlap >= _FEWEST_FOR_INTERVAL else nan)  # 0/0: NaN, left out
 
 
 def _resampled_counts(n: int) -> torch.Tensor:
