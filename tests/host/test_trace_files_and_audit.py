@@ -279,19 +279,25 @@ def test_audit_log_summary_gives_the_papers_reductions_once_the_file_holds_guide
         assert [r["duplicates"] for r in csv.DictReader(f)] == ["2", "2"]  # the whole file's, written again
 
 
-def test_audit_log_never_writes_its_reductions_table_over_a_file_of_other_rows(pack, folders, trace):
+def _logged_after_its_baseline(trace) -> tuple[dict, object, str]:
+    """Audit Log's run of ``trace`` (λ = 0), then of the same images logged as a guided run's (nothing moved): the
+    file then holds pairs; → the node's inputs, the guided trace and the second run's summary."""
     import copy
 
     from biasmap_pack.nodes import BiasMapAuditLog
 
-    other = folders / "out" / "biasmap" / "audit_reductions.csv"  # another audit, named so
-    other.parent.mkdir(parents=True, exist_ok=True)
-    other.write_text("label,prompt_id\nmine,1\n", encoding="utf-8")
     args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
     as_comfy_runs(BiasMapAuditLog).execute(**args)
     guided = copy.copy(trace)
     guided.settings = {**trace.settings, "scale": 100.0}
-    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    return args, guided, as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+
+
+def test_audit_log_never_writes_its_reductions_table_over_a_file_of_other_rows(pack, folders, trace):
+    other = folders / "out" / "biasmap" / "audit_reductions.csv"  # another audit, named so
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_text("label,prompt_id\nmine,1\n", encoding="utf-8")
+    _, _, summary = _logged_after_its_baseline(trace)
     assert ("the reductions as a table were not written: output/biasmap/audit_reductions.csv holds other rows "
             "(another audit's?); give this audit another file name to have them") in summary
     assert other.read_text(encoding="utf-8") == "label,prompt_id\nmine,1\n"
@@ -299,18 +305,11 @@ def test_audit_log_never_writes_its_reductions_table_over_a_file_of_other_rows(p
 
 def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_says_to_close_it(pack, folders, trace,
                                                                                                monkeypatch):
-    import copy
     import os
 
-    from biasmap_pack.nodes import BiasMapAuditLog
-
-    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
-    as_comfy_runs(BiasMapAuditLog).execute(**args)
-    guided = copy.copy(trace)
-    guided.settings = {**trace.settings, "scale": 100.0}
     # Windows refuses to replace a file a spreadsheet holds open.
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
-    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    _, _, summary = _logged_after_its_baseline(trace)
     hint = "close it where it is open" if os.name == "nt" else "check the folder's permissions"
     assert (f"the reductions as a table were not written to output/biasmap/audit_reductions.csv: Permission denied "
             f"({hint})") in summary and summary.startswith("2 row(s) appended")
@@ -320,7 +319,6 @@ def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_sa
 
 def test_audit_log_whose_reductions_table_fails_keeps_its_rows_and_figures_and_says_why(pack, folders, trace,
                                                                                         monkeypatch):
-    import copy
     import sys
 
     from biasmap_pack.nodes import BiasMapAuditLog
@@ -329,25 +327,15 @@ def test_audit_log_whose_reductions_table_fails_keeps_its_rows_and_figures_and_s
         raise RuntimeError("a fault of the table's own")
 
     monkeypatch.setattr(sys.modules[BiasMapAuditLog.__module__], "write_csv", fails)
-    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
-    as_comfy_runs(BiasMapAuditLog).execute(**args)
-    guided = copy.copy(trace)
-    guided.settings = {**trace.settings, "scale": 100.0}
-    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
+    _, _, summary = _logged_after_its_baseline(trace)
     assert "\nλ 100 · nurse: iou " in summary and summary.startswith("2 row(s) appended")
     assert "\nthe reductions as a table were not written: a fault of the table's own\n" in summary
 
 
 def test_audit_log_says_when_its_reductions_table_is_of_an_earlier_run_or_cannot_be_written(pack, folders, trace):
-    import copy
-
     from biasmap_pack.nodes import BiasMapAuditLog
 
-    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_b": "nurse"}
-    as_comfy_runs(BiasMapAuditLog).execute(**args)
-    guided = copy.copy(trace)
-    guided.settings = {**trace.settings, "scale": 100.0}
-    as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided})
+    args, guided, _ = _logged_after_its_baseline(trace)
     audit = folders / "out" / "biasmap" / "audit.csv"
     with open(audit, newline="", encoding="utf-8-sig") as f:
         row = next(csv.DictReader(f))
