@@ -1003,6 +1003,28 @@ def test_write_csv_against_an_audit_file_writes_only_while_that_file_is_as_the_r
     assert table.stat().st_mode == audit.stat().st_mode
 
 
+@pytest.mark.parametrize("appended", [b"", b"b,0.4\n"])
+def test_write_csv_waits_for_the_audit_files_lock_and_checks_its_size_once_it_holds_it(tmp_path, appended):
+    # Another ComfyUI appending holds the lock: the table waits, and is written only if the file stayed as it was.
+    fcntl = pytest.importorskip("fcntl")  # flock locks conflict across open files, also within one process
+    import threading
+    audit, table = tmp_path / "audit.csv", tmp_path / "audit_reductions.csv"
+    audit.write_bytes(b"label,iou\na,0.5\n")
+    size, written = audit.stat().st_size, []
+    with open(audit, "a+b") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        writer = threading.Thread(target=lambda: written.append(
+            write_csv(str(table), [{"metric": "iou"}], unless_grown=(str(audit), size))))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive() and not table.exists()  # waiting for the lock, nothing written
+        other.write(appended)
+        other.flush()
+        fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+    writer.join(timeout=30)
+    assert written == [not appended] and table.exists() == (not appended)
+
+
 def test_the_reductions_report_is_the_text_and_the_table_from_one_computation_and_no_table_without_reductions():
     rows = _seeds_audit([0.2 + 0.04 * (seed % 11) for seed in range(12)])
     for row in rows:
