@@ -30,8 +30,9 @@ _NO_KERNEL = {f"aten::{name}" for name in (
     "_has_compatible_shallow_copy_type", "set_")}
 
 
-def kernel_ops_by_phase(prof, phases) -> collections.Counter:
-    """Kernel-running aten operators (the innermost such call of each nest), by the innermost phase around them."""
+def kernel_ops_by_phase(prof, phases, detail: str | None = None) -> collections.Counter:
+    """Kernel-running aten operators (the innermost such call of each nest), by the innermost phase around them; or,
+    with ``detail``, those of that phase by operator name."""
     counts = collections.Counter()
     for event in prof.events():
         if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
@@ -41,7 +42,11 @@ def kernel_ops_by_phase(prof, phases) -> collections.Counter:
         parent = event.cpu_parent
         while parent is not None and parent.name not in phases:
             parent = parent.cpu_parent
-        counts[parent.name if parent is not None else "sampler"] += 1
+        phase = parent.name if parent is not None else "sampler"
+        if detail is None:
+            counts[phase] += 1
+        elif phase == detail:
+            counts[event.name] += 1
     return counts
 
 
@@ -60,6 +65,8 @@ def labelled(owner, name: str, phase: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--detail", metavar="PHASE", help="also list this phase's operators by name, per step "
+                                                          "(e.g. 'energy (soft top-k, SoftIoU)')")
     args = parser.parse_args()
 
     root = sampling.comfy_models.boot_comfy()
@@ -107,6 +114,9 @@ def main():
         counts = kernel_ops_by_phase(prof, phases)
         parts = ", ".join(f"{phase} {n / args.steps:.0f}" for phase, n in counts.most_common())
         print(f"- {mode}: **{sum(counts.values()) / args.steps:.0f}** ({parts})")
+        if args.detail:
+            named = kernel_ops_by_phase(prof, phases, args.detail)
+            print(f"  - {args.detail}: " + ", ".join(f"{name[6:]} {n / args.steps:g}" for name, n in named.most_common()))
 
 
 if __name__ == "__main__":
