@@ -7,7 +7,7 @@ step by phase: the U-Net's forward, the maps' capture, the energy (soft top-k an
 backward), the activations LeanBackward computes again in it, and the CFG update with the guidance step. Guided
 evaluations run as one CFG batch, as on a GPU. Usage:
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/op_phases.py [--steps 2]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/op_phases.py [--steps 2] [--detail PHASE]
 """
 
 import argparse
