@@ -193,8 +193,11 @@ def test_guidance_lowers_entanglement_for_most_seeds_and_a_lambda_sweep_is_monot
     assert mean(hard[1000.0]) < mean(hard[0.0]), hard
 
 
+ISSUE_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "heun", "ddim", "uni_pc"]
+
+
 @pytest.mark.parametrize("cfg", [1.0, 7.0])
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "heun", "ddim", "uni_pc"])
+@pytest.mark.parametrize("sampler", ISSUE_SAMPLERS)
 def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15, prompts, sampler, cfg):
     model, clip = sd15
     pos, neg = prompts
@@ -206,6 +209,25 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
     assert counts["applied"] == sum(counts.values()) == trace.steps.numel() * 2  # every evaluation, both images
     assert torch.isfinite(trace.guidance["energy"]).all()
     assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
+
+
+def test_guidance_runs_with_every_sampler_comfyui_lists_and_moves_every_image_at_every_evaluation(sd15, prompts):
+    # Beyond the issue's seven, above: CFG++ samplers (which renoise with the unconditional prediction), adaptive
+    # ones that evaluate as often as they choose (dpm_adaptive), SDE, multistep and predictor-corrector samplers.
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    failed = {}
+    others = [s for s in comfy.samplers.KSampler.SAMPLERS if s not in ISSUE_SAMPLERS]
+    for sampler in others:
+        plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2, sampler=sampler, cfg=5.0, batch=2, size=16)
+        guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, sampler=sampler, cfg=5.0, batch=2, size=16)
+        counts = trace.guidance_counts()
+        if not (torch.isfinite(guided).all() and not torch.equal(plain, guided) and trace.steps.numel() >= 2
+                and counts["applied"] == sum(counts.values()) == trace.steps.numel() * 2 and not trace.notes):
+            failed[sampler] = (counts, trace.steps.numel(), trace.notes)
+    assert len(others) > 30 and failed == {}
 
 
 @pytest.mark.parametrize("gate, status", [("skip", "skipped_gate"), ("clip", "clipped")])
