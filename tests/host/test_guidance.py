@@ -230,6 +230,22 @@ def test_guidance_runs_with_every_sampler_comfyui_lists_and_moves_every_image_at
     assert len(others) > 30 and failed == {}
 
 
+def test_guidance_runs_with_every_scheduler_comfyui_lists_and_moves_every_image_at_every_step(sd15, prompts):
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    failed = {}
+    for scheduler in comfy.samplers.KSampler.SCHEDULERS:
+        plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=3, batch=2, size=16, scheduler=scheduler)
+        guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, batch=2, size=16, scheduler=scheduler)
+        counts = trace.guidance_counts()
+        if not (torch.isfinite(guided).all() and not torch.equal(plain, guided) and trace.steps.numel() == 3
+                and counts["applied"] == sum(counts.values()) == 6 and not trace.notes):
+            failed[scheduler] = (counts, trace.steps.numel(), trace.notes)
+    assert len(comfy.samplers.KSampler.SCHEDULERS) > 8 and failed == {}
+
+
 @pytest.mark.parametrize("gate, status", [("skip", "skipped_gate"), ("clip", "clipped")])
 def test_the_chosen_gate_decides_what_happens_to_a_gradient_above_the_threshold(sd15, prompts, monkeypatch, gate,
                                                                                  status):

@@ -8,14 +8,16 @@ from biasmap_engine.host import sample_with_scheduler, start_session
 ATTRIBUTION = "A photo of the face of a doctor and gender"
 
 
-def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32, **settings):
+def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32,
+           scheduler="normal", **settings):
     """One run; returns (latent, trace, first evaluation's (x, σ, guided denoised))."""
-    out, trace, seen = evaluations(model, clip, pos, neg, scale, seed, steps, sampler, cfg, batch, size, **settings)
+    out, trace, seen = evaluations(model, clip, pos, neg, scale, seed, steps, sampler, cfg, batch, size, scheduler,
+                                   **settings)
     return out, trace, seen[0]
 
 
 def evaluations(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32,
-                **settings):
+                scheduler="normal", **settings):
     """One run; returns (latent, trace, every evaluation's (x, σ, guided denoised), in order)."""
     import comfy.patcher_extension as ext
 
@@ -32,7 +34,7 @@ def evaluations(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", 
     with torch.inference_mode():
         session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
                                 BiasMapSettings(scale=scale, **settings))
-        out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, "normal", pos, neg, lat)
+        out, trace = sample_with_scheduler(session, spied, seed, steps, cfg, sampler, scheduler, pos, neg, lat)
     return out["samples"], trace, seen
 
 
