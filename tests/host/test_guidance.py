@@ -246,6 +246,28 @@ def test_guidance_runs_with_every_scheduler_comfyui_lists_and_moves_every_image_
     assert len(comfy.samplers.KSampler.SCHEDULERS) > 8 and failed == {}
 
 
+def test_guided_inpainting_moves_the_latent_inside_its_noise_mask_and_keeps_it_outside(sd15, prompts):
+    # Set Latent Noise Mask: ComfyUI puts the original latent back outside the mask after every evaluation, the
+    # guided one too, so guidance changes only the part being painted.
+    model, clip = sd15
+    pos, neg = prompts
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1.0
+    image = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for scale in (0.0, 100.0):
+        with torch.inference_mode():
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=scale))
+            latent, trace = sample_with_scheduler(session, model, 0, 3, 7.0, "euler", "normal", pos, neg,
+                                                  {"samples": image, "noise_mask": mask})
+        out[scale] = latent["samples"]
+    outside = mask.expand_as(image) == 0
+    assert torch.equal(out[100.0][outside], out[0.0][outside])
+    assert (out[100.0][outside] - image[outside]).abs().max() < 1e-4  # kept, to float rounding
+    assert not torch.equal(out[100.0][~outside], out[0.0][~outside])
+    assert trace.guidance_counts()["applied"] == 3 and not trace.notes
+
+
 @pytest.mark.parametrize("gate, status", [("skip", "skipped_gate"), ("clip", "clipped")])
 def test_the_chosen_gate_decides_what_happens_to_a_gradient_above_the_threshold(sd15, prompts, monkeypatch, gate,
                                                                                  status):
