@@ -298,11 +298,24 @@ def _check_columns(rows, metric, by, match) -> None:
 
 
 def _mismatch(guided, baselines, columns) -> str:
-    """The columns in which no guided row's value is any λ = 0 row's: what kept them apart."""
+    """What kept the guided and λ = 0 rows apart: the columns in which no guided row's value is any λ = 0 row's, or
+    else those in which the λ = 0 row nearest the first guided row differs from it (e.g. the image's place in its
+    batch, where the same noise was sampled in another batch)."""
     if not baselines:
         return " (the rows hold no λ = 0 row)"
     apart = [c for c in columns if not {_cell(r, c) for r in guided} & {_cell(r, c) for r in baselines}]
-    return f" (the guided and λ = 0 rows differ in every value of {', '.join(apart)})" if apart else ""
+    if apart:
+        return f" (the guided and λ = 0 rows differ in every value of {', '.join(apart)})"
+    first = guided[0]
+
+    def distance(row):  # the fewest differing columns; of those, differences in the later (less telling) columns
+        differs = [_cell(row, c) != _cell(first, c) for c in columns]
+        return sum(differs), differs
+
+    nearest = min(baselines, key=distance)
+    differing = [f"{c}: {nearest.get(c, '')!s:.40} at λ = 0, {first.get(c, '')!s:.40} guided" for c in columns
+                 if _cell(nearest, c) != _cell(first, c)]
+    return f" (the λ = 0 row nearest the first guided row differs from it in {'; '.join(differing)})"
 
 
 def _differing_columns(a: dict, b: dict) -> str:

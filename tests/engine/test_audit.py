@@ -465,6 +465,18 @@ def test_reductions_name_only_the_columns_in_which_no_guided_row_meets_a_lambda_
         reductions(nurse_only + audit_rows(guided))
 
 
+def test_reductions_that_pair_nothing_name_where_the_nearest_lambda_0_row_differs_when_no_column_keeps_all_apart():
+    # An image guided again alone (Latent From Batch) is image 0 of its batch: its noise's λ = 0 row is image 2 of its
+    # own batch, which sampled it batched with others. The seed and the noise match; the position does not.
+    base = halves_trace()
+    base.settings = {"scale": 0.0, "guided_stages": None}
+    base_rows = [{**r, "noise_index": r["image"]} for r in audit_rows(base)]
+    guided_rows = [{**r, "noise_index": 1} for r in audit_rows(halves_trace()) if r["image"] == 0]
+    with pytest.raises(ValueError, match=r"log the same seeds.*\(the λ = 0 row nearest the first guided row differs "
+                                         r"from it in image: 1 at λ = 0, 0 guided\)$"):
+        reductions(base_rows + guided_rows)
+
+
 def test_reductions_refuse_a_column_to_match_that_the_rows_lack_naming_it():
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
