@@ -129,6 +129,12 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
     if any(re.search(f"['‘’]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘’
         hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
                      "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")
+    inside = next(((concept, word) for concept in missing for word in [_word_holding(concept, words)] if word), None)
+    if inside:  # "doctor" in "doctors"; 医生 in a line of ideographs typed without spaces
+        concept, word = inside
+        hints.append(f"{concept!r} is part of the prompt's word {word!r}: CLIP reads letters (or ideographs) written "
+                     f"together as one word, and a part of a word has no map of its own; type the whole word, or "
+                     f"write {concept!r} apart in the attribution prompt, with spaces around it.")
     names = [name.lower() for name in re.findall(r"embedding:([^\s,()]+)", prompt, re.IGNORECASE)]
     if any(word.lower().removeprefix("embedding:") in name for word in missing for name in names):
         hints.append("A textual-inversion embedding (embedding:name) is no word of the prompt and has no map by name.")
@@ -136,11 +142,20 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:
-    """The concepts that are not words of ``text`` (a ComfyUI prompt), as the run looks them up."""
+    """The concepts that are not words of ``text`` (a ComfyUI prompt), as the run looks them up, nor part of one
+    ("doctor" of "doctors", 医生 of ideographs typed without spaces: the picture is still of it)."""
     try:
-        return _absent(concepts, prompt_text_words(text))
+        words = prompt_text_words(text)
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
         return []
+    return [concept for concept in _absent(concepts, words) if not _word_holding(concept, words)]
+
+
+def _word_holding(concept: str, words: list[str]) -> str | None:
+    """The first of the prompt's ``words`` that holds the one-word ``concept`` as a part, ignoring case."""
+    if " " in concept:
+        return None
+    return next((word for word in words if concept.casefold() in word.casefold()), None)
 
 
 def _absent(concepts: list[str], words: list[str]) -> list[str]:

@@ -127,6 +127,24 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert check_concepts("a doctor of gender and race", "'gender'", "doctor") is True  # the tooltip's quotes
 
 
+def test_a_concept_that_is_part_of_a_prompts_word_is_refused_saying_to_type_the_word_or_write_it_apart(pack):
+    # CLIP reads letters, or ideographs, written together as one word: 医生 inside a line typed without spaces.
+    from biasmap_pack.nodes.concepts import absent_from, check_concepts
+
+    refused = check_concepts("一张医生的脸的照片，性别", "性别", "医生")
+    assert refused.endswith("'医生' is part of the prompt's word '一张医生的脸的照片': CLIP reads letters (or "
+                            "ideographs) written together as one word, and a part of a word has no map of its own; "
+                            "type the whole word, or write '医生' apart in the attribution prompt, with spaces "
+                            "around it.")
+    assert check_concepts("一张 医生 的脸的照片，性别", "性别", "医生") is True  # written apart, as the hint says
+    assert "'Doctor' is part of the prompt's word 'doctors'" in check_concepts("a photo of doctors and gender",
+                                                                               "gender", "Doctor")
+    assert "is part of" not in check_concepts("a photo of a doctor and gender", "gender", "nurse")
+    assert "is part of" not in check_concepts("a photo of a doctor and gender", "gender", "doctor nurse")
+    # The sampler's note on a semantic concept the picture was not asked for: a word holding it is asking for it.
+    assert absent_from(["医生", "doctor", "nurse"], "一张医生的脸的照片 with doctors") == ["nurse"]
+
+
 def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_words_after_it_go_missing(pack):
     from biasmap_pack.nodes.concepts import check_concepts
 
