@@ -20,6 +20,7 @@ not a product path. Each mode runs in a process of its own, since a failed captu
 """
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -74,25 +75,54 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@contextlib.contextmanager
+def free_memory_as_first_asked():
+    """ComfyUI's ``get_free_memory`` answering each question as it first did: each evaluation asks it how many CFG
+    entries to batch, and on CUDA it asks the driver (``cudaMemGetInfo``), a call that a stream capture may refuse.
+    Asked first in the warm-ups, so that a capture asks the driver nothing; host-side bookkeeping that a replay would
+    not redo anyway."""
+    import comfy.model_management as mm
+
+    asked, first = mm.get_free_memory, {}
+
+    def as_first_asked(dev=None, torch_free_too=False):
+        key = (str(dev), torch_free_too)
+        if key not in first:
+            first[key] = asked(dev, torch_free_too)
+        return first[key]
+
+    mm.get_free_memory = as_first_asked
+    try:
+        yield
+    finally:
+        mm.get_free_memory = asked
+
+
 def graphed(evaluate, repeats: int) -> dict:
     """Capture ``evaluate`` (three warm-ups on a side stream first, as PyTorch's whole-network example does) and time
-    its replays; → replay ms, the graph pool's MiB, how far a replay's output is from the last eager one's."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            evaluate()
-    torch.cuda.current_stream().wait_stream(side)
-    eager_out = evaluate().clone()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # as the capture does when it starts: what it reserves after is the graph's pool
-    reserved = torch.cuda.memory_reserved()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
-    try:
-        with torch.cuda.graph(graph):
-            static_out = evaluate()
-    finally:  # a capture that fails leaves its own stream current
-        torch.cuda.set_stream(stream)
+    its replays; → replay ms, the graph pool's MiB, how far a replay's output is from the last eager one's.
+
+    The capture is in CUDA's relaxed mode, which refuses what cannot be captured (a synchronisation) but not the
+    driver calls PyTorch's default mode refuses as potentially unsafe: a call ComfyUI makes that way would then run at
+    capture only, so the replay's output is compared with an eager one's.
+    """
+    with free_memory_as_first_asked():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                evaluate()
+        torch.cuda.current_stream().wait_stream(side)
+        eager_out = evaluate().clone()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # as the capture does when it starts: what it reserves after is the graph's pool
+        reserved = torch.cuda.memory_reserved()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+                static_out = evaluate()
+        finally:  # a capture that fails leaves its own stream current
+            torch.cuda.set_stream(stream)
     pool_mib = (torch.cuda.memory_reserved() - reserved) / 2 ** 20
     graph.replay()
     torch.cuda.synchronize()
