@@ -114,8 +114,8 @@ def main():
         counts = kernel_ops_by_phase(prof, phases)
         parts = ", ".join(f"{phase} {n / args.steps:.0f}" for phase, n in counts.most_common())
         print(f"- {mode}: **{sum(counts.values()) / args.steps:.0f}** ({parts})")
-        if args.detail:
-            named = kernel_ops_by_phase(prof, phases, args.detail)
+        named = kernel_ops_by_phase(prof, phases, args.detail) if args.detail else None
+        if named:
             print(f"  - {args.detail}: " + ", ".join(f"{name[6:]} {n / args.steps:g}" for name, n in named.most_common()))
 
 
