@@ -163,10 +163,13 @@ def _read_by(prompt: dict | None, outputs: list) -> set[str]:
 
 
 def graph_run(prompt: dict | None, node_id) -> dict:
-    """The run's fields the graph holds: generation and negative prompt, model; for a sampler fed by BasicScheduler
-    directly, its scheduler and denoise (the SIGMAS carry neither)."""
+    """The run's fields the graph holds: generation and negative prompt, model (with its text encoders where they are
+    not the checkpoint's own, unchanged); for a sampler fed by BasicScheduler directly, its scheduler and denoise (the
+    SIGMAS carry neither)."""
+    model = _model(prompt, node_id)
     run = {"generation_prompt": generation_prompt(prompt, node_id),
-           "negative_prompt": generation_prompt(prompt, node_id, "negative"), "model": _model(prompt, node_id)}
+           "negative_prompt": generation_prompt(prompt, node_id, "negative"),
+           "model": model + _text_encoders(prompt, node_id, model) if model else ""}
     kind, inputs = _linked(prompt, _inputs(prompt, node_id).get("sigmas"))
     if kind == "BasicScheduler" and isinstance(inputs.get("scheduler"), str):
         run["scheduler"] = inputs["scheduler"]
@@ -231,15 +234,74 @@ def _model(prompt: dict | None, node_id) -> str:
             return " + ".join([name, *reversed(applied)]) if isinstance(name, str) else ""
         if kind in _APPLIED:
             name, strength = (inputs.get(key) for key in _APPLIED[kind])
-            applied.append(f"{name if isinstance(name, str) else kind}"
-                           + ("" if strength == 1 else f" ({strength:g})" if isinstance(strength, (int, float))
-                              else " (linked strength)"))
+            applied.append(f"{name if isinstance(name, str) else kind}{_strength(strength)}")
         elif kind is not None and "model" not in inputs:
             return " + ".join([_loaded(kind, inputs), *reversed(applied)]) if _loaded(kind, inputs) else ""
         elif kind is not None:
             applied.append(kind)
         link = inputs.get("model")
     return ""
+
+
+def _text_encoders(prompt: dict | None, node_id, model: str) -> str:
+    """' · clip: …' naming the CLIP that encoded the generation prompt, and the sampler's own (the attribution
+    prompt's) where it is another, as _clip names them; '' where both are the model's checkpoint's, unchanged (or
+    not named). A LoRA's CLIP strength, CLIP Set Last Layer or hooks change the picture and the maps as the model's
+    own LoRAs do: runs that differ there are not paired."""
+    inputs = _inputs(prompt, node_id)
+    generation = _clip(prompt, _encoder_clip(prompt, inputs.get("positive")))
+    attribution = _clip(prompt, inputs.get("clip"))
+    if {generation, attribution} <= {model.split(" + ")[0], ""}:
+        return ""
+    if generation == attribution:
+        return f" · clip: {generation}"
+    return " · " + ", ".join(f"{what}: {clip}" for what, clip in (("clip", generation), ("attribution clip",
+                                                                                             attribution)) if clip)
+
+
+def _encoder_clip(prompt: dict | None, link):
+    """The ``clip`` input of the text encoder behind a conditioning input, followed back as generation_prompt follows
+    it; None where it is no one encoder's."""
+    for _ in range(len(prompt or {})):
+        if not _is_link(link):
+            break
+        kind, inputs = _linked(prompt, link)
+        if kind in ("CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner"):
+            return inputs.get("clip")
+        if kind not in _PASSED_ON or link[1] >= len(_PASSED_ON[kind]):
+            break
+        link = inputs.get(_PASSED_ON[kind][link[1]])
+    return None
+
+
+def _clip(prompt: dict | None, link) -> str:
+    """The CLIP at ``link`` as _model names a MODEL: the files it is loaded from, then what was applied on the way
+    (``v1-5.safetensors + detail.safetensors (0.8) + last layer -2 + SetClipHooks``: a LoRA with its CLIP strength,
+    CLIP Set Last Layer's layer, any other node that passes a ``clip`` on by its class); '' where none is linked."""
+    applied = []
+    for _ in range(len(prompt or {})):
+        if not _is_link(link):
+            break
+        kind, inputs = _linked(prompt, link)
+        if kind is None:
+            break
+        if "clip" not in inputs:
+            loaded = _loaded(kind, inputs)
+            return " + ".join([loaded, *reversed(applied)]) if loaded else ""
+        if kind == "LoraLoader":
+            name, strength = inputs.get("lora_name"), inputs.get("strength_clip")
+            applied.append(f"{name if isinstance(name, str) else kind}{_strength(strength)}")
+        elif kind == "CLIPSetLastLayer":
+            applied.append(f"last layer {inputs.get('stop_at_clip_layer')}")
+        else:
+            applied.append(kind)
+        link = inputs.get("clip")
+    return ""
+
+
+def _strength(strength) -> str:
+    """A file's strength as the model's name shows it: nothing at 1."""
+    return "" if strength == 1 else f" ({strength:g})" if isinstance(strength, (int, float)) else " (linked strength)"
 
 
 def _loaded(kind: str, inputs: dict) -> str:

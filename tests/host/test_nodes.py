@@ -676,6 +676,42 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     assert graph_run(None, None) == {"generation_prompt": "", "negative_prompt": "", "model": ""}
 
 
+def test_the_model_names_its_text_encoders_where_a_lora_clip_skip_or_hooks_changed_them(pack):
+    # A LoRA's CLIP strength, CLIP Set Last Layer or hooks change the picture and the maps: runs that differ there must
+    # not pair in an audit as the same model, nor go unnamed in a baseline report.
+    from biasmap_pack.nodes.prompt_graph import graph_run
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler",
+                   "inputs": {"model": ["11", 0], "clip": ["1", 1], "positive": ["5", 0], "negative": ["4", 0]}},
+             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+             "11": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "d.pt",
+                                                           "strength_model": 0.8, "strength_clip": 0.5}},
+             "12": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["11", 1], "stop_at_clip_layer": -2}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+             "5": {"class_type": "ConditioningSetTimestepRange",
+                   "inputs": {"conditioning": ["6", 0], "start": 0.0, "end": 1.0}},
+             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}}}
+    assert graph_run(graph, "3")["model"] == "v1-5.safetensors + d.pt (0.8)"  # the checkpoint's own CLIP: unnamed
+    graph["6"]["inputs"]["clip"] = graph["3"]["inputs"]["clip"] = ["12", 0]
+    assert graph_run(graph, "3")["model"] == "v1-5.safetensors + d.pt (0.8) · clip: v1-5.safetensors + d.pt (0.5) + " \
+                                             "last layer -2"
+    graph["3"]["inputs"]["clip"] = ["1", 1]  # the attribution prompt encoded by the checkpoint's CLIP
+    assert graph_run(graph, "3")["model"].endswith(" · clip: v1-5.safetensors + d.pt (0.5) + last layer -2, "
+                                                   "attribution clip: v1-5.safetensors")
+    graph["6"]["inputs"]["clip"] = ["13", 0]
+    graph["13"] = {"class_type": "SetClipHooks", "inputs": {"clip": ["1", 1], "hooks": ["14", 0],
+                                                            "apply_to_conds": True, "schedule_clip": False}}
+    assert graph_run(graph, "3")["model"].endswith(" · clip: v1-5.safetensors + SetClipHooks, "
+                                                   "attribution clip: v1-5.safetensors")
+    graph["6"]["inputs"]["clip"] = ["15", 0]
+    graph["15"] = {"class_type": "CLIPLoader",
+                   "inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion"}}
+    assert graph_run(graph, "3")["model"].endswith(" · clip: clip_l.safetensors, attribution clip: v1-5.safetensors")
+    graph["5"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
+                                                                  "conditioning_2": ["4", 0]}}
+    assert graph_run(graph, "3")["model"] == "v1-5.safetensors + d.pt (0.8)"  # no one encoder: as the prompt, unnamed
+
+
 def test_every_node_takes_q_over_the_samplers_range(pack):
     # q = 0 would keep every pixel but the faintest, which the report called "top 100 % masks".
     from biasmap_pack import nodes
