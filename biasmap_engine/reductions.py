@@ -9,6 +9,7 @@ the paired images (the seeds are the sample: a reduction over 100 seeds says mor
 each figure comes with the rows it could not use.
 """
 
+import collections
 import functools
 import math
 
@@ -35,6 +36,11 @@ _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
 # than this, where a percentile bootstrap's 95 % interval covers the mean markedly less often than it says (about
 # 85 % at 5 images, 90 % at 10).
 _RESAMPLES, _LEVEL, _FEWEST_FOR_INTERVAL = 2000, 0.95, 10
+# The rows a reduction leaves out, as the summary names them: guided rows without a λ = 0 row of their image, with an
+# n/a figure, or of an image logged again (queued again, or its label changed while the sampler's result was cached);
+# and λ = 0 rows of a paired image logged again.
+_LEFT_OUT = {"unpaired": "unpaired", "not_measured": "not measured", "duplicates": "duplicates",
+             "baseline_duplicates": "λ = 0 duplicates"}
 
 
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
@@ -56,9 +62,11 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
                          f"sampler's settings): leave them out of the rows")
     image = _IMAGE + tuple(match)
     baselines, guided = {}, [row for row in rows if _parsed_number(row["guidance_scale"]) != 0]
+    logged = collections.Counter()  # rows of each λ = 0 image
     for row in rows:
         if _parsed_number(row["guidance_scale"]) == 0:
             key, value = _key(row, image), _parsed_number(row[metric])
+            logged[key] += 1
             kept = baselines.setdefault(key, (value, row))
             if not _same(kept[0], value):
                 raise ValueError(f"two λ = 0 rows of the same image give {metric} {kept[0]:g} and {value:g}; they "
@@ -70,7 +78,8 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     groups: dict[tuple, dict] = {}
     for row in guided:
         name = _key(row, _SETTINGS) + _key(row, by)
-        group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0})
+        group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0,
+                                         "baseline_duplicates": 0})
         key = _key(row, image)
         base, after = baselines.get(key, (None, None))[0], _parsed_number(row[metric])
         if base is None:
@@ -81,6 +90,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
             group["duplicates"] += 1
         else:
             group["pairs"][key] = (base, after)
+            group["baseline_duplicates"] += logged[key] - 1  # its λ = 0 image logged again: one row counts
     if not any(g["pairs"] for g in groups.values()):
         raise ValueError(f"no guided row has a λ = 0 row of the same image: log the same seeds (set the seed, or "
                          f"Audit Prompts' run, back to the first run's), prompts and settings with guidance_scale 0 "
@@ -133,8 +143,7 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
         changes = "; ".join(f"{metric} {figure(f[i]['base'], 4)} → {figure(f[i]['guided'], 4)} "
                             f"({_with_interval(f[i], 'reduction')}, per image "
                             f"{_with_interval(f[i], 'mean_image_reduction')})" for metric, f in figures.items())
-        left_out = ", ".join(f"{group[k]} {k.replace('_', ' ')}" for k in ("unpaired", "not_measured", "duplicates")
-                             if group[k])
+        left_out = ", ".join(f"{group[k]} {name}" for k, name in _LEFT_OUT.items() if group[k])
         if not group["images"]:  # a pass at λ = 0 under way: not an n/a figure
             changes = "none paired yet (no λ = 0 row of its images)"
         lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}; {group['images']} image(s)"
@@ -241,7 +250,7 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
             "mean_image_reduction_interval": per_image_mean,
             "images_with_overlap": len(per_image), "unpaired": group["unpaired"],
-            "not_measured": group["not_measured"], "duplicates": group["duplicates"]}
+            **{k: group[k] for k in _LEFT_OUT}}
 
 
 def _intervals(values: list[tuple[float, float]], with_overlap: int) -> tuple[tuple, tuple]:

@@ -455,6 +455,22 @@ def test_reductions_text_says_which_rows_it_left_out_duplicates_too():
     assert nurse.endswith("; 2 image(s); left out: 2 duplicates")
 
 
+def test_reductions_count_the_lambda_0_rows_of_an_image_logged_again_as_they_count_the_guided_ones():
+    # Audit Log logs a cached λ = 0 run again when only its label changes: one row of each image counts, and the
+    # summary says how many it left out, as it does for guided rows.
+    base, guided = _baseline_and_guided()
+    base_rows = audit_rows(base, q=0.5, size=(8, 8))
+    relabelled = [{**row, "label": "again"} for row in base_rows if row["semantic"] == "nurse"]
+    rows = base_rows + relabelled + audit_rows(guided, q=0.5, size=(8, 8))
+    figures = {f["semantic"]: f for f in reductions(rows)}
+    assert (figures["nurse"]["baseline_duplicates"], figures["doctor"]["baseline_duplicates"]) == (2, 0)
+    once = {f["semantic"]: f for f in reductions(base_rows + audit_rows(guided, q=0.5, size=(8, 8)))}
+    assert figures["nurse"]["reduction"] == once["nurse"]["reduction"] and once["nurse"]["baseline_duplicates"] == 0
+    doctor, nurse = reductions_text(rows).splitlines()[1:]
+    assert nurse.endswith("; 2 image(s); left out: 2 λ = 0 duplicates") and "left out" not in doctor
+    assert {row["baseline_duplicates"] for row in reductions_table(rows) if row["semantic"] == "nurse"} == {2}
+
+
 def test_reductions_name_only_the_columns_in_which_no_guided_row_meets_a_lambda_0_row():
     # The λ = 0 pass got the next seed and logged nurse alone: the seed kept the rows apart, not the concept.
     _, guided = _baseline_and_guided()
