@@ -116,7 +116,8 @@ def main():
         print(f"- {mode}: **{sum(counts.values()) / args.steps:.0f}** ({parts})")
         named = kernel_ops_by_phase(prof, phases, args.detail) if args.detail else None
         if named:
-            print(f"  - {args.detail}: " + ", ".join(f"{name[6:]} {n / args.steps:g}" for name, n in named.most_common()))
+            print(f"  - {args.detail}: "
+                  + ", ".join(f"{name[6:]} {n / args.steps:g}" for name, n in named.most_common()))
 
 
 if __name__ == "__main__":
