@@ -17,8 +17,8 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "listed_twice", "listed_words", "prompt_words",
-           "readable", "require_distinct_concepts", "split_concepts", "typed_concepts"]
+__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "is_ideographic", "listed_twice", "listed_words",
+           "prompt_words", "readable", "require_distinct_concepts", "split_concepts", "typed_concepts"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
@@ -155,6 +155,11 @@ _IDEOGRAPHS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
 def _is_ideograph(char: str) -> bool:
     """Whether transformers' slow CLIP tokenizer (without ftfy) makes ``char`` a word of its own."""
     return any(low <= ord(char) <= high for low, high in _IDEOGRAPHS)
+
+
+def is_ideographic(text: str) -> bool:
+    """Whether ``text`` is CJK ideographs only (医生): a language typed without spaces between its words."""
+    return bool(text) and all(map(_is_ideograph, text))
 
 
 def _char_class(char: str) -> str:

@@ -6,7 +6,7 @@ import re
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import clip_words, listed_twice, listed_words, split_concepts, typed_concepts
+from ..biasmap_engine import clip_words, is_ideographic, listed_twice, listed_words, split_concepts, typed_concepts
 from ..biasmap_engine.host import prompt_text_words
 from .prompt_graph import WordsAsked
 
@@ -142,20 +142,19 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:
-    """The concepts that are not words of ``text`` (a ComfyUI prompt), as the run looks them up, nor part of one
-    ("doctor" of "doctors", 医生 of ideographs typed without spaces: the picture is still of it)."""
+    """The concepts that are not words of ``text`` (a ComfyUI prompt), as the run looks them up, nor, for ideographs,
+    part of one (医生 in a line typed without spaces: the picture is still of it; "man" in "woman" is not)."""
     try:
         words = prompt_text_words(text)
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
         return []
-    return [concept for concept in _absent(concepts, words) if not _word_holding(concept, words)]
+    return [concept for concept in _absent(concepts, words)
+            if not (is_ideographic(concept) and _word_holding(concept, words))]
 
 
 def _word_holding(concept: str, words: list[str]) -> str | None:
-    """The first of the prompt's ``words`` that holds the one-word ``concept`` as a part, ignoring case."""
-    if " " in concept:
-        return None
-    return next((word for word in words if concept.casefold() in word.casefold()), None)
+    """The first of the prompt's ``words`` that holds ``concept`` as a part, ignoring case as CLIP does (lower)."""
+    return next((word for word in words if concept.lower() in word.lower()), None)
 
 
 def _absent(concepts: list[str], words: list[str]) -> list[str]:
