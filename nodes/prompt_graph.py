@@ -244,19 +244,19 @@ def _model(prompt: dict | None, node_id) -> str:
 
 
 def _text_encoders(prompt: dict | None, node_id, model: str) -> str:
-    """' · clip: …' naming the CLIP that encoded the generation prompt, and the sampler's own (the attribution
-    prompt's) where it is another, as _clip names them; '' where both are the model's checkpoint's, unchanged (or
-    not named). A LoRA's CLIP strength, CLIP Set Last Layer or hooks change the picture and the maps as the model's
-    own LoRAs do: runs that differ there are not paired."""
+    """' · clip: …' naming the CLIP that encoded the positive prompt, then the negative prompt's and the sampler's own
+    (the attribution prompt's) where they are others, as _clip names them; '' where each is the model's checkpoint's,
+    unchanged, or not named (combined conditioning). A LoRA's CLIP strength, CLIP Set Last Layer or hooks change the
+    picture and the maps as the model's own LoRAs do: runs that differ there are not paired."""
     inputs = _inputs(prompt, node_id)
-    generation = _clip(prompt, _encoder_clip(prompt, inputs.get("positive")))
-    attribution = _clip(prompt, inputs.get("clip"))
-    if {generation, attribution} <= {model.split(" + ")[0], ""}:
+    clips = {"clip": _clip(prompt, _encoder_clip(prompt, inputs.get("positive"))),
+             "negative clip": _clip(prompt, _encoder_clip(prompt, inputs.get("negative"))),
+             "attribution clip": _clip(prompt, inputs.get("clip"))}
+    if set(clips.values()) <= {model.split(" + ")[0], ""}:
         return ""
-    if generation == attribution:
-        return f" · clip: {generation}"
-    return " · " + ", ".join(f"{what}: {clip}" for what, clip in (("clip", generation), ("attribution clip",
-                                                                                             attribution)) if clip)
+    first = clips["clip"]
+    return " · " + ", ".join(f"{what}: {clip}" for what, clip in clips.items()
+                             if clip and (what == "clip" or clip != first))
 
 
 def _encoder_clip(prompt: dict | None, link):
@@ -275,9 +275,10 @@ def _encoder_clip(prompt: dict | None, link):
 
 
 def _clip(prompt: dict | None, link) -> str:
-    """The CLIP at ``link`` as _model names a MODEL: the files it is loaded from, then what was applied on the way
+    """The CLIP at ``link`` as _model names a MODEL: the file it is loaded from, then what was applied on the way
     (``v1-5.safetensors + detail.safetensors (0.8) + last layer -2 + SetClipHooks``: a LoRA with its CLIP strength,
-    CLIP Set Last Layer's layer, any other node that passes a ``clip`` on by its class); '' where none is linked."""
+    unless 0, CLIP Set Last Layer's layer, any other node that passes a ``clip`` on by its class); '' where none is
+    linked."""
     applied = []
     for _ in range(len(prompt or {})):
         if not _is_link(link):
@@ -285,14 +286,17 @@ def _clip(prompt: dict | None, link) -> str:
         kind, inputs = _linked(prompt, link)
         if kind is None:
             break
-        if "clip" not in inputs:
-            loaded = _loaded(kind, inputs)
-            return " + ".join([loaded, *reversed(applied)]) if loaded else ""
+        if "clip" not in inputs:  # its loader: a checkpoint's named as the model's is, so that the two compare
+            name = inputs.get(_LOADED_FROM[kind]) if kind in _LOADED_FROM else None
+            loaded = name if isinstance(name, str) else _loaded(kind, inputs) or kind  # a merge: by its class
+            return " + ".join([loaded, *reversed(applied)])
         if kind == "LoraLoader":
             name, strength = inputs.get("lora_name"), inputs.get("strength_clip")
-            applied.append(f"{name if isinstance(name, str) else kind}{_strength(strength)}")
+            if strength != 0:  # ComfyUI applies nothing to the CLIP then
+                applied.append(f"{name if isinstance(name, str) else kind}{_strength(strength)}")
         elif kind == "CLIPSetLastLayer":
-            applied.append(f"last layer {inputs.get('stop_at_clip_layer')}")
+            layer = inputs.get("stop_at_clip_layer")
+            applied.append(f"last layer {layer if isinstance(layer, int) else '(linked)'}")
         else:
             applied.append(kind)
         link = inputs.get("clip")

@@ -691,25 +691,40 @@ def test_the_model_names_its_text_encoders_where_a_lora_clip_skip_or_hooks_chang
              "5": {"class_type": "ConditioningSetTimestepRange",
                    "inputs": {"conditioning": ["6", 0], "start": 0.0, "end": 1.0}},
              "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}}}
-    assert graph_run(graph, "3")["model"] == "v1-5.safetensors + d.pt (0.8)"  # the checkpoint's own CLIP: unnamed
-    graph["6"]["inputs"]["clip"] = graph["3"]["inputs"]["clip"] = ["12", 0]
-    assert graph_run(graph, "3")["model"] == "v1-5.safetensors + d.pt (0.8) · clip: v1-5.safetensors + d.pt (0.5) + " \
-                                             "last layer -2"
-    graph["3"]["inputs"]["clip"] = ["1", 1]  # the attribution prompt encoded by the checkpoint's CLIP
-    assert graph_run(graph, "3")["model"].endswith(" · clip: v1-5.safetensors + d.pt (0.5) + last layer -2, "
-                                                   "attribution clip: v1-5.safetensors")
-    graph["6"]["inputs"]["clip"] = ["13", 0]
+    model = "v1-5.safetensors + d.pt (0.8)"
+
+    def named(**clips):
+        """The model's name with the clip inputs of these nodes linked to these links."""
+        for node, link in clips.items():
+            graph[node.removeprefix("n")]["inputs"]["clip"] = link
+        return graph_run(graph, "3")["model"]
+
+    assert named() == model  # the checkpoint's own CLIP everywhere: unnamed, as in files logged before
+    changed = "v1-5.safetensors + d.pt (0.5) + last layer -2"
+    assert named(n6=["12", 0], n4=["12", 0], n3=["12", 0]) == f"{model} · clip: {changed}"
+    assert named(n4=["1", 1]) == f"{model} · clip: {changed}, negative clip: v1-5.safetensors"
+    assert named(n3=["1", 1]) == f"{model} · clip: {changed}, negative clip: v1-5.safetensors, attribution clip: " \
+                                 "v1-5.safetensors"
+    assert named(n6=["1", 1], n3=["12", 0]) == f"{model} · clip: v1-5.safetensors, attribution clip: {changed}"
+    graph["12"]["inputs"]["stop_at_clip_layer"] = ["20", 0]
+    graph["11"]["inputs"]["strength_clip"] = 0  # ComfyUI applies nothing to the CLIP
+    assert named() == f"{model} · clip: v1-5.safetensors, attribution clip: v1-5.safetensors + last layer (linked)"
     graph["13"] = {"class_type": "SetClipHooks", "inputs": {"clip": ["1", 1], "hooks": ["14", 0],
                                                             "apply_to_conds": True, "schedule_clip": False}}
-    assert graph_run(graph, "3")["model"].endswith(" · clip: v1-5.safetensors + SetClipHooks, "
-                                                   "attribution clip: v1-5.safetensors")
-    graph["6"]["inputs"]["clip"] = ["15", 0]
+    assert named(n6=["13", 0], n3=["1", 1]) == f"{model} · clip: v1-5.safetensors + SetClipHooks, " \
+                                               "negative clip: v1-5.safetensors, attribution clip: v1-5.safetensors"
     graph["15"] = {"class_type": "CLIPLoader",
                    "inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion"}}
-    assert graph_run(graph, "3")["model"].endswith(" · clip: clip_l.safetensors, attribution clip: v1-5.safetensors")
+    assert named(n6=["15", 0], n4=["15", 0], n3=["15", 0]) == f"{model} · clip: clip_l.safetensors"
+    graph["15"] = {"class_type": "CLIPMergeSimple", "inputs": {"clip1": ["1", 1], "clip2": ["16", 0], "ratio": 0.5}}
+    assert named() == f"{model} · clip: CLIPMergeSimple"  # made of two: by its class, not as the checkpoint's own
     graph["5"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
                                                                   "conditioning_2": ["4", 0]}}
-    assert graph_run(graph, "3")["model"] == "v1-5.safetensors + d.pt (0.8)"  # no one encoder: as the prompt, unnamed
+    assert named(n4=["1", 1], n3=["1", 1]) == model  # no one encoder: unnamed, as its prompt is
+    graph["5"] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {"clip": ["12", 0], "text_g": "a", "text_l": "a"}}
+    assert named(n4=["12", 0], n3=["12", 0]) == f"{model} · clip: v1-5.safetensors + last layer (linked)"
+    graph["1"]["inputs"]["ckpt_name"] = "old.pkl"  # a file kind whose name the loader's read gives, not _loaded's
+    assert named(n5=["1", 1], n4=["1", 1], n3=["1", 1]) == "old.pkl + d.pt (0.8)"
 
 
 def test_every_node_takes_q_over_the_samplers_range(pack):
