@@ -322,9 +322,23 @@ def _mismatch(guided, baselines, columns) -> str:
         return sum(differs), differs
 
     nearest = min(baselines, key=distance)
-    differing = [f"{c}: {nearest.get(c, '')!s:.40} at λ = 0, {first.get(c, '')!s:.40} guided" for c in columns
-                 if _cell(nearest, c) != _cell(first, c)]
+    differing = [f"{c}: {base} at λ = 0, {guided_value} guided" for c in columns if _cell(nearest, c) != _cell(first, c)
+                 for base, guided_value in [_apart(str(nearest.get(c, "")), str(first.get(c, "")))]]
+    if not differing:  # its image's λ = 0 row is there: one of the two has no figure
+        return " (the first guided row has its λ = 0 row, but one of the two has no figure: n/a, no maps to threshold)"
     return f" (the λ = 0 row nearest the first guided row differs from it in {'; '.join(differing)})"
+
+
+def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
+    """Two texts as a message shows them: whole up to ``width`` characters, else cut to ``width`` around the first
+    character in which they differ, so that two long values do not read alike."""
+    differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, min(differ - width // 2, max(len(a), len(b)) - width))
+
+    def cut(text: str) -> str:
+        return ("…" if start else "") + text[start:start + width] + ("…" if len(text) > start + width else "")
+
+    return cut(a), cut(b)
 
 
 def _differing_columns(a: dict, b: dict) -> str:

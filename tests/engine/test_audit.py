@@ -491,6 +491,18 @@ def test_reductions_that_pair_nothing_name_where_the_nearest_lambda_0_row_differ
     with pytest.raises(ValueError, match=r"log the same seeds.*\(the λ = 0 row nearest the first guided row differs "
                                          r"from it in image: 1 at λ = 0, 0 guided\)$"):
         reductions(base_rows + guided_rows)
+    # Long values are cut around where they differ, not at the same place: a model named again with its CLIP.
+    model = "v1-5.safetensors + detail_lora_v2_final.safetensors (0.8)"
+    with_clip = model + " · clip: v1-5.safetensors + d.pt (0.5)"
+    with pytest.raises(ValueError, match=r"in model: …al.safetensors \(0.8\) at λ = 0, …al.safetensors \(0.8\) · "
+                                         r"clip: v1-5.safete… guided\)$"):
+        reductions([{**r, "model": model} for r in base_rows] + [{**base_rows[0], "model": with_clip, "seed": 7}]
+                   + [{**r, "noise_index": r["image"], "model": with_clip} for r in audit_rows(halves_trace())])
+    # Every guided image has its λ = 0 row, but no figure: said so, not an empty list of columns.
+    with pytest.raises(ValueError, match=r"\(the first guided row has its λ = 0 row, but one of the two has no figure: "
+                                         r"n/a, no maps to threshold\)$"):
+        reductions(base_rows + [{**r, "noise_index": r["image"], "iou": float("nan")}
+                                for r in audit_rows(halves_trace())])
 
 
 def test_reductions_refuse_a_column_to_match_that_the_rows_lack_naming_it():
