@@ -4,6 +4,8 @@ The reference point is an independent computation: the raw U-Net called directly
 forward hooks on every ``attn2.to_q``, the paper's ε-space update ε̂ = ε_cfg + λ·√(1−ᾱ)·∇_z E written out.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -211,7 +213,25 @@ def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15
     assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
 
 
-def test_guidance_runs_with_every_sampler_comfyui_lists_and_moves_every_image_at_every_evaluation(sd15, prompts):
+@contextlib.contextmanager
+def every_correction_gated(monkeypatch):
+    """Guided runs whose every correction the gate skips: the guided passes and their rounding, no update. Against
+    one, a guided run's difference is the update's alone (a λ = 0 run differs by the guided passes' own rounding)."""
+    import biasmap_engine.host.session as session
+
+    step = session.guidance_step
+    with monkeypatch.context() as patched:
+        patched.setattr(session, "guidance_step", lambda *args: step(*args, max_norm=0.0))
+        yield
+
+
+def moved_images(guided: torch.Tensor, gated: torch.Tensor) -> list[bool]:
+    """Whether the update changed each image of a batch (bit for bit on the CPU)."""
+    return ((guided - gated).flatten(1).abs().amax(dim=1) > 0).tolist()
+
+
+def test_guidance_runs_with_every_sampler_comfyui_lists_and_moves_every_image_at_every_evaluation(sd15, prompts,
+                                                                                                  monkeypatch):
     # Beyond the issue's seven, above: CFG++ samplers (which renoise with the unconditional prediction), adaptive
     # ones that evaluate as often as they choose (dpm_adaptive), SDE, multistep and predictor-corrector samplers.
     import comfy.samplers
@@ -221,51 +241,62 @@ def test_guidance_runs_with_every_sampler_comfyui_lists_and_moves_every_image_at
     failed = {}
     others = [s for s in comfy.samplers.KSampler.SAMPLERS if s not in ISSUE_SAMPLERS]
     for sampler in others:
-        plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2, sampler=sampler, cfg=5.0, batch=2, size=16)
-        guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, sampler=sampler, cfg=5.0, batch=2, size=16)
-        counts = trace.guidance_counts()
-        if not (torch.isfinite(guided).all() and not torch.equal(plain, guided) and trace.steps.numel() >= 2
-                and counts["applied"] == sum(counts.values()) == trace.steps.numel() * 2 and not trace.notes):
-            failed[sampler] = (counts, trace.steps.numel(), trace.notes)
+        run = dict(steps=2, sampler=sampler, cfg=5.0, batch=2, size=16)
+        with every_correction_gated(monkeypatch):
+            gated, gated_trace, _ = sample(model, clip, pos, neg, 100.0, **run)
+        guided, trace, _ = sample(model, clip, pos, neg, 100.0, **run)
+        counts, gated_counts = trace.guidance_counts(), gated_trace.guidance_counts()
+        evaluations = trace.steps.numel() * 2
+        if not (torch.isfinite(guided).all() and moved_images(guided, gated) == [True, True] and evaluations >= 4
+                and counts["applied"] == sum(counts.values()) == evaluations and not trace.notes
+                and gated_counts["skipped_gate"] == sum(gated_counts.values())):  # dpm_adaptive: its own count
+            failed[sampler] = (counts, moved_images(guided, gated), trace.notes)
     assert len(others) > 30 and failed == {}
 
 
-def test_guidance_runs_with_every_scheduler_comfyui_lists_and_moves_every_image_at_every_step(sd15, prompts):
+def test_guidance_runs_with_every_scheduler_comfyui_lists_and_moves_every_image_at_every_step(sd15, prompts,
+                                                                                              monkeypatch):
     import comfy.samplers
 
     model, clip = sd15
     pos, neg = prompts
     failed = {}
     for scheduler in comfy.samplers.KSampler.SCHEDULERS:
-        plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=3, batch=2, size=16, scheduler=scheduler)
-        guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, batch=2, size=16, scheduler=scheduler)
+        run = dict(steps=3, batch=2, size=16, scheduler=scheduler)
+        with every_correction_gated(monkeypatch):
+            gated, _, _ = sample(model, clip, pos, neg, 100.0, **run)
+        guided, trace, _ = sample(model, clip, pos, neg, 100.0, **run)
         counts = trace.guidance_counts()
-        if not (torch.isfinite(guided).all() and not torch.equal(plain, guided) and trace.steps.numel() == 3
-                and counts["applied"] == sum(counts.values()) == 6 and not trace.notes):
-            failed[scheduler] = (counts, trace.steps.numel(), trace.notes)
+        if not (torch.isfinite(guided).all() and moved_images(guided, gated) == [True, True]
+                and trace.steps.numel() == 3 and counts["applied"] == sum(counts.values()) == 6 and not trace.notes):
+            failed[scheduler] = (counts, moved_images(guided, gated), trace.notes)
     assert len(comfy.samplers.KSampler.SCHEDULERS) > 8 and failed == {}
 
 
-def test_guided_inpainting_moves_the_latent_inside_its_noise_mask_and_keeps_it_outside(sd15, prompts):
+def test_guided_inpainting_moves_the_latent_inside_its_noise_mask_and_keeps_it_outside(sd15, prompts, monkeypatch):
     # Set Latent Noise Mask: ComfyUI puts the original latent back outside the mask after every evaluation, the
     # guided one too, so guidance changes only the part being painted.
     model, clip = sd15
     pos, neg = prompts
-    mask = torch.zeros(1, 1, 32, 32)
+    mask = torch.zeros(2, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1.0
-    image = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-    out = {}
-    for scale in (0.0, 100.0):
+    image = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def inpainted():
         with torch.inference_mode():
-            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=scale))
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
             latent, trace = sample_with_scheduler(session, model, 0, 3, 7.0, "euler", "normal", pos, neg,
                                                   {"samples": image, "noise_mask": mask})
-        out[scale] = latent["samples"]
-    outside = mask.expand_as(image) == 0
-    assert torch.equal(out[100.0][outside], out[0.0][outside])
-    assert (out[100.0][outside] - image[outside]).abs().max() < 1e-4  # kept, to float rounding
-    assert not torch.equal(out[100.0][~outside], out[0.0][~outside])
-    assert trace.guidance_counts()["applied"] == 3 and not trace.notes
+        return latent["samples"], trace
+
+    with every_correction_gated(monkeypatch):
+        gated, _ = inpainted()
+    guided, trace = inpainted()
+    inside = mask.expand_as(image) == 1
+    assert moved_images(guided * inside, gated * inside) == [True, True]
+    assert torch.equal(guided[~inside], gated[~inside])
+    assert (guided[~inside] - image[~inside]).abs().max() < 1e-4  # kept, to float rounding
+    assert trace.guidance_counts()["applied"] == 6 and not trace.notes
 
 
 @pytest.mark.parametrize("gate, status", [("skip", "skipped_gate"), ("clip", "clipped")])
