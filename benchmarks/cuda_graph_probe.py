@@ -79,8 +79,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 def free_memory_as_first_asked():
     """ComfyUI's ``get_free_memory`` answering each question as it first did: each evaluation asks it how many CFG
     entries to batch, and on CUDA it asks the driver (``cudaMemGetInfo``), a call that a stream capture may refuse.
-    Asked first in the warm-ups, so that a capture asks the driver nothing; host-side bookkeeping that a replay would
-    not redo anyway."""
+    Asked first in the warm-ups, which ask what the capture asks (a question first asked in the capture would still
+    reach the driver: relaxed mode lets it); host-side bookkeeping that a replay would not redo anyway."""
     import comfy.model_management as mm
 
     asked, first = mm.get_free_memory, {}

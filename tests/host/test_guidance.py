@@ -195,24 +195,6 @@ def test_guidance_lowers_entanglement_for_most_seeds_and_a_lambda_sweep_is_monot
     assert mean(hard[1000.0]) < mean(hard[0.0]), hard
 
 
-ISSUE_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "heun", "ddim", "uni_pc"]
-
-
-@pytest.mark.parametrize("cfg", [1.0, 7.0])
-@pytest.mark.parametrize("sampler", ISSUE_SAMPLERS)
-def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15, prompts, sampler, cfg):
-    model, clip = sd15
-    pos, neg = prompts
-    plain, _, _ = sample(model, clip, pos, neg, 0.0, steps=2, sampler=sampler, cfg=cfg, batch=2)
-    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, sampler=sampler, cfg=cfg, batch=2)
-    assert torch.isfinite(guided).all()
-    assert not torch.equal(plain, guided)
-    counts = trace.guidance_counts()
-    assert counts["applied"] == sum(counts.values()) == trace.steps.numel() * 2  # every evaluation, both images
-    assert torch.isfinite(trace.guidance["energy"]).all()
-    assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
-
-
 @contextlib.contextmanager
 def every_correction_gated(monkeypatch):
     """Guided runs whose every correction the gate skips: the guided passes and their rounding, no update. Against
@@ -228,6 +210,25 @@ def every_correction_gated(monkeypatch):
 def moved_images(guided: torch.Tensor, gated: torch.Tensor) -> list[bool]:
     """Whether the update changed each image of a batch (bit for bit on the CPU)."""
     return ((guided - gated).flatten(1).abs().amax(dim=1) > 0).tolist()
+
+
+ISSUE_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "heun", "ddim", "uni_pc"]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 7.0])
+@pytest.mark.parametrize("sampler", ISSUE_SAMPLERS)
+def test_guidance_runs_with_every_sampler_and_accounts_for_every_evaluation(sd15, prompts, monkeypatch, sampler, cfg):
+    model, clip = sd15
+    pos, neg = prompts
+    with every_correction_gated(monkeypatch):
+        gated, _, _ = sample(model, clip, pos, neg, 100.0, steps=2, sampler=sampler, cfg=cfg, batch=2)
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, sampler=sampler, cfg=cfg, batch=2)
+    assert torch.isfinite(guided).all()
+    assert moved_images(guided, gated) == [True, True]
+    counts = trace.guidance_counts()
+    assert counts["applied"] == sum(counts.values()) == trace.steps.numel() * 2  # every evaluation, both images
+    assert torch.isfinite(trace.guidance["energy"]).all()
+    assert not [n for n in trace.notes if "did not run" in n]  # every step's evaluations reached BiasMap
 
 
 def test_guidance_runs_with_every_sampler_comfyui_lists_and_moves_every_image_at_every_evaluation(sd15, prompts,
