@@ -461,9 +461,11 @@ def test_reductions_count_the_lambda_0_rows_of_an_image_logged_again_as_they_cou
     base, guided = _baseline_and_guided()
     base_rows = audit_rows(base, q=0.5, size=(8, 8))
     relabelled = [{**row, "label": "again"} for row in base_rows if row["semantic"] == "nurse"]
+    unpaired = [{**row, "seed": 99} for row in audit_rows(guided, q=0.5, size=(8, 8)) if row["semantic"] == "nurse"]
     rows = base_rows + relabelled + audit_rows(guided, q=0.5, size=(8, 8))
-    figures = {f["semantic"]: f for f in reductions(rows)}
-    assert (figures["nurse"]["baseline_duplicates"], figures["doctor"]["baseline_duplicates"]) == (2, 0)
+    figures = {f["semantic"]: f for f in reductions(rows + unpaired)}  # rows without a λ = 0 row add none
+    assert (figures["nurse"]["unpaired"], figures["nurse"]["baseline_duplicates"]) == (2, 2)
+    assert figures["doctor"]["baseline_duplicates"] == 0
     once = {f["semantic"]: f for f in reductions(base_rows + audit_rows(guided, q=0.5, size=(8, 8)))}
     assert figures["nurse"]["reduction"] == once["nurse"]["reduction"] and once["nurse"]["baseline_duplicates"] == 0
     doctor, nurse = reductions_text(rows).splitlines()[1:]
@@ -488,9 +490,10 @@ def test_reductions_that_pair_nothing_name_where_the_nearest_lambda_0_row_differ
     base.settings = {"scale": 0.0, "guided_stages": None}
     base_rows = [{**r, "noise_index": r["image"]} for r in audit_rows(base)]
     guided_rows = [{**r, "noise_index": 1} for r in audit_rows(halves_trace()) if r["image"] == 0]
+    later = {**guided_rows[0], "steps": 9}  # a row after it, whose nearest λ = 0 row differs elsewhere
     with pytest.raises(ValueError, match=r"log the same seeds.*\(the λ = 0 row nearest the first guided row differs "
                                          r"from it in image: 1 at λ = 0, 0 guided\)$"):
-        reductions(base_rows + guided_rows)
+        reductions(base_rows + guided_rows + [later])
     # Long values are cut around where they differ, not at the same place: a model named again with its CLIP.
     model = "v1-5.safetensors + detail_lora_v2_final.safetensors (0.8)"
     with_clip = model + " · clip: v1-5.safetensors + d.pt (0.5)"
