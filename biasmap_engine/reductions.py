@@ -249,8 +249,7 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
             "reduction": (before - after) / before if before > 0 else math.nan, "reduction_interval": of_means,
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
             "mean_image_reduction_interval": per_image_mean,
-            "images_with_overlap": len(per_image), "unpaired": group["unpaired"],
-            **{k: group[k] for k in _LEFT_OUT}}
+            "images_with_overlap": len(per_image), **{k: group[k] for k in _LEFT_OUT}}
 
 
 def _intervals(values: list[tuple[float, float]], with_overlap: int) -> tuple[tuple, tuple]:
@@ -316,14 +315,15 @@ def _mismatch(guided, baselines, columns) -> str:
     if apart:
         return f" (the guided and λ = 0 rows differ in every value of {', '.join(apart)})"
     first = guided[0]
+    target = _key(first, columns)
 
-    def distance(row):  # the fewest differing columns; of those, differences in the later (less telling) columns
-        differs = [_cell(row, c) != _cell(first, c) for c in columns]
+    def distance(row) -> tuple[int, list[bool]]:  # the fewest differing columns; of those, the later (less telling)
+        differs = [value != wanted for value, wanted in zip(_key(row, columns), target)]
         return sum(differs), differs
 
     nearest = min(baselines, key=distance)
-    differing = [f"{c}: {base} at λ = 0, {guided_value} guided" for c in columns if _cell(nearest, c) != _cell(first, c)
-                 for base, guided_value in [_apart(str(nearest.get(c, "")), str(first.get(c, "")))]]
+    differing = [f"{c}: {base} at λ = 0, {guided_value} guided" for c, differ in zip(columns, distance(nearest)[1])
+                 if differ for base, guided_value in [_apart(str(nearest.get(c, "")), str(first.get(c, "")))]]
     if not differing:  # its image's λ = 0 row is there: one of the two has no figure
         return " (the first guided row has its λ = 0 row, but one of the two has no figure: n/a, no maps to threshold)"
     return f" (the λ = 0 row nearest the first guided row differs from it in {'; '.join(differing)})"
