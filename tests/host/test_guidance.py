@@ -282,17 +282,10 @@ def test_guided_inpainting_moves_the_latent_inside_its_noise_mask_and_keeps_it_o
     mask = torch.zeros(2, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1.0
     image = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-
-    def inpainted():
-        with torch.inference_mode():
-            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0))
-            latent, trace = sample_with_scheduler(session, model, 0, 3, 7.0, "euler", "normal", pos, neg,
-                                                  {"samples": image, "noise_mask": mask})
-        return latent["samples"], trace
-
+    latent = {"samples": image, "noise_mask": mask}
     with every_correction_gated(monkeypatch):
-        gated, _ = inpainted()
-    guided, trace = inpainted()
+        gated, _, _ = sample(model, clip, pos, neg, 100.0, steps=3, latent=latent)
+    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=3, latent=latent)
     inside = mask.expand_as(image) == 1
     assert moved_images(guided * inside, gated * inside) == [True, True]
     assert torch.equal(guided[~inside], gated[~inside])

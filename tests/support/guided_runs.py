@@ -9,15 +9,16 @@ ATTRIBUTION = "A photo of the face of a doctor and gender"
 
 
 def sample(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32,
-           scheduler="normal", **settings):
-    """One run; returns (latent, trace, first evaluation's (x, σ, guided denoised))."""
+           scheduler="normal", latent=None, **settings):
+    """One run (of ``batch`` empty latents of ``size``², or of ``latent``, a LATENT); returns (latent, trace, first
+    evaluation's (x, σ, guided denoised))."""
     out, trace, seen = evaluations(model, clip, pos, neg, scale, seed, steps, sampler, cfg, batch, size, scheduler,
-                                   **settings)
+                                   latent, **settings)
     return out, trace, seen[0]
 
 
 def evaluations(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", cfg=7.0, batch=1, size=32,
-                scheduler="normal", **settings):
+                scheduler="normal", latent=None, **settings):
     """One run; returns (latent, trace, every evaluation's (x, σ, guided denoised), in order)."""
     import comfy.patcher_extension as ext
 
@@ -30,7 +31,7 @@ def evaluations(model, clip, pos, neg, scale, seed=0, steps=1, sampler="euler", 
 
     spied = model.clone()
     spied.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "test-spy", spy)  # outside BiasMap's main wrapper: sees its result
-    lat = {"samples": torch.zeros(batch, 4, size, size)}
+    lat = latent or {"samples": torch.zeros(batch, 4, size, size)}
     with torch.inference_mode():
         session = start_session(spied, clip, ATTRIBUTION, ["gender"], ["doctor"],
                                 BiasMapSettings(scale=scale, **settings))
