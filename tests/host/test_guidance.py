@@ -196,15 +196,21 @@ def test_guidance_lowers_entanglement_for_most_seeds_and_a_lambda_sweep_is_monot
 
 
 @contextlib.contextmanager
-def every_correction_gated(monkeypatch):
-    """Guided runs whose every correction the gate skips: the guided passes and their rounding, no update. Against
-    one, a guided run's difference is the update's alone (a λ = 0 run differs by the guided passes' own rounding)."""
+def gate_threshold(monkeypatch, max_norm: float):
+    """Guided runs whose gate acts on gradients of norm ≥ ``max_norm`` instead of the method's 1, which gradients of
+    random weights stay far below."""
     import biasmap_engine.host.session as session
 
     step = session.guidance_step
     with monkeypatch.context() as patched:
-        patched.setattr(session, "guidance_step", lambda *args: step(*args, max_norm=0.0))
+        patched.setattr(session, "guidance_step", lambda *args: step(*args, max_norm=max_norm))
         yield
+
+
+def every_correction_gated(monkeypatch):
+    """Guided runs whose every correction the gate skips: the guided passes and their rounding, no update. Against
+    one, a guided run's difference is the update's alone (a λ = 0 run differs by the guided passes' own rounding)."""
+    return gate_threshold(monkeypatch, 0.0)
 
 
 def moved_images(guided: torch.Tensor, gated: torch.Tensor) -> list[bool]:
@@ -296,14 +302,10 @@ def test_guided_inpainting_moves_the_latent_inside_its_noise_mask_and_keeps_it_o
 @pytest.mark.parametrize("gate, status", [("skip", "skipped_gate"), ("clip", "clipped")])
 def test_the_chosen_gate_decides_what_happens_to_a_gradient_above_the_threshold(sd15, prompts, monkeypatch, gate,
                                                                                  status):
-    # Random weights give gradients far below norm 1: a threshold lowered to almost 0 makes every one of them large.
-    import biasmap_engine.host.session as session
-
     model, clip = sd15
     pos, neg = prompts
-    step = session.guidance_step
-    monkeypatch.setattr(session, "guidance_step", lambda *args: step(*args, max_norm=1e-30))
-    guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, gate=gate)
+    with gate_threshold(monkeypatch, 1e-30):  # above 0, so that "clip" has a norm to clip to
+        guided, trace, _ = sample(model, clip, pos, neg, 100.0, steps=2, gate=gate)
     assert trace.guidance_counts()[status] == 2 and trace.settings["gate"] == gate and torch.isfinite(guided).all()
 
 
