@@ -224,23 +224,21 @@ def _model(prompt: dict | None, node_id) -> str:
     """The file node ``node_id``'s MODEL is loaded from, then what was applied on the way in that order: files with
     their strength, other nodes by class (``v1-5.safetensors + detail.safetensors (0.8) + FreeU_V2``); '' where the
     model does not come from one loader (a merge of two)."""
-    link, applied = _inputs(prompt, node_id).get("model"), []
-    for _ in range(len(prompt or {})):
-        if not _is_link(link):
-            break
-        kind, inputs = _linked(prompt, link)
-        if kind in _LOADED_FROM:
-            name = inputs.get(_LOADED_FROM[kind])
-            return " + ".join([name, *reversed(applied)]) if isinstance(name, str) else ""
-        if kind in _APPLIED:
-            name, strength = (inputs.get(key) for key in _APPLIED[kind])
-            applied.append(f"{name if isinstance(name, str) else kind}{_strength(strength)}")
-        elif kind is not None and "model" not in inputs:
-            return " + ".join([_loaded(kind, inputs), *reversed(applied)]) if _loaded(kind, inputs) else ""
-        elif kind is not None:
-            applied.append(kind)
-        link = inputs.get("model")
-    return ""
+    return _chain(prompt, _inputs(prompt, node_id).get("model"), "model", _model_applied, _model_loaded)
+
+
+def _model_applied(kind: str, inputs: dict) -> str:
+    if kind in _APPLIED:
+        name, strength = (inputs.get(key) for key in _APPLIED[kind])
+        return f"{name if isinstance(name, str) else kind}{_strength(strength)}"
+    return kind
+
+
+def _model_loaded(kind: str, inputs: dict) -> str:
+    if kind in _LOADED_FROM:
+        name = inputs.get(_LOADED_FROM[kind])
+        return name if isinstance(name, str) else ""
+    return _loaded(kind, inputs)
 
 
 def _text_encoders(prompt: dict | None, node_id, model: str) -> str:
@@ -279,27 +277,40 @@ def _clip(prompt: dict | None, link) -> str:
     (``v1-5.safetensors + detail.safetensors (0.8) + last layer -2 + SetClipHooks``: a LoRA with its CLIP strength,
     unless 0, CLIP Set Last Layer's layer, any other node that passes a ``clip`` on by its class); '' where none is
     linked."""
+    return _chain(prompt, link, "clip", _clip_applied, _clip_loaded)
+
+
+def _clip_applied(kind: str, inputs: dict) -> str:
+    if kind == "LoraLoader":
+        name, strength = inputs.get("lora_name"), inputs.get("strength_clip")
+        # ComfyUI applies nothing to the CLIP at strength 0
+        return f"{name if isinstance(name, str) else kind}{_strength(strength)}" if strength != 0 else ""
+    if kind == "CLIPSetLastLayer":
+        layer = inputs.get("stop_at_clip_layer")
+        return f"last layer {layer if isinstance(layer, int) else '(linked)'}"
+    return kind
+
+
+def _clip_loaded(kind: str, inputs: dict) -> str:
+    """A checkpoint's CLIP named as its model is, so that the two compare; a merge by its class."""
+    name = inputs.get(_LOADED_FROM[kind]) if kind in _LOADED_FROM else None
+    return name if isinstance(name, str) else _loaded(kind, inputs) or kind
+
+
+def _chain(prompt: dict | None, link, through: str, applied_as, loaded_as) -> str:
+    """A MODEL or CLIP named by the node that makes it, ``loaded_as(kind, inputs)``, then by each node on the way to
+    ``link`` that passes one on through its input ``through``, ``applied_as(kind, inputs)`` ('' for one that applies
+    nothing); '' where nothing is linked or ``loaded_as`` names no one source."""
     applied = []
-    for _ in range(len(prompt or {})):
-        if not _is_link(link):
-            break
+    for _ in range(len(prompt or {})):  # each node once at most, in a graph without cycles
         kind, inputs = _linked(prompt, link)
         if kind is None:
             break
-        if "clip" not in inputs:  # its loader: a checkpoint's named as the model's is, so that the two compare
-            name = inputs.get(_LOADED_FROM[kind]) if kind in _LOADED_FROM else None
-            loaded = name if isinstance(name, str) else _loaded(kind, inputs) or kind  # a merge: by its class
-            return " + ".join([loaded, *reversed(applied)])
-        if kind == "LoraLoader":
-            name, strength = inputs.get("lora_name"), inputs.get("strength_clip")
-            if strength != 0:  # ComfyUI applies nothing to the CLIP then
-                applied.append(f"{name if isinstance(name, str) else kind}{_strength(strength)}")
-        elif kind == "CLIPSetLastLayer":
-            layer = inputs.get("stop_at_clip_layer")
-            applied.append(f"last layer {layer if isinstance(layer, int) else '(linked)'}")
-        else:
-            applied.append(kind)
-        link = inputs.get("clip")
+        if through not in inputs:
+            loaded = loaded_as(kind, inputs)
+            return " + ".join([loaded, *filter(None, reversed(applied))]) if loaded else ""
+        applied.append(applied_as(kind, inputs))
+        link = inputs[through]
     return ""
 
 
