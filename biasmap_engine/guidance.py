@@ -45,21 +45,22 @@ def guidance_step(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Ten
     wide = torch.promote_types(denoised.dtype, torch.float32)  # fp32 at least; float64 stays float64
     grad, sigma = grad_x.to(wide), _per_image(sigma, grad_x)
     norm = z_grad_norm(grad, sigma)
-    finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(norm)
-    small = norm < max_norm
+    # A gradient's norm is NaN or inf where any of its values is: one test per image, not one per value.
+    finite = torch.isfinite(norm)
+    small = norm < max_norm  # False where not finite
     if gate == "skip":
-        factor = (finite & small).float()
+        factor = small.float()
         status = torch.where(small, STATUS["applied"], STATUS["skipped_gate"])
     else:
         factor = torch.where(finite, (max_norm / norm.clamp_min(1e-30)).clamp(max=1.0), torch.zeros_like(norm))
         status = torch.where(small, STATUS["applied"], STATUS["clipped"])
     status = torch.where(finite, status, STATUS["skipped_nonfinite"]).to(torch.int8)
     per_image = (-1, *([1] * (grad.dim() - 1)))  # [B, 1, …]: over each image's latent
-    grad = torch.where(finite.view(per_image), grad, torch.zeros_like(grad))  # NaN · 0 is NaN: zero it first
     sigma2 = sigma.to(wide).view(per_image) ** 2
     step = scale * sigma2 * factor.to(wide).view_as(sigma2) * grad
-    # An image not moved (gated, non-finite, or λ = 0) keeps its values as they were: λσ² past the dtype's range is
-    # inf, and inf · 0 NaN. λ is a number, not a tensor: tested here, not by a kernel of every guided evaluation.
+    # An image not moved (gated, non-finite, or λ = 0) keeps its values as they were, chosen, not computed: its step
+    # is NaN where its gradient is (NaN · 0 is NaN), or where λσ² is past the dtype's range (inf · 0). λ is a number,
+    # not a tensor: tested here, not by a kernel of every guided evaluation.
     kept = (factor == 0).view(per_image) if scale else torch.ones_like(factor, dtype=torch.bool).view(per_image)
     before = denoised.to(wide)
     return torch.where(kept, before, before - step).to(denoised.dtype), norm, status
