@@ -25,7 +25,7 @@ __all__ = ["OlderFileError", "append_csv", "audit_rows", "csv_text", "read_csv",
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
 _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
-          "first_step", "last_step")
+          "first_step", "last_step", "batch_size", "sampler_demographic", "sampler_semantic")
 # What rows would read as in a file without a column that ``append_csv`` was told they need.
 _READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas", "first_step": "of every step",
                  "last_step": "of every step", "mask_size": "at the image's size"}
@@ -53,6 +53,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
     settings = {"model_family": trace.model_family,
                 **{_SETTING_COLUMNS.get(k, k): " ".join(v or ["all"]) if k == "guided_stages" else v
                    for k, v in trace.settings.items() if k in SETTING_NAMES}}
+    # The sampler's concept lists, which λ > 0 guides against all at once: the pair measured may be one of several.
+    concepts = {"sampler_demographic": ", ".join(trace.demographic), "sampler_semantic": ", ".join(trace.semantic)}
     first, last = steps if steps is not None else (0, trace.num_steps - 1)
     rows = []
     for a, b in pairs:
@@ -60,7 +62,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
         mask_size = "{1}x{0}".format(*result.masks[0].shape[-2:])  # W×H where the masks were thresholded
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
-                         "noise_index": trace.noise_index(i), "demographic": a, "semantic": b, "q": q,
+                         "noise_index": trace.noise_index(i), "batch_size": trace.num_images, **concepts,
+                         "demographic": a, "semantic": b, "q": q,
                          "mask_size": mask_size, "first_step": first, "last_step": last,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),
                          **{f"biou_{s}": round(float(v[i]), 6) for s, v in result.block_ious.items()}, **counts[i],

@@ -12,6 +12,7 @@ each figure comes with the rows it could not use.
 import collections
 import functools
 import math
+import re
 
 import torch
 
@@ -21,12 +22,12 @@ from .report import figure, percent_change
 __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
-_IMAGE = ("seed", "noise_index", "image", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
+_IMAGE = ("seed", "noise_index", "image", "batch_size", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
           "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family",
           "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
-             "guided_stages", "start", "end", "sinkhorn_iters")
+             "guided_stages", "start", "end", "sinkhorn_iters", "sampler_demographic")
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width",
              "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
@@ -92,9 +93,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
             group["pairs"][key] = (base, after)
             group["baseline_duplicates"] += logged[key] - 1  # its λ = 0 image logged again: one row counts
     if not any(g["pairs"] for g in groups.values()):
-        raise ValueError(f"no guided row has a λ = 0 row of the same image: log the same seeds (set the seed, or "
-                         f"Audit Prompts' run, back to the first run's), prompts and settings with guidance_scale 0 "
-                         f"into the file too"
+        raise ValueError(f"no guided row has a λ = 0 row of the same image: "
                          f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
     return [_summary(g, by) for g in groups.values()]
 
@@ -306,14 +305,18 @@ def _check_columns(rows, metric, by, match) -> None:
 
 
 def _mismatch(guided, baselines, columns) -> str:
-    """What kept the guided and λ = 0 rows apart: the columns in which no guided row's value is any λ = 0 row's, or
+    """Why no guided row pairs, then what to log: the columns in which no guided row's value is any λ = 0 row's, or
     else those in which the λ = 0 row nearest the first guided row differs from it (e.g. the image's place in its
     batch, where the same noise was sampled in another batch)."""
+    seeds = "set the seed, or Audit Prompts' run, back to the first run's"
     if not baselines:
-        return " (the rows hold no λ = 0 row)"
+        return (f"the rows hold no λ = 0 row; log the same seeds ({seeds}), prompts and settings with guidance_scale "
+                f"0 into the file too")
     apart = [c for c in columns if not {_cell(r, c) for r in guided} & {_cell(r, c) for r in baselines}]
     if apart:
-        return f" (the guided and λ = 0 rows differ in every value of {', '.join(apart)})"
+        named = ", ".join(apart)
+        return (f"the guided and λ = 0 rows differ in every value of {named}; log λ = 0 runs with the guided runs' "
+                f"{named}, changing guidance_scale alone" + (f" ({seeds})" if "seed" in apart else ""))
     first = guided[0]
     target = _key(first, columns)
 
@@ -325,8 +328,9 @@ def _mismatch(guided, baselines, columns) -> str:
     differing = [f"{c}: {base} at λ = 0, {guided_value} guided" for c, differ in zip(columns, distance(nearest)[1])
                  if differ for base, guided_value in [_apart(str(nearest.get(c, "")), str(first.get(c, "")))]]
     if not differing:  # its image's λ = 0 row is there: one of the two has no figure
-        return " (the first guided row has its λ = 0 row, but one of the two has no figure: n/a, no maps to threshold)"
-    return f" (the λ = 0 row nearest the first guided row differs from it in {'; '.join(differing)})"
+        return "the first guided row has its λ = 0 row, but one of the two has no figure (n/a: no maps to threshold)"
+    return (f"the λ = 0 row nearest the first guided row differs from it in {'; '.join(differing)}; log λ = 0 runs "
+            f"that differ from the guided ones in guidance_scale alone")
 
 
 def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
@@ -371,8 +375,10 @@ def _comparable(value):
     """``value`` as :func:`_cell` compares it."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lstrip("+-").isdigit():
+    if isinstance(value, str) and _is_whole(value):
         return int(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # a spreadsheet saves True as TRUE
+        return value.capitalize()
     return _parsed_number(value) if _is_number(value) else str(value)
 
 
@@ -383,11 +389,16 @@ def _same(a: float, b: float) -> bool:
 
 def _typed(value):
     """A setting as it was set: CSV text back to a bool, an int or a float."""
-    if value in ("True", "False"):
-        return value == "True"
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
     if isinstance(value, str) and _is_number(value):
-        return int(value) if value.lstrip("+-").isdigit() else float(value)
+        return int(value) if _is_whole(value) else float(value)
     return value
+
+
+def _is_whole(text: str) -> bool:
+    """ASCII digits, signed or not: text int() reads (not "²" or "①", which str.isdigit() takes too)."""
+    return re.fullmatch(r"[+-]?[0-9]+", text) is not None
 
 
 def _parsed_number(value) -> float:

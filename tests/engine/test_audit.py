@@ -321,16 +321,21 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
 
 
 # Each file lacks the columns added after its own, down to the latest.
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic")
+
+
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
-                                      "height", "sigmas", "mask_size", "first_step", "last_step"),
+                                      "height", "sigmas", "mask_size", "first_step", "last_step", *_LATEST),
                                      ("generation_prompt", "negative_prompt", "model", "width", "height", "sigmas",
-                                      "mask_size", "first_step", "last_step"),
+                                      "mask_size", "first_step", "last_step", *_LATEST),
                                      ("negative_prompt", "model", "width", "height", "sigmas", "mask_size",
-                                      "first_step", "last_step"),
-                                     ("sigmas", "mask_size", "first_step", "last_step"),
-                                     ("first_step", "last_step")],
+                                      "first_step", "last_step", *_LATEST),
+                                     ("sigmas", "mask_size", "first_step", "last_step", *_LATEST),
+                                     ("first_step", "last_step", *_LATEST),
+                                     _LATEST],
                          ids=["before noise_index", "before generation_prompt", "before model and size",
-                              "before sigmas and mask size", "before the step window"])
+                              "before sigmas and mask size", "before the step window",
+                              "before batch size and the sampler's concepts"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
@@ -372,7 +377,9 @@ def test_reductions_pair_nothing_across_seeds_and_name_the_column_that_kept_them
     base = halves_trace()
     base.settings = {"scale": 0.0, "guided_stages": None}
     base.run = {**base.run, "seed": 43}  # the seed left on increment: the λ = 0 runs got the next seeds
-    with pytest.raises(ValueError, match=r"Audit Prompts' run, back.*differ in every value of seed\)$"):
+    with pytest.raises(ValueError, match=r"differ in every value of seed; log λ = 0 runs with the guided runs' seed, changing "
+                                         r"guidance_scale alone \(set the seed, or Audit Prompts' run, back to the "
+                                         r"first run's\)$"):
         reductions(audit_rows(base) + audit_rows(halves_trace()))
     with pytest.raises(ValueError, match="no column.*fid"):
         reductions(audit_rows(halves_trace()), metric="fid")
@@ -442,7 +449,8 @@ def test_reductions_pair_nothing_across_prompts_models_or_cfg_and_name_the_colum
     # Another negative prompt, prompt, model or cfg makes another picture: its guided row has no λ = 0 row here.
     base, guided = _baseline_and_guided()
     guided.run = {**guided.run, column: value}
-    with pytest.raises(ValueError, match=rf"differ in every value of {column}\)$"):
+    with pytest.raises(ValueError, match=rf"differ in every value of {column}; log λ = 0 runs with the guided "
+                                         rf"runs' {column}, changing guidance_scale alone$"):
         reductions(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)))
 
 
@@ -479,7 +487,7 @@ def test_reductions_name_only_the_columns_in_which_no_guided_row_meets_a_lambda_
     other_seed = halves_trace()
     other_seed.run, other_seed.settings = {**RUN, "seed": 43}, {"scale": 0.0, "guided_stages": None}
     nurse_only = [r for r in audit_rows(other_seed) if r["semantic"] == "nurse"]
-    with pytest.raises(ValueError, match=r"\(the guided and λ = 0 rows differ in every value of seed\)$"):
+    with pytest.raises(ValueError, match=r": the guided and λ = 0 rows differ in every value of seed; log"):
         reductions(nurse_only + audit_rows(guided))
 
 
@@ -491,19 +499,20 @@ def test_reductions_that_pair_nothing_name_where_the_nearest_lambda_0_row_differ
     base_rows = [{**r, "noise_index": r["image"]} for r in audit_rows(base)]
     guided_rows = [{**r, "noise_index": 1} for r in audit_rows(halves_trace()) if r["image"] == 0]
     later = {**guided_rows[0], "steps": 9}  # a row after it, whose nearest λ = 0 row differs elsewhere
-    with pytest.raises(ValueError, match=r"log the same seeds.*\(the λ = 0 row nearest the first guided row differs "
-                                         r"from it in image: 1 at λ = 0, 0 guided\)$"):
+    with pytest.raises(ValueError, match=r"same image: the λ = 0 row nearest the first guided row differs from it in "
+                                         r"image: 1 at λ = 0, 0 guided; log λ = 0 runs that differ from the guided "
+                                         r"ones in guidance_scale alone$"):
         reductions(base_rows + guided_rows + [later])
     # Long values are cut around where they differ, not at the same place: a model named again with its CLIP.
     model = "v1-5.safetensors + detail_lora_v2_final.safetensors (0.8)"
     with_clip = model + " · clip: v1-5.safetensors + d.pt (0.5)"
     with pytest.raises(ValueError, match=r"in model: …al.safetensors \(0.8\) at λ = 0, …al.safetensors \(0.8\) · "
-                                         r"clip: v1-5.safete… guided\)$"):
+                                         r"clip: v1-5.safete… guided; log"):
         reductions([{**r, "model": model} for r in base_rows] + [{**base_rows[0], "model": with_clip, "seed": 7}]
                    + [{**r, "noise_index": r["image"], "model": with_clip} for r in audit_rows(halves_trace())])
     # Every guided image has its λ = 0 row, but no figure: said so, not an empty list of columns.
-    with pytest.raises(ValueError, match=r"\(the first guided row has its λ = 0 row, but one of the two has no figure: "
-                                         r"n/a, no maps to threshold\)$"):
+    with pytest.raises(ValueError, match=r": the first guided row has its λ = 0 row, but one of the two has no figure "
+                                         r"\(n/a: no maps to threshold\)$"):
         reductions(base_rows + [{**r, "noise_index": r["image"], "iou": float("nan")}
                                 for r in audit_rows(halves_trace())])
 
@@ -518,7 +527,7 @@ def test_reductions_refuse_a_column_to_match_that_the_rows_lack_naming_it():
 def test_reductions_pair_rows_measured_over_the_same_steps_only():
     base, guided = _baseline_and_guided()
     late = audit_rows(guided, q=0.5, size=(8, 8), steps=(1, 1))
-    with pytest.raises(ValueError, match=r"differ in every value of first_step\)$"):
+    with pytest.raises(ValueError, match=r"differ in every value of first_step; log"):
         reductions(audit_rows(base, q=0.5, size=(8, 8)) + late)
     figures = {r["semantic"]: r for r in reductions(audit_rows(base, q=0.5, size=(8, 8), steps=(1, 1)) + late)}
     assert figures["nurse"]["images"] == 2 and figures["nurse"]["reduction"] == pytest.approx(0.5, abs=1e-5)
@@ -570,7 +579,8 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     other_seed = halves_trace()
     other_seed.run, other_seed.settings = {**RUN, "seed": 99}, {"scale": 0.0, "guided_stages": None}
     assert reductions_text(audit_rows(guided) + audit_rows(other_seed)).endswith(
-        "(the guided and λ = 0 rows differ in every value of seed)")  # why there are none
+        "the guided and λ = 0 rows differ in every value of seed; log λ = 0 runs with the guided runs' seed, changing "
+        "guidance_scale alone (set the seed, or Audit Prompts' run, back to the first run's)")  # why, and what to do
     # Guided runs alone, their baselines still to come: each concept's means meanwhile, and what to log next.
     assert reductions_text(audit_rows(guided, q=0.5, size=(8, 8))).splitlines() == [
         "entanglement over the file (guided runs only so far; for the reductions, log the same seeds at λ = 0: set "
@@ -766,7 +776,7 @@ def test_reductions_keep_the_first_row_of_an_image_logged_twice():
 @pytest.mark.parametrize("column, guided_measured", [("mask_size", {"size": None}), ("q", {"q": 0.7})])
 def test_reductions_pair_rows_thresholded_alike_only(column, guided_measured):
     base, guided = _baseline_and_guided()
-    with pytest.raises(ValueError, match=rf"differ in every value of {column}\)$"):
+    with pytest.raises(ValueError, match=rf"differ in every value of {column}; log"):
         reductions(audit_rows(base, q=0.5, size=(8, 8))
                    + audit_rows(guided, **{"q": 0.5, "size": (8, 8)} | guided_measured))
 
@@ -851,13 +861,13 @@ def test_an_older_file_refuses_rows_needing_its_missing_columns_with_an_older_fi
     from biasmap_engine import OlderFileError
 
     path = tmp_path / "audit.csv"  # started after mask_size, before the step window
-    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("first_step", "last_step")}
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("first_step", "last_step", *_LATEST)}
                            for row in audit_rows(halves_trace(), q=0.5)])
     with pytest.raises(ValueError) as refused:  # a ValueError, as the nodes' plain_errors and callers expect
         append_csv(str(path), audit_rows(halves_trace(), q=0.5), needed=("first_step", "last_step", "mask_size"))
     assert isinstance(refused.value, OlderFileError) and refused.value.lost == ["first_step", "last_step"]
     older = tmp_path / "older.csv"
-    later, rows = ("sigmas", "mask_size", "first_step", "last_step"), audit_rows(halves_trace(), q=0.5)
+    later, rows = ("sigmas", "mask_size", "first_step", "last_step", *_LATEST), audit_rows(halves_trace(), q=0.5)
     append_csv(str(older), [{k: v for k, v in row.items() if k not in later} for row in rows])
     with pytest.raises(OlderFileError, match="column\\(s\\) sigmas, first_step, last_step, mask_size, without which "
                                              "these rows would read as rows on the schedule of every other run of "
@@ -872,7 +882,7 @@ def test_a_file_started_between_first_step_and_last_step_refuses_a_window_with_a
 
     path = tmp_path / "audit.csv"
     rows = audit_rows(halves_trace(), q=0.5)
-    append_csv(str(path), [{k: v for k, v in row.items() if k != "last_step"} for row in rows])
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("last_step", *_LATEST)} for row in rows])
     with pytest.raises(OlderFileError, match=r"column\(s\) last_step, without which these rows would read as rows of "
                                              r"every step"):
         append_csv(str(path), audit_rows(halves_trace(), q=0.5), needed=("first_step", "last_step"))
@@ -1077,3 +1087,52 @@ def test_the_reductions_report_is_the_text_and_the_table_from_one_computation_an
     assert reductions_report(baselines) == (reductions_text(baselines), None)  # a discovery audit: means only
     unscaled = rows + [{**rows[0], "guidance_scale": ""}]
     assert reductions_report(unscaled) == (reductions_text(unscaled), None)  # none, and why
+
+
+def test_reductions_pair_images_within_batches_of_one_size_only():
+    # An ancestral or SDE sampler draws its noise for the whole batch: image 0 of a batch of 2 is another picture than
+    # the seed's image sampled alone, so neither pairs with the other, nor are two λ = 0 rows of it refused as one.
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8))
+    assert {row["batch_size"] for row in rows} == {2}
+    alone = [{**row, "batch_size": 1, "iou": row["iou"] + 1e-4} for row in rows if row["image"] == 0]
+    figures = {f["semantic"]: f for f in reductions(rows + alone + audit_rows(guided, q=0.5, size=(8, 8)))}
+    assert figures["nurse"]["images"] == 2 and figures["nurse"]["baseline_duplicates"] == 0
+    with pytest.raises(ValueError, match=r"differ in every value of batch_size; log λ = 0 runs with the guided "
+                                         r"runs' batch_size"):
+        reductions(alone + audit_rows(guided, q=0.5, size=(8, 8)))
+
+
+def test_reductions_keep_runs_guided_against_other_demographic_concepts_apart():
+    # The energy is the mean over every pair of the sampler's concepts: guided against gender and race together is
+    # another configuration than against gender alone, even for the gender pair.
+    base, guided = _baseline_and_guided()
+    both = halves_trace()
+    both.demographic = ["gender", "race"]
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    rows += audit_rows(both, q=0.5, size=(8, 8), pairs=[("gender", "nurse")])
+    assert {row["sampler_demographic"] for row in rows} == {"gender", "gender, race"}
+    nurse = [f for f in reductions(rows) if f["semantic"] == "nurse"]
+    assert sorted((f["sampler_demographic"], f["images"]) for f in nurse) == [("gender", 2), ("gender, race", 2)]
+    assert "sampler_demographic gender, race" in reductions_text(rows)
+
+
+def test_reductions_read_a_spreadsheets_true_and_false_as_the_files_own(tmp_path):
+    # Excel and LibreOffice save True as TRUE: rows appended after such a save still pair with it, in one group.
+    base, guided = _baseline_and_guided()
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), [{**row, "add_noise": "TRUE"} for row in audit_rows(guided, q=0.5, size=(8, 8))])
+    append_csv(str(path), [{**row, "add_noise": True} for row in audit_rows(base, q=0.5, size=(8, 8))])
+    append_csv(str(path), [{**row, "add_noise": True, "seed": 7} for row in audit_rows(base, q=0.5, size=(8, 8))]
+               + [{**row, "add_noise": True, "seed": 7} for row in audit_rows(guided, q=0.5, size=(8, 8))])
+    figures = reductions(read_csv(str(path)))
+    assert sorted((f["semantic"], f["images"], f["add_noise"]) for f in figures) == [("doctor", 4, True),
+                                                                                      ("nurse", 4, True)]
+
+
+def test_labels_of_digit_like_characters_are_text_not_numbers_that_fail_to_read():
+    base, guided = _baseline_and_guided()
+    rows = [{**row, "label": label} for row, label in zip(audit_rows(base, q=0.5, size=(8, 8))
+                                                          + audit_rows(guided, q=0.5, size=(8, 8)), ["10²", "①"] * 4)]
+    assert "λ = 0 only" in reductions_text(rows[:4])
+    assert {f["semantic"]: f["images"] for f in reductions(rows, match=("label",))} == {"doctor": 2, "nurse": 2}

@@ -377,6 +377,10 @@ def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folde
         as_comfy_runs(BiasMapAuditLog).execute(**args | {"first_step": 5})
 
 
+# The columns added last, which every older file lacks too.
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic")
+
+
 def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
                                                                                           caplog):
     from biasmap_pack.nodes import BiasMapAuditLog
@@ -384,15 +388,15 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    later = ("negative_prompt", "model", "width", "height", "sigmas", "mask_size", "first_step", "last_step")  # added
-    # after the file was started
+    later = ("negative_prompt", "model", "width", "height", "sigmas", "mask_size", "first_step", "last_step",
+             *_LATEST)  # added after the file was started
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     out = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
-    assert ("without the column(s) sigmas, negative_prompt, model, width, height, mask_size, first_step, last_step"
-            in caplog.text)
+    assert ("without the column(s) sigmas, negative_prompt, model, width, height, batch_size, sampler_demographic, "
+            "sampler_semantic, mask_size, first_step, last_step" in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
     assert summary.startswith("4 row(s) appended to output/biasmap/audit.csv")  # not the server's own path
@@ -427,7 +431,7 @@ def test_audit_log_refuses_a_file_started_before_the_columns_its_rows_need_to_be
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    later = ("mask_size", "first_step", "last_step")
+    later = ("mask_size", "first_step", "last_step", *_LATEST)
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     before = path.read_bytes()
     with pytest.raises(ValueError, match=rf"audit.csv was started before BiasMap wrote the column\(s\) {lost}"):
@@ -445,7 +449,7 @@ def test_audit_log_refuses_rows_of_custom_sigmas_for_a_file_started_before_the_s
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    later = ("sigmas", "mask_size", "first_step", "last_step")
+    later = ("sigmas", "mask_size", "first_step", "last_step", *_LATEST)
     append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     before = path.read_bytes()
     custom = dataclasses.replace(trace, run={**trace.run, "scheduler": "custom sigmas"})  # the Advanced sampler's
@@ -669,8 +673,8 @@ def test_audit_log_names_an_older_file_by_its_place_in_the_output_folder_not_the
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("mask_size", "first_step", "last_step")}
-                           for row in audit_rows(trace)])
+    later = ("mask_size", "first_step", "last_step", *_LATEST)
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     with pytest.raises(ValueError) as refused:
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace, "first_step": 1})
     assert str(refused.value).startswith("output/biasmap/audit.csv was started before BiasMap wrote the column(s)")
