@@ -9,7 +9,7 @@ energy-guided sampling.
 """
 
 from .audit import OlderFileError, append_csv, audit_rows, csv_text, read_csv, write_csv
-from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run
+from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run, check_plan
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
@@ -29,9 +29,10 @@ from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError
 __all__ = [
     "AUDIT_ORDERS", "AuditRun", "BRANCHES", "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError",
     "EntanglementResult", "GATES", "MODES", "NOT_FINITE_CAUSE", "OlderFileError", "PAPER_PROFESSIONS", "STAGE_ORDER",
-    "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "clip_words", "colorize",
-    "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line",
-    "guidance_step", "hard_mask", "iou", "is_ideographic", "label_heatmaps", "listed_twice", "listed_words", "measure_entanglement",
+    "STATUS", "TraceFormatError", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "check_plan", "clip_words",
+    "colorize", "concept_map", "csv_text", "entanglement_energy", "entanglement_picture", "find_word_positions",
+    "guidance_line", "guidance_step", "hard_mask", "iou", "is_ideographic", "label_heatmaps", "listed_twice",
+    "listed_words", "measure_entanglement",
     "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps", "prompt_words",
     "read_csv", "readable", "reductions", "reductions_report", "reductions_table", "reductions_text",
     "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts", "stage_label", "stage_of",

@@ -7,9 +7,9 @@ after each queued prompt picks the subject and the seed, so one graph queued wit
 
 from dataclasses import dataclass
 
-from .tokens import listed_twice, split_concepts
+from .tokens import clip_words, listed_twice, split_concepts
 
-__all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run"]
+__all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run", "check_plan"]
 
 PAPER_PROFESSIONS = ("architect", "artist", "athlete", "cashier", "chef", "doctor", "driver", "engineer",
                      "firefighter", "journalist", "lawyer", "mechanic", "musician", "nurse", "officer", "pilot",
@@ -43,6 +43,26 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     """The subject and seed of queued run number ``run`` over ``subjects`` (one per line, or comma-separated) ×
     ``seeds`` seeds from ``first_seed``; the prompt is ``template`` with the subject for ``{}``, the attribution prompt
     that prompt " and " the demographic concept(s)."""
+    names = check_plan(run, subjects, seeds, template, demographic)
+    if order not in AUDIT_ORDERS:
+        raise ValueError(f"order must be one of {AUDIT_ORDERS}, got {order!r}")
+    if not 0 <= first_seed <= _LARGEST_SEED - (seeds - 1):
+        raise ValueError(f"the seeds {first_seed} … {first_seed + seeds - 1} leave ComfyUI's seeds (0 … "
+                         f"{_LARGEST_SEED}): set first_seed between 0 and {_LARGEST_SEED - (seeds - 1)}")
+    if order == "seed by seed":
+        subject, seed = names[run % len(names)], first_seed + run // len(names)
+    else:
+        subject, seed = names[run // seeds], first_seed + run % seeds
+    prompt = template.replace("{}", subject)
+    demographics = split_concepts(demographic)
+    return AuditRun(run, len(names) * seeds, subject, seed, prompt, f"{prompt} and {' and '.join(demographics)}",
+                    ", ".join(demographics))
+
+
+def check_plan(run: int, subjects: str, seeds: int, template: str | None = None,
+               demographic: str | None = None) -> list[str]:
+    """The subjects of an audit whose ``run`` is one of its runs, checked as :func:`audit_run` checks them, before a
+    queue of runs starts; a ``template`` or ``demographic`` of None (not known yet: linked) is not checked."""
     names = [s for line in subjects.splitlines() for s in split_concepts(line)]
     if not names:
         raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
@@ -50,19 +70,13 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     if twice:
         raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs "
                          f"would be repeated; CLIP reads capitals as lower case)")
-    if "{}" not in template:
+    if template is not None and "{}" not in template:
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "
                          f"e.g. 'A photo of the face of a {{}}'")
-    demographics = split_concepts(demographic)
-    if not demographics:
-        raise ValueError("no demographic concept: give one, e.g. gender or race (comma-separated for several)")
-    if order not in AUDIT_ORDERS:
-        raise ValueError(f"order must be one of {AUDIT_ORDERS}, got {order!r}")
+    if demographic is not None:
+        _check_demographics(split_concepts(demographic), names)
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
-    if not 0 <= first_seed <= _LARGEST_SEED - (seeds - 1):
-        raise ValueError(f"the seeds {first_seed} … {first_seed + seeds - 1} leave ComfyUI's seeds (0 … "
-                         f"{_LARGEST_SEED}): set first_seed between 0 and {_LARGEST_SEED - (seeds - 1)}")
     total = len(names) * seeds
     if run < 0:
         raise ValueError(f"run {run} is before this audit's first run: set run to 0 to begin it (runs 0–{total - 1})")
@@ -71,10 +85,20 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
                          f"runs 0–{total - 1}): the pass is complete; set run back to 0 for the next (λ = 0 for the "
                          f"guided pass's baselines, or another audit), with its control after generate on increment "
                          f"(randomize would pick runs at random)")
-    if order == "seed by seed":
-        subject, seed = names[run % len(names)], first_seed + run // len(names)
-    else:
-        subject, seed = names[run // seeds], first_seed + run % seeds
-    prompt = template.replace("{}", subject)
-    return AuditRun(run, total, subject, seed, prompt, f"{prompt} and {' and '.join(demographics)}",
-                    ", ".join(demographics))
+    return names
+
+
+def _check_demographics(demographics: list[str], subjects: list[str]) -> None:
+    if not demographics:
+        raise ValueError("no demographic concept: give one, e.g. gender or race (comma-separated for several)")
+    twice = listed_twice(demographics)
+    if twice:
+        raise ValueError(f"demographic concept(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once")
+    # The sampler refuses concepts that share words (a concept's overlap with itself is 1, whatever the image): said
+    # here of the subjects typed, before the first run, not by the sampler at the run of each.
+    words = {w for d in demographics for w in clip_words(d)}
+    shared = [s for s in subjects if words & set(clip_words(s))]
+    if shared:
+        raise ValueError(f"subject(s) {', '.join(shared)} share words with the demographic concept(s) "
+                         f"{', '.join(demographics)}, against which every subject is measured: take them out of the "
+                         f"subjects, or change the demographic")

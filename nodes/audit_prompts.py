@@ -8,7 +8,7 @@ queued run takes the next subject and seed, and Audit Log gathers the rows into 
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run
+from ..biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run, check_plan
 from .common import ADVANCED, CATEGORY, plain_errors
 
 __all__ = ["BiasMapAuditPrompts"]
@@ -65,14 +65,14 @@ class BiasMapAuditPrompts(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, run=None, subjects=None, seeds=None):
-        # Before the graph runs, so that a queue past the plan's end stops at its first prompt. Only the inputs the
-        # plan's length needs: ComfyUI skips its own range checks of the inputs named here, and shows the message
-        # under each of them. The others are checked when the node runs, before the sampler it feeds.
+    def validate_inputs(cls, run=None, subjects=None, template=None, demographic=None, seeds=None):
+        # Before the graph runs, so that a queue of an audit's runs stops at its first prompt. ComfyUI skips its own
+        # range checks of the inputs named here (checked below), and shows the message under each of them; first_seed
+        # and order are checked when the node runs, before the sampler it feeds.
         try:
             _check_ranges(run, seeds)
-            if None not in (run, subjects, seeds):  # a linked input: checked when the graph runs
-                audit_run(run, subjects, seeds=seeds)
+            if None not in (run, subjects, seeds):  # a linked input (None) is checked when the node runs
+                check_plan(run, subjects, seeds, template, demographic)
         except ValueError as err:
             return str(err)
         return True
@@ -88,7 +88,7 @@ class BiasMapAuditPrompts(io.ComfyNode):
 
 def _check_ranges(run: int | None, seeds: int | None) -> None:
     """The inputs' ranges, which ComfyUI does not check for inputs validate_inputs names (a run below 0 is left to
-    audit_run, whose message says where the audit begins)."""
+    check_plan, whose message says where the audit begins)."""
     if run is not None and run > _RUNS[1]:
         raise ValueError(f"run {run} is past {_RUNS[1]:,}, the largest run: set run back to 0")
     if seeds is not None and not _SEEDS[0] <= seeds <= _SEEDS[1]:

@@ -56,3 +56,19 @@ def test_a_plan_that_cannot_run_says_what_to_change(inputs, message):
 
 def test_the_last_seeds_a_sampler_takes_can_be_audited():
     assert audit_run(1, "doctor", seeds=2, first_seed=2**64 - 2).seed == 2**64 - 1
+
+
+def test_an_audit_refuses_demographic_concepts_listed_twice_or_shared_with_a_subject_before_its_first_run():
+    # The sampler would refuse them at the run of each such subject, naming its own concepts, mid-queue.
+    from biasmap_engine import check_plan
+
+    with pytest.raises(ValueError, match="demographic concept\\(s\\) listed twice: Gender; list each once"):
+        audit_run(0, "doctor", demographic="gender, Gender")
+    with pytest.raises(ValueError, match="subject\\(s\\) gender, female nurse share words with the demographic "
+                                         "concept\\(s\\) gender, female, against which every subject is measured"):
+        audit_run(0, "doctor, gender, female nurse", demographic="gender, female")
+    assert check_plan(0, "doctor, gender", seeds=3) == ["doctor", "gender"]  # the demographic linked: not known yet
+    with pytest.raises(ValueError, match="share words"):
+        check_plan(0, "doctor, gender", seeds=3, demographic="gender")
+    with pytest.raises(ValueError, match="the pass is complete"):
+        check_plan(6, "doctor, gender", seeds=3)
