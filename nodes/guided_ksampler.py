@@ -9,7 +9,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import guidance_line, split_concepts
+from ..biasmap_engine import guidance_line, typed_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
 from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inputs, plain_errors, settings_from,
@@ -50,14 +50,18 @@ def _session(node, model, clip, kwargs, last_step: int | None):
     # Validation's check again, now that a linked prompt or list (Audit Prompts') is known: its message names the
     # list and the typing habit behind a missing word, which the lookup in the tokens cannot.
     require(check_concepts(kwargs["attribution_prompt"], kwargs["demographic"], kwargs["semantic"]))
-    own = {"demographic": split_concepts(kwargs["demographic"]), "semantic": split_concepts(kwargs["semantic"])}
+    own = {name: typed_concepts(kwargs[name]) for name in ("demographic", "semantic")}
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
     if hidden:  # before the attribution prompt is encoded: nothing spent on a typo
         outputs = queued_outputs()
-        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, outputs, own), kwargs["attribution_prompt"])
+        # As typed, for an empty input of a node reading the trace: a concept's escaped brackets, person \(elderly\),
+        # would be read as emphasis in the concept alone.
+        typed = {name: [text.strip() for text, _ in concepts] for name, concepts in own.items()}
+        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, outputs, typed),
+                          kwargs["attribution_prompt"])
         check_step_windows(step_windows_of(hidden.prompt, hidden.unique_id, outputs), last_step)
-    return start_session(model, clip, kwargs["attribution_prompt"], own["demographic"], own["semantic"],
-                         settings_from(kwargs))
+    demographic, semantic = ([concept for _, concept in own[name]] for name in ("demographic", "semantic"))
+    return start_session(model, clip, kwargs["attribution_prompt"], demographic, semantic, settings_from(kwargs))
 
 
 class BiasMapGuidedKSampler(io.ComfyNode):

@@ -1056,3 +1056,23 @@ def test_a_one_step_window_at_the_samplers_last_step_passes_the_check_before_sam
     with pytest.raises(ValueError, match=r"^Attribution Map \(node 12\): first_step 2 is past this sampler's last "
                                          r"step, 1: set first_step to at most 1 \(advanced inputs of that node"):
         check_step_windows([window(2, 2)], last=1)
+
+
+def test_an_empty_concept_of_a_node_reading_the_trace_stands_for_a_concept_with_escaped_brackets_as_typed(sd15,
+                                                                                                       prompts, pack):
+    # "person \(elderly\)" is the concept "person (elderly)": joined from the parsed list, its brackets were read again
+    # as emphasis, and the check before sampling refused a graph that runs.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(
+        model=model, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
+        latent_image={"samples": torch.zeros(1, 4, 32, 32)}, semantic="person \\(elderly\\)",
+        attribution_prompt="A photo of a person \\(elderly\\) doctor and gender")
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "12": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "concept_a": "",
+                                                                       "concept_b": ""}}}
+    with torch.inference_mode():
+        _, trace = as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result
+    assert trace.semantic == ["person (elderly)"]
