@@ -99,7 +99,8 @@ def _save_path(prefix: str) -> str:
                          f"e.g. {_SAVED}/%year%-%month%-%day%/trace")
     path = output_path(prefix, "trace", f"{_SAVED}/trace")
     if not inside(os.path.dirname(path), _saved_folder()):
-        example = prefix.strip("/\\")
+        # The prefix in the folder: without an output/ or a biasmap/ in another case that it may already start with.
+        example = re.sub(rf"^(output[/\\])?({_SAVED}[/\\])?", "", prefix.strip("/\\"), flags=re.IGNORECASE)
         fix = (f"add a file name after {_SAVED}/" if example == _SAVED else f"start the prefix with {_SAVED}/")
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
                          f"list it: {fix}, e.g. {_SAVED}/{example if example not in ('', _SAVED) else 'trace'}")
