@@ -84,8 +84,11 @@ class BranchCapture:
         if not picked:
             return  # cond and uncond went as separate U-Net calls; this one is the other branch
         if tuple(extra_options["original_shape"][-2:]) != self.latent_hw:
+            # ComfyUI gives the negative prompt an entry of each positive entry's area (create_cond_with_same_area_
+            # if_none): with an area on the positive alone, the negative branch has one too.
             self.note("area conditioning: entries of the recorded branch that cover only part of the image are not "
-                      "recorded; its maps come from its whole-image entries")
+                      "recorded (with an area on the positive prompt, ComfyUI gives the negative prompt an entry of "
+                      "that area too); its maps come from its whole-image entries")
             return
         rows = q.shape[0] // len(chunks)
         block, depth = extra_options["block"], extra_options["block_index"]
