@@ -76,6 +76,9 @@ def parse_stages(text: str) -> list[str] | None:
     stages = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         stage = aliases.get(part, aliases.get(part.lower()))
+        if part.lower() == "all":
+            raise ValueError(f"'all' is every stage, so it goes alone: give 'all', or the stages without it "
+                             f"(got {text!r})")
         if stage is None:
             raise ValueError(f"unknown stage {part!r}; choose from {', '.join(STAGE_ORDER)} or 'all'")
         stages.append(stage)

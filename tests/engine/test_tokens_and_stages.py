@@ -96,6 +96,8 @@ def test_stage_labels_and_parsing():
         parse_stages("down_3")
     with pytest.raises(ValueError, match="no stage named in ' , '"):  # a typo, not "no stages"
         parse_stages(" , ")
+    with pytest.raises(ValueError, match="'all' is every stage, so it goes alone"):  # not "unknown stage 'all'"
+        parse_stages("all, down_1")
 
 
 def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():
