@@ -125,7 +125,8 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
                and all(_covered(word, words) for word in concept.split())]
     if phrases:  # "gender race": each a word of the prompt, not the two in a row
         hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
-                     f"{phrases[0]!r} in a row: separate concepts with commas ({', '.join(phrases[0].split())}).")
+                     f"{phrases[0]!r} in a row: type it as the prompt has it or, in a list of concepts, separate "
+                     f"them with commas ({', '.join(phrases[0].split())}).")
     if any(re.search(f"['‘’]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘’
         hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
                      "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")

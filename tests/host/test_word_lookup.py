@@ -118,8 +118,8 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert check_concepts("a photo of embedding:doctor_v2 and gender", "gender", "doctor").endswith("by name.")
     assert "textual-inversion" not in check_concepts("a photo of embedding:mydoc and gender", "gender", "docter")
     refused = check_concepts("a doctor of gender and race", "gender race", "doctor")  # a space, not a comma
-    assert refused.endswith("the prompt does not hold 'gender race' in a row: separate concepts with commas (gender, "
-                            "race).")
+    assert refused.endswith("the prompt does not hold 'gender race' in a row: type it as the prompt has it or, in a "
+                            "list of concepts, separate them with commas (gender, race).")
     assert "in a row" not in check_concepts("a doctor of gender and race", "gender, age", "doctor")
     assert "in a row" not in check_concepts("a doctor and gender", "gender race", "doctor")  # race is missing
     assert "in a row" not in check_concepts("a doctor and the nurse's gender", "gender", "doctor's")  # one word
