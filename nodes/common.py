@@ -217,22 +217,27 @@ def mask_size(trace, resolution: str) -> tuple[int, int]:
 
 
 def check_images(image, trace, node: str) -> str | None:
-    """An IMAGE input to draw on: one picture, or one per latent of the trace; one of another shape is stretched to
-    it, which a console warning says (a crop puts the maps off their places), and so does the text returned."""
+    """An IMAGE input to draw on: one picture, or one per latent of the trace. What may mislead is said by a console
+    warning and by the text returned: one picture under the maps of several latents, and a picture of another shape,
+    stretched to it (a crop puts the maps off their places)."""
     if image is None:
         return None
     if image.shape[0] not in (1, trace.num_images):
         raise ValueError(f"the image input holds {image.shape[0]} pictures but the trace comes from "
                          f"{trace.num_images} latent(s): connect the images decoded from the trace's latents (one "
                          f"per latent), or a single picture")
+    notes = []
+    if image.shape[0] < trace.num_images:  # e.g. Image From Batch: the others' maps drawn on another image
+        notes.append(f"one picture is drawn under the maps of each of the trace's {trace.num_images} latents: "
+                     f"connect the images decoded from them all to see each under its own")
     (height, width), (decoded_h, decoded_w) = image.shape[1:3], trace.image_size
-    if abs(height * decoded_w / (width * decoded_h) - 1) <= 0.01:
-        return None
-    stretched = (f"the image is {width}×{height}, a shape other than the decoded latent's ({decoded_w}×{decoded_h}): "
-                 f"the maps are stretched onto it, which puts them off their places if it was cropped; connect the "
-                 f"image decoded from the latent (scaled is fine)")
-    logging.warning("BiasMap %s: %s", node, stretched)
-    return stretched
+    if abs(height * decoded_w / (width * decoded_h) - 1) > 0.01:
+        notes.append(f"the image is {width}×{height}, a shape other than the decoded latent's "
+                     f"({decoded_w}×{decoded_h}): the maps are stretched onto it, which puts them off their places if "
+                     f"it was cropped; connect the image decoded from the latent (scaled is fine)")
+    for note in notes:
+        logging.warning("BiasMap %s: %s", node, note)
+    return "; ".join(notes) or None
 
 
 def rgb(image):

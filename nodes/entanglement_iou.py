@@ -62,13 +62,13 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 baseline=None) -> io.NodeOutput:
         require(check_single(_ONE_PAIR, concept_a=concept_a, concept_b=concept_b))
         require(check_apart(concept_a, concept_b))
-        stretched = check_images(image, trace, "Entanglement IoU")
+        drawn_on = check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic", "concept_a")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic", "concept_b")
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size=size, steps=steps)
-        picture_note = f"picture: {stretched}" if stretched else None  # report and node: the page shows no console
+        picture_note = f"picture: {drawn_on}" if drawn_on else None  # report and node: the page shows no console
         report = "\n".join(filter(None, [result.report, picture_note]))
         # On the node: the figures; the whole report is for Preview as Text.
         window = f" ({window_text(trace, steps)})" if steps else ""

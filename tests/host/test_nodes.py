@@ -334,15 +334,27 @@ def test_an_image_of_another_shape_than_the_latents_is_drawn_on_with_a_warning(n
     for node in (attribution_map, entanglement):
         caplog.clear()
         with torch.inference_mode():
-            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 256, 128, 3)})
+            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(2, 256, 128, 3)})
         assert warning in caplog.text
         if node is entanglement:  # on the page too: its report says so, where the console is out of sight
             assert f"picture: {warning}" in out.result[2] and f"picture: {warning}" in out.ui["text"][0]
         caplog.clear()
         with torch.inference_mode():
-            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 512, 512, 3)})  # scaled
+            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(2, 512, 512, 3)})  # scaled
         assert "shape other" not in caplog.text
         assert node is not entanglement or "picture:" not in out.result[2]
+
+
+def test_one_picture_drawn_under_the_maps_of_several_latents_is_said_on_the_node(nodes_and_trace, caplog):
+    # Image From Batch's one picture under every image's maps: allowed (a reference picture), but not unsaid.
+    _, attribution_map, entanglement, trace = nodes_and_trace  # a trace of 2 latents
+    said = "one picture is drawn under the maps of each of the trace's 2 latents: connect the images decoded"
+    for node in (attribution_map, entanglement):
+        caplog.clear()
+        with torch.inference_mode():
+            out = node.execute(**defaults(node) | {"trace": trace, "image": torch.rand(1, 256, 256, 3)})
+        assert said in caplog.text
+        assert node is not entanglement or f"picture: {said}" in out.result[2]
 
 
 def test_the_attribution_maps_thresholded_mask_keeps_the_top_1_minus_q(nodes_and_trace):
@@ -1076,3 +1088,17 @@ def test_an_empty_concept_of_a_node_reading_the_trace_stands_for_a_concept_with_
     with torch.inference_mode():
         _, trace = as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result
     assert trace.semantic == ["person (elderly)"]
+
+
+def test_the_advanced_sampler_refuses_sigmas_of_no_step_naming_a_scheduler_at_denoise_0(sd15, prompts, pack):
+    import comfy.samplers
+    from biasmap_pack.nodes import BiasMapGuidedKSamplerAdvanced
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSamplerAdvanced) | dict(
+        model=model, clip=clip, sampler=comfy.samplers.sampler_object("euler"), positive=pos, negative=neg,
+        sigmas=torch.FloatTensor([]), latent_image={"samples": torch.zeros(1, 4, 32, 32)})  # BasicScheduler's at 0
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*a scheduler "
+                                                                 r"at denoise 0, or asked for 0 steps, gives none\)$"):
+        BiasMapGuidedKSamplerAdvanced.execute(**args)
