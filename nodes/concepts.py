@@ -150,7 +150,22 @@ def absent_from(concepts: list[str], text: str) -> list[str]:
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
         return []
     return [concept for concept in _absent(concepts, words)
-            if not (is_ideographic(concept) and _word_holding(concept, words))]
+            if not (is_ideographic(concept) and _word_holding(concept, words))
+            and not any(_covered(plural, words) for plural in _plurals(concept))]
+
+
+# English plurals that change more than an ending, of the words audits are about.
+_IRREGULAR_PLURALS = {"man": "men", "woman": "women", "person": "people", "child": "children"}
+
+
+def _plurals(concept: str) -> list[str]:
+    """``concept`` with its last word in the plural, as prompts write it ("Doctors at work" draws doctors): a guess
+    from the spelling (doctor → doctors, nurse → nurses, nanny → nannies, woman → women), for a note, not a lookup."""
+    *head, last = concept.split() or [""]
+    last = last.lower()
+    forms = [last + "s", last + "es"] + ([last[:-1] + "ies"] if last.endswith("y") else [])
+    forms += [_IRREGULAR_PLURALS[last]] if last in _IRREGULAR_PLURALS else []
+    return [" ".join([*head, form]) for form in forms]
 
 
 def _word_holding(concept: str, words: list[str]) -> str | None:

@@ -141,9 +141,13 @@ def test_a_concept_that_is_part_of_a_prompts_word_is_refused_saying_to_type_the_
                                                                                "gender", "Doctor")
     assert "is part of" not in check_concepts("a photo of a doctor and gender", "gender", "nurse")
     # The sampler's note on a semantic concept the picture was not asked for: ideographs typed without spaces ask for
-    # it; a longer word of letters may be another concept ("man" in "woman"), and keeps the note.
+    # it, and so does a plural ("Doctors at work" draws doctors); a longer word of letters may be another concept
+    # ("man" in "woman"), and keeps the note.
     assert absent_from(["医生", "doctor", "man", "nurse"], "一张医生的脸的照片 with doctors and a woman") == [
-        "doctor", "man", "nurse"]
+        "man", "nurse"]
+    assert absent_from(["nurse", "nanny", "woman", "fire fighter", "chef"],
+                       "Nurses, nannies, women and fire fighters at a chefs' table") == []
+    assert absent_from(["chef"], "a photo of a chief") == ["chef"]
 
 
 def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_words_after_it_go_missing(pack):
