@@ -22,9 +22,10 @@ from .report import figure, percent_change
 __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
-_IMAGE = ("seed", "noise_index", "image", "batch_size", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
-          "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model", "model_family",
-          "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
+_IMAGE = ("seed", "noise_index", "image", "batch_size", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas",
+          "add_noise", "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model",
+          "model_family", "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step",
+          "last_step")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided).
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters", "sampler_demographic")
@@ -213,7 +214,9 @@ def _mean_interval(values: list[float]) -> str:
 
 def _label(column: str, value) -> str:
     """A setting as a summary line names it: λ 100, sampler heun."""
-    return f"λ {_parsed_number(value):g}" if column == "guidance_scale" else f"{column} {value}"
+    if column == "guidance_scale":
+        return f"λ {_parsed_number(value):g}"
+    return f"{column} {value}" if value != "" else f"{column} —"  # blank: denoise, which custom sigmas do not carry
 
 
 def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:

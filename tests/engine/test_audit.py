@@ -377,9 +377,9 @@ def test_reductions_pair_nothing_across_seeds_and_name_the_column_that_kept_them
     base = halves_trace()
     base.settings = {"scale": 0.0, "guided_stages": None}
     base.run = {**base.run, "seed": 43}  # the seed left on increment: the λ = 0 runs got the next seeds
-    with pytest.raises(ValueError, match=r"differ in every value of seed; log λ = 0 runs with the guided runs' seed, changing "
-                                         r"guidance_scale alone \(set the seed, or Audit Prompts' run, back to the "
-                                         r"first run's\)$"):
+    with pytest.raises(ValueError, match=r"differ in every value of seed; log λ = 0 runs with the guided runs' seed, "
+                                         r"changing guidance_scale alone \(set the seed, or Audit Prompts' run, back "
+                                         r"to the first run's\)$"):
         reductions(audit_rows(base) + audit_rows(halves_trace()))
     with pytest.raises(ValueError, match="no column.*fid"):
         reductions(audit_rows(halves_trace()), metric="fid")
@@ -1136,3 +1136,15 @@ def test_labels_of_digit_like_characters_are_text_not_numbers_that_fail_to_read(
                                                           + audit_rows(guided, q=0.5, size=(8, 8)), ["10²", "①"] * 4)]
     assert "λ = 0 only" in reductions_text(rows[:4])
     assert {f["semantic"]: f["images"] for f in reductions(rows, match=("label",))} == {"doctor": 2, "nurse": 2}
+
+
+def test_a_summary_line_names_a_blank_setting_with_a_dash_not_nothing():
+    # The Advanced sampler after a node other than BasicScheduler logs no denoise: "denoise  ·" read as a typo.
+    base, guided = _baseline_and_guided()
+    custom = {"scheduler": "custom sigmas", "denoise": ""}
+    rows = (audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+            + [{**row, **custom} for row in audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5,
+                                                                                             size=(8, 8))])
+    lines = reductions_text(rows).splitlines()[1:]
+    assert any(line.startswith("λ 100 · scheduler custom sigmas · denoise — · nurse:") for line in lines), lines
+    assert any(line.startswith("λ 100 · scheduler normal · denoise 1.0 · nurse:") for line in lines), lines
