@@ -44,7 +44,8 @@ class BiasMapSaveTrace(io.ComfyNode):
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
             outputs=[io.String.Output("trace_file", tooltip=f"The file written, named as Load Trace lists it (it "
                                                             f"lists those under output/{_SAVED}/; connect Preview "
-                                                            f"as Text to read the name).")],
+                                                            f"as Text to read the name, then choose it in Load "
+                                                            f"Trace: ComfyUI links no text to a list's input).")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
