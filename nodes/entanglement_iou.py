@@ -2,7 +2,8 @@
 
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import entanglement_picture, guidance_line, measure_entanglement, resize_maps
+from ..biasmap_engine import (ConceptNotFoundError, entanglement_picture, guidance_line, measure_entanglement,
+                              resize_maps)
 from .common import (ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, show_on_node, step_inputs,
                      step_window, window_text)
 from .concepts import check_apart, check_single, first_concept, one_concept, require
@@ -77,7 +78,10 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             try:
                 before = measure_entanglement(baseline, word_a, word_b, q, size=mask_size(baseline, resolution),
                                               steps=step_window(baseline, first_step, last_step))
-            except ValueError as err:  # which of the two traces it is about
+            except ConceptNotFoundError as err:  # which of the two traces it is about, and what fixes both
+                raise ValueError(f"the baseline trace: {err}. Or measure a word that both traces have, or connect a "
+                                 f"baseline whose attribution prompt has it") from err
+            except ValueError as err:
                 raise ValueError(f"the baseline trace: {err}") from err
             report += "\n" + result.against(before)
             said.append(f"against the baseline: {result.change_from(before)}")
