@@ -226,6 +226,17 @@ class BiasMapTrace:
         except (SafetensorError, OSError):
             return False
 
+    @staticmethod
+    def tokens_of(path: str) -> list[str] | None:
+        """The attribution prompt's tokens of the trace at ``path``, from its header alone (for a check before
+        sampling); None where it is no readable trace, which :meth:`load` then says why."""
+        try:
+            with safe_open(path, framework="pt") as f:
+                tokens = json.loads(f.metadata()[_FORMAT])["tokens"]
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError):
+            return None
+        return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
+
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":
         """Read a trace written by :meth:`save`; any other file, or a damaged one, raises TraceFormatError (one of

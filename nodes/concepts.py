@@ -6,12 +6,13 @@ import re
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import clip_words, is_ideographic, listed_twice, listed_words, split_concepts, typed_concepts
+from ..biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, is_ideographic, listed_twice,
+                              listed_words, prompt_words, split_concepts, typed_concepts)
 from ..biasmap_engine.host import prompt_text_words
 from .prompt_graph import WordsAsked
 
-__all__ = ["absent_from", "check_apart", "check_concepts", "check_listed_once", "check_single", "check_words_asked",
-           "concept_inputs", "first_concept", "one_concept", "require"]
+__all__ = ["absent_from", "check_apart", "check_concepts", "check_listed_once", "check_loaded_trace_words",
+           "check_single", "check_words_asked", "concept_inputs", "first_concept", "one_concept", "require"]
 
 _DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
 
@@ -82,6 +83,33 @@ def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
         return
     _check_present(asked, words, attribution_prompt)
     _check_pairs_apart(asked, words, attribution_prompt)
+
+
+def check_loaded_trace_words(asked: list[WordsAsked], loaded_traces: dict[str, str], tokens_of) -> None:
+    """Before a sampler samples: the words that a node measures in its trace and in another chosen in Load Trace
+    (``prompt_graph.loaded_traces_of``, by node id; ``tokens_of(trace_file)`` its tokens, None where it has none to
+    read) are words of that trace too. That node runs after the sampler, which the mistake would cost."""
+    for words_asked in asked:
+        trace_file = loaded_traces.get(words_asked.node_id)
+        tokens = tokens_of(trace_file) if trace_file is not None else None
+        if tokens is None:  # no trace from Load Trace, or none readable: Load Trace says why when it runs
+            continue
+        missing = [word for word in split_concepts(words_asked.text) if not _found(tokens, word)]
+        if missing:
+            stands_for = f" ({words_asked.stands_for})" if words_asked.stands_for else ""
+            raise ValueError(f"{words_asked.node} (node {words_asked.node_id}) measures {words_asked.input} "
+                             f"{', '.join(map(repr, missing))}{stands_for} in this sampler's trace and in the trace "
+                             f"'{trace_file}' from Load Trace, whose attribution prompt lacks it (its words: "
+                             f"{listed_words(prompt_words(tokens))}): measure a word that both traces have, or choose "
+                             f"another trace in Load Trace. Checked before sampling, so that the run is not lost to "
+                             f"it.")
+
+
+def _found(tokens: list[str], word: str) -> bool:
+    try:
+        return bool(find_word_positions(tokens, word))
+    except ConceptNotFoundError:
+        return False
 
 
 def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt: str) -> None:

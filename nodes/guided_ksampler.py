@@ -14,8 +14,10 @@ from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, s
                                    start_session)
 from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inputs, plain_errors, settings_from,
                      show_on_node)
-from .concepts import absent_from, check_concepts, check_words_asked, concept_inputs, require
-from .prompt_graph import graph_run, queued_outputs, step_windows_of, words_asked_of
+from .concepts import (absent_from, check_concepts, check_loaded_trace_words, check_words_asked, concept_inputs,
+                       require)
+from .prompt_graph import graph_run, loaded_traces_of, queued_outputs, step_windows_of, words_asked_of
+from .trace_files import trace_file_tokens
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
 
@@ -57,8 +59,10 @@ def _session(node, model, clip, kwargs, last_step: int | None):
         # As typed, for an empty input of a node reading the trace: a concept's escaped brackets, person \(elderly\),
         # would be read as emphasis in the concept alone.
         typed = {name: [text.strip() for text, _ in concepts] for name, concepts in own.items()}
-        check_words_asked(words_asked_of(hidden.prompt, hidden.unique_id, outputs, typed),
-                          kwargs["attribution_prompt"])
+        asked = words_asked_of(hidden.prompt, hidden.unique_id, outputs, typed)
+        check_words_asked(asked, kwargs["attribution_prompt"])
+        loaded = loaded_traces_of(hidden.prompt, hidden.unique_id, outputs)
+        check_loaded_trace_words(asked, loaded, trace_file_tokens)
         check_step_windows(step_windows_of(hidden.prompt, hidden.unique_id, outputs), last_step)
     demographic, semantic = ([concept for _, concept in own[name]] for name in ("demographic", "semantic"))
     return start_session(model, clip, kwargs["attribution_prompt"], demographic, semantic, settings_from(kwargs))

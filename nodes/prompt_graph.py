@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 from ..biasmap_engine import audit_run, split_concepts
 
-__all__ = ["StepsAsked", "WordsAsked", "generation_prompt", "graph_run", "queued_outputs", "step_windows_of",
-           "words_asked_of"]
+__all__ = ["StepsAsked", "WordsAsked", "generation_prompt", "graph_run", "loaded_traces_of", "queued_outputs",
+           "step_windows_of", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -106,6 +106,21 @@ def step_windows_of(prompt: dict | None, node_id, outputs: list | None = None) -
         if all(isinstance(step, int) and not isinstance(step, bool) for step in (first, last)):
             windows.append(StepsAsked(shown, other, first, last))
     return windows
+
+
+def loaded_traces_of(prompt: dict | None, node_id, outputs: list | None = None) -> dict[str, str]:
+    """By node id, the trace file chosen in a Load Trace linked straight to the other trace input (baseline, or
+    trace) of each node that reads node ``node_id``'s trace at one of them (``outputs`` as for ``words_asked_of``):
+    known when queued, so that the words that node measures in both can be looked up there before this sampler
+    samples."""
+    files = {}
+    for other, node, _, reading in _readers(prompt, node_id, outputs):
+        if len(reading) == 1:
+            (other_input,) = set(_TRACE_INPUTS) - reading
+            kind, inputs = _linked(prompt, node["inputs"].get(other_input))
+            if kind == "BiasMapLoadTrace" and isinstance(inputs.get("trace_file"), str):
+                files[other] = inputs["trace_file"]
+    return files
 
 
 def _readers(prompt: dict | None, node_id, outputs: list | None):

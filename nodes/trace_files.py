@@ -17,7 +17,7 @@ from ..biasmap_engine import BiasMapTrace, TraceFormatError
 from .common import CATEGORY, Trace, plain_errors
 from .output_files import inside, name_in, output_path
 
-__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces"]
+__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces", "trace_file_tokens"]
 
 _EXTENSION = ".safetensors"
 _SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
@@ -204,6 +204,13 @@ def listed_traces() -> list[str]:
                       for f in files if f.endswith(_EXTENSION) and listed(os.path.join(root, f))]
         found += [name + note for name in sorted(names)]
     return found
+
+
+def trace_file_tokens(trace_file: str) -> list[str] | None:
+    """The tokens of the trace that Load Trace's ``trace_file`` names, read from its header; None where it names no
+    readable trace (Load Trace's own message then says why)."""
+    path = _trace_path(trace_file)
+    return BiasMapTrace.tokens_of(path) if path is not None else None
 
 
 def _trace_path(trace_file: str) -> str | None:

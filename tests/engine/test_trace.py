@@ -161,6 +161,18 @@ def test_loading_a_checkpoint_or_junk_says_it_is_not_a_trace(tmp_path):
         BiasMapTrace.load(str(junk))
 
 
+def test_a_traces_tokens_are_read_from_its_header_and_none_from_a_file_that_is_no_readable_trace(tmp_path):
+    path = tmp_path / "trace.safetensors"
+    recorded_trace().save(str(path))
+    assert BiasMapTrace.tokens_of(str(path)) == TOKENS
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "notes.safetensors").write_text("not a trace")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:40])
+    for other in ("model", "notes", "damaged", "missing"):
+        assert BiasMapTrace.tokens_of(str(tmp_path / f"{other}.safetensors")) is None
+
+
 def test_a_cut_short_damaged_or_newer_trace_says_which_and_what_to_do(tmp_path):
     path = str(tmp_path / "trace.safetensors")
     recorded_trace().save(path)

@@ -1104,3 +1104,18 @@ def test_the_advanced_sampler_refuses_sigmas_of_no_step_naming_a_scheduler_at_de
     with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*a scheduler "
                                                                  r"at denoise 0, or asked for 0 steps, gives none\)$"):
         BiasMapGuidedKSamplerAdvanced.execute(**args)
+
+
+def test_the_traces_from_load_trace_that_a_reader_compares_with_this_samplers_are_found_by_reader(pack):
+    from biasmap_pack.nodes.prompt_graph import loaded_traces_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": "old.safetensors"}},
+             "21": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": ["9", 0]}},  # linked: not known yet
+             "12": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "baseline": ["20", 0]}},
+             "13": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["20", 0], "baseline": ["3", 1]}},
+             "14": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "baseline": ["3", 1]}},
+             "15": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "baseline": ["21", 0]}},
+             "16": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["20", 0]}}}  # not this sampler's
+    assert loaded_traces_of(graph, "3") == {"12": "old.safetensors", "13": "old.safetensors"}
+    assert loaded_traces_of(graph, "3", outputs=["13"]) == {"13": "old.safetensors"}

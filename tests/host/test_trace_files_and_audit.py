@@ -4,9 +4,11 @@ the test's own."""
 import csv
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
+from guided_runs import counting_evaluations
 from node_calls import as_comfy_runs, defaults
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -682,3 +684,38 @@ def test_audit_log_names_an_older_file_by_its_place_in_the_output_folder_not_the
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace, "first_step": 1})
     assert str(refused.value).startswith("output/biasmap/audit.csv was started before BiasMap wrote the column(s)")
     assert str(folders) not in str(refused.value)
+
+
+def test_a_word_that_a_trace_from_load_trace_lacks_is_refused_before_the_sampler_it_is_compared_with_samples(
+        pack, folders, trace, sd15, prompts):
+    # Entanglement IoU measures its words in both traces; Load Trace's file is chosen when queued, so a word only the
+    # sampler's prompt has is said before the sampler's run, not after it.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapSaveTrace
+
+    saved = as_comfy_runs(BiasMapSaveTrace, {}).execute(trace, "biasmap/baseline").result[0]  # doctor, nurse, gender
+    model, clip = sd15
+    pos, neg = prompts
+    counted, evaluated = counting_evaluations(model)
+    args = defaults(BiasMapGuidedKSampler) | dict(
+        model=counted, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
+        latent_image={"samples": torch.zeros(1, 4, 32, 32)},
+        attribution_prompt="A photo of a doctor, a chef and gender", semantic="chef")
+    reader = {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "baseline": ["20", 0],
+                                                                 "concept_a": "", "concept_b": ""}}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "12": reader,
+             "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": saved}}}
+    refused = (r"^Entanglement IoU \(node 12\) measures concept_b 'chef' \(the first semantic concept of this sampler, "
+               rf"as concept_b is empty\) in this sampler's trace and in the trace '{re.escape(saved)}' from Load "
+               r"Trace, whose "
+               r"attribution prompt lacks it \(its words: a, photo, of, doctor, nurse, and, gender\): measure a word "
+               r"that both traces have, or choose another trace in Load Trace")
+    with torch.inference_mode(), pytest.raises(ValueError, match=refused):
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+    assert evaluated == []
+    reader["inputs"] = {"trace": ["20", 0], "baseline": ["3", 1], "concept_a": "gender", "concept_b": "chef"}
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"measures concept_b 'chef' in this sampler's"):
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)  # the other way round too
+    reader["inputs"]["concept_b"] = "doctor"  # in both
+    with torch.inference_mode():
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+    assert evaluated
