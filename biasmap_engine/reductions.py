@@ -26,9 +26,10 @@ _IMAGE = ("seed", "noise_index", "image", "batch_size", "steps", "cfg", "sampler
           "add_noise", "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model",
           "model_family", "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step",
           "last_step")
-# What tells one guided configuration from another (a sweep of λ, or of the stages guided).
+# What tells one guided configuration from another (a sweep of λ, or of the stages guided; guided_concepts, which
+# _with_guided_concepts adds, the sampler's concepts that the row's pair does not say).
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
-             "guided_stages", "start", "end", "sinkhorn_iters", "sampler_demographic")
+             "guided_stages", "start", "end", "sinkhorn_iters", "guided_concepts")
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "width",
              "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
@@ -55,7 +56,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     λ = 0 row of their image, n/a figures, the same image logged again).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
-    rows = list(rows)
+    rows = _with_guided_concepts(rows)
     by = _apart_by_demographic(rows, _columns(by))
     _check_columns(rows, metric, by, match)
     unscaled = sum(not _is_number(row["guidance_scale"]) for row in rows)
@@ -172,13 +173,15 @@ def _table(figures: dict[str, list[dict]]) -> list[dict]:
 def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -> str:
     """Each metric's mean per ``by`` value and configuration (named by λ where it is not 0, and by the columns in which
     the rows differ) over the images that have a figure, each image once."""
-    named = [c for c in _SETTINGS if len({str(row.get(c, "")) for row in rows}) > 1
+    rows = _with_guided_concepts(rows)
+    # Settings compared as the pairing compares them: a spreadsheet's TRUE and 7 are the file's True and 7.0.
+    named = [c for c in _SETTINGS if len({_cell(row, c) for row in rows}) > 1
              or (c == "guidance_scale" and _parsed_number(rows[0][c]) != 0)]
     groups: dict[tuple, dict] = {}
     for row in rows:
-        name = tuple(_label(c, row.get(c, "")) for c in named)
-        name += tuple(str(row[c]) for c in by)
-        group = groups.setdefault(name, {"images": set(), **{m: [] for m in metrics}})
+        name = tuple(_label(c, _typed(row.get(c, ""))) for c in named) + tuple(str(row[c]) for c in by)
+        group = groups.setdefault(_key(row, named + list(by)), {"name": name, "images": set(),
+                                                                 **{m: [] for m in metrics}})
         key = _key(row, _IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
         if key not in group["images"]:  # an image logged again counts once
             group["images"].add(key)
@@ -186,11 +189,11 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
                 group[metric].append(_parsed_number(row.get(metric)))
     lines = [f"entanglement over the file ({why}; in brackets a {_LEVEL * 100:g} % bootstrap interval of the mean, "
              f"given from {_FEWEST_FOR_INTERVAL} images on):"]
-    for name, group in groups.items():
+    for group in groups.values():
         means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}{_mean_interval(group[metric])}"
                            for metric in metrics)
         unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])
-        lines.append(f"{' · '.join(name) or 'all'}: {means} over {len(group['images'])} image(s)"
+        lines.append(f"{' · '.join(group['name']) or 'all'}: {means} over {len(group['images'])} image(s)"
                      + (f", {unmeasured} of them n/a" if unmeasured else ""))
     return "\n".join(lines)
 
@@ -217,6 +220,25 @@ def _label(column: str, value) -> str:
     if column == "guidance_scale":
         return f"λ {_parsed_number(value):g}"
     return f"{column} {value}" if value != "" else f"{column} —"  # blank: denoise, which custom sigmas do not carry
+
+
+def _with_guided_concepts(rows) -> list[dict]:
+    """``rows``, each with ``guided_concepts``: the sampler's concept lists (``sampler_demographic``,
+    ``sampler_semantic``) where they say more than the row's pair, lower case as CLIP reads them and sorted (the
+    energy, the mean over every pair, is the same in any order): "demographic gender, race" for a run guided against
+    both, which is not gender's guidance alone; "semantic doctor, nurse" for two professions guided together, whose
+    rows pool (by=None) as one run's; "demographic gender" for race measured on a run guided against gender. Blank for
+    a sampler of the row's pair alone, so that an audit's professions, one a run, pool; and in a file without the
+    sampler's lists."""
+    with_concepts = []
+    for row in rows:
+        said = []
+        for kind in ("demographic", "semantic"):
+            listed = {c.strip().lower() for c in str(row.get(f"sampler_{kind}", "")).split(",")} - {""}
+            if listed and listed != {str(row.get(kind, "")).strip().lower()}:
+                said.append(f"{kind} {', '.join(sorted(listed))}")
+        with_concepts.append({**row, "guided_concepts": "; ".join(said)})
+    return with_concepts
 
 
 def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:

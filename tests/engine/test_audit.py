@@ -599,8 +599,11 @@ def test_reductions_text_keeps_demographic_concepts_apart_and_refuses_rows_witho
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
     race = [{**row, "demographic": "race", "iou": 0.5} for row in rows]  # no change for race
     lines = reductions_text(rows + race).splitlines()
-    assert [line.split(":")[0] for line in lines[1:]] == ["λ 100 · gender · doctor", "λ 100 · gender · nurse",
-                                                          "λ 100 · race · doctor", "λ 100 · race · nurse"]
+    measured_on_gender = "λ 100 · guided_concepts demographic gender; semantic doctor, nurse · race"  # guided: gender
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "λ 100 · guided_concepts semantic doctor, nurse · gender · doctor",
+        "λ 100 · guided_concepts semantic doctor, nurse · gender · nurse",
+        f"{measured_on_gender} · doctor", f"{measured_on_gender} · nurse"]
     assert "iou 0.6667 → 0.3333 (−50.0 %" in lines[2] and "iou 0.5000 → 0.5000 (0.0 %" in lines[4]
     for by in (("demographic", "semantic"), "semantic"):  # apart also when not asked: a notebook's figures too
         (race_nurse,) = [f for f in reductions(rows + race, by=by) if f["demographic"] == "race"
@@ -1113,8 +1116,12 @@ def test_reductions_keep_runs_guided_against_other_demographic_concepts_apart():
     rows += audit_rows(both, q=0.5, size=(8, 8), pairs=[("gender", "nurse")])
     assert {row["sampler_demographic"] for row in rows} == {"gender", "gender, race"}
     nurse = [f for f in reductions(rows) if f["semantic"] == "nurse"]
-    assert sorted((f["sampler_demographic"], f["images"]) for f in nurse) == [("gender", 2), ("gender, race", 2)]
-    assert "sampler_demographic gender, race" in reductions_text(rows)
+    assert sorted((f["guided_concepts"], f["images"]) for f in nurse) == [
+        ("demographic gender, race; semantic doctor, nurse", 2), ("semantic doctor, nurse", 2)]
+    assert "guided_concepts demographic gender, race; semantic doctor, nurse · nurse: " in reductions_text(rows)
+    both.demographic = ["Race", "gender"]  # typed in another order and case: the same guidance
+    again = rows + audit_rows(both, q=0.5, size=(8, 8), pairs=[("gender", "nurse")], label="again")
+    assert [f["images"] for f in reductions(again) if f["semantic"] == "nurse"] == [2, 2]
 
 
 def test_reductions_read_a_spreadsheets_true_and_false_as_the_files_own(tmp_path):
@@ -1128,6 +1135,15 @@ def test_reductions_read_a_spreadsheets_true_and_false_as_the_files_own(tmp_path
     figures = reductions(read_csv(str(path)))
     assert sorted((f["semantic"], f["images"], f["add_noise"]) for f in figures) == [("doctor", 4, True),
                                                                                       ("nurse", 4, True)]
+
+
+def test_a_file_of_lambda_0_rows_resaved_by_a_spreadsheet_keeps_its_means_in_one_group_each():
+    # TRUE for True and 7 for 7.0, as a spreadsheet saves them: the same settings, one line a concept.
+    base, _ = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8))
+    resaved = [{**row, "add_noise": "TRUE", "cfg": "7", "seed": 7} for row in rows]
+    lines = reductions_text([{**row, "add_noise": True} for row in rows] + resaved).splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == ["doctor", "nurse"] and "over 4 image(s)" in lines[0]
 
 
 def test_labels_of_digit_like_characters_are_text_not_numbers_that_fail_to_read():
