@@ -5,7 +5,7 @@ not the text and file names that made them; where a node on the way makes them w
 import sys
 from typing import NamedTuple
 
-from ..biasmap_engine import audit_run, split_concepts
+from ..biasmap_engine import audit_run, split_concepts, typed_concepts
 
 __all__ = ["StepsAsked", "WordsAsked", "generation_prompt", "graph_run", "loaded_traces_of", "queued_outputs",
            "step_windows_of", "words_asked_of"]
@@ -147,7 +147,8 @@ def _typed_first_concept(prompt: dict | None, link, list_name: str) -> str:
     kind, inputs = _linked(prompt, link)
     if kind not in _SAMPLERS or link[1] != _TRACE_SLOT or not isinstance(inputs.get(list_name), str):
         return ""
-    return next(iter(split_concepts(inputs[list_name])), "")
+    # As typed: the words asked are parsed again, and a parsed "person (elderly)" would lose its brackets as emphasis.
+    return next((typed.strip() for typed, _ in typed_concepts(inputs[list_name])), "")
 
 
 def queued_outputs() -> list[str] | None:

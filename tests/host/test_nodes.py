@@ -1090,6 +1090,12 @@ def test_an_empty_concept_of_a_node_reading_the_trace_stands_for_a_concept_with_
     with torch.inference_mode():
         _, trace = as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result
     assert trace.semantic == ["person (elderly)"]
+    # This trace as the baseline of another sampler's, whose list the empty input stands for.
+    graph["4"] = {"class_type": "BiasMapGuidedKSampler", "inputs": {"demographic": "gender",
+                                                                    "semantic": "person \\(elderly\\), doctor"}}
+    graph["12"]["inputs"] |= {"trace": ["4", 1], "baseline": ["3", 1]}
+    with torch.inference_mode():
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
 
 
 def test_the_advanced_sampler_refuses_sigmas_of_no_step_naming_a_scheduler_at_denoise_0(sd15, prompts, pack):
