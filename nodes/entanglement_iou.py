@@ -2,7 +2,7 @@
 
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import (ConceptNotFoundError, entanglement_picture, guidance_line, measure_entanglement,
+from ..biasmap_engine import (entanglement_picture, find_word_positions, guidance_line, measure_entanglement,
                               resize_maps)
 from .common import (ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, show_on_node, step_inputs,
                      step_window, window_text)
@@ -76,12 +76,12 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         said = [f"'{word_a}' and '{word_b}'{window}: {result.headline}"]
         if baseline is not None:  # measured as this trace is, each at its own size and over its own steps
             try:
+                for word in (word_a, word_b):  # this trace has them: the fix is a word of both, or another baseline
+                    find_word_positions(baseline.tokens, word, "Measure a word that both traces have, or connect a "
+                                                               "baseline whose attribution prompt has it")
                 before = measure_entanglement(baseline, word_a, word_b, q, size=mask_size(baseline, resolution),
                                               steps=step_window(baseline, first_step, last_step))
-            except ConceptNotFoundError as err:  # which of the two traces it is about, and what fixes both
-                raise ValueError(f"the baseline trace: {err}. Or measure a word that both traces have, or connect a "
-                                 f"baseline whose attribution prompt has it") from err
-            except ValueError as err:
+            except ValueError as err:  # which of the two traces it is about
                 raise ValueError(f"the baseline trace: {err}") from err
             report += "\n" + result.against(before)
             said.append(f"against the baseline: {result.change_from(before)}")

@@ -294,9 +294,10 @@ def test_entanglement_iou_reports_the_change_from_a_baseline_trace_measured_as_i
     assert "note: the baseline differs" not in report  # the same run but for λ
     absent = copy.deepcopy(trace)
     absent.tokens = [t.replace("doctor", "nurse") for t in trace.tokens]
-    with torch.inference_mode(), pytest.raises(ValueError, match="^the baseline trace: .*doctor.*Or measure a word "
-                                                                 "that both traces have, or connect a baseline whose "
-                                                                 "attribution prompt has it$"):
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^the baseline trace: the concept 'doctor' is not in "
+                                                                 r"the attribution prompt, whose words are: [^.]*\. "
+                                                                 r"Measure a word that both traces have, or connect a "
+                                                                 r"baseline whose attribution prompt has it\.$"):
         entanglement.execute(**args | {"baseline": absent})
 
 
