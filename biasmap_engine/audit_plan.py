@@ -43,7 +43,7 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
     """The subject and seed of queued run number ``run`` over ``subjects`` (one per line, or comma-separated) ×
     ``seeds`` seeds from ``first_seed``; the prompt is ``template`` with the subject for ``{}``, the attribution prompt
     that prompt " and " the demographic concept(s)."""
-    names = check_plan(run, subjects, seeds, template, demographic)
+    names = check_plan(run=run, subjects=subjects, seeds=seeds, template=template, demographic=demographic)
     if order not in AUDIT_ORDERS:
         raise ValueError(f"order must be one of {AUDIT_ORDERS}, got {order!r}")
     if not 0 <= first_seed <= _LARGEST_SEED - (seeds - 1):
@@ -59,24 +59,20 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
                     ", ".join(demographics))
 
 
-def check_plan(run: int, subjects: str, seeds: int, template: str | None = None,
-               demographic: str | None = None) -> list[str]:
-    """The subjects of an audit whose ``run`` is one of its runs, checked as :func:`audit_run` checks them, before a
-    queue of runs starts; a ``template`` or ``demographic`` of None (not known yet: linked) is not checked."""
-    names = [s for line in subjects.splitlines() for s in split_concepts(line)]
-    if not names:
-        raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
-    twice = listed_twice(names)
-    if twice:
-        raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs "
-                         f"would be repeated; CLIP reads capitals as lower case)")
+def check_plan(*, run: int | None = None, subjects: str | None = None, seeds: int | None = None,
+               template: str | None = None, demographic: str | None = None) -> list[str] | None:
+    """:func:`audit_run`'s checks of an audit's inputs, each where the inputs it needs are given (None: not known
+    yet, e.g. linked), before a queue of runs starts; → the subjects, where given."""
+    names = _subjects(subjects) if subjects is not None else None
     if template is not None and "{}" not in template:
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "
                          f"e.g. 'A photo of the face of a {{}}'")
     if demographic is not None:
-        _check_demographics(split_concepts(demographic), names)
-    if seeds < 1:
+        _check_demographics(split_concepts(demographic), names or [])
+    if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if None in (run, names, seeds):
+        return names
     total = len(names) * seeds
     if run < 0:
         raise ValueError(f"run {run} is before this audit's first run: set run to 0 to begin it (runs 0–{total - 1})")
@@ -88,17 +84,36 @@ def check_plan(run: int, subjects: str, seeds: int, template: str | None = None,
     return names
 
 
+def _subjects(subjects: str) -> list[str]:
+    names = [s for line in subjects.splitlines() for s in split_concepts(line)]
+    if not names:
+        raise ValueError("no subject to audit: list them one per line (or comma-separated), e.g. doctor, nurse")
+    twice = listed_twice(names)
+    if twice:
+        raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs "
+                         f"would be repeated; CLIP reads capitals as lower case)")
+    return names
+
+
 def _check_demographics(demographics: list[str], subjects: list[str]) -> None:
     if not demographics:
         raise ValueError("no demographic concept: give one, e.g. gender or race (comma-separated for several)")
     twice = listed_twice(demographics)
     if twice:
         raise ValueError(f"demographic concept(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once")
-    # The sampler refuses concepts that share words (a concept's overlap with itself is 1, whatever the image): said
-    # here of the subjects typed, before the first run, not by the sampler at the run of each.
-    words = {w for d in demographics for w in clip_words(d)}
-    shared = [s for s in subjects if words & set(clip_words(s))]
+    # The sampler looks each concept up as a phrase and refuses two whose places in the attribution prompt overlap
+    # (a concept's overlap with itself is 1, whatever the image): one holding the other's words in a row, as
+    # "female nurse" holds "female". Said here of the subjects typed, before the first run, not by the sampler at the
+    # run of each.
+    phrases = [tuple(clip_words(d)) for d in demographics]
+    shared = [s for s in subjects if any(_holds(tuple(clip_words(s)), p) or _holds(p, tuple(clip_words(s)))
+                                         for p in phrases)]
     if shared:
-        raise ValueError(f"subject(s) {', '.join(shared)} share words with the demographic concept(s) "
-                         f"{', '.join(demographics)}, against which every subject is measured: take them out of the "
+        raise ValueError(f"subject(s) {', '.join(shared)} hold a demographic concept ({', '.join(demographics)}), "
+                         f"or are held by one, against which every subject is measured: take them out of the "
                          f"subjects, or change the demographic")
+
+
+def _holds(words: tuple[str, ...], phrase: tuple[str, ...]) -> bool:
+    """Whether ``phrase`` stands in ``words``, its words in a row."""
+    return any(words[i:i + len(phrase)] == phrase for i in range(len(words) - len(phrase) + 1))

@@ -71,8 +71,8 @@ class BiasMapAuditPrompts(io.ComfyNode):
         # and order are checked when the node runs, before the sampler it feeds.
         try:
             _check_ranges(run, seeds)
-            if None not in (run, subjects, seeds):  # a linked input (None) is checked when the node runs
-                check_plan(run, subjects, seeds, template, demographic)
+            # A linked input (None) is checked when the node runs, and so are those of the typed ones' checks it needs.
+            check_plan(run=run, subjects=subjects, seeds=seeds, template=template, demographic=demographic)
         except ValueError as err:
             return str(err)
         return True

@@ -58,17 +58,32 @@ def test_the_last_seeds_a_sampler_takes_can_be_audited():
     assert audit_run(1, "doctor", seeds=2, first_seed=2**64 - 2).seed == 2**64 - 1
 
 
-def test_an_audit_refuses_demographic_concepts_listed_twice_or_shared_with_a_subject_before_its_first_run():
+def test_an_audit_refuses_demographic_concepts_listed_twice_or_held_by_a_subject_before_its_first_run():
     # The sampler would refuse them at the run of each such subject, naming its own concepts, mid-queue.
     from biasmap_engine import check_plan
 
     with pytest.raises(ValueError, match="demographic concept\\(s\\) listed twice: Gender; list each once"):
         audit_run(0, "doctor", demographic="gender, Gender")
-    with pytest.raises(ValueError, match="subject\\(s\\) gender, female nurse share words with the demographic "
-                                         "concept\\(s\\) gender, female, against which every subject is measured"):
+    with pytest.raises(ValueError, match="subject\\(s\\) gender, female nurse hold a demographic concept \\(gender, "
+                                         "female\\), or are held by one, against which every subject is measured"):
         audit_run(0, "doctor, gender, female nurse", demographic="gender, female")
-    assert check_plan(0, "doctor, gender", seeds=3) == ["doctor", "gender"]  # the demographic linked: not known yet
-    with pytest.raises(ValueError, match="share words"):
-        check_plan(0, "doctor, gender", seeds=3, demographic="gender")
+    with pytest.raises(ValueError, match="subject\\(s\\) nurse hold a demographic concept"):
+        audit_run(0, "doctor, nurse", demographic="male nurse")  # held by one
+    # Words in common but neither phrase in the other: apart in the attribution prompt, as the sampler finds them.
+    assert audit_run(0, "color guard, doctor", demographic="skin color").subject == "color guard"
+
+
+def test_an_audits_inputs_are_each_checked_where_those_it_needs_are_known():
+    from biasmap_engine import check_plan
+
+    assert check_plan(run=0, subjects="doctor, gender", seeds=3) == ["doctor", "gender"]  # demographic linked
+    with pytest.raises(ValueError, match="hold a demographic"):
+        check_plan(run=0, subjects="doctor, gender", seeds=3, demographic="gender")
     with pytest.raises(ValueError, match="the pass is complete"):
-        check_plan(6, "doctor, gender", seeds=3)
+        check_plan(run=6, subjects="doctor, gender", seeds=3)
+    # Subjects linked: the template and the demographic are still checked, and the run's range waits for them.
+    with pytest.raises(ValueError, match="has no \\{\\} for the subject"):
+        check_plan(run=0, seeds=3, template="A photo of a doctor")
+    with pytest.raises(ValueError, match="listed twice: Gender"):
+        check_plan(run=10**6, seeds=3, demographic="gender, Gender")
+    assert check_plan(run=10**6, seeds=3, demographic="gender") is None

@@ -418,6 +418,12 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
     for run in (0, None):  # typed, or linked: the typed seeds are checked either way
         assert BiasMapAuditPrompts.validate_inputs(**checked | {"run": run, "seeds": 100_001}) == (
             "seeds 100001 is outside 1–100,000: set it within")
+    # The template and the demographic when queued too, also where the subjects are linked.
+    typed = checked | {"template": plan["template"], "demographic": "gender, Gender"}
+    for subjects in (plan["subjects"], None):
+        assert BiasMapAuditPrompts.validate_inputs(**typed | {"subjects": subjects}).startswith(
+            "demographic concept(s) listed twice: Gender")
+    assert "has no {} for the subject" in BiasMapAuditPrompts.validate_inputs(**checked | {"template": "a photo"})
     for value, message in (({"run": -1}, before), ({"seeds": 0}, "seeds 0 is outside")):  # linked: checked when it runs
         with pytest.raises(ValueError, match=message):
             BiasMapAuditPrompts.execute(**plan | value)
