@@ -340,6 +340,14 @@ def _mismatch(guided, baselines, columns) -> str:
     apart = [c for c in columns if not {_cell(r, c) for r in guided} & {_cell(r, c) for r in baselines}]
     if apart:
         named = ", ".join(apart)
+        # Rows of two files, one started before a column, which its rows lack (not blank: a merged model's is).
+        lacking = {c: side for c in apart for side, rows in (("λ = 0", baselines), ("guided", guided))
+                   if all(c not in r for r in rows)}
+        if lacking:
+            said = "; ".join(f"every {side} row lacks {c}" for c, side in lacking.items())
+            return (f"the guided and λ = 0 rows differ in every value of {named}: {said}, as the rows of a file "
+                    f"started before BiasMap wrote that column do; leave {', '.join(lacking)} out of the other rows "
+                    f"to pair them as that file did, or log the λ = 0 runs again into one file")
         return (f"the guided and λ = 0 rows differ in every value of {named}; log λ = 0 runs with the guided runs' "
                 f"{named}, changing guidance_scale alone" + (f" ({seeds})" if "seed" in apart else ""))
     first = guided[0]

@@ -1164,3 +1164,16 @@ def test_a_summary_line_names_a_blank_setting_with_a_dash_not_nothing():
     lines = reductions_text(rows).splitlines()[1:]
     assert any(line.startswith("λ 100 · scheduler custom sigmas · denoise — · nurse:") for line in lines), lines
     assert any(line.startswith("λ 100 · scheduler normal · denoise 1.0 · nurse:") for line in lines), lines
+
+
+def test_rows_that_pair_nothing_for_a_column_an_older_file_lacks_are_told_so_not_to_log_its_values():
+    # A notebook pairing an older file's baselines (no batch_size) with new guided rows: the fix is not "log λ = 0 runs
+    # with the guided runs' batch_size", which that file cannot hold.
+    base, guided = _baseline_and_guided()
+    older = [{k: v for k, v in row.items() if k != "batch_size"} for row in audit_rows(base, q=0.5, size=(8, 8))]
+    with pytest.raises(ValueError, match=r"differ in every value of batch_size: every λ = 0 row lacks batch_size, as "
+                                         r"the rows of a file started before BiasMap wrote that column do; leave "
+                                         r"batch_size out of the other rows to pair them as that file did"):
+        reductions(older + audit_rows(guided, q=0.5, size=(8, 8)))
+    newer = [{k: v for k, v in row.items() if k != "batch_size"} for row in audit_rows(guided, q=0.5, size=(8, 8))]
+    assert {f["semantic"]: f["images"] for f in reductions(older + newer)} == {"doctor": 2, "nurse": 2}  # as told
