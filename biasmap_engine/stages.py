@@ -70,15 +70,16 @@ def stage_label(stage: str) -> str:
 
 def parse_stages(text: str) -> list[str] | None:
     """Comma-separated stage ids (``down_1``, any case) or labels (``down×1``) → ids; ``""`` or ``"all"`` → None."""
-    if text.strip().lower() in ("", "all"):
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not text.strip() or [p.lower() for p in parts] == ["all"]:  # "all," too, as "down_1," is down_1
         return None
+    if "all" in (p.lower() for p in parts):
+        raise ValueError(f"'all' is every stage, so it goes alone: give 'all', or the stages without it (got "
+                         f"{text!r})")
     aliases = {s: s for s in STAGE_ORDER} | {stage_label(s): s for s in STAGE_ORDER}
     stages = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in parts:
         stage = aliases.get(part, aliases.get(part.lower()))
-        if part.lower() == "all":
-            raise ValueError(f"'all' is every stage, so it goes alone: give 'all', or the stages without it "
-                             f"(got {text!r})")
         if stage is None:
             raise ValueError(f"unknown stage {part!r}; choose from {', '.join(STAGE_ORDER)} or 'all'")
         stages.append(stage)
