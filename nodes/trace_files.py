@@ -102,9 +102,10 @@ def _save_path(prefix: str) -> str:
     if not inside(os.path.dirname(path), _saved_folder()):
         # The prefix in the folder: without an output/ or a biasmap/ in another case that it may already start with.
         example = re.sub(rf"^(output[/\\])?({_SAVED}[/\\])?", "", prefix.strip("/\\"), flags=re.IGNORECASE)
-        fix = (f"add a file name after {_SAVED}/" if example == _SAVED else f"start the prefix with {_SAVED}/")
+        bare = example.lower() in ("", _SAVED)  # the folder alone, in any case
+        fix = f"add a file name after {_SAVED}/" if bare else f"start the prefix with {_SAVED}/"
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
-                         f"list it: {fix}, e.g. {_SAVED}/{example if example not in ('', _SAVED) else 'trace'}")
+                         f"list it: {fix}, e.g. {_SAVED}/{'trace' if bare else example}")
     return path
 
 

@@ -79,6 +79,8 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     for typed in ("output/biasmap/trace", "Biasmap/trace"):  # the folder named as the page shows it, or in capitals
         with pytest.raises(ValueError, match=r"start the prefix with biasmap/, e.g. biasmap/trace$"):
             as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, typed)
+    with pytest.raises(ValueError, match=r"add a file name after biasmap/, e.g. biasmap/trace$"):
+        as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "BiasMap")
     saved = folders / "out" / "biasmap" / "audits"
     assert sorted(p.name for p in saved.iterdir()) == ["trace_00001_.safetensors", "trace_00002_.safetensors"]
     with safe_open(str(saved / "trace_00001_.safetensors"), framework="pt") as f:
