@@ -50,8 +50,8 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     _check_batch(latent)
     if sigmas.shape[-1] < 2:
         raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
-                         f"guide; connect a schedule with at least one step (two sigmas: a scheduler at denoise 0, "
-                         f"or asked for 0 steps, gives none)")
+                         f"guide; connect a schedule with at least one step (two sigmas: BasicScheduler at denoise "
+                         f"0 gives none, SplitSigmas at the last step leaves one)")
     session.window.widen_for(sigmas)
     patched = session.patch(model)
     guider = comfy.samplers.CFGGuider(patched)

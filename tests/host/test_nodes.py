@@ -1114,8 +1114,9 @@ def test_the_advanced_sampler_refuses_sigmas_of_no_step_naming_a_scheduler_at_de
     args = defaults(BiasMapGuidedKSamplerAdvanced) | dict(
         model=model, clip=clip, sampler=comfy.samplers.sampler_object("euler"), positive=pos, negative=neg,
         sigmas=torch.FloatTensor([]), latent_image={"samples": torch.zeros(1, 4, 32, 32)})  # BasicScheduler's at 0
-    with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*a scheduler "
-                                                                 r"at denoise 0, or asked for 0 steps, gives none\)$"):
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*BasicScheduler "
+                                                                 r"at denoise 0 gives none, SplitSigmas at the last step "
+                                                                 r"leaves one\)$"):
         BiasMapGuidedKSamplerAdvanced.execute(**args)
 
 
