@@ -193,6 +193,7 @@ def _plurals(concept: str) -> list[str]:
     last = last.lower()
     forms = [last + "s", last + "es"] + ([last[:-1] + "ies"] if last.endswith("y") else [])
     forms += [_IRREGULAR_PLURALS[last]] if last in _IRREGULAR_PLURALS else []
+    forms += [last[:-3] + "men"] if last.endswith("man") else []  # fireman → firemen
     return [" ".join([*head, form]) for form in forms]
 
 

@@ -84,8 +84,8 @@ class BranchCapture:
         if not picked:
             return  # cond and uncond went as separate U-Net calls; this one is the other branch
         if tuple(extra_options["original_shape"][-2:]) != self.latent_hw:
-            # ComfyUI gives the negative prompt an entry of each positive entry's area (create_cond_with_same_area_
-            # if_none): with an area on the positive alone, the negative branch has one too.
+            # ComfyUI gives the negative prompt an entry of each positive entry's area, with an area on the positive
+            # alone the negative branch has one too (comfy/samplers.py, create_cond_with_same_area_if_none).
             self.note("area conditioning: entries of the recorded branch that cover only part of the image are not "
                       "recorded (with an area on the positive prompt, ComfyUI gives the negative prompt an entry of "
                       "that area too); its maps come from its whole-image entries")

@@ -148,6 +148,7 @@ def test_a_concept_that_is_part_of_a_prompts_word_is_refused_saying_to_type_the_
     assert absent_from(["nurse", "nanny", "woman", "fire fighter", "chef"],
                        "Nurses, nannies, women and fire fighters at a chefs' table") == []
     assert absent_from(["chef"], "a photo of a chief") == ["chef"]
+    assert absent_from(["fireman", "policewoman"], "firemen and policewomen") == []
 
 
 def test_an_attribution_prompt_holding_clips_end_marker_is_refused_before_the_words_after_it_go_missing(pack):
