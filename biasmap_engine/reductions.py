@@ -228,12 +228,12 @@ def _with_guided_concepts(rows) -> list[dict]:
     energy, the mean over every pair, is the same in any order): "demographic gender, race" for a run guided against
     both, which is not gender's guidance alone; "semantic doctor, nurse" for two professions guided together, whose
     rows pool (by=None) as one run's; "demographic gender" for race measured on a run guided against gender. Blank for
-    a sampler of the row's pair alone, so that an audit's professions, one a run, pool; and in a file without the
-    sampler's lists."""
+    a sampler of the row's pair alone, so that an audit's professions, one a run, pool; at λ = 0, where the lists
+    guide nothing; and in a file without them."""
     with_concepts = []
     for row in rows:
         said = []
-        for kind in ("demographic", "semantic"):
+        for kind in ("demographic", "semantic") if _parsed_number(row.get("guidance_scale")) != 0 else ():
             listed = {c.strip().lower() for c in str(row.get(f"sampler_{kind}", "")).split(",")} - {""}
             if listed and listed != {str(row.get(kind, "")).strip().lower()}:
                 said.append(f"{kind} {', '.join(sorted(listed))}")

@@ -1119,6 +1119,11 @@ def test_reductions_keep_runs_guided_against_other_demographic_concepts_apart():
     assert sorted((f["guided_concepts"], f["images"]) for f in nurse) == [
         ("demographic gender, race; semantic doctor, nurse", 2), ("semantic doctor, nurse", 2)]
     assert "guided_concepts demographic gender, race; semantic doctor, nurse · nurse: " in reductions_text(rows)
+    unguided = copy.deepcopy(both)
+    unguided.settings = {"scale": 0.0, "guided_stages": None}  # at λ = 0 the lists guide nothing: one group
+    discovery = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(unguided, q=0.5, size=(8, 8), label="again",
+                                                                  pairs=[("gender", "doctor"), ("gender", "nurse")])
+    assert [line.split(":")[0] for line in reductions_text(discovery).splitlines()[1:]] == ["doctor", "nurse"]
     both.demographic = ["Race", "gender"]  # typed in another order and case: the same guidance
     again = rows + audit_rows(both, q=0.5, size=(8, 8), pairs=[("gender", "nurse")], label="again")
     assert [f["images"] for f in reductions(again) if f["semantic"] == "nurse"] == [2, 2]
