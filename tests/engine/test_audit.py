@@ -1182,3 +1182,62 @@ def test_rows_that_pair_nothing_for_a_column_an_older_file_lacks_are_told_so_not
         reductions(older + audit_rows(guided, q=0.5, size=(8, 8)))
     newer = [{k: v for k, v in row.items() if k != "batch_size"} for row in audit_rows(guided, q=0.5, size=(8, 8))]
     assert {f["semantic"]: f["images"] for f in reductions(older + newer)} == {"doctor": 2, "nurse": 2}  # as told
+
+
+def test_the_per_image_interval_leaves_out_images_without_overlap_at_lambda_0_even_where_guidance_made_some():
+    rows = _seeds_audit([0.4] * 12, base=lambda seed: 0.0 if seed < 2 else 0.5)
+    rows = [{**r, "iou": 0.2} if r["seed"] < 2 and r["guidance_scale"] else r for r in rows]  # overlap only guided
+    (nurse,) = reductions(rows)
+    assert nurse["images_with_overlap"] == 10 and nurse["mean_image_reduction"] == pytest.approx(0.4)
+    assert nurse["mean_image_reduction_interval"] == pytest.approx((0.4, 0.4))
+
+
+@pytest.mark.parametrize("guided_without_overlap, interval", [(0.0, (0.4, 0.4)), (0.2, None)])
+def test_resamples_that_draw_no_image_with_overlap_at_lambda_0_are_left_out_of_the_reductions_interval(
+        guided_without_overlap, interval):
+    # One image of ten overlaps at λ = 0: about a third of the resamples draw none of it and have no reduction.
+    rows = _seeds_audit([0.4] * 10, base=lambda seed: 0.5 if seed == 0 else 0.0)
+    rows = [{**r, "iou": guided_without_overlap} if r["seed"] and r["guidance_scale"] else r for r in rows]
+    (nurse,) = reductions(rows)
+    low, high = nurse["reduction_interval"]
+    assert math.isfinite(low) and math.isfinite(high) and low <= nurse["reduction"] <= high
+    if interval is not None:
+        assert (low, high) == pytest.approx(interval)
+
+
+def test_reductions_refuse_lambda_0_rows_of_one_image_two_units_apart_in_the_csvs_sixth_decimal():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    again = [{**r, "iou": r["iou"] + 2e-6} for r in audit_rows(base, q=0.5, size=(8, 8))]
+    with pytest.raises(ValueError, match="two λ = 0 rows of the same image give iou"):
+        reductions(rows + again)
+
+
+def test_reductions_give_a_whole_number_setting_read_from_a_csv_back_as_an_int(tmp_path):
+    base, guided = _baseline_and_guided()
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, audit_rows(base) + audit_rows(guided))
+    doctor, _ = reductions(read_csv(path))
+    assert type(doctor["steps"]) is int and type(doctor["cfg"]) is float
+    assert str(reductions_table(read_csv(path))[0]["steps"]) == "2"  # the table's cell as written: not "2.0"
+
+
+def test_append_csv_adds_no_blank_line_to_a_file_whose_last_line_ends_in_a_carriage_return(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5))
+    path.write_bytes(path.read_bytes()[:-1])  # "\r\n" cut to "\r", as a classic-Mac line end
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="next"))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        records = list(csv.reader(f))
+    assert [] not in records and len(records) == 9
+
+
+def test_a_one_image_result_against_its_baseline_gives_no_per_image_line():
+    base, guided = _baseline_and_guided()
+    for trace in (base, guided):
+        trace.maps = {s: m[:, :1] for s, m in trace.maps.items()}
+        trace.guidance = {k: v[:, :1] for k, v in trace.guidance.items()}
+        trace.latent_shape = [1, 4, 8, 8]
+    after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    lines = after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8))).splitlines()
+    assert len(lines) == 1 and not any(line.startswith("IoU per image") for line in lines)

@@ -65,3 +65,9 @@ def test_half_precision_maps_threshold_like_float32():
 def test_a_quantile_outside_0_to_1_is_refused_as_a_fraction(q):
     with pytest.raises(ValueError, match=f"q must be a fraction in \\[0, 1\\], got {q}"):
         hard_mask(torch.rand(4, 4), q)
+
+
+def test_a_quantile_of_0_keeps_every_pixel_above_the_map_minimum_and_1_keeps_none():
+    maps = torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hard_mask(maps, 0.0), maps > maps.amin(dim=(-2, -1), keepdim=True))
+    assert not hard_mask(maps, 1.0).any()

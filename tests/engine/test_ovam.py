@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from biasmap_engine import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                             token_softmax_maps)
+from biasmap_engine.ovam import largest_grid
 
 
 def random_layer(seed, dim=32, ctx=24, heads=4):
@@ -101,3 +102,8 @@ def test_concept_map_of_a_word_occurring_twice_is_the_mean_over_both_occurrences
     maps = torch.rand(2, 7, 3, 3)
     assert torch.allclose(concept_map(maps, [1, 4]), (maps[:, 1] + maps[:, 4]) / 2)
     assert torch.allclose(concept_map(maps, [1, 2, 5]), (maps[:, 1] + maps[:, 2] + maps[:, 5]) / 3)
+
+
+def test_the_largest_grid_is_the_one_of_most_pixels_not_the_tallest_first():
+    assert largest_grid([torch.zeros(1, 4, 4), torch.zeros(1, 4, 8)]) == (4, 8)
+    assert largest_grid([torch.zeros(1, 5, 2), torch.zeros(1, 4, 8)]) == (4, 8)

@@ -634,3 +634,13 @@ def test_normalize_maps_scales_over_the_finite_values_so_one_nan_pixel_blanks_no
     finite = maps[maps.isfinite()]
     expected = (maps[0] - finite.min()) / (finite.max() - finite.min())
     assert torch.allclose(normalize_maps(maps, shared=True)[0], expected)
+
+
+def test_normalize_maps_keeps_a_nan_or_inf_pixel_of_a_flat_map_as_it_is():
+    out = normalize_maps(torch.tensor([[[2.0, 2.0], [2.0, float("nan")]], [[2.0, 2.0], [2.0, float("inf")]]]))
+    assert out[0, 1, 1].isnan() and out[1, 1, 1] == float("inf")
+    assert (out[:, 0] == 0).all() and out[0, 1, 0] == 0
+
+
+def test_an_iou_of_exactly_0_995_is_labelled_above_0_99():
+    assert render._iou_text(0.995) == ">0.99"

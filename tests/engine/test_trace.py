@@ -663,3 +663,28 @@ def test_a_traces_maps_are_float32_whatever_the_dtype_they_were_recorded_in(dtyp
     kept = rec.finish(tokens=TOKENS, latent_shape=[1, 4, 4, 4]).maps["down_1"][0]
     assert kept.dtype == torch.float32
     torch.testing.assert_close(kept, maps.to(dtype).float())
+
+
+def test_an_image_is_not_measurable_where_any_stage_of_its_two_words_holds_nan():
+    trace = recorded_trace()
+    trace.maps["down_2"][1, 1, 4, 0, 0] = float("nan")  # image 1's "gender", one stage, one step
+    assert trace.measurable("gender", "doctor").tolist() == [True, False]
+
+
+def test_an_image_whose_maps_are_not_finite_is_not_also_named_as_flat():
+    trace = recorded_trace()
+    trace.maps["down_2"][1, 1, 4, 0, 0] = float("nan")
+    report = measure_entanglement(trace, "gender", "doctor").report
+    assert "image(s) 1: their maps hold NaN or inf values" in report and "flat" not in report
+
+
+def test_evaluations_before_the_first_report_of_step_0_are_step_0s():
+    rec = TraceRecorder()
+    for item in ["e", "e", 0, "e", 1]:
+        if item == "e":
+            rec.begin(torch.tensor(1.0), torch.tensor(5))
+            rec.add("down_1", torch.rand(1, 2, 2, 2))
+            rec.end()
+        else:
+            rec.step_started(item)
+    assert rec.finish(tokens=["a", "b"], latent_shape=[1, 4, 2, 2]).steps.tolist() == [0, 0, 1]
