@@ -118,8 +118,9 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))
-                why = ("BIoU columns follow the recorded stages, which differ between model families and with "
-                       "include_middle" if stages else
+                why = ("BIoU columns follow the recorded stages, which differ between model families, with "
+                       "include_middle, and with a node that changes the U-Net's grids (Deep Shrink) at some image "
+                       "sizes" if stages else
                        "The file was started by another BiasMap version, or the trace was saved by one")
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                                  f"{_only_in(header, columns)}; only the trace has: {_only_in(columns, header)}). "

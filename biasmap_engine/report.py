@@ -181,6 +181,8 @@ def percent_change(reduction: float) -> str:
 def _shown(value) -> str:
     if isinstance(value, bool):  # add_noise, include_middle: an int to f"{:g}"
         return "on" if value else "off"
+    if value == "":  # not named: a merged model, a prompt made while the graph ran, a run without a graph
+        return "—"
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 

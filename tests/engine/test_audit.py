@@ -648,6 +648,10 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     note = after.against(measure_entanglement(other, "gender", "nurse", 0.5, (16, 16), steps=(1, 1))).splitlines()[-1]
     assert note == ("note: the baseline differs in seed (7, this run 42); masks (16×16, this run 8×8); steps measured "
                     "(1–1, this run all): the change is not guidance's alone (compare runs that differ only in λ)")
+    unnamed = halves_trace()
+    unnamed.run = {**RUN, "model": ""}  # a merged model, which the graph names not
+    assert after.against(measure_entanglement(unnamed, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1].startswith(
+        "note: the baseline differs in model (—, this run n/a)")
     scheduled = halves_trace()
     scheduled.run = {**RUN, "sigmas": [14.6, 1.0, 0.0]}  # custom sigmas, the rest alike
     assert after.against(measure_entanglement(scheduled, "gender", "nurse", 0.5, (8, 8))).endswith(
