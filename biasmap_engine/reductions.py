@@ -230,15 +230,27 @@ def _with_guided_concepts(rows) -> list[dict]:
     rows pool (by=None) as one run's; "demographic gender" for race measured on a run guided against gender. Blank for
     a sampler of the row's pair alone, so that an audit's professions, one a run, pool; at λ = 0, where the lists
     guide nothing; and in a file without them."""
+    # A row without the column reads as blank (_cell): only rows that say more are copied, and each text is read once
+    # (the Audit Log's summary reads the whole file again after every run).
     with_concepts = []
     for row in rows:
-        said = []
-        for kind in ("demographic", "semantic") if _parsed_number(row.get("guidance_scale")) != 0 else ():
-            listed = {c.strip().lower() for c in str(row.get(f"sampler_{kind}", "")).split(",")} - {""}
-            if listed and listed != {str(row.get(kind, "")).strip().lower()}:
-                said.append(f"{kind} {', '.join(sorted(listed))}")
-        with_concepts.append({**row, "guided_concepts": "; ".join(said)})
+        said = _guided_concepts(row.get("guidance_scale"), row.get("sampler_demographic", ""),
+                                row.get("demographic", ""), row.get("sampler_semantic", ""), row.get("semantic", ""))
+        with_concepts.append({**row, "guided_concepts": said} if said else row)
     return with_concepts
+
+
+@functools.lru_cache(maxsize=1 << 12, typed=True)
+def _guided_concepts(scale, *lists_and_pair) -> str:
+    """:func:`_with_guided_concepts`' text of one row: from λ, then each list with the row's concept of it."""
+    if _parsed_number(scale) == 0:
+        return ""
+    said = []
+    for kind, listed, measured in zip(("demographic", "semantic"), lists_and_pair[::2], lists_and_pair[1::2]):
+        concepts = {c.strip().lower() for c in str(listed).split(",")} - {""}
+        if concepts and concepts != {str(measured).strip().lower()}:
+            said.append(f"{kind} {', '.join(sorted(concepts))}")
+    return "; ".join(said)
 
 
 def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:
