@@ -135,7 +135,7 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
         return f"reductions over the file: none: {err}", None
     first = figures[metrics[0]]
     # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
-    named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({str(f.get(c)) for f in first}) > 1]
+    named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({_cell(f, c) for f in first}) > 1]
     lines = ["reductions over the file (each guided image against its λ = 0 row; a negative change is less overlap; in "
              f"brackets a {_LEVEL * 100:g} % bootstrap interval over the images, given from {_FEWEST_FOR_INTERVAL} "
              f"images on, for the per-image figure {_FEWEST_FOR_INTERVAL} with overlap at λ = 0):"]
@@ -219,7 +219,9 @@ def _label(column: str, value) -> str:
     """A setting as a summary line names it: λ 100, sampler heun."""
     if column == "guidance_scale":
         return f"λ {_parsed_number(value):g}"
-    return f"{column} {value}" if value != "" else f"{column} —"  # blank: denoise, which custom sigmas do not carry
+    if value == "":  # blank: denoise, which custom sigmas do not carry; guided_concepts of a sampler of one pair
+        return "guided against the pair alone" if column == "guided_concepts" else f"{column} —"
+    return f"{column} {value}"
 
 
 def _with_guided_concepts(rows) -> list[dict]:
@@ -234,10 +236,15 @@ def _with_guided_concepts(rows) -> list[dict]:
     # (the Audit Log's summary reads the whole file again after every run).
     with_concepts = []
     for row in rows:
-        said = _guided_concepts(row.get("guidance_scale"), row.get("sampler_demographic", ""),
-                                row.get("demographic", ""), row.get("sampler_semantic", ""), row.get("semantic", ""))
+        said = _guided_concepts(*(_listed(row.get(c, "")) for c in (
+            "guidance_scale", "sampler_demographic", "demographic", "sampler_semantic", "semantic")))
         with_concepts.append({**row, "guided_concepts": said} if said else row)
     return with_concepts
+
+
+def _listed(value):
+    """A cell as :func:`_guided_concepts` takes it: a list (a trace's own, in rows made by hand) as the CSV writes it."""
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 @functools.lru_cache(maxsize=1 << 12, typed=True)
@@ -355,13 +362,15 @@ def _mismatch(guided, baselines, columns) -> str:
         # Rows of two files, one started before a column, which its rows lack (not blank: a merged model's is).
         lacking = {c: side for c in apart for side, rows in (("λ = 0", baselines), ("guided", guided))
                    if all(c not in r for r in rows)}
+        rest = [c for c in apart if c not in lacking]
+        fixes = [f"log λ = 0 runs with the guided runs' {', '.join(rest)}, changing guidance_scale alone"
+                 + (f" ({seeds})" if "seed" in rest else "")] if rest else []
         if lacking:
             said = "; ".join(f"every {side} row lacks {c}" for c, side in lacking.items())
-            return (f"the guided and λ = 0 rows differ in every value of {named}: {said}, as the rows of a file "
-                    f"started before BiasMap wrote that column do; leave {', '.join(lacking)} out of the other rows "
-                    f"to pair them as that file did, or log the λ = 0 runs again into one file")
-        return (f"the guided and λ = 0 rows differ in every value of {named}; log λ = 0 runs with the guided runs' "
-                f"{named}, changing guidance_scale alone" + (f" ({seeds})" if "seed" in apart else ""))
+            fixes.append(f"{said}, as rows of a file started before BiasMap wrote it do: leave {', '.join(lacking)} "
+                         f"out of the other rows to pair them as that file did, or log the λ = 0 runs into the guided "
+                         f"runs' file")
+        return f"the guided and λ = 0 rows differ in every value of {named}; " + "; ".join(fixes)
     first = guided[0]
     target = _key(first, columns)
 

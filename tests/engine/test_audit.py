@@ -1180,10 +1180,16 @@ def test_rows_that_pair_nothing_for_a_column_an_older_file_lacks_are_told_so_not
     # with the guided runs' batch_size", which that file cannot hold.
     base, guided = _baseline_and_guided()
     older = [{k: v for k, v in row.items() if k != "batch_size"} for row in audit_rows(base, q=0.5, size=(8, 8))]
-    with pytest.raises(ValueError, match=r"differ in every value of batch_size: every λ = 0 row lacks batch_size, as "
-                                         r"the rows of a file started before BiasMap wrote that column do; leave "
-                                         r"batch_size out of the other rows to pair them as that file did"):
+    with pytest.raises(ValueError, match=r"differ in every value of batch_size; every λ = 0 row lacks batch_size, as "
+                                         r"rows of a file started before BiasMap wrote it do: leave batch_size out of "
+                                         r"the other rows to pair them as that file did, or log the λ = 0 runs into "
+                                         r"the guided runs' file$"):
         reductions(older + audit_rows(guided, q=0.5, size=(8, 8)))
+    elsewhere = [{**row, "seed": 7} for row in audit_rows(guided, q=0.5, size=(8, 8))]  # and another seed: both said
+    with pytest.raises(ValueError, match=r"differ in every value of seed, batch_size; log λ = 0 runs with the guided "
+                                         r"runs' seed, changing guidance_scale alone \(set the seed.*; every λ = 0 row "
+                                         r"lacks batch_size"):
+        reductions(older + elsewhere)
     newer = [{k: v for k, v in row.items() if k != "batch_size"} for row in audit_rows(guided, q=0.5, size=(8, 8))]
     assert {f["semantic"]: f["images"] for f in reductions(older + newer)} == {"doctor": 2, "nurse": 2}  # as told
 
@@ -1245,3 +1251,35 @@ def test_a_one_image_result_against_its_baseline_gives_no_per_image_line():
     after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
     lines = after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8))).splitlines()
     assert len(lines) == 1 and not any(line.startswith("IoU per image") for line in lines)
+
+
+def test_reductions_take_rows_made_by_hand_with_the_traces_own_lists_as_concepts():
+    # A trace's concept lists are lists: rows built from one by hand may hold them as they are.
+    base, guided = _baseline_and_guided()
+    rows = [{**row, "sampler_demographic": ["gender"], "sampler_semantic": ["doctor", "nurse"]}
+            for row in audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))]
+    assert {f["semantic"]: f["guided_concepts"] for f in reductions(rows)} == {"doctor": "semantic doctor, nurse",
+                                                                             "nurse": "semantic doctor, nurse"}
+
+
+def test_summary_lines_name_settings_that_differ_in_value_not_in_spelling():
+    # cfg "7" (a spreadsheet's) and 7.0 (the node's) in two λ's lines: cfg is not what tells them apart.
+    base, guided = _baseline_and_guided()
+    half = copy.deepcopy(guided)
+    half.settings = {**half.settings, "scale": 50.0}
+    rows = (audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+            + [{**row, "cfg": "7"} for row in audit_rows(half, q=0.5, size=(8, 8))])
+    names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
+    assert names == ["λ 100 · doctor", "λ 100 · nurse", "λ 50 · doctor", "λ 50 · nurse"]
+
+
+def test_a_line_of_runs_guided_against_the_rows_pair_alone_says_so_beside_one_guided_against_more():
+    base, guided = _baseline_and_guided()
+    alone = copy.deepcopy(guided)
+    alone.semantic = ["nurse"]
+    rows = (audit_rows(base, q=0.5, size=(8, 8), pairs=[("gender", "nurse")])
+            + audit_rows(guided, q=0.5, size=(8, 8), pairs=[("gender", "nurse")])
+            + audit_rows(alone, q=0.5, size=(8, 8), pairs=[("gender", "nurse")], label="alone"))
+    names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
+    assert names == ["λ 100 · guided_concepts semantic doctor, nurse · nurse",
+                     "λ 100 · guided against the pair alone · nurse"]
