@@ -71,11 +71,12 @@ def check_plan(*, run: int | None = None, subjects: str | None = None, seeds: in
         _check_demographics(split_concepts(demographic), names or [])
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if run is not None and run < 0:
+        runs = f" (runs 0–{len(names) * seeds - 1})" if None not in (names, seeds) else ""
+        raise ValueError(f"run {run} is before this audit's first run: set run to 0 to begin it{runs}")
     if None in (run, names, seeds):
         return names
     total = len(names) * seeds
-    if run < 0:
-        raise ValueError(f"run {run} is before this audit's first run: set run to 0 to begin it (runs 0–{total - 1})")
     if run >= total:
         raise ValueError(f"run {run} is past this audit's {total} runs ({len(names)} subject(s) × {seeds} seed(s), "
                          f"runs 0–{total - 1}): the pass is complete; set run back to 0 for the next (λ = 0 for the "
@@ -102,16 +103,19 @@ def _check_demographics(demographics: list[str], subjects: list[str]) -> None:
     if twice:
         raise ValueError(f"demographic concept(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once")
     # The sampler looks each concept up as a phrase and refuses two whose places in the attribution prompt overlap
-    # (a concept's overlap with itself is 1, whatever the image): one holding the other's words in a row, as
-    # "female nurse" holds "female". Said here of the subjects typed, before the first run, not by the sampler at the
-    # run of each.
-    phrases = [tuple(clip_words(d)) for d in demographics]
-    shared = [s for s in subjects if any(_holds(tuple(clip_words(s)), p) or _holds(p, tuple(clip_words(s)))
-                                         for p in phrases)]
-    if shared:
-        raise ValueError(f"subject(s) {', '.join(shared)} hold a demographic concept ({', '.join(demographics)}), "
-                         f"or are held by one, against which every subject is measured: take them out of the "
-                         f"subjects, or change the demographic")
+    # (a concept's overlap with itself is 1, whatever the image): here, one holding the other's words in a row, as
+    # "female nurse" holds "female", read as CLIP reads them either way (a tokenizer may split CJK text by ideograph).
+    # Said of the subjects typed, before the first run, not by the sampler at the run of each; a demographic phrase
+    # reaching into the template's words is still the sampler's to refuse.
+    for subject in subjects:
+        for demographic in demographics:
+            forms = [(tuple(clip_words(subject, split)), tuple(clip_words(demographic, split)))
+                     for split in (False, True)]
+            if any(_holds(s, d) or _holds(d, s) for s, d in forms):
+                raise ValueError(f"the subject '{subject}' and the demographic concept '{demographic}' share words "
+                                 f"in a row, so the two would be one place of the attribution prompt, and every "
+                                 f"subject is measured against the demographic: take '{subject}' out of the subjects, "
+                                 f"or change the demographic")
 
 
 def _holds(words: tuple[str, ...], phrase: tuple[str, ...]) -> bool:

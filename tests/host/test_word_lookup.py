@@ -194,3 +194,27 @@ def test_the_check_and_every_lookup_agree_on_a_prompt_the_installed_tokenizer_cl
     assert "its words are: a, doctor, and, gender." in refused
     with pytest.raises(ConceptNotFoundError):
         find_word_positions(tokens, "doc\xadtor")
+
+
+@pytest.mark.parametrize("subject, demographic, planned", [("color guard", "skin color", True),
+                                                          ("female nurse", "female", False),
+                                                          ("nurse", "male nurse", False)])
+def test_audit_prompts_refuse_a_subject_as_the_sampler_would_on_the_attribution_prompts_tokens(clip, subject,
+                                                                                              demographic, planned):
+    # Audit Prompts says it when queued, the sampler at the run: the two must agree, or an audit stops mid-queue.
+    from biasmap_engine import audit_run, require_distinct_concepts
+
+    prompt = f"A photo of the face of a {subject} and {demographic}"
+    _, tokens = encode_attribution(clip, prompt)
+    positions = {c: find_word_positions(tokens, c) for c in (subject, demographic)}
+    try:
+        require_distinct_concepts([demographic], [subject], positions)
+        sampled = True
+    except ValueError:
+        sampled = False
+    try:
+        audit_run(0, f"doctor, {subject}", demographic=demographic)
+        queued = True
+    except ValueError:
+        queued = False
+    assert sampled == queued == planned
