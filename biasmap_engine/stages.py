@@ -69,9 +69,10 @@ def stage_label(stage: str) -> str:
 
 
 def parse_stages(text: str) -> list[str] | None:
-    """Comma-separated stage ids (``down_1``, any case) or labels (``down×1``) → ids; ``""`` or ``"all"`` → None."""
+    """Comma-separated stage ids (``down_1``, any case) or labels (``down×1``) → ids; ``""`` or ``"all"`` (with stray
+    commas, or twice, as a stage may be) → None."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not text.strip() or [p.lower() for p in parts] == ["all"]:  # "all," too, as "down_1," is down_1
+    if not text.strip() or {p.lower() for p in parts} == {"all"}:
         return None
     if "all" in (p.lower() for p in parts):
         raise ValueError(f"'all' is every stage, so it goes alone: give 'all', or the stages without it (got "

@@ -232,10 +232,12 @@ class BiasMapTrace:
         sampling); None where it is no readable trace, which :meth:`load` then says why."""
         try:
             with safe_open(path, framework="pt") as f:
-                tokens = json.loads(f.metadata()[_FORMAT])["tokens"]
+                description = json.loads(f.metadata()[_FORMAT])
+            tokens, version = description["tokens"], description["version"]
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError):
             return None
-        return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
+        readable = type(version) is int and 1 <= version <= _VERSION  # a later BiasMap's: load says to update
+        return tokens if readable and isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
 
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":

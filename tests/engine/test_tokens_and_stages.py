@@ -98,7 +98,7 @@ def test_stage_labels_and_parsing():
         parse_stages(" , ")
     with pytest.raises(ValueError, match="'all' is every stage, so it goes alone"):  # not "unknown stage 'all'"
         parse_stages("all, down_1")
-    assert parse_stages("All,") is None  # alone, with a stray comma, as "down_1," is down_1
+    assert parse_stages("All,") is None and parse_stages("all, ALL") is None  # as "down_1," and "down_1, down_1"
 
 
 def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():

@@ -169,7 +169,11 @@ def test_a_traces_tokens_are_read_from_its_header_and_none_from_a_file_that_is_n
     (tmp_path / "notes.safetensors").write_text("not a trace")
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(path.read_bytes()[:40])
-    for other in ("model", "notes", "damaged", "missing"):
+    description, tensors = _saved_parts(tmp_path)
+    for name, change in (("later", {"version": 99}), ("tokens_not_texts", {"tokens": [1, 2]})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"),
+                  metadata={"biasmap_trace": json.dumps(description | change)})
+    for other in ("model", "notes", "damaged", "missing", "later", "tokens_not_texts"):
         assert BiasMapTrace.tokens_of(str(tmp_path / f"{other}.safetensors")) is None
 
 

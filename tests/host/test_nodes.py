@@ -1084,6 +1084,7 @@ def test_an_empty_concept_of_a_node_reading_the_trace_stands_for_a_concept_with_
     # "person \(elderly\)" is the concept "person (elderly)": joined from the parsed list, its brackets were read again
     # as emphasis, and the check before sampling refused a graph that runs.
     from biasmap_pack.nodes import BiasMapGuidedKSampler
+    from biasmap_pack.nodes.prompt_graph import words_asked_of
 
     model, clip = sd15
     pos, neg = prompts
@@ -1101,6 +1102,7 @@ def test_an_empty_concept_of_a_node_reading_the_trace_stands_for_a_concept_with_
     graph["4"] = {"class_type": "BiasMapGuidedKSampler", "inputs": {"demographic": "gender",
                                                                     "semantic": "person \\(elderly\\), doctor"}}
     graph["12"]["inputs"] |= {"trace": ["4", 1], "baseline": ["3", 1]}
+    assert [asked.text for asked in words_asked_of(graph, "3")] == ["gender", "person \\(elderly\\)"]  # as typed
     with torch.inference_mode():
         as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
 
