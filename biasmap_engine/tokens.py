@@ -177,9 +177,10 @@ def split_concepts(text: str) -> list[str]:
 
 
 def typed_concepts(text: str) -> list[tuple[str, str]]:
-    """Each concept of a list (see split_concepts) with the text typed for it: ``"(doctor:1.2)"`` → ``("(doctor:1.2)",
-    "doctor")``."""
-    return [(part, concept) for part in _SEPARATOR.split(text) if (concept := _trimmed(_without_emphasis(part)))]
+    """Each concept of a list (see split_concepts) with the text typed for it, without the spaces around it:
+    ``" (doctor:1.2)"`` → ``("(doctor:1.2)", "doctor")``."""
+    return [(part.strip(), concept) for part in _SEPARATOR.split(text)
+            if (concept := _trimmed(_without_emphasis(part)))]
 
 
 def _trimmed(concept: str) -> str:

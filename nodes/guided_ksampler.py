@@ -58,7 +58,7 @@ def _session(node, model, clip, kwargs, last_step: int | None):
         outputs = queued_outputs()
         # As typed, for an empty input of a node reading the trace: a concept's escaped brackets, person \(elderly\),
         # would be read as emphasis in the concept alone.
-        typed = {name: [text.strip() for text, _ in concepts] for name, concepts in own.items()}
+        typed = {name: [text for text, _ in concepts] for name, concepts in own.items()}
         asked = words_asked_of(hidden.prompt, hidden.unique_id, outputs, typed)
         check_words_asked(asked, kwargs["attribution_prompt"])
         loaded = loaded_traces_of(hidden.prompt, hidden.unique_id, outputs)

@@ -148,7 +148,7 @@ def _typed_first_concept(prompt: dict | None, link, list_name: str) -> str:
     if kind not in _SAMPLERS or link[1] != _TRACE_SLOT or not isinstance(inputs.get(list_name), str):
         return ""
     # As typed: the words asked are parsed again, and a parsed "person (elderly)" would lose its brackets as emphasis.
-    return next((typed.strip() for typed, _ in typed_concepts(inputs[list_name])), "")
+    return next((typed for typed, _ in typed_concepts(inputs[list_name])), "")
 
 
 def queued_outputs() -> list[str] | None:
