@@ -18,7 +18,7 @@ import re
 import unicodedata
 
 __all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "is_ideographic", "listed_twice", "listed_words",
-           "prompt_words", "readable", "require_distinct_concepts", "split_concepts", "typed_concepts"]
+           "prompt_words", "readable", "require_distinct_concepts", "split_concepts", "typed_concepts", "typed_form"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
@@ -181,6 +181,12 @@ def typed_concepts(text: str) -> list[tuple[str, str]]:
     ``" (doctor:1.2)"`` → ``("(doctor:1.2)", "doctor")``."""
     return [(part.strip(), concept) for part in _SEPARATOR.split(text)
             if (concept := _trimmed(_without_emphasis(part)))]
+
+
+def typed_form(concept: str) -> str:
+    r"""Text that a concept list reads back as ``concept`` (see split_concepts): its brackets escaped, as ComfyUI
+    spells brackets that are no emphasis (``person (elderly)`` → ``person \(elderly\)``)."""
+    return concept.replace("(", r"\(").replace(")", r"\)")
 
 
 def _trimmed(concept: str) -> str:

@@ -9,6 +9,7 @@ measured afterwards. Traces save to ``.safetensors`` (tensors) with JSON metadat
 import json
 import operator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,9 +21,9 @@ from .masks import hard_mask, iou
 from .ovam import largest_grid, resampled, sum_upsampled, varies
 from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
-from .trace_schema import description_problem, tensors_problem
+from .trace_schema import description_problem, is_list_of, tensors_problem
 
-__all__ = ["BiasMapTrace", "TraceFormatError", "NOT_FINITE_CAUSE", "mean_biou"]
+__all__ = ["BiasMapTrace", "TraceFormatError", "TraceHeader", "NOT_FINITE_CAUSE", "mean_biou"]
 
 # Why an image's maps hold NaN or inf, and what to do: said wherever such an image is named.
 NOT_FINITE_CAUSE = ("the model's output overflowed, e.g. in fp16: sample them again in fp32 or bf16; or the sampler's "
@@ -30,6 +31,14 @@ NOT_FINITE_CAUSE = ("the model's output overflowed, e.g. in fp16: sample them ag
 
 _FORMAT = "biasmap_trace"
 _VERSION = 1
+
+
+class TraceHeader(NamedTuple):
+    """What a trace file's header says of its words: the attribution prompt's tokens and the concept lists."""
+
+    tokens: list[str]
+    demographic: list[str]
+    semantic: list[str]
 
 
 class TraceFormatError(ValueError):
@@ -227,17 +236,19 @@ class BiasMapTrace:
             return False
 
     @staticmethod
-    def tokens_of(path: str) -> list[str] | None:
-        """The attribution prompt's tokens of the trace at ``path``, from its header alone (for a check before
-        sampling); None where it is no readable trace, which :meth:`load` then says why."""
+    def header_of(path: str) -> "TraceHeader | None":
+        """The attribution prompt's tokens and the concepts of the trace at ``path``, from its header alone (for a
+        check before sampling); None where it is no readable trace, which :meth:`load` then says why."""
         try:
             with safe_open(path, framework="pt") as f:
                 description = json.loads(f.metadata()[_FORMAT])
-            tokens, version = description["tokens"], description["version"]
+            version = description["version"]
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError):
             return None
         readable = type(version) is int and 1 <= version <= _VERSION  # a later BiasMap's: load says to update
-        return tokens if readable and isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
+        if not readable or any(not is_list_of(description.get(name), str) for name in TraceHeader._fields):
+            return None
+        return TraceHeader(*(description[name] for name in TraceHeader._fields))
 
     @classmethod
     def load(cls, path: str) -> "BiasMapTrace":

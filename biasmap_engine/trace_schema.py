@@ -13,7 +13,7 @@ from .guidance import STATUS
 from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
-__all__ = ["MAX_LATENT_SIDE", "description_problem", "tensors_problem"]
+__all__ = ["MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
@@ -23,12 +23,12 @@ _GUIDANCE_KINDS = {"energy": "floating", "grad_norm": "floating", "status": "int
 def description_problem(meta: dict) -> str | None:
     """What is wrong with a trace's JSON description (its types and the latent's size), or None."""
     for name in _TEXT_LISTS:
-        if not _is_list_of(meta.get(name), str):
+        if not is_list_of(meta.get(name), str):
             return f"its {name} is not a list of texts"
     if not isinstance(meta.get("model_family"), str):
         return "its model_family is not a text"
     shape = meta.get("latent_shape")
-    if not (_is_list_of(shape, int) and len(shape) == 4 and min(shape) >= 1):
+    if not (is_list_of(shape, int) and len(shape) == 4 and min(shape) >= 1):
         return f"its latent_shape {shape!r} is not a latent's [B, C, H, W] (four whole numbers of at least 1)"
     if max(shape[2:]) > MAX_LATENT_SIDE:
         return (f"its latent of {shape[3]}×{shape[2]} is larger than ComfyUI's image nodes make (sides up to "
@@ -36,10 +36,10 @@ def description_problem(meta: dict) -> str | None:
     run = meta.get("run", {})
     if not isinstance(run, dict):
         return "its run is not a table of the run's fields"
-    if run.get("batch_index") is not None and not (_is_list_of(run["batch_index"], int)
+    if run.get("batch_index") is not None and not (is_list_of(run["batch_index"], int)
                                                    and len(run["batch_index"]) == shape[0]):
         return f"its run's batch_index is not one whole number per image ({shape[0]})"
-    if "sigmas" in run and not _is_list_of(run["sigmas"], (int, float)):
+    if "sigmas" in run and not is_list_of(run["sigmas"], (int, float)):
         return "its run's sigmas are not a list of numbers"
     return _settings_problem(meta.get("settings"))
 
@@ -83,7 +83,7 @@ def _settings_problem(settings) -> str | None:
     if unknown:
         return f"its settings hold {', '.join(map(repr, unknown))}, which are not BiasMap settings"
     stages = settings.get("guided_stages")
-    if stages is not None and not _is_list_of(stages, str):
+    if stages is not None and not is_list_of(stages, str):
         return "its settings' guided_stages are not a list of stage names"
     try:
         BiasMapSettings(**{**settings, "guided_stages": tuple(stages) if stages else None})
@@ -92,7 +92,7 @@ def _settings_problem(settings) -> str | None:
     return None
 
 
-def _is_list_of(value, kind) -> bool:
+def is_list_of(value, kind) -> bool:
     """A JSON list of ``kind`` (whole numbers: not true/false)."""
     return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
 

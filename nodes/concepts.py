@@ -85,25 +85,24 @@ def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
     _check_pairs_apart(asked, words, attribution_prompt)
 
 
-def check_loaded_trace_words(asked: list[WordsAsked], loaded_traces: dict[str, str], tokens_of) -> None:
+def check_loaded_trace_words(asked: list[WordsAsked], loaded: dict) -> None:
     """Before a sampler samples: the words that a node measures in its trace and in another chosen in Load Trace
-    (``prompt_graph.loaded_traces_of``, by node id; ``tokens_of(trace_file)`` its tokens, None where it has none to
-    read) are words of that trace too. That node runs after the sampler, which the mistake would cost."""
-    read = {file: tokens_of(file) for file in set(loaded_traces.values())}  # each header once
+    (``loaded``: by node id, that trace's file and header, see ``prompt_graph.loaded_traces_of``) are words of that
+    trace too. That node runs after the sampler, which the mistake would cost."""
     for words_asked in asked:
-        tokens = read.get(loaded_traces.get(words_asked.node_id))
-        if tokens is None:  # no trace from Load Trace, or none readable: Load Trace says why when it runs
+        if words_asked.node_id not in loaded:  # no trace from Load Trace, or none readable: Load Trace says why
             continue
-        missing = [word for word in split_concepts(words_asked.text) if not _found(tokens, word)]
+        file, header = loaded[words_asked.node_id]
+        missing = [word for word in split_concepts(words_asked.text) if not _found(header.tokens, word)]
         if missing:
             stands_for = f" ({words_asked.stands_for})" if words_asked.stands_for else ""
             raise ValueError(f"{words_asked.node} (node {words_asked.node_id}) measures {words_asked.input} "
                              f"{', '.join(map(repr, missing))}{stands_for} in this sampler's trace and in the trace "
-                             f"'{loaded_traces[words_asked.node_id]}' from Load Trace, whose attribution prompt lacks "
+                             f"'{file}' from Load Trace, whose attribution prompt lacks "
                              f"{'it' if len(missing) == 1 else 'them'} (its words: "
-                             f"{listed_words(prompt_words(tokens))}): measure a word that both traces have, or choose "
-                             f"another trace in Load Trace. Checked before sampling, so that the run is not lost to "
-                             f"it.")
+                             f"{listed_words(prompt_words(header.tokens))}): measure a word that both traces have, or "
+                             f"choose another trace in Load Trace. Checked before sampling, so that the run is not "
+                             f"lost to it.")
 
 
 def _found(tokens: list[str], word: str) -> bool:

@@ -17,7 +17,7 @@ from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inp
 from .concepts import (absent_from, check_concepts, check_loaded_trace_words, check_words_asked, concept_inputs,
                        require)
 from .prompt_graph import graph_run, loaded_traces_of, queued_outputs, step_windows_of, words_asked_of
-from .trace_files import trace_file_tokens
+from .trace_files import trace_file_header
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
 
@@ -59,10 +59,12 @@ def _session(node, model, clip, kwargs, last_step: int | None):
         # As typed, for an empty input of a node reading the trace: a concept's escaped brackets, person \(elderly\),
         # would be read as emphasis in the concept alone.
         typed = {name: [text for text, _ in concepts] for name, concepts in own.items()}
-        asked = words_asked_of(hidden.prompt, hidden.unique_id, outputs, typed)
+        files = loaded_traces_of(hidden.prompt, hidden.unique_id, outputs)
+        headers = {file: trace_file_header(file) for file in set(files.values())}  # each read once
+        loaded = {reader: (file, headers[file]) for reader, file in files.items() if headers[file]}
+        asked = words_asked_of(hidden.prompt, hidden.unique_id, outputs, typed, loaded)
         check_words_asked(asked, kwargs["attribution_prompt"])
-        loaded = loaded_traces_of(hidden.prompt, hidden.unique_id, outputs)
-        check_loaded_trace_words(asked, loaded, trace_file_tokens)
+        check_loaded_trace_words(asked, loaded)
         check_step_windows(step_windows_of(hidden.prompt, hidden.unique_id, outputs), last_step)
     demographic, semantic = ([concept for _, concept in own[name]] for name in ("demographic", "semantic"))
     return start_session(model, clip, kwargs["attribution_prompt"], demographic, semantic, settings_from(kwargs))

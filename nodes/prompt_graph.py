@@ -5,7 +5,7 @@ not the text and file names that made them; where a node on the way makes them w
 import sys
 from typing import NamedTuple
 
-from ..biasmap_engine import audit_run, split_concepts, typed_concepts
+from ..biasmap_engine import audit_run, split_concepts, typed_concepts, typed_form
 
 __all__ = ["StepsAsked", "WordsAsked", "generation_prompt", "graph_run", "loaded_traces_of", "queued_outputs",
            "step_windows_of", "words_asked_of"]
@@ -65,7 +65,7 @@ class StepsAsked(NamedTuple):
 
 
 def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
-                   own: dict[str, list[str]] | None = None) -> list[WordsAsked]:
+                   own: dict[str, list[str]] | None = None, loaded: dict | None = None) -> list[WordsAsked]:
     """The words typed into the nodes that read node ``node_id``'s trace directly, one WordsAsked for each word input
     holding text (a linked one is made while the graph runs: not read).
     An empty input of a node that reads this trace as its baseline stands for the first concept of the other trace's
@@ -74,7 +74,10 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
     node that reads this trace as its trace stands for them too (its first concept, or every one for Audit Log): for
     the check that a node's two concepts do not share words.
     With ``outputs``, the output nodes queued (``queued_outputs``), only the nodes ComfyUI runs for them: those and
-    what they read."""
+    what they read.
+    With ``loaded``, by node id the trace file chosen in Load Trace at the other trace input of a node reading this
+    trace and that file's header (``loaded_traces_of``, ``TraceHeader``), an empty input of a node reading this trace
+    as its baseline and that file as its trace stands for the file's first concept."""
     asked = []
     for other, node, shown, reading in _readers(prompt, node_id, outputs):
         inputs = node["inputs"]
@@ -90,9 +93,14 @@ def words_asked_of(prompt: dict | None, node_id, outputs: list | None = None,
                                   f"sampler, as {name} is empty")
                     asked.append(WordsAsked(shown, other, name, ", ".join(concepts), stands_for))
             elif isinstance(text, str) and reading == {"baseline"}:  # empty: the trace input's concept
-                first = _typed_first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name])
+                first, whose = _typed_first_concept(prompt, inputs.get("trace"), _EMPTY_MEANS[name]), "its trace input"
+                if not first and other in (loaded or {}):
+                    file, header = loaded[other]
+                    # Stored as read, brackets and all: typed again, so that the lookup does not read them as emphasis.
+                    first = typed_form(next(iter(getattr(header, _EMPTY_MEANS[name])), ""))
+                    whose = f"its trace input, the trace '{file}' from Load Trace"
                 if first:
-                    stands_for = f"the first {_EMPTY_MEANS[name]} concept of its trace input, as {name} is empty"
+                    stands_for = f"the first {_EMPTY_MEANS[name]} concept of {whose}, as {name} is empty"
                     asked.append(WordsAsked(shown, other, name, first, stands_for))
     return asked
 

@@ -13,11 +13,11 @@ import folder_paths
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import BiasMapTrace, TraceFormatError
+from ..biasmap_engine import BiasMapTrace, TraceFormatError, TraceHeader
 from .common import CATEGORY, Trace, plain_errors
 from .output_files import inside, name_in, output_path
 
-__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces", "trace_file_tokens"]
+__all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces", "trace_file_header"]
 
 _EXTENSION = ".safetensors"
 _SAVED = "biasmap"  # Save Trace's default folder in the output folder, the one Load Trace lists from there
@@ -207,11 +207,11 @@ def listed_traces() -> list[str]:
     return found
 
 
-def trace_file_tokens(trace_file: str) -> list[str] | None:
-    """The tokens of the trace that Load Trace's ``trace_file`` names, read from its header; None where it names no
-    readable trace (Load Trace's own message then says why)."""
+def trace_file_header(trace_file: str) -> TraceHeader | None:
+    """The tokens and concepts of the trace that Load Trace's ``trace_file`` names, read from its header; None where
+    it names no readable trace (Load Trace's own message then says why)."""
     path = _trace_path(trace_file)
-    return BiasMapTrace.tokens_of(path) if path is not None else None
+    return BiasMapTrace.header_of(path) if path is not None else None
 
 
 def _trace_path(trace_file: str) -> str | None:

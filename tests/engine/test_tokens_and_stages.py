@@ -1,7 +1,7 @@
 import pytest
 
 from biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, listed_words, parse_stages,
-                            prompt_words, readable, split_concepts, stage_label, stage_of)
+                            prompt_words, readable, split_concepts, stage_label, stage_of, typed_form)
 from biasmap_engine.tokens import require_distinct_concepts
 
 TOKENS = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "an</w>", "armad", "illo</w>", "and</w>", "gender</w>",
@@ -57,6 +57,12 @@ def test_concepts_are_read_without_comfyuis_emphasis_as_its_tokenizer_reads_prom
     assert find_word_positions(TOKENS, weighted) == find_word_positions(TOKENS, "armadillo.") == [5, 6]
     with pytest.raises(ConceptNotFoundError, match=r"emphasis such as \(word:1.2\) is not part of a concept"):
         find_word_positions(TOKENS, "(armadillo:1.3)")  # the engine's lookup takes words; split_concepts reads syntax
+
+
+def test_a_concept_typed_in_its_typed_form_is_read_back_as_itself():
+    # A trace stores concepts as read; checked again as a list's text, their brackets must not turn into emphasis.
+    for concept in ("person (elderly)", "(elderly) person", "doctor", "医生", "doctors'", "a (b) (c)"):
+        assert split_concepts(typed_form(concept)) == [concept]
 
 
 @pytest.mark.parametrize("block, latent, grid, stage", [

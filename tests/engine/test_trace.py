@@ -161,20 +161,24 @@ def test_loading_a_checkpoint_or_junk_says_it_is_not_a_trace(tmp_path):
         BiasMapTrace.load(str(junk))
 
 
-def test_a_traces_tokens_are_read_from_its_header_and_none_from_a_file_that_is_no_readable_trace(tmp_path):
+def test_a_traces_tokens_and_concepts_are_read_from_its_header_and_none_from_a_file_that_is_no_readable_trace(
+        tmp_path):
     path = tmp_path / "trace.safetensors"
     recorded_trace().save(str(path))
-    assert BiasMapTrace.tokens_of(str(path)) == TOKENS
+    assert BiasMapTrace.header_of(str(path)) == (TOKENS, ["gender"], ["doctor"])
+    assert BiasMapTrace.header_of(str(path)).semantic == ["doctor"]
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "notes.safetensors").write_text("not a trace")
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(path.read_bytes()[:40])
     description, tensors = _saved_parts(tmp_path)
-    for name, change in (("later", {"version": 99}), ("tokens_not_texts", {"tokens": [1, 2]})):
+    changes = {"later": {"version": 99}, "tokens_not_texts": {"tokens": [1, 2]}, "semantic_a_text": {"semantic": "x"},
+               "no_demographic": {"demographic": None}}
+    for name, change in changes.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"),
                   metadata={"biasmap_trace": json.dumps(description | change)})
-    for other in ("model", "notes", "damaged", "missing", "later", "tokens_not_texts"):
-        assert BiasMapTrace.tokens_of(str(tmp_path / f"{other}.safetensors")) is None
+    for other in ("model", "notes", "damaged", "missing", *changes):
+        assert BiasMapTrace.header_of(str(tmp_path / f"{other}.safetensors")) is None, other
 
 
 def test_a_cut_short_damaged_or_newer_trace_says_which_and_what_to_do(tmp_path):

@@ -1135,3 +1135,21 @@ def test_the_traces_from_load_trace_that_a_reader_compares_with_this_samplers_ar
              "16": {"class_type": "BiasMapAttributionMap", "inputs": {"trace": ["20", 0]}}}  # not this sampler's
     assert loaded_traces_of(graph, "3") == {"12": "old.safetensors", "13": "old.safetensors"}
     assert loaded_traces_of(graph, "3", outputs=["13"]) == {"13": "old.safetensors"}
+
+
+def test_an_empty_concept_of_a_node_comparing_a_loaded_trace_with_this_samplers_stands_for_the_loaded_ones(pack):
+    from biasmap_pack.biasmap_engine import TraceHeader, split_concepts
+    from biasmap_pack.nodes.prompt_graph import words_asked_of
+
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}},
+             "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": "old.safetensors"}},
+             "13": {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["20", 0], "baseline": ["3", 1],
+                                                                       "concept_a": "", "concept_b": "nurse"}}}
+    header = TraceHeader(tokens=[], demographic=["person (elderly)", "race"], semantic=["doctor"])
+    asked = words_asked_of(graph, "3", loaded={"13": ("old.safetensors", header)})
+    # The brackets are the trace's own, not emphasis; an empty concept_a stands for the first demographic concept only.
+    assert [(a.input, split_concepts(a.text)) for a in asked] == [("concept_a", ["person (elderly)"]),
+                                                                  ("concept_b", ["nurse"])]
+    assert asked[0].stands_for == ("the first demographic concept of its trace input, the trace 'old.safetensors' "
+                                   "from Load Trace, as concept_a is empty")
+    assert [a.text for a in words_asked_of(graph, "3")] == ["nurse"]  # without the file's header: only what is typed

@@ -721,3 +721,35 @@ def test_a_word_that_a_trace_from_load_trace_lacks_is_refused_before_the_sampler
     with torch.inference_mode():
         as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
     assert evaluated
+
+
+def test_a_loaded_traces_own_concept_that_this_samplers_prompt_lacks_is_refused_before_it_samples(
+        pack, folders, trace, sd15, prompts):
+    # Load Trace at the trace input, this sampler at the baseline, concepts empty: the node measures the loaded trace's
+    # first concepts, read from its file's header, in this sampler's trace too.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapSaveTrace
+
+    saved = as_comfy_runs(BiasMapSaveTrace, {}).execute(trace, "biasmap/guided").result[0]  # gender; doctor, nurse
+    model, clip = sd15
+    pos, neg = prompts
+    counted, evaluated = counting_evaluations(model)
+    args = defaults(BiasMapGuidedKSampler) | dict(
+        model=counted, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
+        latent_image={"samples": torch.zeros(1, 4, 32, 32)}, attribution_prompt="A photo of a chef and gender",
+        semantic="chef")
+    reader = {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["20", 0], "baseline": ["3", 1],
+                                                                 "concept_a": "", "concept_b": ""}}
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "13": reader,
+             "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": saved}}}
+    refused = (r"^Entanglement IoU \(node 13\) asks for concept_b 'doctor' \(the first semantic concept of its trace "
+               rf"input, the trace '{re.escape(saved)}' from Load Trace, as concept_b is empty\), which is not a word "
+               r"of this sampler's attribution prompt 'A photo of a chef and gender' \(its words: a, photo, of, chef, "
+               r"and, gender\): type in its concept_b input a word of both prompts, or add the word to the "
+               r"attribution prompt\. Checked before sampling")
+    with torch.inference_mode(), pytest.raises(ValueError, match=refused):
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+    assert evaluated == []
+    args |= {"attribution_prompt": "A photo of a chef, a doctor and gender"}  # the loaded trace's concept is here too
+    with torch.inference_mode():
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+    assert evaluated
