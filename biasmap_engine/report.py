@@ -195,7 +195,8 @@ def _run_line(trace: BiasMapTrace) -> str:
     """How the run was made, so that two reports side by side (λ = 0 and λ = 100) say which is which."""
     run, settings = trace.run, trace.settings  # a trace made in a notebook may hold only some of these
     parts = [f"seed {run['seed']}" if "seed" in run else None,
-             # The seed then only seeds an ancestral or SDE sampler's own noise (0, as SamplerCustomAdvanced's).
+             # The seed then seeds nothing (an ancestral or SDE sampler's own noise comes from 0, as under
+             # SamplerCustomAdvanced): it names the image, as noise_seed was given.
              "add_noise off" if run.get("add_noise") is False else None,
              "/".join(str(run[k]) for k in ("sampler", "scheduler") if k in run) or None,
              f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,

@@ -139,7 +139,8 @@ class BiasMapGuidedKSamplerAdvanced(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD 1.x, SD 2.x or SDXL model (U-Net cross-attention)."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompts, used for the attribution prompt."),
                 io.Int.Input("noise_seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
-                             tooltip="Noise seed."),
+                             tooltip="Noise seed. With add_noise off it seeds nothing, but the trace and the audit "
+                                     "rows name the image by it: give it the seed of the run that made the latent."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),
                 io.Sampler.Input("sampler", tooltip="From KSamplerSelect or any sampler node."),

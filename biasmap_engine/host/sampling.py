@@ -68,7 +68,9 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
-    return latent, session.finish(latent["samples"], **_identity(), seed=noise.seed, steps=sigmas.shape[-1] - 1,
+    # The seed recorded is noise_seed as given, also where it seeds nothing (add_noise off): the rows name the image by
+    # it, and DisableNoise's 0 would make every continued latent one image to an audit.
+    return latent, session.finish(latent["samples"], **_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1,
                                   cfg=cfg, sampler=_sampler_name(sampler), scheduler=CUSTOM_SIGMAS,
                                   add_noise=add_noise, batch_index=latent.get("batch_index"))
 
