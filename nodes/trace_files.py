@@ -100,9 +100,13 @@ def _save_path(prefix: str) -> str:
                          f"e.g. {_SAVED}/%year%-%month%-%day%/trace")
     path = output_path(prefix, "trace", f"{_SAVED}/trace")
     if not inside(os.path.dirname(path), _saved_folder()):
-        # The prefix in the folder: without an output/ or a biasmap/ in another case that it may already start with.
-        example = re.sub(rf"^(output[/\\])?({_SAVED}[/\\])?", "", prefix.strip("/\\"), flags=re.IGNORECASE)
-        bare = example.lower() in ("", _SAVED)  # the folder alone, in any case
+        # The prefix in the folder: without the . and .. that took it out, nor an output/ or a biasmap/ in another case
+        # that it may already start with.
+        parts = [part for part in re.split(r"[/\\]", prefix) if part not in ("", ".", "..")]
+        for folder in ("output", _SAVED):
+            parts = parts[1:] if parts and parts[0].lower() == folder else parts
+        example = "/".join(parts)
+        bare = not example  # the folder alone, in any case
         fix = f"add a file name after {_SAVED}/" if bare else f"start the prefix with {_SAVED}/"
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
                          f"list it: {fix}, e.g. {_SAVED}/{'trace' if bare else example}")
