@@ -16,7 +16,7 @@ from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, 
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
-from .concepts import check_apart, check_listed_once, require
+from .concepts import check_apart, check_listed_once, check_stood_for, require
 from .output_files import name_in, output_path
 
 __all__ = ["BiasMapAuditLog"]
@@ -93,6 +93,7 @@ class BiasMapAuditLog(io.ComfyNode):
         semantic = split_concepts(concept_b) or trace.semantic
         size = mask_size(trace, resolution)
         pairs = [(a, b) for a in demographic for b in semantic]
+        check_stood_for(trace, pairs, concept_a, concept_b, every=True)
         window = step_window(trace, first_step, last_step)
         rows = audit_rows(trace, q, pairs, size, label, window)
         shown = "output/" + name_in(path, folder_paths.get_output_directory())

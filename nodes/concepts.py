@@ -12,7 +12,8 @@ from ..biasmap_engine.host import prompt_text_words
 from .prompt_graph import WordsAsked
 
 __all__ = ["absent_from", "check_apart", "check_concepts", "check_listed_once", "check_loaded_trace_words",
-           "check_single", "check_words_asked", "concept_inputs", "first_concept", "one_concept", "require"]
+           "check_single", "check_stood_for", "check_words_asked", "concept_inputs", "first_concept", "one_concept",
+           "require"]
 
 _DEFAULT_ATTRIBUTION = "A photo of the face of a doctor and gender"
 
@@ -254,6 +255,23 @@ def check_apart(concept_a, concept_b) -> bool | str:
                 f"itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic "
                 f"one")
     return True
+
+
+def check_stood_for(trace, pairs: list[tuple[str, str]], concept_a: str, concept_b: str, every: bool) -> None:
+    """At run time, where an empty input stands for the trace's concepts (its first, or ``every`` one): no pair shares
+    words of the trace's attribution prompt, said naming the empty input, as the check before sampling does; the
+    measurement's own message would name a word the user never typed in the node."""
+    empty = {"concept_a": not split_concepts(concept_a), "concept_b": not split_concepts(concept_b)}
+    if not any(empty.values()):
+        return
+    for pair in pairs:
+        if set(trace.positions(pair[0])) & set(trace.positions(pair[1])):
+            told = [f"{name} {word!r}" + (f" ({'a' if every else 'the first'} {label} concept of the trace, as {name} "
+                                          f"is empty)" if empty[name] else "")
+                    for (name, label), word in zip((("concept_a", "demographic"), ("concept_b", "semantic")), pair)]
+            raise ValueError(f"{told[0]} and {told[1]} share words of the trace's attribution prompt, and a "
+                             f"concept's overlap with itself is 1 whatever the image: type in concept_a a demographic "
+                             f"word and in concept_b a semantic word that do not overlap")
 
 
 def check_single(fix: str, **inputs) -> bool | str:

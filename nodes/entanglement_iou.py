@@ -6,7 +6,7 @@ from ..biasmap_engine import (entanglement_picture, find_word_positions, guidanc
                               resize_maps)
 from .common import (ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, show_on_node, step_inputs,
                      step_window, window_text)
-from .concepts import check_apart, check_single, first_concept, one_concept, require
+from .concepts import check_apart, check_single, check_stood_for, first_concept, one_concept, require
 
 __all__ = ["BiasMapEntanglementIoU"]
 
@@ -66,6 +66,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         drawn_on = check_images(image, trace, "Entanglement IoU")
         word_a = one_concept(concept_a) or first_concept(trace.demographic, "demographic", "concept_a")
         word_b = one_concept(concept_b) or first_concept(trace.semantic, "semantic", "concept_b")
+        check_stood_for(trace, [(word_a, word_b)], concept_a, concept_b, every=False)
         size = mask_size(trace, resolution)
         steps = step_window(trace, first_step, last_step)
         result = measure_entanglement(trace, word_a, word_b, q, size=size, steps=steps)

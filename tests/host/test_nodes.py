@@ -1153,3 +1153,14 @@ def test_an_empty_concept_of_a_node_comparing_a_loaded_trace_with_this_samplers_
     assert asked[0].stands_for == ("the first demographic concept of its trace input, the trace 'old.safetensors' "
                                    "from Load Trace, as concept_a is empty")
     assert [a.text for a in words_asked_of(graph, "3")] == ["nurse"]  # without the file's header: only what is typed
+
+
+def test_a_concept_measured_against_the_one_an_empty_input_stands_for_is_refused_naming_the_empty_input(
+        nodes_and_trace):
+    # The sampler's check before sampling says this too; where the sampler's result is cached, only the node's own
+    # check runs, and the words' lookup alone would name 'doctor' twice, one of them never typed in the node.
+    _, _, entanglement, trace = nodes_and_trace  # gender; doctor
+    refused = (r"^concept_a 'doctor' and concept_b 'doctor' \(the first semantic concept of the trace, as concept_b is "
+               r"empty\) share words of the trace's attribution prompt, .*type in concept_a a demographic word")
+    with torch.inference_mode(), pytest.raises(ValueError, match=refused):
+        entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": "doctor", "concept_b": ""})

@@ -754,3 +754,15 @@ def test_a_loaded_traces_own_concept_that_this_samplers_prompt_lacks_is_refused_
     with torch.inference_mode():
         as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
     assert evaluated
+
+
+def test_audit_log_refuses_a_concept_against_one_that_an_empty_input_stands_for_naming_the_empty_input(
+        pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "concept_a": "nurse", "concept_b": ""}  # doctor, nurse
+    refused = (r"^concept_a 'nurse' and concept_b 'nurse' \(a semantic concept of the trace, as concept_b is empty\) "
+               r"share words of the trace's attribution prompt")
+    with torch.inference_mode(), pytest.raises(ValueError, match=refused):
+        as_comfy_runs(BiasMapAuditLog).execute(**args)
+    assert not (folders / "out" / "biasmap").exists()  # refused before a row is written
