@@ -25,10 +25,11 @@ __all__ = ["OlderFileError", "append_csv", "audit_rows", "csv_text", "read_csv",
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
 _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
-          "first_step", "last_step", "batch_size", "sampler_demographic", "sampler_semantic")
+          "first_step", "last_step", "batch_size", "sampler_demographic", "sampler_semantic", "noise_mask")
 # What rows would read as in a file without a column that ``append_csv`` was told they need.
 _READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas", "first_step": "of every step",
-                 "last_step": "of every step", "mask_size": "at the image's size"}
+                 "last_step": "of every step", "mask_size": "at the image's size",
+                 "noise_mask": "sampled without a noise mask"}
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -62,7 +63,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
         mask_size = "{1}x{0}".format(*result.masks[0].shape[-2:])  # W×H where the masks were thresholded
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
-                         "noise_index": trace.noise_index(i), "batch_size": trace.num_images, **concepts,
+                         "noise_index": trace.noise_index(i), "batch_size": trace.num_images,
+                         "noise_mask": (trace.run.get("noise_mask") or [""] * trace.num_images)[i], **concepts,
                          "demographic": a, "semantic": b, "q": q,
                          "mask_size": mask_size, "first_step": first, "last_step": last,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),

@@ -22,10 +22,10 @@ from .report import figure, percent_change
 __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
-_IMAGE = ("seed", "noise_index", "image", "batch_size", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas",
-          "add_noise", "width", "height", "generation_prompt", "negative_prompt", "attribution_prompt", "model",
-          "model_family", "branch", "include_middle", "demographic", "semantic", "q", "mask_size", "first_step",
-          "last_step")
+_IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "steps", "cfg", "sampler", "scheduler",
+          "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
+          "attribution_prompt", "model", "model_family", "branch", "include_middle", "demographic", "semantic", "q",
+          "mask_size", "first_step", "last_step")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided; guided_concepts, which
 # _with_guided_concepts adds, the sampler's concepts that the row's pair does not say).
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",

@@ -89,6 +89,7 @@ class EntanglementResult:
             ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
             # Images of one seed drawn apart (Repeat Latent Batch); for batches of other sizes, "images" says it.
             *([("the seed's noises", _noises(other), _noises(trace))] if other.num_images == trace.num_images else []),
+            ("noise mask", _noise_masks(other), _noise_masks(trace)),
             ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))
             if b != a]
         differing += [f"tokens of '{w}' ({' '.join(baseline.pieces[w])}, this run {' '.join(self.pieces[w])})"
@@ -191,6 +192,12 @@ def _noises(trace: BiasMapTrace) -> str:
     return " ".join(str(trace.noise_index(i)) for i in range(trace.num_images))
 
 
+def _noise_masks(trace: BiasMapTrace) -> str:
+    """The noise mask the images were sampled under (inpainting), one per image where they differ; "none"."""
+    masks = trace.run.get("noise_mask") or ["none"]
+    return " / ".join(masks) if len(set(masks)) > 1 else masks[0]
+
+
 def _run_line(trace: BiasMapTrace) -> str:
     """How the run was made, so that two reports side by side (λ = 0 and λ = 100) say which is which."""
     run, settings = trace.run, trace.settings  # a trace made in a notebook may hold only some of these
@@ -201,6 +208,7 @@ def _run_line(trace: BiasMapTrace) -> str:
              "/".join(str(run[k]) for k in ("sampler", "scheduler") if k in run) or None,
              f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,
              f"denoise {_shown(run['denoise'])}" if run.get("denoise", 1) != 1 else None,
+             f"noise mask {_noise_masks(trace)}" if run.get("noise_mask") else None,
              f"cfg {_shown(run['cfg'])}" if "cfg" in run else None,
              f"λ {_shown(settings['scale'])}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]

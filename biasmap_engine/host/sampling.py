@@ -1,5 +1,7 @@
 """Sampling entry points: ComfyUI's own KSampler and custom-sampler paths, run on a BiasMap-patched clone."""
 
+import hashlib
+
 from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
@@ -31,7 +33,7 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
                                    negative, latent, denoise=denoise)
     return out, session.finish(out["samples"], **_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                scheduler=scheduler, denoise=denoise, add_noise=True,
-                               batch_index=latent.get("batch_index"))
+                               batch_index=latent.get("batch_index"), noise_mask=_noise_masks(latent))
 
 
 def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
@@ -72,7 +74,8 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     # it, and DisableNoise's 0 would make every continued latent one image to an audit.
     return latent, session.finish(latent["samples"], **_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1,
                                   cfg=cfg, sampler=_sampler_name(sampler), scheduler=CUSTOM_SIGMAS,
-                                  add_noise=add_noise, batch_index=latent.get("batch_index"))
+                                  add_noise=add_noise, batch_index=latent.get("batch_index"),
+                                  noise_mask=_noise_masks(latent))
 
 
 def _check_batch(latent: dict) -> None:
@@ -80,6 +83,22 @@ def _check_batch(latent: dict) -> None:
     if latent["samples"].shape[0] == 0:
         raise ValueError("the latent holds no image (a batch of 0, e.g. from Latent From Batch past its end): connect "
                          "a latent with at least one image")
+
+
+def _noise_masks(latent: dict) -> list[str] | None:
+    """Per image, the noise mask it was sampled under (inpainting: Set Latent Noise Mask), as the share of the latent
+    it lets the sampler change and a fingerprint telling masks of one share apart; None without one. An inpainted
+    image is not the seed's text-to-image one, which an audit would otherwise pair it with. Read once, after sampling."""
+    mask = latent.get("noise_mask")
+    if mask is None:
+        return None
+    masks = mask.reshape(-1, mask.shape[-2] * mask.shape[-1]).float().cpu()  # as ComfyUI reads its images
+    described = []
+    for i in range(latent["samples"].shape[0]):  # ComfyUI repeats the masks over the batch, as this indexes them
+        image_mask = masks[i % masks.shape[0]]
+        fingerprint = hashlib.sha256(image_mask.numpy().tobytes()).hexdigest()[:8]
+        described.append(f"{100 * float(image_mask.mean()):.1f} % ({fingerprint})")
+    return described
 
 
 def _sampler_name(sampler) -> str:

@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-from biasmap_engine import (STATUS, TraceRecorder, append_csv, audit_rows, csv_text, measure_entanglement, read_csv,
-                            reductions, reductions_report, reductions_table, reductions_text, write_csv)
+from biasmap_engine import (STATUS, OlderFileError, TraceRecorder, append_csv, audit_rows, csv_text,
+                            measure_entanglement, read_csv, reductions, reductions_report, reductions_table,
+                            reductions_text, write_csv)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -321,7 +322,7 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
 
 
 # Each file lacks the columns added after its own, down to the latest.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask")
 
 
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
@@ -332,10 +333,10 @@ _LATEST = ("batch_size", "sampler_demographic", "sampler_semantic")
                                       "first_step", "last_step", *_LATEST),
                                      ("sigmas", "mask_size", "first_step", "last_step", *_LATEST),
                                      ("first_step", "last_step", *_LATEST),
-                                     _LATEST],
+                                     _LATEST, ("noise_mask",)],
                          ids=["before noise_index", "before generation_prompt", "before model and size",
                               "before sigmas and mask size", "before the step window",
-                              "before batch size and the sampler's concepts"])
+                              "before batch size and the sampler's concepts", "before the noise mask"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
@@ -452,6 +453,41 @@ def test_reductions_pair_nothing_across_prompts_models_or_cfg_and_name_the_colum
     with pytest.raises(ValueError, match=rf"differ in every value of {column}; log λ = 0 runs with the guided "
                                          rf"runs' {column}, changing guidance_scale alone$"):
         reductions(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)))
+
+
+def test_an_inpainted_image_pairs_only_with_one_under_the_same_noise_mask_and_its_report_names_the_mask():
+    # Set Latent Noise Mask keeps part of the latent: the seed's inpainted image is not its text-to-image one.
+    base, guided = _baseline_and_guided()
+    guided.run = {**guided.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}
+    rows = audit_rows(guided, q=0.5, size=(8, 8))
+    assert [r["noise_mask"] for r in rows[:2]] == ["50.0 % (3fa2c1d9)"] * 2
+    assert {r["noise_mask"] for r in audit_rows(base, q=0.5, size=(8, 8))} == {""}
+    with pytest.raises(ValueError, match=r"differ in every value of noise_mask; log λ = 0 runs with the guided runs' "
+                                         r"noise_mask, changing guidance_scale alone$"):
+        reductions(audit_rows(base, q=0.5, size=(8, 8)) + rows)
+    base.run = {**base.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}  # the same mask at λ = 0: they pair
+    assert {r["semantic"]: r["images"] for r in reductions(audit_rows(base, q=0.5, size=(8, 8)) + rows)} == {
+        "doctor": 2, "nurse": 2}
+    unmasked = halves_trace()
+    unmasked.settings, unmasked.run = base.settings, RUN
+    report = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).against(
+        measure_entanglement(unmasked, "gender", "nurse", 0.5, (8, 8)))
+    assert report.splitlines()[-1] == ("note: the baseline differs in noise mask (none, this run 50.0 % (3fa2c1d9)): "
+                                       "the change is not guidance's alone (compare runs that differ only in λ)")
+    guided.run["noise_mask"] = ["50.0 % (3fa2c1d9)", "25.0 % (0b1c2d3e)"]  # one mask per image
+    report = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).report
+    assert "run: seed 42 · euler/normal · 2 steps · noise mask 50.0 % (3fa2c1d9) / 25.0 % (0b1c2d3e) · " in report
+
+
+def test_rows_of_an_inpainted_run_are_refused_by_a_file_started_before_the_noise_mask_column(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), [{k: v for k, v in row.items() if k != "noise_mask"}
+                           for row in audit_rows(halves_trace(), q=0.5)])
+    masked = halves_trace()
+    masked.run = {**masked.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}
+    with pytest.raises(OlderFileError, match=r"before BiasMap wrote the column\(s\) noise_mask, without which these "
+                                             r"rows would read as rows sampled without a noise mask, and pair with"):
+        append_csv(str(path), audit_rows(masked, q=0.5), needed=("noise_mask",))
 
 
 def test_reductions_text_says_which_rows_it_left_out_duplicates_too():

@@ -69,7 +69,7 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
     assert {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")} == {
         "seed": 3, "steps": 4, "cfg": 5.0, "sampler": "dpmpp_2m", "scheduler": "custom sigmas", "add_noise": True,
-        "batch_index": None, "attribution_prompt": ATTRIBUTION,
+        "batch_index": None, "noise_mask": None, "attribution_prompt": ATTRIBUTION,
         "sigmas": [float(f"{s:.4g}") for s in sigmas.tolist()]}  # the schedule, which audits pair runs by
 
 

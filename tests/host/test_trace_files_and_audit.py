@@ -55,7 +55,7 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
 
     made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "sigmas")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
-                    "add_noise": True, "batch_index": None,
+                    "add_noise": True, "batch_index": None, "noise_mask": None,
                     "attribution_prompt": "A photo of a doctor, a nurse and gender",
                     "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
                     "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
@@ -386,7 +386,7 @@ def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folde
 
 
 # The columns added last, which every older file lacks too.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask")
 
 
 def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
@@ -403,8 +403,8 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
-    assert ("without the column(s) sigmas, negative_prompt, model, width, height, batch_size, sampler_demographic, "
-            "sampler_semantic, mask_size, first_step, last_step" in caplog.text)
+    assert ("without the column(s) sigmas, negative_prompt, model, width, height, batch_size, noise_mask, "
+            "sampler_demographic, sampler_semantic, mask_size, first_step, last_step" in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
     assert summary.startswith("4 row(s) appended to output/biasmap/audit.csv")  # not the server's own path
@@ -766,3 +766,27 @@ def test_audit_log_refuses_a_concept_against_one_that_an_empty_input_stands_for_
     with torch.inference_mode(), pytest.raises(ValueError, match=refused):
         as_comfy_runs(BiasMapAuditLog).execute(**args)
     assert not (folders / "out" / "biasmap").exists()  # refused before a row is written
+
+
+def test_an_inpainting_run_records_each_images_noise_mask_and_its_rows_carry_it(pack, folders, sd15, prompts):
+    # Set Latent Noise Mask's mask, one per image here (ComfyUI repeats a single one over the batch).
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, :, :32] = 1  # the left half
+    masks[1, :, :32, :32] = 1  # the top-left quarter
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=1,
+                                                  sampler_name="euler", scheduler="normal", guidance_scale=0.0)
+    with torch.inference_mode():
+        trace = BiasMapGuidedKSampler.execute(**args | {"latent_image": {"samples": torch.zeros(2, 4, 32, 32),
+                                                                         "noise_mask": masks}}).result[1]
+        shared = BiasMapGuidedKSampler.execute(**args | {"latent_image": {"samples": torch.zeros(2, 4, 32, 32),
+                                                                          "noise_mask": masks[:1]}}).result[1]
+        plain = BiasMapGuidedKSampler.execute(**args | {"latent_image": {"samples": torch.zeros(1, 4, 32, 32)}})
+    assert [re.sub(r"\(\w{8}\)", "(…)", m) for m in trace.run["noise_mask"]] == ["50.0 % (…)", "25.0 % (…)"]
+    assert shared.run["noise_mask"] == [trace.run["noise_mask"][0]] * 2  # the same mask, the same fingerprint
+    assert plain.result[1].run["noise_mask"] is None
+    rows = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace}).result[0]
+    assert [row["noise_mask"] for row in csv.DictReader(rows.splitlines())] == trace.run["noise_mask"]
