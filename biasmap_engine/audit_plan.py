@@ -53,10 +53,14 @@ def audit_run(run: int, subjects: str, template: str = "A photo of the face of a
         subject, seed = names[run % len(names)], first_seed + run // len(names)
     else:
         subject, seed = names[run // seeds], first_seed + run % seeds
-    prompt = template.replace("{}", subject)
     demographics = split_concepts(demographic)
-    return AuditRun(run, len(names) * seeds, subject, seed, prompt, f"{prompt} and {' and '.join(demographics)}",
-                    ", ".join(demographics))
+    return AuditRun(run, len(names) * seeds, subject, seed, template.replace("{}", subject),
+                    _attribution_prompt(template, subject, demographics), ", ".join(demographics))
+
+
+def _attribution_prompt(template: str, subject: str, demographics: list[str]) -> str:
+    """A run's attribution prompt: its prompt, then " and " and the demographic concepts."""
+    return f"{template.replace('{}', subject)} and {' and '.join(demographics)}"
 
 
 def check_plan(*, run: int | None = None, subjects: str | None = None, seeds: int | None = None,
@@ -68,7 +72,8 @@ def check_plan(*, run: int | None = None, subjects: str | None = None, seeds: in
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "
                          f"e.g. 'A photo of the face of a {{}}'")
     if demographic is not None:
-        _check_demographics(split_concepts(demographic), names or [])
+        _check_demographics(split_concepts(demographic), names or [], template if template and "{}" in template
+                            else None)
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     if run is not None and run < 0:
@@ -96,28 +101,32 @@ def _subjects(subjects: str) -> list[str]:
     return names
 
 
-def _check_demographics(demographics: list[str], subjects: list[str]) -> None:
+def _check_demographics(demographics: list[str], subjects: list[str], template: str | None) -> None:
     if not demographics:
         raise ValueError("no demographic concept: give one, e.g. gender or race (comma-separated for several)")
     twice = listed_twice(demographics)
     if twice:
         raise ValueError(f"demographic concept(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once")
-    # The sampler looks each concept up as a phrase and refuses two whose places in the attribution prompt overlap
-    # (a concept's overlap with itself is 1, whatever the image): here, one holding the other's words in a row, as
-    # "female nurse" holds "female", read as CLIP reads them either way (a tokenizer may split CJK text by ideograph).
-    # Said of the subjects typed, before the first run, not by the sampler at the run of each; a demographic phrase
-    # reaching into the template's words is still the sampler's to refuse.
+    # The sampler looks each concept up as a phrase at every place of the attribution prompt, and refuses a subject and
+    # a demographic concept whose places overlap (a concept's overlap with itself is 1, whatever the image): here in
+    # the attribution prompt of each subject's run (of the subject alone where the template is linked), read as CLIP
+    # reads it either way (a tokenizer may split CJK text by ideograph). Said before the first run, not by the
+    # sampler at the run of each.
     for subject in subjects:
-        for demographic in demographics:
-            forms = [(tuple(clip_words(subject, split)), tuple(clip_words(demographic, split)))
-                     for split in (False, True)]
-            if any(_holds(s, d) or _holds(d, s) for s, d in forms):
+        prompt = _attribution_prompt(template or "{}", subject, demographics)
+        for split in (False, True):
+            words = clip_words(prompt, split)
+            held = _places(words, clip_words(subject, split))
+            demographic = next((d for d in demographics if held & _places(words, clip_words(d, split))), None)
+            if demographic is not None:
+                where = f"of the attribution prompt '{prompt}'" if template else "in a row"
                 raise ValueError(f"the subject '{subject}' and the demographic concept '{demographic}' share words "
-                                 f"in a row, so the two would be one place of the attribution prompt, and every "
-                                 f"subject is measured against the demographic: take '{subject}' out of the subjects, "
-                                 f"or change the demographic")
+                                 f"{where}, so the two would be one place of it, and every subject is measured "
+                                 f"against the demographic: take '{subject}' out of the subjects, or change the "
+                                 f"demographic{' concept or the template' if template else ''}")
 
 
-def _holds(words: tuple[str, ...], phrase: tuple[str, ...]) -> bool:
-    """Whether ``phrase`` stands in ``words``, its words in a row."""
-    return any(words[i:i + len(phrase)] == phrase for i in range(len(words) - len(phrase) + 1))
+def _places(words: list[str], phrase: list[str]) -> set[int]:
+    """The places of ``words`` where ``phrase`` stands, its words in a row, as the sampler's lookup finds it."""
+    return {i + k for i in range(len(words) - len(phrase) + 1) if words[i:i + len(phrase)] == phrase
+            for k in range(len(phrase))}

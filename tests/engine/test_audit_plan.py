@@ -60,24 +60,32 @@ def test_the_last_seeds_a_sampler_takes_can_be_audited():
     assert audit_run(1, "doctor", seeds=2, first_seed=2**64 - 2).seed == 2**64 - 1
 
 
-def test_an_audit_refuses_demographic_concepts_listed_twice_or_held_by_a_subject_before_its_first_run():
+def test_an_audit_refuses_demographic_concepts_listed_twice_or_sharing_a_subjects_words_before_its_first_run():
     # The sampler would refuse them at the run of each such subject, naming its own concepts, mid-queue.
     with pytest.raises(ValueError, match="demographic concept\\(s\\) listed twice: Gender; list each once"):
         audit_run(0, "doctor", demographic="gender, Gender")
-    held = "the subject '{}' and the demographic concept '{}' share words in a row"
-    for subjects, demographic, pair in (("doctor, gender", "gender, female", ("gender", "gender")),
-                                        ("doctor, female nurse", "gender, female", ("female nurse", "female")),
-                                        ("doctor, nurse", "male nurse", ("nurse", "male nurse")),  # held by one
-                                        ("医生, 女医生", "女", ("女医生", "女"))):  # as a tokenizer splitting ideographs
+    held = "the subject '{}' and the demographic concept '{}' share words of the attribution prompt 'A photo of {}"
+    for subjects, demographic, pair in (("doctor, gender", "gender, female", ("gender", "gender", "a gender and")),
+                                        ("doctor, female nurse", "gender, female",
+                                         ("female nurse", "female", "a female nurse and gender and female")),
+                                        ("doctor, nurse", "male nurse", ("nurse", "male nurse", "a nurse and")),
+                                        ("医生, 女医生", "女", ("女医生", "女", "a 女医生 and 女")),  # split by ideograph
+                                        # Where the template's words join the subject's: 'a female' and 'female
+                                        # doctor' hold neither the other, but overlap in 'a female doctor'.
+                                        ("nurse, female doctor", "a female", ("female doctor", "a female",
+                                                                              "a female doctor and a female"))):
         with pytest.raises(ValueError, match=re.escape(held.format(*pair))):
-            audit_run(0, subjects, demographic=demographic)
+            audit_run(0, subjects, template="A photo of a {}", demographic=demographic)
+    # The demographic word in the template too: its places and the subject's do not overlap, as the sampler finds.
+    assert audit_run(0, "doctor", template="A photo of a woman {}", demographic="woman").demographic == "woman"
 
 
 def test_an_audits_inputs_are_each_checked_where_those_it_needs_are_known():
     from biasmap_engine import check_plan
 
     assert check_plan(run=0, subjects="doctor, gender", seeds=3) == ["doctor", "gender"]  # demographic linked
-    with pytest.raises(ValueError, match="the subject 'gender' and the demographic concept 'gender' share words"):
+    with pytest.raises(ValueError, match="the subject 'gender' and the demographic concept 'gender' share words in a "
+                                         "row, .*change the demographic$"):  # the template linked: the two alone
         check_plan(run=0, subjects="doctor, gender", seeds=3, demographic="gender")
     with pytest.raises(ValueError, match="the pass is complete"):
         check_plan(run=6, subjects="doctor, gender", seeds=3)

@@ -198,7 +198,10 @@ def test_the_check_and_every_lookup_agree_on_a_prompt_the_installed_tokenizer_cl
 
 @pytest.mark.parametrize("subject, demographic, planned", [("color guard", "skin color", True),
                                                           ("female nurse", "female", False),
-                                                          ("nurse", "male nurse", False)])
+                                                          ("nurse", "male nurse", False),
+                                                          # with the template's words: "a female doctor"
+                                                          ("female doctor", "a female", False),
+                                                          ("nurse", "face", True)])  # the template's own word
 def test_audit_prompts_refuse_a_subject_as_the_sampler_would_on_the_attribution_prompts_tokens(clip, subject,
                                                                                               demographic, planned):
     # Audit Prompts says it when queued, the sampler at the run: the two must agree, or an audit stops mid-queue.
