@@ -77,7 +77,8 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
                                          "prefix with biasmap/, e.g. biasmap/elsewhere/trace"):
         as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "elsewhere/trace")
     # The folder named as the page shows it, in capitals, or left through ..: the example is in it.
-    for typed in ("output/biasmap/trace", "Biasmap/trace", "biasmap/../trace", "./biasmap/./../trace"):
+    for typed in ("output/biasmap/trace", "Biasmap/trace", "biasmap/../trace", "./biasmap/./../trace",
+                  "biasmap/sub/../../trace"):
         with pytest.raises(ValueError, match=r"start the prefix with biasmap/, e.g. biasmap/trace$"):
             as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, typed)
     with pytest.raises(ValueError, match=r"add a file name after biasmap/, e.g. biasmap/trace$"):
