@@ -88,8 +88,8 @@ def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
 
 def check_loaded_trace_words(asked: list[WordsAsked], loaded: dict) -> None:
     """Before a sampler samples: the words that a node measures in its trace and in another chosen in Load Trace
-    (``loaded``: by node id, that trace's file and header, see ``prompt_graph.loaded_traces_of``) are words of that
-    trace too. That node runs after the sampler, which the mistake would cost."""
+    (``loaded``: by node id, that trace's file and its header, as the sampler reads them for
+    ``prompt_graph.words_asked_of``) are words of that trace too. That node runs after the sampler, which the mistake would cost."""
     for words_asked in asked:
         if words_asked.node_id not in loaded:  # no trace from Load Trace, or none readable: Load Trace says why
             continue
@@ -257,19 +257,23 @@ def check_apart(concept_a, concept_b) -> bool | str:
     return True
 
 
-def check_stood_for(trace, pairs: list[tuple[str, str]], concept_a: str, concept_b: str, every: bool) -> None:
+def check_stood_for(trace, pairs: list[tuple[str, str]], concept_a: str, concept_b: str, every: bool,
+                    baseline=None) -> None:
     """At run time, where an empty input stands for the trace's concepts (its first, or ``every`` one): no pair shares
-    words of the trace's attribution prompt, said naming the empty input, as the check before sampling does; the
-    measurement's own message would name a word the user never typed in the node."""
+    words of the trace's attribution prompt (or the ``baseline``'s, where they are measured too), said naming the
+    empty input, as the check before sampling does; the measurement's own message would name a word the user never
+    typed in the node."""
     empty = {"concept_a": not split_concepts(concept_a), "concept_b": not split_concepts(concept_b)}
     if not any(empty.values()):
         return
+    measured_in = baseline if baseline is not None else trace
     for pair in pairs:
-        if set(trace.positions(pair[0])) & set(trace.positions(pair[1])):
+        if set(measured_in.positions(pair[0])) & set(measured_in.positions(pair[1])):
             told = [f"{name} {word!r}" + (f" ({'a' if every else 'the first'} {label} concept of the trace, as {name} "
                                           f"is empty)" if empty[name] else "")
                     for (name, label), word in zip((("concept_a", "demographic"), ("concept_b", "semantic")), pair)]
-            raise ValueError(f"{told[0]} and {told[1]} share words of the trace's attribution prompt, and a "
+            whose = "the trace's" if baseline is None else "the baseline's"
+            raise ValueError(f"{told[0]} and {told[1]} share words of {whose} attribution prompt, and a "
                              f"concept's overlap with itself is 1 whatever the image: type in concept_a a demographic "
                              f"word and in concept_b a semantic word that do not overlap")
 

@@ -80,6 +80,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 for word in (word_a, word_b):  # this trace has them: the fix is a word of both, or another baseline
                     find_word_positions(baseline.tokens, word, "Measure a word that both traces have, or connect a "
                                                                "baseline whose attribution prompt has it")
+                check_stood_for(trace, [(word_a, word_b)], concept_a, concept_b, every=False, baseline=baseline)
                 before = measure_entanglement(baseline, word_a, word_b, q, size=mask_size(baseline, resolution),
                                               steps=step_window(baseline, first_step, last_step))
             except ValueError as err:  # which of the two traces it is about

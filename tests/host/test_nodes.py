@@ -1164,3 +1164,25 @@ def test_a_concept_measured_against_the_one_an_empty_input_stands_for_is_refused
                r"empty\) share words of the trace's attribution prompt, .*type in concept_a a demographic word")
     with torch.inference_mode(), pytest.raises(ValueError, match=refused):
         entanglement.execute(**defaults(entanglement) | {"trace": trace, "concept_a": "doctor", "concept_b": ""})
+
+
+def test_a_pair_that_overlaps_only_in_the_baselines_prompt_is_refused_naming_the_empty_input_and_the_baseline(
+        sd15, prompts, pack):
+    from biasmap_pack.nodes import BiasMapEntanglementIoU, BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    run = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=1,
+                                                 sampler_name="euler", scheduler="normal", guidance_scale=0.0,
+                                                 latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    with torch.inference_mode():
+        # 'a female' and 'female doctor' apart here, one place in the baseline's 'a female doctor'.
+        trace = BiasMapGuidedKSampler.execute(**run | {"attribution_prompt": "a female nurse, the female doctor and "
+                                                                             "gender", "semantic": "female doctor"})
+        baseline = BiasMapGuidedKSampler.execute(**run | {"attribution_prompt": "a female doctor and gender"})
+        args = defaults(BiasMapEntanglementIoU) | {"trace": trace.result[1], "concept_a": "a female", "concept_b": ""}
+        BiasMapEntanglementIoU.execute(**args)  # measured in the trace alone: apart
+        refused = (r"^the baseline trace: concept_a 'a female' and concept_b 'female doctor' \(the first semantic "
+                   r"concept of the trace, as concept_b is empty\) share words of the baseline's attribution prompt")
+        with pytest.raises(ValueError, match=refused):
+            BiasMapEntanglementIoU.execute(**args | {"baseline": baseline.result[1]})
