@@ -184,8 +184,8 @@ def typed_concepts(text: str) -> list[tuple[str, str]]:
 
 
 def typed_form(concept: str) -> str:
-    r"""Text that a concept list reads back as ``concept`` (see split_concepts): its brackets escaped, as ComfyUI
-    spells brackets that are no emphasis (``person (elderly)`` → ``person \(elderly\)``)."""
+    r"""Text that a concept list reads back as ``concept``, a concept as split_concepts gives it: its brackets
+    escaped, as ComfyUI spells brackets that are no emphasis (``person (elderly)`` → ``person \(elderly\)``)."""
     return concept.replace("(", r"\(").replace(")", r"\)")
 
 
