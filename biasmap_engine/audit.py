@@ -84,8 +84,8 @@ class OlderFileError(ValueError):
 def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> list[dict]:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
     file started before the latest columns takes them without those, but refuses rows whose ``needed`` columns it
-    lacks: custom sigmas, a step window or latent-size masks, which would otherwise be paired with other schedules
-    or with whole runs at image size).
+    lacks: custom sigmas, a step window, latent-size masks or an inpainting run's noise mask, which would otherwise be
+    paired with other schedules, with whole runs at image size or with images sampled without a mask).
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
     rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI

@@ -194,7 +194,7 @@ def _noises(trace: BiasMapTrace) -> str:
 
 def _noise_masks(trace: BiasMapTrace) -> str:
     """The noise mask the images were sampled under (inpainting), one per image where they differ; "none"."""
-    masks = trace.run.get("noise_mask") or ["none"]
+    masks = [mask or "none" for mask in trace.run.get("noise_mask") or [""]]
     return " / ".join(masks) if len(set(masks)) > 1 else masks[0]
 
 

@@ -86,19 +86,25 @@ def _check_batch(latent: dict) -> None:
 
 
 def _noise_masks(latent: dict) -> list[str] | None:
-    """Per image, the noise mask it was sampled under (inpainting: Set Latent Noise Mask), as the share of the latent
-    it lets the sampler change and a fingerprint telling masks of one share apart; None without one. An inpainted
-    image is not the seed's text-to-image one, which an audit would otherwise pair it with. Read once, after sampling."""
+    """Per image, the noise mask it was sampled under (inpainting: Set Latent Noise Mask, InpaintModelConditioning),
+    as the share of the latent it lets the sampler change and a fingerprint telling masks of one share apart ('' for
+    a mask that changes all of it, which samples as none does); None where no image has one. An inpainted image is not
+    the seed's text-to-image one, which an audit would otherwise pair it with. Read once, after sampling."""
     mask = latent.get("noise_mask")
     if mask is None:
         return None
     masks = mask.reshape(-1, mask.shape[-2] * mask.shape[-1]).float().cpu()  # as ComfyUI reads its images
-    described = []
-    for i in range(latent["samples"].shape[0]):  # ComfyUI repeats the masks over the batch, as this indexes them
-        image_mask = masks[i % masks.shape[0]]
-        fingerprint = hashlib.sha256(image_mask.numpy().tobytes()).hexdigest()[:8]
-        described.append(f"{100 * float(image_mask.mean()):.1f} % ({fingerprint})")
-    return described
+    images = latent["samples"].shape[0]
+    described = [_described(m) for m in masks[:images]]  # each mask once, however many images it is repeated over
+    per_image = [described[i % len(described)] for i in range(images)]  # as ComfyUI repeats them over the batch
+    return per_image if any(per_image) else None
+
+
+def _described(mask) -> str:
+    if bool((mask == 1).all()):
+        return ""
+    fingerprint = hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:8]
+    return f"{100 * float(mask.mean()):.1f} % ({fingerprint})"
 
 
 def _sampler_name(sampler) -> str:

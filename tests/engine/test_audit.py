@@ -465,9 +465,16 @@ def test_an_inpainted_image_pairs_only_with_one_under_the_same_noise_mask_and_it
     with pytest.raises(ValueError, match=r"differ in every value of noise_mask; log λ = 0 runs with the guided runs' "
                                          r"noise_mask, changing guidance_scale alone$"):
         reductions(audit_rows(base, q=0.5, size=(8, 8)) + rows)
-    base.run = {**base.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}  # the same mask at λ = 0: they pair
-    assert {r["semantic"]: r["images"] for r in reductions(audit_rows(base, q=0.5, size=(8, 8)) + rows)} == {
+    masked_base = copy.deepcopy(base)
+    masked_base.run = {**base.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}  # the same mask at λ = 0: they pair
+    assert {r["semantic"]: r["images"] for r in reductions(audit_rows(masked_base, q=0.5, size=(8, 8)) + rows)} == {
         "doctor": 2, "nurse": 2}
+    # Inpainted and text-to-image pairs in one file: made otherwise, so averaged apart.
+    unmasked = copy.deepcopy(guided)
+    unmasked.run = dict(base.run)
+    every = [audit_rows(t, q=0.5, size=(8, 8)) for t in (masked_base, guided, base, unmasked)]
+    assert sorted((f["semantic"], f.get("noise_mask", ""), f["images"]) for f in reductions(sum(every, []))) == [
+        ("doctor", "", 2), ("doctor", "50.0 % (3fa2c1d9)", 2), ("nurse", "", 2), ("nurse", "50.0 % (3fa2c1d9)", 2)]
     unmasked = halves_trace()
     unmasked.settings, unmasked.run = base.settings, RUN
     report = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).against(

@@ -472,6 +472,25 @@ def test_audit_log_refuses_rows_of_custom_sigmas_for_a_file_started_before_the_s
     assert path.read_bytes() != before
 
 
+def test_audit_log_refuses_an_inpainting_runs_rows_for_a_file_started_before_the_noise_mask_column(pack, folders,
+                                                                                                    trace):
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    from biasmap_engine import append_csv, audit_rows
+
+    path = folders / "out" / "biasmap" / "audit.csv"
+    append_csv(str(path), [{k: v for k, v in row.items() if k != "noise_mask"} for row in audit_rows(trace)])
+    before = path.read_bytes()
+    inpainted = dataclasses.replace(trace, run={**trace.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * trace.num_images})
+    with pytest.raises(ValueError, match=r"audit.csv was started before BiasMap wrote the column\(s\) noise_mask, "
+                                         r"without which these rows would read as rows sampled without a noise mask, "
+                                         r"and pair with such rows in the summary: give this audit another file name$"):
+        as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": inpainted})
+    assert path.read_bytes() == before
+    as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace})  # no mask: taken
+    assert path.read_bytes() != before
+
+
 def test_audit_log_that_cannot_read_the_file_back_after_appending_says_so_and_does_not_fail(pack, folders, trace,
                                                                                              monkeypatch):
     # A failure after the rows are in would have the run queued again append them twice.
@@ -771,7 +790,8 @@ def test_audit_log_refuses_a_concept_against_one_that_an_empty_input_stands_for_
 
 def test_an_inpainting_run_records_each_images_noise_mask_and_its_rows_carry_it(pack, folders, sd15, prompts):
     # Set Latent Noise Mask's mask, one per image here (ComfyUI repeats a single one over the batch).
-    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapGuidedKSampler
+    from biasmap_pack.nodes import BiasMapAuditLog, BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced
+    from comfy.samplers import sampler_object
 
     model, clip = sd15
     pos, neg = prompts
@@ -789,5 +809,11 @@ def test_an_inpainting_run_records_each_images_noise_mask_and_its_rows_carry_it(
     assert [re.sub(r"\(\w{8}\)", "(…)", m) for m in trace.run["noise_mask"]] == ["50.0 % (…)", "25.0 % (…)"]
     assert shared.run["noise_mask"] == [trace.run["noise_mask"][0]] * 2  # the same mask, the same fingerprint
     assert plain.result[1].run["noise_mask"] is None
+    with torch.inference_mode():  # the Advanced sampler's too; a mask that lets all change samples as none does
+        whole = BiasMapGuidedKSamplerAdvanced.execute(**defaults(BiasMapGuidedKSamplerAdvanced) | dict(
+            model=model, clip=clip, positive=pos, negative=neg, guidance_scale=0.0, sampler=sampler_object("euler"),
+            sigmas=torch.tensor([14.6, 0.0]), latent_image={"samples": torch.zeros(2, 4, 32, 32),
+                                                             "noise_mask": torch.stack([masks[1], masks[0] * 0 + 1])}))
+    assert whole.result[1].run["noise_mask"] == [trace.run["noise_mask"][1], ""]
     rows = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace}).result[0]
     assert [row["noise_mask"] for row in csv.DictReader(rows.splitlines())] == trace.run["noise_mask"]
