@@ -709,24 +709,38 @@ def test_audit_log_names_an_older_file_by_its_place_in_the_output_folder_not_the
     assert str(folders) not in str(refused.value)
 
 
-def test_a_word_that_a_trace_from_load_trace_lacks_is_refused_before_the_sampler_it_is_compared_with_samples(
-        pack, folders, trace, sd15, prompts):
-    # Entanglement IoU measures its words in both traces; Load Trace's file is chosen when queued, so a word only the
-    # sampler's prompt has is said before the sampler's run, not after it.
+def _saved_and_a_counted_sampler(trace, sd15, prompts, attribution_prompt: str):
+    """``trace`` saved for Load Trace (gender; doctor, nurse), and a one-step sampler's arguments measuring chef in
+    ``attribution_prompt``, with the list its model's evaluations are counted in."""
     from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapSaveTrace
 
-    saved = as_comfy_runs(BiasMapSaveTrace, {}).execute(trace, "biasmap/baseline").result[0]  # doctor, nurse, gender
+    saved = as_comfy_runs(BiasMapSaveTrace, {}).execute(trace, "biasmap/saved").result[0]
     model, clip = sd15
     pos, neg = prompts
     counted, evaluated = counting_evaluations(model)
     args = defaults(BiasMapGuidedKSampler) | dict(
         model=counted, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
-        latent_image={"samples": torch.zeros(1, 4, 32, 32)},
-        attribution_prompt="A photo of a doctor, a chef and gender", semantic="chef")
+        latent_image={"samples": torch.zeros(1, 4, 32, 32)}, attribution_prompt=attribution_prompt, semantic="chef")
+    return saved, args, evaluated
+
+
+def _beside_load_trace(saved: str, reader_id: str, reader: dict) -> dict:
+    """A graph of the sampler (node 3), Load Trace of ``saved`` (node 20) and ``reader`` reading both."""
+    return {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, reader_id: reader,
+            "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": saved}}}
+
+
+def test_a_word_that_a_trace_from_load_trace_lacks_is_refused_before_the_sampler_it_is_compared_with_samples(
+        pack, folders, trace, sd15, prompts):
+    # Entanglement IoU measures its words in both traces; Load Trace's file is chosen when queued, so a word only the
+    # sampler's prompt has is said before the sampler's run, not after it.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    saved, args, evaluated = _saved_and_a_counted_sampler(trace, sd15, prompts,
+                                                          "A photo of a doctor, a chef and gender")
     reader = {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "baseline": ["20", 0],
                                                                  "concept_a": "", "concept_b": ""}}
-    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "12": reader,
-             "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": saved}}}
+    graph = _beside_load_trace(saved, "12", reader)
     refused = (r"^Entanglement IoU \(node 12\) measures concept_b 'chef' \(the first semantic concept of this sampler, "
                rf"as concept_b is empty\) in this sampler's trace and in the trace '{re.escape(saved)}' from Load "
                r"Trace, whose "
@@ -748,20 +762,12 @@ def test_a_loaded_traces_own_concept_that_this_samplers_prompt_lacks_is_refused_
         pack, folders, trace, sd15, prompts):
     # Load Trace at the trace input, this sampler at the baseline, concepts empty: the node measures the loaded trace's
     # first concepts, read from its file's header, in this sampler's trace too.
-    from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapSaveTrace
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
 
-    saved = as_comfy_runs(BiasMapSaveTrace, {}).execute(trace, "biasmap/guided").result[0]  # gender; doctor, nurse
-    model, clip = sd15
-    pos, neg = prompts
-    counted, evaluated = counting_evaluations(model)
-    args = defaults(BiasMapGuidedKSampler) | dict(
-        model=counted, clip=clip, positive=pos, negative=neg, steps=1, sampler_name="euler", scheduler="normal",
-        latent_image={"samples": torch.zeros(1, 4, 32, 32)}, attribution_prompt="A photo of a chef and gender",
-        semantic="chef")
+    saved, args, evaluated = _saved_and_a_counted_sampler(trace, sd15, prompts, "A photo of a chef and gender")
     reader = {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["20", 0], "baseline": ["3", 1],
                                                                  "concept_a": "", "concept_b": ""}}
-    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "13": reader,
-             "20": {"class_type": "BiasMapLoadTrace", "inputs": {"trace_file": saved}}}
+    graph = _beside_load_trace(saved, "13", reader)
     refused = (r"^Entanglement IoU \(node 13\) asks for concept_b 'doctor' \(the first semantic concept of its trace "
                rf"input, the trace '{re.escape(saved)}' from Load Trace, as concept_b is empty\), which is not a word "
                r"of this sampler's attribution prompt 'A photo of a chef and gender' \(its words: a, photo, of, chef, "
