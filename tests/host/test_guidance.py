@@ -83,7 +83,8 @@ def independent_eps_and_energy(model, clip, pos, neg, x, sigma, cfg, grad=True, 
 @pytest.mark.parametrize("family, stages, batched", [
     ("sd15", None, False), ("sd2v", None, False), ("sdxl", None, False), ("sd15", ("down_1",), False),
     ("sd15", ("down_2",), False), ("sd15", ("down_1", "up_1"), False), ("sd15", None, True),
-    ("sd15", ("down_1",), True)])
+    ("sd15", ("down_1",), True),
+    ("sd15", ("down_1", "down_2"), False)])  # truncated after the later block: the earlier one's gradient too
 def test_the_correction_equals_the_papers_eps_space_update(comfy, family, stages, batched, request):
     import comfy_models
 
@@ -322,6 +323,8 @@ def test_a_guidance_window_that_no_evaluation_of_the_run_reaches_is_reported_not
     assert "no evaluation was guided although λ = 100" in measure_entanglement(trace, "gender", "doctor").report
     _, windowed, _ = sample(model, clip, pos, neg, 100.0, steps=2, end=0.5)  # the first step only
     assert windowed.guidance_counts()["not_guided"] == 1 and not windowed.notes
+    _, recorded, _ = sample(model, clip, pos, neg, 0.0, steps=2, start=0.98, end=0.99)  # λ = 0 guides nothing anyway
+    assert recorded.guidance_counts()["not_guided"] == 2 and not recorded.notes
 
 
 def test_guided_stages_this_model_does_not_have_are_named_when_others_are_guided(sd15, prompts):
@@ -1403,6 +1406,31 @@ def test_custom_sigmas_past_the_cap_are_left_unguided_on_an_sd_model_too(sd15, p
     assert trace.guidance["status"][:, 0].tolist() == [STATUS["not_guided"]] * 2 + [STATUS["applied"]] * 6
     assert [n for n in trace.notes if n.startswith("2 evaluation(s) at σ above 29.2 were not guided, the later ones")
             and n.endswith("at this run's σ 80 enough to wreck the image")]  # its own σ, not a zero-SNR one's
+    # A window narrower than the model's range stays as set, though the sigmas go past it.
+    low = model.get_model_object("model_sampling").percent_to_sigma(0.5)
+    with torch.inference_mode():
+        session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], BiasMapSettings(scale=100.0, end=0.5))
+        _, trace = sample_with_sampler(session, model, 0, 7.0, comfy.samplers.sampler_object("euler"), sigmas, pos,
+                                       neg, {"samples": torch.zeros(1, 4, 32, 32)})
+    guided = [low <= float(s) <= 2 * 14.6146 for s in sigmas[:-1]]
+    assert any(guided) and not all(guided[2:])
+    assert trace.guidance["status"][:, 0].tolist() == [STATUS["applied"] if g else STATUS["not_guided"] for g in guided]
+
+
+def test_a_guided_stage_whose_maps_a_step_did_not_record_is_refused_naming_the_fix(sd15, prompts, monkeypatch):
+    from biasmap_engine.host import capture
+
+    model, clip = sd15
+    pos, neg = prompts
+    observe = capture.BranchCapture.observe
+
+    def skipping(self, q, extra_options):  # as a node that skips down_1's cross-attention would leave it
+        return None if tuple(extra_options["block"]) == ("input", 1) else observe(self, q, extra_options)
+
+    monkeypatch.setattr(capture.BranchCapture, "observe", skipping)
+    with pytest.raises(ValueError, match="no map of the guided stages down_1 was recorded at this step.*bypass it, or "
+                                         "set guided_stages to 'all'"):
+        sample(model, clip, pos, neg, 100.0, guided_stages=("down_1",))
 
 
 def test_an_fp32_gradient_of_exactly_zero_is_not_said_to_have_vanished_in_fp16(comfy, monkeypatch):

@@ -250,6 +250,26 @@ def test_a_guided_passs_unet_output_carries_no_graph_out_of_the_unet(sd15, promp
     assert any(grad for grad, _ in seen) and all(node is None for _, node in seen)
 
 
+def test_a_guided_evaluations_predictions_carry_no_graph_out_of_the_guided_pass(sd15, prompts):
+    # What calc_cond_batch hands the sampler (and any wrapper around it) is computed after the U-Net: detached too.
+    import comfy.patcher_extension as ext
+
+    model, clip = sd15
+    pos, neg = prompts
+    seen = []
+
+    def around(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        seen.append([o.grad_fn for o in out])
+        return out
+
+    outside = model.clone()
+    outside.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, "test-around", around)
+    _, trace, _ = sample(outside, clip, pos, neg, 100.0)
+    assert trace.guidance_counts()["applied"] == 1
+    assert seen and all(node is None for nodes in seen for node in nodes)
+
+
 def test_a_hypernetwork_loaded_in_inference_mode_can_be_guided_through(sd15, prompts, tmp_path):
     # HypernetworkLoader's patch holds layers of its own, made in inference mode; in a guided pass they run on keys
     # and values that need gradients, so their weights are swapped as the U-Net's are.

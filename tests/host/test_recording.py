@@ -253,18 +253,24 @@ def test_advanced_variant_samples_an_empty_latent_of_another_channel_count_as_sa
 def test_advanced_variant_names_the_sampler_in_its_trace_as_ksampler_names_it(sd15, prompts):
     # A SAMPLER carries no name: uni_pc's function is sample_unipc, and KSamplerSelect's ddim runs euler's.
     import comfy.samplers
+    from comfy_extras.nodes_advanced_samplers import SamplerLCMUpscale
 
     model, clip = sd15
     pos, neg = prompts
     named = {}
     with torch.inference_mode():
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
-        for name in ("uni_pc", "uni_pc_bh2", "ddim", "dpmpp_2m"):
+        # dpm_fast is made anew each time (named by its function); SamplerLCMUpscale's function is no KSampler's.
+        samplers = {name: comfy.samplers.sampler_object(name) for name in ("uni_pc", "uni_pc_bh2", "ddim", "dpmpp_2m",
+                                                                            "dpm_fast")}
+        samplers["lcm upscale"] = SamplerLCMUpscale.execute(1.0, -1, "bilinear")[0]
+        for name, sampler in samplers.items():
             session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
-            _, trace = sample_with_sampler(session, model, 0, 5.0, comfy.samplers.sampler_object(name), sigmas, pos,
-                                           neg, latent(batch=1, h=16, w=16))
+            _, trace = sample_with_sampler(session, model, 0, 5.0, sampler, sigmas, pos, neg,
+                                           latent(batch=1, h=16, w=16))
             named[name] = trace.run["sampler"]
-    assert named == {"uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "ddim": "euler", "dpmpp_2m": "dpmpp_2m"}
+    assert named == {"uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "ddim": "euler", "dpmpp_2m": "dpmpp_2m",
+                     "dpm_fast": "dpm_fast", "lcm upscale": "lcm_upscale"}
 
 
 # Evaluations per step of a 3-step run: the last step of most of these samplers is one Euler step (σ_next = 0).
@@ -506,6 +512,13 @@ def test_trace_from_a_run_round_trips_through_safetensors(sd15, prompts, tmp_pat
     assert back.model_family == "SD15" and back.tokens == trace.tokens
     assert torch.equal(back.iou("gender", "doctor"), trace.iou("gender", "doctor"))
     assert back.guidance_counts() == trace.guidance_counts() and back.guidance.keys() == trace.guidance.keys()
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_an_empty_or_blank_attribution_prompt_is_refused_before_sampling(sd15, prompt):
+    model, clip = sd15  # an attribution prompt linked from another node is checked here only
+    with torch.inference_mode(), pytest.raises(ValueError, match="the attribution prompt is empty"):
+        start_session(model, clip, prompt, ["gender"], ["doctor"], BiasMapSettings(scale=0.0))
 
 
 def test_a_concept_missing_from_the_attribution_prompt_is_refused_before_sampling(sd15):

@@ -221,3 +221,10 @@ def test_audit_prompts_refuse_a_subject_as_the_sampler_would_on_the_attribution_
     except ValueError:
         queued = False
     assert sampled == queued == planned
+
+
+def test_a_concept_ending_in_a_final_sigma_passes_validation_as_the_tokenizer_reads_it(pack):
+    # CLIP's tokenizers lowercase Σ to σ or ς by version; the word lookup folds the two, so the prompt's word is found.
+    from biasmap_pack.nodes.concepts import check_concepts
+
+    assert check_concepts("a photo of a γιατρός and gender", "gender", "γιατρός") is True
