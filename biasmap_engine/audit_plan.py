@@ -72,8 +72,7 @@ def check_plan(*, run: int | None = None, subjects: str | None = None, seeds: in
         raise ValueError(f"the template {template!r} has no {{}} for the subject: write it where the subject goes, "
                          f"e.g. 'A photo of the face of a {{}}'")
     if demographic is not None:
-        _check_demographics(split_concepts(demographic), names or [], template if template and "{}" in template
-                            else None)
+        _check_demographics(split_concepts(demographic), names or [], template)  # a template without {}: refused above
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     if run is not None and run < 0:

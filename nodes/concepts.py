@@ -89,7 +89,8 @@ def check_words_asked(asked: list[WordsAsked], attribution_prompt: str) -> None:
 def check_loaded_trace_words(asked: list[WordsAsked], loaded: dict) -> None:
     """Before a sampler samples: the words that a node measures in its trace and in another chosen in Load Trace
     (``loaded``: by node id, that trace's file and its header, as the sampler reads them for
-    ``prompt_graph.words_asked_of``) are words of that trace too. That node runs after the sampler, which the mistake would cost."""
+    ``prompt_graph.words_asked_of``) are words of that trace too. That node runs after the sampler, which the mistake
+    would cost."""
     for words_asked in asked:
         if words_asked.node_id not in loaded:  # no trace from Load Trace, or none readable: Load Trace says why
             continue
