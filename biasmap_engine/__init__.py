@@ -22,15 +22,16 @@ from .report import EntanglementResult, guidance_line, measure_entanglement
 from .settings import BRANCHES, BiasMapSettings
 from .soft_topk import MODES, soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
-from .tokens import (ConceptNotFoundError, clip_words, find_word_positions, is_ideographic, listed_twice, listed_words,
-                     prompt_words, readable, require_distinct_concepts, split_concepts, typed_concepts, typed_form)
+from .tokens import (ConceptNotFoundError, clip_words, covered_words, find_word_positions, is_ideographic, listed_twice,
+                     listed_words, prompt_words, readable, require_distinct_concepts, split_concepts, typed_concepts,
+                     typed_form)
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError, TraceHeader
 
 __all__ = [
     "AUDIT_ORDERS", "AuditRun", "BRANCHES", "BiasMapSettings", "BiasMapTrace", "COLORMAPS", "ConceptNotFoundError",
     "EntanglementResult", "GATES", "MODES", "NOT_FINITE_CAUSE", "OlderFileError", "PAPER_PROFESSIONS", "STAGE_ORDER",
     "STATUS", "TraceFormatError", "TraceHeader", "TraceRecorder", "append_csv", "audit_rows", "audit_run", "check_plan",
-    "clip_words", "colorize", "concept_map", "csv_text", "entanglement_energy", "entanglement_picture",
+    "clip_words", "colorize", "concept_map", "covered_words", "csv_text", "entanglement_energy", "entanglement_picture",
     "find_word_positions", "guidance_line", "guidance_step", "hard_mask", "iou", "is_ideographic", "label_heatmaps",
     "listed_twice", "listed_words", "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys",
     "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable", "reductions", "reductions_report",

@@ -7,7 +7,7 @@ after each queued prompt picks the subject and the seed, so one graph queued wit
 
 from dataclasses import dataclass
 
-from .tokens import clip_words, listed_twice, split_concepts
+from .tokens import clip_words, covered_words, listed_twice, split_concepts
 
 __all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run", "check_plan"]
 
@@ -115,8 +115,8 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
         prompt = _attribution_prompt(template or "{}", subject, demographics)
         for split in (False, True):
             words = clip_words(prompt, split)
-            held = _places(words, clip_words(subject, split))
-            demographic = next((d for d in demographics if held & _places(words, clip_words(d, split))), None)
+            held = covered_words(subject, words)
+            demographic = next((d for d in demographics if held & covered_words(d, words)), None)
             if demographic is not None:
                 where = f"of the attribution prompt '{prompt}'" if template else "in a row"
                 raise ValueError(f"the subject '{subject}' and the demographic concept '{demographic}' share words "
@@ -124,8 +124,3 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
                                  f"against the demographic: take '{subject}' out of the subjects, or change the "
                                  f"demographic{' concept or the template' if template else ''}")
 
-
-def _places(words: list[str], phrase: list[str]) -> set[int]:
-    """The places of ``words`` where ``phrase`` stands, its words in a row, as the sampler's lookup finds it."""
-    return {i + k for i in range(len(words) - len(phrase) + 1) if words[i:i + len(phrase)] == phrase
-            for k in range(len(phrase))}

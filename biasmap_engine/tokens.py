@@ -17,7 +17,7 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "find_word_positions", "is_ideographic", "listed_twice", "listed_words",
+__all__ = ["ConceptNotFoundError", "clip_words", "covered_words", "find_word_positions", "is_ideographic", "listed_twice", "listed_words",
            "prompt_words", "readable", "require_distinct_concepts", "split_concepts", "typed_concepts", "typed_form"]
 
 _WORD_END = "</w>"
@@ -166,6 +166,15 @@ def _char_class(char: str) -> str:
     """L (letter), N (numeral) or O (anything else), by Unicode category."""
     category = unicodedata.category(char)[0]
     return category if category in "LN" else "O"
+
+
+def covered_words(concept: str, words: list[str]) -> set[int]:
+    """Indices of a prompt's ``words`` (as a tokenizer reads them) that the occurrences of ``concept`` cover
+    (consecutive words: a multi-word concept is looked up as a phrase), with the concept split as every lookup in the
+    tokens splits it (find_word_positions: the sampler's, and the map nodes' in its trace)."""
+    forms = {tuple(clip_words(concept, split_ideographs=split)) for split in (False, True)}
+    return {i + j for part in forms if part for i in range(len(words) - len(part) + 1)
+            if tuple(words[i:i + len(part)]) == part for j in range(len(part))}
 
 
 def split_concepts(text: str) -> list[str]:

@@ -6,8 +6,8 @@ import re
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import (ConceptNotFoundError, clip_words, find_word_positions, is_ideographic, listed_twice,
-                              listed_words, prompt_words, split_concepts, typed_concepts)
+from ..biasmap_engine import (ConceptNotFoundError, clip_words, covered_words, find_word_positions, is_ideographic,
+                              listed_twice, listed_words, prompt_words, split_concepts, typed_concepts)
 from ..biasmap_engine.host import prompt_text_words
 from .prompt_graph import WordsAsked
 
@@ -136,7 +136,7 @@ def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_pr
             if (a.node_id, a.input, b.input) != (b.node_id, "concept_a", "concept_b"):
                 continue
             shared = next(((x, y) for x in split_concepts(a.text) for y in split_concepts(b.text)
-                           if _covered(x, words) & _covered(y, words)), None)
+                           if covered_words(x, words) & covered_words(y, words)), None)
             if shared:
                 told = [f"{w.input} {concept!r}" + (f" ({w.stands_for})" if w.stands_for else "")
                         for w, concept in zip((a, b), shared)]
@@ -152,7 +152,7 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
     ''."""
     hints = []
     phrases = [concept for concept in missing if len(concept.split()) > 1
-               and all(_covered(word, words) for word in concept.split())]
+               and all(covered_words(word, words) for word in concept.split())]
     if phrases:  # "gender race": each a word of the prompt, not the two in a row
         hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
                      f"{phrases[0]!r} in a row: type it as the prompt has it or, in a list of concepts, separate "
@@ -181,7 +181,7 @@ def absent_from(concepts: list[str], text: str) -> list[str]:
         return []
     return [concept for concept in _absent(concepts, words)
             if not (is_ideographic(concept) and _word_holding(concept, words))
-            and not any(_covered(plural, words) for plural in _plurals(concept))]
+            and not any(covered_words(plural, words) for plural in _plurals(concept))]
 
 
 # English plurals that change more than an ending, of the words audits are about.
@@ -206,16 +206,7 @@ def _word_holding(concept: str, words: list[str]) -> str | None:
 
 def _absent(concepts: list[str], words: list[str]) -> list[str]:
     """The concepts that are not words of the prompt's ``words``."""
-    return [c for c in concepts if not _covered(c, words)]
-
-
-def _covered(concept: str, words: list[str]) -> set[int]:
-    """Indices of the prompt's ``words`` (the installed tokenizer's) that the occurrences of ``concept`` cover
-    (consecutive words: a multi-word concept is looked up as a phrase), with the concept split as every lookup in the
-    tokens splits it (find_word_positions: the sampler's, and the map nodes' in its trace)."""
-    forms = {tuple(clip_words(concept, split_ideographs=split)) for split in (False, True)}
-    return {i + j for part in forms if part for i in range(len(words) - len(part) + 1)
-            if tuple(words[i:i + len(part)]) == part for j in range(len(part))}
+    return [c for c in concepts if not covered_words(c, words)]
 
 
 def _check_distinct(lists: dict, words: list[str]) -> bool | str:
@@ -227,7 +218,7 @@ def _check_distinct(lists: dict, words: list[str]) -> bool | str:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
     for a in lists.get("demographic", []):
         for b in lists.get("semantic", []):
-            if _covered(a, words) & _covered(b, words):
+            if covered_words(a, words) & covered_words(b, words):
                 return (f"the demographic concept '{a}' and the semantic concept '{b}' share words of the attribution "
                         f"prompt, and a concept's overlap with itself is 1 whatever the image: give them words that "
                         f"do not overlap")
