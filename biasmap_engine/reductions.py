@@ -31,8 +31,10 @@ _IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "steps", "
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters", "guided_concepts")
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
+# batch_size too: a batch's first image starts from the noise of a batch of one at its seed, so with a sampler that
+# draws no noise as it goes, a mean over both batch sizes would count that image twice.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
-             "width", "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
+             "batch_size", "width", "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
 _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
 # The intervals: percentile bootstrap over the paired images, from resamples drawn by a generator seeded alike every
 # time and of images in a fixed order, so the same rows in any order give the same interval; none from fewer images

@@ -486,6 +486,19 @@ def test_an_inpainted_image_pairs_only_with_one_under_the_same_noise_mask_and_it
     assert "run: seed 42 · euler/normal · 2 steps · noise mask 50.0 % (3fa2c1d9) / 25.0 % (0b1c2d3e) · " in report
 
 
+def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_size():
+    # A batch of 2 at seed s starts its first image from the noise a batch of 1 at seed s starts from: with a sampler
+    # that draws no noise as it goes they are one image, which a mean over both batch sizes would count twice.
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    alone = [{**r, "batch_size": 1} for r in rows if r["image"] == 0]
+    assert sorted((f["semantic"], f["batch_size"], f["images"]) for f in reductions(rows + alone)) == [
+        ("doctor", 1, 1), ("doctor", 2, 2), ("nurse", 1, 1), ("nurse", 2, 2)]
+    assert [line.split(":")[0] for line in reductions_text(rows + alone).splitlines()[1:]] == [
+        f"λ 100 · batch_size {b} · {w}" for b in (2, 1) for w in ("doctor", "nurse")]
+    assert [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]] == ["λ 100 · doctor", "λ 100 · nurse"]
+
+
 def test_rows_of_an_inpainted_run_are_refused_by_a_file_started_before_the_noise_mask_column(tmp_path):
     path = tmp_path / "audit.csv"
     append_csv(str(path), [{k: v for k, v in row.items() if k != "noise_mask"}
