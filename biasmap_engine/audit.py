@@ -20,7 +20,7 @@ from .report import measure_entanglement
 from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
-__all__ = ["OlderFileError", "append_csv", "audit_rows", "csv_text", "read_csv", "write_csv"]
+__all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "csv_text", "read_csv", "write_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
@@ -97,7 +97,7 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a+b") as f, _locked(f):
         f.seek(0)
-        records = _parsed(f.read(), path, csv.reader)  # a file that cannot be read back takes no rows
+        records = _parsed(f.read(), path)  # a file that cannot be read back takes no rows
         if not any(records):  # new, or only a byte-order mark or blank lines left
             f.truncate(0)
             header = None
@@ -117,6 +117,8 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
                     raise OlderFileError(f"{path} was started before BiasMap wrote the column(s) {', '.join(lost)}, "
                                          f"without which these rows would read as rows {read_as}, and pair with such "
                                          f"rows in the summary: give this audit another file name", lost)
+                rows, columns = [{c: row[c] for c in header} for row in rows], header
+            elif sorted(header) == sorted(columns):  # the same columns, put in another order by a spreadsheet
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
                 stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))
@@ -142,8 +144,51 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             f.seek(-1, os.SEEK_END)
             if f.read(1) not in (b"\n", b"\r"):  # a file saved again without its last line break
                 data = b"\r\n" + data
-        f.write(data)  # one write, at the end (append mode)
+        _append(f, data)
     return rows
+
+
+def _append(f, data: bytes) -> None:
+    """``data`` at the end of the open file ``f`` (append mode), or none of it: a disk that fills up mid-row leaves no
+    part of a row, at which every later summary of the file would stop."""
+    end = f.seek(0, os.SEEK_END)
+    rest = memoryview(data)
+    try:
+        while rest:  # unbuffered: a write the disk refused is not written again when the file is closed
+            rest = rest[os.write(f.fileno(), rest):]
+    except OSError:
+        os.ftruncate(f.fileno(), end)
+        raise
+
+
+def check_appendable(path: str) -> None:
+    """Refuse an audit file that could take no rows, before a run samples for it: one that cannot be written to or
+    made, or that is not UTF-8 text or has ; between cells. Its columns are checked when rows come (append_csv)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give the audit a file name")
+    if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):  # the first folder that is there: append_csv makes the rest
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{path} cannot be made: the first of its folders that is there is not one this "
+                             f"ComfyUI may write to; give the audit another file name, or change the folder's "
+                             f"permissions")
+        return
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ValueError(f"{path} cannot be read and written (read-only, or its permissions): make it writable, or "
+                         f"give the audit another file name")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object.count(b"\n", 0, err.start) + 1  # the object: the bytes after any byte-order mark
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} in line {line}): a spreadsheet saved it in another "
+                         f"encoding; save it as CSV UTF-8, or give the audit another file name") from err
+    first = data.split(b"\n", 1)[0]
+    if b";" in first and b"," not in first:
+        raise _semicolons(path)
 
 
 def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None = None) -> bool:
@@ -178,7 +223,24 @@ def read_csv(path: str) -> list[dict]:
     ComfyUI instance is appending are read whole or not at all."""
     with open(path, "rb") as f, _locked(f):
         data = f.read()
-    return _parsed(data, path, csv.DictReader)
+    records = _parsed(data, path)
+    while records and not records[0]:  # blank lines before the header, as csv.DictReader skips them
+        records.pop(0)
+    if not records:
+        return []
+    header, rows, damaged = records[0], [], []
+    for number, record in enumerate(records[1:], start=2):
+        if not any(record):  # a blank line, or a spreadsheet's empty row (,,,): no image
+            continue
+        if len(record) != len(header):
+            damaged.append(f"{number} ({len(record)} cells)")
+            continue
+        rows.append(dict(zip(header, record)))
+    if damaged:  # read with cells missing, such a row would count as an image of other settings
+        raise ValueError(f"{path} has rows with another number of cells than its header's {len(header)}: row(s) "
+                         f"{', '.join(damaged[:5])}{' and more' if len(damaged) > 5 else ''}, as a spreadsheet numbers "
+                         f"them (a write cut short, or cells added or removed by hand): delete or mend them")
+    return rows
 
 
 def _semicolons(path: str) -> ValueError:
@@ -188,11 +250,11 @@ def _semicolons(path: str) -> ValueError:
                       f"commas): save it as comma-separated CSV UTF-8, or give the audit another file name")
 
 
-def _parsed(data: bytes, path: str, reader) -> list:
-    """The records ``reader`` (csv.reader or DictReader) reads from an audit file's bytes (with or without a
-    byte-order mark), strictly: a quote left open would take every row appended after it into one cell."""
+def _parsed(data: bytes, path: str) -> list[list[str]]:
+    """The records of an audit file's bytes (with or without a byte-order mark), read strictly: a quote left open would
+    take every row appended after it into one cell."""
     try:
-        return list(reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True))
+        return list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True))
     except (UnicodeDecodeError, csv.Error) as err:
         first = data.split(b"\n", 1)[0]
         if b";" in first and b"," not in first:
@@ -255,5 +317,6 @@ def _inert(rows: list[dict]) -> list[dict]:
 
 
 def _only_in(columns, others) -> str:
-    return ", ".join(c for c in columns if c not in others) or ("nothing (another order)" if set(columns) == set(others)
-                                                                else "nothing")
+    # Columns of one set in another order are appended to (append_csv): what is left is a column named twice.
+    return ", ".join(c for c in columns if c not in others) or ("nothing (a column named twice)"
+                                                                if set(columns) == set(others) else "nothing")

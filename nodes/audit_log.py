@@ -11,8 +11,8 @@ import re
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, csv_text, read_csv, reductions_report,
-                              split_concepts, write_csv)
+from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, read_csv,
+                              reductions_report, split_concepts, write_csv)
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
@@ -76,9 +76,13 @@ class BiasMapAuditLog(io.ComfyNode):
         # Before the graph runs, so the queue shows it at once. ComfyUI still runs the graph's other outputs (a Save
         # Image): where they are, the samplers run; this node does not.
         try:
-            _csv_path(filename or "")
+            path = _csv_path(filename or "")
         except ValueError as err:
             return str(err)
+        try:
+            check_appendable(path)  # a file that could take no rows, found before the run samples for it
+        except ValueError as err:
+            return str(err).replace(path, _shown(path))
         ok = check_listed_once(concept_a=concept_a, concept_b=concept_b)
         return ok if ok is not True else check_apart(concept_a, concept_b)
 
@@ -96,7 +100,7 @@ class BiasMapAuditLog(io.ComfyNode):
         check_stood_for(trace, pairs, concept_a, concept_b, every=True)
         window = step_window(trace, first_step, last_step)
         rows = audit_rows(trace, q, pairs, size, label, window)
-        shown = "output/" + name_in(path, folder_paths.get_output_directory())
+        shown = _shown(path)
         # What a file started before these columns cannot say of its rows: they are of every step, at image size, on
         # a schedule its scheduler column names, without a noise mask.
         needed = ((("sigmas",) if trace.run.get("scheduler") == CUSTOM_SIGMAS else ())
@@ -185,6 +189,11 @@ def _header(path: str) -> str:
         return ""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         return f.readline()
+
+
+def _shown(path: str) -> str:
+    """The audit file's path as messages name it: inside ComfyUI's output folder."""
+    return "output/" + name_in(path, folder_paths.get_output_directory())
 
 
 def _csv_path(filename: str) -> str:

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from biasmap_engine import (STATUS, OlderFileError, TraceRecorder, append_csv, audit_rows, csv_text,
-                            measure_entanglement, read_csv, reductions, reductions_report, reductions_table,
+from biasmap_engine import (STATUS, OlderFileError, TraceRecorder, append_csv, audit_rows, check_appendable,
+                            csv_text, measure_entanglement, read_csv, reductions, reductions_report, reductions_table,
                             reductions_text, write_csv)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
@@ -109,6 +109,88 @@ def test_an_audit_file_that_cannot_be_read_back_takes_no_rows_and_says_how_to_me
     assert path.read_bytes() == before
     with pytest.raises(ValueError, match=rf"\({cause}.*{fix}"):
         read_csv(str(path))
+
+
+def test_a_write_the_disk_refuses_midway_leaves_no_part_of_a_row_and_the_next_append_reads_whole(
+        tmp_path, monkeypatch):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace()))
+    before = path.read_bytes()
+    write, calls = os.write, []
+
+    def disk_full(fd, data):  # a full disk: the first write takes part of the rows, the next is refused
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return write(fd, bytes(data[:len(data) // 2]))
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        append_csv(str(path), audit_rows(halves_trace(), label="cut"))
+    monkeypatch.undo()
+    assert len(calls) == 2 and path.read_bytes() == before
+    append_csv(str(path), audit_rows(halves_trace(), label="after"))
+    assert [r["label"] for r in read_csv(str(path))] == [""] * 4 + ["after"] * 4
+
+
+def test_reading_an_audit_skips_a_spreadsheets_empty_rows_and_refuses_damaged_ones_naming_them(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace()))
+    width = len(read_csv(str(path))[0])
+    with open(path, "ab") as f:  # a spreadsheet saved trailing empty rows, and a blank line
+        f.write(b"," * (width - 1) + b"\r\n\r\n" + b"," * (width - 1) + b"\r\n")  # rows 6, 7 and 8
+    assert read_csv(str(path)) == read_csv(str(path))[:4] and len(read_csv(str(path))) == 4
+    text = path.read_text(encoding="utf-8-sig")
+    line = text.splitlines()[1]
+    path.write_text(text + line[:len(line) // 2] + "\r\n", encoding="utf-8-sig")  # a row cut short
+    append_csv(str(path), audit_rows(halves_trace(), label="after"))  # appends still go on
+    with pytest.raises(ValueError, match=rf"has rows with another number of cells than its header's {width}: "
+                                         rf"row\(s\) 9 \(\d+ cells\), as a spreadsheet numbers them \(a write cut "
+                                         rf"short, or cells added or removed by hand\): delete or mend them$"):
+        read_csv(str(path))
+
+
+def test_rows_are_appended_in_the_order_a_spreadsheet_put_the_files_columns_in(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), label="first"))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        records = list(csv.reader(f))
+    order = sorted(range(len(records[0])), key=lambda i: records[0][i])  # columns sorted by name
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f).writerows([[record[i] for i in order] for record in records])
+    append_csv(str(path), audit_rows(halves_trace(), label="second"))
+    rows = read_csv(str(path))
+    assert list(rows[0]) == sorted(rows[0]) and [r["label"] for r in rows] == ["first"] * 4 + ["second"] * 4
+    assert {k: v for k, v in rows[4].items() if k not in ("label", "time")} == {
+        k: v for k, v in rows[0].items() if k not in ("label", "time")}
+
+
+def test_an_audit_file_that_could_take_no_rows_is_refused_before_any_run(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "audit.csv"
+    check_appendable(str(path))  # new, in a folder still to be made
+    append_csv(str(path), audit_rows(halves_trace()))
+    check_appendable(str(path))
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ValueError, match=r"folder.csv is a folder: give the audit a file name"):
+        check_appendable(str(tmp_path / "folder.csv"))
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot be made: the first of its folders that is there is not one"):
+        check_appendable(str(tmp_path / "a file" / "audit.csv"))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(path.read_bytes() + "Ärztin\r\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text \(invalid .* in line 6\): a spreadsheet "
+                                         r"saved it in another encoding; save it as CSV UTF-8"):
+        check_appendable(str(latin))
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("label;seed\r\nx;1\r\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="saved with ; between cells"):
+        check_appendable(str(semicolons))
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # read-only (root writes to any file here)
+    with pytest.raises(ValueError, match=r"audit.csv cannot be read and written \(read-only, or its permissions\): "
+                                         r"make it writable, or give the audit another file name"):
+        check_appendable(str(path))
+    with pytest.raises(ValueError, match="new.csv cannot be made: .* or change the folder's permissions"):
+        check_appendable(str(tmp_path / "new.csv"))
 
 
 def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
@@ -819,13 +901,15 @@ def test_audit_rows_of_a_wide_image_give_its_width_height_and_mask_size_as_width
     assert audit_rows(trace, size=(8, 12))[0]["mask_size"] == "12x8"
 
 
-def test_append_csv_refuses_a_file_whose_columns_are_in_another_order(tmp_path):
-    # The same names in another order would put every value under another heading.
+def test_append_csv_writes_each_value_under_its_heading_in_a_file_whose_columns_are_in_another_order(tmp_path):
     path = tmp_path / "audit.csv"
     path.write_bytes(b"iou,label\r\n0.5,a\r\n")
-    with pytest.raises(ValueError, match=r"only the file has: nothing \(another order\)"):
+    append_csv(str(path), [{"label": "b", "iou": 0.25}])
+    assert path.read_bytes() == b"iou,label\r\n0.5,a\r\n0.25,b\r\n"
+    path.write_bytes(b"iou,label,iou\r\n0.5,a,0.5\r\n")  # a column named twice: refused, not guessed
+    with pytest.raises(ValueError, match=r"only the file has: nothing \(a column named twice\)"):
         append_csv(str(path), [{"label": "b", "iou": 0.25}])
-    assert path.read_bytes() == b"iou,label\r\n0.5,a\r\n"
+    assert path.read_bytes() == b"iou,label,iou\r\n0.5,a,0.5\r\n"
 
 
 def test_reductions_keep_the_first_row_of_an_image_logged_twice():

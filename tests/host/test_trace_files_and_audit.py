@@ -530,6 +530,46 @@ def test_audit_log_takes_concept_lists_as_the_sampler_does_and_logs_every_pair(p
         assert [(r["demographic"], r["semantic"]) for r in list(csv.DictReader(f))[4:]] == [("nurse", "doctor")] * 2
 
 
+def test_an_audit_file_that_could_take_no_rows_is_refused_when_the_prompt_is_queued_not_after_sampling(
+        pack, folders):
+    # Refused then, the graph's other outputs (Save Image) still run; refused at the node, the sampled image is lost.
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    (folders / "out" / "biasmap").mkdir()
+    (folders / "out" / "biasmap" / "latin.csv").write_bytes("label\r\nÄrztin\r\n".encode("latin-1"))
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/latin").startswith(
+        "output/biasmap/latin.csv is not UTF-8 text (invalid continuation byte in line 2): a spreadsheet saved it in "
+        "another encoding; save it as CSV UTF-8, or give the audit another file name")
+    (folders / "out" / "biasmap" / "runs.csv").mkdir()
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/runs") == (
+        "output/biasmap/runs.csv is a folder: give the audit a file name")
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/new/audit") is True
+
+
+def test_an_audit_log_whose_file_cannot_be_written_says_so_on_its_node(pack, folders, trace, monkeypatch):
+    # Its text would otherwise still say the run before appended its rows.
+    import os
+    import sys
+    import types
+
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    texts = []
+    page = types.SimpleNamespace(client_id="page", send_progress_text=lambda text, node, client: texts.append(text))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page)))
+    args = defaults(BiasMapAuditLog) | {"trace": trace}
+    as_comfy_runs(BiasMapAuditLog, node_id="7").execute(**args)
+    assert texts[-1].startswith("4 row(s) appended to output/biasmap/audit.csv")
+
+    def disk_full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        as_comfy_runs(BiasMapAuditLog, node_id="7").execute(**args)
+    assert texts[-1] == "stopped: [Errno 28] No space left on device"
+
+
 @pytest.mark.parametrize("name", ["../escape", "/tmp/biasmap_escape"])
 def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(pack, folders, name):
     from biasmap_pack.nodes import BiasMapAuditLog, BiasMapSaveTrace
