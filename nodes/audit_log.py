@@ -80,7 +80,8 @@ class BiasMapAuditLog(io.ComfyNode):
         except ValueError as err:
             return str(err)
         try:
-            check_appendable(path)  # a file that could take no rows, found before the run samples for it
+            if filename is not None:  # None: linked, known when the node runs (append_csv checks the file then)
+                check_appendable(path)  # a file that could take no rows, found before the run samples for it
         except ValueError as err:
             return str(err).replace(path, _shown(path))
         ok = check_listed_once(concept_a=concept_a, concept_b=concept_b)

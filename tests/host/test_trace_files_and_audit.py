@@ -544,6 +544,8 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_when_the_prompt_is_que
     assert BiasMapAuditLog.validate_inputs(filename="biasmap/runs") == (
         "output/biasmap/runs.csv is a folder: give the audit a file name")
     assert BiasMapAuditLog.validate_inputs(filename="biasmap/new/audit") is True
+    (folders / "out" / "biasmap" / "audit.csv").mkdir()  # the default name's file: not the one a linked name gives
+    assert BiasMapAuditLog.validate_inputs(filename=None) is True
 
 
 def test_an_audit_log_whose_file_cannot_be_written_says_so_on_its_node(pack, folders, trace, monkeypatch):
