@@ -43,9 +43,10 @@ _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
 _RESAMPLES, _LEVEL, _FEWEST_FOR_INTERVAL = 2000, 0.95, 10
 # The rows a reduction leaves out, as the summary names them: guided rows without a λ = 0 row of their image, with an
 # n/a figure, or of an image logged again (queued again, or its label changed while the sampler's result was cached);
-# and λ = 0 rows of a paired image logged again.
+# λ = 0 rows of a paired image logged again; and λ = 0 images made and measured as the group's, of none of its guided
+# rows (a guided run interrupted, or a sweep's λ not yet run for every seed).
 _LEFT_OUT = {"unpaired": "unpaired", "not_measured": "not measured", "duplicates": "duplicates",
-             "baseline_duplicates": "λ = 0 duplicates"}
+             "baseline_duplicates": "λ = 0 duplicates", "baselines_unpaired": "λ = 0 unpaired"}
 
 
 def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "semantic",
@@ -84,8 +85,9 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     for row in guided:
         name = _key(row, _SETTINGS) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0,
-                                         "baseline_duplicates": 0})
+                                         "baseline_duplicates": 0, "images_guided": set()})
         key = _key(row, image)
+        group["images_guided"].add(key)
         base, after = baselines.get(key, (None, None))[0], _parsed_number(row[metric])
         if base is None:
             group["unpaired"] += 1
@@ -99,6 +101,12 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     if not any(g["pairs"] for g in groups.values()):
         raise ValueError(f"no guided row has a λ = 0 row of the same image: "
                          f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
+    made_alike = collections.defaultdict(list)  # λ = 0 images by how they were made and measured
+    for key, (_, row) in baselines.items():
+        made_alike[_key(row, _MEASURED) + _key(row, by)].append(key)
+    for group in groups.values():
+        alike = made_alike[_key(group["row"], _MEASURED) + _key(group["row"], by)]
+        group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in alike)
     return [_summary(g, by) for g in groups.values()]
 
 

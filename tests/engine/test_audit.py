@@ -619,6 +619,25 @@ def test_reductions_count_the_lambda_0_rows_of_an_image_logged_again_as_they_cou
     assert {row["baseline_duplicates"] for row in reductions_table(rows) if row["semantic"] == "nurse"} == {2}
 
 
+def test_reductions_count_the_lambda_0_images_of_a_group_that_no_guided_row_of_it_has():
+    # A guided run interrupted, or a λ of a sweep not yet run for every seed: its λ = 0 images are named, not dropped.
+    base, guided = _baseline_and_guided()
+    base_rows, guided_rows = audit_rows(base, q=0.5, size=(8, 8)), audit_rows(guided, q=0.5, size=(8, 8))
+    other_seed = [{**row, "seed": 7} for row in base_rows]  # its guided run never logged
+    half = copy.deepcopy(guided)
+    half.settings = {**guided.settings, "scale": 200.0}  # λ 200 of image 0 only
+    swept = [row for row in audit_rows(half, q=0.5, size=(8, 8)) if row["image"] == 0]
+    heun = [{**row, "sampler": "heun", "seed": 8} for row in base_rows]  # made otherwise: no group's
+    figures = {(f["guidance_scale"], f["semantic"]): f for f in reductions(base_rows + other_seed + heun + guided_rows
+                                                                         + swept)}
+    assert {k: f["baselines_unpaired"] for k, f in figures.items()} == {
+        (100.0, "doctor"): 2, (100.0, "nurse"): 2, (200.0, "doctor"): 3, (200.0, "nurse"): 3}
+    assert figures[100.0, "nurse"]["images"] == 2 and figures[200.0, "nurse"]["images"] == 1
+    lines = reductions_text(base_rows + other_seed + guided_rows).splitlines()[1:]
+    assert [line.split("; left out: ")[1] for line in lines] == ["2 λ = 0 unpaired"] * 2
+    assert all("left out" not in line for line in reductions_text(base_rows + guided_rows).splitlines()[1:])
+
+
 def test_reductions_name_only_the_columns_in_which_no_guided_row_meets_a_lambda_0_row():
     # The λ = 0 pass got the next seed and logged nurse alone: the seed kept the rows apart, not the concept.
     _, guided = _baseline_and_guided()
