@@ -75,10 +75,12 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
             logged[key] += 1
             kept = baselines.setdefault(key, (value, row))
             if not _same(kept[0], value):
-                raise ValueError(f"two λ = 0 rows of the same image give {metric} {kept[0]:g} and {value:g}; they "
-                                 f"differ in {_differing_columns(kept[1], row)}: if those tell two images apart (a "
-                                 f"prompt made while the graph ran, in the label), log each prompt's runs to a file of "
-                                 f"its own, or pass the columns as match=(…) to reductions() in Python")
+                raise ValueError(f"two λ = 0 rows of the same image ({_image_named(row)}) give {metric} "
+                                 f"{kept[0]:g} and {value:g}; they differ in {_differing_columns(kept[1], row)}: if "
+                                 f"those tell two images apart (a prompt made while the graph ran, in the label), log "
+                                 f"each prompt's runs to a file of its own, or pass the columns as match=(…) to "
+                                 f"reductions() in Python; if they are one image made twice (on another machine or "
+                                 f"ComfyUI version, which rounds otherwise), delete one of the two rows")
     if not guided:
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}
@@ -133,6 +135,10 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     """:func:`reductions_text` and :func:`reductions_table` of ``rows`` from one computation of the reductions (Audit
     Log makes both after every run); the table is None where the text gives no reductions (means, or why none)."""
     by = _apart_by_demographic(rows, _columns(by))
+    try:
+        _check_seeds(rows)  # the means, too, count images by their seeds
+    except ValueError as err:
+        return f"entanglement over the file: none: {err}", None
     scales = {_parsed_number(row.get("guidance_scale")) for row in rows}
     if scales == {0.0}:
         return _means_text(rows, metrics, by, "λ = 0 only; log guided runs of the same seeds for the reductions"), None
@@ -356,6 +362,19 @@ def _check_columns(rows, metric, by, match) -> None:
     if missing:
         raise ValueError(f"the rows have no column(s) {', '.join(missing)}: give rows of a BiasMap audit CSV and a "
                          f"metric such as iou, mbiou or biou_down_1")
+    _check_seeds(rows)
+
+
+def _check_seeds(rows) -> None:
+    """Refuse rows whose seeds a spreadsheet shortened: shown as 1.5668E+14 and saved so, a 15-digit seed has lost its
+    last digits, and two seeds' images would read as one."""
+    rounded = next((seed for row in rows if isinstance(seed := row.get("seed", ""), str) and seed.strip()
+                    and not seed.strip().isdigit()), None)
+    if rounded is not None:
+        raise ValueError(f"a seed in the rows reads {rounded}, not a whole number: a spreadsheet saved the file with "
+                         f"seeds shortened to scientific notation, which loses their last digits; give the audit "
+                         f"another file name, or save it again with the seed column formatted as whole numbers "
+                         f"(from a copy that still holds them)")
 
 
 def _mismatch(guided, baselines, columns) -> str:
@@ -407,6 +426,11 @@ def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
         return ("…" if start else "") + text[start:start + width] + ("…" if len(text) > start + width else "")
 
     return cut(a), cut(b)
+
+
+def _image_named(row: dict) -> str:
+    """Which image a row is of, as a summary names it: seed, place in the batch, concept pair."""
+    return f"seed {row.get('seed', '')}, image {row.get('image', '')}, {row.get('demographic')} and {row.get('semantic')}"
 
 
 def _differing_columns(a: dict, b: dict) -> str:

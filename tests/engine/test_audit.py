@@ -506,9 +506,10 @@ def test_reductions_refuse_two_different_baselines_of_one_image_and_pair_by_a_co
                     trace.maps[stage][:, :, 3] = trace.maps[stage][:, :, 4]  # nurse where gender is: IoU 1
         rows += audit_rows(base, q=0.5, size=(8, 8), label=prompt) + audit_rows(guided, q=0.5, size=(8, 8),
                                                                                  label=prompt)
-    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image give iou .* differ in label: if those "
-                                         r"tell two images apart .*, log each prompt's runs to a file of its own, "
-                                         r"or pass"):
+    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image \(seed 42, image 0, gender and "
+                                         r"nurse\) give iou .* differ in label: if those tell two images apart .*, "
+                                         r"log each prompt's runs to a file of its own, or pass .*; if they are one "
+                                         r"image made twice .*, delete one of the two rows$"):
         reductions(rows)
     figures = {r["label"]: r for r in reductions(rows, match=("label",), by="label")}
     assert figures["a doctor"]["reduction"] == pytest.approx(0.0, abs=1e-6)  # both 1 there: nothing moved
@@ -522,7 +523,7 @@ def test_reductions_refuse_lambda_0_rows_of_one_image_a_ten_thousandth_apart_but
     rounded = [{**r, "iou": r["iou"] + 5e-7} for r in audit_rows(base, q=0.5, size=(8, 8))]
     assert {r["semantic"]: r for r in reductions(rows + rounded)}["nurse"]["images"] == 2
     measured_otherwise = [{**r, "iou": r["iou"] + 1e-4} for r in audit_rows(base, q=0.5, size=(8, 8))]
-    with pytest.raises(ValueError, match="two λ = 0 rows of the same image give iou"):
+    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image \(seed .*\) give iou"):
         reductions(rows + measured_otherwise)
 
 
@@ -617,6 +618,21 @@ def test_reductions_count_the_lambda_0_rows_of_an_image_logged_again_as_they_cou
     doctor, nurse = reductions_text(rows).splitlines()[1:]
     assert nurse.endswith("; 2 image(s); left out: 2 λ = 0 duplicates") and "left out" not in doctor
     assert {row["baseline_duplicates"] for row in reductions_table(rows) if row["semantic"] == "nurse"} == {2}
+
+
+def test_seeds_a_spreadsheet_saved_in_scientific_notation_are_refused_not_read_as_one_seed(tmp_path):
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    shortened = [{**row, "seed": "1.56680E+14"} for row in rows]  # 156680000000001 and …002 alike
+    fix = "seeds shortened to scientific notation, which loses their last digits; give the audit another file name"
+    with pytest.raises(ValueError, match=rf"a seed in the rows reads 1.56680E\+14, not a whole number: .*{fix}"):
+        reductions(shortened)
+    assert reductions_report(shortened)[0].startswith("entanglement over the file: none: a seed in the rows reads")
+    assert reductions_report([r for r in shortened if r["guidance_scale"] == 0])[0].startswith(
+        "entanglement over the file: none: a seed in the rows reads")  # the means count images by seed too
+    path = str(tmp_path / "audit.csv")
+    append_csv(path, rows)
+    assert reductions(read_csv(path))[0]["images"] == 2  # whole numbers as the file writes them
 
 
 def test_reductions_count_the_lambda_0_images_of_a_group_that_no_guided_row_of_it_has():
@@ -1378,7 +1394,7 @@ def test_reductions_refuse_lambda_0_rows_of_one_image_two_units_apart_in_the_csv
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
     again = [{**r, "iou": r["iou"] + 2e-6} for r in audit_rows(base, q=0.5, size=(8, 8))]
-    with pytest.raises(ValueError, match="two λ = 0 rows of the same image give iou"):
+    with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image \(seed .*\) give iou"):
         reductions(rows + again)
 
 
