@@ -32,7 +32,6 @@ def _node_type(op, *args):
 
 
 _SILU, _GELU, _GROUP_NORM = _node_type(F.silu), _node_type(F.gelu), _node_type(F.group_norm, 1)
-_RECOMPUTED = frozenset((_SILU, _GELU, _GROUP_NORM))
 
 
 class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
@@ -47,28 +46,26 @@ class LeanBackward(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, _unpack)
 
     def _pack(self, tensor):
-        # Called for every tensor autograd keeps (about a thousand a pass): on a launch-bound GPU its Python is host
-        # time of the step, so the common case, an activation kept as it is, is decided first and with the fewest reads.
         node = tensor.grad_fn
         if node is None:  # the latent, a weight or its copy, or a tensor made without autograd: no node to keep
             recipe = self._casts.recipe(tensor) if self._casts is not None else None
-            return _Kept((tensor, tensor._version)) if recipe is None else recipe
+            return _Kept(tensor) if recipe is None else recipe
         kind = type(node)
         # Only an output as its node made it: not a group norm's mean or rstd (outputs 1 and 2), nor one changed in
         # place since (e.g. under no_grad), which the recipe would not reproduce.
-        if kind in _RECOMPUTED and tensor.output_nr == 0 and tensor._version == 0:
-            if kind is not _GROUP_NORM:
+        if tensor.output_nr == 0 and tensor._version == 0:
+            if kind is _SILU or kind is _GELU:
                 return _Recipe(kind, node)
-            weight = node._saved_weight
-            norm = self._norms.get(weight.data_ptr()) if weight is not None else None
-            if norm is not None and norm.weight is weight and _own_bias(norm):
-                return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
-            cast = self._cast_norm(weight)
-            if cast is not None:
-                return _Recipe(kind, node, cast)
+            if kind is _GROUP_NORM:
+                weight = node._saved_weight
+                norm = self._norms.get(weight.data_ptr()) if weight is not None else None
+                if norm is not None and norm.weight is weight and _own_bias(norm):
+                    return _Recipe(kind, node, (norm.bias, norm.eps))  # read as the norm just ran
+                cast = self._cast_norm(weight)
+                if cast is not None:
+                    return _Recipe(kind, node, cast)
         # Detached: the node may be keeping its own output, and the tensor's grad_fn would then hold the node.
-        kept = tensor.detach()  # shares the version counter
-        return _Kept((kept, kept._version))
+        return _Kept(tensor.detach())
 
     def _cast_norm(self, weight):
         """(bias, eps) of the group norm that ran on ``weight``, a copy ``casts`` noted, with its bias cast again."""
@@ -93,7 +90,7 @@ class CopiedSaves(torch.autograd.graph.saved_tensors_hooks):
 
 def _pack_copy(tensor):
     # The latent, weights and constants are no activation: kept as LeanBackward keeps them, version-checked.
-    return _Kept((tensor, tensor._version)) if tensor.grad_fn is None else tensor.detach().clone()
+    return _Kept(tensor) if tensor.grad_fn is None else tensor.detach().clone()
 
 
 def _own_bias(norm) -> bool:
@@ -122,12 +119,16 @@ class _Recipe:
 class _Kept(tuple):
     """(tensor, its version when kept): a detached tensor shares the version counter, so later changes show."""
 
-    __slots__ = ()
+    def __new__(cls, tensor):
+        return super().__new__(cls, (tensor, tensor._version))
 
 
 def _unpack(packed):
-    kind = type(packed)
-    if kind is _Kept:  # by far the most common: checked first
+    if isinstance(packed, torch.Tensor):  # a copy (CopiedSaves)
+        return packed
+    if callable(packed):  # a weight copy's recipe (CastCopies.recipe)
+        return packed()
+    if isinstance(packed, _Kept):
         tensor, version = packed
         if tensor._version != version:
             raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
@@ -136,16 +137,12 @@ def _unpack(packed):
                                f"or patch changes U-Net activations in place; bypass it, or set the guidance scale "
                                f"to 0 (its author can make it change a copy)")
         return tensor
-    if kind is _Recipe:
-        node = packed.node
-        with torch.no_grad():
-            if packed.kind is _SILU:
-                return F.silu(node._saved_self)
-            if packed.kind is _GELU:
-                return F.gelu(node._saved_self, approximate=node._saved_approximate)
-            if packed.value is None:
-                packed.value = F.group_norm(node._saved_input, node._saved_group, node._saved_weight, *packed.norm)
-            return packed.value
-    if isinstance(packed, torch.Tensor):  # a copy (CopiedSaves)
-        return packed
-    return packed()  # a weight copy's recipe (CastCopies.recipe)
+    node = packed.node
+    with torch.no_grad():
+        if packed.kind is _SILU:
+            return F.silu(node._saved_self)
+        if packed.kind is _GELU:
+            return F.gelu(node._saved_self, approximate=node._saved_approximate)
+        if packed.value is None:
+            packed.value = F.group_norm(node._saved_input, node._saved_group, node._saved_weight, *packed.norm)
+        return packed.value
