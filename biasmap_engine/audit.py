@@ -251,10 +251,12 @@ def _semicolons(path: str) -> ValueError:
 
 
 def _parsed(data: bytes, path: str) -> list[list[str]]:
-    """The records of an audit file's bytes (with or without a byte-order mark), read strictly: a quote left open would
-    take every row appended after it into one cell."""
+    """The records of an audit file's bytes (after any byte-order marks), read strictly: a quote left open would take
+    every row appended after it into one cell."""
     try:
-        return list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True))
+        # Any number of byte-order marks: a tool that adds one to a file that has one leaves two.
+        text = data.decode("utf-8-sig").lstrip("\ufeff")
+        return list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except (UnicodeDecodeError, csv.Error) as err:
         first = data.split(b"\n", 1)[0]
         if b";" in first and b"," not in first:

@@ -150,6 +150,15 @@ def test_reading_an_audit_skips_a_spreadsheets_empty_rows_and_refuses_damaged_on
         read_csv(str(path))
 
 
+def test_a_file_given_a_second_byte_order_mark_by_another_tool_is_read_and_appended_to_as_it_was(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), label="first"))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    append_csv(str(path), audit_rows(halves_trace(), label="second"))
+    rows = read_csv(str(path))
+    assert "label" in rows[0] and [r["label"] for r in rows] == ["first"] * 4 + ["second"] * 4
+
+
 def test_rows_are_appended_in_the_order_a_spreadsheet_put_the_files_columns_in(tmp_path):
     path = tmp_path / "audit.csv"
     append_csv(str(path), audit_rows(halves_trace(), label="first"))
