@@ -101,10 +101,10 @@ def _save_path(prefix: str) -> str:
                          f"e.g. {_SAVED}/%year%-%month%-%day%/trace")
     path = output_path(prefix, "trace", f"{_SAVED}/trace")
     if not inside(os.path.dirname(path), _saved_folder()):
-        # The prefix in the folder: its . and .. resolved and any left over at its start (which took it out) dropped,
-        # without an output/ or a biasmap/ in another case that it may already start with.
-        resolved = posixpath.normpath(prefix.replace("\\", "/").strip("/") or ".")
-        parts = [part for part in resolved.split("/") if part not in (".", "..")]
+        # The prefix as a place in the output folder (typed whole, with . and .. or with backslashes), without an
+        # output/ or a biasmap/ in another case that it may already start with.
+        relative = os.path.relpath(path, folder_paths.get_output_directory()).replace("\\", "/")
+        parts = [part for part in posixpath.normpath(relative).split("/") if part not in (".", "..")]
         for folder in ("output", _SAVED):
             parts = parts[1:] if parts and parts[0].lower() == folder else parts
         example = "/".join(parts)

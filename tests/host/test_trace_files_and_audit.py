@@ -73,12 +73,14 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     workflow = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"seed": 5}}}
     names = [as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace").result[0]
              for _ in range(2)]
-    with pytest.raises(ValueError, match="outside output/biasmap/, where Load Trace does not list it: start the "
-                                         "prefix with biasmap/, e.g. biasmap/elsewhere/trace"):
-        as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "elsewhere/trace")
+    for typed in ("elsewhere/trace", str(folders / "out" / "elsewhere" / "trace")):  # relative, or typed whole
+        with pytest.raises(ValueError, match="outside output/biasmap/, where Load Trace does not list it: start the "
+                                             "prefix with biasmap/, e.g. biasmap/elsewhere/trace$"):
+            as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, typed)
     # The folder named as the page shows it, in capitals, or left through ..: the example is in it.
     for typed in ("output/biasmap/trace", "Biasmap/trace", "biasmap/../trace", "./biasmap/./../trace",
-                  "biasmap/sub/../../trace"):
+                  "biasmap/sub/../../trace", "output\\biasmap\\trace", "biasmap\\..\\trace",
+                  str(folders / "out" / "trace")):
         with pytest.raises(ValueError, match=r"start the prefix with biasmap/, e.g. biasmap/trace$"):
             as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, typed)
     with pytest.raises(ValueError, match=r"add a file name after biasmap/, e.g. biasmap/trace$"):
