@@ -87,6 +87,12 @@ def test_an_audits_inputs_are_each_checked_where_those_it_needs_are_known():
     with pytest.raises(ValueError, match="the subject 'gender' and the demographic concept 'gender' share words in a "
                                          "row, .*change the demographic$"):  # the template linked: the two alone
         check_plan(run=0, subjects="doctor, gender", seeds=3, demographic="gender")
+    # With the template linked the phrases are read alone: 'female doctor' and 'a female' overlap only in a template's
+    # 'a', which the run's check (the sampler's) sees where the queue's could not.
+    assert check_plan(run=0, subjects="nurse, female doctor", seeds=1, demographic="a female") == [
+        "nurse", "female doctor"]
+    with pytest.raises(ValueError, match="the subject 'female doctor' and the demographic concept 'a female' share"):
+        check_plan(run=0, subjects="nurse, female doctor", seeds=1, demographic="a female", template="A photo of a {}")
     with pytest.raises(ValueError, match="the pass is complete"):
         check_plan(run=6, subjects="doctor, gender", seeds=3)
     # Subjects linked: the template and the demographic are still checked, and the run's range waits for them.

@@ -168,16 +168,17 @@ def test_a_traces_tokens_and_concepts_are_read_from_its_header_and_none_from_a_f
     assert BiasMapTrace.header_of(str(path)) == (TOKENS, ["gender"], ["doctor"])
     assert BiasMapTrace.header_of(str(path)).semantic == ["doctor"]
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "lora.safetensors"), metadata={"format": "pt"})
     (tmp_path / "notes.safetensors").write_text("not a trace")
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(path.read_bytes()[:40])
     description, tensors = _saved_parts(tmp_path)
     changes = {"later": {"version": 99}, "tokens_not_texts": {"tokens": [1, 2]}, "semantic_a_text": {"semantic": "x"},
-               "no_demographic": {"demographic": None}}
+               "no_demographic": {"demographic": None}, "version_true": {"version": True}, "no_version": {}}
     for name, change in changes.items():
-        save_file(tensors, str(tmp_path / f"{name}.safetensors"),
-                  metadata={"biasmap_trace": json.dumps(description | change)})
-    for other in ("model", "notes", "damaged", "missing", *changes):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"biasmap_trace": json.dumps(
+            description | change if change else {k: v for k, v in description.items() if k != "version"})})
+    for other in ("model", "lora", "notes", "damaged", "missing", *changes):
         assert BiasMapTrace.header_of(str(tmp_path / f"{other}.safetensors")) is None, other
 
 
@@ -237,6 +238,7 @@ def _saved_parts(tmp_path):
     ({"run": {"batch_index": [0, True]}}, r"its run's batch_index is not one whole number per image \(2\)"),
     ({"run": {"noise_mask": ["50.0 % (3fa2c1d9)"]}}, r"its run's noise_mask is not one text per image \(2\)"),
     ({"run": {"noise_mask": [0.5, 0.5]}}, r"its run's noise_mask is not one text per image \(2\)"),
+    ({"run": {"noise_mask": []}}, r"its run's noise_mask is not one text per image \(2\)"),
     ({"run": {"sigmas": ["14.6", "7.0"]}}, r"its run's sigmas are not a list of numbers"),
     ({"settings": {"guided_stages": [1, 2]}}, r"its settings' guided_stages are not a list of stage names"),
     ({"format": "not_biasmap"}, r"damaged or incomplete \(format 'not_biasmap'"),

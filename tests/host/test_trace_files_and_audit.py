@@ -826,6 +826,29 @@ def test_a_loaded_traces_own_concept_that_this_samplers_prompt_lacks_is_refused_
     assert evaluated
 
 
+@pytest.mark.parametrize("chosen", ["missing.safetensors", "model.safetensors"])
+def test_a_load_trace_file_that_is_no_readable_trace_is_left_to_load_trace_and_the_sampler_samples(
+        pack, folders, trace, sd15, prompts, chosen):
+    # Load Trace says what is wrong with its file when it runs; the sampler's check before sampling reads no header.
+    from safetensors.torch import save_file
+
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    _, args, evaluated = _saved_and_a_counted_sampler(trace, sd15, prompts, "A photo of a doctor, a chef and gender")
+    save_file({"weight": torch.zeros(2)}, str(folders / "out" / "biasmap" / "model.safetensors"))
+    reader = {"class_type": "BiasMapEntanglementIoU", "inputs": {"trace": ["3", 1], "baseline": ["20", 0],
+                                                                 "concept_a": "", "concept_b": "doctor"}}
+    graph = _beside_load_trace(chosen, "12", reader)
+    with torch.inference_mode():
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+    assert evaluated
+    reader["inputs"] |= {"trace": ["20", 0], "baseline": ["3", 1]}  # the loaded file at the trace input
+    evaluated.clear()
+    with torch.inference_mode():
+        as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args)
+    assert evaluated
+
+
 def test_audit_log_refuses_a_concept_against_one_that_an_empty_input_stands_for_naming_the_empty_input(
         pack, folders, trace):
     from biasmap_pack.nodes import BiasMapAuditLog
@@ -865,5 +888,9 @@ def test_an_inpainting_run_records_each_images_noise_mask_and_its_rows_carry_it(
             sigmas=torch.tensor([14.6, 0.0]), latent_image={"samples": torch.zeros(2, 4, 32, 32),
                                                              "noise_mask": torch.stack([masks[1], masks[0] * 0 + 1])}))
     assert whole.result[1].run["noise_mask"] == [trace.run["noise_mask"][1], ""]
+    with torch.inference_mode():  # a mask that lets every image change: recorded as none, as without a mask
+        full = BiasMapGuidedKSampler.execute(**args | {"latent_image": {"samples": torch.zeros(2, 4, 32, 32),
+                                                                        "noise_mask": torch.ones(1, 1, 64, 64)}})
+    assert full.result[1].run["noise_mask"] is None
     rows = as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace}).result[0]
     assert [row["noise_mask"] for row in csv.DictReader(rows.splitlines())] == trace.run["noise_mask"]
