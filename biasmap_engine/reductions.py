@@ -36,6 +36,7 @@ _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_t
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
              "batch_size", "width", "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
 _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
+_MEASURED_AT = tuple(_IMAGE.index(c) for c in _MEASURED)  # each is a column of the image's too: read from its key
 # The intervals: percentile bootstrap over the paired images, from resamples drawn by a generator seeded alike every
 # time and of images in a fixed order, so the same rows in any order give the same interval; none from fewer images
 # than this, where a percentile bootstrap's 95 % interval covers the mean markedly less often than it says (about
@@ -105,7 +106,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
                          f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
     made_alike = collections.defaultdict(list)  # λ = 0 images by how they were made and measured
     for key, (_, row) in baselines.items():
-        made_alike[_key(row, _MEASURED) + _key(row, by)].append(key)
+        made_alike[tuple(key[i] for i in _MEASURED_AT) + _key(row, by)].append(key)
     for group in groups.values():
         alike = made_alike[_key(group["row"], _MEASURED) + _key(group["row"], by)]
         group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in alike)
