@@ -175,11 +175,16 @@ def check_appendable(path: str) -> None:
                              f"ComfyUI may write to; give the audit another file name, or change the folder's "
                              f"permissions")
         return
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise ValueError(f"{path} cannot be read and written (read-only, or its permissions): make it writable, or "
-                         f"give the audit another file name")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        # Opened as append_csv opens it (nothing written): refused where the file is read-only, and on Windows where
+        # a spreadsheet has it open, which locks it.
+        with open(path, "a+b") as f:
+            f.seek(0)
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"{path} cannot be opened to append rows ({err.strerror or err}): close it where it is open "
+                         f"(a spreadsheet on Windows locks it), make it writable, or give the audit another file "
+                         f"name") from err
     try:
         data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

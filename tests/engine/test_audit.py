@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from biasmap_engine import audit
 from biasmap_engine import (STATUS, OlderFileError, TraceRecorder, append_csv, audit_rows, check_appendable,
                             csv_text, measure_entanglement, read_csv, reductions, reductions_report, reductions_table,
                             reductions_text, write_csv)
@@ -194,10 +195,19 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_before_any_run(tmp_pat
     semicolons.write_text("label;seed\r\nx;1\r\n", encoding="utf-8")
     with pytest.raises(ValueError, match="saved with ; between cells"):
         check_appendable(str(semicolons))
-    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # read-only (root writes to any file here)
-    with pytest.raises(ValueError, match=r"audit.csv cannot be read and written \(read-only, or its permissions\): "
-                                         r"make it writable, or give the audit another file name"):
+    before = path.read_bytes()
+
+    def locked(file, mode="r", *args, **kwargs):  # as Windows opens a file a spreadsheet has open, or any read-only one
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(audit, "open", locked, raising=False)
+    with pytest.raises(ValueError, match=r"audit.csv cannot be opened to append rows \(Permission denied\): close it "
+                                         r"where it is open \(a spreadsheet on Windows locks it\), make it writable, "
+                                         r"or give the audit another file name$"):
         check_appendable(str(path))
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # opened, not written
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # a folder of another user's (root may write)
     with pytest.raises(ValueError, match="new.csv cannot be made: .* or change the folder's permissions"):
         check_appendable(str(tmp_path / "new.csv"))
 
