@@ -108,8 +108,8 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             if not header:
                 raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
                                  f"file name, or remove the blank line")
-            # A file written before the latest columns: kept as it is.
-            if any(header == [c for c in columns if c not in _ADDED[i:]] for i in range(len(_ADDED))):
+            # A file written before the latest columns (its columns maybe put in another order): kept as it is.
+            if any(sorted(header) == sorted(c for c in columns if c not in _ADDED[i:]) for i in range(len(_ADDED))):
                 lost = [c for c in needed if c not in header]
                 if lost:
                     reasons = list(dict.fromkeys(_READ_WITHOUT[c] for c in lost if c in _READ_WITHOUT))
@@ -156,6 +156,7 @@ def _append(f, data: bytes) -> None:
     try:
         while rest:  # unbuffered: a write the disk refused is not written again when the file is closed
             rest = rest[os.write(f.fileno(), rest):]
+        os.fsync(f.fileno())  # a network drive may refuse the write only now
     except OSError:
         os.ftruncate(f.fileno(), end)
         raise
@@ -166,19 +167,29 @@ def check_appendable(path: str) -> None:
     made, or that is not UTF-8 text or has ; between cells. Its columns are checked when rows come (append_csv)."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder: give the audit a file name")
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise ValueError(f"{path} is a link to a file that is not there: remove the link, or give the audit another "
+                         f"file name")
     if not os.path.exists(path):
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):  # the first folder that is there: append_csv makes the rest
             folder = os.path.dirname(folder)
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{path} cannot be made: {os.path.basename(folder)!r} on its way is a file, not a folder; "
+                             f"give the audit another file name")
+        if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"{path} cannot be made: the first of its folders that is there is not one this "
                              f"ComfyUI may write to; give the audit another file name, or change the folder's "
                              f"permissions")
         return
     try:
-        # Opened as append_csv opens it (nothing written): refused where the file is read-only, and on Windows where
-        # a spreadsheet has it open, which locks it.
-        with open(path, "a+b") as f:
+        # Opened as append_csv opens it, and locked (nothing written): refused where the file is read-only, and on
+        # Windows where a spreadsheet has it open, which locks it; read whole, not mid-way through another append.
+        with open(path, "a+b") as f, _locked(f):
+            stat = os.fstat(f.fileno())
+            seen = (stat.st_size, stat.st_mtime_ns)
+            if _CHECKED.get(path) == seen:  # read when a prompt was queued before, and not changed since
+                return
             f.seek(0)
             data = f.read()
     except OSError as err:
@@ -194,6 +205,12 @@ def check_appendable(path: str) -> None:
     first = data.split(b"\n", 1)[0]
     if b";" in first and b"," not in first:
         raise _semicolons(path)
+    _CHECKED[path] = seen
+
+
+# Audit files that passed check_appendable, by path, with their size and time of change then: a queue of many prompts
+# to one large file reads it once.
+_CHECKED: dict[str, tuple[int, int]] = {}
 
 
 def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None = None) -> bool:
@@ -229,18 +246,30 @@ def read_csv(path: str) -> list[dict]:
     with open(path, "rb") as f, _locked(f):
         data = f.read()
     records = _parsed(data, path)
+    skipped = 0
     while records and not records[0]:  # blank lines before the header, as csv.DictReader skips them
         records.pop(0)
+        skipped += 1
     if not records:
         return []
-    header, rows, damaged = records[0], [], []
-    for number, record in enumerate(records[1:], start=2):
-        if not any(record):  # a blank line, or a spreadsheet's empty row (,,,): no image
+    header, rows, damaged, headers = records[0], [], [], []
+    named_twice = sorted({c for c in header if header.count(c) > 1})
+    if named_twice:  # a dict of the row would keep one of them
+        raise ValueError(f"{path} names the column(s) {', '.join(map(repr, named_twice))} twice in its header: delete "
+                         f"one of each, or give the audit another file name")
+    for number, record in enumerate(records[1:], start=2 + skipped):  # rows as a spreadsheet numbers them
+        if not any(cell.strip() for cell in record):  # a blank line, or a spreadsheet's empty row (,,,): no image
             continue
-        if len(record) != len(header):
+        if [record[0].lstrip("\ufeff"), *record[1:]] == header:
+            headers.append(str(number))
+        elif len(record) != len(header):
             damaged.append(f"{number} ({len(record)} cells)")
-            continue
-        rows.append(dict(zip(header, record)))
+        else:
+            rows.append(dict(zip(header, record)))
+    if headers:
+        raise ValueError(f"{path} repeats its header in row(s) {', '.join(headers[:5])}"
+                         f"{' and more' if len(headers) > 5 else ''} (two audit files joined into one?): delete those "
+                         f"rows")
     if damaged:  # read with cells missing, such a row would count as an image of other settings
         raise ValueError(f"{path} has rows with another number of cells than its header's {len(header)}: row(s) "
                          f"{', '.join(damaged[:5])}{' and more' if len(damaged) > 5 else ''}, as a spreadsheet numbers "
@@ -325,5 +354,6 @@ def _inert(rows: list[dict]) -> list[dict]:
 
 def _only_in(columns, others) -> str:
     # Columns of one set in another order are appended to (append_csv): what is left is a column named twice.
-    return ", ".join(c for c in columns if c not in others) or ("nothing (a column named twice)"
-                                                                if set(columns) == set(others) else "nothing")
+    return ", ".join(c or "a column without a name (an empty column a spreadsheet kept: delete it)"
+                     for c in columns if c not in others) or ("nothing (a column named twice)"
+                                                             if set(columns) == set(others) else "nothing")

@@ -355,10 +355,10 @@ def _percentiles(estimates: torch.Tensor) -> tuple[float, float]:
 
 def _check_columns(rows, metric, by, match) -> None:
     if not rows:
-        raise ValueError("no rows: read them from a BiasMap audit CSV (csv.DictReader, encoding='utf-8-sig')")
+        raise ValueError("no rows: read them from a BiasMap audit CSV with read_csv(path)")
     if any(c.startswith("\ufeff") for c in rows[0]):
-        raise ValueError("the first column's name starts with a byte-order mark: open the CSV with "
-                         "encoding='utf-8-sig'")
+        raise ValueError("the first column's name starts with a byte-order mark: read the CSV with read_csv(path), or "
+                         "open it with encoding='utf-8-sig'")
     missing = [c for c in ("guidance_scale", metric, *by, *match) if c not in rows[0]]
     if missing:
         raise ValueError(f"the rows have no column(s) {', '.join(missing)}: give rows of a BiasMap audit CSV and a "
@@ -372,10 +372,12 @@ def _check_seeds(rows) -> None:
     rounded = next((seed for row in rows if isinstance(seed := row.get("seed", ""), str) and seed.strip()
                     and not seed.strip().isdigit()), None)
     if rounded is not None:
-        raise ValueError(f"a seed in the rows reads {rounded}, not a whole number: a spreadsheet saved the file with "
-                         f"seeds shortened to scientific notation, which loses their last digits; give the audit "
-                         f"another file name, or save it again with the seed column formatted as whole numbers "
-                         f"(from a copy that still holds them)")
+        why = ("a spreadsheet saved the file with seeds shortened to scientific notation, which loses their last "
+               "digits; give the audit another file name, or save it again with the seed column formatted as whole "
+               "numbers (from a copy that still holds them)" if "e" in rounded.lower() else
+               "BiasMap writes seeds as whole numbers, and a tool that read them as decimals wrote them back so (and "
+               "may have rounded them); write them back as whole numbers, or give the audit another file name")
+        raise ValueError(f"a seed in the rows reads {rounded}, not a whole number: {why}")
 
 
 def _mismatch(guided, baselines, columns) -> str:

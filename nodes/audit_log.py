@@ -119,6 +119,10 @@ class BiasMapAuditLog(io.ComfyNode):
                              + (f", or, to add to it, {' and '.join(instead)}" if instead else "")) from err
         except ValueError as err:
             raise ValueError(str(err).replace(path, shown)) from err
+        except OSError as err:  # none of the rows is in (append_csv): said with the file's place and what to do
+            raise ValueError(f"{shown} could not take the rows ({err.strerror or err}): free disk space, close it "
+                             f"where it is open (a spreadsheet on Windows locks it), make it writable, or give the "
+                             f"audit another file name") from err
         text = csv_text(written)
         message = f"{len(rows)} row(s) appended to {shown}"
         left_out = [c for c in rows[0] if c not in written[0]]

@@ -160,6 +160,42 @@ def test_a_file_given_a_second_byte_order_mark_by_another_tool_is_read_and_appen
     assert "label" in rows[0] and [r["label"] for r in rows] == ["first"] * 4 + ["second"] * 4
 
 
+def test_reading_an_audit_names_a_repeated_header_a_column_named_twice_and_counts_rows_after_blank_lines(tmp_path):
+    first, second = tmp_path / "gpu0.csv", tmp_path / "gpu1.csv"
+    append_csv(str(first), audit_rows(halves_trace(), label="0"))
+    append_csv(str(second), audit_rows(halves_trace(), label="1"))
+    joined = tmp_path / "joined.csv"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())  # cat gpu0.csv gpu1.csv (its byte-order mark too)
+    with pytest.raises(ValueError, match=r"joined.csv repeats its header in row\(s\) 6 \(two audit files joined into "
+                                         r"one\?\): delete those rows$"):
+        read_csv(str(joined))
+    text = first.read_text(encoding="utf-8-sig")
+    header, row = text.splitlines()[:2]
+    twice = tmp_path / "twice.csv"
+    twice.write_text(f"{header},iou\r\n{row},0.5\r\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"twice.csv names the column\(s\) 'iou' twice in its header: delete one"):
+        read_csv(str(twice))
+    extra = tmp_path / "extra.csv"  # blank lines before the header, a row of blanks, a row with a cell too many
+    extra.write_text(f"\r\n\r\n{text} , ,\r\n{row},x\r\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"row\(s\) 9 \({len(header.split(',')) + 1} cells\), as"):
+        read_csv(str(extra))
+    many = tmp_path / "many.csv"
+    many.write_text(text + "x,y\r\n" * 6, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row\(s\) 6 \(2 cells\), 7 \(2 cells\), 8 \(2 cells\), 9 \(2 cells\), "
+                                         r"10 \(2 cells\) and more, as"):
+        read_csv(str(many))
+
+
+def test_a_column_without_a_name_that_a_spreadsheet_kept_is_named_when_rows_are_refused(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace()))
+    records = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    path.write_text("".join(",".join(r + [""]) + "\r\n" for r in records), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"only the file has: a column without a name \(an empty column a spreadsheet "
+                                         r"kept: delete it\); only the trace has: nothing\)\."):
+        append_csv(str(path), audit_rows(halves_trace()))
+
+
 def test_rows_are_appended_in_the_order_a_spreadsheet_put_the_files_columns_in(tmp_path):
     path = tmp_path / "audit.csv"
     append_csv(str(path), audit_rows(halves_trace(), label="first"))
@@ -183,9 +219,15 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_before_any_run(tmp_pat
     (tmp_path / "folder.csv").mkdir()
     with pytest.raises(ValueError, match=r"folder.csv is a folder: give the audit a file name"):
         check_appendable(str(tmp_path / "folder.csv"))
+    check_appendable(str(tmp_path / "a" / "b" / "c" / "audit.csv"))  # folders still to be made, at any depth
     (tmp_path / "a file").write_text("x")
-    with pytest.raises(ValueError, match=r"cannot be made: the first of its folders that is there is not one"):
-        check_appendable(str(tmp_path / "a file" / "audit.csv"))
+    os.chmod(tmp_path / "a file", 0o755)  # a file that may be entered as a folder may be is still no folder
+    with pytest.raises(ValueError, match=r"a file/sub/audit.csv cannot be made: 'a file' on its way is a file, not a "
+                                         r"folder; give the audit another file name$"):
+        check_appendable(str(tmp_path / "a file" / "sub" / "audit.csv"))
+    os.symlink(tmp_path / "gone.csv", tmp_path / "link.csv")
+    with pytest.raises(ValueError, match=r"link.csv is a link to a file that is not there: remove the link"):
+        check_appendable(str(tmp_path / "link.csv"))
     latin = tmp_path / "latin.csv"
     latin.write_bytes(path.read_bytes() + "Ärztin\r\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text \(invalid .* in line 6\): a spreadsheet "
@@ -207,9 +249,25 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_before_any_run(tmp_pat
         check_appendable(str(path))
     monkeypatch.undo()
     assert path.read_bytes() == before  # opened, not written
-    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # a folder of another user's (root may write)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode: access(where, mode & ~os.W_OK) and not mode & os.W_OK)
     with pytest.raises(ValueError, match="new.csv cannot be made: .* or change the folder's permissions"):
-        check_appendable(str(tmp_path / "new.csv"))
+        check_appendable(str(tmp_path / "new.csv"))  # a folder of another user's, which root here may write to
+
+
+def test_the_queue_time_check_reads_a_file_again_only_once_it_changed(tmp_path, monkeypatch):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace()))
+    check_appendable(str(path))
+    reads = []
+    monkeypatch.setattr(audit, "_semicolons", lambda where: reads.append(where) or ValueError("semicolons"))
+    path.write_bytes(path.read_bytes().replace(b",", b";"))  # changed: read again, and refused
+    with pytest.raises(ValueError, match="semicolons"):
+        check_appendable(str(path))
+    os.utime(path, ns=(0, 0))
+    with pytest.raises(ValueError, match="semicolons"):  # not passed before: read again
+        check_appendable(str(path))
+    assert len(reads) == 2
 
 
 def test_audit_rows_match_the_trace_at_image_size_and_take_a_chosen_pair():
@@ -649,9 +707,15 @@ def test_seeds_a_spreadsheet_saved_in_scientific_notation_are_refused_not_read_a
     assert reductions_report(shortened)[0].startswith("entanglement over the file: none: a seed in the rows reads")
     assert reductions_report([r for r in shortened if r["guidance_scale"] == 0])[0].startswith(
         "entanglement over the file: none: a seed in the rows reads")  # the means count images by seed too
+    decimals = [{**row, "seed": "156680000000001.0"} for row in rows]  # read as floats by a tool, written so
+    with pytest.raises(ValueError, match=r"reads 156680000000001.0, not a whole number: BiasMap writes seeds as whole "
+                                         r"numbers, and a tool that read them as decimals wrote them back so"):
+        reductions(decimals)
     path = str(tmp_path / "audit.csv")
     append_csv(path, rows)
     assert reductions(read_csv(path))[0]["images"] == 2  # whole numbers as the file writes them
+    unseeded = [{**row, "seed": ""} for row in read_csv(path)]  # a notebook's trace without a seed: no seed to check
+    assert reductions(unseeded)[0]["images"] == 2
 
 
 def test_reductions_count_the_lambda_0_images_of_a_group_that_no_guided_row_of_it_has():
@@ -668,6 +732,9 @@ def test_reductions_count_the_lambda_0_images_of_a_group_that_no_guided_row_of_i
     assert {k: f["baselines_unpaired"] for k, f in figures.items()} == {
         (100.0, "doctor"): 2, (100.0, "nurse"): 2, (200.0, "doctor"): 3, (200.0, "nurse"): 3}
     assert figures[100.0, "nurse"]["images"] == 2 and figures[200.0, "nurse"]["images"] == 1
+    masked = [{**row, "seed": 9, "noise_mask": "50.0 % (3fa2c1d9)"} for row in base_rows]  # inpainted: no group's
+    assert {f["semantic"]: f["baselines_unpaired"] for f in reductions(base_rows + masked + guided_rows)} == {
+        "doctor": 0, "nurse": 0}
     lines = reductions_text(base_rows + other_seed + guided_rows).splitlines()[1:]
     assert [line.split("; left out: ")[1] for line in lines] == ["2 λ = 0 unpaired"] * 2
     assert all("left out" not in line for line in reductions_text(base_rows + guided_rows).splitlines()[1:])
@@ -953,6 +1020,15 @@ def test_audit_rows_of_a_wide_image_give_its_width_height_and_mask_size_as_width
     (row,) = audit_rows(trace)
     assert (row["width"], row["height"], row["mask_size"]) == (96, 64, "96x64")
     assert audit_rows(trace, size=(8, 12))[0]["mask_size"] == "12x8"
+
+
+def test_a_file_from_before_the_latest_columns_that_a_spreadsheet_reordered_takes_rows_in_its_order(tmp_path):
+    path = tmp_path / "audit.csv"
+    older = [{k: v for k, v in row.items() if k not in _LATEST} for row in audit_rows(halves_trace(), label="old")]
+    order = sorted(older[0])
+    append_csv(str(path), [{k: row[k] for k in order} for row in older])
+    written = append_csv(str(path), audit_rows(halves_trace(), label="new"))
+    assert list(written[0]) == order and [r["label"] for r in read_csv(str(path))] == ["old"] * 4 + ["new"] * 4
 
 
 def test_append_csv_writes_each_value_under_its_heading_in_a_file_whose_columns_are_in_another_order(tmp_path):

@@ -548,6 +548,8 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_when_the_prompt_is_que
     assert BiasMapAuditLog.validate_inputs(filename="biasmap/new/audit") is True
     (folders / "out" / "biasmap" / "audit.csv").mkdir()  # the default name's file: not the one a linked name gives
     assert BiasMapAuditLog.validate_inputs(filename=None) is True
+    assert BiasMapAuditLog.validate_inputs(filename="") == (  # typed empty: the default name, checked
+        "output/biasmap/audit.csv is a folder: give the audit a file name")
 
 
 def test_an_audit_log_whose_file_cannot_be_written_says_so_on_its_node(pack, folders, trace, monkeypatch):
@@ -569,9 +571,12 @@ def test_an_audit_log_whose_file_cannot_be_written_says_so_on_its_node(pack, fol
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
+    refused = ("output/biasmap/audit.csv could not take the rows (No space left on device): free disk space, close it "
+               "where it is open (a spreadsheet on Windows locks it), make it writable, or give the audit another file "
+               "name")
+    with pytest.raises(ValueError, match=re.escape(refused) + "$"):
         as_comfy_runs(BiasMapAuditLog, node_id="7").execute(**args)
-    assert texts[-1] == "stopped: [Errno 28] No space left on device"
+    assert texts[-1] == f"stopped: {refused}"
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/biasmap_escape"])
