@@ -367,8 +367,9 @@ def _check_columns(rows, metric, by, match) -> None:
 
 
 def _check_seeds(rows) -> None:
-    """Refuse rows whose seeds a spreadsheet shortened: shown as 1.5668E+14 and saved so, a 15-digit seed has lost its
-    last digits, and two seeds' images would read as one."""
+    """Refuse rows whose seeds are not whole numbers: saved by a spreadsheet as shown (1.5668E+14), a 15-digit seed has
+    lost its last digits, and written back as a decimal by a tool it may have been rounded; two seeds' images would
+    read as one."""
     rounded = next((seed for row in rows if isinstance(seed := row.get("seed", ""), str) and seed.strip()
                     and not seed.strip().isdigit()), None)
     if rounded is not None:
@@ -433,7 +434,8 @@ def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
 
 def _image_named(row: dict) -> str:
     """Which image a row is of, as a summary names it: seed, place in the batch, concept pair."""
-    return f"seed {row.get('seed', '')}, image {row.get('image', '')}, {row.get('demographic')} and {row.get('semantic')}"
+    return (f"seed {row.get('seed', '')}, image {row.get('image', '')}, {row.get('demographic')} and "
+            f"{row.get('semantic')}")
 
 
 def _differing_columns(a: dict, b: dict) -> str:

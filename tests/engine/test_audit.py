@@ -656,7 +656,8 @@ def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_s
         ("doctor", 1, 1), ("doctor", 2, 2), ("nurse", 1, 1), ("nurse", 2, 2)]
     assert [line.split(":")[0] for line in reductions_text(rows + alone).splitlines()[1:]] == [
         f"λ 100 · batch_size {b} · {w}" for b in (2, 1) for w in ("doctor", "nurse")]
-    assert [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]] == ["λ 100 · doctor", "λ 100 · nurse"]
+    assert [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]] == [
+        "λ 100 · doctor", "λ 100 · nurse"]
 
 
 def test_rows_of_an_inpainted_run_are_refused_by_a_file_started_before_the_noise_mask_column(tmp_path):
