@@ -95,8 +95,8 @@ def stages_in(name: str, text: str) -> list[str] | None:
 
 def plain_errors(execute):
     """``execute`` raising BiasMap's own errors as ValueError: ComfyUI names an error's type by its module, which
-    for a custom node is the path of its folder, and would show that before the message. The message, or an OSError's,
-    replaces the node's text, which would otherwise still tell of the run before."""
+    for a custom node is the path of its folder, and would show that before the message. The message replaces the
+    node's text, which would otherwise still tell of the run before."""
 
     @functools.wraps(execute)
     def wrapper(node, *args, **kwargs):
@@ -108,9 +108,6 @@ def plain_errors(execute):
             if type(err) is ValueError and message == str(err):
                 raise
             raise ValueError(message) from err
-        except OSError as err:  # a file that cannot be written (a full disk, permissions): ComfyUI names its type
-            show_on_node(node, f"stopped: {err}")
-            raise
 
     return wrapper
 
