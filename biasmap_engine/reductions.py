@@ -43,10 +43,13 @@ _MEASURED_AT = tuple(_IMAGE.index(c) for c in _MEASURED)  # each is a column of 
 # 85 % at 5 images, 90 % at 10).
 _RESAMPLES, _LEVEL, _FEWEST_FOR_INTERVAL = 2000, 0.95, 10
 # The rows a reduction leaves out, as the summary names them: guided rows without a λ = 0 row of their image, with an
-# n/a figure, or of an image logged again (queued again, or its label changed while the sampler's result was cached);
+# n/a figure, or of an image logged again (queued again, or its label changed while the sampler's result was cached;
+# the first row counts, and those whose figure differs from it are counted too: made on another machine, or of
+# another image that no column tells apart);
 # λ = 0 rows of a paired image logged again; and λ = 0 images made and measured as the group's, of none of its guided
 # rows (a guided run interrupted, or a sweep's λ not yet run for every seed).
 _LEFT_OUT = {"unpaired": "unpaired", "not_measured": "not measured", "duplicates": "duplicates",
+             "differing_duplicates": "of them with other figures than the row counted",
              "baseline_duplicates": "λ = 0 duplicates", "baselines_unpaired": "λ = 0 unpaired"}
 
 
@@ -88,7 +91,8 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     for row in guided:
         name = _key(row, _SETTINGS) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0,
-                                         "baseline_duplicates": 0, "images_guided": set()})
+                                         "differing_duplicates": 0, "baseline_duplicates": 0,
+                                         "images_guided": set()})
         key = _key(row, image)
         group["images_guided"].add(key)
         base, after = baselines.get(key, (None, None))[0], _parsed_number(row[metric])
@@ -98,6 +102,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
             group["not_measured"] += 1
         elif key in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
             group["duplicates"] += 1
+            group["differing_duplicates"] += not _same(group["pairs"][key][1], after)
         else:
             group["pairs"][key] = (base, after)
             group["baseline_duplicates"] += logged[key] - 1  # its λ = 0 image logged again: one row counts

@@ -1049,6 +1049,13 @@ def test_reductions_keep_the_first_row_of_an_image_logged_twice():
     again = [{**r, "iou": 1.0} for r in audit_rows(guided, q=0.5, size=(8, 8))]
     nurse = {r["semantic"]: r for r in reductions(rows + again)}["nurse"]
     assert nurse["duplicates"] == 2 and nurse["guided"] == pytest.approx(1 / 3, abs=1e-5)
+    # Said, not silent: a row whose figure differs from the one counted was made otherwise (another machine), or is
+    # of another image that no column tells apart.
+    assert nurse["differing_duplicates"] == 2
+    assert reductions_text(rows + again).splitlines()[2].endswith(
+        "; 2 image(s); left out: 2 duplicates, 2 of them with other figures than the row counted")
+    same = {r["semantic"]: r for r in reductions(rows + audit_rows(guided, q=0.5, size=(8, 8)))}["nurse"]
+    assert (same["duplicates"], same["differing_duplicates"]) == (2, 0)
 
 
 @pytest.mark.parametrize("column, guided_measured", [("mask_size", {"size": None}), ("q", {"q": 0.7})])
