@@ -202,8 +202,7 @@ def check_appendable(path: str) -> None:
         line = err.object.count(b"\n", 0, err.start) + 1  # the object: the bytes after any byte-order mark
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} in line {line}): a spreadsheet saved it in another "
                          f"encoding; save it as CSV UTF-8, or give the audit another file name") from err
-    first = data.split(b"\n", 1)[0]
-    if b";" in first and b"," not in first:
+    if _semicolon_separated(data):
         raise _semicolons(path)
     _CHECKED[path] = seen
 
@@ -267,14 +266,18 @@ def read_csv(path: str) -> list[dict]:
         else:
             rows.append(dict(zip(header, record)))
     if headers:
-        raise ValueError(f"{path} repeats its header in row(s) {', '.join(headers[:5])}"
-                         f"{' and more' if len(headers) > 5 else ''} (two audit files joined into one?): delete those "
-                         f"rows")
+        raise ValueError(f"{path} repeats its header in row(s) {_first_five(headers)} (two audit files joined into "
+                         f"one?): delete those rows")
     if damaged:  # read with cells missing, such a row would count as an image of other settings
         raise ValueError(f"{path} has rows with another number of cells than its header's {len(header)}: row(s) "
-                         f"{', '.join(damaged[:5])}{' and more' if len(damaged) > 5 else ''}, as a spreadsheet numbers "
-                         f"them (a write cut short, or cells added or removed by hand): delete or mend them")
+                         f"{_first_five(damaged)}, as a spreadsheet numbers them (a write cut short, or cells added or "
+                         f"removed by hand): delete or mend them")
     return rows
+
+
+def _first_five(rows: list[str]) -> str:
+    """Rows of a file as a message names them: the first five, and whether there are more."""
+    return ", ".join(rows[:5]) + (" and more" if len(rows) > 5 else "")
 
 
 def _semicolons(path: str) -> ValueError:
@@ -282,6 +285,12 @@ def _semicolons(path: str) -> ValueError:
     cells)."""
     return ValueError(f"{path} was saved with ; between cells (a spreadsheet set to a region that writes decimal "
                       f"commas): save it as comma-separated CSV UTF-8, or give the audit another file name")
+
+
+def _semicolon_separated(data: bytes) -> bool:
+    """Whether an audit file's first line has ; between cells and no comma (see _semicolons)."""
+    first = data.split(b"\n", 1)[0]
+    return b";" in first and b"," not in first
 
 
 def _parsed(data: bytes, path: str) -> list[list[str]]:
@@ -292,8 +301,7 @@ def _parsed(data: bytes, path: str) -> list[list[str]]:
         text = data.decode("utf-8-sig").lstrip("\ufeff")
         return list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except (UnicodeDecodeError, csv.Error) as err:
-        first = data.split(b"\n", 1)[0]
-        if b";" in first and b"," not in first:
+        if _semicolon_separated(data):
             raise _semicolons(path) from err
         raise ValueError(f"{path} cannot be read as an audit CSV ({err}): a spreadsheet saved it in another encoding "
                          f"than UTF-8, a line was damaged (a quote left open), or a cell is longer than Python's csv "

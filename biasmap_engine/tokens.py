@@ -17,8 +17,9 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "covered_words", "find_word_positions", "is_ideographic", "listed_twice", "listed_words",
-           "prompt_words", "readable", "require_distinct_concepts", "split_concepts", "typed_concepts", "typed_form"]
+__all__ = ["ConceptNotFoundError", "clip_words", "covered_words", "find_word_positions", "is_ideographic",
+           "listed_twice", "listed_words", "prompt_words", "readable", "require_distinct_concepts", "split_concepts",
+           "typed_concepts", "typed_form"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
