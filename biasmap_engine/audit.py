@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import re
+import time
 import uuid
 
 from .guidance import STATUS
@@ -225,10 +226,13 @@ def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None 
             stack.enter_context(_locked(stack.enter_context(open(audit, "a+b"))))
             if os.path.getsize(audit) != size:
                 return False
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        _remove_left_partials(folder, name)
         # A name no other process picks, also one of another machine writing to a shared folder, made as any file is
-        # (readable as the folder's other files are, where a temporary file would be its owner's alone).
-        partial = f"{path}.{uuid.uuid4().hex}.partial"
+        # (readable as the folder's other files are, where a temporary file would be its owner's alone); hidden, as a
+        # killed write leaves it until the table is written again.
+        partial = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.partial")
         try:
             with open(partial, "xb") as f:
                 f.write(_csv(rows, "\r\n", with_header=True).encode("utf-8-sig"))
@@ -237,6 +241,22 @@ def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None 
             if os.path.exists(partial):  # not put in place (the file open in a spreadsheet, on Windows)
                 os.remove(partial)
     return True
+
+
+# A table's write takes milliseconds: a partial file of it older than this was left by a write that was killed.
+_PARTIAL_LEFT_S = 600
+
+
+def _remove_left_partials(folder: str, name: str) -> None:
+    """Remove the partial files of the table ``name`` that writes killed midway left in ``folder``."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{32}}\.partial")
+    with os.scandir(folder or ".") as entries:
+        for entry in entries:
+            # Gone meanwhile (another ComfyUI writing the table removed it) or not ours to remove: the table is
+            # written all the same.
+            with contextlib.suppress(OSError):
+                if pattern.fullmatch(entry.name) and time.time() - entry.stat().st_mtime > _PARTIAL_LEFT_S:
+                    os.remove(entry.path)
 
 
 def read_csv(path: str) -> list[dict]:

@@ -4,6 +4,7 @@ import math
 import multiprocessing
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -1313,6 +1314,18 @@ def test_write_csv_replaces_the_file_whole_as_audit_files_are_written_and_leaves
     with pytest.raises(PermissionError):
         write_csv(str(path), [{"metric": "mbiou"}])
     assert read_csv(str(path))[0]["metric"] == "iou" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_write_csv_removes_what_a_killed_write_of_the_same_table_left_and_keeps_a_write_under_way(tmp_path):
+    left, under_way = (tmp_path / f".table.csv.{char * 32}.partial" for char in "ab")
+    other = tmp_path / f".other.csv.{'c' * 32}.partial"
+    for partial in (left, under_way, other):
+        partial.write_text("metric\r\ni", encoding="utf-8")
+    an_hour_ago = time.time() - 3600
+    for partial in (left, other):
+        os.utime(partial, (an_hour_ago, an_hour_ago))
+    write_csv(str(tmp_path / "table.csv"), [{"metric": "iou"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([under_way.name, other.name, "table.csv"])
 
 
 def test_the_reductions_table_leaves_a_figure_that_is_no_number_blank_and_keeps_settings_before_figures():
