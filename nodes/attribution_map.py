@@ -30,7 +30,7 @@ class BiasMapAttributionMap(io.ComfyNode):
                         "(any word of the attribution prompt, also words absent from the generation prompt), "
                         "upsampled to the image, as a heatmap or an overlay, plus a MASK.",
             inputs=[
-                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
+                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                 io.String.Input("word", default="",
                                 tooltip="A word of the attribution prompt (any, also one the generation prompt lacks); "
                                         "empty = the trace's first demographic concept. One word (or phrase) per "

@@ -27,7 +27,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                         "30 % by default (mean over the batch), block-wise mBIoU, a per-image report with the "
                         "guidance accounting, and a picture of A, B and their intersection.",
             inputs=[
-                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler."),
+                Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                 io.String.Input("concept_a", default="",
                                 tooltip="First word (demographic); empty = the trace's first demographic concept."),
                 io.String.Input("concept_b", default="",
