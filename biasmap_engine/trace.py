@@ -21,7 +21,7 @@ from .masks import hard_mask, iou
 from .ovam import largest_grid, resampled, sum_upsampled, varies
 from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
-from .trace_schema import description_problem, is_list_of, tensors_problem
+from .trace_schema import description_problem, is_list_of, tensors_problem, tensors_sha256
 
 __all__ = ["BiasMapTrace", "TraceFormatError", "TraceHeader", "NOT_FINITE_CAUSE", "mean_biou"]
 
@@ -208,20 +208,20 @@ class BiasMapTrace:
         """Write the trace as ``.safetensors``: tensors plus a JSON description in the metadata (and ``metadata``'s
         entries, e.g. the workflow that made it, as ComfyUI's savers add). A trace :meth:`load` would refuse (one
         built by hand with fields BiasMap does not record) is refused here, before anything is written."""
-        tensors = {f"maps.{s}": m.contiguous() for s, m in self.maps.items()}
-        tensors |= {"sigmas": self.sigmas, "steps": self.steps}
-        tensors |= {f"guidance.{k}": v.contiguous() for k, v in self.guidance.items()}
+        tensors = {f"maps.{s}": m for s, m in self.maps.items()} | {"sigmas": self.sigmas, "steps": self.steps}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in
+                   (tensors | {f"guidance.{k}": v for k, v in self.guidance.items()}).items()}
         description = json.dumps({"format": _FORMAT, "version": _VERSION, "tokens": self.tokens,
                                   "latent_shape": self.latent_shape, "demographic": self.demographic,
                                   "semantic": self.semantic, "model_family": self.model_family,
-                                  "settings": self.settings, "notes": self.notes, "run": self.run})
+                                  "settings": self.settings, "notes": self.notes, "run": self.run,
+                                  "sha256": tensors_sha256(tensors)})
         problem = description_problem(json.loads(description)) or tensors_problem(
             self.maps, self.sigmas, self.steps, self.guidance, list(self.latent_shape))
         if problem:
             raise ValueError(f"this trace cannot be saved as a file Load Trace reads: {problem}. Set that field as "
                              f"BiasMap's sampler records it")
-        data = safetensors_bytes({k: v.detach().cpu() for k, v in tensors.items()},
-                                 metadata={**(metadata or {}), _FORMAT: description})
+        data = safetensors_bytes(tensors, metadata={**(metadata or {}), _FORMAT: description})
         # Written as an ordinary file: safetensors' own writer makes it readable by its owner alone.
         with open(path, "wb") as f:
             f.write(data)
@@ -290,6 +290,11 @@ class BiasMapTrace:
         if problem:
             raise TraceFormatError(f"{path} is marked as a BiasMap trace, but {problem}: it is damaged, or was not "
                                    f"written by BiasMap")
+        if "sha256" in meta and meta["sha256"] != tensors_sha256(tensors):  # traces saved before it have none
+            raise TraceFormatError(f"{path} holds other maps and numbers than BiasMap saved in it (their checksum "
+                                   f"differs): the file was changed after it was saved, by a disk, a copy or a "
+                                   f"download that altered it; copy it again from where it was saved, or sample its "
+                                   f"run again")
         try:
             return cls(**fields)
         except (ValueError, TypeError) as err:

@@ -4,8 +4,12 @@
 of the wrong types, tensors of the wrong kind or shape, and a latent size its maps do not have: the nodes draw and
 measure at the latent's image size, so a 3 KB file naming a 100 000² latent would have them allocate gigabytes.
 Each check returns the problem as text (None when there is none); ``load`` makes it a TraceFormatError, ``save``
-(which refuses to write what ``load`` would refuse) a ValueError.
+(which refuses to write what ``load`` would refuse) a ValueError. What no check of types can see, numbers changed
+after saving (a disk, a copy or a download that altered bytes: NaN maps, a step 16711681), the checksum of the
+tensors that ``save`` writes into the description tells.
 """
+
+import hashlib
 
 import torch
 
@@ -13,7 +17,7 @@ from .guidance import STATUS
 from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
-__all__ = ["MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem"]
+__all__ = ["MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem", "tensors_sha256"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
@@ -77,6 +81,16 @@ def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: lis
     if "status" in guidance and not bool(torch.isin(guidance["status"], torch.tensor(list(STATUS.values()))).all()):
         return "its guidance status holds codes no BiasMap writes"
     return None
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a trace file's tensors as saved (names, dtypes, shapes and bytes, in name order), as hex."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _settings_problem(settings) -> str | None:

@@ -296,6 +296,25 @@ def test_a_trace_file_whose_tensors_have_wrong_kinds_or_shapes_is_refused_naming
         BiasMapTrace.load(str(tmp_path / "tampered"))
 
 
+@pytest.mark.parametrize("tensor", ["maps.down_1", "steps", "sigmas"])
+def test_a_trace_file_whose_numbers_changed_after_saving_is_refused_by_its_checksum(tmp_path, tensor):
+    # Bytes a disk or a copy altered read as numbers of the right kind: NaN maps, a step 16711681.
+    meta, tensors = _saved_parts(tmp_path)
+    tensors[tensor].view(-1).view(torch.uint8)[:4] = 0xFF
+    save_file(tensors, str(tmp_path / "altered"), metadata={"biasmap_trace": json.dumps(meta)})
+    with pytest.raises(TraceFormatError, match=r"holds other maps and numbers than BiasMap saved in it \(their "
+                                               r"checksum differs\): the file was changed after it was saved"):
+        BiasMapTrace.load(str(tmp_path / "altered"))
+
+
+def test_a_trace_file_saved_before_the_checksum_is_read_as_it_is(tmp_path):
+    meta, tensors = _saved_parts(tmp_path)
+    del meta["sha256"]
+    tensors["maps.down_1"][0, 0, 0, 0, 0] = 7.0
+    save_file(tensors, str(tmp_path / "older"), metadata={"biasmap_trace": json.dumps(meta)})
+    assert BiasMapTrace.load(str(tmp_path / "older")).maps["down_1"][0, 0, 0, 0, 0] == 7.0
+
+
 def test_unrecorded_stage_or_empty_step_window_errors_name_what_exists():
     trace = recorded_trace()
     with pytest.raises(ValueError, match=r"this trace has down_1 .*: choose stages among these, or 'all'$"):
