@@ -73,12 +73,29 @@ class EntanglementResult:
 
     def against(self, baseline: "EntanglementResult") -> str:
         """Report lines of the change from ``baseline`` (the same words in another run, e.g. the same seed at λ = 0)
-        to these figures, naming what else differs between the two runs."""
-        trace, other = self._trace, baseline._trace
-        lines = [f"against the baseline ({_run_line(other).removeprefix('run: ')}): {self.change_from(baseline)}"]
+        to these figures, and :meth:`baseline_notes`."""
+        lines = [f"against the baseline ({_run_line(baseline._trace).removeprefix('run: ')}): "
+                 f"{self.change_from(baseline)}"]
         if len(self.ious) == len(baseline.ious) > 1:
             lines.append("IoU per image: " + ", ".join(f"image {i} {_percent(b, a)}" for i, (b, a) in
                                                         enumerate(zip(baseline.ious.tolist(), self.ious.tolist()))))
+        return "\n".join(lines + [f"note: {note}" for note in self.baseline_notes(baseline)])
+
+    def baseline_notes(self, baseline: "EntanglementResult") -> list[str]:
+        """Why the change from ``baseline`` may not be guidance's: a baseline that was guided or has this run's λ,
+        and whatever else differs between the two runs."""
+        trace, other = self._trace, baseline._trace
+        notes = []
+        before, after = other.settings.get("scale"), trace.settings.get("scale")
+        if before is not None and after is not None:  # a trace made in a notebook may not say
+            if before == after:
+                notes.append(f"the baseline has this run's λ ({_shown(after)}), so nothing of the change is guidance's "
+                             f"(connect the trace of the same seed at λ = 0 as the baseline, and a guided run's as "
+                             f"the trace)")
+            elif before:
+                notes.append(f"the baseline was guided (λ {_shown(before)}, this run λ {_shown(after)}): connect the "
+                             f"trace of the same seed at λ = 0 as the baseline (if the two traces are swapped, "
+                             f"swap their links)")
         differing = [name if key == "sigmas" else  # a schedule: too long to quote
                      f"{name} ({_shown(other.run.get(key, 'n/a'))}, this run {_shown(trace.run.get(key, 'n/a'))})"
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
@@ -95,9 +112,9 @@ class EntanglementResult:
         differing += [f"tokens of '{w}' ({' '.join(baseline.pieces[w])}, this run {' '.join(self.pieces[w])})"
                       for w in self.pieces if baseline.pieces[w] != self.pieces[w]]
         if differing:  # the change is then not guidance alone
-            lines.append("note: the baseline differs in " + "; ".join(differing) + ": the change is not guidance's "
-                         "alone (compare runs that differ only in λ)")
-        return "\n".join(lines)
+            notes.append("the baseline differs in " + "; ".join(differing) + ": the change is not guidance's alone "
+                         "(compare runs that differ only in λ)")
+        return notes
 
     def change_from(self, baseline: "EntanglementResult") -> str:
         """The means' change from ``baseline``'s: mIoU a → b (−40.0 %) · mBIoU the same way."""

@@ -87,6 +87,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                 raise ValueError(f"the baseline trace: {err}") from err
             report += "\n" + result.against(before)
             said.append(f"against the baseline: {result.change_from(before)}")
+            said += [f"note: {note}" for note in result.baseline_notes(before)]  # the page shows no report
         said += filter(None, [guidance_line(trace), picture_note])
         show_on_node(cls, "\n".join(said))
         # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the

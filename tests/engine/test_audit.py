@@ -946,6 +946,22 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     assert "mIoU n/a → 0.3333" in after.against(measure_entanglement(flat, "gender", "nurse", 0.5, (8, 8)))
 
 
+def test_a_baseline_that_was_guided_or_has_this_runs_lambda_is_said_to_measure_no_guidance():
+    base, guided = _baseline_and_guided()
+    guided.settings = {"scale": 100.0, "guided_stages": None}
+    at_zero, at_100 = (measure_entanglement(t, "gender", "nurse", 0.5, (8, 8)) for t in (base, guided))
+    assert at_zero.baseline_notes(at_100) == [  # the two links swapped
+        "the baseline was guided (λ 100, this run λ 0): connect the trace of the same seed at λ = 0 as the baseline "
+        "(if the two traces are swapped, swap their links)"]
+    same = ("the baseline has this run's λ (0), so nothing of the change is guidance's (connect the trace of the same "
+            "seed at λ = 0 as the baseline, and a guided run's as the trace)")
+    assert at_zero.baseline_notes(at_zero) == [same] and at_zero.against(at_zero).endswith(f"\nnote: {same}")
+    assert at_100.baseline_notes(at_zero) == []
+    unsaid = halves_trace()  # made in a notebook: no λ to compare
+    unsaid.run = dict(RUN)
+    assert measure_entanglement(unsaid, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_zero) == []
+
+
 def test_a_result_against_its_baseline_averages_over_the_images_with_a_figure_and_pairs_images_of_equal_batches_only():
     base, guided = _baseline_and_guided()  # nurse: IoU 1/3 and 1 at λ = 0, 1/3 and 1/3 guided
     after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))

@@ -301,6 +301,32 @@ def test_entanglement_iou_reports_the_change_from_a_baseline_trace_measured_as_i
         entanglement.execute(**args | {"baseline": absent})
 
 
+def test_entanglement_iou_says_on_its_node_why_the_change_from_its_baseline_is_not_guidances(nodes_and_trace,
+                                                                                               monkeypatch):
+    # The report, which has the notes too, is seen only where Preview as Text is connected.
+    import sys
+    import types
+
+    entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
+    texts = []
+    page = types.SimpleNamespace(client_id="page", send_progress_text=lambda text, node, client: texts.append(text))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page)))
+    reworded = copy.deepcopy(trace)
+    reworded.settings = {**trace.settings, "scale": 100.0}
+    reworded.run = {**trace.run, "attribution_prompt": "a photo of a woman doctor"}
+    with torch.inference_mode():
+        as_comfy_runs(entanglement, node_id="9").execute(**defaults(entanglement) | {"trace": reworded,
+                                                                                      "baseline": trace})
+    lines = texts[-1].splitlines()
+    assert lines[1].startswith("against the baseline: mIoU ") and lines[2].startswith(
+        f"note: the baseline differs in attribution prompt ({trace.run.get('attribution_prompt', 'n/a')}, this run a "
+        f"photo of a woman doctor): the change is not guidance's alone")
+    with torch.inference_mode():
+        as_comfy_runs(entanglement, node_id="9").execute(**defaults(entanglement) | {"trace": trace,
+                                                                                      "baseline": reworded})
+    assert "note: the baseline was guided (λ 100, this run λ " in texts[-1]
+
+
 @pytest.mark.parametrize("mask", ["normalized", "thresholded"])
 def test_attribution_map_draws_an_image_whose_maps_overflowed_empty_and_says_so(nodes_and_trace, caplog, mask):
     import copy
