@@ -208,10 +208,13 @@ def test_shipped_workflows_run_end_to_end(server):
         # Samplers side by side compare one picture: one seed feeds them, so changing it cannot part them. It comes
         # from the frontend's Primitive, which draws "randomize" within the seed's own range: ComfyUI's Int node
         # draws negative numbers half the time, which the samplers refuse.
-        seeds = [n["inputs"]["seed"] for n in api.values() if n["class_type"] == "BiasMapGuidedKSampler"]
-        feeds = {_seed_source(graph, n) for n in graph["nodes"] if n["type"] == "BiasMapGuidedKSampler"}
-        one_seed = seeds.count(seeds[0]) == len(seeds) and feeds == {"PrimitiveNode"} if len(seeds) > 1 else True
-        assert one_seed, (path.name, seeds, feeds)
+        # So does one attribution prompt: a word's map is its share of the attention over the prompt's words, so a
+        # word added to one sampler's prompt alone would move the other's maps.
+        for name in ("seed", "attribution_prompt"):
+            values = [n["inputs"][name] for n in api.values() if n["class_type"] == "BiasMapGuidedKSampler"]
+            feeds = {_source(graph, n, name) for n in graph["nodes"] if n["type"] == "BiasMapGuidedKSampler"}
+            shared = len(values) < 2 or values.count(values[0]) == len(values) and feeds == {"PrimitiveNode"}
+            assert shared, (path.name, name, values, feeds)
 
         started = time.monotonic()
         entry = _run_prompt(server, api)
@@ -265,9 +268,9 @@ def test_shipped_workflows_run_end_to_end(server):
     assert (rows[0]["width"], rows[0]["height"]) == ("64", "64"), rows[0]
 
 
-def _seed_source(graph: dict, node: dict) -> str:
-    """The type of the node whose link feeds ``node``'s seed, or "widget" for its own."""
-    link = next((i.get("link") for i in node.get("inputs", []) if i["name"] == "seed"), None)
+def _source(graph: dict, node: dict, name: str) -> str:
+    """The type of the node whose link feeds ``node``'s input ``name``, or "widget" for its own."""
+    link = next((i.get("link") for i in node.get("inputs", []) if i["name"] == name), None)
     if link is None:
         return "widget"
     origin = next(entry[1] for entry in graph["links"] if entry[0] == link)
