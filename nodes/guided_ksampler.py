@@ -16,7 +16,8 @@ from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inp
                      show_on_node)
 from .concepts import (absent_from, check_concepts, check_loaded_trace_words, check_words_asked, concept_inputs,
                        require)
-from .prompt_graph import graph_run, loaded_traces_of, queued_outputs, step_windows_of, words_asked_of
+from .prompt_graph import (attribution_clip_apart, graph_run, loaded_traces_of, queued_outputs, step_windows_of,
+                           words_asked_of)
 from .trace_files import trace_file_header
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
@@ -42,6 +43,14 @@ def _logged(node, latent, trace) -> io.NodeOutput:
                            f"({prompt!r}): their maps show where the model puts words it was "
                            f"not asked to draw; if the prompt was changed alone, change the attribution prompt and the "
                            f"semantic concepts with it")
+    # The maps are the attention of the model's queries to the attribution prompt as the sampler's CLIP encodes it:
+    # another CLIP than the prompt's (a LoRA added before CLIP Text Encode alone) gives other maps than the model's.
+    clips = attribution_clip_apart(hidden.prompt, hidden.unique_id) if hidden else None
+    if clips:
+        trace.notes.append(f"the sampler's clip ({clips[0]}) is not the CLIP that encoded the prompt ({clips[1]}), "
+                           f"so the maps are of the attribution prompt as another CLIP reads it: connect the CLIP "
+                           f"that CLIP Text Encode takes (after any LoRA or CLIP Set Last Layer) to the sampler's clip "
+                           f"too")
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
     show_on_node(node, "\n".join(filter(None, [guidance_line(trace), *(f"note: {note}" for note in trace.notes)])))

@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 from ..biasmap_engine import audit_run, split_concepts, typed_concepts, typed_form
 
-__all__ = ["StepsAsked", "WordsAsked", "generation_prompt", "graph_run", "loaded_traces_of", "queued_outputs",
-           "step_windows_of", "words_asked_of"]
+__all__ = ["StepsAsked", "WordsAsked", "attribution_clip_apart", "generation_prompt", "graph_run", "loaded_traces_of",
+           "queued_outputs", "step_windows_of", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -279,6 +279,15 @@ def _text_encoders(prompt: dict | None, node_id, model: str) -> str:
     first = clips["clip"]
     return " · " + ", ".join(f"{what}: {clip}" for what, clip in clips.items()
                              if clip and (what == "clip" or clip != first))
+
+
+def attribution_clip_apart(prompt: dict | None, node_id) -> tuple[str, str] | None:
+    """The sampler's own CLIP (which encodes the attribution prompt) and the one that encoded its positive prompt, as
+    _clip names them, where they differ (a LoRA or CLIP Set Last Layer added before CLIP Text Encode alone); None
+    where they are one or either is not named."""
+    inputs = _inputs(prompt, node_id)
+    own, encoded = _clip(prompt, inputs.get("clip")), _clip(prompt, _encoder_clip(prompt, inputs.get("positive")))
+    return (own, encoded) if own and encoded and own != encoded else None
 
 
 def _encoder_clip(prompt: dict | None, link):

@@ -1090,6 +1090,36 @@ def test_the_advanced_sampler_refuses_a_step_window_past_its_sigmas_last_step_be
             .steps.numel() == 2 and evaluated
 
 
+def test_a_sampler_whose_clip_is_not_the_prompts_says_so_in_its_notes(sd15, prompts, pack):
+    # The usual result of adding a LoRA to a workflow: CLIP Text Encode takes its CLIP, the sampler the checkpoint's.
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+    from biasmap_pack.nodes.prompt_graph import attribution_clip_apart
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=1,
+                                                  sampler_name="euler", scheduler="normal",
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {"clip": ["1", 1], "positive": ["6", 0]}},
+             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+             "11": {"class_type": "LoraLoader", "inputs": {"clip": ["1", 1], "lora_name": "d.pt",
+                                                           "strength_clip": 0.5}},
+             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["11", 1]}}}
+    assert attribution_clip_apart(graph, "3") == ("v1-5.safetensors", "v1-5.safetensors + d.pt (0.5)")
+    with torch.inference_mode():
+        notes = as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result[1].notes
+    assert ("the sampler's clip (v1-5.safetensors) is not the CLIP that encoded the prompt (v1-5.safetensors + d.pt "
+            "(0.5)), so the maps are of the attribution prompt as another CLIP reads it: connect the CLIP that CLIP "
+            "Text Encode takes (after any LoRA or CLIP Set Last Layer) to the sampler's clip too") in notes
+    graph["3"]["inputs"]["clip"] = ["11", 1]
+    assert attribution_clip_apart(graph, "3") is None
+    with torch.inference_mode():
+        notes = as_comfy_runs(BiasMapGuidedKSampler, graph, node_id="3").execute(**args).result[1].notes
+    assert not any("sampler's clip" in note for note in notes)
+    graph["6"]["inputs"]["clip"] = ["20", 0]  # another node's CLIP, linked from a node the prompt lacks: not named
+    assert attribution_clip_apart(graph, "3") is None
+
+
 def test_a_one_step_window_at_the_samplers_last_step_passes_the_check_before_sampling(pack):
     from types import SimpleNamespace
 
