@@ -10,7 +10,7 @@ import sys
 from comfy_api.latest import io
 
 from ..biasmap_engine import BRANCHES, GATES, MODES, BiasMapSettings, parse_stages
-from ..biasmap_engine.host import SIGMA_CAP
+from ..biasmap_engine.host import SIGMA_CAP, interrupted
 
 __all__ = ["ADVANCED", "CATEGORY", "FIRST_STEP", "LAST_STEP", "Trace", "check_images", "check_stage_names",
            "check_step_windows", "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from",
@@ -96,7 +96,8 @@ def stages_in(name: str, text: str) -> list[str] | None:
 def plain_errors(execute):
     """``execute`` raising BiasMap's own errors as ValueError: ComfyUI names an error's type by its module, which
     for a custom node is the path of its folder, and would show that before the message. The message replaces the
-    node's text, which would otherwise still tell of the run before."""
+    node's text, which would otherwise still tell of the run before; so does a word on any other stop (an interrupt,
+    memory run out), which ComfyUI reports as it is."""
 
     @functools.wraps(execute)
     def wrapper(node, *args, **kwargs):
@@ -108,6 +109,9 @@ def plain_errors(execute):
             if type(err) is ValueError and message == str(err):
                 raise
             raise ValueError(message) from err
+        except Exception as err:
+            show_on_node(node, "stopped: interrupted" if interrupted(err) else f"stopped: {type(err).__name__}: {err}")
+            raise
 
     return wrapper
 

@@ -6,8 +6,8 @@ from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
 
-__all__ = ["CUSTOM_SIGMAS", "sample_with_sampler", "sample_with_scheduler", "sampler_names", "scheduler_names",
-           "start_session"]
+__all__ = ["CUSTOM_SIGMAS", "interrupted", "sample_with_sampler", "sample_with_scheduler", "sampler_names",
+           "scheduler_names", "start_session"]
 
 CUSTOM_SIGMAS = "custom sigmas"  # the scheduler of a run on SIGMAS not named in the graph (the rows' sigmas have it)
 
@@ -130,6 +130,13 @@ def _identity() -> dict:
     context = get_executing_context()
     return {"prompt_id": context.prompt_id if context is not None else "",
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is ComfyUI's interrupt (the page's Cancel, ``POST /interrupt``)."""
+    import comfy.model_management
+
+    return isinstance(err, comfy.model_management.InterruptProcessingException)
 
 
 def sampler_names() -> list[str]:

@@ -1120,6 +1120,43 @@ def test_a_sampler_whose_clip_is_not_the_prompts_says_so_in_its_notes(sd15, prom
     assert attribution_clip_apart(graph, "3") is None
 
 
+@pytest.mark.parametrize("kind", ["interrupt", "error"])
+def test_a_sampler_stopped_by_an_interrupt_or_another_error_says_so_on_its_node(sd15, prompts, pack, monkeypatch,
+                                                                                kind):
+    # Its text would otherwise still give the run before's guidance counts, as if this one had run.
+    import sys
+    import types
+
+    import comfy.model_management as mm
+
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    texts = []
+    page = types.SimpleNamespace(client_id="page", send_progress_text=lambda text, node, client: texts.append(text))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page)))
+    model, clip = sd15
+    pos, neg = prompts
+
+    def stop(n, context, value, extra):
+        if kind == "error":
+            raise RuntimeError("out of luck")
+        mm.interrupt_current_processing(True)  # the Cancel button
+        return n, context, value
+
+    stopping = model.clone()
+    stopping.set_model_attn2_patch(stop)
+    args = defaults(BiasMapGuidedKSampler) | dict(model=stopping, clip=clip, positive=pos, negative=neg, steps=2,
+                                                  sampler_name="euler", scheduler="normal",
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    try:
+        with torch.inference_mode(), pytest.raises(RuntimeError if kind == "error" else
+                                                   mm.InterruptProcessingException):
+            as_comfy_runs(BiasMapGuidedKSampler, node_id="3").execute(**args)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert texts == ["stopped: interrupted" if kind == "interrupt" else "stopped: RuntimeError: out of luck"]
+
+
 def test_a_one_step_window_at_the_samplers_last_step_passes_the_check_before_sampling(pack):
     from types import SimpleNamespace
 
