@@ -51,9 +51,11 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
 
     _check_batch(latent)
     if sigmas.shape[-1] < 2:
+        # SamplerCustomAdvanced hands such a latent on as it is; a trace of no maps would stop every node reading it.
         raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
                          f"guide; connect a schedule with at least one step (two sigmas: BasicScheduler at denoise "
-                         f"0 gives none, SplitSigmas at the last step leaves one)")
+                         f"0 gives none; SplitSigmas at step 0 leaves one in high_sigmas, at the last step one in "
+                         f"low_sigmas), or bypass this sampler where its half of the schedule is empty")
     session.window.widen_for(sigmas)
     patched = session.patch(model)
     guider = comfy.samplers.CFGGuider(patched)

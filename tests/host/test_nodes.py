@@ -1210,9 +1210,14 @@ def test_the_advanced_sampler_refuses_sigmas_of_no_step_naming_a_scheduler_at_de
         model=model, clip=clip, sampler=comfy.samplers.sampler_object("euler"), positive=pos, negative=neg,
         sigmas=torch.FloatTensor([]), latent_image={"samples": torch.zeros(1, 4, 32, 32)})  # BasicScheduler's at 0
     with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*BasicScheduler "
-                                                                 r"at denoise 0 gives none, SplitSigmas at the last step "
-                                                                 r"leaves one\)$"):
+                                                                 r"at denoise 0 gives none; SplitSigmas at step 0 "
+                                                                 r"leaves one in high_sigmas, at the last step one in "
+                                                                 r"low_sigmas\), or bypass this sampler where its half "
+                                                                 r"of the schedule is empty$"):
         BiasMapGuidedKSamplerAdvanced.execute(**args)
+    high_sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)[:1]
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^1 sigma\(s\) make no sampling step"):
+        BiasMapGuidedKSamplerAdvanced.execute(**args | {"sigmas": high_sigmas})  # SplitSigmas at step 0
 
 
 def test_the_traces_from_load_trace_that_a_reader_compares_with_this_samplers_are_found_by_reader(pack):
