@@ -57,13 +57,13 @@ _ADD_IT = "Add it to the attribution prompt (any word may be added there) or pic
 def find_word_positions(prompt_tokens: list[str], word: str, fix: str = _ADD_IT) -> list[int]:
     """Positions of all BPE pieces of every occurrence of ``word`` (one or more words) among ``prompt_tokens``.
 
-    ``word`` is matched as split by CLIP and as split per CJK ideograph, whichever tokenizer made the prompt's
-    tokens. The punctuation around the word is left out, as :func:`split_concepts` leaves it (``doctor.`` is
+    ``word`` is matched as split by CLIP and as split per CJK ideograph, with its curly quotes as typed and
+    straightened, whichever tokenizer made the prompt's tokens. The punctuation around the word is left out, as :func:`split_concepts` leaves it (``doctor.`` is
     ``doctor``: CLIP makes the full stop a token of its own, which would join the word's map); ComfyUI's emphasis is
     :func:`split_concepts`' to take out. Raises ConceptNotFoundError listing the prompt's words, so the user can pick
     one that is there, and ``fix``.
     """
-    forms = {tuple(_spelling(w) for w in clip_words(_trimmed(word), split_ideographs=split)) for split in (False, True)}
+    forms = {tuple(map(_spelling, form)) for form in _word_forms(_trimmed(word))}
     if forms == {()}:
         raise ConceptNotFoundError("a concept is empty; type a word that occurs in the attribution prompt")
     spans = _word_spans(prompt_tokens)
@@ -84,15 +84,24 @@ def prompt_words(prompt_tokens: list[str]) -> list[str]:
 
 
 def listed_words(words: list[str]) -> str:
-    """Words for a message, as a concept would be typed: each once, in prompt order, punctuation left out; two words
-    with a hyphen between them also as one (``a, photo, of, an, african, american, african-american, doctor, 👩``)."""
-    listed = []
-    for i, word in enumerate(words):
-        listed.append(word)
-        if word == "-" or i < 2 or words[i - 1] != "-":
-            continue
-        if _shown(word) and _shown(words[i - 2]):  # CLIP splits "a-b" and "a - b" alike: either is typed a-b
-            listed.append(f"{words[i - 2]}-{word}")
+    """Words for a message, as a concept would be typed: each once, in prompt order, punctuation left out; a number's
+    digits together (CLIP makes each digit a word, and reads 40 typed as a concept as 4, 0 too); words with hyphens
+    between them also as one (``a, 40, year, old, 40-year-old, african, american, african-american, doctor, 👩``)."""
+    numbers = []
+    for word in words:
+        if word.isdecimal() and numbers and numbers[-1].isdecimal():
+            numbers[-1] += word
+        else:
+            numbers.append(word)
+    listed, start = [], 0
+    while start < len(numbers):
+        end = start  # the last word of a chain a-b-c, which CLIP splits as it splits "a - b - c": either is typed so
+        while (end + 2 < len(numbers) and numbers[end + 1] == "-" and _shown(numbers[end])
+               and _shown(numbers[end + 2])):
+            end += 2
+        chain = numbers[start:end + 1:2]
+        listed += chain + (["-".join(chain)] if len(chain) > 1 else [])
+        start = end + 1
     return ", ".join(dict.fromkeys(w for w in listed if _shown(w)))
 
 
@@ -163,6 +172,17 @@ def is_ideographic(text: str) -> bool:
     return bool(text) and all(map(_is_ideograph, text))
 
 
+# Curly quotes as ftfy straightens them: where it is installed, CLIP's tokenizer reads the prompt's so.
+_STRAIGHT = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"'})
+
+
+def _word_forms(concept: str) -> set[tuple[str, ...]]:
+    """``concept`` split as each tokenizer CLIP may run splits it: per ideograph or not (see clip_words), its curly
+    quotes as typed or straightened (children’s is children + 's where the prompt was straightened)."""
+    return {tuple(clip_words(text, split_ideographs=split)) for text in {concept, concept.translate(_STRAIGHT)}
+            for split in (False, True)}
+
+
 def _char_class(char: str) -> str:
     """L (letter), N (numeral) or O (anything else), by Unicode category."""
     category = unicodedata.category(char)[0]
@@ -173,7 +193,7 @@ def covered_words(concept: str, words: list[str]) -> set[int]:
     """Indices of a prompt's ``words`` (as a tokenizer reads them) that the occurrences of ``concept`` cover
     (consecutive words: a multi-word concept is looked up as a phrase), with the concept split as every lookup in the
     tokens splits it (find_word_positions: the sampler's, and the map nodes' in its trace)."""
-    forms = {tuple(clip_words(concept, split_ideographs=split)) for split in (False, True)}
+    forms = _word_forms(concept)
     return {i + j for part in forms if part for i in range(len(words) - len(part) + 1)
             if tuple(words[i:i + len(part)]) == part for j in range(len(part))}
 

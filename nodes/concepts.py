@@ -64,7 +64,9 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if missing:
             # "\(" is a bracket the prompt spells; the hint is for a missing concept that was typed with brackets.
             bracketed = {concept for typed, concept in typed_concepts(value) if "(" in typed}
-            escaped = "\\(" in attribution_prompt and bool(bracketed & set(missing))
+            # (Where the prompt spells a missing concept with them, _why_absent says how, naming it.)
+            escaped = ("\\(" in attribution_prompt and bool(bracketed & set(missing))
+                       and not any(_escaped_in(concept, attribution_prompt) for concept in missing))
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these."
@@ -151,7 +153,11 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
     """Why words that the prompt seems to hold are not its words (``words``), where a typing habit explains it; else
     ''."""
     hints = []
-    phrases = [concept for concept in missing if len(concept.split()) > 1
+    escaped = next((found for concept in missing if (found := _escaped_in(concept, prompt))), None)
+    if escaped:  # "person (elderly)" against a prompt's "person \(elderly\)": brackets CLIP reads as words
+        hints.append(f"The prompt escapes brackets ({escaped}), which CLIP reads as words of their own between the "
+                     f"others: type the concept as the prompt spells it, {escaped}.")
+    phrases = [concept for concept in missing if len(concept.split()) > 1 and not _escaped_in(concept, prompt)
                and all(covered_words(word, words) for word in concept.split())]
     if phrases:  # "gender race": each a word of the prompt, not the two in a row
         hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
@@ -170,6 +176,14 @@ def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
     if any(word.lower().removeprefix("embedding:") in name for word in missing for name in names):
         hints.append("A textual-inversion embedding (embedding:name) is no word of the prompt and has no map by name.")
     return "".join(" " + hint for hint in hints)
+
+
+def _escaped_in(concept: str, prompt: str) -> str | None:
+    r"""The text of ``prompt`` that spells ``concept``'s words with escaped brackets among them (``person \(elderly\)``
+    for the concept ``person elderly``, as a concept list reads ``person (elderly)``); None where there is none."""
+    parts = [re.escape(word) for word in concept.split()]
+    found = re.search(r"(?<!\w)(?:\\\()?" + r"[\s\\()]*".join(parts) + r"(?:\\\))?(?!\w)", prompt, re.IGNORECASE)
+    return found.group(0) if found and "\\(" in found.group(0) else None
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:

@@ -217,13 +217,29 @@ def test_the_prompts_words_are_listed_as_concepts_would_be_typed_hyphenated_pair
     words = clip_words("an African-American doctor 👩‍⚕️ and a non-binary person - portrait.")
     assert listed_words(words) == ("an, african, american, african-american, doctor, 👩\u200d⚕️, and, a, non, binary, "
                                    "non-binary, person, portrait, person-portrait")  # each word alone too
-    # A hyphen joins two words only: next to punctuation or at an end it is left out as punctuation is.
+    # A number's digits together, and a chain of hyphens whole: each as typed, it is found.
+    words = clip_words("a 40-year-old doctor in 2024")
+    assert listed_words(words) == "a, 40, year, old, 40-year-old, doctor, in, 2024"
+    tokens = [f"{word}</w>" for word in words]
+    for typed in ("40", "40-year-old", "2024", "year"):
+        assert find_word_positions(tokens, typed)
+    # A hyphen joins words only: next to punctuation or at an end it is left out as punctuation is.
     assert listed_words([",", "-", "b"]) == listed_words(["-", "b"]) == "b" and listed_words(["a", "-", ","]) == "a"
     tokens = ["an</w>", "african</w>", "-</w>", "american</w>", "doctor</w>"]
     for typed in ("african-american", "African - American"):  # as listed, or as spaced: CLIP splits both alike
         assert find_word_positions(tokens, typed) == [1, 2, 3]
     with pytest.raises(ConceptNotFoundError):  # what the list showed before: not a phrase of the prompt
         find_word_positions(tokens, "african american")
+
+
+def test_a_concept_typed_with_curly_quotes_finds_a_prompt_that_ftfy_straightened_and_one_it_did_not():
+    from biasmap_engine import covered_words
+
+    straightened = ["the</w>", "children</w>", "'s</w>", "doctor</w>"]  # ftfy installed: ’ read as '
+    assert find_word_positions(straightened, "children’s") == [1, 2] == find_word_positions(straightened, "children's")
+    as_typed = ["the</w>", "children</w>", "âĢĻ</w>", "s</w>", "doctor</w>"]  # without it: ’ a word of its own
+    assert find_word_positions(as_typed, "children’s") == [1, 2, 3]
+    assert covered_words("children’s", ["the", "children", "'s", "doctor"]) == {1, 2}
 
 
 def test_a_concept_is_listed_twice_when_an_earlier_one_has_its_words_as_clip_reads_them():

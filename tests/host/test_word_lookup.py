@@ -113,6 +113,12 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert "escapes its brackets" not in check_concepts("a person (elderly) and gender", "gender", "(nurse)")
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "(person), nurse")  # nurse typed bare
     assert "escapes its brackets" not in check_concepts(escaped, "gender", "(person)；nurse")  # a CJK keyboard's ;
+    # A concept typed with brackets, which the prompt escapes: how to type it, as the prompt spells it.
+    refused = check_concepts(escaped, "gender", "person (elderly)")
+    assert refused.endswith(r"The prompt escapes brackets (person \(elderly\)), which CLIP reads as words of their "
+                            r"own between the others: type the concept as the prompt spells it, person \(elderly\).")
+    assert "escapes its brackets" not in refused and "in a row" not in refused
+    assert check_concepts(escaped, "gender", r"person \(elderly\)") is True
     refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
     assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
     assert check_concepts("a photo of embedding:doctor_v2 and gender", "gender", "doctor").endswith("by name.")
