@@ -82,7 +82,7 @@ def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one
     ({"attribution_prompt": "   "}, "has no words"),
     ({"attribution_prompt": "a doctor and gender embedding:"}, "'embedding:' with no name after it"),
     ({"attribution_prompt": r"a person \(elderly\) and gender", "semantic": "person (elderly)"},
-     "escapes its brackets"),  # read as "person elderly", which that prompt does not spell
+     r"type the concept as the prompt spells it, person \(elderly\)"),  # read as "person elderly", not spelled so
 ])
 def test_validation_refuses_guidance_settings_that_cannot_run_and_says_why(nodes_and_trace, inputs, message):
     sampler = nodes_and_trace[0]
