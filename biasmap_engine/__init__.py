@@ -23,8 +23,8 @@ from .settings import BRANCHES, BiasMapSettings
 from .soft_topk import MODES, soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
 from .tokens import (ConceptNotFoundError, clip_words, covered_words, find_word_positions, is_ideographic, listed_twice,
-                     listed_words, prompt_words, readable, require_distinct_concepts, split_concepts, typed_concepts,
-                     typed_form)
+                     listed_words, prompt_words, quote_forms, readable, require_distinct_concepts, split_concepts,
+                     typed_concepts, typed_form)
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, TraceFormatError, TraceHeader
 
 __all__ = [
@@ -35,8 +35,8 @@ __all__ = [
     "clip_words", "colorize", "concept_map", "covered_words", "csv_text", "entanglement_energy", "entanglement_picture",
     "find_word_positions", "guidance_line", "guidance_step", "hard_mask", "iou", "is_ideographic", "label_heatmaps",
     "listed_twice", "listed_words", "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys",
-    "prepared_token_softmax_maps", "prompt_words", "read_csv", "readable", "reductions", "reductions_report",
-    "reductions_table", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
+    "prepared_token_softmax_maps", "prompt_words", "quote_forms", "read_csv", "readable", "reductions",
+    "reductions_report", "reductions_table", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
     "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
     "token_softmax_maps", "typed_concepts", "typed_form", "write_csv", "z_grad_norm",
 ]

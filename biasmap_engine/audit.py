@@ -249,11 +249,12 @@ _PARTIAL_LEFT_S = 600
 
 def _remove_left_partials(folder: str, name: str) -> None:
     """Remove the partial files of the table ``name`` that writes killed midway left in ``folder``."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{32}}\.partial")
-    with os.scandir(folder or ".") as entries:
+    # Also under the name before it was hidden (table.csv.<hex>.partial).
+    pattern = re.compile(rf"\.?{re.escape(name)}\.[0-9a-f]{{32}}\.partial")
+    # A folder that cannot be listed, a file gone meanwhile (another ComfyUI writing the table removed it) or not
+    # ours to remove: the table is written all the same.
+    with contextlib.suppress(OSError), os.scandir(folder or ".") as entries:
         for entry in entries:
-            # Gone meanwhile (another ComfyUI writing the table removed it) or not ours to remove: the table is
-            # written all the same.
             with contextlib.suppress(OSError):
                 if pattern.fullmatch(entry.name) and time.time() - entry.stat().st_mtime > _PARTIAL_LEFT_S:
                     os.remove(entry.path)

@@ -82,20 +82,22 @@ class EntanglementResult:
         return "\n".join(lines + [f"note: {note}" for note in self.baseline_notes(baseline)])
 
     def baseline_notes(self, baseline: "EntanglementResult") -> list[str]:
-        """Why the change from ``baseline`` may not be guidance's: a baseline that was guided or has this run's λ,
-        and whatever else differs between the two runs."""
+        """Why the change from ``baseline`` may not be guidance's: a baseline guided where this run is not (links
+        swapped), one guided as this run was (or both at λ = 0), and whatever else differs between the two runs. Two
+        runs guided otherwise (another λ, soft top-k, stages) compare guidance settings: no note."""
         trace, other = self._trace, baseline._trace
         notes = []
         before, after = other.settings.get("scale"), trace.settings.get("scale")
+        guided_alike = all(other.settings.get(key) == trace.settings.get(key) for key in _GUIDANCE_SETTINGS)
         if before is not None and after is not None:  # a trace made in a notebook may not say
-            if before == after:
+            if before == after and (not after or guided_alike):
                 notes.append(f"the baseline has this run's λ ({_shown(after)}), so nothing of the change is guidance's "
                              f"(connect the trace of the same seed at λ = 0 as the baseline, and a guided run's as "
                              f"the trace)")
-            elif before:
-                notes.append(f"the baseline was guided (λ {_shown(before)}, this run λ {_shown(after)}): connect the "
-                             f"trace of the same seed at λ = 0 as the baseline (if the two traces are swapped, "
-                             f"swap their links)")
+            elif before and not after:
+                notes.append(f"the baseline was guided (λ {_shown(before)}) and this run not: connect the trace of "
+                             f"the same seed at λ = 0 as the baseline (if the two traces are swapped, swap their "
+                             f"links)")
         differing = [name if key == "sigmas" else  # a schedule: too long to quote
                      f"{name} ({_shown(other.run.get(key, 'n/a'))}, this run {_shown(trace.run.get(key, 'n/a'))})"
                      for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
@@ -147,6 +149,9 @@ _SAME_PICTURE = (("seed", "seed"), ("steps", "steps"), ("sampler", "sampler"), (
                  ("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative"),
                  ("attribution_prompt", "attribution prompt"))
 
+
+# What guides besides λ: two runs at one λ > 0 that differ in these differ by guidance.
+_GUIDANCE_SETTINGS = ("mode", "keep", "gamma", "iters", "gate", "guided_stages", "start", "end")
 
 # The recording settings two runs must share for their maps to be of one kind (the stages, the CFG branch).
 _SAME_MAPS = ("include_middle", "branch")

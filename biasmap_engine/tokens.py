@@ -18,8 +18,8 @@ import re
 import unicodedata
 
 __all__ = ["ConceptNotFoundError", "clip_words", "covered_words", "find_word_positions", "is_ideographic",
-           "listed_twice", "listed_words", "prompt_words", "readable", "require_distinct_concepts", "split_concepts",
-           "typed_concepts", "typed_form"]
+           "listed_twice", "listed_words", "prompt_words", "quote_forms", "readable", "require_distinct_concepts",
+           "split_concepts", "typed_concepts", "typed_form"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
@@ -58,10 +58,10 @@ def find_word_positions(prompt_tokens: list[str], word: str, fix: str = _ADD_IT)
     """Positions of all BPE pieces of every occurrence of ``word`` (one or more words) among ``prompt_tokens``.
 
     ``word`` is matched as split by CLIP and as split per CJK ideograph, with its curly quotes as typed and
-    straightened, whichever tokenizer made the prompt's tokens. The punctuation around the word is left out, as :func:`split_concepts` leaves it (``doctor.`` is
-    ``doctor``: CLIP makes the full stop a token of its own, which would join the word's map); ComfyUI's emphasis is
-    :func:`split_concepts`' to take out. Raises ConceptNotFoundError listing the prompt's words, so the user can pick
-    one that is there, and ``fix``.
+    straightened, whichever tokenizer made the prompt's tokens. The punctuation around the word is left out, as
+    :func:`split_concepts` leaves it (``doctor.`` is ``doctor``: CLIP makes the full stop a token of its own, which
+    would join the word's map); ComfyUI's emphasis is :func:`split_concepts`' to take out. Raises
+    ConceptNotFoundError listing the prompt's words, so the user can pick one that is there, and ``fix``.
     """
     forms = {tuple(map(_spelling, form)) for form in _word_forms(_trimmed(word))}
     if forms == {()}:
@@ -111,9 +111,10 @@ def _shown(word: str) -> bool:
 
 
 def listed_twice(concepts: list[str]) -> list[str]:
-    """The concepts whose words, as CLIP reads them (Doctor is doctor), an earlier one of ``concepts`` has."""
-    words = [tuple(clip_words(c)) for c in concepts]
-    return [c for i, c in enumerate(concepts) if words[i] in words[:i]]
+    """The concepts whose words, as CLIP reads them (Doctor is doctor, children’s children's), an earlier one of
+    ``concepts`` has."""
+    forms = [quote_forms(c) for c in concepts]
+    return [c for i, c in enumerate(concepts) if any(forms[i] & earlier for earlier in forms[:i])]
 
 
 def clip_words(text: str, split_ideographs: bool = False) -> list[str]:
@@ -176,11 +177,16 @@ def is_ideographic(text: str) -> bool:
 _STRAIGHT = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"'})
 
 
+def quote_forms(concept: str, split_ideographs: bool = False) -> set[tuple[str, ...]]:
+    """``concept``'s words as CLIP splits them (clip_words), its curly quotes as typed and straightened: children’s
+    is children + ’ + s in a prompt read as typed, children + 's in one that ftfy straightened."""
+    return {tuple(clip_words(text, split_ideographs)) for text in {concept, concept.translate(_STRAIGHT)}}
+
+
 def _word_forms(concept: str) -> set[tuple[str, ...]]:
-    """``concept`` split as each tokenizer CLIP may run splits it: per ideograph or not (see clip_words), its curly
-    quotes as typed or straightened (children’s is children + 's where the prompt was straightened)."""
-    return {tuple(clip_words(text, split_ideographs=split)) for text in {concept, concept.translate(_STRAIGHT)}
-            for split in (False, True)}
+    """``concept`` split as each tokenizer CLIP may run splits it: per ideograph or not, curly quotes as typed or
+    straightened (quote_forms)."""
+    return quote_forms(concept) | quote_forms(concept, split_ideographs=True)
 
 
 def _char_class(char: str) -> str:

@@ -6,8 +6,8 @@ import re
 
 from comfy_api.latest import io
 
-from ..biasmap_engine import (ConceptNotFoundError, clip_words, covered_words, find_word_positions, is_ideographic,
-                              listed_twice, listed_words, prompt_words, split_concepts, typed_concepts)
+from ..biasmap_engine import (ConceptNotFoundError, covered_words, find_word_positions, is_ideographic,
+                              listed_twice, listed_words, prompt_words, quote_forms, split_concepts, typed_concepts)
 from ..biasmap_engine.host import prompt_text_words
 from .prompt_graph import WordsAsked
 
@@ -254,8 +254,8 @@ def check_apart(concept_a, concept_b) -> bool | str:
     overlap with itself would be 1 whatever the image (words shared in the attribution prompt are refused by the
     sampler, which has it, before it samples)."""
     a, b = (split_concepts(text) if isinstance(text, str) else [] for text in (concept_a, concept_b))
-    in_a = {tuple(clip_words(concept)) for concept in a}
-    both = next((concept for concept in b if tuple(clip_words(concept)) in in_a), None)
+    in_a = {form for concept in a for form in quote_forms(concept)}
+    both = next((concept for concept in b if quote_forms(concept) & in_a), None)
     if both is not None:
         return (f"concept_a and concept_b both hold '{both}' (CLIP reads capitals as lower case), whose overlap with "
                 f"itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic "

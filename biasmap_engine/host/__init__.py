@@ -9,5 +9,5 @@ from .session import BiasMapSession
 from .unet import UnsupportedModelError, cross_attention_layers, deinference_
 
 __all__ = ["BiasMapSession", "CUSTOM_SIGMAS", "SIGMA_CAP", "UnsupportedModelError", "cross_attention_layers",
-           "deinference_", "encode_attribution", "interrupted", "prompt_text_words", "sample_with_sampler", "sample_with_scheduler",
-           "sampler_names", "scheduler_names", "start_session", "tokenizer_words"]
+           "deinference_", "encode_attribution", "interrupted", "prompt_text_words", "sample_with_sampler",
+           "sample_with_scheduler", "sampler_names", "scheduler_names", "start_session", "tokenizer_words"]

@@ -51,11 +51,17 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
 
     _check_batch(latent)
     if sigmas.shape[-1] < 2:
-        # SamplerCustomAdvanced hands such a latent on as it is; a trace of no maps would stop every node reading it.
+        # SamplerCustomAdvanced hands on a latent of no σ or of σ 0 as it is, and one of a σ above 0 noised: a trace
+        # of no maps would stop every node reading it, so this sampler refuses, saying what the split meant.
+        if sigmas.shape[-1] == 1 and float(sigmas[0]) > 0:  # once, before sampling: no round trip in the step loop
+            fix = ("SplitSigmas at step 0 leaves high_sigmas so, which only noise the latent: split at a later step, "
+                   "or sample the whole schedule here")
+        else:
+            fix = ("BasicScheduler at denoise 0 gives none, SplitSigmas at the last step leaves low_sigmas one σ of "
+                   "0: connect a schedule of at least two sigmas, or bypass this sampler, which then has nothing to "
+                   "denoise")
         raise ValueError(f"{sigmas.shape[-1]} sigma(s) make no sampling step, so there are no maps to record or "
-                         f"guide; connect a schedule with at least one step (two sigmas: BasicScheduler at denoise "
-                         f"0 gives none; SplitSigmas at step 0 leaves one in high_sigmas, at the last step one in "
-                         f"low_sigmas), or bypass this sampler where its half of the schedule is empty")
+                         f"guide ({fix})")
     session.window.widen_for(sigmas)
     patched = session.patch(model)
     guider = comfy.samplers.CFGGuider(patched)

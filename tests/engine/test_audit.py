@@ -951,15 +951,23 @@ def test_a_baseline_that_was_guided_or_has_this_runs_lambda_is_said_to_measure_n
     guided.settings = {"scale": 100.0, "guided_stages": None}
     at_zero, at_100 = (measure_entanglement(t, "gender", "nurse", 0.5, (8, 8)) for t in (base, guided))
     assert at_zero.baseline_notes(at_100) == [  # the two links swapped
-        "the baseline was guided (λ 100, this run λ 0): connect the trace of the same seed at λ = 0 as the baseline "
+        "the baseline was guided (λ 100) and this run not: connect the trace of the same seed at λ = 0 as the baseline "
         "(if the two traces are swapped, swap their links)"]
     same = ("the baseline has this run's λ (0), so nothing of the change is guidance's (connect the trace of the same "
             "seed at λ = 0 as the baseline, and a guided run's as the trace)")
     assert at_zero.baseline_notes(at_zero) == [same] and at_zero.against(at_zero).endswith(f"\nnote: {same}")
     assert at_100.baseline_notes(at_zero) == []
+    exact = halves_trace()  # as guided, at λ 100, but with the exact soft top-k: the change is guidance's
+    exact.run, exact.settings = dict(RUN), {**guided.settings, "mode": "exact"}
+    assert at_100.baseline_notes(measure_entanglement(exact, "gender", "nurse", 0.5, (8, 8))) == []
+    assert measure_entanglement(exact, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_100) == []
+    again = ("the baseline has this run's λ (100), so nothing of the change is guidance's (connect the trace of the "
+             "same seed at λ = 0 as the baseline, and a guided run's as the trace)")
+    assert at_100.baseline_notes(at_100) == [again]
     unsaid = halves_trace()  # made in a notebook: no λ to compare
-    unsaid.run = dict(RUN)
-    assert measure_entanglement(unsaid, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_zero) == []
+    unsaid.run, unsaid.settings = dict(RUN), {}
+    unsaid_result = measure_entanglement(unsaid, "gender", "nurse", 0.5, (8, 8))
+    assert unsaid_result.baseline_notes(at_zero) == [] == unsaid_result.baseline_notes(at_100)
 
 
 def test_a_result_against_its_baseline_averages_over_the_images_with_a_figure_and_pairs_images_of_equal_batches_only():
@@ -1332,16 +1340,27 @@ def test_write_csv_replaces_the_file_whole_as_audit_files_are_written_and_leaves
     assert read_csv(str(path))[0]["metric"] == "iou" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
 
-def test_write_csv_removes_what_a_killed_write_of_the_same_table_left_and_keeps_a_write_under_way(tmp_path):
-    left, under_way = (tmp_path / f".table.csv.{char * 32}.partial" for char in "ab")
-    other = tmp_path / f".other.csv.{'c' * 32}.partial"
-    for partial in (left, under_way, other):
+def test_write_csv_removes_what_a_killed_write_of_the_same_table_left_and_keeps_a_write_under_way(tmp_path,
+                                                                                                   monkeypatch):
+    left, under_way, unhidden = (tmp_path / f"{dot}table.csv.{char * 32}.partial" for dot, char in
+                                 ((".", "a"), (".", "b"), ("", "d")))  # unhidden: as BiasMap named them before
+    other, longer = tmp_path / f".other.csv.{'c' * 32}.partial", tmp_path / f".x.table.csv.{'e' * 32}.partial"
+    for partial in (left, under_way, unhidden, other, longer):
         partial.write_text("metric\r\ni", encoding="utf-8")
+    folder = tmp_path / f".table.csv.{'f' * 32}.partial"  # named like one, but a folder: left, and no stop
+    folder.mkdir()
     an_hour_ago = time.time() - 3600
-    for partial in (left, other):
+    for partial in (left, unhidden, other, longer, folder):
         os.utime(partial, (an_hour_ago, an_hour_ago))
-    write_csv(str(tmp_path / "table.csv"), [{"metric": "iou"}])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([under_way.name, other.name, "table.csv"])
+    written = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: written.append(source) or replace(source, target))
+    monkeypatch.chdir(tmp_path)  # a table named without its folder
+    write_csv("table.csv", [{"metric": "iou"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [under_way.name, other.name, longer.name, folder.name, "table.csv"])
+    (source,) = written  # its own partial file is one the next write would find, were it left
+    assert re.fullmatch(r"\.table\.csv\.[0-9a-f]{32}\.partial", os.path.basename(source))
 
 
 def test_the_reductions_table_leaves_a_figure_that_is_no_number_blank_and_keeps_settings_before_figures():

@@ -223,6 +223,7 @@ def test_the_prompts_words_are_listed_as_concepts_would_be_typed_hyphenated_pair
     tokens = [f"{word}</w>" for word in words]
     for typed in ("40", "40-year-old", "2024", "year"):
         assert find_word_positions(tokens, typed)
+    assert listed_words(clip_words("2 doctors")) == "2, doctors" and listed_words(["a", "-"]) == "a"
     # A hyphen joins words only: next to punctuation or at an end it is left out as punctuation is.
     assert listed_words([",", "-", "b"]) == listed_words(["-", "b"]) == "b" and listed_words(["a", "-", ","]) == "a"
     tokens = ["an</w>", "african</w>", "-</w>", "american</w>", "doctor</w>"]
@@ -240,6 +241,9 @@ def test_a_concept_typed_with_curly_quotes_finds_a_prompt_that_ftfy_straightened
     as_typed = ["the</w>", "children</w>", "âĢĻ</w>", "s</w>", "doctor</w>"]  # without it: ’ a word of its own
     assert find_word_positions(as_typed, "children’s") == [1, 2, 3]
     assert covered_words("children’s", ["the", "children", "'s", "doctor"]) == {1, 2}
+    from biasmap_engine import listed_twice
+
+    assert listed_twice(["children’s", "children's"]) == ["children's"]  # one concept in a straightened prompt
 
 
 def test_a_concept_is_listed_twice_when_an_earlier_one_has_its_words_as_clip_reads_them():

@@ -324,7 +324,7 @@ def test_entanglement_iou_says_on_its_node_why_the_change_from_its_baseline_is_n
     with torch.inference_mode():
         as_comfy_runs(entanglement, node_id="9").execute(**defaults(entanglement) | {"trace": trace,
                                                                                       "baseline": reworded})
-    assert "note: the baseline was guided (λ 100, this run λ " in texts[-1]
+    assert "note: the baseline was guided (λ 100) and this run not" in texts[-1]
 
 
 @pytest.mark.parametrize("mask", ["normalized", "thresholded"])
@@ -1209,15 +1209,22 @@ def test_the_advanced_sampler_refuses_sigmas_of_no_step_naming_a_scheduler_at_de
     args = defaults(BiasMapGuidedKSamplerAdvanced) | dict(
         model=model, clip=clip, sampler=comfy.samplers.sampler_object("euler"), positive=pos, negative=neg,
         sigmas=torch.FloatTensor([]), latent_image={"samples": torch.zeros(1, 4, 32, 32)})  # BasicScheduler's at 0
-    with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*BasicScheduler "
-                                                                 r"at denoise 0 gives none; SplitSigmas at step 0 "
-                                                                 r"leaves one in high_sigmas, at the last step one in "
-                                                                 r"low_sigmas\), or bypass this sampler where its half "
-                                                                 r"of the schedule is empty$"):
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^0 sigma\(s\) make no sampling step.*\(BasicScheduler "
+                                                                 r"at denoise 0 gives none, SplitSigmas at the last step "
+                                                                 r"leaves low_sigmas one σ of 0: connect a schedule of "
+                                                                 r"at least two sigmas, or bypass this sampler, which "
+                                                                 r"then has nothing to denoise\)$"):
         BiasMapGuidedKSamplerAdvanced.execute(**args)
-    high_sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)[:1]
-    with torch.inference_mode(), pytest.raises(ValueError, match=r"^1 sigma\(s\) make no sampling step"):
-        BiasMapGuidedKSamplerAdvanced.execute(**args | {"sigmas": high_sigmas})  # SplitSigmas at step 0
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^1 sigma\(s\).*\(BasicScheduler at denoise 0"):
+        BiasMapGuidedKSamplerAdvanced.execute(**args | {"sigmas": sigmas[-1:]})  # SplitSigmas at the last step: 0
+    # SplitSigmas at step 0: bypassed, its latent would reach the next sampler without the noise it adds.
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^1 sigma\(s\) make no sampling step, so there "
+                                                                 r"are no maps to record or guide \(SplitSigmas at "
+                                                                 r"step 0 leaves high_sigmas so, which only noise the "
+                                                                 r"latent: split at a later step, or sample the whole "
+                                                                 r"schedule here\)$"):
+        BiasMapGuidedKSamplerAdvanced.execute(**args | {"sigmas": sigmas[:1]})
 
 
 def test_the_traces_from_load_trace_that_a_reader_compares_with_this_samplers_are_found_by_reader(pack):

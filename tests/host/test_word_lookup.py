@@ -119,6 +119,7 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
                             r"own between the others: type the concept as the prompt spells it, person \(elderly\).")
     assert "escapes its brackets" not in refused and "in a row" not in refused
     assert check_concepts(escaped, "gender", r"person \(elderly\)") is True
+    assert "spells it" not in check_concepts(escaped, "gender", "son (elderly)")  # part of a word: no spelling
     refused = check_concepts("a photo of embedding:mydoc and gender", "gender", "mydoc")
     assert refused.endswith("is no word of the prompt and has no map by name.") and "quotes" not in refused
     assert check_concepts("a photo of embedding:doctor_v2 and gender", "gender", "doctor").endswith("by name.")
@@ -131,6 +132,15 @@ def test_a_word_in_single_quotes_or_an_embeddings_name_is_refused_with_the_typin
     assert "in a row" not in check_concepts("a doctor and the nurse's gender", "gender", "doctor's")  # one word
     assert "in a row" not in check_concepts("a fire by a fighter and gender", "gender", "fire-fighter")
     assert check_concepts("a doctor of gender and race", "'gender'", "doctor") is True  # the tooltip's quotes
+
+
+def test_one_concept_typed_with_curly_and_with_straight_quotes_is_one_concept_to_every_check(pack):
+    # Both find the same words of a prompt that ftfy straightened: the run would measure a concept against itself.
+    from biasmap_pack.nodes.concepts import check_apart
+
+    assert "both hold \"children's\"" in check_apart("children’s", "children's") or \
+        "both hold 'children\'s'" in check_apart("children’s", "children's")
+    assert check_apart("children’s", "children") is True
 
 
 def test_a_concept_that_is_part_of_a_prompts_word_is_refused_saying_to_type_the_word_or_write_it_apart(pack):
