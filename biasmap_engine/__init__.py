@@ -36,7 +36,7 @@ __all__ = [
     "find_word_positions", "guidance_line", "guidance_step", "hard_mask", "iou", "is_ideographic", "label_heatmaps",
     "listed_twice", "listed_words", "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys",
     "prepared_token_softmax_maps", "prompt_words", "quote_forms", "read_csv", "readable", "reductions",
-    "reductions_report", "reductions_table", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk",
-    "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
+    "reductions_report", "reductions_table", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou",
+    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
     "token_softmax_maps", "typed_concepts", "typed_form", "write_csv", "z_grad_norm",
 ]
