@@ -62,17 +62,11 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
                     f"({shown})")
         missing = _absent(concepts, words)
         if missing:
-            # "\(" is a bracket the prompt spells; the hint is for a missing concept that was typed with brackets.
             bracketed = {concept for typed, concept in typed_concepts(value) if "(" in typed}
-            # (Where the prompt spells a missing concept with them, _why_absent says how, naming it.)
-            escaped = ("\\(" in attribution_prompt and bool(bracketed & set(missing))
-                       and not any(_escaped_in(concept, attribution_prompt) for concept in missing))
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these."
-                    + (" The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read "
-                       "without them, as ComfyUI reads emphasis, unless they are escaped there too."
-                       if escaped else "") + _why_absent(missing, attribution_prompt, words))
+                    + _why_absent(missing, attribution_prompt, words, bracketed))
     return _check_distinct(lists, words)
 
 
@@ -149,15 +143,19 @@ def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_pr
                                  f"that the run is not lost to it.")
 
 
-def _why_absent(missing: list[str], prompt: str, words: list[str]) -> str:
+def _why_absent(missing: list[str], prompt: str, words: list[str], bracketed: set[str] | frozenset[str] = frozenset()) -> str:
     """Why words that the prompt seems to hold are not its words (``words``), where a typing habit explains it; else
-    ''."""
+    ''. ``bracketed``: the missing concepts that were typed with brackets (a list read without them)."""
     hints = []
-    escaped = next((found for concept in missing if (found := _escaped_in(concept, prompt))), None)
+    spelled = {concept: _escaped_in(concept, prompt) for concept in missing}
+    escaped = next(filter(None, spelled.values()), None)
     if escaped:  # "person (elderly)" against a prompt's "person \(elderly\)": brackets CLIP reads as words
         hints.append(f"The prompt escapes brackets ({escaped}), which CLIP reads as words of their own between the "
                      f"others: type the concept as the prompt spells it, {escaped}.")
-    phrases = [concept for concept in missing if len(concept.split()) > 1 and not _escaped_in(concept, prompt)
+    elif "\\(" in prompt and bracketed & set(missing):  # "\(" is a bracket the prompt spells
+        hints.append("The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read without "
+                     "them, as ComfyUI reads emphasis, unless they are escaped there too.")
+    phrases = [concept for concept in missing if len(concept.split()) > 1 and not spelled[concept]
                and all(covered_words(word, words) for word in concept.split())]
     if phrases:  # "gender race": each a word of the prompt, not the two in a row
         hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
