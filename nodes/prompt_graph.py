@@ -270,10 +270,7 @@ def _text_encoders(prompt: dict | None, node_id, model: str) -> str:
     (the attribution prompt's) where they are others, as _clip names them; '' where each is the model's checkpoint's,
     unchanged, or not named (combined conditioning). A LoRA's CLIP strength, CLIP Set Last Layer or hooks change the
     picture and the maps as the model's own LoRAs do: runs that differ there are not paired."""
-    inputs = _inputs(prompt, node_id)
-    clips = {"clip": _clip(prompt, _encoder_clip(prompt, inputs.get("positive"))),
-             "negative clip": _clip(prompt, _encoder_clip(prompt, inputs.get("negative"))),
-             "attribution clip": _clip(prompt, inputs.get("clip"))}
+    clips = _clips(prompt, node_id)
     if set(clips.values()) <= {model.split(" + ")[0], ""}:
         return ""
     first = clips["clip"]
@@ -285,9 +282,17 @@ def attribution_clip_apart(prompt: dict | None, node_id) -> tuple[str, str] | No
     """The sampler's own CLIP (which encodes the attribution prompt) and the one that encoded its positive prompt, as
     _clip names them, where they differ (a LoRA or CLIP Set Last Layer added before CLIP Text Encode alone); None
     where they are one or either is not named."""
-    inputs = _inputs(prompt, node_id)
-    own, encoded = _clip(prompt, inputs.get("clip")), _clip(prompt, _encoder_clip(prompt, inputs.get("positive")))
+    clips = _clips(prompt, node_id)
+    own, encoded = clips["attribution clip"], clips["clip"]
     return (own, encoded) if own and encoded and own != encoded else None
+
+
+def _clips(prompt: dict | None, node_id) -> dict[str, str]:
+    """The CLIPs of a sampler, as _clip names them: the positive prompt's encoder's, the negative's, its own."""
+    inputs = _inputs(prompt, node_id)
+    return {"clip": _clip(prompt, _encoder_clip(prompt, inputs.get("positive"))),
+            "negative clip": _clip(prompt, _encoder_clip(prompt, inputs.get("negative"))),
+            "attribution clip": _clip(prompt, inputs.get("clip"))}
 
 
 def _encoder_clip(prompt: dict | None, link):
