@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from guided_runs import counting_evaluations
-from node_calls import as_comfy_runs, defaults
+from node_calls import as_comfy_runs, defaults, page_texts
 
 
 @pytest.fixture(scope="module")
@@ -304,13 +304,8 @@ def test_entanglement_iou_reports_the_change_from_a_baseline_trace_measured_as_i
 def test_entanglement_iou_says_on_its_node_why_the_change_from_its_baseline_is_not_guidances(nodes_and_trace,
                                                                                                monkeypatch):
     # The report, which has the notes too, is seen only where Preview as Text is connected.
-    import sys
-    import types
-
     entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
-    texts = []
-    page = types.SimpleNamespace(client_id="page", send_progress_text=lambda text, node, client: texts.append(text))
-    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page)))
+    texts = page_texts(monkeypatch)
     reworded = copy.deepcopy(trace)
     reworded.settings = {**trace.settings, "scale": 100.0}
     reworded.run = {**trace.run, "attribution_prompt": "a photo of a woman doctor"}
@@ -1124,16 +1119,11 @@ def test_a_sampler_whose_clip_is_not_the_prompts_says_so_in_its_notes(sd15, prom
 def test_a_sampler_stopped_by_an_interrupt_or_another_error_says_so_on_its_node(sd15, prompts, pack, monkeypatch,
                                                                                 kind):
     # Its text would otherwise still give the run before's guidance counts, as if this one had run.
-    import sys
-    import types
-
     import comfy.model_management as mm
 
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
-    texts = []
-    page = types.SimpleNamespace(client_id="page", send_progress_text=lambda text, node, client: texts.append(text))
-    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page)))
+    texts = page_texts(monkeypatch)
     model, clip = sd15
     pos, neg = prompts
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from guided_runs import counting_evaluations
-from node_calls import as_comfy_runs, defaults
+from node_calls import as_comfy_runs, defaults, page_texts
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -555,14 +555,10 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_when_the_prompt_is_que
 def test_an_audit_log_whose_file_cannot_be_written_says_so_on_its_node(pack, folders, trace, monkeypatch):
     # Its text would otherwise still say the run before appended its rows.
     import os
-    import sys
-    import types
 
     from biasmap_pack.nodes import BiasMapAuditLog
 
-    texts = []
-    page = types.SimpleNamespace(client_id="page", send_progress_text=lambda text, node, client: texts.append(text))
-    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page)))
+    texts = page_texts(monkeypatch)
     args = defaults(BiasMapAuditLog) | {"trace": trace}
     as_comfy_runs(BiasMapAuditLog, node_id="7").execute(**args)
     assert texts[-1].startswith("4 row(s) appended to output/biasmap/audit.csv")
