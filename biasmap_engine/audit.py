@@ -36,6 +36,15 @@ _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "sof
                     "iters": "sinkhorn_iters"}
 _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
         "attribution_prompt", "generation_prompt", "negative_prompt", "model")
+# Every column audit_rows writes but the stages' biou_<stage>: a column of a file that is none of these is the
+# researcher's own (notes typed in a spreadsheet), which rows appended later leave blank.
+_COLUMNS = frozenset(("label", *_RUN, "width", "height", "model_family",
+                      *(_SETTING_COLUMNS.get(name, name) for name in SETTING_NAMES), "image", "noise_index",
+                      "batch_size", "noise_mask", "sampler_demographic", "sampler_semantic", "demographic", "semantic",
+                      "q", "mask_size", "first_step", "last_step", "iou", "mbiou", *STATUS, "notes"))
+# The columns of every row of every file BiasMap appends to, whatever its version and the trace.
+_ALWAYS = ("label", *(c for c in _RUN if c not in _ADDED), "model_family", "image", "demographic", "semantic", "q",
+           "iou", "mbiou", *STATUS, "notes")
 
 
 def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "",
@@ -109,6 +118,10 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             if not header:
                 raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
                                  f"file name, or remove the blank line")
+            _check_header(header, path)
+            own = [c for c in header if c not in columns and c not in _COLUMNS and not c.startswith("biou_")]
+            if own:  # the researcher's own columns (notes typed in a spreadsheet): blank in these rows
+                rows, columns = [{**row, **dict.fromkeys(own, "")} for row in rows], columns + own
             # A file written before the latest columns (its columns maybe put in another order): kept as it is.
             if any(sorted(header) == sorted(c for c in columns if c not in _ADDED[i:]) for i in range(len(_ADDED))):
                 lost = [c for c in needed if c not in header]
@@ -122,14 +135,9 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
             elif sorted(header) == sorted(columns):  # the same columns, put in another order by a spreadsheet
                 rows, columns = [{c: row[c] for c in header} for row in rows], header
             if header != columns:
-                stages = any(c.startswith("biou_") for c in set(header) ^ set(columns))
-                why = ("BIoU columns follow the recorded stages, which differ between model families, with "
-                       "include_middle, and with a node that changes the U-Net's grids (Deep Shrink) at some image "
-                       "sizes" if stages else
-                       "The file was started by another BiasMap version, or the trace was saved by one")
                 raise ValueError(f"{path} holds rows with other columns than this trace's (only the file has: "
                                  f"{_only_in(header, columns)}; only the trace has: {_only_in(columns, header)}). "
-                                 f"{why}: give this audit another file name")
+                                 f"{_why_other_columns(header, columns)}")
         long = next((k for row in rows for k, v in row.items() if len(str(v)) > csv.field_size_limit()), None)
         if long is not None:  # written, it would leave a file that no later run could read back or append to
             raise ValueError(f"this trace's {long} is longer than Python's csv module reads back "
@@ -205,6 +213,18 @@ def check_appendable(path: str) -> None:
                          f"encoding; save it as CSV UTF-8, or give the audit another file name") from err
     if _semicolon_separated(data):
         raise _semicolons(path)
+    # Rows come only after the run has sampled: a file they could not go under is refused now, and said why.
+    header = next((record for record in _parsed(data, path) if record), None)
+    if header is not None:
+        _check_header(header, path)
+        lacking = [c for c in _ALWAYS if c not in header]
+        if len(lacking) == len(_ALWAYS):
+            raise ValueError(f"{path} is not an audit file of BiasMap's (its header names none of the columns BiasMap "
+                             f"writes): give the audit another file name")
+        if lacking:
+            raise ValueError(f"{path} lacks BiasMap's column(s) {', '.join(lacking)}, which every row has (removed in "
+                             f"a spreadsheet?): put them back from a copy of the file, or give the audit another file "
+                             f"name")
     _CHECKED[path] = seen
 
 
@@ -273,10 +293,7 @@ def read_csv(path: str) -> list[dict]:
     if not records:
         return []
     header, rows, damaged, headers = records[0], [], [], []
-    named_twice = sorted({c for c in header if header.count(c) > 1})
-    if named_twice:  # a dict of the row would keep one of them
-        raise ValueError(f"{path} names the column(s) {', '.join(map(repr, named_twice))} twice in its header: delete "
-                         f"one of each, or give the audit another file name")
+    _check_names(header, path)  # a dict of a row would keep one of two columns of one name
     for number, record in enumerate(records[1:], start=2 + skipped):  # rows as a spreadsheet numbers them
         if not any(cell.strip() for cell in record):  # a blank line, or a spreadsheet's empty row (,,,): no image
             continue
@@ -317,17 +334,23 @@ def _semicolon_separated(data: bytes) -> bool:
 def _parsed(data: bytes, path: str) -> list[list[str]]:
     """The records of an audit file's bytes (after any byte-order marks), read strictly: a quote left open would take
     every row appended after it into one cell."""
+    records, start = [], 1  # the line the record being read starts in: where a quote left open is
     try:
         # Any number of byte-order marks: a tool that adds one to a file that has one leaves two.
         text = data.decode("utf-8-sig").lstrip("\ufeff")
-        return list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        for record in reader:
+            records.append(record)
+            start = reader.line_num + 1
+        return records
     except (UnicodeDecodeError, csv.Error) as err:
         if _semicolon_separated(data):
             raise _semicolons(path) from err
-        raise ValueError(f"{path} cannot be read as an audit CSV ({err}): a spreadsheet saved it in another encoding "
-                         f"than UTF-8, a line was damaged (a quote left open), or a cell is longer than Python's csv "
-                         f"module reads; save it as CSV UTF-8 or mend the line, or give the audit another file "
-                         f"name") from err
+        where = f" in the row starting in line {start}" if isinstance(err, csv.Error) else ""
+        raise ValueError(f"{path} cannot be read as an audit CSV ({err}{where}): a spreadsheet saved it in another "
+                         f"encoding than UTF-8, a line was damaged (a quote left open), or a cell is longer than "
+                         f"Python's csv module reads; save it as CSV UTF-8 or mend the line, or give the audit another "
+                         f"file name") from err
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -382,7 +405,36 @@ def _inert(rows: list[dict]) -> list[dict]:
 
 
 def _only_in(columns, others) -> str:
-    # Columns of one set in another order are appended to (append_csv): what is left is a column named twice.
-    return ", ".join(c or "a column without a name (an empty column a spreadsheet kept: delete it)"
-                     for c in columns if c not in others) or ("nothing (a column named twice)"
-                                                             if set(columns) == set(others) else "nothing")
+    return ", ".join(c for c in columns if c not in others) or "nothing"
+
+
+def _why_other_columns(header: list[str], columns: list[str]) -> str:
+    """Why a file's ``header`` and the rows' ``columns`` differ, and what to do."""
+    if any(c.startswith("biou_") for c in set(header) ^ set(columns)):
+        return ("BIoU columns follow the recorded stages, which differ between model families, with include_middle, "
+                "and with a node that changes the U-Net's grids (Deep Shrink) at some image sizes: give this audit "
+                "another file name")
+    removed = [c for c in columns if c not in header and c in _COLUMNS and c not in _ADDED]
+    if removed and set(header) <= set(columns):
+        return (f"The file lacks BiasMap's column(s) {', '.join(removed)}, which every row of this version has "
+                f"(removed in a spreadsheet?): put them back from a copy of the file, or give this audit another file "
+                f"name")
+    return "The file was started by another BiasMap version, or the trace was saved by one: give this audit another " \
+           "file name"
+
+
+def _check_names(header: list[str], path: str) -> None:
+    """Refuse a header that names a column twice: which of the two would a row's value be?"""
+    named_twice = sorted({c for c in header if header.count(c) > 1})
+    if named_twice:
+        raise ValueError(f"{path} names the column(s) {', '.join(map(repr, named_twice))} twice in its header: delete "
+                         f"one of each, or give the audit another file name")
+
+
+def _check_header(header: list[str], path: str) -> None:
+    """Refuse a header no audit rows can go under: a column named twice, or the reductions table Audit Log writes
+    beside an audit file."""
+    _check_names(header, path)
+    if header[0] == "metric" and "reduction" in header:
+        raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
+                         f"audit file: give the audit's own file name (without _reductions)")

@@ -63,6 +63,12 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     λ = 0 row of their image, n/a figures, the same image logged again).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
+    return _paired(rows, metric, by, match)[0]
+
+
+def _paired(rows, metric: str, by, match: tuple[str, ...]) -> tuple[list[dict], list[str]]:
+    """:func:`reductions`, and the λ = 0 images that no guided configuration pairs with, as the summary names them
+    (made otherwise than every guided run, or of a ``by`` value that has none)."""
     rows = _with_guided_concepts(rows)
     by = _apart_by_demographic(rows, _columns(by))
     _check_columns(rows, metric, by, match)
@@ -92,12 +98,13 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
         name = _key(row, _SETTINGS) + _key(row, by)
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0,
                                          "differing_duplicates": 0, "baseline_duplicates": 0,
-                                         "images_guided": set()})
+                                         "images_guided": set(), "first_unpaired": None})
         key = _key(row, image)
         group["images_guided"].add(key)
         base, after = baselines.get(key, (None, None))[0], _parsed_number(row[metric])
         if base is None:
             group["unpaired"] += 1
+            group["first_unpaired"] = group["first_unpaired"] or row
         elif not (math.isfinite(base) and math.isfinite(after)):  # n/a: no maps to threshold
             group["not_measured"] += 1
         elif key in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
@@ -110,12 +117,46 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
         raise ValueError(f"no guided row has a λ = 0 row of the same image: "
                          f"{_mismatch(guided, [row for _, row in baselines.values()], image)}")
     made_alike = collections.defaultdict(list)  # λ = 0 images by how they were made and measured
+    of_seed = collections.defaultdict(list)  # λ = 0 rows by seed and by value: where an unpaired row's would be
     for key, (_, row) in baselines.items():
         made_alike[tuple(key[i] for i in _MEASURED_AT) + _key(row, by)].append(key)
+        of_seed[_key(row, ("seed", *by))].append(row)
+    guided_alike = set()
     for group in groups.values():
-        alike = made_alike[_key(group["row"], _MEASURED) + _key(group["row"], by)]
-        group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in alike)
-    return [_summary(g, by) for g in groups.values()]
+        alike = _key(group["row"], _MEASURED) + _key(group["row"], by)
+        guided_alike.add(alike)
+        group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in made_alike.get(alike, []))
+        if group["first_unpaired"] is not None:
+            group["first_unpaired"] = _why_unpaired(group["first_unpaired"], of_seed, image, by)
+    alone = [_made_otherwise(alike, len(keys), guided_alike, by) for alike, keys in made_alike.items()
+             if alike not in guided_alike]
+    return [_summary(g, by) for g in groups.values()], alone
+
+
+def _why_unpaired(row: dict, of_seed: dict, columns: tuple[str, ...], by: tuple[str, ...]) -> str:
+    """Why a guided ``row`` has no λ = 0 row of its image: there is none of its seed (and ``by`` value) yet, or the
+    columns in which the nearest such row differs from it."""
+    named = " ".join(str(row.get(c, "")) for c in by)
+    candidates = of_seed.get(_key(row, ("seed", *by)), [])
+    if not candidates:
+        return f"the first: no λ = 0 row {f'of {named} ' if named else ''}at seed {row.get('seed', '')} yet"
+    nearest = min(candidates, key=lambda base: _distance(base, row, columns))
+    return (f"the first, seed {row.get('seed', '')} image {row.get('image', '')}: its λ = 0 row differs in "
+            f"{'; '.join(_differences(nearest, row, columns))}")
+
+
+def _made_otherwise(alike: tuple, images: int, guided_alike: set, by: tuple[str, ...]) -> str:
+    """λ = 0 images made and measured as no guided configuration (``alike``: their _MEASURED and ``by`` values), as
+    the summary names them: the columns in which the nearest guided configuration differs, or that their ``by`` value
+    has none."""
+    columns = (*_MEASURED, *by)
+    nearest = min(guided_alike, key=lambda other: sum(a != b for a, b in zip(alike, other)))
+    differing = [(c, mine, theirs) for c, mine, theirs in zip(columns, alike, nearest) if mine != theirs]
+    named = " · ".join(str(v) for v in alike[len(_MEASURED):]) or "all"
+    if all(c in by for c, _, _ in differing):
+        return f"{named}: {images} image(s), of which no guided run is logged"
+    return (f"{named}: {images} image(s) made otherwise than the guided runs ("
+            + "; ".join(f"{c} {mine} at λ = 0, {theirs} guided" for c, mine, theirs in differing if c not in by) + ")")
 
 
 def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
@@ -152,9 +193,10 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
         why = "guided runs only so far; for the reductions, log the same seeds at λ = 0: set the seed, or Audit Prompts' "
         return _means_text(rows, metrics, by, why + "run, back to the first run's"), None
     try:
-        figures = {metric: reductions(rows, metric, by) for metric in metrics}
+        paired = {metric: _paired(rows, metric, by, ()) for metric in metrics}
     except ValueError as err:
         return f"reductions over the file: none: {err}", None
+    figures = {metric: groups for metric, (groups, _) in paired.items()}
     first = figures[metrics[0]]
     # A configuration is named by the settings in which the file's guided configurations differ (λ at least).
     named = ["guidance_scale"] + [c for c in _SETTINGS[1:] if len({_cell(f, c) for f in first}) > 1]
@@ -163,15 +205,42 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
              f"images on, for the per-image figure {_FEWEST_FOR_INTERVAL} with overlap at λ = 0):"]
     for i, group in enumerate(first):
         setting = " · ".join(_label(c, group.get(c, "")) for c in named)
-        changes = "; ".join(f"{metric} {figure(f[i]['base'], 4)} → {figure(f[i]['guided'], 4)} "
-                            f"({_with_interval(f[i], 'reduction')}, per image "
-                            f"{_with_interval(f[i], 'mean_image_reduction')})" for metric, f in figures.items())
-        left_out = ", ".join(f"{group[k]} {name}" for k, name in _LEFT_OUT.items() if group[k])
-        if not group["images"]:  # a pass at λ = 0 under way: not an n/a figure
-            changes = "none paired yet (no λ = 0 row of its images)"
-        lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}; {group['images']} image(s)"
-                     + (f"; left out: {left_out}" if left_out else ""))
+        each = [(metric, f[i]) for metric, f in figures.items()]
+        counts = {(g["images"], _left_out(g)) for _, g in each}
+        if len(counts) == 1:  # the metrics' figures are of the same images: said once
+            none = {_none_why(g) for _, g in each if not g["images"]}
+            changes = none.pop() if len(none) == 1 and not group["images"] else "; ".join(
+                _change(metric, g) for metric, g in each)
+            changes += f"; {group['images']} image(s)" + (f"; left out: {_left_out(group)}" if _left_out(group) else "")
+        else:  # an image n/a by one metric (a stage's maps not finite: IoU n/a, mBIoU over the other stages)
+            changes = "; ".join(f"{_change(metric, g)} over {g['images']} image(s)"
+                                + (f" (left out: {_left_out(g)})" if _left_out(g) else "") for metric, g in each)
+        lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}")
+    alone = paired[metrics[0]][1]
+    if alone:
+        lines.append("λ = 0 images that no guided run pairs with, left out: " + "; ".join(alone))
     return "\n".join(lines), _table(figures)
+
+
+def _change(metric: str, group: dict) -> str:
+    """A metric's means and reductions in a summary line, or why there are none."""
+    if not group["images"]:
+        return f"{metric} {_none_why(group)}"
+    return (f"{metric} {figure(group['base'], 4)} → {figure(group['guided'], 4)} "
+            f"({_with_interval(group, 'reduction')}, per image {_with_interval(group, 'mean_image_reduction')})")
+
+
+def _none_why(group: dict) -> str:
+    """Why a metric pairs no image of a group."""
+    if group["not_measured"]:  # paired, but with no figure: no maps to threshold
+        return "n/a (no figure of its paired images)"
+    return "none paired yet (no λ = 0 row of its images)"  # a pass at λ = 0 under way
+
+
+def _left_out(group: dict) -> str:
+    """The rows a metric's figures left out, as a summary line names them (and why the first unpaired guided row is)."""
+    return ", ".join(f"{group[k]} {name}" + (f" ({group['why_unpaired']})" if k == "unpaired" else "")
+                     for k, name in _LEFT_OUT.items() if group[k])
 
 
 def _table(figures: dict[str, list[dict]]) -> list[dict]:
@@ -181,6 +250,8 @@ def _table(figures: dict[str, list[dict]]) -> list[dict]:
         for group in groups:
             row = {"metric": metric}
             for key, value in group.items():
+                if key == "why_unpaired":  # the summary's words, not a figure to chart
+                    continue
                 if key.endswith("_interval"):
                     row[key.replace("_interval", "_low")], row[key.replace("_interval", "_high")] = value
                 else:
@@ -314,7 +385,8 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
             "reduction": (before - after) / before if before > 0 else math.nan, "reduction_interval": of_means,
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
             "mean_image_reduction_interval": per_image_mean,
-            "images_with_overlap": len(per_image), **{k: group[k] for k in _LEFT_OUT}}
+            "images_with_overlap": len(per_image), **{k: group[k] for k in _LEFT_OUT},
+            "why_unpaired": group["first_unpaired"] or ""}
 
 
 def _intervals(values: list[tuple[float, float]], with_overlap: int) -> tuple[tuple, tuple]:
@@ -410,19 +482,28 @@ def _mismatch(guided, baselines, columns) -> str:
                          f"runs' file")
         return f"the guided and λ = 0 rows differ in every value of {named}; " + "; ".join(fixes)
     first = guided[0]
-    target = _key(first, columns)
-
-    def distance(row) -> tuple[int, list[bool]]:  # the fewest differing columns; of those, the later (less telling)
-        differs = [value != wanted for value, wanted in zip(_key(row, columns), target)]
-        return sum(differs), differs
-
-    nearest = min(baselines, key=distance)
-    differing = [f"{c}: {base} at λ = 0, {guided_value} guided" for c, differ in zip(columns, distance(nearest)[1])
-                 if differ for base, guided_value in [_apart(str(nearest.get(c, "")), str(first.get(c, "")))]]
+    nearest = min(baselines, key=lambda row: _distance(row, first, columns))
+    differing = _differences(nearest, first, columns)
     if not differing:  # its image's λ = 0 row is there: one of the two has no figure
         return "the first guided row has its λ = 0 row, but one of the two has no figure (n/a: no maps to threshold)"
     return (f"the λ = 0 row nearest the first guided row differs from it in {'; '.join(differing)}; log λ = 0 runs "
             f"that differ from the guided ones in guidance_scale alone")
+
+
+def _distance(base: dict, guided: dict, columns: tuple[str, ...]) -> tuple[int, list[bool]]:
+    """How far a λ = 0 row is from a guided one: the fewest differing columns; of those, the later (less telling)."""
+    differs = [value != wanted for value, wanted in zip(_key(base, columns), _key(guided, columns))]
+    return sum(differs), differs
+
+
+def _differences(base: dict, guided: dict, columns: tuple[str, ...]) -> list[str]:
+    """The columns in which a λ = 0 row and a guided one differ, with both values (long ones cut where they differ)."""
+    shown = []
+    for column, differ in zip(columns, _distance(base, guided, columns)[1]):
+        if differ:
+            base_value, guided_value = _apart(str(base.get(column, "")), str(guided.get(column, "")))
+            shown.append(f"{column}: {base_value} at λ = 0, {guided_value} guided")
+    return shown
 
 
 def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:

@@ -125,6 +125,10 @@ class BiasMapAuditLog(io.ComfyNode):
                              f"audit another file name") from err
         text = csv_text(written)
         message = f"{len(rows)} row(s) appended to {shown}"
+        own = [c for c in written[0] if c not in rows[0]]
+        if own:  # notes a researcher typed in a spreadsheet
+            message += (f"\nthe file's own column(s) {', '.join(own)}, which BiasMap does not write, are left blank "
+                        f"in these rows")
         left_out = [c for c in rows[0] if c not in written[0]]
         if left_out:  # the output shows what the file holds, and why a column is missing from it
             message += (f"\nwithout the column(s) {', '.join(left_out)}: the file was started before BiasMap wrote "

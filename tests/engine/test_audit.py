@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from biasmap_engine import audit
-from biasmap_engine import (STATUS, OlderFileError, TraceRecorder, append_csv, audit_rows, check_appendable,
-                            csv_text, measure_entanglement, read_csv, reductions, reductions_report, reductions_table,
-                            reductions_text, write_csv)
+from biasmap_engine import (STATUS, BiasMapSettings, OlderFileError, TraceRecorder, append_csv, audit_rows,
+                            check_appendable, csv_text, measure_entanglement, read_csv, reductions, reductions_report,
+                            reductions_table, reductions_text, write_csv)
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -187,14 +187,60 @@ def test_reading_an_audit_names_a_repeated_header_a_column_named_twice_and_count
         read_csv(str(many))
 
 
-def test_a_column_without_a_name_that_a_spreadsheet_kept_is_named_when_rows_are_refused(tmp_path):
+@pytest.mark.parametrize("added", ["my_notes", ""], ids=["a column of notes", "an empty column a spreadsheet kept"])
+def test_a_column_the_researcher_added_to_the_file_is_kept_and_left_blank_in_rows_appended_later(tmp_path, added):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), label="first"))
+    records = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    noted = [records[0][:3] + [added] + records[0][3:]] + [r[:3] + ["looks odd"] + r[3:] for r in records[1:]]
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f).writerows(noted)
+    check_appendable(str(path))
+    written = append_csv(str(path), audit_rows(halves_trace(), label="second"))
+    rows = read_csv(str(path))
+    assert list(written[0]) == list(rows[0]) == noted[0] and [r[added] for r in written] == [""] * 4
+    assert [(r["label"], r[added]) for r in rows] == [("first", "looks odd")] * 4 + [("second", "")] * 4
+    assert reductions_text(rows) == reductions_text([{k: v for k, v in r.items() if k != added} for r in rows])
+
+
+def test_a_file_whose_biasmap_columns_were_removed_is_refused_before_a_run_and_when_rows_come_naming_them(tmp_path):
     path = tmp_path / "audit.csv"
     append_csv(str(path), audit_rows(halves_trace()))
     records = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    path.write_text("".join(",".join(r + [""]) + "\r\n" for r in records), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"only the file has: a column without a name \(an empty column a spreadsheet "
-                                         r"kept: delete it\); only the trace has: nothing\)\."):
+    kept = [i for i, c in enumerate(records[0]) if c not in ("time", "notes")]
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f).writerows([[r[i] for i in kept] for r in records])
+    before = path.read_bytes()
+    fix = r"time, notes, which every row .*\(removed in a spreadsheet\?\): put them back from a copy of the file"
+    with pytest.raises(ValueError, match=rf"audit.csv lacks BiasMap's column\(s\) {fix}"):
+        check_appendable(str(path))
+    with pytest.raises(ValueError, match=rf"The file lacks BiasMap's column\(s\) {fix}"):
         append_csv(str(path), audit_rows(halves_trace()))
+    assert path.read_bytes() == before
+    other = tmp_path / "other.csv"
+    other.write_text("name,score\r\nx,1\r\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="other.csv is not an audit file of BiasMap's .*: give the audit another file"):
+        check_appendable(str(other))
+
+
+def test_the_reductions_table_given_as_the_audit_file_is_refused_before_a_run(tmp_path):
+    path = tmp_path / "audit_reductions.csv"
+    path.write_text("metric,guidance_scale,semantic,images,base,guided,reduction\r\niou,100,doctor,3,0.4,0.3,0.25\r\n",
+                    encoding="utf-8-sig")
+    fix = r"is the table of reductions that Audit Log writes beside an audit file, not an audit file: give the audit's"
+    with pytest.raises(ValueError, match=fix):
+        check_appendable(str(path))
+    with pytest.raises(ValueError, match=fix):
+        append_csv(str(path), audit_rows(halves_trace()))
+
+
+def test_a_row_cut_inside_a_quoted_cell_is_refused_before_a_run_naming_the_line_it_starts_in(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace()))  # the header and 4 rows: lines 1–5
+    with open(path, "ab") as f:
+        f.write(b'edited,"a quote left open\r\nand a second line\r\n')
+    with pytest.raises(ValueError, match=r"\(unexpected end of data in the row starting in line 6\): .* mend the line"):
+        check_appendable(str(path))
 
 
 def test_rows_are_appended_in_the_order_a_spreadsheet_put_the_files_columns_in(tmp_path):
@@ -675,10 +721,17 @@ def test_rows_of_an_inpainted_run_are_refused_by_a_file_started_before_the_noise
 def test_reductions_text_says_which_rows_it_left_out_duplicates_too():
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)) * 2  # queued twice
-    rows[0] = {**rows[0], "iou": float("nan")}  # the λ = 0 doctor of image 0: n/a
+    rows[0] = {**rows[0], "iou": float("nan")}  # the λ = 0 doctor of image 0: n/a by IoU, measured by mBIoU
     doctor, nurse = reductions_text(rows).splitlines()[1:]
-    assert doctor.endswith("; 1 image(s); left out: 2 not measured, 1 duplicates")
+    assert doctor.endswith("(0.0 %, per image 0.0 %) over 1 image(s) (left out: 2 not measured, 1 duplicates); mbiou "
+                           "0.3333 → 0.3333 (0.0 %, per image 0.0 %) over 2 image(s) (left out: 2 duplicates)")
     assert nurse.endswith("; 2 image(s); left out: 2 duplicates")
+    every = [{**row, "iou": float("nan")} if row["semantic"] == "doctor" else row for row in rows]
+    assert reductions_text(every).splitlines()[1] == (  # all n/a by IoU: not "none paired yet"
+        "λ 100 · doctor: iou n/a (no figure of its paired images) over 0 image(s) (left out: 4 not measured); mbiou "
+        "0.3333 → 0.3333 (0.0 %, per image 0.0 %) over 2 image(s) (left out: 2 duplicates)")
+    assert reductions_text(every, metrics=("iou",)).splitlines()[1] == (
+        "λ 100 · doctor: n/a (no figure of its paired images); 0 image(s); left out: 4 not measured")
 
 
 def test_reductions_count_the_lambda_0_rows_of_an_image_logged_again_as_they_count_the_guided_ones():
@@ -836,7 +889,8 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     append_csv(path, audit_rows(unpaired, q=0.5, size=(8, 8)))
     assert reductions_text(read_csv(path), by=None).splitlines()[1] == (
         "λ 100 · guided_stages all: iou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); "
-        "mbiou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); 4 image(s); left out: 4 unpaired")
+        "mbiou 0.5000 → 0.3333 (−33.3 %, per image −16.7 %); 4 image(s); left out: 4 unpaired (the first: no λ = 0 "
+        "row at seed 99 yet)")
     other_seed = halves_trace()
     other_seed.run, other_seed.settings = {**RUN, "seed": 99}, {"scale": 0.0, "guided_stages": None}
     assert reductions_text(audit_rows(guided) + audit_rows(other_seed)).endswith(
@@ -852,7 +906,8 @@ def test_reductions_text_gives_each_configuration_and_concept_its_change_both_wa
     # The λ = 0 pass under way: nurse's baselines logged, doctor's not yet.
     midway = [r for r in audit_rows(base, q=0.5, size=(8, 8)) if r["semantic"] == "nurse"]
     assert reductions_text(midway + audit_rows(guided, q=0.5, size=(8, 8))).splitlines()[1] == (
-        "λ 100 · doctor: none paired yet (no λ = 0 row of its images); 0 image(s); left out: 2 unpaired")
+        "λ 100 · doctor: none paired yet (no λ = 0 row of its images); 0 image(s); left out: 2 unpaired (the first: "
+        "no λ = 0 row of doctor at seed 42 yet)")
 
 
 def test_reductions_text_keeps_demographic_concepts_apart_and_refuses_rows_without_a_scale():
@@ -1063,7 +1118,7 @@ def test_append_csv_writes_each_value_under_its_heading_in_a_file_whose_columns_
     append_csv(str(path), [{"label": "b", "iou": 0.25}])
     assert path.read_bytes() == b"iou,label\r\n0.5,a\r\n0.25,b\r\n"
     path.write_bytes(b"iou,label,iou\r\n0.5,a,0.5\r\n")  # a column named twice: refused, not guessed
-    with pytest.raises(ValueError, match=r"only the file has: nothing \(a column named twice\)"):
+    with pytest.raises(ValueError, match=r"names the column\(s\) 'iou' twice in its header: delete one of each"):
         append_csv(str(path), [{"label": "b", "iou": 0.25}])
     assert path.read_bytes() == b"iou,label,iou\r\n0.5,a,0.5\r\n"
 
@@ -1077,8 +1132,10 @@ def test_reductions_keep_the_first_row_of_an_image_logged_twice():
     # Said, not silent: a row whose figure differs from the one counted was made otherwise (another machine), or is
     # of another image that no column tells apart.
     assert nurse["differing_duplicates"] == 2
-    assert reductions_text(rows + again).splitlines()[2].endswith(
-        "; 2 image(s); left out: 2 duplicates, 2 of them with other figures than the row counted")
+    assert reductions_text(rows + again).splitlines()[2] == (  # mbiou's rows logged again have its figures
+        "λ 100 · nurse: iou 0.6667 → 0.3333 (−50.0 %, per image −33.3 %) over 2 image(s) (left out: 2 duplicates, 2 "
+        "of them with other figures than the row counted); mbiou 0.6667 → 0.3333 (−50.0 %, per image −33.3 %) over 2 "
+        "image(s) (left out: 2 duplicates)")
     same = {r["semantic"]: r for r in reductions(rows + audit_rows(guided, q=0.5, size=(8, 8)))}["nurse"]
     assert (same["duplicates"], same["differing_duplicates"]) == (2, 0)
 
@@ -1609,3 +1666,32 @@ def test_a_line_of_runs_guided_against_the_rows_pair_alone_says_so_beside_one_gu
     names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
     assert names == ["λ 100 · guided_concepts semantic doctor, nurse · nurse",
                      "λ 100 · guided against the pair alone · nurse"]
+
+
+def test_the_summary_says_why_a_guided_row_is_unpaired_and_names_the_lambda_0_images_no_guided_run_pairs_with():
+    base, guided = _baseline_and_guided()
+    base_rows, guided_rows = audit_rows(base, q=0.5, size=(8, 8)), audit_rows(guided, q=0.5, size=(8, 8))
+    # Steps changed midway through the λ = 0 pass: image 1's baselines came at 3 steps, the guided runs' at 2.
+    moved = [{**row, "steps": 3} if row["image"] == 1 else row for row in base_rows]
+    lines = reductions_text(moved + guided_rows).splitlines()
+    assert lines[1].endswith("; 1 image(s); left out: 1 unpaired (the first, seed 42 image 1: its λ = 0 row differs "
+                             "in steps: 3 at λ = 0, 2 guided)")
+    assert lines[3] == ("λ = 0 images that no guided run pairs with, left out: doctor: 1 image(s) made otherwise than "
+                        "the guided runs (steps 3 at λ = 0, 2 guided); nurse: 1 image(s) made otherwise than the "
+                        "guided runs (steps 3 at λ = 0, 2 guided)")
+    # A profession none of whose guided runs is logged (a pass subject by subject stopped early): its baselines said.
+    doctor_only = [row for row in guided_rows if row["semantic"] == "doctor"]
+    lines = reductions_text(base_rows + doctor_only).splitlines()
+    assert lines[1:] == ["λ 100 · doctor: iou 0.3333 → 0.3333 (0.0 %, per image 0.0 %); mbiou 0.3333 → 0.3333 "
+                         "(0.0 %, per image 0.0 %); 2 image(s)",
+                         "λ = 0 images that no guided run pairs with, left out: nurse: 2 image(s), of which no guided "
+                         "run is logged"]
+    assert "λ = 0 images that no guided run" not in reductions_text(base_rows + guided_rows)
+    assert "why_unpaired" not in reductions_table(moved + guided_rows)[0]  # words for the summary, not the table
+
+
+def test_the_columns_known_as_biasmaps_are_those_audit_rows_writes_so_that_only_a_researchers_own_are_left_blank():
+    trace = halves_trace()
+    trace.settings = BiasMapSettings().to_dict()  # every setting a sampler's trace holds
+    assert {c for c in audit_rows(trace)[0] if not c.startswith("biou_")} == audit._COLUMNS
+    assert set(audit._ALWAYS) <= audit._COLUMNS

@@ -552,6 +552,29 @@ def test_an_audit_file_that_could_take_no_rows_is_refused_when_the_prompt_is_que
         "output/biasmap/audit.csv is a folder: give the audit a file name")
 
 
+def test_audit_log_keeps_a_column_of_notes_added_to_its_file_and_refuses_its_reductions_table_when_queued(
+        pack, folders, trace):
+    from biasmap_engine import read_csv
+    from biasmap_pack.nodes import BiasMapAuditLog
+
+    node = as_comfy_runs(BiasMapAuditLog)
+    args = defaults(BiasMapAuditLog) | {"trace": trace, "filename": "biasmap/noted"}
+    node.execute(**args)
+    path = folders / "out" / "biasmap" / "noted.csv"
+    records = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:  # as a researcher's spreadsheet saves it
+        csv.writer(f).writerows([r + [note] for r, note in zip(records, ["my_notes"] + ["odd"] * len(records))])
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/noted") is True
+    summary = node.execute(**args).result[1]
+    assert summary.splitlines()[:2] == ["4 row(s) appended to output/biasmap/noted.csv", "the file's own column(s) "
+                                        "my_notes, which BiasMap does not write, are left blank in these rows"]
+    assert [r["my_notes"] for r in read_csv(str(path))] == ["odd"] * 4 + [""] * 4
+    (folders / "out" / "biasmap" / "noted_reductions.csv").write_text("metric,guidance_scale,reduction\r\n")
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/noted_reductions") == (
+        "output/biasmap/noted_reductions.csv is the table of reductions that Audit Log writes beside an audit file, "
+        "not an audit file: give the audit's own file name (without _reductions)")
+
+
 def test_an_audit_log_whose_file_cannot_be_written_says_so_on_its_node(pack, folders, trace, monkeypatch):
     # Its text would otherwise still say the run before appended its rows.
     import os
