@@ -180,8 +180,35 @@ def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
 def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
                       by: str | tuple[str, ...] = "semantic") -> tuple[str, list[dict] | None]:
     """:func:`reductions_text` and :func:`reductions_table` of ``rows`` from one computation of the reductions (Audit
-    Log makes both after every run); the table is None where the text gives no reductions (means, or why none)."""
-    by = _apart_by_demographic(rows, _columns(by))
+    Log makes both after every run); the table is None where the text gives no reductions (means, or why none). The
+    text ends with the notes the rows carry (a concept not in the generation prompt, an fp16 overflow), which the
+    figures do not show."""
+    text, table = _report(rows, metrics, _apart_by_demographic(rows, _columns(by)))
+    return text + _notes_said(rows), table
+
+
+def _notes_said(rows) -> str:
+    """The notes of the runs that made ``rows``, each with how many rows carry it, the most frequent first: a line
+    of the summary (empty where no row has a note)."""
+    counted = collections.Counter(note for row in rows
+                                  for note in dict.fromkeys(str(row.get("notes", "")).split(" | ")) if note)
+    if not counted:
+        return ""
+    said = "; ".join(f"{count} row(s): {_cut(note)}" for note, count in counted.most_common(_NOTES_SAID))
+    others = len(counted) - _NOTES_SAID
+    return (f"\nnotes in the rows (the notes column): {said}"
+            + (f"; and {others} other note(s)" if others > 0 else ""))
+
+
+_NOTES_SAID, _NOTE_WIDTH = 3, 90  # the notes a summary names, and each one's characters
+
+
+def _cut(note: str) -> str:
+    """A note as a summary shows it: its start, up to _NOTE_WIDTH characters."""
+    return note if len(note) <= _NOTE_WIDTH else note[:_NOTE_WIDTH - 1].rstrip() + "…"
+
+
+def _report(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> tuple[str, list[dict] | None]:
     try:
         _check_seeds(rows)  # the means, too, count images by their seeds
     except ValueError as err:

@@ -19,7 +19,7 @@ RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "nor
        "attribution_prompt": "a doctor, nurse and gender"}
 
 
-def halves_trace(stages=("down_1", "up_1")):
+def halves_trace(stages=("down_1", "up_1"), notes=()):
     """Two images on an 8×8 grid: 'gender' on the left half, 'doctor' on the top half (IoU 1/3 at q = 0.5), 'nurse'
     on the top half in image 0 and on the left half in image 1 (IoU 1/3, then 1)."""
     left = torch.zeros(8, 8)
@@ -36,11 +36,11 @@ def halves_trace(stages=("down_1", "up_1")):
         rec.end(energy=torch.rand(2), grad_norm=torch.rand(2),
                 status=torch.tensor([STATUS["applied"], STATUS["skipped_gate"] if step else STATUS["applied"]]))
     return rec.finish(tokens=TOKENS, latent_shape=[2, 4, 8, 8], demographic=["gender"], semantic=["doctor", "nurse"],
-                      model_family="SD15", settings={"scale": 100.0, "guided_stages": None}, notes=["a note"], run=RUN)
+                      model_family="SD15", settings={"scale": 100.0, "guided_stages": None}, notes=list(notes), run=RUN)
 
 
 def test_audit_rows_give_each_image_and_pair_its_iou_biou_and_guidance_counts():
-    trace = halves_trace()
+    trace = halves_trace(notes=["a note"])
     rows = audit_rows(trace, q=0.5, size=(8, 8), label="run A")
     assert [(r["semantic"], r["image"]) for r in rows] == [("doctor", 0), ("doctor", 1), ("nurse", 0), ("nurse", 1)]
     assert [r["iou"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0], abs=1e-6)
@@ -397,7 +397,7 @@ def test_append_csv_takes_a_file_a_spreadsheet_saved_again_without_the_byte_orde
 
 def test_append_csv_starts_on_a_new_line_when_the_file_lost_its_last_line_break(tmp_path):
     path = tmp_path / "audit.csv"
-    append_csv(str(path), audit_rows(halves_trace(), q=0.5))
+    append_csv(str(path), audit_rows(halves_trace(notes=["a note"]), q=0.5))
     path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # as some spreadsheet exports save it
     append_csv(str(path), audit_rows(halves_trace(), q=0.5, label="next"))
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -1695,3 +1695,18 @@ def test_the_columns_known_as_biasmaps_are_those_audit_rows_writes_so_that_only_
     trace.settings = BiasMapSettings().to_dict()  # every setting a sampler's trace holds
     assert {c for c in audit_rows(trace)[0] if not c.startswith("biou_")} == audit._COLUMNS
     assert set(audit._ALWAYS) <= audit._COLUMNS
+
+
+def test_the_summary_ends_with_the_notes_the_rows_carry_most_frequent_first():
+    base, guided = _baseline_and_guided()
+    said = "the semantic concept(s) nurse are not in the generation prompt " + "(a long note that goes on) " * 4
+    guided.notes = [said, "cfg = 1 skips the unconditional pass"]
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    last = reductions_text(rows).splitlines()[-1]
+    assert last == ("notes in the rows (the notes column): 4 row(s): " + said[:89].rstrip() + "…; 4 row(s): cfg = 1 "
+                    "skips the unconditional pass")
+    base.notes = [f"note {i}" for i in range(4)]
+    last = reductions_report(audit_rows(base, q=0.5, size=(8, 8)))[0].splitlines()[-1]  # the means' summary too
+    assert last == ("notes in the rows (the notes column): 4 row(s): note 0; 4 row(s): note 1; 4 row(s): note 2; and "
+                    "1 other note(s)")
+    assert "notes in the rows" not in reductions_text(audit_rows(halves_trace(), q=0.5, size=(8, 8)))

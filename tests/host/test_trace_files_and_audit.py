@@ -277,9 +277,10 @@ def test_audit_log_summary_gives_the_papers_reductions_once_the_file_holds_guide
     summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided}).result[1]
     lines = summary.splitlines()
     assert lines[1].startswith("reductions over the file") and lines[2].startswith("λ 100 · nurse: iou ")
-    assert lines[2].endswith("(0.0 %, per image 0.0 %); 2 image(s)") and lines[4].startswith("label,")
+    assert lines[2].endswith("(0.0 %, per image 0.0 %); 2 image(s)") and lines[5].startswith("label,")
+    assert lines[3] == f"notes in the rows (the notes column): 4 row(s): {trace.notes[0][:89].rstrip()}…"  # said
     # And as a table beside the audit, for a spreadsheet: a row per metric and profession, replaced after each run.
-    assert lines[3] == "the reductions as a table, for a spreadsheet: output/biasmap/audit_reductions.csv"
+    assert lines[4] == "the reductions as a table, for a spreadsheet: output/biasmap/audit_reductions.csv"
     with open(folders / "out" / "biasmap" / "audit_reductions.csv", newline="", encoding="utf-8-sig") as f:
         table = list(csv.DictReader(f))
     assert [(r["metric"], r["semantic"], r["guidance_scale"], r["images"], r["reduction"]) for r in table] == [
