@@ -60,7 +60,8 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     the rows hold several): the images paired with their λ = 0 row, both means of ``metric``, both relative
     reductions with their 95 % bootstrap intervals (``reduction_interval``, ``mean_image_reduction_interval``: (low,
     high), NaN from fewer than 10 images, or with overlap at λ = 0 for the second), and the guided rows left out (no
-    λ = 0 row of their image, n/a figures, the same image logged again).
+    λ = 0 row of their image, n/a figures, the same image logged again; ``why_unpaired``: why the first unpaired
+    one is).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
     return _paired(rows, metric, by, match)[0]
@@ -126,8 +127,8 @@ def _paired(rows, metric: str, by, match: tuple[str, ...]) -> tuple[list[dict], 
         alike = _key(group["row"], _MEASURED) + _key(group["row"], by)
         guided_alike.add(alike)
         group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in made_alike.get(alike, []))
-        if group["first_unpaired"] is not None:
-            group["first_unpaired"] = _why_unpaired(group["first_unpaired"], of_seed, image, by)
+        first = group["first_unpaired"]
+        group["why_unpaired"] = _why_unpaired(first, of_seed, image, by) if first is not None else ""
     alone = [_made_otherwise(alike, len(keys), guided_alike, by) for alike, keys in made_alike.items()
              if alike not in guided_alike]
     return [_summary(g, by) for g in groups.values()], alone
@@ -149,14 +150,13 @@ def _made_otherwise(alike: tuple, images: int, guided_alike: set, by: tuple[str,
     """λ = 0 images made and measured as no guided configuration (``alike``: their _MEASURED and ``by`` values), as
     the summary names them: the columns in which the nearest guided configuration differs, or that their ``by`` value
     has none."""
-    columns = (*_MEASURED, *by)
     nearest = min(guided_alike, key=lambda other: sum(a != b for a, b in zip(alike, other)))
-    differing = [(c, mine, theirs) for c, mine, theirs in zip(columns, alike, nearest) if mine != theirs]
+    differing = [f"{c} {' at λ = 0, '.join(_apart(str(mine), str(theirs)))} guided"
+                 for c, mine, theirs in zip(_MEASURED, alike, nearest) if mine != theirs]
     named = " · ".join(str(v) for v in alike[len(_MEASURED):]) or "all"
-    if all(c in by for c, _, _ in differing):
-        return f"{named}: {images} image(s), of which no guided run is logged"
-    return (f"{named}: {images} image(s) made otherwise than the guided runs ("
-            + "; ".join(f"{c} {mine} at λ = 0, {theirs} guided" for c, mine, theirs in differing if c not in by) + ")")
+    if not differing:  # apart by their by value alone
+        return f"{named}: {images} image(s) (no guided run of it logged)"
+    return f"{named}: {images} image(s) made otherwise than the guided runs ({'; '.join(differing)})"
 
 
 def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
@@ -413,7 +413,7 @@ def _summary(group: dict, by: tuple[str, ...]) -> dict:
             "mean_image_reduction": sum(per_image) / len(per_image) if per_image else math.nan,
             "mean_image_reduction_interval": per_image_mean,
             "images_with_overlap": len(per_image), **{k: group[k] for k in _LEFT_OUT},
-            "why_unpaired": group["first_unpaired"] or ""}
+            "why_unpaired": group["why_unpaired"]}
 
 
 def _intervals(values: list[tuple[float, float]], with_overlap: int) -> tuple[tuple, tuple]:

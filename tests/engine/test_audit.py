@@ -1684,8 +1684,8 @@ def test_the_summary_says_why_a_guided_row_is_unpaired_and_names_the_lambda_0_im
     lines = reductions_text(base_rows + doctor_only).splitlines()
     assert lines[1:] == ["λ 100 · doctor: iou 0.3333 → 0.3333 (0.0 %, per image 0.0 %); mbiou 0.3333 → 0.3333 "
                          "(0.0 %, per image 0.0 %); 2 image(s)",
-                         "λ = 0 images that no guided run pairs with, left out: nurse: 2 image(s), of which no guided "
-                         "run is logged"]
+                         "λ = 0 images that no guided run pairs with, left out: nurse: 2 image(s) (no guided run of "
+                         "it logged)"]
     assert "λ = 0 images that no guided run" not in reductions_text(base_rows + guided_rows)
     assert "why_unpaired" not in reductions_table(moved + guided_rows)[0]  # words for the summary, not the table
 
