@@ -107,18 +107,10 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a+b") as f, _locked(f):
         f.seek(0)
-        records = _parsed(f.read(), path)  # a file that cannot be read back takes no rows
-        if not any(records):  # new, or only a byte-order mark or blank lines left
+        header = _header(_parsed(f.read(), path), path)  # a file that cannot be read back takes no rows
+        if header is None:  # new, or only a byte-order mark or blank lines left
             f.truncate(0)
-            header = None
         else:
-            header = records[0]
-            if len(header) == 1 and ";" in header[0]:
-                raise _semicolons(path)
-            if not header:
-                raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another "
-                                 f"file name, or remove the blank line")
-            _check_header(header, path)
             own = [c for c in header if c not in columns and c not in _COLUMNS and not c.startswith("biou_")]
             if own:  # the researcher's own columns (notes typed in a spreadsheet): blank in these rows
                 rows, columns = [{**row, **dict.fromkeys(own, "")} for row in rows], columns + own
@@ -214,17 +206,14 @@ def check_appendable(path: str) -> None:
     if _semicolon_separated(data):
         raise _semicolons(path)
     # Rows come only after the run has sampled: a file they could not go under is refused now, and said why.
-    header = next((record for record in _parsed(data, path) if record), None)
+    header = _header(_parsed(data, path), path)
     if header is not None:
-        _check_header(header, path)
         lacking = [c for c in _ALWAYS if c not in header]
         if len(lacking) == len(_ALWAYS):
             raise ValueError(f"{path} is not an audit file of BiasMap's (its header names none of the columns BiasMap "
                              f"writes): give the audit another file name")
         if lacking:
-            raise ValueError(f"{path} lacks BiasMap's column(s) {', '.join(lacking)}, which every row has (removed in "
-                             f"a spreadsheet?): put them back from a copy of the file, or give the audit another file "
-                             f"name")
+            raise ValueError(f"{path} {_removed(lacking)}")
     _CHECKED[path] = seen
 
 
@@ -416,11 +405,15 @@ def _why_other_columns(header: list[str], columns: list[str]) -> str:
                 "another file name")
     removed = [c for c in columns if c not in header and c in _COLUMNS and c not in _ADDED]
     if removed and set(header) <= set(columns):
-        return (f"The file lacks BiasMap's column(s) {', '.join(removed)}, which every row of this version has "
-                f"(removed in a spreadsheet?): put them back from a copy of the file, or give this audit another file "
-                f"name")
+        return f"The file {_removed(removed)}"
     return "The file was started by another BiasMap version, or the trace was saved by one: give this audit another " \
            "file name"
+
+
+def _removed(columns: list[str]) -> str:
+    """What a file lacking BiasMap's ``columns`` is told."""
+    return (f"lacks BiasMap's column(s) {', '.join(columns)}, which every row has (removed in a spreadsheet?): put them "
+            f"back from a copy of the file, or give the audit another file name")
 
 
 def _check_names(header: list[str], path: str) -> None:
@@ -431,10 +424,20 @@ def _check_names(header: list[str], path: str) -> None:
                          f"one of each, or give the audit another file name")
 
 
-def _check_header(header: list[str], path: str) -> None:
-    """Refuse a header no audit rows can go under: a column named twice, or the reductions table Audit Log writes
-    beside an audit file."""
+def _header(records: list[list[str]], path: str) -> list[str] | None:
+    """The header an audit file's ``records`` give rows to go under; None for a file of no rows (new, or blank lines
+    alone). Refused: a first line blank, or of cells separated by ;, a column named twice, or the reductions table
+    Audit Log writes beside an audit file."""
+    if not any(records):
+        return None
+    header = records[0]
+    if not header:
+        raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another file name, "
+                         f"or remove the blank line")
+    if len(header) == 1 and ";" in header[0]:
+        raise _semicolons(path)
     _check_names(header, path)
     if header[0] == "metric" and "reduction" in header:
         raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
                          f"audit file: give the audit's own file name (without _reductions)")
+    return header

@@ -525,6 +525,8 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
     with pytest.raises(ValueError, match="first line of .* is blank, not an audit header"):
         append_csv(str(path), [{"label": "b", "iou": 0.25}])
     assert path.read_bytes() == b"\r\nlabel,iou\r\na,0.5\r\n"
+    with pytest.raises(ValueError, match="first line of .* is blank, not an audit header"):
+        check_appendable(str(path))  # when the prompt is queued
 
 
 # Each file lacks the columns added after its own, down to the latest.
