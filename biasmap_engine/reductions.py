@@ -129,8 +129,10 @@ def _paired(rows, metric: str, by, match: tuple[str, ...]) -> tuple[list[dict], 
         group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in made_alike.get(alike, []))
         first = group["first_unpaired"]
         group["why_unpaired"] = _why_unpaired(first, of_seed, image, by) if first is not None else ""
-    alone = [_made_otherwise(alike, len(keys), guided_alike, by) for alike, keys in made_alike.items()
-             if alike not in guided_alike]
+    # λ = 0 images no group counts: neither paired in one (also across by values, e.g. by label) nor made alike one.
+    matched = set().union(*(group["images_guided"] for group in groups.values()))
+    alone = [_made_otherwise(alike, len(unmatched), guided_alike, by) for alike, keys in made_alike.items()
+             if alike not in guided_alike and (unmatched := [key for key in keys if key not in matched])]
     return [_summary(g, by) for g in groups.values()], alone
 
 

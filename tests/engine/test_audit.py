@@ -1689,6 +1689,8 @@ def test_the_summary_says_why_a_guided_row_is_unpaired_and_names_the_lambda_0_im
                          "λ = 0 images that no guided run pairs with, left out: nurse: 2 image(s) (no guided run of "
                          "it logged)"]
     assert "λ = 0 images that no guided run" not in reductions_text(base_rows + guided_rows)
+    labelled = [{**row, "label": "baseline"} for row in base_rows] + [{**row, "label": "guided"} for row in guided_rows]
+    assert "λ = 0 images that no guided run" not in reductions_text(labelled, by="label")  # paired across labels
     assert "why_unpaired" not in reductions_table(moved + guided_rows)[0]  # words for the summary, not the table
 
 
