@@ -51,7 +51,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
                steps=None) -> list[dict]:
     """Per concept pair (default: every demographic × semantic pair of the trace) and image: IoU, mBIoU, BIoU per
     stage and the image's guidance counts, with the run's settings; masks at ``size`` (default: the image's), of the
-    maps of the sampler steps ``steps`` (an inclusive pair; default: all)."""
+    maps of the sampler steps ``steps`` (one step or an inclusive pair; default: all)."""
     pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
     if not pairs:
         raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit "
@@ -66,6 +66,7 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
                    for k, v in trace.settings.items() if k in SETTING_NAMES}}
     # The sampler's concept lists, which λ > 0 guides against all at once: the pair measured may be one of several.
     concepts = {"sampler_demographic": ", ".join(trace.demographic), "sampler_semantic": ", ".join(trace.semantic)}
+    steps = trace.step_window(steps)  # logged as every step where it covers them: such rows pair with the nodes'
     first, last = steps if steps is not None else (0, trace.num_steps - 1)
     rows = []
     for a, b in pairs:
@@ -104,6 +105,11 @@ def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> lis
     if not rows:
         return rows
     columns = list(rows[0])
+    other = next((row for row in rows if row.keys() != rows[0].keys()), None)
+    if other is not None:  # rows of traces of other stages, which no one header holds: refused before any file is made
+        raise ValueError(f"row {rows.index(other)} of the rows to append has other columns than the first (only it "
+                         f"has: {_only_in(other, columns)}; only the first has: {_only_in(columns, other)}): append "
+                         f"each trace's rows (audit_rows of one trace) in a call of its own")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a+b") as f, _locked(f):
         f.seek(0)
@@ -343,13 +349,15 @@ def _parsed(data: bytes, path: str) -> list[list[str]]:
 
 
 def csv_text(rows: list[dict]) -> str:
-    """``rows`` as CSV text, header first (quoted as the file is: prompts hold commas)."""
+    """``rows`` as CSV text, header first (quoted as the file is: prompts hold commas); rows of other columns (traces
+    of other stages) under every row's columns, blank where a row has none."""
     return _csv(rows, "\n", with_header=True)
 
 
 def _csv(rows: list[dict], lineterminator: str, with_header: bool) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator=lineterminator)
+    columns = list(dict.fromkeys(column for row in rows for column in row))  # each row's, blank in rows without it
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator=lineterminator)
     if with_header:
         writer.writeheader()
     writer.writerows(_inert(rows))

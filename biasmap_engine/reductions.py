@@ -64,20 +64,26 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     one is).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
-    return _paired(rows, metric, by, match)[0]
+    return _paired(_records(rows), metric, by, match)[0]
 
 
-def _paired(rows, metric: str, by, match: tuple[str, ...]) -> tuple[list[dict], list[str]]:
+def _records(rows) -> list[dict]:
+    """``rows`` as a list of dicts: a pandas DataFrame's records too (``df.to_dict("records")``)."""
+    return rows.to_dict("records") if callable(getattr(rows, "to_dict", None)) and not isinstance(rows, dict) else rows
+
+
+def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
     """:func:`reductions`, and the λ = 0 images that no guided configuration pairs with, as the summary names them
     (made otherwise than every guided run, or of a ``by`` value that has none)."""
     rows = _with_guided_concepts(rows)
-    by = _apart_by_demographic(rows, _columns(by))
+    by, match = _apart_by_demographic(rows, _columns(by)), _columns(match)
     _check_columns(rows, metric, by, match)
-    unscaled = sum(not _is_number(row["guidance_scale"]) for row in rows)
+    # Blank (a notebook's NaN too): made from traces without the sampler's settings.
+    unscaled = sum(not math.isfinite(_parsed_number(row["guidance_scale"])) for row in rows)
     if unscaled:
         raise ValueError(f"{unscaled} row(s) have no number as guidance_scale (made from traces without the "
                          f"sampler's settings): leave them out of the rows")
-    image = _IMAGE + tuple(match)
+    image = _IMAGE + match
     baselines, guided = {}, [row for row in rows if _parsed_number(row["guidance_scale"]) != 0]
     logged = collections.Counter()  # rows of each λ = 0 image
     for row in rows:
@@ -176,7 +182,8 @@ def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     two columns (``reduction_low``, ``reduction_high``, …), every row with every column in one order (settings, the
     ``by`` columns, the figures), blank where a group has no such setting or a figure is not a number (no interval
     below 10 images): a spreadsheet reads "nan" as text, and plots it as 0."""
-    return _table({metric: reductions(rows, metric, by, match) for metric in metrics})
+    rows = _records(rows)
+    return _table({metric: reductions(rows, metric, by, match) for metric in _columns(metrics)})
 
 
 def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
@@ -185,7 +192,8 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     Log makes both after every run); the table is None where the text gives no reductions (means, or why none). The
     text ends with the notes the rows carry (a concept not in the generation prompt, an fp16 overflow), which the
     figures do not show."""
-    text, table = _report(rows, metrics, _apart_by_demographic(rows, _columns(by)))
+    rows = _records(rows)
+    text, table = _report(rows, _columns(metrics), _apart_by_demographic(rows, _columns(by)))
     return text + _notes_said(rows), table
 
 
@@ -465,10 +473,15 @@ def _check_columns(rows, metric, by, match) -> None:
     if any(c.startswith("\ufeff") for c in rows[0]):
         raise ValueError("the first column's name starts with a byte-order mark: read the CSV with read_csv(path), or "
                          "open it with encoding='utf-8-sig'")
+    needed = {"guidance_scale", metric, *by, *match}
     missing = [c for c in ("guidance_scale", metric, *by, *match) if c not in rows[0]]
     if missing:
         raise ValueError(f"the rows have no column(s) {', '.join(missing)}: give rows of a BiasMap audit CSV and a "
                          f"metric such as iou, mbiou or biou_down_1")
+    lacking = next(((i, sorted(needed - row.keys())) for i, row in enumerate(rows) if not row.keys() >= needed), None)
+    if lacking is not None:  # rows of traces of other stages put together (a file's rows all have every column)
+        raise ValueError(f"row {lacking[0]} of the rows has no column(s) {', '.join(lacking[1])}, which the first row "
+                         f"has: give rows of one audit file (read_csv), or leave out the rows without it")
     _check_seeds(rows)
 
 
@@ -476,8 +489,7 @@ def _check_seeds(rows) -> None:
     """Refuse rows whose seeds are not whole numbers: saved by a spreadsheet as shown (1.5668E+14), a 15-digit seed has
     lost its last digits, and written back as a decimal by a tool it may have been rounded; two seeds' images would
     read as one."""
-    rounded = next((seed for row in rows if isinstance(seed := row.get("seed", ""), str) and seed.strip()
-                    and not seed.strip().isdigit()), None)
+    rounded = next((str(seed) for row in rows if _not_whole(seed := row.get("seed", ""))), None)
     if rounded is not None:
         why = ("a spreadsheet saved the file with seeds shortened to scientific notation, which loses their last "
                "digits; give the audit another file name, or save it again with the seed column formatted as whole "
@@ -485,6 +497,14 @@ def _check_seeds(rows) -> None:
                "BiasMap writes seeds as whole numbers, and a tool that read them as decimals wrote them back so (and "
                "may have rounded them); write them back as whole numbers, or give the audit another file name")
         raise ValueError(f"a seed in the rows reads {rounded}, not a whole number: {why}")
+
+
+def _not_whole(seed) -> bool:
+    """Whether a seed cell holds a number that is not a whole one: text as a CSV gives it, or a float as pandas reads
+    a column with blanks (a blank, or pandas' NaN for one, is a seed not recorded)."""
+    if isinstance(seed, str):
+        return bool(seed.strip()) and not seed.strip().isdigit()
+    return isinstance(seed, float) and math.isfinite(seed) and not seed.is_integer()
 
 
 def _mismatch(guided, baselines, columns) -> str:

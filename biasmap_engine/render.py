@@ -126,7 +126,13 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
                 f"overlay: opacity must be a scalar or [B, H, W] matching the image, got {tuple(alpha.shape)}"
             )
         alpha = alpha.unsqueeze(-1)  # a channel axis so one opacity covers R, G and B
-    return torch.lerp(image.to(heat_rgb.device, torch.float32), heat_rgb.float(), alpha)
+    return torch.lerp(_unit_floats(image).to(heat_rgb.device), heat_rgb.float(), alpha)
+
+
+def _unit_floats(image: Tensor) -> Tensor:
+    """An image as float32 in 0..1, as ComfyUI's IMAGE is: 8-bit pixels (PIL's, numpy's) divided by 255, where taken
+    as they are they would all read as white."""
+    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
 
 
 def entanglement_picture(
@@ -162,7 +168,7 @@ def entanglement_picture(
         if image.ndim != 4 or image.shape[0] not in (1, batch) or image.shape[1:] != (height, width, 3):
             raise ValueError(f"image must be [1 or {batch}, {height}, {width}, 3] like the masks, got "
                              f"{tuple(image.shape)}: make the masks at the image's size (measure_entanglement's size=)")
-        base = image.to(device, torch.float32).expand(batch, -1, -1, -1)
+        base = _unit_floats(image).to(device).expand(batch, -1, -1, -1)
         painted = region > 0
         picture = torch.where(painted.unsqueeze(-1), torch.lerp(base, paint, opacity), base)
         # Blended, a colour fades into a picture of its own hue (sky blue over a sky or blue scrubs): a dark outline

@@ -25,7 +25,7 @@ class EntanglementResult:
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = mean_biou(self.block_ious)
         self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
-        self.steps = steps
+        self.steps = trace.step_window(steps)  # as the report says it: None for every step
         self._trace = trace
 
     @property
@@ -85,6 +85,7 @@ class EntanglementResult:
         """Why the change from ``baseline`` may not be guidance's: a baseline guided where this run is not (links
         swapped), one guided as this run was (or both at λ = 0), and whatever else differs between the two runs. Two
         runs guided otherwise (another λ, soft top-k, stages) compare guidance settings: no note."""
+        _check_same_words(self, baseline)
         trace, other = self._trace, baseline._trace
         notes = []
         before, after = other.settings.get("scale"), trace.settings.get("scale")
@@ -98,9 +99,10 @@ class EntanglementResult:
                 notes.append(f"the baseline was guided (λ {_shown(before)}) and this run not: connect the trace of "
                              f"the same seed at λ = 0 as the baseline (if the two traces are swapped, swap their "
                              f"links)")
-        differing = [name if key == "sigmas" else  # a schedule: too long to quote
-                     f"{name} ({_shown(other.run.get(key, 'n/a'))}, this run {_shown(trace.run.get(key, 'n/a'))})"
-                     for key, name in _SAME_PICTURE if other.run.get(key) != trace.run.get(key)]
+        # A field one of the two traces lacks (made in a notebook, or by an earlier version) is not known to differ.
+        differing = [name if key == "sigmas" else f"{name} ({_shown(other.run[key])}, this run {_shown(trace.run[key])})"
+                     for key, name in _SAME_PICTURE
+                     if key in other.run and key in trace.run and other.run[key] != trace.run[key]]
         differing += [f"{name} ({_shown(b)}, this run {_shown(a)})" for name, b, a in (
             ("model family", other.model_family, trace.model_family),
             *((key, other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
@@ -109,10 +111,12 @@ class EntanglementResult:
             # Images of one seed drawn apart (Repeat Latent Batch); for batches of other sizes, "images" says it.
             *([("the seed's noises", _noises(other), _noises(trace))] if other.num_images == trace.num_images else []),
             ("noise mask", _noise_masks(other), _noise_masks(trace)),
-            ("masks", _size(baseline), _size(self)), ("steps measured", _window(baseline), _window(self)))
+            ("masks", _size(baseline), _size(self)), ("q", baseline.q, self.q),
+            ("steps measured", _window(baseline), _window(self)))
             if b != a]
-        differing += [f"tokens of '{w}' ({' '.join(baseline.pieces[w])}, this run {' '.join(self.pieces[w])})"
-                      for w in self.pieces if baseline.pieces[w] != self.pieces[w]]
+        differing += [f"tokens of '{w}' ({' '.join(before)}, this run {' '.join(after)})"
+                      for w, before, after in zip(self.pieces, baseline.pieces.values(), self.pieces.values())
+                      if before != after]
         if differing:  # the change is then not guidance alone
             notes.append("the baseline differs in " + "; ".join(differing) + ": the change is not guidance's alone "
                          "(compare runs that differ only in λ)")
@@ -120,6 +124,7 @@ class EntanglementResult:
 
     def change_from(self, baseline: "EntanglementResult") -> str:
         """The means' change from ``baseline``'s: mIoU a → b (−40.0 %) · mBIoU the same way."""
+        _check_same_words(self, baseline)
         return f"mIoU {_change(baseline.ious, self.ious)} · mBIoU {_change(baseline.mbiou, self.mbiou)}"
 
 
@@ -166,6 +171,15 @@ def _change(before: torch.Tensor, after: torch.Tensor) -> str:
 def _percent(before: float, after: float) -> str:
     """The relative change: −40.0 % is 40 % less overlap; n/a without a figure or an overlap to change."""
     return percent_change((before - after) / before if before > 0 else math.nan)
+
+
+def _check_same_words(result: EntanglementResult, baseline: EntanglementResult) -> None:
+    """Refuse a baseline of other words: its change would be of other maps (words compared as CLIP reads them)."""
+    words = [w.strip().lower() for w in (result.word_a, result.word_b)]
+    if [w.strip().lower() for w in (baseline.word_a, baseline.word_b)] != words:
+        raise ValueError(f"the baseline measures '{baseline.word_a}' and '{baseline.word_b}', this result "
+                         f"'{result.word_a}' and '{result.word_b}': measure the same two words in both "
+                         f"(measure_entanglement(baseline_trace, '{result.word_a}', '{result.word_b}'))")
 
 
 def _size(item) -> str:

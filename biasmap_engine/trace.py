@@ -103,6 +103,16 @@ class BiasMapTrace:
     def num_steps(self) -> int:
         return int(self.steps.max()) + 1 if self.steps.numel() else 0
 
+    def step_window(self, steps) -> tuple[int, int] | None:
+        """``steps`` (one step, or an inclusive (first, last) pair) as the part of this trace's steps it covers: None
+        for every step, else a pair within 0 … num_steps − 1 (``(0, 9)`` of a 2-step run is every step), as the
+        nodes' step inputs read; ``steps`` None is every step."""
+        if steps is None:
+            return None
+        first, last = _step_window(steps)
+        first, last = max(first, 0), min(last, self.num_steps - 1)
+        return None if first == 0 and last == self.num_steps - 1 else (first, last)
+
     def noise_index(self, image: int) -> int:
         """Which of the seed's noises image ``image`` got: ComfyUI draws them by the latent's batch_index (Latent From
         Batch, Repeat Latent Batch), so seed and image number alone would not sample it again."""
@@ -132,7 +142,10 @@ class BiasMapTrace:
         """
         chosen = self._evaluations(steps)
         stages = self._check_stages(stages)
-        per_stage = [self.maps[s][chosen].sum(dim=0) for s in stages]
+        # Summed and resampled in fp32 at least: maps a notebook saved in half precision keep their figures (bf16 sums
+        # of steps round the maps to a few distinct values, which the quantile masks then tie on).
+        per_stage = [self.maps[s][chosen].sum(dim=0, dtype=torch.promote_types(self.maps[s].dtype, torch.float32))
+                     for s in stages]
         if tokens is not None:
             per_stage = [m[:, tokens] for m in per_stage]
         largest = largest_grid(self.maps.values())
@@ -146,6 +159,7 @@ class BiasMapTrace:
 
     def masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
         """The two words' top-(1−q) masks ``[B, H, W]``, from one aggregation of the two words' maps."""
+        _check_q(q)
         return tuple(hard_mask(m, q) for m in self._word_maps(word_a, word_b, stages, steps, size))
 
     def _word_maps(self, word_a: str, word_b: str, stages, steps, size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +192,7 @@ class BiasMapTrace:
 
     def iou_and_masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
         """:meth:`iou`, with the two masks it thresholded (for a picture)."""
+        _check_q(q)
         maps = self._word_maps(word_a, word_b, stages, steps, size)
         masks = tuple(hard_mask(m, q) for m in maps)
         overlap = iou(*masks)
@@ -336,6 +351,14 @@ class BiasMapTrace:
 def mean_biou(block_ious: dict[str, torch.Tensor]) -> torch.Tensor:
     """mBIoU from :meth:`BiasMapTrace.block_ious`: per image, the mean over the stages that have maps."""
     return torch.stack(list(block_ious.values())).nanmean(dim=0)
+
+
+def _check_q(q: float) -> None:
+    """The measures' q: a fraction strictly between 0 and 1, where both masks have pixels to compare (q = 1 keeps
+    none, whose IoU of 0 would read as no overlap)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be a fraction between 0 and 1 (the masks keep the pixels above that quantile: the "
+                         f"paper's 0.7 keeps the top 30 %), got {q}")
 
 
 def _step_window(steps) -> tuple[int, int]:

@@ -188,9 +188,7 @@ def step_window(trace, first_step: int, last_step: int):
     if first_step > min(last_step, last):
         raise ValueError(_steps_swapped(first_step, last_step) if first_step > last_step else
                          _past_last(first_step, last))
-    if first_step <= 0 and last_step >= last:
-        return None
-    return first_step, min(last_step, last)
+    return trace.step_window((first_step, last_step))
 
 
 def check_step_windows(windows, last: int | None = None) -> None:

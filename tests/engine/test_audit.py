@@ -966,13 +966,18 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     note = after.against(measure_entanglement(other, "gender", "nurse", 0.5, (16, 16), steps=(1, 1))).splitlines()[-1]
     assert note == ("note: the baseline differs in seed (7, this run 42); masks (16×16, this run 8×8); steps measured "
                     "(1–1, this run all): the change is not guidance's alone (compare runs that differ only in λ)")
-    unnamed = halves_trace()
-    unnamed.run = {**RUN, "model": ""}  # a merged model, which the graph names not
-    assert after.against(measure_entanglement(unnamed, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1].startswith(
-        "note: the baseline differs in model (—, this run n/a)")
-    scheduled = halves_trace()
-    scheduled.run = {**RUN, "sigmas": [14.6, 1.0, 0.0]}  # custom sigmas, the rest alike
-    assert after.against(measure_entanglement(scheduled, "gender", "nurse", 0.5, (8, 8))).endswith(
+    unnamed, named = halves_trace(), halves_trace()
+    unnamed.run, named.run = {**RUN, "model": ""}, {**RUN, "model": "v1-5.safetensors"}  # "": a merged model
+    unnamed.settings = dict(base.settings)
+    assert measure_entanglement(named, "gender", "nurse", 0.5, (8, 8)).against(measure_entanglement(
+        unnamed, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1].startswith(
+        "note: the baseline differs in model (—, this run v1-5.safetensors): the change")
+    assert len(after.against(measure_entanglement(unnamed, "gender", "nurse", 0.5, (8, 8))).splitlines()) == 2
+    scheduled, stock = halves_trace(), halves_trace()
+    scheduled.run, stock.run = {**RUN, "sigmas": [14.6, 1.0, 0.0]}, {**RUN, "sigmas": [14.6, 3.2, 0.0]}  # custom
+    scheduled.settings = dict(base.settings)
+    assert measure_entanglement(stock, "gender", "nurse", 0.5, (8, 8)).against(
+        measure_entanglement(scheduled, "gender", "nurse", 0.5, (8, 8))).endswith(
         "note: the baseline differs in the sampler's sigmas: the change is not guidance's alone (compare runs that "
         "differ only in λ)")
     recorded_otherwise = halves_trace(stages=("down_1", "mid_2", "up_1"))  # other maps: the mBIoU has a stage more
@@ -1186,10 +1191,10 @@ def test_the_report_says_when_lambda_was_set_but_no_evaluation_was_guided():
 
 def test_a_result_against_its_baseline_names_another_negative_prompt_and_other_token_pieces():
     base, guided = _baseline_and_guided()
+    base.run, guided.run = {**RUN, "negative_prompt": "blurry"}, {**RUN, "negative_prompt": "lowres"}
     after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
-    base.run = {**RUN, "negative_prompt": "blurry"}
-    assert "negative (blurry, this run n/a)" in after.against(measure_entanglement(base, "gender", "nurse", 0.5,
-                                                                                   (8, 8)))
+    assert "negative (blurry, this run lowres)" in after.against(measure_entanglement(base, "gender", "nurse", 0.5,
+                                                                                      (8, 8)))
     other = halves_trace()
     other.tokens = ["<|startoftext|>", "doctor</w>", "nur", "se</w>", "gender</w>", "<|endoftext|>"]
     assert "tokens of 'nurse' (nur se</w>, this run nurse</w>)" in after.against(
@@ -1714,3 +1719,70 @@ def test_the_summary_ends_with_the_notes_the_rows_carry_most_frequent_first():
     assert last == ("notes in the rows (the notes column): 4 row(s): note 0; 4 row(s): note 1; 4 row(s): note 2; and "
                     "1 other note(s)")
     assert "notes in the rows" not in reductions_text(audit_rows(halves_trace(), q=0.5, size=(8, 8)))
+
+
+def test_a_result_against_a_baseline_names_another_q_refuses_other_words_and_reads_a_missing_field_as_unknown():
+    base, guided = _baseline_and_guided()
+    after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    assert after.against(measure_entanglement(base, "gender", "nurse", 0.7, (8, 8))).splitlines()[-1] == (
+        "note: the baseline differs in q (0.7, this run 0.5): the change is not guidance's alone (compare runs that "
+        "differ only in λ)")
+    with pytest.raises(ValueError, match=r"the baseline measures 'gender' and 'doctor', this result 'gender' and "
+                                         r"'nurse': measure the same two words in both \(measure_entanglement\("
+                                         r"baseline_trace, 'gender', 'nurse'\)\)"):
+        after.against(measure_entanglement(base, "gender", "doctor", 0.5, (8, 8)))
+    typed = measure_entanglement(base, "Gender", "Nurse ", 0.5, (8, 8))  # the same words, as CLIP reads them
+    assert after.against(typed) == after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8)))
+    older = halves_trace()  # saved before traces kept their run: no field of it is known to differ
+    older.run, older.settings = {}, dict(base.settings)
+    assert len(after.against(measure_entanglement(older, "gender", "nurse", 0.5, (8, 8))).splitlines()) == 2
+
+
+def test_a_step_window_is_one_step_or_a_pair_and_one_past_the_last_step_is_read_as_ending_there():
+    _, guided = _baseline_and_guided()
+    one = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8), steps=1)
+    assert one.steps == (1, 1) and "steps 1–1 of 0–1" in one.report.splitlines()[0]
+    whole = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8), steps=(0, 9))  # the README's (0, 9)
+    assert whole.steps is None and whole.report == measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).report
+    assert {(r["first_step"], r["last_step"]) for r in audit_rows(guided, q=0.5, steps=1)} == {(1, 1)}
+    assert audit_rows(guided, q=0.5, steps=(0, 9)) == audit_rows(guided, q=0.5)  # they pair with the nodes' rows
+    assert guided.step_window((1, 10000)) == (1, 1) and guided.step_window((-3, 0)) == (0, 0)
+
+
+def test_reductions_take_a_dataframes_records_a_metric_or_match_named_alone_and_refuse_blank_lambdas_and_decimal_seeds():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+
+    class Table:  # as a pandas DataFrame gives its rows
+        def to_dict(self, orient):
+            return [dict(row) for row in rows] if orient == "records" else None
+
+    assert reductions_text(Table()) == reductions_text(rows) and len(reductions(Table())) == 2
+    assert reductions_table(Table(), metrics="iou") == reductions_table(rows, metrics=("iou",))
+    assert reductions_text(rows, metrics="iou") == reductions_text(rows, metrics=("iou",))
+    assert reductions_table(rows, match="label") == reductions_table(rows, match=("label",))
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no number as guidance_scale"):
+        reductions(rows + [{**rows[-1], "guidance_scale": float("nan")}])  # pandas' blank
+    with pytest.raises(ValueError, match=r"a seed in the rows reads 1.4, not a whole number"):
+        reductions([{**row, "seed": 1.4} for row in rows])
+    assert reductions_text([{**row, "seed": 42.0} for row in rows]) == reductions_text(rows)  # pandas' floats
+    assert reductions_text([{**row, "seed": float("nan")} for row in rows]) == reductions_text(
+        [{**row, "seed": ""} for row in rows])  # a seed not recorded, blank or NaN
+    fewer = [{k: v for k, v in row.items() if k != "biou_up_1"} for row in rows[:2]]
+    with pytest.raises(ValueError, match=rf"row {len(rows)} of the rows has no column\(s\) biou_up_1, which the "
+                                         rf"first row has"):
+        reductions(rows + fewer, metric="biou_up_1")
+
+
+def test_rows_of_traces_of_other_stages_appended_in_one_call_are_refused_before_any_file_is_made(tmp_path):
+    path = tmp_path / "audit.csv"
+    three, two = audit_rows(halves_trace(stages=("down_1", "down_2", "up_1"))), audit_rows(halves_trace())
+    for rows in (three + two, two + three):  # a missing column or one more: each refused, as appended apart
+        with pytest.raises(ValueError, match=rf"row 4 of the rows to append has other columns than the first .*"
+                                             rf"biou_down_2.*: append each trace's rows \(audit_rows of one trace\) in "
+                                             rf"a call of its own"):
+            append_csv(str(path), rows)
+        assert not path.exists()
+    header, *lines = csv_text(three + two).splitlines()  # shown, blank where a row has no such column
+    assert "biou_down_2" in header.split(",") and len(lines) == 8
+    assert list(csv.DictReader([header, *lines]))[4]["biou_down_2"] == ""

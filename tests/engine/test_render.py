@@ -175,6 +175,15 @@ def test_overlay_with_opacity_zero_returns_the_image_and_one_returns_the_heat():
     assert torch.allclose(overlay(image, heat, 0.5), (image + heat) / 2, atol=1e-6)
 
 
+def test_eight_bit_pixels_as_pil_and_numpy_load_them_are_drawn_as_the_same_picture_in_0_to_1():
+    pixels = torch.randint(0, 256, (1, 128, 128, 3), dtype=torch.uint8)
+    heat = torch.rand(1, 128, 128, 3)
+    assert torch.equal(overlay(pixels, heat, 0.25), overlay(pixels.float() / 255, heat, 0.25))
+    a, b = quadrant_masks()
+    assert torch.equal(entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), image=pixels),
+                       entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), image=pixels.float() / 255))
+
+
 def test_overlay_takes_a_per_pixel_opacity_mask():
     image, heat = torch.zeros(2, 4, 4, 3), torch.ones(2, 4, 4, 3)
     opacity = torch.rand(2, 4, 4)

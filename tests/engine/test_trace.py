@@ -113,6 +113,28 @@ def test_iou_and_block_ious_follow_the_hard_mask_definition():
     assert torch.allclose(trace.mbiou("doctor", "gender"), torch.stack(list(blocks.values())).mean(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_maps_kept_in_half_precision_are_measured_as_their_values_in_fp32(dtype):
+    half, wide = recorded_trace(), recorded_trace()
+    for stage in half.stages:
+        half.maps[stage] = half.maps[stage].to(dtype)
+        wide.maps[stage] = half.maps[stage].float()  # the same values
+    assert half.token_maps(size=64).dtype == torch.float32
+    assert torch.equal(half.iou("doctor", "gender", size=256), wide.iou("doctor", "gender", size=256))
+    assert torch.equal(half.mbiou("doctor", "gender", size=256), wide.mbiou("doctor", "gender", size=256))
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0, 1.5, -0.1])
+def test_a_q_that_leaves_a_mask_nothing_or_everything_to_compare_is_refused(q):
+    trace = recorded_trace()
+    with pytest.raises(ValueError, match=rf"q must be a fraction between 0 and 1 .*, got {q}"):
+        trace.iou("doctor", "gender", q)
+    with pytest.raises(ValueError, match="q must be a fraction between 0 and 1"):
+        trace.masks("doctor", "gender", q)
+    with pytest.raises(ValueError, match="q must be a fraction between 0 and 1"):
+        measure_entanglement(trace, "doctor", "gender", q)
+
+
 def test_guidance_counts_cover_every_image_of_every_evaluation():
     counts = recorded_trace().guidance_counts()
     assert counts["not_guided"] == 2 and counts["applied"] == 2 and counts["skipped_gate"] == 2
