@@ -49,9 +49,11 @@ _ALWAYS = ("label", *(c for c in _RUN if c not in _ADDED), "model_family", "imag
 
 def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label: str = "",
                steps=None) -> list[dict]:
-    """Per concept pair (default: every demographic × semantic pair of the trace) and image: IoU, mBIoU, BIoU per
-    stage and the image's guidance counts, with the run's settings; masks at ``size`` (default: the image's), of the
-    maps of the sampler steps ``steps`` (one step or an inclusive pair; default: all)."""
+    """Per concept pair (``pairs``, or one pair; default: every demographic × semantic pair of the trace) and image:
+    IoU, mBIoU, BIoU per stage and the image's guidance counts, with the run's settings; masks at ``size`` (default:
+    the image's), of the maps of the sampler steps ``steps`` (one step or an inclusive pair; default: all)."""
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(word, str) for word in pairs):
+        pairs = [pairs]  # one pair given as such: ("gender", "doctor")
     pairs = list(pairs) if pairs is not None else [(a, b) for a in trace.demographic for b in trace.semantic]
     if not pairs:
         raise ValueError("the trace names no demographic and semantic concept pair: give the two words to audit "
@@ -93,15 +95,17 @@ class OlderFileError(ValueError):
 
 
 def append_csv(path: str, rows: list[dict], needed: tuple[str, ...] = ()) -> list[dict]:
-    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new; → the rows as written (a
-    file started before the latest columns takes them without those, but refuses rows whose ``needed`` columns it
-    lacks: custom sigmas, a step window, latent-size masks or an inpainting run's noise mask, which would otherwise be
-    paired with other schedules, with whole runs at image size or with images sampled without a mask).
+    """Append ``rows`` (or one row) to the CSV at ``path``, writing the header when the file is new; → the rows as
+    written (a file started before the latest columns takes them without those, but refuses rows whose ``needed``
+    columns it lacks: custom sigmas, a step window, latent-size masks or an inpainting run's noise mask, which would
+    otherwise be paired with other schedules, with whole runs at image size or with images sampled without a mask).
 
     Rows of a file share its columns: a trace whose stages differ from the file's (another model family) is refused,
     rather than written under the wrong headings. The file is locked while it is read and written, so ComfyUI
     instances sharing an output folder (one per GPU) append whole rows under one header.
     """
+    if isinstance(rows, dict):  # one row
+        rows = [rows]
     if not rows:
         return rows
     columns = list(rows[0])
@@ -420,8 +424,8 @@ def _why_other_columns(header: list[str], columns: list[str]) -> str:
 
 def _removed(columns: list[str]) -> str:
     """What a file lacking BiasMap's ``columns`` is told."""
-    return (f"lacks BiasMap's column(s) {', '.join(columns)}, which every row has (removed in a spreadsheet?): put them "
-            f"back from a copy of the file, or give the audit another file name")
+    return (f"lacks BiasMap's column(s) {', '.join(columns)}, which every row has (removed in a spreadsheet?): put "
+            f"them back from a copy of the file, or give the audit another file name")
 
 
 def _check_names(header: list[str], path: str) -> None:

@@ -24,7 +24,7 @@ class EntanglementResult:
         self.ious, self.masks = trace.iou_and_masks(word_a, word_b, q, steps=steps, size=size)  # masks [B, H, W]
         self.block_ious = trace.block_ious(word_a, word_b, q, steps=steps, size=size)
         self.mbiou = mean_biou(self.block_ious)
-        self.pieces = {w: [readable(trace.tokens[p]) for p in trace.positions(w)] for w in (word_a, word_b)}
+        self.pieces = {w: _readable_pieces([trace.tokens[p] for p in trace.positions(w)]) for w in (word_a, word_b)}
         self.steps = trace.step_window(steps)  # as the report says it: None for every step
         self._trace = trace
 
@@ -100,7 +100,8 @@ class EntanglementResult:
                              f"the same seed at λ = 0 as the baseline (if the two traces are swapped, swap their "
                              f"links)")
         # A field one of the two traces lacks (made in a notebook, or by an earlier version) is not known to differ.
-        differing = [name if key == "sigmas" else f"{name} ({_shown(other.run[key])}, this run {_shown(trace.run[key])})"
+        differing = [name if key == "sigmas" else  # a schedule: too long to quote
+                     f"{name} ({_shown(other.run[key])}, this run {_shown(trace.run[key])})"
                      for key, name in _SAME_PICTURE
                      if key in other.run and key in trace.run and other.run[key] != trace.run[key]]
         differing += [f"{name} ({_shown(b)}, this run {_shown(a)})" for name, b, a in (
@@ -171,6 +172,14 @@ def _change(before: torch.Tensor, after: torch.Tensor) -> str:
 def _percent(before: float, after: float) -> str:
     """The relative change: −40.0 % is 40 % less overlap; n/a without a figure or an overlap to change."""
     return percent_change((before - after) / before if before > 0 else math.nan)
+
+
+def _readable_pieces(tokens: list[str]) -> list[str]:
+    """A word's BPE pieces in plain text; pieces that split a character's bytes (an emoji, CJK), which read as no
+    text alone, shown as the word they spell and their count: ``医生</w> (4 pieces)``."""
+    pieces = [readable(token) for token in tokens]
+    split = any(piece == token and not token.isascii() for piece, token in zip(pieces, tokens))
+    return [f"{readable(''.join(tokens))} ({len(tokens)} pieces)"] if split else pieces
 
 
 def _check_same_words(result: EntanglementResult, baseline: EntanglementResult) -> None:

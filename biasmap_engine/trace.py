@@ -8,6 +8,7 @@ measured afterwards. Traces save to ``.safetensors`` (tensors) with JSON metadat
 
 import json
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -116,8 +117,14 @@ class BiasMapTrace:
     def noise_index(self, image: int) -> int:
         """Which of the seed's noises image ``image`` got: ComfyUI draws them by the latent's batch_index (Latent From
         Batch, Repeat Latent Batch), so seed and image number alone would not sample it again."""
+        self._check_image(image)
         batch_index = self.run.get("batch_index")
         return batch_index[image] if batch_index else image
+
+    def _check_image(self, image: int) -> None:
+        if not 0 <= image < self.num_images:
+            raise IndexError(f"image {image} is not one of this trace's {self.num_images} (0 to "
+                             f"{self.num_images - 1})")
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -213,6 +220,8 @@ class BiasMapTrace:
         """How many (evaluation, image) pairs were applied, clipped, skipped by the gate, non-finite, not guided; of
         one image's evaluations with ``image``. Empty for a trace without guidance accounting."""
         status = self.guidance.get("status")
+        if image is not None:
+            self._check_image(image)
         if status is not None and image is not None:
             status = status[:, image]
         if status is None:
@@ -276,6 +285,8 @@ class BiasMapTrace:
         except FileNotFoundError:
             raise  # not a damaged trace: no file at all
         except (SafetensorError, OSError) as err:
+            if os.path.isdir(path):
+                raise TraceFormatError(f"{path} is a folder: give the path of a trace file in it") from err
             raise TraceFormatError(f"{path} is not a readable .safetensors file ({err}): it may be cut short (a "
                                    f"download or copy that did not finish) or not a BiasMap trace at all") from err
         if not raw:

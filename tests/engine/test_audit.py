@@ -1749,7 +1749,7 @@ def test_a_step_window_is_one_step_or_a_pair_and_one_past_the_last_step_is_read_
     assert guided.step_window((1, 10000)) == (1, 1) and guided.step_window((-3, 0)) == (0, 0)
 
 
-def test_reductions_take_a_dataframes_records_a_metric_or_match_named_alone_and_refuse_blank_lambdas_and_decimal_seeds():
+def test_reductions_take_a_dataframes_records_one_metric_or_match_by_name_and_refuse_blank_lambdas_and_decimal_seeds():
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
 
@@ -1786,3 +1786,15 @@ def test_rows_of_traces_of_other_stages_appended_in_one_call_are_refused_before_
     header, *lines = csv_text(three + two).splitlines()  # shown, blank where a row has no such column
     assert "biou_down_2" in header.split(",") and len(lines) == 8
     assert list(csv.DictReader([header, *lines]))[4]["biou_down_2"] == ""
+
+
+def test_a_notebook_may_give_one_pair_or_one_row_and_is_told_which_image_a_trace_lacks(tmp_path):
+    trace = halves_trace()
+    assert audit_rows(trace, q=0.5, pairs=("gender", "nurse")) == audit_rows(trace, q=0.5, pairs=[("gender", "nurse")])
+    path = tmp_path / "audit.csv"
+    row = audit_rows(trace)[0]
+    assert append_csv(str(path), row) == [row] and read_csv(str(path))[0]["semantic"] == "doctor"
+    with pytest.raises(IndexError, match=r"image 2 is not one of this trace's 2 \(0 to 1\)"):
+        trace.guidance_counts(2)
+    with pytest.raises(IndexError, match=r"image -1 is not one of this trace's 2"):
+        trace.noise_index(-1)

@@ -180,8 +180,9 @@ def test_eight_bit_pixels_as_pil_and_numpy_load_them_are_drawn_as_the_same_pictu
     heat = torch.rand(1, 128, 128, 3)
     assert torch.equal(overlay(pixels, heat, 0.25), overlay(pixels.float() / 255, heat, 0.25))
     a, b = quadrant_masks()
-    assert torch.equal(entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), image=pixels),
-                       entanglement_picture(a, b, torch.tensor([0.33]), ("woman", "doctor"), image=pixels.float() / 255))
+    labels = ("woman", "doctor")
+    assert torch.equal(entanglement_picture(a, b, torch.tensor([0.33]), labels, image=pixels),
+                       entanglement_picture(a, b, torch.tensor([0.33]), labels, image=pixels.float() / 255))
 
 
 def test_overlay_takes_a_per_pixel_opacity_mask():

@@ -135,6 +135,20 @@ def test_a_q_that_leaves_a_mask_nothing_or_everything_to_compare_is_refused(q):
         measure_entanglement(trace, "doctor", "gender", q)
 
 
+def test_a_folder_given_as_a_trace_is_named_as_one(tmp_path):
+    with pytest.raises(TraceFormatError, match=r"is a folder: give the path of a trace file in it"):
+        BiasMapTrace.load(str(tmp_path))
+
+
+def test_the_report_shows_pieces_that_split_a_characters_bytes_as_the_word_they_spell():
+    trace = recorded_trace()
+    # 医生 in CLIP's byte alphabet, cut by BPE inside its characters' bytes, in the place of 'doctor'
+    trace.tokens = [*TOKENS[:2], "åĮ", "»ç", "ĶŁ</w>", *TOKENS[4:]]
+    for stage in trace.stages:
+        trace.maps[stage] = torch.cat([trace.maps[stage][:, :, :3], trace.maps[stage][:, :, 2:]], dim=2)
+    assert "tokens of '医生': 医生</w> (3 pieces)" in measure_entanglement(trace, "医生", "gender").report
+
+
 def test_guidance_counts_cover_every_image_of_every_evaluation():
     counts = recorded_trace().guidance_counts()
     assert counts["not_guided"] == 2 and counts["applied"] == 2 and counts["skipped_gate"] == 2
