@@ -111,6 +111,8 @@ class BiasMapTrace:
         if steps is None:
             return None
         first, last = _step_window(steps)
+        if first > min(last, self.num_steps - 1):  # no step of this trace: as given, for the refusal to name
+            return first, last
         first, last = max(first, 0), min(last, self.num_steps - 1)
         return None if first == 0 and last == self.num_steps - 1 else (first, last)
 

@@ -1747,6 +1747,8 @@ def test_a_step_window_is_one_step_or_a_pair_and_one_past_the_last_step_is_read_
     assert {(r["first_step"], r["last_step"]) for r in audit_rows(guided, q=0.5, steps=1)} == {(1, 1)}
     assert audit_rows(guided, q=0.5, steps=(0, 9)) == audit_rows(guided, q=0.5)  # they pair with the nodes' rows
     assert guided.step_window((1, 10000)) == (1, 1) and guided.step_window((-3, 0)) == (0, 0)
+    with pytest.raises(ValueError, match=r"no recorded step in the window 5\.\.9"):  # as asked, not as cut
+        audit_rows(guided, q=0.5, steps=(5, 9))
 
 
 def test_reductions_take_a_dataframes_records_one_metric_or_match_by_name_and_refuse_blank_lambdas_and_decimal_seeds():
