@@ -217,13 +217,8 @@ def check_appendable(path: str) -> None:
         raise _semicolons(path)
     # Rows come only after the run has sampled: a file they could not go under is refused now, and said why.
     header = _header(_parsed(data, path), path)
-    if header is not None:
-        lacking = [c for c in _ALWAYS if c not in header]
-        if len(lacking) == len(_ALWAYS):
-            raise ValueError(f"{path} is not an audit file of BiasMap's (its header names none of the columns BiasMap "
-                             f"writes): give the audit another file name")
-        if lacking:
-            raise ValueError(f"{path} {_removed(lacking)}")
+    if header is not None and (lacking := [c for c in _ALWAYS if c not in header]):
+        raise ValueError(f"{path} {_removed(lacking)}")
     _CHECKED[path] = seen
 
 
@@ -438,8 +433,8 @@ def _check_names(header: list[str], path: str) -> None:
 
 def _header(records: list[list[str]], path: str) -> list[str] | None:
     """The header an audit file's ``records`` give rows to go under; None for a file of no rows (new, or blank lines
-    alone). Refused: a first line blank, or of cells separated by ;, a column named twice, or the reductions table
-    Audit Log writes beside an audit file."""
+    alone). Refused: a first line blank, or of cells separated by ;, a column named twice, the reductions table Audit
+    Log writes beside an audit file, or a header of none of BiasMap's columns."""
     if not any(records):
         return None
     header = records[0]
@@ -452,4 +447,7 @@ def _header(records: list[list[str]], path: str) -> list[str] | None:
     if header[0] == "metric" and "reduction" in header:
         raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
                          f"audit file: give the audit's own file name (without _reductions)")
+    if not set(header) & set(_ALWAYS):
+        raise ValueError(f"{path} is not an audit file of BiasMap's (its header names none of the columns BiasMap "
+                         f"writes): give the audit another file name")
     return header

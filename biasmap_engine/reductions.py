@@ -200,8 +200,8 @@ def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
 def _notes_said(rows) -> str:
     """The notes of the runs that made ``rows``, each with how many rows carry it, the most frequent first: a line
     of the summary (empty where no row has a note)."""
-    counted = collections.Counter(note for row in rows
-                                  for note in dict.fromkeys(str(row.get("notes", "")).split(" | ")) if note)
+    counted = collections.Counter(note for row in rows if isinstance(notes := row.get("notes"), str)  # not NaN
+                                  for note in dict.fromkeys(notes.split(" | ")) if note)
     if not counted:
         return ""
     said = "; ".join(f"{count} row(s): {_cut(note)}" for note, count in counted.most_common(_NOTES_SAID))

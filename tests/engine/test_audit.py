@@ -221,6 +221,8 @@ def test_a_file_whose_biasmap_columns_were_removed_is_refused_before_a_run_and_w
     other.write_text("name,score\r\nx,1\r\n", encoding="utf-8")
     with pytest.raises(ValueError, match="other.csv is not an audit file of BiasMap's .*: give the audit another file"):
         check_appendable(str(other))
+    with pytest.raises(ValueError, match="other.csv is not an audit file of BiasMap's"):
+        append_csv(str(other), audit_rows(halves_trace()))  # a name linked from another node: checked when rows come
 
 
 def test_the_reductions_table_given_as_the_audit_file_is_refused_before_a_run(tmp_path):
@@ -1719,6 +1721,8 @@ def test_the_summary_ends_with_the_notes_the_rows_carry_most_frequent_first():
     assert last == ("notes in the rows (the notes column): 4 row(s): note 0; 4 row(s): note 1; 4 row(s): note 2; and "
                     "1 other note(s)")
     assert "notes in the rows" not in reductions_text(audit_rows(halves_trace(), q=0.5, size=(8, 8)))
+    blank = [{**row, "notes": float("nan")} for row in rows]  # a pandas DataFrame's blank
+    assert "notes in the rows" not in reductions_text(blank)
 
 
 def test_a_result_against_a_baseline_names_another_q_refuses_other_words_and_reads_a_missing_field_as_unknown():
