@@ -175,7 +175,9 @@ def _append(f, data: bytes) -> None:
 
 def check_appendable(path: str) -> None:
     """Refuse an audit file that could take no rows, before a run samples for it: one that cannot be written to or
-    made, or that is not UTF-8 text or has ; between cells. Its columns are checked when rows come (append_csv)."""
+    made, that is not UTF-8 text, has ; between cells or cannot be read back, or whose header no rows can go under
+    (see _header), or lacks a column every row has. Columns that depend on the trace (its stages, the columns of later
+    versions) are checked when rows come (append_csv)."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder: give the audit a file name")
     if os.path.lexists(path) and not os.path.exists(path):
@@ -419,8 +421,9 @@ def _why_other_columns(header: list[str], columns: list[str]) -> str:
 
 def _removed(columns: list[str]) -> str:
     """What a file lacking BiasMap's ``columns`` is told."""
-    return (f"lacks BiasMap's column(s) {', '.join(columns)}, which every row has (removed in a spreadsheet?): put "
-            f"them back from a copy of the file, or give the audit another file name")
+    return (f"lacks BiasMap's column(s) {', '.join(columns)}, which every row has (removed in a spreadsheet, or an "
+            f"early BiasMap version's file?): put them back from a copy of the file, or give the audit another file "
+            f"name")
 
 
 def _check_names(header: list[str], path: str) -> None:
@@ -444,7 +447,7 @@ def _header(records: list[list[str]], path: str) -> list[str] | None:
     if len(header) == 1 and ";" in header[0]:
         raise _semicolons(path)
     _check_names(header, path)
-    if header[0] == "metric" and "reduction" in header:
+    if {"metric", "reduction"} <= set(header):  # also with its columns put in another order
         raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
                          f"audit file: give the audit's own file name (without _reductions)")
     if not set(header) & set(_ALWAYS):

@@ -128,10 +128,10 @@ def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
     for key, (_, row) in baselines.items():
         made_alike[tuple(key[i] for i in _MEASURED_AT) + _key(row, by)].append(key)
         of_seed[_key(row, ("seed", *by))].append(row)
-    guided_alike = set()
+    guided_alike = {}  # in the rows' order: the nearest of equally near ones is the same in every process
     for group in groups.values():
         alike = _key(group["row"], _MEASURED) + _key(group["row"], by)
-        guided_alike.add(alike)
+        guided_alike.setdefault(alike, None)
         group["baselines_unpaired"] = sum(key not in group["images_guided"] for key in made_alike.get(alike, []))
         first = group["first_unpaired"]
         group["why_unpaired"] = _why_unpaired(first, of_seed, image, by) if first is not None else ""
@@ -154,7 +154,7 @@ def _why_unpaired(row: dict, of_seed: dict, columns: tuple[str, ...], by: tuple[
             f"{'; '.join(_differences(nearest, row, columns))}")
 
 
-def _made_otherwise(alike: tuple, images: int, guided_alike: set, by: tuple[str, ...]) -> str:
+def _made_otherwise(alike: tuple, images: int, guided_alike: dict, by: tuple[str, ...]) -> str:
     """λ = 0 images made and measured as no guided configuration (``alike``: their _MEASURED and ``by`` values), as
     the summary names them: the columns in which the nearest guided configuration differs, or that their ``by`` value
     has none."""
@@ -246,7 +246,7 @@ def _report(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> tuple[str, l
         counts = {(g["images"], _left_out(g)) for _, g in each}
         if len(counts) == 1:  # the metrics' figures are of the same images: said once
             none = {_none_why(g) for _, g in each if not g["images"]}
-            changes = none.pop() if len(none) == 1 and not group["images"] else "; ".join(
+            changes = none.pop() if len(none) == 1 else "; ".join(
                 _change(metric, g) for metric, g in each)
             changes += f"; {group['images']} image(s)" + (f"; left out: {_left_out(group)}" if _left_out(group) else "")
         else:  # an image n/a by one metric (a stage's maps not finite: IoU n/a, mBIoU over the other stages)
@@ -489,6 +489,11 @@ def _check_seeds(rows) -> None:
     """Refuse rows whose seeds are not whole numbers: saved by a spreadsheet as shown (1.5668E+14), a 15-digit seed has
     lost its last digits, and written back as a decimal by a tool it may have been rounded; two seeds' images would
     read as one."""
+    inexact = next((seed for row in rows if isinstance(seed := row.get("seed"), float) and abs(seed) >= 2 ** 53), None)
+    if inexact is not None:  # pandas reads a seed column with a blank as floats, which hold 15–16 digits
+        raise ValueError(f"a seed in the rows reads {inexact:.17g} as a floating-point number, which loses the last "
+                         f"digits of seeds from 2^53 on (two seeds could read as one): read the file with "
+                         f"read_csv(path), or in pandas with dtype={{'seed': str}}")
     rounded = next((str(seed) for row in rows if _not_whole(seed := row.get("seed", ""))), None)
     if rounded is not None:
         why = ("a spreadsheet saved the file with seeds shortened to scientific notation, which loses their last "

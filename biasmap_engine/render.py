@@ -130,9 +130,11 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
 
 
 def _unit_floats(image: Tensor) -> Tensor:
-    """An image as float32 in 0..1, as ComfyUI's IMAGE is: 8-bit pixels (PIL's, numpy's) divided by 255, where taken
-    as they are they would all read as white."""
-    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
+    """An image as float32 in 0..1, as ComfyUI's IMAGE is: integer pixels (8-bit as PIL and numpy load them, 16-bit
+    PNGs) divided by their type's largest value, where taken as they are they would all read as white."""
+    if image.is_floating_point() or image.dtype == torch.bool:
+        return image.float()
+    return image.float() / torch.iinfo(image.dtype).max
 
 
 def entanglement_picture(

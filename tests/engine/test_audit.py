@@ -211,7 +211,7 @@ def test_a_file_whose_biasmap_columns_were_removed_is_refused_before_a_run_and_w
     with open(path, "w", newline="", encoding="utf-8-sig") as f:
         csv.writer(f).writerows([[r[i] for i in kept] for r in records])
     before = path.read_bytes()
-    fix = r"time, notes, which every row .*\(removed in a spreadsheet\?\): put them back from a copy of the file"
+    fix = r"time, notes, which every row .*\(removed in a spreadsheet, or .*\?\): put them back from a copy of the file"
     with pytest.raises(ValueError, match=rf"audit.csv lacks BiasMap's column\(s\) {fix}"):
         check_appendable(str(path))
     with pytest.raises(ValueError, match=rf"The file lacks BiasMap's column\(s\) {fix}"):
@@ -234,6 +234,9 @@ def test_the_reductions_table_given_as_the_audit_file_is_refused_before_a_run(tm
         check_appendable(str(path))
     with pytest.raises(ValueError, match=fix):
         append_csv(str(path), audit_rows(halves_trace()))
+    path.write_text("semantic,metric,images,reduction\r\ndoctor,iou,3,0.25\r\n", encoding="utf-8-sig")
+    with pytest.raises(ValueError, match=fix):  # its columns put in another order by a spreadsheet
+        check_appendable(str(path))
 
 
 def test_a_row_cut_inside_a_quoted_cell_is_refused_before_a_run_naming_the_line_it_starts_in(tmp_path):
@@ -1731,10 +1734,14 @@ def test_a_result_against_a_baseline_names_another_q_refuses_other_words_and_rea
     assert after.against(measure_entanglement(base, "gender", "nurse", 0.7, (8, 8))).splitlines()[-1] == (
         "note: the baseline differs in q (0.7, this run 0.5): the change is not guidance's alone (compare runs that "
         "differ only in λ)")
+    other_words = measure_entanglement(base, "gender", "doctor", 0.5, (8, 8))
     with pytest.raises(ValueError, match=r"the baseline measures 'gender' and 'doctor', this result 'gender' and "
                                          r"'nurse': measure the same two words in both \(measure_entanglement\("
                                          r"baseline_trace, 'gender', 'nurse'\)\)"):
-        after.against(measure_entanglement(base, "gender", "doctor", 0.5, (8, 8)))
+        after.against(other_words)
+    for each in (after.change_from, after.baseline_notes):  # each a way in of its own
+        with pytest.raises(ValueError, match=r"the baseline measures 'gender' and 'doctor'"):
+            each(other_words)
     typed = measure_entanglement(base, "Gender", "Nurse ", 0.5, (8, 8))  # the same words, as CLIP reads them
     assert after.against(typed) == after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8)))
     older = halves_trace()  # saved before traces kept their run: no field of it is known to differ
@@ -1772,6 +1779,9 @@ def test_reductions_take_a_dataframes_records_one_metric_or_match_by_name_and_re
     with pytest.raises(ValueError, match=r"a seed in the rows reads 1.4, not a whole number"):
         reductions([{**row, "seed": 1.4} for row in rows])
     assert reductions_text([{**row, "seed": 42.0} for row in rows]) == reductions_text(rows)  # pandas' floats
+    with pytest.raises(ValueError, match=r"reads 1.8446744073709552e\+19 as a floating-point number, which loses the "
+                                         r"last digits of seeds from 2\^53 on .*dtype=\{'seed': str\}"):
+        reductions([{**row, "seed": float(2 ** 64 - 1)} for row in rows])  # ComfyUI's largest seed
     assert reductions_text([{**row, "seed": float("nan")} for row in rows]) == reductions_text(
         [{**row, "seed": ""} for row in rows])  # a seed not recorded, blank or NaN
     fewer = [{k: v for k, v in row.items() if k != "biou_up_1"} for row in rows[:2]]

@@ -179,6 +179,8 @@ def test_eight_bit_pixels_as_pil_and_numpy_load_them_are_drawn_as_the_same_pictu
     pixels = torch.randint(0, 256, (1, 128, 128, 3), dtype=torch.uint8)
     heat = torch.rand(1, 128, 128, 3)
     assert torch.equal(overlay(pixels, heat, 0.25), overlay(pixels.float() / 255, heat, 0.25))
+    deep = torch.randint(0, 65536, (1, 128, 128, 3), dtype=torch.int32).to(torch.uint16)  # a 16-bit PNG's
+    assert torch.equal(overlay(deep, heat, 0.25), overlay(deep.float() / 65535, heat, 0.25))
     a, b = quadrant_masks()
     labels = ("woman", "doctor")
     assert torch.equal(entanglement_picture(a, b, torch.tensor([0.33]), labels, image=pixels),
