@@ -1814,3 +1814,70 @@ def test_a_notebook_may_give_one_pair_or_one_row_and_is_told_which_image_a_trace
         trace.guidance_counts(2)
     with pytest.raises(IndexError, match=r"image -1 is not one of this trace's 2"):
         trace.noise_index(-1)
+
+
+def test_a_files_biasmap_columns_the_rows_lack_refuse_them_and_only_unknown_columns_are_the_researchers_own(tmp_path):
+    full = halves_trace()
+    full.settings = BiasMapSettings().to_dict()  # every setting a sampler's trace holds
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(full))
+    with pytest.raises(ValueError, match=r"only the file has: branch, .*include_middle.*another BiasMap version"):
+        append_csv(str(path), audit_rows(halves_trace()))  # a notebook's trace of fewer settings: not left blank
+    rows = audit_rows(halves_trace())
+    columns = list(rows[0])
+    for header, why in (([c for c in columns if c != "iou"] + ["gamma"], "another BiasMap version"),
+                        ([c for c in columns if c != "width"], "another BiasMap version"),  # not one removed by hand
+                        (columns + ["reduction"], None)):  # a column of the researcher's own named so
+        other = tmp_path / f"{len(header)}-{why}.csv"
+        other.write_text(",".join(header) + "\r\n", encoding="utf-8")
+        if why is None:
+            check_appendable(str(other))
+            assert list(append_csv(str(other), rows)[0]) == header
+        else:
+            with pytest.raises(ValueError, match=why):
+                append_csv(str(other), rows)
+    clipped = tmp_path / "clipped.csv"
+    clipped.write_text(",".join(c for c in columns if c != "clipped") + "\r\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lacks BiasMap's column\(s\) clipped, which every row has"):
+        check_appendable(str(clipped))
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('"label,iou\r\n1,2\r\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"in the row starting in line 1\)"):
+        check_appendable(str(quoted))
+
+
+def test_csv_text_takes_every_rows_columns_whichever_comes_first_and_audit_rows_takes_a_list_of_two_pairs():
+    three, two = audit_rows(halves_trace(stages=("down_1", "down_2", "up_1"))), audit_rows(halves_trace())
+    assert "biou_down_2" in csv_text(two + three).splitlines()[0].split(",")
+    pairs = (("gender", "doctor"), ("gender", "nurse"))  # two pairs in a tuple: not one pair
+    assert len(audit_rows(halves_trace(), pairs=pairs)) == 4
+
+
+def test_the_summary_names_the_first_unpaired_row_of_a_group_and_the_reason_match_columns_give():
+    base, guided = _baseline_and_guided()
+    base_rows = [{**row, "steps": 3} if row["image"] == 0 else row for row in audit_rows(base, q=0.5, size=(8, 8))]
+    later = halves_trace()
+    later.run = {**RUN, "seed": 43}
+    rows = base_rows + audit_rows(guided, q=0.5, size=(8, 8)) + audit_rows(later, q=0.5, size=(8, 8))
+    unpaired = {f["semantic"]: f["why_unpaired"] for f in reductions(rows)}
+    assert unpaired["doctor"].startswith("the first, seed 42 image 0: its λ = 0 row differs in steps: 3 at λ = 0")
+    labelled = [{**row, "label": "b" if row["guidance_scale"] and row["image"] == 0 else "a"}
+                for row in audit_rows(base, q=0.5) + audit_rows(guided, q=0.5)]
+    why = {f["semantic"]: f["why_unpaired"] for f in reductions(labelled, match=("label",))}
+    assert "label: a at λ = 0, b guided" in why["doctor"]
+    moved = [{**row, "steps": 5} if row["image"] == 1 else row for row in audit_rows(base, q=0.5, size=(8, 8))]
+    last = reductions_text(moved + audit_rows(guided, q=0.5, size=(8, 8)), by=None).splitlines()[-1]
+    assert last == ("λ = 0 images that no guided run pairs with, left out: all: 2 image(s) made otherwise than the "
+                    "guided runs (steps 5 at λ = 0, 2 guided)")
+
+
+def test_the_notes_line_counts_a_note_once_a_row_shows_a_note_of_90_characters_whole_and_cuts_a_longer_one():
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8))
+    noted = [{**row, "notes": " | ".join(notes)} for row, notes in zip(rows, (
+        ["a", "a"], ["x" * 90], ["y" * 100], ["z"]))]
+    assert reductions_text(noted).splitlines()[-1] == (
+        f"notes in the rows (the notes column): 1 row(s): a; 1 row(s): {'x' * 90}; 1 row(s): {'y' * 89}…; and 1 "
+        f"other note(s)")
+    three = [{**row, "notes": note} for row, note in zip(rows, ("a", "b", "c", "c"))]
+    assert reductions_text(three).splitlines()[-1].endswith("1 row(s): b") and "other note" not in reductions_text(three)

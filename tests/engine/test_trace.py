@@ -120,6 +120,9 @@ def test_maps_kept_in_half_precision_are_measured_as_their_values_in_fp32(dtype)
         half.maps[stage] = half.maps[stage].to(dtype)
         wide.maps[stage] = half.maps[stage].float()  # the same values
     assert half.token_maps(size=64).dtype == torch.float32
+    wider = recorded_trace()
+    wider.maps = {stage: maps.double() for stage, maps in wider.maps.items()}
+    assert wider.token_maps(size=64).dtype == torch.float64  # fp32 at least: float64 stays float64
     assert torch.equal(half.iou("doctor", "gender", size=256), wide.iou("doctor", "gender", size=256))
     assert torch.equal(half.mbiou("doctor", "gender", size=256), wide.mbiou("doctor", "gender", size=256))
 
@@ -147,6 +150,8 @@ def test_the_report_shows_pieces_that_split_a_characters_bytes_as_the_word_they_
     for stage in trace.stages:
         trace.maps[stage] = torch.cat([trace.maps[stage][:, :, :3], trace.maps[stage][:, :, 2:]], dim=2)
     assert "tokens of '医生': 医生</w> (3 pieces)" in measure_entanglement(trace, "医生", "gender").report
+    trace.tokens[2:5] = ["x", "åĮ", "»çĶŁ</w>"]  # a piece of plain letters before them: still one word shown
+    assert "tokens of 'x医生': x医生</w> (3 pieces)" in measure_entanglement(trace, "x医生", "gender").report
 
 
 def test_guidance_counts_cover_every_image_of_every_evaluation():
