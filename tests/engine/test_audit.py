@@ -1880,4 +1880,5 @@ def test_the_notes_line_counts_a_note_once_a_row_shows_a_note_of_90_characters_w
         f"notes in the rows (the notes column): 1 row(s): a; 1 row(s): {'x' * 90}; 1 row(s): {'y' * 89}…; and 1 "
         f"other note(s)")
     three = [{**row, "notes": note} for row, note in zip(rows, ("a", "b", "c", "c"))]
-    assert reductions_text(three).splitlines()[-1].endswith("1 row(s): b") and "other note" not in reductions_text(three)
+    last = reductions_text(three).splitlines()[-1]
+    assert last.endswith("1 row(s): b") and "other note" not in last
