@@ -242,16 +242,16 @@ def _report(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> tuple[str, l
              f"images on, for the per-image figure {_FEWEST_FOR_INTERVAL} with overlap at λ = 0):"]
     for i, group in enumerate(first):
         setting = " · ".join(_label(c, group.get(c, "")) for c in named)
-        each = [(metric, f[i]) for metric, f in figures.items()]
-        counts = {(g["images"], _left_out(g)) for _, g in each}
+        each = [(metric, f[i], _left_out(f[i])) for metric, f in figures.items()]
+        counts = {(g["images"], left_out) for _, g, left_out in each}
         if len(counts) == 1:  # the metrics' figures are of the same images: said once
-            none = {_none_why(g) for _, g in each if not g["images"]}
-            changes = none.pop() if len(none) == 1 else "; ".join(
-                _change(metric, g) for metric, g in each)
-            changes += f"; {group['images']} image(s)" + (f"; left out: {_left_out(group)}" if _left_out(group) else "")
+            none = {_none_why(g) for _, g, _ in each if not g["images"]}
+            changes = none.pop() if len(none) == 1 else "; ".join(_change(metric, g) for metric, g, _ in each)
+            images, left_out = counts.pop()
+            changes += f"; {images} image(s)" + (f"; left out: {left_out}" if left_out else "")
         else:  # an image n/a by one metric (a stage's maps not finite: IoU n/a, mBIoU over the other stages)
             changes = "; ".join(f"{_change(metric, g)} over {g['images']} image(s)"
-                                + (f" (left out: {_left_out(g)})" if _left_out(g) else "") for metric, g in each)
+                                + (f" (left out: {left_out})" if left_out else "") for metric, g, left_out in each)
         lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}")
     alone = paired[metrics[0]][1]
     if alone:
