@@ -1,6 +1,7 @@
 """U-Net stages: which cross-attention layers belong together for block-wise IoU (BiasMap §2, §3)."""
 
 import math
+import re
 
 __all__ = ["STAGE_ORDER", "finest_grid", "stage_id", "stage_of", "stage_grid", "stage_label", "parse_stages"]
 
@@ -69,9 +70,10 @@ def stage_label(stage: str) -> str:
 
 
 def parse_stages(text: str) -> list[str] | None:
-    """Comma-separated stage ids (``down_1``, any case) or labels (``down×1``) → ids; ``""`` or ``"all"`` (with stray
-    commas, or twice, as a stage may be) → None."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    """Stage ids (``down_1``, any case) or labels (``down×1``) separated by commas or spaces (as a report and the
+    audit CSV write them) → ids, each once, in the U-Net's order (any order typed guides alike); ``""`` or ``"all"``
+    (with stray commas, or twice) → None."""
+    parts = [p for p in re.split(r"[,\s]+", text) if p]
     if not text.strip() or {p.lower() for p in parts} == {"all"}:
         return None
     if "all" in (p.lower() for p in parts):
@@ -86,4 +88,4 @@ def parse_stages(text: str) -> list[str] | None:
         stages.append(stage)
     if not stages:  # only separators: a typo, not a choice of stages
         raise ValueError(f"no stage named in {text!r}; give stage ids such as down_1, up_1, or 'all'")
-    return stages
+    return [stage for stage in STAGE_ORDER if stage in stages]

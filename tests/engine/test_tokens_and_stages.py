@@ -107,6 +107,14 @@ def test_stage_labels_and_parsing():
     assert parse_stages("All,") is None and parse_stages("all, ALL") is None  # as "down_1," and "down_1, down_1"
 
 
+def test_stages_typed_in_any_order_or_twice_or_as_a_report_writes_them_are_one_choice():
+    # One guided configuration, not three in an audit's summary: the U-Net's order, each stage once.
+    assert parse_stages("up_1, down×1") == parse_stages("down_1, up_1") == ["down_1", "up_1"]
+    assert parse_stages("down×1, down_1") == ["down_1"]
+    assert parse_stages("down_1 up_1") == ["down_1", "up_1"]  # as the report and the audit CSV write a subset
+    assert parse_stages("up_2,down_2  mid_4") == ["down_2", "mid_4", "up_2"]
+
+
 def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():
     from biasmap_engine import STAGE_ORDER
 
