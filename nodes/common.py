@@ -152,8 +152,28 @@ def show_on_node(node, text: str) -> None:
     # importing ComfyUI's server module loads all of ComfyUI.
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
     if server is not None and hidden is not None and hidden.unique_id is not None:
+        text = _with_list_items(hidden.unique_id, text)
         # The page puts the text into the node as HTML: a concept typed as <b>nurse</b> is shown, not obeyed.
         server.send_progress_text(html.escape(text, quote=False), hidden.unique_id, server.client_id)
+
+
+_LIST_TEXTS: dict = {}  # node id → (prompt id, the texts of its list items run so far)
+
+
+def _with_list_items(node_id, text: str) -> str:
+    """``text`` with those of the node's earlier items of a list input: ComfyUI runs a node once per item (Rebatch
+    Latents' batches), and each text replaces the last on the page, where the last batch's mIoU alone would read as the
+    run's. One item's text is sent as it is."""
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    if context is None or not context.list_index:  # outside the executor, or a list's first item (or no list)
+        _LIST_TEXTS[node_id] = (context and context.prompt_id, [text])
+        return text
+    prompt_id, texts = _LIST_TEXTS.get(node_id, (None, []))
+    texts = (texts if prompt_id == context.prompt_id else [])[:context.list_index] + [text]
+    _LIST_TEXTS[node_id] = (context.prompt_id, texts)
+    return "\n\n".join(f"list item {i + 1}:\n{item}" for i, item in enumerate(texts)) if len(texts) > 1 else text
 
 
 def window_text(trace, steps) -> str:

@@ -322,6 +322,36 @@ def test_entanglement_iou_says_on_its_node_why_the_change_from_its_baseline_is_n
     assert "note: the baseline was guided (λ 100) and this run not" in texts[-1]
 
 
+def test_a_node_run_per_item_of_a_list_input_shows_every_items_text_numbered_not_the_last_alone(nodes_and_trace,
+                                                                                                  monkeypatch):
+    # Rebatch Latents makes a list: ComfyUI runs the node once per batch, and each text replaces the last on the page.
+    from comfy_execution.utils import CurrentNodeContext
+
+    entanglement, trace = nodes_and_trace[2], nodes_and_trace[3]
+    texts = page_texts(monkeypatch)
+    one = copy.deepcopy(trace)
+    one.maps = {stage: maps[:, :1] for stage, maps in trace.maps.items()}
+    one.guidance = {key: value[:, :1] for key, value in trace.guidance.items()}
+    one.latent_shape = [1, *trace.latent_shape[1:]]
+    node = as_comfy_runs(entanglement, node_id="9")
+    with torch.inference_mode():
+        for prompt_id, batch in (("alone", trace), ("alone too", one)):  # each batch queued alone: its own text
+            with CurrentNodeContext(prompt_id, "9", 0):
+                node.execute(**defaults(entanglement) | {"trace": batch})
+        for prompt_id in ("a list", "the list again"):
+            for index, batch in enumerate((trace, one)):
+                with CurrentNodeContext(prompt_id, "9", index):
+                    node.execute(**defaults(entanglement) | {"trace": batch})
+    whole, alone = texts[:2]
+    assert "mIoU " in whole and whole != alone
+    assert texts[2] == whole  # a list's first item: sent as a node run once sends it
+    assert texts[3] == f"list item 1:\n{whole}\n\nlist item 2:\n{alone}"
+    assert texts[4:] == texts[2:4]  # the next prompt's list starts anew
+    with torch.inference_mode(), CurrentNodeContext("no list", "9", 0):
+        node.execute(**defaults(entanglement) | {"trace": one})
+    assert texts[-1] == alone
+
+
 @pytest.mark.parametrize("mask", ["normalized", "thresholded"])
 def test_attribution_map_draws_an_image_whose_maps_overflowed_empty_and_says_so(nodes_and_trace, caplog, mask):
     import copy
