@@ -252,10 +252,20 @@ def _model(prompt: dict | None, node_id) -> str:
 
 
 def _model_applied(kind: str, inputs: dict) -> str:
+    """A node on the way from the loader: a file with its strength, or the node's class with the values typed into it
+    (RescaleCFG at 0.7 and at 0 make other images, which an audit must not pair as one)."""
     if kind in _APPLIED:
         name, strength = (inputs.get(key) for key in _APPLIED[kind])
         return f"{name if isinstance(name, str) else kind}{_strength(strength)}"
-    return kind
+    typed = [f"{key} {_typed_value(value)}" for key, value in inputs.items()
+             if key != "model" and isinstance(value, (bool, int, float, str))]
+    return f"{kind} ({', '.join(typed)})" if typed else kind
+
+
+def _typed_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _model_loaded(kind: str, inputs: dict) -> str:

@@ -717,13 +717,18 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
              "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}}}
     assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
                                      "model": "sd15/v1-5.safetensors + detail.safetensors (0.8) + style.safetensors "
-                                              "+ FreeU_V2", "scheduler": "karras", "denoise": 0.6}
+                                              "+ FreeU_V2 (b1 1.3)", "scheduler": "karras", "denoise": 0.6}
     graph["14"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["15", 0], "step": 10}}  # part of a schedule
     graph["12"]["inputs"]["strength_model"] = ["16", 0]  # a linked strength
     graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "unet.safetensors"}}
     assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
                                      "model": "unet.safetensors + detail.safetensors (0.8) + style.safetensors "
-                                              "(linked strength) + FreeU_V2"}
+                                              "(linked strength) + FreeU_V2 (b1 1.3)"}
+    graph["13"]["inputs"] = {"model": ["12", 0], "b1": ["17", 0], "b2": 1.4}  # a linked value is not read
+    assert graph_run(graph, "3")["model"].endswith(" + FreeU_V2 (b2 1.4)")
+    graph["13"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["12", 0], "sampling": "v_prediction",
+                                                                     "zsnr": True}}
+    assert graph_run(graph, "3")["model"].endswith(" + ModelSamplingDiscrete (sampling v_prediction, zsnr on)")
     graph["13"] = {"class_type": "Power Lora Loader (rgthree)", "inputs": {"model": ["12", 0], "lora_1": {"on": True}}}
     assert graph_run(graph, "3")["model"].endswith("+ Power Lora Loader (rgthree)")  # what it applied is its own
     graph["12"] = {"class_type": "HypernetworkLoader",
