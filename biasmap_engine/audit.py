@@ -26,11 +26,12 @@ __all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "cs
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
 _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
-          "first_step", "last_step", "batch_size", "sampler_demographic", "sampler_semantic", "noise_mask")
+          "first_step", "last_step", "batch_size", "sampler_demographic", "sampler_semantic", "noise_mask",
+          "start_latent")
 # What rows would read as in a file without a column that ``append_csv`` was told they need.
 _READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas", "first_step": "of every step",
                  "last_step": "of every step", "mask_size": "at the image's size",
-                 "noise_mask": "sampled without a noise mask"}
+                 "noise_mask": "sampled without a noise mask", "start_latent": "sampled from an empty latent"}
 # The settings as the sampler node names its inputs (keep = 1 − its q; the rows' own q is the masks').
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
@@ -40,8 +41,9 @@ _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "de
 # researcher's own (notes typed in a spreadsheet), which rows appended later leave blank.
 _COLUMNS = frozenset(("label", *_RUN, "width", "height", "model_family",
                       *(_SETTING_COLUMNS.get(name, name) for name in SETTING_NAMES), "image", "noise_index",
-                      "batch_size", "noise_mask", "sampler_demographic", "sampler_semantic", "demographic", "semantic",
-                      "q", "mask_size", "first_step", "last_step", "iou", "mbiou", *STATUS, "notes"))
+                      "batch_size", "noise_mask", "start_latent", "sampler_demographic", "sampler_semantic",
+                      "demographic", "semantic", "q", "mask_size", "first_step", "last_step", "iou", "mbiou", *STATUS,
+                      "notes"))
 # The columns of every row of every file BiasMap appends to, whatever its version and the trace.
 _ALWAYS = ("label", *(c for c in _RUN if c not in _ADDED), "model_family", "image", "demographic", "semantic", "q",
            "iou", "mbiou", *STATUS, "notes")
@@ -77,7 +79,8 @@ def audit_rows(trace: BiasMapTrace, q: float = 0.7, pairs=None, size=None, label
         for i in range(trace.num_images):
             rows.append({"label": label, **run, "width": width, "height": height, **settings, "image": i,
                          "noise_index": trace.noise_index(i), "batch_size": trace.num_images,
-                         "noise_mask": (trace.run.get("noise_mask") or [""] * trace.num_images)[i], **concepts,
+                         **{name: (trace.run.get(name) or [""] * trace.num_images)[i]
+                            for name in ("noise_mask", "start_latent")}, **concepts,
                          "demographic": a, "semantic": b, "q": q,
                          "mask_size": mask_size, "first_step": first, "last_step": last,
                          "iou": round(float(result.ious[i]), 6), "mbiou": round(float(result.mbiou[i]), 6),

@@ -22,8 +22,8 @@ from .report import figure, percent_change
 __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
-_IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "steps", "cfg", "sampler", "scheduler",
-          "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
+_IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_latent", "steps", "cfg", "sampler",
+          "scheduler", "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
           "attribution_prompt", "model", "model_family", "branch", "include_middle", "demographic", "semantic", "q",
           "mask_size", "first_step", "last_step")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided; guided_concepts, which
@@ -33,6 +33,7 @@ _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_t
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
 # batch_size too: a batch's first image starts from the noise of a batch of one at its seed, so with a sampler that
 # draws no noise as it goes, a mean over both batch sizes would count that image twice.
+# Not start_latent: a source image (img2img), like a seed, is which image a row is of.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
              "batch_size", "width", "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
 _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order

@@ -84,21 +84,15 @@ class EntanglementResult:
     def baseline_notes(self, baseline: "EntanglementResult") -> list[str]:
         """Why the change from ``baseline`` may not be guidance's: a baseline guided where this run is not (links
         swapped), one guided as this run was (or both at λ = 0), and whatever else differs between the two runs. Two
-        runs guided otherwise (another λ, soft top-k, stages) compare guidance settings: no note."""
+        runs guided otherwise (another λ, soft top-k, stages, concepts) compare guidance settings: no note."""
         _check_same_words(self, baseline)
         trace, other = self._trace, baseline._trace
-        notes = []
         before, after = other.settings.get("scale"), trace.settings.get("scale")
-        guided_alike = all(other.settings.get(key) == trace.settings.get(key) for key in _GUIDANCE_SETTINGS)
-        if before is not None and after is not None:  # a trace made in a notebook may not say
-            if before == after and (not after or guided_alike):
-                notes.append(f"the baseline has this run's λ ({_shown(after)}), so nothing of the change is guidance's "
-                             f"(connect the trace of the same seed at λ = 0 as the baseline, and a guided run's as "
-                             f"the trace)")
-            elif before and not after:
-                notes.append(f"the baseline was guided (λ {_shown(before)}) and this run not: connect the trace of "
-                             f"the same seed at λ = 0 as the baseline (if the two traces are swapped, swap their "
-                             f"links)")
+        # What guides besides λ, also the maps' branch and the concepts guided against: runs at one λ > 0 that differ
+        # there compare guidance settings.
+        guided_alike = (all(other.settings.get(key) == trace.settings.get(key)
+                            for key in _GUIDANCE_SETTINGS + _SAME_MAPS)
+                        and (not after or (other.demographic, other.semantic) == (trace.demographic, trace.semantic)))
         # A field one of the two traces lacks (made in a notebook, or by an earlier version) is not known to differ.
         differing = [name if key == "sigmas" else  # a schedule: too long to quote
                      f"{name} ({_shown(other.run[key])}, this run {_shown(trace.run[key])})"
@@ -112,12 +106,26 @@ class EntanglementResult:
             # Images of one seed drawn apart (Repeat Latent Batch); for batches of other sizes, "images" says it.
             *([("the seed's noises", _noises(other), _noises(trace))] if other.num_images == trace.num_images else []),
             ("noise mask", _noise_masks(other), _noise_masks(trace)),
+            # img2img from another image, a second pass after another first pass (traces before it do not say).
+            *([("start latent", _start_latents(other), _start_latents(trace))]
+              if "start_latent" in other.run and "start_latent" in trace.run else []),
             ("masks", _size(baseline), _size(self)), ("q", baseline.q, self.q),
             ("steps measured", _window(baseline), _window(self)))
             if b != a]
         differing += [f"tokens of '{w}' ({' '.join(before)}, this run {' '.join(after)})"
                       for w, before, after in zip(self.pieces, baseline.pieces.values(), self.pieces.values())
                       if before != after]
+        if before is not None and after is not None and before == after and (not after or guided_alike):
+            # A trace made in a notebook may not say its λ.
+            if differing:  # e.g. second passes at λ = 0 after a guided and an unguided first pass
+                return [f"the baseline has this run's λ ({_shown(after)}) and differs in " + "; ".join(differing)
+                        + ": the change is of those, not of guidance in this run (compare runs that differ only in λ)"]
+            return [f"the baseline has this run's λ ({_shown(after)}), so nothing of the change is guidance's "
+                    f"(connect the trace of the same seed at λ = 0 as the baseline, and a guided run's as the trace)"]
+        notes = []
+        if before and after is not None and not after:
+            notes.append(f"the baseline was guided (λ {_shown(before)}) and this run not: connect the trace of the "
+                         f"same seed at λ = 0 as the baseline (if the two traces are swapped, swap their links)")
         if differing:  # the change is then not guidance alone
             notes.append("the baseline differs in " + "; ".join(differing) + ": the change is not guidance's alone "
                          "(compare runs that differ only in λ)")
@@ -237,6 +245,12 @@ def _noises(trace: BiasMapTrace) -> str:
     return " ".join(str(trace.noise_index(i)) for i in range(trace.num_images))
 
 
+def _start_latents(trace: BiasMapTrace) -> str:
+    """The fingerprint of the latent each image was sampled from, one per image where they differ; "empty"."""
+    latents = [latent or "empty" for latent in trace.run.get("start_latent") or [""]]
+    return " / ".join(latents) if len(set(latents)) > 1 else latents[0]
+
+
 def _noise_masks(trace: BiasMapTrace) -> str:
     """The noise mask the images were sampled under (inpainting), one per image where they differ; "none"."""
     masks = [mask or "none" for mask in trace.run.get("noise_mask") or [""]]
@@ -254,6 +268,7 @@ def _run_line(trace: BiasMapTrace) -> str:
              f"{run['steps']} step{'s' * (run['steps'] != 1)}" if "steps" in run else None,
              f"denoise {_shown(run['denoise'])}" if run.get("denoise", 1) != 1 else None,
              f"noise mask {_noise_masks(trace)}" if run.get("noise_mask") else None,
+             f"start latent {_start_latents(trace)}" if run.get("start_latent") else None,
              f"cfg {_shown(run['cfg'])}" if "cfg" in run else None,
              f"λ {_shown(settings['scale'])}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]

@@ -43,9 +43,9 @@ def description_problem(meta: dict) -> str | None:
     if run.get("batch_index") is not None and not (is_list_of(run["batch_index"], int)
                                                    and len(run["batch_index"]) == shape[0]):
         return f"its run's batch_index is not one whole number per image ({shape[0]})"
-    if run.get("noise_mask") is not None and not (is_list_of(run["noise_mask"], str)
-                                                  and len(run["noise_mask"]) == shape[0]):
-        return f"its run's noise_mask is not one text per image ({shape[0]})"
+    for name in ("noise_mask", "start_latent"):
+        if run.get(name) is not None and not (is_list_of(run[name], str) and len(run[name]) == shape[0]):
+            return f"its run's {name} is not one text per image ({shape[0]})"
     if "sigmas" in run and not is_list_of(run["sigmas"], (int, float)):
         return "its run's sigmas are not a list of numbers"
     return _settings_problem(meta.get("settings"))

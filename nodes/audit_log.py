@@ -103,11 +103,11 @@ class BiasMapAuditLog(io.ComfyNode):
         rows = audit_rows(trace, q, pairs, size, label, window)
         shown = _shown(path)
         # What a file started before these columns cannot say of its rows: they are of every step, at image size, on
-        # a schedule its scheduler column names, without a noise mask.
+        # a schedule its scheduler column names, without a noise mask, from an empty latent.
         needed = ((("sigmas",) if trace.run.get("scheduler") == CUSTOM_SIGMAS else ())
                   + (("first_step", "last_step") if window else ())
                   + (("mask_size",) if resolution == "latent" else ())
-                  + (("noise_mask",) if trace.run.get("noise_mask") else ()))
+                  + tuple(name for name in ("noise_mask", "start_latent") if trace.run.get(name)))
         try:
             written = append_csv(path, rows, needed)
         except OlderFileError as err:  # or measure as the file's rows were, where that can be chosen here

@@ -1,6 +1,7 @@
 """Sampling entry points: ComfyUI's own KSampler and custom-sampler paths, run on a BiasMap-patched clone."""
 
 import hashlib
+import inspect
 
 from ..settings import BiasMapSettings
 from .attribution import encode_attribution
@@ -25,6 +26,7 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
     import nodes
 
     _check_batch(latent)
+    start = _start_latents(latent)
     if denoise <= 0:
         raise ValueError("denoise 0 leaves the latent as it is: the model is never evaluated, so there are no maps to "
                          "record or guide; set denoise above 0")
@@ -33,7 +35,8 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
                                    negative, latent, denoise=denoise)
     return out, session.finish(out["samples"], **_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                scheduler=scheduler, denoise=denoise, add_noise=True,
-                               batch_index=latent.get("batch_index"), noise_mask=_noise_masks(latent))
+                               batch_index=latent.get("batch_index"), noise_mask=_noise_masks(latent),
+                               start_latent=start)
 
 
 def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler, sigmas, positive, negative,
@@ -50,6 +53,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, Noise_RandomNoise  # RandomNoise, DisableNoise
 
     _check_batch(latent)
+    start = _start_latents(latent)
     if sigmas.shape[-1] < 2:
         # SamplerCustomAdvanced hands on a latent of no σ or of σ 0 as it is, and one of a σ above 0 noised: a trace
         # of no maps would stop every node reading it, so this sampler refuses, saying what the split meant.
@@ -83,7 +87,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     return latent, session.finish(latent["samples"], **_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1,
                                   cfg=cfg, sampler=_sampler_name(sampler), scheduler=CUSTOM_SIGMAS,
                                   add_noise=add_noise, batch_index=latent.get("batch_index"),
-                                  noise_mask=_noise_masks(latent))
+                                  noise_mask=_noise_masks(latent), start_latent=start)
 
 
 def _check_batch(latent: dict) -> None:
@@ -91,6 +95,18 @@ def _check_batch(latent: dict) -> None:
     if latent["samples"].shape[0] == 0:
         raise ValueError("the latent holds no image (a batch of 0, e.g. from Latent From Batch past its end): connect "
                          "a latent with at least one image")
+
+
+def _start_latents(latent: dict) -> list[str] | None:
+    """Per image, a fingerprint of the latent it is sampled from ('' for an empty one, Empty Latent Image's zeros);
+    None where every image's is empty. Two img2img runs of one seed from two source images, or two second passes
+    (hires fix) after first passes that differ, are other images, which an audit would otherwise pair as one, and a
+    report compare as runs that differ in λ alone. Read once, before sampling: the values as numbers, not their
+    dtype."""
+    images = latent["samples"].reshape(latent["samples"].shape[0], -1).float().cpu()
+    described = [hashlib.sha256(image.numpy().tobytes()).hexdigest()[:8] if bool(image.any()) else ""
+                 for image in images]
+    return described if any(described) else None
 
 
 def _noise_masks(latent: dict) -> list[str] | None:
@@ -116,16 +132,46 @@ def _described(mask) -> str:
 
 
 def _sampler_name(sampler) -> str:
-    """A SAMPLER's name as KSampler gives it, found through its function (a SAMPLER carries no name): KSamplerSelect's
-    ddim runs euler's function and is named euler; dpm_fast and dpm_adaptive are made anew each time, known by name."""
+    """A SAMPLER's name as KSampler gives it, found through its function and inpainting options (a SAMPLER carries no
+    name; KSamplerSelect's ddim is euler's function with random inpainting noise), then the options that a sampler node
+    sets otherwise than the function's defaults, which make another image (SamplerEulerAncestral at eta 0:
+    ``euler_ancestral (eta 0)``); dpm_fast and dpm_adaptive are made anew each time, known by name."""
     import comfy.samplers
 
     function = getattr(sampler, "sampler_function", None)
-    for name in comfy.samplers.KSampler.SAMPLERS:
-        if comfy.samplers.sampler_object(name).sampler_function is function:
-            return name
-    name = getattr(function, "__name__", type(sampler).__name__)
-    return name.removeprefix("sample_").removesuffix("_function")
+    inpainting = getattr(sampler, "inpaint_options", None) or {}
+    known = {name: comfy.samplers.sampler_object(name) for name in comfy.samplers.KSampler.SAMPLERS}
+    named = [name for name, other in known.items() if other.sampler_function is function]
+    name = next((n for n in named if (known[n].inpaint_options or {}) == inpainting), named[0] if named else None)
+    if name is None:
+        name = getattr(function, "__name__", type(sampler).__name__).removeprefix("sample_").removesuffix("_function")
+    defaults = _defaults(function)
+    options = [f"{key} {_option(value)}" for key, value in (getattr(sampler, "extra_options", None) or {}).items()
+               if key not in defaults or not _equal(value, defaults[key])]
+    return f"{name} ({', '.join(options)})" if options else name
+
+
+def _defaults(function) -> dict:
+    """The default of each keyword a sampler function takes; {} where it has no signature to read."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _equal(value, default) -> bool:
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several values, or values that do not compare
+        return False
+
+
+def _option(value) -> str:
+    """A sampler option as a name shows it: a number, a word; 'custom' for a function or tensor (SA-Solver's tau)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if isinstance(value, (bool, int, str)) or value is None else "custom"
 
 
 def _identity() -> dict:

@@ -535,7 +535,7 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
 
 
 # Each file lacks the columns added after its own, down to the latest.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent")
 
 
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
@@ -546,10 +546,11 @@ _LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask"
                                       "first_step", "last_step", *_LATEST),
                                      ("sigmas", "mask_size", "first_step", "last_step", *_LATEST),
                                      ("first_step", "last_step", *_LATEST),
-                                     _LATEST, ("noise_mask",)],
+                                     _LATEST, ("noise_mask", "start_latent"), ("start_latent",)],
                          ids=["before noise_index", "before generation_prompt", "before model and size",
                               "before sigmas and mask size", "before the step window",
-                              "before batch size and the sampler's concepts", "before the noise mask"])
+                              "before batch size and the sampler's concepts", "before the noise mask",
+                              "before the start latent"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
@@ -700,6 +701,77 @@ def test_an_inpainted_image_pairs_only_with_one_under_the_same_noise_mask_and_it
     assert "run: seed 42 · euler/normal · 2 steps · noise mask 50.0 % (3fa2c1d9) / 25.0 % (0b1c2d3e) · " in report
 
 
+def test_an_img2img_image_pairs_only_with_one_from_the_same_start_latent_and_its_report_names_it():
+    # One seed from two source images (img2img), or a second pass after two first passes that differ: other images.
+    base, guided = _baseline_and_guided(start_latent=None)  # the baseline from an empty latent
+    guided.run = {**guided.run, "start_latent": ["1a2b3c4d", "5e6f7a8b"]}
+    rows = audit_rows(guided, q=0.5, size=(8, 8))
+    assert [r["start_latent"] for r in rows[:2]] == ["1a2b3c4d", "5e6f7a8b"]
+    assert {r["start_latent"] for r in audit_rows(base, q=0.5, size=(8, 8))} == {""}
+    with pytest.raises(ValueError, match=r"differ in every value of start_latent; log λ = 0 runs with the guided "
+                                         r"runs' start_latent, changing guidance_scale alone$"):
+        reductions(audit_rows(base, q=0.5, size=(8, 8)) + rows)
+    same_start = copy.deepcopy(base)
+    same_start.run = {**base.run, "start_latent": ["1a2b3c4d", "5e6f7a8b"]}  # the same source images at λ = 0
+    assert {r["semantic"]: r["images"] for r in reductions(audit_rows(same_start, q=0.5, size=(8, 8)) + rows)} == {
+        "doctor": 2, "nurse": 2}
+    other_start = copy.deepcopy(base)
+    other_start.run = {**base.run, "start_latent": ["1a2b3c4d", "00000000"]}  # image 1 from another source
+    text = reductions_text(audit_rows(other_start, q=0.5, size=(8, 8)) + rows)
+    assert ("left out: 1 unpaired (the first, seed 42 image 1: its λ = 0 row differs in start_latent: 00000000 at "
+            "λ = 0, 5e6f7a8b guided)") in text
+    after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    assert after.baseline_notes(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8))) == [
+        "the baseline differs in start latent (empty, this run 1a2b3c4d / 5e6f7a8b): the change is not guidance's "
+        "alone (compare runs that differ only in λ)"]
+    assert after.baseline_notes(measure_entanglement(same_start, "gender", "nurse", 0.5, (8, 8))) == []
+    unsaid = copy.deepcopy(base)
+    unsaid.run = dict(RUN)  # a trace saved before the start latent was recorded: not known to differ
+    assert after.baseline_notes(measure_entanglement(unsaid, "gender", "nurse", 0.5, (8, 8))) == []
+    assert "· 2 steps · start latent 1a2b3c4d / 5e6f7a8b · cfg 7 ·" in after.report
+    assert "start latent" not in measure_entanglement(base, "gender", "nurse", 0.5, (8, 8)).report
+
+
+def test_rows_of_an_img2img_run_are_refused_by_a_file_started_before_the_start_latent_column(tmp_path):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), [{k: v for k, v in row.items() if k != "start_latent"}
+                           for row in audit_rows(halves_trace(), q=0.5)])
+    img2img = halves_trace()
+    img2img.run = {**img2img.run, "start_latent": ["1a2b3c4d"] * 2}
+    with pytest.raises(OlderFileError, match=r"before BiasMap wrote the column\(s\) start_latent, without which "
+                                             r"these rows would read as rows sampled from an empty latent, and pair"):
+        append_csv(str(path), audit_rows(img2img, q=0.5), needed=("start_latent",))
+
+
+def test_a_baseline_at_this_runs_lambda_that_differs_otherwise_is_said_to_differ_in_that_not_in_guidance():
+    # Second passes at λ = 0 after a guided and an unguided first pass: the change is the first passes', one note.
+    base, _ = _baseline_and_guided(start_latent=["1a2b3c4d", "1a2b3c4d"])
+    other = copy.deepcopy(base)
+    other.run = {**base.run, "start_latent": ["5e6f7a8b", "5e6f7a8b"]}
+    after = measure_entanglement(other, "gender", "nurse", 0.5, (8, 8))
+    assert after.baseline_notes(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8))) == [
+        "the baseline has this run's λ (0) and differs in start latent (1a2b3c4d, this run 5e6f7a8b): the change is "
+        "of those, not of guidance in this run (compare runs that differ only in λ)"]
+
+
+def test_runs_at_one_lambda_guided_against_other_concepts_or_with_the_middle_block_compare_guidance():
+    _, guided = _baseline_and_guided()
+    at_100 = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+    against_race = copy.deepcopy(guided)
+    against_race.demographic = ["gender", "race"]  # guided against both: not "nothing of the change is guidance's"
+    assert measure_entanglement(against_race, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_100) == []
+    middle = copy.deepcopy(guided)
+    middle.settings = {**guided.settings, "include_middle": True}  # guided there too, and its maps summed too
+    assert measure_entanglement(middle, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_100) == [
+        "the baseline differs in include_middle (n/a, this run on): the change is not guidance's alone (compare "
+        "runs that differ only in λ)"]
+    at_zero = copy.deepcopy(against_race)
+    at_zero.settings = {"scale": 0.0, "guided_stages": None}  # λ = 0: the concepts guide nothing
+    assert measure_entanglement(at_zero, "gender", "nurse", 0.5, (8, 8)).baseline_notes(
+        measure_entanglement(at_zero, "gender", "nurse", 0.5, (8, 8)))[0].startswith(
+        "the baseline has this run's λ (0), so nothing of the change is guidance's")
+
+
 def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_size():
     # A batch of 2 at seed s starts its first image from the noise a batch of 1 at seed s starts from: with a sampler
     # that draws no noise as it goes they are one image, which a mean over both batch sizes would count twice.
@@ -716,7 +788,7 @@ def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_s
 
 def test_rows_of_an_inpainted_run_are_refused_by_a_file_started_before_the_noise_mask_column(tmp_path):
     path = tmp_path / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k != "noise_mask"}
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent")}
                            for row in audit_rows(halves_trace(), q=0.5)])
     masked = halves_trace()
     masked.run = {**masked.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}
@@ -969,8 +1041,9 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     other = halves_trace()
     other.run = {**RUN, "seed": 7}
     note = after.against(measure_entanglement(other, "gender", "nurse", 0.5, (16, 16), steps=(1, 1))).splitlines()[-1]
-    assert note == ("note: the baseline differs in seed (7, this run 42); masks (16×16, this run 8×8); steps measured "
-                    "(1–1, this run all): the change is not guidance's alone (compare runs that differ only in λ)")
+    assert note == ("note: the baseline has this run's λ (100) and differs in seed (7, this run 42); masks (16×16, "
+                    "this run 8×8); steps measured (1–1, this run all): the change is of those, not of guidance in "
+                    "this run (compare runs that differ only in λ)")
     unnamed, named = halves_trace(), halves_trace()
     unnamed.run, named.run = {**RUN, "model": ""}, {**RUN, "model": "v1-5.safetensors"}  # "": a merged model
     unnamed.settings = dict(base.settings)
@@ -1001,8 +1074,9 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     guided.run = {**RUN, "add_noise": True}
     assert measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8)).against(
         measure_entanglement(drawn_apart, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1] == (
-        "note: the baseline differs in add_noise (off, this run on); the seed's noises (1 2, this run 0 1): the change "
-        "is not guidance's alone (compare runs that differ only in λ)")
+        "note: the baseline has this run's λ (100) and differs in add_noise (off, this run on); the seed's noises "
+        "(1 2, this run 0 1): the change is of those, not of guidance in this run (compare runs that differ only in "
+        "λ)")
     apart = halves_trace()
     for stage in apart.stages:
         apart.maps[stage][:, :, 3] = apart.maps[stage][:, :, 4].flip(-1)  # nurse right, gender left: no overlap

@@ -280,6 +280,8 @@ def _saved_parts(tmp_path):
     ({"run": {"noise_mask": ["50.0 % (3fa2c1d9)"]}}, r"its run's noise_mask is not one text per image \(2\)"),
     ({"run": {"noise_mask": [0.5, 0.5]}}, r"its run's noise_mask is not one text per image \(2\)"),
     ({"run": {"noise_mask": []}}, r"its run's noise_mask is not one text per image \(2\)"),
+    ({"run": {"start_latent": ["3fa2c1d9"]}}, r"its run's start_latent is not one text per image \(2\)"),
+    ({"run": {"start_latent": "3fa2c1d9"}}, r"its run's start_latent is not one text per image \(2\)"),
     ({"run": {"sigmas": ["14.6", "7.0"]}}, r"its run's sigmas are not a list of numbers"),
     ({"settings": {"guided_stages": [1, 2]}}, r"its settings' guided_stages are not a list of stage names"),
     ({"format": "not_biasmap"}, r"damaged or incomplete \(format 'not_biasmap'"),

@@ -69,7 +69,7 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
     assert {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")} == {
         "seed": 3, "steps": 4, "cfg": 5.0, "sampler": "dpmpp_2m", "scheduler": "custom sigmas", "add_noise": True,
-        "batch_index": None, "noise_mask": None, "attribution_prompt": ATTRIBUTION,
+        "batch_index": None, "noise_mask": None, "start_latent": None, "attribution_prompt": ATTRIBUTION,
         "sigmas": [float(f"{s:.4g}") for s in sigmas.tolist()]}  # the schedule, which audits pair runs by
 
 
@@ -269,8 +269,61 @@ def test_advanced_variant_names_the_sampler_in_its_trace_as_ksampler_names_it(sd
             _, trace = sample_with_sampler(session, model, 0, 5.0, sampler, sigmas, pos, neg,
                                            latent(batch=1, h=16, w=16))
             named[name] = trace.run["sampler"]
-    assert named == {"uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "ddim": "euler", "dpmpp_2m": "dpmpp_2m",
-                     "dpm_fast": "dpm_fast", "lcm upscale": "lcm_upscale"}
+    assert named == {"uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "ddim": "ddim", "dpmpp_2m": "dpmpp_2m",
+                     "dpm_fast": "dpm_fast",
+                     "lcm upscale": "lcm_upscale (total_upscale 1, upscale_method bilinear)"}
+
+
+def test_advanced_variant_names_the_options_a_sampler_node_sets_otherwise_than_its_defaults(sd15, prompts):
+    # SamplerEulerAncestral at eta 0 samples another image than at eta 1, KSamplerSelect's euler_ancestral: an audit
+    # must not pair the two as one image, nor a report compare them as runs that differ in λ alone.
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerDPMPP_2M_SDE, SamplerEulerAncestral
+
+    model, clip = sd15
+    pos, neg = prompts
+    named = {}
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
+        samplers = {"eta 0": SamplerEulerAncestral.execute(0.0, 1.0)[0],
+                    "defaults": SamplerEulerAncestral.execute(1.0, 1.0)[0],
+                    "select": comfy.samplers.sampler_object("euler_ancestral"),
+                    "sde": SamplerDPMPP_2M_SDE.execute("heun", 1.0, 0.5, "cpu")[0]}
+        for key, sampler in samplers.items():
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+            _, trace = sample_with_sampler(session, model, 0, 5.0, sampler, sigmas, pos, neg,
+                                           latent(batch=1, h=16, w=16))
+            named[key] = trace.run["sampler"]
+    assert named == {"eta 0": "euler_ancestral (eta 0)", "defaults": "euler_ancestral", "select": "euler_ancestral",
+                     "sde": "dpmpp_2m_sde (s_noise 0.5, solver_type heun)"}
+
+
+@pytest.mark.parametrize("advanced", [False, True], ids=["KSampler", "Advanced"])
+def test_the_latent_a_run_starts_from_is_fingerprinted_per_image_and_an_empty_one_is_not(sd15, prompts, advanced):
+    # img2img from two source images at one seed, or second passes after first passes that differ: other images.
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    source = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2)).half().float()  # fp16 holds it
+    starts = {"empty": torch.zeros(2, 4, 16, 16), "one source": torch.cat([torch.zeros(1, 4, 16, 16), source]),
+              "fp16": torch.cat([torch.zeros(1, 4, 16, 16), source.half()]), "other": torch.cat([source, -source])}
+    recorded = {}
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)[1:]
+        for key, samples in starts.items():
+            session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
+            if advanced:
+                _, trace = sample_with_sampler(session, model, 0, 5.0, comfy.samplers.sampler_object("euler"),
+                                               sigmas, pos, neg, {"samples": samples}, add_noise=False)
+            else:
+                _, trace = sample_with_scheduler(session, model, 0, 2, 5.0, "euler", "normal", pos, neg,
+                                                 {"samples": samples}, denoise=0.5)
+            recorded[key] = trace.run["start_latent"]
+    assert recorded["empty"] is None  # text to image: every row's start_latent blank, as in files before it
+    assert recorded["one source"][0] == "" and len(recorded["one source"][1]) == 8
+    assert recorded["fp16"] == recorded["one source"]  # the values, not their dtype (fp16 holds these exactly)
+    assert recorded["other"][0] == recorded["one source"][1] != recorded["other"][1]
 
 
 # Evaluations per step of a 3-step run: the last step of most of these samplers is one Euler step (σ_next = 0).

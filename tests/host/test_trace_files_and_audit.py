@@ -55,7 +55,7 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
 
     made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "sigmas")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
-                    "add_noise": True, "batch_index": None, "noise_mask": None,
+                    "add_noise": True, "batch_index": None, "noise_mask": None, "start_latent": None,
                     "attribution_prompt": "A photo of a doctor, a nurse and gender",
                     "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
                     "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
@@ -390,7 +390,7 @@ def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folde
 
 
 # The columns added last, which every older file lacks too.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent")
 
 
 def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
@@ -408,7 +408,7 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
     assert ("without the column(s) sigmas, negative_prompt, model, width, height, batch_size, noise_mask, "
-            "sampler_demographic, sampler_semantic, mask_size, first_step, last_step" in caplog.text)
+            "start_latent, sampler_demographic, sampler_semantic, mask_size, first_step, last_step" in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
     assert summary.startswith("4 row(s) appended to output/biasmap/audit.csv")  # not the server's own path
@@ -482,7 +482,7 @@ def test_audit_log_refuses_an_inpainting_runs_rows_for_a_file_started_before_the
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k != "noise_mask"} for row in audit_rows(trace)])
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent")} for row in audit_rows(trace)])
     before = path.read_bytes()
     inpainted = dataclasses.replace(trace, run={**trace.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * trace.num_images})
     with pytest.raises(ValueError, match=r"audit.csv was started before BiasMap wrote the column\(s\) noise_mask, "
