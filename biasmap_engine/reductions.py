@@ -98,7 +98,11 @@ def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
                                  f"those tell two images apart (a prompt made while the graph ran, in the label), log "
                                  f"each prompt's runs to a file of its own, or pass the columns as match=(…) to "
                                  f"reductions() in Python; if they are one image made twice (on another machine or "
-                                 f"ComfyUI version, which rounds otherwise), delete one of the two rows")
+                                 f"ComfyUI version, which rounds otherwise), delete one of the two rows"
+                                 + ("" if "start_latent" in row else
+                                    "; rows of a file started before BiasMap wrote start_latent do not tell apart "
+                                    "runs from other latents (img2img from other images, second passes after other "
+                                    "first passes): give such an audit a new file name"))
     if not guided:
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}

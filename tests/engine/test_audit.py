@@ -657,6 +657,14 @@ def test_reductions_refuse_lambda_0_rows_of_one_image_a_ten_thousandth_apart_but
     measured_otherwise = [{**r, "iou": r["iou"] + 1e-4} for r in audit_rows(base, q=0.5, size=(8, 8))]
     with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image \(seed .*\) give iou"):
         reductions(rows + measured_otherwise)
+    assert "start_latent" not in str(pytest.raises(ValueError, reductions, rows + measured_otherwise).value)
+    # In a file started before the start latent, two img2img sources of one seed read as one image.
+    older = [{k: v for k, v in r.items() if k != "start_latent"} for r in rows + measured_otherwise]
+    with pytest.raises(ValueError, match=r"delete one of the two rows; rows of a file started before BiasMap wrote "
+                                         r"start_latent do not tell apart runs from other latents \(img2img from other "
+                                         r"images, second passes after other first passes\): give such an audit a new "
+                                         r"file name$"):
+        reductions(older)
 
 
 @pytest.mark.parametrize("column, value", [("negative_prompt", "blurry"), ("generation_prompt", "a photo of a nurse"),
