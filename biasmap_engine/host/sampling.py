@@ -145,7 +145,8 @@ def _sampler_name(sampler) -> str:
     name = next((n for n in named if (known[n].inpaint_options or {}) == inpainting), named[0] if named else None)
     if name is None:
         name = getattr(function, "__name__", type(sampler).__name__).removeprefix("sample_").removesuffix("_function")
-    defaults = _defaults(function)
+    # A wrapper that passes its options on (dpm_adaptive's) declares no defaults: k-diffusion's function does.
+    defaults = _defaults(function) or _defaults(getattr(comfy.samplers.k_diffusion_sampling, f"sample_{name}", None))
     options = [f"{key} {_option(value)}" for key, value in (getattr(sampler, "extra_options", None) or {}).items()
                if key not in defaults or not _equal(value, defaults[key])]
     return f"{name} ({', '.join(options)})" if options else name
@@ -168,10 +169,23 @@ def _equal(value, default) -> bool:
 
 
 def _option(value) -> str:
-    """A sampler option as a name shows it: a number, a word; 'custom' for a function or tensor (SA-Solver's tau)."""
+    """A sampler option as a name shows it: a number, a word; a function by the values it holds (ER-SDE's noise
+    scaler holds its eta, SA-Solver's tau its eta and σ range), else 'custom' (a tensor, a function of none)."""
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value) if isinstance(value, (bool, int, str)) or value is None else "custom"
+    if isinstance(value, (bool, int, str)) or value is None:
+        return str(value)
+    code, cells = getattr(value, "__code__", None), getattr(value, "__closure__", None) or ()
+    held = [f"{name} {_option(contents)}" for name, contents in zip(code.co_freevars if code else (), map(_held, cells))
+            if isinstance(contents, (bool, int, float, str))]
+    return f"[{', '.join(held)}]" if held else "custom"
+
+
+def _held(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a variable the function reads that was never set
+        return None
 
 
 def _identity() -> dict:

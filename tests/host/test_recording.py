@@ -278,7 +278,10 @@ def test_advanced_variant_names_the_options_a_sampler_node_sets_otherwise_than_i
     # SamplerEulerAncestral at eta 0 samples another image than at eta 1, KSamplerSelect's euler_ancestral: an audit
     # must not pair the two as one image, nor a report compare them as runs that differ in λ alone.
     import comfy.samplers
-    from comfy_extras.nodes_custom_sampler import SamplerDPMPP_2M_SDE, SamplerEulerAncestral
+    from comfy_extras.nodes_custom_sampler import (SamplerDPMAdaptative, SamplerDPMPP_2M_SDE, SamplerER_SDE,
+                                                   SamplerEulerAncestral)
+
+    from biasmap_engine.host.sampling import _sampler_name as sampler_name
 
     model, clip = sd15
     pos, neg = prompts
@@ -288,14 +291,25 @@ def test_advanced_variant_names_the_options_a_sampler_node_sets_otherwise_than_i
         samplers = {"eta 0": SamplerEulerAncestral.execute(0.0, 1.0)[0],
                     "defaults": SamplerEulerAncestral.execute(1.0, 1.0)[0],
                     "select": comfy.samplers.sampler_object("euler_ancestral"),
-                    "sde": SamplerDPMPP_2M_SDE.execute("heun", 1.0, 0.5, "cpu")[0]}
+                    "sde": SamplerDPMPP_2M_SDE.execute("heun", 1.0, 0.5, "cpu")[0],
+                    # Its eta is held by a function it passes on: named by the values that function holds.
+                    "er_sde eta 0.5": SamplerER_SDE.execute("Reverse-time SDE", 3, 0.5, 1.0)[0],
+                    "er_sde eta 2": SamplerER_SDE.execute("Reverse-time SDE", 3, 2.0, 1.0)[0]}
         for key, sampler in samplers.items():
             session = start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD)
             _, trace = sample_with_sampler(session, model, 0, 5.0, sampler, sigmas, pos, neg,
                                            latent(batch=1, h=16, w=16))
             named[key] = trace.run["sampler"]
     assert named == {"eta 0": "euler_ancestral (eta 0)", "defaults": "euler_ancestral", "select": "euler_ancestral",
-                     "sde": "dpmpp_2m_sde (s_noise 0.5, solver_type heun)"}
+                     "sde": "dpmpp_2m_sde (s_noise 0.5, solver_type heun)",
+                     "er_sde eta 0.5": "er_sde (noise_scaler [eta 0.5])",
+                     "er_sde eta 2": "er_sde (noise_scaler [eta 2])"}
+    # At its defaults, which k-diffusion's function declares, not the wrapper passing them on (named without sampling:
+    # its adaptive steps take long on random weights).
+    adaptive = SamplerDPMAdaptative.execute(3, 0.05, 0.0078, 0.05, 0.0, 1.0, 0.0, 0.81, 0.0, 1.0)[0]
+    assert sampler_name(adaptive) == "dpm_adaptive" == sampler_name(comfy.samplers.sampler_object("dpm_adaptive"))
+    assert sampler_name(SamplerDPMAdaptative.execute(2, 0.05, 0.0078, 0.05, 0.0, 1.0, 0.0, 0.81, 0.0, 1.0)[0]) == (
+        "dpm_adaptive (order 2)")
 
 
 @pytest.mark.parametrize("advanced", [False, True], ids=["KSampler", "Advanced"])
