@@ -482,7 +482,8 @@ def test_audit_log_refuses_an_inpainting_runs_rows_for_a_file_started_before_the
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent")} for row in audit_rows(trace)])
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent")}
+                           for row in audit_rows(trace)])
     before = path.read_bytes()
     inpainted = dataclasses.replace(trace, run={**trace.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * trace.num_images})
     with pytest.raises(ValueError, match=r"audit.csv was started before BiasMap wrote the column\(s\) noise_mask, "
