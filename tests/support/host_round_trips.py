@@ -32,13 +32,16 @@ _SYNCS = {
     _A._unique2.default: "unique (its size is read on the host)",
 }
 _INDEXING = {_A.index.Tensor, _A.index_put.default, _A.index_put_.default, _A._index_put_impl_.default}
+# The session's finish reads the run's results once, at its end; _start_latents the latent it starts from, once,
+# before the first step (a latent ComfyUI keeps on the CPU between nodes, so no wait for a GPU there).
+_ONCE_A_RUN = ("finish", "_start_latents")
 _READS = {torch.Tensor.tolist: "tolist (a copy to the host)", torch.Tensor.cpu: "cpu (a copy to the host)",
           torch.Tensor.numpy: "numpy (a copy to the host)"}
 
 
 class HostRoundTrips:
     """Collects ``(what, engine file:line)`` for each host round trip the engine's own lines cause (not ComfyUI's
-    they call), outside ``finish`` (which reads the run's results once, at its end)."""
+    they call), outside the functions that read once a run, not a step (_ONCE_A_RUN)."""
 
     def __init__(self):
         self.found: list[tuple[str, str]] = []
@@ -59,7 +62,7 @@ class HostRoundTrips:
         stack = [f for f in traceback.extract_stack() if not _real(f.filename).startswith(_NOT_CALLERS)
                  and f.name not in ("__torch_function__", "__torch_dispatch__")]
         engine = [f for f in stack if _real(f.filename).startswith(ENGINE)]
-        if stack and stack[-1] in engine and not any(f.name == "finish" for f in engine):
+        if stack and stack[-1] in engine and not any(f.name in _ONCE_A_RUN for f in engine):
             self.found.append((what, f"{Path(stack[-1].filename).name}:{stack[-1].lineno}"))
 
 
