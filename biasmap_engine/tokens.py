@@ -304,14 +304,19 @@ def _phrase_positions(spans: list[tuple[str, list[int]]], words: tuple[str, ...]
 
 
 def require_distinct_concepts(demographic: list[str], semantic: list[str], positions: dict[str, list[int]]) -> None:
-    """Refuse concepts listed twice, and a demographic and a semantic concept sharing tokens: a concept's overlap
-    with itself is 1 whatever the image, and a concept listed twice counts twice in the energy's mean."""
+    """Refuse concepts listed twice, concepts of one list sharing tokens, and a demographic and a semantic concept
+    sharing tokens: a concept's overlap with itself is 1 whatever the image, a concept listed twice counts twice in the
+    energy's mean, and the map of 'woman' beside 'black woman' would be of both places of 'woman'."""
     for label, concepts in (("demographic", demographic), ("semantic", semantic)):
         for i, a in enumerate(concepts):
             for b in concepts[i + 1:]:
                 if positions[a] == positions[b]:
                     raise ValueError(f"the {label} concepts list '{a}' and '{b}', the same tokens of the attribution "
                                      f"prompt: list each concept once")
+                if set(positions[a]) & set(positions[b]):
+                    raise ValueError(f"the {label} concepts '{a}' and '{b}' share tokens of the attribution prompt, "
+                                     f"so the map of each would take in the other's place: list {label} concepts "
+                                     f"that share no word (e.g. 'black woman, white woman')")
     for a in demographic:
         for b in semantic:
             if set(positions[a]) & set(positions[b]):

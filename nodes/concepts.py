@@ -222,12 +222,18 @@ def _absent(concepts: list[str], words: list[str]) -> list[str]:
 
 
 def _check_distinct(lists: dict, words: list[str]) -> bool | str:
-    """No concept listed twice, and no demographic and semantic concept on the same words of the prompt (the run
-    checks the tokens again)."""
+    """No concept listed twice, no two concepts of a list and no demographic and semantic concept on the same words of
+    the prompt (the run checks the tokens again)."""
     for label, concepts in lists.items():
         twice = next(iter(listed_twice(concepts)), None)
         if twice is not None:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
+        shared = next(((a, b) for i, a in enumerate(concepts) for b in concepts[i + 1:]
+                       if covered_words(a, words) & covered_words(b, words)), None)
+        if shared is not None:  # the map of 'woman' beside 'black woman' would be of both places of 'woman'
+            return (f"the {label} concepts '{shared[0]}' and '{shared[1]}' share words of the attribution prompt, so "
+                    f"the map of each would take in the other's place: list {label} concepts that share no word "
+                    f"(e.g. 'black woman, white woman')")
     for a in lists.get("demographic", []):
         for b in lists.get("semantic", []):
             if covered_words(a, words) & covered_words(b, words):

@@ -80,6 +80,16 @@ def test_an_audit_refuses_demographic_concepts_listed_twice_or_sharing_a_subject
     assert audit_run(0, "doctor", template="A photo of a woman {}", demographic="woman").demographic == "woman"
 
 
+def test_an_audit_refuses_demographic_phrases_that_share_a_word_whose_maps_would_mix_before_its_first_run():
+    # 'woman' beside 'black woman' would be looked up at both places of 'woman': its map would be of the other's too.
+    with pytest.raises(ValueError, match=re.escape(
+            "the demographic concepts 'black woman' and 'woman' share words of the attribution prompt 'A photo of the "
+            "face of a doctor and black woman and woman', so the map of each would take in the other's place: list "
+            "demographic concepts that share no word (e.g. 'black woman, white woman')")):
+        audit_run(0, "doctor", demographic="black woman, woman")
+    assert audit_run(0, "doctor", demographic="black woman, white woman").demographic == "black woman, white woman"
+
+
 def test_an_audits_inputs_are_each_checked_where_those_it_needs_are_known():
     from biasmap_engine import check_plan
 

@@ -79,6 +79,9 @@ def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one
 @pytest.mark.parametrize("inputs, message", [
     ({"semantic": "gender"}, "share words of the attribution prompt"),
     ({"semantic": "doctor, Doctor"}, "'Doctor' is listed twice"),
+    ({"attribution_prompt": "a doctor and black woman and gender", "demographic": "black woman, woman"},
+     "the demographic concepts 'black woman' and 'woman' share words of the attribution prompt, so the map of each "
+     "would take in the other's place"),  # when queued, where the run would refuse the tokens
     ({"attribution_prompt": "   "}, "has no words"),
     ({"attribution_prompt": "a doctor and gender embedding:"}, "'embedding:' with no name after it"),
     ({"attribution_prompt": r"a person \(elderly\) and gender", "semantic": "person (elderly)"},
