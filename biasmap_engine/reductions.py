@@ -24,18 +24,24 @@ __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_te
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 _IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_latent", "steps", "cfg", "sampler",
           "scheduler", "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
-          "attribution_prompt", "model", "model_family", "branch", "include_middle", "demographic", "semantic", "q",
-          "mask_size", "first_step", "last_step")
+          "attribution_prompt", "attribution_template", "model", "model_family", "branch", "include_middle",
+          "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
+# Compared as CLIP reads them (lower case, one space between words): 'Black woman' and 'black  woman' are one concept.
+_AS_CLIP_READS = ("demographic", "semantic")
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided; guided_concepts, which
-# _with_guided_concepts adds, the sampler's concepts that the row's pair does not say).
+# _with_derived adds, the sampler's concepts that the row's pair does not say).
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
              "guided_stages", "start", "end", "sinkhorn_iters", "guided_concepts")
 # How images were made and measured, apart from which image they are: rows that differ in these are not averaged.
 # batch_size too: a batch's first image starts from the noise of a batch of one at its seed, so with a sampler that
 # draws no noise as it goes, a mean over both batch sizes would count that image twice.
-# Not start_latent: a source image (img2img), like a seed, is which image a row is of.
+# Not start_latent: a source image (img2img), like a seed, is which image a row is of. attribution_template (which
+# _with_derived adds): the attribution prompt with the row's semantic concept taken out, since a word's map is its
+# share of the prompt's words: an audit against 'gender' and one against 'gender, race, age' measure otherwise, while
+# an audit's professions, each in a prompt of its own, share one.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
-             "batch_size", "width", "height", "branch", "include_middle", "q", "mask_size", "first_step", "last_step")
+             "batch_size", "width", "height", "attribution_template", "branch", "include_middle", "q", "mask_size",
+             "first_step", "last_step")
 _SETTINGS = tuple(dict.fromkeys(_GUIDED_BY + _MEASURED))  # each once, in order
 _MEASURED_AT = tuple(_IMAGE.index(c) for c in _MEASURED)  # each is a column of the image's too: read from its key
 # The intervals: percentile bootstrap over the paired images, from resamples drawn by a generator seeded alike every
@@ -76,7 +82,7 @@ def _records(rows) -> list[dict]:
 def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
     """:func:`reductions`, and the λ = 0 images that no guided configuration pairs with, as the summary names them
     (made otherwise than every guided run, or of a ``by`` value that has none)."""
-    rows = _with_guided_concepts(rows)
+    rows = _with_derived(rows)
     by, match = _apart_by_demographic(rows, _columns(by)), _columns(match)
     _check_columns(rows, metric, by, match)
     # Blank (a notebook's NaN too): made from traces without the sampler's settings.
@@ -150,7 +156,7 @@ def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
 def _why_unpaired(row: dict, of_seed: dict, columns: tuple[str, ...], by: tuple[str, ...]) -> str:
     """Why a guided ``row`` has no λ = 0 row of its image: there is none of its seed (and ``by`` value) yet, or the
     columns in which the nearest such row differs from it."""
-    named = " ".join(str(row.get(c, "")) for c in by)
+    named = " · ".join(str(row.get(c, "")) for c in by)
     candidates = of_seed.get(_key(row, ("seed", *by)), [])
     if not candidates:
         return f"the first: no λ = 0 row {f'of {named} ' if named else ''}at seed {row.get('seed', '')} yet"
@@ -308,7 +314,7 @@ def _table(figures: dict[str, list[dict]]) -> list[dict]:
 def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -> str:
     """Each metric's mean per ``by`` value and configuration (named by λ where it is not 0, and by the columns in which
     the rows differ) over the images that have a figure, each image once."""
-    rows = _with_guided_concepts(rows)
+    rows = _with_derived(rows)
     # Settings compared as the pairing compares them: a spreadsheet's TRUE and 7 are the file's True and 7.0.
     named = [c for c in _SETTINGS if len({_cell(row, c) for row in rows}) > 1
              or (c == "guidance_scale" and _parsed_number(rows[0][c]) != 0)]
@@ -359,22 +365,36 @@ def _label(column: str, value) -> str:
     return f"{column} {value}"
 
 
-def _with_guided_concepts(rows) -> list[dict]:
-    """``rows``, each with ``guided_concepts``: the sampler's concept lists (``sampler_demographic``,
-    ``sampler_semantic``) where they say more than the row's pair, lower case as CLIP reads them and sorted (the
-    energy, the mean over every pair, is the same in any order): "demographic gender, race" for a run guided against
-    both, which is not gender's guidance alone; "semantic doctor, nurse" for two professions guided together, whose
-    rows pool (by=None) as one run's; "demographic gender" for race measured on a run guided against gender. Blank for
-    a sampler of the row's pair alone, so that an audit's professions, one a run, pool; at λ = 0, where the lists
-    guide nothing; and in a file without them."""
-    # A row without the column reads as blank (_cell): only rows that say more are copied, and each text is read once
-    # (the Audit Log's summary reads the whole file again after every run).
-    with_concepts = []
+def _with_derived(rows) -> list[dict]:
+    """``rows``, each with ``attribution_template`` (see _MEASURED) and ``guided_concepts``: the sampler's concept lists
+    (``sampler_demographic``, ``sampler_semantic``) where they say more than the row's pair, lower case as CLIP reads
+    them and sorted (the energy, the mean over every pair, is the same in any order): "demographic gender, race" for a
+    run guided against both, which is not gender's guidance alone; "semantic doctor, nurse" for two professions guided
+    together, whose rows pool (by=None) as one run's; "demographic gender" for race measured on a run guided against
+    gender. Blank for a sampler of the row's pair alone, so that an audit's professions, one a run, pool; at λ = 0,
+    where the lists guide nothing; and in a file without them."""
+    # A row without guided_concepts reads as blank (_cell), and each text is read once (the Audit Log's summary reads
+    # the whole file again after every run).
+    rows = list(rows)  # a csv.DictReader's, read once
+    templates = _attribution_templates(rows)
+    derived = []
     for row in rows:
         said = _guided_concepts(*(_listed(row.get(c, "")) for c in (
             "guidance_scale", "sampler_demographic", "demographic", "sampler_semantic", "semantic")))
-        with_concepts.append({**row, "guided_concepts": said} if said else row)
-    return with_concepts
+        derived.append({**row, "attribution_template": templates[str(row.get("attribution_prompt", ""))],
+                        **({"guided_concepts": said} if said else {})})
+    return derived
+
+
+def _attribution_templates(rows) -> dict[str, str]:
+    """Each attribution prompt of ``rows`` with every place of any row's semantic concept made '{}' (as CLIP reads
+    them, the longest first): one template for an audit's professions, in prompts of their own or of several."""
+    concepts = {_as_clip_reads(str(row.get("semantic", ""))) for row in rows} - {""}
+    words = sorted((concept.split() for concept in concepts), key=len, reverse=True)
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, w)) for w in words) + r")(?!\w)",
+                         flags=re.IGNORECASE) if words else None
+    prompts = {str(row.get("attribution_prompt", "")) for row in rows}
+    return {prompt: pattern.sub("{}", prompt) if pattern else prompt for prompt in prompts}
 
 
 def _listed(value):
@@ -384,13 +404,13 @@ def _listed(value):
 
 @functools.lru_cache(maxsize=1 << 12, typed=True)
 def _guided_concepts(scale, *lists_and_pair) -> str:
-    """:func:`_with_guided_concepts`' text of one row: from λ, then each list with the row's concept of it."""
+    """:func:`_with_derived`'s guided_concepts of one row: from λ, then each list with the row's concept of it."""
     if _parsed_number(scale) == 0:
         return ""
     said = []
     for kind, listed, measured in zip(("demographic", "semantic"), lists_and_pair[::2], lists_and_pair[1::2]):
-        concepts = {c.strip().lower() for c in str(listed).split(",")} - {""}
-        if concepts and concepts != {str(measured).strip().lower()}:
+        concepts = {_as_clip_reads(c) for c in str(listed).split(",")} - {""}
+        if concepts and concepts != {_as_clip_reads(str(measured))}:
             said.append(f"{kind} {', '.join(sorted(concepts))}")
     return "; ".join(said)
 
@@ -402,7 +422,7 @@ def _columns(by: str | tuple[str, ...] | None) -> tuple[str, ...]:
 
 def _apart_by_demographic(rows, by: tuple[str, ...]) -> tuple[str, ...]:
     """``by``, led by the demographic concept where the rows hold several: gender and race figures are not one."""
-    if rows and len({row.get("demographic") for row in rows}) > 1 and "demographic" not in by:
+    if rows and len({_cell(row, "demographic") for row in rows}) > 1 and "demographic" not in by:
         return ("demographic", *by)
     return by
 
@@ -599,11 +619,19 @@ def _cell(row: dict, column: str):
     whole numbers exactly, as seeds reach 2⁶⁴ where floats would take two for one; not a number as the text "nan", so
     that two rows' NaN match (a NaN float equals nothing, itself included)."""
     value = row.get(column, "")
+    if column in _AS_CLIP_READS and isinstance(value, str):
+        value = _as_clip_reads(value)
     try:
         comparable = _comparable(value)
     except TypeError:  # a value the cache cannot hold (a list, in rows made by hand): compared as its text
         return str(value)
     return "nan" if comparable != comparable else comparable
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _as_clip_reads(text: str) -> str:
+    """A concept as CLIP reads it: lower case, one space between words."""
+    return " ".join(text.lower().split())
 
 
 # Kept for values seen before: an audit file repeats its settings in every row, and the Audit Log's summary reads the

@@ -780,6 +780,45 @@ def test_runs_at_one_lambda_guided_against_other_concepts_or_with_the_middle_blo
         "the baseline has this run's λ (0), so nothing of the change is guidance's")
 
 
+def test_audits_of_other_attribution_prompts_in_one_file_are_averaged_apart_and_count_each_image_once():
+    # A word's map is its share of the prompt's words: an audit against gender and one against gender and race
+    # measure the same pictures otherwise, while an audit's professions share one prompt but for the profession.
+    base, guided = _baseline_and_guided()
+    wider_base, wider = _baseline_and_guided(attribution_prompt="a doctor, nurse and gender and race")
+    for trace in (wider_base, wider):
+        for stage in trace.stages:
+            trace.maps[stage][:, 0, 3] = trace.maps[stage][:, 0, 4]  # image 0's nurse where gender is: IoU 1
+    at_zero = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(wider_base, q=0.5, size=(8, 8))
+    lines = reductions_text(at_zero).splitlines()[1:]
+    assert [line.split(": ")[0] for line in lines] == [
+        f"attribution_template a {{}}, {{}} and gender{race} · {word}" for race in ("", " and race")
+        for word in ("doctor", "nurse")]
+    assert all(line.endswith("over 2 image(s)") for line in lines)  # not 4: each audit's 2 pictures once
+    rows = at_zero + audit_rows(guided, q=0.5, size=(8, 8)) + audit_rows(wider, q=0.5, size=(8, 8))
+    figures = reductions(rows)
+    assert sorted((f["attribution_template"], f["semantic"], f["images"], f["baselines_unpaired"])
+                  for f in figures) == [
+        ("a {}, {} and gender", "doctor", 2, 0), ("a {}, {} and gender", "nurse", 2, 0),
+        ("a {}, {} and gender and race", "doctor", 2, 0), ("a {}, {} and gender and race", "nurse", 2, 0)]
+    nurse = {f["attribution_template"]: f["base"] for f in figures if f["semantic"] == "nurse"}
+    assert nurse == pytest.approx({"a {}, {} and gender": 2 / 3, "a {}, {} and gender and race": 1.0})
+    (pooled,) = reductions(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)), by=None)
+    assert pooled["images"] == 4  # one audit's professions, each in its own place of the prompt, pool
+
+
+def test_concepts_typed_in_another_case_or_spacing_pair_as_clip_reads_them():
+    # 'Nurse' typed into Audit Log on one pass and the trace's 'nurse' on the other are one concept to CLIP.
+    base, guided = _baseline_and_guided()
+    retyped = [{**row, "demographic": "Gender", "semantic": {"nurse": " Nurse", "doctor": "DOCTOR"}[row["semantic"]]}
+               for row in audit_rows(guided, q=0.5, size=(8, 8))]
+    figures = reductions(audit_rows(base, q=0.5, size=(8, 8)) + retyped)
+    assert sorted((f["semantic"], f["images"], f["unpaired"]) for f in figures) == [(" Nurse", 2, 0), ("DOCTOR", 2, 0)]
+    assert all("demographic" not in f for f in figures)  # one demographic concept: not a column of the figures
+    lonely = [{**row, "seed": 7} for row in retyped]  # no λ = 0 row of seed 7: the reason names both by values
+    text = reductions_text(audit_rows(base, q=0.5, size=(8, 8)) + retyped + lonely, by=("demographic", "semantic"))
+    assert "(the first: no λ = 0 row of Gender · DOCTOR at seed 7 yet)" in text
+
+
 def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_size():
     # A batch of 2 at seed s starts its first image from the noise a batch of 1 at seed s starts from: with a sampler
     # that draws no noise as it goes they are one image, which a mean over both batch sizes would count twice.
