@@ -96,7 +96,7 @@ def _subjects(subjects: str) -> list[str]:
     twice = listed_twice(names)
     if twice:
         raise ValueError(f"subject(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once (its runs "
-                         f"would be repeated; CLIP reads capitals as lower case)")
+                         f"would be repeated; CLIP reads capitals as lower case and spaces as one)")
     return names
 
 

@@ -249,7 +249,8 @@ def check_listed_once(**inputs) -> bool | str:
     for name, text in inputs.items():
         twice = next(iter(listed_twice(split_concepts(text or ""))), None)
         if twice is not None:
-            return f"{name}: '{twice}' is listed twice (CLIP reads capitals as lower case): list each word once"
+            return (f"{name}: '{twice}' is listed twice (CLIP reads capitals as lower case and spaces as one): list "
+                    f"each word once")
     return True
 
 
@@ -261,9 +262,9 @@ def check_apart(concept_a, concept_b) -> bool | str:
     in_a = {form for concept in a for form in quote_forms(concept)}
     both = next((concept for concept in b if quote_forms(concept) & in_a), None)
     if both is not None:
-        return (f"concept_a and concept_b both hold '{both}' (CLIP reads capitals as lower case), whose overlap with "
-                f"itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic "
-                f"one")
+        return (f"concept_a and concept_b both hold '{both}' (CLIP reads capitals as lower case and spaces as one), "
+                f"whose overlap with itself is 1 whatever the image: type in concept_a a demographic word and in "
+                f"concept_b a semantic one")
     return True
 
 

@@ -622,8 +622,8 @@ def test_a_concept_typed_in_both_inputs_of_a_node_is_refused_when_queued(pack, n
     nodes = {"BiasMapEntanglementIoU": pack.nodes.BiasMapEntanglementIoU, "BiasMapAuditLog": pack.nodes.BiasMapAuditLog}
     validate = nodes[node].validate_inputs
     assert validate(concept_a="Gender", concept_b="gender") == (
-        "concept_a and concept_b both hold 'gender' (CLIP reads capitals as lower case), whose overlap with itself is "
-        "1 whatever the image: type in concept_a a demographic word and in concept_b a semantic one")
+        "concept_a and concept_b both hold 'gender' (CLIP reads capitals as lower case and spaces as one), whose overlap "
+        "with itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic one")
     assert validate(concept_a="gender", concept_b="doctor") is True
     assert validate(concept_a="", concept_b="gender") is True  # the trace's own concept: the sampler checks it
     assert validate(concept_a=None, concept_b="gender") is True  # linked: checked when the node runs

@@ -719,7 +719,7 @@ def test_audit_log_refuses_a_word_listed_twice_which_would_log_its_pairs_twice(p
     from biasmap_pack.nodes import BiasMapAuditLog
 
     assert BiasMapAuditLog.validate_inputs(concept_b="nurse, Nurse") == (
-        "concept_b: 'Nurse' is listed twice (CLIP reads capitals as lower case): list each word once")
+        "concept_b: 'Nurse' is listed twice (CLIP reads capitals as lower case and spaces as one): list each word once")
     assert BiasMapAuditLog.validate_inputs(concept_a=None, concept_b="nurse, doctor") is True  # None: linked
     with pytest.raises(ValueError, match="^concept_a: 'gender' is listed twice"):  # a linked list, known at run time
         as_comfy_runs(BiasMapAuditLog).execute(**defaults(BiasMapAuditLog) | {"trace": trace,
