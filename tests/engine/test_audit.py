@@ -740,17 +740,6 @@ def test_an_img2img_image_pairs_only_with_one_from_the_same_start_latent_and_its
     assert "start latent" not in measure_entanglement(base, "gender", "nurse", 0.5, (8, 8)).report
 
 
-def test_rows_of_an_img2img_run_are_refused_by_a_file_started_before_the_start_latent_column(tmp_path):
-    path = tmp_path / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k != "start_latent"}
-                           for row in audit_rows(halves_trace(), q=0.5)])
-    img2img = halves_trace()
-    img2img.run = {**img2img.run, "start_latent": ["1a2b3c4d"] * 2}
-    with pytest.raises(OlderFileError, match=r"before BiasMap wrote the column\(s\) start_latent, without which "
-                                             r"these rows would read as rows sampled from an empty latent, and pair"):
-        append_csv(str(path), audit_rows(img2img, q=0.5), needed=("start_latent",))
-
-
 def test_a_baseline_at_this_runs_lambda_that_differs_otherwise_is_said_to_differ_in_that_not_in_guidance():
     # Second passes at λ = 0 after a guided and an unguided first pass: the change is the first passes', one note.
     base, _ = _baseline_and_guided(start_latent=["1a2b3c4d", "1a2b3c4d"])
@@ -833,15 +822,20 @@ def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_s
         "λ 100 · doctor", "λ 100 · nurse"]
 
 
-def test_rows_of_an_inpainted_run_are_refused_by_a_file_started_before_the_noise_mask_column(tmp_path):
+@pytest.mark.parametrize("column, value, read_as, started_before", [
+    ("noise_mask", "50.0 % (3fa2c1d9)", "sampled without a noise mask", ("noise_mask", "start_latent")),
+    ("start_latent", "1a2b3c4d", "sampled from an empty latent", ("start_latent",))],
+    ids=["an inpainted run", "an img2img run"])
+def test_rows_are_refused_by_a_file_started_before_the_column_that_tells_their_run_apart(tmp_path, column, value,
+                                                                                       read_as, started_before):
     path = tmp_path / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent")}
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in started_before}
                            for row in audit_rows(halves_trace(), q=0.5)])
-    masked = halves_trace()
-    masked.run = {**masked.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * 2}
-    with pytest.raises(OlderFileError, match=r"before BiasMap wrote the column\(s\) noise_mask, without which these "
-                                             r"rows would read as rows sampled without a noise mask, and pair with"):
-        append_csv(str(path), audit_rows(masked, q=0.5), needed=("noise_mask",))
+    made_so = halves_trace()
+    made_so.run = {**made_so.run, column: [value] * 2}
+    with pytest.raises(OlderFileError, match=rf"before BiasMap wrote the column\(s\) {column}, without which these "
+                                             rf"rows would read as rows {read_as}, and pair with"):
+        append_csv(str(path), audit_rows(made_so, q=0.5), needed=(column,))
 
 
 def test_reductions_text_says_which_rows_it_left_out_duplicates_too():
