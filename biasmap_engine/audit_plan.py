@@ -117,7 +117,6 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
             words = clip_words(prompt, split)
             held = covered_words(subject, words)
             demographic = next((d for d in demographics if held & covered_words(d, words)), None)
-            where = f"of the attribution prompt '{prompt}'" if template else "in a row"
             shared = next(((a, b) for i, a in enumerate(demographics) for b in demographics[i + 1:]
                            if covered_words(a, words) & covered_words(b, words)), None)
             if shared is not None:  # the map of 'woman' beside 'black woman' would be of both places of 'woman'
@@ -126,6 +125,7 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
                                  f"place: list demographic concepts that share no word (e.g. 'black woman, white "
                                  f"woman')")
             if demographic is not None:
+                where = f"of the attribution prompt '{prompt}'" if template else "in a row"
                 raise ValueError(f"the subject '{subject}' and the demographic concept '{demographic}' share words "
                                  f"{where}, so the two would be one place of it, and every subject is measured "
                                  f"against the demographic: take '{subject}' out of the subjects, or change the "

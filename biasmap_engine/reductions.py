@@ -36,7 +36,7 @@ _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_t
 # batch_size too: a batch's first image starts from the noise of a batch of one at its seed, so with a sampler that
 # draws no noise as it goes, a mean over both batch sizes would count that image twice.
 # Not start_latent: a source image (img2img), like a seed, is which image a row is of. attribution_template (which
-# _with_derived adds): the attribution prompt with the row's semantic concept taken out, since a word's map is its
+# _with_derived adds): the attribution prompt with the rows' semantic concepts taken out, since a word's map is its
 # share of the prompt's words: an audit against 'gender' and one against 'gender, race, age' measure otherwise, while
 # an audit's professions, each in a prompt of its own, share one.
 _MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
