@@ -7,7 +7,7 @@ after each queued prompt picks the subject and the seed, so one graph queued wit
 
 from dataclasses import dataclass
 
-from .tokens import clip_words, covered_words, listed_twice, split_concepts
+from .tokens import clip_words, covered_words, listed_twice, overlap_refusal, split_concepts
 
 __all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run", "check_plan"]
 
@@ -106,6 +106,14 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
     twice = listed_twice(demographics)
     if twice:
         raise ValueError(f"demographic concept(s) listed twice: {', '.join(dict.fromkeys(twice))}; list each once")
+    # The map of 'woman' beside 'black woman' would be of both places of 'woman': the phrases' own words tell, whatever
+    # the subjects and template (each may be linked).
+    for split in (False, True):
+        words = clip_words(" and ".join(demographics), split)
+        shared = next(((a, b) for i, a in enumerate(demographics) for b in demographics[i + 1:]
+                       if covered_words(a, words) & covered_words(b, words)), None)
+        if shared is not None:
+            raise ValueError(overlap_refusal("demographic", *shared))
     # The sampler looks each concept up as a phrase at every place of the attribution prompt, and refuses a subject and
     # a demographic concept whose places overlap (a concept's overlap with itself is 1, whatever the image): here in
     # the attribution prompt of each subject's run (of the subject alone where the template is linked), read as CLIP
@@ -117,13 +125,6 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
             words = clip_words(prompt, split)
             held = covered_words(subject, words)
             demographic = next((d for d in demographics if held & covered_words(d, words)), None)
-            shared = next(((a, b) for i, a in enumerate(demographics) for b in demographics[i + 1:]
-                           if covered_words(a, words) & covered_words(b, words)), None)
-            if shared is not None:  # the map of 'woman' beside 'black woman' would be of both places of 'woman'
-                raise ValueError(f"the demographic concepts '{shared[0]}' and '{shared[1]}' share words of the "
-                                 f"attribution prompt '{prompt}', so the map of each would take in the other's "
-                                 f"place: list demographic concepts that share no word (e.g. 'black woman, white "
-                                 f"woman')")
             if demographic is not None:
                 where = f"of the attribution prompt '{prompt}'" if template else "in a row"
                 raise ValueError(f"the subject '{subject}' and the demographic concept '{demographic}' share words "

@@ -18,8 +18,8 @@ import re
 import unicodedata
 
 __all__ = ["ConceptNotFoundError", "clip_words", "covered_words", "find_word_positions", "is_ideographic",
-           "listed_twice", "listed_words", "prompt_words", "quote_forms", "readable", "require_distinct_concepts",
-           "split_concepts", "typed_concepts", "typed_form"]
+           "listed_twice", "listed_words", "overlap_refusal", "prompt_words", "quote_forms", "readable",
+           "require_distinct_concepts", "split_concepts", "typed_concepts", "typed_form"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
@@ -303,6 +303,14 @@ def _phrase_positions(spans: list[tuple[str, list[int]]], words: tuple[str, ...]
     return positions
 
 
+def overlap_refusal(label: str, a: str, b: str) -> str:
+    """Why two concepts of one list are refused: the lookup takes every place of a phrase, so the map of 'woman'
+    beside 'black woman' would be of both places of 'woman'."""
+    return (f"the {label} concepts '{a}' and '{b}' share a place of the attribution prompt, so the map of each would "
+            f"take in the other's: list {label} concepts that the prompt holds at separate places (e.g. 'black woman, "
+            f"white woman', not 'black woman, woman')")
+
+
 def require_distinct_concepts(demographic: list[str], semantic: list[str], positions: dict[str, list[int]]) -> None:
     """Refuse concepts listed twice, concepts of one list sharing tokens, and a demographic and a semantic concept
     sharing tokens: a concept's overlap with itself is 1 whatever the image, a concept listed twice counts twice in the
@@ -314,9 +322,7 @@ def require_distinct_concepts(demographic: list[str], semantic: list[str], posit
                     raise ValueError(f"the {label} concepts list '{a}' and '{b}', the same tokens of the attribution "
                                      f"prompt: list each concept once")
                 if set(positions[a]) & set(positions[b]):
-                    raise ValueError(f"the {label} concepts '{a}' and '{b}' share tokens of the attribution prompt, "
-                                     f"so the map of each would take in the other's place: list {label} concepts "
-                                     f"that share no word (e.g. 'black woman, white woman')")
+                    raise ValueError(overlap_refusal(label, a, b))
     for a in demographic:
         for b in semantic:
             if set(positions[a]) & set(positions[b]):

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..biasmap_engine import (ConceptNotFoundError, covered_words, find_word_positions, is_ideographic,
                               listed_twice, listed_words, prompt_words, quote_forms, split_concepts, typed_concepts)
 from ..biasmap_engine.host import prompt_text_words
+from ..biasmap_engine.tokens import overlap_refusal
 from .prompt_graph import WordsAsked
 
 __all__ = ["absent_from", "check_apart", "check_concepts", "check_listed_once", "check_loaded_trace_words",
@@ -230,10 +231,8 @@ def _check_distinct(lists: dict, words: list[str]) -> bool | str:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
         shared = next(((a, b) for i, a in enumerate(concepts) for b in concepts[i + 1:]
                        if covered_words(a, words) & covered_words(b, words)), None)
-        if shared is not None:  # the map of 'woman' beside 'black woman' would be of both places of 'woman'
-            return (f"the {label} concepts '{shared[0]}' and '{shared[1]}' share words of the attribution prompt, so "
-                    f"the map of each would take in the other's place: list {label} concepts that share no word "
-                    f"(e.g. 'black woman, white woman')")
+        if shared is not None:
+            return overlap_refusal(label, *shared)
     for a in lists.get("demographic", []):
         for b in lists.get("semantic", []):
             if covered_words(a, words) & covered_words(b, words):

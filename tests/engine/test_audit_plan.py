@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run
+from biasmap_engine import AUDIT_ORDERS, PAPER_PROFESSIONS, audit_run, check_plan
 
 
 def test_the_default_plan_is_the_papers_19_professions_by_100_seeds_with_its_prompts():
@@ -82,11 +82,13 @@ def test_an_audit_refuses_demographic_concepts_listed_twice_or_sharing_a_subject
 
 def test_an_audit_refuses_demographic_phrases_that_share_a_word_whose_maps_would_mix_before_its_first_run():
     # 'woman' beside 'black woman' would be looked up at both places of 'woman': its map would be of the other's too.
-    with pytest.raises(ValueError, match=re.escape(
-            "the demographic concepts 'black woman' and 'woman' share words of the attribution prompt 'A photo of the "
-            "face of a doctor and black woman and woman', so the map of each would take in the other's place: list "
-            "demographic concepts that share no word (e.g. 'black woman, white woman')")):
+    refused = re.escape("the demographic concepts 'black woman' and 'woman' share a place of the attribution prompt, "
+                        "so the map of each would take in the other's: list demographic concepts that the prompt holds "
+                        "at separate places (e.g. 'black woman, white woman', not 'black woman, woman')")
+    with pytest.raises(ValueError, match=refused):
         audit_run(0, "doctor", demographic="black woman, woman")
+    with pytest.raises(ValueError, match=refused):  # the subjects and template linked: the phrases alone tell
+        check_plan(demographic="black woman, woman")
     assert audit_run(0, "doctor", demographic="black woman, white woman").demographic == "black woman, white woman"
 
 

@@ -200,9 +200,10 @@ def test_cjk_words_are_found_under_either_tokenizers_split():
     (["gender"], ["doctor and gender"], "share tokens of the attribution prompt"),
     (["gender", "Gender"], ["doctor"], "list each concept once"),
     # The map of 'gender' would take in the place of 'doctor and gender': both of one list, partly one place.
-    (["gender"], ["doctor", "doctor and gender"], "the semantic concepts 'doctor' and 'doctor and gender' share tokens "
-                                                  "of the attribution prompt, so the map of each would take in the "
-                                                  "other's place: list semantic concepts that share no word"),
+    (["gender"], ["doctor", "doctor and gender"], "the semantic concepts 'doctor' and 'doctor and gender' share a "
+                                                  "place of the attribution prompt, so the map of each would take in "
+                                                  "the other's: list semantic concepts that the prompt holds at "
+                                                  "separate places"),
 ])
 def test_concepts_that_overlap_or_repeat_are_refused(demographic, semantic, message):
     tokens = ["<|startoftext|>", "a</w>", "doctor</w>", "and</w>", "gender</w>", "<|endoftext|>"]
