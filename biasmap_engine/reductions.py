@@ -26,8 +26,11 @@ _IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_lat
           "scheduler", "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
           "attribution_prompt", "attribution_template", "model", "model_family", "branch", "include_middle",
           "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
-# Compared as CLIP reads them (lower case, one space between words): 'Black woman' and 'black  woman' are one concept.
+# Compared as CLIP reads them (lower case, one space between words, curly apostrophes straight): 'Black woman' and
+# 'black  woman' are one concept.
 _AS_CLIP_READS = ("demographic", "semantic")
+# Columns the reductions make of others (_with_derived): a message names the columns they are made of, not these.
+_DERIVED = ("attribution_template",)
 # What tells one guided configuration from another (a sweep of λ, or of the stages guided; guided_concepts, which
 # _with_derived adds, the sampler's concepts that the row's pair does not say).
 _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_topk_keep", "gamma", "gate",
@@ -394,7 +397,12 @@ def _attribution_templates(rows) -> dict[str, str]:
     pattern = re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, w)) for w in words) + r")(?!\w)",
                          flags=re.IGNORECASE) if words else None
     prompts = {str(row.get("attribution_prompt", "")) for row in rows}
-    return {prompt: pattern.sub("{}", prompt) if pattern else prompt for prompt in prompts}
+    return {prompt: pattern.sub("{}", _straight(prompt)) if pattern else prompt for prompt in prompts}
+
+
+def _straight(text: str) -> str:
+    """Curly apostrophes straight, as ftfy reads a prompt (children’s)."""
+    return text.replace("’", "'").replace("‘", "'")
 
 
 def _listed(value):
@@ -545,7 +553,8 @@ def _mismatch(guided, baselines, columns) -> str:
     if not baselines:
         return (f"the rows hold no λ = 0 row; log the same seeds ({seeds}), prompts and settings with guidance_scale "
                 f"0 into the file too")
-    apart = [c for c in columns if not {_cell(r, c) for r in guided} & {_cell(r, c) for r in baselines}]
+    apart = [c for c in columns if c not in _DERIVED
+             and not {_cell(r, c) for r in guided} & {_cell(r, c) for r in baselines}]
     if apart:
         named = ", ".join(apart)
         # Rows of two files, one started before a column, which its rows lack (not blank: a merged model's is).
@@ -579,7 +588,7 @@ def _differences(base: dict, guided: dict, columns: tuple[str, ...]) -> list[str
     """The columns in which a λ = 0 row and a guided one differ, with both values (long ones cut where they differ)."""
     shown = []
     for column, differ in zip(columns, _distance(base, guided, columns)[1]):
-        if differ:
+        if differ and column not in _DERIVED:
             base_value, guided_value = _apart(str(base.get(column, "")), str(guided.get(column, "")))
             shown.append(f"{column}: {base_value} at λ = 0, {guided_value} guided")
     return shown
@@ -630,8 +639,8 @@ def _cell(row: dict, column: str):
 
 @functools.lru_cache(maxsize=1 << 12)
 def _as_clip_reads(text: str) -> str:
-    """A concept as CLIP reads it: lower case, one space between words."""
-    return " ".join(text.lower().split())
+    """A concept as CLIP reads it: lower case, one space between words, curly apostrophes straight (as ftfy)."""
+    return " ".join(_straight(text).lower().split())
 
 
 # Kept for values seen before: an audit file repeats its settings in every row, and the Audit Log's summary reads the

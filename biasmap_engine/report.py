@@ -92,7 +92,7 @@ class EntanglementResult:
         # there compare guidance settings.
         guided_alike = (all(other.settings.get(key) == trace.settings.get(key)
                             for key in _GUIDANCE_SETTINGS + _SAME_MAPS)
-                        and (not after or (other.demographic, other.semantic) == (trace.demographic, trace.semantic)))
+                        and (not after or _guided_against(other) == _guided_against(trace)))
         # A field one of the two traces lacks (made in a notebook, or by an earlier version) is not known to differ.
         differing = [name if key == "sigmas" else  # a schedule: too long to quote
                      f"{name} ({_shown(other.run[key])}, this run {_shown(trace.run[key])})"
@@ -243,6 +243,12 @@ def _shown(value) -> str:
 def _noises(trace: BiasMapTrace) -> str:
     """Which of the seed's noises the images got, in order (Latent From Batch, Repeat Latent Batch)."""
     return " ".join(str(trace.noise_index(i)) for i in range(trace.num_images))
+
+
+def _guided_against(trace: BiasMapTrace) -> tuple[list[str], list[str]]:
+    """The concept lists as guidance reads them: in any order, as CLIP reads each (lower case, spaces as one)."""
+    return tuple(sorted(" ".join(concept.lower().split()) for concept in concepts)
+                 for concepts in (trace.demographic, trace.semantic))
 
 
 def _start_latents(trace: BiasMapTrace) -> str:

@@ -762,6 +762,10 @@ def test_runs_at_one_lambda_guided_against_other_concepts_or_with_the_middle_blo
     assert measure_entanglement(middle, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_100) == [
         "the baseline differs in include_middle (n/a, this run on): the change is not guidance's alone (compare "
         "runs that differ only in λ)"]
+    retyped = copy.deepcopy(guided)
+    retyped.semantic = ["Nurse", "doctor"]  # the same concepts to guidance, in another order and case
+    assert measure_entanglement(retyped, "gender", "nurse", 0.5, (8, 8)).baseline_notes(at_100)[0].startswith(
+        "the baseline has this run's λ (100), so nothing of the change is guidance's")
     at_zero = copy.deepcopy(against_race)
     at_zero.settings = {"scale": 0.0, "guided_stages": None}  # λ = 0: the concepts guide nothing
     assert measure_entanglement(at_zero, "gender", "nurse", 0.5, (8, 8)).baseline_notes(
@@ -793,6 +797,9 @@ def test_audits_of_other_attribution_prompts_in_one_file_are_averaged_apart_and_
     assert nurse == pytest.approx({"a {}, {} and gender": 2 / 3, "a {}, {} and gender and race": 1.0})
     (pooled,) = reductions(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)), by=None)
     assert pooled["images"] == 4  # one audit's professions, each in its own place of the prompt, pool
+    with pytest.raises(ValueError, match=r"differ in every value of attribution_prompt; log λ = 0 runs with the "
+                                         r"guided runs' attribution_prompt, changing"):  # not the template made of it
+        reductions(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(wider, q=0.5, size=(8, 8)))
 
 
 def test_concepts_typed_in_another_case_or_spacing_pair_as_clip_reads_them():
@@ -803,6 +810,11 @@ def test_concepts_typed_in_another_case_or_spacing_pair_as_clip_reads_them():
     figures = reductions(audit_rows(base, q=0.5, size=(8, 8)) + retyped)
     assert sorted((f["semantic"], f["images"], f["unpaired"]) for f in figures) == [(" Nurse", 2, 0), ("DOCTOR", 2, 0)]
     assert all("demographic" not in f for f in figures)  # one demographic concept: not a column of the figures
+    curly = [{**row, "semantic": row["semantic"].replace("nurse", "nurse’s aide")}  # as ftfy straightens it
+             for row in audit_rows(guided, q=0.5, size=(8, 8))]
+    straight = [{**row, "semantic": row["semantic"].replace("nurse", "nurse's aide")}
+                for row in audit_rows(base, q=0.5, size=(8, 8))]
+    assert {f["semantic"]: f["images"] for f in reductions(straight + curly)} == {"doctor": 2, "nurse’s aide": 2}
     lonely = [{**row, "seed": 7} for row in retyped]  # no λ = 0 row of seed 7: the reason names both by values
     text = reductions_text(audit_rows(base, q=0.5, size=(8, 8)) + retyped + lonely, by=("demographic", "semantic"))
     assert "(the first: no λ = 0 row of Gender · DOCTOR at seed 7 yet)" in text
