@@ -257,8 +257,9 @@ def _model_applied(kind: str, inputs: dict) -> str:
     if kind in _APPLIED:
         name, strength = (inputs.get(key) for key in _APPLIED[kind])
         return f"{name if isinstance(name, str) else kind}{_strength(strength)}"
-    typed = [f"{key} {_typed_value(value)}" for key, value in inputs.items()
-             if key != "model" and isinstance(value, (bool, int, float, str))]
+    # A value linked from another node is not known here: named as linked, as a LoRA's linked strength is.
+    typed = [f"{key} {'linked' if _is_link(value) else _typed_value(value)}" for key, value in inputs.items()
+             if key != "model" and (_is_link(value) or isinstance(value, (bool, int, float, str)))]
     return f"{kind} ({', '.join(typed)})" if typed else kind
 
 

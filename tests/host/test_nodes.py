@@ -80,8 +80,8 @@ def test_the_map_nodes_refuse_an_image_batch_that_is_neither_one_picture_nor_one
     ({"semantic": "gender"}, "share words of the attribution prompt"),
     ({"semantic": "doctor, Doctor"}, "'Doctor' is listed twice"),
     ({"attribution_prompt": "a doctor and black woman and gender", "demographic": "black woman, woman"},
-     "the demographic concepts 'black woman' and 'woman' share words of the attribution prompt, so the map of each "
-     "would take in the other's place"),  # when queued, where the run would refuse the tokens
+     "the demographic concepts 'black woman' and 'woman' share a place of the attribution prompt, so the map of "
+     "each would take in the other's"),  # when queued, where the run would refuse the tokens
     ({"attribution_prompt": "   "}, "has no words"),
     ({"attribution_prompt": "a doctor and gender embedding:"}, "'embedding:' with no name after it"),
     ({"attribution_prompt": r"a person \(elderly\) and gender", "semantic": "person (elderly)"},
@@ -622,8 +622,9 @@ def test_a_concept_typed_in_both_inputs_of_a_node_is_refused_when_queued(pack, n
     nodes = {"BiasMapEntanglementIoU": pack.nodes.BiasMapEntanglementIoU, "BiasMapAuditLog": pack.nodes.BiasMapAuditLog}
     validate = nodes[node].validate_inputs
     assert validate(concept_a="Gender", concept_b="gender") == (
-        "concept_a and concept_b both hold 'gender' (CLIP reads capitals as lower case and spaces as one), whose overlap "
-        "with itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic one")
+        "concept_a and concept_b both hold 'gender' (CLIP reads capitals as lower case and spaces as one), whose "
+        "overlap with itself is 1 whatever the image: type in concept_a a demographic word and in concept_b a semantic "
+        "one")
     assert validate(concept_a="gender", concept_b="doctor") is True
     assert validate(concept_a="", concept_b="gender") is True  # the trace's own concept: the sampler checks it
     assert validate(concept_a=None, concept_b="gender") is True  # linked: checked when the node runs
@@ -727,8 +728,8 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
                                      "model": "unet.safetensors + detail.safetensors (0.8) + style.safetensors "
                                               "(linked strength) + FreeU_V2 (b1 1.3)"}
-    graph["13"]["inputs"] = {"model": ["12", 0], "b1": ["17", 0], "b2": 1.4}  # a linked value is not read
-    assert graph_run(graph, "3")["model"].endswith(" + FreeU_V2 (b2 1.4)")
+    graph["13"]["inputs"] = {"model": ["12", 0], "b1": ["17", 0], "b2": 1.4}  # a linked value: not known here
+    assert graph_run(graph, "3")["model"].endswith(" + FreeU_V2 (b1 linked, b2 1.4)")
     graph["13"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["12", 0], "sampling": "v_prediction",
                                                                      "zsnr": True}}
     assert graph_run(graph, "3")["model"].endswith(" + ModelSamplingDiscrete (sampling v_prediction, zsnr on)")
