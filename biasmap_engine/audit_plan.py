@@ -7,7 +7,7 @@ after each queued prompt picks the subject and the seed, so one graph queued wit
 
 from dataclasses import dataclass
 
-from .tokens import clip_words, covered_words, listed_twice, overlap_refusal, split_concepts
+from .tokens import clip_words, covered_words, listed_twice, overlap_refusal, overlapping, split_concepts
 
 __all__ = ["AUDIT_ORDERS", "PAPER_PROFESSIONS", "AuditRun", "audit_run", "check_plan"]
 
@@ -109,9 +109,7 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
     # The map of 'woman' beside 'black woman' would be of both places of 'woman': the phrases' own words tell, whatever
     # the subjects and template (each may be linked).
     for split in (False, True):
-        words = clip_words(" and ".join(demographics), split)
-        shared = next(((a, b) for i, a in enumerate(demographics) for b in demographics[i + 1:]
-                       if covered_words(a, words) & covered_words(b, words)), None)
+        shared = overlapping(demographics, clip_words(" and ".join(demographics), split))
         if shared is not None:
             raise ValueError(overlap_refusal("demographic", *shared))
     # The sampler looks each concept up as a phrase at every place of the attribution prompt, and refuses a subject and

@@ -18,6 +18,7 @@ import torch
 
 from .guidance import STATUS
 from .report import figure, percent_change
+from .tokens import concept_key, straightened
 
 __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
 
@@ -26,8 +27,7 @@ _IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_lat
           "scheduler", "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
           "attribution_prompt", "attribution_template", "model", "model_family", "branch", "include_middle",
           "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
-# Compared as CLIP reads them (lower case, one space between words, curly apostrophes straight): 'Black woman' and
-# 'black  woman' are one concept.
+# Compared as CLIP reads them (concept_key): 'Black woman' and 'black  woman' are one concept.
 _AS_CLIP_READS = ("demographic", "semantic")
 # Columns the reductions make of others (_with_derived): a message names the columns they are made of, not these.
 _DERIVED = ("attribution_template",)
@@ -397,12 +397,7 @@ def _attribution_templates(rows) -> dict[str, str]:
     pattern = re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, w)) for w in words) + r")(?!\w)",
                          flags=re.IGNORECASE) if words else None
     prompts = {str(row.get("attribution_prompt", "")) for row in rows}
-    return {prompt: pattern.sub("{}", _straight(prompt)) if pattern else prompt for prompt in prompts}
-
-
-def _straight(text: str) -> str:
-    """Curly apostrophes straight, as ftfy reads a prompt (children’s)."""
-    return text.replace("’", "'").replace("‘", "'")
+    return {prompt: pattern.sub("{}", straightened(prompt)) if pattern else prompt for prompt in prompts}
 
 
 def _listed(value):
@@ -637,10 +632,7 @@ def _cell(row: dict, column: str):
     return "nan" if comparable != comparable else comparable
 
 
-@functools.lru_cache(maxsize=1 << 12)
-def _as_clip_reads(text: str) -> str:
-    """A concept as CLIP reads it: lower case, one space between words, curly apostrophes straight (as ftfy)."""
-    return " ".join(_straight(text).lower().split())
+_as_clip_reads = functools.lru_cache(maxsize=1 << 12)(concept_key)  # each of a file's concepts read once
 
 
 # Kept for values seen before: an audit file repeats its settings in every row, and the Audit Log's summary reads the

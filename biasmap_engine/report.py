@@ -6,7 +6,7 @@ import math
 import torch
 
 from .stages import stage_label
-from .tokens import readable, require_distinct_concepts
+from .tokens import concept_key, readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
 
 __all__ = ["EntanglementResult", "figure", "guidance_line", "measure_entanglement", "percent_change"]
@@ -246,9 +246,8 @@ def _noises(trace: BiasMapTrace) -> str:
 
 
 def _guided_against(trace: BiasMapTrace) -> tuple[list[str], list[str]]:
-    """The concept lists as guidance reads them: in any order, as CLIP reads each (lower case, spaces as one)."""
-    return tuple(sorted(" ".join(concept.lower().split()) for concept in concepts)
-                 for concepts in (trace.demographic, trace.semantic))
+    """The concept lists as guidance reads them: in any order, each as CLIP reads it (concept_key)."""
+    return tuple(sorted(map(concept_key, concepts)) for concepts in (trace.demographic, trace.semantic))
 
 
 def _start_latents(trace: BiasMapTrace) -> str:

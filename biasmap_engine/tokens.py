@@ -17,9 +17,10 @@ every CJK ideograph a word of its own ("医生" → "医", "生"); a concept is 
 import re
 import unicodedata
 
-__all__ = ["ConceptNotFoundError", "clip_words", "covered_words", "find_word_positions", "is_ideographic",
-           "listed_twice", "listed_words", "overlap_refusal", "prompt_words", "quote_forms", "readable",
-           "require_distinct_concepts", "split_concepts", "typed_concepts", "typed_form"]
+__all__ = ["ConceptNotFoundError", "clip_words", "concept_key", "covered_words", "find_word_positions",
+           "is_ideographic", "listed_twice", "listed_words", "overlap_refusal", "overlapping", "prompt_words",
+           "quote_forms", "readable", "require_distinct_concepts", "split_concepts", "straightened", "typed_concepts",
+           "typed_form"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
@@ -177,10 +178,21 @@ def is_ideographic(text: str) -> bool:
 _STRAIGHT = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"'})
 
 
+def straightened(text: str) -> str:
+    """``text`` with curly quotes straight, as ftfy reads a prompt (children’s is children's)."""
+    return text.translate(_STRAIGHT)
+
+
+def concept_key(concept: str) -> str:
+    """A typed concept as CLIP reads it, for comparing two typings: quotes straight, lower case, one space between
+    words (Black  Woman and black woman are one)."""
+    return " ".join(straightened(concept).lower().split())
+
+
 def quote_forms(concept: str, split_ideographs: bool = False) -> set[tuple[str, ...]]:
     """``concept``'s words as CLIP splits them (clip_words), its curly quotes as typed and straightened: children’s
     is children + ’ + s in a prompt read as typed, children + 's in one that ftfy straightened."""
-    return {tuple(clip_words(text, split_ideographs)) for text in {concept, concept.translate(_STRAIGHT)}}
+    return {tuple(clip_words(text, split_ideographs)) for text in {concept, straightened(concept)}}
 
 
 def _word_forms(concept: str) -> set[tuple[str, ...]]:
@@ -301,6 +313,12 @@ def _phrase_positions(spans: list[tuple[str, list[int]]], words: tuple[str, ...]
         if all(spelled.replace(_FINAL_SIGMA, _SIGMA) == word for (spelled, _), word in zip(run, words)):
             positions += [p for _, piece_positions in run for p in piece_positions]
     return positions
+
+
+def overlapping(concepts: list[str], words: list[str]) -> tuple[str, str] | None:
+    """The first two of ``concepts`` at a shared place of a prompt's ``words`` (covered_words), or None."""
+    return next(((a, b) for i, a in enumerate(concepts) for b in concepts[i + 1:]
+                 if covered_words(a, words) & covered_words(b, words)), None)
 
 
 def overlap_refusal(label: str, a: str, b: str) -> str:

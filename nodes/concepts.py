@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..biasmap_engine import (ConceptNotFoundError, covered_words, find_word_positions, is_ideographic,
                               listed_twice, listed_words, prompt_words, quote_forms, split_concepts, typed_concepts)
 from ..biasmap_engine.host import prompt_text_words
-from ..biasmap_engine.tokens import overlap_refusal
+from ..biasmap_engine.tokens import overlap_refusal, overlapping
 from .prompt_graph import WordsAsked
 
 __all__ = ["absent_from", "check_apart", "check_concepts", "check_listed_once", "check_loaded_trace_words",
@@ -229,8 +229,7 @@ def _check_distinct(lists: dict, words: list[str]) -> bool | str:
         twice = next(iter(listed_twice(concepts)), None)
         if twice is not None:
             return f"the {label} concept '{twice}' is listed twice: list each concept once"
-        shared = next(((a, b) for i, a in enumerate(concepts) for b in concepts[i + 1:]
-                       if covered_words(a, words) & covered_words(b, words)), None)
+        shared = overlapping(concepts, words)
         if shared is not None:
             return overlap_refusal(label, *shared)
     for a in lists.get("demographic", []):
