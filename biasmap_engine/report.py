@@ -252,14 +252,18 @@ def _guided_against(trace: BiasMapTrace) -> tuple[list[str], list[str]]:
 
 def _start_latents(trace: BiasMapTrace) -> str:
     """The fingerprint of the latent each image was sampled from, one per image where they differ; "empty"."""
-    latents = [latent or "empty" for latent in trace.run.get("start_latent") or [""]]
-    return " / ".join(latents) if len(set(latents)) > 1 else latents[0]
+    return _per_image(trace, "start_latent", "empty")
 
 
 def _noise_masks(trace: BiasMapTrace) -> str:
     """The noise mask the images were sampled under (inpainting), one per image where they differ; "none"."""
-    masks = [mask or "none" for mask in trace.run.get("noise_mask") or [""]]
-    return " / ".join(masks) if len(set(masks)) > 1 else masks[0]
+    return _per_image(trace, "noise_mask", "none")
+
+
+def _per_image(trace: BiasMapTrace, field: str, blank: str) -> str:
+    """A run field of one text per image, once where every image's is the same (``blank`` for '' or none)."""
+    texts = [text or blank for text in trace.run.get(field) or [""]]
+    return " / ".join(texts) if len(set(texts)) > 1 else texts[0]
 
 
 def _run_line(trace: BiasMapTrace) -> str:

@@ -104,8 +104,7 @@ def _start_latents(latent: dict) -> list[str] | None:
     report compare as runs that differ in λ alone. Read once, before sampling: the values as numbers, not their
     dtype."""
     images = latent["samples"].reshape(latent["samples"].shape[0], -1).float().cpu()
-    described = [hashlib.sha256(image.numpy().tobytes()).hexdigest()[:8] if bool(image.any()) else ""
-                 for image in images]
+    described = [_fingerprint(image) if bool(image.any()) else "" for image in images]
     return described if any(described) else None
 
 
@@ -127,8 +126,12 @@ def _noise_masks(latent: dict) -> list[str] | None:
 def _described(mask) -> str:
     if bool((mask == 1).all()):
         return ""
-    fingerprint = hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:8]
-    return f"{100 * float(mask.mean()):.1f} % ({fingerprint})"
+    return f"{100 * float(mask.mean()):.1f} % ({_fingerprint(mask)})"
+
+
+def _fingerprint(values) -> str:
+    """Eight hex digits of a CPU tensor's values: two masks or latents alike only if their bytes are."""
+    return hashlib.sha256(values.numpy().tobytes()).hexdigest()[:8]
 
 
 def _sampler_name(sampler) -> str:
