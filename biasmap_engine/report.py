@@ -237,7 +237,8 @@ def _shown(value) -> str:
         return "on" if value else "off"
     if value == "":  # not named: a merged model, a prompt made while the graph ran, a run without a graph
         return "—"
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    # Whole numbers in full: a seed reaches 2⁶⁴, which f"{:g}" would show as 1.84467e+19, two seeds as one.
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _noises(trace: BiasMapTrace) -> str:

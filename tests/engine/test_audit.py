@@ -1097,6 +1097,10 @@ def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_
     assert note == ("note: the baseline has this run's λ (100) and differs in seed (7, this run 42); masks (16×16, "
                     "this run 8×8); steps measured (1–1, this run all): the change is of those, not of guidance in "
                     "this run (compare runs that differ only in λ)")
+    other.run = {**RUN, "seed": 2 ** 64 - 1}  # a seed in full, not 1.84467e+19
+    note = after.against(measure_entanglement(other, "gender", "nurse", 0.5, (8, 8))).splitlines()[-1]
+    assert note.startswith("note: the baseline has this run's λ (100) and differs in seed (18446744073709551615, this "
+                           "run 42): the change")
     unnamed, named = halves_trace(), halves_trace()
     unnamed.run, named.run = {**RUN, "model": ""}, {**RUN, "model": "v1-5.safetensors"}  # "": a merged model
     unnamed.settings = dict(base.settings)
