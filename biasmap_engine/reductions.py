@@ -17,7 +17,7 @@ import re
 from .audit_columns import (IMAGE, MEASURED, MEASURED_AT, SETTINGS, as_clip_reads, cell, check_seeds, parsed_number,
                             row_key, same_figure, typed)
 from .bootstrap import FEWEST_FOR_INTERVAL, LEVEL, mean_interval, reduction_intervals
-from .report import figure, percent_change
+from .report import figure, percent_change, shown_number
 from .tokens import straightened
 from .unpaired import differing_columns, image_named, made_otherwise, mismatch, why_unpaired
 
@@ -306,7 +306,7 @@ def _mean_interval(values: list[float]) -> str:
 def _label(column: str, value) -> str:
     """A setting as a summary line names it: λ 100, sampler heun."""
     if column == "guidance_scale":
-        return f"λ {parsed_number(value):g}"
+        return f"λ {shown_number(parsed_number(value))}"
     if value == "":  # blank: denoise, which custom sigmas do not carry; guided_concepts of a sampler of one pair
         return "guided against the pair alone" if column == "guided_concepts" else f"{column} —"
     return f"{column} {value}"

@@ -9,7 +9,7 @@ from .stages import stage_label
 from .tokens import concept_key, readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
 
-__all__ = ["EntanglementResult", "figure", "guidance_line", "measure_entanglement", "percent_change"]
+__all__ = ["EntanglementResult", "figure", "guidance_line", "measure_entanglement", "percent_change", "shown_number"]
 
 
 class EntanglementResult:
@@ -146,7 +146,7 @@ def guidance_line(trace: BiasMapTrace) -> str | None:
         return "guidance over (evaluation, image) pairs: " + ", ".join(
             f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v)
     if counts and trace.settings.get("scale", 0):
-        return f"no evaluation was guided although λ = {trace.settings['scale']:g} (see the notes)"
+        return f"no evaluation was guided although λ = {shown_number(trace.settings['scale'])} (see the notes)"
     return "no guidance applied (λ = 0): recording only" if counts else None
 
 
@@ -224,6 +224,15 @@ def figure(value, digits: int) -> str:
     return f"{value:.{digits}f}" if value == value else "n/a"
 
 
+def shown_number(value: float) -> str:
+    """A setting's number as a name or a summary shows it: short where that reads back as the number (100, 0.7), else
+    in full, so that two settings never read as one (λ 100.0001 is not λ 100; a seed of 2⁶⁴ − 1 not 1.84467e+19)."""
+    if isinstance(value, int):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def percent_change(reduction: float) -> str:
     """A relative reduction as the change it is: 0.4 → −40.0 %; n/a where nothing was paired or overlapped."""
     if not math.isfinite(reduction):
@@ -233,12 +242,11 @@ def percent_change(reduction: float) -> str:
 
 
 def _shown(value) -> str:
-    if isinstance(value, bool):  # add_noise, include_middle: an int to f"{:g}"
+    if isinstance(value, bool):  # add_noise, include_middle: a bool is an int too, which would read 1
         return "on" if value else "off"
     if value == "":  # not named: a merged model, a prompt made while the graph ran, a run without a graph
         return "—"
-    # Whole numbers in full: a seed reaches 2⁶⁴, which f"{:g}" would show as 1.84467e+19, two seeds as one.
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return shown_number(value) if isinstance(value, (int, float)) else str(value)
 
 
 def _noises(trace: BiasMapTrace) -> str:

@@ -6,6 +6,7 @@ import sys
 from typing import NamedTuple
 
 from ..biasmap_engine import audit_run, split_concepts, typed_concepts, typed_form
+from ..biasmap_engine.report import shown_number
 
 __all__ = ["StepsAsked", "WordsAsked", "attribution_clip_apart", "generation_prompt", "graph_run", "loaded_traces_of",
            "queued_outputs", "step_windows_of", "words_asked_of"]
@@ -266,7 +267,7 @@ def _model_applied(kind: str, inputs: dict) -> str:
 def _typed_value(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return shown_number(value) if isinstance(value, float) else str(value)
 
 
 def _model_loaded(kind: str, inputs: dict) -> str:
@@ -365,7 +366,9 @@ def _chain(prompt: dict | None, link, through: str, applied_as, loaded_as) -> st
 
 def _strength(strength) -> str:
     """A file's strength as the model's name shows it: nothing at 1."""
-    return "" if strength == 1 else f" ({strength:g})" if isinstance(strength, (int, float)) else " (linked strength)"
+    if strength == 1:
+        return ""
+    return f" ({shown_number(strength)})" if isinstance(strength, (int, float)) else " (linked strength)"
 
 
 def _loaded(kind: str, inputs: dict) -> str:

@@ -3,6 +3,7 @@
 import hashlib
 import inspect
 
+from ..report import shown_number
 from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .session import BiasMapSession
@@ -175,7 +176,7 @@ def _option(value) -> str:
     """A sampler option as a name shows it: a number, a word; a function by the values it holds (ER-SDE's noise
     scaler holds its eta, SA-Solver's tau its eta and σ range), else 'custom' (a tensor, a function of none)."""
     if isinstance(value, float):
-        return f"{value:g}"
+        return shown_number(value)
     if isinstance(value, (bool, int, str)) or value is None:
         return str(value)
     code, cells = getattr(value, "__code__", None), getattr(value, "__closure__", None) or ()

@@ -13,6 +13,7 @@ from biasmap_engine import audit
 from biasmap_engine import (STATUS, BiasMapSettings, OlderFileError, TraceRecorder, append_csv, audit_rows,
                             check_appendable, csv_text, measure_entanglement, read_csv, reductions, reductions_report,
                             reductions_table, reductions_text, write_csv)
+from biasmap_engine.report import shown_number
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
 RUN = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0,
@@ -1797,6 +1798,17 @@ def test_summary_lines_name_settings_that_differ_in_value_not_in_spelling():
             + [{**row, "cfg": "7"} for row in audit_rows(half, q=0.5, size=(8, 8))])
     names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
     assert names == ["λ 100 · doctor", "λ 100 · nurse", "λ 50 · doctor", "λ 50 · nurse"]
+    half.settings = {**half.settings, "scale": 100.0001}  # two λ that six digits would show as one
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8)) + audit_rows(half, q=0.5,
+                                                                                                    size=(8, 8))
+    names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
+    assert names == ["λ 100 · doctor", "λ 100 · nurse", "λ 100.0001 · doctor", "λ 100.0001 · nurse"]
+
+
+def test_a_settings_number_reads_short_where_that_is_the_number_and_in_full_where_not():
+    assert [shown_number(v) for v in (100.0, 0.7, 7.5, 1e-4, 2 ** 64 - 1, 0)] == ["100", "0.7", "7.5", "0.0001",
+                                                                                "18446744073709551615", "0"]
+    assert [shown_number(v) for v in (100.0001, 1 / 3, 1234567.0)] == ["100.0001", "0.3333333333333333", "1234567.0"]
 
 
 def test_a_line_of_runs_guided_against_the_rows_pair_alone_says_so_beside_one_guided_against_more():
