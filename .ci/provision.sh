@@ -18,7 +18,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY=$VENV/bin/python
-PIP="$PY -m pip install -q --disable-pip-version-check"
+# --no-compile: with PYTHONDONTWRITEBYTECODE set (as on these machines), pip's byte-compiling of torch's wheel fails.
+PIP="$PY -m pip install -q --disable-pip-version-check --no-compile"
 
 # torch 2.14.1 + torchvision 0.29.1 run on the CPU and are what ComfyUI v0.8.0 imports (it hard-imports torchvision).
 $PY -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null \

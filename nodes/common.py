@@ -117,8 +117,9 @@ def plain_errors(execute):
 
 
 def where_hidden(node, message: str) -> str:
-    """A note on where to find the advanced inputs that ``message`` names: the page hides them until asked, and a
-    workflow shared with settings its user never saw would otherwise ask to change an input no one can find."""
+    """A note on where to find the advanced inputs that ``message`` names: a frontend that hides them (ComfyUI v0.8.0's
+    shows them) does so until asked, and a workflow shared with settings its user never saw would otherwise ask to
+    change an input no one can find."""
     names = [spec.id for spec in node.define_schema().inputs
              if spec.extra_dict.get("advanced") and re.search(_named(spec.id), message)]
     if not names:
@@ -130,7 +131,7 @@ def where_hidden(node, message: str) -> str:
 
 
 def _show_advanced(node: str, several: bool) -> str:
-    return f"right-click {node} and choose Show Advanced to see {'them' if several else 'it'}"
+    return f"if {node} hides {'them' if several else 'it'}, right-click {node} and choose Show Advanced"
 
 
 def _named(name: str) -> str:

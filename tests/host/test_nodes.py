@@ -98,7 +98,8 @@ def test_attribution_map_validation_refuses_unknown_stages_naming_the_input(node
     assert attribution_map.validate_inputs("gender", "Down_1, MID_2") is True
     refused = attribution_map.validate_inputs("gender", "down1")
     assert refused.startswith("stages: unknown stage 'down1'")
-    assert refused.endswith(" (stages is an advanced input: right-click the node and choose Show Advanced to see it)")
+    assert refused.endswith(" (stages is an advanced input: if the node hides it, right-click the node and choose Show "
+                            "Advanced)")
     assert attribution_map.validate_inputs("  ", "all") is True  # the trace's first demographic concept
 
 
@@ -108,8 +109,9 @@ def test_attribution_map_names_the_stages_a_trace_recorded_when_asked_for_anothe
     with torch.inference_mode(), pytest.raises(ValueError, match=r"mid_2 were not recorded; this trace has down_1.*: "
                                                                  r"choose stages among these, or 'all' \(the middle "
                                                                  r"block is recorded with the sampler's include_middle "
-                                                                 r"on\) \(stages is an advanced input: right-click "
-                                                                 r"the node and choose Show Advanced to see it\)$"):
+                                                                 r"on\) \(stages is an advanced input: if the node "
+                                                                 r"hides it, right-click the node and choose Show "
+                                                                 r"Advanced\)$"):
         attribution_map.execute(**defaults(attribution_map) | {"trace": trace, "stages": "mid_2"})
 
 
@@ -135,7 +137,7 @@ def test_the_nodes_raise_their_errors_as_value_errors_comfyui_names_without_a_fo
         assert type(raised.value) is ValueError and type(raised.value.__cause__).__name__ == "ConceptNotFoundError"
 
 
-SHOW_ADVANCED = "right-click the node and choose Show Advanced to see"
+SHOW_ADVANCED = "right-click the node and choose Show Advanced"
 
 
 @pytest.mark.parametrize("inputs, message, hidden", [
@@ -157,7 +159,8 @@ def test_guidance_settings_that_cannot_run_are_refused_before_sampling_and_say_w
     with torch.inference_mode(), pytest.raises(ValueError, match=message) as refused:
         BiasMapGuidedKSampler.execute(**args)
     # The page hides advanced inputs (a shared workflow may hold values its user never saw): the message says where.
-    assert str(refused.value).endswith(f" ({hidden}: {SHOW_ADVANCED} {'them' if ' and ' in hidden else 'it'})")
+    assert str(refused.value).endswith(f" ({hidden}: if the node hides {'them' if ' and ' in hidden else 'it'}, "
+                                       f"{SHOW_ADVANCED})")
     # Refused when it runs, once: validation would pin the message on every input it takes.
     assert BiasMapGuidedKSampler.validate_inputs(args["attribution_prompt"], args["demographic"],
                                                  args["semantic"]) is True
@@ -173,8 +176,8 @@ def test_the_map_nodes_refuse_an_empty_step_window_naming_the_inputs(nodes_and_t
         args = defaults(node) | {"trace": trace, "first_step": window[0], "last_step": window[1]}
         with torch.inference_mode(), pytest.raises(ValueError, match=message) as refused:
             node.execute(**args)
-        assert str(refused.value).endswith(f"{message} ({hidden}: {SHOW_ADVANCED} "
-                                           f"{'them' if ' and ' in hidden else 'it'})")
+        assert str(refused.value).endswith(f"{message} ({hidden}: if the node hides "
+                                           f"{'them' if ' and ' in hidden else 'it'}, {SHOW_ADVANCED})")
 
 
 @pytest.mark.parametrize("message, named", [
@@ -565,8 +568,8 @@ def test_a_step_window_that_ends_before_it_starts_is_refused_before_the_sampler_
     reader = {"class_type": node, "inputs": {"trace": ["3", 1], "first_step": 5, "last_step": 2}}
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "12": reader}
     with pytest.raises(ValueError, match=rf"^{shown} \(node 12\): first_step 5 is after last_step 2: set it to at most "
-                                         rf"2 \(advanced inputs of that node: right-click it and choose Show Advanced "
-                                         rf"to see them\)\. Checked before sampling, so that the run is not lost to "
+                                         rf"2 \(advanced inputs of that node: if it hides them, right-click it and "
+                                         rf"choose Show Advanced\)\. Checked before sampling, so that the run is not lost to "
                                          rf"it\.$"):
         run(graph)
     assert evaluated == []

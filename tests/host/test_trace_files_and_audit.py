@@ -418,7 +418,7 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
 
 
 _EVERY_STEP = "set first_step to 0 and last_step to 10000 to measure every step"
-_SHOW = "right-click the node and choose Show Advanced to see them\\)$"
+_SHOW = "if the node hides them, right-click the node and choose Show Advanced\\)$"
 
 
 @pytest.mark.parametrize("asked, lost", [
@@ -428,8 +428,8 @@ _SHOW = "right-click the node and choose Show Advanced to see them\\)$"
     ({"last_step": 0}, "first_step, last_step, without which"),
     ({"resolution": "latent"}, "mask_size, without which these rows would read as rows at the image's size, and pair "
                                "with such rows in the summary: give this audit another file name, or, to add to it, "
-                               "set resolution to image \\(resolution is an advanced input: right-click the node and "
-                               "choose Show Advanced to see it\\)$"),
+                               "set resolution to image \\(resolution is an advanced input: if the node hides it, "
+                               "right-click the node and choose Show Advanced\\)$"),
     ({"resolution": "latent", "first_step": 1},
      "first_step, last_step, mask_size, without which these rows would read as rows of every step and at the image's "
      f"size, .* or, to add to it, {_EVERY_STEP} and set resolution to image \\(resolution, first_step and last_step "
