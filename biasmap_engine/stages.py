@@ -11,6 +11,7 @@ STAGE_ORDER = (tuple(f"down_{d}" for d in _DIVISORS) + tuple(f"mid_{d}" for d in
                + tuple(f"up_{d}" for d in reversed(_DIVISORS)))
 _DIRECTION = {"input": "down", "middle": "mid", "output": "up"}
 _FRACTION = {1: "1", 2: "½", 4: "¼", 8: "⅛", 16: "1/16"}
+_TYPED_FRACTION = {"½": "1/2", "¼": "1/4", "⅛": "1/8"}  # as a keyboard types them
 
 
 def stage_of(block: tuple, latent_hw: tuple[int, int], attention_hw: tuple[int, int], built: str | None = None) -> str:
@@ -70,22 +71,42 @@ def stage_label(stage: str) -> str:
 
 
 def parse_stages(text: str) -> list[str] | None:
-    """Stage ids (``down_1``, any case) or labels (``down×1``) separated by commas or spaces (as a report and the
-    audit CSV write them) → ids, each once, in the U-Net's order (any order typed guides alike); ``""`` or ``"all"``
-    (with stray commas, or twice) → None."""
-    parts = [p for p in re.split(r"[,\s]+", text) if p]
+    """Stage ids (``down_1``, any case) or labels (``down×1``, also typed ``down x 1/2``) separated by commas or spaces
+    (as a report and the audit CSV write them) → ids, each once, in the U-Net's order (any order typed guides alike);
+    ``""`` or ``"all"`` (with stray commas, or twice) → None."""
+    parts = [p for p in re.split(r"[,\s]+", re.sub(r"(?i)\b(down|mid|up)\s*[x×]\s*", r"\1×", text)) if p]
     if not text.strip() or {p.lower() for p in parts} == {"all"}:
         return None
     if "all" in (p.lower() for p in parts):
         raise ValueError(f"'all' is every stage, so it goes alone: give 'all', or the stages without it (got "
                          f"{text!r})")
-    aliases = {s: s for s in STAGE_ORDER} | {stage_label(s): s for s in STAGE_ORDER}
+    labels = {stage_label(s): s for s in STAGE_ORDER}
+    aliases = {s: s for s in STAGE_ORDER} | labels | {_typed(label): s for label, s in labels.items()}
     stages = []
     for part in parts:
-        stage = aliases.get(part, aliases.get(part.lower()))
+        stage = aliases.get(part.lower())
         if stage is None:
-            raise ValueError(f"unknown stage {part!r}; choose from {', '.join(STAGE_ORDER)} or 'all'")
+            raise ValueError(f"unknown stage {part!r}{_meant(part.lower())}; choose from {', '.join(STAGE_ORDER)} or "
+                             f"'all', or name them as the reports do (down×1, down×½, …, up×1: the grid's scale "
+                             f"against the latent's)")
         stages.append(stage)
     if not stages:  # only separators: a typo, not a choice of stages
         raise ValueError(f"no stage named in {text!r}; give stage ids such as down_1, up_1, or 'all'")
     return [stage for stage in STAGE_ORDER if stage in stages]
+
+
+def _typed(label: str) -> str:
+    """A stage label as a keyboard types it: ``down×½`` → ``down×1/2``."""
+    return "".join(_TYPED_FRACTION.get(c, c) for c in label)
+
+
+def _meant(part: str) -> str:
+    """The stage an unknown name would be: an id without its underscore (``down1``), or a label with the divisor where
+    the reports write its fraction (``down×2``)."""
+    match = re.fullmatch(r"(down|mid|up)(×?)(\d+)", part)
+    stage = f"{match[1]}_{match[3]}" if match else None
+    if stage not in STAGE_ORDER or stage_label(stage) == part:
+        return ""
+    if not match[2]:
+        return f" (meant {stage}?)"
+    return f" (the number after × is the grid's scale: {stage} is {stage_label(stage)}, at 1/{match[3]} of the latent)"

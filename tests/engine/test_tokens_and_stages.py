@@ -115,6 +115,19 @@ def test_stages_typed_in_any_order_or_twice_or_as_a_report_writes_them_are_one_c
     assert parse_stages("up_2,down_2  mid_4") == ["down_2", "mid_4", "up_2"]
 
 
+def test_stages_are_read_as_a_keyboard_types_the_reports_labels_and_a_near_miss_is_named():
+    assert parse_stages("down x1, UP X 1/2") == parse_stages("down×1 up×½") == ["down_1", "up_2"]
+    assert parse_stages("down×1/16, mid x 1/8") == ["down_16", "mid_8"]
+    with pytest.raises(ValueError, match=r"^unknown stage 'down×2' \(the number after × is the grid's scale: down_2 is "
+                                         r"down×½, at 1/2 of the latent\); choose from down_1, .* or name them as the "
+                                         r"reports do \(down×1, down×½, …, up×1"):
+        parse_stages("down×2")
+    with pytest.raises(ValueError, match=r"^unknown stage 'up1' \(meant up_1\?\); choose from"):
+        parse_stages("up1")
+    with pytest.raises(ValueError, match=r"^unknown stage 'down_3'; choose from"):  # no stage it could be
+        parse_stages("down_3")
+
+
 def test_every_divisor_has_a_stage_so_no_recorded_stage_is_dropped():
     from biasmap_engine import STAGE_ORDER
 
