@@ -39,7 +39,8 @@ class BiasMapSaveTrace(io.ComfyNode):
             inputs=[Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                     io.String.Input("filename_prefix", default=f"{_SAVED}/trace",
                                     tooltip=f"Path inside the output folder, starting with {_SAVED}/ (the folder "
-                                            f"where Load Trace lists traces); a counter and .safetensors are added. "
+                                            f"where Load Trace lists traces); a counter and .safetensors are added "
+                                            f"(trace.safetensors saves trace_00001_.safetensors). "
                                             f"%width% and %height% (the image's), %year%, %month%, %day%, %hour%, "
                                             f"%minute% and %second% are filled in, as by ComfyUI's Save Image.")],
             # ComfyUI's frontend shows text only on Preview as Text: the name is an output to link there.
@@ -112,7 +113,8 @@ def _save_path(prefix: str) -> str:
         fix = f"add a file name after {_SAVED}/" if bare else f"start the prefix with {_SAVED}/"
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
                          f"list it: {fix}, e.g. {_SAVED}/{'trace' if bare else example}")
-    return path
+    # A prefix typed as a file's name: the counter goes before its extension, not after (trace.safetensors_00001_).
+    return path[:-len(_EXTENSION)] if path.lower().endswith(_EXTENSION) else path
 
 
 def _written(path: str) -> bool:

@@ -99,6 +99,9 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     typed_absolute = str(folders / "out" / "biasmap" / "audits" / "trace")  # a path inside the folder, typed whole
     assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, typed_absolute).result[0] == (
         "biasmap/audits/trace_00003_.safetensors [output]")
+    # Typed as a file's name: the counter before the extension, not trace.safetensors_00004_.safetensors.
+    assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace.SafeTensors").result[0] == (
+        "biasmap/audits/trace_00004_.safetensors [output]")
     for name in (options[0], options[2]):
         assert BiasMapLoadTrace.validate_inputs(name) is True
         loaded = BiasMapLoadTrace.execute(name).result[0]
