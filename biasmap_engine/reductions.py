@@ -307,8 +307,10 @@ def _label(column: str, value) -> str:
     """A setting as a summary line names it: λ 100, sampler heun."""
     if column == "guidance_scale":
         return f"λ {shown_number(parsed_number(value))}"
-    if value == "":  # blank: denoise, which custom sigmas do not carry; guided_concepts of a sampler of one pair
-        return "guided against the pair alone" if column == "guided_concepts" else f"{column} —"
+    if column == "guided_concepts":  # blank: a sampler of the row's pair alone
+        return f"guided against {value or 'the pair alone'}"
+    if value == "":  # blank: denoise, which custom sigmas do not carry
+        return f"{column} —"
     return f"{column} {value}"
 
 

@@ -1048,10 +1048,10 @@ def test_reductions_text_keeps_demographic_concepts_apart_and_refuses_rows_witho
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
     race = [{**row, "demographic": "race", "iou": 0.5} for row in rows]  # no change for race
     lines = reductions_text(rows + race).splitlines()
-    measured_on_gender = "λ 100 · guided_concepts demographic gender; semantic doctor, nurse · race"  # guided: gender
+    measured_on_gender = "λ 100 · guided against demographic gender; semantic doctor, nurse · race"  # guided: gender
     assert [line.split(":")[0] for line in lines[1:]] == [
-        "λ 100 · guided_concepts semantic doctor, nurse · gender · doctor",
-        "λ 100 · guided_concepts semantic doctor, nurse · gender · nurse",
+        "λ 100 · guided against semantic doctor, nurse · gender · doctor",
+        "λ 100 · guided against semantic doctor, nurse · gender · nurse",
         f"{measured_on_gender} · doctor", f"{measured_on_gender} · nurse"]
     assert "iou 0.6667 → 0.3333 (−50.0 %" in lines[2] and "iou 0.5000 → 0.5000 (0.0 %" in lines[4]
     for by in (("demographic", "semantic"), "semantic"):  # apart also when not asked: a notebook's figures too
@@ -1649,7 +1649,7 @@ def test_reductions_keep_runs_guided_against_other_demographic_concepts_apart():
     nurse = [f for f in reductions(rows) if f["semantic"] == "nurse"]
     assert sorted((f["guided_concepts"], f["images"]) for f in nurse) == [
         ("demographic gender, race; semantic doctor, nurse", 2), ("semantic doctor, nurse", 2)]
-    assert "guided_concepts demographic gender, race; semantic doctor, nurse · nurse: " in reductions_text(rows)
+    assert "guided against demographic gender, race; semantic doctor, nurse · nurse: " in reductions_text(rows)
     unguided = copy.deepcopy(both)
     unguided.settings = {"scale": 0.0, "guided_stages": None}  # at λ = 0 the lists guide nothing: one group
     discovery = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(unguided, q=0.5, size=(8, 8), label="again",
@@ -1819,7 +1819,7 @@ def test_a_line_of_runs_guided_against_the_rows_pair_alone_says_so_beside_one_gu
             + audit_rows(guided, q=0.5, size=(8, 8), pairs=[("gender", "nurse")])
             + audit_rows(alone, q=0.5, size=(8, 8), pairs=[("gender", "nurse")], label="alone"))
     names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
-    assert names == ["λ 100 · guided_concepts semantic doctor, nurse · nurse",
+    assert names == ["λ 100 · guided against semantic doctor, nurse · nurse",
                      "λ 100 · guided against the pair alone · nurse"]
 
 
