@@ -486,6 +486,24 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
             BiasMapAuditPrompts.execute(**plan | value)
 
 
+@pytest.mark.parametrize("scale", [100.0, 400.0])
+def test_a_lambda_from_the_papers_quality_collapse_on_is_noted_on_the_node_and_in_the_trace(sd15, prompts, pack,
+                                                                                           scale):
+    from biasmap_pack.nodes import BiasMapGuidedKSampler
+
+    model, clip = sd15
+    pos, neg = prompts
+    args = defaults(BiasMapGuidedKSampler) | dict(model=model, clip=clip, positive=pos, negative=neg, steps=1,
+                                                  sampler_name="euler", scheduler="normal", guidance_scale=scale,
+                                                  latent_image={"samples": torch.zeros(1, 4, 32, 32)})
+    with torch.inference_mode():
+        trace = BiasMapGuidedKSampler.execute(**args).result[1]
+    noted = [note for note in trace.notes if "image quality collapses" in note]
+    assert noted == ([] if scale < 400 else [
+        "λ 400 is at or above 400, from which the paper finds image quality collapses on SD 1.5 (FID above 100); "
+        "λ 100 keeps most of the reduction"])
+
+
 def one_step_sampler(sd15, prompts):
     """Node "3" of a graph, a one-step BiasMap sampler, run as ComfyUI runs it (``run(graph)``), and the model
     evaluations it made."""
