@@ -102,14 +102,14 @@ class EntanglementResult:
             ("model family", other.model_family, trace.model_family),
             *((key, other.settings.get(key, "n/a"), trace.settings.get(key, "n/a")) for key in _SAME_MAPS),
             ("stages", " ".join(other.stages), " ".join(trace.stages)),
-            ("images", other.num_images, trace.num_images), ("size", _size(other), _size(trace)),
+            ("images", other.num_images, trace.num_images), ("size", _size(other.image_size), _size(trace.image_size)),
             # Images of one seed drawn apart (Repeat Latent Batch); for batches of other sizes, "images" says it.
             *([("the seed's noises", _noises(other), _noises(trace))] if other.num_images == trace.num_images else []),
             ("noise mask", _noise_masks(other), _noise_masks(trace)),
             # img2img from another image, a second pass after another first pass (traces before it do not say).
             *([("start latent", _start_latents(other), _start_latents(trace))]
               if "start_latent" in other.run and "start_latent" in trace.run else []),
-            ("masks", _size(baseline), _size(self)), ("q", baseline.q, self.q),
+            ("masks", _size(baseline.masks[0].shape[-2:]), _size(self.masks[0].shape[-2:])), ("q", baseline.q, self.q),
             ("steps measured", _window(baseline), _window(self)))
             if b != a]
         differing += [f"tokens of '{w}' ({' '.join(before)}, this run {' '.join(after)})"
@@ -199,9 +199,9 @@ def _check_same_words(result: EntanglementResult, baseline: EntanglementResult) 
                          f"(measure_entanglement(baseline_trace, '{result.word_a}', '{result.word_b}'))")
 
 
-def _size(item) -> str:
-    """W×H of a trace's images or a result's masks."""
-    h, w = item.image_size if isinstance(item, BiasMapTrace) else item.masks[0].shape[-2:]
+def _size(hw) -> str:
+    """W×H of an (h, w): a trace's images, a result's masks."""
+    h, w = hw
     return f"{w}×{h}"
 
 

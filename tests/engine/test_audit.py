@@ -1,10 +1,13 @@
 import copy
 import csv
+import importlib.util
 import math
 import multiprocessing
 import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -1787,6 +1790,27 @@ def test_reductions_take_rows_made_by_hand_with_the_traces_own_lists_as_concepts
             for row in audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))]
     assert {f["semantic"]: f["guided_concepts"] for f in reductions(rows)} == {"doctor": "semantic doctor, nurse",
                                                                              "nurse": "semantic doctor, nurse"}
+
+
+def test_a_baseline_from_another_copy_of_the_engine_compares_as_one_of_this_copys(tmp_path):
+    # A pip-installed engine beside the pack's own copy in one process (a notebook): two classes of one trace.
+    folder = Path(__file__).resolve().parents[2] / "biasmap_engine"
+    spec = importlib.util.spec_from_file_location("biasmap_engine_again", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    again = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = again
+    try:
+        spec.loader.exec_module(again)
+        base, guided = _baseline_and_guided()
+        base.save(str(tmp_path / "base.safetensors"))
+        other = again.BiasMapTrace.load(str(tmp_path / "base.safetensors"))
+        assert not isinstance(other, type(base))
+        after = measure_entanglement(guided, "gender", "nurse", 0.5, (8, 8))
+        assert after.against(measure_entanglement(other, "gender", "nurse", 0.5, (8, 8))) == after.against(
+            measure_entanglement(base, "gender", "nurse", 0.5, (8, 8)))
+    finally:
+        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
+            del sys.modules[name]
 
 
 def test_summary_lines_name_settings_that_differ_in_value_not_in_spelling():
