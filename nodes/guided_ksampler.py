@@ -10,9 +10,9 @@ import logging
 from comfy_api.latest import io
 
 from ..biasmap_engine import guidance_line, typed_concepts
-from ..biasmap_engine.report import shown_number
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
+from ..biasmap_engine.report import shown_number
 from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inputs, plain_errors, settings_from,
                      show_on_node)
 from .concepts import (absent_from, check_concepts, check_loaded_trace_words, check_words_asked, concept_inputs,
