@@ -272,10 +272,14 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
     for row in rows:
         name = tuple(_label(c, typed(row.get(c, ""))) for c in named) + tuple(str(row[c]) for c in by)
         group = groups.setdefault(row_key(row, named + list(by)),
-                                  {"name": name, "images": set(), **{m: [] for m in metrics}})
+                                  {"name": name, "images": set(), "runs": set(), **{m: [] for m in metrics}})
         key = row_key(row, IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
-        if key not in group["images"]:  # an image logged again counts once
+        # Its sampling run, where the row says when that was: one logged again under a new label (the sampler's result
+        # taken from ComfyUI's cache) is that image again, not another one.
+        run = row_key(row, IMAGE + ("prompt_id", "time")) if isinstance(row.get("time"), str) and row["time"] else key
+        if key not in group["images"] and run not in group["runs"]:  # an image logged again counts once
             group["images"].add(key)
+            group["runs"].add(run)
             for metric in metrics:
                 group[metric].append(parsed_number(row.get(metric)))
     lines = [f"entanglement over the file ({why}; in brackets a {LEVEL * 100:g} % bootstrap interval of the mean, "
