@@ -1,6 +1,7 @@
 """The engine as a package: what its modules export, and that only its host adapter reaches ComfyUI."""
 
 import importlib
+import itertools
 import json
 import pkgutil
 import subprocess
@@ -51,6 +52,30 @@ def test_the_package_declares_no_accelerator_so_comfyuis_page_flags_no_device_as
     classifiers = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["classifiers"]
     assert [c for c in classifiers if c.startswith("Environment :: GPU")] == []
 
+
+
+def test_each_shipped_workflow_has_the_thumbnail_comfyuis_template_browser_asks_for():
+    # The browser asks for /api/workflow_templates/<pack>/<name>.jpg: without one, a 404 and a blank card.
+    root = Path(biasmap_engine.__file__).parents[1]
+    workflows = sorted((root / "workflows").glob("*.json"))
+    assert workflows
+    for path in workflows:
+        thumbnail = path.with_suffix(".jpg").read_bytes()
+        assert thumbnail[:3] == b"\xff\xd8\xff" and len(thumbnail) < 100_000  # a JPEG, small enough for a card
+
+
+def test_no_two_nodes_of_a_shipped_workflow_overlap_where_it_places_them():
+    # As the page draws a node: its title bar (30 px) above its position, its size below. Nodes that grow when they
+    # show a picture are stored at the size they grow to (checked on ComfyUI v0.8.0's page at 512²).
+    root = Path(biasmap_engine.__file__).parents[1]
+    for path in sorted((root / "workflows").glob("*.json")):
+        boxes = {node["id"]: (node["pos"][0], node["pos"][1] - 30, node["pos"][0] + node["size"][0],
+                              node["pos"][1] + node["size"][1])
+                 for node in json.loads(path.read_text(encoding="utf-8"))["nodes"]}
+        overlapping = [(a, b) for a, b in itertools.combinations(boxes, 2)
+                       if boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2]
+                       and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+        assert overlapping == [], f"{path.name}: nodes {overlapping} overlap"
 
 
 def test_the_discovery_workflows_attribution_maps_draw_their_legend():
