@@ -104,6 +104,7 @@ def _is_whole(text: str) -> bool:
 
 
 def parsed_number(value) -> float:
+    """A cell as a number (a CSV's text too); NaN where it holds none (blank, a word, a bool)."""
     return float(value) if _is_number(value) else math.nan
 
 

@@ -274,18 +274,21 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
         group = groups.setdefault(row_key(row, named + list(by)),
                                   {"name": name, "images": set(), "runs": set(), **{m: [] for m in metrics}})
         key = row_key(row, IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
-        # Its sampling run, where the row says when that was: one logged again under a new label (the sampler's result
-        # taken from ComfyUI's cache) is that image again, not another one.
-        run = row_key(row, IMAGE + ("prompt_id", "time")) if isinstance(row.get("time"), str) and row["time"] else key
+        figures = tuple(parsed_number(row.get(metric)) for metric in metrics)
+        # Its sampling run, where the row says when that was, with its figures: one logged again under a new label
+        # (the sampler's result taken from ComfyUI's cache) is that image again, not another one. The figures too, as
+        # the time is to the second and a queued prompt may sample several prompts made while it ran.
+        run = (row_key(row, IMAGE + ("prompt_id", "time")), tuple(map(str, figures))
+               ) if cell(row, "time") not in ("", "nan") else key
         if key not in group["images"] and run not in group["runs"]:  # an image logged again counts once
             group["images"].add(key)
             group["runs"].add(run)
-            for metric in metrics:
-                group[metric].append(parsed_number(row.get(metric)))
+            for metric, value in zip(metrics, figures):
+                group[metric].append(value)
     lines = [f"entanglement over the file ({why}; in brackets a {LEVEL * 100:g} % bootstrap interval of the mean, "
              f"given from {FEWEST_FOR_INTERVAL} images on):"]
     for group in groups.values():
-        means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}{_mean_interval(group[metric])}"
+        means = " · ".join(f"{metric} {figure(_finite_mean(group[metric]), 4)}{_interval_text(group[metric])}"
                            for metric in metrics)
         unmeasured = sum(not math.isfinite(v) for v in group[metrics[0]])
         lines.append(f"{' · '.join(group['name']) or 'all'}: {means} over {len(group['images'])} image(s)"
@@ -301,7 +304,7 @@ def _with_interval(figures: dict, name: str) -> str:
     return percent_change(figures[name]) + interval
 
 
-def _mean_interval(values: list[float]) -> str:
+def _interval_text(values: list[float]) -> str:
     """The bootstrap interval of the finite values' mean, in brackets; nothing from fewer than 10 values."""
     low, high = mean_interval(values)
     return f" [{figure(low, 4)}, {figure(high, 4)}]" if math.isfinite(low) else ""
@@ -315,7 +318,7 @@ def _label(column: str, value) -> str:
         return f"guided against {value or 'the pair alone'}"
     if value == "":  # blank: denoise, which custom sigmas do not carry
         return f"{column} —"
-    return f"{column} {value}"
+    return f"{column} {shown_number(value) if isinstance(value, (int, float)) else value}"
 
 
 def _with_derived(rows) -> list[dict]:

@@ -224,13 +224,16 @@ def figure(value, digits: int) -> str:
     return f"{value:.{digits}f}" if value == value else "n/a"
 
 
-def shown_number(value: float) -> str:
-    """A setting's number as a name or a summary shows it: short where that reads back as the number (100, 0.7), else
-    in full, so that two settings never read as one (λ 100.0001 is not λ 100; a seed of 2⁶⁴ − 1 not 1.84467e+19)."""
+def shown_number(value: bool | int | float) -> str:
+    """A setting's value as a name or a summary shows it: on or off; a number short where that reads back as it (100,
+    0.7), else with the digits that tell it apart (λ 100.0001 is not λ 100; a seed of 2⁶⁴ − 1 is not 1.84467e+19), up
+    to the 15 a decimal keeps through a float (a strength of 0.7000000000000001, 0.7 plus rounding, reads 0.7)."""
+    if isinstance(value, bool):  # an int too, which would read 1
+        return "on" if value else "off"
     if isinstance(value, int):
         return str(value)
     short = f"{value:g}"
-    return short if float(short) == value else repr(float(value))
+    return short if float(short) == value else f"{value:.15g}"
 
 
 def percent_change(reduction: float) -> str:
@@ -242,8 +245,6 @@ def percent_change(reduction: float) -> str:
 
 
 def _shown(value) -> str:
-    if isinstance(value, bool):  # add_noise, include_middle: a bool is an int too, which would read 1
-        return "on" if value else "off"
     if value == "":  # not named: a merged model, a prompt made while the graph ran, a run without a graph
         return "—"
     return shown_number(value) if isinstance(value, (int, float)) else str(value)

@@ -1,5 +1,6 @@
 """Why audit rows do not pair (BiasMap, arXiv 2509.13496, §3): the columns in which a guided row and the λ = 0 row
-nearest it differ, with both values, and what to log so that they pair.
+nearest it differ, with both values, and what to log so that they pair; and how messages name an image and the columns
+two rows differ in (two λ = 0 rows of one image with other figures).
 """
 
 from .audit_columns import DERIVED, MEASURED, cell, row_key

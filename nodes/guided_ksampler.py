@@ -58,8 +58,9 @@ def _logged(node, latent, trace) -> io.NodeOutput:
     # above 100 on SD 1.5). Said where the picture is seen, not refused: another model or fewer stages may bear more.
     scale = trace.settings.get("scale") or 0
     if scale >= _QUALITY_COLLAPSES_AT:
-        trace.notes.append(f"λ {shown_number(scale)} is at or above {_QUALITY_COLLAPSES_AT}, from which the paper finds "
-                           f"image quality collapses on SD 1.5 (FID above 100); λ 100 keeps most of the reduction")
+        trace.notes.append(f"λ {shown_number(scale)} is at or above {_QUALITY_COLLAPSES_AT}, from which the paper "
+                           f"finds image quality collapses on SD 1.5 (FID above 100); λ 100 keeps most of the "
+                           f"reduction")
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
     show_on_node(node, "\n".join(filter(None, [guidance_line(trace), *(f"note: {note}" for note in trace.notes)])))

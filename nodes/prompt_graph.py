@@ -265,9 +265,7 @@ def _model_applied(kind: str, inputs: dict) -> str:
 
 
 def _typed_value(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return shown_number(value) if isinstance(value, float) else str(value)
+    return shown_number(value) if isinstance(value, (bool, float)) else str(value)
 
 
 def _model_loaded(kind: str, inputs: dict) -> str:

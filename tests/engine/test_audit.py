@@ -1092,6 +1092,11 @@ def test_a_file_of_lambda_0_rows_alone_gets_each_concepts_means_each_image_once(
     another_run = [{**row, "label": "a nurse, smiling", "prompt_id": "p2"} for row in ran[2:3]]  # made in the graph
     assert reductions_text(ran + relabelled).splitlines()[2] == "nurse: iou 0.6667 · mbiou 0.6667 over 2 image(s)"
     assert reductions_text(ran + another_run).splitlines()[2] == "nurse: iou 0.5556 · mbiou 0.5556 over 3 image(s)"
+    # Two prompts made while one queued prompt ran, sampled in the same second: their figures tell them apart.
+    same_second = [{**row, "label": "a nurse, smiling", "iou": 1.0, "mbiou": 1.0} for row in ran[2:3]]
+    assert reductions_text(ran + same_second).splitlines()[2] == "nurse: iou 0.7778 · mbiou 0.7778 over 3 image(s)"
+    as_pandas_reads = [{**row, "time": float("nan"), "label": "typo fixed"} for row in rows[2:3]]  # no time: a prompt
+    assert reductions_text(rows + as_pandas_reads).splitlines()[2] == "nurse: iou 0.5556 · mbiou 0.5556 over 3 image(s)"
 
 
 def test_a_result_against_its_baseline_gives_the_change_and_names_whatever_else_differs():
@@ -1708,7 +1713,7 @@ def test_a_summary_line_names_a_blank_setting_with_a_dash_not_nothing():
                                                                                              size=(8, 8))])
     lines = reductions_text(rows).splitlines()[1:]
     assert any(line.startswith("λ 100 · scheduler custom sigmas · denoise — · nurse:") for line in lines), lines
-    assert any(line.startswith("λ 100 · scheduler normal · denoise 1.0 · nurse:") for line in lines), lines
+    assert any(line.startswith("λ 100 · scheduler normal · denoise 1 · nurse:") for line in lines), lines
 
 
 def test_rows_that_pair_nothing_for_a_column_an_older_file_lacks_are_told_so_not_to_log_its_values():
@@ -1838,7 +1843,8 @@ def test_summary_lines_name_settings_that_differ_in_value_not_in_spelling():
 def test_a_settings_number_reads_short_where_that_is_the_number_and_in_full_where_not():
     assert [shown_number(v) for v in (100.0, 0.7, 7.5, 1e-4, 2 ** 64 - 1, 0)] == ["100", "0.7", "7.5", "0.0001",
                                                                                 "18446744073709551615", "0"]
-    assert [shown_number(v) for v in (100.0001, 1 / 3, 1234567.0)] == ["100.0001", "0.3333333333333333", "1234567.0"]
+    assert [shown_number(v) for v in (100.0001, 1 / 3, 1234567.0)] == ["100.0001", "0.333333333333333", "1234567"]
+    assert [shown_number(v) for v in (0.7000000000000001, True, False)] == ["0.7", "on", "off"]  # 0.7 and rounding
 
 
 def test_a_line_of_runs_guided_against_the_rows_pair_alone_says_so_beside_one_guided_against_more():

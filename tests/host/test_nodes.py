@@ -487,8 +487,7 @@ def test_the_generation_prompt_of_an_audit_plan_is_the_one_its_run_makes_unless_
 
 
 @pytest.mark.parametrize("scale", [100.0, 400.0])
-def test_a_lambda_from_the_papers_quality_collapse_on_is_noted_on_the_node_and_in_the_trace(sd15, prompts, pack,
-                                                                                           scale):
+def test_a_lambda_from_the_papers_quality_collapse_on_is_noted_in_the_trace(sd15, prompts, pack, scale):
     from biasmap_pack.nodes import BiasMapGuidedKSampler
 
     model, clip = sd15
@@ -587,8 +586,8 @@ def test_a_step_window_that_ends_before_it_starts_is_refused_before_the_sampler_
     graph = {"3": {"class_type": "BiasMapGuidedKSampler", "inputs": {}}, "12": reader}
     with pytest.raises(ValueError, match=rf"^{shown} \(node 12\): first_step 5 is after last_step 2: set it to at most "
                                          rf"2 \(advanced inputs of that node: if it hides them, right-click it and "
-                                         rf"choose Show Advanced\)\. Checked before sampling, so that the run is not lost to "
-                                         rf"it\.$"):
+                                         rf"choose Show Advanced\)\. Checked before sampling, so that the run is not "
+                                         rf"lost to it\.$"):
         run(graph)
     assert evaluated == []
     reader["inputs"] |= {"first_step": 1, "last_step": 10000}  # past the one step this sampler runs
