@@ -45,7 +45,7 @@ def reductions(rows, metric: str = "iou", by: str | tuple[str, ...] | None = "se
     one is).
     ``match``: more columns a pair must share, e.g. ``("label",)`` when the label carries the prompt (text made while
     the graph runs)."""
-    return _paired(_records(rows), metric, by, match)[0]
+    return _paired(_records(rows), (metric,), by, match)[metric][0]
 
 
 def _records(rows) -> list[dict]:
@@ -53,47 +53,58 @@ def _records(rows) -> list[dict]:
     return rows.to_dict("records") if callable(getattr(rows, "to_dict", None)) and not isinstance(rows, dict) else rows
 
 
-def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
-    """:func:`reductions`, and the λ = 0 images that no guided configuration pairs with, as the summary names them
-    (made otherwise than every guided run, or of a ``by`` value that has none)."""
+def _paired(rows, metrics: tuple[str, ...], by, match) -> dict[str, tuple[list[dict], list[str]]]:
+    """:func:`reductions` of each metric, and the λ = 0 images that no guided configuration pairs with, as the summary
+    names them (made otherwise than every guided run, or of a ``by`` value that has none). The rows' keys, most of the
+    time an audit's summary takes after every run, are made once for all metrics."""
     rows = _with_derived(rows)
     by, match = _apart_by_demographic(rows, _columns(by)), _columns(match)
-    _check_columns(rows, metric, by, match)
+    for metric in metrics:
+        _check_columns(rows, metric, by, match)
     # Blank (a notebook's NaN too): made from traces without the sampler's settings.
     unscaled = sum(not math.isfinite(parsed_number(row["guidance_scale"])) for row in rows)
     if unscaled:
         raise ValueError(f"{unscaled} row(s) have no number as guidance_scale (made from traces without the "
                          f"sampler's settings): leave them out of the rows")
     image = IMAGE + match
-    baselines, guided = {}, [row for row in rows if parsed_number(row["guidance_scale"]) != 0]
-    logged = collections.Counter()  # rows of each λ = 0 image
+    baselines, guided = [], []  # (row, its image's key, its by values); (row, its image's key, its group's name)
     for row in rows:
+        key = row_key(row, image)
         if parsed_number(row["guidance_scale"]) == 0:
-            key, value = row_key(row, image), parsed_number(row[metric])
-            logged[key] += 1
-            kept = baselines.setdefault(key, (value, row))
-            if not same_figure(kept[0], value):
-                raise ValueError(f"two λ = 0 rows of the same image ({image_named(row)}) give {metric} "
-                                 f"{kept[0]:g} and {value:g}; they differ in {differing_columns(kept[1], row)}: if "
-                                 f"those tell two images apart (a prompt made while the graph ran, in the label), log "
-                                 f"each prompt's runs to a file of its own, or pass the columns as match=(…) to "
-                                 f"reductions() in Python; if they are one image made twice (on another machine or "
-                                 f"ComfyUI version, which rounds otherwise), delete one of the two rows"
-                                 + ("" if "start_latent" in row else
-                                    "; rows of a file started before BiasMap wrote start_latent do not tell apart "
-                                    "runs from other latents (img2img from other images, second passes after other "
-                                    "first passes): give such an audit a new file name"))
+            baselines.append((row, key, row_key(row, by)))
+        else:
+            guided.append((row, key, row_key(row, SETTINGS) + row_key(row, by)))
+    return {metric: _paired_by(metric, baselines, guided, image, by) for metric in metrics}
+
+
+def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: tuple[str, ...],
+               by: tuple[str, ...]) -> tuple[list[dict], list[str]]:
+    """:func:`_paired` of one metric, from the rows as it keyed them."""
+    kept, logged = {}, collections.Counter()  # each λ = 0 image's first row; its rows
+    for row, key, of in baselines:
+        value = parsed_number(row[metric])
+        logged[key] += 1
+        first = kept.setdefault(key, (value, row, of))
+        if not same_figure(first[0], value):
+            raise ValueError(f"two λ = 0 rows of the same image ({image_named(row)}) give {metric} "
+                             f"{first[0]:g} and {value:g}; they differ in {differing_columns(first[1], row)}: if "
+                             f"those tell two images apart (a prompt made while the graph ran, in the label), log "
+                             f"each prompt's runs to a file of its own, or pass the columns as match=(…) to "
+                             f"reductions() in Python; if they are one image made twice (on another machine or "
+                             f"ComfyUI version, which rounds otherwise), delete one of the two rows"
+                             + ("" if "start_latent" in row else
+                                "; rows of a file started before BiasMap wrote start_latent do not tell apart "
+                                "runs from other latents (img2img from other images, second passes after other "
+                                "first passes): give such an audit a new file name"))
     if not guided:
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}
-    for row in guided:
-        name = row_key(row, SETTINGS) + row_key(row, by)
+    for row, key, name in guided:
         group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0,
                                          "differing_duplicates": 0, "baseline_duplicates": 0,
                                          "images_guided": set(), "first_unpaired": None})
-        key = row_key(row, image)
         group["images_guided"].add(key)
-        base, after = baselines.get(key, (None, None))[0], parsed_number(row[metric])
+        base, after = kept.get(key, (None,))[0], parsed_number(row[metric])
         if base is None:
             group["unpaired"] += 1
             group["first_unpaired"] = group["first_unpaired"] or row
@@ -107,12 +118,12 @@ def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
             group["baseline_duplicates"] += logged[key] - 1  # its λ = 0 image logged again: one row counts
     if not any(g["pairs"] for g in groups.values()):
         raise ValueError(f"no guided row has a λ = 0 row of the same image: "
-                         f"{mismatch(guided, [row for _, row in baselines.values()], image)}")
+                         f"{mismatch([row for row, _, _ in guided], [row for _, row, _ in kept.values()], image)}")
     made_alike = collections.defaultdict(list)  # λ = 0 images by how they were made and measured
     of_seed = collections.defaultdict(list)  # λ = 0 rows by seed and by value: where an unpaired row's would be
-    for key, (_, row) in baselines.items():
-        made_alike[tuple(key[i] for i in MEASURED_AT) + row_key(row, by)].append(key)
-        of_seed[row_key(row, ("seed", *by))].append(row)
+    for key, (_, row, of) in kept.items():
+        made_alike[tuple(key[i] for i in MEASURED_AT) + of].append(key)
+        of_seed[key[_SEED_AT:_SEED_AT + 1] + of].append(row)
     guided_alike = {}  # in the rows' order: the nearest of equally near ones is the same in every process
     for group in groups.values():
         alike = row_key(group["row"], MEASURED) + row_key(group["row"], by)
@@ -125,6 +136,9 @@ def _paired(rows, metric: str, by, match) -> tuple[list[dict], list[str]]:
     alone = [made_otherwise(alike, len(unmatched), guided_alike, by) for alike, keys in made_alike.items()
              if alike not in guided_alike and (unmatched := [key for key in keys if key not in matched])]
     return [_summary(g, by) for g in groups.values()], alone
+
+
+_SEED_AT = IMAGE.index("seed")
 
 
 def reductions_text(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
@@ -142,8 +156,8 @@ def reductions_table(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
     two columns (``reduction_low``, ``reduction_high``, …), every row with every column in one order (settings, the
     ``by`` columns, the figures), blank where a group has no such setting or a figure is not a number (no interval
     below 10 images): a spreadsheet reads "nan" as text, and plots it as 0."""
-    rows = _records(rows)
-    return _table({metric: reductions(rows, metric, by, match) for metric in _columns(metrics)})
+    metrics = _columns(metrics)
+    return _table({metric: groups for metric, (groups, _) in _paired(_records(rows), metrics, by, match).items()})
 
 
 def reductions_report(rows, metrics: tuple[str, ...] = ("iou", "mbiou"),
@@ -191,7 +205,7 @@ def _report(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> tuple[str, l
                "Prompts' run, back to the first run's")
         return _means_text(rows, metrics, by, why), None
     try:
-        paired = {metric: _paired(rows, metric, by, ()) for metric in metrics}
+        paired = _paired(rows, metrics, by, ())
     except ValueError as err:
         return f"reductions over the file: none: {err}", None
     figures = {metric: groups for metric, (groups, _) in paired.items()}
