@@ -327,12 +327,12 @@ def _interval_text(values: list[float]) -> str:
 def _label(column: str, value) -> str:
     """A setting as a summary line names it: λ 100, sampler heun."""
     if column == "guidance_scale":
-        return f"λ {shown_number(parsed_number(value))}"
+        return f"λ {shown_number(parsed_number(value), exact=True)}"
     if column == "guided_concepts":  # blank: a sampler of the row's pair alone
         return f"guided against {value or 'the pair alone'}"
     if value == "":  # blank: denoise, which custom sigmas do not carry
         return f"{column} —"
-    return f"{column} {shown_number(value) if isinstance(value, (int, float)) else value}"
+    return f"{column} {shown_number(value, exact=True) if isinstance(value, (int, float)) else value}"
 
 
 def _with_derived(rows) -> list[dict]:

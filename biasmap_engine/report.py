@@ -146,7 +146,7 @@ def guidance_line(trace: BiasMapTrace) -> str | None:
         return "guidance over (evaluation, image) pairs: " + ", ".join(
             f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v)
     if counts and trace.settings.get("scale", 0):
-        return f"no evaluation was guided although λ = {shown_number(trace.settings['scale'])} (see the notes)"
+        return f"no evaluation was guided although λ = {shown_number(trace.settings['scale'], exact=True)} (see the notes)"
     return "no guidance applied (λ = 0): recording only" if counts else None
 
 
@@ -224,16 +224,18 @@ def figure(value, digits: int) -> str:
     return f"{value:.{digits}f}" if value == value else "n/a"
 
 
-def shown_number(value: bool | int | float) -> str:
+def shown_number(value: bool | int | float, exact: bool = False) -> str:
     """A setting's value as a name or a summary shows it: on or off; a number short where that reads back as it (100,
-    0.7), else with the digits that tell it apart (λ 100.0001 is not λ 100; a seed of 2⁶⁴ − 1 is not 1.84467e+19), up
-    to the 15 a decimal keeps through a float (a strength of 0.7000000000000001, 0.7 plus rounding, reads 0.7)."""
+    0.7), else with the digits that tell it apart (λ 100.0001 is not λ 100; a seed of 2⁶⁴ − 1 is not 1.84467e+19): up
+    to the 15 a decimal keeps through a float for a name, so that a strength typed 0.7 and stored with the page's
+    rounding (0.7000000000000001) names one model; ``exact``, every digit, where two values shown must not read as
+    one (a summary's groups, a report's differences)."""
     if isinstance(value, bool):  # an int too, which would read 1
         return "on" if value else "off"
     if isinstance(value, int):
         return str(value)
     short = f"{value:g}"
-    return short if float(short) == value else f"{value:.15g}"
+    return short if float(short) == value else repr(float(value)) if exact else f"{value:.15g}"
 
 
 def percent_change(reduction: float) -> str:
@@ -247,7 +249,7 @@ def percent_change(reduction: float) -> str:
 def _shown(value) -> str:
     if value == "":  # not named: a merged model, a prompt made while the graph ran, a run without a graph
         return "—"
-    return shown_number(value) if isinstance(value, (int, float)) else str(value)
+    return shown_number(value, exact=True) if isinstance(value, (int, float)) else str(value)
 
 
 def _noises(trace: BiasMapTrace) -> str:

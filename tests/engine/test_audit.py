@@ -1838,6 +1838,12 @@ def test_summary_lines_name_settings_that_differ_in_value_not_in_spelling():
                                                                                                     size=(8, 8))
     names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
     assert names == ["λ 100 · doctor", "λ 100 · nurse", "λ 100.0001 · doctor", "λ 100.0001 · nurse"]
+    # 0.7 as the page may store it (70 × 0.01): another group, so another name, not a second "denoise 0.7".
+    rows = [{**row, "denoise": d} for d in (0.7, 0.7000000000000001) for trace in (base, guided)
+            for row in audit_rows(trace, q=0.5, size=(8, 8))]
+    names = [line.split(":")[0] for line in reductions_text(rows).splitlines()[1:]]
+    assert names[:2] == ["λ 100 · denoise 0.7 · doctor", "λ 100 · denoise 0.7 · nurse"]
+    assert names[2:4] == ["λ 100 · denoise 0.7000000000000001 · doctor", "λ 100 · denoise 0.7000000000000001 · nurse"]
 
 
 def test_a_settings_number_reads_short_where_that_is_the_number_and_in_full_where_not():
@@ -1845,6 +1851,8 @@ def test_a_settings_number_reads_short_where_that_is_the_number_and_in_full_wher
                                                                                 "18446744073709551615", "0"]
     assert [shown_number(v) for v in (100.0001, 1 / 3, 1234567.0)] == ["100.0001", "0.333333333333333", "1234567"]
     assert [shown_number(v) for v in (0.7000000000000001, True, False)] == ["0.7", "on", "off"]  # 0.7 and rounding
+    assert [shown_number(v, exact=True) for v in (0.7000000000000001, 100.0001, 7.0)] == ["0.7000000000000001",
+                                                                                        "100.0001", "7"]
 
 
 def test_a_line_of_runs_guided_against_the_rows_pair_alone_says_so_beside_one_guided_against_more():
