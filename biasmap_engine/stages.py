@@ -74,7 +74,8 @@ def parse_stages(text: str) -> list[str] | None:
     """Stage ids (``down_1``, any case) or labels (``down×1``, also typed ``down x 1/2``) separated by commas or spaces
     (as a report and the audit CSV write them) → ids, each once, in the U-Net's order (any order typed guides alike);
     ``""`` or ``"all"`` (with stray commas, or twice) → None."""
-    parts = [p for p in re.split(r"[,\s]+", re.sub(r"(?i)\b(down|mid|up)\s*[x×]\s*", r"\1×", text)) if p]
+    read = re.sub(r"(?i)\b(down|mid|up)\s*[x×]\s*", r"\1×", text)  # 'down x 1/2' as one label
+    parts = [p for p in re.split(r"[,\s]+", read) if p]
     if not text.strip() or {p.lower() for p in parts} == {"all"}:
         return None
     if "all" in (p.lower() for p in parts):
@@ -86,9 +87,10 @@ def parse_stages(text: str) -> list[str] | None:
     for part in parts:
         stage = aliases.get(part.lower())
         if stage is None:
-            raise ValueError(f"unknown stage {part!r}{_meant(part.lower())}; choose from {', '.join(STAGE_ORDER)} or "
-                             f"'all', or name them as the reports do (down×1, down×½, …, up×1: the grid's scale "
-                             f"against the latent's)")
+            typed = f" in {text!r}" if read != text else ""
+            raise ValueError(f"unknown stage {part!r}{typed}{_meant(part.lower())}; choose from "
+                             f"{', '.join(STAGE_ORDER)} or 'all', or name them as the reports do (down×1, down×½, …, "
+                             f"up×1: the grid's scale against the latent's)")
         stages.append(stage)
     if not stages:  # only separators: a typo, not a choice of stages
         raise ValueError(f"no stage named in {text!r}; give stage ids such as down_1, up_1, or 'all'")

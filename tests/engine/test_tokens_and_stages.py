@@ -122,6 +122,8 @@ def test_stages_are_read_as_a_keyboard_types_the_reports_labels_and_a_near_miss_
                                          r"down×½, at 1/2 of the latent\); choose from down_1, .* or name them as the "
                                          r"reports do \(down×1, down×½, …, up×1"):
         parse_stages("down×2")
+    with pytest.raises(ValueError, match=r"^unknown stage 'down×2' in 'up_1, down x2' \(the number after × is"):
+        parse_stages("up_1, down x2")  # the text as typed, where it was read otherwise
     with pytest.raises(ValueError, match=r"^unknown stage 'up1' \(meant up_1\?\); choose from"):
         parse_stages("up1")
     with pytest.raises(ValueError, match=r"^unknown stage 'down_3'; choose from"):  # no stage it could be

@@ -102,6 +102,8 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
     # Typed as a file's name: the counter before the extension, not trace.safetensors_00004_.safetensors.
     assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace.SafeTensors").result[0] == (
         "biasmap/audits/trace_00004_.safetensors [output]")
+    assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace.safetensors ").result[0] == (
+        "biasmap/audits/trace_00005_.safetensors [output]")
     for name in (options[0], options[2]):
         assert BiasMapLoadTrace.validate_inputs(name) is True
         loaded = BiasMapLoadTrace.execute(name).result[0]
