@@ -292,8 +292,8 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
         # Its sampling run, where the row says when that was, with its figures: one logged again under a new label
         # (the sampler's result taken from ComfyUI's cache) is that image again, not another one. The figures too, as
         # the time is to the second and a queued prompt may sample several prompts made while it ran.
-        run = (row_key(row, IMAGE + ("prompt_id", "time")), tuple(map(str, figures))
-               ) if cell(row, "time") not in ("", "nan") else key
+        timed = cell(row, "time") not in ("", "nan")
+        run = (row_key(row, IMAGE + ("prompt_id", "time")), tuple(map(str, figures))) if timed else key
         if key not in group["images"] and run not in group["runs"]:  # an image logged again counts once
             group["images"].add(key)
             group["runs"].add(run)
@@ -325,7 +325,8 @@ def _interval_text(values: list[float]) -> str:
 
 
 def _label(column: str, value) -> str:
-    """A setting as a summary line names it: λ 100, sampler heun."""
+    """A setting as a summary line names it: λ 100, sampler heun; a number in full where it is not short (two groups'
+    values never read as one)."""
     if column == "guidance_scale":
         return f"λ {shown_number(parsed_number(value), exact=True)}"
     if column == "guided_concepts":  # blank: a sampler of the row's pair alone
