@@ -1086,7 +1086,7 @@ def test_a_file_of_lambda_0_rows_alone_gets_each_concepts_means_each_image_once(
                      "brackets a 95 % bootstrap interval of the mean, given from 10 images on):",
                      "doctor: iou 0.3333 · mbiou 0.3333 over 2 image(s), 1 of them n/a",
                      "nurse: iou 0.6667 · mbiou 0.6667 over 2 image(s)"]
-    # Label changed while the sampler's result was cached: the same run (prompt id and time) is the same image.
+    # Label changed while the sampler's result was cached: the same run (prompt id, time, figures) is the same image.
     ran = [{**row, "prompt_id": "p1", "time": "2026-12-01T01:00:00.000001+00:00"} for row in rows]
     relabelled = [{**row, "label": "typo fixed"} for row in ran[2:3]]
     another_run = [{**row, "label": "a nurse, smiling", "prompt_id": "p2"} for row in ran[2:3]]  # made in the graph
