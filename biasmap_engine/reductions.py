@@ -287,13 +287,14 @@ def _means_text(rows, metrics: tuple[str, ...], by: tuple[str, ...], why: str) -
         name = tuple(_label(c, typed(row.get(c, ""))) for c in named) + tuple(str(row[c]) for c in by)
         group = groups.setdefault(row_key(row, named + list(by)),
                                   {"name": name, "images": set(), "runs": set(), **{m: [] for m in metrics}})
-        key = row_key(row, IMAGE + ("label",))  # the label may carry the prompt, as made while the graph ran
+        image = row_key(row, IMAGE)
+        key = image + (cell(row, "label"),)  # the label may carry the prompt, as made while the graph ran
         figures = tuple(parsed_number(row.get(metric)) for metric in metrics)
         # Its sampling run, where the row says when that was, with its figures: one logged again under a new label
         # (the sampler's result taken from ComfyUI's cache) is that image again, not another one. The figures too, as
         # the time is to the second and a queued prompt may sample several prompts made while it ran.
         timed = cell(row, "time") not in ("", "nan")
-        run = (row_key(row, IMAGE + ("prompt_id", "time")), tuple(map(str, figures))) if timed else key
+        run = (image + row_key(row, ("prompt_id", "time")), tuple(map(str, figures))) if timed else key
         if key not in group["images"] and run not in group["runs"]:  # an image logged again counts once
             group["images"].add(key)
             group["runs"].add(run)
