@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, fields
 from .guidance import GATES
 from .soft_topk import check_soft_topk
 
-__all__ = ["BRANCHES", "SETTING_NAMES", "BiasMapSettings"]
+__all__ = ["BRANCHES", "QUALITY_COLLAPSES_AT", "SETTING_NAMES", "BiasMapSettings"]
 
 BRANCHES = ("uncond", "cond")  # the CFG branch whose queries build the maps, default first
+QUALITY_COLLAPSES_AT = 400  # λ from which the paper's images degrade on SD 1.5 (FID above 100; BiasMap §1)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from comfy_api.latest import io
 from ..biasmap_engine import guidance_line, typed_concepts
 from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
                                    start_session)
-from ..biasmap_engine.report import shown_number
 from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inputs, plain_errors, settings_from,
                      show_on_node)
 from .concepts import (absent_from, check_concepts, check_loaded_trace_words, check_words_asked, concept_inputs,
@@ -22,9 +21,6 @@ from .prompt_graph import (attribution_clip_apart, graph_run, loaded_traces_of, 
 from .trace_files import trace_file_header
 
 __all__ = ["BiasMapGuidedKSampler", "BiasMapGuidedKSamplerAdvanced"]
-
-_QUALITY_COLLAPSES_AT = 400  # λ
-
 
 _OUTPUTS = [io.Latent.Output("latent", tooltip="The sampled latent (bit-identical to the stock sampler when λ = 0)."),
             Trace.Output("trace", tooltip="Attribution maps of every step and stage, concepts, σ, settings and the "
@@ -54,13 +50,6 @@ def _logged(node, latent, trace) -> io.NodeOutput:
                            f"so the maps are of the attribution prompt as another CLIP reads it: connect the CLIP "
                            f"that CLIP Text Encode takes (after any LoRA or CLIP Set Last Layer) to the sampler's clip "
                            f"too")
-    # The paper's λ sweep (BiasMap §1): most of the reduction at λ 100, image quality collapsing from λ 400 on (FID
-    # above 100 on SD 1.5). Said where the picture is seen, not refused: another model or fewer stages may bear more.
-    scale = trace.settings.get("scale") or 0
-    if scale >= _QUALITY_COLLAPSES_AT:
-        trace.notes.append(f"λ {shown_number(scale)} is at or above {_QUALITY_COLLAPSES_AT}, from which the paper "
-                           f"finds image quality collapses on SD 1.5 (FID above 100); λ 100 keeps most of the "
-                           f"reduction")
     for note in trace.notes:
         logging.warning("BiasMap: %s", note)
     show_on_node(node, "\n".join(filter(None, [guidance_line(trace), *(f"note: {note}" for note in trace.notes)])))

@@ -196,6 +196,17 @@ def test_guidance_lowers_entanglement_for_most_seeds_and_a_lambda_sweep_is_monot
     assert mean(hard[1000.0]) < mean(hard[0.0]), hard
 
 
+def test_a_lambda_from_the_papers_quality_collapse_on_is_noted_by_the_engine_as_by_the_node(sd15, prompts):
+    # A notebook's run, without the sampler node: the note comes from the session that makes the trace.
+    model, clip = sd15
+    pos, neg = prompts
+    notes = {lam: sample(model, clip, pos, neg, lam)[1].notes for lam in (399.0, 400.0)}
+    assert not [n for n in notes[399.0] if "image quality collapses" in n], notes
+    assert [n for n in notes[400.0] if "image quality collapses" in n] == [
+        "λ 400 is at or above 400, from which the paper finds image quality collapses on SD 1.5 (FID above 100); "
+        "λ 100 keeps most of the reduction"]
+
+
 @contextlib.contextmanager
 def gate_threshold(monkeypatch, max_norm: float):
     """Guided runs whose gate acts on gradients of norm ≥ ``max_norm`` instead of the method's 1, which gradients of
