@@ -192,8 +192,8 @@ def _readable_pieces(tokens: list[str]) -> list[str]:
 
 def _check_same_words(result: EntanglementResult, baseline: EntanglementResult) -> None:
     """Refuse a baseline of other words: its change would be of other maps (words compared as CLIP reads them)."""
-    words = [w.strip().lower() for w in (result.word_a, result.word_b)]
-    if [w.strip().lower() for w in (baseline.word_a, baseline.word_b)] != words:
+    words = [concept_key(w) for w in (result.word_a, result.word_b)]
+    if [concept_key(w) for w in (baseline.word_a, baseline.word_b)] != words:
         raise ValueError(f"the baseline measures '{baseline.word_a}' and '{baseline.word_b}', this result "
                          f"'{result.word_a}' and '{result.word_b}': measure the same two words in both "
                          f"(measure_entanglement(baseline_trace, '{result.word_a}', '{result.word_b}'))")

@@ -1931,6 +1931,9 @@ def test_a_result_against_a_baseline_names_another_q_refuses_other_words_and_rea
             each(other_words)
     typed = measure_entanglement(base, "Gender", "Nurse ", 0.5, (8, 8))  # the same words, as CLIP reads them
     assert after.against(typed) == after.against(measure_entanglement(base, "gender", "nurse", 0.5, (8, 8)))
+    two_words = measure_entanglement(guided, "gender", "a doctor", 0.5, (8, 8))
+    spaced = measure_entanglement(base, "gender", "A  doctor", 0.5, (8, 8))  # two spaces: one concept to CLIP
+    assert two_words.against(spaced) == two_words.against(measure_entanglement(base, "gender", "a doctor", 0.5, (8, 8)))
     older = halves_trace()  # saved before traces kept their run: no field of it is known to differ
     older.run, older.settings = {}, dict(base.settings)
     assert len(after.against(measure_entanglement(older, "gender", "nurse", 0.5, (8, 8))).splitlines()) == 2
