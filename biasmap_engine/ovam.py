@@ -14,18 +14,20 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["token_softmax_maps", "prepare_keys", "prepared_token_softmax_maps", "summed_token_softmax_maps",
-           "largest_grid", "resampled", "sum_upsampled", "concept_map"]
+           "largest_grid", "resampled", "sum_upsampled", "varies", "concept_map"]
 
 
 def token_softmax_maps(q: torch.Tensor, k_attr: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
     """Head-summed token-softmax maps ``[B, N, H, W]`` of queries ``[B, HW, heads·d]`` against keys
     ``[B|1, N, heads·d]``.
 
-    Computed in fp32 or wider whatever the model dtype, since the energy downstream is sensitive to rounding.
+    The formula one layer at a time, as written above; recording computes the same maps with :func:`prepare_keys` and
+    :func:`summed_token_softmax_maps`. In fp32 or wider whatever the model dtype, as recording computes them.
     """
     b, hw, inner = q.shape
     if hw != grid[0] * grid[1]:
-        raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
+        raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}: a node ahead "
+                         f"of BiasMap changes the number of image tokens cross-attention sees; bypass it")
     dim_head = inner // heads
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     qh = q.to(dtype).reshape(b, hw, heads, dim_head).transpose(1, 2)  # [B, h, HW, d]
@@ -58,7 +60,8 @@ def summed_token_softmax_maps(qs: list[torch.Tensor], keys: torch.Tensor, grid: 
     """
     b, hw, _ = qs[0].shape
     if hw != grid[0] * grid[1]:
-        raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}")
+        raise ValueError(f"query length {hw} does not match the attention grid {grid[0]}×{grid[1]}: a node ahead "
+                         f"of BiasMap changes the number of image tokens cross-attention sees; bypass it")
     heads, dim_head, _ = keys.shape
     if len(qs) == 1:
         per_head = qs[0].to(keys.dtype).reshape(b * hw, heads, dim_head).transpose(0, 1)  # [heads, B·HW, d]

@@ -133,7 +133,7 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
         group["why_unpaired"] = why_unpaired(first, of_seed, image, by) if first is not None else ""
     # λ = 0 images no group counts: neither paired in one (also across by values, e.g. by label) nor made alike one.
     matched = set().union(*(group["images_guided"] for group in groups.values()))
-    alone = [made_otherwise(alike, len(unmatched), guided_alike, by) for alike, keys in made_alike.items()
+    alone = [made_otherwise(alike, len(unmatched), guided_alike) for alike, keys in made_alike.items()
              if alike not in guided_alike and (unmatched := [key for key in keys if key not in matched])]
     return [_summary(g, by) for g in groups.values()], alone
 
@@ -430,8 +430,8 @@ def _check_columns(rows, metric, by, match) -> None:
     if any(c.startswith("\ufeff") for c in rows[0]):
         raise ValueError("the first column's name starts with a byte-order mark: read the CSV with read_csv(path), or "
                          "open it with encoding='utf-8-sig'")
-    needed = {"guidance_scale", metric, *by, *match}
-    missing = [c for c in ("guidance_scale", metric, *by, *match) if c not in rows[0]]
+    needed = dict.fromkeys(("guidance_scale", metric, *by, *match)).keys()  # a set, in the order refusals name them
+    missing = [c for c in needed if c not in rows[0]]
     if missing:
         raise ValueError(f"the rows have no column(s) {', '.join(missing)}: give rows of a BiasMap audit CSV and a "
                          f"metric such as iou, mbiou or biou_down_1")

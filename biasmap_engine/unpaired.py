@@ -21,7 +21,7 @@ def why_unpaired(row: dict, of_seed: dict, columns: tuple[str, ...], by: tuple[s
             f"{'; '.join(_differences(nearest, row, columns))}")
 
 
-def made_otherwise(alike: tuple, images: int, guided_alike: dict, by: tuple[str, ...]) -> str:
+def made_otherwise(alike: tuple, images: int, guided_alike: dict) -> str:
     """λ = 0 images made and measured as no guided configuration (``alike``: their MEASURED and ``by`` values), as
     the summary names them: the columns in which the nearest guided configuration differs, or that their ``by`` value
     has none."""
