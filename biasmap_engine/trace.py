@@ -166,11 +166,6 @@ class BiasMapTrace:
         """``[B, H, W]`` attribution map of a word (mean over its pieces)."""
         return self.token_maps(stages, steps, size, tokens=self.positions(word)).mean(dim=1)
 
-    def masks(self, word_a: str, word_b: str, q: float = 0.7, stages=None, steps=None, size=None):
-        """The two words' top-(1−q) masks ``[B, H, W]``, from one aggregation of the two words' maps."""
-        _check_q(q)
-        return tuple(hard_mask(m, q) for m in self._word_maps(word_a, word_b, stages, steps, size))
-
     def _word_maps(self, word_a: str, word_b: str, stages, steps, size) -> tuple[torch.Tensor, torch.Tensor]:
         """The two words' maps ``[B, H, W]``, from one aggregation."""
         a, b = self.positions(word_a), self.positions(word_b)

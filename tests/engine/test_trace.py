@@ -133,7 +133,7 @@ def test_a_q_that_leaves_a_mask_nothing_or_everything_to_compare_is_refused(q):
     with pytest.raises(ValueError, match=rf"q must be a fraction between 0 and 1 .*, got {q}"):
         trace.iou("doctor", "gender", q)
     with pytest.raises(ValueError, match="q must be a fraction between 0 and 1"):
-        trace.masks("doctor", "gender", q)
+        trace.iou_and_masks("doctor", "gender", q)
     with pytest.raises(ValueError, match="q must be a fraction between 0 and 1"):
         measure_entanglement(trace, "doctor", "gender", q)
 
@@ -705,7 +705,7 @@ def test_masks_of_a_word_of_several_pieces_threshold_the_mean_of_its_pieces():
     rec.end()
     trace = rec.finish(tokens=tokens, latent_shape=[1, 4, 8, 8], demographic=["gender"], semantic=["firefighter"])
     assert trace.positions("firefighter") == [2, 3]
-    got_a, got_b = trace.masks("firefighter", "gender", size=8)
+    got_a, got_b = trace.iou_and_masks("firefighter", "gender", size=8)[1]
     assert torch.equal(got_a, hard_mask(maps[:, 2:4].mean(1)))
     assert not torch.equal(got_a, hard_mask(maps[:, 2]))
     assert torch.equal(got_b, hard_mask(maps[:, 5]))
