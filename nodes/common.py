@@ -5,12 +5,11 @@ import functools
 import html
 import logging
 import re
-import sys
 
 from comfy_api.latest import io
 
 from ..biasmap_engine import BRANCHES, GATES, MODES, BiasMapSettings, parse_stages
-from ..biasmap_engine.host import SIGMA_CAP, interrupted
+from ..biasmap_engine.host import SIGMA_CAP, executing_context, interrupted, prompt_server
 
 __all__ = ["ADVANCED", "CATEGORY", "FIRST_STEP", "LAST_STEP", "Trace", "check_images", "check_stage_names",
            "check_step_windows", "guidance_inputs", "mask_size", "plain_errors", "rgb", "settings_from",
@@ -149,9 +148,7 @@ def show_on_node(node, text: str) -> None:
     a STRING output only where Preview as Text is connected. Each run's text replaces the last one's, so a node sends
     one every run (the page ignores an empty text)."""
     hidden = node.hidden  # None where execute is called outside ComfyUI's executor
-    # The server this ComfyUI runs, if it runs one (not in a script or a test): looked up, not imported, since
-    # importing ComfyUI's server module loads all of ComfyUI.
-    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    server = prompt_server()
     if server is not None and hidden is not None and hidden.unique_id is not None:
         text = _with_list_items(hidden.unique_id, text)
         # The page puts the text into the node as HTML: a concept typed as <b>nurse</b> is shown, not obeyed.
@@ -165,9 +162,7 @@ def _with_list_items(node_id, text: str) -> str:
     """``text`` with those of the node's earlier items of a list input: ComfyUI runs a node once per item (Rebatch
     Latents' batches), and each text replaces the last on the page, where the last batch's mIoU alone would read as the
     run's. One item's text is sent as it is."""
-    from comfy_execution.utils import get_executing_context
-
-    context = get_executing_context()
+    context = executing_context()
     if context is None or not context.list_index:  # outside the executor, or a list's first item (or no list)
         _LIST_TEXTS[node_id] = (context and context.prompt_id, [text])
         return text

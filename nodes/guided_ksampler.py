@@ -10,13 +10,13 @@ import logging
 from comfy_api.latest import io
 
 from ..biasmap_engine import guidance_line, typed_concepts
-from ..biasmap_engine.host import (sample_with_sampler, sample_with_scheduler, sampler_names, scheduler_names,
-                                   start_session)
+from ..biasmap_engine.host import (queued_outputs, sample_with_sampler, sample_with_scheduler, sampler_names,
+                                   scheduler_names, start_session)
 from .common import (ADVANCED, CATEGORY, Trace, check_step_windows, guidance_inputs, plain_errors, settings_from,
                      show_on_node)
 from .concepts import (absent_from, check_concepts, check_loaded_trace_words, check_words_asked, concept_inputs,
                        require)
-from .prompt_graph import (attribution_clip_apart, graph_run, loaded_traces_of, queued_outputs, step_windows_of,
+from .prompt_graph import (attribution_clip_apart, graph_run, loaded_traces_of, step_windows_of,
                            words_asked_of)
 from .trace_files import trace_file_header
 

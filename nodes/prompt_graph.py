@@ -2,14 +2,13 @@
 typed prompts, the checkpoint and LoRAs, the scheduler behind SIGMAS. A sampler gets conditioning, a model and sigmas,
 not the text and file names that made them; where a node on the way makes them while the graph runs, they stay ''."""
 
-import sys
 from typing import NamedTuple
 
 from ..biasmap_engine import audit_run, split_concepts, typed_concepts, typed_form
 from ..biasmap_engine.report import shown_number
 
 __all__ = ["StepsAsked", "WordsAsked", "attribution_clip_apart", "generation_prompt", "graph_run", "loaded_traces_of",
-           "queued_outputs", "step_windows_of", "words_asked_of"]
+           "step_windows_of", "words_asked_of"]
 
 # How ComfyUI's core nodes make or pass on a conditioning, for generation_prompt: the input holding the typed text, or
 # per output slot the conditioning input it passes on. Other nodes' outputs are made while the graph runs: not read.
@@ -158,22 +157,6 @@ def _typed_first_concept(prompt: dict | None, link, list_name: str) -> str:
         return ""
     # As typed: the words asked are parsed again, and a parsed "person (elderly)" would lose its brackets as emphasis.
     return next((typed for typed, _ in typed_concepts(inputs[list_name])), "")
-
-
-def queued_outputs() -> list[str] | None:
-    """The output nodes queued with the prompt running now, from the server's queue: "Queue Selected Output Nodes"
-    queues some of a graph's. None outside a server (ComfyUI's executor called directly) or where the queue does not
-    hold the prompt: then every node of the graph is taken as run, which checks more, never less."""
-    from comfy_execution.utils import get_executing_context
-
-    # The server module as main.py imported it; not imported here, which would start a web app in a process without.
-    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-    context = get_executing_context()
-    if context is None or server is None:
-        return None
-    running, _ = server.prompt_queue.get_current_queue_volatile()
-    # A queue item is (number, prompt_id, prompt, extra_data, outputs_to_execute, ...), as main.py's worker reads it.
-    return next((list(item[4]) for item in running if item[1] == context.prompt_id), None)
 
 
 def _read_by(prompt: dict | None, outputs: list) -> set[str]:

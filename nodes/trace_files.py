@@ -11,10 +11,10 @@ import re
 import uuid
 
 import folder_paths
-from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import BiasMapTrace, TraceFormatError, TraceHeader
+from ..biasmap_engine.host import metadata_disabled
 from .common import CATEGORY, Trace, plain_errors
 from .output_files import inside, name_in, output_path
 
@@ -72,7 +72,7 @@ class BiasMapSaveTrace(io.ComfyNode):
         height, width = trace.image_size
         folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
         metadata = {}
-        if not args.disable_metadata:  # as ComfyUI's savers: the workflow that made it, unless turned off
+        if not metadata_disabled():  # as ComfyUI's savers: the workflow that made it, unless turned off
             if cls.hidden.prompt is not None:
                 metadata["prompt"] = json.dumps(cls.hidden.prompt)
             for key, value in (cls.hidden.extra_pnginfo or {}).items():

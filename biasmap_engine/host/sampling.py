@@ -6,6 +6,7 @@ import inspect
 from ..report import shown_number
 from ..settings import BiasMapSettings
 from .attribution import encode_attribution
+from .server import executing_context
 from .session import BiasMapSession
 
 __all__ = ["CUSTOM_SIGMAS", "interrupted", "sample_with_sampler", "sample_with_scheduler", "sampler_names",
@@ -197,9 +198,7 @@ def _identity() -> dict:
     rows of one run can be told apart from a cached trace logged again."""
     from datetime import datetime, timezone
 
-    from comfy_execution.utils import get_executing_context
-
-    context = get_executing_context()
+    context = executing_context()
     return {"prompt_id": context.prompt_id if context is not None else "",
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

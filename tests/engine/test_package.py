@@ -1,5 +1,6 @@
 """The engine as a package: what its modules export, and that only its host adapter reaches ComfyUI."""
 
+import ast
 import importlib
 import itertools
 import json
@@ -31,6 +32,20 @@ def test_the_engine_outside_its_host_adapter_imports_nothing_of_comfyui():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(root), "PATH": ""})
     assert pure and out.stdout.strip() == "[]"
+
+
+def test_the_nodes_reach_comfyui_through_the_host_adapter_and_its_node_api_alone():
+    # A node pack's own modules: comfy_api (the V3 schema) and folder_paths (where files go), as ComfyUI's nodes use
+    # them; comfy, its executor and its server are read in biasmap_engine.host, so that the nodes stay thin.
+    root = Path(biasmap_engine.__file__).parents[1]
+    reached = {}
+    for path in sorted([root / "__init__.py", *(root / "nodes").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            reached.update({name.split(".")[0]: path.name for name in names})
+    assert {"comfy_api", "folder_paths"} <= reached.keys()
+    assert not reached.keys() & {"comfy", "comfy_execution", "comfy_extras", "execution", "nodes", "server"}, reached
 
 
 def test_the_shipped_workflows_name_this_pack_and_its_version_on_each_of_its_nodes():
