@@ -2,12 +2,11 @@
 before the graph runs, against the words the installed CLIP tokenizer reads in the typed prompt, and at run time,
 where a linked input's text is known."""
 
-import re
-
 from comfy_api.latest import io
 
 from ..biasmap_engine import (ConceptNotFoundError, covered_words, find_word_positions, is_ideographic,
                               listed_twice, listed_words, prompt_words, quote_forms, split_concepts, typed_concepts)
+from ..biasmap_engine.concept_hints import absent, plurals, why_absent, word_holding
 from ..biasmap_engine.host import prompt_text_words
 from ..biasmap_engine.tokens import overlap_refusal, overlapping
 from .prompt_graph import WordsAsked
@@ -61,13 +60,13 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if not concepts:
             return (f"the {label} concept list is empty; type at least one word of the attribution prompt "
                     f"({shown})")
-        missing = _absent(concepts, words)
+        missing = absent(concepts, words)
         if missing:
             bracketed = {concept for typed, concept in typed_concepts(value) if "(" in typed}
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
                     f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these."
-                    + _why_absent(missing, attribution_prompt, words, bracketed))
+                    + why_absent(missing, attribution_prompt, words, bracketed))
     return _check_distinct(lists, words)
 
 
@@ -113,7 +112,7 @@ def _found(tokens: list[str], word: str) -> bool:
 
 def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt: str) -> None:
     for words_asked in asked:
-        missing = _absent(split_concepts(words_asked.text), words)
+        missing = absent(split_concepts(words_asked.text), words)
         if missing:
             node, name, stands_for = words_asked.node, words_asked.input, words_asked.stands_for
             fix = (f"type in its {name} input a word of both prompts" if stands_for else
@@ -123,7 +122,7 @@ def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt
                              + f", which is not a word of this sampler's attribution prompt {attribution_prompt!r} "
                              f"(its words: {listed_words(words)}): {fix}, or add "
                              f"the word to the attribution prompt. Checked before sampling, so that the run is not "
-                             f"lost to it.{_why_absent(missing, attribution_prompt, words)}")
+                             f"lost to it.{why_absent(missing, attribution_prompt, words)}")
 
 
 def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_prompt: str) -> None:
@@ -144,47 +143,6 @@ def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_pr
                                  f"that the run is not lost to it.")
 
 
-def _why_absent(missing: list[str], prompt: str, words: list[str], bracketed: set[str] | frozenset[str] = frozenset()) -> str:
-    """Why words that the prompt seems to hold are not its words (``words``), where a typing habit explains it; else
-    ''. ``bracketed``: the missing concepts that were typed with brackets (a list read without them)."""
-    hints = []
-    spelled = {concept: _escaped_in(concept, prompt) for concept in missing}
-    escaped = next(filter(None, spelled.values()), None)
-    if escaped:  # "person (elderly)" against a prompt's "person \(elderly\)": brackets CLIP reads as words
-        hints.append(f"The prompt escapes brackets ({escaped}), which CLIP reads as words of their own between the "
-                     f"others: type the concept as the prompt spells it, {escaped}.")
-    elif "\\(" in prompt and bracketed & set(missing):  # "\(" is a bracket the prompt spells
-        hints.append("The prompt escapes its brackets, \\( and \\): a concept typed with brackets is read without "
-                     "them, as ComfyUI reads emphasis, unless they are escaped there too.")
-    phrases = [concept for concept in missing if len(concept.split()) > 1 and not spelled[concept]
-               and all(covered_words(word, words) for word in concept.split())]
-    if phrases:  # "gender race": each a word of the prompt, not the two in a row
-        hints.append(f"A concept of several words is looked up as one phrase, and the prompt does not hold "
-                     f"{phrases[0]!r} in a row: type it as the prompt has it or, in a list of concepts, separate "
-                     f"them with commas ({', '.join(phrases[0].split())}).")
-    if any(re.search(f"['‘’]{re.escape(word)}", prompt, re.IGNORECASE) for word in missing):  # ftfy straightens ‘’
-        hints.append("The prompt puts the word after an apostrophe ('doctor'): CLIP reads 'd, 's, 't, 'm, 're, 've "
-                     "and 'll as contractions there, so 'doctor is 'd + octor; remove the single quotes around it.")
-    inside = next(((concept, word) for concept in missing for word in [_word_holding(concept, words)] if word), None)
-    if inside:  # "doctor" in "doctors"; 医生 in a line of ideographs typed without spaces
-        concept, word = inside
-        hints.append(f"{concept!r} is part of the prompt's word {word!r}: CLIP reads letters (or ideographs) written "
-                     f"together as one word, and a part of a word has no map of its own; type the whole word, or "
-                     f"write {concept!r} apart in the attribution prompt, with spaces around it.")
-    names = [name.lower() for name in re.findall(r"embedding:([^\s,()]+)", prompt, re.IGNORECASE)]
-    if any(word.lower().removeprefix("embedding:") in name for word in missing for name in names):
-        hints.append("A textual-inversion embedding (embedding:name) is no word of the prompt and has no map by name.")
-    return "".join(" " + hint for hint in hints)
-
-
-def _escaped_in(concept: str, prompt: str) -> str | None:
-    r"""The text of ``prompt`` that spells ``concept``'s words with escaped brackets among them (``person \(elderly\)``
-    for the concept ``person elderly``, as a concept list reads ``person (elderly)``); None where there is none."""
-    parts = [re.escape(word) for word in concept.split()]
-    found = re.search(r"(?<!\w)(?:\\\()?" + r"[\s\\()]*".join(parts) + r"(?:\\\))?(?!\w)", prompt, re.IGNORECASE)
-    return found.group(0) if found and "\\(" in found.group(0) else None
-
-
 def absent_from(concepts: list[str], text: str) -> list[str]:
     """The concepts that are not words of ``text`` (a ComfyUI prompt), as the run looks them up, nor, for ideographs,
     part of one (医生 in a line typed without spaces: the picture is still of it; "man" in "woman" is not)."""
@@ -192,34 +150,9 @@ def absent_from(concepts: list[str], text: str) -> list[str]:
         words = prompt_text_words(text)
     except ValueError:  # a prompt ComfyUI's tokenizer would refuse: not this check's to judge
         return []
-    return [concept for concept in _absent(concepts, words)
-            if not (is_ideographic(concept) and _word_holding(concept, words))
-            and not any(covered_words(plural, words) for plural in _plurals(concept))]
-
-
-# English plurals that change more than an ending, of the words audits are about.
-_IRREGULAR_PLURALS = {"man": "men", "woman": "women", "person": "people", "child": "children"}
-
-
-def _plurals(concept: str) -> list[str]:
-    """``concept`` with its last word in the plural, as prompts write it ("Doctors at work" draws doctors): a guess
-    from the spelling (doctor → doctors, nurse → nurses, nanny → nannies, woman → women), for a note, not a lookup."""
-    *head, last = concept.split() or [""]
-    last = last.lower()
-    forms = [last + "s", last + "es"] + ([last[:-1] + "ies"] if last.endswith("y") else [])
-    forms += [_IRREGULAR_PLURALS[last]] if last in _IRREGULAR_PLURALS else []
-    forms += [last[:-3] + "men"] if last.endswith("man") else []  # fireman → firemen
-    return [" ".join([*head, form]) for form in forms]
-
-
-def _word_holding(concept: str, words: list[str]) -> str | None:
-    """The first of the prompt's ``words`` that holds ``concept`` as a part, ignoring case as CLIP does (lower)."""
-    return next((word for word in words if concept.lower() in word.lower()), None)
-
-
-def _absent(concepts: list[str], words: list[str]) -> list[str]:
-    """The concepts that are not words of the prompt's ``words``."""
-    return [c for c in concepts if not covered_words(c, words)]
+    return [concept for concept in absent(concepts, words)
+            if not (is_ideographic(concept) and word_holding(concept, words))
+            and not any(covered_words(plural, words) for plural in plurals(concept))]
 
 
 def _check_distinct(lists: dict, words: list[str]) -> bool | str:

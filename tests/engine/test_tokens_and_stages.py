@@ -300,3 +300,15 @@ def test_a_grid_coarser_than_any_levels_is_filed_under_the_deepest_stage_so_its_
                             model_family="SD15", settings={}, notes=[], run={})
     trace.save(str(tmp_path / "shrunk.safetensors"))
     assert BiasMapTrace.load(str(tmp_path / "shrunk.safetensors")).stages == ["down_1", "down_16"]
+
+
+def test_a_concept_missing_from_a_prompt_is_explained_by_the_typing_habit_behind_it():
+    from biasmap_engine.concept_hints import absent, plurals, why_absent
+
+    words = ["a", "photo", "of", "doctors", "and", "gender"]
+    assert absent(["doctor", "gender", "nurse"], words) == ["doctor", "nurse"]
+    assert "'doctor' is part of the prompt's word 'doctors'" in why_absent(["doctor"], "a photo of doctors", words)
+    assert "remove the single quotes around it" in why_absent(["doctor"], "a photo of 'doctor' and gender", words)
+    assert "separate them with commas (gender, photo)" in why_absent(["gender photo"], "a photo of gender", words)
+    assert why_absent(["nurse"], "a photo of doctors and gender", words) == ""  # no habit explains it
+    assert plurals("fireman") == ["firemans", "firemanes", "firemen"] and "women" in plurals("woman")
