@@ -21,7 +21,8 @@ from .report import measure_entanglement
 from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
-__all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "csv_text", "read_csv", "write_csv"]
+__all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "csv_text", "is_reductions_table",
+           "read_csv", "write_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
@@ -450,10 +451,23 @@ def _header(records: list[list[str]], path: str) -> list[str] | None:
     if len(header) == 1 and ";" in header[0]:
         raise _semicolons(path)
     _check_names(header, path)
-    if {"metric", "reduction"} <= set(header):  # also with its columns put in another order
+    if _names_reductions(header):
         raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
                          f"audit file: give the audit's own file name (without _reductions)")
     if not set(header) & set(_ALWAYS):
         raise ValueError(f"{path} is not an audit file of BiasMap's (its header names none of the columns BiasMap "
                          f"writes): give the audit another file name")
     return header
+
+
+def is_reductions_table(path: str) -> bool:
+    """Whether the file at ``path`` is the table of reductions Audit Log writes beside an audit file, also as a
+    spreadsheet saves it again (with ; between cells, or its columns in another order)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        first = f.readline()
+    return _names_reductions(next(csv.reader([first], delimiter=";" if ";" in first and "," not in first else ","), []))
+
+
+def _names_reductions(header: list[str]) -> bool:
+    """Whether a header is a reductions table's (Audit Log's ``…_reductions.csv``), whatever its columns' order."""
+    return {"metric", "reduction"} <= set(header)

@@ -11,8 +11,8 @@ import re
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, read_csv,
-                              reductions_report, split_concepts, write_csv)
+from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, is_reductions_table,
+                              read_csv, reductions_report, split_concepts, write_csv)
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
@@ -165,8 +165,8 @@ def _table_written(table: list[dict] | None, path: str, shown: str, size: int) -
     try:
         if table is None:  # none now (the summary says why): a table of earlier runs is not left unsaid
             try:
-                stale = _header(target).startswith(_TABLE_HEADERS)
-            except OSError:  # none of ours there (a folder so named)
+                stale = is_reductions_table(target)
+            except OSError:  # none of ours there (none, or a folder so named)
                 stale = False
             return f"\n{named} holds the reductions of an earlier run, not of the file as it is now" if stale else ""
         if not _replaceable(target):  # an audit named so: never written over
@@ -183,21 +183,9 @@ def _table_written(table: list[dict] | None, path: str, shown: str, size: int) -
     return f"\nthe reductions as a table, for a spreadsheet: {named}"
 
 
-_TABLE_HEADERS = ("metric,", "metric;")  # a reductions table's first line; a spreadsheet may save it with semicolons
-
-
 def _replaceable(path: str) -> bool:
     """Whether ``path`` is free for a reductions table: absent, empty, or one already."""
-    first = _header(path)
-    return not first or first.startswith(_TABLE_HEADERS)
-
-
-def _header(path: str) -> str:
-    """The first line of the file at ``path``; empty where there is none."""
-    if not os.path.exists(path):
-        return ""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        return f.readline()
+    return not os.path.exists(path) or os.path.getsize(path) == 0 or is_reductions_table(path)
 
 
 def _shown(path: str) -> str:

@@ -14,8 +14,8 @@ import torch
 
 from biasmap_engine import audit
 from biasmap_engine import (STATUS, BiasMapSettings, OlderFileError, TraceRecorder, append_csv, audit_rows,
-                            check_appendable, csv_text, measure_entanglement, read_csv, reductions, reductions_report,
-                            reductions_table, reductions_text, write_csv)
+                            check_appendable, csv_text, is_reductions_table, measure_entanglement, read_csv, reductions,
+                            reductions_report, reductions_table, reductions_text, write_csv)
 from biasmap_engine.report import shown_number
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
@@ -241,6 +241,21 @@ def test_the_reductions_table_given_as_the_audit_file_is_refused_before_a_run(tm
     path.write_text("semantic,metric,images,reduction\r\ndoctor,iou,3,0.25\r\n", encoding="utf-8-sig")
     with pytest.raises(ValueError, match=fix):  # its columns put in another order by a spreadsheet
         check_appendable(str(path))
+
+
+def test_a_reductions_table_is_known_by_its_header_as_written_or_as_a_spreadsheet_saves_it_again(tmp_path):
+    # One rule for the audit's refusal above and for Audit Log, which replaces a table beside the audit, never an audit.
+    base, guided = _baseline_and_guided()
+    table, audit = tmp_path / "audit_reductions.csv", tmp_path / "audit.csv"
+    write_csv(str(table), reductions_table(audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5,
+                                                                                             size=(8, 8))))
+    append_csv(str(audit), audit_rows(guided))
+    assert is_reductions_table(str(table)) and not is_reductions_table(str(audit))
+    for header in ("metric;guidance_scale;reduction", "semantic,reduction,metric"):  # semicolons; columns moved
+        table.write_text(header + "\r\n", encoding="utf-8-sig")
+        assert is_reductions_table(str(table)), header
+    table.write_text("metric,score\r\n", encoding="utf-8")
+    assert not is_reductions_table(str(table))
 
 
 def test_a_row_cut_inside_a_quoted_cell_is_refused_before_a_run_naming_the_line_it_starts_in(tmp_path):
