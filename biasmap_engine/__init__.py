@@ -8,8 +8,8 @@ protocol, §2 attribution maps (OVAM), §3 measuring entanglement (hard masks, I
 energy-guided sampling.
 """
 
-from .audit import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, is_reductions_table, read_csv,
-                    write_csv)
+from .audit import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, is_reductions_table,
+                    logged_before, read_csv, write_csv)
 from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run, check_plan
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .masks import hard_mask, iou
@@ -34,7 +34,7 @@ __all__ = [
     "STATUS", "TraceFormatError", "TraceHeader", "TraceRecorder", "append_csv", "audit_rows", "audit_run",
     "check_appendable", "check_plan", "clip_words", "colorize", "concept_map", "covered_words", "csv_text",
     "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line", "guidance_step", "hard_mask",
-    "iou", "is_ideographic", "is_reductions_table", "label_heatmaps", "listed_twice", "listed_words",
+    "iou", "is_ideographic", "is_reductions_table", "label_heatmaps", "listed_twice", "listed_words", "logged_before",
     "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps",
     "prompt_words", "quote_forms", "read_csv", "readable", "reductions", "reductions_report", "reductions_table",
     "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts",

@@ -8,6 +8,7 @@ sampler nodes read it from ComfyUI's prompt, as the negative prompt and the chec
 made while the graph runs comes in through the label.
 """
 
+import collections
 import contextlib
 import csv
 import io
@@ -16,13 +17,14 @@ import re
 import time
 import uuid
 
+from .audit_columns import IMAGE, SETTINGS, row_key
 from .guidance import STATUS
 from .report import measure_entanglement
 from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
 __all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "csv_text", "is_reductions_table",
-           "read_csv", "write_csv"]
+           "logged_before", "read_csv", "write_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
@@ -471,3 +473,19 @@ def is_reductions_table(path: str) -> bool:
 def _names_reductions(header: list[str]) -> bool:
     """Whether a header is a reductions table's (Audit Log's ``…_reductions.csv``), whatever its columns' order."""
     return {"metric", "reduction"} <= set(header)
+
+
+# What makes two rows one image logged twice, as the reductions count duplicates: the same image and concept pair,
+# made and measured alike (whatever their labels).
+_LOGGED_AS = tuple(dict.fromkeys((*IMAGE, *SETTINGS)))
+
+
+def logged_before(rows: list[dict], file_rows: list[dict]) -> tuple[dict, int] | None:
+    """The row of ``rows`` (as :func:`append_csv` wrote them) that ``file_rows`` (the file read back, these rows in
+    it) holds most often, with how many times it held it before: a run repeated (a fixed seed, a prompt list that did
+    not advance) logs an image again, which the summary counts once. None where no row was logged before."""
+    times = collections.Counter(row_key(row, _LOGGED_AS) for row in file_rows)
+    as_read = list(csv.DictReader(io.StringIO(csv_text(rows), newline="")))  # every value a string, as in the file
+    row, count = max(((row, times[row_key(row, _LOGGED_AS)]) for row in as_read), key=lambda pair: pair[1],
+                     default=(None, 0))
+    return (row, count - 1) if count > 1 else None

@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, is_reductions_table,
-                              read_csv, reductions_report, split_concepts, write_csv)
+                              logged_before, read_csv, reductions_report, split_concepts, write_csv)
 from ..biasmap_engine.host import CUSTOM_SIGMAS
 from .common import (ADVANCED, CATEGORY, FIRST_STEP, LAST_STEP, Trace, mask_size, plain_errors, show_on_node,
                      step_inputs, step_window)
@@ -140,7 +140,9 @@ class BiasMapAuditLog(io.ComfyNode):
         # and their λ = 0 runs, each profession's means until then.
         try:
             size = os.path.getsize(path)  # as read: a table of these rows is written only while the file is so
-            figures, table = reductions_report(read_csv(path))
+            file_rows = read_csv(path)
+            figures, table = reductions_report(file_rows)
+            figures = _repeat_said(written, file_rows) + figures
         except Exception as err:  # the rows are in: failing now would have the run queued again append them twice
             figures, size = f"the file's figures so far could not be read: {str(err).replace(path, shown)}", None
             # A fault of BiasMap's own keeps its traceback in the console.
@@ -154,6 +156,19 @@ class BiasMapAuditLog(io.ComfyNode):
         show_on_node(cls, f"{message}\n{figures}")  # the summary less the rows, which its output has
         summary = f"{message}\n{figures}\n{text}"
         return io.NodeOutput(text, summary, ui=ui.PreviewText(summary))
+
+
+def _repeat_said(written: list[dict], file_rows: list[dict]) -> str:
+    """A line saying that the rows log an image the file held already, and why that happens; '' where they do not."""
+    repeat = logged_before(written, file_rows)
+    if repeat is None:
+        return ""
+    row, times = repeat
+    return (f"these rows log an image the file held already ({times}× before: seed {row.get('seed', '')}, "
+            f"{row.get('semantic', '')}, λ {row.get('guidance_scale', '')}, the same prompt and settings), which the "
+            f"figures count once: a run repeated makes the same image. To add images, advance the seed (control after "
+            f"generate: increment); in an audit over prompts, let Audit Prompts run (to pause it, mute it rather than "
+            f"bypass it: bypassed, the sampler runs on the values last stored in it)\n")
 
 
 def _table_written(table: list[dict] | None, path: str, shown: str, size: int) -> str:

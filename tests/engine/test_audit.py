@@ -14,8 +14,8 @@ import torch
 
 from biasmap_engine import audit
 from biasmap_engine import (STATUS, BiasMapSettings, OlderFileError, TraceRecorder, append_csv, audit_rows,
-                            check_appendable, csv_text, is_reductions_table, measure_entanglement, read_csv, reductions,
-                            reductions_report, reductions_table, reductions_text, write_csv)
+                            check_appendable, csv_text, is_reductions_table, logged_before, measure_entanglement, read_csv,
+                            reductions, reductions_report, reductions_table, reductions_text, write_csv)
 from biasmap_engine.report import shown_number
 
 TOKENS = ["<|startoftext|>", "a</w>", "doctor</w>", "nurse</w>", "gender</w>", "<|endoftext|>"]
@@ -2087,3 +2087,17 @@ def test_the_notes_line_counts_a_note_once_a_row_shows_a_note_of_90_characters_w
     three = [{**row, "notes": note} for row, note in zip(rows, ("a", "b", "c", "c"))]
     last = reductions_text(three).splitlines()[-1]
     assert last.endswith("1 row(s): b") and "other note" not in last
+
+
+def test_rows_that_log_an_image_the_file_held_already_are_found_with_how_often(tmp_path):
+    # A run repeated (a fixed seed; Audit Prompts bypassed, its sampler left on the values last stored) logs the same
+    # image again, which the summary counts once: Audit Log says so.
+    path = str(tmp_path / "audit.csv")
+    base, guided = _baseline_and_guided()
+    first = append_csv(path, audit_rows(guided, q=0.5, size=(8, 8)))
+    assert logged_before(first, read_csv(path)) is None
+    assert logged_before(append_csv(path, audit_rows(base, q=0.5, size=(8, 8))), read_csv(path)) is None  # λ = 0
+    for times, label in ((1, ""), (2, "B")):  # counted once by the figures whatever its label
+        again = append_csv(path, audit_rows(guided, q=0.5, size=(8, 8), label=label))
+        row, before = logged_before(again, read_csv(path))
+        assert before == times and (row["seed"], row["guidance_scale"], row["label"]) == ("42", "100.0", label)

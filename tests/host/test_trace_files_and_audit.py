@@ -291,9 +291,16 @@ def test_audit_log_summary_gives_the_papers_reductions_once_the_file_holds_guide
     assert [(r["metric"], r["semantic"], r["guidance_scale"], r["images"], r["reduction"]) for r in table] == [
         ("iou", "nurse", "100.0", "2", "0.0"), ("mbiou", "nurse", "100.0", "2", "0.0")]
     assert list(table[0])[:2] == ["metric", "guidance_scale"] and "reduction_low" in table[0]
-    as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided, "label": "again"})
+    node = as_comfy_runs(BiasMapAuditLog)
+    summary = node.execute(**args | {"trace": guided, "label": "again"}).result[1]
     with open(folders / "out" / "biasmap" / "audit_reductions.csv", newline="", encoding="utf-8-sig") as f:
         assert [r["duplicates"] for r in csv.DictReader(f)] == ["2", "2"]  # the whole file's, written again
+    # A run repeated (Audit Prompts bypassed: its sampler runs on the values last stored in it) is said, with the fix.
+    assert summary.splitlines()[1] == (
+        "these rows log an image the file held already (1× before: seed 5, nurse, λ 100.0, the same prompt and "
+        "settings), which the figures count once: a run repeated makes the same image. To add images, advance the "
+        "seed (control after generate: increment); in an audit over prompts, let Audit Prompts run (to pause it, mute "
+        "it rather than bypass it: bypassed, the sampler runs on the values last stored in it)")
 
 
 def _logged_after_its_baseline(trace) -> tuple[dict, object, str]:
