@@ -28,6 +28,7 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
     import nodes
 
     _check_batch(latent)
+    session.given_latent(latent["samples"])
     start = _start_latents(latent)
     if denoise <= 0:
         raise ValueError("denoise 0 leaves the latent as it is: the model is never evaluated, so there are no maps to "
@@ -55,6 +56,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, Noise_RandomNoise  # RandomNoise, DisableNoise
 
     _check_batch(latent)
+    session.given_latent(latent["samples"])
     start = _start_latents(latent)
     if sigmas.shape[-1] < 2:
         # SamplerCustomAdvanced hands on a latent of no σ or of σ 0 as it is, and one of a σ above 0 noised: a trace

@@ -96,6 +96,7 @@ class BiasMapSession:
         positions = {word: find_word_positions(tokens, word) for word in (*demographic, *semantic)}
         require_distinct_concepts(demographic, semantic, positions)
         self.pairs = [(positions[a], positions[b]) for a in demographic for b in semantic]
+        self._given_not_finite: torch.Tensor | None = None  # whether the latent given to sample held NaN/inf
         self._latent_not_finite: torch.Tensor | None = None  # whether the sampler handed NaN/inf (on the device)
         self._output_not_finite: torch.Tensor | None = None  # whether the model made NaN/inf of a finite latent
         self._latent_finite: torch.Tensor | None = None  # the open evaluation's latent is finite
@@ -411,6 +412,10 @@ class BiasMapSession:
         """A guided U-Net pass is running."""
         return self.backward is not None and self.backward.active
 
+    def given_latent(self, samples: torch.Tensor) -> None:
+        """The latent the run starts from, checked for NaN and inf on its device (read when the run ends)."""
+        self._given_not_finite = ~torch.isfinite(samples).all()
+
     def finish(self, samples: torch.Tensor | None = None, **run):
         """The run's :class:`BiasMapTrace`; ``samples``: the sampled latent, ``run``: how it was sampled (seed, steps,
         …), kept in the trace."""
@@ -424,18 +429,24 @@ class BiasMapSession:
                        f"reduction")
         # Read once, here: NaN in the output latent comes from the model or the sampler, never from the correction,
         # which is skipped where it is not finite. Each note names its cause once.
-        explained = False
-        if self._output_not_finite is not None and bool(self._output_not_finite):
+        given = self._given_not_finite is not None and bool(self._given_not_finite)
+        made = not given and self._output_not_finite is not None and bool(self._output_not_finite)
+        handed = not given and self._latent_not_finite is not None and bool(self._latent_not_finite)
+        if given:  # the sampler and the model were handed it: their own notes would blame them
+            self._note("the latent_image input holds NaN or inf values (a VAE Encode that overflowed in fp16, e.g.): "
+                       "the maps and the output are NaN whatever BiasMap does, as with ComfyUI's KSampler; run the "
+                       "VAE in fp32 or bf16 (ComfyUI's --fp32-vae or --bf16-vae), or check the node that made the "
+                       "latent")
+        if made:
             self._note("the model's prediction held NaN or inf values (the U-Net overflowed, e.g. in fp16, or the cfg "
                        "is not a number): the maps and the output of the steps after it are NaN whatever BiasMap "
                        "does; sample in fp32 or bf16, and check the cfg")
-            explained = True
-        if self._latent_not_finite is not None and bool(self._latent_not_finite):
+        if handed:
             self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one "
                        "by itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler "
                        "does the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
                        "check the sigmas and the sampler")
-            explained = True
+        explained = given or made or handed
         if samples is not None and not explained and not bool(torch.isfinite(samples).all()):
             self._note("the sampler's last step made the output latent NaN or inf (custom sigmas that repeat a σ or "
                        "do not fall, e.g.; the stock sampler does the same): check the sigmas and the sampler")

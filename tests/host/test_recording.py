@@ -177,6 +177,27 @@ def test_a_latent_the_sampler_itself_makes_nan_is_named_in_the_notes_not_blamed_
     assert not any("NaN" in note for note in finite.notes)  # the same sigmas without the repeated one
 
 
+def test_a_latent_given_with_nan_is_named_as_the_input_not_blamed_on_the_sampler_or_the_model(sd15, prompts):
+    # An img2img latent from a VAE Encode that overflowed in fp16: NaN from the start, in the stock sampler too.
+    import comfy.samplers
+
+    model, clip = sd15
+    pos, neg = prompts
+    given = latent(batch=1, h=16, w=16)
+    given["samples"][0, 0, 3, 3] = float("nan")
+    with torch.inference_mode():
+        _, by_steps = sample_with_scheduler(start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD),
+                                            model, 7, 2, 5.0, "euler", "normal", pos, neg, given, denoise=0.5)
+        _, by_sigmas = sample_with_sampler(start_session(model, clip, ATTRIBUTION, ["gender"], ["doctor"], RECORD),
+                                           model, 7, 5.0, comfy.samplers.sampler_object("euler"),
+                                           torch.tensor([3.0, 1.0, 0.0]), pos, neg, given, add_noise=False)
+    for trace in (by_steps, by_sigmas):
+        assert [note for note in trace.notes if "NaN or inf" in note] == [
+            "the latent_image input holds NaN or inf values (a VAE Encode that overflowed in fp16, e.g.): the maps and "
+            "the output are NaN whatever BiasMap does, as with ComfyUI's KSampler; run the VAE in fp32 or bf16 "
+            "(ComfyUI's --fp32-vae or --bf16-vae), or check the node that made the latent"]
+
+
 def test_a_latent_made_nan_by_the_models_own_overflow_is_not_blamed_on_the_sampler(sd15, prompts):
     # An output that overflowed (fp16) makes the next step's latent NaN: the sampler only passed it on.
     model, clip = sd15
