@@ -8,7 +8,7 @@ import torch
 
 from ..tokens import prompt_words
 
-__all__ = ["encode_attribution", "prompt_text_words", "tokenizer_words"]
+__all__ = ["encode_attribution", "prompt_text_words", "tokenizer_words", "weighted_parts"]
 
 _END_OF_TEXT = "<|endoftext|>"
 _EMBEDDING = "<|embedding|>"  # a textual-inversion vector: no vocabulary entry, and never part of a word
@@ -95,6 +95,15 @@ def prompt_text_words(text: str) -> list[str]:
                 part = (name_and_rest + [""])[1]
             words += tokenizer_words(part)
     return words
+
+
+def weighted_parts(text: str) -> list[tuple[str, float]]:
+    """The parts of a ComfyUI prompt that its emphasis weights other than 1, as its tokenizer parses them:
+    ``(doctor:1.5)`` → ``[("doctor", 1.5)]``, ``(doctor)`` → ``[("doctor", 1.1)]``; escaped brackets weigh nothing."""
+    from comfy.sd1_clip import escape_important, token_weights, unescape_important
+
+    return [(unescape_important(segment).strip(), weight) for segment, weight in
+            token_weights(escape_important(text), 1.0) if weight != 1.0 and segment.strip()]
 
 
 def tokenizer_words(text: str) -> list[str]:

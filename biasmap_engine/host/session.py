@@ -41,6 +41,7 @@ from ..settings import QUALITY_COLLAPSES_AT, BiasMapSettings
 from ..soft_topk import check_keep
 from ..stages import STAGE_ORDER, finest_grid
 from ..tokens import find_word_positions, require_distinct_concepts
+from .attribution import weighted_parts
 from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
 from .guided_backward import GuidedBackward
@@ -80,6 +81,12 @@ class BiasMapSession:
         # cycle, and a session, with its maps and after a failed guided pass its autograd graph, would wait for
         # Python's cycle collector instead of going when the run ends.
         self._note = functools.partial(_add_note, self.notes)
+        weighted = weighted_parts(attribution_prompt)
+        if weighted:  # pasted with the generation prompt's emphasis, most often: maps of other embeddings than CLIP's
+            parts = ", ".join(f"{text!r} ×{weight:g}" for text, weight in weighted[:3])
+            self._note(f"the attribution prompt weights {parts}{' and more' if len(weighted) > 3 else ''} (ComfyUI's "
+                       f"emphasis): its encoding scales those words' embeddings, so their maps and the IoU move with "
+                       f"the weight; for maps as the paper measures them, type the attribution prompt without weights")
         recorded = {k: v for k, v in self.layers.items() if k[0] != "middle" or settings.include_middle}
         self._block_stages = block_stages(model_patcher.model.diffusion_model, recorded)
         guided_layers = self._guided_layers()

@@ -198,6 +198,19 @@ def test_a_latent_given_with_nan_is_named_as_the_input_not_blamed_on_the_sampler
             "(ComfyUI's --fp32-vae or --bf16-vae), or check the node that made the latent"]
 
 
+def test_an_attribution_prompt_with_emphasis_weights_is_noted_as_moving_the_maps(sd15):
+    # A generation prompt pasted with its weights: the maps are of scaled embeddings, not of the words as CLIP reads them.
+    model, clip = sd15
+    notes = {text: start_session(model, clip, text, ["gender"], ["doctor"], RECORD).notes for text in (
+        "A photo of the face of a (doctor:1.5) and ((gender))", "A photo of the face of a doctor and gender",
+        r"A photo of the face of a doctor \(elderly\) and gender", "(A photo:1.0) of the face of a doctor and gender")}
+    weighted, *plain = notes.values()
+    assert weighted == ["the attribution prompt weights 'doctor' ×1.5, 'gender' ×1.21 (ComfyUI's emphasis): its "
+                        "encoding scales those words' embeddings, so their maps and the IoU move with the weight; for "
+                        "maps as the paper measures them, type the attribution prompt without weights"]
+    assert plain == [[], [], []]  # escaped brackets and a weight of 1 weigh nothing
+
+
 def test_a_latent_made_nan_by_the_models_own_overflow_is_not_blamed_on_the_sampler(sd15, prompts):
     # An output that overflowed (fp16) makes the next step's latent NaN: the sampler only passed it on.
     model, clip = sd15
