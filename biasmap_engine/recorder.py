@@ -52,6 +52,7 @@ class TraceRecorder:
         self._skipped: list[bool] = []  # per evaluation: no maps, the U-Net never ran (skip)
         self.steps_without_evaluation: list[int] = []  # sampler steps reported with no evaluation since the last
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
+        self._unweighted: list = []  # (somewhere, everywhere) per evaluation weighing nothing
 
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
         """Open a model evaluation at noise level σ, of sampler step ``step`` as far as σ tells (0-d tensors: no host
@@ -140,6 +141,7 @@ class TraceRecorder:
             raise RuntimeError("end() of an evaluation that recorded no map: call skip() for one the U-Net never ran "
                                "in (BiasMapSession does; DiT models are refused before sampling)")
         row = len(self._guidance["energy"])
+        self._check_weight(next(iter(self._current.weights.values())))
         for stage, maps in self.current().items():
             self._stage_maps.setdefault(stage, []).append((row, maps.detach().float()))
         first = next(iter(self._current.maps.values()))
@@ -150,6 +152,21 @@ class TraceRecorder:
         self._guidance["status"].append(torch.zeros(batch, dtype=torch.int8, device=device) if status is None
                                         else status.to(torch.int8))
         self.restart()
+
+    def unweighted(self) -> str | None:
+        """Whether the recorded entries weighed nothing on an evaluation: on "all" of the image (strength 0, an empty
+        mask), on "part" of it (a mask leaving part out), or None. A wait for the device: read when the run ends."""
+        flags = [(bool(somewhere), bool(everywhere)) for somewhere, everywhere in self._unweighted]
+        return "all" if any(e for _, e in flags) else "part" if any(s for s, _ in flags) else None
+
+    def _check_weight(self, weight: float | torch.Tensor) -> None:
+        """Keep whether an evaluation's entries weighed nothing somewhere (its maps are 0 there): for a mask's weight
+        on the device, without waiting for it; every stage has the same entries, so one stage's weight tells."""
+        if isinstance(weight, torch.Tensor):
+            none = weight.detach() <= 0
+            self._unweighted.append((none.any(), none.all()))
+        elif weight <= 0:
+            self._unweighted.append((True, True))
 
     def finish(self, **fields) -> BiasMapTrace:
         """Stack every evaluation and move the trace to the CPU."""

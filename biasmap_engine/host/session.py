@@ -454,6 +454,19 @@ class BiasMapSession:
                        "does the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
                        "check the sigmas and the sampler")
         explained = given or made or handed
+        unweighted = self.recorder.unweighted()
+        recorded = (f"the {_NAMES[_UNCOND if self.settings.branch == 'uncond' else _COND]} prompt's, branch "
+                    f"{self.settings.branch}")
+        if unweighted == "all":
+            self._note(f"the conditioning whose maps are recorded ({recorded}) weighed nothing on the image on some "
+                       f"steps (strength 0, or an empty Conditioning (Set Mask) mask): its maps are 0 there, with no "
+                       f"IoU to measure and no gradient to guide; record the other branch (the branch input), or give "
+                       f"that conditioning weight")
+        elif unweighted == "part":
+            self._note(f"the conditioning whose maps are recorded ({recorded}) weighs nothing on part of the image (a "
+                       f"Conditioning (Set Mask) mask that leaves it out): its maps are 0 there, so both concepts' top "
+                       f"pixels fall inside the mask and the IoU measures that part alone; record the other branch "
+                       f"(the branch input), or mask the other prompt instead")
         if samples is not None and not explained and not bool(torch.isfinite(samples).all()):
             self._note("the sampler's last step made the output latent NaN or inf (custom sigmas that repeat a σ or "
                        "do not fall, e.g.; the stock sampler does the same): check the sigmas and the sampler")

@@ -180,6 +180,35 @@ def test_masked_entries_of_the_recorded_branch_are_weighed_per_pixel_by_their_ma
     assert torch.isfinite(out).all() and guided.guidance_counts()["applied"] == 2
 
 
+def test_a_recorded_branch_that_weighs_nothing_on_part_or_all_of_the_image_is_noted(sd15, prompts):
+    # Its maps are 0 there: a mask that leaves part out puts both concepts' top pixels inside it (an inflated IoU), and
+    # strength 0 leaves nothing to measure or guide.
+    import nodes
+
+    model, clip = sd15
+    _, neg = prompts
+    set_mask = nodes.ConditioningSetMask().append
+    said = {}
+    for name, positive in (("left half", set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0]),
+                           ("strength 0", set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 0.0)[0]),
+                           ("both halves", combine(
+                               set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0],
+                               set_mask(encode(clip, "a photo of a doctor"), 1 - LEFT_HALF, "default", 1.0)[0]))):
+        _, trace = sample(model, clip, positive, neg, branch="cond")
+        said[name] = [note for note in trace.notes if "weigh" in note]
+    assert said["left half"] == [
+        "the conditioning whose maps are recorded (the positive prompt's, branch cond) weighs nothing on part of the "
+        "image (a Conditioning (Set Mask) mask that leaves it out): its maps are 0 there, so both concepts' top pixels "
+        "fall inside the mask and the IoU measures that part alone; record the other branch (the branch input), or "
+        "mask the other prompt instead"]
+    assert [note[:120] for note in said["strength 0"]] == [
+        "the conditioning whose maps are recorded (the positive prompt's, branch cond) weighed nothing on the image on "
+        "some steps"]
+    assert said["both halves"] == []
+    _, unmasked = sample(model, clip, set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0], neg)
+    assert not [note for note in unmasked.notes if "weigh" in note]  # the negative prompt's maps: whole
+
+
 def test_a_default_entry_weighs_only_where_the_other_entries_leave_room(sd15, prompts):
     import comfy.hooks
     import nodes
