@@ -42,7 +42,9 @@ def guidance_inputs() -> list:
                                "soft_topk paper, which keeps pixels of each row, at most 1 − 1/W for the largest "
                                "attention grid's width W (0.98 for SD 1.5 at 512², SDXL at 1024²)."),
         io.Float.Input("gamma", default=0.01, min=0.0001, max=10.0, step=0.001, round=0.0001, extra_dict=ADVANCED,
-                       tooltip="Entropic regulariser γ of the soft top-k (paper 0.01)."),
+                       tooltip="Entropic regulariser γ of the soft top-k (paper 0.01): larger is softer. From "
+                               "about 0.1 the soft masks flatten toward the kept fraction everywhere, and the "
+                               "gradient, so the guidance, fades (still counted as applied)."),
         io.Combo.Input("gate", options=list(GATES), default="skip", extra_dict=ADVANCED,
                        tooltip="skip: like the reference, no correction on a step where ‖∇_z E‖ ≥ 1. clip: "
                                "rescale the gradient to norm 1 instead. Both are counted in the trace."),
