@@ -103,7 +103,12 @@ def listed_words(words: list[str]) -> str:
         chain = numbers[start:end + 1:2]
         listed += chain + (["-".join(chain)] if len(chain) > 1 else [])
         start = end + 1
-    return ", ".join(dict.fromkeys(w for w in listed if _shown(w)))
+    unique = list(dict.fromkeys(w for w in listed if _shown(w)))
+    more = f", and {len(unique) - _LISTED_AT_MOST} more" if len(unique) > _LISTED_AT_MOST else ""
+    return ", ".join(unique[:_LISTED_AT_MOST]) + more
+
+
+_LISTED_AT_MOST = 100  # words a message lists: a prompt of thousands would bury the fix
 
 
 def _shown(word: str) -> bool:

@@ -50,8 +50,8 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         return str(err)
     shown = listed_words(words)
     if not shown:
-        return (f"the attribution prompt {attribution_prompt!r} has no words: type the text whose words get maps, "
-                f"e.g. '{_DEFAULT_ATTRIBUTION}'")
+        return (f"the attribution prompt {_quoted(attribution_prompt)} has no words: type the text whose words get "
+                f"maps, e.g. '{_DEFAULT_ATTRIBUTION}'")
     lists = {}
     for label, value in (("demographic", demographic), ("semantic", semantic)):
         if value is None:
@@ -64,7 +64,7 @@ def check_concepts(attribution_prompt, demographic, semantic) -> bool | str:
         if missing:
             bracketed = {concept for typed, concept in typed_concepts(value) if "(" in typed}
             return (f"{label} concept(s) {', '.join(missing)} not in the attribution prompt "
-                    f"'{attribution_prompt}'; its words are: {shown}. Add the word to the "
+                    f"{_quoted(attribution_prompt)}; its words are: {shown}. Add the word to the "
                     f"attribution prompt or choose one of these."
                     + why_absent(missing, attribution_prompt, words, bracketed))
     return _check_distinct(lists, words)
@@ -119,7 +119,8 @@ def _check_present(asked: list[WordsAsked], words: list[str], attribution_prompt
                    f"correct its {name} input")
             raise ValueError(f"{node} (node {words_asked.node_id}) asks for {name} {', '.join(map(repr, missing))}"
                              + (f" ({stands_for})" if stands_for else "")
-                             + f", which is not a word of this sampler's attribution prompt {attribution_prompt!r} "
+                             + f", which is not a word of this sampler's attribution prompt "
+                             f"{_quoted(attribution_prompt)} "
                              f"(its words: {listed_words(words)}): {fix}, or add "
                              f"the word to the attribution prompt. Checked before sampling, so that the run is not "
                              f"lost to it.{why_absent(missing, attribution_prompt, words)}")
@@ -137,10 +138,21 @@ def _check_pairs_apart(asked: list[WordsAsked], words: list[str], attribution_pr
                 told = [f"{w.input} {concept!r}" + (f" ({w.stands_for})" if w.stands_for else "")
                         for w, concept in zip((a, b), shared)]
                 raise ValueError(f"{a.node} (node {a.node_id}) measures {told[0]} against {told[1]}, which share "
-                                 f"words of this sampler's attribution prompt {attribution_prompt!r}: a concept's "
-                                 f"overlap with itself is 1 whatever the image. Type in concept_a a demographic word "
-                                 f"and in concept_b a semantic word that do not overlap. Checked before sampling, so "
-                                 f"that the run is not lost to it.")
+                                 f"words of this sampler's attribution prompt {_quoted(attribution_prompt)}: a "
+                                 f"concept's overlap with itself is 1 whatever the image. Type in concept_a a "
+                                 f"demographic word and in concept_b a semantic word that do not overlap. Checked "
+                                 f"before sampling, so that the run is not lost to it.")
+
+
+def _quoted(prompt: str) -> str:
+    """A prompt as a message quotes it: whole, or its start where it is long (a message of the whole would bury its
+    fix)."""
+    if len(prompt) <= _QUOTED_AT_MOST:
+        return repr(prompt)
+    return f"{prompt[:_QUOTED_AT_MOST]!r}… ({len(prompt)} characters)"
+
+
+_QUOTED_AT_MOST = 300
 
 
 def absent_from(concepts: list[str], text: str) -> list[str]:

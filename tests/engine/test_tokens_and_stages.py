@@ -312,3 +312,9 @@ def test_a_concept_missing_from_a_prompt_is_explained_by_the_typing_habit_behind
     assert "separate them with commas (gender, photo)" in why_absent(["gender photo"], "a photo of gender", words)
     assert why_absent(["nurse"], "a photo of doctors and gender", words) == ""  # no habit explains it
     assert plurals("fireman") == ["firemans", "firemanes", "firemen"] and "women" in plurals("woman")
+
+
+def test_a_message_lists_a_long_prompts_first_hundred_words_and_how_many_more():
+    words = [f"w{i}" for i in range(250)] + ["w0"]  # each once
+    assert listed_words(words) == ", ".join(f"w{i}" for i in range(100)) + ", and 150 more"
+    assert listed_words(words[:100]).endswith("w98, w99")

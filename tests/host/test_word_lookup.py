@@ -244,3 +244,17 @@ def test_a_concept_ending_in_a_final_sigma_passes_validation_as_the_tokenizer_re
     from biasmap_pack.nodes.concepts import check_concepts
 
     assert check_concepts("a photo of a γιατρός and gender", "gender", "γιατρός") is True
+
+
+def test_a_word_missing_from_a_long_prompt_is_refused_in_a_message_of_readable_length(pack):
+    # A prompt of thousands of words quoted and listed whole would bury the fix.
+    import itertools
+
+    from biasmap_pack.nodes.concepts import check_concepts
+
+    words = ["".join(letters) for letters in itertools.product("bcdfghjklmn", repeat=3)][:1200]  # each a CLIP word
+    prompt = " ".join(words) + " and gender"
+    message = check_concepts(prompt, "gender", "doctor")
+    assert message.startswith(f"semantic concept(s) doctor not in the attribution prompt {prompt[:300]!r}… "
+                              f"({len(prompt)} characters); its words are: bbb, bbc, bbd,")
+    assert ", and 1102 more. Add the word to the attribution prompt" in message and len(message) < 1500
