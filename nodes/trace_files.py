@@ -114,8 +114,8 @@ def _save_path(prefix: str) -> str:
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
                          f"list it: {fix}, e.g. {_SAVED}/{'trace' if bare else example}")
     # A prefix typed as a file's name: the counter goes before its extension, not after (trace.safetensors_00001_).
-    named = path.rstrip(" ")  # as pasted, with a space after it
-    return named[:-len(_EXTENSION)] if named.lower().endswith(_EXTENSION) else path
+    named = path.rstrip(" ")  # as pasted, with a space after it, which would end up before the counter (trace _00001_)
+    return named[:-len(_EXTENSION)] if named.lower().endswith(_EXTENSION) else named
 
 
 def _written(path: str) -> bool:

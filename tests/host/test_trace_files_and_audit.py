@@ -104,6 +104,8 @@ def test_a_saved_trace_is_listed_by_load_trace_and_loads_as_it_was(pack, folders
         "biasmap/audits/trace_00004_.safetensors [output]")
     assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace.safetensors ").result[0] == (
         "biasmap/audits/trace_00005_.safetensors [output]")
+    assert as_comfy_runs(BiasMapSaveTrace, workflow).execute(trace, "biasmap/audits/trace ").result[0] == (
+        "biasmap/audits/trace_00006_.safetensors [output]")  # not trace _00006_
     for name in (options[0], options[2]):
         assert BiasMapLoadTrace.validate_inputs(name) is True
         loaded = BiasMapLoadTrace.execute(name).result[0]
