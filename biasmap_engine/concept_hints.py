@@ -3,6 +3,7 @@ in a row, an apostrophe CLIP reads as a contraction, part of a word, an embeddin
 instead. Plain text over the words CLIP reads in the prompt (``tokenizer_words``, ``prompt_words``)."""
 
 import re
+import unicodedata
 
 from .tokens import covered_words
 
@@ -37,10 +38,21 @@ def why_absent(missing: list[str], prompt: str, words: list[str],
         hints.append(f"{concept!r} is part of the prompt's word {word!r}: CLIP reads letters (or ideographs) written "
                      f"together as one word, and a part of a word has no map of its own; type the whole word, or "
                      f"write {concept!r} apart in the attribution prompt, with spaces around it.")
+    hidden = next(((concept, char) for concept in missing for char in concept if _invisible(char)), None)
+    if hidden:  # pasted from a web page or a document: a zero-width space, a soft hyphen
+        concept, char = hidden
+        hints.append(f"{concept!r} holds a character that does not show, U+{ord(char):04X} "
+                     f"{unicodedata.name(char, 'control character')}, pasted with it: type the concept again.")
     names = [name.lower() for name in re.findall(r"embedding:([^\s,()]+)", prompt, re.IGNORECASE)]
     if any(word.lower().removeprefix("embedding:") in name for word in missing for name in names):
         hints.append("A textual-inversion embedding (embedding:name) is no word of the prompt and has no map by name.")
     return "".join(" " + hint for hint in hints)
+
+
+def _invisible(char: str) -> bool:
+    """A character that shows as nothing or as a plain space: format and control characters, spaces other than the
+    space bar's."""
+    return unicodedata.category(char) in ("Cf", "Cc") or (char.isspace() and char != " ")
 
 
 def _escaped_in(concept: str, prompt: str) -> str | None:

@@ -311,6 +311,9 @@ def test_a_concept_missing_from_a_prompt_is_explained_by_the_typing_habit_behind
     assert "remove the single quotes around it" in why_absent(["doctor"], "a photo of 'doctor' and gender", words)
     assert "separate them with commas (gender, photo)" in why_absent(["gender photo"], "a photo of gender", words)
     assert why_absent(["nurse"], "a photo of doctors and gender", words) == ""  # no habit explains it
+    assert why_absent(["doctor\u200b"], "a photo of doctors", words).endswith(
+        "'doctor\\u200b' holds a character that does not show, U+200B ZERO WIDTH SPACE, pasted with it: type the "
+        "concept again.")  # pasted from a web page
     assert plurals("fireman") == ["firemans", "firemanes", "firemen"] and "women" in plurals("woman")
 
 

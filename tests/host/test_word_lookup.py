@@ -258,3 +258,11 @@ def test_a_word_missing_from_a_long_prompt_is_refused_in_a_message_of_readable_l
     assert message.startswith(f"semantic concept(s) doctor not in the attribution prompt {prompt[:300]!r}… "
                               f"({len(prompt)} characters); its words are: bbb, bbc, bbd,")
     assert ", and 1102 more. Add the word to the attribution prompt" in message and len(message) < 1500
+
+
+def test_a_concept_pasted_with_a_character_that_does_not_show_is_refused_naming_it(pack):
+    from biasmap_pack.nodes.concepts import check_concepts
+
+    message = check_concepts("a photo of a doctor and gender", "gender", "doctor\u200b")
+    assert message.endswith("'doctor\\u200b' holds a character that does not show, U+200B ZERO WIDTH SPACE, pasted "
+                            "with it: type the concept again.")
