@@ -38,7 +38,8 @@ def why_absent(missing: list[str], prompt: str, words: list[str],
         hints.append(f"{concept!r} is part of the prompt's word {word!r}: CLIP reads letters (or ideographs) written "
                      f"together as one word, and a part of a word has no map of its own; type the whole word, or "
                      f"write {concept!r} apart in the attribution prompt, with spaces around it.")
-    hidden = next(((concept, char) for concept in missing for char in concept if _invisible(char)), None)
+    hidden = next(((concept, char) for concept in missing for char in concept if _invisible(char)
+                   and covered_words("".join(c for c in concept if not _invisible(c)), words)), None)
     if hidden:  # pasted from a web page or a document: a zero-width space, a soft hyphen
         concept, char = hidden
         hints.append(f"{concept!r} holds a character that does not show, U+{ord(char):04X} "
@@ -50,9 +51,9 @@ def why_absent(missing: list[str], prompt: str, words: list[str],
 
 
 def _invisible(char: str) -> bool:
-    """A character that shows as nothing or as a plain space: format and control characters, spaces other than the
-    space bar's."""
-    return unicodedata.category(char) in ("Cf", "Cc") or (char.isspace() and char != " ")
+    """A character that shows as nothing: format and control characters (spaces of any kind part words, as the space
+    bar's does)."""
+    return unicodedata.category(char) in ("Cf", "Cc") and not char.isspace()
 
 
 def _escaped_in(concept: str, prompt: str) -> str | None:
