@@ -52,7 +52,7 @@ class TraceRecorder:
         self._skipped: list[bool] = []  # per evaluation: no maps, the U-Net never ran (skip)
         self.steps_without_evaluation: list[int] = []  # sampler steps reported with no evaluation since the last
         self._guidance: dict[str, list[torch.Tensor]] = {"energy": [], "grad_norm": [], "status": []}
-        self._unweighted: list = []  # (somewhere, everywhere) per evaluation weighing nothing
+        self._unweighted: list = [False, False]  # entries weighed nothing somewhere, on a whole image (on the device)
 
     def begin(self, sigma: torch.Tensor, step: torch.Tensor) -> None:
         """Open a model evaluation at noise level σ, of sampler step ``step`` as far as σ tells (0-d tensors: no host
@@ -154,19 +154,19 @@ class TraceRecorder:
         self.restart()
 
     def unweighted(self) -> str | None:
-        """Whether the recorded entries weighed nothing on an evaluation: on "all" of the image (strength 0, an empty
-        mask), on "part" of it (a mask leaving part out), or None. A wait for the device: read when the run ends."""
-        flags = [(bool(somewhere), bool(everywhere)) for somewhere, everywhere in self._unweighted]
-        return "all" if any(e for _, e in flags) else "part" if any(s for s, _ in flags) else None
+        """Whether the recorded entries weighed nothing on an evaluation: on "all" of an image (strength 0, an empty
+        mask), on "part" of one (a mask leaving part out), or None. A wait for the device: read when the run ends."""
+        somewhere, everywhere = (bool(flag) for flag in self._unweighted)
+        return "all" if everywhere else "part" if somewhere else None
 
     def _check_weight(self, weight: float | torch.Tensor) -> None:
         """Keep whether an evaluation's entries weighed nothing somewhere (its maps are 0 there): for a mask's weight
         on the device, without waiting for it; every stage has the same entries, so one stage's weight tells."""
-        if isinstance(weight, torch.Tensor):
-            none = weight.detach() <= 0
-            self._unweighted.append((none.any(), none.all()))
+        if isinstance(weight, torch.Tensor):  # [B, 1, h, w]: kept as two flags on the device, read once
+            none = weight.detach().flatten(1) <= 0
+            self._unweighted = [self._unweighted[0] | none.any(), self._unweighted[1] | none.all(1).any()]
         elif weight <= 0:
-            self._unweighted.append((True, True))
+            self._unweighted = [True, True]
 
     def finish(self, **fields) -> BiasMapTrace:
         """Stack every evaluation and move the trace to the CPU."""

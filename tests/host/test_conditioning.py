@@ -191,6 +191,8 @@ def test_a_recorded_branch_that_weighs_nothing_on_part_or_all_of_the_image_is_no
     said = {}
     for name, positive in (("left half", set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0]),
                            ("strength 0", set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 0.0)[0]),
+                           ("no mask, strength 0",
+                            nodes.ConditioningSetAreaStrength().append(encode(clip, "a photo of a woman"), 0.0)[0]),
                            ("both halves", combine(
                                set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0],
                                set_mask(encode(clip, "a photo of a doctor"), 1 - LEFT_HALF, "default", 1.0)[0]))):
@@ -201,9 +203,11 @@ def test_a_recorded_branch_that_weighs_nothing_on_part_or_all_of_the_image_is_no
         "image (a Conditioning (Set Mask) mask that leaves it out): its maps are 0 there, so both concepts' top pixels "
         "fall inside the mask and the IoU measures that part alone; record the other branch (the branch input), or "
         "mask the other prompt instead"]
-    assert [note[:120] for note in said["strength 0"]] == [
+    assert said["strength 0"] == said["no mask, strength 0"] == [
         "the conditioning whose maps are recorded (the positive prompt's, branch cond) weighed nothing on the image on "
-        "some steps"]
+        "some steps (strength 0, or an empty Conditioning (Set Mask) mask): its maps are 0 there, with no IoU to "
+        "measure and no gradient to guide; record the other branch (the branch input), or give that conditioning "
+        "weight"]
     assert said["both halves"] == []
     _, unmasked = sample(model, clip, set_mask(encode(clip, "a photo of a woman"), LEFT_HALF, "default", 1.0)[0], neg)
     assert not [note for note in unmasked.notes if "weigh" in note]  # the negative prompt's maps: whole
