@@ -221,9 +221,8 @@ def check_appendable(path: str) -> None:
         line = err.object.count(b"\n", 0, err.start) + 1  # the object: the bytes after any byte-order mark
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} in line {line}): a spreadsheet saved it in another "
                          f"encoding; save it as CSV UTF-8, or give the audit another file name") from err
-    if _semicolon_separated(data):
-        raise _semicolons(path)
-    # Rows come only after the run has sampled: a file they could not go under is refused now, and said why.
+    # Rows come only after the run has sampled: a file they could not go under is refused now, and said why (one
+    # saved with ; between cells too, by _parsed or _header).
     header = _header(_parsed(data, path), path)
     if header is not None and (lacking := [c for c in _ALWAYS if c not in header]):
         raise ValueError(f"{path} {_removed(lacking)}")
@@ -450,12 +449,12 @@ def _header(records: list[list[str]], path: str) -> list[str] | None:
     if not header:
         raise ValueError(f"the first line of {path} is blank, not an audit header: give this audit another file name, "
                          f"or remove the blank line")
+    if _names_reductions(header) or len(header) == 1 and _names_reductions(header[0].split(";")):
+        raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
+                         f"audit file: give the audit's own file name (without _reductions)")
     if len(header) == 1 and ";" in header[0]:
         raise _semicolons(path)
     _check_names(header, path)
-    if _names_reductions(header):
-        raise ValueError(f"{path} is the table of reductions that Audit Log writes beside an audit file, not an "
-                         f"audit file: give the audit's own file name (without _reductions)")
     if not set(header) & set(_ALWAYS):
         raise ValueError(f"{path} is not an audit file of BiasMap's (its header names none of the columns BiasMap "
                          f"writes): give the audit another file name")

@@ -241,6 +241,9 @@ def test_the_reductions_table_given_as_the_audit_file_is_refused_before_a_run(tm
     path.write_text("semantic,metric,images,reduction\r\ndoctor,iou,3,0.25\r\n", encoding="utf-8-sig")
     with pytest.raises(ValueError, match=fix):  # its columns put in another order by a spreadsheet
         check_appendable(str(path))
+    path.write_text("metric;semantic;reduction\r\niou;doctor;0,25\r\n", encoding="utf-8-sig")
+    with pytest.raises(ValueError, match=fix):  # saved with ; between cells: not told to save it with commas first
+        check_appendable(str(path))
 
 
 def test_a_reductions_table_is_known_by_its_header_as_written_or_as_a_spreadsheet_saves_it_again(tmp_path):
