@@ -83,7 +83,8 @@ class BiasMapSession:
         self._note = functools.partial(_add_note, self.notes)
         weighted = weighted_parts(attribution_prompt)
         if weighted:  # pasted with the generation prompt's emphasis, most often: maps of other embeddings than CLIP's
-            parts = ", ".join(f"{text!r} ×{weight:g}" for text, weight in weighted[:3])
+            parts = ", ".join(f"{text[:60]!r}{'…' if len(text) > 60 else ''} ×{weight:g}"
+                              for text, weight in weighted[:3])
             self._note(f"the attribution prompt weights {parts}{' and more' if len(weighted) > 3 else ''} (ComfyUI's "
                        f"emphasis): its encoding scales those words' embeddings, so their maps and the IoU move with "
                        f"the weight; for maps as the paper measures them, type the attribution prompt without weights")
