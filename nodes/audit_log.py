@@ -199,8 +199,12 @@ def _table_written(table: list[dict] | None, path: str, shown: str, size: int) -
 
 
 def _replaceable(path: str) -> bool:
-    """Whether ``path`` is free for a reductions table: absent, empty, or one already."""
-    return not os.path.exists(path) or os.path.getsize(path) == 0 or is_reductions_table(path)
+    """Whether ``path`` is free for a reductions table: absent, blank (a byte-order mark alone, say), or one already."""
+    if not os.path.exists(path):
+        return True
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        blank = not f.read(64).strip("\ufeff \r\n")
+    return blank or is_reductions_table(path)
 
 
 def _shown(path: str) -> str:

@@ -329,6 +329,15 @@ def test_audit_log_never_writes_its_reductions_table_over_a_file_of_other_rows(p
     assert other.read_text(encoding="utf-8") == "label,prompt_id\nmine,1\n"
 
 
+def test_audit_log_writes_its_reductions_table_over_a_blank_file_of_that_name(pack, folders, trace):
+    blank = folders / "out" / "biasmap" / "audit_reductions.csv"  # a byte-order mark and a line break: no rows
+    blank.parent.mkdir(parents=True, exist_ok=True)
+    blank.write_bytes(b"\xef\xbb\xbf\r\n")
+    _, _, summary = _logged_after_its_baseline(trace)
+    assert "the reductions as a table, for a spreadsheet: output/biasmap/audit_reductions.csv" in summary
+    assert blank.read_text(encoding="utf-8-sig").startswith("metric,")
+
+
 def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_says_to_close_it(pack, folders, trace,
                                                                                                monkeypatch):
     import os
