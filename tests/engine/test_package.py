@@ -5,6 +5,7 @@ import importlib
 import itertools
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ def test_the_nodes_reach_comfyui_through_the_host_adapter_and_its_node_api_alone
             reached.update({name.split(".")[0]: path.name for name in names})
     assert {"comfy_api", "folder_paths"} <= reached.keys()
     assert not reached.keys() & {"comfy", "comfy_execution", "comfy_extras", "execution", "nodes", "server"}, reached
+    looked_up = [path.name for path in (root / "nodes").glob("*.py")  # ComfyUI's modules found without an import
+                 if re.search(r"sys\.modules|importlib", path.read_text(encoding="utf-8"))]
+    assert looked_up == []
 
 
 def test_the_shipped_workflows_name_this_pack_and_its_version_on_each_of_its_nodes():
