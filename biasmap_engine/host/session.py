@@ -36,8 +36,9 @@ import torch
 
 from ..guidance import guidance_step
 from ..recorder import TraceRecorder
-from ..report import shown_number
-from ..settings import QUALITY_COLLAPSES_AT, BiasMapSettings
+from ..run_notes import (NOT_FINITE, emphasis_note, quality_note, skipped_steps_note, unevaluated_steps_note,
+                         unweighted_note)
+from ..settings import BiasMapSettings
 from ..soft_topk import check_keep
 from ..stages import STAGE_ORDER, finest_grid
 from ..tokens import find_word_positions, require_distinct_concepts
@@ -81,13 +82,9 @@ class BiasMapSession:
         # cycle, and a session, with its maps and after a failed guided pass its autograd graph, would wait for
         # Python's cycle collector instead of going when the run ends.
         self._note = functools.partial(_add_note, self.notes)
-        weighted = weighted_parts(attribution_prompt)
-        if weighted:  # pasted with the generation prompt's emphasis, most often: maps of other embeddings than CLIP's
-            parts = ", ".join(f"{text[:60]!r}{'…' if len(text) > 60 else ''} ×{weight:g}"
-                              for text, weight in weighted[:3])
-            self._note(f"the attribution prompt weights {parts}{' and more' if len(weighted) > 3 else ''} (ComfyUI's "
-                       f"emphasis): its encoding scales those words' embeddings, so their maps and the IoU move with "
-                       f"the weight; for maps as the paper measures them, type the attribution prompt without weights")
+        # Pasted with the generation prompt's emphasis, most often.
+        for note in filter(None, [emphasis_note(weighted_parts(attribution_prompt))]):
+            self._note(note)
         recorded = {k: v for k, v in self.layers.items() if k[0] != "middle" or settings.include_middle}
         self._block_stages = block_stages(model_patcher.model.diffusion_model, recorded)
         guided_layers = self._guided_layers()
@@ -427,64 +424,28 @@ class BiasMapSession:
     def finish(self, samples: torch.Tensor | None = None, **run):
         """The run's :class:`BiasMapTrace`; ``samples``: the sampled latent, ``run``: how it was sampled (seed, steps,
         …), kept in the trace."""
-        for note in self.window.notes():
-            self._note(note)
-        # The paper's λ sweep: most of the reduction at λ 100, image quality collapsing from λ 400 on. Noted, not
-        # refused: another model or fewer stages may bear more.
-        if self.settings.scale >= QUALITY_COLLAPSES_AT:
-            self._note(f"λ {shown_number(self.settings.scale)} is at or above {QUALITY_COLLAPSES_AT}, from which the "
-                       f"paper finds image quality collapses on SD 1.5 (FID above 100); λ 100 keeps most of the "
-                       f"reduction")
         # Read once, here: NaN in the output latent comes from the model or the sampler, never from the correction,
-        # which is skipped where it is not finite. Each note names its cause once.
+        # which is skipped where it is not finite. Each note names its cause once; a NaN given would blame both.
         given = self._given_not_finite is not None and bool(self._given_not_finite)
         made = not given and self._output_not_finite is not None and bool(self._output_not_finite)
         handed = not given and self._latent_not_finite is not None and bool(self._latent_not_finite)
-        if given:  # the sampler and the model were handed it: their own notes would blame them
-            self._note("the latent_image input holds NaN or inf values (a VAE Encode that overflowed in fp16, e.g.): "
-                       "the maps and the output are NaN whatever BiasMap does, as with ComfyUI's KSampler; run the "
-                       "VAE in fp32 or bf16 (ComfyUI's --fp32-vae or --bf16-vae), or check the node that made the "
-                       "latent")
-        if made:
-            self._note("the model's prediction held NaN or inf values (the U-Net overflowed, e.g. in fp16, or the cfg "
-                       "is not a number): the maps and the output of the steps after it are NaN whatever BiasMap "
-                       "does; sample in fp32 or bf16, and check the cfg")
-        if handed:
-            self._note("the sampler handed the model a latent holding NaN or inf values (a sampler step can make one "
-                       "by itself, e.g. a multistep sampler over custom sigmas with a repeated σ; the stock sampler "
-                       "does the same): the maps and the output of the steps after it are NaN whatever BiasMap does; "
-                       "check the sigmas and the sampler")
-        explained = given or made or handed
-        unweighted = self.recorder.unweighted()
+        last_step = (samples is not None and not (given or made or handed)
+                     and not bool(torch.isfinite(samples).all()))
         recorded = (f"the {_NAMES[_UNCOND if self.settings.branch == 'uncond' else _COND]} prompt's, branch "
                     f"{self.settings.branch}")
-        if unweighted == "all":
-            self._note(f"the conditioning whose maps are recorded ({recorded}) weighed nothing on the image on some "
-                       f"steps (strength 0, or an empty Conditioning (Set Mask) mask): its maps are 0 there, with no "
-                       f"IoU to measure and no gradient to guide; record the other branch (the branch input), or give "
-                       f"that conditioning weight")
-        elif unweighted == "part":
-            self._note(f"the conditioning whose maps are recorded ({recorded}) weighs nothing on part of the image (a "
-                       f"Conditioning (Set Mask) mask that leaves it out): its maps are 0 there, so both concepts' top "
-                       f"pixels fall inside the mask and the IoU measures that part alone; record the other branch "
-                       f"(the branch input), or mask the other prompt instead")
-        if samples is not None and not explained and not bool(torch.isfinite(samples).all()):
-            self._note("the sampler's last step made the output latent NaN or inf (custom sigmas that repeat a σ or "
-                       "do not fall, e.g.; the stock sampler does the same): check the sigmas and the sampler")
+        for note in filter(None, [*self.window.notes(), quality_note(self.settings.scale),
+                                  *(NOT_FINITE[cause] for cause, found in (("given", given), ("made", made),
+                                                                           ("handed", handed)) if found),
+                                  unweighted_note(self.recorder.unweighted(), recorded),
+                                  NOT_FINITE["last step"] if last_step else None]):
+            self._note(note)
         if self.backward is not None:
             self.backward.finish()
-        steps = sorted(set(self.recorder.skipped_steps()))
-        if steps:
-            self._note(f"the U-Net did not run for BiasMap in evaluations of sampler step(s) "
-                       f"{', '.join(map(str, steps))}: another node answered them without it (a cache such as "
-                       f"EasyCache or LazyCache reusing an earlier output), so they have no maps and were not guided; "
-                       f"bypass that node for maps and guidance at every step")
-        # Every call of the model reaches the outermost wrapper (_keep_place): these steps never called it.
-        steps = sorted(set(self.recorder.steps_without_evaluation))
-        if steps:
-            self._note(f"the sampler reported step(s) {', '.join(map(str, steps))} without evaluating the model (it "
-                       f"reused an earlier output), so they have no maps and were not guided; choose another "
-                       f"sampler for maps and guidance at every step")
+        for note in filter(None, [skipped_steps_note(sorted(set(self.recorder.skipped_steps()))),
+                                  # Every call of the model reaches the outermost wrapper (_keep_place): these steps
+                                  # never called it.
+                                  unevaluated_steps_note(sorted(set(self.recorder.steps_without_evaluation)))]):
+            self._note(note)
         if self._schedule is not None:  # 4 significant digits tell schedules apart and read in a CSV cell
             run["sigmas"] = [float(f"{s:.4g}") for s in self._schedule.flatten().tolist()]
         return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
