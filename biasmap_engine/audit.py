@@ -464,9 +464,10 @@ def _header(records: list[list[str]], path: str) -> list[str] | None:
 def is_reductions_table(path: str) -> bool:
     """Whether the file at ``path`` is the table of reductions Audit Log writes beside an audit file, also as a
     spreadsheet saves it again (with ; between cells, or its columns in another order)."""
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+    with open(path, "rb") as f:
         first = f.readline()
-    return _names_reductions(next(csv.reader([first], delimiter=";" if ";" in first and "," not in first else ","), []))
+    delimiter = ";" if _semicolon_separated(first) else ","
+    return _names_reductions(next(csv.reader([first.decode("utf-8-sig", errors="replace")], delimiter=delimiter), []))
 
 
 def _names_reductions(header: list[str]) -> bool:

@@ -146,7 +146,8 @@ def guidance_line(trace: BiasMapTrace) -> str | None:
         return "guidance over (evaluation, image) pairs: " + ", ".join(
             f"{k.replace('_', ' ')} {v}/{total}" for k, v in counts.items() if v)
     if counts and trace.settings.get("scale", 0):
-        return f"no evaluation was guided although λ = {shown_number(trace.settings['scale'], exact=True)} (see the notes)"
+        scale = shown_number(trace.settings["scale"], exact=True)
+        return f"no evaluation was guided although λ = {scale} (see the notes)"
     return "no guidance applied (λ = 0): recording only" if counts else None
 
 
