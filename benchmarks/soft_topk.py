@@ -1,4 +1,4 @@
-"""Benchmark biasmap_engine.soft_topk: time per call and how far Σ S is from k (BiasMap §4)."""
+"""Benchmark biasmap_engine.soft_masks.soft_topk: time per call and how far Σ S is from k (BiasMap §4)."""
 
 import argparse
 import json
@@ -11,7 +11,7 @@ from timing import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: biasmap_engine, not the ComfyUI package
 
-from biasmap_engine.soft_topk import soft_iou, soft_topk  # noqa: E402
+from biasmap_engine.soft_masks import soft_iou, soft_topk  # noqa: E402
 
 SIZES = (64, 96, 128)
 MODES = ("paper", "exact")

@@ -16,12 +16,12 @@ from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                    token_softmax_maps)
 from .recorder import TraceRecorder
-from .reductions import reductions, reductions_report, reductions_table, reductions_text
+from .audit_summary import reductions, reductions_report, reductions_table, reductions_text
 from .render import (COLORMAPS, colorize, entanglement_picture, label_heatmaps, normalize_maps, overlay, resize_maps,
                      to_pil)
 from .report import EntanglementResult, guidance_line, measure_entanglement
 from .settings import BRANCHES, BiasMapSettings
-from .soft_topk import MODES, soft_iou, soft_topk
+from .soft_masks import MODES, soft_iou, soft_topk
 from .stages import STAGE_ORDER, parse_stages, stage_label, stage_of
 from .tokens import (ConceptNotFoundError, clip_words, covered_words, find_word_positions, is_ideographic, listed_twice,
                      listed_words, prompt_words, quote_forms, readable, require_distinct_concepts, split_concepts,

@@ -19,7 +19,7 @@ _RESAMPLES, LEVEL, FEWEST_FOR_INTERVAL = 2000, 0.95, 10
 def reduction_intervals(values: list[tuple[float, float]], with_overlap: int) -> tuple[tuple, tuple]:
     """Percentile bootstrap intervals of both reductions (of the means, mean per image) over the paired images
     ``values`` ((base, guided) each): resamples of the images with replacement, each giving both reductions as
-    :func:`biasmap_engine.reductions.reductions` does (an image without overlap at λ = 0 out of the per-image one)."""
+    :func:`.audit_summary.reductions` does (an image without overlap at λ = 0 out of the per-image one)."""
     nan = (math.nan, math.nan)
     if len(values) < FEWEST_FOR_INTERVAL:
         return nan, nan

@@ -14,7 +14,7 @@ status, so no step is hidden.
 import torch
 
 from .ovam import concept_map
-from .soft_topk import soft_iou, soft_topk
+from .soft_masks import soft_iou, soft_topk
 
 __all__ = ["GATES", "STATUS", "entanglement_energy", "guidance_step", "z_grad_norm"]
 

@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from .guidance import GATES
-from .soft_topk import check_soft_topk
+from .soft_masks import check_soft_topk
 
 __all__ = ["BRANCHES", "QUALITY_COLLAPSES_AT", "SETTING_NAMES", "BiasMapSettings"]
 

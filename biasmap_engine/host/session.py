@@ -39,7 +39,7 @@ from ..recorder import TraceRecorder
 from ..run_notes import (NOT_FINITE, emphasis_note, quality_note, skipped_steps_note, unevaluated_steps_note,
                          unweighted_note)
 from ..settings import BiasMapSettings
-from ..soft_topk import check_keep
+from ..soft_masks import check_keep
 from ..stages import STAGE_ORDER, finest_grid
 from ..tokens import find_word_positions, require_distinct_concepts
 from .attribution import weighted_parts

@@ -23,6 +23,13 @@ def test_every_name_a_module_exports_exists(name):
     assert [n for n in getattr(module, "__all__", []) if not hasattr(module, n)] == []
 
 
+@pytest.mark.parametrize("name", _MODULES)
+def test_no_name_a_package_exports_hides_one_of_its_modules(name):
+    # `import biasmap_engine.soft_topk as m` would give a function of that name, not the module, as it once did.
+    parent, _, short = name.rpartition(".")
+    assert getattr(importlib.import_module(parent), short) is importlib.import_module(name)
+
+
 def test_the_engine_outside_its_host_adapter_imports_nothing_of_comfyui():
     pure = [n for n in _MODULES if not n.startswith("biasmap_engine.host")]
     code = ("import importlib, sys\n"

@@ -1,4 +1,3 @@
-import importlib
 import math
 
 import numpy as np
@@ -6,7 +5,8 @@ import pytest
 import torch
 
 from biasmap_engine import soft_iou, soft_topk
-from biasmap_engine.soft_topk import check_keep
+from biasmap_engine import soft_masks
+from biasmap_engine.soft_masks import check_keep
 
 
 def reference_paper_loop(matrix, percentile=0.3, gamma=0.01, max_iter=20):
@@ -255,12 +255,11 @@ def test_unknown_mode_and_bad_fractions_are_refused_with_the_choices():
 
 @pytest.mark.parametrize("size", [(16, 16), (64, 64)])
 def test_exact_mode_on_a_device_without_float64_solves_in_float32_to_the_same_masks(size, monkeypatch):
-    module = importlib.import_module("biasmap_engine.soft_topk")  # the package's soft_topk is the function
 
     maps = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(5)) * 40
     in_float64 = soft_topk(maps, 0.3, mode="exact")
-    assert module._solve_dtype(torch.device("mps")) == torch.float32  # Apple's MPS has no float64
-    monkeypatch.setattr(module, "_solve_dtype", lambda device: torch.float32)
+    assert soft_masks._solve_dtype(torch.device("mps")) == torch.float32  # Apple's MPS has no float64
+    monkeypatch.setattr(soft_masks, "_solve_dtype", lambda device: torch.float32)
     in_float32 = soft_topk(maps, 0.3, mode="exact")
     assert torch.allclose(in_float32, in_float64, atol=1e-5)
     k = int(size[0] * size[1] * 0.3)
