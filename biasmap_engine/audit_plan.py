@@ -129,4 +129,3 @@ def _check_demographics(demographics: list[str], subjects: list[str], template: 
                                  f"{where}, so the two would be one place of it, and every subject is measured "
                                  f"against the demographic: take '{subject}' out of the subjects, or change the "
                                  f"demographic{' concept or the template' if template else ''}")
-

@@ -295,4 +295,3 @@ def _run_line(trace: BiasMapTrace) -> str:
              f"λ {_shown(settings['scale'])}" if "scale" in settings else None,
              f"guided stages {' '.join(settings.get('guided_stages') or ['all'])}" if settings.get("scale") else None]
     return "run: " + " · ".join(p for p in parts if p) if any(parts) else "run: not recorded in this trace"
-

@@ -99,4 +99,3 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(report).as_dict()
         return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), report, picture,
                              ui=shown_on_node)
-

@@ -371,6 +371,7 @@ class BiasMapSession:
         self.capture.set_entries(conds, x, timestep)
         branch = self._branch(conds, x, timestep)
         model = guider.inner_model
+
         def extra(c, x_, t, options):
             return comfy.samplers.calc_cond_batch(model, c, x_, t, options)
 

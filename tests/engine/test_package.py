@@ -79,7 +79,6 @@ def test_the_package_declares_no_accelerator_so_comfyuis_page_flags_no_device_as
     assert [c for c in classifiers if c.startswith("Environment :: GPU")] == []
 
 
-
 def test_each_shipped_workflow_has_the_thumbnail_comfyuis_template_browser_asks_for():
     # The browser asks for /api/workflow_templates/<pack>/<name>.jpg: without one, a 404 and a blank card.
     root = Path(biasmap_engine.__file__).parents[1]

@@ -461,4 +461,3 @@ def test_the_professions_workflow_walks_its_plan_one_queued_run_at_a_time_and_re
     plan = next(i for i, node in api.items() if node["class_type"] == "BiasMapAuditPrompts")
     assert status == 400, answer
     assert "the pass is complete; set run back to 0" in json.dumps(answer["node_errors"][plan]), answer
-
