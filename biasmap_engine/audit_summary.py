@@ -17,7 +17,7 @@ import re
 from .audit_columns import (IMAGE, MEASURED, MEASURED_AT, SETTINGS, as_clip_reads, cell, check_seeds, parsed_number,
                             row_key, same_figure, typed)
 from .bootstrap import FEWEST_FOR_INTERVAL, LEVEL, mean_interval, reduction_intervals
-from .report import figure, percent_change, shown_number
+from .report import figure, one_line, percent_change, shown_number
 from .tokens import straightened
 from .unpaired import differing_columns, image_named, made_otherwise, mismatch, why_unpaired
 
@@ -189,6 +189,7 @@ _NOTES_SAID, _NOTE_WIDTH = 3, 90  # the notes a summary names, and each one's ch
 
 def _cut(note: str) -> str:
     """A note as a summary shows it: its start, up to _NOTE_WIDTH characters."""
+    note = one_line(note)
     return note if len(note) <= _NOTE_WIDTH else note[:_NOTE_WIDTH - 1].rstrip() + "…"
 
 
@@ -227,7 +228,7 @@ def _report(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> tuple[str, l
         else:  # an image n/a by one metric (a stage's maps not finite: IoU n/a, mBIoU over the other stages)
             changes = "; ".join(f"{_change(metric, g)} over {g['images']} image(s)"
                                 + (f" (left out: {left_out})" if left_out else "") for metric, g, left_out in each)
-        lines.append(" · ".join([setting, *(str(group[c]) for c in by)]) + f": {changes}")
+        lines.append(" · ".join([setting, *(one_line(str(group[c])) for c in by)]) + f": {changes}")
     alone = paired[metrics[0]][1]
     if alone:
         lines.append("λ = 0 images that no guided run pairs with, left out: " + "; ".join(alone))
@@ -334,7 +335,7 @@ def _label(column: str, value) -> str:
         return f"guided against {value or 'the pair alone'}"
     if value == "":  # blank: denoise, which custom sigmas do not carry
         return f"{column} —"
-    return f"{column} {shown_number(value, exact=True) if isinstance(value, (int, float)) else value}"
+    return f"{column} {shown_number(value, exact=True) if isinstance(value, (int, float)) else one_line(str(value))}"
 
 
 def _with_derived(rows) -> list[dict]:

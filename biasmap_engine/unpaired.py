@@ -5,6 +5,7 @@ two rows differ in (two λ = 0 rows of one image with other figures).
 
 from .audit_columns import DERIVED, MEASURED, cell, row_key
 from .guidance import STATUS
+from .report import one_line
 
 __all__ = ["differing_columns", "image_named", "made_otherwise", "mismatch", "why_unpaired"]
 
@@ -12,7 +13,7 @@ __all__ = ["differing_columns", "image_named", "made_otherwise", "mismatch", "wh
 def why_unpaired(row: dict, of_seed: dict, columns: tuple[str, ...], by: tuple[str, ...]) -> str:
     """Why a guided ``row`` has no λ = 0 row of its image: there is none of its seed (and ``by`` value) yet, or the
     columns in which the nearest such row differs from it."""
-    named = " · ".join(str(row.get(c, "")) for c in by)
+    named = " · ".join(one_line(str(row.get(c, ""))) for c in by)
     candidates = of_seed.get(row_key(row, ("seed", *by)), [])
     if not candidates:
         return f"the first: no λ = 0 row {f'of {named} ' if named else ''}at seed {row.get('seed', '')} yet"
@@ -28,7 +29,7 @@ def made_otherwise(alike: tuple, images: int, guided_alike: dict) -> str:
     nearest = min(guided_alike, key=lambda other: sum(a != b for a, b in zip(alike, other)))
     differing = [f"{c} {' at λ = 0, '.join(_apart(str(mine), str(theirs)))} guided"
                  for c, mine, theirs in zip(MEASURED, alike, nearest) if mine != theirs]
-    named = " · ".join(str(v) for v in alike[len(MEASURED):]) or "all"
+    named = " · ".join(one_line(str(v)) for v in alike[len(MEASURED):]) or "all"
     if not differing:  # apart by their by value alone
         return f"{named}: {images} image(s) (no guided run of it logged)"
     return f"{named}: {images} image(s) made otherwise than the guided runs ({'; '.join(differing)})"
@@ -86,6 +87,7 @@ def _differences(base: dict, guided: dict, columns: tuple[str, ...]) -> list[str
 def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
     """Two texts as a message shows them: whole up to ``width`` characters, else cut to ``width`` around the first
     character in which they differ, so that two long values do not read alike."""
+    a, b = one_line(a), one_line(b)  # a prompt typed on several lines, e.g.
     differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     start = max(0, min(differ - width // 2, max(len(a), len(b)) - width))
 
@@ -97,8 +99,8 @@ def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
 
 def image_named(row: dict) -> str:
     """Which image a row is of, as a summary names it: seed, place in the batch, concept pair."""
-    return (f"seed {row.get('seed', '')}, image {row.get('image', '')}, {row.get('demographic')} and "
-            f"{row.get('semantic')}")
+    return one_line(f"seed {row.get('seed', '')}, image {row.get('image', '')}, {row.get('demographic')} and "
+                    f"{row.get('semantic')}")
 
 
 def differing_columns(a: dict, b: dict) -> str:

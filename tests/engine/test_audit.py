@@ -1909,6 +1909,19 @@ def test_the_summary_says_why_a_guided_row_is_unpaired_and_names_the_lambda_0_im
     assert "why_unpaired" not in reductions_table(moved + guided_rows)[0]  # words for the summary, not the table
 
 
+def test_text_a_summary_quotes_stays_on_its_line_and_in_its_order():
+    # A prompt typed on several lines, and a shared trace's text made to read as a line of the summary or to reverse it.
+    base, guided = _baseline_and_guided()
+    guided.notes = ["x\nreductions over the file: λ 100 · doctor: iou 0.5 → 0.1 (−80.0 %)", "a \u202egnirts"]
+    base_rows, guided_rows = audit_rows(base, q=0.5, size=(8, 8)), audit_rows(guided, q=0.5, size=(8, 8))
+    typed = [{**row, "generation_prompt": "a photo\nof a doctor"} for row in base_rows + guided_rows]
+    typed[1]["generation_prompt"] = "a photo\r\nof a nurse"  # image 1's λ = 0 row, at another prompt
+    text = reductions_text(typed)
+    assert "x⏎reductions over the file" in text and "a \\u202egnirts" in text
+    assert "generation_prompt: a photo⏎of a nurse at λ = 0, a photo⏎of a doctor guided" in text
+    assert all(line.startswith(("entanglement", "reductions", "λ", "notes")) for line in text.splitlines())
+
+
 def test_the_columns_known_as_biasmaps_are_those_audit_rows_writes_so_that_only_a_researchers_own_are_left_blank():
     trace = halves_trace()
     trace.settings = BiasMapSettings().to_dict()  # every setting a sampler's trace holds

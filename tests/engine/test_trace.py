@@ -556,6 +556,9 @@ def test_entanglement_report_gives_per_image_and_per_stage_figures_and_the_guida
     assert prompted[2:6] == ["model: v1-5.safetensors", "prompt: A photo of the face of a doctor", "negative: blurry",
                              "attribution prompt: a doctor and gender"]
     assert prompted[6].startswith("mIoU")
+    trace.run |= {"generation_prompt": "A photo of\nthe face of a doctor"}  # typed on two lines: one line here
+    assert "prompt: A photo of⏎the face of a doctor" in measure_entanglement(trace, "gender", "doctor").report
+    trace.run |= {"generation_prompt": "A photo of the face of a doctor"}
     trace.run |= {"denoise": 0.6}
     assert measure_entanglement(trace, "gender", "doctor").report.splitlines()[1] == (
         "run: seed 7 · euler/normal · 3 steps · denoise 0.6 · cfg 7 · λ 100 · guided stages all")
