@@ -129,12 +129,21 @@ def check_seeds(rows) -> None:
                          f"read_csv(path), or in pandas with dtype={{'seed': str}}")
     rounded = next((str(seed) for row in rows if _not_whole(seed := row.get("seed", ""))), None)
     if rounded is not None:
-        why = ("a spreadsheet saved the file with seeds shortened to scientific notation, which loses their last "
-               "digits; give the audit another file name, or save it again with the seed column formatted as whole "
-               "numbers (from a copy that still holds them)" if "e" in rounded.lower() else
-               "BiasMap writes seeds as whole numbers, and a tool that read them as decimals wrote them back so (and "
-               "may have rounded them); write them back as whole numbers, or give the audit another file name")
-        raise ValueError(f"a seed in the rows reads {rounded}, not a whole number: {why}")
+        if _SCIENTIFIC.fullmatch(rounded.strip()):
+            why = ("a spreadsheet saved the file with seeds shortened to scientific notation, which loses their last "
+                   "digits; give the audit another file name, or save it again with the seed column formatted as "
+                   "whole numbers (from a copy that still holds them)")
+        elif _is_number(rounded):
+            why = ("BiasMap writes seeds as whole numbers, and a tool that read them as decimals wrote them back so "
+                   "(and may have rounded them); write them back as whole numbers, or give the audit another file "
+                   "name")
+        else:
+            why = ("it is no number (typed or pasted into the file by hand?); write that row's seed back, or delete "
+                   "the row")
+        raise ValueError(f"a seed in the rows reads {rounded[:40]}, not a whole number: {why}")
+
+
+_SCIENTIFIC = re.compile(r"[+-]?[0-9]+([.,][0-9]+)?[eE][+-]?[0-9]+")  # 1.5668E+14, as a spreadsheet shows a seed
 
 
 def _not_whole(seed) -> bool:

@@ -22,6 +22,11 @@ __all__ = ["MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_prob
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
 _GUIDANCE_KINDS = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
+# The run's fields the samplers write, by kind: an audit file keeps them in its rows, whose summaries read them back.
+_RUN_TEXTS = ("prompt_id", "time", "sampler", "scheduler", "generation_prompt", "negative_prompt", "model",
+              "attribution_prompt")
+_RUN_NUMBERS = ("cfg", "denoise")
+_LARGEST_SEED = 0xFFFFFFFFFFFFFFFF  # a KSampler's
 
 
 def description_problem(meta: dict) -> str | None:
@@ -40,6 +45,9 @@ def description_problem(meta: dict) -> str | None:
     run = meta.get("run", {})
     if not isinstance(run, dict):
         return "its run is not a table of the run's fields"
+    problem = _run_fields_problem(run)
+    if problem:
+        return problem
     if run.get("batch_index") is not None and not (is_list_of(run["batch_index"], int)
                                                    and len(run["batch_index"]) == shape[0]):
         return f"its run's batch_index is not one whole number per image ({shape[0]})"
@@ -49,6 +57,25 @@ def description_problem(meta: dict) -> str | None:
     if "sigmas" in run and not is_list_of(run["sigmas"], (int, float)):
         return "its run's sigmas are not a list of numbers"
     return _settings_problem(meta.get("settings"))
+
+
+def _run_fields_problem(run: dict) -> str | None:
+    """What is wrong with the kinds of a run's fields (a seed that is no whole number of ComfyUI's would make every
+    summary of an audit file it is logged into refuse the file), or None."""
+    if "seed" in run and not (_is_whole(run["seed"]) and 0 <= run["seed"] <= _LARGEST_SEED):
+        return f"its run's seed {run['seed']!r:.40} is not a whole number from 0 to {_LARGEST_SEED}"
+    if "steps" in run and not (_is_whole(run["steps"]) and run["steps"] >= 0):
+        return f"its run's steps {run['steps']!r:.40} are not a whole number of 0 or more"
+    if "add_noise" in run and not isinstance(run["add_noise"], bool):
+        return "its run's add_noise is not true or false"
+    kinds = [(name, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+             for name in _RUN_NUMBERS] + [(name, "a text", lambda v: isinstance(v, str)) for name in _RUN_TEXTS]
+    return next((f"its run's {name} is not {kind}" for name, kind, fits in kinds if name in run and not fits(run[name])),
+                None)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: list[int]) -> str | None:

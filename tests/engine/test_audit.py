@@ -920,6 +920,10 @@ def test_seeds_a_spreadsheet_saved_in_scientific_notation_are_refused_not_read_a
     with pytest.raises(ValueError, match=r"reads 156680000000001.0, not a whole number: BiasMap writes seeds as whole "
                                          r"numbers, and a tool that read them as decimals wrote them back so"):
         reductions(decimals)
+    for typed in ("=HYPERLINK(1)", "seven"):  # text, with an e or not: no spreadsheet's notation
+        with pytest.raises(ValueError, match=rf"reads {re.escape(typed)}, not a whole number: it is no number \(typed "
+                                             rf"or pasted into the file by hand\?\); write that row's seed back"):
+            reductions([{**row, "seed": typed} for row in rows])
     path = str(tmp_path / "audit.csv")
     append_csv(path, rows)
     assert reductions(read_csv(path))[0]["images"] == 2  # whole numbers as the file writes them
