@@ -11,8 +11,8 @@ import re
 
 from .tokens import concept_key
 
-__all__ = ["DERIVED", "IMAGE", "MEASURED", "MEASURED_AT", "SETTINGS", "as_clip_reads", "cell", "check_seeds",
-           "parsed_number", "row_key", "same_figure", "typed"]
+__all__ = ["DERIVED", "IMAGE", "MEASURED", "MEASURED_AT", "SETTINGS", "as_clip_reads", "cell", "check_figures",
+           "check_seeds", "parsed_number", "row_key", "same_figure", "typed"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_latent", "steps", "cfg", "sampler",
@@ -108,7 +108,13 @@ def parsed_number(value) -> float:
     return float(value) if _is_number(value) else math.nan
 
 
+# A number as a CSV cell writes one: Python's float() takes "1_0" and "infinity" too, which no file of BiasMap's holds.
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|nan|inf)\s*", re.IGNORECASE)
+
+
 def _is_number(value) -> bool:
+    if isinstance(value, str):
+        return _NUMBER_TEXT.fullmatch(value) is not None
     if isinstance(value, bool):
         return False
     try:
@@ -116,6 +122,26 @@ def _is_number(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def check_figures(rows, metrics: tuple[str, ...]) -> None:
+    """Refuse rows whose figures (IoU, mBIoU, a BIoU) are no overlap: a number outside 0–1, or text other than a
+    blank or nan (n/a), such as a decimal comma a spreadsheet wrote, which would otherwise read as n/a."""
+    for i, row in enumerate(rows):
+        for metric in metrics:
+            value = row.get(metric, "")
+            if isinstance(value, str) and value.strip().lower() in ("", "nan"):
+                continue
+            number = parsed_number(value)
+            if math.isnan(number) and not isinstance(value, float):
+                comma = isinstance(value, str) and re.fullmatch(r"\s*[0-9]*,[0-9]+\s*", value)
+                why = ("a spreadsheet set to a region that writes decimal commas saved it so: save the file again as "
+                       "CSV UTF-8 with decimal points" if comma else
+                       "edited by hand?: write the figure back, or delete the row")
+                raise ValueError(f"row {i} of the rows has {metric} {str(value)[:40]}, not a number: {why}")
+            if not (math.isnan(number) or 0 <= number <= 1):
+                raise ValueError(f"row {i} of the rows has {metric} {str(value)[:40]}, outside 0–1, where every "
+                                 f"overlap is (edited by hand?): write the figure back, or delete the row")
 
 
 def check_seeds(rows) -> None:

@@ -14,8 +14,8 @@ import functools
 import math
 import re
 
-from .audit_columns import (IMAGE, MEASURED, MEASURED_AT, SETTINGS, as_clip_reads, cell, check_seeds, parsed_number,
-                            row_key, same_figure, typed)
+from .audit_columns import (IMAGE, MEASURED, MEASURED_AT, SETTINGS, as_clip_reads, cell, check_figures, check_seeds,
+                            parsed_number, row_key, same_figure, typed)
 from .bootstrap import FEWEST_FOR_INTERVAL, LEVEL, mean_interval, reduction_intervals
 from .report import figure, one_line, percent_change, shown_number
 from .tokens import straightened
@@ -196,6 +196,7 @@ def _cut(note: str) -> str:
 def _report(rows, metrics: tuple[str, ...], by: tuple[str, ...]) -> tuple[str, list[dict] | None]:
     try:
         check_seeds(rows)  # the means, too, count images by their seeds
+        check_figures(rows, tuple(m for m in metrics if rows and m in rows[0]))  # a missing one: said below
     except ValueError as err:
         return f"entanglement over the file: none: {err}", None
     scales = {parsed_number(row.get("guidance_scale")) for row in rows}
@@ -441,3 +442,4 @@ def _check_columns(rows, metric, by, match) -> None:
         raise ValueError(f"row {lacking[0]} of the rows has no column(s) {', '.join(lacking[1])}, which the first row "
                          f"has: give rows of one audit file (read_csv), or leave out the rows without it")
     check_seeds(rows)
+    check_figures(rows, (metric,))

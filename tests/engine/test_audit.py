@@ -674,9 +674,9 @@ def test_reductions_refuse_lambda_0_rows_of_one_image_a_ten_thousandth_apart_but
     # The CSV writes figures to 6 decimals: an image logged again reads back within that, another measure does not.
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
-    rounded = [{**r, "iou": r["iou"] + 5e-7} for r in audit_rows(base, q=0.5, size=(8, 8))]
+    rounded = [{**r, "iou": r["iou"] - 5e-7} for r in audit_rows(base, q=0.5, size=(8, 8))]
     assert {r["semantic"]: r for r in reductions(rows + rounded)}["nurse"]["images"] == 2
-    measured_otherwise = [{**r, "iou": r["iou"] + 1e-4} for r in audit_rows(base, q=0.5, size=(8, 8))]
+    measured_otherwise = [{**r, "iou": r["iou"] - 1e-4} for r in audit_rows(base, q=0.5, size=(8, 8))]
     with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image \(seed .*\) give iou"):
         reductions(rows + measured_otherwise)
     assert "start_latent" not in str(pytest.raises(ValueError, reductions, rows + measured_otherwise).value)
@@ -1781,7 +1781,7 @@ def test_resamples_that_draw_no_image_with_overlap_at_lambda_0_are_left_out_of_t
 def test_reductions_refuse_lambda_0_rows_of_one_image_two_units_apart_in_the_csvs_sixth_decimal():
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
-    again = [{**r, "iou": r["iou"] + 2e-6} for r in audit_rows(base, q=0.5, size=(8, 8))]
+    again = [{**r, "iou": r["iou"] - 2e-6} for r in audit_rows(base, q=0.5, size=(8, 8))]
     with pytest.raises(ValueError, match=r"two λ = 0 rows of the same image \(seed .*\) give iou"):
         reductions(rows + again)
 
@@ -1911,6 +1911,24 @@ def test_the_summary_says_why_a_guided_row_is_unpaired_and_names_the_lambda_0_im
     labelled = [{**row, "label": "baseline"} for row in base_rows] + [{**row, "label": "guided"} for row in guided_rows]
     assert "λ = 0 images that no guided run" not in reductions_text(labelled, by="label")  # paired across labels
     assert "why_unpaired" not in reductions_table(moved + guided_rows)[0]  # words for the summary, not the table
+
+
+@pytest.mark.parametrize("cell, said", [
+    ("0,5", r"has iou 0,5, not a number: a spreadsheet set to a region that writes decimal commas saved it so"),
+    ("1_0", r"has iou 1_0, not a number: edited by hand\?: write the figure back, or delete the row"),
+    ("-3", r"has iou -3, outside 0–1, where every overlap is"),
+    ("7", r"has iou 7, outside 0–1"),
+])
+def test_a_figure_no_overlap_can_be_is_refused_not_read_as_a_reduction_or_as_n_a(cell, said):
+    base, guided = _baseline_and_guided()
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    edited = [{**row, "iou": str(row["iou"])} for row in rows]
+    edited[2]["iou"] = cell
+    with pytest.raises(ValueError, match=r"row 2 of the rows " + said):
+        reductions(edited)
+    assert re.match(r"entanglement over the file: none: row 2 of the rows " + said, reductions_text(edited))
+    blank = [{**row, "iou": ""} if i == 2 else row for i, row in enumerate(edited)]
+    assert sum(group["not_measured"] for group in reductions(blank)) == 1  # blank or nan: n/a, as the file writes it
 
 
 def test_text_a_summary_quotes_stays_on_its_line_and_in_its_order():
