@@ -22,6 +22,9 @@ __all__ = ["MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_prob
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
 _GUIDANCE_KINDS = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
+# What maps and sigmas are saved in (maps in half precision on request): float8 has no arithmetic to sum or
+# resample maps with.
+_MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The run's fields the samplers write, by kind: an audit file keeps them in its rows, whose summaries read them back.
 _RUN_TEXTS = ("prompt_id", "time", "sampler", "scheduler", "generation_prompt", "negative_prompt", "model",
               "attribution_prompt")
@@ -86,15 +89,16 @@ def tensors_problem(maps: dict, sigmas, steps, guidance: dict, latent_shape: lis
     for stage, stage_maps in maps.items():
         if stage not in STAGE_ORDER:
             return f"it holds maps of a stage '{stage}', which no BiasMap records"
-        if not stage_maps.is_floating_point() or stage_maps.dim() != 5:
-            return f"its maps of stage {stage} are not [evaluations, images, tokens, h, w] numbers"
+        if stage_maps.dtype not in _MAP_DTYPES or stage_maps.dim() != 5:
+            return (f"its maps of stage {stage} are not [evaluations, images, tokens, h, w] numbers of 16 bits or more "
+                    f"(they are {stage_maps.dtype}, {list(stage_maps.shape)})")
         grid = stage_grid(stage, latent_shape[2:])
         if tuple(stage_maps.shape[-2:]) != grid:
             return (f"its maps of stage {stage} are {stage_maps.shape[-1]}×{stage_maps.shape[-2]}, where a "
                     f"{latent_shape[3]}×{latent_shape[2]} latent's are {grid[1]}×{grid[0]} (as in traces of runs "
                     f"with Kohya Deep Shrink that BiasMap saved before 2026-11-29, which kept the grids layers ran "
                     f"at: sample such a run again to measure it)")
-    if sigmas.dim() != 1 or not sigmas.is_floating_point():
+    if sigmas.dim() != 1 or sigmas.dtype not in _MAP_DTYPES:
         return "its sigmas are not one number per evaluation"
     if steps.dim() != 1 or _number_kind(steps) != "integer" or bool((steps < 0).any()):
         return "its steps are not one step number (0 or more) per evaluation"

@@ -328,6 +328,10 @@ def test_a_trace_file_whose_description_nests_too_deep_for_json_is_refused(tmp_p
     (lambda t: {k: v for k, v in t.items() if not k.startswith("maps.")}, r"it holds no maps"),
     (lambda t: t | {"maps.zz_9": t.pop("maps.up_1")}, r"maps of a stage 'zz_9', which no BiasMap records"),
     (lambda t: t | {"maps.down_1": t["maps.down_1"].long()}, r"maps of stage down_1 are not \[evaluations"),
+    (lambda t: t | {"maps.down_1": t["maps.down_1"].to(torch.float8_e4m3fn)},
+     r"maps of stage down_1 are not \[evaluations, images, tokens, h, w\] numbers of 16 bits or more \(they are "
+     r"torch.float8_e4m3fn, \[3, 2, 6, 8, 12\]\)"),
+    (lambda t: t | {"sigmas": t["sigmas"].to(torch.float8_e5m2)}, r"its sigmas are not one number per evaluation"),
     (lambda t: t | {"steps": t["steps"].float()}, r"its steps are not one step number"),
     (lambda t: t | {"steps": t["steps"] - 1}, r"its steps are not one step number \(0 or more\)"),
     (lambda t: t | {"steps": t["steps"].bool()}, r"its steps are not one step number"),
