@@ -202,9 +202,11 @@ def _replaceable(path: str) -> bool:
     """Whether ``path`` is free for a reductions table: absent, blank (a byte-order mark alone, say), or one already."""
     if not os.path.exists(path):
         return True
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        blank = not f.read(64).strip("\ufeff \r\n")
-    return blank or is_reductions_table(path)
+    if os.path.getsize(path) <= 64:  # a larger file is no blank one BiasMap would write over
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            if not f.read().strip("\ufeff \r\n"):
+                return True
+    return is_reductions_table(path)
 
 
 def _shown(path: str) -> str:

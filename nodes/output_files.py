@@ -6,7 +6,7 @@ import re
 
 import folder_paths
 
-__all__ = ["inside", "name_in", "output_path"]
+__all__ = ["file_on_the_way", "inside", "name_in", "output_path"]
 
 
 def output_path(name: str, what: str, example: str) -> str:
@@ -29,10 +29,19 @@ def output_path(name: str, what: str, example: str) -> str:
     return path
 
 
-# Names no file can have on Windows (devices), with any extension; and a name's length in bytes that leaves room for
-# Save Trace's counter and extension within the 255 bytes of a file name.
+def file_on_the_way(path: str) -> str | None:
+    """The name of a file where a folder of ``path`` would be made (an output/biasmap that is a file), or None."""
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else os.path.basename(folder)
+
+
+# Names no file can have on Windows (devices), with any extension; and a name's length in bytes that leaves room,
+# within the 255 bytes of a file name, for Save Trace's counter and extension and for the partial file of Audit Log's
+# table (.NAME_reductions.csv.<32 hex digits>.partial, 57 bytes more).
 _DEVICES = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)(\..*)?", re.IGNORECASE)
-_LONGEST_NAME = 200
+_LONGEST_NAME = 190
 
 
 def _unportable(name: str) -> str | None:

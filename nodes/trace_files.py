@@ -16,7 +16,7 @@ from comfy_api.latest import io, ui
 from ..biasmap_engine import BiasMapTrace, TraceFormatError, TraceHeader
 from ..biasmap_engine.host import metadata_disabled
 from .common import CATEGORY, Trace, plain_errors
-from .output_files import inside, name_in, output_path
+from .output_files import file_on_the_way, inside, name_in, output_path
 
 __all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces", "trace_file_header"]
 
@@ -81,6 +81,8 @@ class BiasMapSaveTrace(io.ComfyNode):
         file = _claim(folder, name, counter)
         part = os.path.join(folder, f".{file}.part")
         try:
+            with contextlib.suppress(FileNotFoundError):  # a link left at that name would be written through
+                os.remove(part)
             trace.save(part, metadata)
             os.replace(part, os.path.join(folder, file))
         except BaseException:
@@ -113,6 +115,10 @@ def _save_path(prefix: str) -> str:
         fix = f"add a file name after {_SAVED}/" if bare else f"start the prefix with {_SAVED}/"
         raise ValueError(f"the trace '{prefix}' would be saved outside output/{_SAVED}/, where Load Trace does not "
                          f"list it: {fix}, e.g. {_SAVED}/{'trace' if bare else example}")
+    on_the_way = file_on_the_way(path)
+    if on_the_way is not None:
+        raise ValueError(f"the trace '{prefix}' cannot be saved: '{on_the_way}' on its way is a file, not a folder; "
+                         f"give another prefix, or move that file")
     # A prefix typed as a file's name: the counter goes before its extension, not after (trace.safetensors_00001_).
     named = path.rstrip(" ")  # as pasted, with a space after it, which would end up before the counter (trace _00001_)
     return named[:-len(_EXTENSION)] if named.lower().endswith(_EXTENSION) else named

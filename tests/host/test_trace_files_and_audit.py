@@ -148,6 +148,18 @@ def test_save_trace_never_overwrites_a_file_another_comfyui_saved_under_the_coun
         ).st_mode & 0o777  # readable as the output folder's other files are
 
 
+def test_save_trace_writes_no_file_through_a_link_left_at_its_partial_name(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapLoadTrace, BiasMapSaveTrace
+
+    saved, elsewhere = folders / "out" / "biasmap", folders / "elsewhere.txt"
+    saved.mkdir(parents=True)
+    elsewhere.write_text("not the output folder's")
+    (saved / ".trace_00001_.safetensors.part").symlink_to(elsewhere)  # someone else's writing to the shared folder
+    as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/trace")
+    assert elsewhere.read_text() == "not the output folder's"
+    assert BiasMapLoadTrace.execute("biasmap/trace_00001_.safetensors [output]").result[0].run == trace.run
+
+
 def test_a_save_trace_that_fails_leaves_no_file_behind_and_a_partial_one_is_never_listed(pack, folders, trace,
                                                                                          monkeypatch):
     from biasmap_pack.nodes import BiasMapSaveTrace
@@ -336,6 +348,10 @@ def test_audit_log_writes_its_reductions_table_over_a_blank_file_of_that_name(pa
     _, _, summary = _logged_after_its_baseline(trace)
     assert "the reductions as a table, for a spreadsheet: output/biasmap/audit_reductions.csv" in summary
     assert blank.read_text(encoding="utf-8-sig").startswith("metric,")
+    kept = b"\n" * 70 + b"my,precious\ndata,1\n"  # blank as far as its first 64 characters
+    blank.write_bytes(kept)
+    _, _, summary = _logged_after_its_baseline(trace)
+    assert "audit_reductions.csv holds other rows" in summary and blank.read_bytes() == kept
 
 
 def test_audit_log_whose_reductions_table_is_open_elsewhere_logs_its_rows_and_says_to_close_it(pack, folders, trace,
@@ -652,8 +668,8 @@ def test_files_outside_the_output_folder_are_refused_when_the_prompt_is_queued(p
     ("biasmap/con.data", "names a Windows device"),
     ("biasmap/CONOUT$", "names a Windows device"),
     ("biasmap/LPT1 ./trace", "names a Windows device"),
-    ("biasmap/" + "a" * 201, "has a folder or file name longer than 200 bytes"),
-    ("biasmap/" + "é" * 101, "has a folder or file name longer than 200 bytes"),
+    ("biasmap/" + "a" * 191, "has a folder or file name longer than 190 bytes"),
+    ("biasmap/" + "é" * 96, "has a folder or file name longer than 190 bytes"),
 ])
 def test_a_file_name_some_system_cannot_hold_is_refused_when_the_prompt_is_queued(pack, folders, name, problem):
     # On the system that runs a shared workflow the save would fail only after sampling, or save nothing (NUL).
@@ -661,7 +677,31 @@ def test_a_file_name_some_system_cannot_hold_is_refused_when_the_prompt_is_queue
 
     assert problem in BiasMapAuditLog.validate_inputs(filename=name)
     assert problem in BiasMapSaveTrace.validate_inputs(filename_prefix=name)
-    assert BiasMapAuditLog.validate_inputs(filename="biasmap/console/" + "a" * 200) is True
+    assert BiasMapAuditLog.validate_inputs(filename="biasmap/console/" + "a" * 190) is True
+
+
+def test_the_longest_name_a_file_name_may_have_leaves_room_for_the_reductions_tables_partial_file(pack, folders, trace):
+    # Audit Log's table is written beside its audit file as .NAME_reductions.csv.<32 hex digits>.partial first.
+    from biasmap_pack.nodes import BiasMapAuditLog
+    from biasmap_pack.nodes.output_files import _LONGEST_NAME
+
+    name = "biasmap/" + "a" * _LONGEST_NAME
+    assert BiasMapAuditLog.validate_inputs(filename=name) is True
+    args, guided, _ = _logged_after_its_baseline(trace)
+    as_comfy_runs(BiasMapAuditLog).execute(**args | {"filename": name})
+    summary = as_comfy_runs(BiasMapAuditLog).execute(**args | {"trace": guided, "filename": name}).result[1]
+    assert f"the reductions as a table, for a spreadsheet: output/{name}_reductions.csv" in summary
+
+
+def test_save_trace_says_which_file_stands_where_its_folder_would_be_made(pack, folders, trace):
+    from biasmap_pack.nodes import BiasMapSaveTrace
+
+    (folders / "out" / "biasmap").mkdir(parents=True)
+    (folders / "out" / "biasmap" / "runs").write_text("a file, not a folder")
+    said = "the trace 'biasmap/runs/trace' cannot be saved: 'runs' on its way is a file, not a folder"
+    assert BiasMapSaveTrace.validate_inputs(filename_prefix="biasmap/runs/trace").startswith(said)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        as_comfy_runs(BiasMapSaveTrace).execute(trace, "biasmap/runs/trace")
 
 
 def test_audit_log_refuses_a_file_outside_the_output_folder(pack, folders, trace):
