@@ -15,6 +15,7 @@ import io
 import os
 import re
 import time
+import unicodedata
 import uuid
 
 from .audit_columns import IMAGE, SETTINGS, row_key
@@ -303,7 +304,7 @@ def read_csv(path: str) -> list[dict]:
         elif len(record) != len(header):
             damaged.append(f"{number} ({len(record)} cells)")
         else:
-            rows.append(dict(zip(header, record)))
+            rows.append(dict(zip(header, map(_as_written, record))))
     if headers:
         raise ValueError(f"{path} repeats its header in row(s) {_first_five(headers)} (two audit files joined into "
                          f"one?): delete those rows")
@@ -396,15 +397,32 @@ def _locked(f):
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): an audit file passed around
-# could carry a label or prompt such as '=HYPERLINK(…)'. Such text cells get a leading apostrophe, which spreadsheets
-# show as text and hide; numbers keep their sign, also typed as text (a label '-1.5' reads back as typed).
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# could carry a label or prompt such as '=HYPERLINK(…)', also after spaces or line breaks (which an import may trim)
+# or invisible format characters, or in full width (＝, as a Japanese keyboard types it). Such text cells get a
+# leading apostrophe, which spreadsheets show as text and hide, and read_csv takes off again; a cell whose text after
+# its own apostrophes is such gets one more, so that every cell reads back as it was. Numbers keep their sign, also
+# typed as text (a label '-1.5' reads back as typed).
+_FORMULA_STARTS = frozenset("=+-@＝＋－＠")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits: a number to a spreadsheet
 
 
+def _marked(text: str) -> bool:
+    """Whether a text cell gets the apostrophe (see _FORMULA_STARTS)."""
+    text = text.lstrip("'")
+    start = next((i for i, c in enumerate(text) if not (c.isspace() or unicodedata.category(c) == "Cf")), len(text))
+    shown = text[start:]  # after the spaces and format characters an import may trim
+    if _NUMBER.fullmatch(shown.rstrip()):
+        return False
+    return shown[:1] in _FORMULA_STARTS or text[:1] in ("\t", "\r", "\n")
+
+
 def _inert(rows: list[dict]) -> list[dict]:
-    return [{k: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(v) else v
-             for k, v in row.items()} for row in rows]
+    return [{k: "'" + v if isinstance(v, str) and _marked(v) else v for k, v in row.items()} for row in rows]
+
+
+def _as_written(cell: str) -> str:
+    """A cell read back as the row held it: without the apostrophe _inert put before it."""
+    return cell[1:] if cell.startswith("'") and _marked(cell[1:]) else cell
 
 
 def _only_in(columns, others) -> str:

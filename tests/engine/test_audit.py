@@ -440,12 +440,24 @@ def test_csv_text_is_what_the_file_holds(tmp_path):
         assert f.read().replace("\r\n", "\n") == csv_text(rows)
 
 
-@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
-def test_every_formula_start_is_escaped(tmp_path, start):
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r", "\n", " =", "\n@", "\u00a0+", "\ufeff=",
+                                   "\u202e-", "＝", "'=", "''+"])
+def test_every_formula_start_is_escaped_and_reads_back_as_it_was(tmp_path, start):
+    # Also after spaces, line breaks or format characters an import may trim, in full width, and after apostrophes.
     path = tmp_path / "audit.csv"
     append_csv(str(path), audit_rows(halves_trace(), q=0.5, label=start + "SUM(A1)"))
     with open(path, newline="", encoding="utf-8-sig") as f:
         assert next(csv.DictReader(f))["label"] == "'" + start + "SUM(A1)"
+    assert read_csv(str(path))[0]["label"] == start + "SUM(A1)"
+
+
+@pytest.mark.parametrize("label", ["'quoted'", "'", "' -1.5", "doctor's"])
+def test_a_label_with_apostrophes_but_no_formula_start_is_written_and_read_back_as_typed(tmp_path, label):
+    path = tmp_path / "audit.csv"
+    append_csv(str(path), audit_rows(halves_trace(), q=0.5, label=label))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["label"] == label
+    assert read_csv(str(path))[0]["label"] == label
 
 
 @pytest.mark.parametrize("label", ["-1.5", "+2", "-3e-4", "-.5"])
@@ -1228,7 +1240,7 @@ def test_read_csv_reads_back_the_rows_as_appended(tmp_path):
     append_csv(path, rows)
     read = read_csv(path)
     assert list(read[0]) == list(rows[0]) and len(read) == len(rows)
-    assert read[0]["label"] == "'=1+1, \"quoted\"\nnew line" and read[3]["iou"] == str(rows[3]["iou"])
+    assert read[0]["label"] == "=1+1, \"quoted\"\nnew line" and read[3]["iou"] == str(rows[3]["iou"])
 
 
 def test_reductions_tell_apart_seeds_beyond_floats_and_images_of_a_file_without_noise_index(tmp_path):
@@ -1570,7 +1582,7 @@ def test_write_csv_replaces_the_file_whole_as_audit_files_are_written_and_leaves
     path.write_text("old", encoding="utf-8")
     write_csv(str(path), [{"metric": "iou", "model": "=cmd", "reduction": 0.4}])
     assert path.read_bytes().startswith(b"\xef\xbb\xbf") and read_csv(str(path)) == [
-        {"metric": "iou", "model": "'=cmd", "reduction": "0.4"}]  # a formula start escaped, as in audit files
+        {"metric": "iou", "model": "=cmd", "reduction": "0.4"}]  # a formula start escaped, as in audit files
     monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(PermissionError(13, "in use")))
     with pytest.raises(PermissionError):
         write_csv(str(path), [{"metric": "mbiou"}])
