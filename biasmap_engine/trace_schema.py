@@ -17,9 +17,13 @@ from .guidance import STATUS
 from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
-__all__ = ["MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem", "tensors_sha256"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem", "tensors_sha256"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
+# The most pixels a trace's images may hold together: the nodes measure at image size, a few bytes a pixel per map
+# (about 6 GB at this many), so a small file of a large latent's coarse maps, batched, would take all memory. 16 times
+# a batch of 16 at 1024², or 256 images of 1024².
+MAX_IMAGE_PIXELS = 2 ** 28
 _TEXT_LISTS = ("tokens", "demographic", "semantic", "notes")
 _GUIDANCE_KINDS = {"energy": "floating", "grad_norm": "floating", "status": "integer"}
 # What maps and sigmas are saved in (maps in half precision on request): float8 has no arithmetic to sum or
@@ -45,6 +49,11 @@ def description_problem(meta: dict) -> str | None:
     if max(shape[2:]) > MAX_LATENT_SIDE:
         return (f"its latent of {shape[3]}×{shape[2]} is larger than ComfyUI's image nodes make (sides up to "
                 f"{MAX_LATENT_SIDE}, 16384 px)")
+    pixels = shape[0] * shape[2] * shape[3] * 64
+    if pixels > MAX_IMAGE_PIXELS:
+        return (f"its {shape[0]} image(s) of {shape[3] * 8}×{shape[2] * 8} are {pixels:,} pixels, more than the "
+                f"{MAX_IMAGE_PIXELS:,} BiasMap measures at image size (256 images of 1024²): save the trace of fewer "
+                f"images")
     run = meta.get("run", {})
     if not isinstance(run, dict):
         return "its run is not a table of the run's fields"

@@ -265,6 +265,9 @@ def _saved_parts(tmp_path):
     ({"latent_shape": [2, 4, 0, 12]}, r"latent_shape \[2, 4, 0, 12\] is not a latent's \[B, C, H, W\] \(four whole "
                                       r"numbers of at least 1\)"),
     ({"latent_shape": [2, 4, 80000, 12]}, r"latent of 12×80000 is larger than ComfyUI's image nodes make"),
+    # A small file of many images of a large latent (coarse maps only) would have the nodes take gigabytes each.
+    ({"latent_shape": [3, 4, 2048, 2048]}, r"its 3 image\(s\) of 16384×16384 are 805,306,368 pixels, more than the "
+                                          r"268,435,456 BiasMap measures at image size \(256 images of 1024²\)"),
     ({"semantic": "doctor"}, r"its semantic is not a list of texts"),
     ({"model_family": 15}, r"its model_family is not a text"),
     ({"tokens": [0, 1, 2, 3, 4, 5]}, r"its tokens is not a list of texts"),
