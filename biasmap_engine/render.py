@@ -130,10 +130,10 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
 
 
 def _unit_floats(image: Tensor) -> Tensor:
-    """An image as float32 in 0..1, as ComfyUI's IMAGE is: integer pixels (8-bit as PIL and numpy load them, 16-bit
+    """An image as float32 in 0..1, as ComfyUI's IMAGE is (clamped): integer pixels (8-bit as PIL and numpy load them, 16-bit
     PNGs) divided by their type's largest value, where taken as they are they would all read as white."""
     if image.is_floating_point() or image.dtype == torch.bool:
-        return image.float()
+        return image.float().clamp(0, 1)  # an upscaler's overshoot, say: the nodes after these expect 0..1
     return image.float() / torch.iinfo(image.dtype).max
 
 
@@ -183,17 +183,26 @@ def entanglement_picture(
         segments = [(f"a&b IoU {_iou_text(iou)}", LABEL_TEXT), (f"a={label_a}", A_COLOR),
                     (f"b={label_b}", B_COLOR)]
         patch = label_patch(segments, font_px, width)
-        if patch.shape[0] > height // 4:  # wrapped over a small picture: the IoU alone (the report names the words)
-            iou_label = segments[0][0] if fits(segments[0][0], font_px, width) else _iou_text(iou)
-            patch = label_patch([(iou_label, LABEL_TEXT)], font_px, width)  # narrower still: the bare figure
-        _paste(picture[index], patch)
+        if patch.shape[0] > height // 4 or not all(fits(text, font_px, width) for text, _ in segments):
+            # Wrapped over a small picture, or a part shortened (the figure cut to 'a&…'): the IoU alone (the report
+            # names the words), narrower still the bare figure, and none where even that would not fit whole.
+            shorter = (label_patch([(text, LABEL_TEXT)], font_px, width) for text in (segments[0][0], _iou_text(iou))
+                       if fits(text, font_px, width))
+            patch = next((patch for patch in shorter if _small_enough(patch, height, width)), None)
+        if patch is not None and _small_enough(patch, height, width):
+            _paste(picture[index], patch)
     return picture
+
+
+def _small_enough(patch: Tensor, height: int, width: int) -> bool:
+    """Whether a label covers at most a third of a picture (a 16×16 one would be all label, hiding what it names)."""
+    return patch.shape[0] * patch.shape[1] <= height * width / 3
 
 
 def label_heatmaps(pictures: Tensor, word: str, colormap: str) -> Tensor:
     """[B, H, W, 3] heatmaps (or overlays) with ``word`` and a low-to-high bar of ``colormap`` written in their top-left
     corner: what the colours mean once a picture is shared away from its node. The bar is left out where the picture
-    is too small for both lines."""
+    is too small for both lines, the legend where it would cover more than a third of the picture."""
     height, width = pictures.shape[1:3]
     font_px = label_font_px(height, width)
     legend = label_patch([(word, LABEL_TEXT)], font_px, width)
@@ -210,8 +219,9 @@ def label_heatmaps(pictures: Tensor, word: str, colormap: str) -> Tensor:
         wide = max(legend.shape[1], scale.shape[1])
         legend = torch.cat([_widened(legend, wide), _widened(scale, wide)])
     labelled = pictures.clone()
-    for picture in labelled:
-        _paste(picture, legend)
+    if _small_enough(legend, height, width):
+        for picture in labelled:
+            _paste(picture, legend)
     return labelled
 
 

@@ -426,6 +426,26 @@ def test_a_picture_too_narrow_for_the_iou_label_shows_the_bare_figure():
     assert label_box(roomy[0])[1] > figure.shape[1] + 20  # where "a&b IoU 0.42" fits, it is written
 
 
+def test_a_label_is_left_off_a_picture_it_would_mostly_cover_and_never_shows_a_shortened_figure():
+    empty = torch.zeros(1, 16, 16, dtype=torch.bool)
+    tiny = entanglement_picture(empty, empty, torch.tensor([0.42]), ("woman", "doctor"))
+    assert torch.equal(tiny, torch.zeros(1, 16, 16, 3))  # all label, the figure cut: none
+    heat = colorize(torch.rand(1, 16, 16), "inferno")
+    assert torch.equal(render.label_heatmaps(heat, "doctor", "inferno"), heat)
+    tall = entanglement_picture(*(torch.zeros(1, 200, 40, dtype=torch.bool),) * 2, torch.tensor([0.42]),
+                                ("woman", "doctor"))[0]  # room for three lines, each part shortened: the figure
+    figure = labels.label_patch([("0.42", (1.0, 1.0, 1.0))], 10, 40)
+    assert torch.equal(tall[:figure.shape[0], :figure.shape[1]], figure) and label_box(tall)[0] == figure.shape[0]
+
+
+def test_pictures_over_an_image_outside_0_to_1_stay_within_it():
+    masks = quadrant_masks()
+    image = torch.linspace(-0.3, 1.5, 128 * 128 * 3).reshape(1, 128, 128, 3)  # an upscaler's overshoot
+    for picture in (entanglement_picture(*masks, torch.tensor([0.3]), ("a", "b"), image),
+                    overlay(image, colorize(torch.rand(1, 128, 128), "inferno"), 0.6)):
+        assert picture.min() >= 0 and picture.max() <= 1
+
+
 def holds_row(picture, row):
     """Whether some row of a [H, W, 3] picture holds ``row`` ([n, 3]) as a run of pixels."""
     runs = picture.unfold(1, row.shape[0], 1)  # [H, W - n + 1, 3, n]
