@@ -12,6 +12,7 @@ from .audit import (OlderFileError, append_csv, audit_rows, check_appendable, cs
                     logged_before, read_csv, write_csv)
 from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run, check_plan
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
+from .labels import undrawn_note
 from .masks import hard_mask, iou
 from .ovam import (concept_map, prepare_keys, prepared_token_softmax_maps, sum_upsampled, summed_token_softmax_maps,
                    token_softmax_maps)
@@ -39,5 +40,5 @@ __all__ = [
     "prompt_words", "quote_forms", "read_csv", "readable", "reductions", "reductions_report", "reductions_table",
     "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts",
     "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps",
-    "typed_concepts", "typed_form", "write_csv", "z_grad_norm",
+    "typed_concepts", "typed_form", "undrawn_note", "write_csv", "z_grad_norm",
 ]

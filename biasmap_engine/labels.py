@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["LABEL_BOX", "LABEL_TEXT", "fits", "label_font_px", "label_patch"]
+__all__ = ["LABEL_BOX", "LABEL_TEXT", "fits", "label_font_px", "label_patch", "undrawn_note"]
 
 LABEL_TEXT = (1.0, 1.0, 1.0)
 LABEL_BOX = (20, 20, 20)  # 8-bit RGB: dark enough for every colour of the pictures to read on it
@@ -26,7 +26,9 @@ def label_font_px(height: int, width: int) -> int:
 # that draws them all, which Pillow looks for in the system's font folders (Linux, Windows, macOS).
 _FALLBACK_FONTS = ("DejaVuSans.ttf", "arial.ttf", "Arial Unicode.ttf", "NotoSans-Regular.ttf",
                    "NotoSansCJK-Regular.ttc", "wqy-microhei.ttc", "wqy-zenhei.ttc", "DroidSansFallbackFull.ttf",
-                   "msyh.ttc", "PingFang.ttc")
+                   "msyh.ttc", "PingFang.ttc", "meiryo.ttc", "YuGothM.ttc", "malgun.ttf", "AppleSDGothicNeo.ttc",
+                   "Nirmala.ttf", "NotoSansDevanagari-Regular.ttf", "Kohinoor.ttc", "NotoSansArabic-Regular.ttf",
+                   "NotoSansHebrew-Regular.ttf")
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,6 +53,18 @@ def _font_for(text: str, size: int):
     if font is None:
         _say_undrawn("".join(ch for ch in sorted(set(text)) if not any(_draws(f, ch) for f in fonts)))
     return font or fonts[0]
+
+
+def undrawn_note(text: str, font_px: int = 16) -> str | None:
+    """For a node's text: the letters of a label of ``text`` drawn as boxes (no font found here has them, or no one
+    font all of them), and how to have them drawn; None where every letter is drawn."""
+    font = _font_for(text, font_px)
+    letters = "".join(ch for ch in dict.fromkeys(text) if not ch.isspace() and not _draws(font, ch))
+    if not letters:
+        return None
+    return (f"the picture's label draws {letters} as boxes: no font found here has them all; install one that does "
+            f"(Noto Sans CJK for Chinese, Japanese and Korean, say), then restart ComfyUI (the console names the font "
+            f"files BiasMap looks for)")
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,7 +5,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import (COLORMAPS, NOT_FINITE_CAUSE, colorize, hard_mask, label_heatmaps, normalize_maps,
-                              overlay)
+                              overlay, undrawn_note)
 from .common import (ADVANCED, CATEGORY, Trace, check_images, check_stage_names, plain_errors, rgb, show_on_node,
                      stages_in, step_inputs, step_window, where_hidden, window_text)
 from .concepts import check_single, first_concept, one_concept, require
@@ -44,7 +44,9 @@ class BiasMapAttributionMap(io.ComfyNode):
                 *step_inputs(),
                 io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno",
                                tooltip="Heatmap colours, low to high: inferno, magma, viridis and gray run from dark "
-                                       "to bright, turbo and jet from dark blue to dark red."),
+                                       "to bright, for every viewer also with colour blindness; turbo and jet from "
+                                       "dark blue to dark red, whose peaks read darker than the middle to red-green "
+                                       "colour-blind viewers."),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
                                tooltip="Heatmap opacity over the image."),
                 io.Combo.Input("mask", options=["normalized", "thresholded"], default="normalized",
@@ -93,6 +95,8 @@ class BiasMapAttributionMap(io.ComfyNode):
                             f"({NOT_FINITE_CAUSE}): drawn empty, with an empty mask")
             logging.warning("BiasMap Attribution Map: %s", warnings[-1])
             maps = maps.masked_fill(unmeasured.view(-1, 1, 1), 0.0)
+        if legend:  # letters no font here has are boxes in the legend (the console says once)
+            warnings.append(undrawn_note(word))
         said = f"the map of '{word}': {', '.join(stages) if stages else 'all stages'}, {window_text(trace, steps)}"
         show_on_node(cls, "\n".join([said, *filter(None, warnings)]))
         # Those images left out of the scale (their zeros would be the batch's minimum), then drawn as 0.

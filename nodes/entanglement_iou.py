@@ -3,7 +3,7 @@
 from comfy_api.latest import io, ui
 
 from ..biasmap_engine import (entanglement_picture, find_word_positions, guidance_line, measure_entanglement,
-                              resize_maps)
+                              resize_maps, undrawn_note)
 from .common import (ADVANCED, CATEGORY, Trace, check_images, mask_size, plain_errors, rgb, show_on_node, step_inputs,
                      step_window, window_text)
 from .concepts import check_apart, check_single, check_stood_for, first_concept, one_concept, require
@@ -88,7 +88,8 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             report += "\n" + result.against(before)
             said.append(f"against the baseline: {result.change_from(before)}")
             said += [f"note: {note}" for note in result.baseline_notes(before)]  # the page shows no report
-        said += filter(None, [guidance_line(trace), picture_note])
+        # The picture is labelled with the words: letters no font here has are boxes there (the console says once).
+        said += filter(None, [guidance_line(trace), picture_note, undrawn_note(f"a={word_a} b={word_b}")])
         show_on_node(cls, "\n".join(said))
         # Drawn at the image's size (the decoded image's when none is given: masks at latent size would leave the
         # label no room), the masks thresholded where they were measured.

@@ -351,6 +351,17 @@ def test_a_label_with_letters_the_default_font_lacks_is_drawn_in_a_system_font_t
     assert "no font here draws" not in caplog.text  # said once
 
 
+def test_a_nodes_note_names_the_letters_its_label_draws_as_boxes_and_none_where_each_is_drawn(monkeypatch):
+    assert labels.undrawn_note("a=woman b=doctor") is None  # ASCII: the default font
+    labels._fonts.cache_clear()
+    monkeypatch.setattr(labels, "_FALLBACK_FONTS", ("NoSuchFont.ttf",))  # the default font alone: ASCII only
+    try:
+        note = labels.undrawn_note("a=infirmière b=医生 医")
+    finally:
+        labels._fonts.cache_clear()
+    assert note.startswith("the picture's label draws è医生 as boxes: no font found here has them all; install one")
+
+
 def test_the_font_warning_names_only_the_letters_no_font_here_draws_once_whatever_their_order(caplog):
     if not any(labels._draws(font, "é") for font in labels._fonts(14)) or any(
             labels._draws(font, "医生") for font in labels._fonts(14)):

@@ -922,6 +922,39 @@ def test_attribution_maps_legend_names_the_word_in_the_pictures_corner_and_leave
     assert not torch.equal(labelled[0], plain[0]) and torch.equal(labelled[1], plain[1])
 
 
+def test_the_map_nodes_say_on_themselves_which_letters_of_their_labels_no_font_here_draws(nodes_and_trace, sd15,
+                                                                                           prompts, monkeypatch):
+    # A console line alone goes unseen on the page: the node says which letters its picture shows as boxes.
+    from biasmap_pack.biasmap_engine import labels  # the pack's, as ComfyUI loads it
+
+    sampler, attribution_map, entanglement, _ = nodes_and_trace
+    model, clip = sd15
+    args = defaults(sampler) | dict(model=model, clip=clip, positive=prompts[0], negative=prompts[1], steps=1,
+                                    sampler_name="euler", scheduler="normal", guidance_scale=0.0,
+                                    latent_image={"samples": torch.zeros(1, 4, 32, 32)},
+                                    attribution_prompt="a photo of the face of an infirmière and gender",
+                                    demographic="gender", semantic="infirmière")
+    texts = page_texts(monkeypatch)
+    with torch.inference_mode():
+        trace = sampler.execute(**args).result[1]
+        as_comfy_runs(entanglement, node_id="9").execute(**defaults(entanglement) | {"trace": trace})
+        assert ("as boxes" in texts[-1]) == (labels.undrawn_note("a=gender b=infirmière") is not None)  # fonts here
+        monkeypatch.setattr(labels, "_FALLBACK_FONTS", ())  # Pillow's own font alone: ASCII
+        labels._fonts.cache_clear()
+        try:
+            as_comfy_runs(entanglement, node_id="9").execute(**defaults(entanglement) | {"trace": trace})
+            boxed_pair = texts[-1]
+            as_comfy_runs(attribution_map, node_id="8").execute(**defaults(attribution_map) | {
+                "trace": trace, "word": "infirmière", "legend": True})
+            boxed_word = texts[-1]
+            as_comfy_runs(attribution_map, node_id="8").execute(**defaults(attribution_map) | {
+                "trace": trace, "word": "infirmière"})
+        finally:
+            labels._fonts.cache_clear()
+    assert "the picture's label draws è as boxes: no font found here has them all" in boxed_pair
+    assert "the picture's label draws è as boxes" in boxed_word and "as boxes" not in texts[-1]  # no legend: none
+
+
 def test_the_image_check_warns_of_a_two_percent_crop_and_not_of_a_scaled_landscape_image(pack):
     from types import SimpleNamespace
 
