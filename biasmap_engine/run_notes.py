@@ -4,8 +4,8 @@ and the fix (nothing fails silently). Text only: the session finds the causes wh
 from .report import shown_number
 from .settings import QUALITY_COLLAPSES_AT
 
-__all__ = ["NOT_FINITE", "emphasis_note", "quality_note", "skipped_steps_note", "unevaluated_steps_note",
-           "unweighted_note"]
+__all__ = ["NOT_FINITE", "emphasis_note", "gate_note", "quality_note", "skipped_steps_note",
+           "unevaluated_steps_note", "unweighted_note"]
 
 # Where NaN or inf in a run came from, most certain first: the correction, skipped where it is not finite, never is.
 NOT_FINITE = {
@@ -42,6 +42,18 @@ def quality_note(scale: float) -> str | None:
         return None
     return (f"λ {shown_number(scale)} is at or above {QUALITY_COLLAPSES_AT}, from which the paper finds image quality "
             f"collapses on SD 1.5 (FID above 100); λ 100 keeps most of the reduction")
+
+
+def gate_note(counts: dict[str, int]) -> str | None:
+    """Guided (evaluation, image) pairs the skip gate left unguided (``counts``: BiasMapTrace.guidance_counts): the
+    node shows the count alone, and the gate's rule is an advanced input's tooltip."""
+    skipped = counts.get("skipped_gate", 0)
+    if not skipped:
+        return None
+    guided = sum(n for status, n in counts.items() if status != "not_guided")
+    return (f"the gate left {skipped} of {guided} guided (evaluation, image) pair(s) unguided: the gradient's norm "
+            f"‖∇_z E‖ reached 1 there, where the reference skips a step (gate skip); set the gate to clip to guide "
+            f"them with the gradient scaled to norm 1 (λ does not change the norm)")
 
 
 def unweighted_note(where: str | None, recorded: str) -> str | None:

@@ -36,7 +36,7 @@ import torch
 
 from ..guidance import guidance_step
 from ..recorder import TraceRecorder
-from ..run_notes import (NOT_FINITE, emphasis_note, quality_note, skipped_steps_note, unevaluated_steps_note,
+from ..run_notes import (NOT_FINITE, emphasis_note, gate_note, quality_note, skipped_steps_note, unevaluated_steps_note,
                          unweighted_note)
 from ..settings import BiasMapSettings
 from ..soft_masks import check_keep
@@ -449,10 +449,14 @@ class BiasMapSession:
             self._note(note)
         if self._schedule is not None:  # 4 significant digits tell schedules apart and read in a CSV cell
             run["sigmas"] = [float(f"{s:.4g}") for s in self._schedule.flatten().tolist()]
-        return self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
-                                    demographic=self.demographic, semantic=self.semantic, model_family=self.family,
-                                    settings=self.settings.to_dict(), notes=self.notes,
-                                    run={**run, "attribution_prompt": self.attribution_prompt})
+        trace = self.recorder.finish(tokens=self.tokens, latent_shape=self.capture.latent_shape or [],
+                                     demographic=self.demographic, semantic=self.semantic, model_family=self.family,
+                                     settings=self.settings.to_dict(), notes=self.notes,
+                                     run={**run, "attribution_prompt": self.attribution_prompt})
+        gated = gate_note(trace.guidance_counts())  # the statuses read once, from the finished trace
+        if gated:
+            _add_note(trace.notes, gated)
+        return trace
 
 
 def _either(flag: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
