@@ -28,6 +28,9 @@ _PASSED_ON = {
 _LOADED_FROM = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                 "unCLIPCheckpointLoader": "ckpt_name", "ImageOnlyCheckpointLoader": "ckpt_name",
                 "UNETLoader": "unet_name", "DiffusersLoader": "model_path"}
+# A loader's option that changes the weights it loads (fp8 moves the IoU more than λ 100 does on random weights): named
+# beside the file where it is not the default.
+_LOADED_AS = {"UNETLoader": "weight_dtype"}
 _MODEL_FILES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 _APPLIED = {"LoraLoader": ("lora_name", "strength_model"), "LoraLoaderModelOnly": ("lora_name", "strength_model"),
             "HypernetworkLoader": ("hypernetwork_name", "strength")}
@@ -177,7 +180,7 @@ def graph_run(prompt: dict | None, node_id) -> dict:
     model = _model(prompt, node_id)
     run = {"generation_prompt": generation_prompt(prompt, node_id),
            "negative_prompt": generation_prompt(prompt, node_id, "negative"),
-           "model": model + _text_encoders(prompt, node_id, model) if model else ""}
+           "model": model + _text_encoders(prompt, node_id) if model else ""}
     kind, inputs = _linked(prompt, _inputs(prompt, node_id).get("sigmas"))
     if kind == "BasicScheduler" and isinstance(inputs.get("scheduler"), str):
         run["scheduler"] = inputs["scheduler"]
@@ -252,19 +255,27 @@ def _typed_value(value) -> str:
 
 
 def _model_loaded(kind: str, inputs: dict) -> str:
+    option = inputs.get(_LOADED_AS.get(kind))
+    loaded_as = f" ({option})" if isinstance(option, str) and option != "default" else ""
+    name = _model_file(kind, inputs)
+    return name + loaded_as if name else ""
+
+
+def _model_file(kind: str, inputs: dict) -> str:
     if kind in _LOADED_FROM:
         name = inputs.get(_LOADED_FROM[kind])
         return name if isinstance(name, str) else ""
     return _loaded(kind, inputs)
 
 
-def _text_encoders(prompt: dict | None, node_id, model: str) -> str:
+def _text_encoders(prompt: dict | None, node_id) -> str:
     """' · clip: …' naming the CLIP that encoded the positive prompt, then the negative prompt's and the sampler's own
     (the attribution prompt's) where they are others, as _clip names them; '' where each is the model's checkpoint's,
     unchanged, or not named (combined conditioning). A LoRA's CLIP strength, CLIP Set Last Layer or hooks change the
     picture and the maps as the model's own LoRAs do: runs that differ there are not paired."""
     clips = _clips(prompt, node_id)
-    if set(clips.values()) <= {model.split(" + ")[0], ""}:
+    own = _chain(prompt, _inputs(prompt, node_id).get("model"), "model", lambda *_: "", _model_file)  # the file alone
+    if set(clips.values()) <= {own, ""}:
         return ""
     first = clips["clip"]
     return " · " + ", ".join(f"{what}: {clip}" for what, clip in clips.items()

@@ -748,6 +748,11 @@ def test_the_model_and_the_scheduler_behind_sigmas_are_read_from_the_graph_where
     assert graph_run(graph, "3") == {"generation_prompt": "a photo", "negative_prompt": "a photo",
                                      "model": "unet.safetensors + detail.safetensors (0.8) + style.safetensors "
                                               "(linked strength) + FreeU_V2 (b1 1.3)"}
+    graph["1"]["inputs"] |= {"weight_dtype": "default"}  # as the page saves it: the file's own weights
+    assert graph_run(graph, "3")["model"].startswith("unet.safetensors + detail")
+    graph["1"]["inputs"] |= {"weight_dtype": "fp8_e4m3fn"}  # other weights, another model to an audit
+    assert graph_run(graph, "3")["model"].startswith("unet.safetensors (fp8_e4m3fn) + detail")
+    graph["1"]["inputs"] |= {"weight_dtype": "default"}
     graph["13"]["inputs"] = {"model": ["12", 0], "b1": ["17", 0], "b2": 1.4}  # a linked value: not known here
     assert graph_run(graph, "3")["model"].endswith(" + FreeU_V2 (b1 linked, b2 1.4)")
     graph["13"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["12", 0], "sampling": "v_prediction",
