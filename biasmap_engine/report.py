@@ -163,8 +163,8 @@ def measure_entanglement(trace: BiasMapTrace, word_a: str, word_b: str, q: float
 # What two runs must share for their figures to be of one picture, as the report names it.
 _SAME_PICTURE = (("seed", "seed"), ("steps", "steps"), ("sampler", "sampler"), ("scheduler", "scheduler"),
                  ("sigmas", "the sampler's sigmas"), ("add_noise", "add_noise"), ("cfg", "cfg"), ("denoise", "denoise"),
-                 ("model", "model"), ("generation_prompt", "prompt"), ("negative_prompt", "negative"),
-                 ("attribution_prompt", "attribution prompt"))
+                 ("model", "model"), ("precision", "precision"), ("generation_prompt", "prompt"),
+                 ("negative_prompt", "negative"), ("attribution_prompt", "attribution prompt"))
 
 
 # What guides besides λ: two runs at one λ > 0 that differ in these differ by guidance.

@@ -36,8 +36,8 @@ def sample_with_scheduler(session: BiasMapSession, model, seed, steps, cfg, samp
 
     (out,) = nodes.common_ksampler(session.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                    negative, latent, denoise=denoise)
-    return out, session.finish(out["samples"], **_identity(), seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
-                               scheduler=scheduler, denoise=denoise, add_noise=True,
+    return out, session.finish(out["samples"], **_identity(model), seed=seed, steps=steps, cfg=cfg,
+                               sampler=sampler_name, scheduler=scheduler, denoise=denoise, add_noise=True,
                                batch_index=latent.get("batch_index"), noise_mask=_noise_masks(latent),
                                start_latent=start)
 
@@ -88,7 +88,7 @@ def sample_with_sampler(session: BiasMapSession, model, noise_seed, cfg, sampler
     latent["samples"] = samples.to(comfy.model_management.intermediate_device())
     # The seed recorded is noise_seed as given, also where it seeds nothing (add_noise off): the rows name the image by
     # it, and DisableNoise's 0 would make every continued latent one image to an audit.
-    return latent, session.finish(latent["samples"], **_identity(), seed=noise_seed, steps=sigmas.shape[-1] - 1,
+    return latent, session.finish(latent["samples"], **_identity(model), seed=noise_seed, steps=sigmas.shape[-1] - 1,
                                   cfg=cfg, sampler=_sampler_name(sampler), scheduler=CUSTOM_SIGMAS,
                                   add_noise=add_noise, batch_index=latent.get("batch_index"),
                                   noise_mask=_noise_masks(latent), start_latent=start)
@@ -195,14 +195,26 @@ def _held(cell):
         return None
 
 
-def _identity() -> dict:
+def _identity(model) -> dict:
     """Which run made a trace: ComfyUI's prompt id (empty outside its executor) and the UTC time it finished, so
-    rows of one run can be told apart from a cached trace logged again."""
+    rows of one run can be told apart from a cached trace logged again; and the model's precision, which no graph
+    names where startup flags set it (--fp16-unet)."""
     from datetime import datetime, timezone
 
     context = executing_context()
     return {"prompt_id": context.prompt_id if context is not None else "",
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "precision": _precision(model)}
+
+
+def _precision(model) -> str:
+    """How the U-Net's weights are stored and computed: ``fp16``, or ``fp8_e4m3fn weights, bf16 compute``."""
+    weights = model.model.get_dtype()
+    compute = model.model.manual_cast_dtype or weights
+
+    def name(dtype) -> str:
+        return str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
+
+    return name(weights) if compute == weights else f"{name(weights)} weights, {name(compute)} compute"
 
 
 def interrupted(err: BaseException) -> bool:

@@ -70,7 +70,7 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")} == {
         "seed": 3, "steps": 4, "cfg": 5.0, "sampler": "dpmpp_2m", "scheduler": "custom sigmas", "add_noise": True,
         "batch_index": None, "noise_mask": None, "start_latent": None, "attribution_prompt": ATTRIBUTION,
-        "sigmas": [float(f"{s:.4g}") for s in sigmas.tolist()]}  # the schedule, which audits pair runs by
+        "precision": "fp32", "sigmas": [float(f"{s:.4g}") for s in sigmas.tolist()]}  # the schedule: audits pair by it
 
 
 def test_a_trace_made_inside_comfyuis_executor_names_the_prompt_that_ran_it(sd15, prompts):
@@ -81,6 +81,25 @@ def test_a_trace_made_inside_comfyuis_executor_names_the_prompt_that_ran_it(sd15
     with CurrentNodeContext("the-prompt-id", "3"):
         _, _, trace = run(model, clip, prompts, steps=1, lat=latent(batch=1, h=16, w=16))
     assert trace.run["prompt_id"] == "the-prompt-id"
+
+
+def test_a_trace_keeps_the_models_precision_and_a_report_against_a_baseline_of_another_says_so(comfy):
+    # Startup flags (--fp16-unet) set it where no graph names it; fp8 weights move the IoU more than λ 100 on these.
+    import comfy_models
+
+    from biasmap_engine import measure_entanglement
+
+    traces = {}
+    for name, dtypes in {"fp32": (torch.float32, None), "fp16 weights, fp32 compute": (torch.float16, torch.float32),
+                         "fp8_e4m3fn weights, bf16 compute": (torch.float8_e4m3fn, torch.bfloat16)}.items():
+        with torch.inference_mode():
+            model, clip = comfy_models.tiny_sd15(0, dtype=dtypes[0], compute_dtype=dtypes[1])
+            _, _, traces[name] = run(model, clip, comfy_models.paper_prompts(clip), steps=1,
+                                     lat=latent(batch=1, h=16, w=16))
+        assert traces[name].run["precision"] == name
+    report = measure_entanglement(traces["fp8_e4m3fn weights, bf16 compute"], "gender", "doctor").against(
+        measure_entanglement(traces["fp32"], "gender", "doctor"))
+    assert "precision (fp32, this run fp8_e4m3fn weights, bf16 compute)" in report
 
 
 def test_a_trace_keeps_the_denoise_its_run_was_made_with(sd15, prompts):

@@ -56,6 +56,7 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
     made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "sigmas")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
                     "add_noise": True, "batch_index": None, "noise_mask": None, "start_latent": None,
+                    "precision": "fp32",  # which no graph names where startup flags set it
                     "attribution_prompt": "A photo of a doctor, a nurse and gender",
                     "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
                     "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
