@@ -12,8 +12,9 @@ import torch
 
 from .lean_backward import CopiedSaves
 
-__all__ = ["differentiable_quantized", "offload_streams_wait", "out_of_memory", "out_of_memory_explained",
-           "patch_modules", "quantized_layers", "with_patches_on_copies", "with_sdpa_attention"]
+__all__ = ["attention_rounding_apart", "differentiable_quantized", "offload_streams_wait", "out_of_memory",
+           "out_of_memory_explained", "patch_modules", "quantized_layers", "with_patches_on_copies",
+           "with_sdpa_attention"]
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: the CUDA name only
 
@@ -56,6 +57,22 @@ def offload_streams_wait(device: torch.device) -> None:
     current = comfy.model_management.current_stream(device) if streams else None
     for stream in streams if current is not None else ():
         stream.wait_stream(current)
+
+
+def attention_rounding_apart(model_patcher) -> tuple[str, str] | None:
+    """(ComfyUI's attention kernel, the compute dtype) where a guided pass's SDPA rounds otherwise than the stock
+    passes (a model computing in fp16 or bf16 on another kernel), or None."""
+    import comfy.ldm.modules.attention as attention
+
+    model = model_patcher.model
+    compute = model.manual_cast_dtype or model.get_dtype()
+    options = model_patcher.model_options.get("transformer_options", {})
+    if (compute not in (torch.float16, torch.bfloat16) or "optimized_attention_override" in options
+            or attention.optimized_attention is attention.attention_pytorch):
+        return None
+    kernel = getattr(attention.optimized_attention, "__name__", "another")
+    return kernel.removeprefix("attention_"), str(compute).removeprefix("torch.").replace("bfloat", "bf").replace(
+        "float", "fp")
 
 
 def with_sdpa_attention(model_options, everywhere=False):

@@ -36,8 +36,8 @@ import torch
 
 from ..guidance import guidance_step
 from ..recorder import TraceRecorder
-from ..run_notes import (NOT_FINITE, emphasis_note, gate_note, quality_note, skipped_steps_note, unevaluated_steps_note,
-                         unweighted_note)
+from ..run_notes import (NOT_FINITE, emphasis_note, gate_note, kernel_note, quality_note, skipped_steps_note,
+                         unevaluated_steps_note, unweighted_note)
 from ..settings import BiasMapSettings
 from ..soft_masks import check_keep
 from ..stages import STAGE_ORDER, finest_grid
@@ -47,7 +47,7 @@ from .capture import BranchCapture
 from .conditioning import covers_image, hook_groups
 from .guided_backward import GuidedBackward
 from .guidance_window import GuidanceWindow
-from .guided_pass import out_of_memory, out_of_memory_explained, with_sdpa_attention
+from .guided_pass import attention_rounding_apart, out_of_memory, out_of_memory_explained, with_sdpa_attention
 from .small_grid_conv import SmallGridConvolution
 from .unet import block_stages, model_family, require_guidable, require_unet
 
@@ -83,7 +83,8 @@ class BiasMapSession:
         # Python's cycle collector instead of going when the run ends.
         self._note = functools.partial(_add_note, self.notes)
         # Pasted with the generation prompt's emphasis, most often.
-        for note in filter(None, [emphasis_note(weighted_parts(attribution_prompt))]):
+        for note in filter(None, [emphasis_note(weighted_parts(attribution_prompt)),
+                                  kernel_note(attention_rounding_apart(model_patcher)) if settings.guiding else None]):
             self._note(note)
         recorded = {k: v for k, v in self.layers.items() if k[0] != "middle" or settings.include_middle}
         self._block_stages = block_stages(model_patcher.model.diffusion_model, recorded)
