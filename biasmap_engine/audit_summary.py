@@ -90,8 +90,9 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
                              f"{first[0]:g} and {value:g}; they differ in {differing_columns(first[1], row)}: if "
                              f"those tell two images apart (a prompt made while the graph ran, in the label), log "
                              f"each prompt's runs to a file of its own, or pass the columns as match=(…) to "
-                             f"reductions() in Python; if they are one image made twice (on another machine or "
-                             f"ComfyUI version, which rounds otherwise), delete one of the two rows"
+                             f"reductions() in Python; if they are one image made twice (on another machine, "
+                             f"ComfyUI version or number of CPU threads, which round otherwise), delete one of the "
+                             f"two rows"
                              + ("" if "start_latent" in row else
                                 "; rows of a file started before BiasMap wrote start_latent do not tell apart "
                                 "runs from other latents (img2img from other images, second passes after other "
@@ -100,8 +101,8 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
         raise ValueError("no guided row (guidance_scale > 0) in the rows: log the guided runs into the file too")
     groups: dict[tuple, dict] = {}
     for row, key, name in guided:
-        group = groups.setdefault(name, {"row": row, "pairs": {}, "unpaired": 0, "not_measured": 0, "duplicates": 0,
-                                         "differing_duplicates": 0, "baseline_duplicates": 0,
+        group = groups.setdefault(name, {"row": row, "pairs": {}, "logged": {}, "unpaired": 0, "not_measured": 0,
+                                         "duplicates": 0, "differing_duplicates": 0, "baseline_duplicates": 0,
                                          "images_guided": set(), "first_unpaired": None})
         group["images_guided"].add(key)
         base, after = kept.get(key, (None,))[0], parsed_number(row[metric])
@@ -112,9 +113,14 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
             group["not_measured"] += 1
         elif key in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
             group["duplicates"] += 1
-            group["differing_duplicates"] += not same_figure(group["pairs"][key][1], after)
+            differs = not same_figure(group["pairs"][key][1], after)
+            group["differing_duplicates"] += differs
+            # Of rows with other figures (made again at another thread count, say), the earliest logged counts, the
+            # lower figure of two logged at once: the same rows in any order give the same reductions.
+            if differs and (str(cell(row, "time")), after) < group["logged"][key]:
+                group["pairs"][key], group["logged"][key] = (base, after), (str(cell(row, "time")), after)
         else:
-            group["pairs"][key] = (base, after)
+            group["pairs"][key], group["logged"][key] = (base, after), (str(cell(row, "time")), after)
             group["baseline_duplicates"] += logged[key] - 1  # its λ = 0 image logged again: one row counts
     if not any(g["pairs"] for g in groups.values()):
         raise ValueError(f"no guided row has a λ = 0 row of the same image: "

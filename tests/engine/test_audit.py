@@ -1307,12 +1307,18 @@ def test_append_csv_writes_each_value_under_its_heading_in_a_file_whose_columns_
     assert path.read_bytes() == b"iou,label,iou\r\n0.5,a,0.5\r\n"
 
 
-def test_reductions_keep_the_first_row_of_an_image_logged_twice():
+def test_reductions_keep_the_earliest_logged_row_of_an_image_logged_twice_whatever_the_rows_order():
     base, guided = _baseline_and_guided()
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
-    again = [{**r, "iou": 1.0} for r in audit_rows(guided, q=0.5, size=(8, 8))]
+    again = [{**r, "iou": 1.0} for r in audit_rows(guided, q=0.5, size=(8, 8))]  # logged at the same time
     nurse = {r["semantic"]: r for r in reductions(rows + again)}["nurse"]
     assert nurse["duplicates"] == 2 and nurse["guided"] == pytest.approx(1 / 3, abs=1e-5)
+    assert reductions(again + rows) == reductions(rows + again)  # of two logged at once, the lower figure
+    later = [{**r, "time": "2099-01-01T00:00:00+00:00"} for r in again]  # made again later (another thread count)
+    assert {r["semantic"]: r for r in reductions(later + rows)}["nurse"]["guided"] == pytest.approx(1 / 3, abs=1e-5)
+    timed = [{**r, "time": "2050-01-01T00:00:00+00:00"} for r in rows]
+    earlier = [{**r, "time": "2000-01-01T00:00:00+00:00"} for r in again]
+    assert {r["semantic"]: r for r in reductions(timed + earlier)}["nurse"]["guided"] == pytest.approx(1.0)
     # Said, not silent: a row whose figure differs from the one counted was made otherwise (another machine), or is
     # of another image that no column tells apart.
     assert nurse["differing_duplicates"] == 2

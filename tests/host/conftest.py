@@ -43,8 +43,8 @@ def comfy(tmp_path_factory):
 def kernel_slack():
     """Factor for tolerances between runs that batch differently or use another attention kernel.
 
-    On the CPU such runs agree to the last bits; on a GPU cuBLAS and cuDNN pick kernels by batch size and layout,
-    so they agree to fp32 rounding, amplified over the sampling steps.
+    On the CPU such runs agree to fp32 rounding (oneDNN's kernels, too, may block by batch size); on a GPU cuBLAS and
+    cuDNN pick kernels by batch size and layout, so they agree to fp32 rounding, amplified over the sampling steps.
     """
     import torch
 
