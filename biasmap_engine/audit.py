@@ -421,8 +421,10 @@ def _inert(rows: list[dict]) -> list[dict]:
 
 
 def _as_written(cell: str) -> str:
-    """A cell read back as the row held it: without the apostrophe _inert put before it."""
-    return cell[1:] if cell.startswith("'") and _marked(cell[1:]) else cell
+    """A cell read back as the row held it: without the apostrophe _inert put before it, or that BiasMap put before
+    2026-12-01 (before = + - @, a tab or a carriage return, such as `'-1.5 `, which is now a number)."""
+    marked_before = cell[1:2] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.fullmatch(cell[1:])
+    return cell[1:] if cell.startswith("'") and (_marked(cell[1:]) or marked_before) else cell
 
 
 def _only_in(columns, others) -> str:
@@ -503,7 +505,9 @@ def logged_before(rows: list[dict], file_rows: list[dict]) -> tuple[dict, int] |
     it) holds most often, with how many times it held it before: a run repeated (a fixed seed, a prompt list that did
     not advance) logs an image again, which the summary counts once. None where no row was logged before."""
     times = collections.Counter(row_key(row, _LOGGED_AS) for row in file_rows)
-    as_read = list(csv.DictReader(io.StringIO(csv_text(rows), newline="")))  # every value a string, as in the file
+    # Every value a string, as read_csv gives the file's (without the mark before a formula start).
+    as_read = [{k: _as_written(v) for k, v in row.items()}
+               for row in csv.DictReader(io.StringIO(csv_text(rows), newline=""))]
     row, count = max(((row, times[row_key(row, _LOGGED_AS)]) for row in as_read), key=lambda pair: pair[1],
                      default=(None, 0))
     return (row, count - 1) if count > 1 else None

@@ -130,15 +130,21 @@ def check_figures(rows, metrics: tuple[str, ...]) -> None:
     for i, row in enumerate(rows):
         for metric in metrics:
             value = row.get(metric, "")
-            if isinstance(value, str) and value.strip().lower() in ("", "nan"):
-                continue
-            number = parsed_number(value)
-            if math.isnan(number) and not isinstance(value, float):
-                comma = isinstance(value, str) and re.fullmatch(r"\s*[0-9]*,[0-9]+\s*", value)
-                why = ("a spreadsheet set to a region that writes decimal commas saved it so: save the file again as "
-                       "CSV UTF-8 with decimal points" if comma else
-                       "edited by hand?: write the figure back, or delete the row")
-                raise ValueError(f"row {i} of the rows has {metric} {str(value)[:40]}, not a number: {why}")
+            if isinstance(value, str):
+                if value.strip().lower() in ("", "nan"):
+                    continue
+                number = parsed_number(value)
+                if math.isnan(number):
+                    comma = re.fullmatch(r"\s*[0-9]*,[0-9]+\s*", value)
+                    why = ("a spreadsheet set to a region that writes decimal commas saved it so: save the file again "
+                           "as CSV UTF-8 with decimal points" if comma else
+                           "edited by hand?: write the figure back, or delete the row")
+                    raise ValueError(f"row {i} of the rows has {metric} {value[:40]}, not a number: {why}")
+            else:
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):  # a blank as pandas gives it (None, pd.NA)
+                    continue
             if not (math.isnan(number) or 0 <= number <= 1):
                 raise ValueError(f"row {i} of the rows has {metric} {str(value)[:40]}, outside 0–1, where every "
                                  f"overlap is (edited by hand?): write the figure back, or delete the row")

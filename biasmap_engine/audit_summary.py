@@ -17,8 +17,8 @@ import re
 from .audit_columns import (IMAGE, MEASURED, MEASURED_AT, SETTINGS, as_clip_reads, cell, check_figures, check_seeds,
                             parsed_number, row_key, same_figure, typed)
 from .bootstrap import FEWEST_FOR_INTERVAL, LEVEL, mean_interval, reduction_intervals
-from .report import figure, one_line, percent_change, shown_number
-from .tokens import straightened
+from .report import figure, percent_change, shown_number
+from .tokens import one_line, straightened
 from .unpaired import differing_columns, image_named, made_otherwise, mismatch, why_unpaired
 
 __all__ = ["reductions", "reductions_report", "reductions_table", "reductions_text"]
@@ -113,11 +113,10 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
             group["not_measured"] += 1
         elif key in group["pairs"]:  # queued again, or logged again from ComfyUI's cache
             group["duplicates"] += 1
-            differs = not same_figure(group["pairs"][key][1], after)
-            group["differing_duplicates"] += differs
-            # Of rows with other figures (made again at another thread count, say), the earliest logged counts, the
-            # lower figure of two logged at once: the same rows in any order give the same reductions.
-            if differs and (str(cell(row, "time")), after) < group["logged"][key]:
+            group["differing_duplicates"] += not same_figure(group["pairs"][key][1], after)
+            # The earliest logged counts, the lower figure of two logged at once (made again at another thread count,
+            # say): the same rows in any order give the same reductions.
+            if (str(cell(row, "time")), after) < group["logged"][key]:
                 group["pairs"][key], group["logged"][key] = (base, after), (str(cell(row, "time")), after)
         else:
             group["pairs"][key], group["logged"][key] = (base, after), (str(cell(row, "time")), after)

@@ -130,10 +130,10 @@ def overlay(image: Tensor, heat_rgb: Tensor, opacity: float | Tensor = 0.5) -> T
 
 
 def _unit_floats(image: Tensor) -> Tensor:
-    """An image as float32 in 0..1, as ComfyUI's IMAGE is (clamped): integer pixels (8-bit as PIL and numpy load them, 16-bit
-    PNGs) divided by their type's largest value, where taken as they are they would all read as white."""
+    """An image as float32 in 0..1, as ComfyUI's IMAGE is (clamped): integer pixels (8-bit as PIL and numpy load
+    them, 16-bit PNGs) divided by their type's largest value, where taken as they are they would all read as white."""
     if image.is_floating_point() or image.dtype == torch.bool:
-        return image.float().clamp(0, 1)  # an upscaler's overshoot, say: the nodes after these expect 0..1
+        return image.float().clamp(0, 1)  # an upscaler's overshoot, say: the nodes after expect 0..1
     return image.float() / torch.iinfo(image.dtype).max
 
 
@@ -188,8 +188,8 @@ def entanglement_picture(
             # names the words), narrower still the bare figure, and none where even that would not fit whole.
             shorter = (label_patch([(text, LABEL_TEXT)], font_px, width) for text in (segments[0][0], _iou_text(iou))
                        if fits(text, font_px, width))
-            patch = next((patch for patch in shorter if _small_enough(patch, height, width)), None)
-        if patch is not None and _small_enough(patch, height, width):
+            patch = next((label for label in shorter if _small_enough(label, height, width)), None)
+        if patch is not None:  # a whole label is at most a quarter of the picture's height
             _paste(picture[index], patch)
     return picture
 

@@ -2,16 +2,14 @@
 
 import functools
 import math
-import unicodedata
 
 import torch
 
 from .stages import stage_label
-from .tokens import concept_key, readable, require_distinct_concepts
+from .tokens import concept_key, one_line, readable, require_distinct_concepts
 from .trace import NOT_FINITE_CAUSE, BiasMapTrace, mean_biou
 
-__all__ = ["EntanglementResult", "figure", "guidance_line", "measure_entanglement", "one_line", "percent_change",
-           "shown_number"]
+__all__ = ["EntanglementResult", "figure", "guidance_line", "measure_entanglement", "percent_change", "shown_number"]
 
 
 class EntanglementResult:
@@ -253,20 +251,6 @@ def _shown(value) -> str:
     if value == "":  # not named: a merged model, a prompt made while the graph ran, a run without a graph
         return "—"
     return shown_number(value, exact=True) if isinstance(value, (int, float)) else one_line(str(value))
-
-
-# Characters that reorder the text around them (a trace's text is another's input: U+202E would show 'doctor' as
-# 'rotcod' and the figures after it reversed).
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
-
-
-def one_line(text: str) -> str:
-    """Text of a run, a row or a trace as a report or summary quotes it, on one line: line breaks as ⏎ (a prompt typed
-    on several lines), other control characters as a space, bidirectional controls as their code (\\u202e), so that
-    no value reads as a line of its own or reorders the text after it."""
-    return "".join("⏎" if c in _LINE_BREAKS else f"\\u{ord(c):04x}" if c in _BIDI_CONTROLS
-                   else " " if unicodedata.category(c) == "Cc" else c for c in text.replace("\r\n", "\n"))
 
 
 def _noises(trace: BiasMapTrace) -> str:

@@ -19,8 +19,8 @@ import unicodedata
 
 __all__ = ["ConceptNotFoundError", "clip_words", "concept_key", "covered_words", "find_word_positions",
            "is_ideographic", "listed_twice", "listed_words", "overlap_refusal", "overlapping", "prompt_words",
-           "quote_forms", "readable", "require_distinct_concepts", "split_concepts", "straightened", "typed_concepts",
-           "typed_form"]
+           "one_line", "quote_forms", "readable", "require_distinct_concepts", "split_concepts", "straightened",
+           "typed_concepts", "typed_form"]
 
 _WORD_END = "</w>"
 _SEPARATOR = re.compile(r"[,，、;；\n\r]")
@@ -351,3 +351,17 @@ def require_distinct_concepts(demographic: list[str], semantic: list[str], posit
             if set(positions[a]) & set(positions[b]):
                 raise ValueError(f"'{a}' and '{b}' share tokens of the attribution prompt, and a concept's overlap "
                                  f"with itself is 1 whatever the image: compare two words that do not overlap")
+
+
+# Characters that reorder the text around them (a trace's text is another's input: U+202E would show 'doctor' as
+# 'rotcod' and the figures after it reversed).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def one_line(text: str) -> str:
+    """Text of a run, a row or a trace as a report or summary quotes it, on one line: line breaks as ⏎ (a prompt typed
+    on several lines), other control characters as a space, bidirectional controls as their code (\\u202e), so that
+    no value reads as a line of its own or reorders the text after it."""
+    return "".join("⏎" if c in _LINE_BREAKS else f"\\u{ord(c):04x}" if c in _BIDI_CONTROLS
+                   else " " if unicodedata.category(c) == "Cc" else c for c in text.replace("\r\n", "\n"))

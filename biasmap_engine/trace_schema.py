@@ -17,7 +17,8 @@ from .guidance import STATUS
 from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
-__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem", "tensors_sha256"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem",
+           "tensors_sha256"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 # The most pixels a trace's images may hold together: the nodes measure at image size, a few bytes a pixel per map
@@ -52,8 +53,8 @@ def description_problem(meta: dict) -> str | None:
     pixels = shape[0] * shape[2] * shape[3] * 64
     if pixels > MAX_IMAGE_PIXELS:
         return (f"its {shape[0]} image(s) of {shape[3] * 8}×{shape[2] * 8} are {pixels:,} pixels, more than the "
-                f"{MAX_IMAGE_PIXELS:,} BiasMap measures at image size (256 images of 1024²): save the trace of fewer "
-                f"images")
+                f"{MAX_IMAGE_PIXELS:,} BiasMap measures at image size (256 images of 1024²): sample in batches of "
+                f"fewer images")
     run = meta.get("run", {})
     if not isinstance(run, dict):
         return "its run is not a table of the run's fields"
@@ -82,8 +83,8 @@ def _run_fields_problem(run: dict) -> str | None:
         return "its run's add_noise is not true or false"
     kinds = [(name, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
              for name in _RUN_NUMBERS] + [(name, "a text", lambda v: isinstance(v, str)) for name in _RUN_TEXTS]
-    return next((f"its run's {name} is not {kind}" for name, kind, fits in kinds if name in run and not fits(run[name])),
-                None)
+    return next((f"its run's {name} is not {kind}" for name, kind, fits in kinds
+                 if name in run and not fits(run[name])), None)
 
 
 def _is_whole(value) -> bool:

@@ -5,7 +5,7 @@ two rows differ in (two λ = 0 rows of one image with other figures).
 
 from .audit_columns import DERIVED, MEASURED, cell, row_key
 from .guidance import STATUS
-from .report import one_line
+from .tokens import one_line
 
 __all__ = ["differing_columns", "image_named", "made_otherwise", "mismatch", "why_unpaired"]
 
@@ -87,7 +87,7 @@ def _differences(base: dict, guided: dict, columns: tuple[str, ...]) -> list[str
 def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
     """Two texts as a message shows them: whole up to ``width`` characters, else cut to ``width`` around the first
     character in which they differ, so that two long values do not read alike."""
-    a, b = one_line(a), one_line(b)  # a prompt typed on several lines, e.g.
+    a, b = one_line(a), one_line(b)  # a prompt typed on several lines, on one
     differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     start = max(0, min(differ - width // 2, max(len(a), len(b)) - width))
 

@@ -65,7 +65,7 @@ def attention_rounding_apart(model_patcher) -> tuple[str, str] | None:
     import comfy.ldm.modules.attention as attention
 
     model = model_patcher.model
-    compute = model.manual_cast_dtype or model.get_dtype()
+    compute = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
     options = model_patcher.model_options.get("transformer_options", {})
     if (compute not in (torch.float16, torch.bfloat16) or "optimized_attention_override" in options
             or attention.optimized_attention is attention.attention_pytorch):

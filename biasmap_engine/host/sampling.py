@@ -209,7 +209,7 @@ def _identity(model) -> dict:
 def _precision(model) -> str:
     """How the U-Net's weights are stored and computed: ``fp16``, or ``fp8_e4m3fn weights, bf16 compute``."""
     weights = model.model.get_dtype()
-    compute = model.model.manual_cast_dtype or weights
+    compute = getattr(model.model, "manual_cast_dtype", None) or weights
 
     def name(dtype) -> str:
         return str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")

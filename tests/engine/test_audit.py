@@ -1,6 +1,7 @@
 import copy
 import csv
 import importlib.util
+import itertools
 import math
 import multiprocessing
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -449,6 +451,13 @@ def test_every_formula_start_is_escaped_and_reads_back_as_it_was(tmp_path, start
     with open(path, newline="", encoding="utf-8-sig") as f:
         assert next(csv.DictReader(f))["label"] == "'" + start + "SUM(A1)"
     assert read_csv(str(path))[0]["label"] == start + "SUM(A1)"
+
+
+def test_a_cell_an_earlier_biasmap_marked_reads_back_as_it_was_logged(tmp_path):
+    # Before 2026-12-01 '-1.5 ' (a number followed by a space) and a tab before digits were marked; now they are not.
+    path = tmp_path / "audit.csv"
+    path.write_text("label,notes\n'-1.5 ,'\t5\n'=x,'@y\n", encoding="utf-8")
+    assert read_csv(str(path)) == [{"label": "-1.5 ", "notes": "\t5"}, {"label": "=x", "notes": "@y"}]
 
 
 @pytest.mark.parametrize("label", ["-1.5", "+2", "-3e-4", "-.5", "'quoted'", "'", "' -1.5", "doctor's"])
@@ -1314,6 +1323,10 @@ def test_reductions_keep_the_earliest_logged_row_of_an_image_logged_twice_whatev
     nurse = {r["semantic"]: r for r in reductions(rows + again)}["nurse"]
     assert nurse["duplicates"] == 2 and nurse["guided"] == pytest.approx(1 / 3, abs=1e-5)
     assert reductions(again + rows) == reductions(rows + again)  # of two logged at once, the lower figure
+    near = [[{**r, "iou": r["iou"] + step * 8e-7, "time": f"2000-01-0{3 - step}"} for r in audit_rows(
+        guided, q=0.5, size=(8, 8))] for step in range(3)]  # each within the CSV's rounding of the next, not of all
+    orders = [reductions(rows + a + b + c) for a, b, c in itertools.permutations(near)]
+    assert all(order[1]["guided"] == orders[0][1]["guided"] for order in orders)  # the earliest, in every order
     later = [{**r, "time": "2099-01-01T00:00:00+00:00"} for r in again]  # made again later (another thread count)
     assert {r["semantic"]: r for r in reductions(later + rows)}["nurse"]["guided"] == pytest.approx(1 / 3, abs=1e-5)
     timed = [{**r, "time": "2050-01-01T00:00:00+00:00"} for r in rows]
@@ -1939,6 +1952,9 @@ def test_a_figure_no_overlap_can_be_is_refused_not_read_as_a_reduction_or_as_n_a
     assert re.match(r"entanglement over the file: none: row 2 of the rows " + said, reductions_text(edited))
     blank = [{**row, "iou": ""} if i == 2 else row for i, row in enumerate(edited)]
     assert sum(group["not_measured"] for group in reductions(blank)) == 1  # blank or nan: n/a, as the file writes it
+    for missing in (None, float("nan"), np.float32("nan")):  # a blank as pandas' records give it
+        assert reductions([{**row, "iou": missing} if i == 2 else row for i, row in enumerate(edited)]) == reductions(
+            blank)
 
 
 def test_text_a_summary_quotes_stays_on_its_line_and_in_its_order():
@@ -2149,3 +2165,8 @@ def test_rows_that_log_an_image_the_file_held_already_are_found_with_how_often(t
         again = append_csv(path, audit_rows(guided, q=0.5, size=(8, 8), label=label))
         row, before = logged_before(again, read_csv(path))
         assert before == times and (row["seed"], row["guidance_scale"], row["label"]) == ("42", "100.0", label)
+    guided.run = {**guided.run, "negative_prompt": "-blurry, lowres"}  # a cell the file marks as text
+    marked = str(tmp_path / "marked.csv")
+    append_csv(marked, audit_rows(guided, q=0.5, size=(8, 8)))
+    row, before = logged_before(append_csv(marked, audit_rows(guided, q=0.5, size=(8, 8))), read_csv(marked))
+    assert before == 1 and row["negative_prompt"] == "-blurry, lowres"

@@ -846,10 +846,10 @@ def test_a_bfloat16_model_is_guided_with_the_energy_in_float32(comfy):
         # The guided passes' SDPA rounds otherwise than ComfyUI's CPU kernel in bf16: said, with the flag that evens it.
         said = [note for note in trace.notes if "PyTorch's SDPA" in note]
         assert said == ([] if dtype == torch.float32 else [
-            "the guided passes run attention in PyTorch's SDPA (it has a backward), ComfyUI here in its sub_quad kernel: "
-            "in bf16 the two round otherwise, which moves each image's IoU by a few thousandths apart from guidance "
-            "(noise, not bias, in an audit's reductions); for λ = 0 and guided runs that differ in λ alone, start "
-            "ComfyUI with --use-pytorch-cross-attention"])
+            "the guided passes run attention in PyTorch's SDPA (it has a backward), ComfyUI here in its sub_quad "
+            "kernel: in bf16 the two round otherwise, which moves each image's IoU by a few thousandths apart from "
+            "guidance (noise, not bias, in an audit's reductions); for λ = 0 and guided runs that differ in λ alone, "
+            "start ComfyUI with --use-pytorch-cross-attention"])
     # bf16 rounds the U-Net's activations (~3 significant digits), not the energy's own arithmetic.
     torch.testing.assert_close(energies[torch.bfloat16], energies[torch.float32], rtol=2e-2, atol=0)
     _, recorded, _ = sample(model, clip, pos, neg, 0.0, steps=1)
