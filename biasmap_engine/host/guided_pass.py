@@ -11,6 +11,7 @@ import functools
 import torch
 
 from .lean_backward import CopiedSaves
+from .unet import dtype_name, precision
 
 __all__ = ["attention_rounding_apart", "differentiable_quantized", "offload_streams_wait", "out_of_memory",
            "out_of_memory_explained", "patch_modules", "quantized_layers", "with_patches_on_copies",
@@ -64,15 +65,13 @@ def attention_rounding_apart(model_patcher) -> tuple[str, str] | None:
     passes (a model computing in fp16 or bf16 on another kernel), or None."""
     import comfy.ldm.modules.attention as attention
 
-    model = model_patcher.model
-    compute = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    _, compute = precision(model_patcher)
     options = model_patcher.model_options.get("transformer_options", {})
     if (compute not in (torch.float16, torch.bfloat16) or "optimized_attention_override" in options
             or attention.optimized_attention is attention.attention_pytorch):
         return None
     kernel = getattr(attention.optimized_attention, "__name__", "another")
-    return kernel.removeprefix("attention_"), str(compute).removeprefix("torch.").replace("bfloat", "bf").replace(
-        "float", "fp")
+    return kernel.removeprefix("attention_"), dtype_name(compute)
 
 
 def with_sdpa_attention(model_options, everywhere=False):

@@ -8,6 +8,7 @@ from ..settings import BiasMapSettings
 from .attribution import encode_attribution
 from .server import executing_context
 from .session import BiasMapSession
+from .unet import dtype_name, precision
 
 __all__ = ["CUSTOM_SIGMAS", "interrupted", "sample_with_sampler", "sample_with_scheduler", "sampler_names",
            "scheduler_names", "start_session"]
@@ -208,13 +209,10 @@ def _identity(model) -> dict:
 
 def _precision(model) -> str:
     """How the U-Net's weights are stored and computed: ``fp16``, or ``fp8_e4m3fn weights, bf16 compute``."""
-    weights = model.model.get_dtype()
-    compute = getattr(model.model, "manual_cast_dtype", None) or weights
-
-    def name(dtype) -> str:
-        return str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
-
-    return name(weights) if compute == weights else f"{name(weights)} weights, {name(compute)} compute"
+    weights, compute = precision(model)
+    if compute == weights:
+        return dtype_name(weights)
+    return f"{dtype_name(weights)} weights, {dtype_name(compute)} compute"
 
 
 def interrupted(err: BaseException) -> bool:

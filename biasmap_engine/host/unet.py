@@ -4,8 +4,8 @@ import torch
 
 from ..stages import stage_id
 
-__all__ = ["UnsupportedModelError", "block_stages", "cross_attention_layers", "deinference_", "model_family",
-           "require_guidable", "require_unet", "weight_slots"]
+__all__ = ["UnsupportedModelError", "block_stages", "cross_attention_layers", "deinference_", "dtype_name",
+           "model_family", "precision", "require_guidable", "require_unet", "weight_slots"]
 
 
 class UnsupportedModelError(ValueError):
@@ -17,6 +17,18 @@ def model_family(model_patcher) -> str:
     """The model's ComfyUI config name, e.g. ``SD15``, ``SD20``, ``SDXL``, ``Flux``."""
     config = getattr(model_patcher.model, "model_config", None)
     return type(config).__name__ if config is not None else type(model_patcher.model).__name__
+
+
+def precision(model_patcher) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes the U-Net's weights are stored in and computed in (ComfyUI casts them as layers run where the two
+    differ: fp8 or fp16 weights computed in bf16 or fp32)."""
+    weights = model_patcher.model.get_dtype()
+    return weights, getattr(model_patcher.model, "manual_cast_dtype", None) or weights
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as ComfyUI's options name it: fp16, bf16, fp8_e4m3fn."""
+    return str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
 
 
 def cross_attention_layers(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
