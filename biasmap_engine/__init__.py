@@ -8,8 +8,8 @@ protocol, §2 attribution maps (OVAM), §3 measuring entanglement (hard masks, I
 energy-guided sampling.
 """
 
-from .audit import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, is_reductions_table,
-                    logged_before, read_csv, write_csv)
+from .audit import (OlderFileError, append_csv, audit_rows, check_appendable, csv_text, file_on_the_way,
+                    is_reductions_table, logged_before, read_csv, write_csv)
 from .audit_plan import AUDIT_ORDERS, PAPER_PROFESSIONS, AuditRun, audit_run, check_plan
 from .guidance import GATES, STATUS, entanglement_energy, guidance_step, z_grad_norm
 from .labels import undrawn_note
@@ -34,11 +34,11 @@ __all__ = [
     "EntanglementResult", "GATES", "MODES", "NOT_FINITE_CAUSE", "OlderFileError", "PAPER_PROFESSIONS", "STAGE_ORDER",
     "STATUS", "TraceFormatError", "TraceHeader", "TraceRecorder", "append_csv", "audit_rows", "audit_run",
     "check_appendable", "check_plan", "clip_words", "colorize", "concept_map", "covered_words", "csv_text",
-    "entanglement_energy", "entanglement_picture", "find_word_positions", "guidance_line", "guidance_step", "hard_mask",
-    "iou", "is_ideographic", "is_reductions_table", "label_heatmaps", "listed_twice", "listed_words", "logged_before",
-    "measure_entanglement", "normalize_maps", "overlay", "parse_stages", "prepare_keys", "prepared_token_softmax_maps",
-    "prompt_words", "quote_forms", "read_csv", "readable", "reductions", "reductions_report", "reductions_table",
-    "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou", "soft_topk", "split_concepts",
-    "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil", "token_softmax_maps",
-    "typed_concepts", "typed_form", "undrawn_note", "write_csv", "z_grad_norm",
+    "entanglement_energy", "entanglement_picture", "file_on_the_way", "find_word_positions", "guidance_line",
+    "guidance_step", "hard_mask", "iou", "is_ideographic", "is_reductions_table", "label_heatmaps", "listed_twice",
+    "listed_words", "logged_before", "measure_entanglement", "normalize_maps", "overlay", "parse_stages",
+    "prepare_keys", "prepared_token_softmax_maps", "prompt_words", "quote_forms", "read_csv", "readable", "reductions",
+    "reductions_report", "reductions_table", "reductions_text", "require_distinct_concepts", "resize_maps", "soft_iou",
+    "soft_topk", "split_concepts", "stage_label", "stage_of", "sum_upsampled", "summed_token_softmax_maps", "to_pil",
+    "token_softmax_maps", "typed_concepts", "typed_form", "undrawn_note", "write_csv", "z_grad_norm",
 ]

@@ -24,8 +24,8 @@ from .report import measure_entanglement
 from .settings import SETTING_NAMES
 from .trace import BiasMapTrace
 
-__all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "csv_text", "is_reductions_table",
-           "logged_before", "read_csv", "write_csv"]
+__all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "csv_text", "file_on_the_way",
+           "is_reductions_table", "logged_before", "read_csv", "write_csv"]
 
 # Columns added since the first audit files, in the order they came: a file written before some of them takes new
 # rows under its own header.
@@ -191,9 +191,7 @@ def check_appendable(path: str) -> None:
         raise ValueError(f"{path} is a link to a file that is not there: remove the link, or give the audit another "
                          f"file name")
     if not os.path.exists(path):
-        folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(folder):  # the first folder that is there: append_csv makes the rest
-            folder = os.path.dirname(folder)
+        folder = _first_there(path)  # append_csv makes the rest
         if not os.path.isdir(folder):
             raise ValueError(f"{path} cannot be made: {os.path.basename(folder)!r} on its way is a file, not a folder; "
                              f"give the audit another file name")
@@ -233,6 +231,20 @@ def check_appendable(path: str) -> None:
 # Audit files that passed check_appendable, by path, with their size and time of change then: a queue of many prompts
 # to one large file reads it once.
 _CHECKED: dict[str, tuple[int, int]] = {}
+
+
+def file_on_the_way(path: str) -> str | None:
+    """The name of a file where a folder of ``path`` would be made (an output/biasmap that is a file), or None."""
+    folder = _first_there(path)
+    return None if os.path.isdir(folder) else os.path.basename(folder)
+
+
+def _first_there(path: str) -> str:
+    """The first of the folders ``path`` lies in that is there (or a file in its place)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
 
 
 def write_csv(path: str, rows: list[dict], unless_grown: tuple[str, int] | None = None) -> bool:

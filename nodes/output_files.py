@@ -6,7 +6,7 @@ import re
 
 import folder_paths
 
-__all__ = ["file_on_the_way", "inside", "name_in", "output_path"]
+__all__ = ["inside", "name_in", "output_path"]
 
 
 def output_path(name: str, what: str, example: str) -> str:
@@ -27,14 +27,6 @@ def output_path(name: str, what: str, example: str) -> str:
         raise ValueError(f"the {what} '{name}' would be written outside ComfyUI's output folder: give a path inside "
                          f"it, e.g. {example}")
     return path
-
-
-def file_on_the_way(path: str) -> str | None:
-    """The name of a file where a folder of ``path`` would be made (an output/biasmap that is a file), or None."""
-    folder = os.path.dirname(path)
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    return None if os.path.isdir(folder) else os.path.basename(folder)
 
 
 # Names no file can have on Windows (devices), with any extension; and a name's length in bytes that leaves room,

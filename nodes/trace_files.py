@@ -13,10 +13,10 @@ import uuid
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..biasmap_engine import BiasMapTrace, TraceFormatError, TraceHeader
+from ..biasmap_engine import BiasMapTrace, TraceFormatError, TraceHeader, file_on_the_way
 from ..biasmap_engine.host import metadata_disabled
 from .common import CATEGORY, Trace, plain_errors
-from .output_files import file_on_the_way, inside, name_in, output_path
+from .output_files import inside, name_in, output_path
 
 __all__ = ["BiasMapLoadTrace", "BiasMapSaveTrace", "listed_traces", "trace_file_header"]
 
