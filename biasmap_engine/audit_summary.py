@@ -106,6 +106,7 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
                                          "images_guided": set(), "first_unpaired": None})
         group["images_guided"].add(key)
         base, after = kept.get(key, (None,))[0], parsed_number(row[metric])
+        logged_at = (str(cell(row, "time")), after)
         if base is None:
             group["unpaired"] += 1
             group["first_unpaired"] = group["first_unpaired"] or row
@@ -116,10 +117,10 @@ def _paired_by(metric: str, baselines: list[tuple], guided: list[tuple], image: 
             group["differing_duplicates"] += not same_figure(group["pairs"][key][1], after)
             # The earliest logged counts, the lower figure of two logged at once (made again at another thread count,
             # say): the same rows in any order give the same reductions.
-            if (str(cell(row, "time")), after) < group["logged"][key]:
-                group["pairs"][key], group["logged"][key] = (base, after), (str(cell(row, "time")), after)
+            if logged_at < group["logged"][key]:
+                group["pairs"][key], group["logged"][key] = (base, after), logged_at
         else:
-            group["pairs"][key], group["logged"][key] = (base, after), (str(cell(row, "time")), after)
+            group["pairs"][key], group["logged"][key] = (base, after), logged_at
             group["baseline_duplicates"] += logged[key] - 1  # its λ = 0 image logged again: one row counts
     if not any(g["pairs"] for g in groups.values()):
         raise ValueError(f"no guided row has a λ = 0 row of the same image: "
