@@ -25,7 +25,7 @@ class BiasMapEntanglementIoU(io.ComfyNode):
             category=CATEGORY,
             description="Spatial entanglement of two concepts in a BiasMap trace: IoU of their top-(1 − q) masks, "
                         "30 % by default (mean over the batch), block-wise mBIoU, a per-image report with the "
-                        "guidance accounting, and a picture of A, B and their intersection.",
+                        "guidance accounting, a picture of A, B and their intersection, and the three as masks.",
             inputs=[
                 Trace.Input("trace", tooltip="From a BiasMap Guided KSampler or Load Trace."),
                 io.String.Input("concept_a", default="",
@@ -47,7 +47,13 @@ class BiasMapEntanglementIoU(io.ComfyNode):
                      io.String.Output("report",
                                       tooltip="Per image and per stage figures, token pieces, guidance counts."),
                      io.Image.Output("picture", tooltip="A only (sky blue), B only (vermillion) and A∧B (striped with "
-                                                        "both), the IoU written on it.")],
+                                                        "both), the IoU written on it."),
+                     # After the first four, so that links saved in workflows keep their slots.
+                     io.Mask.Output("mask_a", tooltip="Concept A's top (1 − q) mask, as the picture draws it (at the "
+                                                      "image's size); empty for an image without finite maps."),
+                     io.Mask.Output("mask_b", tooltip="Concept B's top (1 − q) mask, as the picture draws it."),
+                     io.Mask.Output("overlap", tooltip="A∧B, the entangled region (the IoU's numerator), e.g. to "
+                                                       "inpaint or inspect it.")],
             is_output_node=True,
             hidden=[io.Hidden.unique_id],  # to write the figures on the node
         )
@@ -95,8 +101,12 @@ class BiasMapEntanglementIoU(io.ComfyNode):
         # label no room), the masks thresholded where they were measured.
         shown = tuple(image.shape[1:3]) if image is not None else trace.image_size
         masks = [m if tuple(m.shape[1:]) == shown else resize_maps(m.float(), shown) > 0.5 for m in result.masks]
-        picture = entanglement_picture(masks[0], masks[1], result.ious, (word_a, word_b), rgb(image))
+        # An image whose IoU is n/a (a map not finite, or flat) has no masks to draw or to hand on.
+        measured = result.ious.isfinite().view(-1, 1, 1).to(masks[0].device)
+        mask_a, mask_b = (m & measured for m in masks)
+        picture = entanglement_picture(mask_a, mask_b, result.ious, (word_a, word_b), rgb(image))
+        mask_a, mask_b = mask_a.float(), mask_b.float()
         # The picture on the node itself; the report in the run's outputs too, for API clients.
         shown_on_node = ui.PreviewImage(picture, cls=cls).as_dict() | ui.PreviewText(report).as_dict()
         return io.NodeOutput(float(result.ious.nanmean()), float(result.mbiou.nanmean()), report, picture,
-                             ui=shown_on_node)
+                             mask_a, mask_b, mask_a * mask_b, ui=shown_on_node)

@@ -274,7 +274,7 @@ def test_entanglement_iou_averages_over_the_images_that_have_a_figure(nodes_and_
     entanglement, trace = nodes_and_trace[2], copy.deepcopy(nodes_and_trace[3])
     trace.maps["down_1"][0, 1, trace.positions("gender")[0], 0, 0] = float("nan")  # image 1 overflowed
     with torch.inference_mode():
-        iou, mbiou, report, _ = entanglement.execute(**defaults(entanglement) | {"trace": trace}).result
+        iou, mbiou, report, *_ = entanglement.execute(**defaults(entanglement) | {"trace": trace}).result
     expected = trace.iou("gender", "doctor", size=trace.image_size)
     assert expected[1].isnan() and iou == pytest.approx(float(expected[0]))
     assert mbiou == mbiou and "over 1 of 2 image(s)" in report  # finite: image 1's other stages have maps
@@ -292,7 +292,7 @@ def test_entanglement_iou_reports_the_change_from_a_baseline_trace_measured_as_i
         maps[:, :, trace.positions("gender")] = maps[:, :, trace.positions("gender")].flip(-1)
     args = defaults(entanglement) | {"trace": guided, "baseline": trace, "first_step": 1}
     with torch.inference_mode():
-        iou, _, report, _ = entanglement.execute(**args).result
+        iou, _, report, *_ = entanglement.execute(**args).result
     before = measure_entanglement(trace, "gender", "doctor", steps=(1, 1))
     after = measure_entanglement(guided, "gender", "doctor", steps=(1, 1))
     assert iou == pytest.approx(float(after.ious.mean())) and not torch.equal(after.ious, before.ious)  # this trace's
@@ -844,7 +844,7 @@ def test_every_node_takes_q_over_the_samplers_range(pack):
 
 
 def entangle(trace, **inputs):
-    """Entanglement IoU's outputs: IoU, mBIoU, report, picture."""
+    """Entanglement IoU's outputs: IoU, mBIoU, report, picture, mask_a, mask_b, overlap."""
     from biasmap_pack.nodes import BiasMapEntanglementIoU
 
     with torch.inference_mode():
@@ -878,9 +878,34 @@ def test_entanglement_iou_gives_the_mean_mbiou_as_its_mbiou_output(nodes_and_tra
     from biasmap_pack.biasmap_engine import measure_entanglement
 
     trace = nodes_and_trace[3]
-    iou, mbiou, _, _ = entangle(trace)
+    iou, mbiou, *_ = entangle(trace)
     assert mbiou == pytest.approx(float(measure_entanglement(trace, "gender", "doctor").mbiou.mean()))
     assert mbiou != iou
+
+
+def test_entanglement_iou_hands_on_the_masks_it_measured_and_their_overlap(nodes_and_trace):
+    trace = nodes_and_trace[3]
+    iou, _, _, _, mask_a, mask_b, overlap = entangle(trace)
+    a, b = trace.iou_and_masks("gender", "doctor", size=trace.image_size)[1]
+    assert mask_a.shape == (2, *trace.image_size) and mask_a.dtype == torch.float32  # a MASK, one per image
+    assert torch.equal(mask_a, a.float()) and torch.equal(mask_b, b.float())
+    assert torch.equal(overlap, (a & b).float()) and overlap.any()
+    assert iou == pytest.approx(float((overlap.sum((1, 2)) / (mask_a + mask_b - overlap).sum((1, 2))).mean()))
+
+
+def test_entanglement_iou_hands_on_empty_masks_for_an_image_it_could_not_measure(nodes_and_trace):
+    from biasmap_pack.biasmap_engine import entanglement_picture
+
+    trace = copy.deepcopy(nodes_and_trace[3])
+    for maps in trace.maps.values():  # image 1 overflowed to inf in one pixel: its IoU is n/a
+        maps[0, 1, trace.positions("gender")[0], 0, 0] = float("inf")
+    _, _, report, picture, mask_a, mask_b, overlap = entangle(trace)
+    assert "n/a" in report
+    assert not mask_a[1].any() and not mask_b[1].any() and not overlap[1].any()
+    assert mask_a[0].any() and mask_b[0].any()  # image 0 measured as before
+    empty = torch.zeros(1, *trace.image_size, dtype=torch.bool)
+    drawn = entanglement_picture(empty, empty, torch.tensor([float("nan")]), ("gender", "doctor"))
+    assert torch.equal(picture[1], drawn[0])  # nothing painted, as the label says n/a
 
 
 def test_a_baseline_is_measured_at_its_own_image_size(nodes_and_trace):
@@ -1015,7 +1040,7 @@ def test_attribution_map_draws_an_image_whose_maps_overflowed_only_outside_its_s
 
 def test_entanglement_iou_thresholds_at_the_q_it_is_given(nodes_and_trace):
     trace = nodes_and_trace[3]
-    iou, _, report, _ = entangle(trace, q=0.9)
+    iou, _, report, *_ = entangle(trace, q=0.9)
     expected = trace.iou("gender", "doctor", q=0.9, size=trace.image_size)
     assert iou == pytest.approx(float(expected.mean())) and "(top 10 % masks at 256×256" in report
     assert iou != pytest.approx(float(trace.iou("gender", "doctor", size=trace.image_size).mean()))  # not q = 0.7's
@@ -1025,7 +1050,7 @@ def test_entanglement_iou_averages_mbiou_over_the_images_that_have_one(nodes_and
     trace = copy.deepcopy(nodes_and_trace[3])
     for maps in trace.maps.values():  # image 1 overflowed in every stage: no BIoU, so no mBIoU
         maps[0, 1, trace.positions("gender")[0], 0, 0] = float("nan")
-    _, mbiou, report, _ = entangle(trace)
+    _, mbiou, report, *_ = entangle(trace)
     expected = trace.mbiou("gender", "doctor", size=trace.image_size)
     assert expected[1].isnan() and mbiou == pytest.approx(float(expected[0]))
     assert f"mBIoU {float(expected[0]):.4f} over 1 of 2 image(s)" in report
