@@ -22,7 +22,7 @@ from .masks import hard_mask, iou
 from .ovam import largest_grid, resampled, sum_upsampled, varies
 from .stages import STAGE_ORDER, parse_stages, stage_label
 from .tokens import find_word_positions
-from .trace_schema import description_problem, is_list_of, tensors_problem, tensors_sha256
+from .trace_schema import description_problem, is_list_of, size_problem, tensors_problem, tensors_sha256
 
 __all__ = ["BiasMapTrace", "TraceFormatError", "TraceHeader", "NOT_FINITE_CAUSE", "mean_biou"]
 
@@ -237,6 +237,10 @@ class BiasMapTrace:
                                   "semantic": self.semantic, "model_family": self.model_family,
                                   "settings": self.settings, "notes": self.notes, "run": self.run,
                                   "sha256": tensors_sha256(tensors)})
+        too_large = size_problem(list(self.latent_shape))
+        if too_large:  # recorded as the sampler records it: the fix is the batch's size
+            raise ValueError(f"this trace is too large for a file Load Trace reads: {too_large}, and save each "
+                             f"batch's trace")
         problem = description_problem(json.loads(description)) or tensors_problem(
             self.maps, self.sigmas, self.steps, self.guidance, list(self.latent_shape))
         if problem:

@@ -17,7 +17,7 @@ from .guidance import STATUS
 from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
-__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "tensors_problem",
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "size_problem", "tensors_problem",
            "tensors_sha256"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
@@ -37,6 +37,19 @@ _RUN_NUMBERS = ("cfg", "denoise")
 _LARGEST_SEED = 0xFFFFFFFFFFFFFFFF  # a KSampler's
 
 
+def size_problem(shape: list[int]) -> str | None:
+    """What makes a latent of ``shape`` ([B, C, H, W]) too large for a trace file, or None."""
+    if max(shape[2:]) > MAX_LATENT_SIDE:
+        return (f"its latent of {shape[3]}×{shape[2]} is larger than ComfyUI's image nodes make (sides up to "
+                f"{MAX_LATENT_SIDE}, 16384 px)")
+    pixels = shape[0] * shape[2] * shape[3] * 64
+    if pixels > MAX_IMAGE_PIXELS:
+        return (f"its {shape[0]} image(s) of {shape[3] * 8}×{shape[2] * 8} are {pixels:,} pixels, more than the "
+                f"{MAX_IMAGE_PIXELS:,} BiasMap measures at image size (256 images of 1024²): sample in batches of "
+                f"fewer images")
+    return None
+
+
 def description_problem(meta: dict) -> str | None:
     """What is wrong with a trace's JSON description (its types and the latent's size), or None."""
     for name in _TEXT_LISTS:
@@ -47,14 +60,9 @@ def description_problem(meta: dict) -> str | None:
     shape = meta.get("latent_shape")
     if not (is_list_of(shape, int) and len(shape) == 4 and min(shape) >= 1):
         return f"its latent_shape {shape!r} is not a latent's [B, C, H, W] (four whole numbers of at least 1)"
-    if max(shape[2:]) > MAX_LATENT_SIDE:
-        return (f"its latent of {shape[3]}×{shape[2]} is larger than ComfyUI's image nodes make (sides up to "
-                f"{MAX_LATENT_SIDE}, 16384 px)")
-    pixels = shape[0] * shape[2] * shape[3] * 64
-    if pixels > MAX_IMAGE_PIXELS:
-        return (f"its {shape[0]} image(s) of {shape[3] * 8}×{shape[2] * 8} are {pixels:,} pixels, more than the "
-                f"{MAX_IMAGE_PIXELS:,} BiasMap measures at image size (256 images of 1024²): sample in batches of "
-                f"fewer images")
+    problem = size_problem(shape)
+    if problem:
+        return problem
     run = meta.get("run", {})
     if not isinstance(run, dict):
         return "its run is not a table of the run's fields"

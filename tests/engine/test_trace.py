@@ -320,6 +320,16 @@ def test_a_trace_that_load_would_refuse_is_refused_when_saved_and_nothing_is_wri
     assert not (tmp_path / "notebook.safetensors").exists()
 
 
+def test_a_trace_of_too_many_pixels_is_refused_when_saved_with_the_batch_to_make_smaller(tmp_path):
+    trace = recorded_trace()
+    trace.latent_shape = [300, 4, 128, 128]  # 300 images of 1024², as a sampler would record them
+    with pytest.raises(ValueError, match=r"too large for a file Load Trace reads: its 300 image\(s\) of 1024×1024 "
+                                         r"are 314,572,800 pixels, .* sample in batches of fewer images, and save "
+                                         r"each batch's trace$"):
+        trace.save(str(tmp_path / "big.safetensors"))
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 def test_a_trace_file_whose_description_nests_too_deep_for_json_is_refused(tmp_path):
     meta, tensors = _saved_parts(tmp_path)
     save_file(tensors, str(tmp_path / "deep"), metadata={"biasmap_trace": "[" * 100000 + "]" * 100000})
