@@ -17,8 +17,8 @@ from .guidance import STATUS
 from .settings import SETTING_NAMES, BiasMapSettings
 from .stages import STAGE_ORDER, stage_grid
 
-__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "size_problem", "tensors_problem",
-           "tensors_sha256"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_LATENT_SIDE", "description_problem", "is_list_of", "size_problem",
+           "tensors_problem", "tensors_sha256"]
 
 MAX_LATENT_SIDE = 2048  # the largest side ComfyUI's image nodes make (MAX_RESOLUTION, 16384 px), in latent pixels
 # The most pixels a trace's images may hold together: the nodes measure at image size, a few bytes a pixel per map
