@@ -9,10 +9,10 @@ import functools
 import math
 import re
 
-from .tokens import concept_key
+from .tokens import concept_key, one_line
 
 __all__ = ["DERIVED", "IMAGE", "MEASURED", "MEASURED_AT", "SETTINGS", "as_clip_reads", "cell", "check_figures",
-           "check_seeds", "parsed_number", "row_key", "same_figure", "typed"]
+           "check_seeds", "parsed_number", "row_key", "row_place", "same_figure", "typed"]
 
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_latent", "steps", "cfg", "sampler",
@@ -124,6 +124,14 @@ def _is_number(value) -> bool:
     return True
 
 
+def row_place(i: int, row: dict) -> str:
+    """Where row ``i`` of some rows is, for a message: its index, its row in a spreadsheet (the file's header is row
+    1), and its seed and concept pair, which find it in a file also when sorted."""
+    pair = " × ".join(one_line(str(row.get(c, "")))[:40] for c in ("demographic", "semantic"))
+    seed = one_line(str(row.get("seed", "")))[:40]
+    return f"row {i} of the rows (row {i + 2} of its file in a spreadsheet; seed {seed}, {pair})"
+
+
 def check_figures(rows, metrics: tuple[str, ...]) -> None:
     """Refuse rows whose figures (IoU, mBIoU, a BIoU) are no overlap: a number outside 0–1, or text other than a
     blank or nan (n/a), such as a decimal comma a spreadsheet wrote, which would otherwise read as n/a."""
@@ -139,14 +147,14 @@ def check_figures(rows, metrics: tuple[str, ...]) -> None:
                     why = ("a spreadsheet set to a region that writes decimal commas saved it so: save the file again "
                            "as CSV UTF-8 with decimal points" if comma else
                            "edited by hand?: write the figure back, or delete the row")
-                    raise ValueError(f"row {i} of the rows has {metric} {value[:40]}, not a number: {why}")
+                    raise ValueError(f"{row_place(i, row)} has {metric} {value[:40]}, not a number: {why}")
             else:
                 try:
                     number = float(value)
                 except (TypeError, ValueError):  # a blank as pandas gives it (None, pd.NA)
                     continue
             if not (math.isnan(number) or 0 <= number <= 1):
-                raise ValueError(f"row {i} of the rows has {metric} {str(value)[:40]}, outside 0–1, where every "
+                raise ValueError(f"{row_place(i, row)} has {metric} {str(value)[:40]}, outside 0–1, where every "
                                  f"overlap is (edited by hand?): write the figure back, or delete the row")
 
 

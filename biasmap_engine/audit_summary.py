@@ -15,7 +15,7 @@ import math
 import re
 
 from .audit_columns import (IMAGE, MEASURED, MEASURED_AT, SETTINGS, as_clip_reads, cell, check_figures, check_seeds,
-                            parsed_number, row_key, same_figure, typed)
+                            parsed_number, row_key, row_place, same_figure, typed)
 from .bootstrap import FEWEST_FOR_INTERVAL, LEVEL, mean_interval, reduction_intervals
 from .report import figure, percent_change, shown_number
 from .tokens import one_line, straightened
@@ -445,7 +445,7 @@ def _check_columns(rows, metric, by, match) -> None:
                          f"metric such as iou, mbiou or biou_down_1")
     lacking = next(((i, sorted(needed - row.keys())) for i, row in enumerate(rows) if not row.keys() >= needed), None)
     if lacking is not None:  # rows of traces of other stages put together (a file's rows all have every column)
-        raise ValueError(f"row {lacking[0]} of the rows has no column(s) {', '.join(lacking[1])}, which the first row "
-                         f"has: give rows of one audit file (read_csv), or leave out the rows without it")
+        raise ValueError(f"{row_place(lacking[0], rows[lacking[0]])} has no column(s) {', '.join(lacking[1])}, which "
+                         f"the first row has: give rows of one audit file (read_csv), or leave out the rows without it")
     check_seeds(rows)
     check_figures(rows, (metric,))

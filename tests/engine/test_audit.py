@@ -1947,9 +1947,12 @@ def test_a_figure_no_overlap_can_be_is_refused_not_read_as_a_reduction_or_as_n_a
     rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
     edited = [{**row, "iou": str(row["iou"])} for row in rows]
     edited[2]["iou"] = cell
-    with pytest.raises(ValueError, match=r"row 2 of the rows " + said):
+    # Found in the file by its row in a spreadsheet (under the header), and by its seed and concepts once sorted.
+    place = re.escape(f"row 2 of the rows (row 4 of its file in a spreadsheet; seed {edited[2]['seed']}, "
+                      f"{edited[2]['demographic']} × {edited[2]['semantic']}) ")
+    with pytest.raises(ValueError, match=place + said):
         reductions(edited)
-    assert re.match(r"entanglement over the file: none: row 2 of the rows " + said, reductions_text(edited))
+    assert re.match(r"entanglement over the file: none: " + place + said, reductions_text(edited))
     blank = [{**row, "iou": ""} if i == 2 else row for i, row in enumerate(edited)]
     assert sum(group["not_measured"] for group in reductions(blank)) == 1  # blank or nan: n/a, as the file writes it
     for missing in (None, float("nan"), np.float32("nan")):  # a blank as pandas' records give it
@@ -2054,8 +2057,9 @@ def test_reductions_take_a_dataframes_records_one_metric_or_match_by_name_and_re
     assert reductions_text([{**row, "seed": float("nan")} for row in rows]) == reductions_text(
         [{**row, "seed": ""} for row in rows])  # a seed not recorded, blank or NaN
     fewer = [{k: v for k, v in row.items() if k != "biou_up_1"} for row in rows[:2]]
-    with pytest.raises(ValueError, match=rf"row {len(rows)} of the rows has no column\(s\) biou_up_1, which the "
-                                         rf"first row has"):
+    with pytest.raises(ValueError, match=rf"row {len(rows)} of the rows \(row {len(rows) + 2} of its file in a "
+                                         rf"spreadsheet; seed {fewer[0]['seed']}, .*\) has no column\(s\) biou_up_1, "
+                                         rf"which the first row has"):
         reductions(rows + fewer, metric="biou_up_1")
 
 
