@@ -17,8 +17,8 @@ __all__ = ["DERIVED", "IMAGE", "MEASURED", "MEASURED_AT", "SETTINGS", "as_clip_r
 # What makes two rows the same image of the same concept pair, recorded and measured the same way.
 IMAGE = ("seed", "noise_index", "image", "batch_size", "noise_mask", "start_latent", "steps", "cfg", "sampler",
          "scheduler", "denoise", "sigmas", "add_noise", "width", "height", "generation_prompt", "negative_prompt",
-         "attribution_prompt", "attribution_template", "model", "model_family", "branch", "include_middle",
-         "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
+         "attribution_prompt", "attribution_template", "model", "precision", "model_family", "branch",
+         "include_middle", "demographic", "semantic", "q", "mask_size", "first_step", "last_step")
 
 # Compared as CLIP reads them (concept_key): 'Black woman' and 'black  woman' are one concept.
 _AS_CLIP_READS = ("demographic", "semantic")
@@ -39,7 +39,7 @@ _GUIDED_BY = ("guidance_scale", "branch", "include_middle", "soft_topk", "soft_t
 # reductions' _with_derived adds): the attribution prompt with the rows' semantic concepts taken out, since a word's
 # map is its share of the prompt's words: an audit against 'gender' and one against 'gender, race, age' measure
 # otherwise, while an audit's professions, each in a prompt of its own, share one.
-MEASURED = ("model", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
+MEASURED = ("model", "precision", "model_family", "steps", "cfg", "sampler", "scheduler", "denoise", "add_noise", "noise_mask",
             "batch_size", "width", "height", "attribution_template", "branch", "include_middle", "q", "mask_size",
             "first_step", "last_step")
 

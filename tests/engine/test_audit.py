@@ -570,7 +570,7 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
 
 
 # Each file lacks the columns added after its own, down to the latest.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent", "precision")
 
 
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
@@ -581,11 +581,12 @@ _LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask"
                                       "first_step", "last_step", *_LATEST),
                                      ("sigmas", "mask_size", "first_step", "last_step", *_LATEST),
                                      ("first_step", "last_step", *_LATEST),
-                                     _LATEST, ("noise_mask", "start_latent"), ("start_latent",)],
+                                     _LATEST, ("noise_mask", "start_latent", "precision"),
+                                     ("start_latent", "precision"), ("precision",)],
                          ids=["before noise_index", "before generation_prompt", "before model and size",
                               "before sigmas and mask size", "before the step window",
                               "before batch size and the sampler's concepts", "before the noise mask",
-                              "before the start latent"])
+                              "before the start latent", "before the precision"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
@@ -744,6 +745,25 @@ def test_an_inpainted_image_pairs_only_with_one_under_the_same_noise_mask_and_it
     assert "run: seed 42 · euler/normal · 2 steps · noise mask 50.0 % (3fa2c1d9) / 25.0 % (0b1c2d3e) · " in report
 
 
+def test_an_image_pairs_only_with_one_of_the_same_precision_and_a_sweep_in_another_is_summarised_apart():
+    # fp16 and fp32 round the maps, and so the IoUs, otherwise: --fp16-unet at λ = 0 and fp32 guided is no pair.
+    base, guided = _baseline_and_guided(precision="fp16")
+    rows = audit_rows(guided, q=0.5, size=(8, 8))
+    assert {r["precision"] for r in rows} == {"fp16"}
+    wider = copy.deepcopy(base)
+    wider.run = {**base.run, "precision": "fp32"}
+    with pytest.raises(ValueError, match=r"differ in every value of precision; log λ = 0 runs with the guided "
+                                         r"runs' precision, changing guidance_scale alone$"):
+        reductions(audit_rows(wider, q=0.5, size=(8, 8)) + rows)
+    both = [audit_rows(t, q=0.5, size=(8, 8)) for t in (base, guided, wider)]
+    wider_guided = copy.deepcopy(guided)
+    wider_guided.run = wider.run
+    both.append(audit_rows(wider_guided, q=0.5, size=(8, 8)))
+    lines = reductions_text([row for rows_ in both for row in rows_]).splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == [f"λ 100 · precision {p} · {w}" for p in ("fp16", "fp32")
+                                                      for w in ("doctor", "nurse")]
+
+
 def test_an_img2img_image_pairs_only_with_one_from_the_same_start_latent_and_its_report_names_it():
     # One seed from two source images (img2img), or a second pass after two first passes that differ: other images.
     base, guided = _baseline_and_guided(start_latent=None)  # the baseline from an empty latent
@@ -870,8 +890,8 @@ def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_s
 
 
 @pytest.mark.parametrize("column, value, read_as, started_before", [
-    ("noise_mask", "50.0 % (3fa2c1d9)", "sampled without a noise mask", ("noise_mask", "start_latent")),
-    ("start_latent", "1a2b3c4d", "sampled from an empty latent", ("start_latent",))],
+    ("noise_mask", "50.0 % (3fa2c1d9)", "sampled without a noise mask", ("noise_mask", "start_latent", "precision")),
+    ("start_latent", "1a2b3c4d", "sampled from an empty latent", ("start_latent", "precision"))],
     ids=["an inpainted run", "an img2img run"])
 def test_rows_are_refused_by_a_file_started_before_the_column_that_tells_their_run_apart(tmp_path, column, value,
                                                                                        read_as, started_before):

@@ -87,7 +87,7 @@ def test_a_trace_keeps_the_models_precision_and_a_report_against_a_baseline_of_a
     # Startup flags (--fp16-unet) set it where no graph names it; fp8 weights move the IoU more than λ 100 on these.
     import comfy_models
 
-    from biasmap_engine import measure_entanglement
+    from biasmap_engine import audit_rows, measure_entanglement
 
     traces = {}
     for name, dtypes in {"fp32": (torch.float32, None), "fp16 weights, fp32 compute": (torch.float16, torch.float32),
@@ -100,6 +100,8 @@ def test_a_trace_keeps_the_models_precision_and_a_report_against_a_baseline_of_a
     report = measure_entanglement(traces["fp8_e4m3fn weights, bf16 compute"], "gender", "doctor").against(
         measure_entanglement(traces["fp32"], "gender", "doctor"))
     assert "precision (fp32, this run fp8_e4m3fn weights, bf16 compute)" in report
+    # And an audit's rows, whose summary pairs an image only with one of its precision.
+    assert [audit_rows(t)[0]["precision"] for t in traces.values()] == list(traces)
 
 
 def test_a_trace_keeps_the_denoise_its_run_was_made_with(sd15, prompts):

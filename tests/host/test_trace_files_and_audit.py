@@ -430,7 +430,7 @@ def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folde
 
 
 # The columns added last, which every older file lacks too.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent", "precision")
 
 
 def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
@@ -447,7 +447,7 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
-    assert ("without the column(s) sigmas, negative_prompt, model, width, height, batch_size, noise_mask, "
+    assert ("without the column(s) sigmas, negative_prompt, model, precision, width, height, batch_size, noise_mask, "
             "start_latent, sampler_demographic, sampler_semantic, mask_size, first_step, last_step" in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
@@ -522,7 +522,7 @@ def test_audit_log_refuses_an_inpainting_runs_rows_for_a_file_started_before_the
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent")}
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent", "precision")}
                            for row in audit_rows(trace)])
     before = path.read_bytes()
     inpainted = dataclasses.replace(trace, run={**trace.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * trace.num_images})
