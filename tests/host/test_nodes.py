@@ -1403,3 +1403,33 @@ def test_a_pair_that_overlaps_only_in_the_baselines_prompt_is_refused_naming_the
                    r"concept of the trace, as concept_b is empty\) share words of the baseline's attribution prompt")
         with pytest.raises(ValueError, match=refused):
             BiasMapEntanglementIoU.execute(**args | {"baseline": baseline.result[1]})
+
+
+def test_the_readmes_table_of_guidance_inputs_gives_each_inputs_default_and_range_as_both_samplers_have_them(pack):
+    import pathlib
+    import re
+
+    from biasmap_pack.nodes import BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("The guidance inputs of both Guided KSamplers", 1)[1].split("\n\n")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    said = {}
+    for names, default, span, _ in rows:  # `start`, `end` | 0, 1 | 0–1: one cell for two inputs
+        for name, value in zip(re.findall(r"`(\w+)`", names), default.split(", ")):
+            said[name] = (value, span)
+
+    def shown(value):
+        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else value
+
+    for node in (BiasMapGuidedKSampler, BiasMapGuidedKSamplerAdvanced):
+        inputs = {i.id: i for i in node.define_schema().inputs}
+        for name, (value, span) in said.items():
+            schema = inputs[name]
+            assert shown(schema.default) == (shown(float(value)) if value[0].isdigit() else value), name
+            if getattr(schema, "options", None):
+                assert span.split(", ") == list(schema.options), name
+            elif getattr(schema, "min", None) is not None:
+                assert span == f"{schema.min:g}–{schema.max:g}", name
+    assert set(said) == {"guidance_scale", "branch", "include_middle", "soft_topk", "q", "gamma", "gate",
+                         "guided_stages", "start", "end"}
