@@ -31,7 +31,7 @@ __all__ = ["OlderFileError", "append_csv", "audit_rows", "check_appendable", "cs
 # rows under its own header.
 _ADDED = ("noise_index", "generation_prompt", "negative_prompt", "model", "width", "height", "sigmas", "mask_size",
           "first_step", "last_step", "batch_size", "sampler_demographic", "sampler_semantic", "noise_mask",
-          "start_latent", "precision")
+          "start_latent", "precision", "environment")
 # What rows would read as in a file without a column that ``append_csv`` was told they need.
 _READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas", "first_step": "of every step",
                  "last_step": "of every step", "mask_size": "at the image's size",
@@ -40,7 +40,7 @@ _READ_WITHOUT = {"sigmas": "on the schedule of every other run of custom sigmas"
 _SETTING_COLUMNS = {"scale": "guidance_scale", "mode": "soft_topk", "keep": "soft_topk_keep",
                     "iters": "sinkhorn_iters"}
 _RUN = ("prompt_id", "time", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "sigmas", "add_noise",
-        "attribution_prompt", "generation_prompt", "negative_prompt", "model", "precision")
+        "attribution_prompt", "generation_prompt", "negative_prompt", "model", "precision", "environment")
 # Every column audit_rows writes but the stages' biou_<stage>: a column of a file that is none of these is the
 # researcher's own (notes typed in a spreadsheet), which rows appended later leave blank.
 _COLUMNS = frozenset(("label", *_RUN, "width", "height", "model_family",

@@ -32,7 +32,7 @@ _GUIDANCE_KINDS = {"energy": "floating", "grad_norm": "floating", "status": "int
 _MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The run's fields the samplers write, by kind: an audit file keeps them in its rows, whose summaries read them back.
 _RUN_TEXTS = ("prompt_id", "time", "sampler", "scheduler", "generation_prompt", "negative_prompt", "model",
-              "attribution_prompt", "precision")
+              "attribution_prompt", "precision", "environment")
 _RUN_NUMBERS = ("cfg", "denoise")
 _LARGEST_SEED = 0xFFFFFFFFFFFFFFFF  # a KSampler's
 

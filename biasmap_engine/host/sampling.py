@@ -3,8 +3,11 @@
 import hashlib
 import inspect
 
+import torch
+
 from ..report import shown_number
 from ..settings import BiasMapSettings
+from ..version import pack_version
 from .attribution import encode_attribution
 from .server import executing_context
 from .session import BiasMapSession
@@ -198,13 +201,14 @@ def _held(cell):
 
 def _identity(model) -> dict:
     """Which run made a trace: ComfyUI's prompt id (empty outside its executor) and the UTC time it finished, so
-    rows of one run can be told apart from a cached trace logged again; and the model's precision, which no graph
-    names where startup flags set it (--fp16-unet)."""
+    rows of one run can be told apart from a cached trace logged again; the model's precision, which no graph
+    names where startup flags set it (--fp16-unet); and the environment that computed it."""
     from datetime import datetime, timezone
 
     context = executing_context()
     return {"prompt_id": context.prompt_id if context is not None else "",
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "precision": _precision(model)}
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "precision": _precision(model),
+            "environment": _environment(model)}
 
 
 def _precision(model) -> str:
@@ -213,6 +217,27 @@ def _precision(model) -> str:
     if compute == weights:
         return dtype_name(weights)
     return f"{dtype_name(weights)} weights, {dtype_name(compute)} compute"
+
+
+def _environment(model) -> str:
+    """The versions, device and attention kernel a run was computed with, e.g. ``BiasMap 0.1.0 · ComfyUI 0.8.0 · torch
+    2.14.1+cpu · CPU, 2 threads · pytorch attention``: each may move an IoU in its last digits (a CPU's thread count
+    changes its sums' order), so an audit can say which machine made a row that does not reproduce."""
+    import comfy.ldm.modules.attention as attention
+
+    try:
+        from comfyui_version import __version__ as comfyui
+    except ImportError:  # a ComfyUI checkout older than the file
+        comfyui = "unknown"
+    device = torch.device(model.load_device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        where = f"CPU, {torch.get_num_threads()} threads"
+    else:
+        where = device.type
+    kernel = getattr(attention.optimized_attention, "__name__", "another").removeprefix("attention_")
+    return f"BiasMap {pack_version()} · ComfyUI {comfyui} · torch {torch.__version__} · {where} · {kernel} attention"
 
 
 def interrupted(err: BaseException) -> bool:

@@ -570,7 +570,8 @@ def test_a_file_whose_first_line_is_blank_before_rows_is_refused_untouched(tmp_p
 
 
 # Each file lacks the columns added after its own, down to the latest.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent", "precision")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent", "precision",
+           "environment")
 
 
 @pytest.mark.parametrize("missing", [("noise_index", "generation_prompt", "negative_prompt", "model", "width",
@@ -581,12 +582,13 @@ _LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask"
                                       "first_step", "last_step", *_LATEST),
                                      ("sigmas", "mask_size", "first_step", "last_step", *_LATEST),
                                      ("first_step", "last_step", *_LATEST),
-                                     _LATEST, ("noise_mask", "start_latent", "precision"),
-                                     ("start_latent", "precision"), ("precision",)],
+                                     _LATEST, ("noise_mask", "start_latent", "precision", "environment"),
+                                     ("start_latent", "precision", "environment"), ("precision", "environment"),
+                                     ("environment",)],
                          ids=["before noise_index", "before generation_prompt", "before model and size",
                               "before sigmas and mask size", "before the step window",
                               "before batch size and the sampler's concepts", "before the noise mask",
-                              "before the start latent", "before the precision"])
+                              "before the start latent", "before the precision", "before the environment"])
 def test_a_file_written_before_the_latest_columns_takes_new_rows_under_its_own_header(tmp_path, missing):
     path = tmp_path / "audit.csv"
     old = [{k: v for k, v in row.items() if k not in missing} for row in audit_rows(halves_trace(), q=0.5)]
@@ -764,6 +766,19 @@ def test_an_image_pairs_only_with_one_of_the_same_precision_and_a_sweep_in_anoth
                                                       for w in ("doctor", "nurse")]
 
 
+def test_rows_say_which_environment_computed_them_and_images_of_other_machines_still_pair():
+    # A machine's rounding moves an IoU in its last digits, far less than guidance: the column says which machine made
+    # a row that does not reproduce; an audit spread over several GPUs (or a CPU and a GPU) pairs as one.
+    base, guided = _baseline_and_guided()
+    cpu, gpu = "BiasMap 0.1.0 · ComfyUI 0.8.0 · torch 2.14.1+cpu · CPU, 2 threads · pytorch attention", \
+        "BiasMap 0.1.0 · ComfyUI 0.8.0 · torch 2.14.1 · NVIDIA H200 · pytorch attention"
+    base.run, guided.run = {**base.run, "environment": cpu}, {**guided.run, "environment": gpu}
+    rows = audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))
+    assert [r["environment"] for r in rows] == [cpu] * 4 + [gpu] * 4
+    assert list(rows[0]).index("environment") == list(rows[0]).index("precision") + 1
+    assert {r["semantic"]: r["images"] for r in reductions(rows)} == {"doctor": 2, "nurse": 2}
+
+
 def test_an_img2img_image_pairs_only_with_one_from_the_same_start_latent_and_its_report_names_it():
     # One seed from two source images (img2img), or a second pass after two first passes that differ: other images.
     base, guided = _baseline_and_guided(start_latent=None)  # the baseline from an empty latent
@@ -890,8 +905,9 @@ def test_rows_of_other_batch_sizes_are_averaged_apart_and_named_by_their_batch_s
 
 
 @pytest.mark.parametrize("column, value, read_as, started_before", [
-    ("noise_mask", "50.0 % (3fa2c1d9)", "sampled without a noise mask", ("noise_mask", "start_latent", "precision")),
-    ("start_latent", "1a2b3c4d", "sampled from an empty latent", ("start_latent", "precision"))],
+    ("noise_mask", "50.0 % (3fa2c1d9)", "sampled without a noise mask",
+     ("noise_mask", "start_latent", "precision", "environment")),
+    ("start_latent", "1a2b3c4d", "sampled from an empty latent", ("start_latent", "precision", "environment"))],
     ids=["an inpainted run", "an img2img run"])
 def test_rows_are_refused_by_a_file_started_before_the_column_that_tells_their_run_apart(tmp_path, column, value,
                                                                                        read_as, started_before):

@@ -71,6 +71,16 @@ def test_the_shipped_workflows_name_this_pack_and_its_version_on_each_of_its_nod
         (project["name"], project["version"])}
 
 
+def test_the_version_rows_record_is_the_one_the_registry_reads_from_pyproject():
+    # Rows record which BiasMap measured them; the pack in custom_nodes runs its own files, whatever pip installed.
+    from biasmap_engine.version import pack_version
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    root = Path(biasmap_engine.__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert pack_version() == project["version"]
+
+
 def test_the_package_declares_no_accelerator_so_comfyuis_page_flags_no_device_as_unsupported():
     # A GPU classifier lists the only devices supported: the page would warn on a Mac or a CPU, where the pack runs.
     tomllib = pytest.importorskip("tomllib")

@@ -67,7 +67,7 @@ def test_advanced_variant_records_with_any_sampler_and_sigmas(sd15, prompts):
     assert torch.equal(stock.cpu(), ours["samples"].cpu())
     assert trace.steps.tolist() == [0, 1, 2, 3]
     assert torch.allclose(trace.sigmas, sigmas[:-1].float().cpu())
-    assert {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time")} == {
+    assert {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "environment")} == {
         "seed": 3, "steps": 4, "cfg": 5.0, "sampler": "dpmpp_2m", "scheduler": "custom sigmas", "add_noise": True,
         "batch_index": None, "noise_mask": None, "start_latent": None, "attribution_prompt": ATTRIBUTION,
         "precision": "fp32", "sigmas": [float(f"{s:.4g}") for s in sigmas.tolist()]}  # the schedule: audits pair by it

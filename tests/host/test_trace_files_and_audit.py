@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def sampled_trace(sd15, prompts, latent):
 def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
     from datetime import datetime, timezone
 
-    made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "sigmas")}
+    made = {k: v for k, v in trace.run.items() if k not in ("prompt_id", "time", "sigmas", "environment")}
     assert made == {"seed": 5, "steps": 2, "cfg": 7.0, "sampler": "euler", "scheduler": "karras", "denoise": 1.0,
                     "add_noise": True, "batch_index": None, "noise_mask": None, "start_latent": None,
                     "precision": "fp32",  # which no graph names where startup flags set it
@@ -61,6 +62,17 @@ def test_the_sampler_keeps_how_the_run_was_made_in_its_trace(trace):
                     "generation_prompt": "A photo of the face of a doctor", "negative_prompt": "blurry",
                     "model": "v1-5.safetensors"}  # from the graph ComfyUI runs
     assert len(trace.run["sigmas"]) == 3 and trace.run["sigmas"][-1] == 0.0  # karras, 2 steps
+    # Which machine computed it, whose rounding a row that does not reproduce may owe its last digits to.
+    import comfyui_version
+    import tomllib
+
+    from comfy.ldm.modules import attention
+
+    version = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    kernel = attention.optimized_attention.__name__.removeprefix("attention_")
+    assert trace.run["environment"] == (f"BiasMap {version['version']} · ComfyUI {comfyui_version.__version__} · "
+                                        f"torch {torch.__version__} · CPU, {torch.get_num_threads()} threads · "
+                                        f"{kernel} attention")
     # "nurse" is measured but the picture was not asked for one (an audit's prompt changed alone): said, once.
     missing = [n for n in trace.notes if "not in the generation prompt" in n]
     assert len(missing) == 1 and "concept(s) nurse are" in missing[0]
@@ -430,7 +442,8 @@ def test_audit_log_measures_the_steps_asked_as_entanglement_iou_does(pack, folde
 
 
 # The columns added last, which every older file lacks too.
-_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent", "precision")
+_LATEST = ("batch_size", "sampler_demographic", "sampler_semantic", "noise_mask", "start_latent", "precision",
+           "environment")
 
 
 def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_and_says_why(pack, folders, trace,
@@ -447,7 +460,8 @@ def test_audit_log_on_a_file_started_before_a_column_shows_the_rows_as_written_a
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f))
     assert out.result[0].splitlines()[0].split(",") == header and "model" not in header
-    assert ("without the column(s) sigmas, negative_prompt, model, precision, width, height, batch_size, noise_mask, "
+    assert ("without the column(s) sigmas, negative_prompt, model, precision, environment, width, height, batch_size, "
+            "noise_mask, "
             "start_latent, sampler_demographic, sampler_semantic, mask_size, first_step, last_step" in caplog.text)
     # On the page too, where the console is out of sight: the summary output says it, then the rows.
     summary = out.result[1]
@@ -522,8 +536,8 @@ def test_audit_log_refuses_an_inpainting_runs_rows_for_a_file_started_before_the
     from biasmap_engine import append_csv, audit_rows
 
     path = folders / "out" / "biasmap" / "audit.csv"
-    append_csv(str(path), [{k: v for k, v in row.items() if k not in ("noise_mask", "start_latent", "precision")}
-                           for row in audit_rows(trace)])
+    later = ("noise_mask", "start_latent", "precision", "environment")
+    append_csv(str(path), [{k: v for k, v in row.items() if k not in later} for row in audit_rows(trace)])
     before = path.read_bytes()
     inpainted = dataclasses.replace(trace, run={**trace.run, "noise_mask": ["50.0 % (3fa2c1d9)"] * trace.num_images})
     with pytest.raises(ValueError, match=r"audit.csv was started before BiasMap wrote the column\(s\) noise_mask, "
