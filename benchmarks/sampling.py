@@ -211,8 +211,9 @@ def main():
     plain = {(r["size"], r["mode"]): r for r in rows}
     for r in rows:
         ratio = r["peak_total_mib"] / plain[r["size"], r["baseline"]]["peak_total_mib"]
-        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {r['baseline']} | {r['setup_s']:.3f} "
-              f"| {r['peak_total_mib']:.0f} ({ratio:.2f}×) | {r['peak_extra_mib']:.0f} | {r['trace_mib']:.1f} |")
+        print(f"| {r['size']}² | {r['mode']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | {r['baseline']} "
+              f"| {r['setup_s']:.3f} | {r['peak_total_mib']:.0f} ({ratio:.2f}×) | {r['peak_extra_mib']:.0f} "
+              f"| {r['trace_mib']:.1f} |")
     for r in rows:
         if "energy_share" in r:
             print(f"\nsoft top-k + SoftIoU at {r['size']}²: {100 * r['energy_share']:.1f} % of a guided step")

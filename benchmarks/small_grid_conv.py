@@ -37,7 +37,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, median of {args.repeats}\n")
-    print("| in → out, grid | batch | default fwd | direct fwd | default fwd + bwd | direct fwd + bwd | guided pass uses |")
+    print("| in → out, grid | batch | default fwd | direct fwd | default fwd + bwd | direct fwd + bwd "
+          "| guided pass uses |")
     print("|---|--:|--:|--:|--:|--:|---|")
     for c_in, c_out, grid in SHAPES:
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).requires_grad_(False)
@@ -47,8 +48,8 @@ def main():
             direct = measure(conv, x, direct=True, repeats=args.repeats)
             with SmallGridConvolution():
                 routed = type(conv(x.requires_grad_(True)).grad_fn).__name__ == "SlowConv2DBackward0"
-            print(f"| {c_in} → {c_out}, {grid}×{grid} | {batch} | {default[0]:.1f} | {direct[0]:.1f} | {default[1]:.1f} "
-                  f"| {direct[1]:.1f} | {'direct' if routed else 'default'} |", flush=True)
+            print(f"| {c_in} → {c_out}, {grid}×{grid} | {batch} | {default[0]:.1f} | {direct[0]:.1f} "
+                  f"| {default[1]:.1f} | {direct[1]:.1f} | {'direct' if routed else 'default'} |", flush=True)
 
 
 if __name__ == "__main__":

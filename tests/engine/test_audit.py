@@ -2103,9 +2103,9 @@ def test_rows_of_traces_of_other_stages_appended_in_one_call_are_refused_before_
     path = tmp_path / "audit.csv"
     three, two = audit_rows(halves_trace(stages=("down_1", "down_2", "up_1"))), audit_rows(halves_trace())
     for rows in (three + two, two + three):  # a missing column or one more: each refused, as appended apart
-        with pytest.raises(ValueError, match=rf"row 4 of the rows to append has other columns than the first .*"
-                                             rf"biou_down_2.*: append each trace's rows \(audit_rows of one trace\) in "
-                                             rf"a call of its own"):
+        with pytest.raises(ValueError, match=r"row 4 of the rows to append has other columns than the first .*"
+                                             r"biou_down_2.*: append each trace's rows \(audit_rows of one trace\) in "
+                                             r"a call of its own"):
             append_csv(str(path), rows)
         assert not path.exists()
     header, *lines = csv_text(three + two).splitlines()  # shown, blank where a row has no such column

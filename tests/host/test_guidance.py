@@ -321,9 +321,9 @@ def test_the_chosen_gate_decides_what_happens_to_a_gradient_above_the_threshold(
     assert trace.guidance_counts()[status] == 2 and trace.settings["gate"] == gate and torch.isfinite(guided).all()
     # Skipped, the node's count alone would not say why, nor that clip guides them (λ does not change the norm).
     said = [note for note in trace.notes if note.startswith("the gate left")]
-    assert said == ([f"the gate left 2 of 2 guided (evaluation, image) pair(s) unguided: the gradient's norm ‖∇_z E‖ "
-                     f"reached 1 there, where the reference skips a step (gate skip); set the gate to clip to guide "
-                     f"them with the gradient scaled to norm 1 (λ does not change the norm)"] if gate == "skip" else [])
+    assert said == (["the gate left 2 of 2 guided (evaluation, image) pair(s) unguided: the gradient's norm ‖∇_z E‖ "
+                     "reached 1 there, where the reference skips a step (gate skip); set the gate to clip to guide "
+                     "them with the gradient scaled to norm 1 (λ does not change the norm)"] if gate == "skip" else [])
 
 
 def test_a_guidance_window_that_no_evaluation_of_the_run_reaches_is_reported_not_silent(sd15, prompts):
