@@ -87,7 +87,10 @@ def _differences(base: dict, guided: dict, columns: tuple[str, ...]) -> list[str
 def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
     """Two texts as a message shows them: whole up to ``width`` characters, else cut to ``width`` around the first
     character in which they differ, so that two long values do not read alike."""
-    a, b = one_line(a), one_line(b)  # a prompt typed on several lines, on one
+    if one_line(a) == one_line(b):  # they differ in what one line hides (\r\n against \n, a tab against a space)
+        a, b = _escaped(a), _escaped(b)
+    else:
+        a, b = one_line(a), one_line(b)  # a prompt typed on several lines, on one
     differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     start = max(0, min(differ - width // 2, max(len(a), len(b)) - width))
 
@@ -95,6 +98,11 @@ def _apart(a: str, b: str, width: int = 40) -> tuple[str, str]:
         return ("…" if start else "") + text[start:start + width] + ("…" if len(text) > start + width else "")
 
     return cut(a), cut(b)
+
+
+def _escaped(text: str) -> str:
+    """Text with every character one line would hide or change written as Python writes it (``\\r\\n``, ``\\t``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def image_named(row: dict) -> str:

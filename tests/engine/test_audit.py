@@ -2009,6 +2009,20 @@ def test_text_a_summary_quotes_stays_on_its_line_and_in_its_order():
     assert all(line.startswith(("entanglement", "reductions", "λ", "notes")) for line in text.splitlines())
 
 
+def test_values_that_differ_only_where_one_line_hides_it_are_named_with_their_escapes():
+    # A prompt saved on Windows (\r\n) and the same one typed elsewhere (\n) read alike on one line: shown escaped.
+    base, guided = _baseline_and_guided()
+    rows = [{**row, "generation_prompt": "a photo\nof a doctor"}
+            for row in audit_rows(base, q=0.5, size=(8, 8)) + audit_rows(guided, q=0.5, size=(8, 8))]
+    rows[1]["generation_prompt"] = "a photo\r\nof a doctor"  # λ = 0, doctor, image 1 (guided: rows[5])
+    rows[2]["generation_prompt"] = "a photo\tof a doctor"  # λ = 0, nurse, image 0: a tab, one line's space
+    rows[6]["generation_prompt"] = "a photo of a doctor"
+    text = reductions_text(rows)
+    assert "generation_prompt: a photo\\r\\nof a doctor at λ = 0, a photo\\nof a doctor guided" in text
+    assert "generation_prompt: a photo\\tof a doctor at λ = 0, a photo of a doctor guided" in text
+    assert all(line.startswith(("reductions", "λ")) for line in text.splitlines())
+
+
 def test_the_columns_known_as_biasmaps_are_those_audit_rows_writes_so_that_only_a_researchers_own_are_left_blank():
     trace = halves_trace()
     trace.settings = BiasMapSettings().to_dict()  # every setting a sampler's trace holds
