@@ -14,6 +14,7 @@ __all__ = ["BiasMapAttributionMap"]
 
 _ONE_WORD = "give one word (one Attribution Map node per word)"
 _SCALES = ("each image", "whole batch")
+_BLENDS = ("uniform", "by map")
 
 
 class BiasMapAttributionMap(io.ComfyNode):
@@ -63,6 +64,10 @@ class BiasMapAttributionMap(io.ComfyNode):
                                  tooltip="Write the word and a low-to-high bar of the colormap in the picture's "
                                          "top-left corner, for pictures shared away from this node (the MASK has "
                                          "none; 'low' and 'high' are as the scale input stretches them)."),
+                io.Combo.Input("blend", options=list(_BLENDS), default=_BLENDS[0], optional=True, extra_dict=ADVANCED,
+                               tooltip="Overlay: the heatmap at the opacity everywhere, or at the opacity times the "
+                                       "map (as the scale input stretches it), so that the image shows through "
+                                       "where the word weighs little and the colour marks where it weighs most."),
             ],
             outputs=[io.Image.Output("image", tooltip="Heatmap, or overlay when an image is given; one per image."),
                      io.Mask.Output("mask", tooltip="The map at image size, normalised or thresholded.")],
@@ -81,7 +86,7 @@ class BiasMapAttributionMap(io.ComfyNode):
     @classmethod
     @plain_errors
     def execute(cls, trace, word, stages, first_step, last_step, colormap, opacity, mask, q,
-                scale=_SCALES[0], legend=False, image=None) -> io.NodeOutput:
+                scale=_SCALES[0], legend=False, blend=_BLENDS[0], image=None) -> io.NodeOutput:
         require(check_single(_ONE_WORD, word=word))
         word = one_concept(word) or first_concept(trace.demographic, "demographic", "word")
         warnings = [check_images(image, trace, "Attribution Map")]
@@ -103,7 +108,8 @@ class BiasMapAttributionMap(io.ComfyNode):
         shown = maps.masked_fill(unmeasured.view(-1, 1, 1), float("nan"))
         maps01 = normalize_maps(shown, shared=scale == _SCALES[1]).nan_to_num(0.0)
         heat = colorize(maps01, colormap)
-        picture = heat if image is None else overlay(rgb(image).to(heat), heat, opacity)
+        alpha = opacity * maps01 if blend == _BLENDS[1] else opacity
+        picture = heat if image is None else overlay(rgb(image).to(heat), heat, alpha)
         if legend:
             picture = label_heatmaps(picture, word, colormap)
         out_mask = hard_mask(maps, q).float() if mask == "thresholded" else maps01

@@ -117,4 +117,5 @@ def test_the_discovery_workflows_attribution_maps_draw_their_legend():
     root = Path(biasmap_engine.__file__).parents[1]
     graph = json.loads((root / "workflows" / "biasmap_discover_and_mitigate.json").read_text(encoding="utf-8"))
     maps = [node for node in graph["nodes"] if node["type"] == "BiasMapAttributionMap"]
-    assert len(maps) == 2 and all(node["widgets_values"][-1] is True for node in maps)  # legend: the last widget
+    # legend: the widget after scale ("each image"), before blend
+    assert len(maps) == 2 and all(node["widgets_values"][8:] == ["each image", True, "uniform"] for node in maps)

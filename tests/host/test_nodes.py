@@ -937,6 +937,25 @@ def test_attribution_map_takes_its_colormap_and_opacity(nodes_and_trace):
     assert torch.allclose(clear, image)
 
 
+def test_attribution_map_blended_by_the_map_shows_the_image_where_the_word_weighs_nothing(nodes_and_trace):
+    from biasmap_engine import colorize
+
+    attribution_map, trace = nodes_and_trace[1], nodes_and_trace[3]
+    args = defaults(attribution_map) | {"trace": trace, "opacity": 0.8}
+    image = torch.rand(1, 256, 256, 3)  # one image under the batch's two maps, as ComfyUI wires it
+    with torch.inference_mode():
+        del args["blend"]  # as a prompt saved before the input existed: uniform
+        uniform = attribution_map.execute(**args, image=image).result[0]
+        by_map, maps01 = attribution_map.execute(**args, image=image, blend="by map").result
+    heat = colorize(maps01, "inferno")
+    assert torch.allclose(uniform, torch.lerp(image, heat, 0.8), atol=1e-6)
+    assert torch.allclose(by_map, torch.lerp(image, heat, 0.8 * maps01.unsqueeze(-1)), atol=1e-6)
+    unseen, peak = maps01 == 0, maps01 == 1  # each image's map stretched over 0–1: both are there
+    assert unseen.any() and peak.any()
+    assert torch.equal(by_map[unseen], image.expand_as(by_map)[unseen])
+    assert torch.allclose(by_map[peak], uniform[peak], atol=1e-6)
+
+
 def test_attribution_maps_legend_names_the_word_in_the_pictures_corner_and_leaves_the_mask_and_the_rest(
         nodes_and_trace):
     from biasmap_engine import label_heatmaps
