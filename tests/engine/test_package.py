@@ -30,6 +30,14 @@ def test_no_name_a_package_exports_hides_one_of_its_modules(name):
     assert getattr(importlib.import_module(parent), short) is importlib.import_module(name)
 
 
+def test_the_readmes_engine_section_names_every_name_the_engine_exports():
+    # A notebook user reads the README's table, not __all__: a name added to the package is added there too.
+    readme = (Path(biasmap_engine.__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## The engine, for notebooks"):readme.index("## How it hooks ComfyUI")]
+    named = set(re.findall(r"`(?:[A-Za-z_]\w*\.)?([A-Za-z_]\w*)", section))
+    assert [name for name in biasmap_engine.__all__ if name not in named] == []
+
+
 def test_the_engine_outside_its_host_adapter_imports_nothing_of_comfyui():
     pure = [n for n in _MODULES if not n.startswith("biasmap_engine.host")]
     code = ("import importlib, sys\n"
