@@ -46,8 +46,9 @@ def guidance_inputs() -> list:
                                "about 0.1 the soft masks flatten toward the kept fraction everywhere, and the "
                                "gradient, so the guidance, fades (still counted as applied)."),
         io.Combo.Input("gate", options=list(GATES), default="skip", extra_dict=ADVANCED,
-                       tooltip="skip: like the reference, no correction on a step where ‖∇_z E‖ ≥ 1. clip: "
-                               "rescale the gradient to norm 1 instead. Both are counted in the trace."),
+                       tooltip="skip: like the reference, no correction of an image at a model evaluation where its "
+                               "‖∇_z E‖ ≥ 1. clip: rescale its gradient to norm 1 instead. Both are counted in the "
+                               "trace."),
         io.String.Input("guided_stages", default="all", extra_dict=ADVANCED,
                         tooltip="Stages whose maps form the energy: 'all', or e.g. 'down_1, up_1' (where the paper "
                                 "finds bias concentrates) or 'down_1' (cheapest backward); on SDXL, which has no "
